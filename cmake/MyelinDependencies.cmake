@@ -1,0 +1,41 @@
+# Third-party dependencies, all from Debian's packages (scripts/setup.sh installs them).
+find_package(Threads REQUIRED)
+find_package(PkgConfig REQUIRED)
+
+# hwloc: required (topology and NUMA placement are part of core).
+pkg_check_modules(HWLOC REQUIRED IMPORTED_TARGET hwloc)
+
+# Optional backends: AUTO enables them when found, ON fails when missing, OFF skips them.
+function(myelin_optional_pkg var option)
+  set(${var} OFF PARENT_SCOPE)
+  if(${option} STREQUAL "OFF")
+    return()
+  endif()
+  set(found ON)
+  foreach(mod ${ARGN})
+    string(MAKE_C_IDENTIFIER "${mod}" id)
+    pkg_check_modules(PC_${id} QUIET IMPORTED_TARGET GLOBAL ${mod})
+    if(NOT PC_${id}_FOUND)
+      set(found OFF)
+      set(missing "${missing} ${mod}")
+    endif()
+  endforeach()
+  if(NOT found AND ${option} STREQUAL "ON")
+    message(FATAL_ERROR "${option}=ON but missing:${missing} (run scripts/setup.sh)")
+  endif()
+  set(${var} ${found} PARENT_SCOPE)
+endfunction()
+
+myelin_optional_pkg(MYELIN_HAVE_VERBS MYELIN_WITH_VERBS libibverbs librdmacm)
+myelin_optional_pkg(MYELIN_HAVE_UCX MYELIN_WITH_UCX ucx)
+
+if(MYELIN_BUILD_TESTS)
+  find_package(GTest REQUIRED)
+endif()
+if(MYELIN_BUILD_BENCH)
+  find_package(benchmark REQUIRED)
+endif()
+if(MYELIN_BUILD_TOOLS)
+  find_package(CLI11 REQUIRED)
+endif()
+find_package(nlohmann_json 3 REQUIRED)
