@@ -1,0 +1,85 @@
+// myelin/transport/options.hpp
+//
+// How a transport Context is configured. Build an Options with designated initialisers:
+//
+//   auto ctx = Context::create({.backend = Backend::kTcp, .timeout = std::chrono::seconds(10)});
+//
+// Environment variables are an overlay, applied only by Options::with_env_overlay():
+//   MYELIN_TRANSPORT=auto|shm|tcp|ucx|verbs   MYELIN_DEVICE=<name>   MYELIN_NUMA_NODE=<n>
+//   MYELIN_PROGRESS=busy|block                MYELIN_TIMEOUT_MS=<ms>
+//   MYELIN_TCP_IFACE / MYELIN_TCP_ADDR (address the TCP backend listens on; default: hostname's)
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+
+#include <myelin/core/status.hpp>
+
+namespace myelin::transport {
+
+// A transport backend. kAuto picks per peer: shm on the same node, otherwise the best network
+// backend present (verbs with an active port, else ucx, else tcp).
+enum class Backend : uint8_t { kAuto = 0, kShm, kTcp, kUcx, kVerbs };
+
+std::string_view backend_name(Backend b) noexcept;  // "auto", "shm", "tcp", "ucx", "verbs"
+Result<Backend> parse_backend(std::string_view name);
+
+// How waits are driven. kBusyPoll spins on the progress engine (lowest latency, one core busy);
+// kSpinThenBlock spins for spin_before_block, then sleeps on an fd (eventfd, epoll, completion
+// channel) until an event or the deadline.
+enum class ProgressMode : uint8_t { kBusyPoll = 0, kSpinThenBlock };
+
+std::string_view progress_mode_name(ProgressMode m) noexcept;  // "busy", "block"
+Result<ProgressMode> parse_progress_mode(std::string_view name);
+
+struct Options {
+  Backend backend = Backend::kAuto;
+  // Device to use: verbs device ("mlx5_0", "rxe0"), UCX device list, or network interface for TCP.
+  // Empty: the backend chooses (and logs why).
+  std::string device;
+  // Address the TCP backend listens on ("127.0.0.1", "0.0.0.0", an interface address). Empty: the
+  // address of this host's name, falling back to loopback.
+  std::string listen_address;
+  // NUMA node for buffers and progress; -1 = the node of the device, else no binding.
+  int numa_node = -1;
+  ProgressMode progress = ProgressMode::kBusyPoll;
+  std::chrono::nanoseconds spin_before_block = std::chrono::microseconds(50);
+  // Default deadline for connects and for waits that are not given one.
+  std::chrono::milliseconds timeout = std::chrono::seconds(30);
+  // Two-sided messages up to this size are copied through bounce buffers (eager); larger ones use
+  // rendezvous into the receiver's buffer. 0 = the backend's default.
+  size_t eager_limit = 0;
+  // Largest two-sided message accepted; larger sends fail with invalid_argument.
+  size_t max_message_size = size_t{1} << 32;
+  // Human-readable identity for logs and errors ("rank 3"); empty = "pid N@host".
+  std::string name;
+
+  // Returns a copy with MYELIN_* environment variables applied on top; bad values are errors.
+  [[nodiscard]] Result<Options> with_env_overlay() const;
+  // Checks ranges and combinations.
+  [[nodiscard]] Status validate() const;
+};
+
+// Size classes of two-sided messages; each backend reports its limits.
+enum class SizeClass : uint8_t {
+  kInline,    // fits in the descriptor itself: no registration, no bounce buffer
+  kEager,     // copied through pre-registered bounce buffers on both sides
+  kZeroCopy,  // moved straight between registered user buffers (rendezvous / one-sided)
+};
+
+struct Limits {
+  size_t max_inline = 0;
+  size_t eager_limit = 0;
+  size_t max_message = 0;
+  [[nodiscard]] SizeClass classify(size_t size) const noexcept {
+    if (size <= max_inline) return SizeClass::kInline;
+    if (size <= eager_limit) return SizeClass::kEager;
+    return SizeClass::kZeroCopy;
+  }
+};
+
+}  // namespace myelin::transport
