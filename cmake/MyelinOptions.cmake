@@ -1,7 +1,7 @@
 # Compiler warnings and sanitizers, applied per target through myelin_target_defaults().
 add_library(myelin_warnings INTERFACE)
 target_compile_options(myelin_warnings INTERFACE
-  -Wall -Wextra -Wpedantic -Wshadow -Wnon-virtual-dtor -Wcast-align -Wnull-dereference
+  -Wall -Wextra -Wpedantic -Wshadow -Wnon-virtual-dtor -Wcast-align
   -Wimplicit-fallthrough -Wno-missing-field-initializers
   $<$<BOOL:${MYELIN_WERROR}>:-Werror>)
 

@@ -1,0 +1,112 @@
+// myelin-run as a user drives it: real processes, real signals, real exit codes.
+#include <poll.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <string>
+
+#include <myelin/core/clock.hpp>
+
+namespace {
+
+// Pauses a polling loop for about ms milliseconds.
+void pause_ms(int ms) {
+  ::poll(nullptr, 0, ms);
+}
+
+struct Outcome {
+  int rc = -1;
+  std::string out;
+};
+
+Outcome run(const std::string& args) {
+  const std::string cmd = std::string(MYELIN_RUN_PATH) + " " + args + " 2>&1";
+  Outcome r;
+  FILE* p = ::popen(cmd.c_str(), "r");
+  if (p == nullptr) return r;
+  std::array<char, 4096> buf;
+  size_t n;
+  while ((n = std::fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), n);
+  const int status = ::pclose(p);
+  r.rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
+}
+
+TEST(MyelinRun, SetsTheBootstrapEnvironmentAndPrefixesOutput) {
+  Outcome r =
+      run("-n 3 sh -c 'echo rank=$MYELIN_RANK size=$MYELIN_SIZE local=$MYELIN_LOCAL_RANK "
+          "store=${MYELIN_STORE%%/myelin-run*}'");
+  EXPECT_EQ(r.rc, 0) << r.out;
+  for (int i = 0; i < 3; ++i) {
+    const std::string line = "[" + std::to_string(i) + "] rank=" + std::to_string(i) +
+                             " size=3 local=" + std::to_string(i) + " store=file:///tmp";
+    EXPECT_NE(r.out.find(line), std::string::npos) << r.out;
+  }
+}
+
+TEST(MyelinRun, ReturnsTheFirstFailingRanksCodeAndStopsTheOthers) {
+  const int64_t t0 = myelin::monotonic_ns();
+  Outcome r = run("-n 3 --grace 1 sh -c '[ $MYELIN_RANK = 2 ] && exit 7; exec sleep 30'");
+  EXPECT_EQ(r.rc, 7) << r.out;
+  EXPECT_NE(r.out.find("rank 2 exited with status 7"), std::string::npos) << r.out;
+  EXPECT_LT(myelin::monotonic_ns() - t0, 20'000'000'000LL) << "the sleeping ranks were not stopped";
+}
+
+TEST(MyelinRun, TimeoutStopsEveryRank) {
+  Outcome r = run("--timeout 0.5 --grace 0.5 -n 2 sleep 30");
+  EXPECT_EQ(r.rc, 128 + SIGTERM) << r.out;
+  EXPECT_NE(r.out.find("job timeout"), std::string::npos) << r.out;
+}
+
+TEST(MyelinRun, BadUsageExitsTwo) {
+  EXPECT_EQ(run("--no-such-flag true").rc, 2);
+  EXPECT_EQ(run("").rc, 2);
+  EXPECT_EQ(run("-n 0 true").rc, 2);
+}
+
+TEST(MyelinRun, MissingProgramIsReported) {
+  Outcome r = run("-n 1 /nonexistent/program");
+  EXPECT_EQ(r.rc, 127);
+  EXPECT_NE(r.out.find("cannot execute '/nonexistent/program'"), std::string::npos) << r.out;
+}
+
+TEST(MyelinRun, ForwardsSignalsToRanks) {
+  char dir_template[] = "/tmp/myelin-run-test.XXXXXX";
+  ASSERT_NE(::mkdtemp(dir_template), nullptr);
+  const std::string dir = dir_template;
+  const std::string script =
+      "trap 'exit 42' TERM; touch " + dir + "/ready.$MYELIN_RANK; while :; do sleep 0.05; done";
+  // Start the launcher directly so the test can signal it.
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    ::execl(MYELIN_RUN_PATH, MYELIN_RUN_PATH, "-n", "2", "--grace", "5", "sh", "-c", script.c_str(),
+            static_cast<char*>(nullptr));
+    ::_exit(126);
+  }
+  // Signal only once both ranks have installed their trap.
+  const myelin::Deadline ready_by = myelin::Deadline::after_ms(10'000);
+  while (
+      !(std::filesystem::exists(dir + "/ready.0") && std::filesystem::exists(dir + "/ready.1")) &&
+      !ready_by.expired()) {
+    pause_ms(10);
+  }
+  ASSERT_EQ(::kill(pid, SIGTERM), 0);
+  int status = 0;
+  const myelin::Deadline deadline = myelin::Deadline::after_ms(10'000);
+  pid_t got = 0;
+  while ((got = ::waitpid(pid, &status, WNOHANG)) == 0 && !deadline.expired()) pause_ms(10);
+  if (got == 0) ::kill(pid, SIGKILL);
+  std::filesystem::remove_all(dir);
+  ASSERT_EQ(got, pid) << "myelin-run did not exit after SIGTERM";
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 42) << "the ranks' own exit code should come back";
+}
+
+}  // namespace
