@@ -1,0 +1,58 @@
+// The UCX BackendContext: glue between the transport Context and UcxWorker/UcxEndpoint.
+#include "ucx/ucx_backend.hpp"
+
+#include <myelin/core/log.hpp>
+
+#include "ucx/ucx_endpoint.hpp"
+#include "ucx/ucx_memory.hpp"
+#include "ucx/ucx_worker.hpp"
+
+namespace myelin::transport::internal {
+namespace {
+
+class UcxBackend final : public BackendContext {
+ public:
+  explicit UcxBackend(std::shared_ptr<ucx::UcxWorker> worker) : worker_(std::move(worker)) {}
+
+  [[nodiscard]] Backend kind() const noexcept override { return Backend::kUcx; }
+  [[nodiscard]] Limits limits() const noexcept override { return worker_->limits(); }
+  [[nodiscard]] std::vector<uint8_t> local_address() const override { return worker_->address(); }
+
+  Result<std::unique_ptr<Endpoint>> connect(std::span<const uint8_t> peer_address,
+                                            const std::string& peer_name,
+                                            Deadline /*deadline*/) override {
+    // Never blocks: UCX wires the endpoint up in the background from the worker address, and the
+    // peer learns who we are from the sender id in our first message.
+    Result<ucx::PeerAddress> peer = ucx::parse_peer_address(peer_address);
+    if (!peer.ok()) {
+      return std::move(peer).status().with_context("connecting to " + peer_name + " over ucx");
+    }
+    MYELIN_ASSIGN_OR_RETURN(auto ep, ucx::UcxEndpoint::create(worker_, *peer, peer_name));
+    MYELIN_LOG_DEBUG << "ucx: endpoint to " << peer_name << " (context " << peer->context_id
+                     << ") created";
+    return std::unique_ptr<Endpoint>(std::move(ep));
+  }
+
+  Result<std::unique_ptr<BackendRegistration>> register_memory(const RegionState& region) override {
+    MYELIN_ASSIGN_OR_RETURN(auto reg, ucx::UcxRegistration::create(*worker_, region));
+    return std::unique_ptr<BackendRegistration>(std::move(reg));
+  }
+
+  size_t progress() override { return worker_->progress(); }
+  [[nodiscard]] int wait_fd() const noexcept override { return worker_->event_fd(); }
+  bool arm_wait() override { return worker_->arm(); }
+
+ private:
+  std::shared_ptr<ucx::UcxWorker> worker_;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<BackendContext>> create_ucx_backend(const Options& options,
+                                                           const ContextInfo& info) {
+  Result<std::shared_ptr<ucx::UcxWorker>> worker = ucx::UcxWorker::create(options, info);
+  if (!worker.ok()) return std::move(worker).status().with_context("opening the ucx backend");
+  return std::unique_ptr<BackendContext>(std::make_unique<UcxBackend>(std::move(*worker)));
+}
+
+}  // namespace myelin::transport::internal

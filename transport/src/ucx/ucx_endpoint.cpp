@@ -1,0 +1,365 @@
+// UCX endpoint: active-message sends, rkey cache, put/get with origin-side checks, teardown.
+#include "ucx/ucx_endpoint.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+
+#include <myelin/core/log.hpp>
+
+#include "ucx/ucx_memory.hpp"
+
+namespace myelin::transport::internal::ucx {
+
+namespace {
+
+// One in-flight UCX operation. Owned by the UCX callback (or by the caller until UCX accepts it).
+struct PendingOp {
+  enum class Kind : uint8_t { kSend, kGet, kPutFlush, kImmediateFlush, kImmediateSend };
+  Kind kind = Kind::kSend;
+  std::shared_ptr<RequestState> state;
+  std::shared_ptr<EpLink> link;
+  size_t bytes = 0;
+  uint32_t immediate = 0;
+  AmHeader header{};  // UCX reads the header until the send completes, so it lives here
+};
+
+const char* op_name(PendingOp::Kind kind) {
+  switch (kind) {
+    case PendingOp::Kind::kSend:
+      return "send";
+    case PendingOp::Kind::kGet:
+      return "get";
+    case PendingOp::Kind::kPutFlush:
+      return "put";
+    case PendingOp::Kind::kImmediateFlush:
+    case PendingOp::Kind::kImmediateSend:
+      return "put_with_immediate";
+  }
+  return "operation";
+}
+
+// The Status an operation that UCX finished with `status` (not OK) completes with.
+Status op_error(const PendingOp& op, ucs_status_t status) {
+  EpLink& link = *op.link;
+  if (!link.failure.ok()) return link.failure;
+  if (status == UCS_ERR_CANCELED && link.closing) {
+    return cancelled(op_name(op.kind), " to ", link.peer_name, " cancelled: endpoint disconnected");
+  }
+  Status s = ucs_to_status(
+      status, ::myelin::internal::str_cat(op_name(op.kind), " to ", link.peer_name, " (ucx)"));
+  if (s.code() == StatusCode::kPeerFailed) link.mark_failed(s);
+  return s;
+}
+
+void send_immediate(std::unique_ptr<PendingOp> op);
+void finish(std::unique_ptr<PendingOp> op, ucs_status_t status, bool in_callback);
+
+void finish(std::unique_ptr<PendingOp> op, ucs_status_t status, bool in_callback) {
+  if (status == UCS_OK && op->kind == PendingOp::Kind::kImmediateFlush) {
+    if (op->link->closing) {
+      op->state->complete(op_error(*op, UCS_ERR_CANCELED), 0);
+      return;
+    }
+    // The put is now complete at the target; the immediate may go (never from inside a callback).
+    if (!in_callback) {
+      send_immediate(std::move(op));
+      return;
+    }
+    std::shared_ptr<UcxWorker> worker = op->link->worker;
+    worker->defer([raw = op.release()] { send_immediate(std::unique_ptr<PendingOp>(raw)); });
+    return;
+  }
+  // A rendezvous message the peer refused (its recv buffer was too small) completes the send
+  // with UCS_ERR_CANCELED; the message was consumed by that recv, so the send itself succeeded.
+  if (status == UCS_OK || (status == UCS_ERR_CANCELED && op->kind == PendingOp::Kind::kSend &&
+                           !op->link->closing && op->link->failure.ok())) {
+    op->state->complete(ok_status(), op->bytes);
+    return;
+  }
+  op->state->complete(op_error(*op, status), 0);
+}
+
+void on_op_done(void* request, ucs_status_t status, void* user_data) {
+  ucp_request_free(request);
+  finish(std::unique_ptr<PendingOp>(static_cast<PendingOp*>(user_data)), status, true);
+}
+
+// Issues a UCX call that takes a request param with our callback; settles immediate outcomes.
+template <typename Issue>
+void issue(std::unique_ptr<PendingOp> op, Issue&& call) {
+  ucp_request_param_t param{};
+  param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+  param.cb.send = &on_op_done;
+  param.user_data = op.get();
+  ucs_status_ptr_t p = call(op.get(), param);
+  if (p == nullptr) {
+    finish(std::move(op), UCS_OK, false);
+  } else if (UCS_PTR_IS_ERR(p)) {
+    finish(std::move(op), UCS_PTR_STATUS(p), false);
+  } else {
+    (void)op.release();  // on_op_done owns it now
+  }
+}
+
+void send_immediate(std::unique_ptr<PendingOp> op) {
+  EpLink& link = *op->link;
+  if (!link.failure.ok() || link.closing) {
+    op->state->complete(op_error(*op, UCS_ERR_CANCELED), 0);
+    return;
+  }
+  op->kind = PendingOp::Kind::kImmediateSend;
+  op->header = AmHeader{link.worker->id(), link.next_immediate_sequence++,
+                        op->immediate,     static_cast<uint16_t>(AmKind::kImmediate),
+                        kWireVersion,      0};
+  issue(std::move(op), [&link](PendingOp* o, const ucp_request_param_t& param) {
+    return ucp_am_send_nbx(link.ep, kAmId, &o->header, sizeof(AmHeader), nullptr, 0, &param);
+  });
+}
+
+void on_ep_error(void* arg, ucp_ep_h /*ep*/, ucs_status_t status) {
+  auto* link = static_cast<EpLink*>(arg);
+  link->mark_failed(peer_failed("peer ", link->peer_name, " (ucx): ", ucs_status_string(status)));
+}
+
+}  // namespace
+
+void EpLink::mark_failed(Status status) {
+  if (!failure.ok()) return;
+  failure = std::move(status);
+  MYELIN_LOG_INFO << "ucx endpoint failed: " << failure;
+  if (inbox != nullptr && worker) worker->fail_inbox(*inbox, failure);
+}
+
+Result<std::unique_ptr<UcxEndpoint>> UcxEndpoint::create(std::shared_ptr<UcxWorker> worker,
+                                                         const PeerAddress& peer,
+                                                         const std::string& peer_name) {
+  auto link = std::make_shared<EpLink>();
+  link->worker = worker;
+  link->peer_name = peer_name;
+  link->peer_id = peer.context_id;
+  MYELIN_ASSIGN_OR_RETURN(link->inbox, worker->claim_inbox(peer.context_id, peer_name));
+
+  ucp_ep_params_t params{};
+  params.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
+                      UCP_EP_PARAM_FIELD_ERR_HANDLER;
+  params.address = reinterpret_cast<const ucp_address_t*>(peer.worker_address.data());
+  params.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+  params.err_handler.cb = &on_ep_error;
+  params.err_handler.arg = link.get();
+  const ucs_status_t st = ucp_ep_create(worker->worker(), &params, &link->ep);
+  if (st != UCS_OK) {
+    worker->drop_inbox(peer.context_id);
+    return ucs_to_status(st, "creating a ucx endpoint to " + peer_name);
+  }
+  return std::unique_ptr<UcxEndpoint>(new UcxEndpoint(std::move(link)));
+}
+
+UcxEndpoint::~UcxEndpoint() {
+  EpLink& link = *link_;
+  std::shared_ptr<UcxWorker> worker = link.worker;
+  link.closing = true;
+  for (auto& [id, cached] : rkeys_) ucp_rkey_destroy(cached.rkey);
+  rkeys_.clear();
+
+  ucp_request_param_t param{};
+  param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+  param.flags = link.failure.ok() ? 0 : UCP_EP_CLOSE_FLAG_FORCE;  // flush what is queued if alive
+  ucs_status_ptr_t p = ucp_ep_close_nbx(link.ep, &param);
+  bool unfinished = false;
+  if (UCS_PTR_IS_PTR(p)) {
+    const auto limit =
+        std::min<std::chrono::milliseconds>(worker->options().timeout, std::chrono::seconds(5));
+    const Deadline deadline = Deadline::after(limit);
+    while (ucp_request_check_status(p) == UCS_INPROGRESS && !deadline.expired()) {
+      worker->progress();
+    }
+    unfinished = ucp_request_check_status(p) == UCS_INPROGRESS;
+    ucp_request_free(p);
+  }
+  worker->drop_inbox(link.peer_id);
+  link.inbox = nullptr;
+  if (unfinished) {
+    MYELIN_LOG_WARN << "ucx: closing the endpoint to " << link.peer_name
+                    << " did not finish within "
+                    << "its deadline; its resources go with the worker";
+    link.worker.reset();  // the graveyard must not own the worker
+    worker->keep_until_destroyed(link_);
+  }
+}
+
+Request UcxEndpoint::send(uint32_t channel, const void* data, size_t size,
+                          const MemoryRegion* /*region*/) {
+  EpLink& link = *link_;
+  if (size > link.worker->options().max_message_size) {
+    return Request::failed(invalid_argument("send of ", size, " bytes to ", link.peer_name,
+                                            " exceeds max_message_size ",
+                                            link.worker->options().max_message_size));
+  }
+  if (size != 0 && data == nullptr) {
+    return Request::failed(invalid_argument("send of ", size, " bytes from a null buffer"));
+  }
+  if (!link.failure.ok()) return Request::failed(link.failure);
+
+  uint64_t& sequence = next_send_sequence_[channel];
+  AmHeader header{link.worker->id(), sequence, channel, static_cast<uint16_t>(AmKind::kMessage),
+                  kWireVersion,      0};
+  if (size <= link.worker->limits().eager_limit) {
+    // Fast path: no request, no allocation, the header on the stack. UCX refuses (without side
+    // effects) what it cannot finish right now, and the full path below takes over.
+    ucp_request_param_t param{};
+    param.op_attr_mask = UCP_OP_ATTR_FLAG_FORCE_IMM_CMPL;
+    ucs_status_ptr_t p =
+        ucp_am_send_nbx(link.ep, kAmId, &header, sizeof header, data, size, &param);
+    if (p == nullptr) {
+      ++sequence;
+      return Request::completed(size);
+    }
+    MYELIN_CHECK(UCS_PTR_IS_ERR(p)) << "UCX returned a request for a forced-immediate send";
+    if (UCS_PTR_STATUS(p) != UCS_ERR_NO_RESOURCE) {
+      PendingOp probe{PendingOp::Kind::kSend, nullptr, link_, size, 0, header};
+      return Request::failed(op_error(probe, UCS_PTR_STATUS(p)));
+    }
+  }
+
+  auto op = std::make_unique<PendingOp>();
+  op->kind = PendingOp::Kind::kSend;
+  op->link = link_;
+  op->bytes = size;
+  op->header = header;
+  auto [request, state] = Request::make_pending();
+  op->state = state;
+  ucp_request_param_t param{};
+  param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+  param.cb.send = &on_op_done;
+  param.user_data = op.get();
+  ucs_status_ptr_t p =
+      ucp_am_send_nbx(link.ep, kAmId, &op->header, sizeof(AmHeader), data, size, &param);
+  if (UCS_PTR_IS_ERR(p)) return Request::failed(op_error(*op, UCS_PTR_STATUS(p)));
+  ++sequence;
+  if (p == nullptr) return Request::completed(size);
+  (void)op.release();  // on_op_done owns it now
+  return std::move(request);
+}
+
+Request UcxEndpoint::recv(uint32_t channel, void* data, size_t capacity,
+                          const MemoryRegion* /*region*/) {
+  if (capacity != 0 && data == nullptr) {
+    return Request::failed(
+        invalid_argument("recv of up to ", capacity, " bytes into a null buffer"));
+  }
+  return link_->worker->post_recv(*link_->inbox, channel, data, capacity);
+}
+
+Result<ucp_rkey_h> UcxEndpoint::prepare_rma(const void* local, size_t size, const RemoteKey& remote,
+                                            uint64_t remote_offset, Access wanted, const char* op) {
+  EpLink& link = *link_;
+  if (size != 0 && local == nullptr) {
+    return invalid_argument(op, " of ", size, " bytes with a null local buffer");
+  }
+  if (remote.kind() != MemoryKind::kHost) {
+    return unsupported(op, ": the ucx backend reaches host memory only");
+  }
+  if (!allows(remote.access(), wanted)) {
+    return permission_denied(op, ": remote region ", remote.region_id(), " of ", link.peer_name,
+                             " does not allow remote ",
+                             wanted == Access::kRemoteRead ? "reads" : "writes");
+  }
+  if (remote_offset > remote.length() || size > remote.length() - remote_offset) {
+    return out_of_range(op, " of ", size, " bytes at offset ", remote_offset,
+                        " falls outside remote region ", remote.region_id(), " of ",
+                        remote.length(), " bytes");
+  }
+  if (!link.failure.ok()) return link.failure;
+  MYELIN_ASSIGN_OR_RETURN(RkeyBlob blob, parse_rkey_blob(remote.backend_blob(Backend::kUcx)));
+  if (blob.owner_id != link.peer_id) {
+    return invalid_argument(op, ": remote region ", remote.region_id(),
+                            " was registered by another ucx context, not by ", link.peer_name);
+  }
+  auto it = rkeys_.find(remote.region_id());
+  if (it != rkeys_.end()) {
+    if (it->second.checksum == blob.checksum) return it->second.rkey;
+    ucp_rkey_destroy(it->second.rkey);  // same id, different key: trust the newer one
+    rkeys_.erase(it);
+  }
+  ucp_rkey_h rkey = nullptr;
+  const ucs_status_t st = ucp_ep_rkey_unpack(link.ep, blob.packed.data(), &rkey);
+  if (st != UCS_OK) {
+    return ucs_to_status(st, ::myelin::internal::str_cat(op, ": unpacking the ucx rkey of region ",
+                                                         remote.region_id()));
+  }
+  rkeys_.emplace(remote.region_id(), CachedRkey{blob.checksum, rkey});
+  return rkey;
+}
+
+Request UcxEndpoint::put(const void* local, size_t size, const RemoteKey& remote,
+                         uint64_t remote_offset, const MemoryRegion* /*local_region*/) {
+  return put_impl(local, size, remote, remote_offset, false, 0);
+}
+
+Request UcxEndpoint::put_with_immediate(const void* local, size_t size, const RemoteKey& remote,
+                                        uint64_t remote_offset, uint32_t immediate,
+                                        const MemoryRegion* /*local_region*/) {
+  return put_impl(local, size, remote, remote_offset, true, immediate);
+}
+
+Request UcxEndpoint::put_impl(const void* local, size_t size, const RemoteKey& remote,
+                              uint64_t remote_offset, bool with_immediate, uint32_t immediate) {
+  const char* name = with_immediate ? "put_with_immediate" : "put";
+  Result<ucp_rkey_h> rkey =
+      prepare_rma(local, size, remote, remote_offset, Access::kRemoteWrite, name);
+  if (!rkey.ok()) return Request::failed(std::move(rkey).status());
+  EpLink& link = *link_;
+  auto op = std::make_unique<PendingOp>();
+  op->kind = with_immediate ? PendingOp::Kind::kImmediateFlush : PendingOp::Kind::kPutFlush;
+  op->link = link_;
+  op->bytes = size;
+  op->immediate = immediate;
+  if (size != 0) {
+    // Completion of the put itself is only local; the flush below is what we wait for, and it
+    // reports the put's failure too.
+    ucp_request_param_t param{};
+    ucs_status_ptr_t p =
+        ucp_put_nbx(link.ep, local, size, remote.address() + remote_offset, *rkey, &param);
+    if (UCS_PTR_IS_ERR(p)) return Request::failed(op_error(*op, UCS_PTR_STATUS(p)));
+    if (p != nullptr) ucp_request_free(p);  // released by UCX once it completes
+  }
+  auto [request, state] = Request::make_pending();
+  op->state = state;
+  // Remote completion: once the flush completes, the bytes are in the target's memory.
+  issue(std::move(op), [&link](PendingOp*, const ucp_request_param_t& param) {
+    return ucp_ep_flush_nbx(link.ep, &param);
+  });
+  return std::move(request);
+}
+
+Request UcxEndpoint::get(void* local, size_t size, const RemoteKey& remote, uint64_t remote_offset,
+                         const MemoryRegion* /*local_region*/) {
+  Result<ucp_rkey_h> rkey =
+      prepare_rma(local, size, remote, remote_offset, Access::kRemoteRead, "get");
+  if (!rkey.ok()) return Request::failed(std::move(rkey).status());
+  if (size == 0) return Request::completed(0);
+  EpLink& link = *link_;
+  auto op = std::make_unique<PendingOp>();
+  op->kind = PendingOp::Kind::kGet;
+  op->link = link_;
+  op->bytes = size;
+  auto [request, state] = Request::make_pending();
+  op->state = state;
+  const uint64_t address = remote.address() + remote_offset;
+  const ucp_rkey_h key = *rkey;
+  issue(std::move(op), [&](PendingOp*, const ucp_request_param_t& param) {
+    return ucp_get_nbx(link.ep, local, size, address, key, &param);
+  });
+  return std::move(request);
+}
+
+bool UcxEndpoint::try_pop_immediate(uint32_t& value) {
+  Inbox* inbox = link_->inbox;
+  if (inbox == nullptr || inbox->immediates.empty()) return false;
+  value = inbox->immediates.front();
+  inbox->immediates.pop_front();
+  return true;
+}
+
+}  // namespace myelin::transport::internal::ucx

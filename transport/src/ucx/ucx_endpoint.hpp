@@ -1,0 +1,94 @@
+// transport/src/ucx/ucx_endpoint.hpp — Endpoint over a UCP endpoint (not public API).
+//
+// Two-sided: every send is one active message whose 24-byte header carries this Context's id (so
+// the peer knows who sent it without a hello), the channel and a per-(endpoint, channel) sequence
+// number; the receiver delivers in sequence order (see UcxWorker). Messages above the eager limit
+// go by UCX rendezvous and land straight in the posted recv buffer.
+//
+// One-sided: put/get use ucp_put_nbx/ucp_get_nbx on rkeys unpacked once per (endpoint, region id).
+// Bounds, access and key ownership are checked here from the RemoteKey, so a bad request fails with
+// a Status before UCX sees it. A put completes when the data is in the target's memory (the put is
+// followed by ucp_ep_flush_nbx); put_with_immediate sends the immediate as an active message after
+// that flush, so the target never sees an immediate before its data.
+//
+// Failure: the UCP endpoint uses UCP_ERR_HANDLING_MODE_PEER; its error handler marks the endpoint
+// failed (peer_failed naming the peer), fails posted recvs, and UCX completes the pending sends,
+// puts and gets with errors that are reported as that same peer_failed.
+//
+// Thread safety: none (the Context's progress thread). Ownership: keeps the UcxWorker alive; the
+// destructor closes the UCP endpoint (flushing, bounded by the Context timeout) and cancels pending
+// recvs.
+#pragma once
+
+#include <ucp/api/ucp.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <unordered_map>
+
+#include <myelin/core/clock.hpp>
+#include <myelin/transport/endpoint.hpp>
+
+#include "ucx/ucx_worker.hpp"
+
+namespace myelin::transport::internal::ucx {
+
+// State shared by the endpoint, its UCX error handler and its in-flight operations.
+struct EpLink {
+  std::shared_ptr<UcxWorker> worker;
+  ucp_ep_h ep = nullptr;
+  std::string peer_name;
+  uint64_t peer_id = 0;
+  Inbox* inbox = nullptr;
+  Status failure;        // first error that ended the connection
+  bool closing = false;  // set by the destructor: cancellations are then expected
+  uint64_t next_immediate_sequence = 0;
+
+  void mark_failed(Status status);
+};
+
+class UcxEndpoint final : public Endpoint {
+ public:
+  static Result<std::unique_ptr<UcxEndpoint>> create(std::shared_ptr<UcxWorker> worker,
+                                                     const PeerAddress& peer,
+                                                     const std::string& peer_name);
+  UcxEndpoint(const UcxEndpoint&) = delete;
+  UcxEndpoint& operator=(const UcxEndpoint&) = delete;
+  ~UcxEndpoint() override;
+
+  [[nodiscard]] Backend backend() const noexcept override { return Backend::kUcx; }
+  [[nodiscard]] const std::string& peer_name() const noexcept override { return link_->peer_name; }
+  [[nodiscard]] Status status() const override { return link_->failure; }
+
+  Request send(uint32_t channel, const void* data, size_t size,
+               const MemoryRegion* region = nullptr) override;
+  Request recv(uint32_t channel, void* data, size_t capacity,
+               const MemoryRegion* region = nullptr) override;
+  Request put(const void* local, size_t size, const RemoteKey& remote, uint64_t remote_offset,
+              const MemoryRegion* local_region = nullptr) override;
+  Request put_with_immediate(const void* local, size_t size, const RemoteKey& remote,
+                             uint64_t remote_offset, uint32_t immediate,
+                             const MemoryRegion* local_region = nullptr) override;
+  Request get(void* local, size_t size, const RemoteKey& remote, uint64_t remote_offset,
+              const MemoryRegion* local_region = nullptr) override;
+  [[nodiscard]] bool try_pop_immediate(uint32_t& value) override;
+
+ private:
+  explicit UcxEndpoint(std::shared_ptr<EpLink> link) : link_(std::move(link)) {}
+  // Checks a one-sided request and returns the unpacked rkey for it.
+  Result<ucp_rkey_h> prepare_rma(const void* local, size_t size, const RemoteKey& remote,
+                                 uint64_t remote_offset, Access wanted, const char* op);
+  Request put_impl(const void* local, size_t size, const RemoteKey& remote, uint64_t remote_offset,
+                   bool with_immediate, uint32_t immediate);
+
+  struct CachedRkey {
+    uint64_t checksum;
+    ucp_rkey_h rkey;
+  };
+  std::shared_ptr<EpLink> link_;
+  std::unordered_map<uint32_t, uint64_t> next_send_sequence_;
+  std::unordered_map<uint64_t, CachedRkey> rkeys_;  // by region id
+};
+
+}  // namespace myelin::transport::internal::ucx

@@ -1,0 +1,82 @@
+// UCX memory registration and the remote-key blob format.
+#include "ucx/ucx_memory.hpp"
+
+#include "ucx/ucx_wire.hpp"
+
+namespace myelin::transport::internal::ucx {
+
+Result<std::unique_ptr<UcxRegistration>> UcxRegistration::create(const UcxWorker& worker,
+                                                                 const RegionState& region) {
+  if (region.kind != MemoryKind::kHost) {
+    return unsupported("the ucx backend registers host memory only");
+  }
+  if (region.size == 0 || region.data == nullptr) {
+    return invalid_argument("cannot register an empty region (", region.size, " bytes at ",
+                            reinterpret_cast<uintptr_t>(region.data), ") with ucx");
+  }
+  // Access is enforced at the origin from the RemoteKey (see UcxEndpoint), so the mapping itself
+  // keeps UCX's default protection: some UCX memory domains ignore narrower ones anyway.
+  ucp_mem_map_params_t params{};
+  params.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH;
+  params.address = region.data;
+  params.length = region.size;
+  ucp_mem_h memh = nullptr;
+  ucs_status_t st = ucp_mem_map(worker.context()->get(), &params, &memh);
+  if (st != UCS_OK) {
+    return ucs_to_status(st, "registering " + std::to_string(region.size) + " bytes with ucx");
+  }
+  std::unique_ptr<UcxRegistration> reg(new UcxRegistration(worker.context(), memh));
+
+  void* packed = nullptr;
+  size_t packed_size = 0;
+  st = ucp_rkey_pack(worker.context()->get(), memh, &packed, &packed_size);
+  if (st != UCS_OK) return ucs_to_status(st, "packing a ucx rkey");
+  const std::span<const uint8_t> bytes(static_cast<const uint8_t*>(packed), packed_size);
+  WireWriter out(reg->blob_);
+  out.u32(kRkeyMagic);
+  out.u16(kRkeyVersion);
+  out.u16(0);
+  out.u64(worker.id());
+  out.u32(static_cast<uint32_t>(packed_size));
+  out.u64(fnv1a64(bytes));
+  out.bytes(packed, packed_size);
+  ucp_rkey_buffer_release(packed);
+  return reg;
+}
+
+UcxRegistration::~UcxRegistration() {
+  const ucs_status_t st = ucp_mem_unmap(context_->get(), memh_);
+  MYELIN_CHECK(st == UCS_OK) << "ucp_mem_unmap: " << ucs_status_string(st);
+}
+
+Result<RkeyBlob> parse_rkey_blob(std::span<const uint8_t> blob) {
+  if (blob.empty())
+    return invalid_argument("the remote key has no ucx part (region not registered with ucx)");
+  if (blob.size() < kRkeyHeaderSize) {
+    return invalid_argument("ucx remote key blob of ", blob.size(), " bytes is shorter than its ",
+                            kRkeyHeaderSize, "-byte header");
+  }
+  WireReader in(blob);
+  if (in.u32() != kRkeyMagic) return invalid_argument("ucx remote key blob has a bad magic");
+  const uint16_t version = in.u16();
+  if (version != kRkeyVersion) {
+    return invalid_argument("ucx remote key blob version ", version, " is not the supported ",
+                            kRkeyVersion);
+  }
+  (void)in.u16();
+  RkeyBlob out;
+  out.owner_id = in.u64();
+  const uint32_t length = in.u32();
+  out.checksum = in.u64();
+  if (length == 0 || length != blob.size() - kRkeyHeaderSize) {
+    return invalid_argument("ucx remote key blob announces ", length, " packed bytes but carries ",
+                            blob.size() - kRkeyHeaderSize);
+  }
+  out.packed = blob.subspan(kRkeyHeaderSize);
+  if (fnv1a64(out.packed) != out.checksum) {
+    return invalid_argument("ucx remote key blob fails its checksum (corrupted in transit?)");
+  }
+  return out;
+}
+
+}  // namespace myelin::transport::internal::ucx

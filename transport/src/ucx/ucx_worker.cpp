@@ -1,0 +1,504 @@
+// UCP context/worker setup and the receive path: active messages matched to posted recvs.
+#include "ucx/ucx_worker.hpp"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+
+#include <myelin/core/clock.hpp>
+#include <myelin/core/log.hpp>
+
+#include "ucx/ucx_wire.hpp"
+
+namespace myelin::transport::internal::ucx {
+
+Status ucs_to_status(ucs_status_t status, std::string_view what) {
+  const char* text = ucs_status_string(status);
+  switch (status) {
+    case UCS_OK:
+      return ok_status();
+    case UCS_ERR_INVALID_PARAM:
+    case UCS_ERR_INVALID_ADDR:
+      return invalid_argument(what, ": ", text);
+    case UCS_ERR_NO_MEMORY:
+    case UCS_ERR_NO_RESOURCE:
+    case UCS_ERR_EXCEEDS_LIMIT:
+      return resource_exhausted(what, ": ", text);
+    case UCS_ERR_UNSUPPORTED:
+      return unsupported(what, ": ", text);
+    case UCS_ERR_NO_DEVICE:
+    case UCS_ERR_NO_ELEM:
+      return unavailable(what, ": ", text);
+    case UCS_ERR_CANCELED:
+      return cancelled(what, ": ", text);
+    case UCS_ERR_TIMED_OUT:
+      return timeout_error(what, ": ", text);
+    case UCS_ERR_UNREACHABLE:
+    case UCS_ERR_CONNECTION_RESET:
+    case UCS_ERR_ENDPOINT_TIMEOUT:
+    case UCS_ERR_REJECTED:
+    case UCS_ERR_NOT_CONNECTED:
+      return peer_failed(what, ": ", text);
+    case UCS_ERR_IO_ERROR:
+      return io_error(what, ": ", text);
+    default:
+      return internal_error(what, ": ", text, " (ucs status ", static_cast<int>(status), ")");
+  }
+}
+
+Result<PeerAddress> parse_peer_address(std::span<const uint8_t> bytes) {
+  if (bytes.size() < kAddressHeaderSize) {
+    return invalid_argument("ucx address of ", bytes.size(), " bytes is shorter than its ",
+                            kAddressHeaderSize, "-byte header");
+  }
+  WireReader in(bytes);
+  if (in.u32() != kAddressMagic) return invalid_argument("ucx address has a bad magic");
+  const uint16_t version = in.u16();
+  if (version != kAddressVersion) {
+    return invalid_argument("ucx address version ", version, " is not the supported ",
+                            kAddressVersion);
+  }
+  (void)in.u16();
+  PeerAddress out;
+  out.context_id = in.u64();
+  const uint32_t length = in.u32();
+  if (length == 0 || length != bytes.size() - kAddressHeaderSize) {
+    return invalid_argument("ucx address announces a ", length, "-byte worker address but carries ",
+                            bytes.size() - kAddressHeaderSize);
+  }
+  out.worker_address.assign(bytes.begin() + kAddressHeaderSize, bytes.end());
+  return out;
+}
+
+namespace {
+
+struct ConfigDeleter {
+  void operator()(ucp_config_t* c) const noexcept { ucp_config_release(c); }
+};
+
+uint64_t random_context_id() {
+  std::random_device rd;
+  uint64_t id = (static_cast<uint64_t>(rd()) << 32) ^ rd();
+  id ^= static_cast<uint64_t>(monotonic_ns()) * 0x9e3779b97f4a7c15ULL;
+  id ^= static_cast<uint64_t>(getpid()) << 17;
+  return id == 0 ? 1 : id;
+}
+
+// A plain decimal byte count, or nullopt ("auto", "8k", garbage).
+std::optional<size_t> plain_byte_count(const char* text) {
+  if (text == nullptr || *text == '\0') return std::nullopt;
+  errno = 0;
+  char* end = nullptr;
+  const unsigned long long v = std::strtoull(text, &end, 10);
+  if (errno != 0 || *end != '\0') return std::nullopt;
+  return static_cast<size_t>(v);
+}
+
+// Completion of a rendezvous receive into a posted recv buffer.
+struct RendezvousRecv {
+  std::shared_ptr<RequestState> state;
+  size_t length;
+};
+
+void on_rendezvous_done(void* request, ucs_status_t status, size_t /*length*/, void* user_data) {
+  std::unique_ptr<RendezvousRecv> op(static_cast<RendezvousRecv*>(user_data));
+  op->state->complete(ucs_to_status(status, "ucx rendezvous receive"), op->length);
+  ucp_request_free(request);
+}
+
+}  // namespace
+
+Result<std::shared_ptr<UcxWorker>> UcxWorker::create(const Options& options,
+                                                     const ContextInfo& info) {
+  std::shared_ptr<UcxWorker> w(new UcxWorker(options, info));
+  MYELIN_RETURN_IF_ERROR(w->init());
+  return w;
+}
+
+Status UcxWorker::init() {
+  ucp_config_t* raw_config = nullptr;
+  ucs_status_t st = ucp_config_read(nullptr, nullptr, &raw_config);
+  if (st != UCS_OK) return ucs_to_status(st, "reading the UCX configuration");
+  std::unique_ptr<ucp_config_t, ConfigDeleter> config(raw_config);
+
+  if (!options_.device.empty()) {
+    st = ucp_config_modify(config.get(), "NET_DEVICES", options_.device.c_str());
+    if (st != UCS_OK)
+      return ucs_to_status(st, "setting UCX NET_DEVICES to '" + options_.device + "'");
+  }
+  // The rendezvous threshold is our eager limit: set it explicitly so limits() tells the truth.
+  size_t eager = kDefaultEagerLimit;
+  if (options_.eager_limit != 0) {
+    eager = options_.eager_limit;
+  } else if (auto env = plain_byte_count(std::getenv("UCX_RNDV_THRESH"))) {
+    eager = *env;
+  }
+  st = ucp_config_modify(config.get(), "RNDV_THRESH", std::to_string(eager).c_str());
+  if (st != UCS_OK) return ucs_to_status(st, "setting UCX RNDV_THRESH");
+  if (std::getenv("UCX_KEEPALIVE_INTERVAL") == nullptr) {
+    const int64_t ms = std::clamp<int64_t>(options_.timeout.count() / 4, 100, 20'000);
+    st = ucp_config_modify(config.get(), "KEEPALIVE_INTERVAL", (std::to_string(ms) + "ms").c_str());
+    if (st != UCS_OK) return ucs_to_status(st, "setting UCX KEEPALIVE_INTERVAL");
+  }
+
+  const bool blocking = options_.progress == ProgressMode::kSpinThenBlock;
+  ucp_params_t params{};
+  params.field_mask =
+      UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_MT_WORKERS_SHARED | UCP_PARAM_FIELD_NAME;
+  params.features = UCP_FEATURE_AM | UCP_FEATURE_RMA | (blocking ? UCP_FEATURE_WAKEUP : 0);
+  params.mt_workers_shared = 0;
+  params.name = "myelin";
+  ucp_context_h ctx = nullptr;
+  st = ucp_init(&params, config.get(), &ctx);
+  if (st != UCS_OK) return ucs_to_status(st, "initialising UCX (ucp_init)");
+  context_ = std::make_shared<UcpContext>(ctx);
+
+  ucp_worker_params_t wparams{};
+  wparams.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+  wparams.thread_mode = UCS_THREAD_MODE_SINGLE;
+  st = ucp_worker_create(ctx, &wparams, &worker_);
+  if (st != UCS_OK) return ucs_to_status(st, "creating the UCX worker");
+
+  ucp_address_t* addr = nullptr;
+  size_t addr_len = 0;
+  st = ucp_worker_get_address(worker_, &addr, &addr_len);
+  if (st != UCS_OK) return ucs_to_status(st, "getting the UCX worker address");
+  id_ = random_context_id();
+  WireWriter out(address_);
+  out.u32(kAddressMagic);
+  out.u16(kAddressVersion);
+  out.u16(0);
+  out.u64(id_);
+  out.u32(static_cast<uint32_t>(addr_len));
+  out.bytes(addr, addr_len);
+  ucp_worker_release_address(worker_, addr);
+
+  if (blocking) {
+    st = ucp_worker_get_efd(worker_, &event_fd_);
+    if (st != UCS_OK) return ucs_to_status(st, "getting the UCX worker event fd");
+  }
+
+  ucp_am_handler_param_t am{};
+  am.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_FLAGS |
+                  UCP_AM_HANDLER_PARAM_FIELD_CB | UCP_AM_HANDLER_PARAM_FIELD_ARG;
+  am.id = kAmId;
+  am.flags = UCP_AM_FLAG_WHOLE_MSG;
+  am.cb = &UcxWorker::on_active_message;
+  am.arg = this;
+  st = ucp_worker_set_am_recv_handler(worker_, &am);
+  if (st != UCS_OK) return ucs_to_status(st, "installing the UCX active-message handler");
+
+  limits_.max_inline = 0;  // UCX picks short/bcopy per lane and does not publish the bound
+  limits_.eager_limit = eager;
+  limits_.max_message = options_.max_message_size;
+  MYELIN_LOG_DEBUG << "ucx worker for " << info_.name << ": id " << id_ << ", rndv threshold "
+                   << eager << " bytes, " << (blocking ? "blocking" : "busy") << " progress";
+  return ok_status();
+}
+
+UcxWorker::~UcxWorker() {
+  deferred_.clear();
+  std::vector<uint64_t> ids;
+  ids.reserve(inboxes_.size());
+  for (const auto& [id, inbox] : inboxes_) ids.push_back(id);
+  for (uint64_t id : ids) drop_inbox(id);
+  // Releases queued by drop_inbox run now, before the worker goes.
+  for (auto& action : deferred_) action();
+  deferred_.clear();
+  if (worker_ != nullptr) ucp_worker_destroy(worker_);
+}
+
+Result<Inbox*> UcxWorker::claim_inbox(uint64_t peer_id, const std::string& peer_name) {
+  Inbox& inbox = inbox_for(peer_id);
+  if (inbox.claimed) {
+    return already_exists("an endpoint to ucx peer ", peer_name, " (context id ", peer_id,
+                          ") already exists");
+  }
+  inbox.claimed = true;
+  inbox.peer_name = peer_name;
+  return &inbox;
+}
+
+Inbox& UcxWorker::inbox_for(uint64_t peer_id) {
+  if (last_inbox_ != nullptr && last_inbox_->peer_id == peer_id) return *last_inbox_;
+  auto& slot = inboxes_[peer_id];
+  if (!slot) {
+    slot = std::make_unique<Inbox>();
+    slot->peer_id = peer_id;
+  }
+  last_inbox_ = slot.get();
+  return *slot;
+}
+
+void UcxWorker::drop_inbox(uint64_t peer_id) {
+  auto it = inboxes_.find(peer_id);
+  if (it == inboxes_.end()) return;
+  Inbox& inbox = *it->second;
+  for (auto& [channel, stream] : inbox.channels) {
+    for (auto& m : stream.ready) release(m);
+    for (auto& [seq, m] : stream.early) release(m);
+    for (auto& r : stream.posted) {
+      r.state->complete(cancelled("recv on channel ", channel, " from ", inbox.peer_name,
+                                  " cancelled: endpoint disconnected"),
+                        0);
+    }
+  }
+  if (last_inbox_ == &inbox) last_inbox_ = nullptr;
+  inboxes_.erase(it);
+}
+
+void UcxWorker::fail_inbox(Inbox& inbox, const Status& failure) {
+  if (inbox.failure.ok()) inbox.failure = failure;
+  for (auto& [channel, stream] : inbox.channels) {
+    while (!stream.posted.empty()) {
+      PostedRecv r = std::move(stream.posted.front());
+      stream.posted.pop_front();
+      r.state->complete(inbox.failure, 0);
+    }
+  }
+}
+
+size_t UcxWorker::progress() {
+  size_t events = ucp_worker_progress(worker_);
+  while (!deferred_.empty()) {
+    std::vector<std::function<void()>> actions;
+    actions.swap(deferred_);
+    for (auto& action : actions) action();
+    events += actions.size();
+  }
+  return events;
+}
+
+bool UcxWorker::arm() {
+  if (!deferred_.empty()) return false;
+  const ucs_status_t st = ucp_worker_arm(worker_);
+  if (st == UCS_ERR_BUSY) return false;
+  if (st != UCS_OK) {
+    MYELIN_LOG_WARN << "ucp_worker_arm failed: " << ucs_status_string(st)
+                    << "; the Context keeps spinning";
+    return false;
+  }
+  return true;
+}
+
+ucs_status_t UcxWorker::on_active_message(void* arg, const void* header, size_t header_length,
+                                          void* data, size_t length,
+                                          const ucp_am_recv_param_t* param) {
+  auto* self = static_cast<UcxWorker*>(arg);
+  if (header_length != sizeof(AmHeader)) {
+    MYELIN_LOG_WARN << "ucx: dropping an active message with a " << header_length
+                    << "-byte header (expected " << sizeof(AmHeader) << ")";
+    return UCS_OK;
+  }
+  AmHeader h;
+  std::memcpy(&h, header, sizeof h);
+  if (h.version != kWireVersion) {
+    MYELIN_LOG_WARN << "ucx: dropping an active message of wire version " << int{h.version}
+                    << " (expected " << int{kWireVersion} << ")";
+    return UCS_OK;
+  }
+  Inbox& inbox = self->inbox_for(h.sender_id);
+  self->in_callback_ = true;
+  ucs_status_t ret = UCS_OK;
+  switch (static_cast<AmKind>(h.kind)) {
+    case AmKind::kMessage:
+      ret = self->handle_message(inbox, h, data, length, param->recv_attr);
+      break;
+    case AmKind::kImmediate:
+      self->handle_immediate(inbox, h);
+      break;
+    default:
+      MYELIN_LOG_WARN << "ucx: dropping an active message of unknown kind " << h.kind;
+      break;
+  }
+  self->in_callback_ = false;
+  return ret;
+}
+
+ucs_status_t UcxWorker::handle_message(Inbox& inbox, const AmHeader& h, void* data, size_t length,
+                                       uint64_t recv_attr) {
+  ChannelStream& stream = inbox.channels[h.value];
+  const bool rendezvous = (recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0;
+  const bool persistent = (recv_attr & UCP_AM_RECV_ATTR_FLAG_DATA) != 0;
+
+  // Fast path: the next message in order and a recv is waiting for it.
+  if (h.sequence == stream.next_sequence && stream.ready.empty() && !stream.posted.empty()) {
+    ++stream.next_sequence;
+    PostedRecv recv = std::move(stream.posted.front());
+    stream.posted.pop_front();
+    ucs_status_t ret = UCS_OK;  // UCS_OK on a rendezvous descriptor refuses its payload
+    if (length > recv.capacity) {
+      recv.state->complete(
+          out_of_range("message of ", length, " bytes on channel ", h.value, " from ",
+                       inbox.peer_name, " does not fit the ", recv.capacity, "-byte recv buffer"),
+          0);
+    } else if (!rendezvous) {
+      if (length != 0) std::memcpy(recv.data, data, length);
+      recv.state->complete(ok_status(), length);
+    } else {
+      defer([this, data, length, r = std::move(recv)]() mutable {
+        start_rendezvous(data, length, std::move(r));
+      });
+      ret = UCS_INPROGRESS;
+    }
+    drain_early(stream);
+    return ret;
+  }
+  if (h.sequence < stream.next_sequence || stream.early.count(h.sequence) != 0) {
+    MYELIN_LOG_WARN << "ucx: dropping a duplicate message (sequence " << h.sequence
+                    << ") on channel " << h.value << " from context " << h.sender_id;
+    return UCS_OK;
+  }
+  ArrivedMessage m;
+  m.length = length;
+  ucs_status_t ret = UCS_OK;
+  if (rendezvous) {
+    m.kind = ArrivedMessage::Kind::kRendezvous;
+    m.desc = data;
+    ret = UCS_INPROGRESS;
+  } else if (persistent) {
+    m.kind = ArrivedMessage::Kind::kUcxData;
+    m.desc = data;
+    ret = UCS_INPROGRESS;
+  } else {
+    const auto* p = static_cast<const uint8_t*>(data);
+    m.bytes.assign(p, p + length);
+  }
+  if (h.sequence == stream.next_sequence) {
+    ++stream.next_sequence;
+    stream.ready.push_back(std::move(m));  // no recv is posted (fast path above), so it waits
+    drain_early(stream);
+  } else {
+    stream.early.emplace(h.sequence, std::move(m));
+  }
+  return ret;
+}
+
+void UcxWorker::handle_immediate(Inbox& inbox, const AmHeader& h) {
+  if (h.sequence == inbox.next_immediate_sequence) {
+    ++inbox.next_immediate_sequence;
+    inbox.immediates.push_back(h.value);
+    for (auto it = inbox.early_immediates.begin();
+         it != inbox.early_immediates.end() && it->first == inbox.next_immediate_sequence;
+         it = inbox.early_immediates.erase(it)) {
+      ++inbox.next_immediate_sequence;
+      inbox.immediates.push_back(it->second);
+    }
+  } else if (h.sequence > inbox.next_immediate_sequence) {
+    inbox.early_immediates.emplace(h.sequence, h.value);
+  } else {
+    MYELIN_LOG_WARN << "ucx: dropping a duplicate immediate (sequence " << h.sequence << ")";
+  }
+}
+
+void UcxWorker::drain_early(ChannelStream& stream) {
+  while (!stream.early.empty() && stream.early.begin()->first == stream.next_sequence) {
+    ArrivedMessage m = std::move(stream.early.begin()->second);
+    stream.early.erase(stream.early.begin());
+    ++stream.next_sequence;
+    deliver_in_order(stream, std::move(m));
+  }
+}
+
+void UcxWorker::deliver_in_order(ChannelStream& stream, ArrivedMessage message) {
+  if (stream.posted.empty()) {
+    stream.ready.push_back(std::move(message));
+    return;
+  }
+  PostedRecv recv = std::move(stream.posted.front());
+  stream.posted.pop_front();
+  // Only called for messages already held (owned bytes or persisted descriptors).
+  if (message.length > recv.capacity) {
+    release(message);
+    recv.state->complete(out_of_range("message of ", message.length, " bytes does not fit the ",
+                                      recv.capacity, "-byte recv buffer"),
+                         0);
+    return;
+  }
+  switch (message.kind) {
+    case ArrivedMessage::Kind::kOwned:
+      if (message.length != 0) std::memcpy(recv.data, message.bytes.data(), message.length);
+      recv.state->complete(ok_status(), message.length);
+      break;
+    case ArrivedMessage::Kind::kUcxData:
+      std::memcpy(recv.data, message.desc, message.length);
+      release(message);
+      recv.state->complete(ok_status(), message.length);
+      break;
+    case ArrivedMessage::Kind::kRendezvous:
+      if (in_callback_) {
+        defer([this, desc = message.desc, len = message.length, r = std::move(recv)]() mutable {
+          start_rendezvous(desc, len, std::move(r));
+        });
+      } else {
+        start_rendezvous(message.desc, message.length, std::move(recv));
+      }
+      break;
+  }
+}
+
+Request UcxWorker::post_recv(Inbox& inbox, uint32_t channel, void* data, size_t capacity) {
+  ChannelStream& stream = inbox.channels[channel];
+  if (!stream.ready.empty()) {
+    ArrivedMessage m = std::move(stream.ready.front());
+    stream.ready.pop_front();
+    if (m.length > capacity) {
+      release(m);
+      return Request::failed(out_of_range("message of ", m.length, " bytes on channel ", channel,
+                                          " from ", inbox.peer_name, " does not fit the ", capacity,
+                                          "-byte recv buffer"));
+    }
+    switch (m.kind) {
+      case ArrivedMessage::Kind::kOwned:
+        if (m.length != 0) std::memcpy(data, m.bytes.data(), m.length);
+        return Request::completed(m.length);
+      case ArrivedMessage::Kind::kUcxData:
+        std::memcpy(data, m.desc, m.length);
+        release(m);
+        return Request::completed(m.length);
+      case ArrivedMessage::Kind::kRendezvous: {
+        auto [request, state] = Request::make_pending();
+        start_rendezvous(m.desc, m.length, PostedRecv{std::move(state), data, capacity});
+        return std::move(request);
+      }
+    }
+  }
+  if (!inbox.failure.ok()) return Request::failed(inbox.failure);
+  auto [request, state] = Request::make_pending();
+  stream.posted.push_back(PostedRecv{std::move(state), data, capacity});
+  return std::move(request);
+}
+
+void UcxWorker::start_rendezvous(void* desc, size_t length, PostedRecv recv) {
+  auto op = std::make_unique<RendezvousRecv>(RendezvousRecv{recv.state, length});
+  ucp_request_param_t param{};
+  param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+  param.cb.recv_am = &on_rendezvous_done;
+  param.user_data = op.get();
+  ucs_status_ptr_t p = ucp_am_recv_data_nbx(worker_, desc, recv.data, length, &param);
+  if (p == nullptr) {
+    recv.state->complete(ok_status(), length);
+  } else if (UCS_PTR_IS_ERR(p)) {
+    recv.state->complete(ucs_to_status(UCS_PTR_STATUS(p), "ucx rendezvous receive"), 0);
+  } else {
+    (void)op.release();  // on_rendezvous_done owns it now
+  }
+}
+
+void UcxWorker::release(ArrivedMessage& message) {
+  if (message.kind == ArrivedMessage::Kind::kOwned || message.desc == nullptr) return;
+  void* desc = message.desc;
+  message.desc = nullptr;
+  if (in_callback_) {
+    defer([this, desc] { ucp_am_data_release(worker_, desc); });
+  } else {
+    ucp_am_data_release(worker_, desc);
+  }
+}
+
+}  // namespace myelin::transport::internal::ucx

@@ -1,0 +1,195 @@
+// transport/src/ucx/ucx_worker.hpp — UCP context and worker shared by the UCX backend, its
+// endpoints and its registrations (not public API).
+//
+// UcxWorker owns the ucp_context_h (through UcpContext, which registrations also hold so that a
+// MemoryRegion outliving its Context never unmaps into a destroyed UCP context) and the
+// ucp_worker_h. It receives every active message, finds the sender's Inbox by the sender id in the
+// message header and matches messages against posted recvs there, in sequence order per channel.
+//
+// Wire formats (little-endian, all checked on arrival):
+//   worker address  "MYUX" u32 | version u16 | 0 u16 | context id u64 | length u32 | ucp address
+//   AM header       sender id u64 | sequence u64 | channel or immediate u32 | kind u16 | version u8
+//                   | 0 u8                                                        (24 bytes)
+//
+// Thread safety: none; everything here runs on the owning Context's progress thread.
+// Ownership: the backend and every endpoint hold a shared_ptr, so the worker is destroyed after
+// the last endpoint closed its ucp_ep_h.
+#pragma once
+
+#include <ucp/api/ucp.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <span>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include <myelin/core/status.hpp>
+#include <myelin/transport/options.hpp>
+#include <myelin/transport/request.hpp>
+
+#include "backend.hpp"
+
+namespace myelin::transport::internal::ucx {
+
+inline constexpr uint32_t kAddressMagic = 0x5855594d;  // "MYUX"
+inline constexpr uint16_t kAddressVersion = 1;
+inline constexpr size_t kAddressHeaderSize = 4 + 2 + 2 + 8 + 4;
+inline constexpr unsigned kAmId = 7;
+inline constexpr uint8_t kWireVersion = 1;
+inline constexpr size_t kDefaultEagerLimit = 8192;
+
+enum class AmKind : uint16_t { kMessage = 1, kImmediate = 2 };
+
+struct AmHeader {
+  uint64_t sender_id;
+  uint64_t sequence;
+  uint32_t value;  // channel for kMessage, the immediate for kImmediate
+  uint16_t kind;
+  uint8_t version;
+  uint8_t reserved;
+};
+static_assert(sizeof(AmHeader) == 24, "AM header layout is part of the wire format");
+
+// Maps a UCX status to a myelin Status ("<what>: <ucx message>").
+Status ucs_to_status(ucs_status_t status, std::string_view what);
+
+// The peer's part of a Context address, parsed.
+struct PeerAddress {
+  uint64_t context_id = 0;
+  std::vector<uint8_t> worker_address;
+};
+Result<PeerAddress> parse_peer_address(std::span<const uint8_t> bytes);
+
+// RAII owner of a ucp_context_h.
+class UcpContext {
+ public:
+  explicit UcpContext(ucp_context_h h) : handle_(h) {}
+  UcpContext(const UcpContext&) = delete;
+  UcpContext& operator=(const UcpContext&) = delete;
+  ~UcpContext() { ucp_cleanup(handle_); }
+  [[nodiscard]] ucp_context_h get() const noexcept { return handle_; }
+
+ private:
+  ucp_context_h handle_;
+};
+
+// A recv posted before its message arrived.
+struct PostedRecv {
+  std::shared_ptr<RequestState> state;
+  void* data = nullptr;
+  size_t capacity = 0;
+};
+
+// A message that arrived before its recv: owned bytes, a persistent UCX data descriptor, or a
+// rendezvous descriptor whose payload still sits at the sender.
+struct ArrivedMessage {
+  enum class Kind : uint8_t { kOwned, kUcxData, kRendezvous } kind = Kind::kOwned;
+  std::vector<uint8_t> bytes;
+  void* desc = nullptr;  // kUcxData: the data pointer; kRendezvous: the data descriptor
+  size_t length = 0;
+};
+
+struct ChannelStream {
+  uint64_t next_sequence = 0;
+  std::map<uint64_t, ArrivedMessage> early;  // arrived ahead of a gap, keyed by sequence
+  std::deque<ArrivedMessage> ready;          // in order, waiting for recvs
+  std::deque<PostedRecv> posted;             // in order, waiting for messages
+};
+
+// Everything received from one peer Context (identified by its context id), kept from the first
+// message on, whether or not connect() to that peer has happened yet.
+struct Inbox {
+  uint64_t peer_id = 0;
+  bool claimed = false;
+  std::string peer_name;  // set when claimed
+  Status failure;         // once the peer failed: posted and later unmatched recvs fail with it
+  std::unordered_map<uint32_t, ChannelStream> channels;
+  uint64_t next_immediate_sequence = 0;
+  std::map<uint64_t, uint32_t> early_immediates;
+  std::deque<uint32_t> immediates;
+};
+
+class UcxWorker : public std::enable_shared_from_this<UcxWorker> {
+ public:
+  static Result<std::shared_ptr<UcxWorker>> create(const Options& options, const ContextInfo& info);
+  UcxWorker(const UcxWorker&) = delete;
+  UcxWorker& operator=(const UcxWorker&) = delete;
+  ~UcxWorker();
+
+  [[nodiscard]] ucp_worker_h worker() const noexcept { return worker_; }
+  [[nodiscard]] const std::shared_ptr<UcpContext>& context() const noexcept { return context_; }
+  [[nodiscard]] uint64_t id() const noexcept { return id_; }
+  [[nodiscard]] const std::vector<uint8_t>& address() const noexcept { return address_; }
+  [[nodiscard]] const Options& options() const noexcept { return options_; }
+  [[nodiscard]] const ContextInfo& info() const noexcept { return info_; }
+  [[nodiscard]] Limits limits() const noexcept { return limits_; }
+  [[nodiscard]] int event_fd() const noexcept { return event_fd_; }
+
+  // The inbox of a peer, created when nothing arrived from it yet; already_exists when an
+  // endpoint already claimed it.
+  Result<Inbox*> claim_inbox(uint64_t peer_id, const std::string& peer_name);
+  // Forgets a peer's inbox: releases held UCX descriptors and cancels posted recvs.
+  void drop_inbox(uint64_t peer_id);
+
+  // Matches a recv against what arrived on the channel, or posts it.
+  Request post_recv(Inbox& inbox, uint32_t channel, void* data, size_t capacity);
+  // Fails every posted recv of the inbox with `failure` and remembers it.
+  void fail_inbox(Inbox& inbox, const Status& failure);
+
+  // Keeps an object alive until the worker is destroyed (an endpoint whose close did not finish
+  // within its deadline leaves its error-handler argument here). Must not own the worker.
+  void keep_until_destroyed(std::shared_ptr<void> object) {
+    graveyard_.push_back(std::move(object));
+  }
+
+  // Runs `action` after the current ucp_worker_progress() returns (never inside a UCX callback).
+  void defer(std::function<void()> action) { deferred_.push_back(std::move(action)); }
+
+  // ucp_worker_progress plus deferred actions; returns the number of events handled.
+  size_t progress();
+  // Arms the wakeup fd; false when events are already pending.
+  bool arm();
+
+ private:
+  UcxWorker(Options options, ContextInfo info)
+      : options_(std::move(options)), info_(std::move(info)) {}
+  Status init();
+
+  static ucs_status_t on_active_message(void* arg, const void* header, size_t header_length,
+                                        void* data, size_t length,
+                                        const ucp_am_recv_param_t* param);
+  ucs_status_t handle_message(Inbox& inbox, const AmHeader& header, void* data, size_t length,
+                              uint64_t recv_attr);
+  void handle_immediate(Inbox& inbox, const AmHeader& header);
+  Inbox& inbox_for(uint64_t peer_id);
+
+  // Delivers an in-order message to a posted recv or queues it.
+  void deliver_in_order(ChannelStream& stream, ArrivedMessage message);
+  void drain_early(ChannelStream& stream);
+  // Moves an arrived message into a recv buffer (may start a rendezvous receive); completes it.
+  void consume(ArrivedMessage& message, PostedRecv recv, uint32_t channel, const Inbox& inbox);
+  void start_rendezvous(void* desc, size_t length, PostedRecv recv);
+  void release(ArrivedMessage& message);
+
+  Options options_;
+  ContextInfo info_;
+  std::shared_ptr<UcpContext> context_;
+  ucp_worker_h worker_ = nullptr;
+  uint64_t id_ = 0;
+  std::vector<uint8_t> address_;
+  Limits limits_;
+  int event_fd_ = -1;
+  std::unordered_map<uint64_t, std::unique_ptr<Inbox>> inboxes_;
+  Inbox* last_inbox_ = nullptr;  // one-entry cache in front of inboxes_
+  std::vector<std::function<void()>> deferred_;
+  std::vector<std::shared_ptr<void>> graveyard_;
+  bool in_callback_ = false;
+};
+
+}  // namespace myelin::transport::internal::ucx
