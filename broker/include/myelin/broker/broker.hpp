@@ -1,0 +1,202 @@
+// myelin/broker/broker.hpp
+//
+// Broker: the routing core, without any network. The daemon (Server) drives it from its event
+// loop; a process may also embed it directly and attach LocalSubscriber sessions.
+//
+// Model
+//  - A Session is one consumer: a network connection or an in-process subscriber. It owns two
+//    lock-free rings (lanes): control and bulk. Whoever drains a session pops control first, so
+//    control traffic is always ahead of bulk at this queue.
+//  - publish(topic) gives the message the topic's next sequence number (1, 2, ...) and puts one
+//    shared, immutable copy into the matching lane of every session with a matching subscription
+//    (a session with several matching subscriptions gets one copy).
+//  - Overflow, per topic policy: kBlock refuses the whole publish (nothing is enqueued anywhere)
+//    while any matching session's lane is full, so the caller can park it and retry in order;
+//    kDropOldest evicts the oldest entry of the full lane, counts the drop and announces it on
+//    "$pressure/<topic of the dropped message>" (control lane). Nothing is lost silently.
+//  - request(): at-least-once. Routed to one responder subscription (round robin); the attempt
+//    number travels in the frame; an attempt beyond the topic's max_delivery_attempts goes to
+//    "$dead/<topic>" and the requester gets failed_precondition.
+//
+// Thread safety: every method may be called from any thread; routing state is under one mutex
+// (uncontended in the daemon, where one loop thread owns it). Sessions' rings are drained without
+// that mutex.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
+
+#include <myelin/broker/bounded_queue.hpp>
+#include <myelin/broker/frame.hpp>
+#include <myelin/core/clock.hpp>
+#include <myelin/core/status.hpp>
+
+namespace myelin::broker {
+
+enum class Lane : uint8_t { kControl = 0, kBulk = 1 };
+enum class OverflowPolicy : uint8_t { kBlock, kDropOldest };
+std::string_view lane_name(Lane lane) noexcept;
+Result<Lane> parse_lane(std::string_view text);
+std::string_view overflow_policy_name(OverflowPolicy p) noexcept;
+Result<OverflowPolicy> parse_overflow_policy(std::string_view text);
+
+struct TopicPolicy {
+  std::string pattern = "#";  // topics it applies to (first matching policy wins)
+  Lane lane = Lane::kBulk;
+  OverflowPolicy overflow = OverflowPolicy::kBlock;
+  bool batching = true;  // coalesce small messages on the way out; off for latency paths
+  uint32_t max_delivery_attempts = 5;
+};
+
+struct BrokerOptions {
+  std::vector<TopicPolicy> policies;  // checked in order
+  TopicPolicy default_policy;         // for topics no policy matches
+  size_t lane_capacity = 1024;        // entries per session lane
+};
+
+// One routed message, shared read-only by every session it was queued for.
+struct Message {
+  FrameType type = FrameType::kDeliver;  // kDeliver, kRequest, kReply or kError
+  Lane lane = Lane::kBulk;
+  bool batchable = false;
+  std::string topic;
+  uint64_t seq = 0;  // topic sequence (deliver), attempt (request), status code (error)
+  uint64_t id = 0;   // message id
+  uint64_t publish_ts_ns = 0;   // publisher's clock, carried to the subscriber
+  int64_t broker_rx_ns = 0;     // broker's receipt, for the publish-to-deliver histogram
+  std::shared_ptr<const void> owner;  // keeps `payload` alive
+  std::span<const std::byte> payload;
+};
+using MessagePtr = std::shared_ptr<const Message>;
+
+// A consumer. Subclasses say how to wake their drainer.
+class Session {
+ public:
+  Session(uint64_t id, std::string identity, size_t lane_capacity)
+      : id_(id), identity_(std::move(identity)), control_(lane_capacity), bulk_(lane_capacity) {}
+  Session(const Session&) = delete;
+  Session& operator=(const Session&) = delete;
+  virtual ~Session() = default;
+
+  [[nodiscard]] uint64_t id() const noexcept { return id_; }
+  [[nodiscard]] const std::string& identity() const noexcept { return identity_; }
+  BoundedQueue<MessagePtr>& lane(Lane l) noexcept { return l == Lane::kControl ? control_ : bulk_; }
+  // Pops the next message, control lane first. False when both are empty.
+  [[nodiscard]] bool try_pop(MessagePtr& out) { return control_.try_pop(out) || bulk_.try_pop(out); }
+  [[nodiscard]] size_t depth() const noexcept { return control_.size() + bulk_.size(); }
+
+  // Called (possibly under the broker mutex, from any thread) after messages were queued.
+  virtual void on_ready() = 0;
+
+ private:
+  uint64_t id_;
+  std::string identity_;
+  BoundedQueue<MessagePtr> control_;
+  BoundedQueue<MessagePtr> bulk_;
+};
+
+// An in-process subscriber: poll() blocks with a deadline.
+class LocalSubscriber final : public Session {
+ public:
+  using Session::Session;
+  void on_ready() override;
+  // The next message, control first; timeout_error when none arrives before `deadline`.
+  Result<MessagePtr> poll(Deadline deadline);
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+};
+
+// Counters per topic (a topic appears once something was published to it).
+struct TopicStats {
+  uint64_t messages_in = 0, bytes_in = 0;
+  uint64_t deliveries = 0, delivered_bytes = 0;  // copies queued for sessions
+  uint64_t drops = 0;    // evicted by kDropOldest
+  uint64_t stalls = 0;   // publishes refused by kBlock (the producer waited)
+  uint64_t dead_letters = 0;
+};
+
+enum class PublishOutcome : uint8_t { kAccepted, kBlocked };
+
+struct PublishArgs {
+  std::string_view topic;
+  std::span<const std::byte> payload;
+  std::shared_ptr<const void> owner;  // keeps payload alive while queued; null: payload is copied
+  uint64_t id = 0;
+  uint64_t publish_ts_ns = 0;
+  uint64_t attempt = 1;  // requests only
+  uint64_t from_session = 0;  // requester, for request()
+};
+
+class Broker {
+ public:
+  explicit Broker(BrokerOptions options);
+  Broker(const Broker&) = delete;
+  Broker& operator=(const Broker&) = delete;
+
+  void add_session(std::shared_ptr<Session> s);
+  // Removes the session, its subscriptions and its pending requests.
+  void remove_session(uint64_t session_id);
+
+  // `responder`: the subscription receives requests instead of publishes.
+  Status subscribe(uint64_t session_id, uint64_t sub_id, std::string_view pattern,
+                   bool responder = false);
+  Status unsubscribe(uint64_t session_id, uint64_t sub_id);
+
+  // Topic must be valid; clients may not publish '$' topics (the server checks that).
+  Result<PublishOutcome> publish(const PublishArgs& args);
+  // Routes a request to one responder. Errors (the caller reports them to the requester):
+  // unavailable when no responder is subscribed; failed_precondition when dead-lettered.
+  Result<PublishOutcome> request(const PublishArgs& args);
+  // Routes a reply (or an error, when `error` is not OK) to the requester of message `id`.
+  // False when the requester is gone or its control lane is full (counted; it will retry).
+  bool reply(uint64_t id, std::span<const std::byte> payload, std::shared_ptr<const void> owner,
+             const Status& error = ok_status());
+
+  [[nodiscard]] const TopicPolicy& policy_for(std::string_view topic) const;
+  [[nodiscard]] std::map<std::string, TopicStats> topic_stats() const;
+  [[nodiscard]] uint64_t replies_dropped() const;
+  [[nodiscard]] size_t session_count() const;
+
+ private:
+  struct Sub {
+    uint64_t session_id, sub_id;
+    std::string pattern;
+    bool responder;
+  };
+  struct Pending {
+    uint64_t requester;
+    std::string topic;
+  };
+  TopicStats& stats_locked(std::string_view topic);
+  void announce_drop_locked(const Session& s, const Message& dropped);
+  bool enqueue_locked(Session& s, MessagePtr m, const TopicPolicy& p, bool announce);
+
+  BrokerOptions opt_;
+  mutable std::mutex mu_;
+  std::unordered_map<uint64_t, std::shared_ptr<Session>> sessions_;
+  std::vector<Sub> subs_;
+  std::unordered_map<std::string, uint64_t> next_seq_;
+  std::map<std::string, TopicStats> stats_;
+  std::unordered_map<uint64_t, Pending> pending_;   // request id -> requester
+  std::unordered_map<uint64_t, uint32_t> attempts_; // request id -> attempts seen
+  std::vector<uint64_t> attempts_fifo_;             // eviction order for attempts_
+  size_t rr_ = 0;
+  uint64_t replies_dropped_ = 0;
+};
+
+// Subscription patterns an ACL entry allows: true when every topic `requested` can match is also
+// matched by `allowed` ('*' in allowed covers one plain or '*' level; '#' covers anything).
+[[nodiscard]] bool pattern_covers(std::string_view allowed, std::string_view requested) noexcept;
+
+}  // namespace myelin::broker

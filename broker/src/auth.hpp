@@ -1,0 +1,28 @@
+// Private: challenge-response authentication on a shared job secret (HMAC-SHA256, libcrypto).
+//   server -> client  hello:   server nonce Ns (32 random bytes)
+//   client -> server  auth:    identity, client nonce Nc, HMAC(secret, "myelin/c" Ns Nc identity)
+//   server -> client  auth_ok: HMAC(secret, "myelin/s" Nc Ns identity)   (the client checks it too)
+// The secret never crosses the wire; fresh nonces on both sides stop replays in either direction.
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <string_view>
+
+#include <myelin/broker/frame.hpp>
+#include <myelin/core/status.hpp>
+
+namespace myelin::broker::internal {
+
+using Nonce = std::array<std::byte, kNonceSize>;
+using Mac = std::array<std::byte, kMacSize>;
+
+Result<Nonce> random_nonce();
+Mac client_mac(std::string_view secret, const Nonce& server_nonce, const Nonce& client_nonce,
+               std::string_view identity);
+Mac server_proof(std::string_view secret, const Nonce& server_nonce, const Nonce& client_nonce,
+                 std::string_view identity);
+// Constant-time comparison.
+[[nodiscard]] bool mac_equal(const Mac& a, const Mac& b) noexcept;
+
+}  // namespace myelin::broker::internal

@@ -1,0 +1,361 @@
+#include "wire.hpp"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+namespace myelin::broker::internal {
+
+void Fd::reset(int fd) noexcept {
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = fd;
+}
+
+Status set_nonblocking(int fd) {
+  const int fl = ::fcntl(fd, F_GETFL);
+  if (fl < 0 || ::fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) return errno_status("fcntl O_NONBLOCK", errno);
+  return ok_status();
+}
+
+Result<HostPort> parse_host_port(std::string_view text) {
+  HostPort hp;
+  size_t colon;
+  if (!text.empty() && text[0] == '[') {
+    const size_t close = text.find(']');
+    if (close == std::string_view::npos || close + 1 >= text.size() || text[close + 1] != ':') {
+      return invalid_argument("bad address '", text, "': expected [v6]:port");
+    }
+    hp.host = std::string(text.substr(1, close - 1));
+    colon = close + 1;
+  } else {
+    colon = text.rfind(':');
+    if (colon == std::string_view::npos) return invalid_argument("bad address '", text, "': no port");
+    hp.host = std::string(text.substr(0, colon));
+  }
+  const std::string_view port = text.substr(colon + 1);
+  if (port.empty() || port.size() > 5) return invalid_argument("bad port in '", text, "'");
+  uint32_t v = 0;
+  for (char c : port) {
+    if (c < '0' || c > '9') return invalid_argument("bad port in '", text, "'");
+    v = v * 10 + static_cast<uint32_t>(c - '0');
+  }
+  if (v > 65535) return invalid_argument("port ", v, " out of range");
+  hp.port = static_cast<uint16_t>(v);
+  return hp;
+}
+
+namespace {
+Result<addrinfo*> resolve(const HostPort& w, bool passive) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = passive ? AI_PASSIVE : 0;
+  addrinfo* res = nullptr;
+  const std::string port = std::to_string(w.port);
+  const int rc = ::getaddrinfo(w.host.empty() ? nullptr : w.host.c_str(), port.c_str(), &hints, &res);
+  if (rc != 0) return unavailable("resolving '", w.host, "': ", gai_strerror(rc));
+  return res;
+}
+}  // namespace
+
+Result<Fd> listen_tcp(const HostPort& where, int backlog) {
+  MYELIN_ASSIGN_OR_RETURN(addrinfo * res, resolve(where, true));
+  Status last = unavailable("no address for '", where.host, "'");
+  for (addrinfo* ai = res; ai; ai = ai->ai_next) {
+    Fd fd(::socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, 0));
+    if (!fd.valid()) {
+      last = errno_status("socket", errno);
+      continue;
+    }
+    int one = 1;
+    ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (::bind(fd.get(), ai->ai_addr, ai->ai_addrlen) != 0 || ::listen(fd.get(), backlog) != 0) {
+      last = errno_status("bind/listen on port " + std::to_string(where.port), errno);
+      continue;
+    }
+    ::freeaddrinfo(res);
+    MYELIN_RETURN_IF_ERROR(set_nonblocking(fd.get()));
+    return fd;
+  }
+  ::freeaddrinfo(res);
+  return last;
+}
+
+Result<uint16_t> local_port(int fd) {
+  sockaddr_storage ss{};
+  socklen_t len = sizeof(ss);
+  if (::getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &len) != 0) return errno_status("getsockname", errno);
+  if (ss.ss_family == AF_INET) return ntohs(reinterpret_cast<sockaddr_in*>(&ss)->sin_port);
+  return ntohs(reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port);
+}
+
+Result<Fd> connect_tcp(const HostPort& where, Deadline deadline) {
+  MYELIN_ASSIGN_OR_RETURN(addrinfo * res, resolve(where, false));
+  Status last = unavailable("no address for '", where.host, "'");
+  for (addrinfo* ai = res; ai; ai = ai->ai_next) {
+    Fd fd(::socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+    if (!fd.valid()) {
+      last = errno_status("socket", errno);
+      continue;
+    }
+    int one = 1;
+    ::setsockopt(fd.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    if (::connect(fd.get(), ai->ai_addr, ai->ai_addrlen) != 0 && errno != EINPROGRESS) {
+      last = errno_status("connect to " + where.host + ":" + std::to_string(where.port), errno,
+                          StatusCode::kUnavailable);
+      continue;
+    }
+    pollfd p{fd.get(), POLLOUT, 0};
+    const int n = ::poll(&p, 1, deadline.remaining_ms_for_poll());
+    if (n == 0) {
+      last = timeout_error("connect to ", where.host, ":", where.port, " timed out");
+      continue;
+    }
+    int err = 0;
+    socklen_t len = sizeof(err);
+    ::getsockopt(fd.get(), SOL_SOCKET, SO_ERROR, &err, &len);
+    if (n < 0 || err != 0) {
+      last = errno_status("connect to " + where.host + ":" + std::to_string(where.port),
+                          n < 0 ? errno : err, StatusCode::kUnavailable);
+      continue;
+    }
+    ::freeaddrinfo(res);
+    return fd;
+  }
+  ::freeaddrinfo(res);
+  return last;
+}
+
+// ---- OutQueue ---------------------------------------------------------------------------------
+
+void OutQueue::add_piece(int lane, Piece p) {
+  backlog_ += p.size();
+  lanes_[lane].push_back(std::move(p));
+}
+
+void OutQueue::close_batch(int lane) {
+  Batch& b = batch_[lane];
+  if (b.count == 0) return;
+  Piece p;
+  if (b.count == 1) {
+    p.head = std::move(b.frames);
+  } else {
+    FrameHeader h;
+    h.type = FrameType::kBatch;
+    h.flags = lane == 0 ? kFlagControl : 0;
+    h.payload_len = static_cast<uint32_t>(b.frames.size());
+    p.head.resize(kFrameHeaderSize);
+    encode_header(h, std::span<std::byte, kFrameHeaderSize>(p.head.data(), kFrameHeaderSize));
+    p.head.insert(p.head.end(), b.frames.begin(), b.frames.end());
+    batches_sent_++;
+  }
+  b = Batch{};
+  add_piece(lane, std::move(p));
+}
+
+Status OutQueue::push(FrameHeader h, std::string_view topic, std::span<const std::byte> payload,
+                      std::shared_ptr<const void> owner, bool batchable, int64_t now_ns) {
+  const int lane = (h.flags & kFlagControl) ? 0 : 1;
+  if (topic.size() > kMaxTopicLength) return invalid_argument("topic over ", kMaxTopicLength, " bytes");
+  if (lane == 0 && payload.size() > opt_.chunk_size) {
+    return invalid_argument("control message of ", payload.size(), " bytes exceeds one chunk (",
+                            opt_.chunk_size, " bytes); send it on the bulk lane");
+  }
+  if (batchable && opt_.batch_bytes > 0 && payload.size() <= opt_.batch_max_message) {
+    Batch& b = batch_[lane];
+    if (b.count == 0) b.opened_ns = now_ns;
+    MYELIN_RETURN_IF_ERROR(append_frame(b.frames, h, topic, payload));
+    b.count++;
+    if (b.frames.size() >= opt_.batch_bytes || b.count >= opt_.batch_count) close_batch(lane);
+    return ok_status();
+  }
+  close_batch(lane);  // keep order with what was coalesced before
+  if (payload.size() <= opt_.chunk_size) {
+    Piece p;
+    h.topic_len = static_cast<uint16_t>(topic.size());
+    h.payload_len = static_cast<uint32_t>(payload.size());
+    p.head.resize(kFrameHeaderSize + topic.size());
+    encode_header(h, std::span<std::byte, kFrameHeaderSize>(p.head.data(), kFrameHeaderSize));
+    std::memcpy(p.head.data() + kFrameHeaderSize, topic.data(), topic.size());
+    if (!owner && !payload.empty()) {
+      auto copy = std::make_shared<std::vector<std::byte>>(payload.begin(), payload.end());
+      payload = std::span<const std::byte>(copy->data(), copy->size());
+      owner = std::move(copy);
+    }
+    p.owner = std::move(owner);
+    p.body = payload;
+    add_piece(lane, std::move(p));
+    return ok_status();
+  }
+  if (!owner) {
+    auto copy = std::make_shared<std::vector<std::byte>>(payload.begin(), payload.end());
+    payload = std::span<const std::byte>(copy->data(), copy->size());
+    owner = std::move(copy);
+  }
+  for (size_t off = 0; off < payload.size(); off += opt_.chunk_size) {
+    const size_t n = std::min<size_t>(opt_.chunk_size, payload.size() - off);
+    FrameHeader c = h;
+    const bool first = off == 0, last = off + n == payload.size();
+    c.flags = static_cast<uint8_t>((h.flags & ~(kFlagMore | kFlagContinuation)) |
+                                   (last ? 0 : kFlagMore) | (first ? 0 : kFlagContinuation));
+    const std::string_view t = first ? topic : std::string_view();
+    c.topic_len = static_cast<uint16_t>(t.size());
+    c.payload_len = static_cast<uint32_t>(n);
+    Piece p;
+    p.head.resize(kFrameHeaderSize + t.size());
+    encode_header(c, std::span<std::byte, kFrameHeaderSize>(p.head.data(), kFrameHeaderSize));
+    std::memcpy(p.head.data() + kFrameHeaderSize, t.data(), t.size());
+    p.owner = owner;
+    p.body = payload.subspan(off, n);
+    add_piece(lane, std::move(p));
+    chunks_sent_++;
+  }
+  return ok_status();
+}
+
+void OutQueue::close_due_batches(int64_t now_ns, bool force) {
+  for (int lane = 0; lane < 2; ++lane) {
+    if (batch_[lane].count > 0 && (force || now_ns - batch_[lane].opened_ns >= opt_.batch_window_ns)) {
+      close_batch(lane);
+    }
+  }
+}
+
+int64_t OutQueue::next_batch_deadline() const noexcept {
+  int64_t d = INT64_MAX;
+  for (const Batch& b : batch_) {
+    if (b.count > 0) d = std::min(d, b.opened_ns + opt_.batch_window_ns);
+  }
+  return d;
+}
+
+bool OutQueue::empty() const noexcept {
+  return lanes_[0].empty() && lanes_[1].empty() && batch_[0].count == 0 && batch_[1].count == 0;
+}
+
+Result<bool> OutQueue::flush(int fd) {
+  constexpr int kMaxIov = 64;
+  while (!lanes_[0].empty() || !lanes_[1].empty()) {
+    iovec iov[kMaxIov];
+    int n = 0;
+    std::vector<std::pair<int, size_t>> used;  // (lane, count)
+    auto add = [&](const Piece& p) {
+      size_t skip = p.sent;
+      if (skip < p.head.size()) {
+        iov[n++] = {const_cast<std::byte*>(p.head.data()) + skip, p.head.size() - skip};
+        skip = 0;
+      } else {
+        skip -= p.head.size();
+      }
+      if (p.body.size() > skip) {
+        iov[n++] = {const_cast<std::byte*>(p.body.data()) + skip, p.body.size() - skip};
+      }
+    };
+    // A bulk chunk already started must finish first (frame boundary); then all control; then at
+    // most one bulk chunk, after which the control lane is looked at again.
+    const bool bulk_started = !lanes_[1].empty() && lanes_[1].front().sent > 0;
+    if (bulk_started) {
+      add(lanes_[1].front());
+      used.emplace_back(1, 1);
+    }
+    size_t c = 0;
+    for (const Piece& p : lanes_[0]) {
+      if (n >= kMaxIov - 2) break;
+      add(p);
+      c++;
+    }
+    if (c) used.emplace_back(0, c);
+    if (!bulk_started && !lanes_[1].empty() && n < kMaxIov - 2) {
+      add(lanes_[1].front());
+      used.emplace_back(1, 1);
+    }
+    if (n == 0) break;
+    const ssize_t w = ::writev(fd, iov, n);
+    if (w < 0) {
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return false;
+      if (errno == EINTR) continue;
+      if (errno == EPIPE || errno == ECONNRESET) return peer_failed("peer closed the connection");
+      return errno_status("writev", errno);
+    }
+    size_t left = static_cast<size_t>(w);
+    backlog_ -= left;
+    for (auto [lane, count] : used) {
+      for (size_t i = 0; i < count && left > 0; ++i) {
+        Piece& p = lanes_[lane].front();
+        const size_t rest = p.size() - p.sent;
+        if (left >= rest) {
+          left -= rest;
+          lanes_[lane].pop_front();
+        } else {
+          p.sent += left;
+          left = 0;
+        }
+      }
+    }
+  }
+  return lanes_[0].empty() && lanes_[1].empty();
+}
+
+// ---- RxBuffer ---------------------------------------------------------------------------------
+
+RxBuffer::RxBuffer(DecodeLimits limits, size_t block)
+    : limits_(limits),
+      block_size_(std::max<size_t>(block, kFrameHeaderSize + kMaxTopicLength + limits.max_frame_payload)),
+      block_(std::make_shared<std::vector<std::byte>>(block_size_)) {}
+
+void RxBuffer::make_room(size_t want) {
+  if (block_->size() - end_ >= want) return;
+  // Messages handed out may still reference the current block, so never move data inside it:
+  // start a fresh block with the unconsumed bytes (at most one partial frame).
+  auto fresh = std::make_shared<std::vector<std::byte>>(std::max(block_size_, end_ - start_ + want));
+  std::memcpy(fresh->data(), block_->data() + start_, end_ - start_);
+  end_ -= start_;
+  start_ = 0;
+  block_ = std::move(fresh);
+}
+
+Result<size_t> RxBuffer::read_from(int fd) {
+  make_room(16 * 1024);
+  while (true) {
+    const ssize_t n = ::read(fd, block_->data() + end_, block_->size() - end_);
+    if (n > 0) {
+      end_ += static_cast<size_t>(n);
+      return static_cast<size_t>(n);
+    }
+    if (n == 0) return peer_failed("peer closed the connection");
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) return size_t{0};
+    if (errno == ECONNRESET) return peer_failed("connection reset by peer");
+    return errno_status("read", errno);
+  }
+}
+
+void RxBuffer::append(std::span<const std::byte> bytes) {
+  make_room(bytes.size());
+  std::memcpy(block_->data() + end_, bytes.data(), bytes.size());
+  end_ += bytes.size();
+}
+
+Result<bool> RxBuffer::next(FrameView* out) {
+  size_t used = 0;
+  MYELIN_ASSIGN_OR_RETURN(DecodeOutcome o,
+                          decode_frame(std::span<const std::byte>(block_->data() + start_, end_ - start_),
+                                       limits_, out, &used));
+  if (o == DecodeOutcome::kNeedMore) {
+    // Rewind only when no handed-out message can still point into this block.
+    if (start_ == end_ && block_.use_count() == 1) start_ = end_ = 0;
+    return false;
+  }
+  start_ += used;
+  return true;
+}
+
+}  // namespace myelin::broker::internal

@@ -1,0 +1,136 @@
+// Private: the byte-stream side of the broker protocol shared by the server and the client.
+//  - Fd: RAII file descriptor.
+//  - TCP helpers: listen, connect with a deadline, address parsing.
+//  - OutQueue: two outgoing lanes per connection. Control frames always go first; bulk messages
+//    are cut into chunks and the writer re-checks the control lane after every chunk, so a control
+//    frame waits for at most one chunk. Small batchable messages are coalesced per lane into batch
+//    frames, bounded by bytes, count and a time window.
+//  - RxBuffer: reads into reference-counted blocks so decoded payloads can be handed out without a
+//    copy (zero-copy receive); a frame split across blocks is moved once into a fresh block.
+// Thread safety: none; each object belongs to one connection, used under its owner's lock/thread.
+#pragma once
+
+#include <sys/uio.h>
+
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include <myelin/broker/frame.hpp>
+#include <myelin/core/clock.hpp>
+#include <myelin/core/status.hpp>
+
+namespace myelin::broker::internal {
+
+class Fd {
+ public:
+  Fd() = default;
+  explicit Fd(int fd) noexcept : fd_(fd) {}
+  Fd(Fd&& o) noexcept : fd_(o.release()) {}
+  Fd& operator=(Fd&& o) noexcept {
+    if (this != &o) reset(o.release());
+    return *this;
+  }
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  ~Fd() { reset(); }
+  [[nodiscard]] int get() const noexcept { return fd_; }
+  [[nodiscard]] bool valid() const noexcept { return fd_ >= 0; }
+  int release() noexcept {
+    int f = fd_;
+    fd_ = -1;
+    return f;
+  }
+  void reset(int fd = -1) noexcept;
+
+ private:
+  int fd_ = -1;
+};
+
+struct HostPort {
+  std::string host;
+  uint16_t port = 0;
+};
+// "host:port", "[v6]:port" or ":port" (all interfaces). Errors: invalid_argument.
+Result<HostPort> parse_host_port(std::string_view text);
+// A non-blocking listening socket (SO_REUSEADDR). Port 0 picks a free port.
+Result<Fd> listen_tcp(const HostPort& where, int backlog = 128);
+// The port a listening socket is bound to.
+Result<uint16_t> local_port(int fd);
+// A non-blocking connected socket with TCP_NODELAY; waits for the connection until `deadline`.
+Result<Fd> connect_tcp(const HostPort& where, Deadline deadline);
+Status set_nonblocking(int fd);
+
+struct OutOptions {
+  uint32_t chunk_size = 64 * 1024;
+  size_t batch_bytes = 64 * 1024;  // 0 disables batching
+  uint32_t batch_count = 256;
+  int64_t batch_window_ns = 200'000;
+  size_t batch_max_message = 4096;  // larger messages are never batched
+};
+
+class OutQueue {
+ public:
+  explicit OutQueue(OutOptions o = {}) : opt_(o) {}
+  // Queues one message; the lane is h.flags & kFlagControl. Payload stays referenced through
+  // `owner` (null: copied). Errors: invalid_argument for a control message over one chunk.
+  Status push(FrameHeader h, std::string_view topic, std::span<const std::byte> payload,
+              std::shared_ptr<const void> owner, bool batchable, int64_t now_ns);
+  // Writes what the socket accepts. Returns true when everything queued went out. Errors:
+  // peer_failed when the peer closed, io_error otherwise.
+  Result<bool> flush(int fd);
+  // Closes batches whose window has passed (or all, with force).
+  void close_due_batches(int64_t now_ns, bool force = false);
+  [[nodiscard]] int64_t next_batch_deadline() const noexcept;
+  [[nodiscard]] size_t backlog_bytes() const noexcept { return backlog_; }
+  [[nodiscard]] bool empty() const noexcept;
+  [[nodiscard]] uint64_t batches_sent() const noexcept { return batches_sent_; }
+  [[nodiscard]] uint64_t chunks_sent() const noexcept { return chunks_sent_; }
+
+ private:
+  struct Piece {
+    std::vector<std::byte> head;  // header (+ topic), or a whole small frame
+    std::shared_ptr<const void> owner;
+    std::span<const std::byte> body;
+    size_t sent = 0;
+    [[nodiscard]] size_t size() const noexcept { return head.size() + body.size(); }
+  };
+  struct Batch {
+    std::vector<std::byte> frames;
+    uint32_t count = 0;
+    int64_t opened_ns = 0;
+  };
+  void close_batch(int lane);
+  void add_piece(int lane, Piece p);
+
+  OutOptions opt_;
+  std::deque<Piece> lanes_[2];  // 0 control, 1 bulk
+  Batch batch_[2];
+  size_t backlog_ = 0;
+  uint64_t batches_sent_ = 0, chunks_sent_ = 0;
+};
+
+class RxBuffer {
+ public:
+  explicit RxBuffer(DecodeLimits limits, size_t block = 256 * 1024);
+  // Reads once from a non-blocking fd. Returns bytes read (0: would block). Errors: peer_failed
+  // on end of stream or reset, io_error otherwise.
+  Result<size_t> read_from(int fd);
+  // Appends bytes (for tests and fuzzers).
+  void append(std::span<const std::byte> bytes);
+  // The next complete frame, if any. Its views stay valid as long as owner() is held.
+  Result<bool> next(FrameView* out);
+  [[nodiscard]] std::shared_ptr<const void> owner() const { return block_; }
+
+ private:
+  void make_room(size_t want);
+  DecodeLimits limits_;
+  size_t block_size_;
+  std::shared_ptr<std::vector<std::byte>> block_;
+  size_t start_ = 0, end_ = 0;
+};
+
+}  // namespace myelin::broker::internal
