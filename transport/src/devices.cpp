@@ -426,7 +426,8 @@ RdmaReport probe_rdma_devices() {
     const int err = errno;
     report.absent_reason = explain_no_rdma(
         err == ENOSYS
-            ? "ibv_get_device_list found 0 devices (ENOSYS: no RDMA support in the kernel)"
+            ? "ibv_get_device_list found 0 devices, errno ENOSYS: the kernel offers no RDMA "
+              "support"
             : "ibv_get_device_list failed: " + errno_text(err));
     return report;
   }
