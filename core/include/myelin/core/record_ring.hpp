@@ -1,0 +1,319 @@
+// myelin/core/record_ring.hpp
+//
+// RecordRing: a single-producer/single-consumer ring of variable-length records, written and read
+// in place (zero copy). The producer claims space, writes the payload where it lies, and commits;
+// the consumer is handed each record as a span into the ring.
+//
+//   RecordRing::Claim c;
+//   if (ring.try_claim(n, c, /*type=*/7)) { fill(c.data, n); ring.commit(c); }   // producer
+//   auto r = ring.consume([](const RecordRing::Record& rec) { use(rec.type, rec.data); });
+//   if (!r.ok()) ...   // protocol_error: the peer corrupted a record header
+//
+// Same two modes as the other rings (create() owning NUMA-placed memory; format()/attach() over a
+// caller's region, e.g. a ShmSegment), kind kRecord. Layout (nothing inside is a pointer):
+//     0  RingLayoutHeader   magic, version, kind, element size 1, capacity (data bytes), check
+//    64  head               consumer position in bytes, its own cache line
+//   128  tail               committed producer position in bytes, its own cache line
+//   192  WaitWord           consumer's sleep/wake word
+//   256  data[capacity]     records, each aligned to 8 bytes:
+//                           {u32 length; u32 type; payload[length]; pad to 8}
+// A record never wraps: when one does not fit before the end, the producer fills the rest with a
+// padding record (type kPaddingType) and starts at offset 0. Positions are monotonically
+// increasing 64-bit byte counters; offset = position & (capacity - 1).
+//
+// Protocol. Producer: claim position (private) advances per claim; head is cached and reloaded
+// (acquire) only when the cache says "full"; commit() publishes tail = end of the record with a
+// release store -- committing a claim commits every earlier claim too, so a batch of claims is
+// published by committing its last one. abort() of the latest uncommitted claim gives the space
+// back; abort() of an earlier one turns it into padding the consumer skips. Consumer: caches tail,
+// reloads it (acquire) when it caught up, walks the records in [head, tail), then publishes head
+// once per consume() call (release), after which the producer may reuse the space.
+//
+// Records from a peer are checked before the handler sees them: a header whose length runs past
+// the committed tail or past the end of the data area ends consume() with protocol_error.
+//
+// Thread safety: one producer thread (try_claim*, commit, abort, try_write), one consumer thread
+// (consume); across processes each side attaches its own RecordRing object.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <new>
+#include <span>
+#include <utility>
+
+#include <myelin/core/cache_line.hpp>
+#include <myelin/core/check.hpp>
+#include <myelin/core/numa_memory.hpp>
+#include <myelin/core/shm_segment.hpp>
+#include <myelin/core/status.hpp>
+#include <myelin/core/wait.hpp>
+
+namespace myelin {
+
+class RecordRing {
+  struct alignas(kCacheLine) Shared {
+    RingLayoutHeader layout;
+    alignas(kCacheLine) std::atomic<uint64_t> head;  // consumer position (bytes)
+    alignas(kCacheLine) std::atomic<uint64_t> tail;  // committed producer position (bytes)
+    WaitWord consumer_wait;
+  };
+  static_assert(offsetof(Shared, head) == 64 && offsetof(Shared, tail) == 128 &&
+                offsetof(Shared, consumer_wait) == 192 && sizeof(Shared) == 256);
+  struct RecordHeader {
+    uint32_t length;  // payload bytes
+    uint32_t type;
+  };
+
+ public:
+  static constexpr std::size_t kRecordHeaderBytes = sizeof(RecordHeader);
+  static constexpr std::size_t kRecordAlignment = 8;
+  static constexpr uint32_t kPaddingType = std::numeric_limits<uint32_t>::max();
+  static constexpr std::size_t kMinCapacity = 64;
+  static constexpr RingLayoutSpec kSpec{
+      RingKind::kRecord,
+      1,
+      layout_hash({static_cast<uint64_t>(RingKind::kRecord), sizeof(Shared), offsetof(Shared, head),
+                   offsetof(Shared, tail), offsetof(Shared, consumer_wait), sizeof(WaitWord),
+                   sizeof(RecordHeader), offsetof(RecordHeader, type), kRecordAlignment,
+                   kPaddingType, kCacheLine}),
+      sizeof(Shared),
+      1,
+      kMinCapacity};
+
+  // A claimed, not yet committed record: write `size` bytes at `data`.
+  struct Claim {
+    std::byte* data = nullptr;
+    uint32_t size = 0;
+    uint64_t begin = 0;  // position before the record (and before any wrap padding)
+    uint64_t end = 0;    // position after the record
+  };
+  // A record handed to consume()'s handler; `data` is valid during the call only.
+  struct Record {
+    uint32_t type;
+    std::span<const std::byte> data;
+  };
+
+  // Space one record of `payload` bytes takes in the ring.
+  static constexpr std::size_t record_bytes(std::size_t payload) noexcept {
+    return align_up(kRecordHeaderBytes + payload, kRecordAlignment);
+  }
+  // Bytes a region needs for `capacity` data bytes (a power of two >= 64).
+  static constexpr std::size_t bytes_for(std::size_t capacity) noexcept {
+    return sizeof(Shared) + capacity;
+  }
+
+  static Result<RecordRing> create(std::size_t capacity, const RingOptions& options = {}) {
+    if (!is_power_of_two(capacity) || capacity < kMinCapacity) {
+      return invalid_argument("record ring capacity ", capacity,
+                              " must be a power of two >= ", kMinCapacity);
+    }
+    MYELIN_ASSIGN_OR_RETURN(NumaBuffer buffer, allocate_numa(bytes_for(capacity), options.memory));
+    MYELIN_ASSIGN_OR_RETURN(
+        RecordRing ring, format(buffer.data(), buffer.size(), capacity, options.initial_position));
+    ring.owned_ = std::move(buffer);
+    return ring;
+  }
+  static Result<RecordRing> format(void* region, std::size_t bytes, std::size_t capacity,
+                                   uint64_t initial_position = 0) {
+    MYELIN_RETURN_IF_ERROR(check_ring_region(region, bytes, capacity, kSpec));
+    if (initial_position % kRecordAlignment != 0) {
+      return invalid_argument("record ring initial position ", initial_position,
+                              " is not a multiple of ", kRecordAlignment);
+    }
+    auto* shared = new (region) Shared;
+    write_ring_header(&shared->layout, capacity, kSpec);
+    shared->head.store(initial_position, std::memory_order_relaxed);
+    shared->tail.store(initial_position, std::memory_order_relaxed);
+    publish_ring_header(&shared->layout);  // release: orders the above before `ready`
+    return RecordRing(shared, capacity);
+  }
+  static Result<RecordRing> attach(void* region, std::size_t bytes) {
+    MYELIN_ASSIGN_OR_RETURN(uint64_t capacity, validate_ring_header(region, bytes, kSpec));
+    auto* shared = std::launder(static_cast<Shared*>(region));
+    // Acquire: pairs with the release stores of the other side.
+    const uint64_t head = shared->head.load(std::memory_order_acquire);
+    const uint64_t tail = shared->tail.load(std::memory_order_acquire);
+    if (head % kRecordAlignment != 0 || tail % kRecordAlignment != 0 || tail - head > capacity) {
+      return invalid_argument("record ring positions are inconsistent: head ", head, ", tail ",
+                              tail, ", capacity ", capacity);
+    }
+    return RecordRing(shared, capacity);
+  }
+
+  RecordRing(RecordRing&&) noexcept = default;
+  RecordRing& operator=(RecordRing&&) noexcept = default;
+  RecordRing(const RecordRing&) = delete;
+  RecordRing& operator=(const RecordRing&) = delete;
+
+  // The largest payload one record may have: a record (with any padding before it) always fits.
+  [[nodiscard]] std::size_t max_record_size() const noexcept {
+    return static_cast<std::size_t>(capacity_ / 2 - kRecordHeaderBytes);
+  }
+
+  // ---- producer ----
+  // Claims space for a record of `size` bytes (<= max_record_size(), checked) and `type`
+  // (!= kPaddingType). False when the ring lacks the space now (back-pressure).
+  [[nodiscard]] bool try_claim(uint32_t size, Claim& out, uint32_t type = 0) noexcept {
+    MYELIN_CHECK_LE(size, max_record_size()) << "record larger than the ring allows";
+    MYELIN_DCHECK_NE(type, kPaddingType);
+    const uint64_t need = record_bytes(size);
+    const uint64_t pos = producer_.claim;
+    const uint64_t offset = pos & mask_;
+    const uint64_t pad = offset + need > capacity_ ? capacity_ - offset : 0;
+    const uint64_t end = pos + pad + need;
+    if (end - producer_.head_cache > capacity_) {
+      // Pairs with the consumer's release store of head in consume().
+      producer_.head_cache = shared_->head.load(std::memory_order_acquire);
+      if (end - producer_.head_cache > capacity_) return false;
+    }
+    if (pad != 0) {
+      write_header(offset, static_cast<uint32_t>(pad - kRecordHeaderBytes), kPaddingType);
+    }
+    const uint64_t record_offset = (pos + pad) & mask_;
+    write_header(record_offset, size, type);
+    out.data = data_ + record_offset + kRecordHeaderBytes;
+    out.size = size;
+    out.begin = pos;
+    out.end = end;
+    producer_.claim = end;
+    return true;
+  }
+  // Claims one record per entry of `sizes`, all or none. Commit the last to publish them all.
+  [[nodiscard]] bool try_claim_batch(std::span<const uint32_t> sizes, std::span<Claim> out,
+                                     uint32_t type = 0) noexcept {
+    MYELIN_CHECK_LE(sizes.size(), out.size());
+    const uint64_t start = producer_.claim;
+    for (std::size_t i = 0; i < sizes.size(); ++i) {
+      if (!try_claim(sizes[i], out[i], type)) {
+        producer_.claim = start;  // nothing was published: the headers written are dead bytes
+        return false;
+      }
+    }
+    return true;
+  }
+  // Publishes `claim` and every claim before it.
+  void commit(const Claim& claim) noexcept {
+    MYELIN_DCHECK_LE(claim.end - producer_.published, producer_.claim - producer_.published);
+    producer_.published = claim.end;
+    // Pairs with the consumer's acquire load of tail in consume(): headers and payloads up to
+    // claim.end are visible.
+    shared_->tail.store(claim.end, std::memory_order_release);
+  }
+  // Withdraws an uncommitted claim: the latest one gives its space back, an earlier one becomes
+  // padding that the consumer skips when a later claim is committed.
+  void abort(const Claim& claim) noexcept {
+    if (claim.end == producer_.claim) {
+      producer_.claim = claim.begin;
+      return;
+    }
+    auto* header = reinterpret_cast<RecordHeader*>(claim.data - kRecordHeaderBytes);
+    header->type = kPaddingType;
+  }
+  // Copies one record in and commits it.
+  [[nodiscard]] bool try_write(const void* payload, uint32_t size, uint32_t type = 0) noexcept {
+    Claim c;
+    if (!try_claim(size, c, type)) return false;
+    if (size != 0) std::memcpy(c.data, payload, size);
+    commit(c);
+    return true;
+  }
+
+  // ---- consumer ----
+  // Calls handler(const Record&) for up to max_records committed records in order, then releases
+  // their space. Returns how many records were handed over (padding is not counted), or
+  // protocol_error when a record header is corrupt (the ring is then unusable).
+  template <typename Handler>
+  Result<std::size_t> consume(Handler&& handler,
+                              std::size_t max_records = std::numeric_limits<std::size_t>::max()) {
+    uint64_t h = consumer_.head;
+    const uint64_t start = h;
+    uint64_t released = h;
+    std::size_t count = 0;
+    while (count < max_records) {
+      if (h == consumer_.tail_cache) {
+        // Pairs with the producer's release store of tail in commit().
+        consumer_.tail_cache = shared_->tail.load(std::memory_order_acquire);
+        if (h == consumer_.tail_cache) break;
+      }
+      const uint64_t tail = consumer_.tail_cache;
+      const uint64_t offset = h & mask_;
+      RecordHeader rh;
+      std::memcpy(&rh, data_ + offset, sizeof(rh));
+      const uint64_t size = record_bytes(rh.length);
+      if (rh.length > capacity_ || offset + size > capacity_ || size > tail - h) {
+        return protocol_error("record ring: corrupt record at position ", h, ": length ", rh.length,
+                              " runs past ",
+                              offset + size > capacity_ ? "the data area" : "the committed tail");
+      }
+      if (rh.type != kPaddingType) {
+        handler(Record{rh.type,
+                       std::span<const std::byte>(data_ + offset + kRecordHeaderBytes, rh.length)});
+        ++count;
+      }
+      h += size;
+      if (h - released >= capacity_ / 4) {
+        // A long batch hands space back as it goes so the producer need not stall for the
+        // whole of it. Pairs with the producer's acquire load of head in try_claim().
+        shared_->head.store(h, std::memory_order_release);
+        released = h;
+      }
+    }
+    if (h == start) return std::size_t{0};
+    consumer_.head = h;
+    // Pairs with the producer's acquire load of head in try_claim(): the space may be reused.
+    shared_->head.store(h, std::memory_order_release);
+    return count;
+  }
+
+  // ---- either side ----
+  [[nodiscard]] std::size_t capacity() const noexcept {
+    return static_cast<std::size_t>(capacity_);
+  }
+  // Committed bytes not yet consumed (including record headers and padding); a snapshot.
+  [[nodiscard]] std::size_t used_bytes_approx() const noexcept {
+    // Relaxed: an estimate only.
+    const uint64_t h = shared_->head.load(std::memory_order_relaxed);
+    const uint64_t t = shared_->tail.load(std::memory_order_relaxed);
+    return t - h > capacity_ ? 0 : static_cast<std::size_t>(t - h);
+  }
+  [[nodiscard]] bool empty_approx() const noexcept { return used_bytes_approx() == 0; }
+  [[nodiscard]] WaitWord& consumer_wait_word() const noexcept { return shared_->consumer_wait; }
+  [[nodiscard]] void* region() const noexcept { return shared_; }
+
+ private:
+  RecordRing(Shared* shared, uint64_t capacity) noexcept
+      : shared_(shared),
+        data_(reinterpret_cast<std::byte*>(shared) + sizeof(Shared)),
+        capacity_(capacity),
+        mask_(capacity - 1) {
+    // Acquire: pairs with the release stores of the other side (or of format()).
+    producer_.claim = producer_.published = shared->tail.load(std::memory_order_acquire);
+    producer_.head_cache = consumer_.head = shared->head.load(std::memory_order_acquire);
+    consumer_.tail_cache = consumer_.head;
+  }
+  void write_header(uint64_t offset, uint32_t length, uint32_t type) noexcept {
+    const RecordHeader rh{length, type};
+    std::memcpy(data_ + offset, &rh, sizeof(rh));
+  }
+
+  Shared* shared_;
+  std::byte* data_;
+  uint64_t capacity_;
+  uint64_t mask_;
+  NumaBuffer owned_;
+  struct alignas(kCacheLine) Producer {
+    uint64_t claim = 0;       // next position to claim
+    uint64_t published = 0;   // last tail stored
+    uint64_t head_cache = 0;  // consumer position as last seen
+  } producer_;
+  struct alignas(kCacheLine) Consumer {
+    uint64_t head = 0;
+    uint64_t tail_cache = 0;
+  } consumer_;
+};
+
+}  // namespace myelin

@@ -1,0 +1,366 @@
+// Single-threaded behaviour of the three rings: edges, wrap-around of the 64-bit positions, claim
+// and abort, and refusal of foreign or incompatible regions.
+#include <myelin/core/mpsc_ring.hpp>
+#include <myelin/core/record_ring.hpp>
+#include <myelin/core/spsc_ring.hpp>
+
+#include <gtest/gtest.h>
+
+#include <array>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace myelin {
+namespace {
+
+constexpr uint64_t kMax = std::numeric_limits<uint64_t>::max();
+
+// Cache-line-aligned scratch memory standing in for a shared region.
+struct Region {
+  explicit Region(std::size_t n)
+      : bytes(n), mem(static_cast<std::byte*>(::operator new (n, std::align_val_t{kCacheLine}))) {
+    std::memset(mem, 0, n);
+  }
+  ~Region() { ::operator delete (mem, std::align_val_t{kCacheLine}); }
+  Region(const Region&) = delete;
+  Region& operator=(const Region&) = delete;
+  std::size_t bytes;
+  std::byte* mem;
+};
+
+struct Wide {
+  uint64_t a, b, c;
+};
+
+TEST(SpscRing, FullAndEmptyEdges) {
+  auto ring = SpscRing<uint64_t>::create(8);
+  ASSERT_TRUE(ring.ok()) << ring.status();
+  uint64_t v = 0;
+  EXPECT_FALSE(ring->try_pop(v));
+  EXPECT_TRUE(ring->empty_approx());
+  for (uint64_t i = 0; i < 8; ++i) ASSERT_TRUE(ring->try_push(i)) << i;
+  EXPECT_FALSE(ring->try_push(99)) << "a full ring must refuse, not overwrite";
+  EXPECT_EQ(ring->size_approx(), 8u);
+  ASSERT_TRUE(ring->try_pop(v));
+  EXPECT_EQ(v, 0u);
+  EXPECT_TRUE(ring->try_push(8));  // exactly one slot came free
+  EXPECT_FALSE(ring->try_push(9));
+  for (uint64_t i = 1; i <= 8; ++i) {
+    ASSERT_TRUE(ring->try_pop(v));
+    EXPECT_EQ(v, i);
+  }
+  EXPECT_FALSE(ring->try_pop(v));
+  EXPECT_EQ(ring->size_approx(), 0u);
+}
+
+TEST(SpscRing, RejectsBadCapacity) {
+  EXPECT_EQ(SpscRing<uint64_t>::create(0).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(SpscRing<uint64_t>::create(12).status().code(), StatusCode::kInvalidArgument);
+  Region r(SpscRing<uint64_t>::bytes_for(16));
+  auto small = SpscRing<uint64_t>::format(r.mem, r.bytes - 1, 16);
+  EXPECT_EQ(small.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(small.status().message().find("needs"), std::string::npos) << small.status();
+  auto misaligned = SpscRing<uint64_t>::format(r.mem + 8, r.bytes - 8, 8);
+  EXPECT_EQ(misaligned.status().code(), StatusCode::kInvalidArgument);
+}
+
+// Positions start 50 short of 2^64 and run 1000 past it; the slot sequence numbers and the
+// full/empty arithmetic must not notice.
+TEST(SpscRing, WrapsPast64BitPositions) {
+  auto ring = SpscRing<uint64_t>::create(16, {.initial_position = kMax - 50});
+  ASSERT_TRUE(ring.ok()) << ring.status();
+  uint64_t next_push = 0, next_pop = 0, v = 0;
+  for (int round = 0; round < 200; ++round) {
+    while (ring->try_push(next_push)) ++next_push;
+    EXPECT_EQ(next_push - next_pop, 16u);
+    const int take = 1 + round % 16;
+    for (int i = 0; i < take; ++i) {
+      ASSERT_TRUE(ring->try_pop(v));
+      ASSERT_EQ(v, next_pop++);
+    }
+  }
+  while (ring->try_pop(v)) ASSERT_EQ(v, next_pop++);
+  EXPECT_EQ(next_pop, next_push);
+  EXPECT_GT(next_push, 1000u);
+}
+
+TEST(SpscRing, BatchPushAndPop) {
+  auto ring = SpscRing<Wide>::create(8);
+  ASSERT_TRUE(ring.ok());
+  std::array<Wide, 12> in{};
+  for (uint64_t i = 0; i < in.size(); ++i) in[i] = {i, i * 2, i * 3};
+  EXPECT_EQ(ring->try_push_n(in.data(), in.size()), 8u);  // capped by capacity
+  EXPECT_EQ(ring->try_push_n(in.data(), 1), 0u);
+  std::array<Wide, 12> out{};
+  EXPECT_EQ(ring->try_pop_n(out.data(), 5), 5u);
+  EXPECT_EQ(ring->try_push_n(in.data() + 8, 4), 4u);
+  EXPECT_EQ(ring->try_pop_n(out.data() + 5, 12), 7u);
+  for (uint64_t i = 0; i < in.size(); ++i) {
+    EXPECT_EQ(out[i].a, i);
+    EXPECT_EQ(out[i].c, i * 3);
+  }
+}
+
+TEST(SpscRing, TwoObjectsOverOneRegionShareTheRing) {
+  Region r(SpscRing<uint64_t>::bytes_for(4));
+  auto producer = SpscRing<uint64_t>::format(r.mem, r.bytes, 4, kMax - 1);
+  ASSERT_TRUE(producer.ok()) << producer.status();
+  auto consumer = SpscRing<uint64_t>::attach(r.mem, r.bytes);
+  ASSERT_TRUE(consumer.ok()) << consumer.status();
+  EXPECT_EQ(consumer->capacity(), 4u);
+  for (uint64_t i = 0; i < 10; ++i) {
+    ASSERT_TRUE(producer->try_push(i * 7));
+    uint64_t v = 0;
+    ASSERT_TRUE(consumer->try_pop(v));
+    EXPECT_EQ(v, i * 7);
+  }
+}
+
+TEST(RingAttach, RefusesForeignAndIncompatibleHeaders) {
+  Region r(SpscRing<uint64_t>::bytes_for(16));
+  // Never formatted: zero bytes.
+  auto blank = SpscRing<uint64_t>::attach(r.mem, r.bytes);
+  EXPECT_EQ(blank.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(blank.status().message().find("does not hold a myelin ring"), std::string::npos)
+      << blank.status();
+  // Random foreign bytes.
+  for (std::size_t i = 0; i < r.bytes; ++i) r.mem[i] = static_cast<std::byte>(i * 37 + 11);
+  EXPECT_EQ(SpscRing<uint64_t>::attach(r.mem, r.bytes).status().code(),
+            StatusCode::kInvalidArgument);
+  // Too small to hold a header at all.
+  EXPECT_EQ(SpscRing<uint64_t>::attach(r.mem, 16).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(SpscRing<uint64_t>::attach(nullptr, 4096).status().code(),
+            StatusCode::kInvalidArgument);
+
+  ASSERT_TRUE(SpscRing<uint64_t>::format(r.mem, r.bytes, 16).ok());
+  auto* h = reinterpret_cast<RingLayoutHeader*>(r.mem);
+
+  // Wrong kind: an SPSC region attached as MPSC.
+  auto as_mpsc = MpscRing<uint64_t>::attach(r.mem, r.bytes);
+  EXPECT_EQ(as_mpsc.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(as_mpsc.status().message().find("holds a spsc ring, not an mpsc ring"),
+            std::string::npos)
+      << as_mpsc.status();
+  // Wrong element type.
+  auto as_wide = SpscRing<Wide>::attach(r.mem, r.bytes);
+  EXPECT_NE(as_wide.status().message().find("element size 8 != 24"), std::string::npos)
+      << as_wide.status();
+  // Region shorter than the header says.
+  EXPECT_EQ(SpscRing<uint64_t>::attach(r.mem, r.bytes - 16).status().code(),
+            StatusCode::kInvalidArgument);
+  // Another layout version.
+  h->version = kRingLayoutVersion + 1;
+  auto newer = SpscRing<uint64_t>::attach(r.mem, r.bytes);
+  EXPECT_EQ(newer.status().code(), StatusCode::kUnsupported);
+  EXPECT_NE(newer.status().message().find("version"), std::string::npos) << newer.status();
+  h->version = kRingLayoutVersion;
+  // A build that lays the ring out differently.
+  h->layout_check ^= 1;
+  auto other_build = SpscRing<uint64_t>::attach(r.mem, r.bytes);
+  EXPECT_EQ(other_build.status().code(), StatusCode::kUnsupported);
+  EXPECT_NE(other_build.status().message().find("layout check"), std::string::npos);
+  h->layout_check ^= 1;
+  // A capacity that is not a power of two, or that disagrees with total_bytes.
+  h->capacity = 12;
+  EXPECT_EQ(SpscRing<uint64_t>::attach(r.mem, r.bytes).status().code(),
+            StatusCode::kInvalidArgument);
+  h->capacity = 8;
+  EXPECT_EQ(SpscRing<uint64_t>::attach(r.mem, r.bytes).status().code(),
+            StatusCode::kInvalidArgument);
+  h->capacity = 16;
+  // Not published yet.
+  h->ready.store(0, std::memory_order_relaxed);
+  EXPECT_EQ(SpscRing<uint64_t>::attach(r.mem, r.bytes).status().code(), StatusCode::kUnavailable);
+  h->ready.store(kRingReady, std::memory_order_relaxed);
+  EXPECT_TRUE(SpscRing<uint64_t>::attach(r.mem, r.bytes).ok());
+}
+
+TEST(MpscRing, FullEmptyAndWrap) {
+  auto ring = MpscRing<uint64_t>::create(8, {.initial_position = kMax - 3});
+  ASSERT_TRUE(ring.ok()) << ring.status();
+  uint64_t v = 0;
+  EXPECT_FALSE(ring->try_pop(v));
+  uint64_t pushed = 0, popped = 0;
+  for (int round = 0; round < 50; ++round) {
+    while (ring->try_push(pushed)) ++pushed;
+    EXPECT_EQ(pushed - popped, 8u) << "full after exactly capacity pushes";
+    for (int i = 0; i < 3 + round % 6; ++i) {
+      ASSERT_TRUE(ring->try_pop(v));
+      ASSERT_EQ(v, popped++);
+    }
+  }
+  std::array<uint64_t, 16> out{};
+  const std::size_t n = ring->try_pop_n(out.data(), out.size());
+  for (std::size_t i = 0; i < n; ++i) EXPECT_EQ(out[i], popped++);
+  EXPECT_EQ(popped, pushed);
+  EXPECT_FALSE(ring->try_pop(v));
+}
+
+std::vector<std::pair<uint32_t, std::string>> drain(RecordRing& ring, std::size_t max = SIZE_MAX) {
+  std::vector<std::pair<uint32_t, std::string>> out;
+  auto n = ring.consume(
+      [&](const RecordRing::Record& r) {
+        out.emplace_back(r.type,
+                         std::string(reinterpret_cast<const char*>(r.data.data()), r.data.size()));
+      },
+      max);
+  EXPECT_TRUE(n.ok()) << n.status();
+  if (n.ok()) {
+    EXPECT_EQ(*n, out.size());
+  }
+  return out;
+}
+
+bool write_string(RecordRing& ring, const std::string& s, uint32_t type = 1) {
+  return ring.try_write(s.data(), static_cast<uint32_t>(s.size()), type);
+}
+
+TEST(RecordRing, ClaimCommitConsume) {
+  auto ring = RecordRing::create(256);
+  ASSERT_TRUE(ring.ok()) << ring.status();
+  EXPECT_EQ(ring->max_record_size(), 120u);
+  RecordRing::Claim c;
+  ASSERT_TRUE(ring->try_claim(5, c, 42));
+  std::memcpy(c.data, "hello", 5);
+  EXPECT_TRUE(drain(*ring).empty()) << "nothing is visible before commit";
+  ring->commit(c);
+  ASSERT_TRUE(write_string(*ring, "", 3));  // empty payloads are records too
+  auto got = drain(*ring);
+  ASSERT_EQ(got.size(), 2u);
+  EXPECT_EQ(got[0], std::make_pair(42u, std::string("hello")));
+  EXPECT_EQ(got[1], std::make_pair(3u, std::string()));
+  EXPECT_TRUE(ring->empty_approx());
+}
+
+TEST(RecordRing, FullIsBackPressureAndSpaceReturns) {
+  auto ring = RecordRing::create(256);
+  ASSERT_TRUE(ring.ok());
+  const std::string payload(56, 'x');  // 64 bytes per record: exactly 4 fit
+  for (int i = 0; i < 4; ++i) ASSERT_TRUE(write_string(*ring, payload)) << i;
+  EXPECT_FALSE(write_string(*ring, payload));
+  EXPECT_FALSE(write_string(*ring, "")) << "even 8 bytes do not fit in a full ring";
+  EXPECT_EQ(drain(*ring, 1).size(), 1u);
+  EXPECT_TRUE(write_string(*ring, payload));
+  EXPECT_EQ(drain(*ring).size(), 4u);
+}
+
+// Records of every size, starting 100 bytes short of 2^64: wrap padding at the end of the data
+// area and the 64-bit wrap of the positions both happen many times.
+TEST(RecordRing, VariableSizesWrapPast64BitPositions) {
+  auto ring = RecordRing::create(512, {.initial_position = kMax - 103});
+  ASSERT_TRUE(ring.ok()) << ring.status();
+  uint64_t written = 0, read = 0;
+  for (int round = 0; round < 400; ++round) {
+    for (;;) {
+      std::string s(static_cast<std::size_t>((written * 13) % 200), '\0');
+      for (std::size_t i = 0; i < s.size(); ++i) s[i] = static_cast<char>(written + i);
+      if (!write_string(*ring, s, static_cast<uint32_t>(written))) break;
+      ++written;
+    }
+    for (const auto& [type, s] : drain(*ring, 1 + round % 3)) {
+      ASSERT_EQ(type, static_cast<uint32_t>(read));
+      ASSERT_EQ(s.size(), (read * 13) % 200);
+      for (std::size_t i = 0; i < s.size(); ++i) ASSERT_EQ(s[i], static_cast<char>(read + i));
+      ++read;
+    }
+  }
+  read += drain(*ring).size();
+  EXPECT_EQ(read, written);
+  EXPECT_GT(written, 400u);
+}
+
+TEST(RecordRing, AbortLatestGivesSpaceBack) {
+  auto ring = RecordRing::create(128);
+  ASSERT_TRUE(ring.ok());
+  RecordRing::Claim a, b;
+  ASSERT_TRUE(ring->try_claim(40, a));
+  ASSERT_TRUE(ring->try_claim(40, b));
+  RecordRing::Claim c;
+  EXPECT_FALSE(ring->try_claim(40, c)) << "two 48-byte records leave 32 bytes";
+  ring->abort(b);
+  ASSERT_TRUE(ring->try_claim(40, c)) << "the aborted space is claimable again";
+  std::memset(a.data, 'a', 40);
+  std::memset(c.data, 'c', 40);
+  ring->commit(c);
+  auto got = drain(*ring);
+  ASSERT_EQ(got.size(), 2u);
+  EXPECT_EQ(got[0].second, std::string(40, 'a'));
+  EXPECT_EQ(got[1].second, std::string(40, 'c'));
+}
+
+TEST(RecordRing, AbortEarlierClaimBecomesPadding) {
+  auto ring = RecordRing::create(256);
+  ASSERT_TRUE(ring.ok());
+  RecordRing::Claim a, b, c;
+  ASSERT_TRUE(ring->try_claim(3, a, 1));
+  ASSERT_TRUE(ring->try_claim(3, b, 2));
+  ASSERT_TRUE(ring->try_claim(3, c, 3));
+  std::memcpy(a.data, "aaa", 3);
+  std::memcpy(c.data, "ccc", 3);
+  ring->abort(b);
+  ring->commit(c);
+  auto got = drain(*ring);
+  ASSERT_EQ(got.size(), 2u);
+  EXPECT_EQ(got[0], std::make_pair(1u, std::string("aaa")));
+  EXPECT_EQ(got[1], std::make_pair(3u, std::string("ccc")));
+}
+
+TEST(RecordRing, BatchClaimIsAllOrNothing) {
+  auto ring = RecordRing::create(256);
+  ASSERT_TRUE(ring.ok());
+  const std::array<uint32_t, 3> sizes{10, 20, 30};
+  std::array<RecordRing::Claim, 3> claims;
+  ASSERT_TRUE(ring->try_claim_batch(sizes, claims, 9));
+  for (std::size_t i = 0; i < 3; ++i)
+    std::memset(claims[i].data, 'a' + static_cast<int>(i), sizes[i]);
+  ring->commit(claims[2]);  // publishes all three
+  const std::array<uint32_t, 3> big{100, 100, 100};
+  std::array<RecordRing::Claim, 3> more;
+  EXPECT_FALSE(ring->try_claim_batch(big, more)) << "300+ bytes cannot fit next to 96";
+  auto got = drain(*ring);
+  ASSERT_EQ(got.size(), 3u);
+  EXPECT_EQ(got[1].second, std::string(20, 'b'));
+  // The failed batch left nothing behind: 184 bytes (and 48 of wrap padding) fit again.
+  const std::array<uint32_t, 2> fits{100, 60};
+  ASSERT_TRUE(ring->try_claim_batch(fits, more));
+  ring->commit(more[1]);
+  EXPECT_EQ(drain(*ring).size(), 2u);
+}
+
+TEST(RecordRing, CorruptHeaderIsAProtocolError) {
+  Region r(RecordRing::bytes_for(256));
+  auto producer = RecordRing::format(r.mem, r.bytes, 256);
+  ASSERT_TRUE(producer.ok());
+  auto consumer = RecordRing::attach(r.mem, r.bytes);
+  ASSERT_TRUE(consumer.ok());
+  ASSERT_TRUE(write_string(*producer, "abc"));
+  // A buggy or hostile peer rewrites the length to run past what it committed.
+  uint32_t huge = 1000;
+  std::memcpy(r.mem + 256, &huge, sizeof(huge));
+  bool called = false;
+  auto n = consumer->consume([&](const RecordRing::Record&) { called = true; });
+  EXPECT_EQ(n.status().code(), StatusCode::kProtocolError);
+  EXPECT_NE(n.status().message().find("corrupt record"), std::string::npos) << n.status();
+  EXPECT_FALSE(called);
+}
+
+TEST(RecordRing, AttachChecksKindAndPositions) {
+  Region r(RecordRing::bytes_for(256));
+  ASSERT_TRUE(RecordRing::format(r.mem, r.bytes, 256).ok());
+  auto as_spsc = SpscRing<uint64_t>::attach(r.mem, r.bytes);
+  EXPECT_NE(as_spsc.status().message().find("holds a record ring"), std::string::npos)
+      << as_spsc.status();
+  auto* tail = reinterpret_cast<std::atomic<uint64_t>*>(r.mem + 128);
+  tail->store(4096, std::memory_order_relaxed);  // further ahead than the ring holds
+  EXPECT_EQ(RecordRing::attach(r.mem, r.bytes).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(RecordRing::format(r.mem, r.bytes, 100).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(RecordRing::format(r.mem, r.bytes, 256, 3).status().code(),
+            StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace myelin
