@@ -1,0 +1,108 @@
+// myelin/broker/server.hpp
+//
+// Server: the broker's network front. One event-loop thread (epoll) accepts clients on TCP,
+// authenticates each one (challenge-response on the shared job secret, see docs/broker.md),
+// enforces per-identity publish/subscribe ACLs and rate limits, moves messages between clients
+// through a Broker core, serves parameter-server push/pull when configured, sends and checks
+// heartbeats, and serves Prometheus /metrics and /healthz over HTTP on a second port.
+// `myelin-broker` is a thin main() around it; a process can embed a Server the same way (for
+// example a parameter-server rank).
+//
+// Flow control: each client grants delivery credits; the server never sends deliveries past
+// them. The server grants each client publish credits and returns them only as publishes are
+// accepted, so a producer whose topic is full (block policy) or who is over its rate limit stops
+// at its credit window: no loss, the stall is counted.
+//
+// Thread safety: start()/drain()/stop() from one controlling thread; metrics_text() and
+// counters from any thread.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <myelin/broker/broker.hpp>
+#include <myelin/broker/param_server.hpp>
+#include <myelin/core/status.hpp>
+
+namespace myelin::broker {
+
+struct AclEntry {
+  std::string identity;                // exact identity, or "*" for every client without an entry
+  std::vector<std::string> publish;    // patterns it may publish/request/push to
+  std::vector<std::string> subscribe;  // patterns it may subscribe/serve/pull under
+  double rate_limit_msgs_per_s = 0;    // 0: unlimited
+  double rate_limit_burst = 0;         // bucket size; 0: one second's worth
+};
+
+struct ServerOptions {
+  std::string listen = "127.0.0.1:7400";          // port 0 picks one (see port())
+  std::string metrics_listen = "127.0.0.1:0";     // "" disables HTTP
+  std::string secret;                              // required, at least 16 bytes
+  std::vector<AclEntry> acl;                       // empty: everyone may do everything
+  BrokerOptions broker;
+  uint32_t chunk_bytes = 64 * 1024;
+  size_t batch_bytes = 64 * 1024;
+  uint32_t batch_count = 256;
+  int64_t batch_window_us = 200;
+  uint32_t publish_credits = 256;                  // per client window
+  int64_t heartbeat_ms = 1000;                     // clients silent for 3x this are dropped
+  int64_t handshake_timeout_ms = 5000;
+  int numa_node = -1;                              // pin the loop thread there (-1: don't)
+  std::string nic;                                 // or: pin on this NIC's node ("mlx5_0", "eth0")
+  bool enable_ps = false;
+  ParameterServerOptions ps;
+};
+
+struct ServerCounters {
+  uint64_t connections_accepted = 0, connections_active = 0;
+  uint64_t auth_failures = 0, acl_denied = 0, protocol_errors = 0;
+  uint64_t dead_clients = 0, rate_limited = 0, credit_stalls = 0;
+  uint64_t frames_in = 0, frames_out = 0, bytes_in = 0;
+};
+
+class Server {
+ public:
+  static Result<std::unique_ptr<Server>> create(ServerOptions options);
+  ~Server();
+  Server(const Server&) = delete;
+  Server& operator=(const Server&) = delete;
+
+  // Starts the loop thread.
+  Status start();
+  // Stops accepting, tells clients (goaway), keeps delivering until every queue is empty or the
+  // deadline passes, then closes everything. Returns kTimeout if work was left.
+  Status drain(Deadline deadline);
+  // Closes at once.
+  void stop();
+
+  [[nodiscard]] uint16_t port() const noexcept { return port_; }
+  [[nodiscard]] uint16_t metrics_port() const noexcept { return metrics_port_; }
+  [[nodiscard]] Broker& broker() noexcept { return *broker_; }
+  [[nodiscard]] ParameterServer* parameter_server() noexcept { return ps_.get(); }
+  [[nodiscard]] ServerCounters counters() const;
+  // Prometheus text exposition of every counter, gauge and histogram.
+  [[nodiscard]] std::string metrics_text() const;
+  // Where the loop thread was placed ("numa node 0", "not pinned: ...").
+  [[nodiscard]] std::string placement() const;
+
+  class Impl;
+
+ private:
+  explicit Server(ServerOptions o);
+  std::unique_ptr<Impl> impl_;
+  std::unique_ptr<Broker> broker_;
+  std::unique_ptr<ParameterServer> ps_;
+  uint16_t port_ = 0, metrics_port_ = 0;
+};
+
+// Parses an HTTP/1.x request head (what /metrics and /healthz read from a peer). Returns the
+// path of a GET, kNeedMore-style false while the head is incomplete. Errors: protocol_error for
+// anything malformed, unsupported for other methods. Exposed for tests and fuzzing.
+Result<bool> parse_http_get(std::string_view head, std::string* path);
+
+}  // namespace myelin::broker

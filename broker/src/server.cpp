@@ -1,0 +1,1027 @@
+// The broker daemon's event loop. One thread owns every socket; the Broker core it drives is
+// uncontended here. See server.hpp for the contract and docs/broker.md for the protocol.
+#include <myelin/broker/server.hpp>
+
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstring>
+#include <deque>
+#include <sstream>
+#include <unordered_map>
+
+#include <myelin/core/log.hpp>
+
+#include "auth.hpp"
+#include "wire.hpp"
+
+#if __has_include(<myelin/core/topology.hpp>)
+#include <myelin/core/topology.hpp>
+#define MYELIN_BROKER_HAVE_TOPOLOGY 1
+#endif
+
+namespace myelin::broker {
+using internal::Fd;
+using internal::OutQueue;
+using internal::RxBuffer;
+
+// Step value of a kPsPush that creates the key with the payload as initial parameters.
+inline constexpr uint64_t kPsInitStep = UINT64_MAX;
+
+namespace {
+
+constexpr size_t kHighWater = 1 << 20;  // stop pulling from lanes past this many unsent bytes
+constexpr size_t kMaxHttpHead = 8192;
+constexpr size_t kMaxPendingPulls = 1024;
+
+// Publish-to-deliver latency buckets, seconds.
+constexpr std::array<double, 16> kLatencyBounds = {1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4,
+                                                   5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 1e-1, 1.0, 10.0};
+
+std::span<const std::byte> as_bytes(std::string_view s) {
+  return {reinterpret_cast<const std::byte*>(s.data()), s.size()};
+}
+
+}  // namespace
+
+Result<bool> parse_http_get(std::string_view head, std::string* path) {
+  const size_t end = head.find("\r\n\r\n");
+  if (end == std::string_view::npos) {
+    if (head.size() > kMaxHttpHead) return protocol_error("HTTP request head over ", kMaxHttpHead, " bytes");
+    return false;
+  }
+  const size_t eol = head.find("\r\n");
+  const std::string_view line = head.substr(0, eol);
+  const size_t sp1 = line.find(' ');
+  if (sp1 == std::string_view::npos) return protocol_error("malformed HTTP request line");
+  const size_t sp2 = line.find(' ', sp1 + 1);
+  if (sp2 == std::string_view::npos) return protocol_error("malformed HTTP request line");
+  const std::string_view method = line.substr(0, sp1);
+  const std::string_view target = line.substr(sp1 + 1, sp2 - sp1 - 1);
+  const std::string_view version = line.substr(sp2 + 1);
+  if (version != "HTTP/1.0" && version != "HTTP/1.1") return protocol_error("unsupported HTTP version");
+  if (target.empty() || target[0] != '/') return protocol_error("bad HTTP target");
+  for (char c : target) {
+    if (c <= 0x20 || c >= 0x7f) return protocol_error("bad character in HTTP target");
+  }
+  if (method != "GET") return unsupported("HTTP method '", method, "'");
+  const size_t q = target.find('?');
+  *path = std::string(target.substr(0, q));
+  return true;
+}
+
+class Server::Impl {
+ public:
+  struct Conn;
+  Impl(Server* owner, ServerOptions o) : owner_(owner), opt_(std::move(o)) {}
+  ~Impl() { stop(); }
+
+  Status init();
+  Status start();
+  void stop();
+  Status drain(Deadline deadline);
+  std::string metrics_text() const;
+  ServerCounters counters() const;
+  std::string placement() const {
+    std::lock_guard<std::mutex> lock(snap_mu_);
+    return placement_;
+  }
+  uint16_t port = 0, metrics_port = 0;
+
+  void wake() {
+    const uint64_t one = 1;
+    // A failed write means the counter is already non-zero: the loop is awake anyway.
+    [[maybe_unused]] ssize_t n = ::write(wake_fd_.get(), &one, sizeof(one));
+  }
+  bool on_loop_thread() const { return std::this_thread::get_id() == loop_tid_; }
+
+ private:
+  struct HttpConn {
+    Fd fd;
+    std::string head;
+    int64_t deadline_ns;
+  };
+  struct PendingPull {
+    uint64_t conn, req;
+    std::string key;
+    uint64_t min_version;
+  };
+
+  void loop();
+  void place_thread();
+  void accept_clients();
+  void accept_http();
+  void serve_http(int fd);
+  void read_conn(Conn& c);
+  Status handle_frame(Conn& c, const FrameView& f, const std::shared_ptr<const void>& owner);
+  Status handle_active(Conn& c, const FrameView& f, const std::shared_ptr<const void>& owner);
+  // Returns false when the frame must wait (blocked or rate limited).
+  bool process_work(Conn& c, const AssembledMessage& m);
+  void retry_parked(Conn& c);
+  void pump(Conn& c);
+  void send_direct(Conn& c, FrameHeader h, std::string_view topic, std::span<const std::byte> p,
+                   std::shared_ptr<const void> owner = nullptr);
+  void send_error(Conn& c, uint64_t id, const Status& s);
+  void close_conn(uint64_t id, const char* why);
+  void update_interest(Conn& c);
+  void check_pulls();
+  void tick(int64_t now);
+  const AclEntry* acl_for(std::string_view identity) const;
+  bool may_publish(const Conn& c, std::string_view topic) const;
+  bool may_subscribe(const Conn& c, std::string_view pattern) const;
+  void observe_latency(int64_t ns);
+
+  Server* owner_;
+  ServerOptions opt_;
+  DecodeLimits limits_;
+  Fd epoll_, listen_, http_listen_, wake_fd_;
+  std::thread thread_;
+  std::thread::id loop_tid_;
+  std::atomic<bool> stop_{false};      // pairs with the loop's acquire load each pass
+  std::atomic<bool> draining_{false};  // same
+  std::atomic<bool> drained_{false};   // loop -> drain(): set when every queue is empty
+  std::unordered_map<uint64_t, std::shared_ptr<Conn>> conns_;
+  std::unordered_map<int, HttpConn> http_;
+  std::deque<PendingPull> pulls_;
+  uint64_t next_id_ = 1;
+  int64_t last_tick_ns_ = 0;
+
+  // Counters (written by the loop, read by metrics_text() from any thread): relaxed atomics, no
+  // ordering needed between them.
+  struct Atomics {
+    std::atomic<uint64_t> accepted{0}, active{0}, auth_failures{0}, acl_denied{0},
+        protocol_errors{0}, dead_clients{0}, rate_limited{0}, credit_stalls{0}, frames_in{0},
+        frames_out{0}, bytes_in{0}, batches{0}, chunks{0}, ps_pushes{0}, ps_pulls{0};
+    std::array<std::atomic<uint64_t>, kLatencyBounds.size() + 1> buckets{};
+    std::atomic<uint64_t> lat_count{0}, lat_sum_ns{0};
+  } c_;
+  struct ClientSnap {
+    uint64_t id;
+    std::string identity;
+    size_t depth;
+    int64_t credits;
+    size_t backlog;
+  };
+  mutable std::mutex snap_mu_;
+  std::vector<ClientSnap> snap_;
+  std::string placement_ = "not pinned";
+};
+
+struct Server::Impl::Conn final : public Session {
+  Conn(Impl* owner_impl, uint64_t id, Fd f, const ServerOptions& o, DecodeLimits lim)
+      : Session(id, "", o.broker.lane_capacity),
+        impl(owner_impl),
+        fd(std::move(f)),
+        rx(lim),
+        out(internal::OutOptions{.chunk_size = o.chunk_bytes,
+                                 .batch_bytes = o.batch_bytes,
+                                 .batch_count = o.batch_count,
+                                 .batch_window_ns = o.batch_window_us * 1000}),
+        reasm(lim) {}
+  void on_ready() override {
+    // Pairs with the exchange(acquire) in pump().
+    ready.store(true, std::memory_order_release);
+    if (!impl->on_loop_thread()) impl->wake();
+  }
+  Impl* impl;
+  Fd fd;
+  RxBuffer rx;
+  OutQueue out;
+  Reassembler reasm;
+  bool active = false, closing = false, want_out = false;
+  std::string ident;
+  const AclEntry* acl = nullptr;
+  internal::Nonce nonce{};
+  int64_t handshake_deadline_ns = 0, last_rx_ns = 0, last_tx_ns = 0;
+  int64_t deliver_credits = 0;
+  uint64_t publish_outstanding = 0;  // publish-like frames received, not yet credited back
+  uint64_t credits_to_return = 0;
+  std::deque<AssembledMessage> parked;
+  double tokens = 0;
+  int64_t tokens_ns = 0;
+  size_t pulls = 0;
+  std::atomic<bool> ready{false};
+};
+
+const AclEntry* Server::Impl::acl_for(std::string_view identity) const {
+  const AclEntry* star = nullptr;
+  for (const AclEntry& e : opt_.acl) {
+    if (e.identity == identity) return &e;
+    if (e.identity == "*") star = &e;
+  }
+  return star;
+}
+
+bool Server::Impl::may_publish(const Conn& c, std::string_view topic) const {
+  if (!topic.empty() && topic[0] == '$') return false;  // broker-owned topics
+  if (opt_.acl.empty()) return true;
+  if (!c.acl) return false;
+  for (const std::string& p : c.acl->publish) {
+    if (topic_matches(p, topic)) return true;
+  }
+  return false;
+}
+
+bool Server::Impl::may_subscribe(const Conn& c, std::string_view pattern) const {
+  if (opt_.acl.empty()) return true;
+  if (!c.acl) return false;
+  for (const std::string& p : c.acl->subscribe) {
+    if (pattern_covers(p, pattern)) return true;
+  }
+  return false;
+}
+
+Status Server::Impl::init() {
+  if (opt_.secret.size() < 16) return invalid_argument("the job secret must be at least 16 bytes");
+  for (const AclEntry& e : opt_.acl) {
+    if (e.identity != "*" && !valid_identity(e.identity)) {
+      return invalid_argument("bad ACL identity '", e.identity, "'");
+    }
+    for (const auto* list : {&e.publish, &e.subscribe}) {
+      for (const std::string& p : *list) {
+        MYELIN_RETURN_IF_ERROR(validate_pattern(p).with_context("ACL of " + e.identity));
+      }
+    }
+  }
+  if (opt_.chunk_bytes < 1024 || opt_.chunk_bytes > (1u << 20)) {
+    return invalid_argument("chunk_bytes ", opt_.chunk_bytes, " outside 1 KiB .. 1 MiB");
+  }
+  if (opt_.publish_credits == 0) return invalid_argument("publish_credits must be positive");
+  if (opt_.heartbeat_ms <= 0) return invalid_argument("heartbeat_ms must be positive");
+  limits_.max_frame_payload = std::max<uint32_t>(opt_.chunk_bytes, static_cast<uint32_t>(opt_.batch_bytes) + 64 * 1024);
+  limits_.max_frame_payload = std::max<uint32_t>(limits_.max_frame_payload, 1u << 20);
+  epoll_ = Fd(::epoll_create1(EPOLL_CLOEXEC));
+  if (!epoll_.valid()) return errno_status("epoll_create1", errno);
+  wake_fd_ = Fd(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
+  if (!wake_fd_.valid()) return errno_status("eventfd", errno);
+  MYELIN_ASSIGN_OR_RETURN(auto hp, internal::parse_host_port(opt_.listen));
+  MYELIN_ASSIGN_OR_RETURN(listen_, internal::listen_tcp(hp));
+  MYELIN_ASSIGN_OR_RETURN(port, internal::local_port(listen_.get()));
+  if (!opt_.metrics_listen.empty()) {
+    MYELIN_ASSIGN_OR_RETURN(auto mh, internal::parse_host_port(opt_.metrics_listen));
+    MYELIN_ASSIGN_OR_RETURN(http_listen_, internal::listen_tcp(mh));
+    MYELIN_ASSIGN_OR_RETURN(metrics_port, internal::local_port(http_listen_.get()));
+  }
+  auto add = [&](int fd) -> Status {
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.u64 = static_cast<uint64_t>(fd) | (1ull << 63);
+    if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd, &ev) != 0) return errno_status("epoll_ctl", errno);
+    return ok_status();
+  };
+  MYELIN_RETURN_IF_ERROR(add(listen_.get()));
+  MYELIN_RETURN_IF_ERROR(add(wake_fd_.get()));
+  if (http_listen_.valid()) MYELIN_RETURN_IF_ERROR(add(http_listen_.get()));
+  return ok_status();
+}
+
+Status Server::Impl::start() {
+  if (thread_.joinable()) return failed_precondition("server already started");
+  thread_ = std::thread([this] { loop(); });
+  return ok_status();
+}
+
+void Server::Impl::stop() {
+  // Pairs with the acquire load in loop().
+  stop_.store(true, std::memory_order_release);
+  if (thread_.joinable()) {
+    wake();
+    thread_.join();
+  }
+}
+
+Status Server::Impl::drain(Deadline deadline) {
+  // Pairs with the acquire load in loop().
+  draining_.store(true, std::memory_order_release);
+  wake();
+  while (!drained_.load(std::memory_order_acquire) && !deadline.expired() && thread_.joinable()) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  const bool done = drained_.load(std::memory_order_acquire);  // pairs with the loop's release
+  stop();
+  if (!done) return timeout_error("drain deadline passed with messages still queued");
+  return ok_status();
+}
+
+void Server::Impl::place_thread() {
+  std::string where = "not pinned";
+#ifdef MYELIN_BROKER_HAVE_TOPOLOGY
+  int node = opt_.numa_node;
+  if (!opt_.nic.empty() || node >= 0) {
+    auto topo = Topology::discover();
+    if (!topo.ok()) {
+      where = "not pinned: " + topo.status().to_string();
+    } else {
+      if (!opt_.nic.empty()) {
+        auto n = topo->numa_node_of_device(opt_.nic);
+        if (n.ok()) node = *n;
+        else where = "not pinned: " + n.status().to_string();
+      }
+      if (node >= 0) {
+        Status s = topo->pin_current_thread_to_numa_node(node);
+        where = s.ok() ? "numa node " + std::to_string(node) : "not pinned: " + s.to_string();
+      }
+    }
+  }
+#else
+  if (!opt_.nic.empty() || opt_.numa_node >= 0) where = "not pinned: built without core topology";
+#endif
+  if (where != "not pinned") MYELIN_LOG_INFO << "broker I/O thread placement: " << where;
+  std::lock_guard<std::mutex> lock(snap_mu_);
+  placement_ = where;
+}
+
+void Server::Impl::observe_latency(int64_t ns) {
+  const double s = static_cast<double>(ns) / 1e9;
+  size_t b = 0;
+  while (b < kLatencyBounds.size() && s > kLatencyBounds[b]) ++b;
+  c_.buckets[b].fetch_add(1, std::memory_order_relaxed);
+  c_.lat_count.fetch_add(1, std::memory_order_relaxed);
+  c_.lat_sum_ns.fetch_add(static_cast<uint64_t>(std::max<int64_t>(ns, 0)), std::memory_order_relaxed);
+}
+
+void Server::Impl::update_interest(Conn& c) {
+  const bool want = !c.out.empty();
+  if (want == c.want_out) return;
+  epoll_event ev{};
+  ev.events = want ? static_cast<uint32_t>(EPOLLIN | EPOLLOUT) : static_cast<uint32_t>(EPOLLIN);
+  ev.data.u64 = c.id();
+  if (::epoll_ctl(epoll_.get(), EPOLL_CTL_MOD, c.fd.get(), &ev) == 0) c.want_out = want;
+}
+
+void Server::Impl::send_direct(Conn& c, FrameHeader h, std::string_view topic,
+                               std::span<const std::byte> p, std::shared_ptr<const void> owner) {
+  if (h.type == FrameType::kError) c.deliver_credits--;  // the client credits every error back
+  Status s = c.out.push(h, topic, p, std::move(owner), false, monotonic_ns());
+  if (!s.ok()) MYELIN_LOG_WARN << "dropping a frame to client " << c.id() << ": " << s;
+  c_.frames_out.fetch_add(1, std::memory_order_relaxed);
+}
+
+void Server::Impl::send_error(Conn& c, uint64_t id, const Status& s) {
+  FrameHeader h;
+  h.type = FrameType::kError;
+  h.flags = kFlagControl;
+  h.seq = static_cast<uint64_t>(s.code());
+  h.id = id;
+  std::string text(s.message().substr(0, 4000));
+  send_direct(c, h, {}, as_bytes(text));
+}
+
+void Server::Impl::close_conn(uint64_t id, const char* why) {
+  auto it = conns_.find(id);
+  if (it == conns_.end()) return;
+  MYELIN_LOG_INFO << "closing client " << id << " (" << it->second->ident << "): " << why;
+  owner_->broker_->remove_session(id);
+  std::erase_if(pulls_, [&](const PendingPull& p) { return p.conn == id; });
+  ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, it->second->fd.get(), nullptr);
+  if (it->second->active) c_.active.fetch_sub(1, std::memory_order_relaxed);
+  conns_.erase(it);
+}
+
+void Server::Impl::accept_clients() {
+  while (true) {
+    Fd fd(::accept4(listen_.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC));
+    if (!fd.valid()) return;
+    if (draining_.load(std::memory_order_acquire)) continue;  // pairs with drain(); closes it
+    int one = 1;
+    ::setsockopt(fd.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    const uint64_t id = next_id_++;
+    auto c = std::make_shared<Conn>(this, id, std::move(fd), opt_, limits_);
+    auto nonce = internal::random_nonce();
+    if (!nonce.ok()) {
+      MYELIN_LOG_ERROR << nonce.status();
+      continue;
+    }
+    c->nonce = *nonce;
+    const int64_t now = monotonic_ns();
+    c->handshake_deadline_ns = now + opt_.handshake_timeout_ms * 1'000'000;
+    c->last_rx_ns = c->last_tx_ns = now;
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.u64 = id;
+    if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, c->fd.get(), &ev) != 0) continue;
+    FrameHeader h;
+    h.type = FrameType::kHello;
+    h.flags = kFlagControl;
+    send_direct(*c, h, {}, std::span<const std::byte>(c->nonce.data(), c->nonce.size()));
+    c_.accepted.fetch_add(1, std::memory_order_relaxed);
+    conns_[id] = std::move(c);
+  }
+}
+
+void Server::Impl::accept_http() {
+  while (true) {
+    Fd fd(::accept4(http_listen_.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC));
+    if (!fd.valid()) return;
+    if (http_.size() >= 64) continue;  // bounded: scrapers are few
+    const int raw = fd.get();
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.u64 = static_cast<uint64_t>(raw) | (1ull << 62);
+    if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, raw, &ev) != 0) continue;
+    http_[raw] = HttpConn{std::move(fd), {}, monotonic_ns() + 5'000'000'000};
+  }
+}
+
+void Server::Impl::serve_http(int raw) {
+  auto it = http_.find(raw);
+  if (it == http_.end()) return;
+  char buf[2048];
+  const ssize_t n = ::read(raw, buf, sizeof(buf));
+  if (n <= 0) {
+    if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
+    ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, raw, nullptr);
+    http_.erase(it);
+    return;
+  }
+  it->second.head.append(buf, static_cast<size_t>(n));
+  std::string path;
+  auto r = parse_http_get(it->second.head, &path);
+  if (r.ok() && !*r) return;
+  std::string status_line, body, type = "text/plain; charset=utf-8";
+  if (!r.ok()) {
+    status_line = r.status().code() == StatusCode::kUnsupported ? "405 Method Not Allowed" : "400 Bad Request";
+    body = r.status().to_string() + "\n";
+  } else if (path == "/metrics") {
+    status_line = "200 OK";
+    body = metrics_text();
+    type = "text/plain; version=0.0.4; charset=utf-8";
+  } else if (path == "/healthz") {
+    const bool draining = draining_.load(std::memory_order_acquire);  // pairs with drain()
+    status_line = draining ? "503 Service Unavailable" : "200 OK";
+    body = draining ? "draining\n" : "ok\n";
+  } else {
+    status_line = "404 Not Found";
+    body = "not found\n";
+  }
+  std::string resp = "HTTP/1.1 " + status_line + "\r\nContent-Type: " + type +
+                     "\r\nContent-Length: " + std::to_string(body.size()) +
+                     "\r\nConnection: close\r\n\r\n" + body;
+  // Small responses to a local scraper: write with a bounded number of retries, then close.
+  size_t off = 0;
+  const Deadline d = Deadline::after_ms(1000);
+  while (off < resp.size() && !d.expired()) {
+    const ssize_t w = ::send(raw, resp.data() + off, resp.size() - off, MSG_NOSIGNAL);
+    if (w > 0) off += static_cast<size_t>(w);
+    else if (w < 0 && errno != EAGAIN && errno != EINTR) break;
+  }
+  ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, raw, nullptr);
+  http_.erase(it);
+}
+
+void Server::Impl::read_conn(Conn& c) {
+  const uint64_t id = c.id();
+  for (int rounds = 0; rounds < 16; ++rounds) {
+    auto n = c.rx.read_from(c.fd.get());
+    if (!n.ok()) {
+      close_conn(id, n.status().to_string().c_str());
+      return;
+    }
+    if (*n == 0) break;
+    c_.bytes_in.fetch_add(*n, std::memory_order_relaxed);
+    c.last_rx_ns = monotonic_ns();
+    while (true) {
+      FrameView f;
+      auto got = c.rx.next(&f);
+      if (!got.ok()) {
+        c_.protocol_errors.fetch_add(1, std::memory_order_relaxed);
+        send_error(c, 0, got.status());
+        (void)c.out.flush(c.fd.get());
+        close_conn(id, got.status().to_string().c_str());
+        return;
+      }
+      if (!*got) break;
+      c_.frames_in.fetch_add(1, std::memory_order_relaxed);
+      Status s = handle_frame(c, f, c.rx.owner());
+      if (!s.ok()) {
+        if (s.code() == StatusCode::kProtocolError) c_.protocol_errors.fetch_add(1, std::memory_order_relaxed);
+        send_error(c, 0, s);
+        (void)c.out.flush(c.fd.get());
+        close_conn(id, s.to_string().c_str());
+        return;
+      }
+      if (c.closing) {
+        (void)c.out.flush(c.fd.get());
+        close_conn(id, "refused");
+        return;
+      }
+    }
+  }
+}
+
+Status Server::Impl::handle_frame(Conn& c, const FrameView& f, const std::shared_ptr<const void>& owner) {
+  if (!c.active) {
+    auto req = parse_auth(f);
+    if (!req.ok()) return std::move(req).status();
+    const internal::Mac expect = internal::client_mac(opt_.secret, c.nonce, req->client_nonce, req->identity);
+    const AclEntry* acl = acl_for(req->identity);
+    if (!internal::mac_equal(expect, req->mac) || (!opt_.acl.empty() && !acl)) {
+      c_.auth_failures.fetch_add(1, std::memory_order_relaxed);
+      MYELIN_LOG_WARN << "authentication failed for '" << req->identity << "'";
+      send_error(c, 0, permission_denied("authentication failed for '", req->identity, "'"));
+      c.closing = true;
+      return ok_status();
+    }
+    c.active = true;
+    c.ident = req->identity;
+    c.acl = acl;
+    const internal::Mac proof = internal::server_proof(opt_.secret, c.nonce, req->client_nonce, req->identity);
+    FrameHeader h;
+    h.type = FrameType::kAuthOk;
+    h.flags = kFlagControl;
+    h.id = c.id();
+    h.seq = opt_.publish_credits;
+    send_direct(c, h, {}, std::span<const std::byte>(proof.data(), proof.size()));
+    c.tokens = acl && acl->rate_limit_msgs_per_s > 0
+                   ? (acl->rate_limit_burst > 0 ? acl->rate_limit_burst : acl->rate_limit_msgs_per_s)
+                   : 0;
+    c.tokens_ns = monotonic_ns();
+    owner_->broker_->add_session(conns_.at(c.id()));
+    c_.active.fetch_add(1, std::memory_order_relaxed);
+    return ok_status();
+  }
+  return handle_active(c, f, owner);
+}
+
+Status Server::Impl::handle_active(Conn& c, const FrameView& f, const std::shared_ptr<const void>& owner) {
+  const FrameHeader& h = f.header;
+  if (h.flags & (kFlagMore | kFlagContinuation)) {
+    AssembledMessage m;
+    MYELIN_ASSIGN_OR_RETURN(bool done, c.reasm.add(f, &m));
+    if (!done) return ok_status();
+    FrameView whole;
+    whole.header = m.header;
+    whole.topic = m.topic;
+    whole.payload = std::span<const std::byte>(m.payload->data(), m.payload->size());
+    std::shared_ptr<const void> own = m.payload;
+    return handle_active(c, whole, own);
+  }
+  switch (h.type) {
+    case FrameType::kBatch:
+      return for_each_in_batch(f.payload, limits_,
+                               [&](const FrameView& inner) { return handle_active(c, inner, owner); });
+    case FrameType::kPublish:
+    case FrameType::kRequest:
+    case FrameType::kPsPush:
+    case FrameType::kPsPull: {
+      if (++c.publish_outstanding > opt_.publish_credits) {
+        return protocol_error("client sent more than its ", opt_.publish_credits, " publish credits");
+      }
+      // One copy out of the receive block: the message may outlive it while parked or queued.
+      AssembledMessage m;
+      m.header = h;
+      m.topic = std::string(f.topic);
+      m.payload = std::make_shared<std::vector<std::byte>>(f.payload.begin(), f.payload.end());
+      if (c.parked.empty() && process_work(c, m)) return ok_status();
+      c.parked.push_back(std::move(m));  // bounded by the publish credit window
+      return ok_status();
+    }
+    case FrameType::kSubscribe: {
+      if (!may_subscribe(c, f.topic)) {
+        c_.acl_denied.fetch_add(1, std::memory_order_relaxed);
+        send_error(c, h.id, permission_denied("'", c.ident, "' may not subscribe to '", f.topic, "'"));
+        return ok_status();
+      }
+      Status s = owner_->broker_->subscribe(c.id(), h.id, f.topic, h.seq == 1);
+      if (!s.ok()) send_error(c, h.id, s);
+      return ok_status();
+    }
+    case FrameType::kUnsubscribe: {
+      Status s = owner_->broker_->unsubscribe(c.id(), h.id);
+      if (!s.ok()) send_error(c, h.id, s);
+      return ok_status();
+    }
+    case FrameType::kCredit:
+      if (h.id > (1ull << 32)) return protocol_error("credit grant of ", h.id);
+      c.deliver_credits += static_cast<int64_t>(h.id);
+      c.ready.store(true, std::memory_order_relaxed);
+      return ok_status();
+    case FrameType::kReply:
+      owner_->broker_->reply(h.id, f.payload,
+                             std::make_shared<std::vector<std::byte>>(f.payload.begin(), f.payload.end()));
+      return ok_status();
+    case FrameType::kError: {
+      if (h.seq == 0 || h.seq > static_cast<uint64_t>(StatusCode::kInternal)) {
+        return protocol_error("error frame with status code ", h.seq);
+      }
+      const std::string text(reinterpret_cast<const char*>(f.payload.data()), f.payload.size());
+      owner_->broker_->reply(h.id, {}, nullptr, Status(static_cast<StatusCode>(h.seq), text));
+      return ok_status();
+    }
+    case FrameType::kHeartbeat:
+      return ok_status();
+    default:
+      return protocol_error("unexpected ", frame_type_name(h.type), " frame from a client");
+  }
+}
+
+bool Server::Impl::process_work(Conn& c, const AssembledMessage& m) {
+  // Rate limit: a token per message; without one the frame waits (the producer stalls).
+  if (c.acl && c.acl->rate_limit_msgs_per_s > 0) {
+    const int64_t now = monotonic_ns();
+    const double burst = c.acl->rate_limit_burst > 0 ? c.acl->rate_limit_burst : c.acl->rate_limit_msgs_per_s;
+    c.tokens = std::min(burst, c.tokens + static_cast<double>(now - c.tokens_ns) * 1e-9 * c.acl->rate_limit_msgs_per_s);
+    c.tokens_ns = now;
+    if (c.tokens < 1.0) {
+      c_.rate_limited.fetch_add(1, std::memory_order_relaxed);
+      return false;
+    }
+  }
+  const FrameHeader& h = m.header;
+  std::span<const std::byte> payload(m.payload->data(), m.payload->size());
+  bool done = true;
+  switch (h.type) {
+    case FrameType::kPublish: {
+      if (!may_publish(c, m.topic)) {
+        c_.acl_denied.fetch_add(1, std::memory_order_relaxed);
+        send_error(c, h.id, permission_denied("'", c.ident, "' may not publish to '", m.topic, "'"));
+        break;
+      }
+      PublishArgs a{.topic = m.topic, .payload = payload, .owner = m.payload, .id = h.id,
+                    .publish_ts_ns = h.timestamp_ns, .attempt = 1, .from_session = c.id()};
+      auto r = owner_->broker_->publish(a);
+      if (!r.ok()) send_error(c, h.id, r.status());
+      else if (*r == PublishOutcome::kBlocked) done = false;
+      break;
+    }
+    case FrameType::kRequest: {
+      if (!may_publish(c, m.topic)) {
+        c_.acl_denied.fetch_add(1, std::memory_order_relaxed);
+        send_error(c, h.id, permission_denied("'", c.ident, "' may not request on '", m.topic, "'"));
+        break;
+      }
+      PublishArgs a{.topic = m.topic, .payload = payload, .owner = m.payload, .id = h.id,
+                    .publish_ts_ns = h.timestamp_ns, .attempt = h.seq, .from_session = c.id()};
+      auto r = owner_->broker_->request(a);
+      if (!r.ok()) send_error(c, h.id, r.status());
+      else if (*r == PublishOutcome::kBlocked) done = false;
+      break;
+    }
+    case FrameType::kPsPush: {
+      c_.ps_pushes.fetch_add(1, std::memory_order_relaxed);
+      ParameterServer* ps = owner_->ps_.get();
+      Status s;
+      if (!ps) s = unsupported("this broker serves no parameter-server shard");
+      else if (!may_publish(c, m.topic)) {
+        c_.acl_denied.fetch_add(1, std::memory_order_relaxed);
+        s = permission_denied("'", c.ident, "' may not push to '", m.topic, "'");
+      } else if (payload.size() < 4 || (payload.size() - 4) % sizeof(float) != 0) {
+        s = invalid_argument("ps push payload of ", payload.size(), " bytes is not u32 + f32[]");
+      } else {
+        uint32_t worker;
+        std::memcpy(&worker, payload.data(), 4);
+        std::vector<float> v((payload.size() - 4) / sizeof(float));
+        std::memcpy(v.data(), payload.data() + 4, v.size() * sizeof(float));
+        s = h.seq == kPsInitStep ? ps->init_key(m.topic, std::move(v)) : ps->push(worker, m.topic, v, h.seq);
+      }
+      if (!s.ok()) {
+        send_error(c, h.id, s);
+      } else {
+        FrameHeader r;
+        r.type = FrameType::kPsReply;
+        r.flags = kFlagControl;
+        r.id = h.id;
+        send_direct(c, r, {}, {});
+        check_pulls();
+      }
+      break;
+    }
+    case FrameType::kPsPull: {
+      c_.ps_pulls.fetch_add(1, std::memory_order_relaxed);
+      if (!owner_->ps_) {
+        send_error(c, h.id, unsupported("this broker serves no parameter-server shard"));
+      } else if (!may_subscribe(c, m.topic)) {
+        c_.acl_denied.fetch_add(1, std::memory_order_relaxed);
+        send_error(c, h.id, permission_denied("'", c.ident, "' may not pull '", m.topic, "'"));
+      } else if (c.pulls >= kMaxPendingPulls) {
+        send_error(c, h.id, resource_exhausted("more than ", kMaxPendingPulls, " pulls pending"));
+      } else {
+        c.pulls++;
+        pulls_.push_back(PendingPull{c.id(), h.id, m.topic, h.seq});
+        check_pulls();
+      }
+      break;
+    }
+    default:
+      break;
+  }
+  if (!done) return false;
+  if (c.acl && c.acl->rate_limit_msgs_per_s > 0) c.tokens -= 1.0;
+  c.publish_outstanding--;
+  c.credits_to_return++;
+  return true;
+}
+
+void Server::Impl::check_pulls() {
+  ParameterServer* ps = owner_->ps_.get();
+  if (!ps) return;
+  for (auto it = pulls_.begin(); it != pulls_.end();) {
+    auto cit = conns_.find(it->conn);
+    if (cit == conns_.end()) {
+      it = pulls_.erase(it);
+      continue;
+    }
+    Conn& c = *cit->second;
+    auto vals = std::make_shared<std::vector<float>>();
+    uint64_t version = 0;
+    auto r = ps->try_pull(it->key, it->min_version, vals.get(), &version);
+    if (r.ok() && !*r) {
+      ++it;
+      continue;
+    }
+    if (!r.ok()) {
+      send_error(c, it->req, r.status());
+    } else {
+      FrameHeader h;
+      h.type = FrameType::kPsReply;
+      h.id = it->req;
+      h.seq = version;
+      // Bulk lane, chunked: a large tensor never delays control frames by more than one chunk.
+      send_direct(c, h, {}, std::span<const std::byte>(reinterpret_cast<const std::byte*>(vals->data()),
+                                                        vals->size() * sizeof(float)),
+                  vals);
+    }
+    c.pulls--;
+    it = pulls_.erase(it);
+  }
+}
+
+void Server::Impl::retry_parked(Conn& c) {
+  while (!c.parked.empty()) {
+    if (!process_work(c, c.parked.front())) return;
+    c.parked.pop_front();
+  }
+}
+
+void Server::Impl::pump(Conn& c) {
+  if (!c.active) return;
+  // Pairs with the release store in on_ready().
+  c.ready.exchange(false, std::memory_order_acquire);
+  const int64_t now = monotonic_ns();
+  size_t moved = 0;
+  while (c.deliver_credits > 0 && c.out.backlog_bytes() < kHighWater) {
+    MessagePtr m;
+    if (!c.try_pop(m)) break;
+    FrameHeader h;
+    h.type = m->type;
+    h.flags = m->lane == Lane::kControl ? kFlagControl : 0;
+    h.seq = m->seq;
+    h.id = m->id;
+    h.timestamp_ns = m->publish_ts_ns;
+    Status s = c.out.push(h, m->topic, m->payload, m->owner, m->batchable, now);
+    if (!s.ok()) MYELIN_LOG_WARN << "cannot send to client " << c.id() << ": " << s;
+    c.deliver_credits--;
+    if (m->type == FrameType::kDeliver) observe_latency(now - m->broker_rx_ns);
+    c_.frames_out.fetch_add(1, std::memory_order_relaxed);
+    ++moved;
+  }
+  if (c.deliver_credits <= 0 && c.depth() > 0) c_.credit_stalls.fetch_add(1, std::memory_order_relaxed);
+  if (c.credits_to_return > 0) {
+    FrameHeader h;
+    h.type = FrameType::kCredit;
+    h.flags = kFlagControl;
+    h.id = c.credits_to_return;
+    c.credits_to_return = 0;
+    send_direct(c, h, {}, {});
+  }
+  c.out.close_due_batches(now, draining_.load(std::memory_order_relaxed));
+  auto r = c.out.flush(c.fd.get());
+  if (!r.ok()) {
+    close_conn(c.id(), r.status().to_string().c_str());
+    return;
+  }
+  c.last_tx_ns = (moved || !c.out.empty()) ? now : c.last_tx_ns;
+  update_interest(c);
+}
+
+void Server::Impl::tick(int64_t now) {
+  std::vector<uint64_t> dead;
+  for (auto& [id, c] : conns_) {
+    if (!c->active) {
+      if (now > c->handshake_deadline_ns) dead.push_back(id);
+      continue;
+    }
+    if (now - c->last_rx_ns > 3 * opt_.heartbeat_ms * 1'000'000) {
+      c_.dead_clients.fetch_add(1, std::memory_order_relaxed);
+      dead.push_back(id);
+      continue;
+    }
+    if (now - c->last_tx_ns > opt_.heartbeat_ms * 1'000'000) {
+      FrameHeader h;
+      h.type = FrameType::kHeartbeat;
+      h.flags = kFlagControl;
+      send_direct(*c, h, {}, {});
+      c->last_tx_ns = now;
+      c->ready.store(true, std::memory_order_relaxed);
+    }
+  }
+  for (uint64_t id : dead) close_conn(id, "silent past the heartbeat deadline");
+  for (auto it = http_.begin(); it != http_.end();) {
+    if (now > it->second.deadline_ns) {
+      ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, it->first, nullptr);
+      it = http_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  std::vector<ClientSnap> snap;
+  for (auto& [id, c] : conns_) {
+    if (c->active) snap.push_back({id, c->ident, c->depth(), c->deliver_credits, c->out.backlog_bytes()});
+  }
+  std::lock_guard<std::mutex> lock(snap_mu_);
+  snap_ = std::move(snap);
+}
+
+void Server::Impl::loop() {
+  loop_tid_ = std::this_thread::get_id();
+  place_thread();
+  bool goaway_sent = false;
+  std::array<epoll_event, 64> evs;
+  // Pairs with the release stores in stop().
+  while (!stop_.load(std::memory_order_acquire)) {
+    int64_t now = monotonic_ns();
+    int64_t wait_ns = 50'000'000;
+    bool parked = false;
+    for (auto& [id, c] : conns_) {
+      wait_ns = std::min(wait_ns, std::max<int64_t>(0, c->out.next_batch_deadline() - now));
+      if (!c->parked.empty()) parked = true;
+    }
+    if (parked) wait_ns = std::min<int64_t>(wait_ns, 1'000'000);
+    const int timeout_ms = static_cast<int>((wait_ns + 999'999) / 1'000'000);
+    const int n = ::epoll_wait(epoll_.get(), evs.data(), static_cast<int>(evs.size()), timeout_ms);
+    for (int i = 0; i < n; ++i) {
+      const uint64_t tag = evs[i].data.u64;
+      if (tag & (1ull << 63)) {
+        const int fd = static_cast<int>(tag & 0xFFFFFFFF);
+        if (fd == listen_.get()) accept_clients();
+        else if (fd == http_listen_.get()) accept_http();
+        else {
+          uint64_t v;
+          [[maybe_unused]] ssize_t r = ::read(wake_fd_.get(), &v, sizeof(v));
+        }
+      } else if (tag & (1ull << 62)) {
+        serve_http(static_cast<int>(tag & 0xFFFFFFFF));
+      } else {
+        auto it = conns_.find(tag);
+        if (it == conns_.end()) continue;
+        auto keep = it->second;
+        if (evs[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP)) read_conn(*keep);
+        else keep->ready.store(true, std::memory_order_relaxed);  // writable: flush in pump
+      }
+    }
+    // Pump every connection: deliveries move, credits flow back, blocked publishers retry.
+    std::vector<std::shared_ptr<Conn>> all;
+    all.reserve(conns_.size());
+    for (auto& [id, c] : conns_) all.push_back(c);
+    for (int pass = 0; pass < 2; ++pass) {
+      for (auto& c : all) {
+        if (!conns_.count(c->id())) continue;
+        retry_parked(*c);
+        pump(*c);
+      }
+    }
+    now = monotonic_ns();
+    if (now - last_tick_ns_ > 100'000'000) {
+      tick(now);
+      last_tick_ns_ = now;
+    }
+    if (draining_.load(std::memory_order_acquire)) {  // pairs with drain()
+      if (!goaway_sent) {
+        goaway_sent = true;
+        if (listen_.valid()) {
+          ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, listen_.get(), nullptr);
+          listen_.reset();
+        }
+        for (auto& [id, c] : conns_) {
+          if (!c->active) continue;
+          FrameHeader h;
+          h.type = FrameType::kGoAway;
+          h.flags = kFlagControl;
+          send_direct(*c, h, {}, {});
+          c->ready.store(true, std::memory_order_relaxed);
+        }
+      }
+      bool empty = true;
+      for (auto& [id, c] : conns_) {
+        if (c->depth() > 0 || !c->out.empty() || !c->parked.empty()) empty = false;
+      }
+      // Pairs with the acquire loads in drain().
+      if (empty) drained_.store(true, std::memory_order_release);
+    }
+  }
+  for (auto& [id, c] : conns_) (void)c->out.flush(c->fd.get());
+  std::vector<uint64_t> ids;
+  for (auto& [id, c] : conns_) ids.push_back(id);
+  for (uint64_t id : ids) close_conn(id, "broker stopping");
+}
+
+ServerCounters Server::Impl::counters() const {
+  ServerCounters s;
+  auto ld = [](const std::atomic<uint64_t>& a) { return a.load(std::memory_order_relaxed); };
+  s.connections_accepted = ld(c_.accepted);
+  s.connections_active = ld(c_.active);
+  s.auth_failures = ld(c_.auth_failures);
+  s.acl_denied = ld(c_.acl_denied);
+  s.protocol_errors = ld(c_.protocol_errors);
+  s.dead_clients = ld(c_.dead_clients);
+  s.rate_limited = ld(c_.rate_limited);
+  s.credit_stalls = ld(c_.credit_stalls);
+  s.frames_in = ld(c_.frames_in);
+  s.frames_out = ld(c_.frames_out);
+  s.bytes_in = ld(c_.bytes_in);
+  return s;
+}
+
+std::string Server::Impl::metrics_text() const {
+  std::ostringstream o;
+  auto counter = [&](const char* name, const char* help, uint64_t v) {
+    o << "# HELP " << name << ' ' << help << "\n# TYPE " << name << " counter\n" << name << ' ' << v << '\n';
+  };
+  const ServerCounters s = counters();
+  counter("myelin_broker_connections_accepted_total", "Client connections accepted.", s.connections_accepted);
+  o << "# HELP myelin_broker_connections_active Authenticated clients connected.\n"
+       "# TYPE myelin_broker_connections_active gauge\nmyelin_broker_connections_active "
+    << s.connections_active << '\n';
+  counter("myelin_broker_auth_failures_total", "Clients refused by authentication.", s.auth_failures);
+  counter("myelin_broker_acl_denied_total", "Operations refused by ACLs.", s.acl_denied);
+  counter("myelin_broker_protocol_errors_total", "Connections closed for malformed frames.", s.protocol_errors);
+  counter("myelin_broker_dead_clients_total", "Clients dropped after missing heartbeats.", s.dead_clients);
+  counter("myelin_broker_rate_limited_total", "Publishes delayed by a rate limit.", s.rate_limited);
+  counter("myelin_broker_credit_stalls_total", "Pump passes that found a client out of credits.", s.credit_stalls);
+  counter("myelin_broker_frames_in_total", "Frames received.", s.frames_in);
+  counter("myelin_broker_frames_out_total", "Frames queued to clients.", s.frames_out);
+  counter("myelin_broker_bytes_in_total", "Bytes received from clients.", s.bytes_in);
+  counter("myelin_broker_replies_dropped_total", "Replies lost to a full requester lane (retried).",
+          owner_->broker_->replies_dropped());
+  const auto stats = owner_->broker_->topic_stats();
+  auto per_topic = [&](const char* name, const char* help, const char* type, auto field) {
+    o << "# HELP " << name << ' ' << help << "\n# TYPE " << name << ' ' << type << '\n';
+    for (const auto& [topic, st] : stats) o << name << "{topic=\"" << topic << "\"} " << field(st) << '\n';
+  };
+  per_topic("myelin_broker_topic_messages_total", "Messages published per topic.", "counter",
+            [](const TopicStats& t) { return t.messages_in; });
+  per_topic("myelin_broker_topic_bytes_total", "Payload bytes published per topic.", "counter",
+            [](const TopicStats& t) { return t.bytes_in; });
+  per_topic("myelin_broker_topic_deliveries_total", "Copies queued for subscribers per topic.", "counter",
+            [](const TopicStats& t) { return t.deliveries; });
+  per_topic("myelin_broker_topic_drops_total", "Messages evicted by drop_oldest per topic.", "counter",
+            [](const TopicStats& t) { return t.drops; });
+  per_topic("myelin_broker_topic_stalls_total", "Publishes held back by a full subscriber (block).", "counter",
+            [](const TopicStats& t) { return t.stalls; });
+  per_topic("myelin_broker_topic_dead_letters_total", "Requests moved to the dead-letter topic.", "counter",
+            [](const TopicStats& t) { return t.dead_letters; });
+  {
+    std::lock_guard<std::mutex> lock(snap_mu_);
+    o << "# HELP myelin_broker_queue_depth Messages queued for a client.\n# TYPE myelin_broker_queue_depth gauge\n";
+    for (const auto& c : snap_) o << "myelin_broker_queue_depth{client=\"" << c.identity << "\",id=\"" << c.id << "\"} " << c.depth << '\n';
+    o << "# HELP myelin_broker_credits Delivery credits a client has granted and not used.\n# TYPE myelin_broker_credits gauge\n";
+    for (const auto& c : snap_) o << "myelin_broker_credits{client=\"" << c.identity << "\",id=\"" << c.id << "\"} " << c.credits << '\n';
+  }
+  o << "# HELP myelin_broker_publish_to_deliver_seconds Broker receipt to hand-off to the client's socket.\n"
+       "# TYPE myelin_broker_publish_to_deliver_seconds histogram\n";
+  uint64_t cum = 0;
+  for (size_t i = 0; i < kLatencyBounds.size(); ++i) {
+    cum += c_.buckets[i].load(std::memory_order_relaxed);
+    o << "myelin_broker_publish_to_deliver_seconds_bucket{le=\"" << kLatencyBounds[i] << "\"} " << cum << '\n';
+  }
+  cum += c_.buckets[kLatencyBounds.size()].load(std::memory_order_relaxed);
+  o << "myelin_broker_publish_to_deliver_seconds_bucket{le=\"+Inf\"} " << cum << '\n'
+    << "myelin_broker_publish_to_deliver_seconds_sum "
+    << static_cast<double>(c_.lat_sum_ns.load(std::memory_order_relaxed)) / 1e9 << '\n'
+    << "myelin_broker_publish_to_deliver_seconds_count " << c_.lat_count.load(std::memory_order_relaxed) << '\n';
+  return o.str();
+}
+
+Server::Server(ServerOptions o) {
+  broker_ = std::make_unique<Broker>(o.broker);
+  if (o.enable_ps) ps_ = std::make_unique<ParameterServer>(o.ps);
+  impl_ = std::make_unique<Impl>(this, std::move(o));
+}
+
+Server::~Server() { stop(); }
+
+Result<std::unique_ptr<Server>> Server::create(ServerOptions options) {
+  std::unique_ptr<Server> s(new Server(std::move(options)));
+  MYELIN_RETURN_IF_ERROR(s->impl_->init().with_context("starting the broker"));
+  s->port_ = s->impl_->port;
+  s->metrics_port_ = s->impl_->metrics_port;
+  return s;
+}
+
+Status Server::start() { return impl_->start(); }
+Status Server::drain(Deadline d) { return impl_->drain(d); }
+void Server::stop() {
+  if (impl_) impl_->stop();
+}
+ServerCounters Server::counters() const { return impl_->counters(); }
+std::string Server::metrics_text() const { return impl_->metrics_text(); }
+std::string Server::placement() const { return impl_->placement(); }
+
+}  // namespace myelin::broker
