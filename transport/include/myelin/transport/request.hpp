@@ -16,6 +16,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <utility>
 
 #include <myelin/core/status.hpp>
@@ -37,11 +38,28 @@ class RequestState {
     bytes_ = bytes;
     done_ = true;
   }
+  // Optional: what the operation is, so a timed-out wait can name it ("recv on channel 3 from
+  // rank 1"). op must be a string literal; peer is shared with the endpoint (may be null).
+  void describe(const char* op, uint32_t channel, std::shared_ptr<const std::string> peer) {
+    op_ = op;
+    channel_ = channel;
+    peer_ = std::move(peer);
+  }
+  [[nodiscard]] std::string description() const {
+    if (op_ == nullptr) return "request";
+    std::string s(op_);
+    s += " on channel " + std::to_string(channel_);
+    if (peer_) s += " with " + *peer_;
+    return s;
+  }
 
  private:
   bool done_ = false;
   size_t bytes_ = 0;
   Status status_;
+  const char* op_ = nullptr;
+  uint32_t channel_ = 0;
+  std::shared_ptr<const std::string> peer_;
 };
 
 class [[nodiscard]] Request {
@@ -69,6 +87,10 @@ class [[nodiscard]] Request {
     return state_ ? state_->status() : inline_status_;
   }
   [[nodiscard]] size_t bytes() const noexcept { return state_ ? state_->bytes() : inline_bytes_; }
+  // The backend's description of the operation (see RequestState::describe()).
+  [[nodiscard]] std::string description() const {
+    return state_ ? state_->description() : std::string("completed request");
+  }
 
  private:
   explicit Request(size_t bytes) : inline_bytes_(bytes) {}

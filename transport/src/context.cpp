@@ -1,0 +1,388 @@
+// Context: opens backends, builds the address, picks a backend per peer, owns endpoints and the
+// registration cache, and drives progress (busy-poll or spin-then-block over the backends' fds).
+#include <myelin/transport/context.hpp>
+
+#include <sys/epoll.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <map>
+#include <tuple>
+
+#include <myelin/core/log.hpp>
+
+#include "address.hpp"
+#include "backend.hpp"
+#include "registry.hpp"
+
+namespace myelin::transport {
+
+using internal::BackendContext;
+using internal::ParsedAddress;
+
+struct Context::Impl {
+  Options options;
+  internal::ContextInfo info;
+  // Preference order: as compiled_backends() lists them (verbs, ucx, tcp, shm).
+  std::vector<std::unique_ptr<BackendContext>> backends;
+  std::vector<uint8_t> address;
+  std::map<std::vector<uint8_t>, std::unique_ptr<Endpoint>> endpoints;
+  using CacheKey = std::tuple<uintptr_t, size_t, uint8_t>;
+  std::map<CacheKey, std::shared_ptr<RegionState>> regions;
+  uint64_t next_region_id = 1;
+  int epoll_fd = -1;  // over the backends' wait_fd(); made on the first blocking wait
+
+  ~Impl() {
+    // Endpoints first (they point into their backends), then registrations, then backends.
+    endpoints.clear();
+    for (auto& [key, state] : regions) {
+      state->valid = false;
+      state->registrations.clear();
+    }
+    regions.clear();
+    backends.clear();
+    if (epoll_fd >= 0) ::close(epoll_fd);
+  }
+
+  BackendContext* find(Backend b) const {
+    for (const auto& be : backends) {
+      if (be->kind() == b) return be.get();
+    }
+    return nullptr;
+  }
+
+  Result<BackendChoice> choose(const ParsedAddress& peer) const {
+    auto has_local = [&](Backend b) { return find(b) != nullptr; };
+    auto has_peer = [&](Backend b) { return peer.entry(b) != nullptr; };
+    const bool same_node = peer.node_id == info.node_id;
+    if (options.backend != Backend::kAuto) {
+      const Backend b = options.backend;
+      if (!has_peer(b)) {
+        return unavailable("peer ", peer.name, " did not open the ", backend_name(b),
+                           " backend this Context requires");
+      }
+      if (b == Backend::kShm && !same_node) {
+        return unavailable("shm requested but peer ", peer.name, " is on node ", peer.node_id,
+                           ", not ", info.node_id);
+      }
+      return BackendChoice{
+          b, std::string("requested by options (") + std::string(backend_name(b)) + ")"};
+    }
+    if (same_node && has_local(Backend::kShm) && has_peer(Backend::kShm)) {
+      return BackendChoice{Backend::kShm, "same node (hostname and boot id match), both have shm"};
+    }
+    std::string why = same_node ? "same node but shm not open on both sides; "
+                                : "different node (" + peer.node_id + "); ";
+    for (Backend b : {Backend::kVerbs, Backend::kUcx, Backend::kTcp}) {
+      if (has_local(b) && has_peer(b)) {
+        return BackendChoice{b, why + std::string(backend_name(b)) +
+                                    " is the best network backend both sides opened"};
+      }
+    }
+    std::string mine, theirs;
+    for (const auto& be : backends) mine += std::string(backend_name(be->kind())) + " ";
+    for (const auto& [b, bytes] : peer.entries) theirs += std::string(backend_name(b)) + " ";
+    return unavailable("no backend in common with ", peer.name, " (local: ", mine,
+                       "; peer: ", theirs, ")");
+  }
+
+  Status ensure_epoll() {
+    if (epoll_fd >= 0) return ok_status();
+    epoll_fd = epoll_create1(EPOLL_CLOEXEC);
+    if (epoll_fd < 0) return errno_status("epoll_create1 for Context waits", errno);
+    for (const auto& be : backends) {
+      const int fd = be->wait_fd();
+      if (fd < 0) continue;
+      epoll_event ev{};
+      ev.events = EPOLLIN;
+      ev.data.fd = fd;
+      if (epoll_ctl(epoll_fd, EPOLL_CTL_ADD, fd, &ev) != 0) {
+        return errno_status("epoll_ctl adding a backend's wait fd", errno);
+      }
+    }
+    return ok_status();
+  }
+
+  size_t progress() {
+    size_t n = 0;
+    for (const auto& be : backends) n += be->progress();
+    return n;
+  }
+
+  // Sleeps on the backends' fds until one is readable or the deadline; false when it cannot
+  // sleep (a backend without wait_fd, or work already pending).
+  bool block_once(Deadline deadline) {
+    if (!ensure_epoll().ok()) return false;
+    for (const auto& be : backends) {
+      if (be->wait_fd() < 0 || !be->arm_wait()) return false;
+    }
+    epoll_event ev[8];
+    // Wake at least every 100 ms so a missed edge costs latency, never a hang.
+    const int ms = std::min(
+        deadline.remaining_ms_for_poll() < 0 ? 100 : deadline.remaining_ms_for_poll(), 100);
+    (void)epoll_wait(epoll_fd, ev, 8, ms);
+    return true;
+  }
+
+  // Drives progress until done() or the deadline; returns false on timeout.
+  template <typename Done>
+  bool drive(Done&& done, Deadline deadline) {
+    if (done()) return true;
+    if (options.progress == ProgressMode::kBusyPoll) {
+      for (uint32_t i = 0;; ++i) {
+        progress();
+        if (done()) return true;
+        if ((i & 15) == 15 && deadline.expired()) return false;
+      }
+    }
+    const int64_t spin_until = monotonic_ns() + options.spin_before_block.count();
+    while (monotonic_ns() < spin_until) {
+      progress();
+      if (done()) return true;
+      if (deadline.expired()) return false;
+    }
+    for (;;) {
+      if (progress() == 0) {
+        if (done()) return true;
+        if (deadline.expired()) return false;
+        block_once(deadline);
+      }
+      if (done()) return true;
+      if (deadline.expired()) return false;
+    }
+  }
+};
+
+Context::Context(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Context::~Context() = default;
+
+Result<std::unique_ptr<Context>> Context::create(const Options& options) {
+  MYELIN_RETURN_IF_ERROR(options.validate());
+  auto impl = std::make_unique<Impl>();
+  impl->options = options;
+  char host[256] = {};
+  (void)gethostname(host, sizeof(host) - 1);
+  impl->info.name = options.name.empty()
+                        ? "pid " + std::to_string(getpid()) + "@" + std::string(host)
+                        : options.name;
+  impl->info.node_id = internal::local_node_id();
+
+  std::string skipped;
+  bool compiled = options.backend == Backend::kAuto;
+  for (const auto& factory : internal::compiled_backends()) {
+    if (options.backend != Backend::kAuto && options.backend != factory.kind) continue;
+    compiled = true;
+    auto backend = factory.create(impl->options, impl->info);
+    if (!backend.ok()) {
+      if (options.backend != Backend::kAuto) {
+        return std::move(backend).status().with_context(
+            std::string("opening the ") + std::string(backend_name(factory.kind)) + " backend");
+      }
+      MYELIN_LOG_INFO << "auto: " << backend_name(factory.kind)
+                      << " not available: " << backend.status();
+      skipped +=
+          std::string(backend_name(factory.kind)) + ": " + backend.status().to_string() + "; ";
+      continue;
+    }
+    impl->backends.push_back(std::move(backend).value());
+  }
+  if (!compiled) {
+    return unsupported("the ", backend_name(options.backend),
+                       " backend is not compiled into this build of myelin");
+  }
+  if (impl->backends.empty()) return unavailable("no transport backend could be opened: ", skipped);
+
+  ParsedAddress self{impl->info.name, impl->info.node_id, {}};
+  for (const auto& be : impl->backends) {
+    auto bytes = be->local_address();
+    MYELIN_CHECK(!bytes.empty() && bytes.size() <= internal::kMaxAddressEntry)
+        << backend_name(be->kind()) << " address of " << bytes.size() << " bytes";
+    self.entries.emplace_back(be->kind(), std::move(bytes));
+  }
+  if (self.name.size() > internal::kMaxAddressName) self.name.resize(internal::kMaxAddressName);
+  impl->address = internal::encode_address(self);
+  return std::unique_ptr<Context>(new Context(std::move(impl)));
+}
+
+const Options& Context::options() const noexcept {
+  return impl_->options;
+}
+
+std::vector<Backend> Context::backends() const {
+  std::vector<Backend> out;
+  for (const auto& be : impl_->backends) out.push_back(be->kind());
+  return out;
+}
+
+Result<Limits> Context::limits(Backend backend) const {
+  if (const auto* be = impl_->find(backend)) return be->limits();
+  return invalid_argument("the ", backend_name(backend), " backend is not open in this Context");
+}
+
+const std::vector<uint8_t>& Context::address() const noexcept {
+  return impl_->address;
+}
+
+Result<BackendChoice> Context::choice_for(std::span<const uint8_t> peer_address) const {
+  MYELIN_ASSIGN_OR_RETURN(ParsedAddress peer, internal::parse_address(peer_address));
+  return impl_->choose(peer);
+}
+
+Result<Endpoint*> Context::connect(std::span<const uint8_t> peer_address) {
+  return connect(peer_address, Deadline::after(impl_->options.timeout));
+}
+
+Result<Endpoint*> Context::connect(std::span<const uint8_t> peer_address, Deadline deadline) {
+  std::vector<uint8_t> key(peer_address.begin(), peer_address.end());
+  if (auto it = impl_->endpoints.find(key); it != impl_->endpoints.end()) return it->second.get();
+  MYELIN_ASSIGN_OR_RETURN(ParsedAddress peer, internal::parse_address(peer_address));
+  if (key == impl_->address) {
+    return invalid_argument("connect(): the address is this Context's own (", impl_->info.name,
+                            "); loop back locally instead");
+  }
+  MYELIN_ASSIGN_OR_RETURN(BackendChoice choice, impl_->choose(peer));
+  BackendContext* be = impl_->find(choice.backend);
+  if (be == nullptr) {
+    return unavailable("the ", backend_name(choice.backend), " backend is not open in ",
+                       impl_->info.name);
+  }
+  MYELIN_LOG_INFO << impl_->info.name << " -> " << peer.name << ": " << backend_name(choice.backend)
+                  << " (" << choice.reason << ")";
+  auto ep = be->connect(*peer.entry(choice.backend), peer.name, deadline);
+  if (!ep.ok()) {
+    return std::move(ep).status().with_context("connecting " + impl_->info.name + " to " +
+                                               peer.name + " over " +
+                                               std::string(backend_name(choice.backend)));
+  }
+  Endpoint* raw = ep.value().get();
+  impl_->endpoints.emplace(std::move(key), std::move(ep).value());
+  return raw;
+}
+
+void Context::disconnect(Endpoint* endpoint) {
+  for (auto it = impl_->endpoints.begin(); it != impl_->endpoints.end(); ++it) {
+    if (it->second.get() == endpoint) {
+      impl_->endpoints.erase(it);
+      return;
+    }
+  }
+}
+
+namespace {
+Result<std::shared_ptr<RegionState>> register_with_all(
+    const std::vector<std::unique_ptr<BackendContext>>& backends, std::shared_ptr<RegionState> st) {
+  for (const auto& be : backends) {
+    auto reg = be->register_memory(*st);
+    if (!reg.ok()) {
+      return std::move(reg).status().with_context(std::string("registering ") +
+                                                  std::to_string(st->size) + " bytes with " +
+                                                  std::string(backend_name(be->kind())));
+    }
+    st->registrations.push_back(std::move(reg).value());
+  }
+  return st;
+}
+}  // namespace
+
+Result<MemoryRegion> Context::register_memory(void* data, size_t size, Access access,
+                                              MemoryKind kind) {
+  if (data == nullptr || size == 0) {
+    return invalid_argument("register_memory(", data == nullptr ? "null" : "non-null", ", ", size,
+                            "): need a non-null buffer of at least one byte");
+  }
+  if (kind != MemoryKind::kHost) return unsupported("only host memory can be registered today");
+  const Impl::CacheKey key{reinterpret_cast<uintptr_t>(data), size, static_cast<uint8_t>(access)};
+  if (auto it = impl_->regions.find(key); it != impl_->regions.end() && it->second->valid) {
+    return MemoryRegion(it->second);
+  }
+  auto st = std::make_shared<RegionState>();
+  st->data = data;
+  st->size = size;
+  st->access = access;
+  st->kind = kind;
+  st->id = impl_->next_region_id++;
+  MYELIN_ASSIGN_OR_RETURN(st, register_with_all(impl_->backends, std::move(st)));
+  impl_->regions[key] = st;
+  return MemoryRegion(std::move(st));
+}
+
+Result<MemoryRegion> Context::allocate(size_t size, Access access) {
+  if (size == 0) return invalid_argument("allocate(0): need at least one byte");
+  std::shared_ptr<void> mem;
+  if (BackendContext* shm = impl_->find(Backend::kShm)) {
+    MYELIN_ASSIGN_OR_RETURN(mem, shm->allocate_shared(size));
+  } else {
+    // Page-aligned anonymous memory; its pages land on the NUMA node of the first thread to
+    // touch them, the Context's progress thread in the usual case.
+    void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) {
+      return errno_status("mmap of " + std::to_string(size) + " bytes", errno,
+                          StatusCode::kResourceExhausted);
+    }
+    mem = std::shared_ptr<void>(p, [size](void* q) { munmap(q, size); });
+  }
+  auto st = std::make_shared<RegionState>();
+  st->data = mem.get();
+  st->size = size;
+  st->access = access;
+  st->id = impl_->next_region_id++;
+  st->owned_allocation = true;
+  st->allocation = std::move(mem);
+  MYELIN_ASSIGN_OR_RETURN(st, register_with_all(impl_->backends, std::move(st)));
+  impl_->regions[{reinterpret_cast<uintptr_t>(st->data), size, static_cast<uint8_t>(access)}] = st;
+  return MemoryRegion(std::move(st));
+}
+
+void Context::deregister(MemoryRegion& region) {
+  const auto& st = region.state();
+  if (!st) return;
+  for (auto it = impl_->regions.begin(); it != impl_->regions.end();) {
+    it = it->second == st ? impl_->regions.erase(it) : std::next(it);
+  }
+  st->valid = false;
+  st->registrations.clear();
+  st->allocation.reset();
+}
+
+size_t Context::progress() {
+  return impl_->progress();
+}
+
+Status Context::wait(const Request& request) {
+  return wait(request, Deadline::after(impl_->options.timeout));
+}
+
+Status Context::wait(const Request& request, Deadline deadline) {
+  const int64_t start = monotonic_ns();
+  if (!impl_->drive([&] { return request.done(); }, deadline)) {
+    return timeout_error(impl_->info.name, ": timed out after ",
+                         (monotonic_ns() - start) / 1'000'000, " ms waiting for ",
+                         request.description());
+  }
+  return request.status();
+}
+
+Status Context::wait_all(std::span<const Request> requests, Deadline deadline) {
+  const int64_t start = monotonic_ns();
+  size_t first_pending = 0;
+  auto all_done = [&] {
+    while (first_pending < requests.size() && requests[first_pending].done()) ++first_pending;
+    return first_pending == requests.size();
+  };
+  if (!impl_->drive(all_done, deadline)) {
+    size_t pending = 0;
+    for (const auto& r : requests) pending += r.done() ? 0 : 1;
+    return timeout_error(impl_->info.name, ": timed out after ",
+                         (monotonic_ns() - start) / 1'000'000, " ms waiting for ", pending, " of ",
+                         requests.size(),
+                         " requests (first pending: ", requests[first_pending].description(), ")");
+  }
+  for (const auto& r : requests) {
+    if (!r.status().ok()) return r.status();
+  }
+  return ok_status();
+}
+
+}  // namespace myelin::transport

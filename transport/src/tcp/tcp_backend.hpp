@@ -1,0 +1,233 @@
+// transport/src/tcp/tcp_backend.hpp — the TCP backend (not public API).
+//
+// One listening socket and one epoll set per Context. A Connection is one TCP socket to one peer
+// Context, carrying the frames of tcp_frame.hpp; it is fully functional before any Endpoint claims
+// it (messages that arrive early are buffered, one-sided operations are served), so the first of
+// two peers to call connect() never waits for the other.
+//
+// Connection rule: of two peers, the one whose address entry is lexicographically smaller dials;
+// the larger one claims the accepted connection once its hello arrives (connect() returns at once
+// with an Endpoint whose operations queue until then, and fail if the peer does not dial within
+// the connect deadline).
+//
+// Thread safety: none; everything runs on the owning Context's thread.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include <myelin/transport/request.hpp>
+
+#include "backend.hpp"
+#include "tcp/tcp_frame.hpp"
+
+namespace myelin::transport::internal::tcp {
+
+class TcpBackend;
+
+// Registered regions by id; shared with the registrations so deregistration removes the entry.
+struct RegionTable {
+  std::unordered_map<uint64_t, const RegionState*> regions;
+};
+
+class Connection {
+ public:
+  enum class State : uint8_t { kAwaiting, kOpen, kFailed };
+
+  Connection(TcpBackend& backend, int fd, State state);
+  Connection(const Connection&) = delete;
+  Connection& operator=(const Connection&) = delete;
+  ~Connection();
+
+  // Endpoint operations.
+  Request send(uint32_t channel, const void* data, size_t size);
+  Request recv(uint32_t channel, void* data, size_t capacity);
+  Request put(const void* local, size_t size, const RemoteKey& remote, uint64_t offset,
+              bool with_immediate, uint32_t immediate);
+  Request get(void* local, size_t size, const RemoteKey& remote, uint64_t offset);
+  bool try_pop_immediate(uint32_t& value);
+  [[nodiscard]] Status status() const { return state_ == State::kFailed ? status_ : ok_status(); }
+
+  // Progress engine.
+  void on_readable();
+  void flush();
+  // Ends the connection: closes the socket and completes every pending operation with `why`.
+  void fail(Status why, bool warn);
+  // Moves the socket and unread bytes of an accepted connection into this awaiting one.
+  void adopt(Connection& accepted);
+  void queue_hello(bool reply);
+
+  [[nodiscard]] int fd() const noexcept { return fd_; }
+  [[nodiscard]] bool has_output() const noexcept { return !out_.empty(); }
+  [[nodiscard]] State state() const noexcept { return state_; }
+  [[nodiscard]] const std::string& peer_name() const noexcept { return *peer_name_; }
+  void set_peer(std::vector<uint8_t> address, std::string name);
+  [[nodiscard]] const std::vector<uint8_t>& peer_address() const noexcept { return peer_bytes_; }
+
+  bool claimed = false;     // an Endpoint owns it
+  bool dialer = false;      // we dialed: the first frame we read must be a hello reply
+  int64_t deadline_ns = 0;  // awaiting / hello deadline (0: none)
+  bool want_write = false;  // EPOLLOUT registered
+
+ private:
+  struct OutFrame {
+    uint8_t header[kHeaderSize];
+    const uint8_t* payload = nullptr;
+    size_t payload_len = 0;
+    size_t sent = 0;
+    std::shared_ptr<RequestState> done;
+    size_t done_bytes = 0;
+    std::vector<uint8_t> owned;
+  };
+  struct PostedRecv {
+    uint8_t* data;
+    size_t capacity;
+    std::shared_ptr<RequestState> state;
+  };
+  struct Unexpected {
+    bool rts = false;
+    uint64_t send_id = 0;       // rts
+    uint64_t size = 0;          // rts
+    std::vector<uint8_t> data;  // eager
+  };
+  struct PendingSend {
+    const uint8_t* data;
+    size_t size;
+    uint32_t channel;
+    std::shared_ptr<RequestState> state;
+  };
+  struct AwaitingData {
+    uint8_t* data;
+    size_t size;
+    std::shared_ptr<RequestState> state;
+  };
+  struct RemoteOp {
+    bool is_get;
+    uint8_t* local;  // get destination
+    size_t size;
+    uint64_t region;
+    uint64_t offset;
+    std::shared_ptr<RequestState> state;
+  };
+  enum class Sink : uint8_t {
+    kNone,
+    kHello,
+    kEagerToRecv,
+    kEagerTooSmall,
+    kEagerUnexpected,
+    kData,
+    kPut,
+    kGetResp
+  };
+
+  void enqueue(const FrameHeader& h, const void* payload, size_t len,
+               std::shared_ptr<RequestState> done, size_t done_bytes, bool front = false);
+  FrameHeader next_header(FrameType type);
+  Request post_send_fast(FrameHeader& h, const void* data, size_t size);
+  bool parse_buffered();
+  void read_failed(ssize_t r, int err);
+  Status begin_frame(const FrameHeader& h);
+  Status finish_payload();
+  void answer_rts(uint32_t channel, uint64_t send_id, uint64_t size, PostedRecv recv);
+  void reply(FrameType type, uint64_t id, uint64_t code, uint64_t reason, const void* payload,
+             size_t len);
+  Status check_key(const RemoteKey& remote, uint64_t offset, size_t size, const char* op) const;
+  Status frame_error(const Status& s) const;
+
+  TcpBackend& backend_;
+  int fd_;
+  State state_;
+  Status status_;
+  std::shared_ptr<const std::string> peer_name_;
+  std::vector<uint8_t> peer_bytes_;
+  uint64_t peer_instance_ = 0;
+  bool got_hello_ = false;
+
+  // Writing.
+  std::deque<OutFrame> out_;
+  uint32_t wseq_ = 0;
+  uint64_t next_op_ = 1;
+
+  // Reading: a staging buffer for headers and small payloads; large payloads go straight to
+  // their destination.
+  std::vector<uint8_t> rbuf_;
+  size_t rpos_ = 0, rlen_ = 0;
+  uint32_t rseq_ = 0;
+  bool in_payload_ = false;
+  FrameHeader cur_;
+  Sink sink_ = Sink::kNone;
+  uint8_t* sink_ptr_ = nullptr;  // null: discard
+  uint64_t pay_done_ = 0;
+  std::shared_ptr<RequestState> sink_state_;
+  std::vector<uint8_t> sink_buf_;
+  size_t sink_capacity_ = 0;
+  RemoteError put_error_ = RemoteError::kNone;
+
+  // Matching.
+  std::unordered_map<uint32_t, std::deque<PostedRecv>> posted_;
+  std::unordered_map<uint32_t, std::deque<Unexpected>> unexpected_;
+  std::unordered_map<uint64_t, PendingSend> rts_sent_;   // by send id, waiting for CTS
+  std::unordered_map<uint64_t, AwaitingData> awaiting_;  // by receive token
+  std::unordered_map<uint64_t, RemoteOp> remote_ops_;    // put/get by op id
+  std::deque<uint32_t> immediates_;
+};
+
+class TcpBackend final : public BackendContext {
+ public:
+  static Result<std::unique_ptr<BackendContext>> create(const Options& options,
+                                                        const ContextInfo& info);
+  ~TcpBackend() override;
+
+  [[nodiscard]] Backend kind() const noexcept override { return Backend::kTcp; }
+  [[nodiscard]] Limits limits() const noexcept override { return limits_; }
+  [[nodiscard]] std::vector<uint8_t> local_address() const override { return self_bytes_; }
+  Result<std::unique_ptr<Endpoint>> connect(std::span<const uint8_t> peer_address,
+                                            const std::string& peer_name,
+                                            Deadline deadline) override;
+  Result<std::unique_ptr<BackendRegistration>> register_memory(const RegionState& region) override;
+  size_t progress() override;
+  [[nodiscard]] int wait_fd() const noexcept override { return epoll_fd_; }
+  bool arm_wait() override { return pending_reads_.empty(); }
+
+  // For connections.
+  Status on_hello(Connection& conn, const Hello& hello, bool reply);
+  void on_failed(Connection& conn);
+  void update_events(Connection& conn);
+  [[nodiscard]] const RegionState* find_region(uint64_t id) const;
+  [[nodiscard]] const Options& options() const noexcept { return options_; }
+  [[nodiscard]] const ContextInfo& info() const noexcept { return info_; }
+  [[nodiscard]] const std::vector<uint8_t>& self_bytes() const noexcept { return self_bytes_; }
+  [[nodiscard]] uint64_t instance() const noexcept { return self_.instance; }
+  void release(Connection& conn);  // the Endpoint is gone
+
+ private:
+  TcpBackend(const Options& options, const ContextInfo& info);
+  Status open_listener();
+  void accept_all();
+  void check_timers();
+  Status watch(Connection& conn);
+
+  Options options_;
+  ContextInfo info_;
+  Limits limits_;
+  int listen_fd_ = -1;
+  int epoll_fd_ = -1;
+  TcpAddress self_;
+  std::vector<uint8_t> self_bytes_;
+  std::shared_ptr<RegionTable> regions_ = std::make_shared<RegionTable>();
+  // Every live connection (owning), and identified ones by the peer's address entry.
+  std::unordered_map<Connection*, std::shared_ptr<Connection>> live_;
+  std::map<std::vector<uint8_t>, std::shared_ptr<Connection>> by_peer_;
+  std::vector<std::shared_ptr<Connection>> graveyard_;  // destroyed at the end of progress()
+  std::vector<std::shared_ptr<Connection>> pending_reads_;
+  int64_t next_timer_check_ns_ = 0;
+};
+
+}  // namespace myelin::transport::internal::tcp
