@@ -1,0 +1,91 @@
+// collectives/src/exchange.cpp
+#include "exchange.hpp"
+
+#include <myelin/core/log.hpp>
+
+namespace myelin::collectives::internal {
+
+Exchange::~Exchange() {
+  // Normally everything was waited for. After an error the dispatcher has already failed the
+  // communicator, which disconnected the endpoints and so completed (cancelled) what was pending;
+  // this only catches what is left.
+  for (size_t i = first_unwaited_; i < pending_.size(); ++i) {
+    Pending& p = pending_[i];
+    if (p.waited || p.request.done()) continue;
+    const Status s = comm_.context().wait(p.request, deadline_);
+    if (!s.ok()) {
+      MYELIN_LOG_WARN << "collective left an operation with rank " << p.peer
+                      << " in flight: " << s.to_string();
+    }
+  }
+}
+
+size_t Exchange::segment_elems() const noexcept {
+  const size_t e = info_.segment_bytes / elem();
+  return e == 0 ? 1 : e;
+}
+
+Result<size_t> Exchange::post_send(int peer, uint8_t phase, const void* data, size_t bytes) {
+  MYELIN_ASSIGN_OR_RETURN(transport::Endpoint * ep, comm_.peer(peer, deadline_));
+  Pending p;
+  p.request = ep->send(channel_for(tag_, phase), data, bytes);
+  p.peer = peer;
+  p.bytes = bytes;
+  pending_.push_back(std::move(p));
+  return pending_.size() - 1;
+}
+
+Result<size_t> Exchange::post_recv(int peer, uint8_t phase, void* data, size_t bytes) {
+  MYELIN_ASSIGN_OR_RETURN(transport::Endpoint * ep, comm_.peer(peer, deadline_));
+  Pending p;
+  p.request = ep->recv(channel_for(tag_, phase), data, bytes);
+  p.peer = peer;
+  p.bytes = bytes;
+  p.is_recv = true;
+  pending_.push_back(std::move(p));
+  return pending_.size() - 1;
+}
+
+Status Exchange::describe(const Pending& p, Status error) const {
+  const std::string what = p.is_recv ? ::myelin::internal::str_cat("receiving ", p.bytes, " bytes from rank ",
+                                                         p.peer)
+                                     : ::myelin::internal::str_cat("sending ", p.bytes, " bytes to rank ",
+                                                         p.peer);
+  if (error.code() == StatusCode::kTimeout) {
+    return timeout_error("rank ", p.peer, " did not respond in time (", what,
+                         "): ", error.message());
+  }
+  return std::move(error).with_context(::myelin::internal::str_cat("while ", what));
+}
+
+Status Exchange::wait(size_t handle) {
+  Pending& p = pending_[handle];
+  if (p.waited) return ok_status();
+  p.waited = true;
+  Status s = comm_.context().wait(p.request, deadline_);
+  if (!s.ok()) return describe(p, std::move(s));
+  if (p.is_recv && p.request.bytes() != p.bytes) {
+    return invalid_argument("size mismatch: rank ", p.peer, " sent ", p.request.bytes(),
+                            " bytes where this rank expected ", p.bytes,
+                            " (the ranks called the collective with different counts)");
+  }
+  while (first_unwaited_ < pending_.size() && pending_[first_unwaited_].waited) ++first_unwaited_;
+  return ok_status();
+}
+
+Status Exchange::wait_all() {
+  for (size_t i = first_unwaited_; i < pending_.size(); ++i) {
+    MYELIN_RETURN_IF_ERROR(wait(i));
+  }
+  return ok_status();
+}
+
+Status Exchange::sendrecv(int send_peer, const void* send, size_t send_bytes, int recv_peer,
+                          void* recv, size_t recv_bytes, uint8_t phase) {
+  MYELIN_ASSIGN_OR_RETURN(size_t r, post_recv(recv_peer, phase, recv, recv_bytes));
+  MYELIN_ASSIGN_OR_RETURN(size_t s, post_send(send_peer, phase, send, send_bytes));
+  MYELIN_RETURN_IF_ERROR(wait(r));
+  return wait(s);
+}
+
+}  // namespace myelin::collectives::internal

@@ -1,0 +1,152 @@
+// collectives/src/exchange.hpp — what every algorithm file builds on: the group of ranks taking
+// part, and Exchange, the posted sends/receives of one collective call with its deadline and
+// error wording. Not public API.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <myelin/collectives/collectives.hpp>
+#include <myelin/core/clock.hpp>
+#include <myelin/core/status.hpp>
+#include <myelin/transport/request.hpp>
+
+#include "schedule.hpp"
+
+namespace myelin::collectives::internal {
+
+// The ranks taking part in one (sub-)collective, in the order the algorithm numbers them.
+struct Group {
+  std::vector<int> ranks;  // communicator ranks
+  int me = 0;              // my index in ranks
+  [[nodiscard]] int size() const noexcept { return static_cast<int>(ranks.size()); }
+};
+
+// Channel of a phase: see collectives.hpp ("Channels").
+constexpr uint32_t kChannelSpace = 0xC0000000u;
+constexpr uint32_t channel_for(uint16_t tag, uint8_t phase) noexcept {
+  return kChannelSpace | (static_cast<uint32_t>(tag) << 8) | phase;
+}
+// Phase 0 carries the descriptors; algorithms get a base so that the parts of a hierarchical
+// collective never share a channel. Each algorithm uses phases base .. base + 3.
+constexpr uint8_t kDescriptorPhase = 0;
+constexpr uint8_t kTopPhase = 4;
+
+// The parameters of one call, shared by its algorithm functions.
+struct CallInfo {
+  Collective collective = Collective::kAllreduce;
+  Algorithm algorithm = Algorithm::kAuto;
+  DataType type = DataType::kU8;
+  ReduceOp op = ReduceOp::kSum;
+  size_t segment_bytes = 256 * 1024;
+};
+
+// Posted operations of one collective call on this rank. Handles are indices; wait() turns every
+// failure into a Status that names the peer, the direction and the size.
+class Exchange {
+ public:
+  Exchange(Communicator& comm, uint16_t tag, Deadline deadline, const CallInfo& info)
+      : comm_(comm), tag_(tag), deadline_(deadline), info_(info) {}
+  Exchange(const Exchange&) = delete;
+  Exchange& operator=(const Exchange&) = delete;
+  // Waits (up to the deadline) for operations still in flight, so that no buffer is released
+  // while the transport may still touch it.
+  ~Exchange();
+
+  [[nodiscard]] Communicator& comm() noexcept { return comm_; }
+  [[nodiscard]] const CallInfo& info() const noexcept { return info_; }
+  [[nodiscard]] Deadline deadline() const noexcept { return deadline_; }
+  [[nodiscard]] size_t elem() const noexcept { return dtype_size(info_.type); }
+  // Segment size in elements (at least 1).
+  [[nodiscard]] size_t segment_elems() const noexcept;
+
+  Result<size_t> post_send(int peer, uint8_t phase, const void* data, size_t bytes);
+  Result<size_t> post_recv(int peer, uint8_t phase, void* data, size_t bytes);
+  // Waits for one operation; a receive must bring exactly the posted number of bytes.
+  Status wait(size_t handle);
+  // Waits for every operation posted so far and not yet waited for.
+  Status wait_all();
+
+  // Convenience: post both, wait both.
+  Status sendrecv(int send_peer, const void* send, size_t send_bytes, int recv_peer, void* recv,
+                  size_t recv_bytes, uint8_t phase);
+
+ private:
+  struct Pending {
+    transport::Request request;
+    int peer = -1;
+    size_t bytes = 0;
+    bool is_recv = false;
+    bool waited = false;
+  };
+  Status describe(const Pending& p, Status error) const;
+
+  Communicator& comm_;
+  uint16_t tag_;
+  Deadline deadline_;
+  CallInfo info_;
+  std::vector<Pending> pending_;
+  size_t first_unwaited_ = 0;
+};
+
+// Scratch slots of the Communicator: 0 and 1 belong to the algorithms, 2 to the dispatcher.
+constexpr int kScratchAlgo0 = 0;
+constexpr int kScratchAlgo1 = 1;
+constexpr int kScratchWork = 2;
+
+// Number of segments of `count` elements cut in pieces of `seg`, and segment j.
+inline size_t segment_count(size_t count, size_t seg) noexcept { return (count + seg - 1) / seg; }
+inline Range segment(Range block, size_t seg, size_t j) noexcept {
+  const size_t off = j * seg;
+  const size_t left = block.count - off;
+  return Range{block.offset + off, left < seg ? left : seg};
+}
+inline int mod(int a, int n) noexcept { return ((a % n) + n) % n; }
+
+// Byte pointer helpers.
+inline uint8_t* at(void* base, size_t elems, size_t elem) noexcept {
+  return static_cast<uint8_t*>(base) + elems * elem;
+}
+inline const uint8_t* at(const void* base, size_t elems, size_t elem) noexcept {
+  return static_cast<const uint8_t*>(base) + elems * elem;
+}
+
+// ---- the algorithms (one per file) ----
+// Buffers are "working" buffers: the algorithm may modify them; the dispatcher in collectives.cpp
+// takes care of in-place/out-of-place copies and of finishing avg.
+
+// Ring reduce-scatter phase: afterwards block (me + shift) % n of `buf` (balanced partition of
+// count) holds the reduction of that block over the group. Pipelined by segments.
+Status ring_reduce_scatter_phase(Exchange& ex, const Group& g, void* buf, size_t count, int shift,
+                                 uint8_t phase);
+// Ring allgather phase: rank me owns block (me + shift) % n of the balanced partition of count;
+// afterwards every block is on every rank. Pipelined by segments.
+Status ring_allgather_phase(Exchange& ex, const Group& g, void* buf, size_t count, int shift,
+                            uint8_t phase);
+
+Status ring_allreduce(Exchange& ex, const Group& g, void* buf, size_t count, uint8_t phase);
+Status halving_doubling_allreduce(Exchange& ex, const Group& g, void* buf, size_t count,
+                                  uint8_t phase);
+Status recursive_doubling_allreduce(Exchange& ex, const Group& g, void* buf, size_t count,
+                                    uint8_t phase);
+Status hierarchical_allreduce(Exchange& ex, void* buf, size_t count);
+// buf holds count*n elements; afterwards block me (count elements at me*count) is reduced.
+Status ring_reduce_scatter(Exchange& ex, const Group& g, void* buf, size_t count, uint8_t phase);
+// buf holds count*n elements with this rank's block at me*count; afterwards all blocks.
+Status ring_allgather(Exchange& ex, const Group& g, void* buf, size_t count, uint8_t phase);
+Status binomial_broadcast(Exchange& ex, const Group& g, void* buf, size_t count, int root_index,
+                          uint8_t phase);
+Status chain_broadcast(Exchange& ex, const Group& g, void* buf, size_t count, int root_index,
+                       uint8_t phase);
+// `acc` holds this rank's contribution and is used as the accumulator; on the root it ends with
+// the result. `tmp` holds count elements.
+Status binomial_reduce(Exchange& ex, const Group& g, void* acc, void* tmp, size_t count,
+                       int root_index, uint8_t phase);
+Status dissemination_barrier(Exchange& ex, const Group& g, uint8_t phase);
+// send and recv hold n blocks of count elements and do not overlap.
+Status pairwise_alltoall(Exchange& ex, const Group& g, const void* send, void* recv, size_t count,
+                         uint8_t phase);
+
+}  // namespace myelin::collectives::internal

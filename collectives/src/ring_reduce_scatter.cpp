@@ -1,0 +1,78 @@
+// collectives/src/ring_reduce_scatter.cpp — ring reduce-scatter, chunked and pipelined.
+//
+// n - 1 steps; in step s rank r sends block (r + k - s) to r + 1 and receives block (r + k - s - 1)
+// from r - 1, reducing it into its buffer (k = shift - 1). Blocks are cut into segments, and each
+// reduced segment is sent on at once: the block received in step s is the one sent in step s + 1,
+// so reducing segment j overlaps the transfer of segment j + 1, and the next step starts before the
+// current one ends. Receives of step s + 1 are posted at the start of step s into the other half of
+// a double buffer, so data lands in place rather than in the transport's unexpected-message store.
+#include <cstring>
+
+#include <myelin/collectives/reduce.hpp>
+
+#include "exchange.hpp"
+
+namespace myelin::collectives::internal {
+
+Status ring_reduce_scatter_phase(Exchange& ex, const Group& g, void* buf, size_t count, int shift,
+                                 uint8_t phase) {
+  const int n = g.size();
+  if (n == 1) return ok_status();
+  const int me = g.me;
+  const int k = shift - 1;
+  const size_t es = ex.elem();
+  const size_t seg = ex.segment_elems();
+  const int next = g.ranks[mod(me + 1, n)];
+  const int prev = g.ranks[mod(me - 1, n)];
+  const auto send_block = [&](int s) { return balanced_block(count, n, mod(me + k - s, n)); };
+  const auto recv_block = [&](int s) { return balanced_block(count, n, mod(me + k - s - 1, n)); };
+
+  const size_t max_block = balanced_block(count, n, 0).count;
+  uint8_t* tmp[2] = {ex.comm().scratch(kScratchAlgo0, max_block * es),
+                     ex.comm().scratch(kScratchAlgo1, max_block * es)};
+
+  std::vector<size_t> recvs[2];
+  const auto post_recvs = [&](int s) -> Status {
+    const Range b = recv_block(s);
+    auto& handles = recvs[s % 2];
+    handles.clear();
+    for (size_t j = 0; j < segment_count(b.count, seg); ++j) {
+      const Range piece = segment(Range{0, b.count}, seg, j);
+      MYELIN_ASSIGN_OR_RETURN(size_t h, ex.post_recv(prev, phase, tmp[s % 2] + piece.offset * es,
+                                                     piece.count * es));
+      handles.push_back(h);
+    }
+    return ok_status();
+  };
+
+  MYELIN_RETURN_IF_ERROR(post_recvs(0));
+  const Range first = send_block(0);
+  for (size_t j = 0; j < segment_count(first.count, seg); ++j) {
+    const Range piece = segment(first, seg, j);
+    MYELIN_RETURN_IF_ERROR(ex.post_send(next, phase, at(buf, piece.offset, es), piece.count * es));
+  }
+  for (int s = 0; s < n - 1; ++s) {
+    const bool more = s + 1 < n - 1;
+    if (more) MYELIN_RETURN_IF_ERROR(post_recvs(s + 1));
+    const Range b = recv_block(s);
+    for (size_t j = 0; j < recvs[s % 2].size(); ++j) {
+      MYELIN_RETURN_IF_ERROR(ex.wait(recvs[s % 2][j]));
+      const Range piece = segment(b, seg, j);
+      reduce_into(at(buf, piece.offset, es), tmp[s % 2] + (piece.offset - b.offset) * es,
+                  piece.count, ex.info().type, ex.info().op);
+      if (more) {
+        MYELIN_RETURN_IF_ERROR(
+            ex.post_send(next, phase, at(buf, piece.offset, es), piece.count * es));
+      }
+    }
+  }
+  return ex.wait_all();
+}
+
+Status ring_reduce_scatter(Exchange& ex, const Group& g, void* buf, size_t count, uint8_t phase) {
+  // With n * count elements every balanced block is exactly count long and block i starts at
+  // i * count; shift 0 leaves block me on rank me.
+  return ring_reduce_scatter_phase(ex, g, buf, count * static_cast<size_t>(g.size()), 0, phase);
+}
+
+}  // namespace myelin::collectives::internal
