@@ -129,6 +129,8 @@ class Server::Impl {
   void send_direct(Conn& c, FrameHeader h, std::string_view topic, std::span<const std::byte> p,
                    std::shared_ptr<const void> owner = nullptr);
   void send_error(Conn& c, uint64_t id, const Status& s);
+  // Confirms a (un)subscribe: an empty reply, or the error.
+  void send_ack(Conn& c, uint64_t id, const Status& s);
   void close_conn(uint64_t id, const char* why);
   void update_interest(Conn& c);
   void check_pulls();
@@ -358,7 +360,8 @@ void Server::Impl::update_interest(Conn& c) {
 
 void Server::Impl::send_direct(Conn& c, FrameHeader h, std::string_view topic,
                                std::span<const std::byte> p, std::shared_ptr<const void> owner) {
-  if (h.type == FrameType::kError) c.deliver_credits--;  // the client credits every error back
+  // The client credits every error and reply back, like deliveries.
+  if (h.type == FrameType::kError || h.type == FrameType::kReply) c.deliver_credits--;
   Status s = c.out.push(h, topic, p, std::move(owner), false, monotonic_ns());
   if (!s.ok()) MYELIN_LOG_WARN << "dropping a frame to client " << c.id() << ": " << s;
   c_.frames_out.fetch_add(1, std::memory_order_relaxed);
@@ -372,6 +375,18 @@ void Server::Impl::send_error(Conn& c, uint64_t id, const Status& s) {
   h.id = id;
   std::string text(s.message().substr(0, 4000));
   send_direct(c, h, {}, as_bytes(text));
+}
+
+void Server::Impl::send_ack(Conn& c, uint64_t id, const Status& s) {
+  if (!s.ok()) {
+    send_error(c, id, s);
+    return;
+  }
+  FrameHeader h;
+  h.type = FrameType::kReply;
+  h.flags = kFlagControl;
+  h.id = id;
+  send_direct(c, h, {}, {});
 }
 
 void Server::Impl::close_conn(uint64_t id, const char* why) {
@@ -590,12 +605,12 @@ Status Server::Impl::handle_active(Conn& c, const FrameView& f, const std::share
         return ok_status();
       }
       Status s = owner_->broker_->subscribe(c.id(), h.id, f.topic, h.seq == 1);
-      if (!s.ok()) send_error(c, h.id, s);
+      send_ack(c, h.id, s);
       return ok_status();
     }
     case FrameType::kUnsubscribe: {
       Status s = owner_->broker_->unsubscribe(c.id(), h.id);
-      if (!s.ok()) send_error(c, h.id, s);
+      send_ack(c, h.id, s);
       return ok_status();
     }
     case FrameType::kCredit:

@@ -1,0 +1,135 @@
+// myelin/broker/client.hpp
+//
+// Client: what training code links to talk to a myelin broker (myelin-broker or an embedded
+// Server). connect() authenticates (challenge-response on the job secret; the broker proves it
+// knows the secret too) and starts one I/O thread that reads, sends heartbeats and flushes.
+//
+//  - publish(): at-most-once, fire and forget. Blocks only while the broker holds back this
+//    producer (no publish credits left: a subscriber is full under the block policy, or a rate
+//    limit applies), until the deadline; the stall is counted.
+//  - subscribe(pattern, handler): handlers run on the I/O thread, one at a time, and must not
+//    block for long. Without a handler, messages go to poll(). Either way a delivery credit goes
+//    back to the broker once the message was handed over, so a slow consumer slows the broker's
+//    sending to it, never loses messages silently (see the topic's overflow policy).
+//  - Received payloads are not copied: ReceivedMessage::payload points into the receive buffer,
+//    kept alive by ReceivedMessage::owner.
+//  - request(): at-least-once with retries, exponential back-off and de-duplication by message id
+//    on the responder (serve()) side.
+//  - ps_push()/ps_pull(): parameter-server operations against the broker's shard.
+//
+// Thread safety: every method may be called from any thread. Errors after the connection broke:
+// the connection's status (peer_failed ...) from every call; nothing waits past its deadline.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <myelin/broker/broker.hpp>
+#include <myelin/core/clock.hpp>
+#include <myelin/core/status.hpp>
+
+namespace myelin::broker {
+
+struct ClientOptions {
+  std::string address = "127.0.0.1:7400";
+  std::string identity = "client";
+  std::string secret;
+  int64_t connect_timeout_ms = 5000;
+  uint32_t receive_window = 1024;  // delivery credits granted to the broker
+  int64_t heartbeat_ms = 1000;     // the broker is declared dead after 3x this of silence
+  uint32_t chunk_bytes = 64 * 1024;
+  size_t batch_bytes = 64 * 1024;
+  int64_t batch_window_us = 200;
+  uint32_t ps_worker = 0;          // this worker's index for parameter-server pushes
+};
+
+struct ReceivedMessage {
+  std::string topic;
+  uint64_t seq = 0;            // the topic's sequence number
+  uint64_t id = 0;             // message id
+  uint64_t publish_ts_ns = 0;  // publisher's CLOCK_MONOTONIC (comparable on one host)
+  uint64_t missed_before = 0;  // messages of this topic skipped before this one (gap)
+  bool control = false;
+  std::shared_ptr<const void> owner;
+  std::span<const std::byte> payload;
+  [[nodiscard]] std::string_view text() const {
+    return {reinterpret_cast<const char*>(payload.data()), payload.size()};
+  }
+};
+
+struct PublishOptions {
+  Lane lane = Lane::kBulk;
+  bool batch = true;  // may be coalesced (off: sent at once)
+  int64_t timeout_ms = 10000;
+};
+
+struct RequestOptions {
+  int64_t attempt_timeout_ms = 1000;
+  uint32_t max_attempts = 8;
+  int64_t backoff_ms = 10;
+  double backoff_factor = 2.0;
+  int64_t max_backoff_ms = 1000;
+  Lane lane = Lane::kControl;
+};
+
+struct Reply {
+  std::vector<std::byte> payload;
+  uint32_t attempts = 0;
+};
+
+struct ClientStats {
+  uint64_t gaps_missed = 0;           // messages known missing from sequence gaps
+  uint64_t publish_stalls = 0;        // publishes that waited for credits
+  uint64_t duplicate_requests = 0;    // requests answered from the de-duplication cache / dropped
+  uint64_t handler_calls = 0;         // request handler invocations
+  uint64_t received = 0;
+};
+
+using MessageHandler = std::function<void(const ReceivedMessage&)>;
+using RequestHandler = std::function<Result<std::vector<std::byte>>(const ReceivedMessage&)>;
+
+class Client {
+ public:
+  static Result<std::unique_ptr<Client>> connect(ClientOptions options);
+  ~Client();
+  Client(const Client&) = delete;
+  Client& operator=(const Client&) = delete;
+
+  Status publish(std::string_view topic, std::span<const std::byte> payload, PublishOptions o = {});
+  Status publish(std::string_view topic, std::string_view text, PublishOptions o = {}) {
+    return publish(topic, std::span<const std::byte>(reinterpret_cast<const std::byte*>(text.data()), text.size()), o);
+  }
+  // Returns the subscription id once the broker confirmed it (errors: permission_denied, ...).
+  Result<uint64_t> subscribe(std::string_view pattern, MessageHandler handler = {},
+                             int64_t timeout_ms = 5000);
+  Status unsubscribe(uint64_t subscription, int64_t timeout_ms = 5000);
+  // The next message for handler-less subscriptions; timeout_error when none arrives in time.
+  Result<ReceivedMessage> poll(Deadline deadline);
+  // Answers requests on topics matching `pattern`.
+  Status serve(std::string_view pattern, RequestHandler handler, int64_t timeout_ms = 5000);
+  Result<Reply> request(std::string_view topic, std::span<const std::byte> payload, RequestOptions o = {});
+
+  Status ps_init(std::string_view key, std::span<const float> initial, int64_t timeout_ms = 5000);
+  Status ps_push(std::string_view key, std::span<const float> grad, uint64_t step,
+                 int64_t timeout_ms = 10000);
+  // Lands the parameters in `out` (the key's size); returns the version.
+  Result<uint64_t> ps_pull(std::string_view key, uint64_t min_version, std::span<float> out,
+                           int64_t timeout_ms = 10000);
+
+  [[nodiscard]] Status status() const;
+  [[nodiscard]] ClientStats stats() const;
+  [[nodiscard]] uint64_t client_id() const noexcept;
+
+  class Impl;
+
+ private:
+  explicit Client(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace myelin::broker

@@ -1,0 +1,681 @@
+// Client implementation: one I/O thread, one mutex for the connection state. Senders push into
+// the OutQueue under the mutex and flush right away; the I/O thread flushes what the socket did
+// not take, reads, dispatches and keeps heartbeats going.
+#include <myelin/broker/client.hpp>
+
+#include <poll.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+
+#include <myelin/broker/sequence.hpp>
+#include <myelin/core/log.hpp>
+
+#include "auth.hpp"
+#include "wire.hpp"
+
+namespace myelin::broker {
+using internal::Fd;
+
+namespace {
+constexpr uint64_t kPsInitStep = UINT64_MAX;
+constexpr size_t kDedupEntries = 4096;
+
+std::span<const std::byte> float_bytes(std::span<const float> v) {
+  return {reinterpret_cast<const std::byte*>(v.data()), v.size() * sizeof(float)};
+}
+}  // namespace
+
+class Client::Impl {
+ public:
+  struct Waiter {
+    bool done = false;
+    Status status;
+    uint64_t seq = 0;
+    std::shared_ptr<const void> owner;
+    std::span<const std::byte> payload;
+  };
+  struct Sub {
+    uint64_t id;
+    std::string pattern;
+    MessageHandler handler;
+    RequestHandler responder;
+  };
+
+  explicit Impl(ClientOptions o)
+      : opt_(std::move(o)),
+        out_(internal::OutOptions{.chunk_size = opt_.chunk_bytes,
+                                  .batch_bytes = opt_.batch_bytes,
+                                  .batch_window_ns = opt_.batch_window_us * 1000}),
+        rx_(DecodeLimits{}) {}
+  ~Impl() { shutdown(); }
+
+  Status handshake();
+  Status start();
+  void shutdown();
+  void io_loop();
+  Status dispatch(const FrameView& f, const std::shared_ptr<const void>& owner);
+  void fail(Status s);
+
+  // Sends one frame under mu_ (held by the caller).
+  Status send_locked(FrameHeader h, std::string_view topic, std::span<const std::byte> payload,
+                     bool batchable, std::shared_ptr<const void> owner = nullptr) {
+    if (!status_.ok()) return status_;
+    MYELIN_RETURN_IF_ERROR(out_.push(h, topic, payload, std::move(owner), batchable, monotonic_ns()));
+    auto r = out_.flush(fd_.get());
+    if (!r.ok()) {
+      fail(std::move(r).status());
+      return status_;
+    }
+    if (!*r || !out_.empty()) wake();
+    return ok_status();
+  }
+  // Takes one publish credit, waiting until the deadline. mu_ held through `lock`.
+  Status take_credit(std::unique_lock<std::mutex>& lock, Deadline d) {
+    if (pub_credits_ == 0) stats_.publish_stalls++;
+    while (pub_credits_ == 0) {
+      if (!status_.ok()) return status_;
+      if (d.expired()) {
+        return timeout_error("no publish credit from the broker in time: it is holding back this "
+                             "producer (full subscriber under the block policy, or a rate limit)");
+      }
+      cv_.wait_for(lock, std::chrono::nanoseconds(std::min<int64_t>(d.remaining_ns(), 100'000'000)));
+    }
+    if (!status_.ok()) return status_;
+    pub_credits_--;
+    return ok_status();
+  }
+  void consumed_locked() {
+    if (++credits_owed_ >= std::max<uint32_t>(1, opt_.receive_window / 8)) {
+      FrameHeader h;
+      h.type = FrameType::kCredit;
+      h.flags = kFlagControl;
+      h.id = credits_owed_;
+      credits_owed_ = 0;
+      (void)send_locked(h, {}, {}, false);
+    }
+  }
+  Result<Waiter> wait_for(std::unique_lock<std::mutex>& lock, uint64_t id, Deadline d) {
+    while (true) {
+      auto it = waiters_.find(id);
+      if (it != waiters_.end() && it->second.done) {
+        Waiter w = std::move(it->second);
+        waiters_.erase(it);
+        return w;
+      }
+      if (!status_.ok()) {
+        waiters_.erase(id);
+        return status_;
+      }
+      if (d.expired()) {
+        waiters_.erase(id);
+        return timeout_error("no answer from the broker for operation ", id);
+      }
+      cv_.wait_for(lock, std::chrono::nanoseconds(std::min<int64_t>(d.remaining_ns(), 100'000'000)));
+    }
+  }
+  uint64_t new_id_locked() { return (client_id_ << 40) | (++counter_ & ((1ull << 40) - 1)); }
+  void wake() {
+    const uint64_t one = 1;
+    [[maybe_unused]] ssize_t n = ::write(wake_fd_.get(), &one, sizeof(one));
+  }
+
+  ClientOptions opt_;
+  Fd fd_, wake_fd_, epoll_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  internal::OutQueue out_;
+  internal::RxBuffer rx_;  // I/O thread only
+  Reassembler reasm_;      // I/O thread only
+  GapDetector gaps_;       // I/O thread only
+  Status status_;
+  uint64_t client_id_ = 0, counter_ = 0;
+  uint64_t pub_credits_ = 0, credits_owed_ = 0;
+  bool draining_ = false;
+  std::vector<Sub> subs_;
+  std::unordered_map<uint64_t, Waiter> waiters_;
+  std::deque<ReceivedMessage> inbox_;
+  std::unordered_map<uint64_t, std::vector<std::byte>> replies_;  // responder de-dup cache
+  std::deque<uint64_t> replies_fifo_;
+  std::unordered_set<uint64_t> in_flight_;
+  ClientStats stats_;
+  int64_t last_rx_ns_ = 0, last_tx_ns_ = 0;
+  std::atomic<bool> stop_{false};  // pairs with the I/O thread's acquire load
+  std::thread thread_;
+};
+
+void Client::Impl::fail(Status s) {
+  if (status_.ok()) {
+    status_ = std::move(s);
+    MYELIN_LOG_INFO << "broker connection lost: " << status_;
+  }
+  cv_.notify_all();
+}
+
+Status Client::Impl::handshake() {
+  MYELIN_ASSIGN_OR_RETURN(auto hp, internal::parse_host_port(opt_.address));
+  const Deadline d = Deadline::after_ms(opt_.connect_timeout_ms);
+  MYELIN_ASSIGN_OR_RETURN(fd_, internal::connect_tcp(hp, d));
+  auto read_frame = [&](FrameView* f) -> Status {
+    while (true) {
+      MYELIN_ASSIGN_OR_RETURN(bool got, rx_.next(f));
+      if (got) return ok_status();
+      pollfd p{fd_.get(), POLLIN, 0};
+      if (::poll(&p, 1, d.remaining_ms_for_poll()) == 0) return timeout_error("handshake with ", opt_.address);
+      MYELIN_ASSIGN_OR_RETURN(size_t n, rx_.read_from(fd_.get()));
+      (void)n;
+    }
+  };
+  FrameView f;
+  MYELIN_RETURN_IF_ERROR(read_frame(&f));
+  MYELIN_ASSIGN_OR_RETURN(auto server_nonce, parse_hello(f));
+  MYELIN_ASSIGN_OR_RETURN(auto client_nonce, internal::random_nonce());
+  const auto mac = internal::client_mac(opt_.secret, server_nonce, client_nonce, opt_.identity);
+  std::vector<std::byte> payload(client_nonce.begin(), client_nonce.end());
+  payload.insert(payload.end(), mac.begin(), mac.end());
+  FrameHeader h;
+  h.type = FrameType::kAuth;
+  h.flags = kFlagControl;
+  if (!valid_identity(opt_.identity)) return invalid_argument("bad client identity '", opt_.identity, "'");
+  MYELIN_RETURN_IF_ERROR(out_.push(h, opt_.identity, payload, nullptr, false, monotonic_ns()));
+  MYELIN_ASSIGN_OR_RETURN(bool flushed, out_.flush(fd_.get()));
+  if (!flushed) return unavailable("could not send the handshake");
+  MYELIN_RETURN_IF_ERROR(read_frame(&f));
+  if (f.header.type == FrameType::kError) {
+    return Status(f.header.seq >= 1 && f.header.seq <= static_cast<uint64_t>(StatusCode::kInternal)
+                      ? static_cast<StatusCode>(f.header.seq)
+                      : StatusCode::kPermissionDenied,
+                  std::string(reinterpret_cast<const char*>(f.payload.data()), f.payload.size()));
+  }
+  MYELIN_ASSIGN_OR_RETURN(auto proof, parse_auth_ok(f));
+  if (!internal::mac_equal(proof, internal::server_proof(opt_.secret, server_nonce, client_nonce, opt_.identity))) {
+    return permission_denied("the broker at ", opt_.address, " does not know the job secret");
+  }
+  client_id_ = f.header.id;
+  pub_credits_ = f.header.seq;
+  FrameHeader c;
+  c.type = FrameType::kCredit;
+  c.flags = kFlagControl;
+  c.id = opt_.receive_window;
+  MYELIN_RETURN_IF_ERROR(out_.push(c, {}, {}, nullptr, false, monotonic_ns()));
+  MYELIN_ASSIGN_OR_RETURN(flushed, out_.flush(fd_.get()));
+  last_rx_ns_ = last_tx_ns_ = monotonic_ns();
+  // Frames that arrived right behind auth_ok stay in rx_ for the I/O thread.
+  return ok_status();
+}
+
+Status Client::Impl::start() {
+  wake_fd_ = Fd(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
+  epoll_ = Fd(::epoll_create1(EPOLL_CLOEXEC));
+  if (!wake_fd_.valid() || !epoll_.valid()) return errno_status("eventfd/epoll", errno);
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.u64 = 1;
+  if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd_.get(), &ev) != 0) return errno_status("epoll_ctl", errno);
+  ev.data.u64 = 2;
+  if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, wake_fd_.get(), &ev) != 0) return errno_status("epoll_ctl", errno);
+  thread_ = std::thread([this] { io_loop(); });
+  return ok_status();
+}
+
+void Client::Impl::shutdown() {
+  stop_.store(true, std::memory_order_release);  // pairs with io_loop's acquire load
+  if (thread_.joinable()) {
+    wake();
+    thread_.join();
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  if (status_.ok()) {
+    out_.close_due_batches(0, true);
+    (void)out_.flush(fd_.get());
+    fail(cancelled("client closed"));
+  }
+}
+
+void Client::Impl::io_loop() {
+  bool want_out = false;
+  while (!stop_.load(std::memory_order_acquire)) {
+    int timeout_ms = static_cast<int>(std::min<int64_t>(opt_.heartbeat_ms / 2, 50));
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!status_.ok()) return;
+      const int64_t now = monotonic_ns();
+      const int64_t bd = out_.next_batch_deadline();
+      if (bd != INT64_MAX) timeout_ms = std::min<int>(timeout_ms, static_cast<int>(std::max<int64_t>(0, (bd - now + 999'999) / 1'000'000)));
+      const bool want = !out_.empty();
+      if (want != want_out) {
+        epoll_event ev{};
+        ev.events = want ? static_cast<uint32_t>(EPOLLIN | EPOLLOUT) : static_cast<uint32_t>(EPOLLIN);
+        ev.data.u64 = 1;
+        ::epoll_ctl(epoll_.get(), EPOLL_CTL_MOD, fd_.get(), &ev);
+        want_out = want;
+      }
+    }
+    epoll_event evs[4];
+    const int n = ::epoll_wait(epoll_.get(), evs, 4, timeout_ms);
+    bool readable = false;
+    for (int i = 0; i < n; ++i) {
+      if (evs[i].data.u64 == 2) {
+        uint64_t v;
+        [[maybe_unused]] ssize_t r = ::read(wake_fd_.get(), &v, sizeof(v));
+      } else if (evs[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP)) {
+        readable = true;
+      }
+    }
+    // Frames may already sit in rx_ from the handshake; read and dispatch them all.
+    for (int round = 0; round < 16; ++round) {
+      if (readable) {
+        auto got = rx_.read_from(fd_.get());
+        if (!got.ok()) {
+          std::lock_guard<std::mutex> lock(mu_);
+          fail(std::move(got).status().with_context("broker " + opt_.address));
+          return;
+        }
+        if (*got == 0) readable = false;
+        else last_rx_ns_ = monotonic_ns();
+      }
+      while (true) {
+        FrameView f;
+        auto r = rx_.next(&f);
+        Status s = r.ok() ? ok_status() : r.status();
+        if (s.ok() && !*r) break;
+        if (s.ok()) s = dispatch(f, rx_.owner());
+        if (!s.ok()) {
+          std::lock_guard<std::mutex> lock(mu_);
+          fail(std::move(s).with_context("from broker " + opt_.address));
+          return;
+        }
+      }
+      if (!readable) break;
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    const int64_t now = monotonic_ns();
+    if (now - last_rx_ns_ > 3 * opt_.heartbeat_ms * 1'000'000) {
+      fail(peer_failed("broker ", opt_.address, " silent for ", 3 * opt_.heartbeat_ms, " ms"));
+      return;
+    }
+    if (now - last_tx_ns_ > opt_.heartbeat_ms * 1'000'000) {
+      FrameHeader h;
+      h.type = FrameType::kHeartbeat;
+      h.flags = kFlagControl;
+      (void)send_locked(h, {}, {}, false);
+      last_tx_ns_ = now;
+    }
+    out_.close_due_batches(now);
+    auto fl = out_.flush(fd_.get());
+    if (!fl.ok()) fail(std::move(fl).status());
+  }
+}
+
+Status Client::Impl::dispatch(const FrameView& f, const std::shared_ptr<const void>& owner) {
+  const FrameHeader& h = f.header;
+  if (h.flags & (kFlagMore | kFlagContinuation)) {
+    AssembledMessage m;
+    MYELIN_ASSIGN_OR_RETURN(bool done, reasm_.add(f, &m));
+    if (!done) return ok_status();
+    FrameView whole;
+    whole.header = m.header;
+    whole.topic = m.topic;
+    whole.payload = std::span<const std::byte>(m.payload->data(), m.payload->size());
+    return dispatch(whole, m.payload);
+  }
+  switch (h.type) {
+    case FrameType::kBatch:
+      return for_each_in_batch(f.payload, DecodeLimits{}, [&](const FrameView& in) { return dispatch(in, owner); });
+    case FrameType::kHeartbeat:
+      return ok_status();
+    case FrameType::kGoAway: {
+      std::lock_guard<std::mutex> lock(mu_);
+      draining_ = true;
+      cv_.notify_all();
+      return ok_status();
+    }
+    case FrameType::kCredit: {
+      std::lock_guard<std::mutex> lock(mu_);
+      pub_credits_ += h.id;
+      cv_.notify_all();
+      return ok_status();
+    }
+    case FrameType::kReply:
+    case FrameType::kError:
+    case FrameType::kPsReply: {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (h.type != FrameType::kPsReply) consumed_locked();
+      auto it = waiters_.find(h.id);
+      if (it == waiters_.end()) {
+        if (h.type == FrameType::kError) {
+          const std::string text(reinterpret_cast<const char*>(f.payload.data()), f.payload.size());
+          if (h.id == 0) {
+            fail(Status(h.seq >= 1 && h.seq <= static_cast<uint64_t>(StatusCode::kInternal)
+                            ? static_cast<StatusCode>(h.seq)
+                            : StatusCode::kProtocolError,
+                        text));
+          } else {
+            MYELIN_LOG_WARN << "broker refused operation " << h.id << ": " << text;
+          }
+        }
+        return ok_status();  // late or duplicate answer
+      }
+      Waiter& w = it->second;
+      w.done = true;
+      w.seq = h.seq;
+      if (h.type == FrameType::kError) {
+        const auto code = h.seq >= 1 && h.seq <= static_cast<uint64_t>(StatusCode::kInternal)
+                              ? static_cast<StatusCode>(h.seq)
+                              : StatusCode::kInternal;
+        w.status = Status(code, std::string(reinterpret_cast<const char*>(f.payload.data()), f.payload.size()));
+      }
+      w.owner = owner;
+      w.payload = f.payload;
+      cv_.notify_all();
+      return ok_status();
+    }
+    case FrameType::kDeliver: {
+      ReceivedMessage m;
+      m.topic = std::string(f.topic);
+      m.seq = h.seq;
+      m.id = h.id;
+      m.publish_ts_ns = h.timestamp_ns;
+      m.control = h.flags & kFlagControl;
+      m.owner = owner;
+      m.payload = f.payload;
+      const SeqEvent ev = gaps_.observe(m.topic, m.seq);
+      m.missed_before = ev.missed;
+      std::vector<MessageHandler> handlers;
+      bool to_inbox = false;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        stats_.gaps_missed += ev.missed;
+        stats_.received++;
+        for (const Sub& s : subs_) {
+          if (s.responder || !topic_matches(s.pattern, m.topic)) continue;
+          if (s.handler) handlers.push_back(s.handler);
+          else to_inbox = true;
+        }
+        if (to_inbox) {
+          inbox_.push_back(m);
+          cv_.notify_all();
+        }
+      }
+      for (const auto& fn : handlers) fn(m);
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!to_inbox) consumed_locked();  // poll() credits inbox messages when it hands them out
+      return ok_status();
+    }
+    case FrameType::kRequest: {
+      ReceivedMessage m;
+      m.topic = std::string(f.topic);
+      m.seq = h.seq;
+      m.id = h.id;
+      m.publish_ts_ns = h.timestamp_ns;
+      m.control = h.flags & kFlagControl;
+      m.owner = owner;
+      m.payload = f.payload;
+      RequestHandler fn;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        consumed_locked();
+        auto cached = replies_.find(h.id);
+        if (cached != replies_.end()) {
+          stats_.duplicate_requests++;
+          FrameHeader r;
+          r.type = FrameType::kReply;
+          r.flags = h.flags & kFlagControl;
+          r.id = h.id;
+          return send_locked(r, {}, cached->second, false);
+        }
+        if (in_flight_.count(h.id)) {
+          stats_.duplicate_requests++;
+          return ok_status();
+        }
+        for (const Sub& s : subs_) {
+          if (s.responder && topic_matches(s.pattern, m.topic)) {
+            fn = s.responder;
+            break;
+          }
+        }
+        if (!fn) return ok_status();
+        in_flight_.insert(h.id);
+        stats_.handler_calls++;
+      }
+      Result<std::vector<std::byte>> answer = fn(m);
+      std::lock_guard<std::mutex> lock(mu_);
+      in_flight_.erase(h.id);
+      FrameHeader r;
+      r.id = h.id;
+      if (!answer.ok()) {
+        r.type = FrameType::kError;
+        r.flags = kFlagControl;
+        r.seq = static_cast<uint64_t>(answer.status().code());
+        const std::string text(answer.status().message());
+        return send_locked(r, {}, std::span<const std::byte>(reinterpret_cast<const std::byte*>(text.data()), text.size()), false);
+      }
+      r.type = FrameType::kReply;
+      r.flags = (h.flags & kFlagControl) && answer->size() <= opt_.chunk_bytes ? kFlagControl : 0;
+      replies_[h.id] = *answer;
+      replies_fifo_.push_back(h.id);
+      if (replies_fifo_.size() > kDedupEntries) {
+        replies_.erase(replies_fifo_.front());
+        replies_fifo_.pop_front();
+      }
+      return send_locked(r, {}, replies_[h.id], false);
+    }
+    default:
+      return protocol_error("unexpected ", frame_type_name(h.type), " frame from the broker");
+  }
+}
+
+Client::Client(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Client::~Client() = default;
+
+Result<std::unique_ptr<Client>> Client::connect(ClientOptions options) {
+  if (options.secret.empty()) return invalid_argument("the job secret is empty");
+  if (options.receive_window == 0) return invalid_argument("receive_window must be positive");
+  auto impl = std::make_unique<Impl>(std::move(options));
+  const std::string where = impl->opt_.address;
+  MYELIN_RETURN_IF_ERROR(impl->handshake().with_context("connecting to broker " + where));
+  MYELIN_RETURN_IF_ERROR(impl->start());
+  return std::unique_ptr<Client>(new Client(std::move(impl)));
+}
+
+Status Client::publish(std::string_view topic, std::span<const std::byte> payload, PublishOptions o) {
+  MYELIN_RETURN_IF_ERROR(validate_topic(topic));
+  Impl& im = *impl_;
+  std::unique_lock<std::mutex> lock(im.mu_);
+  if (im.draining_) return unavailable("broker ", im.opt_.address, " is draining");
+  MYELIN_RETURN_IF_ERROR(im.take_credit(lock, Deadline::after_ms(o.timeout_ms)));
+  FrameHeader h;
+  h.type = FrameType::kPublish;
+  h.flags = o.lane == Lane::kControl ? kFlagControl : 0;
+  h.id = im.new_id_locked();
+  h.timestamp_ns = static_cast<uint64_t>(monotonic_ns());
+  return im.send_locked(h, topic, payload, o.batch);
+}
+
+Result<uint64_t> Client::subscribe(std::string_view pattern, MessageHandler handler, int64_t timeout_ms) {
+  MYELIN_RETURN_IF_ERROR(validate_pattern(pattern));
+  Impl& im = *impl_;
+  std::unique_lock<std::mutex> lock(im.mu_);
+  const uint64_t id = im.new_id_locked();
+  im.subs_.push_back(Impl::Sub{id, std::string(pattern), std::move(handler), {}});
+  im.waiters_[id];
+  FrameHeader h;
+  h.type = FrameType::kSubscribe;
+  h.flags = kFlagControl;
+  h.id = id;
+  Status s = im.send_locked(h, pattern, {}, false);
+  auto w = s.ok() ? im.wait_for(lock, id, Deadline::after_ms(timeout_ms)) : Result<Impl::Waiter>(s);
+  if (!w.ok() || !w->status.ok()) {
+    std::erase_if(im.subs_, [&](const Impl::Sub& x) { return x.id == id; });
+    return (w.ok() ? w->status : w.status()).with_context("subscribing to '" + std::string(pattern) + "'");
+  }
+  return id;
+}
+
+Status Client::serve(std::string_view pattern, RequestHandler handler, int64_t timeout_ms) {
+  MYELIN_RETURN_IF_ERROR(validate_pattern(pattern));
+  if (!handler) return invalid_argument("serve() needs a handler");
+  Impl& im = *impl_;
+  std::unique_lock<std::mutex> lock(im.mu_);
+  const uint64_t id = im.new_id_locked();
+  im.subs_.push_back(Impl::Sub{id, std::string(pattern), {}, std::move(handler)});
+  im.waiters_[id];
+  FrameHeader h;
+  h.type = FrameType::kSubscribe;
+  h.flags = kFlagControl;
+  h.id = id;
+  h.seq = 1;  // responder
+  Status s = im.send_locked(h, pattern, {}, false);
+  auto w = s.ok() ? im.wait_for(lock, id, Deadline::after_ms(timeout_ms)) : Result<Impl::Waiter>(s);
+  if (!w.ok() || !w->status.ok()) {
+    std::erase_if(im.subs_, [&](const Impl::Sub& x) { return x.id == id; });
+    return (w.ok() ? w->status : w.status()).with_context("serving '" + std::string(pattern) + "'");
+  }
+  return ok_status();
+}
+
+Status Client::unsubscribe(uint64_t subscription, int64_t timeout_ms) {
+  Impl& im = *impl_;
+  std::unique_lock<std::mutex> lock(im.mu_);
+  std::erase_if(im.subs_, [&](const Impl::Sub& x) { return x.id == subscription; });
+  const uint64_t op = subscription;
+  im.waiters_[op];
+  FrameHeader h;
+  h.type = FrameType::kUnsubscribe;
+  h.flags = kFlagControl;
+  h.id = subscription;
+  MYELIN_RETURN_IF_ERROR(im.send_locked(h, {}, {}, false));
+  MYELIN_ASSIGN_OR_RETURN(auto w, im.wait_for(lock, op, Deadline::after_ms(timeout_ms)));
+  return w.status;
+}
+
+Result<ReceivedMessage> Client::poll(Deadline deadline) {
+  Impl& im = *impl_;
+  std::unique_lock<std::mutex> lock(im.mu_);
+  while (im.inbox_.empty()) {
+    if (!im.status_.ok()) return im.status_;
+    if (deadline.expired()) return timeout_error("no message");
+    im.cv_.wait_for(lock, std::chrono::nanoseconds(std::min<int64_t>(deadline.remaining_ns(), 100'000'000)));
+  }
+  ReceivedMessage m = std::move(im.inbox_.front());
+  im.inbox_.pop_front();
+  im.consumed_locked();
+  return m;
+}
+
+Result<Reply> Client::request(std::string_view topic, std::span<const std::byte> payload, RequestOptions o) {
+  MYELIN_RETURN_IF_ERROR(validate_topic(topic));
+  if (o.max_attempts == 0) return invalid_argument("max_attempts must be positive");
+  Impl& im = *impl_;
+  std::unique_lock<std::mutex> lock(im.mu_);
+  const uint64_t id = im.new_id_locked();
+  int64_t backoff = o.backoff_ms;
+  Status last;
+  for (uint32_t attempt = 1; attempt <= o.max_attempts; ++attempt) {
+    const Deadline d = Deadline::after_ms(o.attempt_timeout_ms);
+    MYELIN_RETURN_IF_ERROR(im.take_credit(lock, d));
+    im.waiters_[id] = Impl::Waiter{};
+    FrameHeader h;
+    h.type = FrameType::kRequest;
+    h.flags = o.lane == Lane::kControl && payload.size() <= im.opt_.chunk_bytes ? kFlagControl : 0;
+    h.id = id;
+    h.seq = attempt;
+    h.timestamp_ns = static_cast<uint64_t>(monotonic_ns());
+    MYELIN_RETURN_IF_ERROR(im.send_locked(h, topic, payload, false));
+    auto w = im.wait_for(lock, id, d);
+    if (w.ok() && w->status.ok()) {
+      Reply r;
+      r.payload.assign(w->payload.begin(), w->payload.end());
+      r.attempts = attempt;
+      return r;
+    }
+    last = w.ok() ? w->status : w.status();
+    // Retry what may succeed later: no answer in time, or no responder yet.
+    if (last.code() != StatusCode::kTimeout && last.code() != StatusCode::kUnavailable) return last;
+    if (!im.status_.ok()) return im.status_;
+    const Deadline pause = Deadline::after_ms(backoff);
+    while (!pause.expired() && im.status_.ok()) {
+      im.cv_.wait_for(lock, std::chrono::nanoseconds(pause.remaining_ns()));
+    }
+    backoff = std::min<int64_t>(o.max_backoff_ms, static_cast<int64_t>(static_cast<double>(backoff) * o.backoff_factor));
+  }
+  return std::move(last).with_context("request on '" + std::string(topic) + "' after " +
+                                      std::to_string(o.max_attempts) + " attempts");
+}
+
+namespace {
+Status ps_send(Client::Impl& im, std::unique_lock<std::mutex>& lock, FrameType type, std::string_view key,
+               uint64_t step, std::span<const float> data, Deadline d, Client::Impl::Waiter* out);
+}
+
+Status Client::ps_init(std::string_view key, std::span<const float> initial, int64_t timeout_ms) {
+  std::unique_lock<std::mutex> lock(impl_->mu_);
+  Impl::Waiter w;
+  return ps_send(*impl_, lock, FrameType::kPsPush, key, kPsInitStep, initial, Deadline::after_ms(timeout_ms), &w);
+}
+
+Status Client::ps_push(std::string_view key, std::span<const float> grad, uint64_t step, int64_t timeout_ms) {
+  if (step == kPsInitStep) return invalid_argument("step ", step, " is reserved");
+  std::unique_lock<std::mutex> lock(impl_->mu_);
+  Impl::Waiter w;
+  return ps_send(*impl_, lock, FrameType::kPsPush, key, step, grad, Deadline::after_ms(timeout_ms), &w);
+}
+
+Result<uint64_t> Client::ps_pull(std::string_view key, uint64_t min_version, std::span<float> out, int64_t timeout_ms) {
+  std::unique_lock<std::mutex> lock(impl_->mu_);
+  Impl::Waiter w;
+  MYELIN_RETURN_IF_ERROR(ps_send(*impl_, lock, FrameType::kPsPull, key, min_version, {}, Deadline::after_ms(timeout_ms), &w));
+  if (w.payload.size() != out.size() * sizeof(float)) {
+    return invalid_argument("pulled '", key, "' has ", w.payload.size() / sizeof(float),
+                            " elements, the buffer ", out.size());
+  }
+  std::memcpy(out.data(), w.payload.data(), w.payload.size());
+  return w.seq;
+}
+
+namespace {
+Status ps_send(Client::Impl& im, std::unique_lock<std::mutex>& lock, FrameType type, std::string_view key,
+               uint64_t step, std::span<const float> data, Deadline d, Client::Impl::Waiter* out) {
+  MYELIN_RETURN_IF_ERROR(validate_topic(key));
+  MYELIN_RETURN_IF_ERROR(im.take_credit(lock, d));
+  const uint64_t id = im.new_id_locked();
+  im.waiters_[id];
+  FrameHeader h;
+  h.type = type;
+  h.id = id;
+  h.seq = step;
+  if (type == FrameType::kPsPull) {
+    h.flags = kFlagControl;
+    MYELIN_RETURN_IF_ERROR(im.send_locked(h, key, {}, false));
+  } else {
+    auto buf = std::make_shared<std::vector<std::byte>>(4 + data.size() * sizeof(float));
+    std::memcpy(buf->data(), &im.opt_.ps_worker, 4);
+    const auto fb = float_bytes(data);
+    if (!fb.empty()) std::memcpy(buf->data() + 4, fb.data(), fb.size());
+    MYELIN_RETURN_IF_ERROR(im.send_locked(h, key, *buf, false, buf));
+  }
+  MYELIN_ASSIGN_OR_RETURN(*out, im.wait_for(lock, id, d));
+  return out->status;
+}
+}  // namespace
+
+Status Client::status() const {
+  std::lock_guard<std::mutex> lock(impl_->mu_);
+  return impl_->status_;
+}
+ClientStats Client::stats() const {
+  std::lock_guard<std::mutex> lock(impl_->mu_);
+  return impl_->stats_;
+}
+uint64_t Client::client_id() const noexcept { return impl_->client_id_; }
+
+}  // namespace myelin::broker
