@@ -18,6 +18,7 @@ build_pkgs=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libboost-dev libconcurrentqueue-dev    # peer rings in the ring benchmark
   libssl-dev                             # HMAC-SHA256 for broker authentication
+  libtomlplusplus-dev                    # myelin-broker configuration file
   python3 curl
 )
 vm_pkgs=(qemu-system-x86 busybox-static cpio iproute2 libibverbs1 librdmacm1 ibverbs-providers

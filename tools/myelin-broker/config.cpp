@@ -1,0 +1,167 @@
+#include "config.hpp"
+
+#include <fstream>
+#include <set>
+#include <sstream>
+
+#include <toml++/toml.h>
+
+namespace myelin::broker::tool {
+namespace {
+
+Status check_keys(const toml::table& t, const std::set<std::string>& allowed, const std::string& where) {
+  for (const auto& [k, v] : t) {
+    if (!allowed.count(std::string(k.str()))) return invalid_argument("unknown key '", k.str(), "' in ", where);
+  }
+  return ok_status();
+}
+
+template <typename T>
+Status get(const toml::table& t, const char* key, T* out) {
+  const toml::node* n = t.get(key);
+  if (!n) return ok_status();
+  if constexpr (std::is_same_v<T, std::string>) {
+    auto v = n->value<std::string>();
+    if (!v) return invalid_argument("'", key, "' must be a string");
+    *out = *v;
+  } else if constexpr (std::is_same_v<T, bool>) {
+    auto v = n->value<bool>();
+    if (!v) return invalid_argument("'", key, "' must be a boolean");
+    *out = *v;
+  } else if constexpr (std::is_floating_point_v<T>) {
+    auto v = n->value<double>();
+    if (!v) return invalid_argument("'", key, "' must be a number");
+    *out = static_cast<T>(*v);
+  } else {
+    auto v = n->value<int64_t>();
+    if (!v || *v < 0) return invalid_argument("'", key, "' must be a non-negative integer");
+    *out = static_cast<T>(*v);
+  }
+  return ok_status();
+}
+
+Status get_list(const toml::table& t, const char* key, std::vector<std::string>* out) {
+  const toml::node* n = t.get(key);
+  if (!n) return ok_status();
+  const toml::array* a = n->as_array();
+  if (!a) return invalid_argument("'", key, "' must be an array of strings");
+  out->clear();
+  for (const auto& e : *a) {
+    auto v = e.value<std::string>();
+    if (!v) return invalid_argument("'", key, "' must be an array of strings");
+    out->push_back(*v);
+  }
+  return ok_status();
+}
+
+}  // namespace
+
+Result<std::string> read_secret_file(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return not_found("cannot read secret file '", path, "'");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  std::string s = ss.str();
+  while (!s.empty() && (s.back() == '\n' || s.back() == '\r')) s.pop_back();
+  return s;
+}
+
+Status load_config_file(const std::string& path, ServerOptions* o) {
+  toml::table root;
+  try {
+    root = toml::parse_file(path);
+  } catch (const toml::parse_error& e) {
+    std::ostringstream msg;
+    msg << e.description() << " at line " << e.source().begin.line;
+    return invalid_argument("config '", path, "': ", msg.str());
+  }
+  MYELIN_RETURN_IF_ERROR(check_keys(root, {"broker", "topic", "client", "ps"}, path));
+  if (const toml::table* b = root["broker"].as_table()) {
+    MYELIN_RETURN_IF_ERROR(check_keys(*b, {"listen", "metrics_listen", "secret_file", "lane_capacity",
+                                           "chunk_bytes", "batch_bytes", "batch_count", "batch_window_us",
+                                           "publish_credits", "heartbeat_ms", "numa_node", "nic"},
+                                      "[broker]"));
+    MYELIN_RETURN_IF_ERROR(get(*b, "listen", &o->listen));
+    MYELIN_RETURN_IF_ERROR(get(*b, "metrics_listen", &o->metrics_listen));
+    std::string secret_file;
+    MYELIN_RETURN_IF_ERROR(get(*b, "secret_file", &secret_file));
+    if (!secret_file.empty()) {
+      MYELIN_ASSIGN_OR_RETURN(o->secret, read_secret_file(secret_file));
+    }
+    MYELIN_RETURN_IF_ERROR(get(*b, "lane_capacity", &o->broker.lane_capacity));
+    MYELIN_RETURN_IF_ERROR(get(*b, "chunk_bytes", &o->chunk_bytes));
+    MYELIN_RETURN_IF_ERROR(get(*b, "batch_bytes", &o->batch_bytes));
+    MYELIN_RETURN_IF_ERROR(get(*b, "batch_count", &o->batch_count));
+    MYELIN_RETURN_IF_ERROR(get(*b, "batch_window_us", &o->batch_window_us));
+    MYELIN_RETURN_IF_ERROR(get(*b, "publish_credits", &o->publish_credits));
+    MYELIN_RETURN_IF_ERROR(get(*b, "heartbeat_ms", &o->heartbeat_ms));
+    if (const toml::node* n = b->get("numa_node")) {
+      auto v = n->value<int64_t>();
+      if (!v) return invalid_argument("'numa_node' must be an integer");
+      o->numa_node = static_cast<int>(*v);
+    }
+    MYELIN_RETURN_IF_ERROR(get(*b, "nic", &o->nic));
+  } else if (root.contains("broker")) {
+    return invalid_argument("[broker] must be a table");
+  }
+  if (const toml::node* tn = root.get("topic")) {
+    const toml::array* arr = tn->as_array();
+    if (!arr) return invalid_argument("'topic' must be an array of tables ([[topic]])");
+    for (const auto& e : *arr) {
+      const toml::table* t = e.as_table();
+      if (!t) return invalid_argument("'topic' must be an array of tables ([[topic]])");
+      MYELIN_RETURN_IF_ERROR(check_keys(*t, {"pattern", "lane", "overflow", "batching", "max_delivery_attempts"}, "[[topic]]"));
+      TopicPolicy p;
+      MYELIN_RETURN_IF_ERROR(get(*t, "pattern", &p.pattern));
+      MYELIN_RETURN_IF_ERROR(validate_pattern(p.pattern).with_context("[[topic]] pattern"));
+      std::string lane = "bulk", overflow = "block";
+      MYELIN_RETURN_IF_ERROR(get(*t, "lane", &lane));
+      MYELIN_RETURN_IF_ERROR(get(*t, "overflow", &overflow));
+      MYELIN_ASSIGN_OR_RETURN(p.lane, parse_lane(lane));
+      MYELIN_ASSIGN_OR_RETURN(p.overflow, parse_overflow_policy(overflow));
+      MYELIN_RETURN_IF_ERROR(get(*t, "batching", &p.batching));
+      MYELIN_RETURN_IF_ERROR(get(*t, "max_delivery_attempts", &p.max_delivery_attempts));
+      o->broker.policies.push_back(p);
+    }
+  }
+  if (const toml::node* cn = root.get("client")) {
+    const toml::array* arr = cn->as_array();
+    if (!arr) return invalid_argument("'client' must be an array of tables ([[client]])");
+    for (const auto& e : *arr) {
+      const toml::table* t = e.as_table();
+      if (!t) return invalid_argument("'client' must be an array of tables ([[client]])");
+      MYELIN_RETURN_IF_ERROR(check_keys(*t, {"identity", "publish", "subscribe", "rate_limit_msgs", "rate_limit_burst"}, "[[client]]"));
+      AclEntry a;
+      MYELIN_RETURN_IF_ERROR(get(*t, "identity", &a.identity));
+      MYELIN_RETURN_IF_ERROR(get_list(*t, "publish", &a.publish));
+      MYELIN_RETURN_IF_ERROR(get_list(*t, "subscribe", &a.subscribe));
+      MYELIN_RETURN_IF_ERROR(get(*t, "rate_limit_msgs", &a.rate_limit_msgs_per_s));
+      MYELIN_RETURN_IF_ERROR(get(*t, "rate_limit_burst", &a.rate_limit_burst));
+      o->acl.push_back(a);
+    }
+  }
+  if (const toml::table* p = root["ps"].as_table()) {
+    MYELIN_RETURN_IF_ERROR(check_keys(*p, {"enabled", "workers", "mode", "aggregation", "optimizer", "lr",
+                                           "momentum", "staleness"}, "[ps]"));
+    MYELIN_RETURN_IF_ERROR(get(*p, "enabled", &o->enable_ps));
+    MYELIN_RETURN_IF_ERROR(get(*p, "workers", &o->ps.num_workers));
+    std::string mode = "sync", agg = "mean", optimizer = "sgd";
+    double lr = 0.1, momentum = 0.9;
+    MYELIN_RETURN_IF_ERROR(get(*p, "mode", &mode));
+    MYELIN_RETURN_IF_ERROR(get(*p, "aggregation", &agg));
+    MYELIN_RETURN_IF_ERROR(get(*p, "optimizer", &optimizer));
+    MYELIN_RETURN_IF_ERROR(get(*p, "lr", &lr));
+    MYELIN_RETURN_IF_ERROR(get(*p, "momentum", &momentum));
+    MYELIN_RETURN_IF_ERROR(get(*p, "staleness", &o->ps.staleness_bound));
+    if (mode != "sync" && mode != "async") return invalid_argument("[ps] mode '", mode, "': sync or async");
+    if (agg != "sum" && agg != "mean") return invalid_argument("[ps] aggregation '", agg, "': sum or mean");
+    o->ps.mode = mode == "sync" ? PsMode::kSync : PsMode::kAsync;
+    o->ps.aggregation = agg == "sum" ? Aggregation::kSum : Aggregation::kMean;
+    if (optimizer == "sgd") o->ps.optimizer = std::make_shared<SgdOptimizer>(static_cast<float>(lr));
+    else if (optimizer == "momentum") o->ps.optimizer = std::make_shared<MomentumOptimizer>(static_cast<float>(lr), static_cast<float>(momentum));
+    else return invalid_argument("[ps] optimizer '", optimizer, "': sgd or momentum");
+  }
+  return ok_status();
+}
+
+}  // namespace myelin::broker::tool

@@ -1,0 +1,111 @@
+// myelin-broker: runs a broker Server until SIGTERM/SIGINT, then drains gracefully.
+#include <signal.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <iostream>
+
+#include <CLI/CLI.hpp>
+
+#include <myelin/broker/server.hpp>
+#include <myelin/core/log.hpp>
+
+#include "config.hpp"
+
+using namespace myelin;
+using namespace myelin::broker;
+
+int main(int argc, char** argv) {
+  CLI::App app{"myelin-broker: message broker and parameter-server shard for ML clusters"};
+  std::string config, listen, metrics_listen, secret_file, nic, log_level, port_file;
+  int numa_node = -2;
+  int64_t drain_ms = 5000;
+  bool ps = false;
+  uint32_t ps_workers = 0;
+  app.add_option("-c,--config", config, "TOML configuration file");
+  app.add_option("--listen", listen, "client address host:port (port 0: any free port)");
+  app.add_option("--metrics-listen", metrics_listen, "HTTP /metrics and /healthz address ('' disables)");
+  app.add_option("--secret-file", secret_file, "file holding the job secret (else $MYELIN_BROKER_SECRET)");
+  app.add_option("--numa-node", numa_node, "pin the I/O thread on this NUMA node");
+  app.add_option("--nic", nic, "pin the I/O thread on the NUMA node of this NIC");
+  app.add_option("--drain-timeout-ms", drain_ms, "how long SIGTERM waits for queues to empty");
+  app.add_flag("--ps", ps, "serve a parameter-server shard");
+  app.add_option("--ps-workers", ps_workers, "workers per parameter-server step");
+  app.add_option("--port-file", port_file, "write '<port> <metrics port>' here once listening");
+  app.add_option("--log-level", log_level, "trace|debug|info|warn|error|off");
+  CLI11_PARSE(app, argc, argv);
+
+  if (!log_level.empty()) {
+    auto lvl = parse_log_level(log_level);
+    if (!lvl) {
+      std::cerr << "myelin-broker: bad --log-level '" << log_level << "'\n";
+      return 2;
+    }
+    set_log_level(*lvl);
+  }
+  ServerOptions opts;
+  if (!config.empty()) {
+    Status s = tool::load_config_file(config, &opts);
+    if (!s.ok()) {
+      std::cerr << "myelin-broker: " << s << "\n";
+      return 2;
+    }
+  }
+  if (!listen.empty()) opts.listen = listen;
+  if (app.count("--metrics-listen")) opts.metrics_listen = metrics_listen;
+  if (numa_node != -2) opts.numa_node = numa_node;
+  if (!nic.empty()) opts.nic = nic;
+  if (ps) opts.enable_ps = true;
+  if (ps_workers) opts.ps.num_workers = ps_workers;
+  if (!secret_file.empty()) {
+    auto s = tool::read_secret_file(secret_file);
+    if (!s.ok()) {
+      std::cerr << "myelin-broker: " << s.status() << "\n";
+      return 2;
+    }
+    opts.secret = *s;
+  } else if (opts.secret.empty()) {
+    if (const char* env = std::getenv("MYELIN_BROKER_SECRET")) opts.secret = env;
+  }
+
+  // Block the stop signals before any thread starts so only sigtimedwait below sees them.
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  auto server = Server::create(opts);
+  if (!server.ok()) {
+    std::cerr << "myelin-broker: " << server.status() << "\n";
+    return 1;
+  }
+  Status s = (*server)->start();
+  if (!s.ok()) {
+    std::cerr << "myelin-broker: " << s << "\n";
+    return 1;
+  }
+  std::printf("myelin-broker listening on port %u, metrics on %u\n", (*server)->port(), (*server)->metrics_port());
+  std::fflush(stdout);
+  if (!port_file.empty()) {
+    const std::string tmp = port_file + ".tmp";
+    if (FILE* f = std::fopen(tmp.c_str(), "w")) {
+      std::fprintf(f, "%u %u\n", (*server)->port(), (*server)->metrics_port());
+      std::fclose(f);
+      std::rename(tmp.c_str(), port_file.c_str());
+    }
+  }
+  while (true) {
+    timespec ts{1, 0};
+    const int sig = sigtimedwait(&set, nullptr, &ts);
+    if (sig == SIGTERM || sig == SIGINT) break;
+  }
+  std::fprintf(stderr, "myelin-broker: draining\n");
+  s = (*server)->drain(Deadline::after_ms(drain_ms));
+  if (!s.ok()) {
+    std::fprintf(stderr, "myelin-broker: %s\n", s.to_string().c_str());
+    return 1;
+  }
+  return 0;
+}
