@@ -1,0 +1,265 @@
+// TCP robustness: malformed frames and strangers close only their own connection, with a logged
+// reason; the process and its other connections are unharmed. Also spin-then-block progress.
+#include <arpa/inet.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <random>
+#include <thread>
+
+#include "address.hpp"
+#include "tcp/tcp_frame.hpp"
+#include "test_util.hpp"
+
+namespace myelin::transport::testing {
+namespace {
+
+using internal::tcp::FrameHeader;
+using internal::tcp::FrameType;
+using internal::tcp::kHeaderSize;
+using internal::tcp::TcpAddress;
+
+class TcpWire : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto p = Pair::make(Backend::kTcp);
+    ASSERT_TRUE(p.ok()) << p.status();
+    pair_ = std::move(p).value();
+    auto parsed = internal::parse_address(pair_.b->address());
+    ASSERT_TRUE(parsed.ok());
+    target_bytes_ = *parsed->entry(Backend::kTcp);
+    auto addr = TcpAddress::decode(target_bytes_);
+    ASSERT_TRUE(addr.ok());
+    target_ = *addr;
+  }
+
+  int dial() {
+    const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in sa{};
+    sa.sin_family = AF_INET;
+    sa.sin_port = htons(target_.port);
+    sa.sin_addr.s_addr = target_.ipv4;
+    EXPECT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof(sa)), 0);
+    return fd;
+  }
+  static std::vector<uint8_t> frame(FrameHeader h, const std::vector<uint8_t>& payload = {}) {
+    if (h.length == 0) h.length = payload.size();
+    std::vector<uint8_t> out(kHeaderSize);
+    internal::tcp::encode_header(h, out.data());
+    out.insert(out.end(), payload.begin(), payload.end());
+    return out;
+  }
+  std::vector<uint8_t> hello() {
+    internal::tcp::Hello hl;
+    hl.name = "impostor";
+    hl.sender = TcpAddress{htonl(INADDR_LOOPBACK), 9, 12345}.encode();
+    hl.target = target_bytes_;
+    FrameHeader h;
+    h.type = FrameType::kHello;
+    return frame(h, hl.encode());
+  }
+  static void send_bytes(int fd, const std::vector<uint8_t>& b) {
+    ASSERT_EQ(::send(fd, b.data(), b.size(), MSG_NOSIGNAL), static_cast<ssize_t>(b.size()));
+  }
+  // Progresses both Contexts until the victim closes `fd` (EOF or reset seen by us).
+  bool closed_by_peer(int fd) {
+    const Deadline deadline = Deadline::after_ms(10000);
+    while (!deadline.expired()) {
+      pair_.progress();
+      pollfd p{fd, POLLIN, 0};
+      if (::poll(&p, 1, 1) == 1) {
+        uint8_t buf[4096];
+        const ssize_t r = ::recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
+        if (r <= 0) return true;  // EOF or ECONNRESET
+      }
+    }
+    return false;
+  }
+  void expect_rejected(const std::vector<uint8_t>& bytes, const char* reason, bool half = false) {
+    ::testing::internal::CaptureStderr();
+    const int fd = dial();
+    send_bytes(fd, bytes);
+    if (half) ::shutdown(fd, SHUT_WR);
+    const bool closed = closed_by_peer(fd);
+    const std::string log = ::testing::internal::GetCapturedStderr();
+    ::close(fd);
+    EXPECT_TRUE(closed) << "connection not closed for: " << reason;
+    EXPECT_NE(log.find(reason), std::string::npos) << "log lacks '" << reason << "': " << log;
+    // Everything else still works.
+    uint64_t out = 77, in = 0;
+    Request r = pair_.ba->recv(0, &in, sizeof(in));
+    ASSERT_TRUE(pair_.wait(pair_.ab->send(0, &out, sizeof(out))).ok());
+    ASSERT_TRUE(pair_.wait(r).ok());
+    EXPECT_EQ(in, 77u);
+  }
+
+  Pair pair_;
+  std::vector<uint8_t> target_bytes_;
+  TcpAddress target_;
+};
+
+TEST_F(TcpWire, RandomBytesFromAStranger) {
+  std::mt19937 rng(7);
+  std::vector<uint8_t> junk(200);
+  for (auto& b : junk) b = static_cast<uint8_t>(rng());
+  expect_rejected(junk, "bad frame magic");
+}
+
+TEST_F(TcpWire, UnknownVersion) {
+  auto f = hello();
+  f[4] = 9;
+  expect_rejected(f, "unknown frame version 9");
+}
+
+TEST_F(TcpWire, UnknownType) {
+  auto f = hello();
+  f[5] = 200;
+  expect_rejected(f, "unknown frame type 200");
+}
+
+TEST_F(TcpWire, OversizeLength) {
+  auto f = hello();
+  FrameHeader h;
+  h.type = FrameType::kEager;
+  h.seq = 1;
+  h.length = uint64_t{1} << 63;  // "negative"
+  auto bad = frame(h);
+  f.insert(f.end(), bad.begin(), bad.end());
+  expect_rejected(f, "payload bytes (limit");
+}
+
+TEST_F(TcpWire, TruncatedFrame) {
+  auto f = hello();
+  FrameHeader h;
+  h.type = FrameType::kEager;
+  h.seq = 1;
+  h.length = 1000;
+  auto partial = frame(h, std::vector<uint8_t>(100, 1));
+  f.insert(f.end(), partial.begin(), partial.end());
+  expect_rejected(f, "truncated frame", /*half=*/true);
+}
+
+TEST_F(TcpWire, OutOfSequence) {
+  auto f = hello();
+  FrameHeader h;
+  h.type = FrameType::kEager;
+  h.seq = 5;
+  auto bad = frame(h, {1, 2, 3});
+  f.insert(f.end(), bad.begin(), bad.end());
+  expect_rejected(f, "out-of-sequence frame: seq 5, expected 1");
+}
+
+TEST_F(TcpWire, FrameBeforeHello) {
+  FrameHeader h;
+  h.type = FrameType::kEager;
+  expect_rejected(frame(h, {1}), "before the hello");
+}
+
+TEST_F(TcpWire, HelloForSomeoneElse) {
+  internal::tcp::Hello hl;
+  hl.name = "lost";
+  hl.sender = TcpAddress{htonl(INADDR_LOOPBACK), 9, 1}.encode();
+  hl.target = TcpAddress{htonl(INADDR_LOOPBACK), target_.port, target_.instance + 1}.encode();
+  FrameHeader h;
+  h.type = FrameType::kHello;
+  expect_rejected(frame(h, hl.encode()), "meant for");
+}
+
+TEST_F(TcpWire, BadMagicAfterHandshakeAndUnknownCompletions) {
+  auto f = hello();
+  auto bad = f;  // a second copy of the hello header, with its magic broken, as frame 1
+  bad.resize(kHeaderSize);
+  bad[0] ^= 0xFF;
+  f.insert(f.end(), bad.begin(), bad.end());
+  expect_rejected(f, "bad frame magic");
+  auto g = hello();
+  FrameHeader cts;
+  cts.type = FrameType::kCts;
+  cts.seq = 1;
+  cts.id = 999;
+  auto c = frame(cts);
+  g.insert(g.end(), c.begin(), c.end());
+  expect_rejected(g, "clear-to-send for unknown send 999");
+}
+
+TEST(TcpBlocking, SpinThenBlockAcrossThreads) {
+  Options o;
+  o.progress = ProgressMode::kSpinThenBlock;
+  o.spin_before_block = std::chrono::microseconds(10);
+  o.backend = Backend::kTcp;
+  o.name = "sleeper-a";
+  auto a = Context::create(o);
+  o.name = "sleeper-b";
+  auto b = Context::create(o);
+  ASSERT_TRUE(a.ok() && b.ok());
+  std::vector<uint8_t> addr_a = (*a)->address(), addr_b = (*b)->address();
+  constexpr int kRounds = 200;
+  std::thread peer([&] {
+    auto ep = (*b)->connect(addr_a);
+    ASSERT_TRUE(ep.ok());
+    for (int i = 0; i < kRounds; ++i) {
+      uint64_t v = 0;
+      ASSERT_TRUE((*b)->wait((*ep)->recv(0, &v, 8), Deadline::after_ms(20000)).ok());
+      ++v;
+      ASSERT_TRUE((*b)->wait((*ep)->send(0, &v, 8), Deadline::after_ms(20000)).ok());
+    }
+  });
+  auto ep = (*a)->connect(addr_b);
+  ASSERT_TRUE(ep.ok());
+  for (uint64_t i = 0; i < kRounds; ++i) {
+    uint64_t v = i * 2, back = 0;
+    Request r = (*ep)->recv(0, &back, 8);
+    ASSERT_TRUE((*a)->wait((*ep)->send(0, &v, 8), Deadline::after_ms(20000)).ok());
+    ASSERT_TRUE((*a)->wait(r, Deadline::after_ms(20000)).ok());
+    ASSERT_EQ(back, v + 1);
+  }
+  peer.join();
+}
+
+TEST(TcpAddressing, AddressEncodingRoundTripsAndRejectsGarbage) {
+  auto ctx = Context::create(options_for(Backend::kTcp, "addr"));
+  ASSERT_TRUE(ctx.ok());
+  const auto& bytes = (*ctx)->address();
+  auto parsed = internal::parse_address(bytes);
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  EXPECT_EQ(parsed->name, "addr");
+  EXPECT_EQ(parsed->node_id, internal::local_node_id());
+  EXPECT_EQ(internal::encode_address(*parsed), bytes);
+  for (size_t cut = 0; cut < bytes.size(); ++cut) {
+    EXPECT_FALSE(internal::parse_address(std::span(bytes.data(), cut)).ok()) << cut;
+  }
+  auto extra = bytes;
+  extra.push_back(0);
+  EXPECT_FALSE(internal::parse_address(extra).ok());
+  auto version = bytes;
+  version[4] = 2;
+  EXPECT_EQ(internal::parse_address(version).status().code(), StatusCode::kInvalidArgument);
+  // Fuzz: random mutations never crash and usually fail.
+  std::mt19937 rng(1);
+  for (int i = 0; i < 2000; ++i) {
+    auto m = bytes;
+    m[rng() % m.size()] = static_cast<uint8_t>(rng());
+    (void)internal::parse_address(m);
+    (void)(*ctx)->choice_for(m);
+  }
+}
+
+TEST(TcpAddressing, NamedBackendOpensOnlyThatOne) {
+  auto ctx = Context::create(options_for(Backend::kTcp, "only-tcp"));
+  ASSERT_TRUE(ctx.ok());
+  EXPECT_EQ((*ctx)->backends(), std::vector<Backend>{Backend::kTcp});
+  auto limits = (*ctx)->limits(Backend::kTcp);
+  ASSERT_TRUE(limits.ok());
+  EXPECT_GT(limits->eager_limit, 0u);
+  EXPECT_FALSE((*ctx)->limits(Backend::kVerbs).ok());
+  Options bad;
+  bad.listen_address = "not-an-ip";
+  bad.backend = Backend::kTcp;
+  EXPECT_EQ(Context::create(bad).status().code(), StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace myelin::transport::testing
