@@ -1,0 +1,148 @@
+// transport/src/shm/shm_backend.hpp — the shared-memory backend: peers on the same node.
+//
+// Each ShmBackend listens on an abstract-namespace SOCK_SEQPACKET Unix socket (named in its
+// address together with its pid and process start time). connect() is symmetric without a
+// rendezvous: the side with the smaller address dials (creates the two ring segments and
+// doorbells and passes them with SCM_RIGHTS); the larger side sends a one-line "dial me" and
+// returns a pending endpoint at once; the smaller side's progress() answers it. A side that
+// receives a connection before its own connect() keeps it until connect() claims it.
+//
+// Memory: allocate_shared() hands out memfd-backed mappings whose fds are sent to every connected
+// peer (once per allocation), so large messages and put/get to them are one memcpy in the peer.
+// register_memory() fills a slot of the key table (a memfd the peers map read-only in spirit):
+// a RemoteKey names a slot and a token, so deregistered keys are refused. Ordinary user memory is
+// reachable remotely only through process_vm_readv/writev (CMA) where ptrace rules permit it;
+// otherwise put/get on it fail with unsupported.
+//
+// Waiting: wait_fd() is an epoll fd over the listening socket, every control socket and every
+// inbound doorbell eventfd; arm_wait() announces sleepers on the inbound rings' WaitWords so that
+// producers ring the doorbell only when someone sleeps.
+//
+// Thread safety: none; the Context's progress thread only.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include <myelin/core/shm_segment.hpp>
+
+#include "backend.hpp"
+#include "shm/shm_endpoint.hpp"
+#include "shm/shm_wire.hpp"
+
+namespace myelin::transport::internal {
+
+Result<std::unique_ptr<BackendContext>> create_shm_backend(const Options& options,
+                                                           const ContextInfo& info);
+
+namespace shm {
+
+struct SharedAlloc {
+  uint64_t id = 0;
+  std::byte* base = nullptr;
+  size_t size = 0;
+  int fd = -1;  // owned by the AllocBook
+};
+
+// The backend's shared allocations. Shared with the deleters of the memory handed out, which may
+// run after the backend is gone (a MemoryRegion outliving its Context).
+struct AllocBook {
+  std::map<uintptr_t, SharedAlloc> by_base;
+  std::vector<uint64_t> freed;  // ids to announce to peers
+  ~AllocBook();
+};
+
+// The key table and its free slots; shared with the registrations that hold slots.
+struct KeyTable {
+  ShmSegment segment;
+  KeySlot* slots = nullptr;
+  std::vector<uint32_t> free_slots;
+  uint64_t next_token = 0;
+  void release(uint32_t slot, uint64_t token) noexcept;
+};
+
+class ShmBackend final : public BackendContext {
+ public:
+  static Result<std::unique_ptr<ShmBackend>> create(const Options& options,
+                                                    const ContextInfo& info);
+  ~ShmBackend() override;
+
+  [[nodiscard]] Backend kind() const noexcept override { return Backend::kShm; }
+  [[nodiscard]] Limits limits() const noexcept override;
+  [[nodiscard]] std::vector<uint8_t> local_address() const override { return address_bytes_; }
+  Result<std::unique_ptr<Endpoint>> connect(std::span<const uint8_t> peer_address,
+                                            const std::string& peer_name,
+                                            Deadline deadline) override;
+  Result<std::unique_ptr<BackendRegistration>> register_memory(const RegionState& region) override;
+  Result<std::shared_ptr<void>> allocate_shared(size_t size) override;
+  size_t progress() override;
+  [[nodiscard]] int wait_fd() const noexcept override { return epoll_.get(); }
+  bool arm_wait() override;
+
+  // ---- for endpoints ----
+  [[nodiscard]] const Options& options() const noexcept { return options_; }
+  [[nodiscard]] size_t eager_limit() const noexcept { return eager_limit_; }
+  [[nodiscard]] size_t ring_capacity() const noexcept { return ring_capacity_; }
+  [[nodiscard]] const std::vector<uint8_t>& address_bytes() const noexcept {
+    return address_bytes_;
+  }
+  [[nodiscard]] const std::string& name() const noexcept { return info_.name; }
+  // The shared allocation holding [p, p+n), or null.
+  [[nodiscard]] const SharedAlloc* find_alloc(const void* p, size_t n) const noexcept;
+  [[nodiscard]] const std::map<uintptr_t, SharedAlloc>& allocs() const noexcept {
+    return book_->by_base;
+  }
+  [[nodiscard]] int key_table_fd() const noexcept { return keys_->segment.fd(); }
+  [[nodiscard]] uint64_t probe_address() const noexcept {
+    return reinterpret_cast<uintptr_t>(&probe_value_);
+  }
+  [[nodiscard]] uint64_t probe_value() const noexcept { return probe_value_; }
+  // False when MYELIN_SHM_CMA=0: large messages and plain-memory put/get then avoid
+  // process_vm_readv/writev (as where ptrace rules forbid it).
+  [[nodiscard]] bool cma_allowed() const noexcept { return cma_allowed_; }
+  [[nodiscard]] bool may_sleep() const noexcept {
+    return options_.progress == ProgressMode::kSpinThenBlock;
+  }
+  void attach(ShmEndpoint* ep);
+  void detach(ShmEndpoint* ep) noexcept;
+  void watch(int fd);
+  void unwatch(int fd) noexcept;
+  // Runs the slow path soon (a pending endpoint waits for its kHello).
+  void want_service() noexcept { service_soon_ = true; }
+
+ private:
+  ShmBackend(const Options& options, const ContextInfo& info) : options_(options), info_(info) {}
+  void service();
+  void accept_new();
+  void handle_incoming();
+
+  Options options_;
+  ContextInfo info_;
+  size_t eager_limit_ = 0;
+  size_t ring_capacity_ = 0;
+  std::vector<uint8_t> address_bytes_;
+  UniqueFd listen_;
+  UniqueFd epoll_;
+  std::shared_ptr<AllocBook> book_;
+  std::shared_ptr<KeyTable> keys_;
+  uint64_t next_alloc_id_ = 1;
+  uint64_t probe_value_ = 0;
+  bool cma_allowed_ = true;
+  struct Incoming {
+    UniqueFd sock;
+    int64_t since_ns;
+  };
+  std::vector<Incoming> incoming_;
+  std::vector<ShmEndpoint*> live_;
+  std::map<std::vector<uint8_t>, std::unique_ptr<ShmEndpoint>> unclaimed_;
+  uint32_t ticks_ = 0;
+  bool armed_ = false;
+  bool service_soon_ = false;
+};
+
+}  // namespace shm
+}  // namespace myelin::transport::internal
