@@ -19,7 +19,7 @@ namespace myelin {
 namespace {
 
 #if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
-constexpr uint64_t kScale = 20;  // sanitizers are ~10x slower; keep the suite within its timeout
+constexpr uint64_t kScale = 4;  // sanitizers are ~10x slower; keep the suite within its timeout
 #else
 constexpr uint64_t kScale = 1;
 #endif

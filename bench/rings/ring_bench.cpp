@@ -1,0 +1,313 @@
+// Ring benchmarks, peers side by side in one binary, threads pinned to two CPUs:
+//   BM_Throughput<Queue>   64-bit items, one producer thread -> the measured consumer thread
+//   BM_PingPong<Queue>     round trip of one item through two rings (there and back)
+//   BM_RawPingPong         the floor: one cache line written in turn by the two CPUs
+//   BM_RecordRing          64 B and 1 KiB records, claim/commit per record or per batch of 16
+//   BM_Mpsc                MpscRing with 1..4 producer threads
+// CPUs: MYELIN_BENCH_CPUS="producer,consumer" (default "0,1"). Every consumer verifies the
+// sequence it receives; a gap or reordering fails the benchmark.
+//
+//   build/rings/bench/rings/bench_rings --benchmark_repetitions=5
+//       --benchmark_enable_random_interleaving=true --benchmark_report_aggregates_only=true
+#include <myelin/core/mpsc_ring.hpp>
+#include <myelin/core/numa_memory.hpp>
+#include <myelin/core/record_ring.hpp>
+#include <myelin/core/spsc_ring.hpp>
+
+#include <benchmark/benchmark.h>
+#include <readerwriterqueue/readerwriterqueue.h>
+#include <boost/lockfree/spsc_queue.hpp>
+
+#include <array>
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+namespace myelin {
+namespace {
+
+constexpr std::size_t kCapacity = 1 << 14;  // elements; the rings fit in L2 on both sides
+
+struct Cpus {
+  int producer = 0;
+  int consumer = 1;
+};
+const Cpus& cpus() {
+  static const Cpus c = [] {
+    Cpus out;
+    if (const char* env = std::getenv("MYELIN_BENCH_CPUS")) {
+      if (std::sscanf(env, "%d,%d", &out.producer, &out.consumer) != 2) {
+        std::fprintf(stderr, "MYELIN_BENCH_CPUS must be 'producer,consumer'\n");
+        std::exit(2);
+      }
+    }
+    return out;
+  }();
+  return c;
+}
+
+// Pins the calling thread or fails the benchmark with the reason.
+bool pin(benchmark::State* state, int cpu) {
+  const Status s = pin_current_thread_to_cpu(cpu);
+  if (!s.ok() && state != nullptr) state->SkipWithError(s.to_string().c_str());
+  return s.ok();
+}
+
+// ---- the queues under test, behind one interface ------------------------------------------------
+
+class OurSpsc {
+ public:
+  OurSpsc() : ring_(std::move(SpscRing<uint64_t>::create(kCapacity).value())) {}
+  bool push(uint64_t v) { return ring_.try_push(v); }
+  bool pop(uint64_t& v) { return ring_.try_pop(v); }
+
+ private:
+  SpscRing<uint64_t> ring_;
+};
+
+class BoostSpsc {
+ public:
+  bool push(uint64_t v) { return q_.push(v); }
+  bool pop(uint64_t& v) { return q_.pop(v); }
+
+ private:
+  boost::lockfree::spsc_queue<uint64_t, boost::lockfree::capacity<kCapacity>> q_;
+};
+
+class MoodycamelRwq {
+ public:
+  MoodycamelRwq() : q_(kCapacity) {}
+  bool push(uint64_t v) { return q_.try_enqueue(v); }
+  bool pop(uint64_t& v) { return q_.try_dequeue(v); }
+
+ private:
+  moodycamel::ReaderWriterQueue<uint64_t> q_;
+};
+
+// ---- throughput ----------------------------------------------------------------------------
+
+template <typename Queue>
+void BM_Throughput(benchmark::State& state) {
+  auto q = std::make_unique<Queue>();
+  std::atomic<bool> stop{false};
+  if (!pin(&state, cpus().consumer)) return;
+  std::thread producer([&] {
+    pin(nullptr, cpus().producer);
+    uint64_t i = 0;
+    // Relaxed: a plain stop flag; the queue carries the data.
+    while (!stop.load(std::memory_order_relaxed)) {
+      if (q->push(i)) ++i;
+    }
+  });
+  uint64_t expect = 0, errors = 0;
+  for (auto _ : state) {
+    uint64_t v;
+    while (!q->pop(v)) {
+    }
+    errors += v != expect;
+    ++expect;
+  }
+  stop.store(true, std::memory_order_relaxed);
+  producer.join();
+  if (errors != 0) state.SkipWithError("items arrived out of order");
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_Throughput<OurSpsc>)->Name("SPSC_throughput/myelin")->UseRealTime();
+BENCHMARK(BM_Throughput<BoostSpsc>)->Name("SPSC_throughput/boost_spsc_queue")->UseRealTime();
+BENCHMARK(BM_Throughput<MoodycamelRwq>)->Name("SPSC_throughput/moodycamel_rwq")->UseRealTime();
+
+// ---- ping-pong through two rings ---------------------------------------------------------------
+
+template <typename Queue>
+void BM_PingPong(benchmark::State& state) {
+  auto there = std::make_unique<Queue>();
+  auto back = std::make_unique<Queue>();
+  constexpr uint64_t kStop = ~uint64_t{0};
+  if (!pin(&state, cpus().consumer)) return;
+  std::thread echo([&] {
+    pin(nullptr, cpus().producer);
+    for (;;) {
+      uint64_t v;
+      while (!there->pop(v)) {
+      }
+      if (v == kStop) return;
+      while (!back->push(v + 1)) {
+      }
+    }
+  });
+  uint64_t i = 0, errors = 0;
+  for (auto _ : state) {
+    while (!there->push(i)) {
+    }
+    uint64_t v;
+    while (!back->pop(v)) {
+    }
+    errors += v != i + 1;
+    ++i;
+  }
+  while (!there->push(kStop)) {
+  }
+  echo.join();
+  if (errors != 0) state.SkipWithError("wrong echo");
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_PingPong<OurSpsc>)->Name("PingPong_rtt/myelin")->UseRealTime();
+BENCHMARK(BM_PingPong<BoostSpsc>)->Name("PingPong_rtt/boost_spsc_queue")->UseRealTime();
+BENCHMARK(BM_PingPong<MoodycamelRwq>)->Name("PingPong_rtt/moodycamel_rwq")->UseRealTime();
+
+// The physical floor: one line, written by each CPU in turn.
+void BM_RawPingPong(benchmark::State& state) {
+  struct alignas(kCacheLine) Line {
+    std::atomic<uint64_t> value{0};
+  };
+  auto line = std::make_unique<Line>();
+  constexpr uint64_t kStop = ~uint64_t{0};
+  if (!pin(&state, cpus().consumer)) return;
+  std::thread echo([&] {
+    pin(nullptr, cpus().producer);
+    uint64_t seen = 0;
+    for (;;) {
+      uint64_t v;
+      // Acquire pairs with the initiator's release store; the reply pairs with its load.
+      while ((v = line->value.load(std::memory_order_acquire)) == seen) {
+      }
+      if (v == kStop) return;
+      seen = v + 1;
+      line->value.store(seen, std::memory_order_release);
+    }
+  });
+  uint64_t next = 1;
+  for (auto _ : state) {
+    line->value.store(next, std::memory_order_release);
+    while (line->value.load(std::memory_order_acquire) != next + 1) {
+    }
+    next += 2;
+  }
+  line->value.store(kStop, std::memory_order_release);
+  echo.join();
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_RawPingPong)->Name("PingPong_rtt/raw_cache_line")->UseRealTime();
+
+// ---- record ring -------------------------------------------------------------------------------
+
+// range(0): payload bytes; range(1): records per commit (1 = claim/commit each record).
+void BM_RecordRing(benchmark::State& state) {
+  const auto payload = static_cast<uint32_t>(state.range(0));
+  const auto batch = static_cast<std::size_t>(state.range(1));
+  auto ring = RecordRing::create(1 << 18);  // 256 KiB of records
+  if (!ring.ok()) {
+    state.SkipWithError(ring.status().to_string().c_str());
+    return;
+  }
+  std::vector<std::byte> source(payload, std::byte{0x5a});
+  std::atomic<bool> stop{false};
+  if (!pin(&state, cpus().consumer)) return;
+  std::thread producer([&] {
+    pin(nullptr, cpus().producer);
+    std::vector<uint32_t> sizes(batch, payload);
+    std::vector<RecordRing::Claim> claims(batch);
+    uint64_t seq = 0;
+    // Relaxed: a plain stop flag.
+    while (!stop.load(std::memory_order_relaxed)) {
+      if (!ring->try_claim_batch(sizes, claims)) continue;
+      for (auto& c : claims) {
+        std::memcpy(c.data, source.data(), payload);
+        std::memcpy(c.data, &seq, sizeof(seq));  // the sequence number in the first 8 bytes
+        ++seq;
+      }
+      ring->commit(claims.back());
+    }
+  });
+  constexpr std::size_t kPerIteration = 64;
+  uint64_t expect = 0, errors = 0;
+  for (auto _ : state) {
+    std::size_t got = 0;
+    while (got < kPerIteration) {
+      auto n = ring->consume(
+          [&](const RecordRing::Record& r) {
+            uint64_t seq;
+            std::memcpy(&seq, r.data.data(), sizeof(seq));
+            errors += seq != expect;
+            ++expect;
+          },
+          kPerIteration - got);
+      got += n.ok() ? *n : kPerIteration;
+    }
+  }
+  stop.store(true, std::memory_order_relaxed);
+  producer.join();
+  if (errors != 0) state.SkipWithError("records arrived out of order");
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * kPerIteration));
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * kPerIteration * payload));
+}
+BENCHMARK(BM_RecordRing)
+    ->Name("RecordRing_throughput")
+    ->ArgNames({"bytes", "per_commit"})
+    ->Args({64, 1})
+    ->Args({64, 16})
+    ->Args({1024, 1})
+    ->Args({1024, 16})
+    ->UseRealTime();
+
+// ---- MPSC --------------------------------------------------------------------------------------
+
+// range(0) producers, all pinned to the producer CPU (on a two-CPU machine they share it).
+void BM_Mpsc(benchmark::State& state) {
+  const int producers = static_cast<int>(state.range(0));
+  auto ring = MpscRing<uint64_t>::create(kCapacity);
+  if (!ring.ok()) {
+    state.SkipWithError(ring.status().to_string().c_str());
+    return;
+  }
+  std::atomic<bool> stop{false};
+  if (!pin(&state, cpus().consumer)) return;
+  std::vector<std::thread> threads;
+  for (int p = 0; p < producers; ++p) {
+    threads.emplace_back([&, p] {
+      pin(nullptr, cpus().producer);
+      uint64_t i = 0;
+      const uint64_t tag = static_cast<uint64_t>(p) << 56;
+      // Relaxed: a plain stop flag.
+      while (!stop.load(std::memory_order_relaxed)) {
+        if (ring->try_push(tag | i)) {
+          ++i;
+        } else {
+          std::this_thread::yield();  // full: let a sibling producer on this CPU run
+        }
+      }
+    });
+  }
+  std::array<uint64_t, 4> next{};
+  uint64_t errors = 0;
+  for (auto _ : state) {
+    uint64_t v;
+    while (!ring->try_pop(v)) {
+    }
+    const auto p = static_cast<std::size_t>(v >> 56);
+    errors += (v & ((uint64_t{1} << 56) - 1)) != next[p];
+    ++next[p];
+  }
+  stop.store(true, std::memory_order_relaxed);
+  for (auto& t : threads) t.join();
+  if (errors != 0) state.SkipWithError("a producer's items arrived out of order");
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_Mpsc)->Name("MPSC_throughput")->ArgName("producers")->DenseRange(1, 4)->UseRealTime();
+
+}  // namespace
+}  // namespace myelin
+
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::AddCustomContext("producer_cpu", std::to_string(myelin::cpus().producer));
+  benchmark::AddCustomContext("consumer_cpu", std::to_string(myelin::cpus().consumer));
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
