@@ -1,0 +1,203 @@
+#include <gtest/gtest.h>
+
+#include <sys/socket.h>
+
+#include <cstring>
+
+#include <myelin/broker/frame.hpp>
+#include <myelin/broker/sequence.hpp>
+
+#include "wire.hpp"
+
+namespace myelin::broker {
+namespace {
+
+std::span<const std::byte> bytes(std::string_view s) {
+  return {reinterpret_cast<const std::byte*>(s.data()), s.size()};
+}
+
+std::vector<std::byte> one(FrameHeader h, std::string_view topic, std::string_view payload) {
+  std::vector<std::byte> out;
+  EXPECT_TRUE(append_frame(out, h, topic, bytes(payload)).ok());
+  return out;
+}
+
+TEST(Frame, RoundTripAndIncremental) {
+  FrameHeader h{.type = FrameType::kPublish, .flags = kFlagControl, .seq = 42, .id = 7, .timestamp_ns = 99};
+  auto buf = one(h, "grad/layer3/shard0", "payload");
+  for (size_t cut = 0; cut < buf.size(); ++cut) {
+    FrameView f;
+    size_t used = 0;
+    auto r = decode_frame(std::span(buf).first(cut), {}, &f, &used);
+    ASSERT_TRUE(r.ok()) << cut << ": " << r.status();
+    EXPECT_EQ(*r, DecodeOutcome::kNeedMore);
+  }
+  FrameView f;
+  size_t used = 0;
+  auto r = decode_frame(buf, {}, &f, &used);
+  ASSERT_TRUE(r.ok());
+  ASSERT_EQ(*r, DecodeOutcome::kFrame);
+  EXPECT_EQ(used, buf.size());
+  EXPECT_EQ(f.topic, "grad/layer3/shard0");
+  EXPECT_EQ(f.header.seq, 42u);
+  EXPECT_EQ(f.header.id, 7u);
+  EXPECT_EQ(f.header.timestamp_ns, 99u);
+  EXPECT_TRUE(f.control());
+  EXPECT_EQ(std::string(reinterpret_cast<const char*>(f.payload.data()), f.payload.size()), "payload");
+}
+
+TEST(Frame, RejectsCorruption) {
+  FrameHeader h{.type = FrameType::kPublish};
+  const auto good = one(h, "a/b", "x");
+  auto expect_bad = [](std::vector<std::byte> b, const char* what) {
+    FrameView f;
+    size_t used = 0;
+    auto r = decode_frame(b, {.max_frame_payload = 1024}, &f, &used);
+    EXPECT_FALSE(r.ok()) << what;
+    if (!r.ok()) {
+      EXPECT_EQ(r.status().code(), StatusCode::kProtocolError) << what;
+    }
+  };
+  auto b = good; b[0] = std::byte{0}; expect_bad(b, "magic");
+  b = good; b[4] = std::byte{2}; expect_bad(b, "version");
+  b = good; b[5] = std::byte{0}; expect_bad(b, "type 0");
+  b = good; b[5] = std::byte{200}; expect_bad(b, "type 200");
+  b = good; b[6] = std::byte{0x80}; expect_bad(b, "flags");
+  b = good; b[7] = std::byte{1}; expect_bad(b, "reserved");
+  b = good; b[14] = std::byte{1}; expect_bad(b, "payload over limit");
+  b = good; b[40] = std::byte{'#'}; expect_bad(b, "wildcard in a published topic");
+  b = good; b[6] = std::byte{kFlagControl | kFlagMore}; expect_bad(b, "chunked control");
+}
+
+TEST(Frame, BatchKeepsBoundariesAndRefusesNesting) {
+  std::vector<std::byte> inner;
+  for (int i = 0; i < 5; ++i) {
+    ASSERT_TRUE(append_frame(inner, {.type = FrameType::kDeliver, .seq = static_cast<uint64_t>(i + 1)},
+                             "t/x", bytes(std::string(static_cast<size_t>(i), 'a'))).ok());
+  }
+  std::vector<size_t> sizes;
+  ASSERT_TRUE(for_each_in_batch(inner, {}, [&](const FrameView& f) {
+                sizes.push_back(f.payload.size());
+                return ok_status();
+              }).ok());
+  EXPECT_EQ(sizes, (std::vector<size_t>{0, 1, 2, 3, 4}));
+  auto truncated = inner;
+  truncated.pop_back();
+  EXPECT_FALSE(for_each_in_batch(truncated, {}, [](const FrameView&) { return ok_status(); }).ok());
+  std::vector<std::byte> nested;
+  ASSERT_TRUE(append_frame(nested, {.type = FrameType::kBatch}, "", inner).ok());
+  EXPECT_FALSE(for_each_in_batch(nested, {}, [](const FrameView&) { return ok_status(); }).ok());
+  EXPECT_FALSE(for_each_in_batch({}, {}, [](const FrameView&) { return ok_status(); }).ok());
+}
+
+TEST(Topic, ValidationAndWildcards) {
+  EXPECT_TRUE(validate_topic("grad/layer3/shard0").ok());
+  EXPECT_TRUE(validate_topic("$pressure/a").ok());
+  EXPECT_FALSE(validate_topic("").ok());
+  EXPECT_FALSE(validate_topic("a//b").ok());
+  EXPECT_FALSE(validate_topic("a/*").ok());
+  EXPECT_FALSE(validate_topic("a/b$").ok());
+  EXPECT_FALSE(validate_topic(std::string(300, 'a')).ok());
+  EXPECT_TRUE(validate_pattern("grad/*/shard0").ok());
+  EXPECT_TRUE(validate_pattern("grad/#").ok());
+  EXPECT_FALSE(validate_pattern("grad/#/x").ok());
+  EXPECT_TRUE(topic_matches("grad/*/shard0", "grad/layer3/shard0"));
+  EXPECT_FALSE(topic_matches("grad/*/shard0", "grad/layer3/shard1"));
+  EXPECT_FALSE(topic_matches("grad/*", "grad/a/b"));
+  EXPECT_TRUE(topic_matches("grad/#", "grad/a/b"));
+  EXPECT_FALSE(topic_matches("grad/#", "grad"));
+  EXPECT_TRUE(topic_matches("#", "ctrl/step"));
+  EXPECT_FALSE(topic_matches("#", "$pressure/x"));
+  EXPECT_TRUE(topic_matches("$pressure/#", "$pressure/x/y"));
+}
+
+TEST(Sequence, GapDetectionAcrossWrapAround) {
+  GapDetector g;
+  const uint64_t near = UINT64_MAX - 2;
+  EXPECT_EQ(g.observe("t", near).missed, 0u);
+  EXPECT_EQ(g.observe("t", near + 1).missed, 0u);
+  EXPECT_EQ(g.observe("t", 1).missed, 2u);  // skipped UINT64_MAX and 0
+  EXPECT_TRUE(g.observe("t", near).duplicate_or_old);
+  EXPECT_EQ(g.observe("u", 10).missed, 0u);
+  EXPECT_EQ(g.missed_total(), 2u);
+  EXPECT_TRUE(seq_before(UINT64_MAX, 3));
+}
+
+TEST(Wire, ChunksBatchesAndLanesSurviveASocketPair) {
+  int sv[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+  internal::Fd a(sv[0]), b(sv[1]);
+  ASSERT_TRUE(internal::set_nonblocking(a.get()).ok());
+  ASSERT_TRUE(internal::set_nonblocking(b.get()).ok());
+  internal::OutQueue q(internal::OutOptions{.chunk_size = 1024, .batch_bytes = 4096, .batch_count = 8});
+  auto big = std::make_shared<std::vector<std::byte>>(10000);
+  for (size_t i = 0; i < big->size(); ++i) (*big)[i] = static_cast<std::byte>(i * 7);
+  ASSERT_TRUE(q.push({.type = FrameType::kDeliver, .id = 1}, "bulk/x", *big, big, false, 0).ok());
+  for (int i = 0; i < 20; ++i) {
+    std::string s(static_cast<size_t>(i), 'c');
+    ASSERT_TRUE(q.push({.type = FrameType::kDeliver, .flags = kFlagControl, .seq = static_cast<uint64_t>(i)},
+                       "ctrl/x", bytes(s), nullptr, true, 0).ok());
+  }
+  EXPECT_FALSE(q.push({.type = FrameType::kDeliver, .flags = kFlagControl}, "ctrl/x", *big, big, false, 0).ok());
+  q.close_due_batches(0, true);
+  internal::RxBuffer rx(DecodeLimits{});
+  Reassembler re;
+  std::vector<uint64_t> control_seqs;
+  std::vector<std::byte> got_big;
+  size_t control_before_big = 0;
+  const Deadline d = Deadline::after_ms(5000);
+  while ((control_seqs.size() < 20 || got_big.empty()) && !d.expired()) {
+    ASSERT_TRUE(q.flush(a.get()).ok());
+    ASSERT_TRUE(rx.read_from(b.get()).ok());
+    FrameView f;
+    while (true) {
+      auto r = rx.next(&f);
+      ASSERT_TRUE(r.ok()) << r.status();
+      if (!*r) break;
+      auto handle = [&](const FrameView& x) {
+        if (x.header.flags & (kFlagMore | kFlagContinuation)) {
+          AssembledMessage m;
+          auto done = re.add(x, &m);
+          EXPECT_TRUE(done.ok());
+          if (done.ok() && *done) got_big = *m.payload;
+        } else {
+          control_seqs.push_back(x.header.seq);
+          EXPECT_EQ(x.payload.size(), x.header.seq);
+          if (got_big.empty()) control_before_big++;
+        }
+        return ok_status();
+      };
+      if (f.header.type == FrameType::kBatch) ASSERT_TRUE(for_each_in_batch(f.payload, {}, handle).ok());
+      else ASSERT_TRUE(handle(f).ok());
+    }
+  }
+  ASSERT_EQ(control_seqs.size(), 20u);
+  for (size_t i = 0; i < 20; ++i) EXPECT_EQ(control_seqs[i], i);
+  EXPECT_EQ(got_big, *big);
+  EXPECT_EQ(control_before_big, 20u);  // control went ahead of the queued bulk message
+  EXPECT_GE(q.batches_sent(), 2u);
+  EXPECT_EQ(q.chunks_sent(), 10u);
+}
+
+TEST(Reassembler, RefusesInterleavingAndOversize) {
+  Reassembler re({.max_frame_payload = 1024, .max_message = 8});
+  FrameView cont;
+  cont.header = {.type = FrameType::kDeliver, .flags = kFlagContinuation, .id = 1};
+  AssembledMessage m;
+  EXPECT_FALSE(re.add(cont, &m).ok());
+  FrameView first;
+  std::string p = "abcdef";
+  first.header = {.type = FrameType::kDeliver, .flags = kFlagMore, .id = 1};
+  first.topic = "a";
+  first.payload = bytes(p);
+  ASSERT_TRUE(re.add(first, &m).ok());
+  EXPECT_FALSE(re.add(first, &m).ok());  // a second first chunk
+  Reassembler re2({.max_frame_payload = 1024, .max_message = 8});
+  ASSERT_TRUE(re2.add(first, &m).ok());
+  cont.header.flags = kFlagContinuation;
+  cont.payload = bytes(p);
+  EXPECT_FALSE(re2.add(cont, &m).ok());  // 12 bytes > 8
+}
+
+}  // namespace
+}  // namespace myelin::broker

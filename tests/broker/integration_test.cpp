@@ -1,0 +1,498 @@
+// Multi-process integration: the real myelin-broker daemon, clients in this process and in forked
+// children, real kill -9s, /metrics scraped with curl.
+#include <gtest/gtest.h>
+
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <thread>
+
+#include <myelin/broker/client.hpp>
+
+namespace myelin::broker {
+namespace {
+
+constexpr const char* kSecret = "integration-secret-0123456789";
+
+std::span<const std::byte> bytes(std::string_view s) {
+  return {reinterpret_cast<const std::byte*>(s.data()), s.size()};
+}
+
+class Daemon {
+ public:
+  explicit Daemon(const std::string& extra_config, std::vector<std::string> flags = {}) {
+    dir_ = std::filesystem::temp_directory_path() / ("myelin-broker-test-" + std::to_string(::getpid()) + "-" + std::to_string(counter_++));
+    std::filesystem::create_directories(dir_);
+    std::ofstream(dir_ / "secret") << kSecret << "\n";
+    std::ofstream(dir_ / "broker.toml") << "[broker]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n"
+                                        << "secret_file = \"" << (dir_ / "secret").string() << "\"\n"
+                                        << "heartbeat_ms = 300\n" << extra_config;
+    const std::string port_file = (dir_ / "port").string();
+    pid_ = ::fork();
+    if (pid_ == 0) {
+      std::vector<std::string> args = {MYELIN_BROKER_BIN, "--config", (dir_ / "broker.toml").string(),
+                                       "--port-file", port_file};
+      args.insert(args.end(), flags.begin(), flags.end());
+      std::vector<char*> argv;
+      for (auto& a : args) argv.push_back(a.data());
+      argv.push_back(nullptr);
+      ::execv(argv[0], argv.data());
+      ::_exit(127);
+    }
+    const Deadline d = Deadline::after_ms(10000);
+    while (!d.expired()) {
+      std::ifstream in(port_file);
+      if (in >> port_ >> metrics_port_) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  }
+  ~Daemon() {
+    if (pid_ > 0) {
+      ::kill(pid_, SIGKILL);
+      ::waitpid(pid_, nullptr, 0);
+    }
+    std::filesystem::remove_all(dir_);
+  }
+  [[nodiscard]] bool up() const { return port_ != 0; }
+  std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
+  ClientOptions client(const std::string& identity) const {
+    return ClientOptions{.address = address(), .identity = identity, .secret = kSecret, .heartbeat_ms = 300};
+  }
+  void kill9() {
+    ::kill(pid_, SIGKILL);
+    ::waitpid(pid_, nullptr, 0);
+    pid_ = -1;
+  }
+  // SIGTERM; returns the exit code (or -1 when it did not exit in time).
+  int terminate(int64_t timeout_ms) {
+    ::kill(pid_, SIGTERM);
+    const Deadline d = Deadline::after_ms(timeout_ms);
+    int st = 0;
+    while (!d.expired()) {
+      if (::waitpid(pid_, &st, WNOHANG) == pid_) {
+        pid_ = -1;
+        return WIFEXITED(st) ? WEXITSTATUS(st) : -2;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return -1;
+  }
+  // Scrapes /metrics with curl and returns "name{labels}" -> value.
+  std::map<std::string, double> metrics() const {
+    std::map<std::string, double> out;
+    const std::string cmd = "curl -s --max-time 5 http://127.0.0.1:" + std::to_string(metrics_port_) + "/metrics";
+    FILE* p = ::popen(cmd.c_str(), "r");
+    if (!p) return out;
+    char line[1024];
+    while (std::fgets(line, sizeof(line), p)) {
+      std::string l(line);
+      if (l.empty() || l[0] == '#') continue;
+      const size_t sp = l.rfind(' ');
+      if (sp == std::string::npos) continue;
+      out[l.substr(0, sp)] = std::stod(l.substr(sp + 1));
+    }
+    ::pclose(p);
+    return out;
+  }
+  std::string http_status(const std::string& path) const {
+    const std::string cmd = "curl -s -o /dev/null -w '%{http_code}' --max-time 5 http://127.0.0.1:" +
+                            std::to_string(metrics_port_) + path;
+    FILE* p = ::popen(cmd.c_str(), "r");
+    char buf[16] = {0};
+    if (p) {
+      (void)std::fgets(buf, sizeof(buf), p);
+      ::pclose(p);
+    }
+    return buf;
+  }
+
+ private:
+  static inline int counter_ = 0;
+  std::filesystem::path dir_;
+  pid_t pid_ = -1;
+  int port_ = 0, metrics_port_ = 0;
+};
+
+bool have_curl() { return std::system("curl --version > /dev/null 2>&1") == 0; }
+
+std::unique_ptr<Client> connect_or_die(const ClientOptions& o) {
+  auto c = Client::connect(o);
+  EXPECT_TRUE(c.ok()) << c.status();
+  return c.ok() ? std::move(*c) : nullptr;
+}
+
+// Waits for a child; false when it did not exit 0 within the deadline.
+bool child_ok(pid_t pid, int64_t timeout_ms) {
+  const Deadline d = Deadline::after_ms(timeout_ms);
+  int st = 0;
+  while (!d.expired()) {
+    if (::waitpid(pid, &st, WNOHANG) == pid) return WIFEXITED(st) && WEXITSTATUS(st) == 0;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  ::kill(pid, SIGKILL);
+  ::waitpid(pid, nullptr, 0);
+  return false;
+}
+
+TEST(BrokerIntegration, WildcardRoutingOrderingAndBatchBoundariesAcrossProcesses) {
+  Daemon d("[[topic]]\npattern = \"ctrl/#\"\nlane = \"control\"\nbatching = false\n");
+  ASSERT_TRUE(d.up());
+  auto shard0 = connect_or_die(d.client("sub0"));
+  auto all = connect_or_die(d.client("suball"));
+  ASSERT_TRUE(shard0 && all);
+  ASSERT_TRUE(shard0->subscribe("grad/*/shard0").ok());
+  ASSERT_TRUE(all->subscribe("grad/#").ok());
+  ASSERT_TRUE(all->subscribe("ctrl/step").ok());
+  constexpr int kN = 2000;
+  pid_t pub = ::fork();
+  if (pub == 0) {
+    auto c = Client::connect(d.client("pub"));
+    if (!c.ok()) ::_exit(2);
+    for (int i = 0; i < kN; ++i) {
+      // Sizes vary so coalesced batch frames must keep every boundary.
+      std::string body = std::to_string(i) + ":" + std::string(static_cast<size_t>(i % 300), 'x');
+      const char* topic = i % 2 ? "grad/layer3/shard0" : "grad/layer3/shard1";
+      if (!(*c)->publish(topic, body).ok()) ::_exit(3);
+      if (i % 100 == 0 && !(*c)->publish("ctrl/step", std::to_string(i), {.lane = Lane::kControl}).ok()) ::_exit(4);
+    }
+    c->reset();
+    ::_exit(0);
+  }
+  std::map<std::string, int> next;  // per topic: next expected index
+  int got_all = 0, got0 = 0, ctrl = 0;
+  const Deadline dl = Deadline::after_ms(30000);
+  while ((got_all < kN || got0 < kN / 2) && !dl.expired()) {
+    if (got_all < kN + kN / 100) {
+      auto m = all->poll(Deadline::after_ms(10));
+      if (m.ok()) {
+        EXPECT_EQ(m->missed_before, 0u);
+        if (m->topic == "ctrl/step") {
+          ctrl++;
+          continue;
+        }
+        const std::string t(m->text());
+        const int idx = std::stoi(t.substr(0, t.find(':')));
+        EXPECT_EQ(t.size(), std::to_string(idx).size() + 1 + static_cast<size_t>(idx % 300));
+        auto [it, fresh] = next.try_emplace(m->topic, idx);
+        EXPECT_EQ(idx, it->second) << "out of order on " << m->topic;
+        it->second = idx + 2;
+        got_all++;
+      }
+    }
+    auto m0 = shard0->poll(Deadline::after_ms(1));
+    if (m0.ok()) {
+      EXPECT_EQ(m0->topic, "grad/layer3/shard0");
+      got0++;
+    }
+  }
+  EXPECT_TRUE(child_ok(pub, 10000));
+  EXPECT_EQ(got_all, kN);
+  EXPECT_EQ(got0, kN / 2);
+  const Deadline dc = Deadline::after_ms(2000);
+  while (ctrl < kN / 100 && !dc.expired()) {
+    if (all->poll(Deadline::after_ms(10)).ok()) ctrl++;
+  }
+  EXPECT_EQ(ctrl, kN / 100);
+}
+
+TEST(BrokerIntegration, LargeBulkMessagesArriveWholeAndControlStillFlows) {
+  Daemon d("[[topic]]\npattern = \"ctrl/#\"\nlane = \"control\"\nbatching = false\n");
+  ASSERT_TRUE(d.up());
+  auto sub = connect_or_die(d.client("sub"));
+  auto pub = connect_or_die(d.client("pub"));
+  ASSERT_TRUE(sub && pub);
+  ASSERT_TRUE(sub->subscribe("#").ok());
+  std::vector<std::byte> big(4 << 20);
+  for (size_t i = 0; i < big.size(); ++i) big[i] = static_cast<std::byte>(i * 31 + 7);
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(pub->publish("grad/big", big).ok());
+    ASSERT_TRUE(pub->publish("ctrl/step", std::to_string(i), {.lane = Lane::kControl}).ok());
+  }
+  int bigs = 0, ctrls = 0;
+  const Deadline dl = Deadline::after_ms(20000);
+  while ((bigs < 3 || ctrls < 3) && !dl.expired()) {
+    auto m = sub->poll(Deadline::after_ms(100));
+    if (!m.ok()) continue;
+    if (m->topic == "grad/big") {
+      ASSERT_EQ(m->payload.size(), big.size());
+      EXPECT_EQ(std::memcmp(m->payload.data(), big.data(), big.size()), 0);
+      bigs++;
+    } else {
+      EXPECT_TRUE(m->control);
+      ctrls++;
+    }
+  }
+  EXPECT_EQ(bigs, 3);
+  EXPECT_EQ(ctrls, 3);
+}
+
+TEST(BrokerIntegration, SlowConsumerBlocksProducerWithoutLoss) {
+  Daemon d("lane_capacity = 16\npublish_credits = 8\n[[topic]]\npattern = \"blk/#\"\noverflow = \"block\"\n");
+  ASSERT_TRUE(d.up());
+  auto o = d.client("slow");
+  o.receive_window = 8;
+  auto slow = connect_or_die(o);
+  auto pub = connect_or_die(d.client("pub"));
+  ASSERT_TRUE(slow && pub);
+  ASSERT_TRUE(slow->subscribe("blk/#").ok());
+  int published = 0;
+  Status last;
+  for (int i = 0; i < 500; ++i) {
+    last = pub->publish("blk/t", std::to_string(i), {.timeout_ms = 300});
+    if (!last.ok()) break;
+    published++;
+  }
+  EXPECT_EQ(last.code(), StatusCode::kTimeout) << "the producer should have been held back: " << last;
+  EXPECT_LT(published, 500);
+  EXPECT_GT(pub->stats().publish_stalls, 0u);
+  // Now drain: every accepted message arrives, in order, with no gap.
+  for (int i = 0; i < published; ++i) {
+    auto m = slow->poll(Deadline::after_ms(5000));
+    ASSERT_TRUE(m.ok()) << "message " << i << " of " << published << ": " << m.status();
+    EXPECT_EQ(m->text(), std::to_string(i));
+    EXPECT_EQ(m->missed_before, 0u);
+  }
+  // The producer can go on once the consumer caught up.
+  EXPECT_TRUE(pub->publish("blk/t", "after", {.timeout_ms = 5000}).ok());
+  if (have_curl()) {
+    auto m = d.metrics();
+    EXPECT_GT(m["myelin_broker_topic_stalls_total{topic=\"blk/t\"}"], 0);
+  }
+}
+
+TEST(BrokerIntegration, SlowConsumerDropOldestIsAnnouncedAndVisibleAsGaps) {
+  Daemon d("lane_capacity = 16\n[[topic]]\npattern = \"lossy/#\"\noverflow = \"drop_oldest\"\n");
+  ASSERT_TRUE(d.up());
+  auto o = d.client("slow");
+  o.receive_window = 8;
+  auto slow = connect_or_die(o);
+  auto watch = connect_or_die(d.client("watch"));
+  auto pub = connect_or_die(d.client("pub"));
+  ASSERT_TRUE(slow && watch && pub);
+  ASSERT_TRUE(slow->subscribe("lossy/#").ok());
+  std::atomic<int> announcements{0};
+  ASSERT_TRUE(watch->subscribe("$pressure/#", [&](const ReceivedMessage&) { announcements++; }).ok());
+  constexpr int kN = 500;
+  for (int i = 0; i < kN; ++i) ASSERT_TRUE(pub->publish("lossy/t", std::to_string(i)).ok());
+  uint64_t received = 0, missed = 0, last_seq = 0;
+  while (last_seq < kN) {
+    auto m = slow->poll(Deadline::after_ms(5000));
+    ASSERT_TRUE(m.ok()) << m.status();
+    received++;
+    missed += m->missed_before;
+    last_seq = m->seq;
+  }
+  EXPECT_EQ(received + missed, static_cast<uint64_t>(kN));  // every loss is accounted for
+  EXPECT_GT(missed, 0u);
+  const Deadline dl = Deadline::after_ms(5000);
+  while (announcements.load() < static_cast<int>(missed) && !dl.expired()) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  EXPECT_EQ(announcements.load(), static_cast<int>(missed));
+  if (have_curl()) {
+    auto m = d.metrics();
+    EXPECT_EQ(m["myelin_broker_topic_drops_total{topic=\"lossy/t\"}"], static_cast<double>(missed));
+  }
+}
+
+TEST(BrokerIntegration, ParameterServerMatchesSerialReference) {
+  Daemon d("[ps]\nenabled = true\nworkers = 2\nmode = \"sync\"\naggregation = \"mean\"\noptimizer = \"momentum\"\nlr = 0.1\nmomentum = 0.9\n");
+  ASSERT_TRUE(d.up());
+  constexpr int kSteps = 5;
+  const std::vector<float> init = {1.0f, -2.0f, 0.5f, 3.0f, 0.0f, 7.0f};
+  {
+    auto c = connect_or_die(d.client("init"));
+    ASSERT_TRUE(c);
+    ASSERT_TRUE(c->ps_init("w/layer0", init).ok());
+  }
+  std::vector<pid_t> kids;
+  for (uint32_t w = 0; w < 2; ++w) {
+    pid_t p = ::fork();
+    if (p == 0) {
+      auto o = d.client("worker" + std::to_string(w));
+      o.ps_worker = w;
+      auto c = Client::connect(o);
+      if (!c.ok()) ::_exit(2);
+      std::vector<float> params(init.size()), grad(init.size());
+      for (int s = 0; s < kSteps; ++s) {
+        if (!(*c)->ps_pull("w/layer0", static_cast<uint64_t>(s), params).ok()) ::_exit(3);
+        for (size_t i = 0; i < grad.size(); ++i) grad[i] = 0.5f * params[i] + static_cast<float>(w) - 0.1f * static_cast<float>(i);
+        if (!(*c)->ps_push("w/layer0", grad, static_cast<uint64_t>(s)).ok()) ::_exit(4);
+      }
+      ::_exit(0);
+    }
+    kids.push_back(p);
+  }
+  for (pid_t p : kids) EXPECT_TRUE(child_ok(p, 30000));
+  std::vector<float> ref = init, vel(init.size(), 0.0f);
+  for (int s = 0; s < kSteps; ++s) {
+    std::vector<float> g(init.size(), 0.0f);
+    for (int w = 0; w < 2; ++w) {
+      for (size_t i = 0; i < g.size(); ++i) g[i] += 0.5f * ref[i] + static_cast<float>(w) - 0.1f * static_cast<float>(i);
+    }
+    for (size_t i = 0; i < g.size(); ++i) {
+      vel[i] = 0.9f * vel[i] + g[i] / 2.0f;
+      ref[i] -= 0.1f * vel[i];
+    }
+  }
+  auto c = connect_or_die(d.client("check"));
+  ASSERT_TRUE(c);
+  std::vector<float> got(init.size());
+  auto v = c->ps_pull("w/layer0", kSteps, got);
+  ASSERT_TRUE(v.ok()) << v.status();
+  EXPECT_EQ(*v, static_cast<uint64_t>(kSteps));
+  for (size_t i = 0; i < got.size(); ++i) EXPECT_NEAR(got[i], ref[i], 1e-4) << i;
+}
+
+TEST(BrokerIntegration, RequestRetriesAreDeduplicatedAndDeadLettered) {
+  Daemon d("[[topic]]\npattern = \"svc/flaky\"\nmax_delivery_attempts = 3\n");
+  ASSERT_TRUE(d.up());
+  auto server = connect_or_die(d.client("server"));
+  auto caller = connect_or_die(d.client("caller"));
+  auto watcher = connect_or_die(d.client("watcher"));
+  ASSERT_TRUE(server && caller && watcher);
+  std::atomic<int> calls{0};
+  ASSERT_TRUE(server->serve("svc/slow", [&](const ReceivedMessage& m) -> Result<std::vector<std::byte>> {
+    if (calls++ == 0) std::this_thread::sleep_for(std::chrono::milliseconds(400));  // outlive attempt 1
+    std::string r = "re:" + std::string(m.text());
+    return std::vector<std::byte>(bytes(r).begin(), bytes(r).end());
+  }).ok());
+  ASSERT_TRUE(server->serve("svc/flaky", [&](const ReceivedMessage&) -> Result<std::vector<std::byte>> {
+    return unavailable("always busy");
+  }).ok());
+  ASSERT_TRUE(watcher->subscribe("$dead/#").ok());
+  auto r = caller->request("svc/slow", bytes("q1"), {.attempt_timeout_ms = 150, .max_attempts = 10});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(std::string(reinterpret_cast<const char*>(r->payload.data()), r->payload.size()), "re:q1");
+  EXPECT_GE(r->attempts, 2u);
+  EXPECT_EQ(calls.load(), 1);  // retries did not run the handler again
+  EXPECT_GE(server->stats().duplicate_requests, 1u);
+  auto dead = caller->request("svc/flaky", bytes("q2"), {.attempt_timeout_ms = 500, .max_attempts = 10, .backoff_ms = 5});
+  EXPECT_EQ(dead.status().code(), StatusCode::kFailedPrecondition) << dead.status();
+  auto m = watcher->poll(Deadline::after_ms(3000));
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_EQ(m->topic, "$dead/svc/flaky");
+  EXPECT_EQ(m->text(), "q2");
+}
+
+TEST(BrokerIntegration, WrongSecretAndAclViolationsAreRefusedAndCounted) {
+  if (!have_curl()) GTEST_SKIP() << "curl is not installed";
+  Daemon d("[[client]]\nidentity = \"worker\"\npublish = [\"grad/#\"]\nsubscribe = [\"ctrl/#\"]\n");
+  ASSERT_TRUE(d.up());
+  auto bad = d.client("worker");
+  bad.secret = "not-the-job-secret-at-all";
+  auto c = Client::connect(bad);
+  ASSERT_FALSE(c.ok());
+  EXPECT_EQ(c.status().code(), StatusCode::kPermissionDenied) << c.status();
+  auto stranger = Client::connect(d.client("stranger"));  // no ACL entry
+  EXPECT_FALSE(stranger.ok());
+  auto w = connect_or_die(d.client("worker"));
+  ASSERT_TRUE(w);
+  auto sub = w->subscribe("grad/#");
+  EXPECT_EQ(sub.status().code(), StatusCode::kPermissionDenied) << sub.status();
+  EXPECT_TRUE(w->subscribe("ctrl/step").ok());
+  EXPECT_TRUE(w->publish("ctrl/step", "nope").ok());  // fire and forget: refused at the broker
+  EXPECT_TRUE(w->publish("grad/x", "fine").ok());
+  const Deadline dl = Deadline::after_ms(5000);
+  std::map<std::string, double> m;
+  while (!dl.expired()) {
+    m = d.metrics();
+    if (m["myelin_broker_acl_denied_total"] >= 2) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_EQ(m["myelin_broker_acl_denied_total"], 2);
+  EXPECT_EQ(m["myelin_broker_auth_failures_total"], 2);
+  EXPECT_EQ(m["myelin_broker_topic_messages_total{topic=\"grad/x\"}"], 1);
+  EXPECT_EQ(m.count("myelin_broker_topic_messages_total{topic=\"ctrl/step\"}"), 0u);
+  EXPECT_GE(m["myelin_broker_publish_to_deliver_seconds_count"], 0);
+  EXPECT_EQ(d.http_status("/healthz"), "200");
+  EXPECT_EQ(d.http_status("/nothing"), "404");
+}
+
+TEST(BrokerIntegration, KilledSubscriberPublisherAndBrokerNeverHang) {
+  Daemon d("");
+  ASSERT_TRUE(d.up());
+  auto pub = connect_or_die(d.client("pub"));
+  auto sub = connect_or_die(d.client("sub"));
+  ASSERT_TRUE(pub && sub);
+  ASSERT_TRUE(sub->subscribe("t/#").ok());
+  // A subscriber process killed mid-stream.
+  pid_t victim = ::fork();
+  if (victim == 0) {
+    auto c = Client::connect(d.client("victim"));
+    if (!c.ok() || !(*c)->subscribe("t/#").ok()) ::_exit(2);
+    while (true) (void)(*c)->poll(Deadline::after_ms(100));
+  }
+  // A publisher process killed mid-stream.
+  pid_t pub2 = ::fork();
+  if (pub2 == 0) {
+    auto c = Client::connect(d.client("pub2"));
+    if (!c.ok()) ::_exit(2);
+    for (int i = 0;; ++i) (void)(*c)->publish("t/other", std::to_string(i));
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  ::kill(victim, SIGKILL);
+  ::kill(pub2, SIGKILL);
+  ::waitpid(victim, nullptr, 0);
+  ::waitpid(pub2, nullptr, 0);
+  // Survivors carry on.
+  for (int i = 0; i < 100; ++i) ASSERT_TRUE(pub->publish("t/x", "alive").ok());
+  int alive = 0;
+  const Deadline dl = Deadline::after_ms(10000);
+  while (alive < 100 && !dl.expired()) {
+    auto m = sub->poll(Deadline::after_ms(100));
+    if (m.ok() && m->topic == "t/x") alive++;
+  }
+  EXPECT_EQ(alive, 100);
+  if (have_curl()) {
+    const Deadline dm = Deadline::after_ms(5000);
+    double active = -1;
+    while (!dm.expired()) {
+      active = d.metrics()["myelin_broker_connections_active"];
+      if (active == 2) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    EXPECT_EQ(active, 2);  // the killed clients were cleaned up
+  }
+  // Now the broker dies: every survivor gets an error quickly, nothing hangs.
+  d.kill9();
+  const int64_t t0 = monotonic_ns();
+  auto m = sub->poll(Deadline::after_ms(10000));
+  while (m.ok()) m = sub->poll(Deadline::after_ms(10000));
+  EXPECT_NE(m.status().code(), StatusCode::kTimeout) << m.status();
+  EXPECT_LT(monotonic_ns() - t0, 5'000'000'000);
+  Status s;
+  for (int i = 0; i < 1000 && s.ok(); ++i) s = pub->publish("t/x", "late", {.timeout_ms = 2000});
+  EXPECT_FALSE(s.ok());
+  EXPECT_FALSE(pub->status().ok());
+}
+
+TEST(BrokerIntegration, SigtermDrainsAndExitsCleanly) {
+  Daemon d("");
+  ASSERT_TRUE(d.up());
+  auto sub = connect_or_die(d.client("sub"));
+  auto pub = connect_or_die(d.client("pub"));
+  ASSERT_TRUE(sub && pub);
+  ASSERT_TRUE(sub->subscribe("t/#").ok());
+  for (int i = 0; i < 50; ++i) ASSERT_TRUE(pub->publish("t/x", std::to_string(i)).ok());
+  int got = 0;
+  std::thread reader([&] {
+    while (got < 50) {
+      auto m = sub->poll(Deadline::after_ms(5000));
+      if (!m.ok()) break;
+      got++;
+    }
+  });
+  reader.join();
+  EXPECT_EQ(got, 50);
+  EXPECT_EQ(d.terminate(10000), 0);
+}
+
+}  // namespace
+}  // namespace myelin::broker

@@ -1,0 +1,7 @@
+// libFuzzer entry point for fuzz_frames (see fuzz_targets.hpp).
+#include "fuzz_targets.hpp"
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  myelin::broker::fuzz::fuzz_frames(data, size);
+  return 0;
+}
