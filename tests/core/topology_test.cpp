@@ -1,7 +1,5 @@
 #include <myelin/core/topology.hpp>
 
-#include <myelin/core/numa_memory.hpp>  // pin_current_thread_to_cpu
-
 #include <gtest/gtest.h>
 #include <sched.h>
 #include <unistd.h>
@@ -263,7 +261,7 @@ TEST(Pinning, EachAllowedCpuChangesAffinity) {
   ASSERT_FALSE(allowed.empty());
   on_fresh_thread([&] {
     for (int cpu : allowed) {
-      Status s = pin_current_thread_to_cpu(cpu);
+      Status s = pin_current_thread_to_cpus({cpu});
       ASSERT_TRUE(s.ok()) << s;
       EXPECT_EQ(kernel_affinity(), std::vector<int>{cpu});
       EXPECT_EQ(current_thread_cpus().value(), std::vector<int>{cpu});
@@ -277,12 +275,12 @@ TEST(Pinning, EachAllowedCpuChangesAffinity) {
 TEST(Pinning, RejectsBadCpus) {
   on_fresh_thread([] {
     const std::vector<int> before = kernel_affinity();
-    EXPECT_EQ(pin_current_thread_to_cpu(-1).code(), StatusCode::kInvalidArgument);
-    EXPECT_EQ(pin_current_thread_to_cpu(CPU_SETSIZE).code(), StatusCode::kInvalidArgument);
+    EXPECT_EQ(pin_current_thread_to_cpus({-1}).code(), StatusCode::kInvalidArgument);
+    EXPECT_EQ(pin_current_thread_to_cpus({CPU_SETSIZE}).code(), StatusCode::kInvalidArgument);
     EXPECT_EQ(pin_current_thread_to_cpus({}).code(), StatusCode::kInvalidArgument);
     const long configured = sysconf(_SC_NPROCESSORS_CONF);
     if (configured > 0 && configured < CPU_SETSIZE) {
-      Status s = pin_current_thread_to_cpu(static_cast<int>(configured));  // one past the last
+      Status s = pin_current_thread_to_cpus({static_cast<int>(configured)});  // one past the last
       EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s;
       EXPECT_NE(s.message().find("offline"), std::string_view::npos) << s;
     }
