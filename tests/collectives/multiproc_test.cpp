@@ -1,0 +1,421 @@
+// Every collective, algorithm, type and op on 1..8 real processes over TCP (and shared memory
+// where the transport has it), against references computed in the test; failures (SIGKILL,
+// SIGSTOP, mismatched calls) turn into errors on every survivor within the timeout.
+#include <gtest/gtest.h>
+
+#include <signal.h>
+
+#include <string>
+#include <vector>
+
+#include "data.hpp"
+#include "multiproc.hpp"
+
+namespace myelin::collectives::testing {
+namespace {
+
+using transport::Backend;
+
+const size_t kCounts[] = {0, 1, 7, 1023};
+
+Status mismatch(std::string_view what, size_t index, const RankCtx& rc) {
+  return internal_error(what, ": wrong element ", index, " on rank ", rc.rank);
+}
+
+std::string label(std::string_view coll, Algorithm a, DataType t, ReduceOp op, size_t count,
+                  bool in_place) {
+  return ::myelin::internal::str_cat(coll, " ", algorithm_name(a), " ", dtype_name(t), " ",
+                                     reduce_op_name(op), " n=", count,
+                                     in_place ? " in-place" : " out-of-place");
+}
+
+Status check_allreduce(RankCtx& rc, Algorithm algo, DataType t, ReduceOp op, size_t count,
+                       bool in_place, size_t segment, uint64_t salt) {
+  auto in = input(rc.rank, count, t, op, salt);
+  const auto want = expected_reduction(rc.size, count, t, op, salt);
+  std::vector<uint8_t> out(in.size() + 1, 0xEE);  // one guard byte past the end
+  void* recv = in_place ? in.data() : out.data();
+  const std::string what = label("allreduce", algo, t, op, count, in_place);
+  auto used = allreduce(*rc.comm, in.data(), recv, count, t, op,
+                        {.algorithm = algo, .segment_size = segment});
+  if (!used.ok()) return std::move(used).status().with_context(what);
+  if (algo != Algorithm::kAuto && *used != algo) return internal_error(what, ": ran another algorithm");
+  const long bad = first_difference(static_cast<uint8_t*>(recv), want.data(), count, t);
+  if (bad >= 0) return mismatch(what, static_cast<size_t>(bad), rc);
+  if (!in_place && out.back() != 0xEE) return internal_error(what, ": wrote past the end");
+  return ok_status();
+}
+
+class Collectives : public ::testing::TestWithParam<int> {
+ protected:
+  WorldSpec spec() const {
+    WorldSpec s;
+    s.ranks = GetParam();
+    s.ranks_per_node = GetParam() >= 4 ? 3 : 0;  // emulate nodes of 3 ranks from 4 ranks up
+    return s;
+  }
+};
+
+TEST_P(Collectives, Allreduce) {
+  const auto out = run_world(spec(), [](RankCtx& rc) -> Status {
+    uint64_t salt = 1;
+    for (Algorithm algo : {Algorithm::kAuto, Algorithm::kRing, Algorithm::kHalvingDoubling,
+                           Algorithm::kRecursiveDoubling, Algorithm::kHierarchical}) {
+      for (DataType t : kAllDataTypes) {
+        for (ReduceOp op : kAllReduceOps) {
+          for (size_t count : kCounts) {
+            // The matrix: every combination at 7 and 1023; 0 and 1 for a couple of each.
+            if (count < 7 && !(op == ReduceOp::kSum || t == DataType::kI32)) continue;
+            for (bool in_place : {false, true}) {
+              // A small segment makes the ring pipeline run several segments per block.
+              const size_t segment = (algo == Algorithm::kRing && count == 1023) ? 256 : 0;
+              MYELIN_RETURN_IF_ERROR(
+                  check_allreduce(rc, algo, t, op, count, in_place, segment, ++salt));
+            }
+          }
+        }
+      }
+    }
+    return ok_status();
+  });
+  EXPECT_TRUE(out.all_ok()) << out.summary();
+}
+
+TEST_P(Collectives, ReduceScatterAndAllgather) {
+  const auto out = run_world(spec(), [](RankCtx& rc) -> Status {
+    const auto n = static_cast<size_t>(rc.size);
+    uint64_t salt = 100;
+    for (DataType t : kAllDataTypes) {
+      const size_t es = dtype_size(t);
+      for (ReduceOp op : kAllReduceOps) {
+        for (size_t count : kCounts) {
+          if (count < 7 && op != ReduceOp::kSum) continue;
+          for (bool in_place : {false, true}) {
+            ++salt;
+            // reduce_scatter: n * count in, block rank out.
+            auto in = input(rc.rank, n * count, t, op, salt);
+            const auto want = expected_reduction(rc.size, count, t, op, salt, count * rc.rank);
+            std::vector<uint8_t> dst(count * es);
+            void* recv = in_place ? in.data() + count * es * rc.rank : dst.data();
+            const std::string what = label("reduce_scatter", Algorithm::kRing, t, op, count, in_place);
+            auto r = reduce_scatter(*rc.comm, in.data(), recv, count, t, op,
+                                    {.segment_size = count == 1023 ? size_t{512} : size_t{0}});
+            if (!r.ok()) return std::move(r).status().with_context(what);
+            const long bad = first_difference(static_cast<uint8_t*>(recv), want.data(), count, t);
+            if (bad >= 0) return mismatch(what, static_cast<size_t>(bad), rc);
+          }
+        }
+      }
+      for (size_t count : kCounts) {
+        for (bool in_place : {false, true}) {
+          ++salt;
+          std::vector<uint8_t> all(n * count * es, 0);
+          std::vector<uint8_t> want;
+          for (int r = 0; r < rc.size; ++r) {
+            auto part = input(r, count, t, ReduceOp::kSum, salt);
+            want.insert(want.end(), part.begin(), part.end());
+          }
+          auto mine = input(rc.rank, count, t, ReduceOp::kSum, salt);
+          const void* send = mine.data();
+          if (in_place) {
+            std::copy(mine.begin(), mine.end(), all.begin() + static_cast<long>(count * es * rc.rank));
+            send = all.data() + count * es * rc.rank;
+          }
+          const std::string what = label("allgather", Algorithm::kRing, t, ReduceOp::kSum, count, in_place);
+          auto r = allgather(*rc.comm, send, all.data(), count, t,
+                             {.segment_size = count == 1023 ? size_t{300} : size_t{0}});
+          if (!r.ok()) return std::move(r).status().with_context(what);
+          const long bad = first_difference(all.data(), want.data(), n * count, t);
+          if (bad >= 0) return mismatch(what, static_cast<size_t>(bad), rc);
+        }
+      }
+    }
+    return ok_status();
+  });
+  EXPECT_TRUE(out.all_ok()) << out.summary();
+}
+
+TEST_P(Collectives, BroadcastAndReduce) {
+  const auto out = run_world(spec(), [](RankCtx& rc) -> Status {
+    uint64_t salt = 5000;
+    for (int root : {0, rc.size - 1, rc.size / 2}) {
+      for (DataType t : kAllDataTypes) {
+        const size_t es = dtype_size(t);
+        for (size_t count : kCounts) {
+          for (Algorithm algo : {Algorithm::kAuto, Algorithm::kBinomialTree, Algorithm::kChain}) {
+            for (bool in_place : {false, true}) {
+              ++salt;
+              const auto want = input(root, count, t, ReduceOp::kSum, salt);
+              auto src = rc.rank == root ? want : std::vector<uint8_t>(count * es, 0);
+              std::vector<uint8_t> dst(count * es, 0);
+              void* recv = in_place ? src.data() : dst.data();
+              const std::string what = label("broadcast", algo, t, ReduceOp::kSum, count, in_place);
+              auto r = broadcast(*rc.comm, src.data(), recv, count, t,
+                                 {.algorithm = algo, .segment_size = 128, .root = root});
+              if (!r.ok()) return std::move(r).status().with_context(what);
+              const long bad = first_difference(static_cast<uint8_t*>(recv), want.data(), count, t);
+              if (bad >= 0) return mismatch(what, static_cast<size_t>(bad), rc);
+            }
+          }
+          for (ReduceOp op : kAllReduceOps) {
+            if (count < 7 && op != ReduceOp::kMax) continue;
+            for (bool in_place : {false, true}) {
+              ++salt;
+              auto in = input(rc.rank, count, t, op, salt);
+              const auto keep = in;
+              const auto want = expected_reduction(rc.size, count, t, op, salt);
+              std::vector<uint8_t> dst(count * es, 0);
+              void* recv = in_place ? in.data() : dst.data();
+              const std::string what = label("reduce", Algorithm::kBinomialTree, t, op, count, in_place);
+              auto r = reduce(*rc.comm, in.data(), recv, count, t, op, {.root = root});
+              if (!r.ok()) return std::move(r).status().with_context(what);
+              if (rc.rank == root) {
+                const long bad = first_difference(static_cast<uint8_t*>(recv), want.data(), count, t);
+                if (bad >= 0) return mismatch(what, static_cast<size_t>(bad), rc);
+              } else if (in != keep) {
+                return internal_error(what, ": a non-root's send buffer changed");
+              }
+            }
+          }
+        }
+      }
+    }
+    return ok_status();
+  });
+  EXPECT_TRUE(out.all_ok()) << out.summary();
+}
+
+TEST_P(Collectives, BarrierAndAlltoall) {
+  const auto out = run_world(spec(), [](RankCtx& rc) -> Status {
+    // A barrier really waits: after it, every rank's "arrived" file exists.
+    for (int round = 0; round < 3; ++round) {
+      write_file(rc.dir + "/arrived." + std::to_string(round) + "." + std::to_string(rc.rank), "x");
+      MYELIN_RETURN_IF_ERROR(barrier(*rc.comm).status());
+      for (int r = 0; r < rc.size; ++r) {
+        if (!fs::exists(rc.dir + "/arrived." + std::to_string(round) + "." + std::to_string(r))) {
+          return internal_error("barrier round ", round, " returned before rank ", r, " arrived");
+        }
+      }
+    }
+    const auto n = static_cast<size_t>(rc.size);
+    uint64_t salt = 9000;
+    for (DataType t : kAllDataTypes) {
+      const size_t es = dtype_size(t);
+      for (size_t count : kCounts) {
+        for (bool in_place : {false, true}) {
+          ++salt;
+          // Block j of rank i's input is input(i, count, first = j * count).
+          auto in = input(rc.rank, n * count, t, ReduceOp::kSum, salt);
+          std::vector<uint8_t> want;
+          for (int i = 0; i < rc.size; ++i) {
+            auto part = input(i, count, t, ReduceOp::kSum, salt, count * rc.rank);
+            want.insert(want.end(), part.begin(), part.end());
+          }
+          std::vector<uint8_t> dst(n * count * es, 0);
+          void* recv = in_place ? in.data() : dst.data();
+          const std::string what = label("alltoall", Algorithm::kPairwise, t, ReduceOp::kSum, count, in_place);
+          auto r = alltoall(*rc.comm, in.data(), recv, count, t);
+          if (!r.ok()) return std::move(r).status().with_context(what);
+          const long bad = first_difference(static_cast<uint8_t*>(recv), want.data(), n * count, t);
+          if (bad >= 0) return mismatch(what, static_cast<size_t>(bad), rc);
+        }
+      }
+    }
+    return ok_status();
+  });
+  EXPECT_TRUE(out.all_ok()) << out.summary();
+}
+
+INSTANTIATE_TEST_SUITE_P(Ranks, Collectives, ::testing::Range(1, 9),
+                         [](const auto& p) { return std::to_string(p.param) + "ranks"; });
+
+// Same-node peers over the transport's automatic choice (shared memory where it exists).
+TEST(CollectivesAuto, AllreduceOverAutoBackend) {
+  for (int n : {3, 4}) {
+    WorldSpec s;
+    s.ranks = n;
+    s.backend = Backend::kAuto;
+    const auto out = run_world(s, [](RankCtx& rc) -> Status {
+      uint64_t salt = 77;
+      for (Algorithm algo : {Algorithm::kRing, Algorithm::kHalvingDoubling,
+                             Algorithm::kRecursiveDoubling}) {
+        for (DataType t : {DataType::kF32, DataType::kBF16, DataType::kI64}) {
+          for (ReduceOp op : {ReduceOp::kSum, ReduceOp::kAvg}) {
+            MYELIN_RETURN_IF_ERROR(check_allreduce(rc, algo, t, op, 1023, false, 512, ++salt));
+          }
+        }
+      }
+      return ok_status();
+    });
+    EXPECT_TRUE(out.all_ok()) << n << " ranks:" << out.summary();
+  }
+}
+
+// Inexact float data: the result stays within the rounding bound of n - 1 additions, and every
+// rank ends with the same bits.
+TEST(CollectivesFloat, RandomDataWithinErrorBoundAndIdenticalOnAllRanks) {
+  WorldSpec s;
+  s.ranks = 5;
+  const auto out = run_world(s, [](RankCtx& rc) -> Status {
+    const size_t count = 4099;
+    for (Algorithm algo : {Algorithm::kRing, Algorithm::kHalvingDoubling,
+                           Algorithm::kRecursiveDoubling}) {
+      for (DataType t : {DataType::kF32, DataType::kF16, DataType::kBF16}) {
+        const size_t es = dtype_size(t);
+        auto value = [&](int r, size_t i) {
+          const float x = static_cast<float>(static_cast<double>(mix(r * 977 + i) % 20001) /
+                                             10000.0 - 1.0);
+          return t == DataType::kF32 ? x
+                 : t == DataType::kF16 ? f16_to_float(float_to_f16(x))
+                                       : bf16_to_float(float_to_bf16(x));
+        };
+        std::vector<uint8_t> buf(count * es);
+        for (size_t i = 0; i < count; ++i) store_value(buf.data() + i * es, t, value(rc.rank, i), 0);
+        MYELIN_RETURN_IF_ERROR(
+            allreduce(*rc.comm, buf.data(), buf.data(), count, t, ReduceOp::kSum, {.algorithm = algo})
+                .status());
+        const double eps = t == DataType::kF32 ? 0x1p-24 : t == DataType::kF16 ? 0x1p-11 : 0x1p-8;
+        for (size_t i = 0; i < count; ++i) {
+          double exact = 0, magnitude = 0;
+          for (int r = 0; r < rc.size; ++r) {
+            exact += value(r, i);
+            magnitude += std::abs(value(r, i));
+          }
+          double got = 0;
+          if (t == DataType::kF32) { float f; std::memcpy(&f, buf.data() + i * 4, 4); got = f; }
+          else {
+            uint16_t h; std::memcpy(&h, buf.data() + i * 2, 2);
+            got = t == DataType::kF16 ? f16_to_float(h) : bf16_to_float(h);
+          }
+          const double bound = rc.size * eps * magnitude + 1e-30;
+          if (std::abs(got - exact) > bound) {
+            return internal_error(algorithm_name(algo), " ", dtype_name(t), " element ", i, ": ",
+                                  got, " vs exact ", exact, " (bound ", bound, ")");
+          }
+        }
+        // Identical bits everywhere: allgather everyone's result and compare.
+        std::vector<uint8_t> all(buf.size() * static_cast<size_t>(rc.size));
+        MYELIN_RETURN_IF_ERROR(allgather(*rc.comm, buf.data(), all.data(), count, t).status());
+        for (int r = 0; r < rc.size; ++r) {
+          if (std::memcmp(all.data() + buf.size() * r, buf.data(), buf.size()) != 0) {
+            return internal_error(algorithm_name(algo), " ", dtype_name(t), ": rank ", r,
+                                  " ended with different bits");
+          }
+        }
+      }
+    }
+    return ok_status();
+  });
+  EXPECT_TRUE(out.all_ok()) << out.summary();
+}
+
+// ---- failures ----
+
+// Survivors loop on allreduce until it fails; they pass when the error names the operation and a
+// rank, and a later call says the communicator must be rebuilt.
+Status survive(RankCtx& rc, int victim, std::chrono::milliseconds timeout) {
+  std::vector<float> buf(1 << 18, 1.0f);
+  for (int i = 0; i < 100000; ++i) {
+    if (i == 1 && rc.rank == 0) write_file(rc.dir + "/started", "1");
+    auto r = allreduce(*rc.comm, buf.data(), buf.data(), buf.size(), DataType::kF32,
+                       ReduceOp::kMax, {.algorithm = Algorithm::kRing, .timeout = timeout});
+    if (r.ok()) continue;
+    if (rc.rank == victim) return internal_error("the victim saw an error instead of dying");
+    const std::string msg = r.status().to_string();
+    write_file(rc.dir + "/error." + std::to_string(rc.rank), msg);
+    if (msg.find("allreduce") == std::string::npos || msg.find("rank ") == std::string::npos) {
+      return internal_error("error does not name the operation and a rank: ", msg);
+    }
+    auto again = barrier(*rc.comm);
+    if (again.ok() || again.status().code() != StatusCode::kFailedPrecondition ||
+        again.status().to_string().find("rebuilt") == std::string::npos) {
+      return internal_error("a failed communicator kept working: ", again.status().to_string());
+    }
+    return ok_status();
+  }
+  return internal_error("allreduce never failed");
+}
+
+void fault_test(int sig) {
+  constexpr int kVictim = 2;
+  const auto timeout = std::chrono::milliseconds(3000);
+  WorldSpec s;
+  s.ranks = 4;
+  int64_t injected_ns = 0;
+  const auto out = run_world(
+      s, [&](RankCtx& rc) { return survive(rc, kVictim, timeout); },
+      [&](const std::vector<pid_t>& pids, const std::string& dir) {
+        const Deadline d = Deadline::after(std::chrono::seconds(60));
+        while (!fs::exists(dir + "/started") && !d.expired()) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(2));
+        }
+        kill(pids[kVictim], sig);
+        injected_ns = monotonic_ns();
+      },
+      std::chrono::seconds(60));
+  const double seconds = static_cast<double>(monotonic_ns() - injected_ns) / 1e9;
+  for (int r = 0; r < s.ranks; ++r) {
+    if (r == kVictim) continue;
+    EXPECT_EQ(out.exit_codes[r], 0) << out.summary();
+    const std::string err = read_file(out.dir + "/error." + std::to_string(r));
+    EXPECT_NE(err.find("allreduce"), std::string::npos) << err;
+  }
+  // The victim's neighbour waits on it directly; its error names it.
+  EXPECT_NE(read_file(out.dir + "/error.3").find("rank 2"), std::string::npos)
+      << read_file(out.dir + "/error.3");
+  // Every survivor errored within the timeout, plus slack for 4 processes on 2 busy cores.
+  EXPECT_LT(seconds, 3.0 + 10.0) << out.summary();
+}
+
+TEST(CollectivesFailure, KilledRankFailsEverySurvivor) { fault_test(SIGKILL); }
+TEST(CollectivesFailure, StoppedRankFailsEverySurvivorWithinTimeout) { fault_test(SIGSTOP); }
+
+TEST(CollectivesFailure, MismatchedCountsAreAClearError) {
+  WorldSpec s;
+  s.ranks = 3;
+  s.timeout = std::chrono::milliseconds(5000);
+  const auto out = run_world(s, [](RankCtx& rc) -> Status {
+    const size_t count = rc.rank == 1 ? 8 : 7;
+    std::vector<int32_t> buf(count, 1);
+    auto r = allreduce(*rc.comm, buf.data(), buf.data(), count, DataType::kI32, ReduceOp::kSum);
+    if (r.ok()) return internal_error("mismatched allreduce succeeded");
+    write_file(rc.dir + "/error." + std::to_string(rc.rank), r.status().to_string());
+    return ok_status();
+  });
+  EXPECT_TRUE(out.all_ok()) << out.summary();
+  int clear = 0;
+  for (int r = 0; r < 3; ++r) {
+    const std::string err = read_file(out.dir + "/error." + std::to_string(r));
+    if (err.find("mismatched collective calls") != std::string::npos &&
+        err.find("7 x i32") != std::string::npos && err.find("8 x i32") != std::string::npos) {
+      ++clear;
+    }
+  }
+  // Ranks 1 and 2 compare with a rank whose count differs; rank 0 may only see the fallout.
+  EXPECT_GE(clear, 2) << out.summary();
+}
+
+TEST(CollectivesFailure, BadArgumentsAreRejectedBeforeAnyTraffic) {
+  WorldSpec s;
+  s.ranks = 1;
+  const auto out = run_world(s, [](RankCtx& rc) -> Status {
+    float x = 0;
+    if (broadcast(*rc.comm, &x, &x, 1, DataType::kF32, {.root = 3}).status().code() !=
+        StatusCode::kInvalidArgument) {
+      return internal_error("bad root accepted");
+    }
+    if (allreduce(*rc.comm, nullptr, &x, 1, DataType::kF32, ReduceOp::kSum).status().code() !=
+        StatusCode::kInvalidArgument) {
+      return internal_error("null buffer accepted");
+    }
+    if (allgather(*rc.comm, &x, &x, 1, DataType::kF32, {.algorithm = Algorithm::kChain})
+            .status().code() != StatusCode::kInvalidArgument) {
+      return internal_error("unsupported algorithm accepted");
+    }
+    return allreduce(*rc.comm, &x, &x, 1, DataType::kF32, ReduceOp::kSum).status();
+  });
+  EXPECT_TRUE(out.all_ok()) << out.summary();
+}
+
+}  // namespace
+}  // namespace myelin::collectives::testing
