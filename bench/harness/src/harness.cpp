@@ -1,0 +1,270 @@
+// Latency and bandwidth measurement over a transport Endpoint.
+#include <myelin/bench/harness.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+
+#include <myelin/core/clock.hpp>
+
+namespace myelin::bench {
+
+using transport::Context;
+using transport::Endpoint;
+using transport::Request;
+
+namespace {
+constexpr uint32_t kData = 0;
+constexpr uint32_t kControl = 1;
+
+uint8_t pattern_byte(size_t i, uint64_t salt) {
+  return static_cast<uint8_t>((i * 131 + salt * 7 + (i >> 9)) & 0xFF);
+}
+void fill(std::vector<uint8_t>& buf, uint64_t salt) {
+  for (size_t i = 0; i < buf.size(); ++i) buf[i] = pattern_byte(i, salt);
+}
+// Stamps the message index at both ends (as much of it as fits).
+void stamp(uint8_t* p, size_t size, uint64_t index) {
+  const size_t n = std::min<size_t>(size, 8);
+  std::memcpy(p, &index, n);
+  if (size >= 16) std::memcpy(p + size - 8, &index, 8);
+}
+bool check_stamp(const uint8_t* p, size_t size, uint64_t index) {
+  const size_t n = std::min<size_t>(size, 8);
+  if (std::memcmp(p, &index, n) != 0) return false;
+  return size < 16 || std::memcmp(p + size - 8, &index, 8) == 0;
+}
+// Every byte: the pattern with the stamps laid over it.
+bool check_all(const std::vector<uint8_t>& buf, size_t size, uint64_t salt, uint64_t index) {
+  if (!check_stamp(buf.data(), size, index)) return false;
+  const size_t head = std::min<size_t>(size, 8);
+  const size_t tail = size >= 16 ? size - 8 : size;
+  for (size_t i = head; i < tail; ++i) {
+    if (buf[i] != pattern_byte(i, salt)) return false;
+  }
+  return true;
+}
+
+Status wait(Context& ctx, const Request& r, const char* what) {
+  Status s = ctx.wait(r);
+  if (!s.ok()) return std::move(s).with_context(what);
+  return ok_status();
+}
+
+// A one-byte handshake on the control channel: the side that calls signal() releases wait_for().
+Status signal(Context& ctx, Endpoint& ep) {
+  uint8_t token = 1;
+  return wait(ctx, ep.send(kControl, &token, 1), "sending a sync token");
+}
+Status wait_for(Context& ctx, Endpoint& ep) {
+  uint8_t token = 0;
+  return wait(ctx, ep.recv(kControl, &token, 1), "waiting for a sync token");
+}
+}  // namespace
+
+double percentile(const std::vector<double>& sorted, double pct) {
+  if (sorted.empty()) return 0;
+  const double rank = std::ceil(pct / 100.0 * static_cast<double>(sorted.size()));
+  const size_t idx = rank < 1 ? 0 : static_cast<size_t>(rank) - 1;
+  return sorted[std::min(idx, sorted.size() - 1)];
+}
+
+Result<LatencyResult> run_latency(Context& ctx, Endpoint& ep, bool initiator, size_t size,
+                                  const RunConfig& cfg) {
+  std::vector<uint8_t> out(size), in(size);
+  fill(out, size);
+  LatencyResult res;
+  res.size = size;
+  res.iters = cfg.iters;
+  std::vector<double> samples;
+  samples.reserve(cfg.iters);
+  MYELIN_RETURN_IF_ERROR(initiator ? wait_for(ctx, ep) : signal(ctx, ep));
+  const size_t total = cfg.warmup + cfg.iters;
+  for (size_t i = 0; i < total; ++i) {
+    const bool full_check = i == cfg.warmup;  // every byte once per size
+    if (initiator) {
+      stamp(out.data(), size, i);
+      const uint64_t t0 = CycleTimer::now();
+      Request r = ep.recv(kData, in.data(), in.size());
+      Request s = ep.send(kData, out.data(), size);
+      MYELIN_RETURN_IF_ERROR(wait(ctx, s, "latency: ping"));
+      MYELIN_RETURN_IF_ERROR(wait(ctx, r, "latency: pong"));
+      const uint64_t t1 = CycleTimer::now();
+      if (i >= cfg.warmup) samples.push_back(CycleTimer::to_ns(t1 - t0) / 2000.0);
+      const bool good = r.bytes() == size && (full_check ? check_all(in, size, size, i)
+                                                         : check_stamp(in.data(), size, i));
+      if (!good && i >= cfg.warmup) ++res.wrong;
+    } else {
+      Request r = ep.recv(kData, in.data(), in.size());
+      MYELIN_RETURN_IF_ERROR(wait(ctx, r, "latency: waiting for a ping"));
+      const bool good = r.bytes() == size && (full_check ? check_all(in, size, size, i)
+                                                         : check_stamp(in.data(), size, i));
+      if (!good && i >= cfg.warmup) ++res.wrong;
+      // Echo what arrived: the initiator checks the same stamp and pattern.
+      MYELIN_RETURN_IF_ERROR(wait(ctx, ep.send(kData, in.data(), size), "latency: pong"));
+    }
+  }
+  if (!samples.empty()) {
+    double sum = 0;
+    for (double v : samples) sum += v;
+    std::sort(samples.begin(), samples.end());
+    res.min_us = samples.front();
+    res.max_us = samples.back();
+    res.avg_us = sum / static_cast<double>(samples.size());
+    res.p50_us = percentile(samples, 50);
+    res.p99_us = percentile(samples, 99);
+    res.p999_us = percentile(samples, 99.9);
+  }
+  // Report the echo side's wrong count to the initiator so one process sees both.
+  uint64_t peer_wrong = 0;
+  if (initiator) {
+    MYELIN_RETURN_IF_ERROR(wait(ctx, ep.recv(kControl, &peer_wrong, 8), "latency: peer report"));
+    res.wrong += peer_wrong;
+  } else {
+    MYELIN_RETURN_IF_ERROR(wait(ctx, ep.send(kControl, &res.wrong, 8), "latency: report"));
+  }
+  return res;
+}
+
+Result<BandwidthResult> run_bandwidth(Context& ctx, Endpoint& ep, bool sender, size_t size,
+                                      const RunConfig& cfg) {
+  // Enough buffers for the window, bounded to 256 MiB in total.
+  const size_t window =
+      std::max<size_t>(1, std::min(cfg.window, (size_t{256} << 20) / std::max<size_t>(size, 1)));
+  std::vector<std::vector<uint8_t>> bufs(window, std::vector<uint8_t>(size));
+  if (sender) {
+    for (auto& b : bufs) fill(b, size);
+  }
+  BandwidthResult res;
+  res.size = size;
+  res.iters = cfg.iters;
+  std::vector<Request> reqs(window);
+
+  auto phase = [&](size_t first, size_t count, bool timed) -> Status {
+    if (sender) {
+      MYELIN_RETURN_IF_ERROR(wait_for(ctx, ep));  // the receiver has started its clock
+      for (size_t i = 0; i < count; ++i) {
+        const size_t slot = (first + i) % window;
+        if (i >= window) MYELIN_RETURN_IF_ERROR(wait(ctx, reqs[slot], "bandwidth: send"));
+        stamp(bufs[slot].data(), size, first + i);
+        reqs[slot] = ep.send(kData, bufs[slot].data(), size);
+      }
+      for (size_t i = 0; i < std::min(count, window); ++i) {
+        MYELIN_RETURN_IF_ERROR(
+            wait(ctx, reqs[(first + count - 1 - i) % window], "bandwidth: send"));
+      }
+      return ok_status();
+    }
+    for (size_t i = 0; i < std::min(count, window); ++i) {
+      reqs[(first + i) % window] = ep.recv(kData, bufs[(first + i) % window].data(), size);
+    }
+    const uint64_t t0 = CycleTimer::now();
+    MYELIN_RETURN_IF_ERROR(signal(ctx, ep));
+    for (size_t i = 0; i < count; ++i) {
+      const size_t slot = (first + i) % window;
+      MYELIN_RETURN_IF_ERROR(wait(ctx, reqs[slot], "bandwidth: recv"));
+      const bool full = timed && i == 0;
+      const bool good =
+          reqs[slot].bytes() == size && (full ? check_all(bufs[slot], size, size, first + i)
+                                              : check_stamp(bufs[slot].data(), size, first + i));
+      if (!good && timed) ++res.wrong;
+      if (i + window < count) {
+        reqs[slot] = ep.recv(kData, bufs[slot].data(), size);
+      }
+    }
+    if (timed) {
+      res.seconds = CycleTimer::to_ns(CycleTimer::now() - t0) / 1e9;
+    }
+    return ok_status();
+  };
+  MYELIN_RETURN_IF_ERROR(phase(0, cfg.warmup, false));
+  MYELIN_RETURN_IF_ERROR(phase(cfg.warmup, cfg.iters, true));
+  if (!sender && res.seconds > 0) {
+    res.gbps = static_cast<double>(size) * static_cast<double>(cfg.iters) / res.seconds / 1e9;
+    res.msgs_per_s = static_cast<double>(cfg.iters) / res.seconds;
+  }
+  return res;
+}
+
+Result<size_t> parse_size(const std::string& text) {
+  if (text.empty()) return invalid_argument("empty size");
+  size_t pos = 0;
+  unsigned long long v = 0;
+  try {
+    v = std::stoull(text, &pos);
+  } catch (...) {
+    return invalid_argument("size '", text, "' is not a number");
+  }
+  unsigned shift = 0;
+  if (pos < text.size()) {
+    const char unit = static_cast<char>(std::toupper(static_cast<unsigned char>(text[pos])));
+    shift = unit == 'K' ? 10 : unit == 'M' ? 20 : unit == 'G' ? 30 : 99;
+    if (shift == 99) return invalid_argument("size '", text, "': unknown unit");
+    ++pos;
+    if (pos < text.size() && (text[pos] == 'B' || text[pos] == 'b')) ++pos;
+  }
+  if (pos != text.size()) return invalid_argument("size '", text, "' has trailing characters");
+  if (v > (uint64_t{1} << 40) >> shift) return invalid_argument("size '", text, "' is too large");
+  return static_cast<size_t>(v << shift);
+}
+
+Result<std::vector<size_t>> size_sweep(size_t begin, size_t end, size_t factor) {
+  if (factor < 2) return invalid_argument("sweep factor ", factor, " must be at least 2");
+  if (begin > end) return invalid_argument("sweep begin ", begin, " is above end ", end);
+  std::vector<size_t> out;
+  for (size_t s = begin;; s *= factor) {
+    out.push_back(s);
+    if (s == 0) {
+      if (end == 0) break;
+      s = 1;
+      if (s > end) break;
+      out.push_back(s);
+    }
+    if (s > end / factor) break;
+  }
+  return out;
+}
+
+std::string latency_json(const std::string& transport, const LatencyResult& r) {
+  char buf[512];
+  std::snprintf(buf, sizeof(buf),
+                "{\"bench\":\"lat\",\"transport\":\"%s\",\"size\":%zu,\"iters\":%zu,"
+                "\"p50_us\":%.3f,\"p99_us\":%.3f,\"p999_us\":%.3f,\"max_us\":%.3f,\"wrong\":%llu}",
+                transport.c_str(), r.size, r.iters, r.p50_us, r.p99_us, r.p999_us, r.max_us,
+                static_cast<unsigned long long>(r.wrong));
+  return buf;
+}
+
+std::string bandwidth_json(const std::string& transport, const BandwidthResult& r) {
+  char buf[512];
+  std::snprintf(buf, sizeof(buf),
+                "{\"bench\":\"bw\",\"transport\":\"%s\",\"size\":%zu,\"iters\":%zu,"
+                "\"GBps\":%.4f,\"msgs_per_s\":%.1f,\"wrong\":%llu}",
+                transport.c_str(), r.size, r.iters, r.gbps, r.msgs_per_s,
+                static_cast<unsigned long long>(r.wrong));
+  return buf;
+}
+
+std::string latency_header() {
+  return "#     size(B)     iters   min(us)   avg(us)   p50(us)   p99(us) p99.9(us)   max(us)  "
+         "#wrong";
+}
+std::string latency_row(const LatencyResult& r) {
+  char buf[256];
+  std::snprintf(buf, sizeof(buf), "%13zu %9zu %9.2f %9.2f %9.2f %9.2f %9.2f %9.2f %7llu", r.size,
+                r.iters, r.min_us, r.avg_us, r.p50_us, r.p99_us, r.p999_us, r.max_us,
+                static_cast<unsigned long long>(r.wrong));
+  return buf;
+}
+std::string bandwidth_header() {
+  return "#     size(B)     iters      GB/s     Mmsg/s  #wrong";
+}
+std::string bandwidth_row(const BandwidthResult& r) {
+  char buf[256];
+  std::snprintf(buf, sizeof(buf), "%13zu %9zu %9.3f %10.4f %7llu", r.size, r.iters, r.gbps,
+                r.msgs_per_s / 1e6, static_cast<unsigned long long>(r.wrong));
+  return buf;
+}
+
+}  // namespace myelin::bench
