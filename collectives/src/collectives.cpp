@@ -132,11 +132,13 @@ Result<Algorithm> run(Communicator& comm, const Call& call, const Options& optio
   {
     Exchange ex(comm, options.tag, Deadline::after(timeout), info);
     size_t desc_recv = 0;
+    bool desc_posted = false;
     const int prev = (comm.rank() + n - 1) % n;
     if (n > 1) {
       auto r = ex.post_recv(prev, internal::kDescriptorPhase, &theirs, sizeof(theirs));
       if (r.ok()) {
         desc_recv = *r;
+        desc_posted = true;
         status = ex.post_send((comm.rank() + 1) % n, internal::kDescriptorPhase, &mine,
                               sizeof(mine))
                      .status();
@@ -145,15 +147,17 @@ Result<Algorithm> run(Communicator& comm, const Call& call, const Options& optio
       }
     }
     if (status.ok()) status = body(ex, algo);
-    if (n > 1) {
+    if (desc_posted) {
       if (status.ok()) {
         status = ex.wait(desc_recv);
       } else {
-        // The data exchange failed; if the previous rank's descriptor is already here and tells
-        // why (a different call), report that instead of the symptom.
-        comm.context().progress();
+        // The data exchange failed; if the previous rank's descriptor tells why (a different
+        // call), report that instead of the symptom. It was sent first, so unless that rank is
+        // dead it is here or about to be: give it a moment (bounded by the call's deadline).
+        const Deadline grace = Deadline::after(std::chrono::milliseconds(200)).min(ex.deadline());
+        while (!ex.done(desc_recv) && !grace.expired()) comm.context().progress();
       }
-      const bool have_theirs = theirs.magic != 0;
+      const bool have_theirs = ex.done(desc_recv) && ex.status_of(desc_recv).ok();
       if (have_theirs && !same_call(mine, theirs)) {
         status = invalid_argument("mismatched collective calls: rank ", prev, " called ",
                                   describe_call(theirs), ", this rank called ",

@@ -66,6 +66,11 @@ class Exchange {
   Result<size_t> post_recv(int peer, uint8_t phase, void* data, size_t bytes);
   // Waits for one operation; a receive must bring exactly the posted number of bytes.
   Status wait(size_t handle);
+  // True when the operation has completed (successfully or not); never waits.
+  [[nodiscard]] bool done(size_t handle) const noexcept { return pending_[handle].request.done(); }
+  [[nodiscard]] const Status& status_of(size_t handle) const noexcept {
+    return pending_[handle].request.status();
+  }
   // Waits for every operation posted so far and not yet waited for.
   Status wait_all();
 
