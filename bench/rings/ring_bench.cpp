@@ -2,6 +2,7 @@
 //   BM_Throughput<Queue>   64-bit items, one producer thread -> the measured consumer thread
 //   BM_PingPong<Queue>     round trip of one item through two rings (there and back)
 //   BM_RawPingPong         the floor: one cache line written in turn by the two CPUs
+//   BM_TwoLinePingPong     the floor for one channel per direction: two lines, one writer each
 //   BM_RecordRing          64 B and 1 KiB records, claim/commit per record or per batch of 16
 //   BM_Mpsc                MpscRing with 1..4 producer threads
 // CPUs: MYELIN_BENCH_CPUS="producer,consumer" (default "0,1"). Every consumer verifies the
@@ -192,6 +193,44 @@ void BM_RawPingPong(benchmark::State& state) {
   state.SetItemsProcessed(state.iterations());
 }
 BENCHMARK(BM_RawPingPong)->Name("PingPong_rtt/raw_cache_line")->UseRealTime();
+
+// The floor for any design with one channel per direction: two lines, each written by one CPU
+// only. Slower than one shared line, which the hardware hands over exclusively on each read
+// (migratory sharing), so the writer's store then needs no second transaction.
+void BM_TwoLinePingPong(benchmark::State& state) {
+  struct alignas(kFalseSharingRange) Line {
+    std::atomic<uint64_t> value{0};
+  };
+  auto there = std::make_unique<Line>();
+  auto back = std::make_unique<Line>();
+  constexpr uint64_t kStop = ~uint64_t{0};
+  if (!pin(&state, cpus().consumer)) return;
+  std::thread echo([&] {
+    pin(nullptr, cpus().producer);
+    uint64_t seen = 0;
+    for (;;) {
+      uint64_t v;
+      // Acquire pairs with the initiator's release store of `there`.
+      while ((v = there->value.load(std::memory_order_acquire)) == seen) {
+      }
+      if (v == kStop) return;
+      seen = v;
+      // Pairs with the initiator's acquire load of `back`.
+      back->value.store(v, std::memory_order_release);
+    }
+  });
+  uint64_t next = 1;
+  for (auto _ : state) {
+    there->value.store(next, std::memory_order_release);
+    while (back->value.load(std::memory_order_acquire) != next) {
+    }
+    ++next;
+  }
+  there->value.store(kStop, std::memory_order_release);
+  echo.join();
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_TwoLinePingPong)->Name("PingPong_rtt/two_cache_lines")->UseRealTime();
 
 // ---- record ring -------------------------------------------------------------------------------
 

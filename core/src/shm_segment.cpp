@@ -1,10 +1,13 @@
 // Shared-memory segments, ring header validation and process liveness.
 #include <myelin/core/shm_segment.hpp>
 
+#include <myelin/core/clock.hpp>
+
 #include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -133,8 +136,8 @@ std::string_view ring_kind_name(RingKind kind) noexcept {
 Result<uint64_t> check_ring_region(const void* region, std::size_t bytes, uint64_t capacity,
                                    const RingLayoutSpec& spec) {
   if (region == nullptr) return invalid_argument("ring region is null");
-  if (reinterpret_cast<uintptr_t>(region) % kCacheLine != 0) {
-    return invalid_argument("ring region is not aligned to ", kCacheLine, " bytes");
+  if (reinterpret_cast<uintptr_t>(region) % kFalseSharingRange != 0) {
+    return invalid_argument("ring region is not aligned to ", kFalseSharingRange, " bytes");
   }
   if (!is_power_of_two(capacity) || capacity < spec.min_capacity) {
     return invalid_argument(ring_kind_name(spec.kind), " capacity ", capacity,
@@ -166,8 +169,8 @@ Result<uint64_t> validate_ring_header(const void* region, std::size_t bytes,
                                       const RingLayoutSpec& spec) {
   const std::string_view want = ring_kind_name(spec.kind);
   if (region == nullptr) return invalid_argument("ring region is null");
-  if (reinterpret_cast<uintptr_t>(region) % kCacheLine != 0) {
-    return invalid_argument("ring region is not aligned to ", kCacheLine, " bytes");
+  if (reinterpret_cast<uintptr_t>(region) % kFalseSharingRange != 0) {
+    return invalid_argument("ring region is not aligned to ", kFalseSharingRange, " bytes");
   }
   if (bytes < spec.header_bytes) {
     return invalid_argument("region of ", bytes, " bytes is smaller than an ", want, " header (",
@@ -211,6 +214,17 @@ Result<uint64_t> validate_ring_header(const void* region, std::size_t bytes,
     return invalid_argument(want, " needs ", need, " bytes, region has ", bytes);
   }
   return cap;
+}
+
+uint64_t internal::random_salt() noexcept {
+  uint64_t v = 0;
+  if (getrandom(&v, sizeof(v), GRND_NONBLOCK) == static_cast<ssize_t>(sizeof(v)) && v != 0)
+    return v;
+  // No entropy yet (early boot): unpredictability is not the point, only distinctness.
+  v = static_cast<uint64_t>(monotonic_ns()) ^ (static_cast<uint64_t>(getpid()) << 32);
+  v ^= reinterpret_cast<uintptr_t>(&v);
+  v *= 0x9e3779b97f4a7c15ULL;
+  return v ^ (v >> 29);
 }
 
 // ---- segments ----------------------------------------------------------------------------------

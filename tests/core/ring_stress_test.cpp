@@ -168,7 +168,7 @@ bool aborted(uint64_t i, uint64_t n) {
 
 TEST(RingStress, RecordRingClaimCommitAbortBatches) {
   const uint64_t n = 400'000 / kScale;
-  auto ring = RecordRing::create(4096, {.initial_position = kNearWrap & ~uint64_t{7}});
+  auto ring = RecordRing::create(4096, {.initial_position = kNearWrap & ~uint64_t{15}});
   ASSERT_TRUE(ring.ok()) << ring.status();
   const std::size_t max = 300;
   uint64_t sent_sum = 0;

@@ -19,13 +19,14 @@ namespace {
 
 constexpr uint64_t kMax = std::numeric_limits<uint64_t>::max();
 
-// Cache-line-aligned scratch memory standing in for a shared region.
+// Scratch memory, aligned as rings require, standing in for a shared region.
 struct Region {
   explicit Region(std::size_t n)
-      : bytes(n), mem(static_cast<std::byte*>(::operator new (n, std::align_val_t{kCacheLine}))) {
+      : bytes(n),
+        mem(static_cast<std::byte*>(::operator new (n, std::align_val_t{kFalseSharingRange}))) {
     std::memset(mem, 0, n);
   }
-  ~Region() { ::operator delete (mem, std::align_val_t{kCacheLine}); }
+  ~Region() { ::operator delete (mem, std::align_val_t{kFalseSharingRange}); }
   Region(const Region&) = delete;
   Region& operator=(const Region&) = delete;
   std::size_t bytes;
@@ -222,7 +223,7 @@ bool write_string(RecordRing& ring, const std::string& s, uint32_t type = 1) {
 TEST(RecordRing, ClaimCommitConsume) {
   auto ring = RecordRing::create(256);
   ASSERT_TRUE(ring.ok()) << ring.status();
-  EXPECT_EQ(ring->max_record_size(), 120u);
+  EXPECT_EQ(ring->max_record_size(), 112u);
   RecordRing::Claim c;
   ASSERT_TRUE(ring->try_claim(5, c, 42));
   std::memcpy(c.data, "hello", 5);
@@ -239,19 +240,19 @@ TEST(RecordRing, ClaimCommitConsume) {
 TEST(RecordRing, FullIsBackPressureAndSpaceReturns) {
   auto ring = RecordRing::create(256);
   ASSERT_TRUE(ring.ok());
-  const std::string payload(56, 'x');  // 64 bytes per record: exactly 4 fit
+  const std::string payload(48, 'x');  // 64 bytes per record with its header: exactly 4 fit
   for (int i = 0; i < 4; ++i) ASSERT_TRUE(write_string(*ring, payload)) << i;
   EXPECT_FALSE(write_string(*ring, payload));
-  EXPECT_FALSE(write_string(*ring, "")) << "even 8 bytes do not fit in a full ring";
+  EXPECT_FALSE(write_string(*ring, "")) << "even a bare header does not fit in a full ring";
   EXPECT_EQ(drain(*ring, 1).size(), 1u);
   EXPECT_TRUE(write_string(*ring, payload));
   EXPECT_EQ(drain(*ring).size(), 4u);
 }
 
-// Records of every size, starting 100 bytes short of 2^64: wrap padding at the end of the data
+// Records of every size, starting 112 bytes short of 2^64: wrap padding at the end of the data
 // area and the 64-bit wrap of the positions both happen many times.
 TEST(RecordRing, VariableSizesWrapPast64BitPositions) {
-  auto ring = RecordRing::create(512, {.initial_position = kMax - 103});
+  auto ring = RecordRing::create(512, {.initial_position = kMax - 111});
   ASSERT_TRUE(ring.ok()) << ring.status();
   uint64_t written = 0, read = 0;
   for (int round = 0; round < 400; ++round) {
@@ -280,7 +281,7 @@ TEST(RecordRing, AbortLatestGivesSpaceBack) {
   ASSERT_TRUE(ring->try_claim(40, a));
   ASSERT_TRUE(ring->try_claim(40, b));
   RecordRing::Claim c;
-  EXPECT_FALSE(ring->try_claim(40, c)) << "two 48-byte records leave 32 bytes";
+  EXPECT_FALSE(ring->try_claim(40, c)) << "two 64-byte records fill the ring";
   ring->abort(b);
   ASSERT_TRUE(ring->try_claim(40, c)) << "the aborted space is claimable again";
   std::memset(a.data, 'a', 40);
@@ -320,11 +321,11 @@ TEST(RecordRing, BatchClaimIsAllOrNothing) {
   ring->commit(claims[2]);  // publishes all three
   const std::array<uint32_t, 3> big{100, 100, 100};
   std::array<RecordRing::Claim, 3> more;
-  EXPECT_FALSE(ring->try_claim_batch(big, more)) << "300+ bytes cannot fit next to 96";
+  EXPECT_FALSE(ring->try_claim_batch(big, more)) << "384 bytes cannot fit next to 128";
   auto got = drain(*ring);
   ASSERT_EQ(got.size(), 3u);
   EXPECT_EQ(got[1].second, std::string(20, 'b'));
-  // The failed batch left nothing behind: 184 bytes (and 48 of wrap padding) fit again.
+  // The failed batch left nothing behind: 128 + 80 bytes fit again.
   const std::array<uint32_t, 2> fits{100, 60};
   ASSERT_TRUE(ring->try_claim_batch(fits, more));
   ring->commit(more[1]);
@@ -340,7 +341,7 @@ TEST(RecordRing, CorruptHeaderIsAProtocolError) {
   ASSERT_TRUE(write_string(*producer, "abc"));
   // A buggy or hostile peer rewrites the length to run past what it committed.
   uint32_t huge = 1000;
-  std::memcpy(r.mem + 256, &huge, sizeof(huge));
+  std::memcpy(r.mem + 512 + 8, &huge, sizeof(huge));  // length field of the first record
   bool called = false;
   auto n = consumer->consume([&](const RecordRing::Record&) { called = true; });
   EXPECT_EQ(n.status().code(), StatusCode::kProtocolError);
@@ -354,7 +355,7 @@ TEST(RecordRing, AttachChecksKindAndPositions) {
   auto as_spsc = SpscRing<uint64_t>::attach(r.mem, r.bytes);
   EXPECT_NE(as_spsc.status().message().find("holds a record ring"), std::string::npos)
       << as_spsc.status();
-  auto* tail = reinterpret_cast<std::atomic<uint64_t>*>(r.mem + 128);
+  auto* tail = reinterpret_cast<std::atomic<uint64_t>*>(r.mem + 256);
   tail->store(4096, std::memory_order_relaxed);  // further ahead than the ring holds
   EXPECT_EQ(RecordRing::attach(r.mem, r.bytes).status().code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(RecordRing::format(r.mem, r.bytes, 100).status().code(), StatusCode::kInvalidArgument);

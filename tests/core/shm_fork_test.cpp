@@ -109,7 +109,7 @@ TEST(ShmFork, RecordRingAcrossProcesses) {
   constexpr uint64_t kRecords = 100'000;
   auto seg = ShmSegment::create_memfd("record-fork", RecordRing::bytes_for(1 << 14));
   ASSERT_TRUE(seg.ok());
-  auto ring = RecordRing::format(seg->data(), seg->data_size(), 1 << 14, kNearWrap & ~7ULL);
+  auto ring = RecordRing::format(seg->data(), seg->data_size(), 1 << 14, kNearWrap & ~15ULL);
   ASSERT_TRUE(ring.ok()) << ring.status();
   ASSERT_TRUE(seg->join("consumer").ok());
   auto len_of = [](uint64_t i) { return static_cast<uint32_t>(mix(i) % 600); };

@@ -21,6 +21,12 @@ namespace myelin {
 
 inline constexpr std::size_t kCacheLine = 64;
 
+// Hot fields written by different threads (or processes) are kept this far apart: x86 cores
+// fetch cache lines in adjacent pairs (the spatial prefetcher), so two hot lines in one 128-byte
+// block still slow each other down. Like kCacheLine, a fixed constant of ours, so shared layouts
+// may use it.
+inline constexpr std::size_t kFalseSharingRange = 2 * kCacheLine;
+
 // Rounds n up to a multiple of align (a power of two).
 constexpr std::size_t align_up(std::size_t n, std::size_t align) noexcept {
   return (n + align - 1) & ~(align - 1);

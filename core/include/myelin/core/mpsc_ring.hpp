@@ -9,8 +9,9 @@
 // after copying the value out, so producers learn about free space from the slot they are about
 // to write rather than from the consumer's index line. The claimer writes the value and publishes
 // seq = t + 1 (release); the consumer at h reads only the slot, exactly as in SpscRing, and
-// publishes head for size_approx(). A slot whose seq is t + 1 - capacity still holds the
-// previous lap's element: the ring is full and try_push() returns false (back-pressure).
+// publishes head for size_approx() every publish_batch() pops and when it finds the ring empty. A
+// slot whose seq is t + 1 - capacity still holds the previous lap's element: the ring is full and
+// try_push() returns false (back-pressure).
 //
 // A producer that dies between its claim and its publish leaves a hole the consumer cannot pass:
 // run the consumer's waits with a liveness check (ShmSegment::check_peers()) so it gets
@@ -96,12 +97,15 @@ class MpscRing {
     const uint64_t h = head_;
     Slot& slot = slots_[h & mask_];
     // Pairs with the producer's release store of seq = h + 1.
-    if (slot.seq.load(std::memory_order_acquire) != h + 1) return false;
+    if (slot.seq.load(std::memory_order_acquire) != h + 1) {
+      if (published_ != h) publish_head(h);  // idle: make size_approx() exact
+      return false;
+    }
     out = slot.value;
     // Pairs with a producer's acquire load of seq: free for position h + capacity.
     slot.seq.store(h + capacity_, std::memory_order_release);
     head_ = h + 1;
-    shared_->head.store(h + 1, std::memory_order_relaxed);  // for size_approx() only
+    if (((h + 1) & publish_mask_) == 0) publish_head(h + 1);
     return true;
   }
   [[nodiscard]] std::size_t try_pop_n(T* out, std::size_t n) noexcept {
@@ -114,7 +118,9 @@ class MpscRing {
   [[nodiscard]] std::size_t capacity() const noexcept {
     return static_cast<std::size_t>(capacity_);
   }
-  // Claimed positions minus consumed ones: includes claims not yet published.
+  // Claimed positions minus consumed ones: includes claims not yet published, and up to
+  // publish_batch() - 1 elements the consumer took since it last published its head (it does
+  // every publish_batch() pops and whenever it finds the ring empty).
   [[nodiscard]] std::size_t size_approx() const noexcept {
     // Relaxed: an estimate only.
     const uint64_t h = shared_->head.load(std::memory_order_relaxed);
@@ -131,17 +137,25 @@ class MpscRing {
       : shared_(shared),
         slots_(reinterpret_cast<Slot*>(reinterpret_cast<std::byte*>(shared) + sizeof(Shared))),
         capacity_(capacity),
-        mask_(capacity - 1) {
+        mask_(capacity - 1),
+        publish_mask_(internal::publish_batch_for(capacity) - 1) {
     // Acquire: pairs with the release store of the consumer (or format()).
-    head_ = shared->head.load(std::memory_order_acquire);
+    head_ = published_ = shared->head.load(std::memory_order_acquire);
+  }
+  void publish_head(uint64_t h) noexcept {
+    published_ = h;
+    // Relaxed: read by size_approx() only; producers learn about space from the slots.
+    shared_->head.store(h, std::memory_order_relaxed);
   }
 
   Shared* shared_;
   Slot* slots_;
   uint64_t capacity_;
   uint64_t mask_;
+  uint64_t publish_mask_;
   NumaBuffer owned_;
-  alignas(kCacheLine) uint64_t head_ = 0;  // consumer-private position
+  alignas(kFalseSharingRange) uint64_t head_ = 0;  // consumer-private position
+  uint64_t published_ = 0;                         // last head stored to shared memory
 };
 
 }  // namespace myelin

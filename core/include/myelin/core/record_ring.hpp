@@ -12,25 +12,32 @@
 // Same two modes as the other rings (create() owning NUMA-placed memory; format()/attach() over a
 // caller's region, e.g. a ShmSegment), kind kRecord. Layout (nothing inside is a pointer):
 //     0  RingLayoutHeader   magic, version, kind, element size 1, capacity (data bytes), check
-//    64  head               consumer position in bytes, its own cache line
-//   128  tail               committed producer position in bytes, its own cache line
-//   192  WaitWord           consumer's sleep/wake word
-//   256  data[capacity]     records, each aligned to 8 bytes:
-//                           {u32 length; u32 type; payload[length]; pad to 8}
+//    64  salt               random u64 chosen by format(), read-only afterwards
+//   128  head               consumer position in bytes
+//   256  tail               producer position in bytes (published lazily, for size queries)
+//   384  WaitWord           consumer's sleep/wake word
+//   512  data[capacity]     records, each aligned to 16 bytes:
+//                           {u64 stamp; u32 length; u32 type; payload[length]; pad to 16}
 // A record never wraps: when one does not fit before the end, the producer fills the rest with a
 // padding record (type kPaddingType) and starts at offset 0. Positions are monotonically
 // increasing 64-bit byte counters; offset = position & (capacity - 1).
 //
-// Protocol. Producer: claim position (private) advances per claim; head is cached and reloaded
-// (acquire) only when the cache says "full"; commit() publishes tail = end of the record with a
-// release store -- committing a claim commits every earlier claim too, so a batch of claims is
-// published by committing its last one. abort() of the latest uncommitted claim gives the space
-// back; abort() of an earlier one turns it into padding the consumer skips. Consumer: caches tail,
-// reloads it (acquire) when it caught up, walks the records in [head, tail), then publishes head
-// once per consume() call (release), after which the producer may reuse the space.
+// Protocol. The commit signal travels inside the record, as in SpscRing: the producer writes the
+// header and payload, then stores stamp = salt ^ position (release); the consumer at position h
+// polls the stamp at h (acquire) and reads the record when it equals salt ^ h. So the consumer
+// touches only the line the next record arrives in, never a producer index line, and the producer
+// writes no shared index per record. A stale stamp from an earlier lap (or payload bytes at that
+// offset) cannot match: it would have to equal this position XOR a random salt.
+//   Producer: a private claim position advances per claim; head is cached and reloaded (acquire)
+// only when the cache says "full". commit(claim) stamps every uncommitted record up to and
+// including `claim`, in order -- so a batch of claims is published by committing its last one.
+// abort() of the latest uncommitted claim gives the space back; abort() of an earlier one turns it
+// into padding the consumer skips.
+//   Consumer: walks stamped records from head, then stores head (release) once per consume() call
+// -- and every quarter ring within a long batch -- after which the producer may reuse the space.
 //
-// Records from a peer are checked before the handler sees them: a header whose length runs past
-// the committed tail or past the end of the data area ends consume() with protocol_error.
+// Records from a peer are checked before the handler sees them: a length running past the data
+// area or the ring's limit ends consume() with protocol_error.
 //
 // Thread safety: one producer thread (try_claim*, commit, abort, try_write), one consumer thread
 // (consume); across processes each side attaches its own RecordRing object.
@@ -55,22 +62,26 @@
 namespace myelin {
 
 class RecordRing {
-  struct alignas(kCacheLine) Shared {
+  struct alignas(kFalseSharingRange) Shared {
     RingLayoutHeader layout;
-    alignas(kCacheLine) std::atomic<uint64_t> head;  // consumer position (bytes)
-    alignas(kCacheLine) std::atomic<uint64_t> tail;  // committed producer position (bytes)
-    WaitWord consumer_wait;
+    uint64_t salt;                                           // read-only after format()
+    alignas(kFalseSharingRange) std::atomic<uint64_t> head;  // consumer position (bytes)
+    alignas(kFalseSharingRange) std::atomic<uint64_t> tail;  // producer position (lazy)
+    alignas(kFalseSharingRange) WaitWord consumer_wait;
   };
-  static_assert(offsetof(Shared, head) == 64 && offsetof(Shared, tail) == 128 &&
-                offsetof(Shared, consumer_wait) == 192 && sizeof(Shared) == 256);
+  static_assert(offsetof(Shared, salt) == 64 && offsetof(Shared, head) == 128 &&
+                offsetof(Shared, tail) == 256 && offsetof(Shared, consumer_wait) == 384 &&
+                sizeof(Shared) == 512);
   struct RecordHeader {
-    uint32_t length;  // payload bytes
+    std::atomic<uint64_t> stamp;  // salt ^ position once committed
+    uint32_t length;              // payload bytes
     uint32_t type;
   };
+  static_assert(sizeof(RecordHeader) == 16 && std::atomic<uint64_t>::is_always_lock_free);
 
  public:
   static constexpr std::size_t kRecordHeaderBytes = sizeof(RecordHeader);
-  static constexpr std::size_t kRecordAlignment = 8;
+  static constexpr std::size_t kRecordAlignment = 16;
   static constexpr uint32_t kPaddingType = std::numeric_limits<uint32_t>::max();
   static constexpr std::size_t kMinCapacity = 64;
   static constexpr RingLayoutSpec kSpec{
@@ -126,8 +137,10 @@ class RecordRing {
     }
     auto* shared = new (region) Shared;
     write_ring_header(&shared->layout, capacity, kSpec);
+    shared->salt = internal::random_salt();
     shared->head.store(initial_position, std::memory_order_relaxed);
     shared->tail.store(initial_position, std::memory_order_relaxed);
+    std::memset(reinterpret_cast<std::byte*>(shared) + sizeof(Shared), 0, capacity);
     publish_ring_header(&shared->layout);  // release: orders the above before `ready`
     return RecordRing(shared, capacity);
   }
@@ -168,7 +181,10 @@ class RecordRing {
     if (end - producer_.head_cache > capacity_) {
       // Pairs with the consumer's release store of head in consume().
       producer_.head_cache = shared_->head.load(std::memory_order_acquire);
-      if (end - producer_.head_cache > capacity_) return false;
+      if (end - producer_.head_cache > capacity_) {
+        publish_tail();
+        return false;
+      }
     }
     if (pad != 0) {
       write_header(offset, static_cast<uint32_t>(pad - kRecordHeaderBytes), kPaddingType);
@@ -197,11 +213,18 @@ class RecordRing {
   }
   // Publishes `claim` and every claim before it.
   void commit(const Claim& claim) noexcept {
-    MYELIN_DCHECK_LE(claim.end - producer_.published, producer_.claim - producer_.published);
-    producer_.published = claim.end;
-    // Pairs with the consumer's acquire load of tail in consume(): headers and payloads up to
-    // claim.end are visible.
-    shared_->tail.store(claim.end, std::memory_order_release);
+    // A claim that was aborted away or never made would send the walk below into the weeds.
+    MYELIN_CHECK_LE(claim.end - producer_.published, producer_.claim - producer_.published)
+        << "commit of a claim that is not outstanding";
+    uint64_t pos = producer_.published;
+    while (pos != claim.end) {
+      RecordHeader* header = header_at(pos & mask_);
+      // Pairs with the consumer's acquire load of the stamp: header and payload are visible.
+      header->stamp.store(salt_ ^ pos, std::memory_order_release);
+      pos += record_bytes(header->length);
+    }
+    producer_.published = pos;
+    if (++producer_.commits % kTailPublishInterval == 0) publish_tail();
   }
   // Withdraws an uncommitted claim: the latest one gives its space back, an earlier one becomes
   // padding that the consumer skips when a later claim is committed.
@@ -210,8 +233,7 @@ class RecordRing {
       producer_.claim = claim.begin;
       return;
     }
-    auto* header = reinterpret_cast<RecordHeader*>(claim.data - kRecordHeaderBytes);
-    header->type = kPaddingType;
+    header_at(static_cast<uint64_t>(claim.data - kRecordHeaderBytes - data_))->type = kPaddingType;
   }
   // Copies one record in and commits it.
   [[nodiscard]] bool try_write(const void* payload, uint32_t size, uint32_t type = 0) noexcept {
@@ -234,24 +256,25 @@ class RecordRing {
     uint64_t released = h;
     std::size_t count = 0;
     while (count < max_records) {
-      if (h == consumer_.tail_cache) {
-        // Pairs with the producer's release store of tail in commit().
-        consumer_.tail_cache = shared_->tail.load(std::memory_order_acquire);
-        if (h == consumer_.tail_cache) break;
-      }
-      const uint64_t tail = consumer_.tail_cache;
       const uint64_t offset = h & mask_;
-      RecordHeader rh;
-      std::memcpy(&rh, data_ + offset, sizeof(rh));
-      const uint64_t size = record_bytes(rh.length);
-      if (rh.length > capacity_ || offset + size > capacity_ || size > tail - h) {
-        return protocol_error("record ring: corrupt record at position ", h, ": length ", rh.length,
-                              " runs past ",
-                              offset + size > capacity_ ? "the data area" : "the committed tail");
+      RecordHeader* header = header_at(offset);
+      // Pairs with the producer's release store of the stamp in commit().
+      if (header->stamp.load(std::memory_order_acquire) != (salt_ ^ h)) break;
+      const uint32_t length = header->length;
+      const uint32_t type = header->type;
+      const uint64_t size = record_bytes(length);
+      if (length > max_record_size() && !(type == kPaddingType && offset + size == capacity_)) {
+        return protocol_error("record ring: corrupt record at position ", h, ": length ", length,
+                              " exceeds the limit ", max_record_size());
       }
-      if (rh.type != kPaddingType) {
-        handler(Record{rh.type,
-                       std::span<const std::byte>(data_ + offset + kRecordHeaderBytes, rh.length)});
+      if (offset + size > capacity_) {
+        return protocol_error("record ring: corrupt record at position ", h, ": length ", length,
+                              " runs past the data area");
+      }
+      if (type != kPaddingType) {
+        handler(Record{
+            type, std::span<const std::byte>(
+                      reinterpret_cast<const std::byte*>(header) + kRecordHeaderBytes, length)});
         ++count;
       }
       h += size;
@@ -273,14 +296,22 @@ class RecordRing {
   [[nodiscard]] std::size_t capacity() const noexcept {
     return static_cast<std::size_t>(capacity_);
   }
-  // Committed bytes not yet consumed (including record headers and padding); a snapshot.
+  // Bytes committed and not yet consumed (headers and padding included), from the published
+  // positions: may miss the commits since the producer last published its tail (every
+  // kTailPublishInterval commits, and whenever it finds the ring full).
   [[nodiscard]] std::size_t used_bytes_approx() const noexcept {
     // Relaxed: an estimate only.
     const uint64_t h = shared_->head.load(std::memory_order_relaxed);
     const uint64_t t = shared_->tail.load(std::memory_order_relaxed);
     return t - h > capacity_ ? 0 : static_cast<std::size_t>(t - h);
   }
-  [[nodiscard]] bool empty_approx() const noexcept { return used_bytes_approx() == 0; }
+  // Whether no committed record waits at the consumer's position; exact when the consumer is not
+  // consuming concurrently.
+  [[nodiscard]] bool empty_approx() const noexcept {
+    // Relaxed: a hint; nothing is read through it.
+    const uint64_t h = shared_->head.load(std::memory_order_relaxed);
+    return header_at(h & mask_)->stamp.load(std::memory_order_relaxed) != (salt_ ^ h);
+  }
   [[nodiscard]] WaitWord& consumer_wait_word() const noexcept { return shared_->consumer_wait; }
   [[nodiscard]] void* region() const noexcept { return shared_; }
 
@@ -289,30 +320,49 @@ class RecordRing {
       : shared_(shared),
         data_(reinterpret_cast<std::byte*>(shared) + sizeof(Shared)),
         capacity_(capacity),
-        mask_(capacity - 1) {
-    // Acquire: pairs with the release stores of the other side (or of format()).
-    producer_.claim = producer_.published = shared->tail.load(std::memory_order_acquire);
+        mask_(capacity - 1),
+        salt_(shared->salt) {
+    // Acquire: pairs with the release stores of the other side (or of format()). The producer
+    // resumes after the last record stamped, which may be past the lazily published tail.
     producer_.head_cache = consumer_.head = shared->head.load(std::memory_order_acquire);
-    consumer_.tail_cache = consumer_.head;
+    uint64_t pos = shared->tail.load(std::memory_order_acquire);
+    for (uint64_t guard = 0; guard < capacity_ / kRecordAlignment; ++guard) {
+      RecordHeader* header = header_at(pos & mask_);
+      // Pairs with the release store in commit().
+      if (header->stamp.load(std::memory_order_acquire) != (salt_ ^ pos)) break;
+      pos += record_bytes(header->length);
+    }
+    producer_.claim = producer_.published = pos;
+  }
+  RecordHeader* header_at(uint64_t offset) const noexcept {
+    return std::launder(reinterpret_cast<RecordHeader*>(data_ + offset));
   }
   void write_header(uint64_t offset, uint32_t length, uint32_t type) noexcept {
-    const RecordHeader rh{length, type};
-    std::memcpy(data_ + offset, &rh, sizeof(rh));
+    RecordHeader* header = header_at(offset);
+    header->length = length;
+    header->type = type;
   }
+  void publish_tail() noexcept {
+    // Relaxed: read by used_bytes_approx() only; records are published by their stamps.
+    shared_->tail.store(producer_.published, std::memory_order_relaxed);
+  }
+
+  static constexpr uint64_t kTailPublishInterval = 64;
 
   Shared* shared_;
   std::byte* data_;
   uint64_t capacity_;
   uint64_t mask_;
+  uint64_t salt_;
   NumaBuffer owned_;
-  struct alignas(kCacheLine) Producer {
+  struct alignas(kFalseSharingRange) Producer {
     uint64_t claim = 0;       // next position to claim
-    uint64_t published = 0;   // last tail stored
+    uint64_t published = 0;   // end of the last record stamped
     uint64_t head_cache = 0;  // consumer position as last seen
+    uint64_t commits = 0;
   } producer_;
-  struct alignas(kCacheLine) Consumer {
+  struct alignas(kFalseSharingRange) Consumer {
     uint64_t head = 0;
-    uint64_t tail_cache = 0;
   } consumer_;
 };
 

@@ -110,7 +110,8 @@ struct RingLayoutSpec {
   uint64_t min_capacity;
 };
 
-// Checks a region before a ring is laid over it by format(): non-null, aligned to kCacheLine,
+// Checks a region before a ring is laid over it by format(): non-null, aligned to
+// kFalseSharingRange (128),
 // capacity a power of two >= spec.min_capacity, and large enough. Returns the bytes needed.
 Result<uint64_t> check_ring_region(const void* region, std::size_t bytes, uint64_t capacity,
                                    const RingLayoutSpec& spec);
@@ -127,6 +128,11 @@ inline void publish_ring_header(RingLayoutHeader* header) noexcept {
 // spsc ring", "element size 16 != 8", "layout check mismatch (built by another myelin?)".
 Result<uint64_t> validate_ring_header(const void* region, std::size_t bytes,
                                       const RingLayoutSpec& spec);
+
+namespace internal {
+// A random 64-bit value (getrandom, else clock and pid mixed) for rings' commit stamps.
+uint64_t random_salt() noexcept;
+}  // namespace internal
 
 // ---- segments ----------------------------------------------------------------------------------
 
