@@ -204,10 +204,10 @@ TEST_P(VerbsBackendTest, BadRkeyIsARemoteAccessErrorThatKillsTheEndpoint) {
     std::memcpy(&k, blob.data() + 1, 4);
     return k;
   }();
-  std::vector<uint8_t> blob = {1};
   const uint32_t bad = real ^ 0x5a5a00;
-  blob.insert(blob.end(), reinterpret_cast<const uint8_t*>(&bad),
-              reinterpret_cast<const uint8_t*>(&bad) + 4);
+  std::vector<uint8_t> blob(5);
+  blob[0] = 1;
+  std::memcpy(blob.data() + 1, &bad, sizeof bad);
   forged.add_backend_blob(Backend::kVerbs, blob);
   std::vector<uint8_t> data(256, 1);
   // Queue a recv too: it must complete with the same error (flushed), not hang.
@@ -291,7 +291,7 @@ TEST_P(VerbsBackendTest, MalformedPeerAddressIsAProtocolError) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Modes, VerbsBackendTest, ::testing::Values("exchange", "rdmacm"),
-                         [](const auto& info) { return std::string(info.param); });
+                         [](const auto& p) { return std::string(p.param); });
 
 }  // namespace
 }  // namespace myelin::transport::verbs_test

@@ -11,6 +11,7 @@
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -132,7 +133,7 @@ TEST_P(VerbsPeerKilled, PendingOperationsFailWithPeerFailedNoHang) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Modes, VerbsPeerKilled, ::testing::Values("exchange", "rdmacm"),
-                         [](const auto& info) { return std::string(info.param); });
+                         [](const auto& p) { return std::string(p.param); });
 
 }  // namespace
 }  // namespace myelin::transport::verbs_test

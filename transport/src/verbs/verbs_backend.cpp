@@ -315,7 +315,7 @@ rdma_conn_param VerbsBackend::conn_param(const std::vector<uint8_t>& private_dat
       static_cast<uint8_t>(std::clamp(shared_->device->attr().max_qp_rd_atom, 1, 16));
   p.initiator_depth =
       static_cast<uint8_t>(std::clamp(shared_->device->attr().max_qp_init_rd_atom, 1, 16));
-  p.retry_count = 7;
+  p.retry_count = 6;  // see apply_remote(): 7 means "forever" on rxe
   p.rnr_retry_count = 7;
   return p;
 }

@@ -225,8 +225,10 @@ Status VerbsEndpoint::apply_remote(const ConnectInfo& info) {
   }
   ibv_qp_attr r{};
   r.qp_state = IBV_QPS_RTS;
-  r.timeout = 14;   // 4.096 us * 2^14 = 67 ms per try
-  r.retry_cnt = 7;  // a dead peer is reported after about half a second
+  r.timeout = 14;  // 4.096 us * 2^14 = 67 ms per try
+  // 6, not 7: rxe (and some providers) treat 7 like rnr_retry 7, as "retry forever", and a
+  // dead peer would then never be reported. 7 x 67 ms: a dead peer is seen in about 0.5 s.
+  r.retry_cnt = 6;
   r.rnr_retry = 7;  // credits make RNR impossible; never give up on a slow receiver
   r.sq_psn = psn_;
   r.max_rd_atomic =
