@@ -8,9 +8,12 @@
 //   - Options::device, when set, becomes UCX_NET_DEVICES;
 //   - Options::eager_limit (or UCX_RNDV_THRESH when it is a plain byte count, else 8 KiB) becomes
 //     the rendezvous threshold, which is what limits().eager_limit reports;
+//   - UCX_POSIX_ERROR_HANDLING and UCX_SYSV_ERROR_HANDLING default to y (set in the environment,
+//     unless already set, before UCX reads it): shared-memory peers can then fail cleanly;
 //   - UCX_KEEPALIVE_INTERVAL, unless set in the environment, becomes a quarter of Options::timeout
 //     (clamped to 100 ms .. 20 s) so a dead peer is noticed within the Context's timeout even on
-//     transports without connection state (shared memory).
+//     transports without connection state (shared memory), and UCX_KEEPALIVE_NUM_EPS, unless set,
+//     becomes inf (every endpoint checked each round).
 // See docs/transport-ucx.md for the design, ordering guarantees and error handling.
 #pragma once
 

@@ -131,6 +131,17 @@ void EpLink::mark_failed(Status status) {
   if (inbox != nullptr && worker) worker->fail_inbox(*inbox, failure);
 }
 
+void EpLink::force_close() {
+  if (ep == nullptr) return;
+  // Completes what UCX still holds for this peer (with errors reported as `failure`).
+  ucp_request_param_t param{};
+  param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+  param.flags = UCP_EP_CLOSE_FLAG_FORCE;
+  ucs_status_ptr_t p = ucp_ep_close_nbx(ep, &param);
+  if (UCS_PTR_IS_PTR(p)) ucp_request_free(p);  // UCX finishes it on its own
+  ep = nullptr;
+}
+
 Result<std::unique_ptr<UcxEndpoint>> UcxEndpoint::create(std::shared_ptr<UcxWorker> worker,
                                                          const PeerAddress& peer,
                                                          const std::string& peer_name) {
@@ -152,6 +163,16 @@ Result<std::unique_ptr<UcxEndpoint>> UcxEndpoint::create(std::shared_ptr<UcxWork
     worker->drop_inbox(peer.context_id);
     return ucs_to_status(st, "creating a ucx endpoint to " + peer_name);
   }
+  if (worker->same_node(peer)) {
+    std::weak_ptr<EpLink> weak = link;
+    worker->watch_process(peer.pid, peer.start_time, link, [weak, pid = peer.pid] {
+      if (auto l = weak.lock()) {
+        l->mark_failed(peer_failed("peer ", l->peer_name, " (ucx): its process ", pid,
+                                   " on this node is gone"));
+        l->force_close();
+      }
+    });
+  }
   return std::unique_ptr<UcxEndpoint>(new UcxEndpoint(std::move(link)));
 }
 
@@ -162,20 +183,29 @@ UcxEndpoint::~UcxEndpoint() {
   for (auto& [id, cached] : rkeys_) ucp_rkey_destroy(cached.rkey);
   rkeys_.clear();
 
-  ucp_request_param_t param{};
-  param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-  param.flags = link.failure.ok() ? 0 : UCP_EP_CLOSE_FLAG_FORCE;  // flush what is queued if alive
-  ucs_status_ptr_t p = ucp_ep_close_nbx(link.ep, &param);
+  // A forced close: a flush-mode close (or an ep flush) runs a handshake that needs the peer's
+  // worker to make progress, which stalls a peer that is busy or drives both sides from one
+  // thread. What UCX still holds queued for this peer is pushed out by a few rounds of progress
+  // first; see docs/transport-ucx.md for what a disconnect may drop.
+  for (int i = 0; i < 64 && worker->progress() != 0; ++i) {
+  }
   bool unfinished = false;
-  if (UCS_PTR_IS_PTR(p)) {
-    const auto limit =
-        std::min<std::chrono::milliseconds>(worker->options().timeout, std::chrono::seconds(5));
-    const Deadline deadline = Deadline::after(limit);
-    while (ucp_request_check_status(p) == UCS_INPROGRESS && !deadline.expired()) {
-      worker->progress();
+  if (link.ep != nullptr) {
+    ucp_request_param_t param{};
+    param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+    param.flags = UCP_EP_CLOSE_FLAG_FORCE;
+    ucs_status_ptr_t p = ucp_ep_close_nbx(link.ep, &param);
+    link.ep = nullptr;
+    if (UCS_PTR_IS_PTR(p)) {
+      const auto limit =
+          std::min<std::chrono::milliseconds>(worker->options().timeout, std::chrono::seconds(2));
+      const Deadline deadline = Deadline::after(limit);
+      while (ucp_request_check_status(p) == UCS_INPROGRESS && !deadline.expired()) {
+        worker->progress();
+      }
+      unfinished = ucp_request_check_status(p) == UCS_INPROGRESS;
+      ucp_request_free(p);
     }
-    unfinished = ucp_request_check_status(p) == UCS_INPROGRESS;
-    ucp_request_free(p);
   }
   worker->drop_inbox(link.peer_id);
   link.inbox = nullptr;

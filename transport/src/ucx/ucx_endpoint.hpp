@@ -46,6 +46,8 @@ struct EpLink {
   uint64_t next_immediate_sequence = 0;
 
   void mark_failed(Status status);
+  // Closes the UCP endpoint at once (after a failure); ep becomes null.
+  void force_close();
 };
 
 class UcxEndpoint final : public Endpoint {

@@ -40,6 +40,10 @@ class WireReader {
   uint32_t u32() { return static_cast<uint32_t>(get(4)); }
   uint64_t u64() { return get(8); }
   [[nodiscard]] size_t offset() const noexcept { return pos_; }
+  void skip(size_t n) {
+    MYELIN_CHECK_LE(pos_ + n, in_.size());
+    pos_ += n;
+  }
 
  private:
   uint64_t get(int n) {

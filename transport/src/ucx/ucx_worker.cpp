@@ -6,8 +6,10 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <random>
 
 #include <myelin/core/clock.hpp>
@@ -52,9 +54,9 @@ Status ucs_to_status(ucs_status_t status, std::string_view what) {
 }
 
 Result<PeerAddress> parse_peer_address(std::span<const uint8_t> bytes) {
-  if (bytes.size() < kAddressHeaderSize) {
+  if (bytes.size() < kAddressFixedSize) {
     return invalid_argument("ucx address of ", bytes.size(), " bytes is shorter than its ",
-                            kAddressHeaderSize, "-byte header");
+                            kAddressFixedSize, "-byte header");
   }
   WireReader in(bytes);
   if (in.u32() != kAddressMagic) return invalid_argument("ucx address has a bad magic");
@@ -66,14 +68,50 @@ Result<PeerAddress> parse_peer_address(std::span<const uint8_t> bytes) {
   (void)in.u16();
   PeerAddress out;
   out.context_id = in.u64();
-  const uint32_t length = in.u32();
-  if (length == 0 || length != bytes.size() - kAddressHeaderSize) {
-    return invalid_argument("ucx address announces a ", length, "-byte worker address but carries ",
-                            bytes.size() - kAddressHeaderSize);
+  out.pid = in.u32();
+  out.start_time = in.u64();
+  const uint16_t node_length = in.u16();
+  if (bytes.size() < kAddressFixedSize + node_length) {
+    return invalid_argument("ucx address announces a ", node_length,
+                            "-byte node id that does not fit in it");
   }
-  out.worker_address.assign(bytes.begin() + kAddressHeaderSize, bytes.end());
+  out.node_id.assign(reinterpret_cast<const char*>(bytes.data()) + in.offset(), node_length);
+  in.skip(node_length);
+  const uint32_t length = in.u32();
+  const size_t rest = bytes.size() - in.offset();
+  if (length == 0 || length != rest) {
+    return invalid_argument("ucx address announces a ", length, "-byte worker address but carries ",
+                            rest);
+  }
+  out.worker_address.assign(bytes.begin() + static_cast<ptrdiff_t>(in.offset()), bytes.end());
   return out;
 }
+
+namespace {
+
+// Start time of a process (field 22 of /proc/<pid>/stat), or nullopt when it does not exist.
+std::optional<uint64_t> process_start_time(uint32_t pid) {
+  char path[64];
+  std::snprintf(path, sizeof path, "/proc/%u/stat", pid);
+  FILE* f = std::fopen(path, "r");
+  if (f == nullptr) return std::nullopt;
+  char buf[1024];
+  const size_t n = std::fread(buf, 1, sizeof buf - 1, f);
+  std::fclose(f);
+  buf[n] = '\0';
+  // The command name (field 2) may hold spaces and parentheses: count fields after the last ')'.
+  const char* p = std::strrchr(buf, ')');
+  if (p == nullptr) return std::nullopt;
+  int field = 2;
+  while (*p != '\0' && field < 22) {
+    if (*p == ' ') ++field;
+    ++p;
+  }
+  if (field != 22) return std::nullopt;
+  return std::strtoull(p, nullptr, 10);
+}
+
+}  // namespace
 
 namespace {
 
@@ -140,11 +178,26 @@ Status UcxWorker::init() {
   }
   st = ucp_config_modify(config.get(), "RNDV_THRESH", std::to_string(eager).c_str());
   if (st != UCS_OK) return ucs_to_status(st, "setting UCX RNDV_THRESH");
+  const int64_t ms = std::clamp<int64_t>(options_.timeout.count() / 4, 100, 20'000);
+  check_interval_ns_ = ms * 1'000'000;
   if (std::getenv("UCX_KEEPALIVE_INTERVAL") == nullptr) {
-    const int64_t ms = std::clamp<int64_t>(options_.timeout.count() / 4, 100, 20'000);
     st = ucp_config_modify(config.get(), "KEEPALIVE_INTERVAL", (std::to_string(ms) + "ms").c_str());
     if (st != UCS_OK) return ucs_to_status(st, "setting UCX KEEPALIVE_INTERVAL");
   }
+  // With UCX's default (a bounded number of endpoints checked per round), UCX 1.13 was seen never
+  // to check a shared-memory endpoint whose peer was killed; checking every endpoint each round
+  // costs a pid lookup (shm) or a tiny message (tcp) per peer and interval.
+  if (std::getenv("UCX_KEEPALIVE_NUM_EPS") == nullptr) {
+    st = ucp_config_modify(config.get(), "KEEPALIVE_NUM_EPS", "inf");
+    if (st != UCS_OK) return ucs_to_status(st, "setting UCX KEEPALIVE_NUM_EPS");
+  }
+
+  // Shared-memory transports only detect a dead peer when their error handling is on; without it
+  // UCX refuses UCP_ERR_HANDLING_MODE_PEER endpoints over them. It is a transport-level setting
+  // that ucp_config_modify() would also push onto every other transport (which then warn), so it
+  // goes through the environment UCX reads when it opens interfaces; a user's value wins.
+  setenv("UCX_POSIX_ERROR_HANDLING", "y", 0);
+  setenv("UCX_SYSV_ERROR_HANDLING", "y", 0);
 
   const bool blocking = options_.progress == ProgressMode::kSpinThenBlock;
   ucp_params_t params{};
@@ -174,6 +227,12 @@ Status UcxWorker::init() {
   out.u16(kAddressVersion);
   out.u16(0);
   out.u64(id_);
+  const auto pid = static_cast<uint32_t>(getpid());
+  out.u32(pid);
+  out.u64(process_start_time(pid).value_or(0));
+  const std::string& node = info_.node_id;
+  out.u16(static_cast<uint16_t>(std::min<size_t>(node.size(), 0xffff)));
+  out.bytes(node.data(), std::min<size_t>(node.size(), 0xffff));
   out.u32(static_cast<uint32_t>(addr_len));
   out.bytes(addr, addr_len);
   ucp_worker_release_address(worker_, addr);
@@ -263,8 +322,39 @@ void UcxWorker::fail_inbox(Inbox& inbox, const Status& failure) {
   }
 }
 
+void UcxWorker::watch_process(uint32_t pid, uint64_t start_time, std::weak_ptr<void> owner,
+                              std::function<void()> on_dead) {
+  if (pid == 0) return;
+  watches_.push_back(ProcessWatch{pid, start_time, std::move(owner), std::move(on_dead)});
+  if (next_check_ns_ == 0) next_check_ns_ = monotonic_ns() + check_interval_ns_;
+}
+
+void UcxWorker::check_processes() {
+  next_check_ns_ = monotonic_ns() + check_interval_ns_;
+  for (size_t i = 0; i < watches_.size();) {
+    ProcessWatch& w = watches_[i];
+    bool drop = w.owner.expired();
+    if (!drop) {
+      const auto start = process_start_time(w.pid);
+      if (!start || (w.start_time != 0 && *start != w.start_time)) {
+        auto on_dead = std::move(w.on_dead);
+        drop = true;
+        watches_.erase(watches_.begin() + static_cast<ptrdiff_t>(i));
+        on_dead();
+        continue;
+      }
+    }
+    if (drop) {
+      watches_.erase(watches_.begin() + static_cast<ptrdiff_t>(i));
+    } else {
+      ++i;
+    }
+  }
+}
+
 size_t UcxWorker::progress() {
   size_t events = ucp_worker_progress(worker_);
+  if (!watches_.empty() && monotonic_ns() >= next_check_ns_) check_processes();
   while (!deferred_.empty()) {
     std::vector<std::function<void()>> actions;
     actions.swap(deferred_);

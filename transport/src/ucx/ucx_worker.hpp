@@ -7,7 +7,8 @@
 // message header and matches messages against posted recvs there, in sequence order per channel.
 //
 // Wire formats (little-endian, all checked on arrival):
-//   worker address  "MYUX" u32 | version u16 | 0 u16 | context id u64 | length u32 | ucp address
+//   worker address  "MYUX" u32 | version u16 | 0 u16 | context id u64 | pid u32 | process start
+//                   time u64 | node id length u16 | node id | length u32 | ucp address
 //   AM header       sender id u64 | sequence u64 | channel or immediate u32 | kind u16 | version u8
 //                   | 0 u8                                                        (24 bytes)
 //
@@ -39,7 +40,7 @@ namespace myelin::transport::internal::ucx {
 
 inline constexpr uint32_t kAddressMagic = 0x5855594d;  // "MYUX"
 inline constexpr uint16_t kAddressVersion = 1;
-inline constexpr size_t kAddressHeaderSize = 4 + 2 + 2 + 8 + 4;
+inline constexpr size_t kAddressFixedSize = 4 + 2 + 2 + 8 + 4 + 8 + 2 + 4;
 inline constexpr unsigned kAmId = 7;
 inline constexpr uint8_t kWireVersion = 1;
 inline constexpr size_t kDefaultEagerLimit = 8192;
@@ -62,6 +63,9 @@ Status ucs_to_status(ucs_status_t status, std::string_view what);
 // The peer's part of a Context address, parsed.
 struct PeerAddress {
   uint64_t context_id = 0;
+  uint32_t pid = 0;
+  uint64_t start_time = 0;  // of the process, in clock ticks since boot (/proc/<pid>/stat)
+  std::string node_id;
   std::vector<uint8_t> worker_address;
 };
 Result<PeerAddress> parse_peer_address(std::span<const uint8_t> bytes);
@@ -148,6 +152,16 @@ class UcxWorker : public std::enable_shared_from_this<UcxWorker> {
     graveyard_.push_back(std::move(object));
   }
 
+  // Same-node liveness: UCX 1.13's keepalive does not reliably notice a killed shared-memory
+  // peer, so the worker itself checks, once per keepalive interval, that each watched peer
+  // process still exists; when it is gone, on_dead runs (from progress(), not a UCX callback).
+  // The watch ends when `owner` expires.
+  void watch_process(uint32_t pid, uint64_t start_time, std::weak_ptr<void> owner,
+                     std::function<void()> on_dead);
+  [[nodiscard]] bool same_node(const PeerAddress& peer) const {
+    return peer.node_id == info_.node_id;
+  }
+
   // Runs `action` after the current ucp_worker_progress() returns (never inside a UCX callback).
   void defer(std::function<void()> action) { deferred_.push_back(std::move(action)); }
 
@@ -189,6 +203,16 @@ class UcxWorker : public std::enable_shared_from_this<UcxWorker> {
   Inbox* last_inbox_ = nullptr;  // one-entry cache in front of inboxes_
   std::vector<std::function<void()>> deferred_;
   std::vector<std::shared_ptr<void>> graveyard_;
+  struct ProcessWatch {
+    uint32_t pid;
+    uint64_t start_time;
+    std::weak_ptr<void> owner;
+    std::function<void()> on_dead;
+  };
+  std::vector<ProcessWatch> watches_;
+  int64_t check_interval_ns_ = 0;
+  int64_t next_check_ns_ = 0;
+  void check_processes();
   bool in_callback_ = false;
 };
 

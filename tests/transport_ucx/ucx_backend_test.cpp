@@ -1,0 +1,396 @@
+// UCX backend: two BackendContexts in one process, connected to each other, under each UCX_TLS
+// setting of kTlsSettings.
+#include <poll.h>
+
+#include <atomic>
+#include <cstring>
+#include <numeric>
+#include <thread>
+#include <vector>
+
+#include <myelin/transport/memory.hpp>
+
+#include "ucx_test_util.hpp"
+
+namespace myelin::transport::ucx_test {
+namespace {
+
+std::vector<uint8_t> pattern(size_t n, uint8_t seed) {
+  std::vector<uint8_t> v(n);
+  for (size_t i = 0; i < n; ++i) v[i] = static_cast<uint8_t>(seed + i * 131 + (i >> 9));
+  return v;
+}
+
+class UcxPair : public testing::TestWithParam<TlsSetting> {
+ protected:
+  void SetUp() override {
+    apply_tls(GetParam());
+    a_ = open_backend(options_, "ctx-a");
+    b_ = open_backend(options_, "ctx-b");
+    ASSERT_TRUE(a_ && b_);
+    auto ab = a_->connect(b_->local_address(), "ctx-b", Deadline::after_ms(5000));
+    ASSERT_TRUE(ab.ok()) << ab.status();
+    auto ba = b_->connect(a_->local_address(), "ctx-a", Deadline::after_ms(5000));
+    ASSERT_TRUE(ba.ok()) << ba.status();
+    ab_ = std::move(ab).value();
+    ba_ = std::move(ba).value();
+  }
+  void TearDown() override {
+    ab_.reset();
+    ba_.reset();
+    a_.reset();
+    b_.reset();
+  }
+  Status drive2(const Request& r) { return drive(r, {a_.get(), b_.get()}); }
+
+  // A registered region on b_ and its key, as a peer would receive it.
+  struct Region {
+    std::vector<uint8_t> memory;
+    std::unique_ptr<BackendRegistration> registration;
+    RemoteKey key;
+  };
+  Region register_on(BackendContext& ctx, size_t size, Access access, uint64_t id) {
+    Region r;
+    r.memory.assign(size, 0);
+    RegionState state;
+    state.data = r.memory.data();
+    state.size = size;
+    state.access = access;
+    state.id = id;
+    auto reg = ctx.register_memory(state);
+    EXPECT_TRUE(reg.ok()) << reg.status();
+    if (!reg.ok()) return r;
+    r.registration = std::move(reg).value();
+    r.key =
+        RemoteKey(reinterpret_cast<uint64_t>(r.memory.data()), size, id, access, MemoryKind::kHost);
+    r.key.add_backend_blob(Backend::kUcx, r.registration->remote_key_blob());
+    return r;
+  }
+
+  Options options_ = test_options();
+  std::unique_ptr<BackendContext> a_, b_;
+  std::unique_ptr<Endpoint> ab_, ba_;
+};
+
+TEST_P(UcxPair, ReportsLimitsFromItsConfiguration) {
+  EXPECT_EQ(a_->kind(), Backend::kUcx);
+  EXPECT_EQ(a_->limits().eager_limit, 8192u);
+  EXPECT_EQ(a_->limits().max_message, options_.max_message_size);
+  Options o = test_options();
+  o.eager_limit = 2048;
+  auto c = open_backend(o, "ctx-c");
+  ASSERT_TRUE(c);
+  EXPECT_EQ(c->limits().eager_limit, 2048u);
+}
+
+TEST_P(UcxPair, RejectsMalformedPeerAddresses) {
+  std::vector<uint8_t> garbage(40, 0xab);
+  auto r = a_->connect(garbage, "garbage", Deadline::after_ms(100));
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument) << r.status();
+  std::vector<uint8_t> truncated = b_->local_address();
+  truncated.resize(truncated.size() - 5);
+  r = a_->connect(truncated, "truncated", Deadline::after_ms(100));
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument) << r.status();
+  // A second endpoint to the same peer is refused (the Context hands out the first one).
+  r = a_->connect(b_->local_address(), "ctx-b again", Deadline::after_ms(100));
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), StatusCode::kAlreadyExists) << r.status();
+}
+
+TEST_P(UcxPair, EverySizeArrivesIntactWhetherRecvIsPostedFirstOrLast) {
+  const size_t sizes[] = {0, 1, 63, 64, 4095, 4096, (size_t{1} << 20) + 1};
+  uint8_t seed = 1;
+  for (bool recv_first : {true, false}) {
+    for (size_t size : sizes) {
+      SCOPED_TRACE(testing::Message()
+                   << "size " << size << (recv_first ? " recv first" : " send first"));
+      const auto out = pattern(size, seed++);
+      std::vector<uint8_t> in(size + 7, 0xee);
+      Request r, s;
+      if (recv_first) {
+        r = ba_->recv(3, in.data(), in.size());
+        s = ab_->send(3, out.data(), out.size());
+      } else {
+        s = ab_->send(3, out.data(), out.size());
+        for (int i = 0; i < 100; ++i) a_->progress(), b_->progress();  // let it arrive unexpected
+        r = ba_->recv(3, in.data(), in.size());
+      }
+      ASSERT_TRUE(drive2(s).ok()) << s.status();
+      ASSERT_TRUE(drive2(r).ok()) << r.status();
+      EXPECT_EQ(s.bytes(), size);
+      ASSERT_EQ(r.bytes(), size);
+      EXPECT_TRUE(std::equal(out.begin(), out.end(), in.begin()));
+      EXPECT_EQ(in[size], 0xee) << "recv wrote past the message";
+    }
+  }
+}
+
+TEST_P(UcxPair, TooSmallRecvBufferIsOutOfRangeAndConsumesTheMessage) {
+  for (size_t size : {size_t{100}, size_t{1} << 20}) {
+    SCOPED_TRACE(testing::Message() << "size " << size);
+    const auto big = pattern(size, 9);
+    const auto next = pattern(16, 77);
+    std::vector<uint8_t> small(10), in(16);
+    for (bool recv_first : {true, false}) {
+      Request r;
+      if (recv_first) r = ba_->recv(0, small.data(), small.size());
+      Request s1 = ab_->send(0, big.data(), big.size());
+      Request s2 = ab_->send(0, next.data(), next.size());
+      if (!recv_first) {
+        for (int i = 0; i < 100; ++i) a_->progress(), b_->progress();
+        r = ba_->recv(0, small.data(), small.size());
+      }
+      Status st = drive2(r);
+      EXPECT_EQ(st.code(), StatusCode::kOutOfRange) << st;
+      EXPECT_TRUE(drive2(s1).ok()) << s1.status();
+      Request r2 = ba_->recv(0, in.data(), in.size());
+      ASSERT_TRUE(drive2(r2).ok()) << r2.status();
+      EXPECT_EQ(in, next) << "the message after the refused one must still arrive";
+      EXPECT_TRUE(drive2(s2).ok()) << s2.status();
+    }
+  }
+  EXPECT_TRUE(ab_->status().ok()) << ab_->status();
+}
+
+TEST_P(UcxPair, MessagesOnOneChannelArriveInOrderAcrossSizeClasses) {
+  constexpr int kChannels = 4, kPerChannel = 300;
+  std::vector<Request> sends;
+  std::vector<std::vector<uint8_t>> payloads;
+  payloads.reserve(kChannels * kPerChannel);
+  for (int i = 0; i < kPerChannel; ++i) {
+    for (int c = 0; c < kChannels; ++c) {
+      // Every 50th message is a rendezvous one, so eager ones may overtake it on the wire.
+      const size_t size = (i % 50 == 7) ? 100'000 : 8 + static_cast<size_t>(i % 5) * 1000;
+      std::vector<uint8_t> p(size, static_cast<uint8_t>(c));
+      std::memcpy(p.data(), &i, sizeof i);
+      payloads.push_back(std::move(p));
+      sends.push_back(ab_->send(static_cast<uint32_t>(c), payloads.back().data(), size));
+    }
+  }
+  std::vector<uint8_t> in(100'000);
+  for (int c = kChannels - 1; c >= 0; --c) {
+    for (int i = 0; i < kPerChannel; ++i) {
+      Request r = ba_->recv(static_cast<uint32_t>(c), in.data(), in.size());
+      ASSERT_TRUE(drive2(r).ok()) << r.status();
+      int got = -1;
+      std::memcpy(&got, in.data(), sizeof got);
+      ASSERT_EQ(got, i) << "channel " << c;
+      EXPECT_EQ(in[sizeof got], static_cast<uint8_t>(c));
+    }
+  }
+  for (const Request& s : sends) EXPECT_TRUE(drive2(s).ok()) << s.status();
+}
+
+TEST_P(UcxPair, TenThousandMessagesInFlight) {
+  constexpr uint32_t kCount = 10'000;
+  std::vector<uint32_t> out(kCount), in(kCount, ~0u);
+  std::iota(out.begin(), out.end(), 0u);
+  std::vector<Request> sends, recvs;
+  for (uint32_t i = 0; i < kCount; ++i) sends.push_back(ab_->send(1, &out[i], sizeof(uint32_t)));
+  for (uint32_t i = 0; i < kCount; ++i) recvs.push_back(ba_->recv(1, &in[i], sizeof(uint32_t)));
+  for (auto& r : recvs) ASSERT_TRUE(drive2(r).ok()) << r.status();
+  for (auto& s : sends) ASSERT_TRUE(drive2(s).ok()) << s.status();
+  EXPECT_EQ(in, out);
+}
+
+TEST_P(UcxPair, PutAndGetInsideTheRegion) {
+  Region target = register_on(*b_, 1 << 16, Access::kRemoteReadWrite, 41);
+  ASSERT_TRUE(target.registration);
+  const auto data = pattern(4096, 3);
+  Request p = ab_->put(data.data(), data.size(), target.key, 1000);
+  ASSERT_TRUE(drive2(p).ok()) << p.status();
+  // A completed put is in the target's memory.
+  EXPECT_TRUE(std::equal(data.begin(), data.end(), target.memory.begin() + 1000));
+  std::vector<uint8_t> back(4096);
+  Request g = ab_->get(back.data(), back.size(), target.key, 1000);
+  ASSERT_TRUE(drive2(g).ok()) << g.status();
+  EXPECT_EQ(back, data);
+  // The last byte, a whole-region transfer and an empty one are in bounds too.
+  uint8_t last = 0x5a;
+  Request p2 = ab_->put(&last, 1, target.key, target.memory.size() - 1);
+  ASSERT_TRUE(drive2(p2).ok()) << p2.status();
+  EXPECT_EQ(target.memory.back(), 0x5a);
+  std::vector<uint8_t> whole(target.memory.size());
+  Request g2 = ab_->get(whole.data(), whole.size(), target.key, 0);
+  ASSERT_TRUE(drive2(g2).ok()) << g2.status();
+  EXPECT_EQ(whole, target.memory);
+  Request g3 = ab_->get(nullptr, 0, target.key, target.memory.size());
+  EXPECT_TRUE(drive2(g3).ok()) << g3.status();
+}
+
+TEST_P(UcxPair, OutOfBoundsOrForbiddenOneSidedOpsFailCleanly) {
+  Region rw = register_on(*b_, 4096, Access::kRemoteReadWrite, 1);
+  Region ro = register_on(*b_, 4096, Access::kRemoteRead, 2);
+  Region wo = register_on(*b_, 4096, Access::kRemoteWrite, 3);
+  std::vector<uint8_t> buf(8192, 1);
+  auto expect_code = [&](Request r, StatusCode code) {
+    Status st = drive2(r);
+    EXPECT_EQ(st.code(), code) << st;
+  };
+  expect_code(ab_->put(buf.data(), 4097, rw.key, 0), StatusCode::kOutOfRange);
+  expect_code(ab_->put(buf.data(), 1, rw.key, 4096), StatusCode::kOutOfRange);
+  expect_code(ab_->get(buf.data(), 16, rw.key, ~uint64_t{0} - 4), StatusCode::kOutOfRange);
+  expect_code(ab_->put(buf.data(), 16, ro.key, 0), StatusCode::kPermissionDenied);
+  expect_code(ab_->get(buf.data(), 16, wo.key, 0), StatusCode::kPermissionDenied);
+  expect_code(ab_->put(nullptr, 16, rw.key, 0), StatusCode::kInvalidArgument);
+  // The endpoint stays usable.
+  Request ok = ab_->put(buf.data(), 16, rw.key, 0);
+  EXPECT_TRUE(drive2(ok).ok()) << ok.status();
+  EXPECT_TRUE(ab_->status().ok());
+  EXPECT_EQ(std::vector<uint8_t>(buf.begin(), buf.begin() + 16),
+            std::vector<uint8_t>(rw.memory.begin(), rw.memory.begin() + 16));
+}
+
+TEST_P(UcxPair, BadRemoteKeyBlobsAreRefusedBeforeUcxSeesThem) {
+  Region rw = register_on(*b_, 4096, Access::kRemoteReadWrite, 5);
+  std::vector<uint8_t> buf(64);
+  auto with_blob = [&](std::vector<uint8_t> blob) {
+    RemoteKey k(rw.key.address(), rw.key.length(), 5, Access::kRemoteReadWrite, MemoryKind::kHost);
+    if (!blob.empty()) k.add_backend_blob(Backend::kUcx, std::move(blob));
+    return k;
+  };
+  const auto good = rw.registration->remote_key_blob();
+  std::vector<std::vector<uint8_t>> bad;
+  bad.push_back({});                                                     // no ucx part at all
+  bad.push_back(std::vector<uint8_t>(200, 0x42));                        // garbage
+  bad.push_back(std::vector<uint8_t>(good.begin(), good.begin() + 20));  // truncated header
+  bad.push_back(std::vector<uint8_t>(good.begin(), good.end() - 1));     // truncated rkey
+  auto flipped = good;
+  flipped.back() ^= 0x10;
+  bad.push_back(flipped);  // corrupted rkey bytes
+  for (size_t i = 0; i < bad.size(); ++i) {
+    SCOPED_TRACE(testing::Message() << "bad blob #" << i);
+    RemoteKey k = with_blob(bad[i]);
+    Status st = drive2(ab_->put(buf.data(), buf.size(), k, 0));
+    EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st;
+    st = drive2(ab_->get(buf.data(), buf.size(), k, 0));
+    EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st;
+  }
+  // A key registered by a's own context is not a key of peer b.
+  Region mine = register_on(*a_, 4096, Access::kRemoteReadWrite, 6);
+  Status st = drive2(ab_->put(buf.data(), buf.size(), mine.key, 0));
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st;
+  // And the endpoint still works with the good key.
+  Request ok = ab_->put(buf.data(), buf.size(), with_blob(good), 0);
+  EXPECT_TRUE(drive2(ok).ok()) << ok.status();
+}
+
+TEST_P(UcxPair, RegisteringNothingIsAnError) {
+  RegionState empty;
+  auto r = a_->register_memory(empty);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument) << r.status();
+}
+
+TEST_P(UcxPair, ImmediateArrivesAfterItsDataInOrder) {
+  Region target = register_on(*b_, 1 << 20, Access::kRemoteWrite, 8);
+  constexpr uint32_t kPuts = 64;
+  std::vector<std::vector<uint8_t>> chunks;
+  std::vector<Request> puts;
+  for (uint32_t i = 0; i < kPuts; ++i) {
+    chunks.push_back(pattern(16384, static_cast<uint8_t>(i)));
+    puts.push_back(ab_->put_with_immediate(chunks[i].data(), chunks[i].size(), target.key,
+                                           i * 16384, 1000 + i));
+  }
+  uint32_t expected = 1000;
+  const Deadline deadline = Deadline::after(std::chrono::seconds(20));
+  while (expected < 1000 + kPuts && !deadline.expired()) {
+    a_->progress();
+    b_->progress();
+    uint32_t v = 0;
+    while (ba_->try_pop_immediate(v)) {
+      ASSERT_EQ(v, expected);
+      const uint32_t i = v - 1000;
+      // The data of this put is already in place when its immediate is seen.
+      ASSERT_TRUE(std::equal(chunks[i].begin(), chunks[i].end(),
+                             target.memory.begin() + static_cast<ptrdiff_t>(i) * 16384))
+          << "immediate " << v << " seen before its data";
+      ++expected;
+    }
+  }
+  EXPECT_EQ(expected, 1000 + kPuts);
+  for (auto& p : puts) EXPECT_TRUE(drive2(p).ok()) << p.status();
+  uint32_t v = 0;
+  EXPECT_FALSE(ab_->try_pop_immediate(v)) << "immediates go to the target only";
+  // An immediate with no data at all.
+  Request z = ab_->put_with_immediate(nullptr, 0, target.key, 0, 7);
+  ASSERT_TRUE(drive2(z).ok()) << z.status();
+  const Deadline d2 = Deadline::after(std::chrono::seconds(10));
+  while (!ba_->try_pop_immediate(v) && !d2.expired()) b_->progress(), a_->progress();
+  EXPECT_EQ(v, 7u);
+}
+
+TEST_P(UcxPair, DisconnectCancelsPostedRecvs) {
+  std::vector<uint8_t> in(64);
+  Request r = ba_->recv(9, in.data(), in.size());
+  EXPECT_FALSE(r.done());
+  ba_.reset();
+  ASSERT_TRUE(r.done());
+  EXPECT_EQ(r.status().code(), StatusCode::kCancelled) << r.status();
+}
+
+TEST_P(UcxPair, RefusesOversizedAndNullBuffers) {
+  Options o = test_options();
+  o.max_message_size = 1024;
+  auto c = open_backend(o, "ctx-c");
+  ASSERT_TRUE(c);
+  auto cb = c->connect(b_->local_address(), "ctx-b", Deadline::after_ms(100));
+  ASSERT_TRUE(cb.ok()) << cb.status();
+  std::vector<uint8_t> big(1025);
+  Status st = drive((*cb)->send(0, big.data(), big.size()), {c.get(), b_.get()});
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st;
+  st = drive(ab_->send(0, nullptr, 5), {a_.get()});
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st;
+  st = drive(ba_->recv(0, nullptr, 5), {b_.get()});
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st;
+}
+
+INSTANTIATE_TEST_SUITE_P(Tls, UcxPair, testing::ValuesIn(kTlsSettings), tls_test_name);
+
+// Blocking progress: the worker's event fd wakes a sleeper when a message arrives.
+class UcxBlocking : public testing::TestWithParam<TlsSetting> {};
+
+TEST_P(UcxBlocking, EventFdWakesOnArrival) {
+  apply_tls(GetParam());
+  Options o = test_options();
+  o.progress = ProgressMode::kSpinThenBlock;
+  auto a = open_backend(o, "block-a");
+  auto b = open_backend(o, "block-b");
+  ASSERT_TRUE(a && b);
+  ASSERT_GE(b->wait_fd(), 0);
+  auto ab = a->connect(b->local_address(), "block-b", Deadline::after_ms(100));
+  auto ba = b->connect(a->local_address(), "block-a", Deadline::after_ms(100));
+  ASSERT_TRUE(ab.ok() && ba.ok());
+  for (uint64_t round = 0; round < 20; ++round) {
+    uint64_t in = 0, out = 0x1234 + round;
+    Request r = (*ba)->recv(0, &in, sizeof in);
+    // Each context belongs to one thread: the sender's is driven by its own thread here.
+    std::atomic<bool> stop{false};
+    Request s;
+    std::thread sender([&] {
+      s = (*ab)->send(0, &out, sizeof out);
+      // pairs with the release store below: the sender keeps progressing until told to stop
+      while (!stop.load(std::memory_order_acquire)) a->progress();
+    });
+    const Deadline deadline = Deadline::after(std::chrono::seconds(20));
+    while (!r.done() && !deadline.expired()) {
+      if (b->progress() != 0 || !b->arm_wait()) continue;
+      pollfd p{b->wait_fd(), POLLIN, 0};
+      // Armed with nothing pending: the fd must turn readable once the message arrives.
+      ASSERT_EQ(poll(&p, 1, 10'000), 1) << "armed event fd did not wake within 10 s";
+    }
+    stop.store(true, std::memory_order_release);  // pairs with the sender thread's acquire load
+    sender.join();
+    ASSERT_TRUE(r.done()) << "round " << round;
+    EXPECT_TRUE(r.status().ok()) << r.status();
+    EXPECT_EQ(in, out);
+    EXPECT_TRUE(drive(s, {a.get(), b.get()}).ok());
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Tls, UcxBlocking, testing::ValuesIn(kTlsSettings), tls_test_name);
+
+}  // namespace
+}  // namespace myelin::transport::ucx_test

@@ -1,0 +1,137 @@
+// UCX backend across processes: a peer killed with SIGKILL turns every pending and later
+// operation on its endpoint into peer_failed within the timeout, under each UCX_TLS setting.
+#include <poll.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <vector>
+
+#include "ucx_test_util.hpp"
+
+namespace myelin::transport::ucx_test {
+namespace {
+
+bool write_blob(int fd, const std::vector<uint8_t>& bytes) {
+  const uint32_t n = static_cast<uint32_t>(bytes.size());
+  return write(fd, &n, sizeof n) == sizeof n &&
+         write(fd, bytes.data(), n) == static_cast<ssize_t>(n);
+}
+
+// Reads one length-prefixed blob; waits at most `ms` for it.
+bool read_blob(int fd, std::vector<uint8_t>& out, int ms) {
+  auto read_exact = [&](void* p, size_t n) {
+    auto* b = static_cast<uint8_t*>(p);
+    const Deadline deadline = Deadline::after_ms(ms);
+    while (n > 0) {
+      pollfd pfd{fd, POLLIN, 0};
+      if (poll(&pfd, 1, deadline.remaining_ms_for_poll()) != 1) return false;
+      const ssize_t got = read(fd, b, n);
+      if (got <= 0) return false;
+      b += got;
+      n -= static_cast<size_t>(got);
+    }
+    return true;
+  };
+  uint32_t n = 0;
+  if (!read_exact(&n, sizeof n) || n > (1u << 20)) return false;
+  out.resize(n);
+  return read_exact(out.data(), n);
+}
+
+// The child: connects back, says hello on channel 0, then keeps its worker alive until killed.
+[[noreturn]] void run_child(int to_parent, int from_parent) {
+  auto backend = internal::create_ucx_backend(test_options(std::chrono::seconds(5)),
+                                              internal::ContextInfo{"child", "test-node"});
+  if (!backend.ok() || !write_blob(to_parent, (*backend)->local_address())) _exit(2);
+  std::vector<uint8_t> parent_address;
+  if (!read_blob(from_parent, parent_address, 20'000)) _exit(3);
+  auto ep = (*backend)->connect(parent_address, "parent", Deadline::after_ms(5000));
+  if (!ep.ok()) _exit(4);
+  static const char kHello[] = "hello";
+  Request s = (*ep)->send(0, kHello, sizeof kHello);
+  const Deadline deadline = Deadline::after(std::chrono::seconds(60));  // the parent kills us first
+  while (!deadline.expired()) (*backend)->progress();
+  _exit(5);
+}
+
+class UcxPeerDeath : public testing::TestWithParam<TlsSetting> {};
+
+TEST_P(UcxPeerDeath, KilledPeerFailsPendingAndLaterOperations) {
+  apply_tls(GetParam());
+  int up[2], down[2];
+  ASSERT_EQ(pipe(up), 0);
+  ASSERT_EQ(pipe(down), 0);
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    close(up[0]);
+    close(down[1]);
+    run_child(up[1], down[0]);
+  }
+  close(up[1]);
+  close(down[0]);
+  struct Reaper {
+    pid_t pid;
+    ~Reaper() {
+      if (pid > 0) {
+        kill(pid, SIGKILL);
+        waitpid(pid, nullptr, 0);
+      }
+    }
+  } reaper{child};
+
+  const auto timeout = std::chrono::seconds(5);
+  auto backend = open_backend(test_options(timeout), "parent");
+  ASSERT_TRUE(backend);
+  std::vector<uint8_t> child_address;
+  ASSERT_TRUE(read_blob(up[0], child_address, 20'000)) << "child did not publish its address";
+  ASSERT_TRUE(write_blob(down[1], backend->local_address()));
+  auto ep_result = backend->connect(child_address, "child", Deadline::after_ms(5000));
+  ASSERT_TRUE(ep_result.ok()) << ep_result.status();
+  Endpoint& ep = **ep_result;
+
+  char hello[16] = {};
+  Request r = ep.recv(0, hello, sizeof hello);
+  ASSERT_TRUE(drive(r, {backend.get()}).ok()) << r.status();
+  EXPECT_STREQ(hello, "hello");
+
+  // Pending work on the endpoint: a recv nobody will satisfy, and a rendezvous send the child
+  // never receives.
+  std::vector<uint8_t> in(64), big((size_t{1} << 20) + 1, 7);
+  Request pending_recv = ep.recv(0, in.data(), in.size());
+  Request pending_send = ep.send(1, big.data(), big.size());
+  for (int i = 0; i < 1000; ++i) backend->progress();
+  EXPECT_FALSE(pending_recv.done());
+
+  ASSERT_EQ(kill(child, SIGKILL), 0);
+  ASSERT_EQ(waitpid(child, nullptr, 0), child);
+  reaper.pid = -1;
+  const int64_t killed_at = monotonic_ns();
+
+  // Everything fails with peer_failed naming the peer, within the timeout (plus slack for
+  // loaded CI machines), never hangs.
+  const Deadline deadline = Deadline::after(timeout * 3);
+  Status st = drive(pending_recv, {backend.get()}, deadline);
+  EXPECT_EQ(st.code(), StatusCode::kPeerFailed) << st;
+  EXPECT_NE(st.message().find("child"), std::string_view::npos) << st;
+  st = drive(pending_send, {backend.get()}, deadline);
+  EXPECT_EQ(st.code(), StatusCode::kPeerFailed) << st;
+  const double seconds = static_cast<double>(monotonic_ns() - killed_at) / 1e9;
+  RecordProperty("detect_seconds", std::to_string(seconds));
+  EXPECT_EQ(ep.status().code(), StatusCode::kPeerFailed) << ep.status();
+
+  // Later operations fail at once.
+  st = drive(ep.send(0, big.data(), 8), {backend.get()}, Deadline::after_ms(1000));
+  EXPECT_EQ(st.code(), StatusCode::kPeerFailed) << st;
+  st = drive(ep.recv(0, in.data(), in.size()), {backend.get()}, Deadline::after_ms(1000));
+  EXPECT_EQ(st.code(), StatusCode::kPeerFailed) << st;
+  close(up[0]);
+  close(down[1]);
+}
+
+INSTANTIATE_TEST_SUITE_P(Tls, UcxPeerDeath, testing::ValuesIn(kTlsSettings), tls_test_name);
+
+}  // namespace
+}  // namespace myelin::transport::ucx_test
