@@ -16,7 +16,7 @@ build_pkgs=(
   libcli11-dev                           # command-line parsing for tools
   nlohmann-json3-dev                     # --json output and config
   libgtest-dev libgmock-dev libbenchmark-dev
-  libboost-dev libconcurrentqueue-dev    # peer rings in the ring benchmark
+  libboost-dev libconcurrentqueue-dev libreaderwriterqueue-dev  # peer rings in the ring benchmark
   libssl-dev                             # HMAC-SHA256 for broker authentication
   libtomlplusplus-dev                    # myelin-broker configuration file
   python3 curl
