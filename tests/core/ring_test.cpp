@@ -121,6 +121,28 @@ TEST(SpscRing, TwoObjectsOverOneRegionShareTheRing) {
   }
 }
 
+// A producer that attaches to a ring another producer used (a restarted process) continues after
+// the last element, although the shared tail is only published every few pushes.
+TEST(SpscRing, ReattachedProducerContinuesAfterTheLastElement) {
+  Region r(SpscRing<uint64_t>::bytes_for(64));
+  auto consumer = SpscRing<uint64_t>::format(r.mem, r.bytes, 64, kMax - 2);
+  ASSERT_TRUE(consumer.ok());
+  uint64_t next = 0;
+  for (int generation = 0; generation < 3; ++generation) {
+    auto producer = SpscRing<uint64_t>::attach(r.mem, r.bytes);
+    ASSERT_TRUE(producer.ok()) << producer.status();
+    ASSERT_LT(5u, producer->publish_batch());
+    for (int i = 0; i < 5; ++i) ASSERT_TRUE(producer->try_push(next++));
+  }
+  for (uint64_t i = 0; i < next; ++i) {
+    uint64_t v = 0;
+    ASSERT_TRUE(consumer->try_pop(v));
+    EXPECT_EQ(v, i);
+  }
+  uint64_t v;
+  EXPECT_FALSE(consumer->try_pop(v));
+}
+
 TEST(RingAttach, RefusesForeignAndIncompatibleHeaders) {
   Region r(SpscRing<uint64_t>::bytes_for(16));
   // Never formatted: zero bytes.
@@ -330,6 +352,26 @@ TEST(RecordRing, BatchClaimIsAllOrNothing) {
   ASSERT_TRUE(ring->try_claim_batch(fits, more));
   ring->commit(more[1]);
   EXPECT_EQ(drain(*ring).size(), 2u);
+}
+
+TEST(RecordRing, ReattachedProducerContinuesAfterTheLastRecord) {
+  Region r(RecordRing::bytes_for(1024));
+  auto consumer = RecordRing::format(r.mem, r.bytes, 1024, kMax - 47);
+  ASSERT_TRUE(consumer.ok()) << consumer.status();
+  for (int generation = 0; generation < 3; ++generation) {
+    auto producer = RecordRing::attach(r.mem, r.bytes);
+    ASSERT_TRUE(producer.ok()) << producer.status();
+    for (int i = 0; i < 3; ++i) {
+      ASSERT_TRUE(write_string(*producer, std::string(1 + generation * 3 + i, 'a' + generation),
+                               static_cast<uint32_t>(generation * 3 + i)));
+    }
+  }
+  auto got = drain(*consumer);
+  ASSERT_EQ(got.size(), 9u);
+  for (uint32_t i = 0; i < 9; ++i) {
+    EXPECT_EQ(got[i].first, i);
+    EXPECT_EQ(got[i].second, std::string(1 + i, static_cast<char>('a' + i / 3)));
+  }
 }
 
 TEST(RecordRing, CorruptHeaderIsAProtocolError) {

@@ -263,7 +263,8 @@ class RecordRing {
       const uint32_t length = header->length;
       const uint32_t type = header->type;
       const uint64_t size = record_bytes(length);
-      if (length > max_record_size() && !(type == kPaddingType && offset + size == capacity_)) {
+      // Every record the producer writes, wrap padding included, is at most max_record_size().
+      if (length > max_record_size()) {
         return protocol_error("record ring: corrupt record at position ", h, ": length ", length,
                               " exceeds the limit ", max_record_size());
       }

@@ -281,8 +281,16 @@ class SpscRing {
         capacity_(capacity),
         mask_(capacity - 1),
         publish_mask_(internal::publish_batch_for(capacity) - 1) {
-    // Acquire: pairs with the release stores of the other side (or of format()).
-    producer_.tail = shared->tail.load(std::memory_order_acquire);
+    // Acquire: pairs with the release stores of the other side (or of format()). The shared tail
+    // may trail the last push (it is published lazily): a producer resumes after the last slot
+    // that holds an element for its own position.
+    uint64_t t = shared->tail.load(std::memory_order_acquire);
+    for (uint64_t i = 0; i < capacity; ++i) {
+      // Pairs with the release store of seq in try_push().
+      if (slots_[t & mask_].seq.load(std::memory_order_acquire) != t + 1) break;
+      ++t;
+    }
+    producer_.tail = t;
     producer_.head_cache = shared->head.load(std::memory_order_acquire);
     consumer_.head = producer_.head_cache;
   }

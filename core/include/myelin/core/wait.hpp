@@ -118,7 +118,7 @@ class Waiter {
       cpu_relax();
       if ((i & 255) != 0) continue;
       now = monotonic_ns();
-      if (deadline.is_never() ? false : now >= deadline.at_ns()) {
+      if (!deadline.is_never() && now >= deadline.at_ns()) {
         return ready() ? ok_status() : deadline_error();
       }
       if (now >= next_check) {
