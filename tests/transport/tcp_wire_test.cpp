@@ -185,6 +185,51 @@ TEST_F(TcpWire, BadMagicAfterHandshakeAndUnknownCompletions) {
   expect_rejected(g, "clear-to-send for unknown send 999");
 }
 
+// A recv posted while an early message is still arriving must get that message, not the next.
+TEST_F(TcpWire, RecvPostedWhileAnUnexpectedMessageArrives) {
+  const int fd = dial();
+  internal::tcp::Hello hl;
+  hl.name = "impostor";
+  hl.sender = TcpAddress{htonl(INADDR_LOOPBACK), 1, 777}.encode();  // port 1: always the smaller
+  hl.target = target_bytes_;
+  FrameHeader h;
+  h.type = FrameType::kHello;
+  send_bytes(fd, frame(h, hl.encode()));
+  // Wait for the hello reply so the connection is identified.
+  const Deadline deadline = Deadline::after_ms(10000);
+  size_t got = 0;
+  uint8_t reply[512];
+  while (got < kHeaderSize && !deadline.expired()) {
+    pair_.progress();
+    const ssize_t r = ::recv(fd, reply + got, sizeof(reply) - got, MSG_DONTWAIT);
+    if (r > 0) got += static_cast<size_t>(r);
+  }
+  ASSERT_GE(got, kHeaderSize);
+  internal::ParsedAddress impostor{"impostor", "elsewhere/0", {{Backend::kTcp, hl.sender}}};
+  auto ep = pair_.b->connect(internal::encode_address(impostor));
+  ASSERT_TRUE(ep.ok()) << ep.status();
+
+  std::vector<uint8_t> first(100, 0x11), second(100, 0x22);
+  FrameHeader m;
+  m.type = FrameType::kEager;
+  m.seq = 1;
+  auto f1 = frame(m, first);
+  m.seq = 2;
+  auto f2 = frame(m, second);
+  send_bytes(fd, std::vector<uint8_t>(f1.begin(), f1.begin() + kHeaderSize + 40));
+  for (int i = 0; i < 200; ++i) pair_.progress();
+  std::vector<uint8_t> in1(100), in2(100);
+  Request r1 = (*ep)->recv(0, in1.data(), in1.size());
+  Request r2 = (*ep)->recv(0, in2.data(), in2.size());
+  send_bytes(fd, std::vector<uint8_t>(f1.begin() + kHeaderSize + 40, f1.end()));
+  send_bytes(fd, f2);
+  std::vector<Request> both{r1, r2};
+  ASSERT_TRUE(pair_.wait(both, 10000).ok());
+  EXPECT_EQ(in1, first);
+  EXPECT_EQ(in2, second);
+  ::close(fd);
+}
+
 TEST(TcpBlocking, SpinThenBlockAcrossThreads) {
   Options o;
   o.progress = ProgressMode::kSpinThenBlock;

@@ -65,7 +65,7 @@ Status wait_for(Context& ctx, Endpoint& ep) {
 
 double percentile(const std::vector<double>& sorted, double pct) {
   if (sorted.empty()) return 0;
-  const double rank = std::ceil(pct / 100.0 * static_cast<double>(sorted.size()));
+  const double rank = std::ceil(pct / 100.0 * static_cast<double>(sorted.size()) - 1e-9);
   const size_t idx = rank < 1 ? 0 : static_cast<size_t>(rank) - 1;
   return sorted[std::min(idx, sorted.size() - 1)];
 }
@@ -163,7 +163,10 @@ Result<BandwidthResult> run_bandwidth(Context& ctx, Endpoint& ep, bool sender, s
     MYELIN_RETURN_IF_ERROR(signal(ctx, ep));
     for (size_t i = 0; i < count; ++i) {
       const size_t slot = (first + i) % window;
-      MYELIN_RETURN_IF_ERROR(wait(ctx, reqs[slot], "bandwidth: recv"));
+      if (Status s = wait(ctx, reqs[slot], "bandwidth: recv"); !s.ok()) {
+        return std::move(s).with_context("message " + std::to_string(i) + " of " +
+                                         std::to_string(count));
+      }
       const bool full = timed && i == 0;
       const bool good =
           reqs[slot].bytes() == size && (full ? check_all(bufs[slot], size, size, first + i)

@@ -611,10 +611,28 @@ Status Connection::finish_payload() {
                        peer_name(), " exceeds the receive buffer of ", sink_capacity_, " bytes"),
           0);
       break;
-    case Sink::kEagerUnexpected:
-      unexpected_[cur_.channel].push_back(Unexpected{false, 0, 0, std::move(sink_buf_)});
+    case Sink::kEagerUnexpected: {
+      // A recv posted while this payload was still arriving found nothing to match, so it waits
+      // in posted_; this message is older than anything after it and belongs to that recv.
+      auto& posted = posted_[cur_.channel];
+      if (!posted.empty()) {
+        PostedRecv pr = std::move(posted.front());
+        posted.pop_front();
+        if (sink_buf_.size() > pr.capacity) {
+          pr.state->complete(out_of_range("message of ", sink_buf_.size(), " bytes on channel ",
+                                          cur_.channel, " from ", peer_name(),
+                                          " exceeds the receive buffer of ", pr.capacity, " bytes"),
+                             0);
+        } else {
+          if (!sink_buf_.empty()) std::memcpy(pr.data, sink_buf_.data(), sink_buf_.size());
+          pr.state->complete(ok_status(), sink_buf_.size());
+        }
+      } else {
+        unexpected_[cur_.channel].push_back(Unexpected{false, 0, 0, std::move(sink_buf_)});
+      }
       sink_buf_ = {};
       break;
+    }
     case Sink::kData:
     case Sink::kGetResp:
       sink_state_->complete(ok_status(), cur_.length);
