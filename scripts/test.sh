@@ -25,6 +25,8 @@ done
 jobs=$(nproc)
 stage() { printf '\n==== %s [%s]\n' "$1" "$(date -u +%H:%M:%S)"; }
 fail() { echo "test.sh: FAILED at stage: $1" >&2; exit 1; }
+# setup installs QEMU for the soft-RoCE guest (label vm): here a guest that cannot run fails.
+export MYELIN_RXE_REQUIRE=${MYELIN_RXE_REQUIRE:-1}
 
 stage "setup"
 scripts/setup.sh --with vm,slurm || fail setup
