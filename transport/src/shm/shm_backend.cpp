@@ -260,6 +260,7 @@ Result<std::unique_ptr<Endpoint>> ShmBackend::connect(std::span<const uint8_t> p
     h.type = static_cast<uint16_t>(CtlType::kDialMe);
     MYELIN_RETURN_IF_ERROR(send_ctl(sock.get(), h, address_bytes_, {}, deadline));
     ep->set_dial_socket(std::move(sock));
+    MYELIN_RETURN_IF_ERROR(ep->send_info());
   }
   return std::unique_ptr<Endpoint>(std::move(ep));
 }
@@ -311,18 +312,23 @@ void ShmBackend::handle_incoming() {
           if (existing != nullptr && existing->established()) {
             MYELIN_LOG_WARN << "shm: a second connection from " << label << " refused";
           } else if (existing != nullptr) {
-            if (Status s = existing->establish_from_hello(std::move(in.sock), msg); !s.ok()) {
+            if (Status s = existing->establish_from_hello(std::move(in.sock), msg, false);
+                !s.ok()) {
               MYELIN_LOG_WARN << "shm: connection from " << label << " refused: " << s;
             }
           } else {
             auto ep = std::make_unique<ShmEndpoint>(this, msg.text, *peer, label);
-            if (Status s = ep->establish_from_hello(std::move(in.sock), msg); !s.ok()) {
+            if (Status s = ep->establish_from_hello(std::move(in.sock), msg, false); !s.ok()) {
               MYELIN_LOG_WARN << "shm: connection from " << label << " refused: " << s;
             } else {
               unclaimed_[msg.text] = std::move(ep);
             }
           }
-        } else if (existing == nullptr) {  // kDialMe, and we have not dialed it yet
+        } else if (existing != nullptr) {
+          // Our dial crossed its dial-me: the info and allocations it sent with it are read from
+          // this socket, so it need not progress before we can put/get.
+          existing->adopt_info_socket(std::move(in.sock));
+        } else {  // kDialMe, and we have not dialed it yet
           auto ep = std::make_unique<ShmEndpoint>(this, msg.text, *peer, label);
           if (Status s = ep->establish_as_dialer(std::move(in.sock), Deadline::after_ms(1000));
               !s.ok()) {

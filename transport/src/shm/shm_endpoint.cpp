@@ -104,7 +104,7 @@ Status ShmEndpoint::establish_as_dialer(UniqueFd sock, Deadline deadline) {
   return send_info();
 }
 
-Status ShmEndpoint::establish_from_hello(UniqueFd sock, CtlMessage& hello) {
+Status ShmEndpoint::establish_from_hello(UniqueFd sock, CtlMessage& hello, bool via_dial_socket) {
   if (hello.fds.size() != 4) {
     return protocol_error("shm hello carried ", hello.fds.size(), " fds instead of 4");
   }
@@ -128,12 +128,20 @@ Status ShmEndpoint::establish_from_hello(UniqueFd sock, CtlMessage& hello) {
   backend_->unwatch(sock_.get());
   backend_->watch(sock_.get());
   backend_->watch(doorbell_in_.get());
-  return send_info();
+  // Over the dial-me socket our info went out already (with the dial-me itself).
+  return via_dial_socket ? ok_status() : send_info();
 }
 
 void ShmEndpoint::set_dial_socket(UniqueFd sock) {
   dial_sock_ = std::move(sock);
   backend_->watch(dial_sock_.get());
+  backend_->want_service();
+}
+
+void ShmEndpoint::adopt_info_socket(UniqueFd sock) {
+  if (failed() || aux_sock_.valid()) return;  // dropping it is harmless: the peer sends again
+  aux_sock_ = std::move(sock);
+  backend_->watch(aux_sock_.get());
   backend_->want_service();
 }
 
@@ -146,27 +154,27 @@ Status ShmEndpoint::send_info() {
   h.b = backend_->probe_value();
   h.c = backend_->may_sleep() ? 1 : 0;
   const int fds[1] = {backend_->key_table_fd()};
-  return send_ctl(sock_.get(), h, {}, fds, ctl_send_deadline()).with_context("sending shm info");
+  return send_ctl(ctl_fd(), h, {}, fds, ctl_send_deadline()).with_context("sending shm info");
 }
 
 void ShmEndpoint::announce_alloc(const SharedAlloc& alloc) {
-  if (!established_ || failed()) return;
+  if (failed() || ctl_fd() < 0) return;
   CtlHeader h;
   h.type = static_cast<uint16_t>(CtlType::kAlloc);
   h.a = alloc.id;
   h.b = alloc.size;
   const int fds[1] = {alloc.fd};
-  if (Status s = send_ctl(sock_.get(), h, {}, fds, ctl_send_deadline()); !s.ok()) {
+  if (Status s = send_ctl(ctl_fd(), h, {}, fds, ctl_send_deadline()); !s.ok()) {
     socket_status_ = std::move(s);
   }
 }
 
 void ShmEndpoint::announce_free(uint64_t id) {
-  if (!established_ || failed()) return;
+  if (failed() || ctl_fd() < 0) return;
   CtlHeader h;
   h.type = static_cast<uint16_t>(CtlType::kFree);
   h.a = id;
-  if (Status s = send_ctl(sock_.get(), h, {}, {}, ctl_send_deadline()); !s.ok()) {
+  if (Status s = send_ctl(ctl_fd(), h, {}, {}, ctl_send_deadline()); !s.ok()) {
     socket_status_ = std::move(s);
   }
 }
@@ -207,10 +215,7 @@ Status ShmEndpoint::handle_ctl(CtlMessage& msg) {
       }
       auto [it, inserted] =
           peer_allocs_.emplace(msg.header.a, PeerAlloc{static_cast<std::byte*>(p), msg.header.b});
-      if (!inserted) {
-        ::munmap(p, msg.header.b);
-        return protocol_error("shm alloc id ", msg.header.a, " announced twice");
-      }
+      if (!inserted) ::munmap(p, msg.header.b);  // announced on two sockets after crossed dials
       return ok_status();
     }
     case CtlType::kFree: {
@@ -230,6 +235,20 @@ Status ShmEndpoint::handle_ctl(CtlMessage& msg) {
 
 void ShmEndpoint::read_socket() {
   if (failed() || !socket_status_.ok()) return;
+  while (aux_sock_.valid()) {
+    CtlMessage msg;
+    auto got = recv_ctl(aux_sock_.get(), msg);
+    if (got.ok() && *got == RecvOutcome::kEmpty) break;
+    const auto type = got.ok() && *got == RecvOutcome::kMessage
+                          ? static_cast<CtlType>(msg.header.type)
+                          : CtlType::kDialMe;
+    if (type == CtlType::kInfo || type == CtlType::kAlloc || type == CtlType::kFree) {
+      if (Status s = handle_ctl(msg); !s.ok()) socket_status_ = std::move(s);
+      continue;
+    }
+    backend_->unwatch(aux_sock_.get());  // closed, malformed or not meant for it: done with it
+    aux_sock_.reset();
+  }
   for (;;) {
     const int fd = established_ ? sock_.get() : dial_sock_.get();
     if (fd < 0) return;
@@ -248,8 +267,7 @@ void ShmEndpoint::read_socket() {
         dial_sock_.reset();
         return;
       }
-      socket_status_ = peer_failed("shm peer ", *peer_name_, " (pid ", peer_.pid,
-                                   ") closed the connection: its process exited or disconnected");
+      socket_status_ = peer_failed("it closed the connection (its process exited or disconnected)");
       return;
     }
     if (!established_) {
@@ -259,7 +277,10 @@ void ShmEndpoint::read_socket() {
         return;
       }
       UniqueFd sock = std::move(dial_sock_);
-      if (Status s = establish_from_hello(std::move(sock), msg); !s.ok()) socket_status_ = s;
+      if (Status s = establish_from_hello(std::move(sock), msg, /*via_dial_socket=*/true);
+          !s.ok()) {
+        socket_status_ = s;
+      }
       continue;
     }
     if (Status s = handle_ctl(msg); !s.ok()) {
@@ -275,12 +296,13 @@ void ShmEndpoint::service(int64_t now) {
   if (socket_status_.ok() && now >= next_liveness_ns_) {
     next_liveness_ns_ = now + kLivenessEveryNs;
     if (!process_is_alive(peer_.pid, peer_.start_time)) {
-      socket_status_ = peer_failed("shm peer ", *peer_name_, " (pid ", peer_.pid, ") is gone");
+      socket_status_ = peer_failed("its process is gone");
     }
   }
   if (!socket_status_.ok()) {
     drain_inbound();  // what the peer sent before it went is still delivered
-    fail(socket_status_);
+    fail(Status(socket_status_)
+             .with_context("shm peer " + *peer_name_ + " (pid " + std::to_string(peer_.pid) + ")"));
     return;
   }
   if (!established_) {
@@ -331,7 +353,7 @@ void ShmEndpoint::fail(Status status) {
   outq_.clear();
   for (Deferred& d : deferred_) d.req->complete(status_, 0);
   deferred_.clear();
-  for (UniqueFd* fd : {&sock_, &dial_sock_, &doorbell_in_}) {
+  for (UniqueFd* fd : {&sock_, &dial_sock_, &aux_sock_, &doorbell_in_}) {
     if (fd->valid()) backend_->unwatch(fd->get());
     fd->reset();
   }

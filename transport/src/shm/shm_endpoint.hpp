@@ -71,10 +71,18 @@ class ShmEndpoint final : public Endpoint {
   // Dialer: makes the rings and doorbells and sends kHello over `sock` (just connected, or the
   // socket a kDialMe arrived on). The endpoint is established when this returns OK.
   Status establish_as_dialer(UniqueFd sock, Deadline deadline);
-  // Acceptor: adopts the rings and doorbells of a kHello that arrived on `sock`.
-  Status establish_from_hello(UniqueFd sock, CtlMessage& hello);
+  // Acceptor: adopts the rings and doorbells of a kHello that arrived on `sock` (the socket our
+  // kDialMe went out on, or one the peer dialed on its own).
+  Status establish_from_hello(UniqueFd sock, CtlMessage& hello, bool via_dial_socket);
   // We sent kDialMe over `sock`; wait there (or on an accepted socket) for the peer's kHello.
+  // Call send_info() next: our allocations and key table travel with the dial-me, so the peer
+  // can put/get as soon as it answers, even before our progress() sees its kHello.
   void set_dial_socket(UniqueFd sock);
+  // The peer's kDialMe crossed our own dial: its info and allocations arrive on `sock`; read
+  // them there until the peer closes it.
+  void adopt_info_socket(UniqueFd sock);
+  // Sends every shared allocation and then kInfo (key table, CMA probe, may-sleep).
+  Status send_info();
 
   // Drains the inbound ring and flushes queued output; no syscalls. Returns events handled.
   size_t progress();
@@ -171,7 +179,9 @@ class ShmEndpoint final : public Endpoint {
   void read_socket();
   void drain_inbound();
   void fail(Status status);
-  Status send_info();
+  [[nodiscard]] int ctl_fd() const noexcept {
+    return established_ ? sock_.get() : dial_sock_.get();
+  }
 
   ShmBackend* backend_;
   std::vector<uint8_t> peer_bytes_;
@@ -188,6 +198,7 @@ class ShmEndpoint final : public Endpoint {
 
   UniqueFd sock_;       // control socket of the connection
   UniqueFd dial_sock_;  // the kDialMe socket while pending
+  UniqueFd aux_sock_;   // the peer's crossed kDialMe socket (info and allocations only)
   UniqueFd doorbell_in_, doorbell_out_;
   std::optional<AttachedRing> in_;   // peer -> us
   std::optional<AttachedRing> out_;  // us -> peer

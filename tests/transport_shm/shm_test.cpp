@@ -1,0 +1,544 @@
+// shm backend tests: two real processes per test (fork), talking through the public transport API;
+// plus the refusal of forged segments and hellos, which reaches the backend's wire formats.
+#include <gtest/gtest.h>
+
+#include <poll.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <array>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <myelin/core/record_ring.hpp>
+#include <myelin/core/shm_segment.hpp>
+#include <myelin/transport/context.hpp>
+
+#include "address.hpp"
+#include "shm/shm_endpoint.hpp"
+#include "shm/shm_wire.hpp"
+
+namespace myelin::transport {
+namespace {
+
+constexpr int64_t kTimeoutMs = 30'000;
+
+// A socketpair between the two processes for addresses, keys and "go" signals.
+class Link {
+ public:
+  explicit Link(int fd) : fd_(fd) {}
+  void send(const std::vector<uint8_t>& bytes) const {
+    const uint64_t n = bytes.size();
+    write_all(&n, sizeof(n));
+    write_all(bytes.data(), bytes.size());
+  }
+  std::vector<uint8_t> recv() const {
+    uint64_t n = 0;
+    read_all(&n, sizeof(n));
+    std::vector<uint8_t> out(n);
+    read_all(out.data(), n);
+    return out;
+  }
+  void signal() const { send({1}); }
+  void await() const { (void)recv(); }
+
+ private:
+  void write_all(const void* p, size_t n) const {
+    const auto* b = static_cast<const uint8_t*>(p);
+    while (n > 0) {
+      const ssize_t w = ::write(fd_, b, n);
+      MYELIN_CHECK(w > 0) << "test link write failed";
+      b += w;
+      n -= static_cast<size_t>(w);
+    }
+  }
+  void read_all(void* p, size_t n) const {
+    auto* b = static_cast<uint8_t*>(p);
+    const Deadline deadline = Deadline::after_ms(kTimeoutMs);
+    while (n > 0) {
+      pollfd pfd{fd_, POLLIN, 0};
+      MYELIN_CHECK(::poll(&pfd, 1, deadline.remaining_ms_for_poll()) == 1)
+          << "test link: the other process did not answer in time";
+      const ssize_t r = ::read(fd_, b, n);
+      MYELIN_CHECK(r > 0) << "test link closed";
+      b += r;
+      n -= static_cast<size_t>(r);
+    }
+  }
+  int fd_;
+};
+
+// Runs body(rank, link) in a forked child (rank 1) and in this process (rank 0); the test fails
+// when either side fails or the child does not finish within the timeout.
+void run_two(const std::function<void(int, Link&)>& body) {
+  int sv[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    ::close(sv[0]);
+    Link link(sv[1]);
+    body(1, link);
+    ::_exit(::testing::Test::HasFailure() ? 1 : 0);
+  }
+  ::close(sv[1]);
+  Link link(sv[0]);
+  body(0, link);
+  const Deadline deadline = Deadline::after_ms(kTimeoutMs);
+  int status = 0;
+  pid_t got = 0;
+  while ((got = ::waitpid(child, &status, WNOHANG)) == 0 && !deadline.expired()) ::usleep(1000);
+  if (got == 0) {
+    ::kill(child, SIGKILL);
+    ::waitpid(child, &status, 0);
+    ADD_FAILURE() << "the child process did not finish in time";
+  } else {
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
+        << "the child process failed (status " << status << ")";
+  }
+  ::close(sv[0]);
+}
+
+Options shm_options(int rank, ProgressMode mode = ProgressMode::kBusyPoll) {
+  Options o;
+  o.backend = Backend::kShm;
+  o.name = rank == 0 ? "rank 0" : "rank 1";
+  o.timeout = std::chrono::milliseconds(kTimeoutMs);
+  o.progress = mode;
+  o.spin_before_block = std::chrono::microseconds(5);
+  return o;
+}
+
+struct Side {
+  std::unique_ptr<Context> ctx;
+  Endpoint* ep = nullptr;
+};
+
+// Creates this rank's Context, swaps addresses over the link and connects.
+void connect_side(int rank, Link& link, Side& side, ProgressMode mode = ProgressMode::kBusyPoll) {
+  auto ctx = Context::create(shm_options(rank, mode));
+  ASSERT_TRUE(ctx.ok()) << ctx.status();
+  side.ctx = std::move(ctx).value();
+  link.send(side.ctx->address());
+  const std::vector<uint8_t> peer = link.recv();
+  auto ep = side.ctx->connect(peer);
+  ASSERT_TRUE(ep.ok()) << ep.status();
+  side.ep = *ep;
+}
+
+void fill(std::byte* p, size_t n, uint32_t seed) {
+  for (size_t i = 0; i < n; ++i) p[i] = static_cast<std::byte>((i * 131 + seed) & 0xff);
+}
+size_t first_mismatch(const std::byte* p, size_t n, uint32_t seed) {
+  for (size_t i = 0; i < n; ++i) {
+    if (p[i] != static_cast<std::byte>((i * 131 + seed) & 0xff)) return i;
+  }
+  return n;
+}
+
+const std::vector<size_t> kSizes = {
+    0, 1, 63, 64, 4095, 4096, (size_t{1} << 20) + 1, size_t{64} << 20};
+
+// Rank 0 sends every size to rank 1 and back, from plain and from shared (allocate()) buffers.
+void sizes_round_trip(int rank, Link& link) {
+  Side s;
+  connect_side(rank, link, s);
+  if (::testing::Test::HasFatalFailure()) return;
+  for (const bool shared : {false, true}) {
+    for (size_t size : kSizes) {
+      SCOPED_TRACE("size " + std::to_string(size) + (shared ? " shared" : " plain"));
+      std::vector<std::byte> plain;
+      MemoryRegion region;
+      std::byte* buf = nullptr;
+      const size_t cap = size == 0 ? 1 : size;
+      if (shared) {
+        auto r = s.ctx->allocate(cap);
+        ASSERT_TRUE(r.ok()) << r.status();
+        region = *r;
+        buf = static_cast<std::byte*>(region.data());
+      } else {
+        plain.resize(cap);
+        buf = plain.data();
+      }
+      const uint32_t seed = static_cast<uint32_t>(size) + (shared ? 7u : 3u);
+      if (rank == 0) {
+        fill(buf, size, seed);
+        ASSERT_TRUE(s.ctx->wait(s.ep->send(5, buf, size, shared ? &region : nullptr)).ok());
+        std::memset(buf, 0, size);
+        Request r = s.ep->recv(6, buf, size, shared ? &region : nullptr);
+        ASSERT_TRUE(s.ctx->wait(r).ok()) << r.status();
+        EXPECT_EQ(r.bytes(), size);
+        EXPECT_EQ(first_mismatch(buf, size, seed + 1), size);
+      } else {
+        Request r = s.ep->recv(5, buf, size, shared ? &region : nullptr);
+        Status st = s.ctx->wait(r);
+        ASSERT_TRUE(st.ok()) << st;
+        EXPECT_EQ(r.bytes(), size);
+        EXPECT_EQ(first_mismatch(buf, size, seed), size);
+        fill(buf, size, seed + 1);
+        st = s.ctx->wait(s.ep->send(6, buf, size, shared ? &region : nullptr));
+        ASSERT_TRUE(st.ok()) << st;
+      }
+      if (shared) s.ctx->deregister(region);
+    }
+  }
+  // Stay until the peer is done with our buffers.
+  link.signal();
+  link.await();
+}
+
+TEST(ShmTransport, AllSizesBothWaysPlainAndShared) {
+  run_two(sizes_round_trip);
+}
+
+TEST(ShmTransport, AllSizesStreamedWhenCrossMemoryAttachIsOff) {
+  ::setenv("MYELIN_SHM_CMA", "0", 1);
+  run_two(sizes_round_trip);
+  ::unsetenv("MYELIN_SHM_CMA");
+}
+
+TEST(ShmTransport, LargeMessagesArrivingBeforeTheirReceiveWait) {
+  run_two([](int rank, Link& link) {
+    Side s;
+    connect_side(rank, link, s);
+    if (::testing::Test::HasFatalFailure()) return;
+    const size_t size = (size_t{3} << 20) + 5;
+    std::vector<std::byte> a(size), b(size);
+    if (rank == 0) {
+      fill(a.data(), size, 1);
+      fill(b.data(), size, 2);
+      std::vector<Request> rs;
+      rs.push_back(s.ep->send(1, a.data(), size));
+      rs.push_back(s.ep->send(1, b.data(), size));
+      link.signal();  // rank 1 posts its receives only now
+      EXPECT_TRUE(s.ctx->wait_all(rs, Deadline::after_ms(kTimeoutMs)).ok());
+    } else {
+      link.await();
+      // Let both rendezvous descriptors arrive unexpected.
+      const Deadline d = Deadline::after_ms(50);
+      while (!d.expired()) s.ctx->progress();
+      Request r1 = s.ep->recv(1, a.data(), size);
+      Request r2 = s.ep->recv(1, b.data(), size);
+      EXPECT_TRUE(s.ctx->wait(r1).ok()) << r1.status();
+      EXPECT_TRUE(s.ctx->wait(r2).ok()) << r2.status();
+      EXPECT_EQ(first_mismatch(a.data(), size, 1), size);
+      EXPECT_EQ(first_mismatch(b.data(), size, 2), size);
+    }
+    link.signal();
+    link.await();
+  });
+}
+
+TEST(ShmTransport, TenThousandInFlightKeepPerChannelOrder) {
+  run_two([](int rank, Link& link) {
+    Side s;
+    connect_side(rank, link, s);
+    if (::testing::Test::HasFatalFailure()) return;
+    constexpr uint32_t kCount = 10'000;
+    constexpr size_t kSize = 256;  // 10 000 x 256 B overflow the 1 MiB ring: back-pressure queues
+    std::vector<std::array<uint32_t, kSize / 4>> bufs(kCount);
+    std::vector<Request> rs;
+    rs.reserve(kCount);
+    if (rank == 0) {
+      for (uint32_t i = 0; i < kCount; ++i) {
+        bufs[i].fill(i);
+        rs.push_back(s.ep->send(i % 2, bufs[i].data(), kSize));
+      }
+    } else {
+      for (uint32_t i = 0; i < kCount; ++i) rs.push_back(s.ep->recv(i % 2, bufs[i].data(), kSize));
+    }
+    Status st = s.ctx->wait_all(rs, Deadline::after_ms(kTimeoutMs));
+    ASSERT_TRUE(st.ok()) << st;
+    if (rank == 1) {
+      for (uint32_t i = 0; i < kCount; ++i) {
+        ASSERT_EQ(bufs[i][0], i) << "message " << i << " out of order";
+        ASSERT_EQ(bufs[i][kSize / 4 - 1], i);
+      }
+    }
+    link.signal();
+    link.await();
+  });
+}
+
+TEST(ShmTransport, TooSmallReceiveIsOutOfRangeAndConsumesTheMessage) {
+  run_two([](int rank, Link& link) {
+    Side s;
+    connect_side(rank, link, s);
+    if (::testing::Test::HasFatalFailure()) return;
+    const size_t big = (size_t{1} << 20) + 1;
+    std::vector<std::byte> buf(big);
+    if (rank == 0) {
+      fill(buf.data(), big, 9);
+      EXPECT_TRUE(s.ctx->wait(s.ep->send(0, buf.data(), 100)).ok());
+      EXPECT_TRUE(s.ctx->wait(s.ep->send(0, buf.data(), big)).ok());
+      EXPECT_TRUE(s.ctx->wait(s.ep->send(0, buf.data(), 64)).ok());
+    } else {
+      Request r1 = s.ep->recv(0, buf.data(), 10);
+      EXPECT_EQ(s.ctx->wait(r1).code(), StatusCode::kOutOfRange);
+      Request r2 = s.ep->recv(0, buf.data(), big - 1);
+      EXPECT_EQ(s.ctx->wait(r2).code(), StatusCode::kOutOfRange);
+      Request r3 = s.ep->recv(0, buf.data(), big);
+      EXPECT_TRUE(s.ctx->wait(r3).ok()) << r3.status();
+      EXPECT_EQ(r3.bytes(), 64u);
+      EXPECT_EQ(first_mismatch(buf.data(), 64, 9), 64u);
+      EXPECT_TRUE(s.ep->status().ok());
+    }
+    link.signal();
+    link.await();
+  });
+}
+
+TEST(ShmTransport, PutGetImmediateBoundsAccessAndStaleKeys) {
+  run_two([](int rank, Link& link) {
+    Side s;
+    connect_side(rank, link, s);
+    if (::testing::Test::HasFatalFailure()) return;
+    constexpr size_t kLen = 1 << 16;
+    if (rank == 1) {
+      auto rw = s.ctx->allocate(kLen, Access::kRemoteReadWrite);
+      auto ro = s.ctx->allocate(kLen, Access::kRemoteRead);
+      ASSERT_TRUE(rw.ok() && ro.ok());
+      fill(static_cast<std::byte*>(ro->data()), kLen, 4);
+      std::vector<std::byte> plain(kLen);
+      auto pr = s.ctx->register_memory(plain.data(), kLen);
+      ASSERT_TRUE(pr.ok()) << pr.status();
+      link.send(rw->remote_key().serialize());
+      link.send(ro->remote_key().serialize());
+      link.send(pr->remote_key().serialize());
+      link.await();  // rank 0 did its puts
+      uint32_t imm = 0;
+      const Deadline d = Deadline::after_ms(kTimeoutMs);
+      while (!s.ep->try_pop_immediate(imm) && !d.expired()) s.ctx->progress();
+      EXPECT_EQ(imm, 77u);
+      EXPECT_EQ(first_mismatch(static_cast<std::byte*>(rw->data()) + 100, 5000, 11), 5000u);
+      if (link.recv()[0] == 1) {  // rank 0 reached the plain region through CMA
+        EXPECT_EQ(first_mismatch(plain.data() + 8, 1000, 12), 1000u);
+      }
+      MemoryRegion stale = *rw;
+      s.ctx->deregister(stale);
+      link.signal();  // rw is deregistered now
+      link.await();
+    } else {
+      auto rw = RemoteKey::deserialize(link.recv());
+      auto ro = RemoteKey::deserialize(link.recv());
+      auto pr = RemoteKey::deserialize(link.recv());
+      ASSERT_TRUE(rw.ok() && ro.ok() && pr.ok());
+      std::vector<std::byte> src(kLen), dst(kLen);
+      fill(src.data(), 5000, 11);
+      Request put = s.ep->put_with_immediate(src.data(), 5000, *rw, 100, 77);
+      ASSERT_TRUE(s.ctx->wait(put).ok()) << put.status();
+      Request get = s.ep->get(dst.data(), 5000, *rw, 100);
+      ASSERT_TRUE(s.ctx->wait(get).ok()) << get.status();
+      EXPECT_EQ(first_mismatch(dst.data(), 5000, 11), 5000u);
+      Request get_ro = s.ep->get(dst.data(), kLen, *ro, 0);
+      ASSERT_TRUE(s.ctx->wait(get_ro).ok()) << get_ro.status();
+      EXPECT_EQ(first_mismatch(dst.data(), kLen, 4), kLen);
+      // Bounds and access.
+      EXPECT_EQ(s.ctx->wait(s.ep->put(src.data(), 2, *rw, kLen - 1)).code(),
+                StatusCode::kOutOfRange);
+      EXPECT_EQ(s.ctx->wait(s.ep->get(dst.data(), 1, *rw, kLen)).code(), StatusCode::kOutOfRange);
+      EXPECT_EQ(s.ctx->wait(s.ep->put(src.data(), 8, *ro, 0)).code(),
+                StatusCode::kPermissionDenied);
+      // Ordinary registered memory: through CMA when ptrace rules allow it, else unsupported.
+      fill(src.data(), 1000, 12);
+      Request pp = s.ep->put(src.data(), 1000, *pr, 8);
+      const Status pst = s.ctx->wait(pp);
+      EXPECT_TRUE(pst.ok() || pst.code() == StatusCode::kUnsupported) << pst;
+      link.signal();
+      link.send({static_cast<uint8_t>(pst.ok() ? 1 : 0)});
+      link.await();  // rank 1 deregistered rw
+      const Status stale = s.ctx->wait(s.ep->put(src.data(), 8, *rw, 0));
+      EXPECT_EQ(stale.code(), StatusCode::kNotFound) << stale;
+      EXPECT_TRUE(s.ep->status().ok()) << "a bad key must not break the endpoint";
+      EXPECT_TRUE(s.ctx->wait(s.ep->get(dst.data(), 8, *ro, 0)).ok());
+      link.signal();
+    }
+  });
+}
+
+TEST(ShmTransport, FirstConnectDoesNotWaitForThePeer) {
+  // Run twice with the roles swapped, so that both the dialing side and the "dial me" side go
+  // first (which one dials depends on the random socket names).
+  for (int first = 0; first < 2; ++first) {
+    run_two([first](int rank, Link& link) {
+      auto ctx = Context::create(shm_options(rank));
+      ASSERT_TRUE(ctx.ok()) << ctx.status();
+      link.send((*ctx)->address());
+      const std::vector<uint8_t> peer = link.recv();
+      uint64_t value = 0x1234 + static_cast<uint64_t>(rank);
+      if (rank == first) {
+        auto ep = (*ctx)->connect(peer);  // the peer has not called connect(), nor progress()
+        ASSERT_TRUE(ep.ok()) << ep.status();
+        Request r = (*ep)->send(3, &value, sizeof(value));
+        link.signal();
+        EXPECT_TRUE((*ctx)->wait(r).ok()) << r.status();
+        uint64_t back = 0;
+        Request rr = (*ep)->recv(3, &back, sizeof(back));
+        EXPECT_TRUE((*ctx)->wait(rr).ok()) << rr.status();
+        EXPECT_EQ(back, 0x1234u + static_cast<uint64_t>(1 - rank));
+      } else {
+        link.await();
+        auto ep = (*ctx)->connect(peer);
+        ASSERT_TRUE(ep.ok()) << ep.status();
+        uint64_t got = 0;
+        Request r = (*ep)->recv(3, &got, sizeof(got));
+        EXPECT_TRUE((*ctx)->wait(r).ok()) << r.status();
+        EXPECT_EQ(got, 0x1234u + static_cast<uint64_t>(1 - rank));
+        EXPECT_TRUE((*ctx)->wait((*ep)->send(3, &value, sizeof(value))).ok());
+      }
+      link.signal();
+      link.await();
+    });
+  }
+}
+
+TEST(ShmTransport, SpinThenBlockPingPong) {
+  run_two([](int rank, Link& link) {
+    Side s;
+    connect_side(rank, link, s, ProgressMode::kSpinThenBlock);
+    if (::testing::Test::HasFatalFailure()) return;
+    for (uint32_t i = 0; i < 2000; ++i) {
+      uint32_t v = i, got = ~0u;
+      if (rank == 0) {
+        ASSERT_TRUE(s.ctx->wait(s.ep->send(0, &v, 4)).ok());
+        Request r = s.ep->recv(0, &got, 4);
+        ASSERT_TRUE(s.ctx->wait(r).ok()) << r.status();
+      } else {
+        Request r = s.ep->recv(0, &got, 4);
+        ASSERT_TRUE(s.ctx->wait(r).ok()) << r.status();
+        ASSERT_TRUE(s.ctx->wait(s.ep->send(0, &got, 4)).ok());
+      }
+      ASSERT_EQ(got, i);
+    }
+    link.signal();
+    link.await();
+  });
+}
+
+TEST(ShmTransport, KilledPeerFailsPendingOperationsWithinTheTimeout) {
+  int sv[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    ::close(sv[0]);
+    Link link(sv[1]);
+    Side s;
+    connect_side(1, link, s);
+    uint32_t v = 0;
+    if (s.ep != nullptr) (void)s.ctx->wait(s.ep->recv(0, &v, 4));
+    link.signal();
+    for (;;) ::pause();  // stops consuming: the parent's sends back up; then SIGKILL
+  }
+  ::close(sv[1]);
+  Link link(sv[0]);
+  Side s;
+  connect_side(0, link, s);
+  ASSERT_FALSE(::testing::Test::HasFatalFailure());
+  uint32_t v = 1;
+  ASSERT_TRUE(s.ctx->wait(s.ep->send(0, &v, 4)).ok());
+  link.await();
+  uint32_t in = 0;
+  Request pending_recv = s.ep->recv(1, &in, 4);
+  std::vector<std::byte> chunk(8192);
+  std::vector<Request> sends;
+  for (int i = 0; i < 400; ++i) sends.push_back(s.ep->send(2, chunk.data(), chunk.size()));
+  s.ctx->progress();
+  EXPECT_FALSE(sends.back().done()) << "a ring the peer stopped draining must push back";
+  ::kill(child, SIGKILL);
+  ::waitpid(child, nullptr, 0);
+  const int64_t start = monotonic_ns();
+  const Status st = s.ctx->wait(pending_recv, Deadline::after_ms(5000));
+  EXPECT_EQ(st.code(), StatusCode::kPeerFailed) << st;
+  EXPECT_NE(st.message().find("rank 1"), std::string::npos) << st;
+  EXPECT_LT(monotonic_ns() - start, 2'000'000'000);
+  EXPECT_EQ(sends.back().status().code(), StatusCode::kPeerFailed);
+  EXPECT_EQ(s.ep->status().code(), StatusCode::kPeerFailed);
+  Request later = s.ep->send(0, &v, 4);
+  EXPECT_EQ(later.status().code(), StatusCode::kPeerFailed);
+  ::close(sv[0]);
+}
+
+// ---- forged segments and hellos ----
+
+TEST(ShmSegments, ForeignOrCorruptRingSegmentsAreRefused) {
+  using transport::internal::shm::attach_ring_fd;
+  // Not a myelin segment at all.
+  const int raw = ::memfd_create("garbage", MFD_CLOEXEC);
+  ASSERT_GE(raw, 0);
+  ASSERT_EQ(::ftruncate(raw, 1 << 16), 0);
+  std::vector<uint8_t> junk(1 << 16, 0xab);
+  ASSERT_EQ(::pwrite(raw, junk.data(), junk.size(), 0), static_cast<ssize_t>(junk.size()));
+  EXPECT_FALSE(attach_ring_fd(raw, 1 << 20).ok());
+  ::close(raw);
+  // A myelin segment with no ring formatted inside.
+  auto empty = ShmSegment::create_memfd("empty", RecordRing::bytes_for(4096));
+  ASSERT_TRUE(empty.ok());
+  EXPECT_FALSE(attach_ring_fd(empty->fd(), 1 << 20).ok());
+  // A formatted ring whose header was then damaged.
+  auto seg = ShmSegment::create_memfd("ring", RecordRing::bytes_for(4096));
+  ASSERT_TRUE(seg.ok());
+  ASSERT_TRUE(RecordRing::format(seg->data(), seg->data_size(), 4096).ok());
+  EXPECT_TRUE(attach_ring_fd(seg->fd(), 1 << 20).ok());
+  EXPECT_FALSE(attach_ring_fd(seg->fd(), 1024).ok()) << "larger than the caller accepts";
+  reinterpret_cast<RingLayoutHeader*>(seg->data())->version = 99;
+  EXPECT_FALSE(attach_ring_fd(seg->fd(), 1 << 20).ok());
+}
+
+TEST(ShmSegments, ForgedHelloIsRefusedAndTheContextStaysUsable) {
+  namespace shm = transport::internal::shm;
+  auto ctx = Context::create(shm_options(0));
+  ASSERT_TRUE(ctx.ok()) << ctx.status();
+  auto parsed = transport::internal::parse_address((*ctx)->address());
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  auto addr = shm::decode_address(*parsed->entry(Backend::kShm));
+  ASSERT_TRUE(addr.ok()) << addr.status();
+  auto sock = shm::connect_abstract(addr->socket_name, Deadline::after_ms(1000));
+  ASSERT_TRUE(sock.ok()) << sock.status();
+  // A hello with garbage memfds and a made-up address.
+  const int bad = ::memfd_create("forged", MFD_CLOEXEC);
+  ASSERT_EQ(::ftruncate(bad, 1 << 16), 0);
+  shm::ShmAddress fake{static_cast<int32_t>(::getpid()), 0, 1, "forged-peer"};
+  shm::CtlHeader h;
+  h.type = static_cast<uint16_t>(shm::CtlType::kHello);
+  h.a = 1 << 16;
+  const int fds[4] = {bad, bad, bad, bad};
+  ASSERT_TRUE(
+      shm::send_ctl(sock->get(), h, shm::encode_address(fake), fds, Deadline::after_ms(1000)).ok());
+  ::close(bad);
+  // The context refuses it (the socket gets closed) and keeps working.
+  const Deadline d = Deadline::after_ms(5000);
+  bool closed = false;
+  while (!closed && !d.expired()) {
+    (*ctx)->progress();
+    shm::CtlMessage m;
+    auto got = shm::recv_ctl(sock->get(), m);
+    closed = got.ok() && *got == shm::RecvOutcome::kClosed;
+  }
+  EXPECT_TRUE(closed) << "the forged connection was not dropped";
+  auto other = Context::create(shm_options(1));
+  ASSERT_TRUE(other.ok());
+  auto ab = (*ctx)->connect((*other)->address());
+  auto ba = (*other)->connect((*ctx)->address());
+  ASSERT_TRUE(ab.ok() && ba.ok());
+  uint64_t v = 42, got = 0;
+  Request r = (*ba)->recv(0, &got, 8);
+  Request sr = (*ab)->send(0, &v, 8);
+  const Deadline d2 = Deadline::after_ms(5000);
+  while (!(r.done() && sr.done()) && !d2.expired()) {
+    (*ctx)->progress();
+    (*other)->progress();
+  }
+  EXPECT_TRUE(r.done() && r.status().ok()) << r.status();
+  EXPECT_EQ(got, 42u);
+}
+
+}  // namespace
+}  // namespace myelin::transport
