@@ -239,10 +239,39 @@ bool PciDevice::matches(std::string_view name) const noexcept {
   return false;
 }
 
+namespace {
+
+// This machine, read once per process. The hwloc topology stays loaded for the life of the
+// process (like the one numa_memory.cpp holds) and is deliberately never destroyed, so no exit-time
+// destructor races threads still running: destroying the last hwloc topology unloads hwloc's PCI
+// plugin and libpciaccess with it, stranding the allocations libpciaccess keeps in its globals,
+// and a PCI scan costs tens of milliseconds that callers asking again need not pay.
+struct Machine {
+  hwloc_topology_t hwloc = nullptr;
+  Result<Topology> snapshot = internal_error("topology not read");
+};
+
+const Machine& machine() {
+  static const Machine* const the_machine = [] {
+    auto* m = new Machine();
+    Result<HwlocTopologyPtr> topo = init_topology();
+    if (!topo.ok()) {
+      m->snapshot = std::move(topo).status();
+    } else if (hwloc_topology_load(topo->get()) != 0) {
+      m->snapshot = errno_status("hwloc_topology_load", errno);
+    } else {
+      m->snapshot = TopologyBuilder::build(topo->get(), "discovered");
+      m->hwloc = topo->release();
+    }
+    return m;
+  }();
+  return *the_machine;
+}
+
+}  // namespace
+
 Result<Topology> Topology::discover() {
-  MYELIN_ASSIGN_OR_RETURN(HwlocTopologyPtr topo, init_topology());
-  if (hwloc_topology_load(topo.get()) != 0) return errno_status("hwloc_topology_load", errno);
-  return TopologyBuilder::build(topo.get(), "discovered");
+  return machine().snapshot;
 }
 
 Result<Topology> Topology::from_xml_file(const std::string& path) {

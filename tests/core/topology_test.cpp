@@ -256,6 +256,17 @@ TEST(TopologyDiscover, ConsistentWithThisMachine) {
   }
 }
 
+TEST(TopologyDiscover, LaterCallsReturnTheSameSnapshot) {
+  auto a = Topology::discover();
+  auto b = Topology::discover();
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_EQ(a->cpus(), b->cpus());
+  ASSERT_EQ(a->pci_devices().size(), b->pci_devices().size());
+  for (size_t i = 0; i < a->pci_devices().size(); ++i) {
+    EXPECT_EQ(a->pci_devices()[i].bus_id, b->pci_devices()[i].bus_id);
+  }
+}
+
 TEST(Pinning, EachAllowedCpuChangesAffinity) {
   const std::vector<int> allowed = kernel_affinity();
   ASSERT_FALSE(allowed.empty());

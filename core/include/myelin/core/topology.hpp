@@ -6,8 +6,8 @@
 //
 // A Topology is read once, from this machine (discover()), from an hwloc XML file
 // (from_xml_file(), e.g. the output of `lstopo --of xml` on another server) or from an hwloc
-// synthetic description (from_synthetic("pack:2 numa:1 core:8 pu:2")); the hwloc handle is
-// released before the factory returns, so a Topology is a snapshot that owns no OS resource.
+// synthetic description (from_synthetic("pack:2 numa:1 core:8 pu:2")). A Topology is a snapshot
+// that owns no OS resource.
 //
 // Numbering: every CPU number is the operating system's (what taskset, sched_setaffinity and
 // /sys/devices/system/cpu use) and every NUMA node number is the kernel's (what numactl and
@@ -82,7 +82,8 @@ struct PciDevice {
 
 class Topology {
  public:
-  // Reads this machine's topology, PCI devices included.
+  // This machine's topology, PCI devices included. The machine is read on the first call (tens of
+  // milliseconds: a PCI scan); later calls return copies of that snapshot.
   static Result<Topology> discover();
   // Loads an hwloc 2.x XML export. Errors: kNotFound when the file is missing, kInvalidArgument
   // when hwloc rejects its content.
