@@ -61,7 +61,7 @@ Status& Status::with_context(std::string_view context) & {
   return *this;
 }
 
-Status&& Status::with_context(std::string_view context) && {
+Status Status::with_context(std::string_view context) && {
   with_context(context);
   return std::move(*this);
 }

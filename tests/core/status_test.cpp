@@ -118,3 +118,27 @@ TEST(Check, PassingChecksEvaluateOnce) {
 
 }  // namespace
 }  // namespace myelin
+
+namespace myelin {
+namespace {
+
+Result<int> failing() { return not_found("key 'x'"); }
+
+// Context added to temporaries must survive MYELIN_RETURN_IF_ERROR / MYELIN_ASSIGN_OR_RETURN,
+// which bind the expression to a reference (a dangling one if with_context returned T&&).
+Status uses_temporaries() {
+  MYELIN_RETURN_IF_ERROR(failing().status().with_context("reading the store"));
+  return ok_status();
+}
+Status assigns_from_temporary() {
+  MYELIN_ASSIGN_OR_RETURN(int v, failing().with_context("looking up"));
+  return v == 0 ? ok_status() : internal_error("unreachable");
+}
+
+TEST(Status, ContextOnTemporariesSurvivesTheMacros) {
+  EXPECT_EQ(uses_temporaries().to_string(), "not_found: reading the store: key 'x'");
+  EXPECT_EQ(assigns_from_temporary().to_string(), "not_found: looking up: key 'x'");
+}
+
+}  // namespace
+}  // namespace myelin

@@ -75,9 +75,11 @@ class [[nodiscard]] Status {
   // "timeout: while connecting rank 3 to rank 5: no answer after 5000 ms", or "ok".
   [[nodiscard]] std::string to_string() const;
 
-  // Prepends "context: " to the message of an error; a no-op on OK. Returns *this for chaining.
+  // Prepends "context: " to the message of an error; a no-op on OK. On an lvalue returns *this
+  // for chaining; on a temporary returns the result by value, so that binding it to a reference
+  // (as MYELIN_RETURN_IF_ERROR does) never dangles.
   Status& with_context(std::string_view context) &;
-  [[nodiscard]] Status&& with_context(std::string_view context) &&;
+  [[nodiscard]] Status with_context(std::string_view context) &&;
 
   // True for codes after which the endpoint (or the whole context) must be recreated.
   [[nodiscard]] bool is_fatal_for_endpoint() const noexcept {
@@ -228,7 +230,8 @@ class [[nodiscard]] Result {
     if (!has_value_) storage_.status.with_context(context);
     return *this;
   }
-  Result&& with_context(std::string_view context) && {
+  // By value for the same reason as Status::with_context.
+  Result with_context(std::string_view context) && {
     if (!has_value_) storage_.status.with_context(context);
     return std::move(*this);
   }
