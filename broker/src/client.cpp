@@ -482,7 +482,8 @@ Result<std::unique_ptr<Client>> Client::connect(ClientOptions options) {
   if (options.receive_window == 0) return invalid_argument("receive_window must be positive");
   auto impl = std::make_unique<Impl>(std::move(options));
   const std::string where = impl->opt_.address;
-  MYELIN_RETURN_IF_ERROR(impl->handshake().with_context("connecting to broker " + where));
+  Status s = impl->handshake();
+  if (!s.ok()) return std::move(s).with_context("connecting to broker " + where);
   MYELIN_RETURN_IF_ERROR(impl->start());
   return std::unique_ptr<Client>(new Client(std::move(impl)));
 }

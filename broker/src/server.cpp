@@ -221,7 +221,10 @@ Status Server::Impl::init() {
     }
     for (const auto* list : {&e.publish, &e.subscribe}) {
       for (const std::string& p : *list) {
-        MYELIN_RETURN_IF_ERROR(validate_pattern(p).with_context("ACL of " + e.identity));
+        // A named Status: the macro binds a reference, and with_context() && returns one into
+        // its temporary.
+        Status s = validate_pattern(p);
+        if (!s.ok()) return std::move(s).with_context("ACL of " + e.identity);
       }
     }
   }
@@ -749,12 +752,11 @@ void Server::Impl::retry_parked(Conn& c) {
 }
 
 void Server::Impl::pump(Conn& c) {
-  if (!c.active) return;
   // Pairs with the release store in on_ready().
   c.ready.exchange(false, std::memory_order_acquire);
   const int64_t now = monotonic_ns();
   size_t moved = 0;
-  while (c.deliver_credits > 0 && c.out.backlog_bytes() < kHighWater) {
+  while (c.active && c.deliver_credits > 0 && c.out.backlog_bytes() < kHighWater) {
     MessagePtr m;
     if (!c.try_pop(m)) break;
     FrameHeader h;
@@ -997,7 +999,8 @@ Server::~Server() { stop(); }
 
 Result<std::unique_ptr<Server>> Server::create(ServerOptions options) {
   std::unique_ptr<Server> s(new Server(std::move(options)));
-  MYELIN_RETURN_IF_ERROR(s->impl_->init().with_context("starting the broker"));
+  Status st = s->impl_->init();
+  if (!st.ok()) return std::move(st).with_context("starting the broker");
   s->port_ = s->impl_->port;
   s->metrics_port_ = s->impl_->metrics_port;
   return s;

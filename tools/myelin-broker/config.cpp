@@ -113,7 +113,8 @@ Status load_config_file(const std::string& path, ServerOptions* o) {
       MYELIN_RETURN_IF_ERROR(check_keys(*t, {"pattern", "lane", "overflow", "batching", "max_delivery_attempts"}, "[[topic]]"));
       TopicPolicy p;
       MYELIN_RETURN_IF_ERROR(get(*t, "pattern", &p.pattern));
-      MYELIN_RETURN_IF_ERROR(validate_pattern(p.pattern).with_context("[[topic]] pattern"));
+      Status ps = validate_pattern(p.pattern);
+      if (!ps.ok()) return std::move(ps).with_context("[[topic]] pattern");
       std::string lane = "bulk", overflow = "block";
       MYELIN_RETURN_IF_ERROR(get(*t, "lane", &lane));
       MYELIN_RETURN_IF_ERROR(get(*t, "overflow", &overflow));
