@@ -258,6 +258,7 @@ Request UcxEndpoint::send(uint32_t channel, const void* data, size_t size,
   op->bytes = size;
   op->header = header;
   auto [request, state] = Request::make_pending();
+  state->describe("send", channel, link.inbox->peer_label);
   op->state = state;
   ucp_request_param_t param{};
   param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
@@ -305,6 +306,16 @@ Result<ucp_rkey_h> UcxEndpoint::prepare_rma(const void* local, size_t size, cons
   if (blob.owner_id != link.peer_id) {
     return invalid_argument(op, ": remote region ", remote.region_id(),
                             " was registered by another ucx context, not by ", link.peer_name);
+  }
+  // The RemoteKey's own fields may have been altered; the registration's range and access, as
+  // recorded (and checksummed) in the blob, are what the target really offers.
+  const uint64_t start = remote.address() + remote_offset;
+  if (!allows(blob.access, wanted) || start < blob.address || remote.address() < blob.address ||
+      start - blob.address > blob.length || size > blob.length - (start - blob.address)) {
+    return out_of_range(op, " of ", size, " bytes at address ", start,
+                        " is not inside what remote region ", remote.region_id(), " of ",
+                        link.peer_name, " registered (", blob.length, " bytes at ", blob.address,
+                        ")");
   }
   auto it = rkeys_.find(remote.region_id());
   if (it != rkeys_.end()) {
@@ -355,6 +366,7 @@ Request UcxEndpoint::put_impl(const void* local, size_t size, const RemoteKey& r
     if (p != nullptr) ucp_request_free(p);  // released by UCX once it completes
   }
   auto [request, state] = Request::make_pending();
+  state->describe(name, 0, link.inbox->peer_label);
   op->state = state;
   // Remote completion: once the flush completes, the bytes are in the target's memory.
   issue(std::move(op), [&link](PendingOp*, const ucp_request_param_t& param) {
@@ -375,6 +387,7 @@ Request UcxEndpoint::get(void* local, size_t size, const RemoteKey& remote, uint
   op->link = link_;
   op->bytes = size;
   auto [request, state] = Request::make_pending();
+  state->describe("get", 0, link.inbox->peer_label);
   op->state = state;
   const uint64_t address = remote.address() + remote_offset;
   const ucp_rkey_h key = *rkey;

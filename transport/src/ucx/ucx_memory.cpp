@@ -35,10 +35,13 @@ Result<std::unique_ptr<UcxRegistration>> UcxRegistration::create(const UcxWorker
   WireWriter out(reg->blob_);
   out.u32(kRkeyMagic);
   out.u16(kRkeyVersion);
-  out.u16(0);
+  out.u16(static_cast<uint16_t>(region.access));
   out.u64(worker.id());
+  out.u64(reinterpret_cast<uint64_t>(region.data));
+  out.u64(region.size);
   out.u32(static_cast<uint32_t>(packed_size));
-  out.u64(fnv1a64(bytes));
+  const uint64_t sum = fnv1a64(bytes, fnv1a64(reg->blob_));
+  out.u64(sum);
   out.bytes(packed, packed_size);
   ucp_rkey_buffer_release(packed);
   return reg;
@@ -63,9 +66,11 @@ Result<RkeyBlob> parse_rkey_blob(std::span<const uint8_t> blob) {
     return invalid_argument("ucx remote key blob version ", version, " is not the supported ",
                             kRkeyVersion);
   }
-  (void)in.u16();
   RkeyBlob out;
+  out.access = static_cast<Access>(in.u16() & 3);
   out.owner_id = in.u64();
+  out.address = in.u64();
+  out.length = in.u64();
   const uint32_t length = in.u32();
   out.checksum = in.u64();
   if (length == 0 || length != blob.size() - kRkeyHeaderSize) {
@@ -73,7 +78,7 @@ Result<RkeyBlob> parse_rkey_blob(std::span<const uint8_t> blob) {
                             blob.size() - kRkeyHeaderSize);
   }
   out.packed = blob.subspan(kRkeyHeaderSize);
-  if (fnv1a64(out.packed) != out.checksum) {
+  if (fnv1a64(out.packed, fnv1a64(blob.first(kRkeyChecksumOffset))) != out.checksum) {
     return invalid_argument("ucx remote key blob fails its checksum (corrupted in transit?)");
   }
   return out;

@@ -57,9 +57,10 @@ class WireReader {
   size_t pos_ = 0;
 };
 
-// FNV-1a, 64 bit: a checksum over packed rkeys so a corrupted blob is refused before UCX parses it.
-inline uint64_t fnv1a64(std::span<const uint8_t> bytes) noexcept {
-  uint64_t h = 0xcbf29ce484222325ULL;
+// FNV-1a, 64 bit (pass the previous result as h to continue over more bytes): a checksum over
+// packed rkeys so a corrupted blob is refused before UCX parses it.
+inline uint64_t fnv1a64(std::span<const uint8_t> bytes,
+                        uint64_t h = 0xcbf29ce484222325ULL) noexcept {
   for (uint8_t b : bytes) {
     h ^= b;
     h *= 0x100000001b3ULL;

@@ -280,6 +280,7 @@ Result<Inbox*> UcxWorker::claim_inbox(uint64_t peer_id, const std::string& peer_
   }
   inbox.claimed = true;
   inbox.peer_name = peer_name;
+  inbox.peer_label = std::make_shared<const std::string>(peer_name);
   return &inbox;
 }
 
@@ -553,6 +554,7 @@ Request UcxWorker::post_recv(Inbox& inbox, uint32_t channel, void* data, size_t 
         return Request::completed(m.length);
       case ArrivedMessage::Kind::kRendezvous: {
         auto [request, state] = Request::make_pending();
+        state->describe("recv", channel, inbox.peer_label);
         start_rendezvous(m.desc, m.length, PostedRecv{std::move(state), data, capacity});
         return std::move(request);
       }
@@ -560,6 +562,7 @@ Request UcxWorker::post_recv(Inbox& inbox, uint32_t channel, void* data, size_t 
   }
   if (!inbox.failure.ok()) return Request::failed(inbox.failure);
   auto [request, state] = Request::make_pending();
+  state->describe("recv", channel, inbox.peer_label);
   stream.posted.push_back(PostedRecv{std::move(state), data, capacity});
   return std::move(request);
 }

@@ -111,8 +111,9 @@ struct ChannelStream {
 struct Inbox {
   uint64_t peer_id = 0;
   bool claimed = false;
-  std::string peer_name;  // set when claimed
-  Status failure;         // once the peer failed: posted and later unmatched recvs fail with it
+  std::string peer_name;                          // set when claimed
+  std::shared_ptr<const std::string> peer_label;  // the same, for RequestState::describe()
+  Status failure;  // once the peer failed: posted and later unmatched recvs fail with it
   std::unordered_map<uint32_t, ChannelStream> channels;
   uint64_t next_immediate_sequence = 0;
   std::map<uint64_t, uint32_t> early_immediates;
