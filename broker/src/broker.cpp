@@ -22,7 +22,8 @@ std::vector<std::string_view> split_levels(std::string_view s) {
   size_t start = 0;
   while (true) {
     const size_t e = s.find('/', start);
-    out.push_back(s.substr(start, e == std::string_view::npos ? std::string_view::npos : e - start));
+    out.push_back(
+        s.substr(start, e == std::string_view::npos ? std::string_view::npos : e - start));
     if (e == std::string_view::npos) break;
     start = e + 1;
   }
@@ -31,7 +32,9 @@ std::vector<std::string_view> split_levels(std::string_view s) {
 
 }  // namespace
 
-std::string_view lane_name(Lane lane) noexcept { return lane == Lane::kControl ? "control" : "bulk"; }
+std::string_view lane_name(Lane lane) noexcept {
+  return lane == Lane::kControl ? "control" : "bulk";
+}
 Result<Lane> parse_lane(std::string_view t) {
   if (t == "control") return Lane::kControl;
   if (t == "bulk") return Lane::kBulk;
@@ -56,8 +59,10 @@ Result<MessagePtr> LocalSubscriber::poll(Deadline deadline) {
   std::unique_lock<std::mutex> lock(mu_);
   while (!try_pop(m)) {
     if (deadline.expired()) return timeout_error("no message for local subscriber ", id());
-    if (deadline.is_never()) cv_.wait(lock);
-    else cv_.wait_for(lock, std::chrono::nanoseconds(deadline.remaining_ns()));
+    if (deadline.is_never())
+      cv_.wait(lock);
+    else
+      cv_.wait_for(lock, std::chrono::nanoseconds(deadline.remaining_ns()));
   }
   return m;
 }
@@ -149,7 +154,8 @@ void Broker::announce_drop_locked(const Session& s, const Message& dropped) {
   m->publish_ts_ns = static_cast<uint64_t>(monotonic_ns());
   m->broker_rx_ns = monotonic_ns();
   auto buf = std::make_shared<std::string>(std::move(text));
-  m->payload = std::span<const std::byte>(reinterpret_cast<const std::byte*>(buf->data()), buf->size());
+  m->payload =
+      std::span<const std::byte>(reinterpret_cast<const std::byte*>(buf->data()), buf->size());
   m->owner = buf;
   TopicStats& st = stats_locked(topic);
   st.messages_in++;
@@ -158,7 +164,8 @@ void Broker::announce_drop_locked(const Session& s, const Message& dropped) {
   for (auto& [sid, sess] : sessions_) {
     bool match = false;
     for (const Sub& sub : subs_) {
-      if (sub.session_id == sid && !sub.responder && topic_matches(sub.pattern, topic)) match = true;
+      if (sub.session_id == sid && !sub.responder && topic_matches(sub.pattern, topic))
+        match = true;
     }
     if (!match) continue;
     // No announcement of drops of announcements: they are counted in the pressure topic's stats.
@@ -232,10 +239,12 @@ Result<PublishOutcome> Broker::request(const PublishArgs& a) {
     attempts_fifo_.push_back(a.id);
     if (attempts_fifo_.size() > kMaxTrackedAttempts) {
       attempts_.erase(attempts_fifo_.front());
-      attempts_fifo_.erase(attempts_fifo_.begin(), attempts_fifo_.begin() + kMaxTrackedAttempts / 2);
+      attempts_fifo_.erase(attempts_fifo_.begin(),
+                           attempts_fifo_.begin() + kMaxTrackedAttempts / 2);
     }
   }
-  it->second = std::max<uint32_t>(it->second + 1, static_cast<uint32_t>(std::min<uint64_t>(a.attempt, UINT32_MAX)));
+  it->second = std::max<uint32_t>(it->second + 1,
+                                  static_cast<uint32_t>(std::min<uint64_t>(a.attempt, UINT32_MAX)));
   if (it->second > p.max_delivery_attempts) {
     // Dead letter: deliver the request itself to "$dead/<topic>" subscribers.
     std::string dead = "$dead/" + std::string(a.topic);
@@ -256,7 +265,8 @@ Result<PublishOutcome> Broker::request(const PublishArgs& a) {
     for (const Sub& sub : subs_) {
       if (sub.responder || !topic_matches(sub.pattern, dead)) continue;
       auto sit = sessions_.find(sub.session_id);
-      if (sit != sessions_.end() && enqueue_locked(*sit->second, m, pp, true)) sit->second->on_ready();
+      if (sit != sessions_.end() && enqueue_locked(*sit->second, m, pp, true))
+        sit->second->on_ready();
     }
     attempts_.erase(a.id);
     return failed_precondition("request ", a.id, " on ", a.topic, " dead-lettered to ", dead,
@@ -299,8 +309,8 @@ Result<PublishOutcome> Broker::request(const PublishArgs& a) {
   return PublishOutcome::kAccepted;
 }
 
-bool Broker::reply(uint64_t id, std::span<const std::byte> payload, std::shared_ptr<const void> owner,
-                   const Status& error) {
+bool Broker::reply(uint64_t id, std::span<const std::byte> payload,
+                   std::shared_ptr<const void> owner, const Status& error) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = pending_.find(id);
   if (it == pending_.end()) return false;  // duplicate reply, or requester gone
@@ -325,7 +335,8 @@ bool Broker::reply(uint64_t id, std::span<const std::byte> payload, std::shared_
   } else {
     m->seq = static_cast<uint64_t>(error.code());
     auto text = std::make_shared<std::string>(error.message());
-    m->payload = std::span<const std::byte>(reinterpret_cast<const std::byte*>(text->data()), text->size());
+    m->payload =
+        std::span<const std::byte>(reinterpret_cast<const std::byte*>(text->data()), text->size());
     m->owner = text;
   }
   pending_.erase(it);

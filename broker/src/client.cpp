@@ -70,7 +70,8 @@ class Client::Impl {
   Status send_locked(FrameHeader h, std::string_view topic, std::span<const std::byte> payload,
                      bool batchable, std::shared_ptr<const void> owner = nullptr) {
     if (!status_.ok()) return status_;
-    MYELIN_RETURN_IF_ERROR(out_.push(h, topic, payload, std::move(owner), batchable, monotonic_ns()));
+    MYELIN_RETURN_IF_ERROR(
+        out_.push(h, topic, payload, std::move(owner), batchable, monotonic_ns()));
     auto r = out_.flush(fd_.get());
     if (!r.ok()) {
       fail(std::move(r).status());
@@ -85,10 +86,12 @@ class Client::Impl {
     while (pub_credits_ == 0) {
       if (!status_.ok()) return status_;
       if (d.expired()) {
-        return timeout_error("no publish credit from the broker in time: it is holding back this "
-                             "producer (full subscriber under the block policy, or a rate limit)");
+        return timeout_error(
+            "no publish credit from the broker in time: it is holding back this "
+            "producer (full subscriber under the block policy, or a rate limit)");
       }
-      cv_.wait_for(lock, std::chrono::nanoseconds(std::min<int64_t>(d.remaining_ns(), 100'000'000)));
+      cv_.wait_for(lock,
+                   std::chrono::nanoseconds(std::min<int64_t>(d.remaining_ns(), 100'000'000)));
     }
     if (!status_.ok()) return status_;
     pub_credits_--;
@@ -120,7 +123,8 @@ class Client::Impl {
         waiters_.erase(id);
         return timeout_error("no answer from the broker for operation ", id);
       }
-      cv_.wait_for(lock, std::chrono::nanoseconds(std::min<int64_t>(d.remaining_ns(), 100'000'000)));
+      cv_.wait_for(lock,
+                   std::chrono::nanoseconds(std::min<int64_t>(d.remaining_ns(), 100'000'000)));
     }
   }
   uint64_t new_id_locked() { return (client_id_ << 40) | (++counter_ & ((1ull << 40) - 1)); }
@@ -170,7 +174,8 @@ Status Client::Impl::handshake() {
       MYELIN_ASSIGN_OR_RETURN(bool got, rx_.next(f));
       if (got) return ok_status();
       pollfd p{fd_.get(), POLLIN, 0};
-      if (::poll(&p, 1, d.remaining_ms_for_poll()) == 0) return timeout_error("handshake with ", opt_.address);
+      if (::poll(&p, 1, d.remaining_ms_for_poll()) == 0)
+        return timeout_error("handshake with ", opt_.address);
       MYELIN_ASSIGN_OR_RETURN(size_t n, rx_.read_from(fd_.get()));
       (void)n;
     }
@@ -185,7 +190,8 @@ Status Client::Impl::handshake() {
   FrameHeader h;
   h.type = FrameType::kAuth;
   h.flags = kFlagControl;
-  if (!valid_identity(opt_.identity)) return invalid_argument("bad client identity '", opt_.identity, "'");
+  if (!valid_identity(opt_.identity))
+    return invalid_argument("bad client identity '", opt_.identity, "'");
   MYELIN_RETURN_IF_ERROR(out_.push(h, opt_.identity, payload, nullptr, false, monotonic_ns()));
   MYELIN_ASSIGN_OR_RETURN(bool flushed, out_.flush(fd_.get()));
   if (!flushed) return unavailable("could not send the handshake");
@@ -197,7 +203,8 @@ Status Client::Impl::handshake() {
                   std::string(reinterpret_cast<const char*>(f.payload.data()), f.payload.size()));
   }
   MYELIN_ASSIGN_OR_RETURN(auto proof, parse_auth_ok(f));
-  if (!internal::mac_equal(proof, internal::server_proof(opt_.secret, server_nonce, client_nonce, opt_.identity))) {
+  if (!internal::mac_equal(
+          proof, internal::server_proof(opt_.secret, server_nonce, client_nonce, opt_.identity))) {
     return permission_denied("the broker at ", opt_.address, " does not know the job secret");
   }
   client_id_ = f.header.id;
@@ -220,9 +227,11 @@ Status Client::Impl::start() {
   epoll_event ev{};
   ev.events = EPOLLIN;
   ev.data.u64 = 1;
-  if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd_.get(), &ev) != 0) return errno_status("epoll_ctl", errno);
+  if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd_.get(), &ev) != 0)
+    return errno_status("epoll_ctl", errno);
   ev.data.u64 = 2;
-  if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, wake_fd_.get(), &ev) != 0) return errno_status("epoll_ctl", errno);
+  if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, wake_fd_.get(), &ev) != 0)
+    return errno_status("epoll_ctl", errno);
   thread_ = std::thread([this] { io_loop(); });
   return ok_status();
 }
@@ -250,11 +259,14 @@ void Client::Impl::io_loop() {
       if (!status_.ok()) return;
       const int64_t now = monotonic_ns();
       const int64_t bd = out_.next_batch_deadline();
-      if (bd != INT64_MAX) timeout_ms = std::min<int>(timeout_ms, static_cast<int>(std::max<int64_t>(0, (bd - now + 999'999) / 1'000'000)));
+      if (bd != INT64_MAX)
+        timeout_ms = std::min<int>(
+            timeout_ms, static_cast<int>(std::max<int64_t>(0, (bd - now + 999'999) / 1'000'000)));
       const bool want = !out_.empty();
       if (want != want_out) {
         epoll_event ev{};
-        ev.events = want ? static_cast<uint32_t>(EPOLLIN | EPOLLOUT) : static_cast<uint32_t>(EPOLLIN);
+        ev.events =
+            want ? static_cast<uint32_t>(EPOLLIN | EPOLLOUT) : static_cast<uint32_t>(EPOLLIN);
         ev.data.u64 = 1;
         ::epoll_ctl(epoll_.get(), EPOLL_CTL_MOD, fd_.get(), &ev);
         want_out = want;
@@ -280,8 +292,10 @@ void Client::Impl::io_loop() {
           fail(std::move(got).status().with_context("broker " + opt_.address));
           return;
         }
-        if (*got == 0) readable = false;
-        else last_rx_ns_ = monotonic_ns();
+        if (*got == 0)
+          readable = false;
+        else
+          last_rx_ns_ = monotonic_ns();
       }
       while (true) {
         FrameView f;
@@ -330,7 +344,8 @@ Status Client::Impl::dispatch(const FrameView& f, const std::shared_ptr<const vo
   }
   switch (h.type) {
     case FrameType::kBatch:
-      return for_each_in_batch(f.payload, DecodeLimits{}, [&](const FrameView& in) { return dispatch(in, owner); });
+      return for_each_in_batch(f.payload, DecodeLimits{},
+                               [&](const FrameView& in) { return dispatch(in, owner); });
     case FrameType::kHeartbeat:
       return ok_status();
     case FrameType::kGoAway: {
@@ -372,7 +387,8 @@ Status Client::Impl::dispatch(const FrameView& f, const std::shared_ptr<const vo
         const auto code = h.seq >= 1 && h.seq <= static_cast<uint64_t>(StatusCode::kInternal)
                               ? static_cast<StatusCode>(h.seq)
                               : StatusCode::kInternal;
-        w.status = Status(code, std::string(reinterpret_cast<const char*>(f.payload.data()), f.payload.size()));
+        w.status = Status(
+            code, std::string(reinterpret_cast<const char*>(f.payload.data()), f.payload.size()));
       }
       w.owner = owner;
       w.payload = f.payload;
@@ -398,8 +414,10 @@ Status Client::Impl::dispatch(const FrameView& f, const std::shared_ptr<const vo
         stats_.received++;
         for (const Sub& s : subs_) {
           if (s.responder || !topic_matches(s.pattern, m.topic)) continue;
-          if (s.handler) handlers.push_back(s.handler);
-          else to_inbox = true;
+          if (s.handler)
+            handlers.push_back(s.handler);
+          else
+            to_inbox = true;
         }
         if (to_inbox) {
           inbox_.push_back(m);
@@ -457,7 +475,10 @@ Status Client::Impl::dispatch(const FrameView& f, const std::shared_ptr<const vo
         r.flags = kFlagControl;
         r.seq = static_cast<uint64_t>(answer.status().code());
         const std::string text(answer.status().message());
-        return send_locked(r, {}, std::span<const std::byte>(reinterpret_cast<const std::byte*>(text.data()), text.size()), false);
+        return send_locked(r, {},
+                           std::span<const std::byte>(
+                               reinterpret_cast<const std::byte*>(text.data()), text.size()),
+                           false);
       }
       r.type = FrameType::kReply;
       r.flags = (h.flags & kFlagControl) && answer->size() <= opt_.chunk_bytes ? kFlagControl : 0;
@@ -488,7 +509,8 @@ Result<std::unique_ptr<Client>> Client::connect(ClientOptions options) {
   return std::unique_ptr<Client>(new Client(std::move(impl)));
 }
 
-Status Client::publish(std::string_view topic, std::span<const std::byte> payload, PublishOptions o) {
+Status Client::publish(std::string_view topic, std::span<const std::byte> payload,
+                       PublishOptions o) {
   MYELIN_RETURN_IF_ERROR(validate_topic(topic));
   Impl& im = *impl_;
   std::unique_lock<std::mutex> lock(im.mu_);
@@ -502,7 +524,8 @@ Status Client::publish(std::string_view topic, std::span<const std::byte> payloa
   return im.send_locked(h, topic, payload, o.batch);
 }
 
-Result<uint64_t> Client::subscribe(std::string_view pattern, MessageHandler handler, int64_t timeout_ms) {
+Result<uint64_t> Client::subscribe(std::string_view pattern, MessageHandler handler,
+                                   int64_t timeout_ms) {
   MYELIN_RETURN_IF_ERROR(validate_pattern(pattern));
   Impl& im = *impl_;
   std::unique_lock<std::mutex> lock(im.mu_);
@@ -517,7 +540,8 @@ Result<uint64_t> Client::subscribe(std::string_view pattern, MessageHandler hand
   auto w = s.ok() ? im.wait_for(lock, id, Deadline::after_ms(timeout_ms)) : Result<Impl::Waiter>(s);
   if (!w.ok() || !w->status.ok()) {
     std::erase_if(im.subs_, [&](const Impl::Sub& x) { return x.id == id; });
-    return (w.ok() ? w->status : w.status()).with_context("subscribing to '" + std::string(pattern) + "'");
+    return (w.ok() ? w->status : w.status())
+        .with_context("subscribing to '" + std::string(pattern) + "'");
   }
   return id;
 }
@@ -565,7 +589,8 @@ Result<ReceivedMessage> Client::poll(Deadline deadline) {
   while (im.inbox_.empty()) {
     if (!im.status_.ok()) return im.status_;
     if (deadline.expired()) return timeout_error("no message");
-    im.cv_.wait_for(lock, std::chrono::nanoseconds(std::min<int64_t>(deadline.remaining_ns(), 100'000'000)));
+    im.cv_.wait_for(
+        lock, std::chrono::nanoseconds(std::min<int64_t>(deadline.remaining_ns(), 100'000'000)));
   }
   ReceivedMessage m = std::move(im.inbox_.front());
   im.inbox_.pop_front();
@@ -573,7 +598,8 @@ Result<ReceivedMessage> Client::poll(Deadline deadline) {
   return m;
 }
 
-Result<Reply> Client::request(std::string_view topic, std::span<const std::byte> payload, RequestOptions o) {
+Result<Reply> Client::request(std::string_view topic, std::span<const std::byte> payload,
+                              RequestOptions o) {
   MYELIN_RETURN_IF_ERROR(validate_topic(topic));
   if (o.max_attempts == 0) return invalid_argument("max_attempts must be positive");
   Impl& im = *impl_;
@@ -607,34 +633,41 @@ Result<Reply> Client::request(std::string_view topic, std::span<const std::byte>
     while (!pause.expired() && im.status_.ok()) {
       im.cv_.wait_for(lock, std::chrono::nanoseconds(pause.remaining_ns()));
     }
-    backoff = std::min<int64_t>(o.max_backoff_ms, static_cast<int64_t>(static_cast<double>(backoff) * o.backoff_factor));
+    backoff = std::min<int64_t>(
+        o.max_backoff_ms, static_cast<int64_t>(static_cast<double>(backoff) * o.backoff_factor));
   }
   return std::move(last).with_context("request on '" + std::string(topic) + "' after " +
                                       std::to_string(o.max_attempts) + " attempts");
 }
 
 namespace {
-Status ps_send(Client::Impl& im, std::unique_lock<std::mutex>& lock, FrameType type, std::string_view key,
-               uint64_t step, std::span<const float> data, Deadline d, Client::Impl::Waiter* out);
+Status ps_send(Client::Impl& im, std::unique_lock<std::mutex>& lock, FrameType type,
+               std::string_view key, uint64_t step, std::span<const float> data, Deadline d,
+               Client::Impl::Waiter* out);
 }
 
 Status Client::ps_init(std::string_view key, std::span<const float> initial, int64_t timeout_ms) {
   std::unique_lock<std::mutex> lock(impl_->mu_);
   Impl::Waiter w;
-  return ps_send(*impl_, lock, FrameType::kPsPush, key, kPsInitStep, initial, Deadline::after_ms(timeout_ms), &w);
+  return ps_send(*impl_, lock, FrameType::kPsPush, key, kPsInitStep, initial,
+                 Deadline::after_ms(timeout_ms), &w);
 }
 
-Status Client::ps_push(std::string_view key, std::span<const float> grad, uint64_t step, int64_t timeout_ms) {
+Status Client::ps_push(std::string_view key, std::span<const float> grad, uint64_t step,
+                       int64_t timeout_ms) {
   if (step == kPsInitStep) return invalid_argument("step ", step, " is reserved");
   std::unique_lock<std::mutex> lock(impl_->mu_);
   Impl::Waiter w;
-  return ps_send(*impl_, lock, FrameType::kPsPush, key, step, grad, Deadline::after_ms(timeout_ms), &w);
+  return ps_send(*impl_, lock, FrameType::kPsPush, key, step, grad, Deadline::after_ms(timeout_ms),
+                 &w);
 }
 
-Result<uint64_t> Client::ps_pull(std::string_view key, uint64_t min_version, std::span<float> out, int64_t timeout_ms) {
+Result<uint64_t> Client::ps_pull(std::string_view key, uint64_t min_version, std::span<float> out,
+                                 int64_t timeout_ms) {
   std::unique_lock<std::mutex> lock(impl_->mu_);
   Impl::Waiter w;
-  MYELIN_RETURN_IF_ERROR(ps_send(*impl_, lock, FrameType::kPsPull, key, min_version, {}, Deadline::after_ms(timeout_ms), &w));
+  MYELIN_RETURN_IF_ERROR(ps_send(*impl_, lock, FrameType::kPsPull, key, min_version, {},
+                                 Deadline::after_ms(timeout_ms), &w));
   if (w.payload.size() != out.size() * sizeof(float)) {
     return invalid_argument("pulled '", key, "' has ", w.payload.size() / sizeof(float),
                             " elements, the buffer ", out.size());
@@ -644,8 +677,9 @@ Result<uint64_t> Client::ps_pull(std::string_view key, uint64_t min_version, std
 }
 
 namespace {
-Status ps_send(Client::Impl& im, std::unique_lock<std::mutex>& lock, FrameType type, std::string_view key,
-               uint64_t step, std::span<const float> data, Deadline d, Client::Impl::Waiter* out) {
+Status ps_send(Client::Impl& im, std::unique_lock<std::mutex>& lock, FrameType type,
+               std::string_view key, uint64_t step, std::span<const float> data, Deadline d,
+               Client::Impl::Waiter* out) {
   MYELIN_RETURN_IF_ERROR(validate_topic(key));
   MYELIN_RETURN_IF_ERROR(im.take_credit(lock, d));
   const uint64_t id = im.new_id_locked();
@@ -677,6 +711,8 @@ ClientStats Client::stats() const {
   std::lock_guard<std::mutex> lock(impl_->mu_);
   return impl_->stats_;
 }
-uint64_t Client::client_id() const noexcept { return impl_->client_id_; }
+uint64_t Client::client_id() const noexcept {
+  return impl_->client_id_;
+}
 
 }  // namespace myelin::broker

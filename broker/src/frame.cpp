@@ -10,7 +10,8 @@ namespace {
 template <typename T>
 T load_le(const std::byte* p) noexcept {
   T v = 0;
-  for (size_t i = 0; i < sizeof(T); ++i) v |= static_cast<T>(std::to_integer<uint8_t>(p[i])) << (8 * i);
+  for (size_t i = 0; i < sizeof(T); ++i)
+    v |= static_cast<T>(std::to_integer<uint8_t>(p[i])) << (8 * i);
   return v;
 }
 template <typename T>
@@ -47,8 +48,8 @@ Status validate_levels(std::string_view text, bool pattern) {
   bool first = true;
   while (true) {
     const size_t slash = text.find('/', start);
-    const std::string_view level =
-        text.substr(start, slash == std::string_view::npos ? std::string_view::npos : slash - start);
+    const std::string_view level = text.substr(
+        start, slash == std::string_view::npos ? std::string_view::npos : slash - start);
     const bool last = slash == std::string_view::npos;
     bool ok = plain_level_ok(level, first);
     if (!ok && pattern) ok = level == "*" || (level == "#" && last);
@@ -84,23 +85,40 @@ bool batchable_type(FrameType t) noexcept {
 
 std::string_view frame_type_name(FrameType type) noexcept {
   switch (type) {
-    case FrameType::kHello: return "hello";
-    case FrameType::kAuth: return "auth";
-    case FrameType::kAuthOk: return "auth_ok";
-    case FrameType::kError: return "error";
-    case FrameType::kPublish: return "publish";
-    case FrameType::kDeliver: return "deliver";
-    case FrameType::kSubscribe: return "subscribe";
-    case FrameType::kUnsubscribe: return "unsubscribe";
-    case FrameType::kCredit: return "credit";
-    case FrameType::kRequest: return "request";
-    case FrameType::kReply: return "reply";
-    case FrameType::kBatch: return "batch";
-    case FrameType::kHeartbeat: return "heartbeat";
-    case FrameType::kPsPush: return "ps_push";
-    case FrameType::kPsPull: return "ps_pull";
-    case FrameType::kPsReply: return "ps_reply";
-    case FrameType::kGoAway: return "goaway";
+    case FrameType::kHello:
+      return "hello";
+    case FrameType::kAuth:
+      return "auth";
+    case FrameType::kAuthOk:
+      return "auth_ok";
+    case FrameType::kError:
+      return "error";
+    case FrameType::kPublish:
+      return "publish";
+    case FrameType::kDeliver:
+      return "deliver";
+    case FrameType::kSubscribe:
+      return "subscribe";
+    case FrameType::kUnsubscribe:
+      return "unsubscribe";
+    case FrameType::kCredit:
+      return "credit";
+    case FrameType::kRequest:
+      return "request";
+    case FrameType::kReply:
+      return "reply";
+    case FrameType::kBatch:
+      return "batch";
+    case FrameType::kHeartbeat:
+      return "heartbeat";
+    case FrameType::kPsPush:
+      return "ps_push";
+    case FrameType::kPsPull:
+      return "ps_pull";
+    case FrameType::kPsReply:
+      return "ps_reply";
+    case FrameType::kGoAway:
+      return "goaway";
   }
   return "unknown";
 }
@@ -153,11 +171,13 @@ Result<DecodeOutcome> decode_frame(std::span<const std::byte> in, const DecodeLi
                           static_cast<int>(kFrameVersion));
   }
   const uint8_t type = std::to_integer<uint8_t>(p[5]);
-  if (type == 0 || type > kMaxFrameType) return protocol_error("unknown frame type ", static_cast<int>(type));
+  if (type == 0 || type > kMaxFrameType)
+    return protocol_error("unknown frame type ", static_cast<int>(type));
   FrameHeader h;
   h.type = static_cast<FrameType>(type);
   h.flags = std::to_integer<uint8_t>(p[6]);
-  if (h.flags & ~kKnownFlags) return protocol_error("unknown frame flags ", static_cast<int>(h.flags));
+  if (h.flags & ~kKnownFlags)
+    return protocol_error("unknown frame flags ", static_cast<int>(h.flags));
   if (p[7] != std::byte{0} || load_le<uint16_t>(p + 10) != 0) {
     return protocol_error("reserved header bytes are not zero");
   }
@@ -285,7 +305,8 @@ Result<bool> Reassembler::add(const FrameView& chunk, AssembledMessage* done) {
     cur_.header = chunk.header;
     cur_.header.flags = static_cast<uint8_t>(fl & ~(kFlagMore | kFlagContinuation));
     cur_.topic = std::string(chunk.topic);
-    cur_.payload = std::make_shared<std::vector<std::byte>>(chunk.payload.begin(), chunk.payload.end());
+    cur_.payload =
+        std::make_shared<std::vector<std::byte>>(chunk.payload.begin(), chunk.payload.end());
   } else {
     if (!open_) return protocol_error("continuation chunk with no message open");
     if (chunk.header.id != cur_.header.id || chunk.header.type != cur_.header.type) {
@@ -301,27 +322,35 @@ Result<bool> Reassembler::add(const FrameView& chunk, AssembledMessage* done) {
   }
   if (fl & kFlagMore) return false;
   open_ = false;
-  cur_.header.payload_len = static_cast<uint32_t>(std::min<size_t>(cur_.payload->size(), UINT32_MAX));
+  cur_.header.payload_len =
+      static_cast<uint32_t>(std::min<size_t>(cur_.payload->size(), UINT32_MAX));
   *done = std::move(cur_);
   cur_ = AssembledMessage{};
   return true;
 }
 
-Status validate_topic(std::string_view topic) { return validate_levels(topic, false); }
-Status validate_pattern(std::string_view pattern) { return validate_levels(pattern, true); }
+Status validate_topic(std::string_view topic) {
+  return validate_levels(topic, false);
+}
+Status validate_pattern(std::string_view pattern) {
+  return validate_levels(pattern, true);
+}
 
 bool topic_matches(std::string_view pattern, std::string_view topic) noexcept {
-  if (!topic.empty() && topic[0] == '$' && !pattern.empty() && (pattern[0] == '*' || pattern[0] == '#')) {
+  if (!topic.empty() && topic[0] == '$' && !pattern.empty() &&
+      (pattern[0] == '*' || pattern[0] == '#')) {
     return false;
   }
   size_t pi = 0, ti = 0;
   while (true) {
     const size_t pe = pattern.find('/', pi);
-    const std::string_view plevel = pattern.substr(pi, pe == std::string_view::npos ? std::string_view::npos : pe - pi);
+    const std::string_view plevel =
+        pattern.substr(pi, pe == std::string_view::npos ? std::string_view::npos : pe - pi);
     if (plevel == "#") return ti <= topic.size();  // one or more levels remain
     if (ti > topic.size()) return false;
     const size_t te = topic.find('/', ti);
-    const std::string_view tlevel = topic.substr(ti, te == std::string_view::npos ? std::string_view::npos : te - ti);
+    const std::string_view tlevel =
+        topic.substr(ti, te == std::string_view::npos ? std::string_view::npos : te - ti);
     if (plevel != "*" && plevel != tlevel) return false;
     const bool plast = pe == std::string_view::npos, tlast = te == std::string_view::npos;
     if (plast || tlast) return plast && tlast;

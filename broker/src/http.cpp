@@ -9,7 +9,8 @@ constexpr size_t kMaxHttpHead = 8192;
 Result<bool> parse_http_get(std::string_view head, std::string* path) {
   const size_t end = head.find("\r\n\r\n");
   if (end == std::string_view::npos) {
-    if (head.size() > kMaxHttpHead) return protocol_error("HTTP request head over ", kMaxHttpHead, " bytes");
+    if (head.size() > kMaxHttpHead)
+      return protocol_error("HTTP request head over ", kMaxHttpHead, " bytes");
     return false;
   }
   const size_t eol = head.find("\r\n");
@@ -21,7 +22,8 @@ Result<bool> parse_http_get(std::string_view head, std::string* path) {
   const std::string_view method = line.substr(0, sp1);
   const std::string_view target = line.substr(sp1 + 1, sp2 - sp1 - 1);
   const std::string_view version = line.substr(sp2 + 1);
-  if (version != "HTTP/1.0" && version != "HTTP/1.1") return protocol_error("unsupported HTTP version");
+  if (version != "HTTP/1.0" && version != "HTTP/1.1")
+    return protocol_error("unsupported HTTP version");
   if (target.empty() || target[0] != '/') return protocol_error("bad HTTP target");
   for (char c : target) {
     if (c <= 0x20 || c >= 0x7f) return protocol_error("bad character in HTTP target");

@@ -53,9 +53,11 @@ Status ParameterServer::push(uint32_t worker, std::string_view key, std::span<co
     return invalid_argument("gradient for '", key, "' has ", grad.size(), " elements, expected ",
                             k.params.size());
   }
-  const float scale = opt_.aggregation == Aggregation::kMean ? 1.0f / static_cast<float>(opt_.num_workers) : 1.0f;
+  const float scale =
+      opt_.aggregation == Aggregation::kMean ? 1.0f / static_cast<float>(opt_.num_workers) : 1.0f;
   if (opt_.mode == PsMode::kAsync) {
-    if (step > k.version) return failed_precondition("push for version ", step, " ahead of ", k.version);
+    if (step > k.version)
+      return failed_precondition("push for version ", step, " ahead of ", k.version);
     if (k.version - step > opt_.staleness_bound) {
       return out_of_range("push for version ", step, " is ", k.version - step,
                           " versions stale, bound ", opt_.staleness_bound);
@@ -110,8 +112,10 @@ Result<uint64_t> ParameterServer::pull(std::string_view key, uint64_t min_versio
     if (deadline.expired()) {
       return timeout_error("'", key, "' is at version ", k.version, ", waited for ", min_version);
     }
-    if (deadline.is_never()) cv_.wait(lock);
-    else cv_.wait_for(lock, std::chrono::nanoseconds(deadline.remaining_ns()));
+    if (deadline.is_never())
+      cv_.wait(lock);
+    else
+      cv_.wait_for(lock, std::chrono::nanoseconds(deadline.remaining_ns()));
   }
   std::copy(k.params.begin(), k.params.end(), out.begin());
   return k.version;

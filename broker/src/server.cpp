@@ -42,7 +42,7 @@ constexpr size_t kMaxPendingPulls = 1024;
 
 // Publish-to-deliver latency buckets, seconds.
 constexpr std::array<double, 16> kLatencyBounds = {1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4,
-                                                   5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 1e-1, 1.0, 10.0};
+                                                   5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 1e-1, 1.0,  10.0};
 
 std::span<const std::byte> as_bytes(std::string_view s) {
   return {reinterpret_cast<const std::byte*>(s.data()), s.size()};
@@ -233,7 +233,8 @@ Status Server::Impl::init() {
   }
   if (opt_.publish_credits == 0) return invalid_argument("publish_credits must be positive");
   if (opt_.heartbeat_ms <= 0) return invalid_argument("heartbeat_ms must be positive");
-  limits_.max_frame_payload = std::max<uint32_t>(opt_.chunk_bytes, static_cast<uint32_t>(opt_.batch_bytes) + 64 * 1024);
+  limits_.max_frame_payload =
+      std::max<uint32_t>(opt_.chunk_bytes, static_cast<uint32_t>(opt_.batch_bytes) + 64 * 1024);
   limits_.max_frame_payload = std::max<uint32_t>(limits_.max_frame_payload, 1u << 20);
   epoll_ = Fd(::epoll_create1(EPOLL_CLOEXEC));
   if (!epoll_.valid()) return errno_status("epoll_create1", errno);
@@ -251,7 +252,8 @@ Status Server::Impl::init() {
     epoll_event ev{};
     ev.events = EPOLLIN;
     ev.data.u64 = static_cast<uint64_t>(fd) | (1ull << 63);
-    if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd, &ev) != 0) return errno_status("epoll_ctl", errno);
+    if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd, &ev) != 0)
+      return errno_status("epoll_ctl", errno);
     return ok_status();
   };
   MYELIN_RETURN_IF_ERROR(add(listen_.get()));
@@ -299,8 +301,10 @@ void Server::Impl::place_thread() {
     } else {
       if (!opt_.nic.empty()) {
         auto n = topo->numa_node_of_device(opt_.nic);
-        if (n.ok()) node = *n;
-        else where = "not pinned: " + n.status().to_string();
+        if (n.ok())
+          node = *n;
+        else
+          where = "not pinned: " + n.status().to_string();
       }
       if (node >= 0) {
         Status s = topo->pin_current_thread_to_numa_node(node);
@@ -322,7 +326,8 @@ void Server::Impl::observe_latency(int64_t ns) {
   while (b < kLatencyBounds.size() && s > kLatencyBounds[b]) ++b;
   c_.buckets[b].fetch_add(1, std::memory_order_relaxed);
   c_.lat_count.fetch_add(1, std::memory_order_relaxed);
-  c_.lat_sum_ns.fetch_add(static_cast<uint64_t>(std::max<int64_t>(ns, 0)), std::memory_order_relaxed);
+  c_.lat_sum_ns.fetch_add(static_cast<uint64_t>(std::max<int64_t>(ns, 0)),
+                          std::memory_order_relaxed);
 }
 
 void Server::Impl::update_interest(Conn& c) {
@@ -438,7 +443,8 @@ void Server::Impl::serve_http(int raw) {
   if (r.ok() && !*r) return;
   std::string status_line, body, type = "text/plain; charset=utf-8";
   if (!r.ok()) {
-    status_line = r.status().code() == StatusCode::kUnsupported ? "405 Method Not Allowed" : "400 Bad Request";
+    status_line = r.status().code() == StatusCode::kUnsupported ? "405 Method Not Allowed"
+                                                                : "400 Bad Request";
     body = r.status().to_string() + "\n";
   } else if (path == "/metrics") {
     status_line = "200 OK";
@@ -460,8 +466,10 @@ void Server::Impl::serve_http(int raw) {
   const Deadline d = Deadline::after_ms(1000);
   while (off < resp.size() && !d.expired()) {
     const ssize_t w = ::send(raw, resp.data() + off, resp.size() - off, MSG_NOSIGNAL);
-    if (w > 0) off += static_cast<size_t>(w);
-    else if (w < 0 && errno != EAGAIN && errno != EINTR) break;
+    if (w > 0)
+      off += static_cast<size_t>(w);
+    else if (w < 0 && errno != EAGAIN && errno != EINTR)
+      break;
   }
   ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, raw, nullptr);
   http_.erase(it);
@@ -492,7 +500,8 @@ void Server::Impl::read_conn(Conn& c) {
       c_.frames_in.fetch_add(1, std::memory_order_relaxed);
       Status s = handle_frame(c, f, c.rx.owner());
       if (!s.ok()) {
-        if (s.code() == StatusCode::kProtocolError) c_.protocol_errors.fetch_add(1, std::memory_order_relaxed);
+        if (s.code() == StatusCode::kProtocolError)
+          c_.protocol_errors.fetch_add(1, std::memory_order_relaxed);
         send_error(c, 0, s);
         (void)c.out.flush(c.fd.get());
         close_conn(id, s.to_string().c_str());
@@ -507,11 +516,13 @@ void Server::Impl::read_conn(Conn& c) {
   }
 }
 
-Status Server::Impl::handle_frame(Conn& c, const FrameView& f, const std::shared_ptr<const void>& owner) {
+Status Server::Impl::handle_frame(Conn& c, const FrameView& f,
+                                  const std::shared_ptr<const void>& owner) {
   if (!c.active) {
     auto req = parse_auth(f);
     if (!req.ok()) return std::move(req).status();
-    const internal::Mac expect = internal::client_mac(opt_.secret, c.nonce, req->client_nonce, req->identity);
+    const internal::Mac expect =
+        internal::client_mac(opt_.secret, c.nonce, req->client_nonce, req->identity);
     const AclEntry* acl = acl_for(req->identity);
     if (!internal::mac_equal(expect, req->mac) || (!opt_.acl.empty() && !acl)) {
       c_.auth_failures.fetch_add(1, std::memory_order_relaxed);
@@ -523,16 +534,18 @@ Status Server::Impl::handle_frame(Conn& c, const FrameView& f, const std::shared
     c.active = true;
     c.ident = req->identity;
     c.acl = acl;
-    const internal::Mac proof = internal::server_proof(opt_.secret, c.nonce, req->client_nonce, req->identity);
+    const internal::Mac proof =
+        internal::server_proof(opt_.secret, c.nonce, req->client_nonce, req->identity);
     FrameHeader h;
     h.type = FrameType::kAuthOk;
     h.flags = kFlagControl;
     h.id = c.id();
     h.seq = opt_.publish_credits;
     send_direct(c, h, {}, std::span<const std::byte>(proof.data(), proof.size()));
-    c.tokens = acl && acl->rate_limit_msgs_per_s > 0
-                   ? (acl->rate_limit_burst > 0 ? acl->rate_limit_burst : acl->rate_limit_msgs_per_s)
-                   : 0;
+    c.tokens =
+        acl && acl->rate_limit_msgs_per_s > 0
+            ? (acl->rate_limit_burst > 0 ? acl->rate_limit_burst : acl->rate_limit_msgs_per_s)
+            : 0;
     c.tokens_ns = monotonic_ns();
     owner_->broker_->add_session(conns_.at(c.id()));
     c_.active.fetch_add(1, std::memory_order_relaxed);
@@ -541,7 +554,8 @@ Status Server::Impl::handle_frame(Conn& c, const FrameView& f, const std::shared
   return handle_active(c, f, owner);
 }
 
-Status Server::Impl::handle_active(Conn& c, const FrameView& f, const std::shared_ptr<const void>& owner) {
+Status Server::Impl::handle_active(Conn& c, const FrameView& f,
+                                   const std::shared_ptr<const void>& owner) {
   const FrameHeader& h = f.header;
   if (h.flags & (kFlagMore | kFlagContinuation)) {
     AssembledMessage m;
@@ -556,14 +570,16 @@ Status Server::Impl::handle_active(Conn& c, const FrameView& f, const std::share
   }
   switch (h.type) {
     case FrameType::kBatch:
-      return for_each_in_batch(f.payload, limits_,
-                               [&](const FrameView& inner) { return handle_active(c, inner, owner); });
+      return for_each_in_batch(f.payload, limits_, [&](const FrameView& inner) {
+        return handle_active(c, inner, owner);
+      });
     case FrameType::kPublish:
     case FrameType::kRequest:
     case FrameType::kPsPush:
     case FrameType::kPsPull: {
       if (++c.publish_outstanding > opt_.publish_credits) {
-        return protocol_error("client sent more than its ", opt_.publish_credits, " publish credits");
+        return protocol_error("client sent more than its ", opt_.publish_credits,
+                              " publish credits");
       }
       // One copy out of the receive block: the message may outlive it while parked or queued.
       AssembledMessage m;
@@ -577,7 +593,8 @@ Status Server::Impl::handle_active(Conn& c, const FrameView& f, const std::share
     case FrameType::kSubscribe: {
       if (!may_subscribe(c, f.topic)) {
         c_.acl_denied.fetch_add(1, std::memory_order_relaxed);
-        send_error(c, h.id, permission_denied("'", c.ident, "' may not subscribe to '", f.topic, "'"));
+        send_error(c, h.id,
+                   permission_denied("'", c.ident, "' may not subscribe to '", f.topic, "'"));
         return ok_status();
       }
       Status s = owner_->broker_->subscribe(c.id(), h.id, f.topic, h.seq == 1);
@@ -595,8 +612,9 @@ Status Server::Impl::handle_active(Conn& c, const FrameView& f, const std::share
       c.ready.store(true, std::memory_order_relaxed);
       return ok_status();
     case FrameType::kReply:
-      owner_->broker_->reply(h.id, f.payload,
-                             std::make_shared<std::vector<std::byte>>(f.payload.begin(), f.payload.end()));
+      owner_->broker_->reply(
+          h.id, f.payload,
+          std::make_shared<std::vector<std::byte>>(f.payload.begin(), f.payload.end()));
       return ok_status();
     case FrameType::kError: {
       if (h.seq == 0 || h.seq > static_cast<uint64_t>(StatusCode::kInternal)) {
@@ -617,8 +635,10 @@ bool Server::Impl::process_work(Conn& c, const AssembledMessage& m) {
   // Rate limit: a token per message; without one the frame waits (the producer stalls).
   if (c.acl && c.acl->rate_limit_msgs_per_s > 0) {
     const int64_t now = monotonic_ns();
-    const double burst = c.acl->rate_limit_burst > 0 ? c.acl->rate_limit_burst : c.acl->rate_limit_msgs_per_s;
-    c.tokens = std::min(burst, c.tokens + static_cast<double>(now - c.tokens_ns) * 1e-9 * c.acl->rate_limit_msgs_per_s);
+    const double burst =
+        c.acl->rate_limit_burst > 0 ? c.acl->rate_limit_burst : c.acl->rate_limit_msgs_per_s;
+    c.tokens = std::min(burst, c.tokens + static_cast<double>(now - c.tokens_ns) * 1e-9 *
+                                              c.acl->rate_limit_msgs_per_s);
     c.tokens_ns = now;
     if (c.tokens < 1.0) {
       c_.rate_limited.fetch_add(1, std::memory_order_relaxed);
@@ -632,34 +652,51 @@ bool Server::Impl::process_work(Conn& c, const AssembledMessage& m) {
     case FrameType::kPublish: {
       if (!may_publish(c, m.topic)) {
         c_.acl_denied.fetch_add(1, std::memory_order_relaxed);
-        send_error(c, h.id, permission_denied("'", c.ident, "' may not publish to '", m.topic, "'"));
+        send_error(c, h.id,
+                   permission_denied("'", c.ident, "' may not publish to '", m.topic, "'"));
         break;
       }
-      PublishArgs a{.topic = m.topic, .payload = payload, .owner = m.payload, .id = h.id,
-                    .publish_ts_ns = h.timestamp_ns, .attempt = 1, .from_session = c.id()};
+      PublishArgs a{.topic = m.topic,
+                    .payload = payload,
+                    .owner = m.payload,
+                    .id = h.id,
+                    .publish_ts_ns = h.timestamp_ns,
+                    .attempt = 1,
+                    .from_session = c.id()};
       auto r = owner_->broker_->publish(a);
-      if (!r.ok()) send_error(c, h.id, r.status());
-      else if (*r == PublishOutcome::kBlocked) done = false;
+      if (!r.ok())
+        send_error(c, h.id, r.status());
+      else if (*r == PublishOutcome::kBlocked)
+        done = false;
       break;
     }
     case FrameType::kRequest: {
       if (!may_publish(c, m.topic)) {
         c_.acl_denied.fetch_add(1, std::memory_order_relaxed);
-        send_error(c, h.id, permission_denied("'", c.ident, "' may not request on '", m.topic, "'"));
+        send_error(c, h.id,
+                   permission_denied("'", c.ident, "' may not request on '", m.topic, "'"));
         break;
       }
-      PublishArgs a{.topic = m.topic, .payload = payload, .owner = m.payload, .id = h.id,
-                    .publish_ts_ns = h.timestamp_ns, .attempt = h.seq, .from_session = c.id()};
+      PublishArgs a{.topic = m.topic,
+                    .payload = payload,
+                    .owner = m.payload,
+                    .id = h.id,
+                    .publish_ts_ns = h.timestamp_ns,
+                    .attempt = h.seq,
+                    .from_session = c.id()};
       auto r = owner_->broker_->request(a);
-      if (!r.ok()) send_error(c, h.id, r.status());
-      else if (*r == PublishOutcome::kBlocked) done = false;
+      if (!r.ok())
+        send_error(c, h.id, r.status());
+      else if (*r == PublishOutcome::kBlocked)
+        done = false;
       break;
     }
     case FrameType::kPsPush: {
       c_.ps_pushes.fetch_add(1, std::memory_order_relaxed);
       ParameterServer* ps = owner_->ps_.get();
       Status s;
-      if (!ps) s = unsupported("this broker serves no parameter-server shard");
+      if (!ps)
+        s = unsupported("this broker serves no parameter-server shard");
       else if (!may_publish(c, m.topic)) {
         c_.acl_denied.fetch_add(1, std::memory_order_relaxed);
         s = permission_denied("'", c.ident, "' may not push to '", m.topic, "'");
@@ -670,7 +707,8 @@ bool Server::Impl::process_work(Conn& c, const AssembledMessage& m) {
         std::memcpy(&worker, payload.data(), 4);
         std::vector<float> v((payload.size() - 4) / sizeof(float));
         std::memcpy(v.data(), payload.data() + 4, v.size() * sizeof(float));
-        s = h.seq == kPsInitStep ? ps->init_key(m.topic, std::move(v)) : ps->push(worker, m.topic, v, h.seq);
+        s = h.seq == kPsInitStep ? ps->init_key(m.topic, std::move(v))
+                                 : ps->push(worker, m.topic, v, h.seq);
       }
       if (!s.ok()) {
         send_error(c, h.id, s);
@@ -735,8 +773,9 @@ void Server::Impl::check_pulls() {
       h.id = it->req;
       h.seq = version;
       // Bulk lane, chunked: a large tensor never delays control frames by more than one chunk.
-      send_direct(c, h, {}, std::span<const std::byte>(reinterpret_cast<const std::byte*>(vals->data()),
-                                                        vals->size() * sizeof(float)),
+      send_direct(c, h, {},
+                  std::span<const std::byte>(reinterpret_cast<const std::byte*>(vals->data()),
+                                             vals->size() * sizeof(float)),
                   vals);
     }
     c.pulls--;
@@ -772,7 +811,8 @@ void Server::Impl::pump(Conn& c) {
     c_.frames_out.fetch_add(1, std::memory_order_relaxed);
     ++moved;
   }
-  if (c.deliver_credits <= 0 && c.depth() > 0) c_.credit_stalls.fetch_add(1, std::memory_order_relaxed);
+  if (c.deliver_credits <= 0 && c.depth() > 0)
+    c_.credit_stalls.fetch_add(1, std::memory_order_relaxed);
   if (c.credits_to_return > 0) {
     FrameHeader h;
     h.type = FrameType::kCredit;
@@ -823,7 +863,8 @@ void Server::Impl::tick(int64_t now) {
   }
   std::vector<ClientSnap> snap;
   for (auto& [id, c] : conns_) {
-    if (c->active) snap.push_back({id, c->ident, c->depth(), c->deliver_credits, c->out.backlog_bytes()});
+    if (c->active)
+      snap.push_back({id, c->ident, c->depth(), c->deliver_credits, c->out.backlog_bytes()});
   }
   std::lock_guard<std::mutex> lock(snap_mu_);
   snap_ = std::move(snap);
@@ -850,8 +891,10 @@ void Server::Impl::loop() {
       const uint64_t tag = evs[i].data.u64;
       if (tag & (1ull << 63)) {
         const int fd = static_cast<int>(tag & 0xFFFFFFFF);
-        if (fd == listen_.get()) accept_clients();
-        else if (fd == http_listen_.get()) accept_http();
+        if (fd == listen_.get())
+          accept_clients();
+        else if (fd == http_listen_.get())
+          accept_http();
         else {
           uint64_t v;
           [[maybe_unused]] ssize_t r = ::read(wake_fd_.get(), &v, sizeof(v));
@@ -862,8 +905,10 @@ void Server::Impl::loop() {
         auto it = conns_.find(tag);
         if (it == conns_.end()) continue;
         auto keep = it->second;
-        if (evs[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP)) read_conn(*keep);
-        else keep->ready.store(true, std::memory_order_relaxed);  // writable: flush in pump
+        if (evs[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP))
+          read_conn(*keep);
+        else
+          keep->ready.store(true, std::memory_order_relaxed);  // writable: flush in pump
       }
     }
     // Pump every connection: deliveries move, credits flow back, blocked publishers retry.
@@ -932,19 +977,25 @@ ServerCounters Server::Impl::counters() const {
 std::string Server::Impl::metrics_text() const {
   std::ostringstream o;
   auto counter = [&](const char* name, const char* help, uint64_t v) {
-    o << "# HELP " << name << ' ' << help << "\n# TYPE " << name << " counter\n" << name << ' ' << v << '\n';
+    o << "# HELP " << name << ' ' << help << "\n# TYPE " << name << " counter\n"
+      << name << ' ' << v << '\n';
   };
   const ServerCounters s = counters();
-  counter("myelin_broker_connections_accepted_total", "Client connections accepted.", s.connections_accepted);
+  counter("myelin_broker_connections_accepted_total", "Client connections accepted.",
+          s.connections_accepted);
   o << "# HELP myelin_broker_connections_active Authenticated clients connected.\n"
        "# TYPE myelin_broker_connections_active gauge\nmyelin_broker_connections_active "
     << s.connections_active << '\n';
-  counter("myelin_broker_auth_failures_total", "Clients refused by authentication.", s.auth_failures);
+  counter("myelin_broker_auth_failures_total", "Clients refused by authentication.",
+          s.auth_failures);
   counter("myelin_broker_acl_denied_total", "Operations refused by ACLs.", s.acl_denied);
-  counter("myelin_broker_protocol_errors_total", "Connections closed for malformed frames.", s.protocol_errors);
-  counter("myelin_broker_dead_clients_total", "Clients dropped after missing heartbeats.", s.dead_clients);
+  counter("myelin_broker_protocol_errors_total", "Connections closed for malformed frames.",
+          s.protocol_errors);
+  counter("myelin_broker_dead_clients_total", "Clients dropped after missing heartbeats.",
+          s.dead_clients);
   counter("myelin_broker_rate_limited_total", "Publishes delayed by a rate limit.", s.rate_limited);
-  counter("myelin_broker_credit_stalls_total", "Pump passes that found a client out of credits.", s.credit_stalls);
+  counter("myelin_broker_credit_stalls_total", "Pump passes that found a client out of credits.",
+          s.credit_stalls);
   counter("myelin_broker_frames_in_total", "Frames received.", s.frames_in);
   counter("myelin_broker_frames_out_total", "Frames queued to clients.", s.frames_out);
   counter("myelin_broker_bytes_in_total", "Bytes received from clients.", s.bytes_in);
@@ -953,39 +1004,49 @@ std::string Server::Impl::metrics_text() const {
   const auto stats = owner_->broker_->topic_stats();
   auto per_topic = [&](const char* name, const char* help, const char* type, auto field) {
     o << "# HELP " << name << ' ' << help << "\n# TYPE " << name << ' ' << type << '\n';
-    for (const auto& [topic, st] : stats) o << name << "{topic=\"" << topic << "\"} " << field(st) << '\n';
+    for (const auto& [topic, st] : stats)
+      o << name << "{topic=\"" << topic << "\"} " << field(st) << '\n';
   };
   per_topic("myelin_broker_topic_messages_total", "Messages published per topic.", "counter",
             [](const TopicStats& t) { return t.messages_in; });
   per_topic("myelin_broker_topic_bytes_total", "Payload bytes published per topic.", "counter",
             [](const TopicStats& t) { return t.bytes_in; });
-  per_topic("myelin_broker_topic_deliveries_total", "Copies queued for subscribers per topic.", "counter",
-            [](const TopicStats& t) { return t.deliveries; });
-  per_topic("myelin_broker_topic_drops_total", "Messages evicted by drop_oldest per topic.", "counter",
-            [](const TopicStats& t) { return t.drops; });
-  per_topic("myelin_broker_topic_stalls_total", "Publishes held back by a full subscriber (block).", "counter",
-            [](const TopicStats& t) { return t.stalls; });
-  per_topic("myelin_broker_topic_dead_letters_total", "Requests moved to the dead-letter topic.", "counter",
-            [](const TopicStats& t) { return t.dead_letters; });
+  per_topic("myelin_broker_topic_deliveries_total", "Copies queued for subscribers per topic.",
+            "counter", [](const TopicStats& t) { return t.deliveries; });
+  per_topic("myelin_broker_topic_drops_total", "Messages evicted by drop_oldest per topic.",
+            "counter", [](const TopicStats& t) { return t.drops; });
+  per_topic("myelin_broker_topic_stalls_total", "Publishes held back by a full subscriber (block).",
+            "counter", [](const TopicStats& t) { return t.stalls; });
+  per_topic("myelin_broker_topic_dead_letters_total", "Requests moved to the dead-letter topic.",
+            "counter", [](const TopicStats& t) { return t.dead_letters; });
   {
     std::lock_guard<std::mutex> lock(snap_mu_);
-    o << "# HELP myelin_broker_queue_depth Messages queued for a client.\n# TYPE myelin_broker_queue_depth gauge\n";
-    for (const auto& c : snap_) o << "myelin_broker_queue_depth{client=\"" << c.identity << "\",id=\"" << c.id << "\"} " << c.depth << '\n';
-    o << "# HELP myelin_broker_credits Delivery credits a client has granted and not used.\n# TYPE myelin_broker_credits gauge\n";
-    for (const auto& c : snap_) o << "myelin_broker_credits{client=\"" << c.identity << "\",id=\"" << c.id << "\"} " << c.credits << '\n';
+    o << "# HELP myelin_broker_queue_depth Messages queued for a client.\n# TYPE "
+         "myelin_broker_queue_depth gauge\n";
+    for (const auto& c : snap_)
+      o << "myelin_broker_queue_depth{client=\"" << c.identity << "\",id=\"" << c.id << "\"} "
+        << c.depth << '\n';
+    o << "# HELP myelin_broker_credits Delivery credits a client has granted and not used.\n# TYPE "
+         "myelin_broker_credits gauge\n";
+    for (const auto& c : snap_)
+      o << "myelin_broker_credits{client=\"" << c.identity << "\",id=\"" << c.id << "\"} "
+        << c.credits << '\n';
   }
-  o << "# HELP myelin_broker_publish_to_deliver_seconds Broker receipt to hand-off to the client's socket.\n"
+  o << "# HELP myelin_broker_publish_to_deliver_seconds Broker receipt to hand-off to the client's "
+       "socket.\n"
        "# TYPE myelin_broker_publish_to_deliver_seconds histogram\n";
   uint64_t cum = 0;
   for (size_t i = 0; i < kLatencyBounds.size(); ++i) {
     cum += c_.buckets[i].load(std::memory_order_relaxed);
-    o << "myelin_broker_publish_to_deliver_seconds_bucket{le=\"" << kLatencyBounds[i] << "\"} " << cum << '\n';
+    o << "myelin_broker_publish_to_deliver_seconds_bucket{le=\"" << kLatencyBounds[i] << "\"} "
+      << cum << '\n';
   }
   cum += c_.buckets[kLatencyBounds.size()].load(std::memory_order_relaxed);
   o << "myelin_broker_publish_to_deliver_seconds_bucket{le=\"+Inf\"} " << cum << '\n'
     << "myelin_broker_publish_to_deliver_seconds_sum "
     << static_cast<double>(c_.lat_sum_ns.load(std::memory_order_relaxed)) / 1e9 << '\n'
-    << "myelin_broker_publish_to_deliver_seconds_count " << c_.lat_count.load(std::memory_order_relaxed) << '\n';
+    << "myelin_broker_publish_to_deliver_seconds_count "
+    << c_.lat_count.load(std::memory_order_relaxed) << '\n';
   return o.str();
 }
 
@@ -995,7 +1056,9 @@ Server::Server(ServerOptions o) {
   impl_ = std::make_unique<Impl>(this, std::move(o));
 }
 
-Server::~Server() { stop(); }
+Server::~Server() {
+  stop();
+}
 
 Result<std::unique_ptr<Server>> Server::create(ServerOptions options) {
   std::unique_ptr<Server> s(new Server(std::move(options)));
@@ -1006,13 +1069,23 @@ Result<std::unique_ptr<Server>> Server::create(ServerOptions options) {
   return s;
 }
 
-Status Server::start() { return impl_->start(); }
-Status Server::drain(Deadline d) { return impl_->drain(d); }
+Status Server::start() {
+  return impl_->start();
+}
+Status Server::drain(Deadline d) {
+  return impl_->drain(d);
+}
 void Server::stop() {
   if (impl_) impl_->stop();
 }
-ServerCounters Server::counters() const { return impl_->counters(); }
-std::string Server::metrics_text() const { return impl_->metrics_text(); }
-std::string Server::placement() const { return impl_->placement(); }
+ServerCounters Server::counters() const {
+  return impl_->counters();
+}
+std::string Server::metrics_text() const {
+  return impl_->metrics_text();
+}
+std::string Server::placement() const {
+  return impl_->placement();
+}
 
 }  // namespace myelin::broker

@@ -21,7 +21,8 @@ void Fd::reset(int fd) noexcept {
 
 Status set_nonblocking(int fd) {
   const int fl = ::fcntl(fd, F_GETFL);
-  if (fl < 0 || ::fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) return errno_status("fcntl O_NONBLOCK", errno);
+  if (fl < 0 || ::fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0)
+    return errno_status("fcntl O_NONBLOCK", errno);
   return ok_status();
 }
 
@@ -37,7 +38,8 @@ Result<HostPort> parse_host_port(std::string_view text) {
     colon = close + 1;
   } else {
     colon = text.rfind(':');
-    if (colon == std::string_view::npos) return invalid_argument("bad address '", text, "': no port");
+    if (colon == std::string_view::npos)
+      return invalid_argument("bad address '", text, "': no port");
     hp.host = std::string(text.substr(0, colon));
   }
   const std::string_view port = text.substr(colon + 1);
@@ -60,7 +62,8 @@ Result<addrinfo*> resolve(const HostPort& w, bool passive) {
   hints.ai_flags = passive ? AI_PASSIVE : 0;
   addrinfo* res = nullptr;
   const std::string port = std::to_string(w.port);
-  const int rc = ::getaddrinfo(w.host.empty() ? nullptr : w.host.c_str(), port.c_str(), &hints, &res);
+  const int rc =
+      ::getaddrinfo(w.host.empty() ? nullptr : w.host.c_str(), port.c_str(), &hints, &res);
   if (rc != 0) return unavailable("resolving '", w.host, "': ", gai_strerror(rc));
   return res;
 }
@@ -92,7 +95,8 @@ Result<Fd> listen_tcp(const HostPort& where, int backlog) {
 Result<uint16_t> local_port(int fd) {
   sockaddr_storage ss{};
   socklen_t len = sizeof(ss);
-  if (::getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &len) != 0) return errno_status("getsockname", errno);
+  if (::getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &len) != 0)
+    return errno_status("getsockname", errno);
   if (ss.ss_family == AF_INET) return ntohs(reinterpret_cast<sockaddr_in*>(&ss)->sin_port);
   return ntohs(reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port);
 }
@@ -164,7 +168,8 @@ void OutQueue::close_batch(int lane) {
 Status OutQueue::push(FrameHeader h, std::string_view topic, std::span<const std::byte> payload,
                       std::shared_ptr<const void> owner, bool batchable, int64_t now_ns) {
   const int lane = (h.flags & kFlagControl) ? 0 : 1;
-  if (topic.size() > kMaxTopicLength) return invalid_argument("topic over ", kMaxTopicLength, " bytes");
+  if (topic.size() > kMaxTopicLength)
+    return invalid_argument("topic over ", kMaxTopicLength, " bytes");
   if (lane == 0 && payload.size() > opt_.chunk_size) {
     return invalid_argument("control message of ", payload.size(), " bytes exceeds one chunk (",
                             opt_.chunk_size, " bytes); send it on the bulk lane");
@@ -223,7 +228,8 @@ Status OutQueue::push(FrameHeader h, std::string_view topic, std::span<const std
 
 void OutQueue::close_due_batches(int64_t now_ns, bool force) {
   for (int lane = 0; lane < 2; ++lane) {
-    if (batch_[lane].count > 0 && (force || now_ns - batch_[lane].opened_ns >= opt_.batch_window_ns)) {
+    if (batch_[lane].count > 0 &&
+        (force || now_ns - batch_[lane].opened_ns >= opt_.batch_window_ns)) {
       close_batch(lane);
     }
   }
@@ -308,14 +314,16 @@ Result<bool> OutQueue::flush(int fd) {
 
 RxBuffer::RxBuffer(DecodeLimits limits, size_t block)
     : limits_(limits),
-      block_size_(std::max<size_t>(block, kFrameHeaderSize + kMaxTopicLength + limits.max_frame_payload)),
+      block_size_(
+          std::max<size_t>(block, kFrameHeaderSize + kMaxTopicLength + limits.max_frame_payload)),
       block_(std::make_shared<std::vector<std::byte>>(block_size_)) {}
 
 void RxBuffer::make_room(size_t want) {
   if (block_->size() - end_ >= want) return;
   // Messages handed out may still reference the current block, so never move data inside it:
   // start a fresh block with the unconsumed bytes (at most one partial frame).
-  auto fresh = std::make_shared<std::vector<std::byte>>(std::max(block_size_, end_ - start_ + want));
+  auto fresh =
+      std::make_shared<std::vector<std::byte>>(std::max(block_size_, end_ - start_ + want));
   std::memcpy(fresh->data(), block_->data() + start_, end_ - start_);
   end_ -= start_;
   start_ = 0;
@@ -346,9 +354,9 @@ void RxBuffer::append(std::span<const std::byte> bytes) {
 
 Result<bool> RxBuffer::next(FrameView* out) {
   size_t used = 0;
-  MYELIN_ASSIGN_OR_RETURN(DecodeOutcome o,
-                          decode_frame(std::span<const std::byte>(block_->data() + start_, end_ - start_),
-                                       limits_, out, &used));
+  MYELIN_ASSIGN_OR_RETURN(DecodeOutcome o, decode_frame(std::span<const std::byte>(
+                                                            block_->data() + start_, end_ - start_),
+                                                        limits_, out, &used));
   if (o == DecodeOutcome::kNeedMore) {
     // Rewind only when no handed-out message can still point into this block.
     if (start_ == end_ && block_.use_count() == 1) start_ = end_ = 0;

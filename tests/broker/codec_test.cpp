@@ -23,7 +23,8 @@ std::vector<std::byte> one(FrameHeader h, std::string_view topic, std::string_vi
 }
 
 TEST(Frame, RoundTripAndIncremental) {
-  FrameHeader h{.type = FrameType::kPublish, .flags = kFlagControl, .seq = 42, .id = 7, .timestamp_ns = 99};
+  FrameHeader h{
+      .type = FrameType::kPublish, .flags = kFlagControl, .seq = 42, .id = 7, .timestamp_ns = 99};
   auto buf = one(h, "grad/layer3/shard0", "payload");
   for (size_t cut = 0; cut < buf.size(); ++cut) {
     FrameView f;
@@ -43,7 +44,8 @@ TEST(Frame, RoundTripAndIncremental) {
   EXPECT_EQ(f.header.id, 7u);
   EXPECT_EQ(f.header.timestamp_ns, 99u);
   EXPECT_TRUE(f.control());
-  EXPECT_EQ(std::string(reinterpret_cast<const char*>(f.payload.data()), f.payload.size()), "payload");
+  EXPECT_EQ(std::string(reinterpret_cast<const char*>(f.payload.data()), f.payload.size()),
+            "payload");
 }
 
 TEST(Frame, RejectsCorruption) {
@@ -58,22 +60,42 @@ TEST(Frame, RejectsCorruption) {
       EXPECT_EQ(r.status().code(), StatusCode::kProtocolError) << what;
     }
   };
-  auto b = good; b[0] = std::byte{0}; expect_bad(b, "magic");
-  b = good; b[4] = std::byte{2}; expect_bad(b, "version");
-  b = good; b[5] = std::byte{0}; expect_bad(b, "type 0");
-  b = good; b[5] = std::byte{200}; expect_bad(b, "type 200");
-  b = good; b[6] = std::byte{0x80}; expect_bad(b, "flags");
-  b = good; b[7] = std::byte{1}; expect_bad(b, "reserved");
-  b = good; b[14] = std::byte{1}; expect_bad(b, "payload over limit");
-  b = good; b[40] = std::byte{'#'}; expect_bad(b, "wildcard in a published topic");
-  b = good; b[6] = std::byte{kFlagControl | kFlagMore}; expect_bad(b, "chunked control");
+  auto b = good;
+  b[0] = std::byte{0};
+  expect_bad(b, "magic");
+  b = good;
+  b[4] = std::byte{2};
+  expect_bad(b, "version");
+  b = good;
+  b[5] = std::byte{0};
+  expect_bad(b, "type 0");
+  b = good;
+  b[5] = std::byte{200};
+  expect_bad(b, "type 200");
+  b = good;
+  b[6] = std::byte{0x80};
+  expect_bad(b, "flags");
+  b = good;
+  b[7] = std::byte{1};
+  expect_bad(b, "reserved");
+  b = good;
+  b[14] = std::byte{1};
+  expect_bad(b, "payload over limit");
+  b = good;
+  b[40] = std::byte{'#'};
+  expect_bad(b, "wildcard in a published topic");
+  b = good;
+  b[6] = std::byte{kFlagControl | kFlagMore};
+  expect_bad(b, "chunked control");
 }
 
 TEST(Frame, BatchKeepsBoundariesAndRefusesNesting) {
   std::vector<std::byte> inner;
   for (int i = 0; i < 5; ++i) {
-    ASSERT_TRUE(append_frame(inner, {.type = FrameType::kDeliver, .seq = static_cast<uint64_t>(i + 1)},
-                             "t/x", bytes(std::string(static_cast<size_t>(i), 'a'))).ok());
+    ASSERT_TRUE(append_frame(inner,
+                             {.type = FrameType::kDeliver, .seq = static_cast<uint64_t>(i + 1)},
+                             "t/x", bytes(std::string(static_cast<size_t>(i), 'a')))
+                    .ok());
   }
   std::vector<size_t> sizes;
   ASSERT_TRUE(for_each_in_batch(inner, {}, [&](const FrameView& f) {
@@ -129,16 +151,22 @@ TEST(Wire, ChunksBatchesAndLanesSurviveASocketPair) {
   internal::Fd a(sv[0]), b(sv[1]);
   ASSERT_TRUE(internal::set_nonblocking(a.get()).ok());
   ASSERT_TRUE(internal::set_nonblocking(b.get()).ok());
-  internal::OutQueue q(internal::OutOptions{.chunk_size = 1024, .batch_bytes = 4096, .batch_count = 8});
+  internal::OutQueue q(
+      internal::OutOptions{.chunk_size = 1024, .batch_bytes = 4096, .batch_count = 8});
   auto big = std::make_shared<std::vector<std::byte>>(10000);
   for (size_t i = 0; i < big->size(); ++i) (*big)[i] = static_cast<std::byte>(i * 7);
   ASSERT_TRUE(q.push({.type = FrameType::kDeliver, .id = 1}, "bulk/x", *big, big, false, 0).ok());
   for (int i = 0; i < 20; ++i) {
     std::string s(static_cast<size_t>(i), 'c');
-    ASSERT_TRUE(q.push({.type = FrameType::kDeliver, .flags = kFlagControl, .seq = static_cast<uint64_t>(i)},
-                       "ctrl/x", bytes(s), nullptr, true, 0).ok());
+    ASSERT_TRUE(
+        q.push(
+             {.type = FrameType::kDeliver, .flags = kFlagControl, .seq = static_cast<uint64_t>(i)},
+             "ctrl/x", bytes(s), nullptr, true, 0)
+            .ok());
   }
-  EXPECT_FALSE(q.push({.type = FrameType::kDeliver, .flags = kFlagControl}, "ctrl/x", *big, big, false, 0).ok());
+  EXPECT_FALSE(
+      q.push({.type = FrameType::kDeliver, .flags = kFlagControl}, "ctrl/x", *big, big, false, 0)
+          .ok());
   q.close_due_batches(0, true);
   internal::RxBuffer rx(DecodeLimits{});
   Reassembler re;
@@ -167,8 +195,10 @@ TEST(Wire, ChunksBatchesAndLanesSurviveASocketPair) {
         }
         return ok_status();
       };
-      if (f.header.type == FrameType::kBatch) ASSERT_TRUE(for_each_in_batch(f.payload, {}, handle).ok());
-      else ASSERT_TRUE(handle(f).ok());
+      if (f.header.type == FrameType::kBatch)
+        ASSERT_TRUE(for_each_in_batch(f.payload, {}, handle).ok());
+      else
+        ASSERT_TRUE(handle(f).ok());
     }
   }
   ASSERT_EQ(control_seqs.size(), 20u);

@@ -19,8 +19,12 @@ std::string text(const Message& m) {
 BrokerOptions options(size_t cap) {
   BrokerOptions o;
   o.lane_capacity = cap;
-  o.policies.push_back({.pattern = "ctrl/#", .lane = Lane::kControl, .overflow = OverflowPolicy::kBlock, .batching = false});
-  o.policies.push_back({.pattern = "lossy/#", .lane = Lane::kBulk, .overflow = OverflowPolicy::kDropOldest});
+  o.policies.push_back({.pattern = "ctrl/#",
+                        .lane = Lane::kControl,
+                        .overflow = OverflowPolicy::kBlock,
+                        .batching = false});
+  o.policies.push_back(
+      {.pattern = "lossy/#", .lane = Lane::kBulk, .overflow = OverflowPolicy::kDropOldest});
   return o;
 }
 
@@ -72,7 +76,8 @@ TEST(BrokerCore, DropOldestAnnouncesOnPressureTopic) {
   b.add_session(watcher);
   ASSERT_TRUE(b.subscribe(1, 1, "lossy/#").ok());
   ASSERT_TRUE(b.subscribe(2, 1, "$pressure/#").ok());
-  for (int i = 0; i < 10; ++i) ASSERT_TRUE(b.publish({.topic = "lossy/t", .payload = bytes("m")}).ok());
+  for (int i = 0; i < 10; ++i)
+    ASSERT_TRUE(b.publish({.topic = "lossy/t", .payload = bytes("m")}).ok());
   EXPECT_EQ(b.topic_stats().at("lossy/t").drops, 6u);
   std::vector<uint64_t> seqs;
   while (true) {
@@ -101,11 +106,15 @@ TEST(BrokerCore, RequestsRouteToRespondersAndDeadLetter) {
   b.add_session(req);
   b.add_session(rsp);
   b.add_session(dead);
-  EXPECT_EQ(b.request({.topic = "svc/a", .payload = bytes("q"), .id = 5, .from_session = 1}).status().code(),
+  EXPECT_EQ(b.request({.topic = "svc/a", .payload = bytes("q"), .id = 5, .from_session = 1})
+                .status()
+                .code(),
             StatusCode::kUnavailable);
   ASSERT_TRUE(b.subscribe(2, 1, "svc/#", /*responder=*/true).ok());
   ASSERT_TRUE(b.subscribe(3, 1, "$dead/#").ok());
-  ASSERT_TRUE(b.request({.topic = "svc/a", .payload = bytes("q"), .id = 6, .attempt = 1, .from_session = 1}).ok());
+  ASSERT_TRUE(
+      b.request({.topic = "svc/a", .payload = bytes("q"), .id = 6, .attempt = 1, .from_session = 1})
+          .ok());
   auto m = rsp->poll(Deadline::after_ms(100));
   ASSERT_TRUE(m.ok());
   EXPECT_EQ((*m)->type, FrameType::kRequest);
@@ -114,9 +123,14 @@ TEST(BrokerCore, RequestsRouteToRespondersAndDeadLetter) {
   auto r = req->poll(Deadline::after_ms(100));
   ASSERT_TRUE(r.ok());
   EXPECT_EQ(text(**r), "answer");
-  ASSERT_TRUE(b.request({.topic = "svc/a", .payload = bytes("z"), .id = 7, .attempt = 1, .from_session = 1}).ok());
-  ASSERT_TRUE(b.request({.topic = "svc/a", .payload = bytes("z"), .id = 7, .attempt = 2, .from_session = 1}).ok());
-  auto third = b.request({.topic = "svc/a", .payload = bytes("z"), .id = 7, .attempt = 3, .from_session = 1});
+  ASSERT_TRUE(
+      b.request({.topic = "svc/a", .payload = bytes("z"), .id = 7, .attempt = 1, .from_session = 1})
+          .ok());
+  ASSERT_TRUE(
+      b.request({.topic = "svc/a", .payload = bytes("z"), .id = 7, .attempt = 2, .from_session = 1})
+          .ok());
+  auto third = b.request(
+      {.topic = "svc/a", .payload = bytes("z"), .id = 7, .attempt = 3, .from_session = 1});
   EXPECT_EQ(third.status().code(), StatusCode::kFailedPrecondition);
   auto d = dead->poll(Deadline::after_ms(100));
   ASSERT_TRUE(d.ok());
@@ -153,20 +167,24 @@ TEST(BrokerCore, ConcurrentDrainerSeesEveryMessageInOrder) {
   while (sent < kN && !d.expired()) {
     auto r = b.publish({.topic = "t/x", .payload = bytes("p")});
     ASSERT_TRUE(r.ok());
-    if (*r == PublishOutcome::kAccepted) sent++;
-    else std::this_thread::yield();
+    if (*r == PublishOutcome::kAccepted)
+      sent++;
+    else
+      std::this_thread::yield();
   }
   consumer.join();
   EXPECT_EQ(sent, kN);
 }
 
 // Serial reference: plain loops, no server.
-std::vector<float> reference(int workers, int steps, std::vector<float> p, float lr, float mu, bool momentum) {
+std::vector<float> reference(int workers, int steps, std::vector<float> p, float lr, float mu,
+                             bool momentum) {
   std::vector<float> v(p.size(), 0.0f);
   for (int s = 0; s < steps; ++s) {
     std::vector<float> g(p.size(), 0.0f);
     for (int w = 0; w < workers; ++w) {
-      for (size_t i = 0; i < p.size(); ++i) g[i] += 0.5f * p[i] + static_cast<float>(w) + 0.01f * static_cast<float>(i);
+      for (size_t i = 0; i < p.size(); ++i)
+        g[i] += 0.5f * p[i] + static_cast<float>(w) + 0.01f * static_cast<float>(i);
     }
     for (auto& x : g) x /= static_cast<float>(workers);
     for (size_t i = 0; i < p.size(); ++i) {
@@ -185,8 +203,10 @@ TEST(ParameterServer, SyncMatchesSerialReferenceWithThreads) {
   for (bool momentum : {false, true}) {
     constexpr int kWorkers = 3, kSteps = 6;
     ParameterServerOptions o{.num_workers = kWorkers, .mode = PsMode::kSync};
-    if (momentum) o.optimizer = std::make_shared<MomentumOptimizer>(0.1f, 0.9f);
-    else o.optimizer = std::make_shared<SgdOptimizer>(0.1f);
+    if (momentum)
+      o.optimizer = std::make_shared<MomentumOptimizer>(0.1f, 0.9f);
+    else
+      o.optimizer = std::make_shared<SgdOptimizer>(0.1f);
     ParameterServer ps(o);
     const std::vector<float> init = {1, 2, 3, 4};
     ASSERT_TRUE(ps.init_key("w", init).ok());
@@ -197,7 +217,8 @@ TEST(ParameterServer, SyncMatchesSerialReferenceWithThreads) {
         for (int s = 0; s < kSteps; ++s) {
           ASSERT_TRUE(ps.pull("w", static_cast<uint64_t>(s), p, Deadline::after_ms(5000)).ok());
           std::vector<float> g(4);
-          for (size_t i = 0; i < 4; ++i) g[i] = 0.5f * p[i] + static_cast<float>(w) + 0.01f * static_cast<float>(i);
+          for (size_t i = 0; i < 4; ++i)
+            g[i] = 0.5f * p[i] + static_cast<float>(w) + 0.01f * static_cast<float>(i);
           ASSERT_TRUE(ps.push(static_cast<uint32_t>(w), "w", g, static_cast<uint64_t>(s)).ok());
         }
       });

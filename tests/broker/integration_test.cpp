@@ -29,17 +29,20 @@ std::span<const std::byte> bytes(std::string_view s) {
 class Daemon {
  public:
   explicit Daemon(const std::string& extra_config, std::vector<std::string> flags = {}) {
-    dir_ = std::filesystem::temp_directory_path() / ("myelin-broker-test-" + std::to_string(::getpid()) + "-" + std::to_string(counter_++));
+    dir_ = std::filesystem::temp_directory_path() /
+           ("myelin-broker-test-" + std::to_string(::getpid()) + "-" + std::to_string(counter_++));
     std::filesystem::create_directories(dir_);
     std::ofstream(dir_ / "secret") << kSecret << "\n";
-    std::ofstream(dir_ / "broker.toml") << "[broker]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n"
-                                        << "secret_file = \"" << (dir_ / "secret").string() << "\"\n"
-                                        << "heartbeat_ms = 300\n" << extra_config;
+    std::ofstream(dir_ / "broker.toml")
+        << "[broker]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n"
+        << "secret_file = \"" << (dir_ / "secret").string() << "\"\n"
+        << "heartbeat_ms = 300\n"
+        << extra_config;
     const std::string port_file = (dir_ / "port").string();
     pid_ = ::fork();
     if (pid_ == 0) {
-      std::vector<std::string> args = {MYELIN_BROKER_BIN, "--config", (dir_ / "broker.toml").string(),
-                                       "--port-file", port_file};
+      std::vector<std::string> args = {MYELIN_BROKER_BIN, "--config",
+                                       (dir_ / "broker.toml").string(), "--port-file", port_file};
       args.insert(args.end(), flags.begin(), flags.end());
       std::vector<char*> argv;
       for (auto& a : args) argv.push_back(a.data());
@@ -64,7 +67,8 @@ class Daemon {
   [[nodiscard]] bool up() const { return port_ != 0; }
   std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
   ClientOptions client(const std::string& identity) const {
-    return ClientOptions{.address = address(), .identity = identity, .secret = kSecret, .heartbeat_ms = 300};
+    return ClientOptions{
+        .address = address(), .identity = identity, .secret = kSecret, .heartbeat_ms = 300};
   }
   void kill9() {
     ::kill(pid_, SIGKILL);
@@ -88,7 +92,8 @@ class Daemon {
   // Scrapes /metrics with curl and returns "name{labels}" -> value.
   std::map<std::string, double> metrics() const {
     std::map<std::string, double> out;
-    const std::string cmd = "curl -s --max-time 5 http://127.0.0.1:" + std::to_string(metrics_port_) + "/metrics";
+    const std::string cmd =
+        "curl -s --max-time 5 http://127.0.0.1:" + std::to_string(metrics_port_) + "/metrics";
     FILE* p = ::popen(cmd.c_str(), "r");
     if (!p) return out;
     char line[1024];
@@ -103,8 +108,9 @@ class Daemon {
     return out;
   }
   std::string http_status(const std::string& path) const {
-    const std::string cmd = "curl -s -o /dev/null -w '%{http_code}' --max-time 5 http://127.0.0.1:" +
-                            std::to_string(metrics_port_) + path;
+    const std::string cmd =
+        "curl -s -o /dev/null -w '%{http_code}' --max-time 5 http://127.0.0.1:" +
+        std::to_string(metrics_port_) + path;
     FILE* p = ::popen(cmd.c_str(), "r");
     char buf[16] = {0};
     if (p) {
@@ -121,7 +127,9 @@ class Daemon {
   int port_ = 0, metrics_port_ = 0;
 };
 
-bool have_curl() { return std::system("curl --version > /dev/null 2>&1") == 0; }
+bool have_curl() {
+  return std::system("curl --version > /dev/null 2>&1") == 0;
+}
 
 std::unique_ptr<Client> connect_or_die(const ClientOptions& o) {
   auto c = Client::connect(o);
@@ -161,7 +169,9 @@ TEST(BrokerIntegration, WildcardRoutingOrderingAndBatchBoundariesAcrossProcesses
       std::string body = std::to_string(i) + ":" + std::string(static_cast<size_t>(i % 300), 'x');
       const char* topic = i % 2 ? "grad/layer3/shard0" : "grad/layer3/shard1";
       if (!(*c)->publish(topic, body).ok()) ::_exit(3);
-      if (i % 100 == 0 && !(*c)->publish("ctrl/step", std::to_string(i), {.lane = Lane::kControl}).ok()) ::_exit(4);
+      if (i % 100 == 0 &&
+          !(*c)->publish("ctrl/step", std::to_string(i), {.lane = Lane::kControl}).ok())
+        ::_exit(4);
     }
     c->reset();
     ::_exit(0);
@@ -235,7 +245,9 @@ TEST(BrokerIntegration, LargeBulkMessagesArriveWholeAndControlStillFlows) {
 }
 
 TEST(BrokerIntegration, SlowConsumerBlocksProducerWithoutLoss) {
-  Daemon d("lane_capacity = 16\npublish_credits = 8\n[[topic]]\npattern = \"blk/#\"\noverflow = \"block\"\n");
+  Daemon d(
+      "lane_capacity = 16\npublish_credits = 8\n[[topic]]\npattern = \"blk/#\"\noverflow = "
+      "\"block\"\n");
   ASSERT_TRUE(d.up());
   auto o = d.client("slow");
   o.receive_window = 8;
@@ -250,7 +262,8 @@ TEST(BrokerIntegration, SlowConsumerBlocksProducerWithoutLoss) {
     if (!last.ok()) break;
     published++;
   }
-  EXPECT_EQ(last.code(), StatusCode::kTimeout) << "the producer should have been held back: " << last;
+  EXPECT_EQ(last.code(), StatusCode::kTimeout)
+      << "the producer should have been held back: " << last;
   EXPECT_LT(published, 500);
   EXPECT_GT(pub->stats().publish_stalls, 0u);
   // Now drain: every accepted message arrives, in order, with no gap.
@@ -279,7 +292,8 @@ TEST(BrokerIntegration, SlowConsumerDropOldestIsAnnouncedAndVisibleAsGaps) {
   ASSERT_TRUE(slow && watch && pub);
   ASSERT_TRUE(slow->subscribe("lossy/#").ok());
   std::atomic<int> announcements{0};
-  ASSERT_TRUE(watch->subscribe("$pressure/#", [&](const ReceivedMessage&) { announcements++; }).ok());
+  ASSERT_TRUE(
+      watch->subscribe("$pressure/#", [&](const ReceivedMessage&) { announcements++; }).ok());
   constexpr int kN = 500;
   for (int i = 0; i < kN; ++i) ASSERT_TRUE(pub->publish("lossy/t", std::to_string(i)).ok());
   uint64_t received = 0, missed = 0, last_seq = 0;
@@ -290,19 +304,30 @@ TEST(BrokerIntegration, SlowConsumerDropOldestIsAnnouncedAndVisibleAsGaps) {
     missed += m->missed_before;
     last_seq = m->seq;
   }
-  EXPECT_EQ(received + missed, static_cast<uint64_t>(kN));  // every loss is accounted for
+  // Drops before the first message this subscriber saw are not visible as a gap to it, so the
+  // client's count is a lower bound; the broker's counters account for every message.
   EXPECT_GT(missed, 0u);
+  if (!have_curl()) GTEST_SKIP() << "curl is not installed";
+  std::map<std::string, double> m;
   const Deadline dl = Deadline::after_ms(5000);
-  while (announcements.load() < static_cast<int>(missed) && !dl.expired()) std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  EXPECT_EQ(announcements.load(), static_cast<int>(missed));
-  if (have_curl()) {
-    auto m = d.metrics();
-    EXPECT_EQ(m["myelin_broker_topic_drops_total{topic=\"lossy/t\"}"], static_cast<double>(missed));
+  double drops = 0, announce_drops = 0;
+  while (!dl.expired()) {
+    m = d.metrics();
+    drops = m["myelin_broker_topic_drops_total{topic=\"lossy/t\"}"];
+    announce_drops = m["myelin_broker_topic_drops_total{topic=\"$pressure/lossy/t\"}"];
+    if (announcements.load() + announce_drops >= drops) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
+  EXPECT_EQ(static_cast<double>(received) + drops, kN);  // delivered or counted as dropped
+  EXPECT_LE(static_cast<double>(missed), drops);
+  // Every drop was announced; announcements the watcher could not take are counted themselves.
+  EXPECT_EQ(announcements.load() + announce_drops, drops);
 }
 
 TEST(BrokerIntegration, ParameterServerMatchesSerialReference) {
-  Daemon d("[ps]\nenabled = true\nworkers = 2\nmode = \"sync\"\naggregation = \"mean\"\noptimizer = \"momentum\"\nlr = 0.1\nmomentum = 0.9\n");
+  Daemon d(
+      "[ps]\nenabled = true\nworkers = 2\nmode = \"sync\"\naggregation = \"mean\"\noptimizer = "
+      "\"momentum\"\nlr = 0.1\nmomentum = 0.9\n");
   ASSERT_TRUE(d.up());
   constexpr int kSteps = 5;
   const std::vector<float> init = {1.0f, -2.0f, 0.5f, 3.0f, 0.0f, 7.0f};
@@ -322,7 +347,8 @@ TEST(BrokerIntegration, ParameterServerMatchesSerialReference) {
       std::vector<float> params(init.size()), grad(init.size());
       for (int s = 0; s < kSteps; ++s) {
         if (!(*c)->ps_pull("w/layer0", static_cast<uint64_t>(s), params).ok()) ::_exit(3);
-        for (size_t i = 0; i < grad.size(); ++i) grad[i] = 0.5f * params[i] + static_cast<float>(w) - 0.1f * static_cast<float>(i);
+        for (size_t i = 0; i < grad.size(); ++i)
+          grad[i] = 0.5f * params[i] + static_cast<float>(w) - 0.1f * static_cast<float>(i);
         if (!(*c)->ps_push("w/layer0", grad, static_cast<uint64_t>(s)).ok()) ::_exit(4);
       }
       ::_exit(0);
@@ -334,7 +360,8 @@ TEST(BrokerIntegration, ParameterServerMatchesSerialReference) {
   for (int s = 0; s < kSteps; ++s) {
     std::vector<float> g(init.size(), 0.0f);
     for (int w = 0; w < 2; ++w) {
-      for (size_t i = 0; i < g.size(); ++i) g[i] += 0.5f * ref[i] + static_cast<float>(w) - 0.1f * static_cast<float>(i);
+      for (size_t i = 0; i < g.size(); ++i)
+        g[i] += 0.5f * ref[i] + static_cast<float>(w) - 0.1f * static_cast<float>(i);
     }
     for (size_t i = 0; i < g.size(); ++i) {
       vel[i] = 0.9f * vel[i] + g[i] / 2.0f;
@@ -358,22 +385,33 @@ TEST(BrokerIntegration, RequestRetriesAreDeduplicatedAndDeadLettered) {
   auto watcher = connect_or_die(d.client("watcher"));
   ASSERT_TRUE(server && caller && watcher);
   std::atomic<int> calls{0};
-  ASSERT_TRUE(server->serve("svc/slow", [&](const ReceivedMessage& m) -> Result<std::vector<std::byte>> {
-    if (calls++ == 0) std::this_thread::sleep_for(std::chrono::milliseconds(400));  // outlive attempt 1
-    std::string r = "re:" + std::string(m.text());
-    return std::vector<std::byte>(bytes(r).begin(), bytes(r).end());
-  }).ok());
-  ASSERT_TRUE(server->serve("svc/flaky", [&](const ReceivedMessage&) -> Result<std::vector<std::byte>> {
-    return unavailable("always busy");
-  }).ok());
+  ASSERT_TRUE(server
+                  ->serve("svc/slow",
+                          [&](const ReceivedMessage& m) -> Result<std::vector<std::byte>> {
+                            if (calls++ == 0)
+                              std::this_thread::sleep_for(
+                                  std::chrono::milliseconds(400));  // outlive attempt 1
+                            std::string r = "re:" + std::string(m.text());
+                            return std::vector<std::byte>(bytes(r).begin(), bytes(r).end());
+                          })
+                  .ok());
+  ASSERT_TRUE(server
+                  ->serve("svc/flaky",
+                          [&](const ReceivedMessage&) -> Result<std::vector<std::byte>> {
+                            return unavailable("always busy");
+                          })
+                  .ok());
   ASSERT_TRUE(watcher->subscribe("$dead/#").ok());
-  auto r = caller->request("svc/slow", bytes("q1"), {.attempt_timeout_ms = 150, .max_attempts = 10});
+  auto r =
+      caller->request("svc/slow", bytes("q1"), {.attempt_timeout_ms = 150, .max_attempts = 10});
   ASSERT_TRUE(r.ok()) << r.status();
-  EXPECT_EQ(std::string(reinterpret_cast<const char*>(r->payload.data()), r->payload.size()), "re:q1");
+  EXPECT_EQ(std::string(reinterpret_cast<const char*>(r->payload.data()), r->payload.size()),
+            "re:q1");
   EXPECT_GE(r->attempts, 2u);
   EXPECT_EQ(calls.load(), 1);  // retries did not run the handler again
   EXPECT_GE(server->stats().duplicate_requests, 1u);
-  auto dead = caller->request("svc/flaky", bytes("q2"), {.attempt_timeout_ms = 500, .max_attempts = 10, .backoff_ms = 5});
+  auto dead = caller->request("svc/flaky", bytes("q2"),
+                              {.attempt_timeout_ms = 500, .max_attempts = 10, .backoff_ms = 5});
   EXPECT_EQ(dead.status().code(), StatusCode::kFailedPrecondition) << dead.status();
   auto m = watcher->poll(Deadline::after_ms(3000));
   ASSERT_TRUE(m.ok()) << m.status();

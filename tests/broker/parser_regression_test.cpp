@@ -60,7 +60,8 @@ TEST(ParserRegression, HttpHeads) {
   r = parse_http_get("GET /metrics HTTP/1.1\r\n", &path);
   ASSERT_TRUE(r.ok());
   EXPECT_FALSE(*r);
-  EXPECT_EQ(parse_http_get("POST / HTTP/1.1\r\n\r\n", &path).status().code(), StatusCode::kUnsupported);
+  EXPECT_EQ(parse_http_get("POST / HTTP/1.1\r\n\r\n", &path).status().code(),
+            StatusCode::kUnsupported);
   EXPECT_FALSE(parse_http_get("GET / HTTP/9\r\n\r\n", &path).ok());
   EXPECT_FALSE(parse_http_get(std::string(9000, 'a'), &path).ok());
 }

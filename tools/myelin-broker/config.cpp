@@ -9,9 +9,11 @@
 namespace myelin::broker::tool {
 namespace {
 
-Status check_keys(const toml::table& t, const std::set<std::string>& allowed, const std::string& where) {
+Status check_keys(const toml::table& t, const std::set<std::string>& allowed,
+                  const std::string& where) {
   for (const auto& [k, v] : t) {
-    if (!allowed.count(std::string(k.str()))) return invalid_argument("unknown key '", k.str(), "' in ", where);
+    if (!allowed.count(std::string(k.str())))
+      return invalid_argument("unknown key '", k.str(), "' in ", where);
   }
   return ok_status();
 }
@@ -77,10 +79,11 @@ Status load_config_file(const std::string& path, ServerOptions* o) {
   }
   MYELIN_RETURN_IF_ERROR(check_keys(root, {"broker", "topic", "client", "ps"}, path));
   if (const toml::table* b = root["broker"].as_table()) {
-    MYELIN_RETURN_IF_ERROR(check_keys(*b, {"listen", "metrics_listen", "secret_file", "lane_capacity",
-                                           "chunk_bytes", "batch_bytes", "batch_count", "batch_window_us",
-                                           "publish_credits", "heartbeat_ms", "numa_node", "nic"},
-                                      "[broker]"));
+    MYELIN_RETURN_IF_ERROR(check_keys(
+        *b,
+        {"listen", "metrics_listen", "secret_file", "lane_capacity", "chunk_bytes", "batch_bytes",
+         "batch_count", "batch_window_us", "publish_credits", "heartbeat_ms", "numa_node", "nic"},
+        "[broker]"));
     MYELIN_RETURN_IF_ERROR(get(*b, "listen", &o->listen));
     MYELIN_RETURN_IF_ERROR(get(*b, "metrics_listen", &o->metrics_listen));
     std::string secret_file;
@@ -110,7 +113,8 @@ Status load_config_file(const std::string& path, ServerOptions* o) {
     for (const auto& e : *arr) {
       const toml::table* t = e.as_table();
       if (!t) return invalid_argument("'topic' must be an array of tables ([[topic]])");
-      MYELIN_RETURN_IF_ERROR(check_keys(*t, {"pattern", "lane", "overflow", "batching", "max_delivery_attempts"}, "[[topic]]"));
+      MYELIN_RETURN_IF_ERROR(check_keys(
+          *t, {"pattern", "lane", "overflow", "batching", "max_delivery_attempts"}, "[[topic]]"));
       TopicPolicy p;
       MYELIN_RETURN_IF_ERROR(get(*t, "pattern", &p.pattern));
       Status ps = validate_pattern(p.pattern);
@@ -131,7 +135,9 @@ Status load_config_file(const std::string& path, ServerOptions* o) {
     for (const auto& e : *arr) {
       const toml::table* t = e.as_table();
       if (!t) return invalid_argument("'client' must be an array of tables ([[client]])");
-      MYELIN_RETURN_IF_ERROR(check_keys(*t, {"identity", "publish", "subscribe", "rate_limit_msgs", "rate_limit_burst"}, "[[client]]"));
+      MYELIN_RETURN_IF_ERROR(check_keys(
+          *t, {"identity", "publish", "subscribe", "rate_limit_msgs", "rate_limit_burst"},
+          "[[client]]"));
       AclEntry a;
       MYELIN_RETURN_IF_ERROR(get(*t, "identity", &a.identity));
       MYELIN_RETURN_IF_ERROR(get_list(*t, "publish", &a.publish));
@@ -142,8 +148,10 @@ Status load_config_file(const std::string& path, ServerOptions* o) {
     }
   }
   if (const toml::table* p = root["ps"].as_table()) {
-    MYELIN_RETURN_IF_ERROR(check_keys(*p, {"enabled", "workers", "mode", "aggregation", "optimizer", "lr",
-                                           "momentum", "staleness"}, "[ps]"));
+    MYELIN_RETURN_IF_ERROR(check_keys(
+        *p,
+        {"enabled", "workers", "mode", "aggregation", "optimizer", "lr", "momentum", "staleness"},
+        "[ps]"));
     MYELIN_RETURN_IF_ERROR(get(*p, "enabled", &o->enable_ps));
     MYELIN_RETURN_IF_ERROR(get(*p, "workers", &o->ps.num_workers));
     std::string mode = "sync", agg = "mean", optimizer = "sgd";
@@ -154,13 +162,19 @@ Status load_config_file(const std::string& path, ServerOptions* o) {
     MYELIN_RETURN_IF_ERROR(get(*p, "lr", &lr));
     MYELIN_RETURN_IF_ERROR(get(*p, "momentum", &momentum));
     MYELIN_RETURN_IF_ERROR(get(*p, "staleness", &o->ps.staleness_bound));
-    if (mode != "sync" && mode != "async") return invalid_argument("[ps] mode '", mode, "': sync or async");
-    if (agg != "sum" && agg != "mean") return invalid_argument("[ps] aggregation '", agg, "': sum or mean");
+    if (mode != "sync" && mode != "async")
+      return invalid_argument("[ps] mode '", mode, "': sync or async");
+    if (agg != "sum" && agg != "mean")
+      return invalid_argument("[ps] aggregation '", agg, "': sum or mean");
     o->ps.mode = mode == "sync" ? PsMode::kSync : PsMode::kAsync;
     o->ps.aggregation = agg == "sum" ? Aggregation::kSum : Aggregation::kMean;
-    if (optimizer == "sgd") o->ps.optimizer = std::make_shared<SgdOptimizer>(static_cast<float>(lr));
-    else if (optimizer == "momentum") o->ps.optimizer = std::make_shared<MomentumOptimizer>(static_cast<float>(lr), static_cast<float>(momentum));
-    else return invalid_argument("[ps] optimizer '", optimizer, "': sgd or momentum");
+    if (optimizer == "sgd")
+      o->ps.optimizer = std::make_shared<SgdOptimizer>(static_cast<float>(lr));
+    else if (optimizer == "momentum")
+      o->ps.optimizer =
+          std::make_shared<MomentumOptimizer>(static_cast<float>(lr), static_cast<float>(momentum));
+    else
+      return invalid_argument("[ps] optimizer '", optimizer, "': sgd or momentum");
   }
   return ok_status();
 }

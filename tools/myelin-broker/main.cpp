@@ -24,8 +24,10 @@ int main(int argc, char** argv) {
   uint32_t ps_workers = 0;
   app.add_option("-c,--config", config, "TOML configuration file");
   app.add_option("--listen", listen, "client address host:port (port 0: any free port)");
-  app.add_option("--metrics-listen", metrics_listen, "HTTP /metrics and /healthz address ('' disables)");
-  app.add_option("--secret-file", secret_file, "file holding the job secret (else $MYELIN_BROKER_SECRET)");
+  app.add_option("--metrics-listen", metrics_listen,
+                 "HTTP /metrics and /healthz address ('' disables)");
+  app.add_option("--secret-file", secret_file,
+                 "file holding the job secret (else $MYELIN_BROKER_SECRET)");
   app.add_option("--numa-node", numa_node, "pin the I/O thread on this NUMA node");
   app.add_option("--nic", nic, "pin the I/O thread on the NUMA node of this NIC");
   app.add_option("--drain-timeout-ms", drain_ms, "how long SIGTERM waits for queues to empty");
@@ -86,7 +88,8 @@ int main(int argc, char** argv) {
     std::cerr << "myelin-broker: " << s << "\n";
     return 1;
   }
-  std::printf("myelin-broker listening on port %u, metrics on %u\n", (*server)->port(), (*server)->metrics_port());
+  std::printf("myelin-broker listening on port %u, metrics on %u\n", (*server)->port(),
+              (*server)->metrics_port());
   std::fflush(stdout);
   if (!port_file.empty()) {
     const std::string tmp = port_file + ".tmp";

@@ -69,10 +69,10 @@ struct Message {
   Lane lane = Lane::kBulk;
   bool batchable = false;
   std::string topic;
-  uint64_t seq = 0;  // topic sequence (deliver), attempt (request), status code (error)
-  uint64_t id = 0;   // message id
-  uint64_t publish_ts_ns = 0;   // publisher's clock, carried to the subscriber
-  int64_t broker_rx_ns = 0;     // broker's receipt, for the publish-to-deliver histogram
+  uint64_t seq = 0;            // topic sequence (deliver), attempt (request), status code (error)
+  uint64_t id = 0;             // message id
+  uint64_t publish_ts_ns = 0;  // publisher's clock, carried to the subscriber
+  int64_t broker_rx_ns = 0;    // broker's receipt, for the publish-to-deliver histogram
   std::shared_ptr<const void> owner;  // keeps `payload` alive
   std::span<const std::byte> payload;
 };
@@ -91,7 +91,9 @@ class Session {
   [[nodiscard]] const std::string& identity() const noexcept { return identity_; }
   BoundedQueue<MessagePtr>& lane(Lane l) noexcept { return l == Lane::kControl ? control_ : bulk_; }
   // Pops the next message, control lane first. False when both are empty.
-  [[nodiscard]] bool try_pop(MessagePtr& out) { return control_.try_pop(out) || bulk_.try_pop(out); }
+  [[nodiscard]] bool try_pop(MessagePtr& out) {
+    return control_.try_pop(out) || bulk_.try_pop(out);
+  }
   [[nodiscard]] size_t depth() const noexcept { return control_.size() + bulk_.size(); }
 
   // Called (possibly under the broker mutex, from any thread) after messages were queued.
@@ -121,8 +123,8 @@ class LocalSubscriber final : public Session {
 struct TopicStats {
   uint64_t messages_in = 0, bytes_in = 0;
   uint64_t deliveries = 0, delivered_bytes = 0;  // copies queued for sessions
-  uint64_t drops = 0;    // evicted by kDropOldest
-  uint64_t stalls = 0;   // publishes refused by kBlock (the producer waited)
+  uint64_t drops = 0;                            // evicted by kDropOldest
+  uint64_t stalls = 0;  // publishes refused by kBlock (the producer waited)
   uint64_t dead_letters = 0;
 };
 
@@ -134,7 +136,7 @@ struct PublishArgs {
   std::shared_ptr<const void> owner;  // keeps payload alive while queued; null: payload is copied
   uint64_t id = 0;
   uint64_t publish_ts_ns = 0;
-  uint64_t attempt = 1;  // requests only
+  uint64_t attempt = 1;       // requests only
   uint64_t from_session = 0;  // requester, for request()
 };
 
@@ -188,9 +190,9 @@ class Broker {
   std::vector<Sub> subs_;
   std::unordered_map<std::string, uint64_t> next_seq_;
   std::map<std::string, TopicStats> stats_;
-  std::unordered_map<uint64_t, Pending> pending_;   // request id -> requester
-  std::unordered_map<uint64_t, uint32_t> attempts_; // request id -> attempts seen
-  std::vector<uint64_t> attempts_fifo_;             // eviction order for attempts_
+  std::unordered_map<uint64_t, Pending> pending_;    // request id -> requester
+  std::unordered_map<uint64_t, uint32_t> attempts_;  // request id -> attempts seen
+  std::vector<uint64_t> attempts_fifo_;              // eviction order for attempts_
   size_t rr_ = 0;
   uint64_t replies_dropped_ = 0;
 };

@@ -45,7 +45,7 @@ struct ClientOptions {
   uint32_t chunk_bytes = 64 * 1024;
   size_t batch_bytes = 64 * 1024;
   int64_t batch_window_us = 200;
-  uint32_t ps_worker = 0;          // this worker's index for parameter-server pushes
+  uint32_t ps_worker = 0;  // this worker's index for parameter-server pushes
 };
 
 struct ReceivedMessage {
@@ -83,10 +83,10 @@ struct Reply {
 };
 
 struct ClientStats {
-  uint64_t gaps_missed = 0;           // messages known missing from sequence gaps
-  uint64_t publish_stalls = 0;        // publishes that waited for credits
-  uint64_t duplicate_requests = 0;    // requests answered from the de-duplication cache / dropped
-  uint64_t handler_calls = 0;         // request handler invocations
+  uint64_t gaps_missed = 0;         // messages known missing from sequence gaps
+  uint64_t publish_stalls = 0;      // publishes that waited for credits
+  uint64_t duplicate_requests = 0;  // requests answered from the de-duplication cache / dropped
+  uint64_t handler_calls = 0;       // request handler invocations
   uint64_t received = 0;
 };
 
@@ -102,7 +102,10 @@ class Client {
 
   Status publish(std::string_view topic, std::span<const std::byte> payload, PublishOptions o = {});
   Status publish(std::string_view topic, std::string_view text, PublishOptions o = {}) {
-    return publish(topic, std::span<const std::byte>(reinterpret_cast<const std::byte*>(text.data()), text.size()), o);
+    return publish(
+        topic,
+        std::span<const std::byte>(reinterpret_cast<const std::byte*>(text.data()), text.size()),
+        o);
   }
   // Returns the subscription id once the broker confirmed it (errors: permission_denied, ...).
   Result<uint64_t> subscribe(std::string_view pattern, MessageHandler handler = {},
@@ -112,7 +115,8 @@ class Client {
   Result<ReceivedMessage> poll(Deadline deadline);
   // Answers requests on topics matching `pattern`.
   Status serve(std::string_view pattern, RequestHandler handler, int64_t timeout_ms = 5000);
-  Result<Reply> request(std::string_view topic, std::span<const std::byte> payload, RequestOptions o = {});
+  Result<Reply> request(std::string_view topic, std::span<const std::byte> payload,
+                        RequestOptions o = {});
 
   Status ps_init(std::string_view key, std::span<const float> initial, int64_t timeout_ms = 5000);
   Status ps_push(std::string_view key, std::span<const float> grad, uint64_t step,

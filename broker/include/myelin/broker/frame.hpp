@@ -49,23 +49,23 @@ inline constexpr size_t kNonceSize = 32;
 inline constexpr size_t kMacSize = 32;  // HMAC-SHA256
 
 enum class FrameType : uint8_t {
-  kHello = 1,         // S->C  payload: server nonce (32 B)
-  kAuth = 2,          // C->S  topic: identity; payload: client nonce (32 B) + HMAC (32 B)
-  kAuthOk = 3,        // S->C  payload: server proof HMAC (32 B); id: client id; seq: publish credits
-  kError = 4,         // both  seq: StatusCode; id: id of the failed request (0: the connection)
-  kPublish = 5,       // C->S  topic; seq: publisher sequence; id: message id
-  kDeliver = 6,       // S->C  topic; seq: topic sequence; id: message id
-  kSubscribe = 7,     // C->S  topic: pattern; id: subscription id
-  kUnsubscribe = 8,   // C->S  id: subscription id
-  kCredit = 9,        // both  id: credits granted (C->S: deliveries; S->C: publishes)
-  kRequest = 10,      // both  topic; id: message id; seq: attempt number (1, 2, ...)
-  kReply = 11,        // both  id: message id of the request
-  kBatch = 12,        // both  payload: inner frames
-  kHeartbeat = 13,    // both
-  kPsPush = 14,       // C->S  topic: key; seq: step; id: request id; payload: f32 tensor
-  kPsPull = 15,       // C->S  topic: key; seq: min step; id: request id
-  kPsReply = 16,      // S->C  id: request id; seq: step; payload: f32 tensor (empty for a push)
-  kGoAway = 17,       // S->C  the broker is draining; no new work
+  kHello = 1,        // S->C  payload: server nonce (32 B)
+  kAuth = 2,         // C->S  topic: identity; payload: client nonce (32 B) + HMAC (32 B)
+  kAuthOk = 3,       // S->C  payload: server proof HMAC (32 B); id: client id; seq: publish credits
+  kError = 4,        // both  seq: StatusCode; id: id of the failed request (0: the connection)
+  kPublish = 5,      // C->S  topic; seq: publisher sequence; id: message id
+  kDeliver = 6,      // S->C  topic; seq: topic sequence; id: message id
+  kSubscribe = 7,    // C->S  topic: pattern; id: subscription id
+  kUnsubscribe = 8,  // C->S  id: subscription id
+  kCredit = 9,       // both  id: credits granted (C->S: deliveries; S->C: publishes)
+  kRequest = 10,     // both  topic; id: message id; seq: attempt number (1, 2, ...)
+  kReply = 11,       // both  id: message id of the request
+  kBatch = 12,       // both  payload: inner frames
+  kHeartbeat = 13,   // both
+  kPsPush = 14,      // C->S  topic: key; seq: step; id: request id; payload: f32 tensor
+  kPsPull = 15,      // C->S  topic: key; seq: min step; id: request id
+  kPsReply = 16,     // S->C  id: request id; seq: step; payload: f32 tensor (empty for a push)
+  kGoAway = 17,      // S->C  the broker is draining; no new work
 };
 inline constexpr uint8_t kMaxFrameType = 17;
 std::string_view frame_type_name(FrameType type) noexcept;

@@ -40,7 +40,8 @@ class Optimizer {
  public:
   virtual ~Optimizer() = default;
   // Applies an aggregated gradient to `params` (same size). Called under the server's lock.
-  virtual void apply(std::string_view key, std::span<float> params, std::span<const float> grad) = 0;
+  virtual void apply(std::string_view key, std::span<float> params,
+                     std::span<const float> grad) = 0;
 };
 
 class SgdOptimizer final : public Optimizer {
@@ -70,7 +71,7 @@ struct ParameterServerOptions {
   uint32_t num_workers = 1;
   PsMode mode = PsMode::kSync;
   Aggregation aggregation = Aggregation::kMean;
-  uint64_t staleness_bound = 0;  // async only
+  uint64_t staleness_bound = 0;          // async only
   std::shared_ptr<Optimizer> optimizer;  // null: SGD with lr 1 (params -= aggregated gradient)
 };
 

@@ -25,7 +25,7 @@ namespace myelin::broker {
 
 // What one arrival means for its stream.
 struct SeqEvent {
-  uint64_t missed = 0;  // messages skipped before this one (0: in order)
+  uint64_t missed = 0;            // messages skipped before this one (0: in order)
   bool duplicate_or_old = false;  // at or before the last one seen: out of order
 };
 

@@ -40,20 +40,20 @@ struct AclEntry {
 };
 
 struct ServerOptions {
-  std::string listen = "127.0.0.1:7400";          // port 0 picks one (see port())
-  std::string metrics_listen = "127.0.0.1:0";     // "" disables HTTP
-  std::string secret;                              // required, at least 16 bytes
-  std::vector<AclEntry> acl;                       // empty: everyone may do everything
+  std::string listen = "127.0.0.1:7400";       // port 0 picks one (see port())
+  std::string metrics_listen = "127.0.0.1:0";  // "" disables HTTP
+  std::string secret;                          // required, at least 16 bytes
+  std::vector<AclEntry> acl;                   // empty: everyone may do everything
   BrokerOptions broker;
   uint32_t chunk_bytes = 64 * 1024;
   size_t batch_bytes = 64 * 1024;
   uint32_t batch_count = 256;
   int64_t batch_window_us = 200;
-  uint32_t publish_credits = 256;                  // per client window
-  int64_t heartbeat_ms = 1000;                     // clients silent for 3x this are dropped
+  uint32_t publish_credits = 256;  // per client window
+  int64_t heartbeat_ms = 1000;     // clients silent for 3x this are dropped
   int64_t handshake_timeout_ms = 5000;
-  int numa_node = -1;                              // pin the loop thread there (-1: don't)
-  std::string nic;                                 // or: pin on this NIC's node ("mlx5_0", "eth0")
+  int numa_node = -1;  // pin the loop thread there (-1: don't)
+  std::string nic;     // or: pin on this NIC's node ("mlx5_0", "eth0")
   bool enable_ps = false;
   ParameterServerOptions ps;
 };
