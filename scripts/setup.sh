@@ -19,6 +19,7 @@ build_pkgs=(
   libboost-dev libconcurrentqueue-dev libreaderwriterqueue-dev  # peer rings in the ring benchmark
   libssl-dev                             # HMAC-SHA256 for broker authentication
   libtomlplusplus-dev                    # myelin-broker configuration file
+  clang libclang-rt-14-dev               # libFuzzer targets (tests/fuzz/run.sh)
   python3 curl
 )
 vm_pkgs=(qemu-system-x86 busybox-static cpio iproute2 libibverbs1 librdmacm1 ibverbs-providers

@@ -67,6 +67,9 @@ TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 \
   ctest --test-dir build/tsan -j "$jobs" --output-on-failure --timeout 600 -L concurrency ||
   fail "tsan tests"
 
+stage "fuzz (libFuzzer, 30 s per target)"
+tests/fuzz/run.sh 30 build/fuzz || fail "fuzz"
+
 stage "clang-format"
 scripts/format.sh --check || fail "clang-format"
 

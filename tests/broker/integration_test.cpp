@@ -378,7 +378,10 @@ TEST(BrokerIntegration, ParameterServerMatchesSerialReference) {
 }
 
 TEST(BrokerIntegration, RequestRetriesAreDeduplicatedAndDeadLettered) {
-  Daemon d("[[topic]]\npattern = \"svc/flaky\"\nmax_delivery_attempts = 3\n");
+  // svc/slow allows many attempts so a loaded machine cannot turn slowness into a dead letter.
+  Daemon d(
+      "[[topic]]\npattern = \"svc/flaky\"\nmax_delivery_attempts = 3\n"
+      "[[topic]]\npattern = \"svc/slow\"\nmax_delivery_attempts = 100\n");
   ASSERT_TRUE(d.up());
   auto server = connect_or_die(d.client("server"));
   auto caller = connect_or_die(d.client("caller"));
