@@ -14,9 +14,13 @@
 #
 # Kernel: the package linux-image-amd64 depends on, fetched with apt-get download once and kept
 # in $MYELIN_RXE_CACHE (default ~/.cache/myelin/rxe-vm); build/rxe-vm-cache is used when present.
+# UCX: when a binary links libucs, UCX's transport modules (libuct_ib etc., which ldd does not
+# list) are copied too, so UCX_TLS=rc_verbs,ud_verbs,self runs over rxe0 in the guest.
+# A gtest that reports [  SKIPPED ] inside the guest fails its command: the guest exists to
+# provide the device, so a skip there means the harness or the code under test is broken.
 # Exit status: 0 all commands passed; 1 a command failed or the guest misbehaved (the reason is
 # printed last); 77 skipped — QEMU or the kernel package is unavailable and MYELIN_RXE_REQUIRE is
-# not 1 (CI sets it, so there a missing piece is a failure).
+# not 1 (scripts/test.sh sets it, so in CI a missing piece is a failure).
 set -euo pipefail
 
 die() { echo "rxe-vm: FAILED: $*" >&2; exit 1; }
@@ -33,7 +37,7 @@ while [ $# -gt 0 ]; do
     --cmd-timeout) cmd_timeout=$2; shift 2 ;;
     --bin|--extra) bins+=("$2"); shift 2 ;;
     --) shift; cmds=("$@"); break ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
 done
@@ -82,7 +86,7 @@ root=$workdir/root
 rm -rf "$root"
 mkdir -p "$root"/{bin,proc,sys,dev,tmp,lib/modules,etc/libibverbs.d,lib64}
 cp "$file_busybox" "$root/bin/busybox"
-for a in sh mount insmod ip cat sleep poweroff mkdir dmesg tail timeout env grep; do
+for a in sh mount insmod ip cat sleep poweroff mkdir dmesg tail timeout env grep tee; do
   ln -s busybox "$root/bin/$a"
 done
 modules="crypto/crc32_generic net/ipv4/udp_tunnel net/ipv6/ip6_udp_tunnel
@@ -106,7 +110,17 @@ for b in "${all[@]}"; do
   if ldd "$b" 2>/dev/null | grep -q "not found"; then die "$b: a shared library is not found: $(ldd "$b" | grep 'not found' | head -1)"; fi
   cp "$b" "$root/bin/"
 done
-for l in $( (for b in "${all[@]}" "$provider"; do libs "$b"; done
+# UCX loads its transports (libuct_ib.so.0, ...) at run time from <dir of libucs>/ucx.
+ucx_modules=()
+libucs=$( (for b in "${all[@]}"; do libs "$b"; done) | grep '/libucs\.so' | head -1 || true)
+if [ -n "$libucs" ]; then
+  ucx_dir=$(dirname "$libucs")/ucx
+  [ -d "$ucx_dir" ] || die "$libucs is used but its module directory $ucx_dir is missing"
+  for m in "$ucx_dir"/lib*.so.0; do [ -e "$m" ] && ucx_modules+=("$m"); done
+  mkdir -p "$root$ucx_dir"
+  for m in "${ucx_modules[@]}"; do cp -L "$m" "$root$m"; done
+fi
+for l in $( (for b in "${all[@]}" "$provider" "${ucx_modules[@]}"; do libs "$b"; done
             ls /lib/x86_64-linux-gnu/libgcc_s.so.1) | sort -u); do
   mkdir -p "$root$(dirname "$l")"; cp -L "$l" "$root$l"
 done
@@ -129,7 +143,8 @@ cp /etc/libibverbs.d/rxe.driver "$root/etc/libibverbs.d/"
     i=$((i+1))
     q=${c//\'/\'\\\'\'}
     echo "echo '=== RXEVM[$i] $q'"
-    echo "timeout $cmd_timeout sh -c '$q'; r=\$?"
+    echo "{ timeout $cmd_timeout sh -c '$q' 2>&1; echo \$? > /tmp/rc.$i; } | tee /tmp/out.$i; r=\$(cat /tmp/rc.$i)"
+    echo "if [ \$r -eq 0 ] && grep -q '^\\[  SKIPPED \\]' /tmp/out.$i; then echo 'RXEVM: a test skipped inside the guest: counted as a failure'; r=99; fi"
     echo "echo \"=== RXEVM[$i] rc=\$r\"; [ \$rc -eq 0 ] && rc=\$r"
   done
   echo 'echo "VMTEST-RC=$rc"'
@@ -159,6 +174,7 @@ done
 [ "$qrc" = 124 ] || [ "$qrc" = 137 ] && die "the guest did not finish within ${timeout_s}s (see $workdir/console.log)"
 rc=$(sed -n 's/.*VMTEST-RC=\([0-9]*\).*/\1/p' "$workdir/console.log" | tail -1)
 [ -n "$rc" ] || die "the guest reported no result (qemu exit $qrc; see $workdir/console.log)"
-echo "rxe-vm: per-command results:"; grep -a '=== RXEVM\[[0-9]*\] rc=' "$workdir/console.log" | sed 's/^/  /'
+echo "rxe-vm: per-command results:"
+grep -a '=== RXEVM\[[0-9]*\] ' "$workdir/console.log" | tr -d '\r' | sed 's/^.*=== /  /'
 [ "$rc" = 0 ] || die "a command failed in the guest (first failing status $rc)"
 echo "rxe-vm: all ${#cmds[@]} command(s) passed"

@@ -160,9 +160,11 @@ class VerbsMultiProcess : public ::testing::TestWithParam<const char*> {
     Request r = ep_->recv(1, got.data(), got.size(), nullptr);
     Request s = ep_->send(0, &n, sizeof n, nullptr);
     const auto timeout = std::chrono::seconds(30);
-    const Status ss = blocking ? block_on(s, *me_, timeout) : wait_request(s, *me_, nullptr, timeout);
+    const Status ss =
+        blocking ? block_on(s, *me_, timeout) : wait_request(s, *me_, nullptr, timeout);
     ASSERT_TRUE(ss.ok()) << ss;
-    const Status rs = blocking ? block_on(r, *me_, timeout) : wait_request(r, *me_, nullptr, timeout);
+    const Status rs =
+        blocking ? block_on(r, *me_, timeout) : wait_request(r, *me_, nullptr, timeout);
     ASSERT_TRUE(rs.ok()) << rs;
     ASSERT_EQ(r.bytes(), n);
     EXPECT_EQ(got[0], 0x5c);

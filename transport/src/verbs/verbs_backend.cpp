@@ -5,6 +5,8 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <sys/epoll.h>
+#include <sys/timerfd.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -126,6 +128,10 @@ class VerbsBackend final : public BackendContext {
   // rdmacm mode.
   CmIdPtr listener_;
   Fd epoll_;
+  // Blocking waits: wakes the wait at the earliest endpoint timer (handshake retransmission,
+  // connect deadline, keepalive), so nothing timer-driven depends on a completion arriving.
+  Fd timer_;
+  int64_t timer_at_ns_ = 0;  // when the armed timer fires; 0 = not armed
   std::unordered_map<uint64_t, std::unique_ptr<VerbsEndpoint>> unclaimed_;
 };
 
@@ -193,7 +199,10 @@ Status VerbsBackend::init() {
 
   epoll_ = Fd(epoll_create1(EPOLL_CLOEXEC));
   if (epoll_.get() < 0) return errno_status("epoll_create1", errno);
-  int fds[3] = {s.channel->fd, device->context()->async_fd, s.cm_channel ? s.cm_channel->fd : -1};
+  timer_ = Fd(timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC));
+  if (timer_.get() < 0) return errno_status("timerfd_create", errno);
+  int fds[4] = {s.channel->fd, device->context()->async_fd, s.cm_channel ? s.cm_channel->fd : -1,
+                timer_.get()};
   for (int fd : fds) {
     if (fd < 0) continue;
     epoll_event ev{};
@@ -437,6 +446,9 @@ void VerbsBackend::send_handshake(VerbsEndpoint& ep) {
   wr.wr.ud.ah = ep.ud_ah();
   wr.wr.ud.remote_qpn = ep.peer_address().ud_qpn;
   wr.wr.ud.remote_qkey = kQkey;
+  MYELIN_LOG_DEBUG << "verbs: wire-up to " << ep.peer_name() << " (UD QPN "
+                   << ep.peer_address().ud_qpn << "): RC QPN " << info.qpn << ", PSN " << info.psn
+                   << ", flags " << int{info.flags};
   ibv_send_wr* bad = nullptr;
   if (int rc = ibv_post_send(ud_qp_.get(), &wr, &bad)) {
     ud_free_send_.push_back(slot);
@@ -484,6 +496,9 @@ void VerbsBackend::on_ud_completion(const ibv_wc& wc) {
 
 void VerbsBackend::on_handshake(const ConnectInfo& info) {
   Shared& s = *shared_;
+  MYELIN_LOG_DEBUG << "verbs: wire-up from " << hex_token(info.src_token) << " to "
+                   << hex_token(info.dst_token) << ": RC QPN " << info.qpn << ", PSN " << info.psn
+                   << ", flags " << int{info.flags};
   if (info.dst_token != s.token) return;  // meant for an earlier incarnation
   VerbsEndpoint* ep = nullptr;
   if (auto it = s.by_token.find(info.src_token); it != s.by_token.end()) {
@@ -511,6 +526,12 @@ void VerbsBackend::on_handshake(const ConnectInfo& info) {
       ep->fail(peer_failed("verbs: bringing up the QP to ", ep->peer_name(), ": ", st.to_string()));
       return;
     }
+  } else if (!ep->same_remote(info)) {
+    // Another QP of the same peer backend (an earlier endpoint it closed, or a new one it made
+    // after closing ours): its flags say nothing about the QP ours is connected to.
+    MYELIN_LOG_DEBUG << "verbs: ignoring wire-up from " << ep->peer_name() << " for RC QPN "
+                     << info.qpn << ": connected to another QP of that peer";
+    return;
   }
   if (info.flags & ConnectInfo::kHaveInfo) ep->set_peer_ready();
   if (!(info.flags & ConnectInfo::kReady)) send_handshake(*ep);
@@ -730,6 +751,11 @@ size_t VerbsBackend::progress() {
   n += drain_async();
   n += drain_cm();
   const int64_t now = monotonic_ns();
+  if (timer_at_ns_ != 0 && now >= timer_at_ns_) {
+    uint64_t expirations = 0;  // drained so the wait fd stops being readable
+    (void)!::read(timer_.get(), &expirations, sizeof expirations);
+    timer_at_ns_ = 0;
+  }
   for (auto& [token, ep] : shared_->by_token) {
     if (shared_->mode == CmMode::kExchange && !ep->failed() && !ep->established() &&
         now >= ep->next_handshake_ns) {
@@ -744,12 +770,25 @@ bool VerbsBackend::arm_wait() {
   if (ibv_req_notify_cq(shared_->cq.get(), 0) != 0) return false;
   // Anything that completed before the arm would not wake us: handle it now instead.
   if (progress() > 0) return false;
+  int64_t wake = VerbsEndpoint::kNoTimer;
   for (auto& [token, ep] : shared_->by_token) {
     if (ep->has_postable_work()) return false;
-    if (shared_->mode == CmMode::kExchange && !ep->established() && !ep->failed()) {
-      return false;  // handshake retransmission is timer-driven: keep spinning
-    }
+    wake = std::min(wake, ep->next_timer_ns());
   }
+  // Sleep no longer than the earliest endpoint timer: handshake datagrams are retransmitted,
+  // connect deadlines enforced and keepalives sent while the caller blocks, so a silent dead
+  // peer still ends in peer_failed rather than in the caller's wait timeout.
+  if (wake != VerbsEndpoint::kNoTimer && wake <= monotonic_ns()) return false;
+  itimerspec when{};  // all zero: disarmed
+  if (wake != VerbsEndpoint::kNoTimer) {
+    when.it_value.tv_sec = static_cast<time_t>(wake / 1'000'000'000);
+    when.it_value.tv_nsec = static_cast<long>(wake % 1'000'000'000);
+  }
+  if (timerfd_settime(timer_.get(), TFD_TIMER_ABSTIME, &when, nullptr) != 0) {
+    MYELIN_LOG_WARN << "verbs: timerfd_settime: " << std::strerror(errno) << "; spinning instead";
+    return false;
+  }
+  timer_at_ns_ = wake == VerbsEndpoint::kNoTimer ? 0 : wake;
   return true;
 }
 

@@ -54,6 +54,7 @@ VerbsEndpoint::VerbsEndpoint(std::shared_ptr<Shared> shared, uint64_t peer_token
       peer_token_(peer_token),
       peer_(peer),
       peer_name_(std::move(peer_name)),
+      peer_label_(std::make_shared<const std::string>(peer_name_)),
       connect_deadline_(connect_deadline),
       psn_(random_psn()) {
   last_activity_ns_ = monotonic_ns();
@@ -239,6 +240,9 @@ Status VerbsEndpoint::apply_remote(const ConnectInfo& info) {
     return errno_status("ibv_modify_qp RTR->RTS", rc);
   }
   remote_qpn_ = info.qpn;
+  remote_psn_ = info.psn;
+  MYELIN_LOG_DEBUG << "verbs: QP " << qp_->qp_num << " to " << peer_name_ << " in RTS: remote QPN "
+                   << info.qpn << ", receive PSN " << info.psn << ", send PSN " << psn_;
   return set_remote_ring(info);
 }
 
@@ -271,6 +275,25 @@ uint32_t VerbsEndpoint::send_eager_limit() const noexcept {
   uint32_t slot = shared_->slot_size;
   if (have_remote_) slot = std::min(slot, peer_slot_size_);
   return slot - static_cast<uint32_t>(sizeof(RingHeader));
+}
+
+bool VerbsEndpoint::waiting_on_peer() const noexcept {
+  if (!rdv_sends_.empty() || !inflight_.empty()) return true;
+  for (const auto& [ch, q] : channels_) {
+    if (!q.recvs.empty()) return true;
+  }
+  return false;
+}
+
+int64_t VerbsEndpoint::next_timer_ns() const noexcept {
+  if (failed()) return kNoTimer;
+  if (!established()) {
+    int64_t t = connect_deadline_.is_never() ? kNoTimer : connect_deadline_.at_ns();
+    if (shared_->mode == CmMode::kExchange) t = std::min(t, next_handshake_ns);
+    return t;
+  }
+  // flush() probes once more than kKeepaliveNs passed without activity.
+  return waiting_on_peer() ? last_activity_ns_ + kKeepaliveNs + 1 : kNoTimer;
 }
 
 bool VerbsEndpoint::has_postable_work() const noexcept {
@@ -314,6 +337,7 @@ Request VerbsEndpoint::send(uint32_t channel, const void* data, size_t size,
     if (!status_.ok()) return Request::failed(status_);
     if (outgoing_.empty()) return Request::completed(size);  // ours was the last one queued
     auto [req, state] = Request::make_pending();
+    state->describe("send", channel, peer_label_);
     outgoing_.back().on_posted = std::move(state);
     return std::move(req);
   }
@@ -330,6 +354,7 @@ Request VerbsEndpoint::send(uint32_t channel, const void* data, size_t size,
   }
   const uint32_t id = next_rdv_id_++;
   auto [req, state] = Request::make_pending();
+  state->describe("rendezvous send", channel, peer_label_);
   rdv_sends_[id] = RendezvousSend{std::move(state), size, std::move(transient)};
   RingHeader h;
   h.type = static_cast<uint8_t>(MsgType::kRts);
@@ -364,6 +389,7 @@ Request VerbsEndpoint::recv(uint32_t channel, void* data, size_t capacity,
       return Request::completed(a.header.size);
     }
     auto [req, state] = Request::make_pending();
+    state->describe("recv", channel, peer_label_);
     r.request = std::move(state);
     start_rendezvous_read(a.header, r);
     size_t posted = 0;
@@ -371,6 +397,7 @@ Request VerbsEndpoint::recv(uint32_t channel, void* data, size_t capacity,
     return std::move(req);
   }
   auto [req, state] = Request::make_pending();
+  state->describe("recv", channel, peer_label_);
   r.request = std::move(state);
   q.recvs.push_back(std::move(r));
   return std::move(req);
@@ -425,6 +452,7 @@ Request VerbsEndpoint::enqueue_rdma(OpKind kind, const void* local, size_t size,
     lkey = *key;
   }
   auto [req, state] = Request::make_pending();
+  state->describe(what, 0, peer_label_);
   group->request = std::move(state);
   const uint64_t max_chunk = std::min<uint64_t>(
       shared_->device->port().max_msg_sz ? shared_->device->port().max_msg_sz : uint64_t{1} << 30,
@@ -642,9 +670,7 @@ size_t VerbsEndpoint::flush() {
   if (recv_seq_ != consumed_reported_ && post_credit(false)) ++posted;
   // Keepalive: while we wait on the peer, probe the connection so a dead peer turns into a
   // retry-exceeded completion instead of a silent wait.
-  bool waiting = !rdv_sends_.empty() || !inflight_.empty();
-  for (const auto& [ch, q] : channels_) waiting = waiting || !q.recvs.empty();
-  if (waiting && now - last_activity_ns_ > kKeepaliveNs) {
+  if (waiting_on_peer() && now - last_activity_ns_ > kKeepaliveNs) {
     last_activity_ns_ = now;
     if (post_credit(true)) ++posted;
   }

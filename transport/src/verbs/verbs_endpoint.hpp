@@ -134,7 +134,10 @@ class VerbsEndpoint final : public Endpoint {
   // rdmacm mode: the QP was moved by rdma_cm; record the peer's ring.
   Status set_remote_ring(const ConnectInfo& info);
   void set_peer_ready();
-  void set_name(std::string name) { peer_name_ = std::move(name); }
+  void set_name(std::string name) {
+    peer_name_ = std::move(name);
+    peer_label_ = std::make_shared<const std::string>(peer_name_);
+  }
   // Swaps in another cm id (the incoming connection won a simultaneous connect).
   CmIdPtr take_cm_id() { return std::move(cm_id_); }
   // rdmacm mode, before the QP exists: the id being resolved.
@@ -148,10 +151,21 @@ class VerbsEndpoint final : public Endpoint {
   void fail(Status status);
 
   [[nodiscard]] bool has_remote() const noexcept { return have_remote_; }
+  // Exchange mode: `info` describes the QP we connected ours to (QPN and PSN), not another
+  // incarnation of the peer's endpoint.
+  [[nodiscard]] bool same_remote(const ConnectInfo& info) const noexcept {
+    return have_remote_ && info.qpn == remote_qpn_ && info.psn == remote_psn_;
+  }
   [[nodiscard]] bool peer_ready() const noexcept { return peer_ready_; }
   [[nodiscard]] bool established() const noexcept { return have_remote_ && peer_ready_; }
   [[nodiscard]] bool failed() const noexcept { return !status_.ok(); }
   [[nodiscard]] bool has_postable_work() const noexcept;
+  // Monotonic time at which progress() must run for this endpoint even if no completion or
+  // event arrives (connect deadline and handshake retransmission while connecting, keepalive
+  // while waiting on the peer); kNoTimer when only a completion or event can change anything.
+  // A blocking wait sleeps no longer than this (see VerbsBackend::arm_wait).
+  static constexpr int64_t kNoTimer = INT64_MAX;
+  [[nodiscard]] int64_t next_timer_ns() const noexcept;
   [[nodiscard]] ibv_qp* qp() const noexcept;
   [[nodiscard]] rdma_cm_id* cm_id() const noexcept { return cm_id_.get(); }
   [[nodiscard]] uint64_t peer_token() const noexcept { return peer_token_; }
@@ -238,11 +252,14 @@ class VerbsEndpoint final : public Endpoint {
   [[nodiscard]] uint64_t peer_consumed() const noexcept;
   [[nodiscard]] uint32_t send_eager_limit() const noexcept;
   std::string op_context(const char* what) const;
+  // Something of ours depends on the peer answering: the keepalive must probe the connection.
+  [[nodiscard]] bool waiting_on_peer() const noexcept;
 
   std::shared_ptr<Shared> shared_;
   uint64_t peer_token_;
   VerbsAddress peer_;
   std::string peer_name_;
+  std::shared_ptr<const std::string> peer_label_;  // peer_name_ for request descriptions
   Deadline connect_deadline_;
   Status status_;
 
@@ -257,6 +274,7 @@ class VerbsEndpoint final : public Endpoint {
 
   uint32_t psn_ = 0;
   uint32_t remote_qpn_ = 0;
+  uint32_t remote_psn_ = 0;
   bool have_remote_ = false;
   bool peer_ready_ = false;
   int cq_reserved_ = 0;
