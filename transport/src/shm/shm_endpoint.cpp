@@ -91,8 +91,10 @@ Status ShmEndpoint::establish_as_dialer(UniqueFd sock, Deadline deadline) {
   h.type = static_cast<uint16_t>(CtlType::kHello);
   h.a = cap;
   const int fds[4] = {out.segment.fd(), in.segment.fd(), bell_peer.get(), bell_self.get()};
-  MYELIN_RETURN_IF_ERROR(send_ctl(sock.get(), h, backend_->address_bytes(), fds, deadline)
-                             .with_context("sending the shm hello"));
+  // Not through MYELIN_RETURN_IF_ERROR: with_context() on a temporary returns a reference to it.
+  if (Status sent = send_ctl(sock.get(), h, backend_->address_bytes(), fds, deadline); !sent.ok()) {
+    return std::move(sent).with_context("sending the shm hello");
+  }
   out_.emplace(std::move(out));
   in_.emplace(std::move(in));
   doorbell_out_ = std::move(bell_peer);
