@@ -62,19 +62,21 @@ void emit_lines(Child& c, bool flush) {
 }
 
 Status spawn(Child& c) {
-  int fds[2];
-  if (::pipe2(fds, O_CLOEXEC) != 0) return errno_status("pipe2", errno);
+  int fds[2] = {-1, -1};
+  if (!c.spec->inherit_output && ::pipe2(fds, O_CLOEXEC) != 0) return errno_status("pipe2", errno);
   const pid_t pid = ::fork();
   if (pid < 0) {
     const int err = errno;
-    ::close(fds[0]);
-    ::close(fds[1]);
+    if (fds[0] >= 0) ::close(fds[0]);
+    if (fds[1] >= 0) ::close(fds[1]);
     return errno_status("fork", err);
   }
   if (pid == 0) {
     ::setpgid(0, 0);  // own process group: signals reach the process's children too
-    ::dup2(fds[1], STDOUT_FILENO);
-    ::dup2(fds[1], STDERR_FILENO);
+    if (fds[1] >= 0) {
+      ::dup2(fds[1], STDOUT_FILENO);
+      ::dup2(fds[1], STDERR_FILENO);
+    }
     for (const auto& [key, value] : c.spec->env) ::setenv(key.c_str(), value.c_str(), 1);
     std::vector<char*> args;
     for (const auto& a : c.spec->argv) args.push_back(const_cast<char*>(a.c_str()));
@@ -84,7 +86,7 @@ Status spawn(Child& c) {
     ::_exit(127);
   }
   ::setpgid(pid, pid);  // also here, so the group exists before we might signal it
-  ::close(fds[1]);
+  if (fds[1] >= 0) ::close(fds[1]);
   c.pid = pid;
   c.out_fd = fds[0];
   return ok_status();

@@ -23,6 +23,7 @@ struct ProcessSpec {
   std::vector<std::string> argv;                         // argv[0] is looked up in PATH
   std::vector<std::pair<std::string, std::string>> env;  // added to the inherited environment
   std::string label;                                     // output prefix; empty: no prefix
+  bool inherit_output = false;  // write straight to the launcher's stdout/stderr (no prefix)
 };
 
 struct LaunchOptions {
