@@ -50,6 +50,12 @@ PKG_CONFIG_PATH=$prefix/lib/pkgconfig g++ -std=c++20 tests/consumer/consumer.cpp
   $(PKG_CONFIG_PATH=$prefix/lib/pkgconfig pkg-config --cflags --libs myelin) \
   -o build/consumer/myelin_consumer_pc && LD_LIBRARY_PATH=$prefix/lib build/consumer/myelin_consumer_pc ||
   fail "pkg-config consumer"
+# The embedding example: a training loop on the public API, built against the installed tree and
+# run on two ranks by the installed launcher.
+rm -rf build/example
+cmake -S examples/train-loop -B build/example -G Ninja -DCMAKE_PREFIX_PATH="$prefix" >/dev/null &&
+  cmake --build build/example && "$prefix/bin/myelin-run" -n 2 --timeout 120 build/example/train_loop ||
+  fail "example against the installed tree"
 
 if [ "$quick" = 1 ]; then stage "done (quick)"; exit 0; fi
 
