@@ -1,5 +1,5 @@
-// bench/harness/collectives_bench.cpp
-#include "collectives_bench.hpp"
+// Collective measurement in the nccl-tests manner.
+#include <myelin/bench/collectives_bench.hpp>
 
 #include <cmath>
 #include <cstdio>
@@ -157,59 +157,82 @@ Result<Measured> measure(Communicator& comm, const CollectiveBenchOptions& o, si
 
 }  // namespace
 
-Status run_collective_bench(Communicator& comm, const CollectiveBenchOptions& o, std::ostream& out) {
+Result<CollectiveResult> measure_collective(Communicator& comm, const CollectiveBenchOptions& o,
+                                            size_t bytes) {
   const int n = comm.size();
   const size_t es = dtype_size(o.type);
+  const bool per_rank_slices = o.collective == Collective::kReduceScatter ||
+                               o.collective == Collective::kAllgather ||
+                               o.collective == Collective::kAlltoall;
+  size_t count = std::max(bytes, es) / es;
+  if (per_rank_slices) count = std::max<size_t>(1, count / static_cast<size_t>(n));
+  if (o.collective == Collective::kBarrier) count = 0;
+  CollectiveResult r;
+  r.count = count;
+  r.size = o.collective == Collective::kBarrier ? 0
+           : per_rank_slices                    ? count * es * static_cast<size_t>(n)
+                                                : count * es;
+  MYELIN_ASSIGN_OR_RETURN(Measured oop, measure(comm, o, count, false));
+  MYELIN_ASSIGN_OR_RETURN(Measured ip, measure(comm, o, count, true));
+  const double factor = busbw_factor(o.collective, n);
+  auto algbw = [&](double us) { return us > 0 ? static_cast<double>(r.size) / (us * 1e3) : 0.0; };
+  r.algorithm = oop.algo;
+  r.time_us = oop.time_us;
+  r.algbw_gbps = algbw(oop.time_us);
+  r.busbw_gbps = r.algbw_gbps * factor;
+  r.wrong = static_cast<uint64_t>(oop.wrong);
+  r.ip_time_us = ip.time_us;
+  r.ip_algbw_gbps = algbw(ip.time_us);
+  r.ip_busbw_gbps = r.ip_algbw_gbps * factor;
+  r.ip_wrong = static_cast<uint64_t>(ip.wrong);
+  return r;
+}
+
+std::vector<Column> collective_columns() {
+  return {{"bench", "", 0, 0},          {"ranks", "", 0, 0},
+          {"transport", "", 0, 0},      {"size", "size(B)", 12, 0},
+          {"count", "count", 12, 0},    {"dtype", "type", 6, 0},
+          {"op", "redop", 6, 0},        {"algo", "algo", 17, 0},
+          {"time_us", "time(us)", 10, 1}, {"algbw_GBps", "algbw", 8, 3},
+          {"busbw_GBps", "busbw", 8, 3}, {"wrong", "#wrong", 6, 0},
+          {"ip_time_us", "time(us)", 10, 1}, {"ip_algbw_GBps", "algbw", 8, 3},
+          {"ip_busbw_GBps", "busbw", 8, 3}, {"ip_wrong", "#wrong", 6, 0}};
+}
+
+std::vector<Value> collective_row(const CollectiveBenchOptions& o, int ranks,
+                                  const CollectiveResult& r) {
+  return {std::string(collective_name(o.collective)),
+          static_cast<uint64_t>(ranks),
+          o.transport,
+          static_cast<uint64_t>(r.size),
+          static_cast<uint64_t>(r.count),
+          std::string(dtype_name(o.type)),
+          std::string(reduce_op_name(o.op)),
+          std::string(algorithm_name(r.algorithm)),
+          r.time_us,
+          r.algbw_gbps,
+          r.busbw_gbps,
+          r.wrong,
+          r.ip_time_us,
+          r.ip_algbw_gbps,
+          r.ip_busbw_gbps,
+          r.ip_wrong};
+}
+
+Status run_collective_bench(Communicator& comm, const CollectiveBenchOptions& o, std::ostream& out) {
   const bool print = comm.rank() == 0;
-  const std::string_view name = collective_name(o.collective);
+  const Format format = o.json ? Format::kJson : o.csv ? Format::kCsv : Format::kTable;
+  Report report(out, format, collective_columns());
   if (print) {
-    char line[256];
-    std::snprintf(line, sizeof(line), "# %s, %d ranks, transport %s\n#%11s %12s %6s %6s  %9s %8s %8s %6s  %9s %8s %8s %6s  %s\n",
-                  std::string(name).c_str(), n, o.transport.c_str(), "size", "count", "type",
-                  "redop", "time", "algbw", "busbw", "#wrong", "time", "algbw", "busbw", "#wrong",
-                  "algo");
-    out << line << "#" << std::string(46, ' ') << "out-of-place (us, GB/s)        in-place\n";
+    report.comment(std::string(collective_name(o.collective)) + ", " +
+                   std::to_string(comm.size()) + " ranks, transport " + o.transport +
+                   "; columns: out-of-place, then in-place (us, GB/s)");
+    report.begin();
   }
   const size_t step = o.step_factor < 2 ? 2 : o.step_factor;
-  for (size_t bytes = std::max(o.min_bytes, es); bytes <= o.max_bytes; bytes *= step) {
-    size_t count = bytes / es;
-    if (o.collective == Collective::kReduceScatter || o.collective == Collective::kAllgather ||
-        o.collective == Collective::kAlltoall) {
-      count = std::max<size_t>(1, count / static_cast<size_t>(n));  // bytes = whole buffer
-    }
-    if (o.collective == Collective::kBarrier) count = 0;
-    const size_t size = o.collective == Collective::kBarrier ? 0
-                        : (o.collective == Collective::kReduceScatter ||
-                           o.collective == Collective::kAllgather ||
-                           o.collective == Collective::kAlltoall)
-                            ? count * es * static_cast<size_t>(n)
-                            : count * es;
-    MYELIN_ASSIGN_OR_RETURN(Measured oop, measure(comm, o, count, false));
-    MYELIN_ASSIGN_OR_RETURN(Measured ip, measure(comm, o, count, true));
-    const double factor = busbw_factor(o.collective, n);
-    auto algbw = [&](double us) { return us > 0 ? static_cast<double>(size) / (us * 1e3) : 0.0; };
-    if (print) {
-      char line[320];
-      std::snprintf(line, sizeof(line),
-                    "%12zu %12zu %6s %6s  %9.1f %8.3f %8.3f %6ld  %9.1f %8.3f %8.3f %6ld  %s\n", size,
-                    count, std::string(dtype_name(o.type)).c_str(),
-                    std::string(reduce_op_name(o.op)).c_str(), oop.time_us, algbw(oop.time_us),
-                    algbw(oop.time_us) * factor, oop.wrong, ip.time_us, algbw(ip.time_us),
-                    algbw(ip.time_us) * factor, ip.wrong, std::string(algorithm_name(oop.algo)).c_str());
-      out << line;
-      if (o.json) {
-        std::snprintf(line, sizeof(line),
-                      "{\"bench\":\"%s\",\"ranks\":%d,\"transport\":\"%s\",\"size\":%zu,\"dtype\":\"%s\","
-                      "\"op\":\"%s\",\"algo\":\"%s\",\"time_us\":%.3f,\"algbw_GBps\":%.4f,"
-                      "\"busbw_GBps\":%.4f,\"wrong\":%ld}\n",
-                      std::string(name).c_str(), n, o.transport.c_str(), size,
-                      std::string(dtype_name(o.type)).c_str(), std::string(reduce_op_name(o.op)).c_str(),
-                      std::string(algorithm_name(oop.algo)).c_str(), oop.time_us, algbw(oop.time_us),
-                      algbw(oop.time_us) * factor, oop.wrong + ip.wrong);
-        out << line;
-      }
-      out.flush();
-    }
+  for (size_t bytes = std::max<size_t>(o.min_bytes, 1); bytes <= o.max_bytes; bytes *= step) {
+    MYELIN_ASSIGN_OR_RETURN(CollectiveResult r, measure_collective(comm, o, bytes));
+    if (print) report.row(collective_row(o, comm.size(), r));
     if (o.collective == Collective::kBarrier) break;
   }
   return ok_status();

@@ -63,6 +63,20 @@ Status wait_for(Context& ctx, Endpoint& ep) {
 }
 }  // namespace
 
+void summarize(std::vector<double>& samples, LatencyResult& res) {
+  if (samples.empty()) return;
+  double sum = 0;
+  for (double v : samples) sum += v;
+  std::sort(samples.begin(), samples.end());
+  res.min_us = samples.front();
+  res.max_us = samples.back();
+  res.avg_us = sum / static_cast<double>(samples.size());
+  res.p50_us = percentile(samples, 50);
+  res.p90_us = percentile(samples, 90);
+  res.p99_us = percentile(samples, 99);
+  res.p999_us = percentile(samples, 99.9);
+}
+
 double percentile(const std::vector<double>& sorted, double pct) {
   if (sorted.empty()) return 0;
   const double rank = std::ceil(pct / 100.0 * static_cast<double>(sorted.size()) - 1e-9);
@@ -82,7 +96,8 @@ Result<LatencyResult> run_latency(Context& ctx, Endpoint& ep, bool initiator, si
   MYELIN_RETURN_IF_ERROR(initiator ? wait_for(ctx, ep) : signal(ctx, ep));
   const size_t total = cfg.warmup + cfg.iters;
   for (size_t i = 0; i < total; ++i) {
-    const bool full_check = i == cfg.warmup;  // every byte once per size
+    // Every byte once per size (and of the message the fault injection corrupts).
+    const bool full_check = i == cfg.warmup || (i >= cfg.warmup && i - cfg.warmup == cfg.corrupt_at);
     if (initiator) {
       stamp(out.data(), size, i);
       const uint64_t t0 = CycleTimer::now();
@@ -101,21 +116,12 @@ Result<LatencyResult> run_latency(Context& ctx, Endpoint& ep, bool initiator, si
       const bool good = r.bytes() == size && (full_check ? check_all(in, size, size, i)
                                                          : check_stamp(in.data(), size, i));
       if (!good && i >= cfg.warmup) ++res.wrong;
+      if (i - cfg.warmup == cfg.corrupt_at && i >= cfg.warmup && size > 0) in[size / 2] ^= 0x5A;
       // Echo what arrived: the initiator checks the same stamp and pattern.
       MYELIN_RETURN_IF_ERROR(wait(ctx, ep.send(kData, in.data(), size), "latency: pong"));
     }
   }
-  if (!samples.empty()) {
-    double sum = 0;
-    for (double v : samples) sum += v;
-    std::sort(samples.begin(), samples.end());
-    res.min_us = samples.front();
-    res.max_us = samples.back();
-    res.avg_us = sum / static_cast<double>(samples.size());
-    res.p50_us = percentile(samples, 50);
-    res.p99_us = percentile(samples, 99);
-    res.p999_us = percentile(samples, 99.9);
-  }
+  summarize(samples, res);
   // Report the echo side's wrong count to the initiator so one process sees both.
   uint64_t peer_wrong = 0;
   if (initiator) {
@@ -167,7 +173,8 @@ Result<BandwidthResult> run_bandwidth(Context& ctx, Endpoint& ep, bool sender, s
         return std::move(s).with_context("message " + std::to_string(i) + " of " +
                                          std::to_string(count));
       }
-      const bool full = timed && i == 0;
+      const bool full = timed && (i == 0 || i == cfg.corrupt_at);
+      if (timed && i == cfg.corrupt_at && size > 0) bufs[slot][size / 2] ^= 0x5A;
       const bool good =
           reqs[slot].bytes() == size && (full ? check_all(bufs[slot], size, size, first + i)
                                               : check_stamp(bufs[slot].data(), size, first + i));
@@ -189,6 +196,232 @@ Result<BandwidthResult> run_bandwidth(Context& ctx, Endpoint& ep, bool sender, s
   }
   return res;
 }
+
+namespace {
+// Drives progress until `r` is done, reposting completed receives of a bidirectional run meanwhile
+// (so neither side can wait on a send whose matching receive the other side has not reposted).
+template <typename Drain>
+Status wait_draining(Context& ctx, const Request& r, Deadline deadline, Drain&& drain,
+                     const char* what) {
+  while (!r.done()) {
+    ctx.progress();
+    MYELIN_RETURN_IF_ERROR(drain());
+    if (deadline.expired()) return timeout_error(what, ": ", r.description(), " did not complete");
+  }
+  if (!r.status().ok()) return Status(r.status()).with_context(what);
+  return ok_status();
+}
+}  // namespace
+
+Result<BandwidthResult> run_bidirectional(Context& ctx, Endpoint& ep, size_t size,
+                                          const RunConfig& cfg) {
+  const size_t window =
+      std::max<size_t>(1, std::min(cfg.window, (size_t{128} << 20) / std::max<size_t>(size, 1)));
+  std::vector<std::vector<uint8_t>> out(window, std::vector<uint8_t>(size));
+  std::vector<std::vector<uint8_t>> in(window, std::vector<uint8_t>(size));
+  for (auto& b : out) fill(b, size);
+  BandwidthResult res;
+  res.size = size;
+  res.iters = cfg.iters;
+  std::vector<Request> sends(window), recvs(window);
+  double seconds = 0;
+
+  auto phase = [&](size_t first, size_t count, bool timed) -> Status {
+    size_t posted = 0, received = 0;
+    for (; posted < std::min(count, window); ++posted) {
+      recvs[posted % window] = ep.recv(kData, in[posted % window].data(), size);
+    }
+    // Symmetric start: each side tells the other its receives are posted, then waits for the same.
+    MYELIN_RETURN_IF_ERROR(signal(ctx, ep));
+    MYELIN_RETURN_IF_ERROR(wait_for(ctx, ep));
+    const uint64_t t0 = CycleTimer::now();
+    const Deadline deadline = Deadline::after(ctx.options().timeout);
+    auto drain = [&]() -> Status {
+      while (received < count && recvs[received % window].done()) {
+        const size_t slot = received % window;
+        if (!recvs[slot].status().ok()) {
+          return Status(recvs[slot].status()).with_context("bidirectional: recv");
+        }
+        const size_t index = first + received;
+        const bool full = timed && (received == 0 || received == cfg.corrupt_at);
+        if (timed && received == cfg.corrupt_at && size > 0) in[slot][size / 2] ^= 0x5A;
+        const bool good = recvs[slot].bytes() == size &&
+                          (full ? check_all(in[slot], size, size, index)
+                                : check_stamp(in[slot].data(), size, index));
+        if (!good && timed) ++res.wrong;
+        ++received;
+        if (posted < count) {
+          recvs[posted % window] = ep.recv(kData, in[posted % window].data(), size);
+          ++posted;
+        }
+      }
+      return ok_status();
+    };
+    for (size_t i = 0; i < count; ++i) {
+      const size_t slot = (first + i) % window;
+      if (i >= window) {
+        MYELIN_RETURN_IF_ERROR(
+            wait_draining(ctx, sends[slot], deadline, drain, "bidirectional: send"));
+      }
+      stamp(out[slot].data(), size, first + i);
+      sends[slot] = ep.send(kData, out[slot].data(), size);
+      MYELIN_RETURN_IF_ERROR(drain());
+    }
+    for (size_t i = 0; i < std::min(count, window); ++i) {
+      MYELIN_RETURN_IF_ERROR(wait_draining(ctx, sends[(first + count - 1 - i) % window], deadline,
+                                           drain, "bidirectional: send"));
+    }
+    while (received < count) {
+      MYELIN_RETURN_IF_ERROR(
+          wait_draining(ctx, recvs[received % window], deadline, drain, "bidirectional: recv"));
+      MYELIN_RETURN_IF_ERROR(drain());
+    }
+    if (timed) seconds = CycleTimer::to_ns(CycleTimer::now() - t0) / 1e9;
+    return ok_status();
+  };
+  MYELIN_RETURN_IF_ERROR(phase(0, cfg.warmup, false));
+  MYELIN_RETURN_IF_ERROR(phase(cfg.warmup, cfg.iters, true));
+  // Exchange what each side received: the total is the sum of both directions.
+  double mine[2] = {seconds > 0 ? static_cast<double>(size) * static_cast<double>(cfg.iters) /
+                                      seconds
+                                : 0.0,
+                    static_cast<double>(res.wrong)};
+  double theirs[2] = {0, 0};
+  Request r = ep.recv(kControl, theirs, sizeof(theirs));
+  MYELIN_RETURN_IF_ERROR(wait(ctx, ep.send(kControl, mine, sizeof(mine)), "bidirectional: report"));
+  MYELIN_RETURN_IF_ERROR(wait(ctx, r, "bidirectional: peer report"));
+  const double bytes_per_s = mine[0] + theirs[0];
+  res.seconds = seconds;
+  res.gbps = bytes_per_s / 1e9;
+  res.msgs_per_s = size > 0 ? bytes_per_s / static_cast<double>(size)
+                            : (seconds > 0 ? 2.0 * static_cast<double>(cfg.iters) / seconds : 0);
+  res.wrong += static_cast<uint64_t>(theirs[1]);
+  return res;
+}
+
+Result<BandwidthResult> run_one_sided(Context& ctx, Endpoint& ep, OneSided op, bool initiator,
+                                      size_t size, const RunConfig& cfg) {
+  const size_t window =
+      std::max<size_t>(1, std::min(cfg.window, (size_t{128} << 20) / std::max<size_t>(size, 1)));
+  const size_t bytes = std::max<size_t>(size, 1) * window;
+  MYELIN_ASSIGN_OR_RETURN(transport::MemoryRegion region, ctx.allocate(bytes));
+  auto* base = static_cast<uint8_t*>(region.data());
+  BandwidthResult res;
+  res.size = size;
+  res.iters = cfg.iters;
+  // Slot j of a region: bytes [j * size, (j + 1) * size).
+  auto slot_ok = [&](size_t j, uint64_t index, bool full) {
+    const uint8_t* p = base + j * size;
+    if (!check_stamp(p, size, index)) return false;
+    if (!full) return true;
+    const size_t head = std::min<size_t>(size, 8);
+    const size_t tail = size >= 16 ? size - 8 : size;
+    for (size_t i = head; i < tail; ++i) {
+      if (p[i] != pattern_byte(i, size)) return false;
+    }
+    return true;
+  };
+  auto fill_slot = [&](size_t j, uint64_t index) {
+    uint8_t* p = base + j * size;
+    for (size_t i = 0; i < size; ++i) p[i] = pattern_byte(i, size);
+    stamp(p, size, index);
+  };
+
+  if (!initiator) {
+    // get: every slot holds the pattern stamped with its slot number.
+    if (op == OneSided::kGet) {
+      for (size_t j = 0; j < window; ++j) fill_slot(j, j);
+    }
+    const std::vector<uint8_t> key = region.remote_key().serialize();
+    MYELIN_RETURN_IF_ERROR(wait(ctx, ep.send(kControl, key.data(), key.size()), "sending the key"));
+    for (int phase = 0; phase < 2; ++phase) {
+      const bool timed = phase == 1;
+      const size_t first = timed ? cfg.warmup : 0;
+      const size_t count = timed ? cfg.iters : cfg.warmup;
+      // Serve (tcp needs our progress) until the initiator says the phase is complete.
+      uint64_t done = 0;
+      MYELIN_RETURN_IF_ERROR(wait(ctx, ep.recv(kControl, &done, 8), "waiting for the initiator"));
+      uint64_t wrong = 0;
+      if (op == OneSided::kPut && timed && count > 0) {
+        // The last put into each slot is the one that must be there, every byte.
+        const size_t end = first + count;
+        for (size_t j = 0; j < window; ++j) {
+          // The highest index below `end` that went into slot j, if this phase wrote it.
+          const size_t back = ((end - 1) % window + window - j) % window;
+          if (back > end - 1 || end - 1 - back < first) continue;
+          if (!slot_ok(j, end - 1 - back, true)) ++wrong;
+        }
+      }
+      MYELIN_RETURN_IF_ERROR(wait(ctx, ep.send(kControl, &wrong, 8), "reporting the check"));
+    }
+    ctx.deregister(region);
+    return res;
+  }
+
+  std::vector<uint8_t> key_bytes(64 * 1024);
+  Request kr = ep.recv(kControl, key_bytes.data(), key_bytes.size());
+  MYELIN_RETURN_IF_ERROR(wait(ctx, kr, "waiting for the peer's key"));
+  key_bytes.resize(kr.bytes());
+  MYELIN_ASSIGN_OR_RETURN(transport::RemoteKey key, transport::RemoteKey::deserialize(key_bytes));
+  if (op == OneSided::kPut) {
+    for (size_t j = 0; j < window; ++j) fill_slot(j, 0);
+  }
+  std::vector<Request> reqs(window);
+  for (int phase = 0; phase < 2; ++phase) {
+    const bool timed = phase == 1;
+    const size_t first = timed ? cfg.warmup : 0;
+    const size_t count = timed ? cfg.iters : cfg.warmup;
+    uint64_t wrong = 0;
+    auto complete = [&](size_t i) -> Status {
+      const size_t slot = i % window;
+      MYELIN_RETURN_IF_ERROR(wait(ctx, reqs[slot], op == OneSided::kPut ? "put" : "get"));
+      if (op == OneSided::kGet && timed) {
+        const size_t k = i - first;
+        if (k == cfg.corrupt_at && size > 0) base[slot * size + size / 2] ^= 0x5A;
+        if (!slot_ok(slot, slot, k == 0 || k == cfg.corrupt_at)) ++wrong;
+      }
+      return ok_status();
+    };
+    const uint64_t t0 = CycleTimer::now();
+    for (size_t i = first; i < first + count; ++i) {
+      const size_t slot = i % window;
+      if (i - first >= window) MYELIN_RETURN_IF_ERROR(complete(i - window));
+      uint8_t* p = base + slot * size;
+      if (op == OneSided::kPut) {
+        stamp(p, size, i);
+        // The last put of the phase: nothing overwrites it before the target checks.
+        if (timed && cfg.corrupt_at != SIZE_MAX && i + 1 == first + count && size > 0) {
+          p[size / 2] ^= 0x5A;
+        }
+        reqs[slot] = ep.put(p, size, key, slot * size, &region);
+      } else {
+        reqs[slot] = ep.get(p, size, key, slot * size, &region);
+      }
+    }
+    for (size_t i = first + count - std::min(count, window); i < first + count; ++i) {
+      MYELIN_RETURN_IF_ERROR(complete(i));
+    }
+    const double seconds = CycleTimer::to_ns(CycleTimer::now() - t0) / 1e9;
+    if (op == OneSided::kPut) {
+      for (size_t j = 0; j < window; ++j) fill_slot(j, 0);  // undoes a fault injection
+    }
+    uint64_t n = count;
+    MYELIN_RETURN_IF_ERROR(wait(ctx, ep.send(kControl, &n, 8), "phase done"));
+    uint64_t peer_wrong = 0;
+    MYELIN_RETURN_IF_ERROR(wait(ctx, ep.recv(kControl, &peer_wrong, 8), "peer check"));
+    if (timed) {
+      res.wrong = wrong + peer_wrong;
+      res.seconds = seconds;
+      if (seconds > 0) {
+        res.gbps = static_cast<double>(size) * static_cast<double>(count) / seconds / 1e9;
+        res.msgs_per_s = static_cast<double>(count) / seconds;
+      }
+    }
+  }
+  ctx.deregister(region);
+  return res;
+}
+
 
 Result<size_t> parse_size(const std::string& text) {
   if (text.empty()) return invalid_argument("empty size");

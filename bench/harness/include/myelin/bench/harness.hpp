@@ -5,7 +5,13 @@
 //   - latency: ping-pong; one-way latency = round trip / 2 (the perftest / ucx_perftest
 //     convention); percentiles over `iters` samples after `warmup` untimed ones.
 //   - bandwidth: the sender keeps `window` sends in flight; the receiver measures from the moment
-//     it releases the sender to the arrival of the last message. GB = 10^9 bytes.
+//     it releases the sender to the arrival of the last message. GB = 10^9 bytes. Message rate is
+//     the same engine with small messages and a deep window (myelin-bench rate).
+//   - bidirectional bandwidth: both ranks send and receive at once; each measures what it
+//     received and the result is the sum of the two directions (perftest -b convention).
+//   - put / get: one-sided operations on the peer's registered region, `window` in flight,
+//     measured at the initiator (rank 0) from the first post to the last completion (a put
+//     completes once its bytes are in the target's memory). The target (rank 1) only serves.
 // Every received message is checked (a per-message stamp at both ends and, once per size, every
 // byte); mismatches are counted in `wrong`, never hidden.
 //
@@ -26,7 +32,7 @@ namespace myelin::bench {
 struct LatencyResult {
   size_t size = 0;
   size_t iters = 0;
-  double min_us = 0, avg_us = 0, p50_us = 0, p99_us = 0, p999_us = 0, max_us = 0;
+  double min_us = 0, avg_us = 0, p50_us = 0, p90_us = 0, p99_us = 0, p999_us = 0, max_us = 0;
   uint64_t wrong = 0;
 };
 
@@ -42,7 +48,11 @@ struct BandwidthResult {
 struct RunConfig {
   size_t iters = 10000;
   size_t warmup = 1000;
-  size_t window = 64;  // bandwidth: sends in flight
+  size_t window = 64;  // bandwidth, rate, put, get: operations in flight
+  // Fault injection for the tool's own tests: the receiving side flips one byte of the timed
+  // message with this index before checking it (latency: the echo side corrupts its echo), so
+  // `wrong` must come out non-zero. SIZE_MAX: never.
+  size_t corrupt_at = SIZE_MAX;
 };
 
 // initiator: rank 0 (pings and measures); the other rank echoes. Only the initiator's result is
@@ -51,6 +61,17 @@ Result<LatencyResult> run_latency(transport::Context& ctx, transport::Endpoint& 
                                   size_t size, const RunConfig& cfg);
 Result<BandwidthResult> run_bandwidth(transport::Context& ctx, transport::Endpoint& ep, bool sender,
                                       size_t size, const RunConfig& cfg);
+// Both ranks call it; both get the total (sum of the two directions' receive rates).
+Result<BandwidthResult> run_bidirectional(transport::Context& ctx, transport::Endpoint& ep,
+                                          size_t size, const RunConfig& cfg);
+// initiator: rank 0, which measures; the target serves until the initiator is done. `wrong`
+// (put: checked by the target after each phase; get: checked by the initiator) reaches both.
+enum class OneSided : uint8_t { kPut, kGet };
+Result<BandwidthResult> run_one_sided(transport::Context& ctx, transport::Endpoint& ep,
+                                      OneSided op, bool initiator, size_t size,
+                                      const RunConfig& cfg);
+// Sorts `samples` (microseconds) and fills min/avg/percentiles/max of `out`.
+void summarize(std::vector<double>& samples, LatencyResult& out);
 
 // "64", "4K", "1M", "1G" (binary multiples) -> bytes; invalid_argument otherwise.
 Result<size_t> parse_size(const std::string& text);

@@ -1,0 +1,78 @@
+// myelin/bench/broker_bench.hpp — broker benchmarks: publish/subscribe latency through a broker
+// (optionally while another topic is flooded with bulk messages) and parameter-server push/pull.
+//
+// Roles (every rank of the job constructs a BrokerBench with the same options and store):
+//   - rank 0 runs an embedded broker Server (parameter server enabled, one worker per other rank)
+//     and publishes its address and a fresh job secret in the store; in pubsub it echoes every
+//     message of "bench/ping" back on "bench/pong" and subscribes to the flood topic.
+//   - rank 1 measures pubsub: publishes a ping (control lane, unbatched), waits for its pong;
+//     one-way latency = round trip / 2. With flood_size > 0 a second client of rank 1 (its own
+//     thread and connection) and every rank >= 2 publish flood_size-byte bulk messages on
+//     "bench/flood" for the whole timed phase; the flood rate is reported (what rank 1 published).
+//   - in ps, ranks 1..n-1 are workers: each step pushes a gradient (worker w sends w + 1 in every
+//     element), then pulls the parameters of the next version; the server sums and applies
+//     params -= sum, so after step s every element is -(s + 1) * W(W + 1) / 2 and every pulled
+//     tensor is checked. Step latency is one push plus one pull, measured by every worker; rank 1
+//     reports its own samples and the wrong elements of all workers.
+// Results are meaningful on rank 1 only. At least two ranks.
+//
+// Thread safety: none; one thread per rank calls it. Blocking: every wait has a deadline
+// (`timeout`); failures come back as Status.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include <myelin/bench/harness.hpp>
+#include <myelin/core/status.hpp>
+#include <myelin/transport/store.hpp>
+
+namespace myelin::bench {
+
+struct BrokerBenchOptions {
+  int rank = 0;
+  int size = 2;
+  transport::Store* store = nullptr;  // borrowed; shared by the ranks
+  std::string listen_host = "127.0.0.1";  // where rank 0's broker listens ("0.0.0.0": all)
+  std::string advertise_host = "127.0.0.1";  // what the other ranks dial
+  size_t flood_size = 0;   // pubsub: bytes per flood message; 0: no flood
+  std::chrono::milliseconds timeout = std::chrono::seconds(30);
+};
+
+struct PubSubResult {
+  LatencyResult latency;
+  double flood_gbps = 0;  // what rank 1's flood client published (GB = 10^9 B); 0 without flood
+};
+
+struct PsResult {
+  LatencyResult step;       // one push + one pull, microseconds
+  double gbps = 0;          // (pushed + pulled bytes) / time, per worker
+  size_t workers = 0;
+};
+
+class BrokerBench {
+ public:
+  static Result<std::unique_ptr<BrokerBench>> start(const BrokerBenchOptions& options);
+  ~BrokerBench();
+  BrokerBench(const BrokerBench&) = delete;
+  BrokerBench& operator=(const BrokerBench&) = delete;
+
+  // `size` bytes per ping; call on every rank with the same arguments, in the same order.
+  Result<PubSubResult> pubsub(size_t size, const RunConfig& cfg);
+  // `size` bytes of f32 per push (rounded down to whole floats, at least one).
+  Result<PsResult> ps(size_t size, const RunConfig& cfg);
+
+  class Impl;
+
+ private:
+  explicit BrokerBench(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// Waits until `n` ranks called it with the same name (a counter in the store), or the deadline.
+Status store_barrier(transport::Store& store, const std::string& name, int n, Deadline deadline);
+
+}  // namespace myelin::bench

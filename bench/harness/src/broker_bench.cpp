@@ -1,0 +1,307 @@
+// Publish/subscribe and parameter-server benchmarks through an embedded broker Server.
+#include <myelin/bench/broker_bench.hpp>
+
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include <myelin/broker/client.hpp>
+#include <myelin/broker/server.hpp>
+#include <myelin/core/clock.hpp>
+
+namespace myelin::bench {
+
+namespace {
+constexpr const char* kPing = "bench/ping";
+constexpr const char* kPong = "bench/pong";
+constexpr const char* kFlood = "bench/flood";
+
+std::string random_secret() {
+  std::random_device rd;
+  static const char* hex = "0123456789abcdef";
+  std::string s;
+  for (int i = 0; i < 48; ++i) s += hex[rd() & 15];
+  return s;
+}
+
+std::string as_string(const std::vector<uint8_t>& v) { return {v.begin(), v.end()}; }
+
+std::span<const std::byte> bytes_of(const std::vector<uint8_t>& v, size_t n) {
+  return {reinterpret_cast<const std::byte*>(v.data()), n};
+}
+
+uint8_t pattern(size_t i, uint64_t salt) { return static_cast<uint8_t>((i * 29 + salt * 13) & 0xFF); }
+
+broker::PublishOptions control_publish(std::chrono::milliseconds timeout) {
+  return {.lane = broker::Lane::kControl, .batch = false, .timeout_ms = timeout.count()};
+}
+}  // namespace
+
+Status store_barrier(transport::Store& store, const std::string& name, int n, Deadline deadline) {
+  MYELIN_ASSIGN_OR_RETURN(int64_t v, store.add(name, 1));
+  int64_t sleep_us = 50;
+  while (v < n) {
+    if (deadline.expired()) {
+      return timeout_error("barrier '", name, "': ", v, " of ", n, " ranks arrived");
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(sleep_us));
+    sleep_us = std::min<int64_t>(sleep_us * 2, 5000);
+    MYELIN_ASSIGN_OR_RETURN(v, store.add(name, 0));
+  }
+  return ok_status();
+}
+
+class BrokerBench::Impl {
+ public:
+  BrokerBenchOptions o;
+  std::unique_ptr<broker::Server> server;  // rank 0
+  std::unique_ptr<broker::Client> client;
+  std::string address, secret;
+  uint64_t round = 0;
+  std::atomic<uint64_t> flood_received{0};  // rank 0's flood handler (I/O thread) adds; unread
+
+  Deadline deadline() const { return Deadline::after(o.timeout); }
+  Status barrier(const std::string& what) {
+    return store_barrier(*o.store, "myelin/bench/barrier/" + std::to_string(round) + "/" + what,
+                         o.size, deadline());
+  }
+  Result<std::unique_ptr<broker::Client>> connect(const std::string& identity) const {
+    broker::ClientOptions co;
+    co.address = address;
+    co.identity = identity;
+    co.secret = secret;
+    co.connect_timeout_ms = o.timeout.count();
+    co.ps_worker = o.rank >= 1 ? static_cast<uint32_t>(o.rank - 1) : 0;
+    return broker::Client::connect(std::move(co));
+  }
+  // Publishes flood messages until `stop` is set (rank 1's thread) or the store says so (ranks
+  // >= 2); returns the bytes published and the seconds it took.
+  static Status flood(broker::Client& c, size_t size, const std::function<bool()>& stop,
+                      std::chrono::milliseconds timeout, uint64_t& bytes, double& seconds) {
+    std::vector<uint8_t> payload(size);
+    for (size_t i = 0; i < size; ++i) payload[i] = pattern(i, 3);
+    const int64_t t0 = monotonic_ns();
+    broker::PublishOptions po{.lane = broker::Lane::kBulk, .batch = true,
+                              .timeout_ms = timeout.count()};
+    while (!stop()) {
+      MYELIN_RETURN_IF_ERROR(c.publish(kFlood, bytes_of(payload, size), po));
+      bytes += size;
+    }
+    seconds = static_cast<double>(monotonic_ns() - t0) / 1e9;
+    return ok_status();
+  }
+};
+
+BrokerBench::BrokerBench(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+BrokerBench::~BrokerBench() {
+  if (impl_ == nullptr) return;
+  impl_->client.reset();
+  if (impl_->server) impl_->server->stop();
+}
+
+Result<std::unique_ptr<BrokerBench>> BrokerBench::start(const BrokerBenchOptions& options) {
+  if (options.store == nullptr) return invalid_argument("BrokerBench needs a store");
+  if (options.size < 2) {
+    return invalid_argument("broker benchmarks need at least 2 ranks (got ", options.size, ")");
+  }
+  auto impl = std::make_unique<Impl>();
+  impl->o = options;
+  transport::Store& store = *options.store;
+  if (options.rank == 0) {
+    broker::ServerOptions so;
+    so.listen = options.listen_host + ":0";
+    so.metrics_listen = "";
+    so.secret = random_secret();
+    broker::TopicPolicy control{.pattern = kPing, .lane = broker::Lane::kControl,
+                                .overflow = broker::OverflowPolicy::kBlock, .batching = false};
+    broker::TopicPolicy pong = control;
+    pong.pattern = kPong;
+    so.broker.policies = {control, pong,
+                          {.pattern = kFlood, .lane = broker::Lane::kBulk,
+                           .overflow = broker::OverflowPolicy::kBlock, .batching = true}};
+    so.enable_ps = true;
+    so.ps.num_workers = static_cast<uint32_t>(options.size - 1);
+    so.ps.aggregation = broker::Aggregation::kSum;
+    so.ps.mode = broker::PsMode::kSync;
+    MYELIN_ASSIGN_OR_RETURN(impl->server, broker::Server::create(so));
+    MYELIN_RETURN_IF_ERROR(impl->server->start());
+    const std::string addr =
+        options.advertise_host + ":" + std::to_string(impl->server->port());
+    MYELIN_RETURN_IF_ERROR(store.set("myelin/bench/broker/secret", so.secret));
+    MYELIN_RETURN_IF_ERROR(store.set("myelin/bench/broker/address", addr));
+  }
+  const Deadline deadline = Deadline::after(options.timeout);
+  MYELIN_ASSIGN_OR_RETURN(auto addr, store.get("myelin/bench/broker/address", deadline));
+  MYELIN_ASSIGN_OR_RETURN(auto secret, store.get("myelin/bench/broker/secret", deadline));
+  impl->address = as_string(addr);
+  impl->secret = as_string(secret);
+  MYELIN_ASSIGN_OR_RETURN(impl->client, impl->connect("rank" + std::to_string(options.rank)));
+  if (options.rank == 0) {
+    MYELIN_RETURN_IF_ERROR(impl->client->subscribe(kPing).status());
+    Impl* raw = impl.get();
+    MYELIN_RETURN_IF_ERROR(
+        impl->client
+            ->subscribe(kFlood,
+                        [raw](const broker::ReceivedMessage& m) {
+                          // Only a statistic; nothing pairs with it (relaxed).
+                          raw->flood_received.fetch_add(m.payload.size(),
+                                                        std::memory_order_relaxed);
+                        })
+            .status());
+  } else if (options.rank == 1) {
+    MYELIN_RETURN_IF_ERROR(impl->client->subscribe(kPong).status());
+  }
+  MYELIN_RETURN_IF_ERROR(impl->barrier("ready"));
+  return std::unique_ptr<BrokerBench>(new BrokerBench(std::move(impl)));
+}
+
+Result<PubSubResult> BrokerBench::pubsub(size_t size, const RunConfig& cfg) {
+  Impl& m = *impl_;
+  ++m.round;
+  PubSubResult res;
+  res.latency.size = size;
+  res.latency.iters = cfg.iters;
+  const size_t total = cfg.warmup + cfg.iters;
+  const std::string stop_key = "myelin/bench/flood-stop/" + std::to_string(m.round);
+  broker::Client& c = *m.client;
+
+  if (m.o.rank == 0) {
+    std::vector<uint8_t> copy;
+    for (size_t i = 0; i < total; ++i) {
+      MYELIN_ASSIGN_OR_RETURN(broker::ReceivedMessage msg, c.poll(m.deadline()));
+      std::span<const std::byte> out = msg.payload;
+      if (i >= cfg.warmup && i - cfg.warmup == cfg.corrupt_at && !out.empty()) {
+        copy.assign(reinterpret_cast<const uint8_t*>(out.data()),
+                    reinterpret_cast<const uint8_t*>(out.data()) + out.size());
+        copy[copy.size() / 2] ^= 0x5A;
+        out = bytes_of(copy, copy.size());
+      }
+      MYELIN_RETURN_IF_ERROR(c.publish(kPong, out, control_publish(m.o.timeout)));
+    }
+  } else if (m.o.rank >= 2) {
+    if (m.o.flood_size > 0) {
+      uint64_t n = 0, bytes = 0;
+      double seconds = 0;
+      auto stop = [&] {
+        // A store round trip every 64 messages.
+        if (++n % 64 != 0) return false;
+        auto has = m.o.store->contains(stop_key);
+        return !has.ok() || *has;
+      };
+      MYELIN_RETURN_IF_ERROR(Impl::flood(c, m.o.flood_size, stop, m.o.timeout, bytes, seconds));
+    }
+  } else {
+    // Rank 1: the flood thread (own connection), then ping-pong.
+    std::atomic<bool> stop{false};  // set by this thread after the last pong; read by the flooder
+    Status flood_status;
+    uint64_t flood_bytes = 0;
+    double flood_seconds = 0;
+    std::unique_ptr<broker::Client> flooder;
+    std::thread thread;
+    if (m.o.flood_size > 0) {
+      MYELIN_ASSIGN_OR_RETURN(flooder, m.connect("rank1-flood"));
+      thread = std::thread([&] {
+        flood_status = Impl::flood(
+            *flooder, m.o.flood_size, [&] { return stop.load(std::memory_order_acquire); },
+            m.o.timeout, flood_bytes, flood_seconds);
+      });
+    }
+    std::vector<uint8_t> out(size);
+    for (size_t i = 0; i < size; ++i) out[i] = pattern(i, size);
+    std::vector<double> samples;
+    samples.reserve(cfg.iters);
+    Status failure;
+    for (size_t i = 0; i < total && failure.ok(); ++i) {
+      std::memcpy(out.data(), &i, std::min<size_t>(size, 8));
+      const uint64_t t0 = CycleTimer::now();
+      failure = c.publish(kPing, bytes_of(out, size), control_publish(m.o.timeout));
+      if (!failure.ok()) break;
+      auto pong = c.poll(m.deadline());
+      const uint64_t t1 = CycleTimer::now();
+      if (!pong.ok()) {
+        failure = std::move(pong).status().with_context("waiting for pong " + std::to_string(i));
+        break;
+      }
+      if (i < cfg.warmup) continue;
+      samples.push_back(CycleTimer::to_ns(t1 - t0) / 2000.0);
+      const auto* got = reinterpret_cast<const uint8_t*>(pong->payload.data());
+      bool good = pong->payload.size() == size &&
+                  std::memcmp(got, &i, std::min<size_t>(size, 8)) == 0;
+      for (size_t k = 8; good && k < size; ++k) good = got[k] == out[k];
+      if (!good) ++res.latency.wrong;
+    }
+    stop.store(true, std::memory_order_release);  // pairs with the flooder's acquire load
+    if (thread.joinable()) thread.join();
+    flooder.reset();
+    // Release the flooding ranks even when the ping-pong failed.
+    (void)m.o.store->set(stop_key, "1");
+    MYELIN_RETURN_IF_ERROR(failure);
+    MYELIN_RETURN_IF_ERROR(flood_status.with_context("flood publisher"));
+    summarize(samples, res.latency);
+    if (flood_seconds > 0) res.flood_gbps = static_cast<double>(flood_bytes) / flood_seconds / 1e9;
+  }
+  MYELIN_RETURN_IF_ERROR(m.barrier("pubsub"));
+  return res;
+}
+
+Result<PsResult> BrokerBench::ps(size_t size, const RunConfig& cfg) {
+  Impl& m = *impl_;
+  ++m.round;
+  const size_t count = std::max<size_t>(1, size / 4);
+  const std::string key = "bench/ps/" + std::to_string(m.round);
+  const std::string wrong_key = "myelin/bench/ps-wrong/" + std::to_string(m.round);
+  const int64_t timeout_ms = m.o.timeout.count();
+  PsResult res;
+  res.workers = static_cast<size_t>(m.o.size - 1);
+  res.step.size = count * 4;
+  res.step.iters = cfg.iters;
+  if (m.o.rank == 1) {
+    MYELIN_RETURN_IF_ERROR(m.client->ps_init(key, std::vector<float>(count, 0.0f), timeout_ms));
+  }
+  MYELIN_RETURN_IF_ERROR(m.barrier("ps-init"));
+  if (m.o.rank >= 1) {
+    const double workers = static_cast<double>(m.o.size - 1);
+    const double per_step = workers * (workers + 1) / 2;
+    std::vector<float> grad(count, static_cast<float>(m.o.rank)), out(count);
+    std::vector<double> samples;
+    samples.reserve(cfg.iters);
+    uint64_t wrong = 0;
+    double seconds = 0;
+    for (size_t s = 0; s < cfg.warmup + cfg.iters; ++s) {
+      const uint64_t t0 = CycleTimer::now();
+      MYELIN_RETURN_IF_ERROR(m.client->ps_push(key, grad, s, timeout_ms));
+      MYELIN_ASSIGN_OR_RETURN(uint64_t version, m.client->ps_pull(key, s + 1, out, timeout_ms));
+      const uint64_t t1 = CycleTimer::now();
+      if (s < cfg.warmup) continue;
+      const size_t k = s - cfg.warmup;
+      samples.push_back(CycleTimer::to_ns(t1 - t0) / 1000.0);
+      seconds += CycleTimer::to_ns(t1 - t0) / 1e9;
+      if (m.o.rank == 1 && k == cfg.corrupt_at) out[count / 2] += 1.0f;
+      const double want = -static_cast<double>(s + 1) * per_step;
+      // Integers are exact in f32 below 2^24; beyond, allow the f32 rounding of the sums.
+      const double tol = std::fabs(want) < 16777216.0 ? 0.0 : std::fabs(want) * 1e-6;
+      const bool full = count <= 16384 || k == 0 || k == cfg.corrupt_at;
+      const size_t stride = full ? 1 : count / 64;
+      bool good = version == s + 1;
+      for (size_t e = 0; good && e < count; e += stride) {
+        good = std::fabs(static_cast<double>(out[e]) - want) <= tol;
+      }
+      if (good && !full) good = std::fabs(static_cast<double>(out[count - 1]) - want) <= tol;
+      if (!good) ++wrong;
+    }
+    MYELIN_RETURN_IF_ERROR(m.o.store->add(wrong_key, static_cast<int64_t>(wrong)).status());
+    summarize(samples, res.step);
+    if (seconds > 0) {
+      res.gbps = 2.0 * static_cast<double>(count * 4) * static_cast<double>(cfg.iters) / seconds / 1e9;
+    }
+  }
+  MYELIN_RETURN_IF_ERROR(m.barrier("ps-done"));
+  MYELIN_ASSIGN_OR_RETURN(int64_t all_wrong, m.o.store->add(wrong_key, 0));
+  res.step.wrong = static_cast<uint64_t>(all_wrong);
+  return res;
+}
+
+}  // namespace myelin::bench
