@@ -23,11 +23,26 @@ void BM_Reduce(benchmark::State& state, ReduceIsa isa, DataType type, ReduceOp o
   // Values that stay finite under repeated sum/prod: 1.0 in every float format, small integers.
   for (size_t i = 0; i < count; ++i) {
     switch (type) {
-      case DataType::kF32: { const float v = 1.0f; std::memcpy(&src[i * 4], &v, 4); break; }
-      case DataType::kF64: { const double v = 1.0; std::memcpy(&src[i * 8], &v, 8); break; }
-      case DataType::kF16: src[i * 2 + 1] = 0x3C; break;
-      case DataType::kBF16: src[i * 2 + 1] = 0x3F; src[i * 2] = 0x80; break;
-      default: src[i * es] = 1; break;
+      case DataType::kF32: {
+        const float v = 1.0f;
+        std::memcpy(&src[i * 4], &v, 4);
+        break;
+      }
+      case DataType::kF64: {
+        const double v = 1.0;
+        std::memcpy(&src[i * 8], &v, 8);
+        break;
+      }
+      case DataType::kF16:
+        src[i * 2 + 1] = 0x3C;
+        break;
+      case DataType::kBF16:
+        src[i * 2 + 1] = 0x3F;
+        src[i * 2] = 0x80;
+        break;
+      default:
+        src[i * es] = 1;
+        break;
     }
   }
   dst = src;
@@ -48,9 +63,7 @@ void register_all() {
                                  std::string(myelin::collectives::reduce_isa_name(isa)) + "/" +
                                  std::string(myelin::collectives::dtype_name(t)) + "/" +
                                  std::string(myelin::collectives::reduce_op_name(op));
-        benchmark::RegisterBenchmark(name.c_str(), BM_Reduce, isa, t, op)
-            ->Arg(4096)
-            ->Arg(1 << 20);
+        benchmark::RegisterBenchmark(name.c_str(), BM_Reduce, isa, t, op)->Arg(4096)->Arg(1 << 20);
       }
     }
   }

@@ -12,8 +12,8 @@ Status binomial_broadcast(Exchange& ex, const Group& g, void* buf, size_t count,
   const size_t bytes = count * ex.elem();
   const TreeNode node = binomial_tree(g.me, n, root_index);
   if (node.parent >= 0) {
-    MYELIN_ASSIGN_OR_RETURN(size_t r,
-                            ex.post_recv(g.ranks[static_cast<size_t>(node.parent)], phase, buf, bytes));
+    MYELIN_ASSIGN_OR_RETURN(
+        size_t r, ex.post_recv(g.ranks[static_cast<size_t>(node.parent)], phase, buf, bytes));
     MYELIN_RETURN_IF_ERROR(ex.wait(r));
   }
   for (int child : node.children) {

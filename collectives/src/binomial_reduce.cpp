@@ -35,7 +35,8 @@ Status binomial_reduce(Exchange& ex, const Group& g, void* acc, void* tmp, size_
     reduce_into(acc, bufs[i % 2], count, ex.info().type, ex.info().op);
   }
   if (node.parent >= 0) {
-    MYELIN_RETURN_IF_ERROR(ex.post_send(g.ranks[static_cast<size_t>(node.parent)], phase, acc, bytes));
+    MYELIN_RETURN_IF_ERROR(
+        ex.post_send(g.ranks[static_cast<size_t>(node.parent)], phase, acc, bytes));
   }
   return ex.wait_all();
 }

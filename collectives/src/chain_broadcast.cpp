@@ -22,8 +22,8 @@ Status chain_broadcast(Exchange& ex, const Group& g, void* buf, size_t count, in
   if (prev >= 0) {
     for (size_t j = 0; j < segs; ++j) {
       const Range piece = segment(all, seg, j);
-      MYELIN_ASSIGN_OR_RETURN(size_t h, ex.post_recv(prev, phase, at(buf, piece.offset, es),
-                                                     piece.count * es));
+      MYELIN_ASSIGN_OR_RETURN(
+          size_t h, ex.post_recv(prev, phase, at(buf, piece.offset, es), piece.count * es));
       recvs.push_back(h);
     }
   }

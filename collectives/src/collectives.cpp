@@ -37,9 +37,10 @@ static_assert(sizeof(Descriptor) == 32, "descriptor layout is part of the wire p
 
 std::string describe_call(const Descriptor& d) {
   const auto c = static_cast<Collective>(d.collective);
-  std::string s = ::myelin::internal::str_cat(collective_name(c), " #", d.sequence, " (",
-                                    algorithm_name(static_cast<Algorithm>(d.algorithm)), ") of ",
-                                    d.count, " x ", dtype_name(static_cast<DataType>(d.type)));
+  std::string s =
+      ::myelin::internal::str_cat(collective_name(c), " #", d.sequence, " (",
+                                  algorithm_name(static_cast<Algorithm>(d.algorithm)), ") of ",
+                                  d.count, " x ", dtype_name(static_cast<DataType>(d.type)));
   if (c == Collective::kAllreduce || c == Collective::kReduceScatter || c == Collective::kReduce) {
     s += ::myelin::internal::str_cat(" ", reduce_op_name(static_cast<ReduceOp>(d.op)));
   }
@@ -67,7 +68,7 @@ struct Call {
   Collective collective;
   DataType type = DataType::kU8;
   ReduceOp op = ReduceOp::kSum;
-  size_t count = 0;        // as the caller passed it
+  size_t count = 0;         // as the caller passed it
   size_t select_bytes = 0;  // what the selection table sees
   int root = 0;
 };
@@ -139,9 +140,9 @@ Result<Algorithm> run(Communicator& comm, const Call& call, const Options& optio
       if (r.ok()) {
         desc_recv = *r;
         desc_posted = true;
-        status = ex.post_send((comm.rank() + 1) % n, internal::kDescriptorPhase, &mine,
-                              sizeof(mine))
-                     .status();
+        status =
+            ex.post_send((comm.rank() + 1) % n, internal::kDescriptorPhase, &mine, sizeof(mine))
+                .status();
       } else {
         status = std::move(r).status();
       }
@@ -159,23 +160,23 @@ Result<Algorithm> run(Communicator& comm, const Call& call, const Options& optio
       }
       const bool have_theirs = ex.done(desc_recv) && ex.status_of(desc_recv).ok();
       if (have_theirs && !same_call(mine, theirs)) {
-        status = invalid_argument("mismatched collective calls: rank ", prev, " called ",
-                                  describe_call(theirs), ", this rank called ",
-                                  describe_call(mine));
+        status =
+            invalid_argument("mismatched collective calls: rank ", prev, " called ",
+                             describe_call(theirs), ", this rank called ", describe_call(mine));
       }
       if (status.ok()) status = ex.wait_all();
     }
     if (!status.ok()) {
-      status = std::move(status).with_context(::myelin::internal::str_cat(
-          name, " (", algorithm_name(algo), ", ", call.count, " x ", dtype_name(call.type),
-          ") on rank ", comm.rank(), " of ", n));
+      status = std::move(status).with_context(
+          ::myelin::internal::str_cat(name, " (", algorithm_name(algo), ", ", call.count, " x ",
+                                      dtype_name(call.type), ") on rank ", comm.rank(), " of ", n));
       MYELIN_LOG_WARN << status.to_string();
       comm.fail(status);
     }
   }  // the Exchange waits for stragglers here, after fail() cancelled them
   if (!status.ok()) return status;
-  MYELIN_LOG_DEBUG << name << " of " << call.count << " x " << dtype_name(call.type) << " on "
-                   << n << " ranks: " << algorithm_name(algo);
+  MYELIN_LOG_DEBUG << name << " of " << call.count << " x " << dtype_name(call.type) << " on " << n
+                   << " ranks: " << algorithm_name(algo);
   return algo;
 }
 
@@ -198,15 +199,20 @@ Result<Algorithm> allreduce(Communicator& comm, const void* send, void* recv, si
     const Group g = world(comm);
     Status s;
     switch (algo) {
-      case Algorithm::kRing: s = ring_allreduce(ex, g, recv, count, internal::kTopPhase); break;
+      case Algorithm::kRing:
+        s = ring_allreduce(ex, g, recv, count, internal::kTopPhase);
+        break;
       case Algorithm::kHalvingDoubling:
         s = halving_doubling_allreduce(ex, g, recv, count, internal::kTopPhase);
         break;
       case Algorithm::kRecursiveDoubling:
         s = recursive_doubling_allreduce(ex, g, recv, count, internal::kTopPhase);
         break;
-      case Algorithm::kHierarchical: s = hierarchical_allreduce(ex, recv, count); break;
-      default: return internal_error("allreduce dispatch of ", algorithm_name(algo));
+      case Algorithm::kHierarchical:
+        s = hierarchical_allreduce(ex, recv, count);
+        break;
+      default:
+        return internal_error("allreduce dispatch of ", algorithm_name(algo));
     }
     MYELIN_RETURN_IF_ERROR(s);
     if (op == ReduceOp::kAvg) divide_by(recv, count, type, static_cast<uint32_t>(comm.size()));
@@ -219,7 +225,7 @@ Result<Algorithm> reduce_scatter(Communicator& comm, const void* send, void* rec
                                  const Options& options) {
   MYELIN_RETURN_IF_ERROR(need_buffers(send, recv, recv_count, "reduce_scatter"));
   const size_t n = static_cast<size_t>(comm.size());
-  const Call call{Collective::kReduceScatter, type, op, recv_count,
+  const Call call{Collective::kReduceScatter,        type, op, recv_count,
                   recv_count * n * dtype_size(type), 0};
   return run(comm, call, options, [&](Exchange& ex, Algorithm) -> Status {
     const size_t es = ex.elem();
@@ -239,7 +245,7 @@ Result<Algorithm> reduce_scatter(Communicator& comm, const void* send, void* rec
 Result<Algorithm> allgather(Communicator& comm, const void* send, void* recv, size_t send_count,
                             DataType type, const Options& options) {
   MYELIN_RETURN_IF_ERROR(need_buffers(send, recv, send_count, "allgather"));
-  const Call call{Collective::kAllgather, type, ReduceOp::kSum, send_count,
+  const Call call{Collective::kAllgather,        type, ReduceOp::kSum, send_count,
                   send_count * dtype_size(type), 0};
   return run(comm, call, options, [&](Exchange& ex, Algorithm) -> Status {
     const size_t block = send_count * ex.elem();
@@ -256,8 +262,8 @@ Result<Algorithm> broadcast(Communicator& comm, const void* send, void* recv, si
   }
   const bool root = comm.rank() == options.root;
   MYELIN_RETURN_IF_ERROR(need_buffers(root ? send : recv, recv, count, "broadcast"));
-  const Call call{Collective::kBroadcast, type, ReduceOp::kSum, count, count * dtype_size(type),
-                  options.root};
+  const Call call{Collective::kBroadcast,   type,        ReduceOp::kSum, count,
+                  count * dtype_size(type), options.root};
   return run(comm, call, options, [&](Exchange& ex, Algorithm algo) -> Status {
     const size_t bytes = count * ex.elem();
     if (root && send != recv && bytes > 0) std::memcpy(recv, send, bytes);
@@ -303,7 +309,7 @@ Result<Algorithm> alltoall(Communicator& comm, const void* send, void* recv, siz
                            DataType type, const Options& options) {
   MYELIN_RETURN_IF_ERROR(need_buffers(send, recv, count, "alltoall"));
   const size_t n = static_cast<size_t>(comm.size());
-  const Call call{Collective::kAlltoall, type, ReduceOp::kSum, count,
+  const Call call{Collective::kAlltoall,        type, ReduceOp::kSum, count,
                   count * n * dtype_size(type), 0};
   return run(comm, call, options, [&](Exchange& ex, Algorithm) -> Status {
     const void* src = send;

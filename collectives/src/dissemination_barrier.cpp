@@ -13,9 +13,9 @@ Status dissemination_barrier(Exchange& ex, const Group& g, uint8_t phase) {
     const int dist = 1 << k;
     const uint32_t out = static_cast<uint32_t>(k);
     uint32_t in = ~0u;
-    MYELIN_RETURN_IF_ERROR(ex.sendrecv(g.ranks[static_cast<size_t>(mod(g.me + dist, n))], &out,
-                                       sizeof(out), g.ranks[static_cast<size_t>(mod(g.me - dist, n))],
-                                       &in, sizeof(in), phase));
+    MYELIN_RETURN_IF_ERROR(
+        ex.sendrecv(g.ranks[static_cast<size_t>(mod(g.me + dist, n))], &out, sizeof(out),
+                    g.ranks[static_cast<size_t>(mod(g.me - dist, n))], &in, sizeof(in), phase));
     if (in != out) {
       return protocol_error("barrier round ", k, " received the signal of round ", in);
     }

@@ -47,10 +47,9 @@ Result<size_t> Exchange::post_recv(int peer, uint8_t phase, void* data, size_t b
 }
 
 Status Exchange::describe(const Pending& p, Status error) const {
-  const std::string what = p.is_recv ? ::myelin::internal::str_cat("receiving ", p.bytes, " bytes from rank ",
-                                                         p.peer)
-                                     : ::myelin::internal::str_cat("sending ", p.bytes, " bytes to rank ",
-                                                         p.peer);
+  const std::string what =
+      p.is_recv ? ::myelin::internal::str_cat("receiving ", p.bytes, " bytes from rank ", p.peer)
+                : ::myelin::internal::str_cat("sending ", p.bytes, " bytes to rank ", p.peer);
   if (error.code() == StatusCode::kTimeout) {
     return timeout_error("rank ", p.peer, " did not respond in time (", what,
                          "): ", error.message());

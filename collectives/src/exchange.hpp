@@ -102,13 +102,17 @@ constexpr int kScratchAlgo1 = 1;
 constexpr int kScratchWork = 2;
 
 // Number of segments of `count` elements cut in pieces of `seg`, and segment j.
-inline size_t segment_count(size_t count, size_t seg) noexcept { return (count + seg - 1) / seg; }
+inline size_t segment_count(size_t count, size_t seg) noexcept {
+  return (count + seg - 1) / seg;
+}
 inline Range segment(Range block, size_t seg, size_t j) noexcept {
   const size_t off = j * seg;
   const size_t left = block.count - off;
   return Range{block.offset + off, left < seg ? left : seg};
 }
-inline int mod(int a, int n) noexcept { return ((a % n) + n) % n; }
+inline int mod(int a, int n) noexcept {
+  return ((a % n) + n) % n;
+}
 
 // Byte pointer helpers.
 inline uint8_t* at(void* base, size_t elems, size_t elem) noexcept {

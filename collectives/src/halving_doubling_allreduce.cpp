@@ -29,8 +29,8 @@ Status halving_doubling_allreduce(Exchange& ex, const Group& g, void* buf, size_
     const int partner = g.ranks[static_cast<size_t>(f.partner)];
     if (f.new_rank < 0) {
       MYELIN_ASSIGN_OR_RETURN(size_t s, ex.post_send(partner, phase, buf, count * es));
-      MYELIN_ASSIGN_OR_RETURN(size_t r,
-                              ex.post_recv(partner, static_cast<uint8_t>(phase + 3), buf, count * es));
+      MYELIN_ASSIGN_OR_RETURN(
+          size_t r, ex.post_recv(partner, static_cast<uint8_t>(phase + 3), buf, count * es));
       MYELIN_RETURN_IF_ERROR(ex.wait(s));
       return ex.wait(r);
     }
@@ -59,8 +59,8 @@ Status halving_doubling_allreduce(Exchange& ex, const Group& g, void* buf, size_
 
   if (f.partner >= 0) {  // post-step: hand the result back to the folded partner
     const int partner = g.ranks[static_cast<size_t>(f.partner)];
-    MYELIN_ASSIGN_OR_RETURN(size_t s,
-                            ex.post_send(partner, static_cast<uint8_t>(phase + 3), buf, count * es));
+    MYELIN_ASSIGN_OR_RETURN(
+        size_t s, ex.post_send(partner, static_cast<uint8_t>(phase + 3), buf, count * es));
     return ex.wait(s);
   }
   return ok_status();

@@ -42,8 +42,8 @@ Status hierarchical_allreduce(Exchange& ex, void* buf, size_t count) {
   MYELIN_RETURN_IF_ERROR(binomial_reduce(ex, node, buf, tmp, count, 0, kNodeReducePhase)
                              .with_context("reducing inside the node"));
   if (leader && leaders.size() > 1) {
-    const Algorithm inter = select_algorithm(Collective::kAllreduce, bytes, leaders.size(),
-                                             leaders.size());
+    const Algorithm inter =
+        select_algorithm(Collective::kAllreduce, bytes, leaders.size(), leaders.size());
     Status s;
     switch (inter) {
       case Algorithm::kRecursiveDoubling:
@@ -56,9 +56,8 @@ Status hierarchical_allreduce(Exchange& ex, void* buf, size_t count) {
         s = ring_allreduce(ex, leaders, buf, count, kLeadersPhase);
         break;
     }
-    MYELIN_RETURN_IF_ERROR(std::move(s).with_context(
-        ::myelin::internal::str_cat("allreduce across ", leaders.size(), " nodes (",
-                          algorithm_name(inter), ")")));
+    MYELIN_RETURN_IF_ERROR(std::move(s).with_context(::myelin::internal::str_cat(
+        "allreduce across ", leaders.size(), " nodes (", algorithm_name(inter), ")")));
   }
   Status s = bytes >= kChainBroadcastBytes
                  ? chain_broadcast(ex, node, buf, count, 0, kNodeBroadcastPhase)

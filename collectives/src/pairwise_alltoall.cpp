@@ -16,8 +16,8 @@ Status pairwise_alltoall(Exchange& ex, const Group& g, const void* send, void* r
   if (bytes > 0) std::memcpy(at(recv, block(g.me), es), at(send, block(g.me), es), bytes);
   for (int s = 1; s < n; ++s) {
     const int from = mod(g.me - s, n);
-    MYELIN_RETURN_IF_ERROR(ex.post_recv(g.ranks[static_cast<size_t>(from)], phase,
-                                        at(recv, block(from), es), bytes));
+    MYELIN_RETURN_IF_ERROR(
+        ex.post_recv(g.ranks[static_cast<size_t>(from)], phase, at(recv, block(from), es), bytes));
   }
   for (int s = 1; s < n; ++s) {
     const int to = mod(g.me + s, n);

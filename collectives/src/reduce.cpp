@@ -17,24 +17,36 @@ void reduce_avx512(void* dst, const void* src, size_t n, DataType type, ReduceOp
 
 std::string_view dtype_name(DataType t) noexcept {
   switch (t) {
-    case DataType::kF32: return "f32";
-    case DataType::kF64: return "f64";
-    case DataType::kF16: return "f16";
-    case DataType::kBF16: return "bf16";
-    case DataType::kI32: return "i32";
-    case DataType::kI64: return "i64";
-    case DataType::kU8: return "u8";
+    case DataType::kF32:
+      return "f32";
+    case DataType::kF64:
+      return "f64";
+    case DataType::kF16:
+      return "f16";
+    case DataType::kBF16:
+      return "bf16";
+    case DataType::kI32:
+      return "i32";
+    case DataType::kI64:
+      return "i64";
+    case DataType::kU8:
+      return "u8";
   }
   return "?";
 }
 
 std::string_view reduce_op_name(ReduceOp op) noexcept {
   switch (op) {
-    case ReduceOp::kSum: return "sum";
-    case ReduceOp::kProd: return "prod";
-    case ReduceOp::kMin: return "min";
-    case ReduceOp::kMax: return "max";
-    case ReduceOp::kAvg: return "avg";
+    case ReduceOp::kSum:
+      return "sum";
+    case ReduceOp::kProd:
+      return "prod";
+    case ReduceOp::kMin:
+      return "min";
+    case ReduceOp::kMax:
+      return "max";
+    case ReduceOp::kAvg:
+      return "avg";
   }
   return "?";
 }
@@ -62,9 +74,12 @@ Result<ReduceOp> parse_reduce_op(std::string_view name) {
 
 std::string_view reduce_isa_name(ReduceIsa isa) noexcept {
   switch (isa) {
-    case ReduceIsa::kScalar: return "scalar";
-    case ReduceIsa::kAvx2: return "avx2";
-    case ReduceIsa::kAvx512: return "avx512";
+    case ReduceIsa::kScalar:
+      return "scalar";
+    case ReduceIsa::kAvx2:
+      return "avx2";
+    case ReduceIsa::kAvx512:
+      return "avx512";
   }
   return "?";
 }
@@ -114,9 +129,12 @@ ReduceIsa choose_isa() noexcept {
 using KernelFn = void (*)(void*, const void*, size_t, DataType, ReduceOp) noexcept;
 KernelFn kernel_for(ReduceIsa isa) noexcept {
   switch (isa) {
-    case ReduceIsa::kAvx512: return &internal::reduce_avx512;
-    case ReduceIsa::kAvx2: return &internal::reduce_avx2;
-    case ReduceIsa::kScalar: break;
+    case ReduceIsa::kAvx512:
+      return &internal::reduce_avx512;
+    case ReduceIsa::kAvx2:
+      return &internal::reduce_avx2;
+    case ReduceIsa::kScalar:
+      break;
   }
   return &internal::reduce_scalar;
 }
@@ -153,10 +171,14 @@ void divide_plain(T* p, size_t n, uint32_t divisor) {
 void divide_by(void* data, size_t count, DataType type, uint32_t divisor) noexcept {
   MYELIN_CHECK_GT(divisor, 0u);
   switch (type) {
-    case DataType::kF32: return divide_plain(static_cast<float*>(data), count, divisor);
-    case DataType::kF64: return divide_plain(static_cast<double*>(data), count, divisor);
-    case DataType::kI32: return divide_plain(static_cast<int32_t*>(data), count, divisor);
-    case DataType::kI64: return divide_plain(static_cast<int64_t*>(data), count, divisor);
+    case DataType::kF32:
+      return divide_plain(static_cast<float*>(data), count, divisor);
+    case DataType::kF64:
+      return divide_plain(static_cast<double*>(data), count, divisor);
+    case DataType::kI32:
+      return divide_plain(static_cast<int32_t*>(data), count, divisor);
+    case DataType::kI64:
+      return divide_plain(static_cast<int64_t*>(data), count, divisor);
     case DataType::kU8: {
       auto* p = static_cast<uint8_t*>(data);
       for (size_t i = 0; i < count; ++i) p[i] = static_cast<uint8_t>(p[i] / divisor);

@@ -17,7 +17,7 @@ MYELIN_AVX2 __m256 combine8(__m256 dst, __m256 src) {
   if constexpr (Op == ReduceOp::kSum || Op == ReduceOp::kAvg) return _mm256_add_ps(dst, src);
   if constexpr (Op == ReduceOp::kProd) return _mm256_mul_ps(dst, src);
   if constexpr (Op == ReduceOp::kMin) return _mm256_min_ps(src, dst);  // src < dst ? src : dst
-  return _mm256_max_ps(src, dst);                                       // src > dst ? src : dst
+  return _mm256_max_ps(src, dst);                                      // src > dst ? src : dst
 }
 
 MYELIN_AVX2 __m256 load_bf16x8(const uint16_t* p) {
@@ -34,8 +34,8 @@ MYELIN_AVX2 void store_bf16x8(uint16_t* p, __m256 v) {
   const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(0x40));
   const __m256i is_nan = _mm256_cmpgt_epi32(_mm256_and_si256(x, _mm256_set1_epi32(0x7FFFFFFF)),
                                             _mm256_set1_epi32(0x7F800000));
-  const __m256i out = _mm256_blendv_epi8(rounded, _mm256_and_si256(quiet, _mm256_set1_epi32(0xFFFF)),
-                                         is_nan);
+  const __m256i out =
+      _mm256_blendv_epi8(rounded, _mm256_and_si256(quiet, _mm256_set1_epi32(0xFFFF)), is_nan);
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(out, out), 0x08);
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
 }

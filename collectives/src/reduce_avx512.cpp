@@ -18,7 +18,7 @@ MYELIN_AVX512 __m512 combine16(__m512 dst, __m512 src) {
   if constexpr (Op == ReduceOp::kSum || Op == ReduceOp::kAvg) return _mm512_add_ps(dst, src);
   if constexpr (Op == ReduceOp::kProd) return _mm512_mul_ps(dst, src);
   if constexpr (Op == ReduceOp::kMin) return _mm512_min_ps(src, dst);  // src < dst ? src : dst
-  return _mm512_max_ps(src, dst);                                       // src > dst ? src : dst
+  return _mm512_max_ps(src, dst);                                      // src > dst ? src : dst
 }
 
 MYELIN_AVX512 __m512 load_bf16x16(const uint16_t* p) {
@@ -67,7 +67,7 @@ struct Avx512Kernels {
 }  // namespace MYELIN_KERNEL_NS
 
 __attribute__((MYELIN_AVX512_TARGET)) void reduce_avx512(void* dst, const void* src, size_t n,
-                                                        DataType type, ReduceOp op) noexcept {
+                                                         DataType type, ReduceOp op) noexcept {
   MYELIN_KERNEL_NS::dispatch<MYELIN_KERNEL_NS::Avx512Kernels>(dst, src, n, type, op);
 }
 

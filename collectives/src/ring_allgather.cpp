@@ -23,8 +23,8 @@ Status ring_allgather_phase(Exchange& ex, const Group& g, void* buf, size_t coun
     const Range b = balanced_block(count, n, mod(own - s - 1, n));
     for (size_t j = 0; j < segment_count(b.count, seg); ++j) {
       const Range piece = segment(b, seg, j);
-      MYELIN_ASSIGN_OR_RETURN(size_t h, ex.post_recv(prev, phase, at(buf, piece.offset, es),
-                                                     piece.count * es));
+      MYELIN_ASSIGN_OR_RETURN(
+          size_t h, ex.post_recv(prev, phase, at(buf, piece.offset, es), piece.count * es));
       recvs[static_cast<size_t>(s)].push_back(h);
     }
   }

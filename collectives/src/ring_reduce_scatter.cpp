@@ -38,8 +38,8 @@ Status ring_reduce_scatter_phase(Exchange& ex, const Group& g, void* buf, size_t
     handles.clear();
     for (size_t j = 0; j < segment_count(b.count, seg); ++j) {
       const Range piece = segment(Range{0, b.count}, seg, j);
-      MYELIN_ASSIGN_OR_RETURN(size_t h, ex.post_recv(prev, phase, tmp[s % 2] + piece.offset * es,
-                                                     piece.count * es));
+      MYELIN_ASSIGN_OR_RETURN(
+          size_t h, ex.post_recv(prev, phase, tmp[s % 2] + piece.offset * es, piece.count * es));
       handles.push_back(h);
     }
     return ok_status();

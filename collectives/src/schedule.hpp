@@ -48,8 +48,12 @@ struct TreeNode {
 TreeNode binomial_tree(int rank, int n, int root);
 
 // Ring neighbours.
-inline int ring_next(int rank, int n) noexcept { return (rank + 1) % n; }
-inline int ring_prev(int rank, int n) noexcept { return (rank + n - 1) % n; }
+inline int ring_next(int rank, int n) noexcept {
+  return (rank + 1) % n;
+}
+inline int ring_prev(int rank, int n) noexcept {
+  return (rank + n - 1) % n;
+}
 
 // Dissemination barrier: in round k (distance 2^k) rank r signals r + 2^k and waits for r - 2^k
 // (mod n); ceil(log2 n) rounds.

@@ -6,35 +6,56 @@ namespace myelin::collectives {
 
 std::string_view collective_name(Collective c) noexcept {
   switch (c) {
-    case Collective::kAllreduce: return "allreduce";
-    case Collective::kReduceScatter: return "reduce_scatter";
-    case Collective::kAllgather: return "allgather";
-    case Collective::kBroadcast: return "broadcast";
-    case Collective::kReduce: return "reduce";
-    case Collective::kBarrier: return "barrier";
-    case Collective::kAlltoall: return "alltoall";
+    case Collective::kAllreduce:
+      return "allreduce";
+    case Collective::kReduceScatter:
+      return "reduce_scatter";
+    case Collective::kAllgather:
+      return "allgather";
+    case Collective::kBroadcast:
+      return "broadcast";
+    case Collective::kReduce:
+      return "reduce";
+    case Collective::kBarrier:
+      return "barrier";
+    case Collective::kAlltoall:
+      return "alltoall";
   }
   return "?";
 }
 
 namespace {
-constexpr Algorithm kAllAlgorithms[] = {
-    Algorithm::kAuto,         Algorithm::kRing,  Algorithm::kHalvingDoubling,
-    Algorithm::kRecursiveDoubling, Algorithm::kHierarchical, Algorithm::kBinomialTree,
-    Algorithm::kChain,        Algorithm::kDissemination, Algorithm::kPairwise};
+constexpr Algorithm kAllAlgorithms[] = {Algorithm::kAuto,
+                                        Algorithm::kRing,
+                                        Algorithm::kHalvingDoubling,
+                                        Algorithm::kRecursiveDoubling,
+                                        Algorithm::kHierarchical,
+                                        Algorithm::kBinomialTree,
+                                        Algorithm::kChain,
+                                        Algorithm::kDissemination,
+                                        Algorithm::kPairwise};
 }  // namespace
 
 std::string_view algorithm_name(Algorithm a) noexcept {
   switch (a) {
-    case Algorithm::kAuto: return "auto";
-    case Algorithm::kRing: return "ring";
-    case Algorithm::kHalvingDoubling: return "halving_doubling";
-    case Algorithm::kRecursiveDoubling: return "recursive_doubling";
-    case Algorithm::kHierarchical: return "hierarchical";
-    case Algorithm::kBinomialTree: return "binomial_tree";
-    case Algorithm::kChain: return "chain";
-    case Algorithm::kDissemination: return "dissemination";
-    case Algorithm::kPairwise: return "pairwise";
+    case Algorithm::kAuto:
+      return "auto";
+    case Algorithm::kRing:
+      return "ring";
+    case Algorithm::kHalvingDoubling:
+      return "halving_doubling";
+    case Algorithm::kRecursiveDoubling:
+      return "recursive_doubling";
+    case Algorithm::kHierarchical:
+      return "hierarchical";
+    case Algorithm::kBinomialTree:
+      return "binomial_tree";
+    case Algorithm::kChain:
+      return "chain";
+    case Algorithm::kDissemination:
+      return "dissemination";
+    case Algorithm::kPairwise:
+      return "pairwise";
   }
   return "?";
 }

@@ -37,8 +37,14 @@ inline uint64_t int_bits(int rank, size_t i, uint64_t salt) {
 
 inline void store_value(uint8_t* p, DataType t, double f, uint64_t bits) {
   switch (t) {
-    case DataType::kF32: { const float v = static_cast<float>(f); std::memcpy(p, &v, 4); break; }
-    case DataType::kF64: std::memcpy(p, &f, 8); break;
+    case DataType::kF32: {
+      const float v = static_cast<float>(f);
+      std::memcpy(p, &v, 4);
+      break;
+    }
+    case DataType::kF64:
+      std::memcpy(p, &f, 8);
+      break;
     case DataType::kF16: {
       const uint16_t v = float_to_f16(static_cast<float>(f));
       std::memcpy(p, &v, 2);
@@ -49,9 +55,17 @@ inline void store_value(uint8_t* p, DataType t, double f, uint64_t bits) {
       std::memcpy(p, &v, 2);
       break;
     }
-    case DataType::kI32: { const uint32_t v = static_cast<uint32_t>(bits); std::memcpy(p, &v, 4); break; }
-    case DataType::kI64: std::memcpy(p, &bits, 8); break;
-    case DataType::kU8: *p = static_cast<uint8_t>(bits); break;
+    case DataType::kI32: {
+      const uint32_t v = static_cast<uint32_t>(bits);
+      std::memcpy(p, &v, 4);
+      break;
+    }
+    case DataType::kI64:
+      std::memcpy(p, &bits, 8);
+      break;
+    case DataType::kU8:
+      *p = static_cast<uint8_t>(bits);
+      break;
   }
 }
 
@@ -79,17 +93,26 @@ inline std::vector<uint8_t> expected_reduction(int n, size_t count, DataType t, 
       for (int r = 1; r < n; ++r) {
         const double x = exact_float(r, idx, op, salt);
         switch (op) {
-          case ReduceOp::kSum: case ReduceOp::kAvg: acc += x; break;
-          case ReduceOp::kProd: acc *= x; break;
-          case ReduceOp::kMin: acc = std::min(acc, x); break;
-          case ReduceOp::kMax: acc = std::max(acc, x); break;
+          case ReduceOp::kSum:
+          case ReduceOp::kAvg:
+            acc += x;
+            break;
+          case ReduceOp::kProd:
+            acc *= x;
+            break;
+          case ReduceOp::kMin:
+            acc = std::min(acc, x);
+            break;
+          case ReduceOp::kMax:
+            acc = std::max(acc, x);
+            break;
         }
       }
       if (op == ReduceOp::kAvg) {
         // The library divides in the element's own arithmetic: f64 in double, others in float.
-        acc = t == DataType::kF64 ? acc / n
-                                  : static_cast<double>(static_cast<float>(acc) /
-                                                        static_cast<float>(n));
+        acc = t == DataType::kF64
+                  ? acc / n
+                  : static_cast<double>(static_cast<float>(acc) / static_cast<float>(n));
       }
       store_value(v.data() + i * es, t, acc, 0);
     } else {
@@ -105,10 +128,19 @@ inline std::vector<uint8_t> expected_reduction(int n, size_t count, DataType t, 
       for (int r = 1; r < n; ++r) {
         const uint64_t x = int_bits(r, idx, salt) & mask;
         switch (op) {
-          case ReduceOp::kSum: case ReduceOp::kAvg: acc = (acc + x) & mask; break;
-          case ReduceOp::kProd: acc = (acc * x) & mask; break;
-          case ReduceOp::kMin: acc = as_signed(x) < as_signed(acc) ? x : acc; break;
-          case ReduceOp::kMax: acc = as_signed(acc) < as_signed(x) ? x : acc; break;
+          case ReduceOp::kSum:
+          case ReduceOp::kAvg:
+            acc = (acc + x) & mask;
+            break;
+          case ReduceOp::kProd:
+            acc = (acc * x) & mask;
+            break;
+          case ReduceOp::kMin:
+            acc = as_signed(x) < as_signed(acc) ? x : acc;
+            break;
+          case ReduceOp::kMax:
+            acc = as_signed(acc) < as_signed(x) ? x : acc;
+            break;
         }
       }
       if (op == ReduceOp::kAvg) acc = static_cast<uint64_t>(as_signed(acc) / n);

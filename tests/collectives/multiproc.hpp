@@ -102,8 +102,8 @@ struct RankCtx {
 };
 
 struct Outcome {
-  std::vector<int> exit_codes;         // 0 = the rank's body returned OK; -1 = killed by harness
-  std::vector<std::string> messages;   // each rank's final status text
+  std::vector<int> exit_codes;        // 0 = the rank's body returned OK; -1 = killed by harness
+  std::vector<std::string> messages;  // each rank's final status text
   std::string dir;
   [[nodiscard]] bool all_ok() const {
     for (int c : exit_codes) {

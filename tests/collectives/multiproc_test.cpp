@@ -41,7 +41,8 @@ Status check_allreduce(RankCtx& rc, Algorithm algo, DataType t, ReduceOp op, siz
   auto used = allreduce(*rc.comm, in.data(), recv, count, t, op,
                         {.algorithm = algo, .segment_size = segment});
   if (!used.ok()) return std::move(used).status().with_context(what);
-  if (algo != Algorithm::kAuto && *used != algo) return internal_error(what, ": ran another algorithm");
+  if (algo != Algorithm::kAuto && *used != algo)
+    return internal_error(what, ": ran another algorithm");
   const long bad = first_difference(static_cast<uint8_t*>(recv), want.data(), count, t);
   if (bad >= 0) return mismatch(what, static_cast<size_t>(bad), rc);
   if (!in_place && out.back() != 0xEE) return internal_error(what, ": wrote past the end");
@@ -96,7 +97,8 @@ TEST_P(Collectives, ReduceScatterAndAllgather) {
             const auto want = expected_reduction(rc.size, count, t, op, salt, count * rc.rank);
             std::vector<uint8_t> dst(count * es);
             void* recv = in_place ? in.data() + count * es * rc.rank : dst.data();
-            const std::string what = label("reduce_scatter", Algorithm::kRing, t, op, count, in_place);
+            const std::string what =
+                label("reduce_scatter", Algorithm::kRing, t, op, count, in_place);
             auto r = reduce_scatter(*rc.comm, in.data(), recv, count, t, op,
                                     {.segment_size = count == 1023 ? size_t{512} : size_t{0}});
             if (!r.ok()) return std::move(r).status().with_context(what);
@@ -117,10 +119,12 @@ TEST_P(Collectives, ReduceScatterAndAllgather) {
           auto mine = input(rc.rank, count, t, ReduceOp::kSum, salt);
           const void* send = mine.data();
           if (in_place) {
-            std::copy(mine.begin(), mine.end(), all.begin() + static_cast<long>(count * es * rc.rank));
+            std::copy(mine.begin(), mine.end(),
+                      all.begin() + static_cast<long>(count * es * rc.rank));
             send = all.data() + count * es * rc.rank;
           }
-          const std::string what = label("allgather", Algorithm::kRing, t, ReduceOp::kSum, count, in_place);
+          const std::string what =
+              label("allgather", Algorithm::kRing, t, ReduceOp::kSum, count, in_place);
           auto r = allgather(*rc.comm, send, all.data(), count, t,
                              {.segment_size = count == 1023 ? size_t{300} : size_t{0}});
           if (!r.ok()) return std::move(r).status().with_context(what);
@@ -164,11 +168,13 @@ TEST_P(Collectives, BroadcastAndReduce) {
               const auto want = expected_reduction(rc.size, count, t, op, salt);
               std::vector<uint8_t> dst(count * es, 0);
               void* recv = in_place ? in.data() : dst.data();
-              const std::string what = label("reduce", Algorithm::kBinomialTree, t, op, count, in_place);
+              const std::string what =
+                  label("reduce", Algorithm::kBinomialTree, t, op, count, in_place);
               auto r = reduce(*rc.comm, in.data(), recv, count, t, op, {.root = root});
               if (!r.ok()) return std::move(r).status().with_context(what);
               if (rc.rank == root) {
-                const long bad = first_difference(static_cast<uint8_t*>(recv), want.data(), count, t);
+                const long bad =
+                    first_difference(static_cast<uint8_t*>(recv), want.data(), count, t);
                 if (bad >= 0) return mismatch(what, static_cast<size_t>(bad), rc);
               } else if (in != keep) {
                 return internal_error(what, ": a non-root's send buffer changed");
@@ -211,7 +217,8 @@ TEST_P(Collectives, BarrierAndAlltoall) {
           }
           std::vector<uint8_t> dst(n * count * es, 0);
           void* recv = in_place ? in.data() : dst.data();
-          const std::string what = label("alltoall", Algorithm::kPairwise, t, ReduceOp::kSum, count, in_place);
+          const std::string what =
+              label("alltoall", Algorithm::kPairwise, t, ReduceOp::kSum, count, in_place);
           auto r = alltoall(*rc.comm, in.data(), recv, count, t);
           if (!r.ok()) return std::move(r).status().with_context(what);
           const long bad = first_difference(static_cast<uint8_t*>(recv), want.data(), n * count, t);
@@ -235,8 +242,8 @@ TEST(CollectivesAuto, AllreduceOverAutoBackend) {
     s.backend = Backend::kAuto;
     const auto out = run_world(s, [](RankCtx& rc) -> Status {
       uint64_t salt = 77;
-      for (Algorithm algo : {Algorithm::kRing, Algorithm::kHalvingDoubling,
-                             Algorithm::kRecursiveDoubling}) {
+      for (Algorithm algo :
+           {Algorithm::kRing, Algorithm::kHalvingDoubling, Algorithm::kRecursiveDoubling}) {
         for (DataType t : {DataType::kF32, DataType::kBF16, DataType::kI64}) {
           for (ReduceOp op : {ReduceOp::kSum, ReduceOp::kAvg}) {
             MYELIN_RETURN_IF_ERROR(check_allreduce(rc, algo, t, op, 1023, false, 512, ++salt));
@@ -256,22 +263,23 @@ TEST(CollectivesFloat, RandomDataWithinErrorBoundAndIdenticalOnAllRanks) {
   s.ranks = 5;
   const auto out = run_world(s, [](RankCtx& rc) -> Status {
     const size_t count = 4099;
-    for (Algorithm algo : {Algorithm::kRing, Algorithm::kHalvingDoubling,
-                           Algorithm::kRecursiveDoubling}) {
+    for (Algorithm algo :
+         {Algorithm::kRing, Algorithm::kHalvingDoubling, Algorithm::kRecursiveDoubling}) {
       for (DataType t : {DataType::kF32, DataType::kF16, DataType::kBF16}) {
         const size_t es = dtype_size(t);
         auto value = [&](int r, size_t i) {
-          const float x = static_cast<float>(static_cast<double>(mix(r * 977 + i) % 20001) /
-                                             10000.0 - 1.0);
-          return t == DataType::kF32 ? x
+          const float x =
+              static_cast<float>(static_cast<double>(mix(r * 977 + i) % 20001) / 10000.0 - 1.0);
+          return t == DataType::kF32   ? x
                  : t == DataType::kF16 ? f16_to_float(float_to_f16(x))
                                        : bf16_to_float(float_to_bf16(x));
         };
         std::vector<uint8_t> buf(count * es);
-        for (size_t i = 0; i < count; ++i) store_value(buf.data() + i * es, t, value(rc.rank, i), 0);
-        MYELIN_RETURN_IF_ERROR(
-            allreduce(*rc.comm, buf.data(), buf.data(), count, t, ReduceOp::kSum, {.algorithm = algo})
-                .status());
+        for (size_t i = 0; i < count; ++i)
+          store_value(buf.data() + i * es, t, value(rc.rank, i), 0);
+        MYELIN_RETURN_IF_ERROR(allreduce(*rc.comm, buf.data(), buf.data(), count, t, ReduceOp::kSum,
+                                         {.algorithm = algo})
+                                   .status());
         const double eps = t == DataType::kF32 ? 0x1p-24 : t == DataType::kF16 ? 0x1p-11 : 0x1p-8;
         for (size_t i = 0; i < count; ++i) {
           double exact = 0, magnitude = 0;
@@ -280,9 +288,13 @@ TEST(CollectivesFloat, RandomDataWithinErrorBoundAndIdenticalOnAllRanks) {
             magnitude += std::abs(value(r, i));
           }
           double got = 0;
-          if (t == DataType::kF32) { float f; std::memcpy(&f, buf.data() + i * 4, 4); got = f; }
-          else {
-            uint16_t h; std::memcpy(&h, buf.data() + i * 2, 2);
+          if (t == DataType::kF32) {
+            float f;
+            std::memcpy(&f, buf.data() + i * 4, 4);
+            got = f;
+          } else {
+            uint16_t h;
+            std::memcpy(&h, buf.data() + i * 2, 2);
             got = t == DataType::kF16 ? f16_to_float(h) : bf16_to_float(h);
           }
           const double bound = rc.size * eps * magnitude + 1e-30;
@@ -315,8 +327,8 @@ Status survive(RankCtx& rc, int victim, std::chrono::milliseconds timeout) {
   std::vector<float> buf(1 << 18, 1.0f);
   for (int i = 0; i < 100000; ++i) {
     if (i == 1 && rc.rank == 0) write_file(rc.dir + "/started", "1");
-    auto r = allreduce(*rc.comm, buf.data(), buf.data(), buf.size(), DataType::kF32,
-                       ReduceOp::kMax, {.algorithm = Algorithm::kRing, .timeout = timeout});
+    auto r = allreduce(*rc.comm, buf.data(), buf.data(), buf.size(), DataType::kF32, ReduceOp::kMax,
+                       {.algorithm = Algorithm::kRing, .timeout = timeout});
     if (r.ok()) continue;
     if (rc.rank == victim) return internal_error("the victim saw an error instead of dying");
     const std::string msg = r.status().to_string();
@@ -375,8 +387,12 @@ void fault_test(int sig) {
   EXPECT_LT(seconds, 3.0 + 10.0) << out.summary();
 }
 
-TEST(CollectivesFailure, KilledRankFailsEverySurvivor) { fault_test(SIGKILL); }
-TEST(CollectivesFailure, StoppedRankFailsEverySurvivorWithinTimeout) { fault_test(SIGSTOP); }
+TEST(CollectivesFailure, KilledRankFailsEverySurvivor) {
+  fault_test(SIGKILL);
+}
+TEST(CollectivesFailure, StoppedRankFailsEverySurvivorWithinTimeout) {
+  fault_test(SIGSTOP);
+}
 
 TEST(CollectivesFailure, MismatchedCountsAreAClearError) {
   WorldSpec s;
@@ -419,7 +435,8 @@ TEST(CollectivesFailure, BadArgumentsAreRejectedBeforeAnyTraffic) {
       return internal_error("null buffer accepted");
     }
     if (allgather(*rc.comm, &x, &x, 1, DataType::kF32, {.algorithm = Algorithm::kChain})
-            .status().code() != StatusCode::kInvalidArgument) {
+            .status()
+            .code() != StatusCode::kInvalidArgument) {
       return internal_error("unsupported algorithm accepted");
     }
     return allreduce(*rc.comm, &x, &x, 1, DataType::kF32, ReduceOp::kSum).status();

@@ -19,22 +19,26 @@ bool cpu_has_f16c() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2");  // every AVX2 CPU has F16C
 }
-__attribute__((target("f16c"))) float hw_f16_to_float(uint16_t h) { return _cvtsh_ss(h); }
+__attribute__((target("f16c"))) float hw_f16_to_float(uint16_t h) {
+  return _cvtsh_ss(h);
+}
 __attribute__((target("f16c"))) uint16_t hw_float_to_f16(float f) {
   return static_cast<uint16_t>(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT));
 }
 
-uint32_t bits(float f) { return std::bit_cast<uint32_t>(f); }
+uint32_t bits(float f) {
+  return std::bit_cast<uint32_t>(f);
+}
 
 TEST(HalfConversion, F16KnownValues) {
   EXPECT_EQ(float_to_f16(1.0f), 0x3C00);
   EXPECT_EQ(float_to_f16(-2.0f), 0xC000);
-  EXPECT_EQ(float_to_f16(65504.0f), 0x7BFF);             // largest finite
-  EXPECT_EQ(float_to_f16(65520.0f), 0x7C00);             // rounds up to infinity
-  EXPECT_EQ(float_to_f16(5.9604645e-8f), 0x0001);        // smallest subnormal
-  EXPECT_EQ(float_to_f16(2.9802322e-8f), 0x0000);        // half of it: tie to even (zero)
-  EXPECT_EQ(float_to_f16(1.0f + 1.0f / 2048), 0x3C00);   // tie between 1 and next: to even
-  EXPECT_EQ(float_to_f16(1.0f + 3.0f / 2048), 0x3C02);   // tie between odd and even: up
+  EXPECT_EQ(float_to_f16(65504.0f), 0x7BFF);            // largest finite
+  EXPECT_EQ(float_to_f16(65520.0f), 0x7C00);            // rounds up to infinity
+  EXPECT_EQ(float_to_f16(5.9604645e-8f), 0x0001);       // smallest subnormal
+  EXPECT_EQ(float_to_f16(2.9802322e-8f), 0x0000);       // half of it: tie to even (zero)
+  EXPECT_EQ(float_to_f16(1.0f + 1.0f / 2048), 0x3C00);  // tie between 1 and next: to even
+  EXPECT_EQ(float_to_f16(1.0f + 3.0f / 2048), 0x3C02);  // tie between odd and even: up
   EXPECT_EQ(f16_to_float(0x3555), 0.333251953125f);
   EXPECT_TRUE(std::isnan(f16_to_float(float_to_f16(std::numeric_limits<float>::quiet_NaN()))));
 }
@@ -82,14 +86,20 @@ TEST(HalfConversion, Bf16RoundsToNearestEven) {
 // Reference: one element at a time, written independently of the kernels.
 template <typename T>
 T ref_combine(T a, T b, ReduceOp op) {
-  using W = std::conditional_t<std::is_integral_v<T>, std::make_unsigned_t<
-                                   std::conditional_t<std::is_integral_v<T>, T, int>>, T>;
+  using W =
+      std::conditional_t<std::is_integral_v<T>,
+                         std::make_unsigned_t<std::conditional_t<std::is_integral_v<T>, T, int>>,
+                         T>;
   switch (op) {
     case ReduceOp::kSum:
-    case ReduceOp::kAvg: return static_cast<T>(static_cast<W>(a) + static_cast<W>(b));
-    case ReduceOp::kProd: return static_cast<T>(static_cast<W>(a) * static_cast<W>(b));
-    case ReduceOp::kMin: return std::min(a, b);
-    case ReduceOp::kMax: return std::max(a, b);
+    case ReduceOp::kAvg:
+      return static_cast<T>(static_cast<W>(a) + static_cast<W>(b));
+    case ReduceOp::kProd:
+      return static_cast<T>(static_cast<W>(a) * static_cast<W>(b));
+    case ReduceOp::kMin:
+      return std::min(a, b);
+    case ReduceOp::kMax:
+      return std::max(a, b);
   }
   return a;
 }
@@ -101,17 +111,39 @@ std::vector<uint8_t> random_bytes(DataType type, size_t n, uint32_t seed) {
   for (size_t i = 0; i < n; ++i) {
     uint8_t* p = out.data() + i * dtype_size(type);
     switch (type) {
-      case DataType::kF32: { float v = real(rng); std::memcpy(p, &v, 4); break; }
-      case DataType::kF64: { double v = real(rng); std::memcpy(p, &v, 8); break; }
-      case DataType::kF16: { uint16_t v = float_to_f16(real(rng)); std::memcpy(p, &v, 2); break; }
-      case DataType::kBF16: { uint16_t v = float_to_bf16(real(rng)); std::memcpy(p, &v, 2); break; }
-      case DataType::kI32: { uint32_t v = rng(); std::memcpy(p, &v, 4); break; }
+      case DataType::kF32: {
+        float v = real(rng);
+        std::memcpy(p, &v, 4);
+        break;
+      }
+      case DataType::kF64: {
+        double v = real(rng);
+        std::memcpy(p, &v, 8);
+        break;
+      }
+      case DataType::kF16: {
+        uint16_t v = float_to_f16(real(rng));
+        std::memcpy(p, &v, 2);
+        break;
+      }
+      case DataType::kBF16: {
+        uint16_t v = float_to_bf16(real(rng));
+        std::memcpy(p, &v, 2);
+        break;
+      }
+      case DataType::kI32: {
+        uint32_t v = rng();
+        std::memcpy(p, &v, 4);
+        break;
+      }
       case DataType::kI64: {
         uint64_t v = (static_cast<uint64_t>(rng()) << 32) | rng();
         std::memcpy(p, &v, 8);
         break;
       }
-      case DataType::kU8: *p = static_cast<uint8_t>(rng()); break;
+      case DataType::kU8:
+        *p = static_cast<uint8_t>(rng());
+        break;
     }
   }
   return out;
@@ -132,11 +164,21 @@ std::vector<uint8_t> reference(const std::vector<uint8_t>& dst, const std::vecto
                                size_t n, DataType type, ReduceOp op) {
   std::vector<uint8_t> d = dst;
   switch (type) {
-    case DataType::kF32: ref_plain<float>(d, src, n, op); break;
-    case DataType::kF64: ref_plain<double>(d, src, n, op); break;
-    case DataType::kI32: ref_plain<int32_t>(d, src, n, op); break;
-    case DataType::kI64: ref_plain<int64_t>(d, src, n, op); break;
-    case DataType::kU8: ref_plain<uint8_t>(d, src, n, op); break;
+    case DataType::kF32:
+      ref_plain<float>(d, src, n, op);
+      break;
+    case DataType::kF64:
+      ref_plain<double>(d, src, n, op);
+      break;
+    case DataType::kI32:
+      ref_plain<int32_t>(d, src, n, op);
+      break;
+    case DataType::kI64:
+      ref_plain<int64_t>(d, src, n, op);
+      break;
+    case DataType::kU8:
+      ref_plain<uint8_t>(d, src, n, op);
+      break;
     case DataType::kF16:
     case DataType::kBF16:
       for (size_t i = 0; i < n; ++i) {

@@ -108,9 +108,9 @@ TEST(Selection, TableAndSupport) {
   EXPECT_EQ(select_algorithm(Collective::kBroadcast, 8 << 20, 8, 1), Algorithm::kChain);
   EXPECT_EQ(select_algorithm(Collective::kBarrier, 0, 8, 1), Algorithm::kDissemination);
   // Whatever the table picks, the collective implements it.
-  for (auto c : {Collective::kAllreduce, Collective::kReduceScatter, Collective::kAllgather,
-                 Collective::kBroadcast, Collective::kReduce, Collective::kBarrier,
-                 Collective::kAlltoall}) {
+  for (auto c :
+       {Collective::kAllreduce, Collective::kReduceScatter, Collective::kAllgather,
+        Collective::kBroadcast, Collective::kReduce, Collective::kBarrier, Collective::kAlltoall}) {
     for (size_t bytes : {size_t{0}, size_t{4096}, size_t{1} << 20, size_t{1} << 28}) {
       for (int n = 1; n <= 9; ++n) {
         for (int nodes = 1; nodes <= n; ++nodes) {

@@ -17,7 +17,8 @@
 // host memory; they must not otherwise overlap.
 //
 // Every function returns the Algorithm it ran (also logged at debug level), or an error naming the
-// operation and the rank involved. Any error makes the communicator unusable (see communicator.hpp).
+// operation and the rank involved. Any error makes the communicator unusable (see
+// communicator.hpp).
 //
 // Consistency check: every collective sends a 32-byte descriptor (sequence number, collective,
 // algorithm, count, type, op, root) to the next rank on a dedicated channel, alongside its data.
@@ -75,8 +76,7 @@ Result<Algorithm> parse_algorithm(std::string_view name);
 // The selection table: the algorithm kAuto picks for `bytes` per rank (the count times the element
 // size of the send buffer, for alltoall/reduce_scatter the whole buffer), `ranks` ranks on
 // `nodes` nodes. Documented in docs/collectives.md.
-[[nodiscard]] Algorithm select_algorithm(Collective c, size_t bytes, int ranks,
-                                         int nodes) noexcept;
+[[nodiscard]] Algorithm select_algorithm(Collective c, size_t bytes, int ranks, int nodes) noexcept;
 
 struct Options {
   Algorithm algorithm = Algorithm::kAuto;

@@ -17,9 +17,9 @@
 //
 // Failure: when a collective fails (a peer died, did not answer within the timeout, called a
 // different collective or size), the error names the operation and the rank, and the communicator
-// becomes unusable: it disconnects its endpoints (so that its peers fail fast instead of waiting for
-// their timeout) and every later call returns failed_precondition quoting the first error. Build a
-// new Communicator (on a new Context) to continue.
+// becomes unusable: it disconnects its endpoints (so that its peers fail fast instead of waiting
+// for their timeout) and every later call returns failed_precondition quoting the first error.
+// Build a new Communicator (on a new Context) to continue.
 //
 // Thread safety: none, like the Context: one thread calls the collectives of a communicator (and
 // drives its Context). Different communicators on different Contexts are independent.

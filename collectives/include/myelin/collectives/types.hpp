@@ -46,11 +46,10 @@ constexpr size_t dtype_size(DataType t) noexcept {
   return 0;
 }
 constexpr bool is_floating(DataType t) noexcept {
-  return t == DataType::kF32 || t == DataType::kF64 || t == DataType::kF16 ||
-         t == DataType::kBF16;
+  return t == DataType::kF32 || t == DataType::kF64 || t == DataType::kF16 || t == DataType::kBF16;
 }
 
-std::string_view dtype_name(DataType t) noexcept;  // "f32", "f64", "f16", "bf16", "i32", ...
+std::string_view dtype_name(DataType t) noexcept;       // "f32", "f64", "f16", "bf16", "i32", ...
 std::string_view reduce_op_name(ReduceOp op) noexcept;  // "sum", "prod", "min", "max", "avg"
 // Accept the names above (and "float", "double", "half", "int32", "int64", "uint8").
 Result<DataType> parse_dtype(std::string_view name);
