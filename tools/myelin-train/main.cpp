@@ -82,6 +82,9 @@ int main(int argc, char** argv) {
   app.add_option("--timeout", timeout_s, "deadline of every wait, seconds")
       ->check(CLI::PositiveNumber);
   app.add_option("--job-timeout", job_timeout_s, "stop the whole local job after this (0: none)");
+  app.add_option("--broker", c.broker,
+                 "external control broker host:port (else $MYELIN_TRAIN_BROKER; default: hosted "
+                 "by worker 0 / server 0)");
   app.add_option("--role", role, "run one role (worker|server); default: launch the job")
       ->check(CLI::IsMember({"worker", "server"}));
   try {
@@ -99,6 +102,19 @@ int main(int argc, char** argv) {
   }
   if (role.empty()) {
     if (const char* r = std::getenv("MYELIN_TRAIN_ROLE")) role = r;
+  }
+  if (c.broker.empty()) {
+    if (const char* b = std::getenv("MYELIN_TRAIN_BROKER")) c.broker = b;
+  }
+  if (!c.broker.empty()) {
+    const size_t colon = c.broker.rfind(':');
+    const std::string port = colon == std::string::npos ? "" : c.broker.substr(colon + 1);
+    const bool digits = !port.empty() && port.size() <= 5 &&
+                        port.find_first_not_of("0123456789") == std::string::npos;
+    if (colon == 0 || !digits || std::stoi(port) < 1 || std::stoi(port) > 65535) {
+      std::fprintf(stderr, "myelin-train: --broker '%s' is not host:port\n", c.broker.c_str());
+      return 2;
+    }
   }
 
   if (role.empty() && std::getenv("MYELIN_RANK") == nullptr &&

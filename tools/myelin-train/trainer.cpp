@@ -270,20 +270,26 @@ Status run_worker(const TrainConfig& config, int rank) {
   const Deadline setup_deadline = Deadline::after_ms(config.timeout_ms);
   MYELIN_ASSIGN_OR_RETURN(auto store,
                           transport::connect_store(config.store_spec, rank, setup_deadline));
-  // The control broker: hosted by worker 0 in allreduce mode, by server 0 in ps mode.
+  // The control broker: external when configured, else hosted by worker 0 in allreduce mode and
+  // by server 0 in ps mode.
   std::unique_ptr<broker::Server> control_server;
-  if (leader && config.mode == Mode::kAllreduce) {
-    std::string address;
-    MYELIN_ASSIGN_OR_RETURN(control_server, start_broker(config, false, &address));
-    MYELIN_RETURN_IF_ERROR(store->set(kBrokerKey, address));
-  }
-  MYELIN_ASSIGN_OR_RETURN(auto broker_address, store->get(kBrokerKey, setup_deadline));
   broker::ClientOptions co;
-  co.address = to_text(broker_address);
+  if (!config.broker.empty()) {
+    co.address = config.broker;
+  } else {
+    if (leader && config.mode == Mode::kAllreduce) {
+      std::string address;
+      MYELIN_ASSIGN_OR_RETURN(control_server, start_broker(config, false, &address));
+      MYELIN_RETURN_IF_ERROR(store->set(kBrokerKey, address));
+    }
+    MYELIN_ASSIGN_OR_RETURN(auto broker_address, store->get(kBrokerKey, setup_deadline));
+    co.address = to_text(broker_address);
+  }
   co.identity = "worker" + std::to_string(rank);
   co.secret = config.secret;
   co.ps_worker = static_cast<uint32_t>(rank);
-  MYELIN_ASSIGN_OR_RETURN(auto control, broker::Client::connect(co));
+  MYELIN_ASSIGN_OR_RETURN(auto control, broker::Client::connect(co).with_context(
+                                            "connecting to the control broker at " + co.address));
   MYELIN_RETURN_IF_ERROR(control->subscribe("ctrl/step").status());
   if (leader) MYELIN_RETURN_IF_ERROR(control->subscribe("ctrl/loss").status());
 
@@ -299,6 +305,7 @@ Status run_worker(const TrainConfig& config, int rank) {
   std::unique_ptr<collectives::Communicator> comm;
   collectives::Options coll;
   std::string transport_note;
+  nlohmann::json peer_backends = nlohmann::json::array();  // worker 0: the backend per peer
   if (config.mode == Mode::kAllreduce) {
     transport::Options to;
     MYELIN_ASSIGN_OR_RETURN(to.backend, transport::parse_backend(config.transport));
@@ -322,14 +329,18 @@ Status run_worker(const TrainConfig& config, int rank) {
                                        .timeout = std::chrono::milliseconds(config.timeout_ms)}));
     MYELIN_ASSIGN_OR_RETURN(coll.algorithm, collectives::parse_algorithm(config.algorithm));
     if (config.workers > 1) {
-      const int peer = (rank + 1) % config.workers;
-      auto peer_addr = store->get("myelin/addr/" + std::to_string(peer), setup_deadline);
-      if (peer_addr.ok()) {
+      // The backend towards every peer (worker 0 reports them all; the others only the next).
+      for (int peer = 0; peer < config.workers; ++peer) {
+        if (peer == rank || (!leader && peer != (rank + 1) % config.workers)) continue;
+        auto peer_addr = store->get(transport::address_key(peer), setup_deadline);
+        if (!peer_addr.ok()) continue;
         auto choice = ctx->choice_for(*peer_addr);
-        if (choice.ok()) {
-          transport_note =
-              std::string(transport::backend_name(choice->backend)) + " (" + choice->reason + ")";
+        if (!choice.ok()) continue;
+        const std::string backend(transport::backend_name(choice->backend));
+        if (peer == (rank + 1) % config.workers) {
+          transport_note = backend + " (" + choice->reason + ")";
         }
+        peer_backends.push_back({{"peer", peer}, {"backend", backend}, {"reason", choice->reason}});
       }
     } else {
       transport_note = "none (one worker)";
@@ -374,6 +385,13 @@ Status run_worker(const TrainConfig& config, int rank) {
                                  : "",
         n, double(n) * 4 / 1e6, config.global_batch, static_cast<unsigned long long>(config.steps));
     std::printf("# transport: %s\n", transport_note.c_str());
+    if (peer_backends.size() > 1) {
+      std::string all;
+      for (const auto& p : peer_backends) {
+        all += " " + std::to_string(p["peer"].get<int>()) + ":" + p["backend"].get<std::string>();
+      }
+      std::printf("# transport per peer:%s\n", all.c_str());
+    }
     std::printf("# %6s %10s %8s %11s %9s %10s %12s\n", "step", "loss", "lr", "compute_ms",
                 "comm_ms", "comm_GBps", "ctrl_lat_us");
     std::fflush(stdout);
@@ -513,6 +531,7 @@ Status run_worker(const TrainConfig& config, int rank) {
                           {"final_loss", last_loss},
                           {"final_lr", schedule.lr},
                           {"transport", transport_note},
+                          {"peer_transports", peer_backends},
                           {"algorithm", algo_used},
                           {"run_s", run_s},
                           {"step_ms_p50", stp.p50},
@@ -594,7 +613,9 @@ Status run_server(const TrainConfig& config, int server_index) {
   std::string address;
   MYELIN_ASSIGN_OR_RETURN(auto server, start_broker(config, true, &address));
   MYELIN_RETURN_IF_ERROR(store->set(ps_key(server_index), address));
-  if (server_index == 0) MYELIN_RETURN_IF_ERROR(store->set(kBrokerKey, address));
+  if (server_index == 0 && config.broker.empty()) {
+    MYELIN_RETURN_IF_ERROR(store->set(kBrokerKey, address));
+  }
   // Serve until every worker is done; give up only if the whole run exceeds its bound.
   const int64_t bound_ms = config.timeout_ms * int64_t(config.steps / config.check_every + 2);
   Status waited = store->get(kFinishedKey, Deadline::after_ms(bound_ms)).status();

@@ -5,7 +5,8 @@
 // (ps mode only) holds a shard of the parameters in an embedded broker. Control messages — the
 // step barrier at each check point with the learning rate decided by worker 0, and stop — travel
 // on the broker's control lane ("ctrl/step"), hosted by worker 0 (allreduce mode) or server 0
-// (ps mode). Everything is found through the bootstrap store.
+// (ps mode), or by an external broker (TrainConfig::broker). Everything else is found through the
+// bootstrap store.
 #pragma once
 
 #include <cstdint>
@@ -42,6 +43,9 @@ struct TrainConfig {
   int64_t timeout_ms = 60000;
   std::string secret;      // job secret for the broker (MYELIN_JOB_SECRET)
   std::string store_spec;  // bootstrap store (MYELIN_STORE)
+  // An external control broker (host:port, e.g. a myelin-broker started by the batch script):
+  // when set, no role hosts the control broker and everyone connects here with `secret`.
+  std::string broker;
 };
 
 // What the serial replay must reproduce of a run's learning-rate schedule.
