@@ -15,8 +15,24 @@ function(myelin_add_gtest)
   add_executable(${ARG_NAME} ${ARG_SOURCES})
   target_link_libraries(${ARG_NAME} PRIVATE ${ARG_DEPS} GTest::gtest GTest::gtest_main
                         myelin_warnings)
+  # Per-label aggregate targets (myelin_tests_unit, ...) let sanitizer trees build only what
+  # their ctest label selection runs.
+  foreach(label ${ARG_LABELS})
+    set_property(GLOBAL APPEND PROPERTY MYELIN_TESTS_${label} ${ARG_NAME})
+  endforeach()
   gtest_discover_tests(${ARG_NAME}
     PROPERTIES LABELS "${ARG_LABELS}" TIMEOUT ${ARG_TIMEOUT}
                SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]"
     DISCOVERY_TIMEOUT 60)
+endfunction()
+
+# Called once after every test folder was added: one target per label.
+function(myelin_add_label_targets)
+  foreach(label unit integration concurrency slow vm slurm)
+    get_property(targets GLOBAL PROPERTY MYELIN_TESTS_${label})
+    add_custom_target(myelin_tests_${label})
+    if(targets)
+      add_dependencies(myelin_tests_${label} ${targets})
+    endif()
+  endforeach()
 endfunction()

@@ -60,14 +60,14 @@ cmake -S examples/train-loop -B build/example -G Ninja -DCMAKE_PREFIX_PATH="$pre
 if [ "$quick" = 1 ]; then stage "done (quick)"; exit 0; fi
 
 stage "asan+ubsan build"
-scripts/build.sh asan || fail "asan build"
+scripts/build.sh asan --target myelin_tests_unit || fail "asan build"
 stage "asan+ubsan unit tests"
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
   ctest --test-dir build/asan -j "$jobs" --output-on-failure --timeout 600 -L unit ||
   fail "asan tests"
 
 stage "tsan build"
-scripts/build.sh tsan || fail "tsan build"
+scripts/build.sh tsan --target myelin_tests_concurrency || fail "tsan build"
 stage "tsan concurrency tests"
 TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 \
   ctest --test-dir build/tsan -j "$jobs" --output-on-failure --timeout 600 -L concurrency ||
