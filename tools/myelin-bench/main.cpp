@@ -86,6 +86,7 @@ Result<std::vector<size_t>> sizes_of(const Args& a) {
     MYELIN_ASSIGN_OR_RETURN(size_t v, bench::parse_size(s));
     sizes.push_back(v);
   }
+  if (a.bench == "barrier") return std::vector<size_t>{0};  // no payload: one row
   if (sizes.empty()) {
     if (a.bench == "lat" || a.bench == "pubsub" || a.bench == "rate") {
       sizes = {a.bench == "rate" ? size_t{8} : size_t{64}};
@@ -123,9 +124,14 @@ std::vector<bench::Column> columns_for(const Args& a) {
   auto add = [&](std::initializer_list<Column> more) { c.insert(c.end(), more); };
   if (a.bench == "lat" || a.bench == "pubsub" || a.bench == "ps") {
     if (a.bench == "ps") add({{"workers", "", 0, 0}});
-    add({{"size", "size(B)", 13, 0}, {"iters", "iters", 9, 0}, {"min_us", "min(us)", 9, 2},
-         {"avg_us", "avg(us)", 9, 2}, {"p50_us", "p50(us)", 9, 2}, {"p90_us", "p90(us)", 9, 2},
-         {"p99_us", "p99(us)", 9, 2}, {"p999_us", "p99.9(us)", 9, 2},
+    add({{"size", "size(B)", 13, 0},
+         {"iters", "iters", 9, 0},
+         {"min_us", "min(us)", 9, 2},
+         {"avg_us", "avg(us)", 9, 2},
+         {"p50_us", "p50(us)", 9, 2},
+         {"p90_us", "p90(us)", 9, 2},
+         {"p99_us", "p99(us)", 9, 2},
+         {"p999_us", "p99.9(us)", 9, 2},
          {"max_us", "max(us)", 9, 2}});
     if (a.bench == "pubsub") add({{"flood_size", "", 0, 0}, {"flood_GBps", "flood(GB/s)", 11, 3}});
     if (a.bench == "ps") add({{"GBps", "GB/s", 9, 3}});
@@ -133,8 +139,12 @@ std::vector<bench::Column> columns_for(const Args& a) {
     return c;
   }
   if (a.bench == "bw") add({{"direction", "", 0, 0}});
-  add({{"size", "size(B)", 13, 0}, {"iters", "iters", 9, 0}, {"window", "window", 7, 0},
-       {"GBps", "GB/s", 9, 3}, {"msgs_per_s", "msg/s", 13, 0}, {"wrong", "#wrong", 7, 0}});
+  add({{"size", "size(B)", 13, 0},
+       {"iters", "iters", 9, 0},
+       {"window", "window", 7, 0},
+       {"GBps", "GB/s", 9, 3},
+       {"msgs_per_s", "msg/s", 13, 0},
+       {"wrong", "#wrong", 7, 0}});
   return c;
 }
 
@@ -244,6 +254,7 @@ int run_rank(const Args& a, int rank, int size, Store& store) {
     copts.op = *op;
     copts.algorithm = *al;
     copts.transport = used;
+    copts.corrupt = a.inject_wrong != SIZE_MAX;
   } else {
     auto flood = bench::parse_size(a.flood);
     if (!flood.ok()) return fail(rank, flood.status());
@@ -265,8 +276,9 @@ int run_rank(const Args& a, int rank, int size, Store& store) {
   }
 
   const bool reporter = is_reporter(a, rank);
-  const bench::Format format =
-      a.json ? bench::Format::kJson : a.csv ? bench::Format::kCsv : bench::Format::kTable;
+  const bench::Format format = a.json  ? bench::Format::kJson
+                               : a.csv ? bench::Format::kCsv
+                                       : bench::Format::kTable;
   std::vector<bench::Column> cols =
       a.kind == Kind::kCollective ? bench::collective_columns() : columns_for(a);
   bench::Report report(std::cout, format, cols);
@@ -274,10 +286,10 @@ int run_rank(const Args& a, int rank, int size, Store& store) {
   if (reporter) {
     char host[256] = {0};
     ::gethostname(host, sizeof(host) - 1);
-    report.comment(std::string("myelin-bench ") + a.bench + ": transport " + used + " (" + why +
-                   "), progress " + a.progress +
-                   (a.kind == Kind::kCollective ? std::string()
-                                                : ", window " + std::to_string(window)));
+    report.comment(
+        std::string("myelin-bench ") + a.bench + ": transport " + used + " (" + why +
+        "), progress " + a.progress +
+        (a.kind == Kind::kCollective ? std::string() : ", window " + std::to_string(window)));
     report.comment(std::string("myelin ") + MYELIN_VERSION_STRING + " (" + MYELIN_BUILD_TYPE +
                    "), host " + host + ", " + std::to_string(size) + " ranks, device " +
                    (opts.device.empty() ? "default" : opts.device) + ", this rank: " + placement +
@@ -317,8 +329,8 @@ int run_rank(const Args& a, int rank, int size, Store& store) {
       if (a.bench == "lat") {
         MYELIN_ASSIGN_OR_RETURN(auto r, bench::run_latency(**ctx, *ep, rank == 0, msg, cfg));
         bad = r.wrong;
-        row = {name, used, uint64_t{msg}, uint64_t{r.iters}, r.min_us, r.avg_us, r.p50_us,
-               r.p90_us, r.p99_us, r.p999_us, r.max_us, r.wrong};
+        row = {name,     used,     uint64_t{msg}, uint64_t{r.iters}, r.min_us, r.avg_us,
+               r.p50_us, r.p90_us, r.p99_us,      r.p999_us,         r.max_us, r.wrong};
       } else {
         Result<bench::BandwidthResult> r = bench::BandwidthResult{};
         if (a.bench == "put" || a.bench == "get") {
@@ -335,8 +347,8 @@ int run_rank(const Args& a, int rank, int size, Store& store) {
         const uint64_t w = cfg.window;
         row = {name, used};
         if (a.bench == "bw") row.emplace_back(std::string(a.bidir ? "bidir" : "uni"));
-        row.insert(row.end(), {uint64_t{msg}, uint64_t{r->iters}, w, r->gbps, r->msgs_per_s,
-                               r->wrong});
+        row.insert(row.end(),
+                   {uint64_t{msg}, uint64_t{r->iters}, w, r->gbps, r->msgs_per_s, r->wrong});
       }
     } else if (a.kind == Kind::kCollective) {
       copts.iterations = static_cast<int>(cfg.iters);
@@ -349,15 +361,28 @@ int run_rank(const Args& a, int rank, int size, Store& store) {
       const auto& l = r.latency;
       bad = l.wrong;
       auto flood = bench::parse_size(a.flood);
-      row = {name, used, uint64_t{msg}, uint64_t{l.iters}, l.min_us, l.avg_us, l.p50_us,
-             l.p90_us, l.p99_us, l.p999_us, l.max_us, uint64_t{flood.ok() ? *flood : 0},
+      row = {name,         used,      uint64_t{msg}, uint64_t{l.iters},
+             l.min_us,     l.avg_us,  l.p50_us,      l.p90_us,
+             l.p99_us,     l.p999_us, l.max_us,      uint64_t{flood.ok() ? *flood : 0},
              r.flood_gbps, l.wrong};
     } else {
       MYELIN_ASSIGN_OR_RETURN(auto r, brk->ps(msg, cfg));
       const auto& l = r.step;
       bad = l.wrong;
-      row = {name, used, uint64_t{r.workers}, uint64_t{l.size}, uint64_t{l.iters}, l.min_us,
-             l.avg_us, l.p50_us, l.p90_us, l.p99_us, l.p999_us, l.max_us, r.gbps, l.wrong};
+      row = {name,
+             used,
+             uint64_t{r.workers},
+             uint64_t{l.size},
+             uint64_t{l.iters},
+             l.min_us,
+             l.avg_us,
+             l.p50_us,
+             l.p90_us,
+             l.p99_us,
+             l.p999_us,
+             l.max_us,
+             r.gbps,
+             l.wrong};
     }
     if (probe) return ok_status();
     wrong += bad;
@@ -398,16 +423,18 @@ int run_rank(const Args& a, int rank, int size, Store& store) {
       cfg.iters = std::stoull(std::string(v->begin(), v->end()));
       cfg.warmup = a.warmup != 0 ? a.warmup : std::max<size_t>(cfg.iters / 10, 1);
     }
-    if (Status s = measure(msg, false); !s.ok()) return fail(rank, s.with_context("size " + std::to_string(msg)));
+    if (Status s = measure(msg, false); !s.ok())
+      return fail(rank, s.with_context("size " + std::to_string(msg)));
   }
   if (progress_line && monotonic_ns() - started > 2'000'000'000) std::fputs("\r\033[K", stderr);
   if (reporter) {
-    report.comment("done: " + std::to_string(sizes->size()) + " sizes in " +
-                   std::to_string(static_cast<int>(
-                       static_cast<double>(monotonic_ns() - started) / 1e6)) +
-                   " ms, " + std::to_string(wrong) + " wrong" +
-                   (wrong != 0 ? " (DATA CHECK FAILED)" : ""));
+    report.comment(
+        "done: " + std::to_string(sizes->size()) + " sizes in " +
+        std::to_string(static_cast<int>(static_cast<double>(monotonic_ns() - started) / 1e6)) +
+        " ms, " + std::to_string(wrong) + " wrong" + (wrong != 0 ? " (DATA CHECK FAILED)" : ""));
   }
+  // Broker clients leave before rank 0 stops the broker they talk to.
+  if (rank != 0) brk.reset();
   // Let every rank finish its last exchange (serving it if needed) before anyone leaves.
   (void)store.add("myelin/bench/done", 1);
   const Deadline done_by = Deadline::after_ms(10000);
@@ -601,6 +628,9 @@ int main(int argc, char** argv) {
   };
   for (const auto& s : subs) add_options(app.add_subcommand(s.name, s.help), a, s.kind, s.name);
   CLI11_PARSE(app, argc, argv);
+  // A peer that goes away must be an error on the socket, never a signal that kills the rank
+  // (broker/src/wire.cpp writes with writev(), which raises SIGPIPE).
+  ::signal(SIGPIPE, SIG_IGN);
 
   if (a.json && a.csv) {
     std::fprintf(stderr, "myelin-bench: --json and --csv exclude each other\n");
@@ -636,8 +666,8 @@ int main(int argc, char** argv) {
     if (!a.connect.empty()) {
       auto hp = host_port(a.connect);
       if (!hp.ok()) return fail(1, hp.status());
-      auto store =
-          TcpStore::connect(hp->first, hp->second, Deadline::after(std::chrono::seconds(a.timeout_s)));
+      auto store = TcpStore::connect(hp->first, hp->second,
+                                     Deadline::after(std::chrono::seconds(a.timeout_s)));
       if (!store.ok()) return fail(1, store.status());
       return run_rank(a, 1, 2, **store);
     }

@@ -27,13 +27,17 @@ std::string random_secret() {
   return s;
 }
 
-std::string as_string(const std::vector<uint8_t>& v) { return {v.begin(), v.end()}; }
+std::string as_string(const std::vector<uint8_t>& v) {
+  return {v.begin(), v.end()};
+}
 
 std::span<const std::byte> bytes_of(const std::vector<uint8_t>& v, size_t n) {
   return {reinterpret_cast<const std::byte*>(v.data()), n};
 }
 
-uint8_t pattern(size_t i, uint64_t salt) { return static_cast<uint8_t>((i * 29 + salt * 13) & 0xFF); }
+uint8_t pattern(size_t i, uint64_t salt) {
+  return static_cast<uint8_t>((i * 29 + salt * 13) & 0xFF);
+}
 
 broker::PublishOptions control_publish(std::chrono::milliseconds timeout) {
   return {.lane = broker::Lane::kControl, .batch = false, .timeout_ms = timeout.count()};
@@ -84,8 +88,8 @@ class BrokerBench::Impl {
     std::vector<uint8_t> payload(size);
     for (size_t i = 0; i < size; ++i) payload[i] = pattern(i, 3);
     const int64_t t0 = monotonic_ns();
-    broker::PublishOptions po{.lane = broker::Lane::kBulk, .batch = true,
-                              .timeout_ms = timeout.count()};
+    broker::PublishOptions po{
+        .lane = broker::Lane::kBulk, .batch = true, .timeout_ms = timeout.count()};
     while (!stop()) {
       MYELIN_RETURN_IF_ERROR(c.publish(kFlood, bytes_of(payload, size), po));
       bytes += size;
@@ -115,21 +119,25 @@ Result<std::unique_ptr<BrokerBench>> BrokerBench::start(const BrokerBenchOptions
     so.listen = options.listen_host + ":0";
     so.metrics_listen = "";
     so.secret = random_secret();
-    broker::TopicPolicy control{.pattern = kPing, .lane = broker::Lane::kControl,
-                                .overflow = broker::OverflowPolicy::kBlock, .batching = false};
+    broker::TopicPolicy control{.pattern = kPing,
+                                .lane = broker::Lane::kControl,
+                                .overflow = broker::OverflowPolicy::kBlock,
+                                .batching = false};
     broker::TopicPolicy pong = control;
     pong.pattern = kPong;
-    so.broker.policies = {control, pong,
-                          {.pattern = kFlood, .lane = broker::Lane::kBulk,
-                           .overflow = broker::OverflowPolicy::kBlock, .batching = true}};
+    so.broker.policies = {control,
+                          pong,
+                          {.pattern = kFlood,
+                           .lane = broker::Lane::kBulk,
+                           .overflow = broker::OverflowPolicy::kBlock,
+                           .batching = true}};
     so.enable_ps = true;
     so.ps.num_workers = static_cast<uint32_t>(options.size - 1);
     so.ps.aggregation = broker::Aggregation::kSum;
     so.ps.mode = broker::PsMode::kSync;
     MYELIN_ASSIGN_OR_RETURN(impl->server, broker::Server::create(so));
     MYELIN_RETURN_IF_ERROR(impl->server->start());
-    const std::string addr =
-        options.advertise_host + ":" + std::to_string(impl->server->port());
+    const std::string addr = options.advertise_host + ":" + std::to_string(impl->server->port());
     MYELIN_RETURN_IF_ERROR(store.set("myelin/bench/broker/secret", so.secret));
     MYELIN_RETURN_IF_ERROR(store.set("myelin/bench/broker/address", addr));
   }
@@ -142,15 +150,14 @@ Result<std::unique_ptr<BrokerBench>> BrokerBench::start(const BrokerBenchOptions
   if (options.rank == 0) {
     MYELIN_RETURN_IF_ERROR(impl->client->subscribe(kPing).status());
     Impl* raw = impl.get();
-    MYELIN_RETURN_IF_ERROR(
-        impl->client
-            ->subscribe(kFlood,
-                        [raw](const broker::ReceivedMessage& m) {
-                          // Only a statistic; nothing pairs with it (relaxed).
-                          raw->flood_received.fetch_add(m.payload.size(),
-                                                        std::memory_order_relaxed);
-                        })
-            .status());
+    MYELIN_RETURN_IF_ERROR(impl->client
+                               ->subscribe(kFlood,
+                                           [raw](const broker::ReceivedMessage& m) {
+                                             // Only a statistic; nothing pairs with it (relaxed).
+                                             raw->flood_received.fetch_add(
+                                                 m.payload.size(), std::memory_order_relaxed);
+                                           })
+                               .status());
   } else if (options.rank == 1) {
     MYELIN_RETURN_IF_ERROR(impl->client->subscribe(kPong).status());
   }
@@ -228,8 +235,8 @@ Result<PubSubResult> BrokerBench::pubsub(size_t size, const RunConfig& cfg) {
       if (i < cfg.warmup) continue;
       samples.push_back(CycleTimer::to_ns(t1 - t0) / 2000.0);
       const auto* got = reinterpret_cast<const uint8_t*>(pong->payload.data());
-      bool good = pong->payload.size() == size &&
-                  std::memcmp(got, &i, std::min<size_t>(size, 8)) == 0;
+      bool good =
+          pong->payload.size() == size && std::memcmp(got, &i, std::min<size_t>(size, 8)) == 0;
       for (size_t k = 8; good && k < size; ++k) good = got[k] == out[k];
       if (!good) ++res.latency.wrong;
     }
@@ -295,7 +302,8 @@ Result<PsResult> BrokerBench::ps(size_t size, const RunConfig& cfg) {
     MYELIN_RETURN_IF_ERROR(m.o.store->add(wrong_key, static_cast<int64_t>(wrong)).status());
     summarize(samples, res.step);
     if (seconds > 0) {
-      res.gbps = 2.0 * static_cast<double>(count * 4) * static_cast<double>(cfg.iters) / seconds / 1e9;
+      res.gbps =
+          2.0 * static_cast<double>(count * 4) * static_cast<double>(cfg.iters) / seconds / 1e9;
     }
   }
   MYELIN_RETURN_IF_ERROR(m.barrier("ps-done"));

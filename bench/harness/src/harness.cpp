@@ -97,7 +97,8 @@ Result<LatencyResult> run_latency(Context& ctx, Endpoint& ep, bool initiator, si
   const size_t total = cfg.warmup + cfg.iters;
   for (size_t i = 0; i < total; ++i) {
     // Every byte once per size (and of the message the fault injection corrupts).
-    const bool full_check = i == cfg.warmup || (i >= cfg.warmup && i - cfg.warmup == cfg.corrupt_at);
+    const bool full_check =
+        i == cfg.warmup || (i >= cfg.warmup && i - cfg.warmup == cfg.corrupt_at);
     if (initiator) {
       stamp(out.data(), size, i);
       const uint64_t t0 = CycleTimer::now();
@@ -245,9 +246,9 @@ Result<BandwidthResult> run_bidirectional(Context& ctx, Endpoint& ep, size_t siz
         const size_t index = first + received;
         const bool full = timed && (received == 0 || received == cfg.corrupt_at);
         if (timed && received == cfg.corrupt_at && size > 0) in[slot][size / 2] ^= 0x5A;
-        const bool good = recvs[slot].bytes() == size &&
-                          (full ? check_all(in[slot], size, size, index)
-                                : check_stamp(in[slot].data(), size, index));
+        const bool good =
+            recvs[slot].bytes() == size && (full ? check_all(in[slot], size, size, index)
+                                                 : check_stamp(in[slot].data(), size, index));
         if (!good && timed) ++res.wrong;
         ++received;
         if (posted < count) {
@@ -282,10 +283,9 @@ Result<BandwidthResult> run_bidirectional(Context& ctx, Endpoint& ep, size_t siz
   MYELIN_RETURN_IF_ERROR(phase(0, cfg.warmup, false));
   MYELIN_RETURN_IF_ERROR(phase(cfg.warmup, cfg.iters, true));
   // Exchange what each side received: the total is the sum of both directions.
-  double mine[2] = {seconds > 0 ? static_cast<double>(size) * static_cast<double>(cfg.iters) /
-                                      seconds
-                                : 0.0,
-                    static_cast<double>(res.wrong)};
+  double mine[2] = {
+      seconds > 0 ? static_cast<double>(size) * static_cast<double>(cfg.iters) / seconds : 0.0,
+      static_cast<double>(res.wrong)};
   double theirs[2] = {0, 0};
   Request r = ep.recv(kControl, theirs, sizeof(theirs));
   MYELIN_RETURN_IF_ERROR(wait(ctx, ep.send(kControl, mine, sizeof(mine)), "bidirectional: report"));
@@ -421,7 +421,6 @@ Result<BandwidthResult> run_one_sided(Context& ctx, Endpoint& ep, OneSided op, b
   ctx.deregister(region);
   return res;
 }
-
 
 Result<size_t> parse_size(const std::string& text) {
   if (text.empty()) return invalid_argument("empty size");

@@ -46,11 +46,12 @@ std::string json_quote(std::string_view s) {
 std::string json_number(double v) {
   if (!std::isfinite(v)) return "null";
   char buf[64];
-  // Six significant digits at least, and never fewer than three decimals for small figures.
-  if (std::fabs(v) >= 1e6) {
+  // Six significant digits (small figures such as GB/s of 8-byte messages keep theirs); large
+  // ones in plain notation with one decimal.
+  if (std::fabs(v) >= 1e5) {
     std::snprintf(buf, sizeof(buf), "%.1f", v);
   } else {
-    std::snprintf(buf, sizeof(buf), "%.4f", v);
+    std::snprintf(buf, sizeof(buf), "%.6g", v);
   }
   return buf;
 }
@@ -80,8 +81,8 @@ void Report::begin() {
 }
 
 void Report::row(const std::vector<Value>& values) {
-  MYELIN_CHECK_EQ(values.size(), columns_.size()) << "report row for " << columns_.size()
-                                                  << " columns";
+  MYELIN_CHECK_EQ(values.size(), columns_.size())
+      << "report row for " << columns_.size() << " columns";
   std::string line;
   if (format_ == Format::kJson) {
     line = "{";
@@ -89,8 +90,8 @@ void Report::row(const std::vector<Value>& values) {
       if (i) line += ',';
       line += json_quote(columns_[i].key) + ':';
       const Value& v = values[i];
-      line += std::holds_alternative<std::string>(v) ? json_quote(std::get<std::string>(v))
-                                                     : plain(v);
+      line +=
+          std::holds_alternative<std::string>(v) ? json_quote(std::get<std::string>(v)) : plain(v);
     }
     line += '}';
   } else if (format_ == Format::kCsv) {

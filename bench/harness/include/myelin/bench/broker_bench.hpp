@@ -35,10 +35,10 @@ namespace myelin::bench {
 struct BrokerBenchOptions {
   int rank = 0;
   int size = 2;
-  transport::Store* store = nullptr;  // borrowed; shared by the ranks
-  std::string listen_host = "127.0.0.1";  // where rank 0's broker listens ("0.0.0.0": all)
+  transport::Store* store = nullptr;         // borrowed; shared by the ranks
+  std::string listen_host = "127.0.0.1";     // where rank 0's broker listens ("0.0.0.0": all)
   std::string advertise_host = "127.0.0.1";  // what the other ranks dial
-  size_t flood_size = 0;   // pubsub: bytes per flood message; 0: no flood
+  size_t flood_size = 0;                     // pubsub: bytes per flood message; 0: no flood
   std::chrono::milliseconds timeout = std::chrono::seconds(30);
 };
 
@@ -48,8 +48,8 @@ struct PubSubResult {
 };
 
 struct PsResult {
-  LatencyResult step;       // one push + one pull, microseconds
-  double gbps = 0;          // (pushed + pulled bytes) / time, per worker
+  LatencyResult step;  // one push + one pull, microseconds
+  double gbps = 0;     // (pushed + pulled bytes) / time, per worker
   size_t workers = 0;
 };
 

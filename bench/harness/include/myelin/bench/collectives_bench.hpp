@@ -4,7 +4,8 @@
 //
 //   busbw = algbw * factor, algbw = bytes / time, where bytes is the per-rank buffer (for
 //   allgather/reduce_scatter/alltoall the whole n * count buffer) and factor is:
-//     allreduce 2(n-1)/n; reduce_scatter, allgather, alltoall (n-1)/n; broadcast, reduce, barrier 1.
+//     allreduce 2(n-1)/n; reduce_scatter, allgather, alltoall (n-1)/n; broadcast, reduce,
+//     barrier 1.
 //   (The nccl-tests definitions: busbw is comparable to the link bandwidth whatever n.)
 // #wrong counts elements that differ from the reference after the first, checked, iteration.
 //
@@ -26,14 +27,17 @@ struct CollectiveBenchOptions {
   collectives::DataType type = collectives::DataType::kF32;
   collectives::ReduceOp op = collectives::ReduceOp::kSum;
   collectives::Algorithm algorithm = collectives::Algorithm::kAuto;
-  size_t min_bytes = 8;            // -b
-  size_t max_bytes = 64 << 20;     // -e
-  size_t step_factor = 2;          // -f
-  int iterations = 20;             // -n
-  int warmup = 5;                  // -w
+  size_t min_bytes = 8;         // -b
+  size_t max_bytes = 64 << 20;  // -e
+  size_t step_factor = 2;       // -f
+  int iterations = 20;          // -n
+  int warmup = 5;               // -w
   bool json = false;
-  bool csv = false;                // (json wins when both are set)
-  std::string transport = "tcp";   // reported only
+  bool csv = false;  // (json wins when both are set)
+  // Fault injection for the tool's own tests: rank 0 flips one byte of its first, checked,
+  // out-of-place result, so #wrong must come out non-zero.
+  bool corrupt = false;
+  std::string transport = "tcp";  // reported only
 };
 
 // One size, out-of-place and in-place. Times are the slowest rank's mean per iteration; wrong is

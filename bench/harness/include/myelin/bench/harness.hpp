@@ -67,9 +67,8 @@ Result<BandwidthResult> run_bidirectional(transport::Context& ctx, transport::En
 // initiator: rank 0, which measures; the target serves until the initiator is done. `wrong`
 // (put: checked by the target after each phase; get: checked by the initiator) reaches both.
 enum class OneSided : uint8_t { kPut, kGet };
-Result<BandwidthResult> run_one_sided(transport::Context& ctx, transport::Endpoint& ep,
-                                      OneSided op, bool initiator, size_t size,
-                                      const RunConfig& cfg);
+Result<BandwidthResult> run_one_sided(transport::Context& ctx, transport::Endpoint& ep, OneSided op,
+                                      bool initiator, size_t size, const RunConfig& cfg);
 // Sorts `samples` (microseconds) and fills min/avg/percentiles/max of `out`.
 void summarize(std::vector<double>& samples, LatencyResult& out);
 
