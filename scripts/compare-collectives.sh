@@ -1,0 +1,190 @@
+#!/usr/bin/env bash
+# Allreduce (f32 sum) of myelin against OpenMPI and Gloo on this host, interleaved and repeated;
+# prints the median busbw (GB/s) and time of each, and myelin's ratios to the peers.
+#
+#   scripts/compare-collectives.sh [--build DIR] [--reps N] [--ranks "2 4"]
+#                                  [--sizes "4096 1048576 67108864"] [--out FILE]
+#
+# Contenders (each a fresh set of N processes per size and repetition; the order rotates with
+# every repetition so that no contender always runs first or last):
+#   myelin-tcp        myelin-bench allreduce --transport tcp --progress busy   (127.0.0.1)
+#   myelin-tcp-block  the same with --progress block (spin 50 us, then sleep in the kernel)
+#   myelin-shm[-block] --transport shm, busy / block
+#   mpi-tcp     mpirun ... --mca pml ob1 --mca btl tcp,self (loopback only)  compare_mpi_allreduce
+#   mpi-sm      mpirun ... --mca pml ob1 --mca btl vader,self (4.1's shared-memory btl)
+#   gloo-*      compare_gloo_allreduce: Gloo's TCP transport on 127.0.0.1, FileStore rendezvous,
+#               algorithms ring, bcube, ring_chunked, halving_doubling; "gloo-best" is the best
+#               median of them per size.
+# Busy polling wins on idle cores; on a machine whose cores are shared with other work a polling
+# rank burns the time slice its peer needs, and blocking wins: both are measured. (OpenMPI polls;
+# Gloo's TCP transport sleeps in epoll.) Run it under `nice -n -10` on a shared machine.
+# Needs: a build with myelin-bench (MYELIN_BUILD_TOOLS) and the peer programs (built when
+# scripts/setup.sh --with peers installed OpenMPI and Gloo). Missing peers are skipped, named.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+build=build/release
+reps=5
+ranks="2 4"
+sizes="4096 1048576 67108864"
+out=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --build) build=$2; shift ;;
+    --reps) reps=$2; shift ;;
+    --ranks) ranks=$2; shift ;;
+    --sizes) sizes=$2; shift ;;
+    --out) out=$2; shift ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    *) echo "compare-collectives.sh: unknown argument '$1'" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+bench=$build/tools/myelin-bench/myelin-bench
+mpi=$build/bench/compare/collectives/compare_mpi_allreduce
+gloo=$build/bench/compare/collectives/compare_gloo_allreduce
+[ -x "$bench" ] || { echo "compare-collectives.sh: $bench not built" >&2; exit 2; }
+have_mpi=0; have_gloo=0
+if [ -x "$mpi" ] && command -v mpirun >/dev/null; then have_mpi=1; else
+  echo "# OpenMPI comparison skipped: $mpi or mpirun missing (scripts/setup.sh --with peers)"; fi
+if [ -x "$gloo" ]; then have_gloo=1; else
+  echo "# Gloo comparison skipped: $gloo missing (scripts/setup.sh --with peers)"; fi
+
+results=$(mktemp /tmp/compare-collectives.XXXXXX)
+trap 'rm -f "$results"' EXIT
+cores=$(nproc)
+
+iters_for() {  # timed iterations by size (warm-up: a tenth, at least 2)
+  if [ "$1" -le 65536 ]; then echo 2000; elif [ "$1" -le 4194304 ]; then echo 100; else echo 10; fi
+}
+
+# myelin-bench --json line -> RESULT line.
+run_myelin() {  # transport progress np bytes
+  local t=$1 progress=$2 np=$3 bytes=$4 it label
+  it=$(iters_for "$bytes")
+  label=myelin-$t$([ "$progress" = block ] && echo -block)
+  "$bench" allreduce -n "$np" --transport "$t" --progress "$progress" --size "$bytes" \
+    --iters "$it" --warmup $(( it / 10 > 2 ? it / 10 : 2 )) --json 2>/dev/null |
+    grep '"busbw_GBps"' | while read -r line; do
+      field() { echo "$line" | sed -n "s/.*\"$1\":\"\{0,1\}\([^,\"}]*\).*/\1/p"; }
+      echo "RESULT impl=$label np=$np bytes=$(field size) time_us=$(field time_us)" \
+           "busbw_GBps=$(field busbw_GBps) algo=$(field algo) wrong=$(field wrong)"
+    done
+}
+run_mpi() {  # btl np bytes
+  local btl=$1 np=$2 bytes=$3 label
+  label=mpi-$([ "$btl" = tcp ] && echo tcp || echo sm)
+  mpirun --allow-run-as-root --oversubscribe -np "$np" --mca pml ob1 --mca btl "$btl,self" \
+    --mca btl_tcp_if_include lo --mca oob_tcp_if_include lo \
+    "$mpi" --label "$label" --sizes "$bytes" --iters "$(iters_for "$bytes")" 2>/dev/null |
+    grep '^RESULT' || true
+}
+run_gloo() {  # np bytes
+  "$gloo" -n "$1" --sizes "$2" --iters "$(iters_for "$2")" 2>/dev/null | grep '^RESULT' || true
+}
+
+contenders=(myelin-tcp myelin-tcp-block myelin-shm myelin-shm-block)
+[ $have_mpi = 1 ] && contenders+=(mpi-tcp mpi-sm)
+[ $have_gloo = 1 ] && contenders+=(gloo)
+echo "# $(date -u +%FT%TZ) $(uname -n): $cores cores ($(grep -m1 'model name' /proc/cpuinfo |
+  cut -d: -f2 | sed 's/^ //')), load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "# reps $reps, ranks {$ranks}, sizes {$sizes}: ${contenders[*]}"
+for rep in $(seq 1 "$reps"); do
+  for np in $ranks; do
+    for bytes in $sizes; do
+      n=${#contenders[@]}
+      for k in $(seq 0 $(( n - 1 ))); do
+        c=${contenders[$(( (k + rep) % n ))]}
+        case $c in
+          myelin-tcp) run_myelin tcp busy "$np" "$bytes" ;;
+          myelin-tcp-block) run_myelin tcp block "$np" "$bytes" ;;
+          myelin-shm) run_myelin shm busy "$np" "$bytes" ;;
+          myelin-shm-block) run_myelin shm block "$np" "$bytes" ;;
+          mpi-tcp) run_mpi tcp "$np" "$bytes" ;;
+          mpi-sm) run_mpi vader "$np" "$bytes" ;;
+          gloo) run_gloo "$np" "$bytes" ;;
+        esac >>"$results" || echo "# $c np=$np bytes=$bytes failed (rep $rep)" >&2
+      done
+    done
+  done
+  echo "# repetition $rep done ($(date -u +%T), load $(cut -d' ' -f1 /proc/loadavg))" >&2
+done
+[ -z "$out" ] || cp "$results" "$out"
+
+
+if grep -q 'wrong=[1-9]' "$results"; then
+  echo "compare-collectives.sh: myelin reported wrong results:" >&2
+  grep 'wrong=[1-9]' "$results" >&2
+  exit 1
+fi
+
+# Medians per (impl, np, bytes), then the table.
+median() { sort -g | awk '{v[NR]=$1} END {if (NR==0) print "nan"; else if (NR%2) print v[(NR+1)/2]; else print (v[NR/2]+v[NR/2+1])/2}'; }
+get() {  # impl np bytes field -> median
+  { grep "impl=$1 np=$2 bytes=$3 " "$results" || true; } | sed -n "s/.* $4=\([^ ]*\).*/\1/p" | median
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "nan" || b == "nan" || b == 0) print "-"; else printf "%.2f", a / b }'; }
+gloo_impls=$(sed -n 's/.*impl=\(gloo-[^ ]*\).*/\1/p' "$results" | sort -u)
+myelin_impls="myelin-tcp myelin-tcp-block myelin-shm myelin-shm-block"
+
+echo
+echo "# median busbw GB/s (median time us) over $reps repetitions; busbw = bytes/time * 2(n-1)/n"
+printf '%-3s %9s' np bytes
+for c in $myelin_impls mpi-tcp mpi-sm gloo-best; do printf '  %-19s' "$c"; done
+echo
+for np in $ranks; do
+  for bytes in $sizes; do
+    best=nan; best_name=-; best_t=nan
+    for g in $gloo_impls; do
+      b=$(get "$g" "$np" "$bytes" busbw_GBps)
+      if [ "$b" != nan ] && { [ "$best" = nan ] || awk -v a="$b" -v c="$best" 'BEGIN{exit !(a>c)}'; }; then
+        best=$b; best_name=${g#gloo-}; best_t=$(get "$g" "$np" "$bytes" time_us)
+      fi
+    done
+    printf '%-3s %9s' "$np" "$bytes"
+    for c in $myelin_impls mpi-tcp mpi-sm; do
+      b=$(get "$c" "$np" "$bytes" busbw_GBps); t=$(get "$c" "$np" "$bytes" time_us)
+      [ "$b" = nan ] && printf '  %-19s' - || printf '  %-19s' "$(printf '%.3f (%.1f)' "$b" "$t")"
+    done
+    [ "$best" = nan ] && printf '  -' || printf '  %.3f (%.1f) %s' "$best" "$best_t" "$best_name"
+    echo
+  done
+done
+echo
+echo "# ratios of medians: busbw myelin/peer (>= 1: myelin moves more); at <= 64 KiB also time"
+echo "# myelin/peer (<= 1: myelin is faster). Goals: tcp >= 1.5x gloo-best and >= 1.0x mpi-tcp at"
+echo "# 1 MiB and 64 MiB; shm >= 1.0x mpi-sm; small-message time <= the peer's on the same transport."
+for np in $ranks; do
+  for bytes in $sizes; do
+    best=nan
+    for g in $gloo_impls; do
+      b=$(get "$g" "$np" "$bytes" busbw_GBps)
+      if [ "$b" != nan ] && { [ "$best" = nan ] || awk -v a="$b" -v c="$best" 'BEGIN{exit !(a>c)}'; }; then best=$b; fi
+    done
+    pt=$(get mpi-tcp "$np" "$bytes" busbw_GBps); ps=$(get mpi-sm "$np" "$bytes" busbw_GBps)
+    ptt=$(get mpi-tcp "$np" "$bytes" time_us); pst=$(get mpi-sm "$np" "$bytes" time_us)
+    line="np=$np bytes=$bytes"
+    for m in myelin-tcp myelin-tcp-block; do
+      b=$(get "$m" "$np" "$bytes" busbw_GBps); t=$(get "$m" "$np" "$bytes" time_us)
+      line+="  $m: /gloo-best $(ratio "$b" "$best") /mpi-tcp $(ratio "$b" "$pt")"
+      [ "$bytes" -gt 65536 ] || line+=" time/mpi-tcp $(ratio "$t" "$ptt")"
+    done
+    for m in myelin-shm myelin-shm-block; do
+      b=$(get "$m" "$np" "$bytes" busbw_GBps); t=$(get "$m" "$np" "$bytes" time_us)
+      line+="  $m: /mpi-sm $(ratio "$b" "$ps")"
+      [ "$bytes" -gt 65536 ] || line+=" time/mpi-sm $(ratio "$t" "$pst")"
+    done
+    echo "$line"
+  done
+done
+echo
+echo "# gloo per algorithm (median busbw GB/s)"
+for np in $ranks; do
+  for bytes in $sizes; do
+    line="np=$np bytes=$bytes"
+    for g in $gloo_impls; do line+=" ${g#gloo-}=$(get "$g" "$np" "$bytes" busbw_GBps)"; done
+    echo "$line"
+  done
+done
+echo "# myelin algorithms chosen: $(sed -n 's/.*impl=\(myelin-[a-z-]*\) np=\([0-9]*\) bytes=\([0-9]*\).* algo=\([a-z_]*\).*/\1:\2:\3=\4/p' "$results" | sort -u | tr '\n' ' ')"
