@@ -60,7 +60,8 @@ strays() {
 no_strays() {
   local s=""
   for _ in $(seq 50); do s=$(strays); [ -z "$s" ] && return 0; sleep 0.2; done
-  echo "  stray processes:$s"; ps -o pid,args -p "${s// /,}" | sed 's/^/  /' | cut -c1-160
+  s=${s# }
+  echo "  stray processes: $s"; ps -o pid,args -p "${s// /,}" | sed 's/^/  /' | cut -c1-160
   return 1
 }
 
@@ -117,6 +118,9 @@ show() { log "  job $1: $(tail -n 2 "$work/results/$1/job.log" 2>/dev/null | tr 
 
 short="--params 20000 --steps 30 --check-every 10 --batch 32"
 long="--params 20000 --steps 1000000 --check-every 20 --batch 32"
+# Across the emulated nodes a step takes longer (UCX over the shaped links): fewer steps.
+short4="--params 20000 --steps 12 --check-every 4 --batch 32"
+long4="--params 20000 --steps 1000000 --check-every 2 --batch 32"
 
 single() {
   log "== single node"
@@ -182,7 +186,7 @@ multi() {
   local id rc
 
   # allreduce, 2 workers per node: rank 0's next peer (rank 1) shares its node, the others do not.
-  extra_env=",MYELIN_DEVICE=eth0,MYELIN_TRAIN_MODE=allreduce,MYELIN_TRAIN_WORKERS=8,MYELIN_TRAIN_WORKERS_PER_NODE=2,MYELIN_TRAIN_ARGS=$short,MYELIN_TRAIN_TIMEOUT=20"
+  extra_env=",MYELIN_DEVICE=eth0,MYELIN_TRAIN_MODE=allreduce,MYELIN_TRAIN_WORKERS=8,MYELIN_TRAIN_WORKERS_PER_NODE=2,MYELIN_TRAIN_ARGS=$short4,MYELIN_TRAIN_TIMEOUT=20"
   id=$(submit -N4 --exclusive "$here/train.sbatch")
   rc=$(wait_job "$id" 90); show "$id"
   local s=$work/results/$id/summary.json
@@ -192,24 +196,24 @@ multi() {
     bash -c "grep -o '\"peer_transports\":\[[^]]*\]' '$s' | grep -o '\"backend\":\"[a-z]*\"' | sort | uniq -c | tee /dev/stderr |
              awk '/shm/ {s=\$1} /tcp|ucx/ {n+=\$1} END {exit !(s == 1 && n == 6)}'"
 
-  extra_env=",MYELIN_DEVICE=eth0,MYELIN_TRAIN_WORKERS=4,MYELIN_TRAIN_WORKERS_PER_NODE=1,MYELIN_TRAIN_ARGS=$short,MYELIN_TRAIN_TIMEOUT=20"
+  extra_env=",MYELIN_DEVICE=eth0,MYELIN_TRAIN_WORKERS=4,MYELIN_TRAIN_WORKERS_PER_NODE=1,MYELIN_TRAIN_ARGS=$short4,MYELIN_TRAIN_TIMEOUT=20"
   id=$(submit -N4 --exclusive "$here/train.sbatch")
   rc=$(wait_job "$id" 90); show "$id"
   check "4 nodes ps (broker n1, 2 servers, 4 workers): exit 0" [ "$rc" = 0 ]
 
   if [ -n "$bench" ]; then
-    extra_env=",MYELIN_DEVICE=eth0"
+    extra_env=",MYELIN_DEVICE=eth0,MYELIN_BENCH_TRANSPORT=tcp,MYELIN_BENCH_LAT_ITERS=500,MYELIN_BENCH_BW_ITERS=50,MYELIN_BENCH_ARGS=--progress block"
     id=$(submit -N4 --exclusive "$here/bench-matrix.sbatch")
     rc=$(wait_job "$id" 180); show "$id"
     check "bench matrix: every pair measured" [ "$rc" = 0 ]
     sed 's/^/  /' "$work/results/$id/matrix.txt" 2>/dev/null
-    check "bench matrix: 6 pairs at the shaped 1 Gbit/s (0.08-0.13 GB/s)" \
+    check "bench matrix: 6 pairs at the shaped 1 Gbit/s (0.06-0.13 GB/s)" \
       bash -c "grep -o '\"bw_GBps\":[0-9.]*' '$work/results/$id/matrix.json' | cut -d: -f2 |
-               awk '{ n++; if (\$1 < 0.08 || \$1 > 0.13) bad++ } END {exit !(n == 6 && bad == 0)}'"
+               awk '{ n++; if (\$1 < 0.06 || \$1 > 0.13) bad++ } END {exit !(n == 6 && bad == 0)}'"
   fi
 
   # A node dies: its slurmd and everything in its namespace killed mid-job.
-  extra_env=",MYELIN_DEVICE=eth0,MYELIN_TRAIN_MODE=allreduce,MYELIN_TRAIN_WORKERS=8,MYELIN_TRAIN_WORKERS_PER_NODE=2,MYELIN_TRAIN_ARGS=$long,MYELIN_TRAIN_TIMEOUT=10,MYELIN_JOB_DEADLINE=120"
+  extra_env=",MYELIN_DEVICE=eth0,MYELIN_TRAIN_MODE=allreduce,MYELIN_TRAIN_WORKERS=8,MYELIN_TRAIN_WORKERS_PER_NODE=2,MYELIN_TRAIN_ARGS=$long4,MYELIN_TRAIN_TIMEOUT=10,MYELIN_JOB_DEADLINE=120"
   id=$(submit -N4 --exclusive "$here/train.sbatch")
   if wait_training "$id"; then
     local pids
@@ -221,7 +225,7 @@ multi() {
     for _ in $(seq 300); do grep -q 'exit [0-9]*$' "$work/results/$id/job.log" && break; sleep 0.2; done
     show "$id"
     check "node killed: batch script exits 1 in $((SECONDS - t)) s" \
-      bash -c "grep -q 'exit 1$' '$work/results/$id/job.log' && [ $((SECONDS - t)) -le 60 ]"
+      bash -c "grep -q 'exit 1$' '$work/results/$id/job.log' && [ $((SECONDS - t)) -le 45 ]"
   else
     check "node killed: job started training" false
   fi
