@@ -7,19 +7,9 @@
 #include <string>
 
 #include <myelin/core/log.hpp>
+#include <myelin/transport/node.hpp>
 
 namespace myelin::collectives {
-
-namespace {
-std::string default_node_id() {
-  char host[256] = {};
-  if (gethostname(host, sizeof(host) - 1) != 0) host[0] = '\0';
-  std::string boot;
-  std::ifstream in("/proc/sys/kernel/random/boot_id");
-  std::getline(in, boot);
-  return std::string(host) + "/" + boot;
-}
-}  // namespace
 
 Communicator::Communicator(const CommunicatorOptions& options)
     : options_(options), rank_(options.rank), size_(options.size) {}
@@ -52,7 +42,8 @@ Status Communicator::init() {
     MYELIN_RETURN_IF_ERROR(
         store.set(prefix + "addr/" + std::to_string(rank_), std::span<const uint8_t>(addr)));
   }
-  const std::string node_id = options_.node_id.empty() ? default_node_id() : options_.node_id;
+  const std::string node_id =
+      options_.node_id.empty() ? transport::local_node_id() : options_.node_id;
   MYELIN_RETURN_IF_ERROR(store.set(prefix + "node/" + std::to_string(rank_), node_id));
 
   std::vector<std::string> ids(static_cast<size_t>(size_));

@@ -10,6 +10,8 @@
 #include <random>
 #include <thread>
 
+#include <myelin/transport/node.hpp>
+
 #include "address.hpp"
 #include "tcp/tcp_frame.hpp"
 #include "test_util.hpp"
@@ -271,7 +273,7 @@ TEST(TcpAddressing, AddressEncodingRoundTripsAndRejectsGarbage) {
   auto parsed = internal::parse_address(bytes);
   ASSERT_TRUE(parsed.ok()) << parsed.status();
   EXPECT_EQ(parsed->name, "addr");
-  EXPECT_EQ(parsed->node_id, internal::local_node_id());
+  EXPECT_EQ(parsed->node_id, local_node_id());
   EXPECT_EQ(internal::encode_address(*parsed), bytes);
   for (size_t cut = 0; cut < bytes.size(); ++cut) {
     EXPECT_FALSE(internal::parse_address(std::span(bytes.data(), cut)).ok()) << cut;

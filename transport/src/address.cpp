@@ -1,12 +1,15 @@
 // Context address encoding and strict parsing.
 #include "address.hpp"
 
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstring>
 #include <fstream>
 
 #include <myelin/core/log.hpp>
+#include <myelin/transport/node.hpp>
 
 #include "wire.hpp"
 
@@ -86,17 +89,40 @@ Result<ParsedAddress> parse_address(std::span<const uint8_t> bytes) {
   return a;
 }
 
+}  // namespace myelin::transport::internal
+
+namespace myelin::transport {
+
 std::string local_node_id() {
+  // One warning per process, whichever thread first finds /proc lacking (relaxed: the flag orders
+  // nothing else).
+  static std::atomic<bool> warned{false};
+  auto warn_once = [](const char* what) {
+    if (!warned.exchange(true, std::memory_order_relaxed)) {
+      MYELIN_LOG_WARN << "node identity: cannot read " << what
+                      << "; that part of the node id is a fixed marker";
+    }
+  };
   char host[256] = {};
   if (gethostname(host, sizeof(host) - 1) != 0) std::strcpy(host, "unknown-host");
   std::string boot;
   std::ifstream in("/proc/sys/kernel/random/boot_id");
   if (!(in >> boot) || boot.empty()) {
-    MYELIN_LOG_WARN << "cannot read /proc/sys/kernel/random/boot_id; node identity is the "
-                       "hostname alone";
+    warn_once("/proc/sys/kernel/random/boot_id");
     boot = "no-boot-id";
   }
-  return std::string(host) + "/" + boot;
+  // The namespace file's inode (with its device) names the network namespace: equal for every
+  // process inside it, different across namespaces of the same kernel.
+  std::string netns;
+  struct stat st {};
+  if (::stat("/proc/self/ns/net", &st) == 0) {
+    netns = std::to_string(static_cast<unsigned long long>(st.st_dev)) + ":" +
+            std::to_string(static_cast<unsigned long long>(st.st_ino));
+  } else {
+    warn_once("/proc/self/ns/net");
+    netns = "unknown";
+  }
+  return std::string(host) + "/" + boot + "/netns:" + netns;
 }
 
-}  // namespace myelin::transport::internal
+}  // namespace myelin::transport

@@ -3,8 +3,9 @@
 //   magic "MYAD" | version u8 (1) | name_len u16 | name | node_len u16 | node id | count u8 |
 //   count x (backend u8 | len u32 | backend bytes)          all integers little-endian
 //
-// The node id is "<hostname>/<boot id>": equal exactly for contexts on the same running kernel,
-// which is what shared memory needs. parse_address() rejects anything that is not exactly this.
+// The node id is transport::local_node_id() (myelin/transport/node.hpp): equal exactly for
+// contexts on the same running kernel and in the same network namespace, which is what shared
+// memory needs. parse_address() rejects anything that is not exactly this.
 #pragma once
 
 #include <cstdint>
@@ -37,8 +38,5 @@ struct ParsedAddress {
 
 std::vector<uint8_t> encode_address(const ParsedAddress& address);
 Result<ParsedAddress> parse_address(std::span<const uint8_t> bytes);
-
-// "<hostname>/<boot id>" of this machine.
-std::string local_node_id();
 
 }  // namespace myelin::transport::internal

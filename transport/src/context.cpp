@@ -2,6 +2,7 @@
 // registration cache, and drives progress (busy-poll or spin-then-block over the backends' fds).
 #include <myelin/transport/context.hpp>
 
+#include <poll.h>
 #include <sys/epoll.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -12,6 +13,7 @@
 #include <tuple>
 
 #include <myelin/core/log.hpp>
+#include <myelin/transport/node.hpp>
 
 #include "address.hpp"
 #include "backend.hpp"
@@ -33,6 +35,10 @@ struct Context::Impl {
   std::map<CacheKey, std::shared_ptr<RegionState>> regions;
   uint64_t next_region_id = 1;
   int epoll_fd = -1;  // over the backends' wait_fd(); made on the first blocking wait
+  // Spin-then-block: the current spin budget (see drive()) and a count of waits.
+  static constexpr uint32_t kSpinProbeEvery = 64;
+  int64_t spin_ns = 0;
+  uint32_t waits = 0;
 
   ~Impl() {
     // Endpoints first (they point into their backends), then registrations, then backends.
@@ -71,7 +77,9 @@ struct Context::Impl {
           b, std::string("requested by options (") + std::string(backend_name(b)) + ")"};
     }
     if (same_node && has_local(Backend::kShm) && has_peer(Backend::kShm)) {
-      return BackendChoice{Backend::kShm, "same node (hostname and boot id match), both have shm"};
+      return BackendChoice{
+          Backend::kShm,
+          "same node (hostname, boot id and network namespace match), both have shm"};
     }
     std::string why = same_node ? "same node but shm not open on both sides; "
                                 : "different node (" + peer.node_id + "); ";
@@ -114,7 +122,6 @@ struct Context::Impl {
   // Sleeps on the backends' fds until one is readable or the deadline; false when it cannot
   // sleep (a backend without wait_fd, or work already pending).
   bool block_once(Deadline deadline) {
-    if (!ensure_epoll().ok()) return false;
     for (const auto& be : backends) {
       if (be->wait_fd() < 0 || !be->arm_wait()) return false;
     }
@@ -122,6 +129,13 @@ struct Context::Impl {
     // Wake at least every 100 ms so a missed edge costs latency, never a hang.
     const int ms = std::min(
         deadline.remaining_ms_for_poll() < 0 ? 100 : deadline.remaining_ms_for_poll(), 100);
+    // One backend: sleep on its fd itself, one wakeup hop fewer than through the Context's set.
+    if (backends.size() == 1) {
+      pollfd p{backends.front()->wait_fd(), POLLIN, 0};
+      (void)::poll(&p, 1, ms);
+      return true;
+    }
+    if (!ensure_epoll().ok()) return false;
     (void)epoll_wait(epoll_fd, ev, 8, ms);
     return true;
   }
@@ -137,18 +151,28 @@ struct Context::Impl {
         if ((i & 15) == 15 && deadline.expired()) return false;
       }
     }
-    const int64_t spin_until = monotonic_ns() + options.spin_before_block.count();
+    // Adaptive spin: spin_ns is the current budget, at most spin_before_block. A wait that the
+    // spin satisfies restores the full budget; one that has to sleep anyway cuts it to a quarter,
+    // so a host where spinning does not pay (the peer or the kernel's network softirq needs this
+    // CPU: on a loopback ping-pong a spinner can hold back the very packet it waits for) stops
+    // spinning after a few waits. Every kSpinProbeEvery-th wait spins the full budget again, so a
+    // host that quietens down gets spinning back.
+    const int64_t max_spin = options.spin_before_block.count();
+    const bool probe = ++waits % kSpinProbeEvery == 0;
+    const int64_t spin_until = monotonic_ns() + (probe ? max_spin : spin_ns);
     while (monotonic_ns() < spin_until) {
       progress();
-      if (done()) return true;
+      if (done()) {
+        spin_ns = max_spin;
+        return true;
+      }
       if (deadline.expired()) return false;
     }
+    spin_ns /= 4;
     for (;;) {
-      if (progress() == 0) {
-        if (done()) return true;
-        if (deadline.expired()) return false;
-        block_once(deadline);
-      }
+      // Sleeps only when nothing is pending (block_once returns at once otherwise).
+      block_once(deadline);
+      progress();
       if (done()) return true;
       if (deadline.expired()) return false;
     }
@@ -162,12 +186,13 @@ Result<std::unique_ptr<Context>> Context::create(const Options& options) {
   MYELIN_RETURN_IF_ERROR(options.validate());
   auto impl = std::make_unique<Impl>();
   impl->options = options;
+  impl->spin_ns = options.spin_before_block.count();
   char host[256] = {};
   (void)gethostname(host, sizeof(host) - 1);
   impl->info.name = options.name.empty()
                         ? "pid " + std::to_string(getpid()) + "@" + std::string(host)
                         : options.name;
-  impl->info.node_id = internal::local_node_id();
+  impl->info.node_id = local_node_id();
 
   std::string skipped;
   bool compiled = options.backend == Backend::kAuto;
