@@ -49,26 +49,42 @@ void Connection::set_peer(std::vector<uint8_t> address, std::string name) {
   peer_bytes_ = std::move(address);
 }
 
+// The sequence number is assigned when the frame is first handed to sendmsg (see OutFrame).
 FrameHeader Connection::next_header(FrameType type) {
   FrameHeader h;
   h.type = type;
-  h.seq = wseq_++;
   return h;
 }
 
+namespace {
+// Frames that carry no payload and no message-ordering meaning of their own relative to a
+// rendezvous payload: they may go out ahead of DATA frames that have not started. An RTS overtaking
+// DATA keeps per-channel matching order (the DATA belongs to a message matched already); letting it
+// through early lets the receiver grant the next message while the current payloads still stream,
+// so the sender never drains its queue waiting for a clear-to-send.
+bool may_overtake_data(FrameType t) {
+  return t == FrameType::kRts || t == FrameType::kCts || t == FrameType::kGet ||
+         t == FrameType::kPutAck;
+}
+}  // namespace
+
 void Connection::enqueue(const FrameHeader& h, const void* payload, size_t len,
-                         std::shared_ptr<RequestState> done, size_t done_bytes, bool front) {
+                         std::shared_ptr<RequestState> done, size_t done_bytes) {
   OutFrame f;
-  encode_header(h, f.header);
+  f.h = h;
   f.payload = static_cast<const uint8_t*>(payload);
   f.payload_len = len;
   f.done = std::move(done);
   f.done_bytes = done_bytes;
-  if (front) {
-    out_.push_front(std::move(f));
-  } else {
-    out_.push_back(std::move(f));
+  auto at = out_.end();
+  if (may_overtake_data(h.type)) {
+    while (at != out_.begin()) {
+      const OutFrame& prev = *std::prev(at);
+      if (prev.encoded || prev.h.type != FrameType::kData) break;
+      --at;
+    }
   }
+  out_.insert(at, std::move(f));
 }
 
 void Connection::queue_hello(bool is_reply) {
@@ -80,6 +96,8 @@ void Connection::queue_hello(bool is_reply) {
   OutFrame f;
   f.owned = hello.encode();
   h.length = f.owned.size();
+  f.h = h;
+  f.encoded = true;
   encode_header(h, f.header);
   f.payload = f.owned.data();
   f.payload_len = f.owned.size();
@@ -90,6 +108,7 @@ void Connection::queue_hello(bool is_reply) {
 Request Connection::post_send_fast(FrameHeader& h, const void* data, size_t size) {
   if (fd_ >= 0 && out_.empty()) {
     uint8_t header[kHeaderSize];
+    h.seq = wseq_++;
     encode_header(h, header);
     iovec iov[2] = {{header, kHeaderSize}, {const_cast<void*>(data), size}};
     msghdr msg{};
@@ -108,6 +127,8 @@ Request Connection::post_send_fast(FrameHeader& h, const void* data, size_t size
     auto [req, st] = Request::make_pending();
     st->describe("send", h.channel, peer_name_);
     OutFrame f;
+    f.h = h;
+    f.encoded = true;
     std::memcpy(f.header, header, kHeaderSize);
     f.payload = static_cast<const uint8_t*>(data);
     f.payload_len = size;
@@ -279,6 +300,11 @@ void Connection::flush() {
     iovec iov[kMaxIov];
     int n = 0;
     for (auto it = out_.begin(); it != out_.end() && n + 2 <= kMaxIov; ++it) {
+      if (!it->encoded) {
+        it->h.seq = wseq_++;
+        encode_header(it->h, it->header);
+        it->encoded = true;
+      }
       if (it->sent < kHeaderSize) {
         iov[n++] = {it->header + it->sent, kHeaderSize - it->sent};
         if (it->payload_len > 0) iov[n++] = {const_cast<uint8_t*>(it->payload), it->payload_len};
@@ -356,6 +382,7 @@ bool Connection::parse_buffered() {
       return false;
     }
     rpos_ += kHeaderSize;
+    if (h.length < kDirectRead) header_only_read_ = false;
   }
 }
 
@@ -371,9 +398,10 @@ void Connection::read_failed(ssize_t r, int err) {
        true);
 }
 
-void Connection::on_readable() {
+size_t Connection::on_readable() {
+  size_t total = 0;
   for (;;) {
-    if (!parse_buffered()) return;
+    if (!parse_buffered()) return total;
     if (in_payload_) {
       // The staging buffer is empty; read a large remainder straight into its destination.
       const uint64_t left = cur_.length - pay_done_;
@@ -381,14 +409,16 @@ void Connection::on_readable() {
         rpos_ = rlen_ = 0;
         const ssize_t r = ::recv(fd_, sink_ptr_ + pay_done_, static_cast<size_t>(left), 0);
         if (r > 0) {
+          total += static_cast<size_t>(r);
           pay_done_ += static_cast<uint64_t>(r);
-          if (static_cast<uint64_t>(r) < left) return;  // drained; epoll reports more
+          if (static_cast<uint64_t>(r) < left) return total;  // drained; epoll reports more
+          header_only_read_ = true;
           continue;
         }
         if (r < 0 && errno == EINTR) continue;
-        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return total;
         read_failed(r, errno);
-        return;
+        return total;
       }
     }
     if (rpos_ > 0) {
@@ -396,20 +426,25 @@ void Connection::on_readable() {
       rlen_ -= rpos_;
       rpos_ = 0;
     }
-    const size_t room = rbuf_.size() - rlen_;
+    // After a large payload, fetch just the next header: if it starts another large payload, that
+    // payload then lands in its destination without a pass through the staging buffer.
+    const size_t room = header_only_read_ && !in_payload_ && rlen_ < kHeaderSize
+                            ? kHeaderSize - rlen_
+                            : rbuf_.size() - rlen_;
     const ssize_t r = ::recv(fd_, rbuf_.data() + rlen_, room, 0);
     if (r > 0) {
+      total += static_cast<size_t>(r);
       rlen_ += static_cast<size_t>(r);
       if (static_cast<size_t>(r) < room) {
         (void)parse_buffered();  // a short read drained the socket
-        return;
+        return total;
       }
       continue;
     }
     if (r < 0 && errno == EINTR) continue;
-    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return total;
     read_failed(r, errno);
-    return;
+    return total;
   }
 }
 
@@ -663,6 +698,7 @@ void Connection::adopt(Connection& accepted) {
   rpos_ = accepted.rpos_;
   rlen_ = accepted.rlen_;
   rseq_ = accepted.rseq_;
+  header_only_read_ = accepted.header_only_read_;
   got_hello_ = true;
   dialer = false;
   state_ = State::kOpen;
