@@ -50,7 +50,8 @@ struct RunConfig {
   size_t warmup = 1000;
   size_t window = 64;  // bandwidth, rate, put, get: operations in flight
   // Fault injection for the tool's own tests: the receiving side flips one byte of the timed
-  // message with this index before checking it (latency: the echo side corrupts its echo), so
+  // message with this index before checking it (latency: the echo side corrupts its echo; put:
+  // the initiator corrupts the phase's last put, which nothing overwrites before the check), so
   // `wrong` must come out non-zero. SIZE_MAX: never.
   size_t corrupt_at = SIZE_MAX;
 };
