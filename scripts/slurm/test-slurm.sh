@@ -32,7 +32,7 @@ ip netns list 2>/dev/null | grep -qw simsw && skip "an emulated cluster (netns s
 
 work=$(mktemp -d /tmp/myelin-slurm-test.XXXXXX)
 chmod 755 "$work"
-mkdir -p "$work/bin" "$work/results"
+mkdir -p "$work/bin"
 ln -s "$(readlink -f "$train")" "$work/bin/myelin-train"
 ln -s "$(readlink -f "$broker")" "$work/bin/myelin-broker"
 [ -n "$bench" ] && ln -s "$(readlink -f "$bench")" "$work/bin/myelin-bench"
@@ -85,36 +85,39 @@ trap cleanup EXIT
 trap 'exit 1' TERM INT
 
 sl() { "$here/cluster.sh" exec --dir "$cluster_dir" -- "$@"; }
+results=""  # per cluster: job ids start again with each cluster
 
 # Submits a batch script; prints the job id.
 submit() {
-  sl sbatch --parsable -D "$work" --output="$work/results/%j.out" \
-    --export="ALL,MYELIN_BIN_DIR=$work/bin,MYELIN_RESULTS_DIR=$work/results${extra_env:-}" "$@" |
+  sl sbatch --parsable -D "$work" --output="$results/%j.out" \
+    --export="ALL,MYELIN_BIN_DIR=$work/bin,MYELIN_RESULTS_DIR=$results${extra_env:-}" "$@" |
     cut -d';' -f1
 }
-# Waits (bounded) until the job has left the queue; prints the batch script's exit status
-# (the last "exit N" of its job.log, or "none").
+# Waits (bounded) for the end of the job; prints the batch script's exit status (the last
+# "exit N" of its job.log, or "none").
 wait_job() {
   local id=$1 limit=$2
+  # Done when the batch script logged its exit, or the job left the queue without doing so.
   for _ in $(seq $((limit * 5))); do
-    sl squeue -h -j "$id" -t PD,R,CF 2>/dev/null | grep -q . || break
+    grep -q 'exit [0-9]*$' "$results/$id/job.log" 2>/dev/null && break
+    sl squeue -h -j "$id" 2>/dev/null | grep -q . || break
     sleep 0.2
   done
   local last
-  last=$(grep -o 'exit [0-9]*$' "$work/results/$id/job.log" 2>/dev/null | tail -n 1 | cut -d' ' -f2)
+  last=$(grep -o 'exit [0-9]*$' "$results/$id/job.log" 2>/dev/null | tail -n 1 | cut -d' ' -f2)
   echo "${last:-none}"
 }
 # Waits until worker 0 of the job has printed a step line (the job is training).
 wait_training() {
   local id=$1
   for _ in $(seq 300); do
-    grep -q '"event":"step"' "$work/results/$id/worker-0.log" 2>/dev/null && return 0
+    grep -q '"event":"step"' "$results/$id/worker-0.log" 2>/dev/null && return 0
     sleep 0.1
   done
   return 1
 }
 json() { grep -o "\"$2\":[^,}]*" "$1" 2>/dev/null | head -n 1 | cut -d: -f2- | tr -d '"'; }
-show() { log "  job $1: $(tail -n 2 "$work/results/$1/job.log" 2>/dev/null | tr '\n' ' ')"; }
+show() { log "  job $1: $(tail -n 2 "$results/$1/job.log" 2>/dev/null | tr '\n' ' ')"; }
 
 short="--params 20000 --steps 30 --check-every 10 --batch 32"
 long="--params 20000 --steps 1000000 --check-every 20 --batch 32"
@@ -124,7 +127,8 @@ long4="--params 20000 --steps 1000000 --check-every 2 --batch 32"
 
 single() {
   log "== single node"
-  cluster_dir=$work/c1
+  cluster_dir=$work/c1 results=$work/results-c1
+  mkdir -p "$results"
   "$here/cluster.sh" up --nodes 1 --dir "$cluster_dir" || { failures=$((failures + 1)); return; }
 
   local id rc
@@ -132,17 +136,17 @@ single() {
   id=$(submit -n 7 "$here/train.sbatch")
   rc=$(wait_job "$id" 60); show "$id"
   check "ps: broker + 2 servers + 4 workers exit 0" [ "$rc" = 0 ]
-  check "ps: summary with 4 workers, ps mode" grep -q '"mode":"ps".*"workers":4' "$work/results/$id/summary.json"
+  check "ps: summary with 4 workers, ps mode" grep -q '"mode":"ps".*"workers":4' "$results/$id/summary.json"
   check "ps: 2 server logs, broker drained" \
-    bash -c "[ -f '$work/results/$id/server-1.log' ] && grep -q 'myelin-broker: draining' '$work/results/$id/broker.log'"
-  check "ps: job secret not left behind" [ ! -e "$work/results/$id/secret" ]
+    bash -c "[ -f '$results/$id/server-1.log' ] && grep -q 'myelin-broker: draining' '$results/$id/broker.log'"
+  check "ps: job secret not left behind" [ ! -e "$results/$id/secret" ]
 
   extra_env=",MYELIN_TRAIN_MODE=allreduce,MYELIN_TRAIN_ARGS=$short,MYELIN_TRAIN_TIMEOUT=20"
   id=$(submit -n 5 "$here/train.sbatch")
   rc=$(wait_job "$id" 60); show "$id"
   check "allreduce: exit 0" [ "$rc" = 0 ]
-  check "allreduce: transport is shm ($(json "$work/results/$id/summary.json" transport))" \
-    grep -q '"transport":"shm' "$work/results/$id/summary.json"
+  check "allreduce: transport is shm ($(json "$results/$id/summary.json" transport))" \
+    grep -q '"transport":"shm' "$results/$id/summary.json"
   check "no stray processes" no_strays
 
   # A rank killed mid-job: the workers step fails, the job ends with a clear error.
@@ -157,7 +161,7 @@ single() {
     local t=$SECONDS
     rc=$(wait_job "$id" 60); show "$id"
     check "killed rank: job exits 1 in $((SECONDS - t)) s" [ "$rc" = 1 -a $((SECONDS - t)) -le 30 ]
-    check "killed rank: job.log names the failed step" grep -q 'FAILED: step workers failed' "$work/results/$id/job.log"
+    check "killed rank: job.log names the failed step" grep -q 'FAILED: step workers failed' "$results/$id/job.log"
     check "killed rank: no stray processes" no_strays
   else
     check "killed rank: job started training" false
@@ -170,8 +174,8 @@ single() {
     local t=$SECONDS
     rc=$(wait_job "$id" 60); show "$id"
     check "scancel: job ended in $((SECONDS - t)) s" [ $((SECONDS - t)) -le 30 ]
-    check "scancel: broker drained" grep -q 'myelin-broker: draining' "$work/results/$id/broker.log"
-    check "scancel: batch script saw the cancel" grep -q 'cancelled' "$work/results/$id/job.log"
+    check "scancel: broker drained" grep -q 'myelin-broker: draining' "$results/$id/broker.log"
+    check "scancel: batch script saw the cancel" grep -q 'cancelled' "$results/$id/job.log"
     check "scancel: no stray processes" no_strays
   else
     check "scancel: job started training" false
@@ -181,7 +185,8 @@ single() {
 
 multi() {
   log "== emulated 4 nodes, 1 Gbit/s links"
-  cluster_dir=$work/c4
+  cluster_dir=$work/c4 results=$work/results-c4
+  mkdir -p "$results"
   "$here/cluster.sh" up --nodes 4 --rate 1gbit --dir "$cluster_dir" || { failures=$((failures + 1)); return; }
   local id rc
 
@@ -189,7 +194,7 @@ multi() {
   extra_env=",MYELIN_DEVICE=eth0,MYELIN_TRAIN_MODE=allreduce,MYELIN_TRAIN_WORKERS=8,MYELIN_TRAIN_WORKERS_PER_NODE=2,MYELIN_TRAIN_ARGS=$short4,MYELIN_TRAIN_TIMEOUT=20"
   id=$(submit -N4 --exclusive "$here/train.sbatch")
   rc=$(wait_job "$id" 90); show "$id"
-  local s=$work/results/$id/summary.json
+  local s=$results/$id/summary.json
   check "4 nodes allreduce: exit 0" [ "$rc" = 0 ]
   check "4 nodes allreduce: next peer (same node) is shm" grep -q '"transport":"shm' "$s"
   check "4 nodes allreduce: peers on other nodes use tcp or ucx" \
@@ -206,9 +211,9 @@ multi() {
     id=$(submit -N4 --exclusive "$here/bench-matrix.sbatch")
     rc=$(wait_job "$id" 180); show "$id"
     check "bench matrix: every pair measured" [ "$rc" = 0 ]
-    sed 's/^/  /' "$work/results/$id/matrix.txt" 2>/dev/null
+    sed 's/^/  /' "$results/$id/matrix.txt" 2>/dev/null
     check "bench matrix: 6 pairs at the shaped 1 Gbit/s (0.06-0.13 GB/s)" \
-      bash -c "grep -o '\"bw_GBps\":[0-9.]*' '$work/results/$id/matrix.json' | cut -d: -f2 |
+      bash -c "grep -o '\"bw_GBps\":[0-9.]*' '$results/$id/matrix.json' | cut -d: -f2 |
                awk '{ n++; if (\$1 < 0.06 || \$1 > 0.13) bad++ } END {exit !(n == 6 && bad == 0)}'"
   fi
 
@@ -222,10 +227,10 @@ multi() {
     # shellcheck disable=SC2086
     kill -KILL $pids 2>/dev/null
     local t=$SECONDS
-    for _ in $(seq 300); do grep -q 'exit [0-9]*$' "$work/results/$id/job.log" && break; sleep 0.2; done
+    for _ in $(seq 300); do grep -q 'exit [0-9]*$' "$results/$id/job.log" && break; sleep 0.2; done
     show "$id"
     check "node killed: batch script exits 1 in $((SECONDS - t)) s" \
-      bash -c "grep -q 'exit 1$' '$work/results/$id/job.log' && [ $((SECONDS - t)) -le 45 ]"
+      bash -c "grep -q 'exit 1$' '$results/$id/job.log' && [ $((SECONDS - t)) -le 45 ]"
   else
     check "node killed: job started training" false
   fi
