@@ -30,6 +30,8 @@ done
 [ -x "$train" ] && [ -x "$broker" ] || { echo "test-slurm.sh: --train and --broker must be executables" >&2; exit 2; }
 ip netns list 2>/dev/null | grep -qw simsw && skip "an emulated cluster (netns simsw) is already running"
 
+munge_was_up=0
+munge -n >/dev/null 2>&1 && munge_was_up=1
 work=$(mktemp -d /tmp/myelin-slurm-test.XXXXXX)
 chmod 755 "$work"
 mkdir -p "$work/bin"
@@ -75,6 +77,8 @@ cleanup() {
   s=$(strays)
   # shellcheck disable=SC2086
   [ -n "$s" ] && kill -KILL $s 2>/dev/null
+  # munged: stopped only when this test started it (cluster.sh leaves it running).
+  if [ $munge_was_up = 0 ] && [ -s /run/munge/munged.pid ]; then kill "$(cat /run/munge/munged.pid)" 2>/dev/null; fi
   if [ "${KEEP_RESULTS:-0}" = 1 ] || [ $failures -ne 0 ]; then
     echo "results kept in $work"
   else
