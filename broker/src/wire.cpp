@@ -284,12 +284,16 @@ Result<bool> OutQueue::flush(int fd) {
       used.emplace_back(1, 1);
     }
     if (n == 0) break;
-    const ssize_t w = ::writev(fd, iov, n);
+    // sendmsg with MSG_NOSIGNAL: a peer that went away is an error value, never SIGPIPE.
+    msghdr msg{};
+    msg.msg_iov = iov;
+    msg.msg_iovlen = static_cast<size_t>(n);
+    const ssize_t w = ::sendmsg(fd, &msg, MSG_NOSIGNAL);
     if (w < 0) {
       if (errno == EAGAIN || errno == EWOULDBLOCK) return false;
       if (errno == EINTR) continue;
       if (errno == EPIPE || errno == ECONNRESET) return peer_failed("peer closed the connection");
-      return errno_status("writev", errno);
+      return errno_status("sendmsg", errno);
     }
     size_t left = static_cast<size_t>(w);
     backlog_ -= left;

@@ -1,6 +1,7 @@
 #include <gtest/gtest.h>
 
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <cstring>
 
@@ -143,6 +144,22 @@ TEST(Sequence, GapDetectionAcrossWrapAround) {
   EXPECT_EQ(g.observe("u", 10).missed, 0u);
   EXPECT_EQ(g.missed_total(), 2u);
   EXPECT_TRUE(seq_before(UINT64_MAX, 3));
+}
+
+TEST(Wire, AClosedPeerIsAnErrorNotSigpipe) {
+  int sv[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+  internal::Fd a(sv[0]);
+  ::close(sv[1]);  // the peer is gone before we write
+  ASSERT_TRUE(internal::set_nonblocking(a.get()).ok());
+  internal::OutQueue q;
+  std::string payload(100, 'x');
+  ASSERT_TRUE(
+      q.push({.type = FrameType::kDeliver, .id = 1}, "t", bytes(payload), nullptr, false, 0).ok());
+  // With SIGPIPE at its default action a plain write would kill this test process.
+  Result<bool> r = q.flush(a.get());
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), StatusCode::kPeerFailed) << r.status();
 }
 
 TEST(Wire, ChunksBatchesAndLanesSurviveASocketPair) {
