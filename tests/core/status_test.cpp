@@ -122,7 +122,9 @@ TEST(Check, PassingChecksEvaluateOnce) {
 namespace myelin {
 namespace {
 
-Result<int> failing() { return not_found("key 'x'"); }
+Result<int> failing() {
+  return not_found("key 'x'");
+}
 
 // Context added to temporaries must survive MYELIN_RETURN_IF_ERROR / MYELIN_ASSIGN_OR_RETURN,
 // which bind the expression to a reference (a dangling one if with_context returned T&&).

@@ -100,8 +100,12 @@ class [[nodiscard]] Status {
   std::unique_ptr<Rep> rep_;
 };
 
-inline Status ok_status() noexcept { return Status(); }
-inline std::ostream& operator<<(std::ostream& os, const Status& s) { return os << s.to_string(); }
+inline Status ok_status() noexcept {
+  return Status();
+}
+inline std::ostream& operator<<(std::ostream& os, const Status& s) {
+  return os << s.to_string();
+}
 
 // Short constructors, e.g. `return invalid_argument("size ", n, " exceeds ", limit);`
 namespace internal {
@@ -130,9 +134,9 @@ template <typename... Args>
 Status make_status(StatusCode code, const Args&... args) {
   return Status(code, internal::str_cat(args...));
 }
-#define MYELIN_DEFINE_STATUS_HELPER(fn, code)    \
-  template <typename... Args>                    \
-  Status fn(const Args&... args) {               \
+#define MYELIN_DEFINE_STATUS_HELPER(fn, code)      \
+  template <typename... Args>                      \
+  Status fn(const Args&... args) {                 \
     return make_status(StatusCode::code, args...); \
   }
 MYELIN_DEFINE_STATUS_HELPER(invalid_argument, kInvalidArgument)
@@ -170,26 +174,33 @@ class [[nodiscard]] Result {
     new (&storage_.status) Status(std::move(status));
   }
   template <typename U>
-    requires(std::is_constructible_v<T, U &&> && !std::is_same_v<std::decay_t<U>, T> &&
-             !std::is_same_v<std::decay_t<U>, Status> && !std::is_same_v<std::decay_t<U>, Result>)
-  Result(U&& value) : has_value_(true) {  // NOLINT(google-explicit-constructor)
+  requires(std::is_constructible_v<T, U&&> && !std::is_same_v<std::decay_t<U>, T> &&
+           !std::is_same_v<std::decay_t<U>, Status> && !std::is_same_v<std::decay_t<U>, Result>)
+      Result(U&& value)
+      : has_value_(true) {  // NOLINT(google-explicit-constructor)
     new (&storage_.value) T(std::forward<U>(value));
   }
 
   Result(const Result& o) : has_value_(o.has_value_) {
-    if (has_value_) new (&storage_.value) T(o.storage_.value);
-    else new (&storage_.status) Status(o.storage_.status);
+    if (has_value_)
+      new (&storage_.value) T(o.storage_.value);
+    else
+      new (&storage_.status) Status(o.storage_.status);
   }
   Result(Result&& o) noexcept(std::is_nothrow_move_constructible_v<T>) : has_value_(o.has_value_) {
-    if (has_value_) new (&storage_.value) T(std::move(o.storage_.value));
-    else new (&storage_.status) Status(std::move(o.storage_.status));
+    if (has_value_)
+      new (&storage_.value) T(std::move(o.storage_.value));
+    else
+      new (&storage_.status) Status(std::move(o.storage_.status));
   }
   Result& operator=(const Result& o) {
     if (this != &o) {
       destroy();
       has_value_ = o.has_value_;
-      if (has_value_) new (&storage_.value) T(o.storage_.value);
-      else new (&storage_.status) Status(o.storage_.status);
+      if (has_value_)
+        new (&storage_.value) T(o.storage_.value);
+      else
+        new (&storage_.status) Status(o.storage_.status);
     }
     return *this;
   }
@@ -197,8 +208,10 @@ class [[nodiscard]] Result {
     if (this != &o) {
       destroy();
       has_value_ = o.has_value_;
-      if (has_value_) new (&storage_.value) T(std::move(o.storage_.value));
-      else new (&storage_.status) Status(std::move(o.storage_.status));
+      if (has_value_)
+        new (&storage_.value) T(std::move(o.storage_.value));
+      else
+        new (&storage_.status) Status(std::move(o.storage_.status));
     }
     return *this;
   }
@@ -207,9 +220,7 @@ class [[nodiscard]] Result {
   [[nodiscard]] bool ok() const noexcept { return has_value_; }
   // OK when a value is held, else the error.
   [[nodiscard]] Status status() const& { return has_value_ ? Status() : storage_.status; }
-  [[nodiscard]] Status status() && {
-    return has_value_ ? Status() : std::move(storage_.status);
-  }
+  [[nodiscard]] Status status() && { return has_value_ ? Status() : std::move(storage_.status); }
 
   // Access to the value; calling these on an error is a broken invariant and aborts.
   T& value() & { return checked(), storage_.value; }
@@ -241,8 +252,10 @@ class [[nodiscard]] Result {
     MYELIN_CHECK(has_value_) << "value() on an error Result: " << storage_.status.to_string();
   }
   void destroy() noexcept {
-    if (has_value_) storage_.value.~T();
-    else storage_.status.~Status();
+    if (has_value_)
+      storage_.value.~T();
+    else
+      storage_.status.~Status();
   }
   union Storage {
     Storage() {}
@@ -254,8 +267,12 @@ class [[nodiscard]] Result {
 };
 
 namespace internal {
-inline Status as_status(Status&& s) { return std::move(s); }
-inline Status as_status(const Status& s) { return s; }
+inline Status as_status(Status&& s) {
+  return std::move(s);
+}
+inline Status as_status(const Status& s) {
+  return s;
+}
 template <typename T>
 Status as_status(Result<T>&& r) {
   return std::move(r).status();
@@ -272,12 +289,12 @@ Status as_status(const Result<T>& r) {
 #define MYELIN_STATUS_CONCAT(a, b) MYELIN_STATUS_CONCAT_INNER(a, b)
 
 // Returns the error of a Status- or Result-valued expression from the enclosing function.
-#define MYELIN_RETURN_IF_ERROR(expr)                            \
-  do {                                                          \
-    auto&& myelin_status_ = (expr);                             \
-    if (!myelin_status_.ok()) {                                 \
+#define MYELIN_RETURN_IF_ERROR(expr)                                   \
+  do {                                                                 \
+    auto&& myelin_status_ = (expr);                                    \
+    if (!myelin_status_.ok()) {                                        \
       return ::myelin::internal::as_status(std::move(myelin_status_)); \
-    }                                                           \
+    }                                                                  \
   } while (0)
 
 // `MYELIN_ASSIGN_OR_RETURN(auto fd, open_socket(...));`

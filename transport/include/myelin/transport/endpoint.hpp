@@ -5,10 +5,10 @@
 // Two-sided messages: send(channel, ...) is matched by the peer's recv(channel, ...) on the same
 // channel, in order: messages on one endpoint and channel arrive in the order they were sent; there
 // is no ordering between channels. A message that arrives before its recv is posted waits (eager
-// sizes are buffered; larger ones wait for the recv and then move zero-copy). A recv whose buffer is
-// smaller than the message completes with out_of_range and the message is consumed.
-// Sizes 0 .. Options::max_message_size. Passing the MemoryRegion that holds the buffer lets
-// backends skip registration and bounce buffers (zero-copy); without it they copy or register.
+// sizes are buffered; larger ones wait for the recv and then move zero-copy). A recv whose buffer
+// is smaller than the message completes with out_of_range and the message is consumed. Sizes 0 ..
+// Options::max_message_size. Passing the MemoryRegion that holds the buffer lets backends skip
+// registration and bounce buffers (zero-copy); without it they copy or register.
 //
 // One-sided: put()/get() move bytes between a local buffer and a peer's registered region named
 // by its RemoteKey, at an offset. Out-of-bounds, wrong access or stale keys complete with an error
