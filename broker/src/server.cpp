@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
 #include <deque>
 #include <sstream>
@@ -122,6 +123,10 @@ class Server::Impl {
   std::atomic<bool> stop_{false};      // pairs with the loop's acquire load each pass
   std::atomic<bool> draining_{false};  // same
   std::atomic<bool> drained_{false};   // loop -> drain(): set when every queue is empty
+  // drain() sleeps on drain_cv_ until drained_ is set; the loop notifies under drain_mu_ so the
+  // wake-up cannot slip between drain()'s predicate check and its wait.
+  std::mutex drain_mu_;
+  std::condition_variable drain_cv_;
   std::unordered_map<uint64_t, std::shared_ptr<Conn>> conns_;
   std::unordered_map<int, HttpConn> http_;
   std::deque<PendingPull> pulls_;
@@ -281,8 +286,14 @@ Status Server::Impl::drain(Deadline deadline) {
   // Pairs with the acquire load in loop().
   draining_.store(true, std::memory_order_release);
   wake();
-  while (!drained_.load(std::memory_order_acquire) && !deadline.expired() && thread_.joinable()) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  if (thread_.joinable()) {
+    // Pairs with the release store in loop() (made under drain_mu_).
+    auto is_drained = [this] { return drained_.load(std::memory_order_acquire); };
+    std::unique_lock<std::mutex> lock(drain_mu_);
+    if (deadline.is_never())
+      drain_cv_.wait(lock, is_drained);
+    else
+      drain_cv_.wait_for(lock, std::chrono::nanoseconds(deadline.remaining_ns()), is_drained);
   }
   const bool done = drained_.load(std::memory_order_acquire);  // pairs with the loop's release
   stop();
@@ -948,7 +959,11 @@ void Server::Impl::loop() {
         if (c->depth() > 0 || !c->out.empty() || !c->parked.empty()) empty = false;
       }
       // Pairs with the acquire loads in drain().
-      if (empty) drained_.store(true, std::memory_order_release);
+      if (empty && !drained_.load(std::memory_order_relaxed)) {
+        std::lock_guard<std::mutex> lock(drain_mu_);
+        drained_.store(true, std::memory_order_release);
+        drain_cv_.notify_all();
+      }
     }
   }
   for (auto& [id, c] : conns_) (void)c->out.flush(c->fd.get());
