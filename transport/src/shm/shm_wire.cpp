@@ -206,7 +206,11 @@ Result<UniqueFd> connect_abstract(const std::string& name, Deadline deadline) {
     if (deadline.expired()) {
       return timeout_error("the shm socket @", name, " kept its backlog full until the deadline");
     }
-    ::usleep(200);
+    // A bounded poll: a non-blocking AF_UNIX connect that met a full backlog leaves nothing in
+    // progress, so there is no fd to wait on. Connection setup only, never a data path; the
+    // pause is capped by the deadline.
+    const int64_t pause_us = std::min<int64_t>(200, (deadline.remaining_ns() + 999) / 1000);
+    ::usleep(static_cast<useconds_t>(pause_us));
   }
 }
 
