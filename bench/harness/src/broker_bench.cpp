@@ -45,17 +45,16 @@ broker::PublishOptions control_publish(std::chrono::milliseconds timeout) {
 }  // namespace
 
 Status store_barrier(transport::Store& store, const std::string& name, int n, Deadline deadline) {
+  // The rank that completes the count publishes "<name>/done"; the others wait on that key with
+  // the store's own deadline-bounded get() instead of polling the counter.
+  const std::string done = name + "/done";
   MYELIN_ASSIGN_OR_RETURN(int64_t v, store.add(name, 1));
-  int64_t sleep_us = 50;
-  while (v < n) {
-    if (deadline.expired()) {
-      return timeout_error("barrier '", name, "': ", v, " of ", n, " ranks arrived");
-    }
-    std::this_thread::sleep_for(std::chrono::microseconds(sleep_us));
-    sleep_us = std::min<int64_t>(sleep_us * 2, 5000);
-    MYELIN_ASSIGN_OR_RETURN(v, store.add(name, 0));
-  }
-  return ok_status();
+  if (v >= n) return store.set(done, std::string_view("1"));
+  auto got = store.get(done, deadline);
+  if (got.ok()) return ok_status();
+  if (got.status().code() != StatusCode::kTimeout) return got.status();
+  MYELIN_ASSIGN_OR_RETURN(v, store.add(name, 0));
+  return timeout_error("barrier '", name, "': ", v, " of ", n, " ranks arrived");
 }
 
 class BrokerBench::Impl {
