@@ -9,11 +9,14 @@
 // `-n N` is the number of local ranks (as in the transport issue), not an iteration count:
 // iterations are `--iters`. Ranks meet through a Store (each publishes its Context address
 // under myelin/addr/<rank>); the measurement itself is bench/harness (a library).
+#include <poll.h>
 #include <signal.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
@@ -453,6 +456,49 @@ int run_rank(const Args& a, int rank, int size, Store& store) {
   return 0;
 }
 
+// One pidfd per child rank, closed on destruction: readable once that child has exited, so the
+// parent can sleep in poll(2) until a rank finishes instead of polling waitpid(2).
+class ChildWatch {
+ public:
+  explicit ChildWatch(const std::vector<pid_t>& kids) : kids_(kids), fds_(kids.size(), -1) {
+    for (size_t i = 0; i < kids_.size(); ++i) {
+      fds_[i] = static_cast<int>(::syscall(SYS_pidfd_open, kids_[i], 0));  // -1: kernel < 5.3
+    }
+  }
+  ~ChildWatch() {
+    for (int fd : fds_) {
+      if (fd >= 0) ::close(fd);
+    }
+  }
+  ChildWatch(const ChildWatch&) = delete;
+  ChildWatch& operator=(const ChildWatch&) = delete;
+
+  // The child `pid` was reaped: stop watching it.
+  void reaped(pid_t pid) {
+    for (size_t i = 0; i < kids_.size(); ++i) {
+      if (kids_[i] == pid && fds_[i] >= 0) {
+        ::close(fds_[i]);
+        fds_[i] = -1;
+      }
+    }
+  }
+  // Sleeps until a watched child exits or the deadline passes. A child without a pidfd has no fd
+  // to wait on: then this is a bounded 2 ms poll and the caller's waitpid(WNOHANG) re-checks.
+  void wait(size_t alive, Deadline deadline) const {
+    std::vector<pollfd> pfds;
+    for (int fd : fds_) {
+      if (fd >= 0) pfds.push_back(pollfd{.fd = fd, .events = POLLIN, .revents = 0});
+    }
+    int ms = deadline.remaining_ms_for_poll();
+    if (pfds.size() < alive) ms = ms < 0 ? 2 : std::min(ms, 2);
+    (void)::poll(pfds.data(), pfds.size(), ms);
+  }
+
+ private:
+  std::vector<pid_t> kids_;
+  std::vector<int> fds_;
+};
+
 // -n N: serve the store here and run the ranks as child processes of this binary.
 int run_local(const Args& a, char** argv) {
   auto server = TcpStoreServer::start("127.0.0.1", 0);
@@ -485,11 +531,13 @@ int run_local(const Args& a, char** argv) {
   int rc = 0;
   const Deadline deadline = Deadline::after(std::chrono::seconds(a.timeout_s) * 20);
   size_t alive = kids.size();
+  ChildWatch watch(kids);
   while (alive > 0) {
     int status = 0;
     const pid_t pid = waitpid(-1, &status, WNOHANG);
     if (pid > 0) {
       --alive;
+      watch.reaped(pid);
       const int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
       if (code != 0) {
         rc = rc == 0 ? code : rc;
@@ -505,7 +553,7 @@ int run_local(const Args& a, char** argv) {
       rc = 4;
       break;
     }
-    usleep(2000);
+    watch.wait(alive, deadline);
   }
   return rc;
 }
