@@ -6,6 +6,7 @@
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -94,7 +95,18 @@ void run_two(const std::function<void(int, Link&)>& body) {
   const Deadline deadline = Deadline::after_ms(kTimeoutMs);
   int status = 0;
   pid_t got = 0;
-  while ((got = ::waitpid(child, &status, WNOHANG)) == 0 && !deadline.expired()) ::usleep(1000);
+  // Sleep on the child's pidfd until it exits. Without pidfd_open (kernel < 5.3) there is no fd
+  // to wait on, so this degrades to a bounded 1 ms poll of waitpid.
+  const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, child, 0));
+  while ((got = ::waitpid(child, &status, WNOHANG)) == 0 && !deadline.expired()) {
+    if (pidfd >= 0) {
+      pollfd p{.fd = pidfd, .events = POLLIN, .revents = 0};
+      (void)::poll(&p, 1, deadline.remaining_ms_for_poll());
+    } else {
+      ::usleep(1000);
+    }
+  }
+  if (pidfd >= 0) ::close(pidfd);
   if (got == 0) {
     ::kill(child, SIGKILL);
     ::waitpid(child, &status, 0);
