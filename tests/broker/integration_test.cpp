@@ -2,11 +2,14 @@
 // children, real kill -9s, /metrics scraped with curl.
 #include <gtest/gtest.h>
 
+#include <poll.h>
 #include <signal.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -24,6 +27,38 @@ constexpr const char* kSecret = "integration-secret-0123456789";
 
 std::span<const std::byte> bytes(std::string_view s) {
   return {reinterpret_cast<const std::byte*>(s.data()), s.size()};
+}
+
+// Waits until `fd` is readable or the deadline passes; false on timeout.
+bool wait_readable(int fd, Deadline deadline) {
+  pollfd p{.fd = fd, .events = POLLIN, .revents = 0};
+  for (;;) {
+    const int n = ::poll(&p, 1, deadline.remaining_ms_for_poll());
+    if (n > 0) return true;
+    if (n == 0 || errno != EINTR) return false;
+  }
+}
+
+// Reaps `pid` once it exits, sleeping on its pidfd; false (child left running) when the deadline
+// passes first. Without pidfd_open (kernel < 5.3) there is no fd to wait on, so it falls back to
+// a bounded 5 ms poll of waitpid.
+bool wait_exit(pid_t pid, Deadline deadline, int* status) {
+  const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+  bool reaped = false;
+  for (;;) {
+    if (::waitpid(pid, status, WNOHANG) == pid) {
+      reaped = true;
+      break;
+    }
+    if (deadline.expired()) break;
+    if (pidfd >= 0) {
+      (void)wait_readable(pidfd, deadline);
+    } else {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  }
+  if (pidfd >= 0) ::close(pidfd);
+  return reaped;
 }
 
 class Daemon {
@@ -50,6 +85,7 @@ class Daemon {
       ::execv(argv[0], argv.data());
       ::_exit(127);
     }
+    // A bounded poll: the port file has no fd to wait on until it exists.
     const Deadline d = Deadline::after_ms(10000);
     while (!d.expired()) {
       std::ifstream in(port_file);
@@ -78,16 +114,10 @@ class Daemon {
   // SIGTERM; returns the exit code (or -1 when it did not exit in time).
   int terminate(int64_t timeout_ms) {
     ::kill(pid_, SIGTERM);
-    const Deadline d = Deadline::after_ms(timeout_ms);
     int st = 0;
-    while (!d.expired()) {
-      if (::waitpid(pid_, &st, WNOHANG) == pid_) {
-        pid_ = -1;
-        return WIFEXITED(st) ? WEXITSTATUS(st) : -2;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-    return -1;
+    if (!wait_exit(pid_, Deadline::after_ms(timeout_ms), &st)) return -1;
+    pid_ = -1;
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -2;
   }
   // Scrapes /metrics with curl and returns "name{labels}" -> value.
   std::map<std::string, double> metrics() const {
@@ -139,11 +169,9 @@ std::unique_ptr<Client> connect_or_die(const ClientOptions& o) {
 
 // Waits for a child; false when it did not exit 0 within the deadline.
 bool child_ok(pid_t pid, int64_t timeout_ms) {
-  const Deadline d = Deadline::after_ms(timeout_ms);
   int st = 0;
-  while (!d.expired()) {
-    if (::waitpid(pid, &st, WNOHANG) == pid) return WIFEXITED(st) && WEXITSTATUS(st) == 0;
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  if (wait_exit(pid, Deadline::after_ms(timeout_ms), &st)) {
+    return WIFEXITED(st) && WEXITSTATUS(st) == 0;
   }
   ::kill(pid, SIGKILL);
   ::waitpid(pid, nullptr, 0);
@@ -316,6 +344,7 @@ TEST(BrokerIntegration, SlowConsumerDropOldestIsAnnouncedAndVisibleAsGaps) {
     drops = m["myelin_broker_topic_drops_total{topic=\"lossy/t\"}"];
     announce_drops = m["myelin_broker_topic_drops_total{topic=\"$pressure/lossy/t\"}"];
     if (announcements.load() + announce_drops >= drops) break;
+    // A bounded poll: /metrics has no fd to wait on for a counter to change.
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   EXPECT_EQ(static_cast<double>(received) + drops, kN);  // delivered or counted as dropped
@@ -391,9 +420,10 @@ TEST(BrokerIntegration, RequestRetriesAreDeduplicatedAndDeadLettered) {
   ASSERT_TRUE(server
                   ->serve("svc/slow",
                           [&](const ReceivedMessage& m) -> Result<std::vector<std::byte>> {
+                            // The first call is slow work that outlives attempt 1 (150 ms), so
+                            // the caller retries; this simulates the handler, it waits for nothing.
                             if (calls++ == 0)
-                              std::this_thread::sleep_for(
-                                  std::chrono::milliseconds(400));  // outlive attempt 1
+                              std::this_thread::sleep_for(std::chrono::milliseconds(400));
                             std::string r = "re:" + std::string(m.text());
                             return std::vector<std::byte>(bytes(r).begin(), bytes(r).end());
                           })
@@ -445,6 +475,7 @@ TEST(BrokerIntegration, WrongSecretAndAclViolationsAreRefusedAndCounted) {
   while (!dl.expired()) {
     m = d.metrics();
     if (m["myelin_broker_acl_denied_total"] >= 2) break;
+    // A bounded poll: /metrics has no fd to wait on for a counter to change.
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   EXPECT_EQ(m["myelin_broker_acl_denied_total"], 2);
@@ -463,13 +494,24 @@ TEST(BrokerIntegration, KilledSubscriberPublisherAndBrokerNeverHang) {
   auto sub = connect_or_die(d.client("sub"));
   ASSERT_TRUE(pub && sub);
   ASSERT_TRUE(sub->subscribe("t/#").ok());
-  // A subscriber process killed mid-stream.
+  // A subscriber process killed mid-stream: it writes a byte to `ready` once it has received
+  // its first message.
+  int ready[2];
+  ASSERT_EQ(::pipe(ready), 0);
   pid_t victim = ::fork();
   if (victim == 0) {
+    ::close(ready[0]);
     auto c = Client::connect(d.client("victim"));
     if (!c.ok() || !(*c)->subscribe("t/#").ok()) ::_exit(2);
-    while (true) (void)(*c)->poll(Deadline::after_ms(100));
+    bool told = false;
+    while (true) {
+      auto m = (*c)->poll(Deadline::after_ms(100));
+      if (m.ok() && !told) {
+        told = ::write(ready[1], "r", 1) == 1;
+      }
+    }
   }
+  ::close(ready[1]);
   // A publisher process killed mid-stream.
   pid_t pub2 = ::fork();
   if (pub2 == 0) {
@@ -477,11 +519,20 @@ TEST(BrokerIntegration, KilledSubscriberPublisherAndBrokerNeverHang) {
     if (!c.ok()) ::_exit(2);
     for (int i = 0;; ++i) (void)(*c)->publish("t/other", std::to_string(i));
   }
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  // Both are mid-stream once the victim has a message and `sub` sees pub2's traffic.
+  const bool victim_streaming = wait_readable(ready[0], Deadline::after_ms(10000));
+  ::close(ready[0]);
+  bool pub2_streaming = false;
+  for (const Deadline dp = Deadline::after_ms(10000); !pub2_streaming && !dp.expired();) {
+    auto m = sub->poll(dp);
+    pub2_streaming = m.ok() && m->topic == "t/other";
+  }
   ::kill(victim, SIGKILL);
   ::kill(pub2, SIGKILL);
   ::waitpid(victim, nullptr, 0);
   ::waitpid(pub2, nullptr, 0);
+  ASSERT_TRUE(victim_streaming) << "the victim subscriber never received a message";
+  ASSERT_TRUE(pub2_streaming) << "the victim publisher's messages never arrived";
   // Survivors carry on.
   for (int i = 0; i < 100; ++i) ASSERT_TRUE(pub->publish("t/x", "alive").ok());
   int alive = 0;
@@ -497,6 +548,7 @@ TEST(BrokerIntegration, KilledSubscriberPublisherAndBrokerNeverHang) {
     while (!dm.expired()) {
       active = d.metrics()["myelin_broker_connections_active"];
       if (active == 2) break;
+      // A bounded poll: /metrics has no fd to wait on for a counter to change.
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
     EXPECT_EQ(active, 2);  // the killed clients were cleaned up
