@@ -17,6 +17,26 @@ std::shared_ptr<const void> own_copy(std::span<const std::byte> payload,
   return buf;
 }
 
+// A message with `a`'s id, timestamps and payload: shared with a.owner, or copied without one.
+// The caller sets lane and batching.
+std::shared_ptr<Message> message_from(const PublishArgs& a, FrameType type, std::string topic,
+                                      uint64_t seq) {
+  auto m = std::make_shared<Message>();
+  m->type = type;
+  m->topic = std::move(topic);
+  m->seq = seq;
+  m->id = a.id;
+  m->publish_ts_ns = a.publish_ts_ns;
+  m->broker_rx_ns = monotonic_ns();
+  if (a.owner) {
+    m->owner = a.owner;
+    m->payload = a.payload;
+  } else {
+    m->owner = own_copy(a.payload, &m->payload);
+  }
+  return m;
+}
+
 std::vector<std::string_view> split_levels(std::string_view s) {
   std::vector<std::string_view> out;
   size_t start = 0;
@@ -201,21 +221,11 @@ Result<PublishOutcome> Broker::publish(const PublishArgs& a) {
       }
     }
   }
-  auto m = std::make_shared<Message>();
-  m->type = FrameType::kDeliver;
+  std::string topic(a.topic);
+  const uint64_t seq = ++next_seq_[topic];
+  auto m = message_from(a, FrameType::kDeliver, std::move(topic), seq);
   m->lane = p.lane;
   m->batchable = p.batching;
-  m->topic = std::string(a.topic);
-  m->seq = ++next_seq_[m->topic];
-  m->id = a.id;
-  m->publish_ts_ns = a.publish_ts_ns;
-  m->broker_rx_ns = monotonic_ns();
-  if (a.owner) {
-    m->owner = a.owner;
-    m->payload = a.payload;
-  } else {
-    m->owner = own_copy(a.payload, &m->payload);
-  }
   st.messages_in++;
   st.bytes_in += a.payload.size();
   for (Session* s : targets) {
@@ -249,16 +259,9 @@ Result<PublishOutcome> Broker::request(const PublishArgs& a) {
     // Dead letter: deliver the request itself to "$dead/<topic>" subscribers.
     std::string dead = "$dead/" + std::string(a.topic);
     if (dead.size() > kMaxTopicLength) dead = "$dead/overflow";
-    auto m = std::make_shared<Message>();
-    m->type = FrameType::kDeliver;
+    const uint64_t seq = ++next_seq_[dead];
+    auto m = message_from(a, FrameType::kDeliver, dead, seq);
     m->lane = Lane::kControl;
-    m->topic = dead;
-    m->seq = ++next_seq_[dead];
-    m->id = a.id;
-    m->publish_ts_ns = a.publish_ts_ns;
-    m->broker_rx_ns = monotonic_ns();
-    m->owner = a.owner ? a.owner : own_copy(a.payload, &m->payload);
-    if (a.owner) m->payload = a.payload;
     st.dead_letters++;
     TopicPolicy pp;
     pp.overflow = OverflowPolicy::kDropOldest;
@@ -280,21 +283,9 @@ Result<PublishOutcome> Broker::request(const PublishArgs& a) {
   }
   if (responders.empty()) return unavailable("no responder for ", a.topic);
   Session& target = *sessions_.at(responders[rr_++ % responders.size()]->session_id);
-  auto m = std::make_shared<Message>();
-  m->type = FrameType::kRequest;
+  auto m = message_from(a, FrameType::kRequest, std::string(a.topic), a.attempt);
   m->lane = p.lane;
   m->batchable = p.batching;
-  m->topic = std::string(a.topic);
-  m->seq = a.attempt;
-  m->id = a.id;
-  m->publish_ts_ns = a.publish_ts_ns;
-  m->broker_rx_ns = monotonic_ns();
-  if (a.owner) {
-    m->owner = a.owner;
-    m->payload = a.payload;
-  } else {
-    m->owner = own_copy(a.payload, &m->payload);
-  }
   TopicPolicy blocking = p;
   blocking.overflow = OverflowPolicy::kBlock;  // never evict someone else's request
   if (!enqueue_locked(target, m, blocking, false)) {

@@ -33,6 +33,20 @@ constexpr size_t kDedupEntries = 4096;
 std::span<const std::byte> float_bytes(std::span<const float> v) {
   return {reinterpret_cast<const std::byte*>(v.data()), v.size() * sizeof(float)};
 }
+
+// The message a deliver or request frame carries; `owner` keeps the payload bytes alive.
+ReceivedMessage received_message(const FrameView& f, const std::shared_ptr<const void>& owner) {
+  const FrameHeader& h = f.header;
+  ReceivedMessage m;
+  m.topic = std::string(f.topic);
+  m.seq = h.seq;
+  m.id = h.id;
+  m.publish_ts_ns = h.timestamp_ns;
+  m.control = h.flags & kFlagControl;
+  m.owner = owner;
+  m.payload = f.payload;
+  return m;
+}
 }  // namespace
 
 class Client::Impl {
@@ -396,14 +410,7 @@ Status Client::Impl::dispatch(const FrameView& f, const std::shared_ptr<const vo
       return ok_status();
     }
     case FrameType::kDeliver: {
-      ReceivedMessage m;
-      m.topic = std::string(f.topic);
-      m.seq = h.seq;
-      m.id = h.id;
-      m.publish_ts_ns = h.timestamp_ns;
-      m.control = h.flags & kFlagControl;
-      m.owner = owner;
-      m.payload = f.payload;
+      ReceivedMessage m = received_message(f, owner);
       const SeqEvent ev = gaps_.observe(m.topic, m.seq);
       m.missed_before = ev.missed;
       std::vector<MessageHandler> handlers;
@@ -430,14 +437,7 @@ Status Client::Impl::dispatch(const FrameView& f, const std::shared_ptr<const vo
       return ok_status();
     }
     case FrameType::kRequest: {
-      ReceivedMessage m;
-      m.topic = std::string(f.topic);
-      m.seq = h.seq;
-      m.id = h.id;
-      m.publish_ts_ns = h.timestamp_ns;
-      m.control = h.flags & kFlagControl;
-      m.owner = owner;
-      m.payload = f.payload;
+      ReceivedMessage m = received_message(f, owner);
       RequestHandler fn;
       {
         std::lock_guard<std::mutex> lock(mu_);

@@ -660,32 +660,15 @@ bool Server::Impl::process_work(Conn& c, const AssembledMessage& m) {
   std::span<const std::byte> payload(m.payload->data(), m.payload->size());
   bool done = true;
   switch (h.type) {
-    case FrameType::kPublish: {
-      if (!may_publish(c, m.topic)) {
-        c_.acl_denied.fetch_add(1, std::memory_order_relaxed);
-        send_error(c, h.id,
-                   permission_denied("'", c.ident, "' may not publish to '", m.topic, "'"));
-        break;
-      }
-      PublishArgs a{.topic = m.topic,
-                    .payload = payload,
-                    .owner = m.payload,
-                    .id = h.id,
-                    .publish_ts_ns = h.timestamp_ns,
-                    .attempt = 1,
-                    .from_session = c.id()};
-      auto r = owner_->broker_->publish(a);
-      if (!r.ok())
-        send_error(c, h.id, r.status());
-      else if (*r == PublishOutcome::kBlocked)
-        done = false;
-      break;
-    }
+    case FrameType::kPublish:
     case FrameType::kRequest: {
+      // A request routes like a publish; it carries its attempt number in seq.
+      const bool request = h.type == FrameType::kRequest;
       if (!may_publish(c, m.topic)) {
         c_.acl_denied.fetch_add(1, std::memory_order_relaxed);
         send_error(c, h.id,
-                   permission_denied("'", c.ident, "' may not request on '", m.topic, "'"));
+                   permission_denied("'", c.ident, "' may not ",
+                                     request ? "request on" : "publish to", " '", m.topic, "'"));
         break;
       }
       PublishArgs a{.topic = m.topic,
@@ -693,9 +676,9 @@ bool Server::Impl::process_work(Conn& c, const AssembledMessage& m) {
                     .owner = m.payload,
                     .id = h.id,
                     .publish_ts_ns = h.timestamp_ns,
-                    .attempt = h.seq,
+                    .attempt = request ? h.seq : 1,
                     .from_session = c.id()};
-      auto r = owner_->broker_->request(a);
+      auto r = request ? owner_->broker_->request(a) : owner_->broker_->publish(a);
       if (!r.ok())
         send_error(c, h.id, r.status());
       else if (*r == PublishOutcome::kBlocked)
