@@ -209,8 +209,8 @@ Result<UniqueFd> connect_abstract(const std::string& name, Deadline deadline) {
     // A bounded poll: a non-blocking AF_UNIX connect that met a full backlog leaves nothing in
     // progress, so there is no fd to wait on. Connection setup only, never a data path; the
     // pause is capped by the deadline.
-    const int64_t pause_us = std::min<int64_t>(200, (deadline.remaining_ns() + 999) / 1000);
-    ::usleep(static_cast<useconds_t>(pause_us));
+    const int64_t pause_ns = std::min<int64_t>(200'000, deadline.remaining_ns());
+    ::usleep(static_cast<useconds_t>((pause_ns + 999) / 1000));
   }
 }
 
