@@ -3,6 +3,7 @@
 // themselves live one per file.
 #include <myelin/collectives/collectives.hpp>
 
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 
@@ -73,6 +74,34 @@ struct Call {
   int root = 0;
 };
 
+// Options::segment_size 0: MYELIN_COLL_SEGMENT (bytes; K/M suffixes) when set, else the built-in
+// default. Read once.
+size_t default_segment_bytes() {
+  static const size_t bytes = [] {
+    size_t v = internal::kDefaultSegmentBytes;
+    if (const char* env = std::getenv("MYELIN_COLL_SEGMENT"); env != nullptr && *env != '\0') {
+      char* end = nullptr;
+      const unsigned long long parsed = std::strtoull(env, &end, 10);
+      size_t scale = 1;
+      if (end != nullptr && (*end == 'K' || *end == 'k')) {
+        scale = 1024;
+        ++end;
+      } else if (end != nullptr && (*end == 'M' || *end == 'm')) {
+        scale = 1024 * 1024;
+        ++end;
+      }
+      if (parsed == 0 || end == nullptr || *end != '\0' || parsed > (1ull << 30) / scale) {
+        MYELIN_LOG_WARN << "MYELIN_COLL_SEGMENT='" << env << "' is not a size in bytes (1..1G); "
+                        << "using " << v;
+      } else {
+        v = static_cast<size_t>(parsed) * scale;
+      }
+    }
+    return v;
+  }();
+  return bytes;
+}
+
 Status check_enum_ranges(DataType type, ReduceOp op) {
   if (static_cast<uint8_t>(type) > static_cast<uint8_t>(DataType::kU8)) {
     return invalid_argument("unknown data type value ", static_cast<int>(type));
@@ -115,7 +144,7 @@ Result<Algorithm> run(Communicator& comm, const Call& call, const Options& optio
   info.algorithm = algo;
   info.type = call.type;
   info.op = call.op;
-  if (options.segment_size > 0) info.segment_bytes = options.segment_size;
+  info.segment_bytes = options.segment_size > 0 ? options.segment_size : default_segment_bytes();
 
   Descriptor mine;
   mine.collective = static_cast<uint8_t>(call.collective);
@@ -195,12 +224,13 @@ Result<Algorithm> allreduce(Communicator& comm, const void* send, void* recv, si
   const Call call{Collective::kAllreduce, type, op, count, count * dtype_size(type), 0};
   return run(comm, call, options, [&](Exchange& ex, Algorithm algo) -> Status {
     const size_t bytes = count * ex.elem();
-    if (send != recv && bytes > 0) std::memcpy(recv, send, bytes);
+    // The ring reads the send buffer where it needs it; the others work in recv from the start.
+    if (algo != Algorithm::kRing && send != recv && bytes > 0) std::memcpy(recv, send, bytes);
     const Group g = world(comm);
     Status s;
     switch (algo) {
       case Algorithm::kRing:
-        s = ring_allreduce(ex, g, recv, count, internal::kTopPhase);
+        s = ring_allreduce(ex, g, send, recv, count, internal::kTopPhase);
         break;
       case Algorithm::kHalvingDoubling:
         s = halving_doubling_allreduce(ex, g, recv, count, internal::kTopPhase);
@@ -230,11 +260,10 @@ Result<Algorithm> reduce_scatter(Communicator& comm, const void* send, void* rec
   return run(comm, call, options, [&](Exchange& ex, Algorithm) -> Status {
     const size_t es = ex.elem();
     const size_t block = recv_count * es;
-    // The ring reduces in place, so it works on a copy: the send buffer stays untouched.
+    // The ring reads the send buffer and reduces into a work buffer: send stays untouched.
     uint8_t* work = comm.scratch(internal::kScratchWork, block * n);
-    if (block > 0) std::memcpy(work, send, block * n);
     MYELIN_RETURN_IF_ERROR(
-        ring_reduce_scatter(ex, world(comm), work, recv_count, internal::kTopPhase));
+        ring_reduce_scatter(ex, world(comm), send, work, recv_count, internal::kTopPhase));
     uint8_t* mine = work + block * static_cast<size_t>(comm.rank());
     if (op == ReduceOp::kAvg) divide_by(mine, recv_count, type, static_cast<uint32_t>(n));
     if (block > 0) std::memmove(recv, mine, block);

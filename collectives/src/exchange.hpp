@@ -34,13 +34,17 @@ constexpr uint32_t channel_for(uint16_t tag, uint8_t phase) noexcept {
 constexpr uint8_t kDescriptorPhase = 0;
 constexpr uint8_t kTopPhase = 4;
 
+// Pipelining unit of the ring and chain algorithms when Options::segment_size is 0 and
+// MYELIN_COLL_SEGMENT is not set (docs/collectives.md, "Segment size").
+constexpr size_t kDefaultSegmentBytes = 256 * 1024;
+
 // The parameters of one call, shared by its algorithm functions.
 struct CallInfo {
   Collective collective = Collective::kAllreduce;
   Algorithm algorithm = Algorithm::kAuto;
   DataType type = DataType::kU8;
   ReduceOp op = ReduceOp::kSum;
-  size_t segment_bytes = 256 * 1024;
+  size_t segment_bytes = kDefaultSegmentBytes;
 };
 
 // Posted operations of one collective call on this rank. Handles are indices; wait() turns every
@@ -127,22 +131,28 @@ inline const uint8_t* at(const void* base, size_t elems, size_t elem) noexcept {
 // takes care of in-place/out-of-place copies and of finishing avg.
 
 // Ring reduce-scatter phase: afterwards block (me + shift) % n of `buf` (balanced partition of
-// count) holds the reduction of that block over the group. Pipelined by segments.
-Status ring_reduce_scatter_phase(Exchange& ex, const Group& g, void* buf, size_t count, int shift,
-                                 uint8_t phase);
+// count) holds the reduction of that block over the group. This rank's input is `src` (== buf in
+// place; else src is only read, and buf holds count elements whose prior contents do not matter).
+// Pipelined by segments.
+Status ring_reduce_scatter_phase(Exchange& ex, const Group& g, const void* src, void* buf,
+                                 size_t count, int shift, uint8_t phase);
 // Ring allgather phase: rank me owns block (me + shift) % n of the balanced partition of count;
 // afterwards every block is on every rank. Pipelined by segments.
 Status ring_allgather_phase(Exchange& ex, const Group& g, void* buf, size_t count, int shift,
                             uint8_t phase);
 
-Status ring_allreduce(Exchange& ex, const Group& g, void* buf, size_t count, uint8_t phase);
+// src: this rank's input (== buf in place); buf receives the result.
+Status ring_allreduce(Exchange& ex, const Group& g, const void* src, void* buf, size_t count,
+                      uint8_t phase);
 Status halving_doubling_allreduce(Exchange& ex, const Group& g, void* buf, size_t count,
                                   uint8_t phase);
 Status recursive_doubling_allreduce(Exchange& ex, const Group& g, void* buf, size_t count,
                                     uint8_t phase);
 Status hierarchical_allreduce(Exchange& ex, void* buf, size_t count);
-// buf holds count*n elements; afterwards block me (count elements at me*count) is reduced.
-Status ring_reduce_scatter(Exchange& ex, const Group& g, void* buf, size_t count, uint8_t phase);
+// src holds count*n elements of input (== buf in place); afterwards block me of buf (count
+// elements at me*count) is reduced. src is not written when it differs from buf.
+Status ring_reduce_scatter(Exchange& ex, const Group& g, const void* src, void* buf, size_t count,
+                           uint8_t phase);
 // buf holds count*n elements with this rank's block at me*count; afterwards all blocks.
 Status ring_allgather(Exchange& ex, const Group& g, void* buf, size_t count, uint8_t phase);
 Status binomial_broadcast(Exchange& ex, const Group& g, void* buf, size_t count, int root_index,

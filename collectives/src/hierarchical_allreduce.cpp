@@ -53,7 +53,7 @@ Status hierarchical_allreduce(Exchange& ex, void* buf, size_t count) {
         s = halving_doubling_allreduce(ex, leaders, buf, count, kLeadersPhase);
         break;
       default:
-        s = ring_allreduce(ex, leaders, buf, count, kLeadersPhase);
+        s = ring_allreduce(ex, leaders, buf, buf, count, kLeadersPhase);
         break;
     }
     MYELIN_RETURN_IF_ERROR(std::move(s).with_context(::myelin::internal::str_cat(

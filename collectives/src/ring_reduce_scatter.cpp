@@ -6,6 +6,8 @@
 // so reducing segment j overlaps the transfer of segment j + 1, and the next step starts before the
 // current one ends. Receives of step s + 1 are posted at the start of step s into the other half of
 // a double buffer, so data lands in place rather than in the transport's unexpected-message store.
+// Out of place (src != buf), src is read where this rank's contribution is needed (the first
+// block sent, and each received segment before it is reduced) and buf is written only there.
 #include <cstring>
 
 #include <myelin/collectives/reduce.hpp>
@@ -14,8 +16,8 @@
 
 namespace myelin::collectives::internal {
 
-Status ring_reduce_scatter_phase(Exchange& ex, const Group& g, void* buf, size_t count, int shift,
-                                 uint8_t phase) {
+Status ring_reduce_scatter_phase(Exchange& ex, const Group& g, const void* src, void* buf,
+                                 size_t count, int shift, uint8_t phase) {
   const int n = g.size();
   if (n == 1) return ok_status();
   const int me = g.me;
@@ -49,7 +51,7 @@ Status ring_reduce_scatter_phase(Exchange& ex, const Group& g, void* buf, size_t
   const Range first = send_block(0);
   for (size_t j = 0; j < segment_count(first.count, seg); ++j) {
     const Range piece = segment(first, seg, j);
-    MYELIN_RETURN_IF_ERROR(ex.post_send(next, phase, at(buf, piece.offset, es), piece.count * es));
+    MYELIN_RETURN_IF_ERROR(ex.post_send(next, phase, at(src, piece.offset, es), piece.count * es));
   }
   for (int s = 0; s < n - 1; ++s) {
     const bool more = s + 1 < n - 1;
@@ -58,6 +60,11 @@ Status ring_reduce_scatter_phase(Exchange& ex, const Group& g, void* buf, size_t
     for (size_t j = 0; j < recvs[s % 2].size(); ++j) {
       MYELIN_RETURN_IF_ERROR(ex.wait(recvs[s % 2][j]));
       const Range piece = segment(b, seg, j);
+      // Out of place, this rank's contribution joins here, segment by segment while it is hot
+      // in cache, instead of a copy of the whole input up front.
+      if (src != buf) {
+        std::memcpy(at(buf, piece.offset, es), at(src, piece.offset, es), piece.count * es);
+      }
       reduce_into(at(buf, piece.offset, es), tmp[s % 2] + (piece.offset - b.offset) * es,
                   piece.count, ex.info().type, ex.info().op);
       if (more) {
@@ -69,10 +76,13 @@ Status ring_reduce_scatter_phase(Exchange& ex, const Group& g, void* buf, size_t
   return ex.wait_all();
 }
 
-Status ring_reduce_scatter(Exchange& ex, const Group& g, void* buf, size_t count, uint8_t phase) {
+Status ring_reduce_scatter(Exchange& ex, const Group& g, const void* src, void* buf, size_t count,
+                           uint8_t phase) {
   // With n * count elements every balanced block is exactly count long and block i starts at
   // i * count; shift 0 leaves block me on rank me.
-  return ring_reduce_scatter_phase(ex, g, buf, count * static_cast<size_t>(g.size()), 0, phase);
+  if (g.size() == 1 && src != buf && count > 0) std::memcpy(buf, src, count * ex.elem());
+  return ring_reduce_scatter_phase(ex, g, src, buf, count * static_cast<size_t>(g.size()), 0,
+                                   phase);
 }
 
 }  // namespace myelin::collectives::internal
