@@ -136,7 +136,11 @@ TEST(TrainJob, AKilledWorkerFailsTheJobWithinItsTimeout) {
   ASSERT_TRUE(killed) << out;
   ASSERT_TRUE(WIFEXITED(status));
   EXPECT_NE(WEXITSTATUS(status), 0) << out;
-  EXPECT_NE(out.find("exited with status 137"), std::string::npos) << out;
+  // Either the launcher reaps the killed worker first (137), or a survivor that already turned
+  // the death into peer_failed exits first; both must be reported.
+  EXPECT_TRUE(out.find("exited with status 137") != std::string::npos ||
+              out.find("peer_failed") != std::string::npos)
+      << out;
   EXPECT_LT(seconds, 60.0) << "the survivors did not stop within their timeout\n" << out;
 }
 
