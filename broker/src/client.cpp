@@ -672,7 +672,7 @@ Result<uint64_t> Client::ps_pull(std::string_view key, uint64_t min_version, std
     return invalid_argument("pulled '", key, "' has ", w.payload.size() / sizeof(float),
                             " elements, the buffer ", out.size());
   }
-  std::memcpy(out.data(), w.payload.data(), w.payload.size());
+  if (!out.empty()) std::memcpy(out.data(), w.payload.data(), w.payload.size());
   return w.seq;
 }
 

@@ -700,7 +700,7 @@ bool Server::Impl::process_work(Conn& c, const AssembledMessage& m) {
         uint32_t worker;
         std::memcpy(&worker, payload.data(), 4);
         std::vector<float> v((payload.size() - 4) / sizeof(float));
-        std::memcpy(v.data(), payload.data() + 4, v.size() * sizeof(float));
+        if (!v.empty()) std::memcpy(v.data(), payload.data() + 4, v.size() * sizeof(float));
         s = h.seq == kPsInitStep ? ps->init_key(m.topic, std::move(v))
                                  : ps->push(worker, m.topic, v, h.seq);
       }

@@ -189,7 +189,7 @@ Status OutQueue::push(FrameHeader h, std::string_view topic, std::span<const std
     h.payload_len = static_cast<uint32_t>(payload.size());
     p.head.resize(kFrameHeaderSize + topic.size());
     encode_header(h, std::span<std::byte, kFrameHeaderSize>(p.head.data(), kFrameHeaderSize));
-    std::memcpy(p.head.data() + kFrameHeaderSize, topic.data(), topic.size());
+    if (!topic.empty()) std::memcpy(p.head.data() + kFrameHeaderSize, topic.data(), topic.size());
     if (!owner && !payload.empty()) {
       auto copy = std::make_shared<std::vector<std::byte>>(payload.begin(), payload.end());
       payload = std::span<const std::byte>(copy->data(), copy->size());
@@ -217,7 +217,8 @@ Status OutQueue::push(FrameHeader h, std::string_view topic, std::span<const std
     Piece p;
     p.head.resize(kFrameHeaderSize + t.size());
     encode_header(c, std::span<std::byte, kFrameHeaderSize>(p.head.data(), kFrameHeaderSize));
-    std::memcpy(p.head.data() + kFrameHeaderSize, t.data(), t.size());
+    // A continuation chunk has no topic, and an empty view may hold a null pointer.
+    if (!t.empty()) std::memcpy(p.head.data() + kFrameHeaderSize, t.data(), t.size());
     p.owner = owner;
     p.body = payload.subspan(off, n);
     add_piece(lane, std::move(p));
@@ -352,7 +353,7 @@ Result<size_t> RxBuffer::read_from(int fd) {
 
 void RxBuffer::append(std::span<const std::byte> bytes) {
   make_room(bytes.size());
-  std::memcpy(block_->data() + end_, bytes.data(), bytes.size());
+  if (!bytes.empty()) std::memcpy(block_->data() + end_, bytes.data(), bytes.size());
   end_ += bytes.size();
 }
 
