@@ -27,11 +27,13 @@ void fill(std::vector<uint8_t>& buf, uint64_t salt) {
 // Stamps the message index at both ends (as much of it as fits).
 void stamp(uint8_t* p, size_t size, uint64_t index) {
   const size_t n = std::min<size_t>(size, 8);
+  if (n == 0) return;  // a 0-byte message may have a null buffer
   std::memcpy(p, &index, n);
   if (size >= 16) std::memcpy(p + size - 8, &index, 8);
 }
 bool check_stamp(const uint8_t* p, size_t size, uint64_t index) {
   const size_t n = std::min<size_t>(size, 8);
+  if (n == 0) return true;  // nothing stamped; a 0-byte message may have a null buffer
   if (std::memcmp(p, &index, n) != 0) return false;
   return size < 16 || std::memcmp(p + size - 8, &index, 8) == 0;
 }
