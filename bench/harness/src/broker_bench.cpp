@@ -221,7 +221,7 @@ Result<PubSubResult> BrokerBench::pubsub(size_t size, const RunConfig& cfg) {
     samples.reserve(cfg.iters);
     Status failure;
     for (size_t i = 0; i < total && failure.ok(); ++i) {
-      std::memcpy(out.data(), &i, std::min<size_t>(size, 8));
+      if (size > 0) std::memcpy(out.data(), &i, std::min<size_t>(size, 8));
       const uint64_t t0 = CycleTimer::now();
       failure = c.publish(kPing, bytes_of(out, size), control_publish(m.o.timeout));
       if (!failure.ok()) break;
@@ -234,8 +234,8 @@ Result<PubSubResult> BrokerBench::pubsub(size_t size, const RunConfig& cfg) {
       if (i < cfg.warmup) continue;
       samples.push_back(CycleTimer::to_ns(t1 - t0) / 2000.0);
       const auto* got = reinterpret_cast<const uint8_t*>(pong->payload.data());
-      bool good =
-          pong->payload.size() == size && std::memcmp(got, &i, std::min<size_t>(size, 8)) == 0;
+      bool good = pong->payload.size() == size &&
+                  (size == 0 || std::memcmp(got, &i, std::min<size_t>(size, 8)) == 0);
       for (size_t k = 8; good && k < size; ++k) good = got[k] == out[k];
       if (!good) ++res.latency.wrong;
     }
