@@ -3,7 +3,6 @@
 #include <myelin/transport/context.hpp>
 
 #include <poll.h>
-#include <sched.h>
 #include <sys/epoll.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -38,10 +37,6 @@ struct Context::Impl {
   int epoll_fd = -1;  // over the backends' wait_fd(); made on the first blocking wait
   // Spin-then-block: the current spin budget (see drive()) and a count of waits.
   static constexpr uint32_t kSpinProbeEvery = 64;
-  // Busy poll: idle time after which each poll also offers the CPU (see drive()). Long enough
-  // that a ping-pong wait never reaches it; measured on a loaded 2-core host, 200 us kept the
-  // 64 B p50 and tripled 1 MiB busy-poll bandwidth, 20 us cost the latency 8x.
-  static constexpr int64_t kYieldAfterNs = 200'000;
   int64_t spin_ns = 0;
   uint32_t waits = 0;
 
@@ -150,22 +145,10 @@ struct Context::Impl {
   bool drive(Done&& done, Deadline deadline) {
     if (done()) return true;
     if (options.progress == ProgressMode::kBusyPoll) {
-      // Still a spinner, but one that offers the CPU (sched_yield, which returns at once when
-      // nothing else is runnable here) once nothing has happened for kYieldAfterNs: the peer or
-      // the kernel's deferred network softirq may need this very CPU to produce what we wait for.
-      int64_t idle_since = 0;
       for (uint32_t i = 0;; ++i) {
-        if (progress() != 0) idle_since = 0;
+        progress();
         if (done()) return true;
-        if ((i & 15) == 15) {
-          if (deadline.expired()) return false;
-          const int64_t now = monotonic_ns();
-          if (idle_since == 0) {
-            idle_since = now;
-          } else if (now - idle_since > kYieldAfterNs) {
-            sched_yield();
-          }
-        }
+        if ((i & 15) == 15 && deadline.expired()) return false;
       }
     }
     // Adaptive spin: spin_ns is the current budget, at most spin_before_block. A wait that the
