@@ -442,6 +442,12 @@ TEST(BrokerIntegration, RequestRetriesAreDeduplicatedAndDeadLettered) {
             "re:q1");
   EXPECT_GE(r->attempts, 2u);
   EXPECT_EQ(calls.load(), 1);  // retries did not run the handler again
+  // The server's I/O thread may read the retry only after its reply has reached the caller. A
+  // bounded poll: the counter has no fd to wait on.
+  for (const Deadline dd = Deadline::after_ms(5000);
+       server->stats().duplicate_requests < 1 && !dd.expired();) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
   EXPECT_GE(server->stats().duplicate_requests, 1u);
   auto dead = caller->request("svc/flaky", bytes("q2"),
                               {.attempt_timeout_ms = 500, .max_attempts = 10, .backoff_ms = 5});
