@@ -26,7 +26,7 @@ namespace myelin::transport::internal {
 // What every backend of one Context shares.
 struct ContextInfo {
   std::string name;     // "rank 3" or "pid 1234@host"
-  std::string node_id;  // hostname + boot id: equal on the same node (shm possible)
+  std::string node_id;  // transport::local_node_id(): hostname, boot id, network namespace
 };
 
 class BackendContext {
