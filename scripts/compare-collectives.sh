@@ -56,7 +56,7 @@ trap 'rm -f "$results"' EXIT
 cores=$(nproc)
 
 iters_for() {  # timed iterations by size (warm-up: a tenth, at least 2)
-  if [ "$1" -le 65536 ]; then echo 2000; elif [ "$1" -le 4194304 ]; then echo 100; else echo 10; fi
+  if [ "$1" -le 65536 ]; then echo 500; elif [ "$1" -le 4194304 ]; then echo 100; else echo 10; fi
 }
 
 # myelin-bench --json line -> RESULT line.
