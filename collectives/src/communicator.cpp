@@ -19,7 +19,8 @@ Communicator::~Communicator() = default;
 Result<std::unique_ptr<Communicator>> Communicator::create(const CommunicatorOptions& options) {
   if (options.context == nullptr) return invalid_argument("communicator needs a transport Context");
   if (options.store == nullptr) return invalid_argument("communicator needs a bootstrap Store");
-  if (options.size < 1) return invalid_argument("communicator size must be >= 1, got ", options.size);
+  if (options.size < 1)
+    return invalid_argument("communicator size must be >= 1, got ", options.size);
   if (options.rank < 0 || options.rank >= options.size) {
     return invalid_argument("rank ", options.rank, " outside [0, ", options.size, ")");
   }
@@ -28,8 +29,8 @@ Result<std::unique_ptr<Communicator>> Communicator::create(const CommunicatorOpt
                             " ms");
   }
   std::unique_ptr<Communicator> comm(new Communicator(options));
-  MYELIN_RETURN_IF_ERROR(comm->init().with_context(
-      ::myelin::internal::str_cat("creating the communicator of rank ", options.rank, " of ", options.size)));
+  MYELIN_RETURN_IF_ERROR(comm->init().with_context(::myelin::internal::str_cat(
+      "creating the communicator of rank ", options.rank, " of ", options.size)));
   return comm;
 }
 
@@ -92,7 +93,8 @@ Result<transport::Endpoint*> Communicator::peer(int rank, Deadline deadline) {
   }
   auto ep = options_.context->connect(std::span<const uint8_t>(*addr), deadline);
   if (!ep.ok()) {
-    return std::move(ep).status().with_context(::myelin::internal::str_cat("connecting to rank ", rank));
+    return std::move(ep).status().with_context(
+        ::myelin::internal::str_cat("connecting to rank ", rank));
   }
   slot = *ep;
   MYELIN_LOG_DEBUG << "rank " << rank_ << " connected to rank " << rank << " over "
