@@ -122,7 +122,12 @@ if [ -n "$libucs" ]; then
 fi
 for l in $( (for b in "${all[@]}" "$provider" "${ucx_modules[@]}"; do libs "$b"; done
             ls /lib/x86_64-linux-gnu/libgcc_s.so.1) | sort -u); do
-  mkdir -p "$root$(dirname "$l")"; cp -L "$l" "$root$l"
+  case "$l" in
+    /lib/*|/lib64/*|/usr/*) mkdir -p "$root$(dirname "$l")"; cp -L "$l" "$root$l" ;;
+    # The project's own libraries live in a build tree, which may sit under /tmp: the guest mounts
+    # a tmpfs there, so they go to /lib/myelin, which LD_LIBRARY_PATH names (before RUNPATH).
+    *) mkdir -p "$root/lib/myelin"; cp -L "$l" "$root/lib/myelin/" ;;
+  esac
 done
 cp -L /lib64/ld-linux-x86-64.so.2 "$root/lib64/"
 mkdir -p "$root$(dirname "$provider")"; cp "$provider" "$root$provider"
@@ -130,7 +135,7 @@ cp /etc/libibverbs.d/rxe.driver "$root/etc/libibverbs.d/"
 
 {
   echo '#!/bin/sh'
-  echo 'export PATH=/bin HOME=/tmp GTEST_COLOR=no'
+  echo 'export PATH=/bin HOME=/tmp GTEST_COLOR=no LD_LIBRARY_PATH=/lib/myelin'
   echo 'mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev'
   echo 'mount -t tmpfs tmp /tmp; mkdir -p /dev/shm; mount -t tmpfs shm /dev/shm'
   echo "for m in $order; do insmod /lib/modules/\$m.ko || echo \"RXEVM: insmod \$m failed\"; done"
