@@ -9,11 +9,16 @@ namespace myelin::transport {
 
 std::string_view backend_name(Backend b) noexcept {
   switch (b) {
-    case Backend::kAuto: return "auto";
-    case Backend::kShm: return "shm";
-    case Backend::kTcp: return "tcp";
-    case Backend::kUcx: return "ucx";
-    case Backend::kVerbs: return "verbs";
+    case Backend::kAuto:
+      return "auto";
+    case Backend::kShm:
+      return "shm";
+    case Backend::kTcp:
+      return "tcp";
+    case Backend::kUcx:
+      return "ucx";
+    case Backend::kVerbs:
+      return "verbs";
   }
   return "unknown";
 }

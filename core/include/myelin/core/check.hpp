@@ -44,21 +44,21 @@ std::string format_operands(const A& a, const B& b) {
 
 }  // namespace myelin::internal
 
-#define MYELIN_CHECK(cond)                        \
+#define MYELIN_CHECK(cond)                       \
   (__builtin_expect(static_cast<bool>(cond), 1)) \
-      ? (void)0                                   \
-      : ::myelin::internal::CheckVoidify() &      \
+      ? (void)0                                  \
+      : ::myelin::internal::CheckVoidify() &     \
             ::myelin::internal::CheckFailure(__FILE__, __LINE__, #cond).stream()
 
-#define MYELIN_CHECK_OP(a, b, op)                                                              \
-  for (bool myelin_check_ok_ = true; myelin_check_ok_; myelin_check_ok_ = false)                \
-    for (const auto& myelin_a_ = (a); myelin_check_ok_; myelin_check_ok_ = false)               \
-      for (const auto& myelin_b_ = (b); myelin_check_ok_; myelin_check_ok_ = false)             \
-        if (__builtin_expect(static_cast<bool>(myelin_a_ op myelin_b_), 1)) {                   \
-        } else                                                                                  \
-          ::myelin::internal::CheckFailure(__FILE__, __LINE__, #a " " #op " " #b,               \
-                                           ::myelin::internal::format_operands(myelin_a_,       \
-                                                                               myelin_b_))      \
+#define MYELIN_CHECK_OP(a, b, op)                                                   \
+  for (bool myelin_check_ok_ = true; myelin_check_ok_; myelin_check_ok_ = false)    \
+    for (const auto& myelin_a_ = (a); myelin_check_ok_; myelin_check_ok_ = false)   \
+      for (const auto& myelin_b_ = (b); myelin_check_ok_; myelin_check_ok_ = false) \
+        if (__builtin_expect(static_cast<bool>(myelin_a_ op myelin_b_), 1)) {       \
+        } else                                                                      \
+          ::myelin::internal::CheckFailure(                                         \
+              __FILE__, __LINE__, #a " " #op " " #b,                                \
+              ::myelin::internal::format_operands(myelin_a_, myelin_b_))            \
               .stream()
 
 #define MYELIN_CHECK_EQ(a, b) MYELIN_CHECK_OP(a, b, ==)

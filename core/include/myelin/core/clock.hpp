@@ -102,7 +102,9 @@ class CycleTimer {
   // Counter ticks per nanosecond (1.0 on the monotonic fallback). Calibrated on first call
   // (about 20 ms), then cached.
   static double ticks_per_ns() noexcept;
-  static double to_ns(uint64_t ticks) noexcept { return static_cast<double>(ticks) / ticks_per_ns(); }
+  static double to_ns(uint64_t ticks) noexcept {
+    return static_cast<double>(ticks) / ticks_per_ns();
+  }
   // True when the counter is an invariant TSC.
   static bool uses_tsc() noexcept;
 };

@@ -56,10 +56,10 @@ struct LogVoidify {
 }  // namespace internal
 }  // namespace myelin
 
-#define MYELIN_LOG(level)                                                    \
-  !::myelin::internal::log_enabled(::myelin::LogLevel::level)                \
-      ? (void)0                                                              \
-      : ::myelin::internal::LogVoidify() &                                   \
+#define MYELIN_LOG(level)                                     \
+  !::myelin::internal::log_enabled(::myelin::LogLevel::level) \
+      ? (void)0                                               \
+      : ::myelin::internal::LogVoidify() &                    \
             ::myelin::internal::LogLine(::myelin::LogLevel::level, __FILE__, __LINE__).stream()
 
 #define MYELIN_LOG_TRACE MYELIN_LOG(kTrace)
