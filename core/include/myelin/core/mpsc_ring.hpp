@@ -26,39 +26,12 @@
 namespace myelin {
 
 template <typename T>
-class MpscRing {
-  static_assert(std::is_trivially_copyable_v<T>, "ring elements are copied through shared memory");
+class MpscRing : public internal::SequencedRingBase<MpscRing<T>, T, RingKind::kMpsc> {
+  using Base = internal::SequencedRingBase<MpscRing<T>, T, RingKind::kMpsc>;
   using Slot = internal::SequencedSlot<T>;
-  using Shared = internal::SequencedRingShared;
+  friend Base;
 
  public:
-  using value_type = T;
-  static constexpr RingLayoutSpec kSpec = internal::sequenced_ring_spec<T>(RingKind::kMpsc);
-
-  static constexpr std::size_t bytes_for(std::size_t capacity) noexcept {
-    return sizeof(Shared) + capacity * sizeof(Slot);
-  }
-  static Result<MpscRing> create(std::size_t capacity, const RingOptions& options = {}) {
-    if (!is_power_of_two(capacity)) {
-      return invalid_argument("mpsc ring capacity ", capacity, " must be a power of two");
-    }
-    MYELIN_ASSIGN_OR_RETURN(NumaBuffer buffer, allocate_numa(bytes_for(capacity), options.memory));
-    MYELIN_ASSIGN_OR_RETURN(
-        MpscRing ring, format(buffer.data(), buffer.size(), capacity, options.initial_position));
-    ring.owned_ = std::move(buffer);
-    return ring;
-  }
-  static Result<MpscRing> format(void* region, std::size_t bytes, std::size_t capacity,
-                                 uint64_t initial_position = 0) {
-    MYELIN_RETURN_IF_ERROR(check_ring_region(region, bytes, capacity, kSpec));
-    return MpscRing(internal::format_sequenced_ring<T>(region, capacity, initial_position, kSpec),
-                    capacity);
-  }
-  static Result<MpscRing> attach(void* region, std::size_t bytes) {
-    MYELIN_ASSIGN_OR_RETURN(uint64_t capacity, validate_ring_header(region, bytes, kSpec));
-    return MpscRing(std::launder(static_cast<Shared*>(region)), capacity);
-  }
-
   MpscRing(MpscRing&&) noexcept = default;
   MpscRing& operator=(MpscRing&&) noexcept = default;
   MpscRing(const MpscRing&) = delete;
@@ -115,9 +88,6 @@ class MpscRing {
   }
 
   // ---- either side ----
-  [[nodiscard]] std::size_t capacity() const noexcept {
-    return static_cast<std::size_t>(capacity_);
-  }
   // Claimed positions minus consumed ones: includes claims not yet published, and up to
   // publish_batch() - 1 elements the consumer took since it last published its head (it does
   // every publish_batch() pops and whenever it finds the ring empty).
@@ -129,14 +99,14 @@ class MpscRing {
     return n > capacity_ ? 0 : static_cast<std::size_t>(n);
   }
   [[nodiscard]] bool empty_approx() const noexcept { return size_approx() == 0; }
-  [[nodiscard]] WaitWord& consumer_wait_word() const noexcept { return shared_->consumer_wait; }
-  [[nodiscard]] void* region() const noexcept { return shared_; }
 
  private:
-  MpscRing(Shared* shared, uint64_t capacity) noexcept
-      : shared_(shared),
-        slots_(reinterpret_cast<Slot*>(reinterpret_cast<std::byte*>(shared) + sizeof(Shared))),
-        capacity_(capacity),
+  using Base::capacity_;
+  using Base::shared_;
+
+  MpscRing(internal::SequencedRingShared* shared, uint64_t capacity) noexcept
+      : Base(shared, capacity),
+        slots_(reinterpret_cast<Slot*>(this->first_slot())),
         mask_(capacity - 1),
         publish_mask_(internal::publish_batch_for(capacity) - 1) {
     // Acquire: pairs with the release store of the consumer (or format()).
@@ -148,12 +118,9 @@ class MpscRing {
     shared_->head.store(h, std::memory_order_relaxed);
   }
 
-  Shared* shared_;
   Slot* slots_;
-  uint64_t capacity_;
   uint64_t mask_;
   uint64_t publish_mask_;
-  NumaBuffer owned_;
   alignas(kFalseSharingRange) uint64_t head_ = 0;  // consumer-private position
   uint64_t published_ = 0;                         // last head stored to shared memory
 };

@@ -54,6 +54,7 @@
 
 #include <myelin/core/cache_line.hpp>
 #include <myelin/core/check.hpp>
+#include <myelin/core/internal/spsc_lane.hpp>
 #include <myelin/core/numa_memory.hpp>
 #include <myelin/core/shm_segment.hpp>
 #include <myelin/core/status.hpp>
@@ -61,7 +62,7 @@
 
 namespace myelin {
 
-class RecordRing {
+class RecordRing : public internal::RingMemory<RecordRing> {
   struct alignas(kFalseSharingRange) Shared {
     RingLayoutHeader layout;
     uint64_t salt;                                           // read-only after format()
@@ -117,17 +118,6 @@ class RecordRing {
     return sizeof(Shared) + capacity;
   }
 
-  static Result<RecordRing> create(std::size_t capacity, const RingOptions& options = {}) {
-    if (!is_power_of_two(capacity) || capacity < kMinCapacity) {
-      return invalid_argument("record ring capacity ", capacity,
-                              " must be a power of two >= ", kMinCapacity);
-    }
-    MYELIN_ASSIGN_OR_RETURN(NumaBuffer buffer, allocate_numa(bytes_for(capacity), options.memory));
-    MYELIN_ASSIGN_OR_RETURN(
-        RecordRing ring, format(buffer.data(), buffer.size(), capacity, options.initial_position));
-    ring.owned_ = std::move(buffer);
-    return ring;
-  }
   static Result<RecordRing> format(void* region, std::size_t bytes, std::size_t capacity,
                                    uint64_t initial_position = 0) {
     MYELIN_RETURN_IF_ERROR(check_ring_region(region, bytes, capacity, kSpec));
@@ -355,7 +345,6 @@ class RecordRing {
   uint64_t capacity_;
   uint64_t mask_;
   uint64_t salt_;
-  NumaBuffer owned_;
   struct alignas(kFalseSharingRange) Producer {
     uint64_t claim = 0;       // next position to claim
     uint64_t published = 0;   // end of the last record stamped

@@ -42,7 +42,6 @@
 #pragma once
 
 #include <atomic>
-#include <bit>
 #include <cstddef>
 #include <cstdint>
 #include <new>
@@ -50,6 +49,7 @@
 #include <utility>
 
 #include <myelin/core/cache_line.hpp>
+#include <myelin/core/internal/spsc_lane.hpp>
 #include <myelin/core/numa_memory.hpp>
 #include <myelin/core/shm_segment.hpp>
 #include <myelin/core/status.hpp>
@@ -58,41 +58,18 @@
 namespace myelin {
 namespace internal {
 
-// Slot alignment: the next power of two of the slot's size up to one cache line, so slots pack a
-// line without straddling two; larger slots start on a line.
-template <typename T>
-constexpr std::size_t sequenced_slot_align() {
-  const std::size_t raw = align_up(sizeof(uint64_t) + sizeof(T), alignof(T) > 8 ? alignof(T) : 8);
-  const std::size_t a = raw >= kCacheLine ? kCacheLine : std::bit_ceil(raw);
-  return a > alignof(T) ? a : alignof(T);
-}
-
-// A position that orders nothing (SpscRing's tail, MpscRing's head: the slots carry the data) is
-// published to shared memory every this many operations, and whenever its side finds the ring
-// full (empty): a power of two, at most a quarter of the ring.
-constexpr uint64_t publish_batch_for(uint64_t capacity) noexcept {
-  const uint64_t quarter = capacity / 4;
-  return quarter >= 64 ? 64 : (quarter == 0 ? 1 : quarter);
-}
-
-// A slot whose sequence number says which lap it holds (see the protocol in spsc_ring.hpp).
-template <typename T>
-struct alignas(sequenced_slot_align<T>()) SequencedSlot {
-  std::atomic<uint64_t> seq;
-  T value;
-};
-
-// The cache lines before the slots of SpscRing and MpscRing.
-struct alignas(kCacheLine) SequencedRingShared {
+// The cache lines before the slots of SpscRing and MpscRing; fields written by different sides
+// are kFalseSharingRange apart.
+struct alignas(kFalseSharingRange) SequencedRingShared {
   RingLayoutHeader layout;
-  alignas(kCacheLine) std::atomic<uint64_t> head;  // consumer position
-  alignas(kCacheLine) std::atomic<uint64_t> tail;  // producer position
-  WaitWord consumer_wait;
+  alignas(kFalseSharingRange) std::atomic<uint64_t> head;  // consumer position
+  alignas(kFalseSharingRange) std::atomic<uint64_t> tail;  // producer position
+  alignas(kFalseSharingRange) WaitWord consumer_wait;
 };
-static_assert(offsetof(SequencedRingShared, head) == 64 &&
-              offsetof(SequencedRingShared, tail) == 128 &&
-              offsetof(SequencedRingShared, consumer_wait) == 192 &&
-              sizeof(SequencedRingShared) == 256);
+static_assert(offsetof(SequencedRingShared, head) == 128 &&
+              offsetof(SequencedRingShared, tail) == 256 &&
+              offsetof(SequencedRingShared, consumer_wait) == 384 &&
+              sizeof(SequencedRingShared) == 512);
 
 template <typename T>
 constexpr RingLayoutSpec sequenced_ring_spec(RingKind kind) {
@@ -109,212 +86,102 @@ constexpr RingLayoutSpec sequenced_ring_spec(RingKind kind) {
       1};
 }
 
-// Lays the shared lines and the slots of a sequenced ring over `region`; every slot starts "free
-// for the first lap": seq == the first position >= initial that maps to it.
-template <typename T>
-SequencedRingShared* format_sequenced_ring(void* region, uint64_t capacity, uint64_t initial,
-                                           const RingLayoutSpec& spec) {
-  auto* shared = new (region) SequencedRingShared;
-  write_ring_header(&shared->layout, capacity, spec);
-  shared->head.store(initial, std::memory_order_relaxed);
-  shared->tail.store(initial, std::memory_order_relaxed);
-  auto* slots = reinterpret_cast<SequencedSlot<T>*>(static_cast<std::byte*>(region) +
-                                                    sizeof(SequencedRingShared));
-  const uint64_t mask = capacity - 1;
-  for (uint64_t i = 0; i < capacity; ++i) {
-    auto* slot = new (&slots[i]) SequencedSlot<T>;
-    slot->seq.store(initial + ((i - initial) & mask), std::memory_order_relaxed);
+// What SpscRing and MpscRing share: the layout (header lines, then SequencedSlot<T>[capacity]),
+// create() / format() / attach() and the queries that need no protocol. Ring is constructed from
+// (SequencedRingShared*, capacity) and befriends this class.
+template <typename Ring, typename T, RingKind kKind>
+class SequencedRingBase : public RingMemory<Ring> {
+ public:
+  using value_type = T;
+  static constexpr RingLayoutSpec kSpec = sequenced_ring_spec<T>(kKind);
+
+  // Bytes a region must have for `capacity` elements.
+  static constexpr std::size_t bytes_for(std::size_t capacity) noexcept {
+    return sizeof(SequencedRingShared) + capacity * sizeof(SequencedSlot<T>);
   }
-  publish_ring_header(&shared->layout);  // release: orders all of the above before `ready`
-  return shared;
-}
+  // Initialises a ring in `region` (aligned to 128 bytes, >= bytes_for(capacity) bytes), every
+  // slot "free for the first lap". The other side attaches only after this returned.
+  static Result<Ring> format(void* region, std::size_t bytes, std::size_t capacity,
+                             uint64_t initial_position = 0) {
+    MYELIN_RETURN_IF_ERROR(check_ring_region(region, bytes, capacity, kSpec));
+    auto* shared = new (region) SequencedRingShared;
+    write_ring_header(&shared->layout, capacity, kSpec);
+    shared->head.store(initial_position, std::memory_order_relaxed);
+    shared->tail.store(initial_position, std::memory_order_relaxed);
+    format_lane_slots<SequencedSlot<T>, sizeof(SequencedSlot<T>)>(
+        static_cast<std::byte*>(region) + sizeof(SequencedRingShared), capacity, initial_position);
+    publish_ring_header(&shared->layout);  // release: orders all of the above before `ready`
+    return Ring(shared, capacity);
+  }
+  // Uses a ring another process (or thread) formatted in `region`, after validating its header.
+  static Result<Ring> attach(void* region, std::size_t bytes) {
+    MYELIN_ASSIGN_OR_RETURN(uint64_t capacity, validate_ring_header(region, bytes, kSpec));
+    return Ring(std::launder(static_cast<SequencedRingShared*>(region)), capacity);
+  }
+
+  [[nodiscard]] std::size_t capacity() const noexcept {
+    return static_cast<std::size_t>(capacity_);
+  }
+  // The consumer's wait word, for a Waiter (consumer waits, producer notifies).
+  [[nodiscard]] WaitWord& consumer_wait_word() const noexcept { return shared_->consumer_wait; }
+  // The region's start (what was formatted or attached).
+  [[nodiscard]] void* region() const noexcept { return shared_; }
+
+ protected:
+  SequencedRingBase(SequencedRingShared* shared, uint64_t capacity) noexcept
+      : shared_(shared), capacity_(capacity) {}
+  std::byte* first_slot() const noexcept {
+    return reinterpret_cast<std::byte*>(shared_) + sizeof(SequencedRingShared);
+  }
+
+  SequencedRingShared* shared_;
+  uint64_t capacity_;
+};
 
 }  // namespace internal
 
 template <typename T>
-class SpscRing {
-  static_assert(std::is_trivially_copyable_v<T>, "ring elements are copied through shared memory");
+class SpscRing : public internal::SequencedRingBase<SpscRing<T>, T, RingKind::kSpsc> {
+  using Base = internal::SequencedRingBase<SpscRing<T>, T, RingKind::kSpsc>;
   using Slot = internal::SequencedSlot<T>;
-  using Shared = internal::SequencedRingShared;
+  friend Base;
 
  public:
-  using value_type = T;
-  static constexpr RingLayoutSpec kSpec = internal::sequenced_ring_spec<T>(RingKind::kSpsc);
-
-  // Bytes a region must have for `capacity` elements.
-  static constexpr std::size_t bytes_for(std::size_t capacity) noexcept {
-    return sizeof(Shared) + capacity * sizeof(Slot);
-  }
-
-  // A ring owning NUMA-placed memory. capacity: a power of two.
-  static Result<SpscRing> create(std::size_t capacity, const RingOptions& options = {}) {
-    if (!is_power_of_two(capacity)) {
-      return invalid_argument("spsc ring capacity ", capacity, " must be a power of two");
-    }
-    MYELIN_ASSIGN_OR_RETURN(NumaBuffer buffer, allocate_numa(bytes_for(capacity), options.memory));
-    MYELIN_ASSIGN_OR_RETURN(
-        SpscRing ring, format(buffer.data(), buffer.size(), capacity, options.initial_position));
-    ring.owned_ = std::move(buffer);
-    return ring;
-  }
-  // Initialises a ring in `region` (aligned to 128 bytes, >= bytes_for(capacity) bytes). The
-  // other side attaches only after this returned.
-  static Result<SpscRing> format(void* region, std::size_t bytes, std::size_t capacity,
-                                 uint64_t initial_position = 0) {
-    MYELIN_RETURN_IF_ERROR(check_ring_region(region, bytes, capacity, kSpec));
-    return SpscRing(internal::format_sequenced_ring<T>(region, capacity, initial_position, kSpec),
-                    capacity);
-  }
-  // Uses a ring another process (or thread) formatted in `region`.
-  static Result<SpscRing> attach(void* region, std::size_t bytes) {
-    MYELIN_ASSIGN_OR_RETURN(uint64_t capacity, validate_ring_header(region, bytes, kSpec));
-    return SpscRing(std::launder(static_cast<Shared*>(region)), capacity);
-  }
-
   SpscRing(SpscRing&&) noexcept = default;
   SpscRing& operator=(SpscRing&&) noexcept = default;
   SpscRing(const SpscRing&) = delete;
   SpscRing& operator=(const SpscRing&) = delete;
 
   // ---- producer ----
-  [[nodiscard]] bool try_push(const T& value) noexcept {
-    const uint64_t t = producer_.tail;
-    if (t - producer_.head_cache >= capacity_) {
-      // Pairs with the consumer's release store of head after it copied the value out.
-      producer_.head_cache = shared_->head.load(std::memory_order_acquire);
-      if (t - producer_.head_cache >= capacity_) {
-        publish_tail(t);
-        return false;
-      }
-    }
-    Slot& slot = slots_[t & mask_];
-    slot.value = value;
-    // Pairs with the consumer's acquire load of seq in try_pop(): the value is visible.
-    slot.seq.store(t + 1, std::memory_order_release);
-    producer_.tail = t + 1;
-    if (((t + 1) & publish_mask_) == 0) publish_tail(t + 1);
-    return true;
-  }
+  // False when the ring is full (back-pressure).
+  [[nodiscard]] bool try_push(const T& value) noexcept { return lane_.try_push(value); }
   // Pushes up to n values in order; returns how many (0 when full).
   [[nodiscard]] std::size_t try_push_n(const T* values, std::size_t n) noexcept {
-    const uint64_t t = producer_.tail;
-    uint64_t free = capacity_ - (t - producer_.head_cache);
-    if (free < n) {
-      // Pairs with the consumer's release store of head.
-      producer_.head_cache = shared_->head.load(std::memory_order_acquire);
-      free = capacity_ - (t - producer_.head_cache);
-    }
-    const std::size_t count = n < free ? n : static_cast<std::size_t>(free);
-    for (std::size_t i = 0; i < count; ++i) {
-      Slot& slot = slots_[(t + i) & mask_];
-      slot.value = values[i];
-      // Pairs with the consumer's acquire load of seq.
-      slot.seq.store(t + i + 1, std::memory_order_release);
-    }
-    producer_.tail = t + count;
-    publish_tail(t + count);
-    return count;
+    return lane_.try_push_n(values, n);
   }
 
   // ---- consumer ----
-  [[nodiscard]] bool try_pop(T& out) noexcept {
-    const uint64_t h = consumer_.head;
-    Slot& slot = slots_[h & mask_];
-    // Pairs with the producer's release store of seq in try_push().
-    if (slot.seq.load(std::memory_order_acquire) != h + 1) return false;
-    out = slot.value;
-    consumer_.head = h + 1;
-    // Pairs with the producer's acquire load of head: the slot may be overwritten now.
-    shared_->head.store(h + 1, std::memory_order_release);
-    return true;
-  }
+  // False when the ring is empty.
+  [[nodiscard]] bool try_pop(T& out) noexcept { return lane_.try_pop(out); }
   // Pops up to n values in order into out; returns how many. Releases the slots once.
   [[nodiscard]] std::size_t try_pop_n(T* out, std::size_t n) noexcept {
-    const uint64_t h = consumer_.head;
-    std::size_t count = 0;
-    while (count < n) {
-      Slot& slot = slots_[(h + count) & mask_];
-      // Pairs with the producer's release store of seq.
-      if (slot.seq.load(std::memory_order_acquire) != h + count + 1) break;
-      out[count] = slot.value;
-      ++count;
-    }
-    if (count != 0) {
-      consumer_.head = h + count;
-      // Pairs with the producer's acquire load of head.
-      shared_->head.store(h + count, std::memory_order_release);
-    }
-    return count;
+    return lane_.try_pop_n(out, n);
   }
 
   // ---- either side ----
-  [[nodiscard]] std::size_t capacity() const noexcept {
-    return static_cast<std::size_t>(capacity_);
-  }
   // A snapshot; it may miss up to publish_batch() - 1 of the latest pushes.
-  [[nodiscard]] std::size_t size_approx() const noexcept {
-    // Relaxed: an estimate; head first so the difference never goes negative through reordering
-    // of our own loads (tail only grows).
-    const uint64_t h = shared_->head.load(std::memory_order_relaxed);
-    const uint64_t t = shared_->tail.load(std::memory_order_relaxed);
-    const uint64_t n = t - h;
-    return n > capacity_ ? 0 : static_cast<std::size_t>(n);
-  }
+  [[nodiscard]] std::size_t size_approx() const noexcept { return lane_.size_approx(); }
   // Whether the slot at the consumer's position is still unfilled; exact when the consumer is
   // not popping concurrently.
-  [[nodiscard]] bool empty_approx() const noexcept {
-    // Relaxed: a hint; nothing is read through it.
-    const uint64_t h = shared_->head.load(std::memory_order_relaxed);
-    return slots_[h & mask_].seq.load(std::memory_order_relaxed) != h + 1;
-  }
+  [[nodiscard]] bool empty_approx() const noexcept { return lane_.empty_approx(); }
   // How many pushes may pass between two stores of the shared tail.
-  [[nodiscard]] std::size_t publish_batch() const noexcept { return publish_mask_ + 1; }
-  // The consumer's wait word, for a Waiter (consumer waits, producer notifies).
-  [[nodiscard]] WaitWord& consumer_wait_word() const noexcept { return shared_->consumer_wait; }
-  // The region's start (what was formatted or attached).
-  [[nodiscard]] void* region() const noexcept { return shared_; }
+  [[nodiscard]] std::size_t publish_batch() const noexcept { return lane_.publish_batch(); }
 
  private:
-  SpscRing(Shared* shared, uint64_t capacity) noexcept
-      : shared_(shared),
-        slots_(reinterpret_cast<Slot*>(reinterpret_cast<std::byte*>(shared) + sizeof(Shared))),
-        capacity_(capacity),
-        mask_(capacity - 1),
-        publish_mask_(internal::publish_batch_for(capacity) - 1) {
-    // Acquire: pairs with the release stores of the other side (or of format()). The shared tail
-    // may trail the last push (it is published lazily): a producer resumes after the last slot
-    // that holds an element for its own position.
-    uint64_t t = shared->tail.load(std::memory_order_acquire);
-    for (uint64_t i = 0; i < capacity; ++i) {
-      // Pairs with the release store of seq in try_push().
-      if (slots_[t & mask_].seq.load(std::memory_order_acquire) != t + 1) break;
-      ++t;
-    }
-    producer_.tail = t;
-    producer_.head_cache = shared->head.load(std::memory_order_acquire);
-    consumer_.head = producer_.head_cache;
-  }
+  SpscRing(internal::SequencedRingShared* shared, uint64_t capacity) noexcept
+      : Base(shared, capacity), lane_(this->first_slot(), &shared->head, &shared->tail, capacity) {}
 
-  void publish_tail(uint64_t t) noexcept {
-    // Relaxed: read by size_approx() only; data is published through the slots' seq.
-    shared_->tail.store(t, std::memory_order_relaxed);
-  }
-
-  // Read-only after construction: shared by both sides without false sharing.
-  Shared* shared_;
-  Slot* slots_;
-  uint64_t capacity_;
-  uint64_t mask_;
-  uint64_t publish_mask_;
-  NumaBuffer owned_;  // empty when laid over a caller's region
-  // Each side's private state in its own pair of cache lines (see kFalseSharingRange).
-  struct alignas(kFalseSharingRange) Producer {
-    uint64_t tail = 0;
-    uint64_t head_cache = 0;
-  } producer_;
-  struct alignas(kFalseSharingRange) Consumer {
-    uint64_t head = 0;
-  } consumer_;
+  internal::SpscLane<T, Slot, sizeof(Slot)> lane_;
 };
 
 }  // namespace myelin
