@@ -1,6 +1,8 @@
 // Ring benchmarks, peers side by side in one binary, threads pinned to two CPUs:
 //   BM_Throughput<Queue>   64-bit items, one producer thread -> the measured consumer thread
 //   BM_PingPong<Queue>     round trip of one item through two rings (there and back)
+//   BM_DuplexPingPong      the same through a DuplexRing: two SPSC rings, one per direction,
+//                          whose slot i share a cache line
 //   BM_RawPingPong         the floor: one cache line written in turn by the two CPUs
 //   BM_TwoLinePingPong     the floor for one channel per direction: two lines, one writer each
 //   BM_RecordRing          64 B and 1 KiB records, claim/commit per record or per batch of 16
@@ -10,6 +12,7 @@
 //
 //   build/rings/bench/rings/bench_rings --benchmark_repetitions=5
 //       --benchmark_enable_random_interleaving=true --benchmark_report_aggregates_only=true
+#include <myelin/core/duplex_ring.hpp>
 #include <myelin/core/mpsc_ring.hpp>
 #include <myelin/core/numa_memory.hpp>
 #include <myelin/core/record_ring.hpp>
@@ -159,6 +162,51 @@ void BM_PingPong(benchmark::State& state) {
 BENCHMARK(BM_PingPong<OurSpsc>)->Name("PingPong_rtt/myelin")->UseRealTime();
 BENCHMARK(BM_PingPong<BoostSpsc>)->Name("PingPong_rtt/boost_spsc_queue")->UseRealTime();
 BENCHMARK(BM_PingPong<MoodycamelRwq>)->Name("PingPong_rtt/moodycamel_rwq")->UseRealTime();
+
+// The same round trip through a DuplexRing: the forward ring carries the item there, the backward
+// ring carries item + 1 back; each is an SPSC ring with its own positions, and slot i of both
+// share a cache line. range(0): positions per direction.
+void BM_DuplexPingPong(benchmark::State& state) {
+  auto ring = DuplexRing<uint64_t>::create(static_cast<std::size_t>(state.range(0)));
+  if (!ring.ok()) {
+    state.SkipWithError(ring.status().to_string().c_str());
+    return;
+  }
+  constexpr uint64_t kStop = ~uint64_t{0};
+  if (!pin(&state, cpus().consumer)) return;
+  std::thread echo([&] {
+    pin(nullptr, cpus().producer);
+    for (;;) {
+      uint64_t v;
+      while (!ring->forward().try_pop(v)) {
+      }
+      if (v == kStop) return;
+      while (!ring->backward().try_push(v + 1)) {
+      }
+    }
+  });
+  uint64_t i = 0, errors = 0;
+  for (auto _ : state) {
+    while (!ring->forward().try_push(i)) {
+    }
+    uint64_t v;
+    while (!ring->backward().try_pop(v)) {
+    }
+    errors += v != i + 1;
+    ++i;
+  }
+  while (!ring->forward().try_push(kStop)) {
+  }
+  echo.join();
+  if (errors != 0) state.SkipWithError("wrong echo");
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_DuplexPingPong)
+    ->Name("PingPong_rtt/myelin_duplex")
+    ->ArgName("capacity")
+    ->Arg(kCapacity)
+    ->Arg(8)
+    ->UseRealTime();
 
 // The physical floor: one line, written by each CPU in turn.
 void BM_RawPingPong(benchmark::State& state) {

@@ -129,6 +129,8 @@ std::string_view ring_kind_name(RingKind kind) noexcept {
       return "mpsc ring";
     case RingKind::kRecord:
       return "record ring";
+    case RingKind::kDuplex:
+      return "duplex ring";
   }
   return "unknown ring";
 }

@@ -1,5 +1,6 @@
 // Threads racing on the rings and the waiter, with every element's sequence number and a checksum
 // verified. Labelled `concurrency`: CI runs these under ThreadSanitizer.
+#include <myelin/core/duplex_ring.hpp>
 #include <myelin/core/mpsc_ring.hpp>
 #include <myelin/core/record_ring.hpp>
 #include <myelin/core/spsc_ring.hpp>
@@ -99,6 +100,92 @@ TEST(RingStress, SpscSequenceAndChecksum) {
   EXPECT_EQ(got_sum, sent_sum);
   Item extra;
   EXPECT_FALSE(ring->try_pop(extra));
+}
+
+// Both directions of a DuplexRing stream at once, out of step with each other (they share cache
+// lines, never slots): each side pushes its own sequence while popping the other's.
+TEST(RingStress, DuplexBothDirectionsAtOnce) {
+  const uint64_t n = 1'000'000 / kScale;
+  auto ring = DuplexRing<Item>::create(32, {.initial_position = kNearWrap});
+  ASSERT_TRUE(ring.ok()) << ring.status();
+  // One side's loop: pushes n items into `out` while popping n from `in`.
+  auto side = [n](auto& out, auto& in, uint64_t& got_sum, bool& in_order) {
+    uint64_t sent = 0, got = 0;
+    Backoff b;
+    std::array<Item, 4> batch;
+    while (sent < n || got < n) {
+      bool progress = false;
+      if (sent < n) {
+        if (sent % 5 == 0 && sent + batch.size() <= n) {
+          for (uint64_t k = 0; k < batch.size(); ++k) batch[k] = {sent + k, mix(sent + k)};
+          const std::size_t pushed = out.try_push_n(batch.data(), batch.size());
+          sent += pushed;
+          progress |= pushed != 0;
+        } else if (out.try_push(Item{sent, mix(sent)})) {
+          ++sent;
+          progress = true;
+        }
+      }
+      Item it{};
+      if (got < n && in.try_pop(it)) {
+        in_order &= it.seq == got && it.payload == mix(got);
+        got_sum += it.payload;
+        ++got;
+        progress = true;
+      }
+      if (progress) {
+        b.reset();
+      } else {
+        b.pause();
+      }
+    }
+  };
+  uint64_t a_sum = 0, b_sum = 0;
+  bool a_order = true, b_order = true;
+  std::thread side_b([&] { side(ring->backward(), ring->forward(), b_sum, b_order); });
+  side(ring->forward(), ring->backward(), a_sum, a_order);
+  side_b.join();
+  uint64_t expected = 0;
+  for (uint64_t i = 0; i < n; ++i) expected += mix(i);
+  EXPECT_TRUE(a_order);
+  EXPECT_TRUE(b_order);
+  EXPECT_EQ(a_sum, expected);
+  EXPECT_EQ(b_sum, expected);
+  Item extra;
+  EXPECT_FALSE(ring->forward().try_pop(extra));
+  EXPECT_FALSE(ring->backward().try_pop(extra));
+}
+
+// The pattern the duplex layout is for: each request answered before the next is sent, the reply
+// written into the line the request arrived in.
+TEST(RingStress, DuplexRequestResponse) {
+  const uint64_t n = 500'000 / kScale;
+  auto ring = DuplexRing<Item, uint64_t>::create(4, {.initial_position = kNearWrap});
+  ASSERT_TRUE(ring.ok()) << ring.status();
+  std::thread responder([&] {
+    Backoff b;
+    for (uint64_t i = 0; i < n; ++i) {
+      Item req{};
+      while (!ring->forward().try_pop(req)) b.pause();
+      b.reset();
+      // A torn or stale request shows in the reply, which the initiator checks.
+      const uint64_t reply = req.payload == mix(req.seq) ? req.seq + 1 : 0;
+      while (!ring->backward().try_push(reply)) b.pause();
+      b.reset();
+    }
+  });
+  bool ok = true;
+  Backoff b;
+  for (uint64_t i = 0; i < n; ++i) {
+    while (!ring->forward().try_push(Item{i, mix(i)})) b.pause();
+    b.reset();
+    uint64_t reply = 0;
+    while (!ring->backward().try_pop(reply)) b.pause();
+    b.reset();
+    ok &= reply == i + 1;
+  }
+  responder.join();
+  EXPECT_TRUE(ok);
 }
 
 TEST(RingStress, MpscPerProducerOrderAndChecksum) {

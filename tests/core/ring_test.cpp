@@ -1,5 +1,6 @@
-// Single-threaded behaviour of the three rings: edges, wrap-around of the 64-bit positions, claim
+// Single-threaded behaviour of the rings: edges, wrap-around of the 64-bit positions, claim
 // and abort, and refusal of foreign or incompatible regions.
+#include <myelin/core/duplex_ring.hpp>
 #include <myelin/core/mpsc_ring.hpp>
 #include <myelin/core/record_ring.hpp>
 #include <myelin/core/spsc_ring.hpp>
@@ -141,6 +142,152 @@ TEST(SpscRing, ReattachedProducerContinuesAfterTheLastElement) {
   }
   uint64_t v;
   EXPECT_FALSE(consumer->try_pop(v));
+}
+
+// ---- DuplexRing ----
+
+TEST(DuplexRing, SlotsOfOnePositionShareACacheLine) {
+  using Ring = DuplexRing<uint64_t>;
+  EXPECT_EQ(Ring::positions_per_line(), 2u);              // {seq, value} x 2 directions = 32 bytes
+  EXPECT_EQ(DuplexRing<Wide>::positions_per_line(), 1u);  // 32 + 32 bytes: one line
+  auto ring = Ring::create(8);
+  ASSERT_TRUE(ring.ok()) << ring.status();
+  auto* cells = static_cast<std::byte*>(ring->region()) + (Ring::bytes_for(8) - 8 * 32);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(cells) % kCacheLine, 0u);
+  // Find where each direction's value for position 0 landed by pushing distinct values.
+  ASSERT_TRUE(ring->forward().try_push(0x1111111111111111));
+  ASSERT_TRUE(ring->backward().try_push(0x2222222222222222));
+  std::size_t forward_at = 0, backward_at = 0;
+  for (std::size_t off = 0; off + 8 <= kCacheLine; off += 8) {
+    uint64_t v;
+    std::memcpy(&v, cells + off, 8);
+    if (v == 0x1111111111111111) forward_at = off;
+    if (v == 0x2222222222222222) backward_at = off;
+  }
+  EXPECT_NE(forward_at, 0u);
+  EXPECT_NE(backward_at, 0u);
+  EXPECT_EQ(forward_at / kCacheLine, backward_at / kCacheLine);
+}
+
+TEST(DuplexRing, EachDirectionIsAnSpscRingWithItsOwnEdges) {
+  auto ring = DuplexRing<uint64_t, Wide>::create(4);
+  ASSERT_TRUE(ring.ok()) << ring.status();
+  EXPECT_EQ(ring->capacity(), 4u);
+  uint64_t v = 0;
+  Wide w{};
+  EXPECT_FALSE(ring->forward().try_pop(v));
+  EXPECT_FALSE(ring->backward().try_pop(w));
+  EXPECT_TRUE(ring->forward().empty_approx());
+  for (uint64_t i = 0; i < 4; ++i) ASSERT_TRUE(ring->forward().try_push(i));
+  EXPECT_FALSE(ring->forward().try_push(99)) << "a full direction must refuse, not overwrite";
+  // The other direction is unaffected by a full forward ring.
+  for (uint64_t i = 0; i < 4; ++i) ASSERT_TRUE(ring->backward().try_push(Wide{i, i + 1, i + 2}));
+  EXPECT_FALSE(ring->backward().try_push(Wide{}));
+  EXPECT_EQ(ring->forward().size_approx(), 4u);
+  ASSERT_TRUE(ring->forward().try_pop(v));
+  EXPECT_EQ(v, 0u);
+  EXPECT_TRUE(ring->forward().try_push(4));
+  EXPECT_FALSE(ring->forward().try_push(5));
+  for (uint64_t i = 0; i < 4; ++i) {
+    ASSERT_TRUE(ring->backward().try_pop(w));
+    EXPECT_EQ(w.a, i);
+    EXPECT_EQ(w.c, i + 2);
+  }
+  EXPECT_FALSE(ring->backward().try_pop(w));
+  for (uint64_t i = 1; i <= 4; ++i) {
+    ASSERT_TRUE(ring->forward().try_pop(v));
+    EXPECT_EQ(v, i);
+  }
+  EXPECT_FALSE(ring->forward().try_pop(v));
+  EXPECT_EQ(ring->forward().size_approx(), 0u);
+}
+
+// Both directions start 40 short of 2^64 and run past it, out of step with each other.
+TEST(DuplexRing, WrapsPast64BitPositionsInBothDirections) {
+  auto ring = DuplexRing<uint64_t>::create(8, {.initial_position = kMax - 40});
+  ASSERT_TRUE(ring.ok()) << ring.status();
+  uint64_t fwd_push = 0, fwd_pop = 0, bwd_push = 0, bwd_pop = 0, v = 0;
+  for (int round = 0; round < 300; ++round) {
+    while (ring->forward().try_push(fwd_push)) ++fwd_push;
+    ASSERT_EQ(fwd_push - fwd_pop, 8u);
+    for (int i = 0; i < 1 + round % 8; ++i) {
+      ASSERT_TRUE(ring->forward().try_pop(v));
+      ASSERT_EQ(v, fwd_pop++);
+    }
+    // The backward ring moves at its own pace: a request/response pattern (push one, pop one)
+    // with a batch now and then.
+    if (round % 5 == 0) {
+      std::array<uint64_t, 6> batch{};
+      for (uint64_t k = 0; k < batch.size(); ++k) batch[k] = bwd_push + k;
+      bwd_push += ring->backward().try_push_n(batch.data(), batch.size());
+      std::array<uint64_t, 6> out{};
+      const std::size_t n = ring->backward().try_pop_n(out.data(), out.size());
+      for (std::size_t k = 0; k < n; ++k) ASSERT_EQ(out[k], bwd_pop++);
+    } else {
+      ASSERT_TRUE(ring->backward().try_push(bwd_push++));
+      ASSERT_TRUE(ring->backward().try_pop(v));
+      ASSERT_EQ(v, bwd_pop++);
+    }
+  }
+  while (ring->forward().try_pop(v)) ASSERT_EQ(v, fwd_pop++);
+  EXPECT_EQ(fwd_pop, fwd_push);
+  EXPECT_EQ(bwd_pop, bwd_push);
+  EXPECT_GT(fwd_push, 1000u);
+  EXPECT_GT(bwd_push, 300u);
+}
+
+// Side A and side B each attach their own object to one region, as two processes would.
+TEST(DuplexRing, TwoSidesOverOneRegion) {
+  using Ring = DuplexRing<uint64_t, Wide>;
+  Region r(Ring::bytes_for(4));
+  auto a = Ring::format(r.mem, r.bytes, 4, kMax - 2);
+  ASSERT_TRUE(a.ok()) << a.status();
+  auto b = Ring::attach(r.mem, r.bytes);
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_EQ(b->capacity(), 4u);
+  for (uint64_t i = 0; i < 20; ++i) {
+    ASSERT_TRUE(a->forward().try_push(i * 3));
+    uint64_t req = 0;
+    ASSERT_TRUE(b->forward().try_pop(req));
+    EXPECT_EQ(req, i * 3);
+    ASSERT_TRUE(b->backward().try_push(Wide{req, req + 1, req + 2}));
+    Wide reply{};
+    ASSERT_TRUE(a->backward().try_pop(reply));
+    EXPECT_EQ(reply.b, i * 3 + 1);
+  }
+  // A side that re-attaches continues after the last element in each direction.
+  ASSERT_TRUE(a->forward().try_push(1000));
+  ASSERT_TRUE(b->backward().try_push(Wide{2000, 0, 0}));
+  auto a2 = Ring::attach(r.mem, r.bytes);
+  ASSERT_TRUE(a2.ok());
+  ASSERT_TRUE(a2->forward().try_push(1001));
+  uint64_t v = 0;
+  ASSERT_TRUE(b->forward().try_pop(v));
+  EXPECT_EQ(v, 1000u);
+  ASSERT_TRUE(b->forward().try_pop(v));
+  EXPECT_EQ(v, 1001u);
+  Wide w{};
+  ASSERT_TRUE(a2->backward().try_pop(w));
+  EXPECT_EQ(w.a, 2000u);
+}
+
+TEST(DuplexRing, RefusesOtherRingsAndOtherElementTypes) {
+  Region r(DuplexRing<uint64_t>::bytes_for(16) + 4096);
+  ASSERT_TRUE(SpscRing<uint64_t>::format(r.mem, r.bytes, 16).ok());
+  auto wrong_kind = DuplexRing<uint64_t>::attach(r.mem, r.bytes);
+  ASSERT_FALSE(wrong_kind.ok());
+  EXPECT_NE(wrong_kind.status().message().find("holds a spsc ring"), std::string::npos)
+      << wrong_kind.status();
+  ASSERT_TRUE(DuplexRing<uint64_t>::format(r.mem, r.bytes, 16).ok());
+  EXPECT_FALSE(SpscRing<uint64_t>::attach(r.mem, r.bytes).ok());
+  // Same cell size (32 bytes), other element layout: the layout check tells them apart.
+  auto other = DuplexRing<uint64_t, uint32_t>::attach(r.mem, r.bytes);
+  EXPECT_FALSE(other.ok());
+  auto small = DuplexRing<uint64_t>::attach(r.mem, DuplexRing<uint64_t>::bytes_for(16) - 1);
+  EXPECT_FALSE(small.ok());
+  EXPECT_EQ(DuplexRing<uint64_t>::create(6).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(DuplexRing<uint64_t>::format(r.mem + 64, r.bytes - 64, 16).status().code(),
+            StatusCode::kInvalidArgument);
 }
 
 TEST(RingAttach, RefusesForeignAndIncompatibleHeaders) {

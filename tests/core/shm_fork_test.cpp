@@ -1,6 +1,7 @@
 // The rings across real processes: forked producers write into a shared segment, the parent
 // consumes and verifies every sequence number and a checksum; a producer killed mid-stream is
 // reported as peer_failed instead of a hang. Labelled `integration`.
+#include <myelin/core/duplex_ring.hpp>
 #include <myelin/core/mpsc_ring.hpp>
 #include <myelin/core/record_ring.hpp>
 #include <myelin/core/shm_segment.hpp>
@@ -102,6 +103,57 @@ TEST(ShmFork, SpscAcrossProcesses) {
   }
   EXPECT_TRUE(in_order);
   EXPECT_EQ(sum, expected_sum);
+  EXPECT_EQ(wait_exit_code(child), 0);
+}
+
+// A request/response exchange through a DuplexRing in a shared segment: the child answers each
+// request with a reply derived from it; both sides sleep on their own wait word.
+TEST(ShmFork, DuplexRequestResponseAcrossProcesses) {
+  constexpr uint64_t kRequests = 100'000;
+  using Ring = DuplexRing<Item, Item>;
+  auto seg = ShmSegment::create_memfd("duplex-fork", Ring::bytes_for(64));
+  ASSERT_TRUE(seg.ok()) << seg.status();
+  auto ring = Ring::format(seg->data(), seg->data_size(), 64, kNearWrap);
+  ASSERT_TRUE(ring.ok()) << ring.status();
+  ASSERT_TRUE(seg->join("initiator").ok());
+
+  const pid_t child = spawn(*seg, "responder", [](ShmSegment& s) {
+    auto r = Ring::attach(s.data(), s.data_size());
+    if (!r.ok()) return 91;
+    Waiter requests(&r->forward_wait_word(), kWait);
+    requests.set_liveness_check([&] { return s.check_peers(); });
+    Waiter replies(&r->backward_wait_word(), kWait);
+    const Deadline deadline = Deadline::after_ms(60'000);
+    for (uint64_t i = 0; i < kRequests; ++i) {
+      Item req{};
+      if (!requests.wait([&] { return r->forward().try_pop(req); }, deadline).ok()) return 92;
+      if (req.seq != i || req.payload != mix(i)) return 93;
+      const Item reply{i, mix(i) ^ 0xffff};
+      if (!push_with_deadline([&] { return r->backward().try_push(reply); }, deadline)) return 94;
+      replies.notify();
+    }
+    return 0;
+  });
+  ASSERT_GT(child, 0);
+
+  Waiter replies(&ring->backward_wait_word(), kWait);
+  replies.set_liveness_check([&] { return seg->check_peers(); });
+  Waiter requests(&ring->forward_wait_word(), kWait);
+  bool in_order = true;
+  // Keep up to 8 requests in flight so both directions wrap and run out of step.
+  uint64_t sent = 0;
+  for (uint64_t i = 0; i < kRequests; ++i) {
+    while (sent < kRequests && sent < i + 8 && ring->forward().try_push(Item{sent, mix(sent)})) {
+      ++sent;
+      requests.notify();
+    }
+    Item reply{};
+    const Status s =
+        replies.wait([&] { return ring->backward().try_pop(reply); }, Deadline::after_ms(30'000));
+    ASSERT_TRUE(s.ok()) << s << " at reply " << i;
+    in_order &= reply.seq == i && reply.payload == (mix(i) ^ 0xffff);
+  }
+  EXPECT_TRUE(in_order);
   EXPECT_EQ(wait_exit_code(child), 0);
 }
 

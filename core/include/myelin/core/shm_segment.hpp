@@ -57,7 +57,7 @@ bool process_is_alive(int32_t pid, uint64_t start_time) noexcept;
 
 // ---- the header of a ring laid over memory ------------------------------------------------------
 
-enum class RingKind : uint32_t { kSpsc = 1, kMpsc = 2, kRecord = 3 };
+enum class RingKind : uint32_t { kSpsc = 1, kMpsc = 2, kRecord = 3, kDuplex = 4 };
 std::string_view ring_kind_name(RingKind kind) noexcept;
 
 inline constexpr uint64_t kRingMagic = 0x474e49524e4c594dULL;  // "MYLNRING" little-endian
