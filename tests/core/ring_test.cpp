@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -499,6 +500,48 @@ TEST(RecordRing, BatchClaimIsAllOrNothing) {
   ASSERT_TRUE(ring->try_claim_batch(fits, more));
   ring->commit(more[1]);
   EXPECT_EQ(drain(*ring).size(), 2u);
+}
+
+// The shared tail is only a hint (used_bytes_approx(), the consumer's prefetch): a batch commit
+// publishes it, and a tail that is stale or corrupt changes nothing the consumer reads.
+TEST(RecordRing, TailIsAHintOnly) {
+  Region r(RecordRing::bytes_for(1024));
+  auto producer = RecordRing::format(r.mem, r.bytes, 1024, kMax - 207);  // 16-aligned
+  ASSERT_TRUE(producer.ok()) << producer.status();
+  auto consumer = RecordRing::attach(r.mem, r.bytes);
+  ASSERT_TRUE(consumer.ok()) << consumer.status();
+  auto* tail = reinterpret_cast<std::atomic<uint64_t>*>(r.mem + 256);
+  const std::array<uint32_t, 4> sizes{8, 8, 8, 8};
+  std::array<RecordRing::Claim, 4> claims;
+  uint64_t next = 0, expect = 0;
+  for (int round = 0; round < 40; ++round) {
+    ASSERT_TRUE(producer->try_claim_batch(sizes, claims, 5));
+    for (auto& c : claims) {
+      std::memcpy(c.data, &next, sizeof(next));
+      ++next;
+    }
+    producer->commit(claims.back());
+    // The batch is in the published tail at once (plus wrap padding when it crossed the end).
+    EXPECT_GE(producer->used_bytes_approx(), 4 * RecordRing::record_bytes(8));
+    EXPECT_LE(producer->used_bytes_approx(), 4 * RecordRing::record_bytes(8) + 3 * 32);
+    // Corrupt the hint: far ahead, behind, or garbage. Consumption must not notice.
+    const uint64_t published = tail->load();
+    const std::array<uint64_t, 3> lies{published + 4096, published - 4096, 0x5a5a5a5a5a5a5a5a};
+    tail->store(lies[static_cast<std::size_t>(round) % lies.size()]);
+    std::size_t seen = 0;
+    auto n = consumer->consume([&](const RecordRing::Record& rec) {
+      uint64_t v = 0;
+      ASSERT_EQ(rec.data.size(), 8u);
+      std::memcpy(&v, rec.data.data(), sizeof(v));
+      EXPECT_EQ(v, expect++);
+      ++seen;
+    });
+    ASSERT_TRUE(n.ok()) << n.status();
+    EXPECT_EQ(*n, 4u);
+    EXPECT_EQ(seen, 4u);
+    tail->store(published);
+  }
+  EXPECT_EQ(expect, next);
 }
 
 TEST(RecordRing, ReattachedProducerContinuesAfterTheLastRecord) {

@@ -14,7 +14,7 @@
 //     0  RingLayoutHeader   magic, version, kind, element size 1, capacity (data bytes), check
 //    64  salt               random u64 chosen by format(), read-only afterwards
 //   128  head               consumer position in bytes
-//   256  tail               producer position in bytes (published lazily, for size queries)
+//   256  tail               producer position in bytes (published lazily: a hint, orders nothing)
 //   384  WaitWord           consumer's sleep/wake word
 //   512  data[capacity]     records, each aligned to 16 bytes:
 //                           {u64 stamp; u32 length; u32 type; payload[length]; pad to 16}
@@ -35,6 +35,12 @@
 // into padding the consumer skips.
 //   Consumer: walks stamped records from head, then stores head (release) once per consume() call
 // -- and every quarter ring within a long batch -- after which the producer may reuse the space.
+//   The shared tail orders nothing. A commit of several records (a batch) stores it; single-record
+// commits store it every kTailPublishInterval commits, and a producer that finds the ring full
+// stores it. When consume() starts at a small record it reads the tail and prefetches the lines
+// of the records committed up to it (at most 4 KiB): otherwise each record's line is requested
+// only after the previous record was read, one transfer from the producer's cache at a time.
+// Reading a stale tail costs nothing but a missed prefetch.
 //
 // Records from a peer are checked before the handler sees them: a length running past the data
 // area or the ring's limit ends consume() with protocol_error.
@@ -161,7 +167,10 @@ class RecordRing : public internal::RingMemory<RecordRing> {
   // Claims space for a record of `size` bytes (<= max_record_size(), checked) and `type`
   // (!= kPaddingType). False when the ring lacks the space now (back-pressure).
   [[nodiscard]] bool try_claim(uint32_t size, Claim& out, uint32_t type = 0) noexcept {
-    MYELIN_CHECK_LE(size, max_record_size()) << "record larger than the ring allows";
+    // The failure paths are out of line so that the claim itself inlines into the caller's loop.
+    if (size > max_record_size()) [[unlikely]] {
+      fail_record_too_large(size);
+    }
     MYELIN_DCHECK_NE(type, kPaddingType);
     const uint64_t need = record_bytes(size);
     const uint64_t pos = producer_.claim;
@@ -204,17 +213,22 @@ class RecordRing : public internal::RingMemory<RecordRing> {
   // Publishes `claim` and every claim before it.
   void commit(const Claim& claim) noexcept {
     // A claim that was aborted away or never made would send the walk below into the weeds.
-    MYELIN_CHECK_LE(claim.end - producer_.published, producer_.claim - producer_.published)
-        << "commit of a claim that is not outstanding";
+    if (claim.end - producer_.published > producer_.claim - producer_.published) [[unlikely]] {
+      fail_commit_not_outstanding(claim);
+    }
     uint64_t pos = producer_.published;
+    uint64_t records = 0;
     while (pos != claim.end) {
       RecordHeader* header = header_at(pos & mask_);
       // Pairs with the consumer's acquire load of the stamp: header and payload are visible.
       header->stamp.store(salt_ ^ pos, std::memory_order_release);
       pos += record_bytes(header->length);
+      ++records;
     }
     producer_.published = pos;
-    if (++producer_.commits % kTailPublishInterval == 0) publish_tail();
+    // A batch publishes the tail at once (the consumer prefetches up to it); single-record commits
+    // only every kTailPublishInterval, so that the tail's line does not travel once per record.
+    if (records > 1 || ++producer_.commits % kTailPublishInterval == 0) publish_tail();
   }
   // Withdraws an uncommitted claim: the latest one gives its space back, an earlier one becomes
   // padding that the consumer skips when a later claim is committed.
@@ -253,6 +267,7 @@ class RecordRing : public internal::RingMemory<RecordRing> {
       const uint32_t length = header->length;
       const uint32_t type = header->type;
       const uint64_t size = record_bytes(length);
+      if (h == start && size <= kPrefetchRecordBytes) prefetch_committed(h);
       // Every record the producer writes, wrap padding included, is at most max_record_size().
       if (length > max_record_size()) {
         return protocol_error("record ring: corrupt record at position ", h, ": length ", length,
@@ -288,8 +303,8 @@ class RecordRing : public internal::RingMemory<RecordRing> {
     return static_cast<std::size_t>(capacity_);
   }
   // Bytes committed and not yet consumed (headers and padding included), from the published
-  // positions: may miss the commits since the producer last published its tail (every
-  // kTailPublishInterval commits, and whenever it finds the ring full).
+  // positions: may miss single-record commits since the producer last published its tail (every
+  // kTailPublishInterval of them, after every batch commit, and whenever it finds the ring full).
   [[nodiscard]] std::size_t used_bytes_approx() const noexcept {
     // Relaxed: an estimate only.
     const uint64_t h = shared_->head.load(std::memory_order_relaxed);
@@ -325,6 +340,16 @@ class RecordRing : public internal::RingMemory<RecordRing> {
     }
     producer_.claim = producer_.published = pos;
   }
+  [[noreturn, gnu::noinline, gnu::cold]] void fail_record_too_large(uint32_t size) const {
+    MYELIN_CHECK_LE(size, max_record_size()) << "record larger than the ring allows";
+    __builtin_unreachable();
+  }
+  [[noreturn, gnu::noinline, gnu::cold]] void fail_commit_not_outstanding(
+      const Claim& claim) const {
+    MYELIN_CHECK_LE(claim.end - producer_.published, producer_.claim - producer_.published)
+        << "commit of a claim that is not outstanding";
+    __builtin_unreachable();
+  }
   RecordHeader* header_at(uint64_t offset) const noexcept {
     return std::launder(reinterpret_cast<RecordHeader*>(data_ + offset));
   }
@@ -333,12 +358,30 @@ class RecordRing : public internal::RingMemory<RecordRing> {
     header->length = length;
     header->type = type;
   }
+  // Starts fetching the lines of the records committed after position h (up to kPrefetchBytes),
+  // so their transfers from the producer's cache overlap instead of following one another. The
+  // tail is a hint only: records are still read through their stamps.
+  void prefetch_committed(uint64_t h) const noexcept {
+    // Relaxed: a hint; pairs with nothing (see above).
+    const uint64_t ahead = shared_->tail.load(std::memory_order_relaxed) - h;
+    if (ahead > capacity_) return;  // the tail has not been published since h (it trails h)
+    const uint64_t bytes = ahead < kPrefetchBytes ? ahead : kPrefetchBytes;
+    for (uint64_t off = kCacheLine; off < bytes; off += kCacheLine) {
+      __builtin_prefetch(data_ + ((h + off) & mask_), 0, 3);
+    }
+  }
   void publish_tail() noexcept {
-    // Relaxed: read by used_bytes_approx() only; records are published by their stamps.
+    // Relaxed: read by used_bytes_approx() and as the consumer's prefetch hint only; records are
+    // published by their stamps.
     shared_->tail.store(producer_.published, std::memory_order_relaxed);
   }
 
   static constexpr uint64_t kTailPublishInterval = 64;
+  // consume() prefetches up to kPrefetchBytes of committed records when it starts at a record of
+  // at most kPrefetchRecordBytes: small records are read one after the other, each waiting for its
+  // line, whereas a handler of large records may not touch most of their lines at all.
+  static constexpr uint64_t kPrefetchBytes = 4096;
+  static constexpr uint64_t kPrefetchRecordBytes = 2 * kCacheLine;
 
   Shared* shared_;
   std::byte* data_;
