@@ -13,6 +13,9 @@ and the median of its per-round ratio to the reference.
       --filter 'PingPong_rtt/(raw_cache_line|two_cache_lines|myelin)' \\
       --reference PingPong_rtt/raw_cache_line --split 200
 
+--baseline OTHER_BINARY runs a second build in every round as well (alternating which goes
+first), so that old and new builds are compared within a placement too.
+
 Run it with the process group at high priority on a shared machine
 (sh -c 'echo -20 > /proc/self/autogroup; exec bench/rings/paired_rounds.py ...').
 Values are the benchmark's real time per iteration in ns, or items/s (--items) for throughput.
@@ -45,6 +48,11 @@ def main():
     ap.add_argument("--min-time", default="0.05")
     ap.add_argument("--items", action="store_true", help="compare items/s instead of ns")
     ap.add_argument("--json", help="write every round's values here")
+    ap.add_argument("--ratio", action="append", default=[],
+                    help="A=B -- also print the median over rounds of value(A) / value(B) per mode "
+                    "(names as printed, e.g. SPSC_throughput/myelin=SPSC_throughput/boost_spsc_queue)")
+    ap.add_argument("--baseline", help="another bench_rings binary (e.g. the previous build) run in "
+                    "every round too, in alternating order; its results are prefixed 'baseline:'")
     args = ap.parse_args()
 
     filt = args.filter
@@ -53,12 +61,18 @@ def main():
     rounds = []
     for i in range(args.rounds):
         values = {}
-        for b in run_round(args.binary, filt, args.min_time, []):
-            if b.get("error_occurred"):
-                sys.exit(f"{b['name']}: {b.get('error_message')}")
-            name = b["name"].removesuffix("/real_time")
-            values[name] = (b["items_per_second"] if args.items else b["real_time"],
-                            b["real_time"])
+        runs = [(args.binary, "")]
+        if args.baseline:
+            runs.append((args.baseline, "baseline:"))
+            if i % 2:
+                runs.reverse()
+        for binary, prefix in runs:
+            for b in run_round(binary, filt, args.min_time, []):
+                if b.get("error_occurred"):
+                    sys.exit(f"{b['name']}: {b.get('error_message')}")
+                name = prefix + b["name"].removesuffix("/real_time")
+                values[name] = (b["items_per_second"] if args.items else b["real_time"],
+                                b["real_time"])
         rounds.append(values)
         print(f"round {i}: " + "  ".join(f"{k.split('/', 1)[-1]}={v[0]:.4g}"
                                          for k, v in sorted(values.items())), flush=True)
@@ -81,6 +95,12 @@ def main():
             print(f"  {name:60s} median {statistics.median(vals):10.4g}   "
                   f"ratio to reference: median {statistics.median(ratios):.3f} "
                   f"(min {min(ratios):.2f}, max {max(ratios):.2f})")
+        for spec in args.ratio:
+            a, b = spec.split("=")
+            rs = [r[a][0] / r[b][0] for r in sel if a in r and b in r]
+            if rs:
+                print(f"  ratio {a} / {b}: median {statistics.median(rs):.3f} over {len(rs)} rounds "
+                      f"(min {min(rs):.2f}, max {max(rs):.2f})")
 
 
 if __name__ == "__main__":
