@@ -61,6 +61,24 @@ bool pin(benchmark::State* state, int cpu) {
   return s.ok();
 }
 
+// Everything the benchmark's second thread touches lives on the heap, and its lambda captures
+// pointers by value: a lambda holding references to the first thread's locals reads that
+// thread's stack on every iteration, sharing a line with whatever the first thread writes next to
+// them -- which made the same raw ping-pong measure 86 ns in one build and 106 ns in another.
+struct alignas(kFalseSharingRange) StopFlag {
+  std::atomic<bool> stop{false};
+};
+
+// A ring created on the heap (create() returns it by value inside a Result on the stack).
+template <typename Ring>
+std::unique_ptr<Ring> heap_ring(benchmark::State& state, Result<Ring> created) {
+  if (!created.ok()) {
+    state.SkipWithError(created.status().to_string().c_str());
+    return nullptr;
+  }
+  return std::make_unique<Ring>(std::move(created).value());
+}
+
 // ---- the queues under test, behind one interface ------------------------------------------------
 
 class OurSpsc {
@@ -97,14 +115,14 @@ class MoodycamelRwq {
 template <typename Queue>
 void BM_Throughput(benchmark::State& state) {
   auto q = std::make_unique<Queue>();
-  std::atomic<bool> stop{false};
+  auto flag = std::make_unique<StopFlag>();
   if (!pin(&state, cpus().consumer)) return;
-  std::thread producer([&] {
+  std::thread producer([qp = q.get(), fp = flag.get()] {
     pin(nullptr, cpus().producer);
     uint64_t i = 0;
     // Relaxed: a plain stop flag; the queue carries the data.
-    while (!stop.load(std::memory_order_relaxed)) {
-      if (q->push(i)) ++i;
+    while (!fp->stop.load(std::memory_order_relaxed)) {
+      if (qp->push(i)) ++i;
     }
   });
   uint64_t expect = 0, errors = 0;
@@ -115,7 +133,7 @@ void BM_Throughput(benchmark::State& state) {
     errors += v != expect;
     ++expect;
   }
-  stop.store(true, std::memory_order_relaxed);
+  flag->stop.store(true, std::memory_order_relaxed);
   producer.join();
   if (errors != 0) state.SkipWithError("items arrived out of order");
   state.SetItemsProcessed(state.iterations());
@@ -132,14 +150,14 @@ void BM_PingPong(benchmark::State& state) {
   auto back = std::make_unique<Queue>();
   constexpr uint64_t kStop = ~uint64_t{0};
   if (!pin(&state, cpus().consumer)) return;
-  std::thread echo([&] {
+  std::thread echo([in = there.get(), out = back.get()] {
     pin(nullptr, cpus().producer);
     for (;;) {
       uint64_t v;
-      while (!there->pop(v)) {
+      while (!in->pop(v)) {
       }
       if (v == kStop) return;
-      while (!back->push(v + 1)) {
+      while (!out->push(v + 1)) {
       }
     }
   });
@@ -167,21 +185,19 @@ BENCHMARK(BM_PingPong<MoodycamelRwq>)->Name("PingPong_rtt/moodycamel_rwq")->UseR
 // ring carries item + 1 back; each is an SPSC ring with its own positions, and slot i of both
 // share a cache line. range(0): positions per direction.
 void BM_DuplexPingPong(benchmark::State& state) {
-  auto ring = DuplexRing<uint64_t>::create(static_cast<std::size_t>(state.range(0)));
-  if (!ring.ok()) {
-    state.SkipWithError(ring.status().to_string().c_str());
-    return;
-  }
+  auto ring =
+      heap_ring(state, DuplexRing<uint64_t>::create(static_cast<std::size_t>(state.range(0))));
+  if (!ring) return;
   constexpr uint64_t kStop = ~uint64_t{0};
   if (!pin(&state, cpus().consumer)) return;
-  std::thread echo([&] {
+  std::thread echo([r = ring.get()] {
     pin(nullptr, cpus().producer);
     for (;;) {
       uint64_t v;
-      while (!ring->forward().try_pop(v)) {
+      while (!r->forward().try_pop(v)) {
       }
       if (v == kStop) return;
-      while (!ring->backward().try_push(v + 1)) {
+      while (!r->backward().try_push(v + 1)) {
       }
     }
   });
@@ -208,25 +224,28 @@ BENCHMARK(BM_DuplexPingPong)
     ->Arg(8)
     ->UseRealTime();
 
-// The physical floor: one line, written by each CPU in turn.
+// The physical floor: one line, written by each CPU in turn. The line has its 128-byte pair to
+// itself (like the rings' hot fields): with 64-byte alignment alone, whatever the allocator put
+// next to it could share the pair and slow the floor down by chance (we saw 86 vs 106 ns between
+// two builds).
 void BM_RawPingPong(benchmark::State& state) {
-  struct alignas(kCacheLine) Line {
+  struct alignas(kFalseSharingRange) Line {
     std::atomic<uint64_t> value{0};
   };
   auto line = std::make_unique<Line>();
   constexpr uint64_t kStop = ~uint64_t{0};
   if (!pin(&state, cpus().consumer)) return;
-  std::thread echo([&] {
+  std::thread echo([l = line.get()] {
     pin(nullptr, cpus().producer);
     uint64_t seen = 0;
     for (;;) {
       uint64_t v;
       // Acquire pairs with the initiator's release store; the reply pairs with its load.
-      while ((v = line->value.load(std::memory_order_acquire)) == seen) {
+      while ((v = l->value.load(std::memory_order_acquire)) == seen) {
       }
       if (v == kStop) return;
       seen = v + 1;
-      line->value.store(seen, std::memory_order_release);
+      l->value.store(seen, std::memory_order_release);
     }
   });
   uint64_t next = 1;
@@ -253,18 +272,18 @@ void BM_TwoLinePingPong(benchmark::State& state) {
   auto back = std::make_unique<Line>();
   constexpr uint64_t kStop = ~uint64_t{0};
   if (!pin(&state, cpus().consumer)) return;
-  std::thread echo([&] {
+  std::thread echo([in = there.get(), out = back.get()] {
     pin(nullptr, cpus().producer);
     uint64_t seen = 0;
     for (;;) {
       uint64_t v;
       // Acquire pairs with the initiator's release store of `there`.
-      while ((v = there->value.load(std::memory_order_acquire)) == seen) {
+      while ((v = in->value.load(std::memory_order_acquire)) == seen) {
       }
       if (v == kStop) return;
       seen = v;
       // Pairs with the initiator's acquire load of `back`.
-      back->value.store(v, std::memory_order_release);
+      out->value.store(v, std::memory_order_release);
     }
   });
   uint64_t next = 1;
@@ -286,28 +305,25 @@ BENCHMARK(BM_TwoLinePingPong)->Name("PingPong_rtt/two_cache_lines")->UseRealTime
 void BM_RecordRing(benchmark::State& state) {
   const auto payload = static_cast<uint32_t>(state.range(0));
   const auto batch = static_cast<std::size_t>(state.range(1));
-  auto ring = RecordRing::create(1 << 18);  // 256 KiB of records
-  if (!ring.ok()) {
-    state.SkipWithError(ring.status().to_string().c_str());
-    return;
-  }
-  std::vector<std::byte> source(payload, std::byte{0x5a});
-  std::atomic<bool> stop{false};
+  auto ring = heap_ring(state, RecordRing::create(1 << 18));  // 256 KiB of records
+  if (!ring) return;
+  auto flag = std::make_unique<StopFlag>();
   if (!pin(&state, cpus().consumer)) return;
-  std::thread producer([&] {
+  std::thread producer([r = ring.get(), fp = flag.get(), payload, batch] {
     pin(nullptr, cpus().producer);
+    const std::vector<std::byte> source(payload, std::byte{0x5a});
     std::vector<uint32_t> sizes(batch, payload);
     std::vector<RecordRing::Claim> claims(batch);
     uint64_t seq = 0;
     // Relaxed: a plain stop flag.
-    while (!stop.load(std::memory_order_relaxed)) {
-      if (!ring->try_claim_batch(sizes, claims)) continue;
+    while (!fp->stop.load(std::memory_order_relaxed)) {
+      if (!r->try_claim_batch(sizes, claims)) continue;
       for (auto& c : claims) {
         std::memcpy(c.data, source.data(), payload);
         std::memcpy(c.data, &seq, sizeof(seq));  // the sequence number in the first 8 bytes
         ++seq;
       }
-      ring->commit(claims.back());
+      r->commit(claims.back());
     }
   });
   constexpr std::size_t kPerIteration = 64;
@@ -326,7 +342,7 @@ void BM_RecordRing(benchmark::State& state) {
       got += n.ok() ? *n : kPerIteration;
     }
   }
-  stop.store(true, std::memory_order_relaxed);
+  flag->stop.store(true, std::memory_order_relaxed);
   producer.join();
   if (errors != 0) state.SkipWithError("records arrived out of order");
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * kPerIteration));
@@ -346,22 +362,19 @@ BENCHMARK(BM_RecordRing)
 // range(0) producers, all pinned to the producer CPU (on a two-CPU machine they share it).
 void BM_Mpsc(benchmark::State& state) {
   const int producers = static_cast<int>(state.range(0));
-  auto ring = MpscRing<uint64_t>::create(kCapacity);
-  if (!ring.ok()) {
-    state.SkipWithError(ring.status().to_string().c_str());
-    return;
-  }
-  std::atomic<bool> stop{false};
+  auto ring = heap_ring(state, MpscRing<uint64_t>::create(kCapacity));
+  if (!ring) return;
+  auto flag = std::make_unique<StopFlag>();
   if (!pin(&state, cpus().consumer)) return;
   std::vector<std::thread> threads;
   for (int p = 0; p < producers; ++p) {
-    threads.emplace_back([&, p] {
+    threads.emplace_back([r = ring.get(), fp = flag.get(), p] {
       pin(nullptr, cpus().producer);
       uint64_t i = 0;
       const uint64_t tag = static_cast<uint64_t>(p) << 56;
       // Relaxed: a plain stop flag.
-      while (!stop.load(std::memory_order_relaxed)) {
-        if (ring->try_push(tag | i)) {
+      while (!fp->stop.load(std::memory_order_relaxed)) {
+        if (r->try_push(tag | i)) {
           ++i;
         } else {
           std::this_thread::yield();  // full: let a sibling producer on this CPU run
@@ -379,7 +392,7 @@ void BM_Mpsc(benchmark::State& state) {
     errors += (v & ((uint64_t{1} << 56) - 1)) != next[p];
     ++next[p];
   }
-  stop.store(true, std::memory_order_relaxed);
+  flag->stop.store(true, std::memory_order_relaxed);
   for (auto& t : threads) t.join();
   if (errors != 0) state.SkipWithError("a producer's items arrived out of order");
   state.SetItemsProcessed(state.iterations());
