@@ -10,9 +10,12 @@
 
 namespace myelin::collectives {
 namespace internal {
-void reduce_scalar(void* dst, const void* src, size_t n, DataType type, ReduceOp op) noexcept;
-void reduce_avx2(void* dst, const void* src, size_t n, DataType type, ReduceOp op) noexcept;
-void reduce_avx512(void* dst, const void* src, size_t n, DataType type, ReduceOp op) noexcept;
+void reduce_scalar(void* dst, const void* a, const void* b, size_t n, DataType type,
+                   ReduceOp op) noexcept;
+void reduce_avx2(void* dst, const void* a, const void* b, size_t n, DataType type,
+                 ReduceOp op) noexcept;
+void reduce_avx512(void* dst, const void* a, const void* b, size_t n, DataType type,
+                   ReduceOp op) noexcept;
 }  // namespace internal
 
 std::string_view dtype_name(DataType t) noexcept {
@@ -126,7 +129,7 @@ ReduceIsa choose_isa() noexcept {
   return isa;
 }
 
-using KernelFn = void (*)(void*, const void*, size_t, DataType, ReduceOp) noexcept;
+using KernelFn = void (*)(void*, const void*, const void*, size_t, DataType, ReduceOp) noexcept;
 KernelFn kernel_for(ReduceIsa isa) noexcept {
   switch (isa) {
     case ReduceIsa::kAvx512:
@@ -145,18 +148,35 @@ ReduceIsa active_isa() noexcept {
   return isa;
 }
 
+namespace {
+KernelFn active_kernel() noexcept {
+  static const KernelFn fn = kernel_for(active_isa());  // thread-safe static initialisation
+  return fn;
+}
+}  // namespace
+
 void reduce_into(void* dst, const void* src, size_t count, DataType type, ReduceOp op) noexcept {
-  static const KernelFn fn = kernel_for(active_isa());
   if (count == 0) return;
-  fn(dst, src, count, type, op);
+  active_kernel()(dst, dst, src, count, type, op);
+}
+
+void reduce_to(void* dst, const void* a, const void* b, size_t count, DataType type,
+               ReduceOp op) noexcept {
+  if (count == 0) return;
+  active_kernel()(dst, a, b, count, type, op);
 }
 
 Status reduce_into(ReduceIsa isa, void* dst, const void* src, size_t count, DataType type,
                    ReduceOp op) noexcept {
+  return reduce_to(isa, dst, dst, src, count, type, op);
+}
+
+Status reduce_to(ReduceIsa isa, void* dst, const void* a, const void* b, size_t count,
+                 DataType type, ReduceOp op) noexcept {
   if (!isa_supported(isa)) {
     return unsupported("this CPU does not support the ", reduce_isa_name(isa), " kernels");
   }
-  if (count != 0) kernel_for(isa)(dst, src, count, type, op);
+  if (count != 0) kernel_for(isa)(dst, a, b, count, type, op);
   return ok_status();
 }
 

@@ -41,32 +41,37 @@ MYELIN_AVX2 void store_bf16x8(uint16_t* p, __m256 v) {
 }
 
 struct Avx2Kernels {
-  template <ReduceOp Op, typename T>
-  MYELIN_AVX2 static void run(T* __restrict d, const T* __restrict s, size_t n) {
-    plain_loop<Op>(d, s, n);
+  template <ReduceOp Op, Form F, typename T>
+  MYELIN_AVX2 static void run(T* __restrict d, const T* __restrict a, const T* __restrict b,
+                              size_t n) {
+    plain_loop<Op, F>(d, a, b, n);
   }
-  template <ReduceOp Op, bool Bf16>
-  MYELIN_AVX2 static void half(uint16_t* __restrict d, const uint16_t* __restrict s, size_t n) {
+  template <ReduceOp Op, Form F, bool Bf16>
+  MYELIN_AVX2 static void half(uint16_t* __restrict d, const uint16_t* __restrict a0,
+                               const uint16_t* __restrict b0, size_t n) {
+    const uint16_t* x = left<F>(d, a0);
+    const uint16_t* y = right<F>(d, b0);
     size_t i = 0;
     for (; i + 8 <= n; i += 8) {
       if constexpr (Bf16) {
-        store_bf16x8(d + i, combine8<Op>(load_bf16x8(d + i), load_bf16x8(s + i)));
+        store_bf16x8(d + i, combine8<Op>(load_bf16x8(x + i), load_bf16x8(y + i)));
       } else {
-        const __m256 a = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + i)));
-        const __m256 b = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
+        const __m256 a = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i)));
+        const __m256 b = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(y + i)));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i),
                          _mm256_cvtps_ph(combine8<Op>(a, b), _MM_FROUND_TO_NEAREST_INT));
       }
     }
-    half_tail<Op, Bf16>(d + i, s + i, n - i);
+    half_tail<Op, Bf16>(d + i, x + i, y + i, n - i);
   }
 };
 
 }  // namespace MYELIN_KERNEL_NS
 
-__attribute__((target("avx2,f16c,fma"))) void reduce_avx2(void* dst, const void* src, size_t n,
-                                                          DataType type, ReduceOp op) noexcept {
-  MYELIN_KERNEL_NS::dispatch<MYELIN_KERNEL_NS::Avx2Kernels>(dst, src, n, type, op);
+__attribute__((target("avx2,f16c,fma"))) void reduce_avx2(void* dst, const void* a, const void* b,
+                                                          size_t n, DataType type,
+                                                          ReduceOp op) noexcept {
+  MYELIN_KERNEL_NS::dispatch<MYELIN_KERNEL_NS::Avx2Kernels>(dst, a, b, n, type, op);
 }
 
 }  // namespace myelin::collectives::internal

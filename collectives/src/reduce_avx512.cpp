@@ -41,34 +41,39 @@ MYELIN_AVX512 void store_bf16x16(uint16_t* p, __m512 v) {
 }
 
 struct Avx512Kernels {
-  template <ReduceOp Op, typename T>
-  MYELIN_AVX512 static void run(T* __restrict d, const T* __restrict s, size_t n) {
-    plain_loop<Op>(d, s, n);
+  template <ReduceOp Op, Form F, typename T>
+  MYELIN_AVX512 static void run(T* __restrict d, const T* __restrict a, const T* __restrict b,
+                                size_t n) {
+    plain_loop<Op, F>(d, a, b, n);
   }
-  template <ReduceOp Op, bool Bf16>
-  MYELIN_AVX512 static void half(uint16_t* __restrict d, const uint16_t* __restrict s, size_t n) {
+  template <ReduceOp Op, Form F, bool Bf16>
+  MYELIN_AVX512 static void half(uint16_t* __restrict d, const uint16_t* __restrict a0,
+                                 const uint16_t* __restrict b0, size_t n) {
+    const uint16_t* x = left<F>(d, a0);
+    const uint16_t* y = right<F>(d, b0);
     size_t i = 0;
     for (; i + 16 <= n; i += 16) {
       if constexpr (Bf16) {
-        store_bf16x16(d + i, combine16<Op>(load_bf16x16(d + i), load_bf16x16(s + i)));
+        store_bf16x16(d + i, combine16<Op>(load_bf16x16(x + i), load_bf16x16(y + i)));
       } else {
         const __m512 a =
-            _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + i)));
+            _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i)));
         const __m512 b =
-            _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
+            _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(y + i)));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i),
                             _mm512_cvtps_ph(combine16<Op>(a, b), _MM_FROUND_TO_NEAREST_INT));
       }
     }
-    half_tail<Op, Bf16>(d + i, s + i, n - i);
+    half_tail<Op, Bf16>(d + i, x + i, y + i, n - i);
   }
 };
 
 }  // namespace MYELIN_KERNEL_NS
 
-__attribute__((MYELIN_AVX512_TARGET)) void reduce_avx512(void* dst, const void* src, size_t n,
-                                                         DataType type, ReduceOp op) noexcept {
-  MYELIN_KERNEL_NS::dispatch<MYELIN_KERNEL_NS::Avx512Kernels>(dst, src, n, type, op);
+__attribute__((MYELIN_AVX512_TARGET)) void reduce_avx512(void* dst, const void* a, const void* b,
+                                                         size_t n, DataType type,
+                                                         ReduceOp op) noexcept {
+  MYELIN_KERNEL_NS::dispatch<MYELIN_KERNEL_NS::Avx512Kernels>(dst, a, b, n, type, op);
 }
 
 }  // namespace myelin::collectives::internal

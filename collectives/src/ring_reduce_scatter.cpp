@@ -4,10 +4,15 @@
 // from r - 1, reducing it into its buffer (k = shift - 1). Blocks are cut into segments, and each
 // reduced segment is sent on at once: the block received in step s is the one sent in step s + 1,
 // so reducing segment j overlaps the transfer of segment j + 1, and the next step starts before the
-// current one ends. Receives of step s + 1 are posted at the start of step s into the other half of
-// a double buffer, so data lands in place rather than in the transport's unexpected-message store.
-// Out of place (src != buf), src is read where this rank's contribution is needed (the first
-// block sent, and each received segment before it is reduced) and buf is written only there.
+// current one ends. Receives of step s + 1 are posted at the start of step s, so data lands in
+// place rather than in the transport's unexpected-message store.
+// Out of place (src != buf), src is read where this rank's contribution is needed (the first block
+// sent, and each received segment as it is reduced), and segments are received straight into
+// their place in buf and reduced there (buf = src op buf): no copy of the input, no staging
+// buffer. The block received in step s + 1 differs from the ones sent and reduced in steps s and
+// s + 1 (n >= 3), so early receives never land on data still in use. In place, the received
+// segments go to a double buffer of scratch (block of step s to half s % 2) and are reduced into
+// buf.
 #include <cstring>
 
 #include <myelin/collectives/reduce.hpp>
@@ -29,9 +34,17 @@ Status ring_reduce_scatter_phase(Exchange& ex, const Group& g, const void* src, 
   const auto send_block = [&](int s) { return balanced_block(count, n, mod(me + k - s, n)); };
   const auto recv_block = [&](int s) { return balanced_block(count, n, mod(me + k - s - 1, n)); };
 
-  const size_t max_block = balanced_block(count, n, 0).count;
-  uint8_t* tmp[2] = {ex.comm().scratch(kScratchAlgo0, max_block * es),
-                     ex.comm().scratch(kScratchAlgo1, max_block * es)};
+  const bool in_place = src == buf;
+  uint8_t* tmp[2] = {nullptr, nullptr};
+  if (in_place) {
+    const size_t max_block = balanced_block(count, n, 0).count;
+    tmp[0] = ex.comm().scratch(kScratchAlgo0, max_block * es);
+    tmp[1] = ex.comm().scratch(kScratchAlgo1, max_block * es);
+  }
+  // Where segment `piece` of block `b` (received in step s) lands.
+  const auto landing = [&](int s, Range b, Range piece) -> uint8_t* {
+    return in_place ? tmp[s % 2] + (piece.offset - b.offset) * es : at(buf, piece.offset, es);
+  };
 
   std::vector<size_t> recvs[2];
   const auto post_recvs = [&](int s) -> Status {
@@ -39,9 +52,9 @@ Status ring_reduce_scatter_phase(Exchange& ex, const Group& g, const void* src, 
     auto& handles = recvs[s % 2];
     handles.clear();
     for (size_t j = 0; j < segment_count(b.count, seg); ++j) {
-      const Range piece = segment(Range{0, b.count}, seg, j);
-      MYELIN_ASSIGN_OR_RETURN(
-          size_t h, ex.post_recv(prev, phase, tmp[s % 2] + piece.offset * es, piece.count * es));
+      const Range piece = segment(b, seg, j);
+      MYELIN_ASSIGN_OR_RETURN(size_t h,
+                              ex.post_recv(prev, phase, landing(s, b, piece), piece.count * es));
       handles.push_back(h);
     }
     return ok_status();
@@ -60,17 +73,12 @@ Status ring_reduce_scatter_phase(Exchange& ex, const Group& g, const void* src, 
     for (size_t j = 0; j < recvs[s % 2].size(); ++j) {
       MYELIN_RETURN_IF_ERROR(ex.wait(recvs[s % 2][j]));
       const Range piece = segment(b, seg, j);
-      // Out of place, this rank's contribution joins here, segment by segment while it is hot
-      // in cache, instead of a copy of the whole input up front.
-      if (src != buf) {
-        std::memcpy(at(buf, piece.offset, es), at(src, piece.offset, es), piece.count * es);
-      }
-      reduce_into(at(buf, piece.offset, es), tmp[s % 2] + (piece.offset - b.offset) * es,
-                  piece.count, ex.info().type, ex.info().op);
-      if (more) {
-        MYELIN_RETURN_IF_ERROR(
-            ex.post_send(next, phase, at(buf, piece.offset, es), piece.count * es));
-      }
+      uint8_t* dst = at(buf, piece.offset, es);
+      // This rank's contribution is the left operand, the received partial result the right one,
+      // in place and out of place alike.
+      reduce_to(dst, at(src, piece.offset, es), landing(s, b, piece), piece.count, ex.info().type,
+                ex.info().op);
+      if (more) MYELIN_RETURN_IF_ERROR(ex.post_send(next, phase, dst, piece.count * es));
     }
   }
   return ex.wait_all();

@@ -223,6 +223,56 @@ TEST_P(ReduceKernels, EveryTypeAndOpMatchesTheReferenceBitForBit) {
   }
 }
 
+TEST_P(ReduceKernels, ThreeOperandFormsMatchTheReferenceBitForBit) {
+  const ReduceIsa isa = GetParam();
+  if (!isa_supported(isa)) GTEST_SKIP() << reduce_isa_name(isa) << " not supported on this CPU";
+  for (size_t n : {size_t{0}, size_t{1}, size_t{15}, size_t{17}, size_t{65}, size_t{4099}}) {
+    for (DataType type : kAllDataTypes) {
+      for (ReduceOp op : kAllReduceOps) {
+        const size_t es = dtype_size(type);
+        const auto a = random_bytes(type, n + 1, static_cast<uint32_t>(n * 13 + 3));
+        const auto b = random_bytes(type, n + 1, static_cast<uint32_t>(n * 7 + 4));
+        const auto want = reference(a, b, n + 1, type, op);  // a op b, a the left operand
+        const auto where = [&] {
+          return ::testing::Message() << reduce_isa_name(isa) << " " << dtype_name(type) << " "
+                                      << reduce_op_name(op) << " n=" << n;
+        };
+        // dst disjoint from both (unaligned by one element).
+        std::vector<uint8_t> dst(a.size(), 0xEE);
+        ASSERT_TRUE(
+            reduce_to(isa, dst.data() + es, a.data() + es, b.data() + es, n, type, op).ok());
+        ASSERT_EQ(0, std::memcmp(dst.data() + es, want.data() + es, n * es)) << where();
+        ASSERT_EQ(dst[0], 0xEE) << where();
+        // dst == a.
+        auto got = a;
+        ASSERT_TRUE(
+            reduce_to(isa, got.data() + es, got.data() + es, b.data() + es, n, type, op).ok());
+        ASSERT_EQ(0, std::memcmp(got.data() + es, want.data() + es, n * es)) << where();
+        // dst == b: still a op b, a on the left.
+        got = b;
+        ASSERT_TRUE(
+            reduce_to(isa, got.data() + es, a.data() + es, got.data() + es, n, type, op).ok());
+        ASSERT_EQ(0, std::memcmp(got.data() + es, want.data() + es, n * es)) << where();
+        ASSERT_EQ(0, std::memcmp(got.data(), b.data(), es)) << where();
+      }
+    }
+  }
+}
+
+TEST(Reduce, ThreeOperandKeepsTheLeftOperandOrder) {
+  // min(+0, -0) and min(-0, +0) differ in their sign bit: the left operand wins a tie.
+  const float a[2] = {0.0f, -0.0f};
+  const float b[2] = {-0.0f, 0.0f};
+  float d[2] = {1.0f, 1.0f};
+  reduce_to(d, a, b, 2, DataType::kF32, ReduceOp::kMin);
+  EXPECT_FALSE(std::signbit(d[0]));
+  EXPECT_TRUE(std::signbit(d[1]));
+  float e[2] = {b[0], b[1]};
+  reduce_to(e, a, e, 2, DataType::kF32, ReduceOp::kMin);  // dst == b
+  EXPECT_FALSE(std::signbit(e[0]));
+  EXPECT_TRUE(std::signbit(e[1]));
+}
+
 INSTANTIATE_TEST_SUITE_P(AllIsas, ReduceKernels,
                          ::testing::Values(ReduceIsa::kScalar, ReduceIsa::kAvx2,
                                            ReduceIsa::kAvx512),

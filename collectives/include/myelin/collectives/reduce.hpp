@@ -4,6 +4,7 @@
 // benchmarks:
 //
 //   reduce_into(dst, src, n, DataType::kF32, ReduceOp::kSum);   // dst[i] = dst[i] + src[i]
+//   reduce_to(dst, a, b, n, DataType::kF32, ReduceOp::kSum);    // dst[i] = a[i] + b[i]
 //
 // Kernels exist for three instruction sets, chosen once at run time from what the CPU supports
 // (__builtin_cpu_supports): AVX-512 (F+BW+VL), AVX2 (+F16C), and portable scalar code. The
@@ -13,7 +14,12 @@
 // Every instruction set gives bit-identical results (the vector code does the same f32 operation
 // per element as the scalar code), so ranks on different CPUs agree.
 //
-// Thread safety: pure functions over caller memory; dst and src must not overlap unless equal.
+// reduce_to() lets a collective combine its own contribution with received data without first
+// copying either into the destination.
+//
+// Thread safety: pure functions over caller memory. Buffers are equal or disjoint: reduce_into's
+// dst and src must not overlap unless equal; reduce_to's dst may be a or b (not both), or disjoint
+// from both (a and b may then be equal); never a partial overlap.
 #pragma once
 
 #include <cstddef>
@@ -36,9 +42,14 @@ ReduceIsa active_isa() noexcept;
 
 // dst[i] = dst[i] op src[i] for i < count (avg behaves as sum).
 void reduce_into(void* dst, const void* src, size_t count, DataType type, ReduceOp op) noexcept;
+// dst[i] = a[i] op b[i] for i < count, a the left operand (avg behaves as sum).
+void reduce_to(void* dst, const void* a, const void* b, size_t count, DataType type,
+               ReduceOp op) noexcept;
 // The same with an explicit instruction set; unsupported when the CPU lacks it.
 [[nodiscard]] Status reduce_into(ReduceIsa isa, void* dst, const void* src, size_t count,
                                  DataType type, ReduceOp op) noexcept;
+[[nodiscard]] Status reduce_to(ReduceIsa isa, void* dst, const void* a, const void* b, size_t count,
+                               DataType type, ReduceOp op) noexcept;
 // data[i] = data[i] / divisor (integers truncate toward zero; f16/bf16 computed in f32). Used to
 // finish avg. divisor must be > 0.
 void divide_by(void* data, size_t count, DataType type, uint32_t divisor) noexcept;
