@@ -65,6 +65,11 @@ Group world(const Communicator& comm) {
   return g;
 }
 
+Status mismatched_calls(int peer, const Descriptor& theirs, const Descriptor& mine) {
+  return invalid_argument("mismatched collective calls: rank ", peer, " called ",
+                          describe_call(theirs), ", this rank called ", describe_call(mine));
+}
+
 struct Call {
   Collective collective;
   DataType type = DataType::kU8;
@@ -72,7 +77,52 @@ struct Call {
   size_t count = 0;         // as the caller passed it
   size_t select_bytes = 0;  // what the selection table sees
   int root = 0;
+  // allreduce only (for the two-rank fast path)
+  const void* send = nullptr;
+  void* recv = nullptr;
 };
+
+constexpr size_t kDescriptorBytes = sizeof(Descriptor);
+// Room for what a peer may send on the descriptor phase: a descriptor, or on the two-rank fast
+// path a descriptor and the data.
+constexpr size_t kDescriptorCapacity = kDescriptorBytes + internal::kFusedPairMaxBytes;
+
+// Two ranks, small allreduce: each rank sends one message carrying its call descriptor followed by
+// its data, receives the peer's, checks the descriptor and reduces — one message each way, no
+// separate descriptor message, no copy of the input into recv first. Both ranks take this path
+// exactly when their descriptors agree (it depends only on the collective, algorithm, count and
+// type, which the descriptor holds, and on the rank count); a peer that took the ordinary path
+// (a different count) sends a bare descriptor on the same channel and is reported as a mismatch.
+Status fused_pair_allreduce(Exchange& ex, const Descriptor& mine, const Call& call) {
+  Communicator& comm = ex.comm();
+  const int peer = 1 - comm.rank();
+  const size_t bytes = call.count * ex.elem();
+  uint8_t* in = comm.scratch(internal::kScratchDescriptor, 2 * kDescriptorCapacity);
+  uint8_t* out = in + kDescriptorCapacity;
+  MYELIN_ASSIGN_OR_RETURN(
+      size_t r, ex.post_recv_upto(peer, internal::kDescriptorPhase, in, kDescriptorCapacity));
+  std::memcpy(out, &mine, kDescriptorBytes);
+  if (bytes > 0) std::memcpy(out + kDescriptorBytes, call.send, bytes);
+  MYELIN_ASSIGN_OR_RETURN(
+      size_t s, ex.post_send(peer, internal::kDescriptorPhase, out, kDescriptorBytes + bytes));
+  MYELIN_RETURN_IF_ERROR(ex.wait(r));
+  const size_t got = ex.received(r);
+  if (got < kDescriptorBytes) {
+    return invalid_argument("rank ", peer, " sent ", got, " bytes where a ", kDescriptorBytes,
+                            "-byte call descriptor was expected");
+  }
+  Descriptor theirs;
+  std::memcpy(&theirs, in, kDescriptorBytes);
+  if (!same_call(mine, theirs)) return mismatched_calls(peer, theirs, mine);
+  if (got != kDescriptorBytes + bytes) {
+    return invalid_argument("size mismatch: rank ", peer, " sent ", got - kDescriptorBytes,
+                            " bytes of data where this rank expected ", bytes);
+  }
+  // This rank's contribution is the left operand, as in recursive doubling.
+  reduce_to(call.recv, call.send, in + kDescriptorBytes, call.count, call.type, call.op);
+  if (call.op == ReduceOp::kAvg) divide_by(call.recv, call.count, call.type, 2);
+  return ex.wait(s);
+}
 
 // Options::segment_size 0: MYELIN_COLL_SEGMENT (bytes; K/M suffixes) when set, else the built-in
 // default. Read once.
@@ -158,14 +208,25 @@ Result<Algorithm> run(Communicator& comm, const Call& call, const Options& optio
   theirs.magic = 0;
 
   const int n = comm.size();
+  const bool fused = n == 2 && call.collective == Collective::kAllreduce &&
+                     algo == Algorithm::kRecursiveDoubling &&
+                     call.select_bytes <= internal::kFusedPairMaxBytes;
   Status status;
   {
     Exchange ex(comm, options.tag, Deadline::after(timeout), info);
     size_t desc_recv = 0;
     bool desc_posted = false;
     const int prev = (comm.rank() + n - 1) % n;
-    if (n > 1) {
-      auto r = ex.post_recv(prev, internal::kDescriptorPhase, &theirs, sizeof(theirs));
+    // With two ranks the peer may be on the fast path (if its call differs from this one), and
+    // its descriptor then comes with data: receive into room for both.
+    uint8_t* desc_in = n == 2 ? comm.scratch(internal::kScratchDescriptor, kDescriptorCapacity)
+                              : reinterpret_cast<uint8_t*>(&theirs);
+    if (fused) {
+      status = fused_pair_allreduce(ex, mine, call);
+    } else if (n > 1) {
+      auto r =
+          n == 2 ? ex.post_recv_upto(prev, internal::kDescriptorPhase, desc_in, kDescriptorCapacity)
+                 : ex.post_recv(prev, internal::kDescriptorPhase, desc_in, sizeof(theirs));
       if (r.ok()) {
         desc_recv = *r;
         desc_posted = true;
@@ -176,7 +237,7 @@ Result<Algorithm> run(Communicator& comm, const Call& call, const Options& optio
         status = std::move(r).status();
       }
     }
-    if (status.ok()) status = body(ex, algo);
+    if (status.ok() && !fused) status = body(ex, algo);
     if (desc_posted) {
       if (status.ok()) {
         status = ex.wait(desc_recv);
@@ -187,11 +248,16 @@ Result<Algorithm> run(Communicator& comm, const Call& call, const Options& optio
         const Deadline grace = Deadline::after(std::chrono::milliseconds(200)).min(ex.deadline());
         while (!ex.done(desc_recv) && !grace.expired()) comm.context().progress();
       }
-      const bool have_theirs = ex.done(desc_recv) && ex.status_of(desc_recv).ok();
-      if (have_theirs && !same_call(mine, theirs)) {
-        status =
-            invalid_argument("mismatched collective calls: rank ", prev, " called ",
-                             describe_call(theirs), ", this rank called ", describe_call(mine));
+      const bool have_theirs = ex.done(desc_recv) && ex.status_of(desc_recv).ok() &&
+                               ex.received(desc_recv) >= kDescriptorBytes;
+      if (have_theirs && desc_in != reinterpret_cast<uint8_t*>(&theirs)) {
+        std::memcpy(&theirs, desc_in, kDescriptorBytes);
+      }
+      if (have_theirs && !same_call(mine, theirs)) status = mismatched_calls(prev, theirs, mine);
+      if (status.ok() && have_theirs && ex.received(desc_recv) != kDescriptorBytes) {
+        status = invalid_argument("rank ", prev, " sent a ", ex.received(desc_recv),
+                                  "-byte call descriptor where ", kDescriptorBytes,
+                                  " bytes were expected");
       }
       if (status.ok()) status = ex.wait_all();
     }
@@ -221,7 +287,7 @@ Status need_buffers(const void* send, const void* recv, size_t count, std::strin
 Result<Algorithm> allreduce(Communicator& comm, const void* send, void* recv, size_t count,
                             DataType type, ReduceOp op, const Options& options) {
   MYELIN_RETURN_IF_ERROR(need_buffers(send, recv, count, "allreduce"));
-  const Call call{Collective::kAllreduce, type, op, count, count * dtype_size(type), 0};
+  const Call call{Collective::kAllreduce, type, op, count, count * dtype_size(type), 0, send, recv};
   return run(comm, call, options, [&](Exchange& ex, Algorithm algo) -> Status {
     const size_t bytes = count * ex.elem();
     // The ring reads the send buffer where it needs it; the others work in recv from the start.

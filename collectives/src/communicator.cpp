@@ -9,10 +9,15 @@
 #include <myelin/core/log.hpp>
 #include <myelin/transport/node.hpp>
 
+#include "exchange.hpp"
+
 namespace myelin::collectives {
 
 Communicator::Communicator(const CommunicatorOptions& options)
-    : options_(options), rank_(options.rank), size_(options.size) {}
+    : options_(options),
+      rank_(options.rank),
+      size_(options.size),
+      pending_pool_(std::make_unique<internal::PendingPool>()) {}
 
 Communicator::~Communicator() = default;
 

@@ -18,6 +18,8 @@ Exchange::~Exchange() {
                       << " in flight: " << s.to_string();
     }
   }
+  pending_.clear();
+  pending_.swap(comm_.pending_pool().ops);
 }
 
 size_t Exchange::segment_elems() const noexcept {
@@ -46,6 +48,12 @@ Result<size_t> Exchange::post_recv(int peer, uint8_t phase, void* data, size_t b
   return pending_.size() - 1;
 }
 
+Result<size_t> Exchange::post_recv_upto(int peer, uint8_t phase, void* data, size_t capacity) {
+  MYELIN_ASSIGN_OR_RETURN(size_t h, post_recv(peer, phase, data, capacity));
+  pending_[h].exact = false;
+  return h;
+}
+
 Status Exchange::describe(const Pending& p, Status error) const {
   const std::string what =
       p.is_recv ? ::myelin::internal::str_cat("receiving ", p.bytes, " bytes from rank ", p.peer)
@@ -63,7 +71,7 @@ Status Exchange::wait(size_t handle) {
   p.waited = true;
   Status s = comm_.context().wait(p.request, deadline_);
   if (!s.ok()) return describe(p, std::move(s));
-  if (p.is_recv && p.request.bytes() != p.bytes) {
+  if (p.is_recv && p.exact && p.request.bytes() != p.bytes) {
     return invalid_argument("size mismatch: rank ", p.peer, " sent ", p.request.bytes(),
                             " bytes where this rank expected ", p.bytes,
                             " (the ranks called the collective with different counts)");

@@ -47,12 +47,30 @@ struct CallInfo {
   size_t segment_bytes = kDefaultSegmentBytes;
 };
 
+// One posted operation of an Exchange.
+struct PendingOp {
+  transport::Request request;
+  int peer = -1;
+  size_t bytes = 0;
+  bool is_recv = false;
+  bool exact = true;  // a receive must bring exactly `bytes`
+  bool waited = false;
+};
+
+// The Communicator keeps the list of posted operations from call to call, so that a call does not
+// allocate it anew (an Exchange borrows it for its lifetime and hands it back cleared).
+struct PendingPool {
+  std::vector<PendingOp> ops;
+};
+
 // Posted operations of one collective call on this rank. Handles are indices; wait() turns every
 // failure into a Status that names the peer, the direction and the size.
 class Exchange {
  public:
   Exchange(Communicator& comm, uint16_t tag, Deadline deadline, const CallInfo& info)
-      : comm_(comm), tag_(tag), deadline_(deadline), info_(info) {}
+      : comm_(comm), tag_(tag), deadline_(deadline), info_(info) {
+    pending_.swap(comm_.pending_pool().ops);  // capacity of earlier calls; empty
+  }
   Exchange(const Exchange&) = delete;
   Exchange& operator=(const Exchange&) = delete;
   // Waits (up to the deadline) for operations still in flight, so that no buffer is released
@@ -68,8 +86,15 @@ class Exchange {
 
   Result<size_t> post_send(int peer, uint8_t phase, const void* data, size_t bytes);
   Result<size_t> post_recv(int peer, uint8_t phase, void* data, size_t bytes);
-  // Waits for one operation; a receive must bring exactly the posted number of bytes.
+  // A receive of at most `capacity` bytes: wait() accepts any size up to it (received() tells).
+  Result<size_t> post_recv_upto(int peer, uint8_t phase, void* data, size_t capacity);
+  // Waits for one operation; a receive posted with post_recv() must bring exactly the posted
+  // number of bytes.
   Status wait(size_t handle);
+  // Bytes a completed receive brought.
+  [[nodiscard]] size_t received(size_t handle) const noexcept {
+    return pending_[handle].request.bytes();
+  }
   // True when the operation has completed (successfully or not); never waits.
   [[nodiscard]] bool done(size_t handle) const noexcept { return pending_[handle].request.done(); }
   [[nodiscard]] const Status& status_of(size_t handle) const noexcept {
@@ -83,13 +108,7 @@ class Exchange {
                   size_t recv_bytes, uint8_t phase);
 
  private:
-  struct Pending {
-    transport::Request request;
-    int peer = -1;
-    size_t bytes = 0;
-    bool is_recv = false;
-    bool waited = false;
-  };
+  using Pending = PendingOp;
   Status describe(const Pending& p, Status error) const;
 
   Communicator& comm_;
@@ -100,10 +119,16 @@ class Exchange {
   size_t first_unwaited_ = 0;
 };
 
-// Scratch slots of the Communicator: 0 and 1 belong to the algorithms, 2 to the dispatcher.
+// Scratch slots of the Communicator: 0 and 1 belong to the algorithms, 2 to the dispatcher, 3 to
+// the call descriptors (and the data that travels with them on the two-rank fast path).
 constexpr int kScratchAlgo0 = 0;
 constexpr int kScratchAlgo1 = 1;
 constexpr int kScratchWork = 2;
+constexpr int kScratchDescriptor = 3;
+
+// Largest allreduce (bytes) that two ranks run as one message each way carrying the call
+// descriptor and the data (docs/collectives.md, "Two-rank fast path").
+constexpr size_t kFusedPairMaxBytes = 16 * 1024;
 
 // Number of segments of `count` elements cut in pieces of `seg`, and segment j.
 inline size_t segment_count(size_t count, size_t seg) noexcept {

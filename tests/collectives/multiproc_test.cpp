@@ -236,7 +236,7 @@ INSTANTIATE_TEST_SUITE_P(Ranks, Collectives, ::testing::Range(1, 9),
 
 // Same-node peers over the transport's automatic choice (shared memory where it exists).
 TEST(CollectivesAuto, AllreduceOverAutoBackend) {
-  for (int n : {3, 4}) {
+  for (int n : {2, 3, 4}) {
     WorldSpec s;
     s.ranks = n;
     s.backend = Backend::kAuto;
@@ -419,6 +419,54 @@ TEST(CollectivesFailure, MismatchedCountsAreAClearError) {
   std::string errors;
   for (int r = 0; r < 3; ++r) errors += "\n" + read_file(out.dir + "/error." + std::to_string(r));
   EXPECT_GE(clear, 2) << errors;
+}
+
+// Two ranks run small allreduces as one message each way (descriptor and data together): both
+// sides of the size limit, every op, in place and out.
+TEST(CollectivesTwoRanks, FastPathAndOrdinaryPathAroundTheLimit) {
+  WorldSpec s;
+  s.ranks = 2;
+  const auto out = run_world(s, [](RankCtx& rc) -> Status {
+    uint64_t salt = 500;
+    for (size_t count : {size_t{4095}, size_t{4096}, size_t{4097}}) {  // f32: 16 KiB is the limit
+      for (ReduceOp op : kAllReduceOps) {
+        for (bool in_place : {false, true}) {
+          MYELIN_RETURN_IF_ERROR(check_allreduce(rc, Algorithm::kAuto, DataType::kF32, op, count,
+                                                 in_place, 0, ++salt));
+        }
+      }
+    }
+    // Forced recursive doubling above the limit takes the ordinary path.
+    return check_allreduce(rc, Algorithm::kRecursiveDoubling, DataType::kI64, ReduceOp::kSum, 4097,
+                           false, 0, ++salt);
+  });
+  EXPECT_TRUE(out.all_ok()) << out.summary();
+}
+
+// Mismatched counts on two ranks, both on the fast path (7 / 8) and one on each side of its
+// limit (4096 / 4097 f32): every rank names both calls.
+TEST(CollectivesFailure, MismatchedCountsOnTwoRanksAreAClearError) {
+  for (const auto& counts :
+       {std::pair<size_t, size_t>{7, 8}, std::pair<size_t, size_t>{4096, 4097}}) {
+    WorldSpec s;
+    s.ranks = 2;
+    s.timeout = std::chrono::milliseconds(5000);
+    const auto out = run_world(s, [&](RankCtx& rc) -> Status {
+      const size_t count = rc.rank == 1 ? counts.second : counts.first;
+      std::vector<float> buf(count, 1.0f);
+      auto r = allreduce(*rc.comm, buf.data(), buf.data(), count, DataType::kF32, ReduceOp::kSum);
+      if (r.ok()) return internal_error("mismatched allreduce succeeded");
+      write_file(rc.dir + "/error." + std::to_string(rc.rank), r.status().to_string());
+      return ok_status();
+    });
+    EXPECT_TRUE(out.all_ok()) << out.summary();
+    for (int r = 0; r < 2; ++r) {
+      const std::string err = read_file(out.dir + "/error." + std::to_string(r));
+      EXPECT_NE(err.find("mismatched collective calls"), std::string::npos) << err;
+      EXPECT_NE(err.find(std::to_string(counts.first) + " x f32"), std::string::npos) << err;
+      EXPECT_NE(err.find(std::to_string(counts.second) + " x f32"), std::string::npos) << err;
+    }
+  }
 }
 
 TEST(CollectivesFailure, BadArgumentsAreRejectedBeforeAnyTraffic) {

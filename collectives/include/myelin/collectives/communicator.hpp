@@ -41,6 +41,10 @@
 
 namespace myelin::collectives {
 
+namespace internal {
+struct PendingPool;  // collectives/src/exchange.hpp
+}  // namespace internal
+
 struct CommunicatorOptions {
   int rank = -1;
   int size = 0;
@@ -90,6 +94,8 @@ class Communicator {
   uint64_t next_sequence() noexcept { return sequence_++; }
   // A scratch buffer of at least `bytes`, one per slot (0..3), reused across calls.
   uint8_t* scratch(int slot, size_t bytes);
+  // The list of posted operations, reused across calls.
+  internal::PendingPool& pending_pool() noexcept { return *pending_pool_; }
 
  private:
   explicit Communicator(const CommunicatorOptions& options);
@@ -105,6 +111,7 @@ class Communicator {
   Status failure_;
   uint64_t sequence_ = 0;
   std::vector<uint8_t> scratch_[4];
+  std::unique_ptr<internal::PendingPool> pending_pool_;
 };
 
 }  // namespace myelin::collectives
