@@ -62,6 +62,7 @@ struct Args {
   size_t warmup = 0;
   double duration_s = 0;
   size_t window = 0;
+  size_t buffers = 0;
   bool bidir = false;
   std::vector<int> cpus;
   int numa = -1;
@@ -289,10 +290,13 @@ int run_rank(const Args& a, int rank, int size, Store& store) {
   if (reporter) {
     char host[256] = {0};
     ::gethostname(host, sizeof(host) - 1);
-    report.comment(
-        std::string("myelin-bench ") + a.bench + ": transport " + used + " (" + why +
-        "), progress " + a.progress +
-        (a.kind == Kind::kCollective ? std::string() : ", window " + std::to_string(window)));
+    report.comment(std::string("myelin-bench ") + a.bench + ": transport " + used + " (" + why +
+                   "), progress " + a.progress +
+                   (a.kind == Kind::kCollective
+                        ? std::string()
+                        : ", window " + std::to_string(window) + ", buffers " +
+                              (a.buffers == 0 ? std::string("one per operation in flight")
+                                              : std::to_string(std::min(a.buffers, window)))));
     report.comment(std::string("myelin ") + MYELIN_VERSION_STRING + " (" + MYELIN_BUILD_TYPE +
                    "), host " + host + ", " + std::to_string(size) + " ranks, device " +
                    (opts.device.empty() ? "default" : opts.device) + ", this rank: " + placement +
@@ -318,6 +322,7 @@ int run_rank(const Args& a, int rank, int size, Store& store) {
 
   bench::RunConfig cfg;
   cfg.window = window;
+  cfg.buffers = a.buffers;
   cfg.corrupt_at = a.inject_wrong;
   uint64_t wrong = 0;
   const int64_t started = monotonic_ns();
@@ -631,6 +636,9 @@ void add_options(CLI::App* sub, Args& a, Kind kind, const std::string& name) {
   sub->add_option("--inject-wrong", a.inject_wrong)->group("");
   if (kind == Kind::kP2p || kind == Kind::kOneSided) {
     sub->add_option("--window", a.window, "operations in flight (default 64; rate 256)");
+    sub->add_option("--buffers", a.buffers,
+                    "distinct buffers (and put/get slots) per side, used round robin; default: "
+                    "one per operation in flight; 1: ucx_perftest's one reused buffer");
   }
   if (name == "bw") sub->add_flag("--bidir,--bidirectional", a.bidir, "both directions at once");
   if (kind == Kind::kCollective) {

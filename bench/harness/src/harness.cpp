@@ -48,6 +48,49 @@ bool check_all(const std::vector<uint8_t>& buf, size_t size, uint64_t salt, uint
   return true;
 }
 
+// Buffers (slots) used round robin: cfg.buffers, or one per operation in flight; never more than
+// `cap` bytes in total.
+size_t buffer_count(const RunConfig& cfg, size_t window, size_t size, size_t cap) {
+  const size_t wanted = cfg.buffers != 0 ? std::min(cfg.buffers, window) : window;
+  return std::max<size_t>(1, std::min(wanted, cap / std::max<size_t>(size, 1)));
+}
+// Operations in flight: cfg.window; with one buffer per operation (cfg.buffers == 0) bounded by
+// how many buffers fit in `cap` bytes, as the buffers are.
+size_t window_of(const RunConfig& cfg, size_t size, size_t cap) {
+  const size_t w = std::max<size_t>(1, cfg.window);
+  return cfg.buffers != 0 ? w : buffer_count(cfg, w, size, cap);
+}
+// The stamp check where receive buffers may be shared by pending operations (nbuf < window): a
+// later message may already have landed in the same buffer, so any index still in flight counts.
+bool check_stamp_shared(const uint8_t* p, size_t size, uint64_t index, size_t nbuf, size_t window,
+                        uint64_t last) {
+  if (nbuf >= window) return check_stamp(p, size, index);
+  const size_t n = std::min<size_t>(size, 8);
+  if (n == 0) return true;
+  uint64_t head = 0, tail = 0;
+  std::memcpy(&head, p, n);
+  if (n == 8) {
+    if (head < index || head > last) return false;
+  } else if (std::memcmp(p, &index, n) != 0) {
+    // Short messages: only the low bytes of the index fit; accept any in-flight index.
+    bool any = false;
+    for (uint64_t k = index; k <= last && !any; ++k) any = std::memcmp(p, &k, n) == 0;
+    if (!any) return false;
+  }
+  if (size < 16) return true;
+  std::memcpy(&tail, p + size - 8, 8);
+  return tail >= index && tail <= last;
+}
+// Every byte of the pattern between the stamps (shared buffers: the stamps are checked apart).
+bool check_pattern(const std::vector<uint8_t>& buf, size_t size, uint64_t salt) {
+  const size_t head = std::min<size_t>(size, 8);
+  const size_t tail = size >= 16 ? size - 8 : size;
+  for (size_t i = head; i < tail; ++i) {
+    if (buf[i] != pattern_byte(i, salt)) return false;
+  }
+  return true;
+}
+
 Status wait(Context& ctx, const Request& r, const char* what) {
   Status s = ctx.wait(r);
   if (!s.ok()) return std::move(s).with_context(what);
@@ -138,10 +181,10 @@ Result<LatencyResult> run_latency(Context& ctx, Endpoint& ep, bool initiator, si
 
 Result<BandwidthResult> run_bandwidth(Context& ctx, Endpoint& ep, bool sender, size_t size,
                                       const RunConfig& cfg) {
-  // Enough buffers for the window, bounded to 256 MiB in total.
-  const size_t window =
-      std::max<size_t>(1, std::min(cfg.window, (size_t{256} << 20) / std::max<size_t>(size, 1)));
-  std::vector<std::vector<uint8_t>> bufs(window, std::vector<uint8_t>(size));
+  // Enough buffers for the window (or cfg.buffers), bounded to 256 MiB in total.
+  const size_t window = window_of(cfg, size, size_t{256} << 20);
+  const size_t nbuf = buffer_count(cfg, window, size, size_t{256} << 20);
+  std::vector<std::vector<uint8_t>> bufs(nbuf, std::vector<uint8_t>(size));
   if (sender) {
     for (auto& b : bufs) fill(b, size);
   }
@@ -156,8 +199,11 @@ Result<BandwidthResult> run_bandwidth(Context& ctx, Endpoint& ep, bool sender, s
       for (size_t i = 0; i < count; ++i) {
         const size_t slot = (first + i) % window;
         if (i >= window) MYELIN_RETURN_IF_ERROR(wait(ctx, reqs[slot], "bandwidth: send"));
-        stamp(bufs[slot].data(), size, first + i);
-        reqs[slot] = ep.send(kData, bufs[slot].data(), size);
+        // With shared buffers a pending send's bytes may change under it: the receiver accepts
+        // any in-flight stamp then, and the pattern between the stamps never changes.
+        uint8_t* out = bufs[(first + i) % nbuf].data();
+        stamp(out, size, first + i);
+        reqs[slot] = ep.send(kData, out, size);
       }
       for (size_t i = 0; i < std::min(count, window); ++i) {
         MYELIN_RETURN_IF_ERROR(
@@ -166,24 +212,31 @@ Result<BandwidthResult> run_bandwidth(Context& ctx, Endpoint& ep, bool sender, s
       return ok_status();
     }
     for (size_t i = 0; i < std::min(count, window); ++i) {
-      reqs[(first + i) % window] = ep.recv(kData, bufs[(first + i) % window].data(), size);
+      reqs[(first + i) % window] = ep.recv(kData, bufs[(first + i) % nbuf].data(), size);
     }
     const uint64_t t0 = CycleTimer::now();
     MYELIN_RETURN_IF_ERROR(signal(ctx, ep));
     for (size_t i = 0; i < count; ++i) {
       const size_t slot = (first + i) % window;
+      std::vector<uint8_t>& buf = bufs[(first + i) % nbuf];
       if (Status s = wait(ctx, reqs[slot], "bandwidth: recv"); !s.ok()) {
         return std::move(s).with_context("message " + std::to_string(i) + " of " +
                                          std::to_string(count));
       }
       const bool full = timed && (i == 0 || i == cfg.corrupt_at);
-      if (timed && i == cfg.corrupt_at && size > 0) bufs[slot][size / 2] ^= 0x5A;
-      const bool good =
-          reqs[slot].bytes() == size && (full ? check_all(bufs[slot], size, size, first + i)
-                                              : check_stamp(bufs[slot].data(), size, first + i));
+      if (timed && i == cfg.corrupt_at && size > 0) buf[size / 2] ^= 0x5A;
+      // The sender re-stamps a shared buffer while earlier sends of it are pending: a message may
+      // carry the stamp of one up to two windows later.
+      const uint64_t last = first + i + 2 * window;
+      const bool stamped =
+          nbuf >= window ? (full ? check_all(buf, size, size, first + i)
+                                 : check_stamp(buf.data(), size, first + i))
+                         : check_stamp_shared(buf.data(), size, first + i, nbuf, window, last) &&
+                               (!full || check_pattern(buf, size, size));
+      const bool good = reqs[slot].bytes() == size && stamped;
       if (!good && timed) ++res.wrong;
       if (i + window < count) {
-        reqs[slot] = ep.recv(kData, bufs[slot].data(), size);
+        reqs[slot] = ep.recv(kData, buf.data(), size);
       }
     }
     if (timed) {
@@ -218,10 +271,10 @@ Status wait_draining(Context& ctx, const Request& r, Deadline deadline, Drain&& 
 
 Result<BandwidthResult> run_bidirectional(Context& ctx, Endpoint& ep, size_t size,
                                           const RunConfig& cfg) {
-  const size_t window =
-      std::max<size_t>(1, std::min(cfg.window, (size_t{128} << 20) / std::max<size_t>(size, 1)));
-  std::vector<std::vector<uint8_t>> out(window, std::vector<uint8_t>(size));
-  std::vector<std::vector<uint8_t>> in(window, std::vector<uint8_t>(size));
+  const size_t window = window_of(cfg, size, size_t{128} << 20);
+  const size_t nbuf = buffer_count(cfg, window, size, size_t{128} << 20);
+  std::vector<std::vector<uint8_t>> out(nbuf, std::vector<uint8_t>(size));
+  std::vector<std::vector<uint8_t>> in(nbuf, std::vector<uint8_t>(size));
   for (auto& b : out) fill(b, size);
   BandwidthResult res;
   res.size = size;
@@ -232,7 +285,7 @@ Result<BandwidthResult> run_bidirectional(Context& ctx, Endpoint& ep, size_t siz
   auto phase = [&](size_t first, size_t count, bool timed) -> Status {
     size_t posted = 0, received = 0;
     for (; posted < std::min(count, window); ++posted) {
-      recvs[posted % window] = ep.recv(kData, in[posted % window].data(), size);
+      recvs[posted % window] = ep.recv(kData, in[(first + posted) % nbuf].data(), size);
     }
     // Symmetric start: each side tells the other its receives are posted, then waits for the same.
     MYELIN_RETURN_IF_ERROR(signal(ctx, ep));
@@ -246,15 +299,19 @@ Result<BandwidthResult> run_bidirectional(Context& ctx, Endpoint& ep, size_t siz
           return Status(recvs[slot].status()).with_context("bidirectional: recv");
         }
         const size_t index = first + received;
+        std::vector<uint8_t>& buf = in[index % nbuf];
         const bool full = timed && (received == 0 || received == cfg.corrupt_at);
-        if (timed && received == cfg.corrupt_at && size > 0) in[slot][size / 2] ^= 0x5A;
-        const bool good =
-            recvs[slot].bytes() == size && (full ? check_all(in[slot], size, size, index)
-                                                 : check_stamp(in[slot].data(), size, index));
+        if (timed && received == cfg.corrupt_at && size > 0) buf[size / 2] ^= 0x5A;
+        const bool stamped =
+            nbuf >= window
+                ? (full ? check_all(buf, size, size, index) : check_stamp(buf.data(), size, index))
+                : check_stamp_shared(buf.data(), size, index, nbuf, window, index + 2 * window) &&
+                      (!full || check_pattern(buf, size, size));
+        const bool good = recvs[slot].bytes() == size && stamped;
         if (!good && timed) ++res.wrong;
         ++received;
         if (posted < count) {
-          recvs[posted % window] = ep.recv(kData, in[posted % window].data(), size);
+          recvs[posted % window] = ep.recv(kData, in[(first + posted) % nbuf].data(), size);
           ++posted;
         }
       }
@@ -266,8 +323,9 @@ Result<BandwidthResult> run_bidirectional(Context& ctx, Endpoint& ep, size_t siz
         MYELIN_RETURN_IF_ERROR(
             wait_draining(ctx, sends[slot], deadline, drain, "bidirectional: send"));
       }
-      stamp(out[slot].data(), size, first + i);
-      sends[slot] = ep.send(kData, out[slot].data(), size);
+      uint8_t* src = out[(first + i) % nbuf].data();
+      stamp(src, size, first + i);
+      sends[slot] = ep.send(kData, src, size);
       MYELIN_RETURN_IF_ERROR(drain());
     }
     for (size_t i = 0; i < std::min(count, window); ++i) {
@@ -303,9 +361,11 @@ Result<BandwidthResult> run_bidirectional(Context& ctx, Endpoint& ep, size_t siz
 
 Result<BandwidthResult> run_one_sided(Context& ctx, Endpoint& ep, OneSided op, bool initiator,
                                       size_t size, const RunConfig& cfg) {
-  const size_t window =
-      std::max<size_t>(1, std::min(cfg.window, (size_t{128} << 20) / std::max<size_t>(size, 1)));
-  const size_t bytes = std::max<size_t>(size, 1) * window;
+  // `window` operations in flight over `nslots` slots of the region (local source or destination
+  // and remote offset alike), used round robin.
+  const size_t window = window_of(cfg, size, size_t{128} << 20);
+  const size_t nslots = buffer_count(cfg, window, size, size_t{128} << 20);
+  const size_t bytes = std::max<size_t>(size, 1) * nslots;
   MYELIN_ASSIGN_OR_RETURN(transport::MemoryRegion region, ctx.allocate(bytes));
   auto* base = static_cast<uint8_t*>(region.data());
   BandwidthResult res;
@@ -332,7 +392,7 @@ Result<BandwidthResult> run_one_sided(Context& ctx, Endpoint& ep, OneSided op, b
   if (!initiator) {
     // get: every slot holds the pattern stamped with its slot number.
     if (op == OneSided::kGet) {
-      for (size_t j = 0; j < window; ++j) fill_slot(j, j);
+      for (size_t j = 0; j < nslots; ++j) fill_slot(j, j);
     }
     const std::vector<uint8_t> key = region.remote_key().serialize();
     MYELIN_RETURN_IF_ERROR(wait(ctx, ep.send(kControl, key.data(), key.size()), "sending the key"));
@@ -347,9 +407,9 @@ Result<BandwidthResult> run_one_sided(Context& ctx, Endpoint& ep, OneSided op, b
       if (op == OneSided::kPut && timed && count > 0) {
         // The last put into each slot is the one that must be there, every byte.
         const size_t end = first + count;
-        for (size_t j = 0; j < window; ++j) {
+        for (size_t j = 0; j < nslots; ++j) {
           // The highest index below `end` that went into slot j, if this phase wrote it.
-          const size_t back = ((end - 1) % window + window - j) % window;
+          const size_t back = ((end - 1) % nslots + nslots - j) % nslots;
           if (back > end - 1 || end - 1 - back < first) continue;
           if (!slot_ok(j, end - 1 - back, true)) ++wrong;
         }
@@ -366,7 +426,7 @@ Result<BandwidthResult> run_one_sided(Context& ctx, Endpoint& ep, OneSided op, b
   key_bytes.resize(kr.bytes());
   MYELIN_ASSIGN_OR_RETURN(transport::RemoteKey key, transport::RemoteKey::deserialize(key_bytes));
   if (op == OneSided::kPut) {
-    for (size_t j = 0; j < window; ++j) fill_slot(j, 0);
+    for (size_t j = 0; j < nslots; ++j) fill_slot(j, 0);
   }
   std::vector<Request> reqs(window);
   for (int phase = 0; phase < 2; ++phase) {
@@ -375,8 +435,8 @@ Result<BandwidthResult> run_one_sided(Context& ctx, Endpoint& ep, OneSided op, b
     const size_t count = timed ? cfg.iters : cfg.warmup;
     uint64_t wrong = 0;
     auto complete = [&](size_t i) -> Status {
-      const size_t slot = i % window;
-      MYELIN_RETURN_IF_ERROR(wait(ctx, reqs[slot], op == OneSided::kPut ? "put" : "get"));
+      const size_t slot = i % nslots;
+      MYELIN_RETURN_IF_ERROR(wait(ctx, reqs[i % window], op == OneSided::kPut ? "put" : "get"));
       if (op == OneSided::kGet && timed) {
         const size_t k = i - first;
         if (k == cfg.corrupt_at && size > 0) base[slot * size + size / 2] ^= 0x5A;
@@ -386,7 +446,7 @@ Result<BandwidthResult> run_one_sided(Context& ctx, Endpoint& ep, OneSided op, b
     };
     const uint64_t t0 = CycleTimer::now();
     for (size_t i = first; i < first + count; ++i) {
-      const size_t slot = i % window;
+      const size_t slot = i % nslots;
       if (i - first >= window) MYELIN_RETURN_IF_ERROR(complete(i - window));
       uint8_t* p = base + slot * size;
       if (op == OneSided::kPut) {
@@ -395,9 +455,9 @@ Result<BandwidthResult> run_one_sided(Context& ctx, Endpoint& ep, OneSided op, b
         if (timed && cfg.corrupt_at != SIZE_MAX && i + 1 == first + count && size > 0) {
           p[size / 2] ^= 0x5A;
         }
-        reqs[slot] = ep.put(p, size, key, slot * size, &region);
+        reqs[i % window] = ep.put(p, size, key, slot * size, &region);
       } else {
-        reqs[slot] = ep.get(p, size, key, slot * size, &region);
+        reqs[i % window] = ep.get(p, size, key, slot * size, &region);
       }
     }
     for (size_t i = first + count - std::min(count, window); i < first + count; ++i) {
@@ -405,7 +465,7 @@ Result<BandwidthResult> run_one_sided(Context& ctx, Endpoint& ep, OneSided op, b
     }
     const double seconds = CycleTimer::to_ns(CycleTimer::now() - t0) / 1e9;
     if (op == OneSided::kPut) {
-      for (size_t j = 0; j < window; ++j) fill_slot(j, 0);  // undoes a fault injection
+      for (size_t j = 0; j < nslots; ++j) fill_slot(j, 0);  // undoes a fault injection
     }
     uint64_t n = count;
     MYELIN_RETURN_IF_ERROR(wait(ctx, ep.send(kControl, &n, 8), "phase done"));

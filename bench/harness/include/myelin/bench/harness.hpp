@@ -49,6 +49,14 @@ struct RunConfig {
   size_t iters = 10000;
   size_t warmup = 1000;
   size_t window = 64;  // bandwidth, rate, put, get: operations in flight
+  // Distinct buffers per side (bandwidth, rate, bidirectional: send and receive buffers; put/get:
+  // local slots and target offsets), used round robin. 0: one per operation in flight (`window`),
+  // so no two pending operations share memory and every copy streams memory the other messages
+  // did not just warm. 1: ucx_perftest's shape (tag_bw and ucp_put_bw reuse one send and one
+  // receive buffer for every message in flight, all hot in cache). With fewer buffers than the
+  // window, pending receives share a buffer: the stamp check then accepts any index still in
+  // flight, and the full-byte check looks at the pattern only.
+  size_t buffers = 0;
   // Fault injection for the tool's own tests: the receiving side flips one byte of the timed
   // message with this index before checking it (latency: the echo side corrupts its echo; put:
   // the initiator corrupts the phase's last put, which nothing overwrites before the check), so
