@@ -36,7 +36,7 @@ constexpr uint8_t kTopPhase = 4;
 
 // Pipelining unit of the ring and chain algorithms when Options::segment_size is 0 and
 // MYELIN_COLL_SEGMENT is not set (docs/collectives.md, "Segment size").
-constexpr size_t kDefaultSegmentBytes = 256 * 1024;
+constexpr size_t kDefaultSegmentBytes = 1024 * 1024;
 
 // The parameters of one call, shared by its algorithm functions.
 struct CallInfo {

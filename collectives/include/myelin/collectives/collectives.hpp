@@ -85,7 +85,7 @@ struct Options {
   // Separates concurrent users of one Context (see Channels above).
   uint16_t tag = 0;
   // Pipelining unit of the ring and chain algorithms, in bytes (rounded to whole elements);
-  // 0 = 256 KiB.
+  // 0 = MYELIN_COLL_SEGMENT if set, else 1 MiB.
   size_t segment_size = 0;
   // Root rank of broadcast and reduce.
   int root = 0;
