@@ -7,6 +7,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <random>
 #include <thread>
 
@@ -263,6 +264,106 @@ TEST(TcpBlocking, SpinThenBlockAcrossThreads) {
     ASSERT_TRUE((*a)->wait(r, Deadline::after_ms(20000)).ok());
     ASSERT_EQ(back, v + 1);
   }
+  peer.join();
+}
+
+// Two blocking Contexts on their own threads, connected, with a first exchange done (so each
+// has exactly one open connection and sleeps in that socket's recv).
+struct BlockingPair {
+  std::unique_ptr<Context> a, b;
+  Endpoint* ab = nullptr;  // a's endpoint to b
+  Endpoint* ba = nullptr;  // b's endpoint to a (touched only by b's thread)
+
+  static BlockingPair make() {
+    Options o;
+    o.progress = ProgressMode::kSpinThenBlock;
+    o.spin_before_block = std::chrono::microseconds(10);
+    o.backend = Backend::kTcp;
+    o.name = "block-a";
+    auto a = Context::create(o);
+    o.name = "block-b";
+    auto b = Context::create(o);
+    EXPECT_TRUE(a.ok() && b.ok());
+    BlockingPair p;
+    p.a = std::move(a).value();
+    p.b = std::move(b).value();
+    return p;
+  }
+};
+
+// Rendezvous-sized messages both ways: the waits sleep in recv while idle and in poll on the
+// socket while a payload is queued for sending.
+TEST(TcpBlocking, LargeMessagesBothWaysAcrossThreads) {
+  BlockingPair p = BlockingPair::make();
+  constexpr size_t kSize = (size_t{4} << 20) + 3;
+  constexpr int kRounds = 6;
+  std::vector<uint8_t> addr_a = p.a->address(), addr_b = p.b->address();
+  std::thread peer([&] {
+    auto ep = p.b->connect(addr_a);
+    ASSERT_TRUE(ep.ok());
+    std::vector<uint8_t> buf(kSize);
+    for (int i = 0; i < kRounds; ++i) {
+      ASSERT_TRUE(
+          p.b->wait((*ep)->recv(0, buf.data(), buf.size()), Deadline::after_ms(20000)).ok());
+      for (auto& x : buf) x = static_cast<uint8_t>(x + 1);
+      ASSERT_TRUE(
+          p.b->wait((*ep)->send(0, buf.data(), buf.size()), Deadline::after_ms(20000)).ok());
+    }
+  });
+  auto ep = p.a->connect(addr_b);
+  ASSERT_TRUE(ep.ok());
+  std::vector<uint8_t> out(kSize), in(kSize);
+  for (int i = 0; i < kRounds; ++i) {
+    for (size_t k = 0; k < kSize; ++k)
+      out[k] = static_cast<uint8_t>(k * 7 + static_cast<size_t>(i));
+    Request r = (*ep)->recv(0, in.data(), in.size());
+    ASSERT_TRUE(p.a->wait((*ep)->send(0, out.data(), out.size()), Deadline::after_ms(20000)).ok());
+    ASSERT_TRUE(p.a->wait(r, Deadline::after_ms(20000)).ok());
+    ASSERT_EQ(r.bytes(), kSize);
+    for (size_t k = 0; k < kSize; k += 4099)
+      ASSERT_EQ(in[k], static_cast<uint8_t>(out[k] + 1)) << k;
+    ASSERT_EQ(in[kSize - 1], static_cast<uint8_t>(out[kSize - 1] + 1));
+  }
+  peer.join();
+}
+
+// A wait asleep in recv on a quiet connection still ends at its deadline, and a peer that goes
+// away wakes it with an error naming that peer.
+TEST(TcpBlocking, BlockedWaitEndsAtItsDeadlineAndOnPeerDeath) {
+  BlockingPair p = BlockingPair::make();
+  std::vector<uint8_t> addr_a = p.a->address(), addr_b = p.b->address();
+  std::atomic<bool> a_done{false};  // release: a finished its timed wait; acquire in the peer
+  std::thread peer([&] {
+    auto ep = p.b->connect(addr_a);
+    ASSERT_TRUE(ep.ok());
+    uint64_t v = 7;
+    ASSERT_TRUE(p.b->wait((*ep)->send(0, &v, 8), Deadline::after_ms(20000)).ok());
+    // Keep the connection open and quiet until a has timed out once, then go away.
+    const Deadline limit = Deadline::after_ms(20000);
+    while (!a_done.load(std::memory_order_acquire) && !limit.expired()) {
+      p.b->progress();
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    p.b.reset();
+  });
+  auto ep = p.a->connect(addr_b);
+  ASSERT_TRUE(ep.ok());
+  uint64_t v = 0;
+  ASSERT_TRUE(p.a->wait((*ep)->recv(0, &v, 8), Deadline::after_ms(20000)).ok());
+  ASSERT_EQ(v, 7u);
+  Request r = (*ep)->recv(0, &v, 8);
+  const int64_t t0 = monotonic_ns();
+  Status s = p.a->wait(r, Deadline::after_ms(150));
+  const int64_t waited_ms = (monotonic_ns() - t0) / 1'000'000;
+  EXPECT_EQ(s.code(), StatusCode::kTimeout) << s;
+  EXPECT_GE(waited_ms, 149);
+  EXPECT_LT(waited_ms, 2000) << "the wait overslept its 150 ms deadline";
+  a_done.store(true, std::memory_order_release);
+  const int64_t t1 = monotonic_ns();
+  s = p.a->wait(r, Deadline::after_ms(20000));
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("block-b"), std::string_view::npos) << s;
+  EXPECT_LT((monotonic_ns() - t1) / 1'000'000, 10000) << "the peer's death did not wake the wait";
   peer.join();
 }
 

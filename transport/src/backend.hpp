@@ -62,6 +62,13 @@ class BackendContext {
   [[nodiscard]] virtual int wait_fd() const noexcept { return -1; }
   // Arms wait_fd() before sleeping; returns false when work is already pending (don't sleep).
   virtual bool arm_wait() { return true; }
+  // For ProgressMode::kSpinThenBlock when this is the Context's only backend: sleeps inside the
+  // backend's own receive (no separate wait on wait_fd(), one system call per wakeup fewer) for at
+  // most max_ms > 0, handles what arrived, and stores the events handled in `handled`. Returns
+  // false without sleeping when the backend cannot (several sockets to watch, output queued, a
+  // timer due); the Context then sleeps on wait_fd(). May return earlier than max_ms with nothing
+  // handled (a signal, a keepalive check).
+  virtual bool progress_blocking(int /*max_ms*/, size_t& /*handled*/) { return false; }
 };
 
 using BackendFactoryFn = Result<std::unique_ptr<BackendContext>> (*)(const Options&,

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <ctime>
 #include <map>
 #include <tuple>
 
@@ -140,6 +141,19 @@ struct Context::Impl {
     return true;
   }
 
+  // How long one blocking step may sleep: at most 100 ms (so a missed edge costs latency, never a
+  // hang), never past the deadline; 0 once it has passed. While the deadline is far the coarse
+  // clock decides (it reads no time-stamp counter, a few ns against 30-90 under KVM, and lags the
+  // precise clock by at most a tick, which the margin covers).
+  static int block_step_ms(Deadline deadline) {
+    if (deadline.is_never()) return 100;
+    timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    const int64_t coarse = static_cast<int64_t>(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec;
+    if (deadline.at_ns() - coarse > 200'000'000) return 100;
+    return std::min(deadline.remaining_ms_for_poll(), 100);
+  }
+
   // Drives progress until done() or the deadline; returns false on timeout.
   template <typename Done>
   bool drive(Done&& done, Deadline deadline) {
@@ -152,24 +166,39 @@ struct Context::Impl {
       }
     }
     // Adaptive spin: spin_ns is the current budget, at most spin_before_block. A wait that the
-    // spin satisfies restores the full budget; one that has to sleep anyway cuts it to a quarter,
-    // so a host where spinning does not pay (the peer or the kernel's network softirq needs this
-    // CPU: on a loopback ping-pong a spinner can hold back the very packet it waits for) stops
-    // spinning after a few waits. Every kSpinProbeEvery-th wait spins the full budget again, so a
-    // host that quietens down gets spinning back.
+    // spin satisfies within a quarter of the full budget restores it; one that has to sleep anyway,
+    // or that the spin satisfies only late, cuts it to a quarter, so a host where spinning does
+    // not pay (the peer or the kernel's network softirq needs this CPU: on a loopback ping-pong a
+    // spinner can hold back the very packet it waits for, and then "succeeds" after tens of
+    // microseconds) stops spinning after a few waits. Every kSpinProbeEvery-th wait spins the full
+    // budget again, so a host that quietens down gets spinning back.
     const int64_t max_spin = options.spin_before_block.count();
     const bool probe = ++waits % kSpinProbeEvery == 0;
-    const int64_t spin_until = monotonic_ns() + (probe ? max_spin : spin_ns);
-    while (monotonic_ns() < spin_until) {
-      progress();
-      if (done()) {
-        spin_ns = max_spin;
-        return true;
+    const int64_t budget = probe ? max_spin : spin_ns;
+    if (budget > 0) {  // no clock reads at all once the budget has decayed to nothing
+      const int64_t start = monotonic_ns();
+      const int64_t spin_until = start + budget;
+      for (int64_t now = start; now < spin_until; now = monotonic_ns()) {
+        progress();
+        if (done()) {
+          spin_ns = (now - start) * 4 <= max_spin ? max_spin : budget / 4;
+          return true;
+        }
+        if (deadline.expired()) return false;
       }
-      if (deadline.expired()) return false;
+      spin_ns = budget / 4;
     }
-    spin_ns /= 4;
     for (;;) {
+      // One backend that can sleep in its own receive: the wakeup is the receive itself.
+      if (backends.size() == 1) {
+        const int step = block_step_ms(deadline);
+        size_t handled = 0;
+        if (step != 0 && backends.front()->progress_blocking(step, handled)) {
+          if (done()) return true;
+          if (deadline.expired()) return false;
+          continue;
+        }
+      }
       // Sleeps only when nothing is pending (block_once returns at once otherwise).
       block_once(deadline);
       progress();
@@ -376,10 +405,12 @@ size_t Context::progress() {
 }
 
 Status Context::wait(const Request& request) {
+  if (request.done()) return request.status();  // no clock read for a finished request
   return wait(request, Deadline::after(impl_->options.timeout));
 }
 
 Status Context::wait(const Request& request, Deadline deadline) {
+  if (request.done()) return request.status();
   const int64_t start = monotonic_ns();
   if (!impl_->drive([&] { return request.done(); }, deadline)) {
     return timeout_error(impl_->info.name, ": timed out after ",

@@ -66,6 +66,10 @@ Result<Options> Options::with_env_overlay() const {
   if (const char* v = std::getenv("MYELIN_PROGRESS")) {
     MYELIN_ASSIGN_OR_RETURN(o.progress, parse_progress_mode(v));
   }
+  if (const char* v = std::getenv("MYELIN_SPIN_US")) {
+    MYELIN_ASSIGN_OR_RETURN(long long us, parse_env_integer("MYELIN_SPIN_US", v, 0, 1'000'000));
+    o.spin_before_block = std::chrono::microseconds(us);
+  }
   if (const char* v = std::getenv("MYELIN_TIMEOUT_MS")) {
     MYELIN_ASSIGN_OR_RETURN(long long ms,
                             parse_env_integer("MYELIN_TIMEOUT_MS", v, 1, 7LL * 24 * 3600 * 1000));

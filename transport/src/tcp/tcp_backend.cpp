@@ -2,6 +2,7 @@
 #include "tcp/tcp_backend.hpp"
 
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <ifaddrs.h>
 #include <netdb.h>
 #include <netinet/in.h>
@@ -58,6 +59,15 @@ class TcpRegistration final : public BackendRegistration {
 void set_nodelay(int fd) {
   int one = 1;
   (void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+}
+
+// Connection sockets stay in blocking mode: every send and receive passes MSG_DONTWAIT except
+// the one receive a spin-then-block wait sleeps in (Connection::on_readable), which needs no
+// fcntl per wait that way.
+Status set_blocking(int fd) {
+  const int fl = fcntl(fd, F_GETFL);
+  if (fl < 0 || fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) != 0) return errno_status("fcntl", errno);
+  return ok_status();
 }
 
 Result<uint32_t> interface_ipv4(const std::string& iface) {
@@ -121,6 +131,10 @@ Result<int> dial(const TcpAddress& peer, Deadline deadline) {
     return errno_status("connect to " + peer.to_string(), err, StatusCode::kUnavailable);
   }
   set_nodelay(fd);
+  if (Status s = set_blocking(fd); !s.ok()) {
+    ::close(fd);
+    return s;
+  }
   return fd;
 }
 }  // namespace
@@ -240,7 +254,9 @@ void TcpBackend::update_events(Connection& conn) {
 
 void TcpBackend::accept_all() {
   for (;;) {
-    const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    // Blocking mode, as dialed sockets (see set_blocking); Linux does not pass the listener's
+    // O_NONBLOCK on to accepted sockets.
+    const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
     if (fd < 0) {
       if (errno == EINTR || errno == ECONNABORTED) continue;
       if (errno != EAGAIN && errno != EWOULDBLOCK) {
@@ -251,6 +267,7 @@ void TcpBackend::accept_all() {
     set_nodelay(fd);
     auto conn = std::make_shared<Connection>(*this, fd, Connection::State::kOpen);
     conn->deadline_ns = Deadline::after(options_.timeout).at_ns();
+    timers_armed_ = true;
     if (Status s = watch(*conn); !s.ok()) {
       MYELIN_LOG_WARN << "tcp: dropping an accepted connection: " << s;
       continue;  // the Connection closes the fd
@@ -287,6 +304,7 @@ Result<std::unique_ptr<Endpoint>> TcpBackend::connect(std::span<const uint8_t> p
     conn->set_peer(key, peer_name);
   }
   conn->deadline_ns = deadline.is_never() ? 0 : deadline.at_ns();
+  timers_armed_ = timers_armed_ || conn->deadline_ns != 0;
   conn->claimed = true;
   live_.emplace(conn.get(), conn);
   by_peer_[key] = conn;
@@ -369,13 +387,17 @@ Result<std::unique_ptr<BackendRegistration>> TcpBackend::register_memory(
 }
 
 void TcpBackend::check_timers() {
+  if (!timers_armed_) return;  // no clock read per progress call while no deadline is set
   const int64_t now = monotonic_ns();
   if (now < next_timer_check_ns_) return;
   next_timer_check_ns_ = now + kTimerPeriodNs;
   std::vector<std::shared_ptr<Connection>> expired;
+  bool armed = false;
   for (auto& [p, c] : live_) {
     if (c->deadline_ns != 0 && now >= c->deadline_ns) expired.push_back(c);
+    armed = armed || c->deadline_ns != 0;
   }
+  timers_armed_ = armed;
   for (auto& c : expired) {
     if (c->state() == Connection::State::kAwaiting) {
       c->fail(timeout_error(c->peer_name(),
@@ -428,6 +450,17 @@ size_t TcpBackend::progress() {
   }
   finish_progress(handled);
   return handled;
+}
+
+bool TcpBackend::progress_blocking(int max_ms, size_t& handled) {
+  if (live_.size() != 1 || !pending_reads_.empty() || !graveyard_.empty()) return false;
+  Connection& c = *live_.begin()->second;
+  if (c.state() != Connection::State::kOpen || c.fd() < 0 || c.deadline_ns != 0) return false;
+  if (++polls_ % kEpollEvery == 0) return false;
+  handled = c.wait_and_serve(max_ms) > 0 ? 1 : 0;
+  if (handled > 0 && c.fd() >= 0) hot_ = &c;
+  finish_progress(handled);
+  return true;
 }
 
 void TcpBackend::finish_progress(size_t& handled) {

@@ -57,8 +57,9 @@ class Connection {
 
   // Progress engine.
   // Reads and handles what the socket has; returns the bytes read (0: nothing there, or the
-  // connection ended).
-  size_t on_readable();
+  // connection ended). With block_ms > 0 the first read sleeps up to block_ms for data (the
+  // socket is in blocking mode; every other call passes MSG_DONTWAIT).
+  size_t on_readable(int block_ms = 0);
   void flush();
   // Ends the connection: closes the socket and completes every pending operation with `why`.
   void fail(Status why, bool warn);
@@ -72,6 +73,10 @@ class Connection {
   [[nodiscard]] const std::string& peer_name() const noexcept { return *peer_name_; }
   void set_peer(std::vector<uint8_t> address, std::string name);
   [[nodiscard]] const std::vector<uint8_t>& peer_address() const noexcept { return peer_bytes_; }
+
+  // Sleeps in poll on this socket alone (readable, or writable while output is queued) for up to
+  // max_ms, then reads and flushes what it can; returns the bytes read.
+  size_t wait_and_serve(int max_ms);
 
   bool claimed = false;     // an Endpoint owns it
   bool dialer = false;      // we dialed: the first frame we read must be a hello reply
@@ -149,7 +154,11 @@ class Connection {
   Status frame_error(const Status& s) const;
 
   TcpBackend& backend_;
+  // Sets SO_RCVTIMEO for a blocking read, skipping the call when it is already set.
+  bool set_receive_timeout(int ms);
+
   int fd_;
+  int rcvtimeo_ms_ = 0;  // SO_RCVTIMEO on fd_ (0: none)
   State state_;
   Status status_;
   std::shared_ptr<const std::string> peer_name_;
@@ -205,6 +214,10 @@ class TcpBackend final : public BackendContext {
   size_t progress() override;
   [[nodiscard]] int wait_fd() const noexcept override { return epoll_fd_; }
   bool arm_wait() override { return pending_reads_.empty(); }
+  // With one connection and nothing else due, sleeps in that socket's recv (or poll, while output
+  // is queued) instead of the epoll set; every kEpollEvery-th call declines, so the Context's
+  // wait on the epoll set still sees the listener.
+  bool progress_blocking(int max_ms, size_t& handled) override;
 
   // For connections.
   Status on_hello(Connection& conn, const Hello& hello, bool reply);
@@ -241,6 +254,9 @@ class TcpBackend final : public BackendContext {
   std::vector<std::shared_ptr<Connection>> graveyard_;  // destroyed at the end of progress()
   std::vector<std::shared_ptr<Connection>> pending_reads_;
   int64_t next_timer_check_ns_ = 0;
+  // Some live connection may have a deadline_ns (set wherever one is given; cleared by
+  // check_timers once a scan finds none).
+  bool timers_armed_ = false;
   // The connection that last delivered bytes. progress() reads it directly (one recv, no
   // epoll_wait) while it keeps delivering; epoll_wait still runs every kEpollEvery calls and
   // whenever the hot connection is quiet, so no other socket waits long. Cleared when it fails.

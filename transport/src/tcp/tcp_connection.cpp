@@ -1,5 +1,7 @@
 // TCP connection: framing, matching, rendezvous and one-sided service.
+#include <poll.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -19,6 +21,8 @@ constexpr size_t kReadBuffer = 256 * 1024;
 // Payload bytes still to come above this go straight into their destination with recv(2).
 constexpr size_t kDirectRead = 4096;
 constexpr int kMaxIov = 64;
+// Eager payloads up to this size are copied behind the header and sent with one send(2).
+constexpr size_t kSmallSend = 1024;
 
 bool is_peer_gone(int err) {
   return err == ECONNRESET || err == EPIPE || err == ENOTCONN || err == ETIMEDOUT ||
@@ -107,14 +111,22 @@ void Connection::queue_hello(bool is_reply) {
 // Writes header + payload at once when nothing is queued; queues the rest otherwise.
 Request Connection::post_send_fast(FrameHeader& h, const void* data, size_t size) {
   if (fd_ >= 0 && out_.empty()) {
-    uint8_t header[kHeaderSize];
+    // A small message is copied behind its header and goes out with send(2): cheaper than
+    // sendmsg's iovec import, and the copy is a few cache lines.
+    uint8_t header[kHeaderSize + kSmallSend];
     h.seq = wseq_++;
     encode_header(h, header);
-    iovec iov[2] = {{header, kHeaderSize}, {const_cast<void*>(data), size}};
-    msghdr msg{};
-    msg.msg_iov = iov;
-    msg.msg_iovlen = size > 0 ? 2 : 1;
-    const ssize_t w = ::sendmsg(fd_, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+    ssize_t w;
+    if (size <= kSmallSend) {
+      if (size > 0) std::memcpy(header + kHeaderSize, data, size);
+      w = ::send(fd_, header, kHeaderSize + size, MSG_NOSIGNAL | MSG_DONTWAIT);
+    } else {
+      iovec iov[2] = {{header, kHeaderSize}, {const_cast<void*>(data), size}};
+      msghdr msg{};
+      msg.msg_iov = iov;
+      msg.msg_iovlen = 2;
+      w = ::sendmsg(fd_, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+    }
     if (w == static_cast<ssize_t>(kHeaderSize + size)) return Request::completed(size);
     if (w < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
       const int err = errno;
@@ -313,6 +325,8 @@ void Connection::flush() {
         iov[n++] = {const_cast<uint8_t*>(it->payload) + off, it->payload_len - off};
       }
     }
+    size_t want = 0;
+    for (int i = 0; i < n; ++i) want += iov[i].iov_len;
     msghdr msg{};
     msg.msg_iov = iov;
     msg.msg_iovlen = static_cast<size_t>(n);
@@ -339,6 +353,8 @@ void Connection::flush() {
         out_.pop_front();
       }
     }
+    // A short write filled the socket's send buffer: another try now would only see EAGAIN.
+    if (static_cast<size_t>(w) < want) break;
   }
   backend_.update_events(*this);
 }
@@ -398,8 +414,30 @@ void Connection::read_failed(ssize_t r, int err) {
        true);
 }
 
-size_t Connection::on_readable() {
+bool Connection::set_receive_timeout(int ms) {
+  if (ms == rcvtimeo_ms_) return true;
+  timeval tv{};
+  tv.tv_sec = ms / 1000;
+  tv.tv_usec = static_cast<suseconds_t>(ms % 1000) * 1000;
+  if (setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)) != 0) return false;
+  rcvtimeo_ms_ = ms;
+  return true;
+}
+
+size_t Connection::wait_and_serve(int max_ms) {
+  if (fd_ < 0 || state_ == State::kFailed) return 0;
+  if (!has_output()) return on_readable(max_ms);
+  pollfd p{fd_, POLLIN | POLLOUT, 0};
+  if (::poll(&p, 1, max_ms) <= 0) return 0;
+  if ((p.revents & POLLOUT) != 0) flush();
+  if ((p.revents & (POLLIN | POLLERR | POLLHUP)) != 0 && fd_ >= 0) return on_readable();
+  return 0;
+}
+
+size_t Connection::on_readable(int block_ms) {
   size_t total = 0;
+  // The first read may sleep (blocking socket, SO_RCVTIMEO bounds it); every later one must not.
+  int flags = block_ms > 0 && set_receive_timeout(block_ms) ? 0 : MSG_DONTWAIT;
   for (;;) {
     if (!parse_buffered()) return total;
     if (in_payload_) {
@@ -407,7 +445,14 @@ size_t Connection::on_readable() {
       const uint64_t left = cur_.length - pay_done_;
       if (left >= kDirectRead && sink_ptr_ != nullptr) {
         rpos_ = rlen_ = 0;
-        const ssize_t r = ::recv(fd_, sink_ptr_ + pay_done_, static_cast<size_t>(left), 0);
+        // A sleeping read of a payload waits for all of it (MSG_WAITALL): the kernel then copies
+        // each arriving segment without a return to user space and a new recv per segment. Safe
+        // here: nothing of ours is queued (the caller only sleeps in recv then), and the sender
+        // completes a payload it has started without waiting for us; SO_RCVTIMEO still bounds it.
+        const ssize_t r = ::recv(fd_, sink_ptr_ + pay_done_, static_cast<size_t>(left),
+                                 flags == 0 ? MSG_WAITALL : flags);
+        const bool blocked = flags == 0;
+        flags = MSG_DONTWAIT;
         if (r > 0) {
           total += static_cast<size_t>(r);
           pay_done_ += static_cast<uint64_t>(r);
@@ -415,8 +460,8 @@ size_t Connection::on_readable() {
           header_only_read_ = true;
           continue;
         }
-        if (r < 0 && errno == EINTR) continue;
-        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return total;
+        if (r < 0 && errno == EINTR && !blocked) continue;
+        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return total;
         read_failed(r, errno);
         return total;
       }
@@ -431,7 +476,9 @@ size_t Connection::on_readable() {
     const size_t room = header_only_read_ && !in_payload_ && rlen_ < kHeaderSize
                             ? kHeaderSize - rlen_
                             : rbuf_.size() - rlen_;
-    const ssize_t r = ::recv(fd_, rbuf_.data() + rlen_, room, 0);
+    const ssize_t r = ::recv(fd_, rbuf_.data() + rlen_, room, flags);
+    const bool blocked = flags == 0;
+    flags = MSG_DONTWAIT;
     if (r > 0) {
       total += static_cast<size_t>(r);
       rlen_ += static_cast<size_t>(r);
@@ -441,8 +488,8 @@ size_t Connection::on_readable() {
       }
       continue;
     }
-    if (r < 0 && errno == EINTR) continue;
-    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return total;
+    if (r < 0 && errno == EINTR && !blocked) continue;
+    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return total;
     read_failed(r, errno);
     return total;
   }

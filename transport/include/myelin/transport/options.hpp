@@ -7,6 +7,7 @@
 // Environment variables are an overlay, applied only by Options::with_env_overlay():
 //   MYELIN_TRANSPORT=auto|shm|tcp|ucx|verbs   MYELIN_DEVICE=<name>   MYELIN_NUMA_NODE=<n>
 //   MYELIN_PROGRESS=busy|block                MYELIN_TIMEOUT_MS=<ms>
+//   MYELIN_SPIN_US=<us> (spin_before_block)
 //   MYELIN_TCP_IFACE / MYELIN_TCP_ADDR (address the TCP backend listens on; default: hostname's)
 #pragma once
 
