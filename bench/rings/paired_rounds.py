@@ -45,6 +45,9 @@ def main():
                     help="run the reference in the same round although --filter excludes it")
     ap.add_argument("--split", type=float, default=200.0,
                     help="reference ns per round trip below which a round counts as near")
+    ap.add_argument("--discard-above", type=float, default=None,
+                    help="drop rounds whose reference real time (ns) exceeds this: on a shared "
+                    "machine they were preempted, not placed far (they are counted and reported)")
     ap.add_argument("--min-time", default="0.05")
     ap.add_argument("--items", action="store_true", help="compare items/s instead of ns")
     ap.add_argument("--json", help="write every round's values here")
@@ -81,6 +84,11 @@ def main():
             json.dump(rounds, f, indent=1)
 
     ref_key = args.reference.removesuffix("/real_time")
+    if args.discard_above is not None:
+        kept = [r for r in rounds if ref_key in r and r[ref_key][1] <= args.discard_above]
+        print(f"\ndiscarded {len(rounds) - len(kept)} of {len(rounds)} rounds whose reference "
+              f"exceeded {args.discard_above:g} ns")
+        rounds = kept
     for mode, pick in (("near", lambda r: r[ref_key][1] < args.split),
                        ("far", lambda r: r[ref_key][1] >= args.split)):
         sel = [r for r in rounds if ref_key in r and pick(r)]
