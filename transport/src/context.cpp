@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <ctime>
+#include <limits>
 #include <map>
 #include <tuple>
 
@@ -21,6 +22,25 @@
 #include "registry.hpp"
 
 namespace myelin::transport {
+
+namespace {
+// CLOCK_MONOTONIC at tick resolution: the same clock as monotonic_ns(), behind it by at most a
+// tick, read without the time-stamp counter (about 6 ns here against 25 for the precise clock,
+// more when cold after a context switch). For what tolerates that: the default deadline of a wait
+// (a tick earlier than Options::timeout at most), timeout messages, sleep lengths with a margin.
+int64_t coarse_monotonic_ns() noexcept {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec;
+}
+Deadline default_deadline(std::chrono::milliseconds timeout) noexcept {
+  const int64_t now = coarse_monotonic_ns();
+  if (timeout.count() >= (std::numeric_limits<int64_t>::max() - now) / 1'000'000) {
+    return Deadline::after(timeout);  // saturates
+  }
+  return Deadline::at_ns(now + timeout.count() * 1'000'000);
+}
+}  // namespace
 
 using internal::BackendContext;
 using internal::ParsedAddress;
@@ -37,7 +57,7 @@ struct Context::Impl {
   uint64_t next_region_id = 1;
   int epoll_fd = -1;  // over the backends' wait_fd(); made on the first blocking wait
   // Spin-then-block: the current spin budget (see drive()) and a count of waits.
-  static constexpr uint32_t kSpinProbeEvery = 64;
+  static constexpr uint32_t kSpinProbeEvery = 256;
   int64_t spin_ns = 0;
   uint32_t waits = 0;
 
@@ -147,10 +167,7 @@ struct Context::Impl {
   // precise clock by at most a tick, which the margin covers).
   static int block_step_ms(Deadline deadline) {
     if (deadline.is_never()) return 100;
-    timespec ts;
-    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
-    const int64_t coarse = static_cast<int64_t>(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec;
-    if (deadline.at_ns() - coarse > 200'000'000) return 100;
+    if (deadline.at_ns() - coarse_monotonic_ns() > 200'000'000) return 100;
     return std::min(deadline.remaining_ms_for_poll(), 100);
   }
 
@@ -166,12 +183,15 @@ struct Context::Impl {
       }
     }
     // Adaptive spin: spin_ns is the current budget, at most spin_before_block. A wait that the
-    // spin satisfies within a quarter of the full budget restores it; one that has to sleep anyway,
-    // or that the spin satisfies only late, cuts it to a quarter, so a host where spinning does
-    // not pay (the peer or the kernel's network softirq needs this CPU: on a loopback ping-pong a
+    // spin satisfies sets it to four times what that spin took (plus 2 us), so the budget follows
+    // what spinning needs on this host rather than the maximum; one that has to sleep anyway, or
+    // that the spin satisfies only late, cuts it to a quarter, so a host where spinning does not
+    // pay (the peer or the kernel's network softirq needs this CPU: on a loopback ping-pong a
     // spinner can hold back the very packet it waits for, and then "succeeds" after tens of
-    // microseconds) stops spinning after a few waits. Every kSpinProbeEvery-th wait spins the full
-    // budget again, so a host that quietens down gets spinning back.
+    // microseconds) stops spinning after a few waits. A wait whose first poll finds its
+    // completion says nothing about spinning and leaves the budget alone. Every
+    // kSpinProbeEvery-th wait spins the full budget again, so a host that quietens down gets
+    // spinning back.
     const int64_t max_spin = options.spin_before_block.count();
     const bool probe = ++waits % kSpinProbeEvery == 0;
     const int64_t budget = probe ? max_spin : spin_ns;
@@ -181,7 +201,10 @@ struct Context::Impl {
       for (int64_t now = start; now < spin_until; now = monotonic_ns()) {
         progress();
         if (done()) {
-          spin_ns = (now - start) * 4 <= max_spin ? max_spin : budget / 4;
+          if (now != start) {
+            spin_ns = (now - start) * 4 <= max_spin ? std::min(max_spin, (now - start) * 4 + 2000)
+                                                    : budget / 4;
+          }
           return true;
         }
         if (deadline.expired()) return false;
@@ -406,12 +429,12 @@ size_t Context::progress() {
 
 Status Context::wait(const Request& request) {
   if (request.done()) return request.status();  // no clock read for a finished request
-  return wait(request, Deadline::after(impl_->options.timeout));
+  return wait(request, default_deadline(impl_->options.timeout));
 }
 
 Status Context::wait(const Request& request, Deadline deadline) {
   if (request.done()) return request.status();
-  const int64_t start = monotonic_ns();
+  const int64_t start = coarse_monotonic_ns();  // only for the message
   if (!impl_->drive([&] { return request.done(); }, deadline)) {
     return timeout_error(impl_->info.name, ": timed out after ",
                          (monotonic_ns() - start) / 1'000'000, " ms waiting for ",

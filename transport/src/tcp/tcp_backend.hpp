@@ -189,9 +189,23 @@ class Connection {
   // one, so read its header alone rather than pull its payload through the staging buffer.
   bool header_only_read_ = false;
 
-  // Matching.
-  std::unordered_map<uint32_t, std::deque<PostedRecv>> posted_;
-  std::unordered_map<uint32_t, std::deque<Unexpected>> unexpected_;
+  // Matching: per channel, posted receives and messages that arrived before theirs. Entries are
+  // never erased (a node-based map keeps references stable), so the last channel used is cached:
+  // a ping-pong on one channel looks it up without hashing.
+  struct ChannelQueues {
+    std::deque<PostedRecv> posted;
+    std::deque<Unexpected> unexpected;
+  };
+  ChannelQueues& queues(uint32_t channel) {
+    if (last_queues_ == nullptr || channel != last_channel_) {
+      last_queues_ = &channels_[channel];
+      last_channel_ = channel;
+    }
+    return *last_queues_;
+  }
+  std::unordered_map<uint32_t, ChannelQueues> channels_;
+  ChannelQueues* last_queues_ = nullptr;
+  uint32_t last_channel_ = 0;
   std::unordered_map<uint64_t, PendingSend> rts_sent_;   // by send id, waiting for CTS
   std::unordered_map<uint64_t, AwaitingData> awaiting_;  // by receive token
   std::unordered_map<uint64_t, RemoteOp> remote_ops_;    // put/get by op id

@@ -203,7 +203,7 @@ void Connection::answer_rts(uint32_t channel, uint64_t send_id, uint64_t size, P
 Request Connection::recv(uint32_t channel, void* data, size_t capacity) {
   if (capacity > 0 && data == nullptr)
     return Request::failed(invalid_argument("recv: null buffer"));
-  auto& queue = unexpected_[channel];
+  auto& queue = queues(channel).unexpected;
   if (!queue.empty()) {
     Unexpected u = std::move(queue.front());
     queue.pop_front();
@@ -225,7 +225,7 @@ Request Connection::recv(uint32_t channel, void* data, size_t capacity) {
   if (state_ == State::kFailed) return Request::failed(status_);
   auto [req, st] = Request::make_pending();
   st->describe("recv", channel, peer_name_);
-  posted_[channel].push_back(PostedRecv{static_cast<uint8_t*>(data), capacity, st});
+  queues(channel).posted.push_back(PostedRecv{static_cast<uint8_t*>(data), capacity, st});
   return std::move(req);
 }
 
@@ -520,7 +520,7 @@ Status Connection::begin_frame(const FrameHeader& h) {
       return ok_status();
     }
     case FrameType::kEager: {
-      auto& posted = posted_[h.channel];
+      auto& posted = queues(h.channel).posted;
       if (!posted.empty()) {
         PostedRecv pr = std::move(posted.front());
         posted.pop_front();
@@ -544,13 +544,13 @@ Status Connection::begin_frame(const FrameHeader& h) {
       if (h.a0 > backend_.options().max_message_size) {
         return protocol_error("rendezvous of ", h.a0, " bytes exceeds max_message_size");
       }
-      auto& posted = posted_[h.channel];
+      auto& posted = queues(h.channel).posted;
       if (!posted.empty()) {
         PostedRecv pr = std::move(posted.front());
         posted.pop_front();
         answer_rts(h.channel, h.id, h.a0, std::move(pr));
       } else {
-        unexpected_[h.channel].push_back(Unexpected{true, h.id, h.a0, {}});
+        queues(h.channel).unexpected.push_back(Unexpected{true, h.id, h.a0, {}});
       }
       return ok_status();
     }
@@ -695,8 +695,8 @@ Status Connection::finish_payload() {
       break;
     case Sink::kEagerUnexpected: {
       // A recv posted while this payload was still arriving found nothing to match, so it waits
-      // in posted_; this message is older than anything after it and belongs to that recv.
-      auto& posted = posted_[cur_.channel];
+      // in its posted queue; this message is older than anything after it and belongs to that recv.
+      auto& posted = queues(cur_.channel).posted;
       if (!posted.empty()) {
         PostedRecv pr = std::move(posted.front());
         posted.pop_front();
@@ -710,7 +710,7 @@ Status Connection::finish_payload() {
           pr.state->complete(ok_status(), sink_buf_.size());
         }
       } else {
-        unexpected_[cur_.channel].push_back(Unexpected{false, 0, 0, std::move(sink_buf_)});
+        queues(cur_.channel).unexpected.push_back(Unexpected{false, 0, 0, std::move(sink_buf_)});
       }
       sink_buf_ = {};
       break;
@@ -775,10 +775,10 @@ void Connection::fail(Status why, bool warn) {
   out_.clear();
   for (auto& [id, ps] : rts_sent_) finish(ps.state);
   rts_sent_.clear();
-  for (auto& [ch, q] : posted_) {
-    for (auto& pr : q) finish(pr.state);
+  for (auto& [ch, q] : channels_) {
+    for (auto& pr : q.posted) finish(pr.state);
+    q.posted.clear();
   }
-  posted_.clear();
   for (auto& [id, a] : awaiting_) finish(a.state);
   awaiting_.clear();
   for (auto& [id, op] : remote_ops_) finish(op.state);
