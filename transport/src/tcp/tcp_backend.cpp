@@ -8,6 +8,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <sched.h>
 #include <sys/epoll.h>
 #include <sys/random.h>
 #include <sys/socket.h>
@@ -428,6 +429,7 @@ size_t TcpBackend::progress() {
     if (got ? polls_ % kEpollEvery != 0 : polls_ % kIdleEpollEvery != 0) {
       handled = got ? 1 : 0;
       finish_progress(handled);
+      if (handled == 0) yield_if_bulk_stalled();
       return handled;
     }
     handled = got ? 1 : 0;
@@ -449,7 +451,18 @@ size_t TcpBackend::progress() {
     if ((ev[i].events & EPOLLOUT) != 0 && c->fd() >= 0) c->flush();
   }
   finish_progress(handled);
+  if (handled == 0) yield_if_bulk_stalled();
   return handled;
+}
+
+// A busy-polling rank that found nothing to do while a large payload is half-way (its socket's
+// send buffer full, or the rest of a payload not there yet) offers its CPU: on a host with fewer
+// free cores than busy ranks the peer, or the kernel's network processing, may need this very CPU
+// to move those bytes, and spinning until the time slice ends starves the transfer (1 MiB busy
+// bandwidth collapses to a tenth). Small messages never get here: no payload is half-way, so
+// ping-pong latency keeps its pure spin.
+void TcpBackend::yield_if_bulk_stalled() {
+  if (hot_ != nullptr && hot_->bulk_pending()) sched_yield();
 }
 
 bool TcpBackend::progress_blocking(int max_ms, size_t& handled) {

@@ -69,6 +69,8 @@ class Connection {
 
   [[nodiscard]] int fd() const noexcept { return fd_; }
   [[nodiscard]] bool has_output() const noexcept { return !out_.empty(); }
+  // A large payload is half-way: the rest of one still to read, or one queued to write.
+  [[nodiscard]] bool bulk_pending() const noexcept;
   [[nodiscard]] State state() const noexcept { return state_; }
   [[nodiscard]] const std::string& peer_name() const noexcept { return *peer_name_; }
   void set_peer(std::vector<uint8_t> address, std::string name);
@@ -253,6 +255,7 @@ class TcpBackend final : public BackendContext {
   // Serves connections whose bytes may already be buffered, checks timers, frees dead
   // connections.
   void finish_progress(size_t& handled);
+  void yield_if_bulk_stalled();
 
   Options options_;
   ContextInfo info_;

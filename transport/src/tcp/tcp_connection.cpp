@@ -359,6 +359,11 @@ void Connection::flush() {
   backend_.update_events(*this);
 }
 
+bool Connection::bulk_pending() const noexcept {
+  if (in_payload_ && cur_.length - pay_done_ >= kDirectRead) return true;
+  return !out_.empty() && out_.front().payload_len >= kDirectRead;
+}
+
 Status Connection::frame_error(const Status& s) const {
   return Status(s.code(), "frame from " + peer_name() + " at seq " + std::to_string(rseq_) + ": " +
                               std::string(s.message()));
