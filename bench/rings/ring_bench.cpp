@@ -64,7 +64,8 @@ bool pin(benchmark::State* state, int cpu) {
 // Everything the benchmark's second thread touches lives on the heap, and its lambda captures
 // pointers by value: a lambda holding references to the first thread's locals reads that
 // thread's stack on every iteration, sharing a line with whatever the first thread writes next to
-// them -- which made the same raw ping-pong measure 86 ns in one build and 106 ns in another.
+// them. (We found the raw ping-pong 86 ns in one build and 106 ns in another; this removed one
+// suspect, not the whole difference -- see docs/performance.md.)
 struct alignas(kFalseSharingRange) StopFlag {
   std::atomic<bool> stop{false};
 };
@@ -225,9 +226,8 @@ BENCHMARK(BM_DuplexPingPong)
     ->UseRealTime();
 
 // The physical floor: one line, written by each CPU in turn. The line has its 128-byte pair to
-// itself (like the rings' hot fields): with 64-byte alignment alone, whatever the allocator put
-// next to it could share the pair and slow the floor down by chance (we saw 86 vs 106 ns between
-// two builds).
+// itself (like the rings' hot fields), so that nothing the allocator puts next to it can share
+// the pair.
 void BM_RawPingPong(benchmark::State& state) {
   struct alignas(kFalseSharingRange) Line {
     std::atomic<uint64_t> value{0};
