@@ -13,8 +13,8 @@
 // and A's read then transfers the line back; each request costs the same the other way. Here B
 // writes its reply into the line it has just read the request from and still holds, and A writes
 // its next request into the line it has just read the reply from (while both positions stay in
-// one line): a read followed by a write of the same line, which the hardware serves with one
-// transfer (migratory sharing), like the single line of a raw cache-line ping-pong. With 8-byte
+// one line): a read followed by a write of the same line, which costs about one transfer, as in
+// a raw cache-line ping-pong (consistent with migratory sharing in the hardware). With 8-byte
 // values a line holds two positions of each direction, so a strict request/response exchange pays
 // the extra invalidation only when it moves to the next line, every positions_per_line() round
 // trips. docs/rings.md gives the measurements.
@@ -46,6 +46,9 @@
 // thread calls forward().try_pop*() and backward().try_push*(). Within one process both threads
 // may use one DuplexRing object (each side's private state is padded apart); across processes
 // each side attaches its own. Queries (capacity(), size_approx(), ...) from anywhere.
+// Blocking: nothing blocks; try_* return at once. To sleep instead of polling, run a Waiter
+// (wait.hpp) over forward_wait_word() (side B) or backward_wait_word() (side A).
+// Ownership: create() owns its memory; over a caller's region the ring only borrows it.
 // Requirements: Forward and Backward are trivially copyable.
 #pragma once
 
