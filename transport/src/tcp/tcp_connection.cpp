@@ -745,6 +745,7 @@ Status Connection::finish_payload() {
 
 void Connection::adopt(Connection& accepted) {
   fd_ = accepted.fd_;
+  rcvtimeo_ms_ = accepted.rcvtimeo_ms_;  // the socket's SO_RCVTIMEO comes along
   accepted.fd_ = -1;
   rbuf_.swap(accepted.rbuf_);
   rpos_ = accepted.rpos_;
