@@ -10,10 +10,29 @@
 
 #include <myelin/transport/memory.hpp>
 
+#include "ucx/ucx_worker.hpp"
 #include "ucx_test_util.hpp"
 
 namespace myelin::transport::ucx_test {
 namespace {
+
+// The wire carries the low 32 bits of each sequence number; the receiver recovers the full one
+// from the next it expects, across the 2^32 wrap, and recognises what lies behind as duplicates.
+TEST(UcxSequence, ExtendsWireSequencesAcrossTheWrap) {
+  using internal::ucx::extend_sequence;
+  using internal::ucx::kStaleSequence;
+  EXPECT_EQ(extend_sequence(0, 0), 0u);
+  EXPECT_EQ(extend_sequence(5, 0), 5u);
+  EXPECT_EQ(extend_sequence(0xffffffffu, 0), kStaleSequence);  // before the first: a duplicate
+  const uint64_t next = (uint64_t{3} << 32) - 2;               // just below a wrap
+  EXPECT_EQ(extend_sequence(0xfffffffeu, next), next);
+  EXPECT_EQ(extend_sequence(0xffffffffu, next), next + 1);
+  EXPECT_EQ(extend_sequence(0u, next), next + 2);  // the wire wrapped, the sequence goes on
+  EXPECT_EQ(extend_sequence(7u, next), next + 9);
+  EXPECT_EQ(extend_sequence(0xfffffff0u, next), next - 14);           // behind: the caller drops it
+  EXPECT_EQ(extend_sequence(0x7ffffffdu, next), next + 0x7fffffffu);  // furthest ahead
+  EXPECT_EQ(extend_sequence(0x7ffffffeu, next), next - 0x80000000u);  // then it reads as behind
+}
 
 std::vector<uint8_t> pattern(size_t n, uint8_t seed) {
   std::vector<uint8_t> v(n);

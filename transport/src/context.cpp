@@ -140,6 +140,32 @@ struct Context::Impl {
     return n;
   }
 
+  // Busy-poll mode: polls up to kPollsBeforeClock times before a wait reads the clock (to make its
+  // deadline or to time itself). A wait that ends within them, such as a completed send or most
+  // waits of a ping-pong, then costs no clock read at all (30-50 ns each under KVM, as much as a
+  // shared-memory poll); one that does not is bounded by the deadline as before, a few
+  // microseconds of polls later at most. True when done.
+  static constexpr int kPollsBeforeClock = 64;
+  template <typename Done>
+  bool done_within_first_polls(Done&& done) {
+    if (done()) return true;
+    if (options.progress != ProgressMode::kBusyPoll) return false;
+    for (int i = 0; i < kPollsBeforeClock; ++i) {
+      progress();
+      if (done()) return true;
+    }
+    return false;
+  }
+
+  Status wait_until(const Request& request, Deadline deadline) {
+    const int64_t start = coarse_monotonic_ns();  // only for the message
+    if (!drive([&] { return request.done(); }, deadline)) {
+      return timeout_error(info.name, ": timed out after ", (monotonic_ns() - start) / 1'000'000,
+                           " ms waiting for ", request.description());
+    }
+    return request.status();
+  }
+
   // Sleeps on the backends' fds until one is readable or the deadline; false when it cannot
   // sleep (a backend without wait_fd, or work already pending).
   bool block_once(Deadline deadline) {
@@ -429,18 +455,14 @@ size_t Context::progress() {
 
 Status Context::wait(const Request& request) {
   if (request.done()) return request.status();  // no clock read for a finished request
-  return wait(request, default_deadline(impl_->options.timeout));
+  if (impl_->done_within_first_polls([&] { return request.done(); })) return request.status();
+  return impl_->wait_until(request, default_deadline(impl_->options.timeout));
 }
 
 Status Context::wait(const Request& request, Deadline deadline) {
   if (request.done()) return request.status();
-  const int64_t start = coarse_monotonic_ns();  // only for the message
-  if (!impl_->drive([&] { return request.done(); }, deadline)) {
-    return timeout_error(impl_->info.name, ": timed out after ",
-                         (monotonic_ns() - start) / 1'000'000, " ms waiting for ",
-                         request.description());
-  }
-  return request.status();
+  if (impl_->done_within_first_polls([&] { return request.done(); })) return request.status();
+  return impl_->wait_until(request, deadline);
 }
 
 Status Context::wait_all(std::span<const Request> requests, Deadline deadline) {

@@ -109,11 +109,11 @@ void send_immediate(std::unique_ptr<PendingOp> op) {
     return;
   }
   op->kind = PendingOp::Kind::kImmediateSend;
-  op->header = AmHeader{link.worker->id(), link.next_immediate_sequence++,
-                        op->immediate,     static_cast<uint16_t>(AmKind::kImmediate),
-                        kWireVersion,      0};
+  op->header = AmHeader{link.worker->id(), static_cast<uint32_t>(link.next_immediate_sequence++),
+                        op->immediate};
   issue(std::move(op), [&link](PendingOp* o, const ucp_request_param_t& param) {
-    return ucp_am_send_nbx(link.ep, kAmId, &o->header, sizeof(AmHeader), nullptr, 0, &param);
+    return ucp_am_send_nbx(link.ep, kAmImmediateId, &o->header, sizeof(AmHeader), nullptr, 0,
+                           &param);
   });
 }
 
@@ -231,16 +231,15 @@ Request UcxEndpoint::send(uint32_t channel, const void* data, size_t size,
   }
   if (!link.failure.ok()) return Request::failed(link.failure);
 
-  uint64_t& sequence = next_send_sequence_[channel];
-  AmHeader header{link.worker->id(), sequence, channel, static_cast<uint16_t>(AmKind::kMessage),
-                  kWireVersion,      0};
+  uint64_t& sequence = send_sequence(channel);
+  const AmHeader header{link.worker->id(), static_cast<uint32_t>(sequence), channel};
   if (size <= link.worker->limits().eager_limit) {
     // Fast path: no request, no allocation, the header on the stack. UCX refuses (without side
     // effects) what it cannot finish right now, and the full path below takes over.
     ucp_request_param_t param{};
     param.op_attr_mask = UCP_OP_ATTR_FLAG_FORCE_IMM_CMPL;
     ucs_status_ptr_t p =
-        ucp_am_send_nbx(link.ep, kAmId, &header, sizeof header, data, size, &param);
+        ucp_am_send_nbx(link.ep, kAmMessageId, &header, sizeof header, data, size, &param);
     if (p == nullptr) {
       ++sequence;
       return Request::completed(size);
@@ -265,7 +264,7 @@ Request UcxEndpoint::send(uint32_t channel, const void* data, size_t size,
   param.cb.send = &on_op_done;
   param.user_data = op.get();
   ucs_status_ptr_t p =
-      ucp_am_send_nbx(link.ep, kAmId, &op->header, sizeof(AmHeader), data, size, &param);
+      ucp_am_send_nbx(link.ep, kAmMessageId, &op->header, sizeof(AmHeader), data, size, &param);
   if (UCS_PTR_IS_ERR(p)) return Request::failed(op_error(*op, UCS_PTR_STATUS(p)));
   ++sequence;
   if (p == nullptr) return Request::completed(size);

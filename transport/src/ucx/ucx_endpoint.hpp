@@ -1,6 +1,6 @@
 // transport/src/ucx/ucx_endpoint.hpp — Endpoint over a UCP endpoint (not public API).
 //
-// Two-sided: every send is one active message whose 24-byte header carries this Context's id (so
+// Two-sided: every send is one active message whose 16-byte header carries this Context's id (so
 // the peer knows who sent it without a hello), the channel and a per-(endpoint, channel) sequence
 // number; the receiver delivers in sequence order (see UcxWorker). Messages above the eager limit
 // go by UCX rendezvous and land straight in the posted recv buffer.
@@ -88,8 +88,20 @@ class UcxEndpoint final : public Endpoint {
     uint64_t checksum;
     ucp_rkey_h rkey;
   };
+  // The next sequence number of a channel; a one-entry cache sits in front of the map (its nodes
+  // never move).
+  uint64_t& send_sequence(uint32_t channel) {
+    if (cached_sequence_ == nullptr || cached_channel_ != channel) {
+      cached_sequence_ = &next_send_sequence_[channel];
+      cached_channel_ = channel;
+    }
+    return *cached_sequence_;
+  }
+
   std::shared_ptr<EpLink> link_;
   std::unordered_map<uint32_t, uint64_t> next_send_sequence_;
+  uint64_t* cached_sequence_ = nullptr;
+  uint32_t cached_channel_ = 0;
   std::unordered_map<uint64_t, CachedRkey> rkeys_;  // by region id
 };
 

@@ -242,15 +242,18 @@ Status UcxWorker::init() {
     if (st != UCS_OK) return ucs_to_status(st, "getting the UCX worker event fd");
   }
 
-  ucp_am_handler_param_t am{};
-  am.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_FLAGS |
-                  UCP_AM_HANDLER_PARAM_FIELD_CB | UCP_AM_HANDLER_PARAM_FIELD_ARG;
-  am.id = kAmId;
-  am.flags = UCP_AM_FLAG_WHOLE_MSG;
-  am.cb = &UcxWorker::on_active_message;
-  am.arg = this;
-  st = ucp_worker_set_am_recv_handler(worker_, &am);
-  if (st != UCS_OK) return ucs_to_status(st, "installing the UCX active-message handler");
+  for (const auto& [id, cb] : {std::pair{kAmMessageId, &UcxWorker::on_message},
+                               std::pair{kAmImmediateId, &UcxWorker::on_immediate}}) {
+    ucp_am_handler_param_t am{};
+    am.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_FLAGS |
+                    UCP_AM_HANDLER_PARAM_FIELD_CB | UCP_AM_HANDLER_PARAM_FIELD_ARG;
+    am.id = id;
+    am.flags = UCP_AM_FLAG_WHOLE_MSG;
+    am.cb = cb;
+    am.arg = this;
+    st = ucp_worker_set_am_recv_handler(worker_, &am);
+    if (st != UCS_OK) return ucs_to_status(st, "installing the UCX active-message handlers");
+  }
 
   limits_.max_inline = 0;  // UCX picks short/bcopy per lane and does not publish the bound
   limits_.eager_limit = eager;
@@ -327,11 +330,11 @@ void UcxWorker::watch_process(uint32_t pid, uint64_t start_time, std::weak_ptr<v
                               std::function<void()> on_dead) {
   if (pid == 0) return;
   watches_.push_back(ProcessWatch{pid, start_time, std::move(owner), std::move(on_dead)});
-  if (next_check_ns_ == 0) next_check_ns_ = monotonic_ns() + check_interval_ns_;
+  if (next_check_ns_ == 0) next_check_ns_ = coarse_monotonic_ns() + check_interval_ns_;
 }
 
 void UcxWorker::check_processes() {
-  next_check_ns_ = monotonic_ns() + check_interval_ns_;
+  next_check_ns_ = coarse_monotonic_ns() + check_interval_ns_;
   for (size_t i = 0; i < watches_.size();) {
     ProcessWatch& w = watches_[i];
     bool drop = w.owner.expired();
@@ -353,9 +356,8 @@ void UcxWorker::check_processes() {
   }
 }
 
-size_t UcxWorker::progress() {
-  size_t events = ucp_worker_progress(worker_);
-  if (!watches_.empty() && monotonic_ns() >= next_check_ns_) check_processes();
+size_t UcxWorker::run_deferred() {
+  size_t events = 0;
   while (!deferred_.empty()) {
     std::vector<std::function<void()>> actions;
     actions.swap(deferred_);
@@ -377,48 +379,49 @@ bool UcxWorker::arm() {
   return true;
 }
 
-ucs_status_t UcxWorker::on_active_message(void* arg, const void* header, size_t header_length,
-                                          void* data, size_t length,
-                                          const ucp_am_recv_param_t* param) {
+ucs_status_t UcxWorker::on_message(void* arg, const void* header, size_t header_length, void* data,
+                                   size_t length, const ucp_am_recv_param_t* param) {
   auto* self = static_cast<UcxWorker*>(arg);
   if (header_length != sizeof(AmHeader)) {
-    MYELIN_LOG_WARN << "ucx: dropping an active message with a " << header_length
+    MYELIN_LOG_WARN << "ucx: dropping a message with a " << header_length
                     << "-byte header (expected " << sizeof(AmHeader) << ")";
     return UCS_OK;
   }
   AmHeader h;
   std::memcpy(&h, header, sizeof h);
-  if (h.version != kWireVersion) {
-    MYELIN_LOG_WARN << "ucx: dropping an active message of wire version " << int{h.version}
-                    << " (expected " << int{kWireVersion} << ")";
-    return UCS_OK;
-  }
   Inbox& inbox = self->inbox_for(h.sender_id);
   self->in_callback_ = true;
-  ucs_status_t ret = UCS_OK;
-  switch (static_cast<AmKind>(h.kind)) {
-    case AmKind::kMessage:
-      ret = self->handle_message(inbox, h, data, length, param->recv_attr);
-      break;
-    case AmKind::kImmediate:
-      self->handle_immediate(inbox, h);
-      break;
-    default:
-      MYELIN_LOG_WARN << "ucx: dropping an active message of unknown kind " << h.kind;
-      break;
-  }
+  const ucs_status_t ret = self->handle_message(inbox, h, data, length, param->recv_attr);
   self->in_callback_ = false;
   return ret;
 }
 
+ucs_status_t UcxWorker::on_immediate(void* arg, const void* header, size_t header_length,
+                                     void* /*data*/, size_t length,
+                                     const ucp_am_recv_param_t* param) {
+  auto* self = static_cast<UcxWorker*>(arg);
+  // An immediate is a header alone; UCS_OK also refuses any rendezvous payload a stranger sent.
+  if (header_length != sizeof(AmHeader) || length != 0 ||
+      (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0) {
+    MYELIN_LOG_WARN << "ucx: dropping an immediate with a " << header_length << "-byte header and "
+                    << length << " bytes of payload (expected " << sizeof(AmHeader) << " and 0)";
+    return UCS_OK;
+  }
+  AmHeader h;
+  std::memcpy(&h, header, sizeof h);
+  self->handle_immediate(self->inbox_for(h.sender_id), h);
+  return UCS_OK;
+}
+
 ucs_status_t UcxWorker::handle_message(Inbox& inbox, const AmHeader& h, void* data, size_t length,
                                        uint64_t recv_attr) {
-  ChannelStream& stream = inbox.channels[h.value];
+  ChannelStream& stream = inbox.stream(h.value);
   const bool rendezvous = (recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0;
   const bool persistent = (recv_attr & UCP_AM_RECV_ATTR_FLAG_DATA) != 0;
+  const uint64_t sequence = extend_sequence(h.sequence, stream.next_sequence);
 
-  // Fast path: the next message in order and a recv is waiting for it.
-  if (h.sequence == stream.next_sequence && stream.ready.empty() && !stream.posted.empty()) {
+  // Fast path: the next message in order and a recv is waiting for it: straight into its buffer.
+  if (sequence == stream.next_sequence && stream.ready.empty() && !stream.posted.empty()) {
     ++stream.next_sequence;
     PostedRecv recv = std::move(stream.posted.front());
     stream.posted.pop_front();
@@ -437,10 +440,11 @@ ucs_status_t UcxWorker::handle_message(Inbox& inbox, const AmHeader& h, void* da
       });
       ret = UCS_INPROGRESS;
     }
-    drain_early(stream);
+    if (!stream.early.empty()) drain_early(stream);
     return ret;
   }
-  if (h.sequence < stream.next_sequence || stream.early.count(h.sequence) != 0) {
+  if (sequence == kStaleSequence || sequence < stream.next_sequence ||
+      stream.early.count(sequence) != 0) {
     MYELIN_LOG_WARN << "ucx: dropping a duplicate message (sequence " << h.sequence
                     << ") on channel " << h.value << " from context " << h.sender_id;
     return UCS_OK;
@@ -460,18 +464,19 @@ ucs_status_t UcxWorker::handle_message(Inbox& inbox, const AmHeader& h, void* da
     const auto* p = static_cast<const uint8_t*>(data);
     m.bytes.assign(p, p + length);
   }
-  if (h.sequence == stream.next_sequence) {
+  if (sequence == stream.next_sequence) {
     ++stream.next_sequence;
     stream.ready.push_back(std::move(m));  // no recv is posted (fast path above), so it waits
     drain_early(stream);
   } else {
-    stream.early.emplace(h.sequence, std::move(m));
+    stream.early.emplace(sequence, std::move(m));
   }
   return ret;
 }
 
 void UcxWorker::handle_immediate(Inbox& inbox, const AmHeader& h) {
-  if (h.sequence == inbox.next_immediate_sequence) {
+  const uint64_t sequence = extend_sequence(h.sequence, inbox.next_immediate_sequence);
+  if (sequence == inbox.next_immediate_sequence) {
     ++inbox.next_immediate_sequence;
     inbox.immediates.push_back(h.value);
     for (auto it = inbox.early_immediates.begin();
@@ -480,8 +485,8 @@ void UcxWorker::handle_immediate(Inbox& inbox, const AmHeader& h) {
       ++inbox.next_immediate_sequence;
       inbox.immediates.push_back(it->second);
     }
-  } else if (h.sequence > inbox.next_immediate_sequence) {
-    inbox.early_immediates.emplace(h.sequence, h.value);
+  } else if (sequence > inbox.next_immediate_sequence && sequence != kStaleSequence) {
+    inbox.early_immediates.emplace(sequence, h.value);
   } else {
     MYELIN_LOG_WARN << "ucx: dropping a duplicate immediate (sequence " << h.sequence << ")";
   }
@@ -534,7 +539,7 @@ void UcxWorker::deliver_in_order(ChannelStream& stream, ArrivedMessage message) 
 }
 
 Request UcxWorker::post_recv(Inbox& inbox, uint32_t channel, void* data, size_t capacity) {
-  ChannelStream& stream = inbox.channels[channel];
+  ChannelStream& stream = inbox.stream(channel);
   if (!stream.ready.empty()) {
     ArrivedMessage m = std::move(stream.ready.front());
     stream.ready.pop_front();

@@ -9,8 +9,13 @@
 // Wire formats (little-endian, all checked on arrival):
 //   worker address  "MYUX" u32 | version u16 | 0 u16 | context id u64 | pid u32 | process start
 //                   time u64 | node id length u16 | node id | length u32 | ucp address
-//   AM header       sender id u64 | sequence u64 | channel or immediate u32 | kind u16 | version u8
-//                   | 0 u8                                                        (24 bytes)
+//   AM header       sender id u64 | sequence u32 | channel or immediate u32         (16 bytes)
+// The AM id says what the message is (kAmMessageId: a two-sided message on a channel;
+// kAmImmediateId: the immediate of a put_with_immediate). The wire version travels once, in the
+// address: peers of another version are refused at connect(). Sequence numbers count per
+// (sender, channel) (immediates: per sender) and wrap at 2^32; the receiver extends them to 64
+// bits relative to the next one it expects (extend_sequence), which is exact while fewer than
+// 2^31 messages of one channel are in flight.
 //
 // Thread safety: none; everything here runs on the owning Context's progress thread.
 // Ownership: the backend and every endpoint hold a shared_ptr, so the worker is destroyed after
@@ -21,6 +26,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <ctime>
 #include <deque>
 #include <functional>
 #include <map>
@@ -39,23 +45,40 @@
 namespace myelin::transport::internal::ucx {
 
 inline constexpr uint32_t kAddressMagic = 0x5855594d;  // "MYUX"
-inline constexpr uint16_t kAddressVersion = 1;
+// Version 2: 16-byte AM header, the message kind in the AM id (version 1: 24 bytes, kind and
+// version in the header).
+inline constexpr uint16_t kAddressVersion = 2;
 inline constexpr size_t kAddressFixedSize = 4 + 2 + 2 + 8 + 4 + 8 + 2 + 4;
-inline constexpr unsigned kAmId = 7;
-inline constexpr uint8_t kWireVersion = 1;
+inline constexpr unsigned kAmMessageId = 7;
+inline constexpr unsigned kAmImmediateId = 8;
 inline constexpr size_t kDefaultEagerLimit = 8192;
-
-enum class AmKind : uint16_t { kMessage = 1, kImmediate = 2 };
 
 struct AmHeader {
   uint64_t sender_id;
-  uint64_t sequence;
-  uint32_t value;  // channel for kMessage, the immediate for kImmediate
-  uint16_t kind;
-  uint8_t version;
-  uint8_t reserved;
+  uint32_t sequence;  // low 32 bits of the per-(sender, channel) sequence number
+  uint32_t value;     // channel for kAmMessageId, the immediate for kAmImmediateId
 };
-static_assert(sizeof(AmHeader) == 24, "AM header layout is part of the wire format");
+static_assert(sizeof(AmHeader) == 16, "AM header layout is part of the wire format");
+
+// The 64-bit sequence number a 32-bit wire sequence stands for, given the next one expected: the
+// one within [next - 2^31, next + 2^31). kStaleSequence when that one would be negative (a
+// duplicate from before the first message); any other result below `next` is a duplicate too.
+inline constexpr uint64_t kStaleSequence = ~uint64_t{0};
+inline uint64_t extend_sequence(uint32_t wire, uint64_t next) noexcept {
+  const auto ahead = static_cast<int32_t>(wire - static_cast<uint32_t>(next));
+  if (ahead < 0 && static_cast<uint64_t>(-static_cast<int64_t>(ahead)) > next) {
+    return kStaleSequence;
+  }
+  return next + static_cast<uint64_t>(static_cast<int64_t>(ahead));
+}
+
+// CLOCK_MONOTONIC_COARSE (one tick of the kernel's timer, a few ms; about 5 ns to read against
+// 30-50 ns for CLOCK_MONOTONIC under KVM): for periodic checks polled from the progress loop.
+inline int64_t coarse_monotonic_ns() noexcept {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec;
+}
 
 // Maps a UCX status to a myelin Status ("<what>: <ucx message>").
 Status ucs_to_status(ucs_status_t status, std::string_view what);
@@ -109,6 +132,16 @@ struct ChannelStream {
 // Everything received from one peer Context (identified by its context id), kept from the first
 // message on, whether or not connect() to that peer has happened yet.
 struct Inbox {
+  // The stream of a channel, created on first use. A one-entry cache sits in front of the map
+  // (unordered_map nodes never move, so the pointer stays valid until the inbox goes).
+  ChannelStream& stream(uint32_t channel) {
+    if (cached_stream_ == nullptr || cached_channel_ != channel) {
+      cached_stream_ = &channels[channel];
+      cached_channel_ = channel;
+    }
+    return *cached_stream_;
+  }
+
   uint64_t peer_id = 0;
   bool claimed = false;
   std::string peer_name;                          // set when claimed
@@ -118,6 +151,10 @@ struct Inbox {
   uint64_t next_immediate_sequence = 0;
   std::map<uint64_t, uint32_t> early_immediates;
   std::deque<uint32_t> immediates;
+
+ private:
+  ChannelStream* cached_stream_ = nullptr;
+  uint32_t cached_channel_ = 0;
 };
 
 class UcxWorker : public std::enable_shared_from_this<UcxWorker> {
@@ -166,8 +203,14 @@ class UcxWorker : public std::enable_shared_from_this<UcxWorker> {
   // Runs `action` after the current ucp_worker_progress() returns (never inside a UCX callback).
   void defer(std::function<void()> action) { deferred_.push_back(std::move(action)); }
 
-  // ucp_worker_progress plus deferred actions; returns the number of events handled.
-  size_t progress();
+  // ucp_worker_progress plus deferred actions; returns the number of events handled. Inline: the
+  // Context's busy loop calls it back to back, and the usual pass is one ucp_worker_progress.
+  size_t progress() {
+    size_t events = ucp_worker_progress(worker_);
+    if (!watches_.empty() && coarse_monotonic_ns() >= next_check_ns_) check_processes();
+    if (!deferred_.empty()) events += run_deferred();
+    return events;
+  }
   // Arms the wakeup fd; false when events are already pending.
   bool arm();
 
@@ -176,12 +219,14 @@ class UcxWorker : public std::enable_shared_from_this<UcxWorker> {
       : options_(std::move(options)), info_(std::move(info)) {}
   Status init();
 
-  static ucs_status_t on_active_message(void* arg, const void* header, size_t header_length,
-                                        void* data, size_t length,
-                                        const ucp_am_recv_param_t* param);
+  static ucs_status_t on_message(void* arg, const void* header, size_t header_length, void* data,
+                                 size_t length, const ucp_am_recv_param_t* param);
+  static ucs_status_t on_immediate(void* arg, const void* header, size_t header_length, void* data,
+                                   size_t length, const ucp_am_recv_param_t* param);
   ucs_status_t handle_message(Inbox& inbox, const AmHeader& header, void* data, size_t length,
                               uint64_t recv_attr);
   void handle_immediate(Inbox& inbox, const AmHeader& header);
+  size_t run_deferred();
   Inbox& inbox_for(uint64_t peer_id);
 
   // Delivers an in-order message to a posted recv or queues it.
