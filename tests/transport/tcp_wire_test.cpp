@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstring>
 #include <random>
 #include <thread>
 
@@ -365,6 +366,79 @@ TEST(TcpBlocking, BlockedWaitEndsAtItsDeadlineAndOnPeerDeath) {
   EXPECT_NE(s.message().find("block-b"), std::string_view::npos) << s;
   EXPECT_LT((monotonic_ns() - t1) / 1'000'000, 10000) << "the peer's death did not wake the wait";
   peer.join();
+}
+
+// A peer that connects while a Context sleeps in its only connection's recv (that socket out of
+// the epoll set) is served within a sleep or two: its put is acknowledged by the sleeper's
+// progress engine long before the sleeper's own message arrives.
+TEST(TcpBlocking, NewPeerIsServedWhileTheOnlyConnectionSleeps) {
+  BlockingPair p = BlockingPair::make();
+  std::vector<uint8_t> addr_a = p.a->address(), addr_b = p.b->address();
+  auto tcp_entry = [](const std::vector<uint8_t>& address) {
+    auto parsed = internal::parse_address(address);
+    EXPECT_TRUE(parsed.ok());
+    return *parsed->entry(Backend::kTcp);
+  };
+  // The newcomer must be the one that dials (the smaller address), so that a's application,
+  // busy waiting on b, need not call connect() for it.
+  Options o;
+  o.progress = ProgressMode::kSpinThenBlock;
+  o.backend = Backend::kTcp;
+  o.name = "block-c";
+  std::unique_ptr<Context> c;
+  for (int i = 0; i < 200 && c == nullptr; ++i) {
+    auto made = Context::create(o);
+    ASSERT_TRUE(made.ok());
+    if (tcp_entry((*made)->address()) < tcp_entry(addr_a)) c = std::move(made).value();
+  }
+  if (c == nullptr) GTEST_SKIP() << "no Context with an address below a's in 200 tries";
+  std::vector<uint8_t> addr_c = c->address();
+  std::vector<uint8_t> target(8, 0);
+  auto region = p.a->register_memory(target.data(), target.size(), Access::kRemoteWrite);
+  ASSERT_TRUE(region.ok());
+  const RemoteKey key = region->remote_key();
+
+  std::atomic<bool> put_done{false};  // release: c's put was acknowledged; acquire in b's thread
+  std::atomic<int64_t> put_ms{-1};
+  std::thread newcomer([&] {
+    // Let a fall asleep on its connection to b first (its only one then).
+    std::this_thread::sleep_for(std::chrono::milliseconds(150));
+    const int64_t t0 = monotonic_ns();
+    auto ep = c->connect(addr_a);
+    ASSERT_TRUE(ep.ok());
+    uint64_t v = 0x1234;
+    Status s = c->wait((*ep)->put(&v, 8, key, 0), Deadline::after_ms(10000));
+    EXPECT_TRUE(s.ok()) << s;
+    put_ms.store((monotonic_ns() - t0) / 1'000'000, std::memory_order_relaxed);
+    put_done.store(true, std::memory_order_release);
+  });
+  std::thread peer([&] {
+    auto ep = p.b->connect(addr_a);
+    ASSERT_TRUE(ep.ok());
+    uint64_t v = 1;
+    ASSERT_TRUE(p.b->wait((*ep)->send(0, &v, 8), Deadline::after_ms(10000)).ok());
+    const Deadline limit = Deadline::after_ms(10000);
+    while (!put_done.load(std::memory_order_acquire) && !limit.expired()) {
+      p.b->progress();
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    v = 2;
+    ASSERT_TRUE(p.b->wait((*ep)->send(0, &v, 8), Deadline::after_ms(10000)).ok());
+  });
+  auto ep = p.a->connect(addr_b);
+  ASSERT_TRUE(ep.ok());
+  uint64_t v = 0;
+  ASSERT_TRUE(p.a->wait((*ep)->recv(0, &v, 8), Deadline::after_ms(10000)).ok());
+  ASSERT_TRUE(p.a->wait((*ep)->recv(0, &v, 8), Deadline::after_ms(15000)).ok());
+  EXPECT_EQ(v, 2u);
+  newcomer.join();
+  peer.join();
+  uint64_t landed = 0;
+  std::memcpy(&landed, target.data(), 8);
+  EXPECT_EQ(landed, 0x1234u);
+  EXPECT_GE(put_ms.load(std::memory_order_relaxed), 0);
+  EXPECT_LT(put_ms.load(std::memory_order_relaxed), 3000)
+      << "the sleeper left a new connection waiting for seconds";
 }
 
 TEST(TcpAddressing, AddressEncodingRoundTripsAndRejectsGarbage) {

@@ -229,10 +229,11 @@ class TcpBackend final : public BackendContext {
   Result<std::unique_ptr<BackendRegistration>> register_memory(const RegionState& region) override;
   size_t progress() override;
   [[nodiscard]] int wait_fd() const noexcept override { return epoll_fd_; }
-  bool arm_wait() override { return pending_reads_.empty(); }
+  bool arm_wait() override;
   // With one connection and nothing else due, sleeps in that socket's recv (or poll, while output
-  // is queued) instead of the epoll set; every kEpollEvery-th call declines, so the Context's
-  // wait on the epoll set still sees the listener.
+  // is queued) instead of the epoll set, and takes that socket out of the set meanwhile; every
+  // kBlockingEpollEvery-th call declines, so the Context's wait on the epoll set still sees the
+  // listener.
   bool progress_blocking(int max_ms, size_t& handled) override;
 
   // For connections.
@@ -278,6 +279,12 @@ class TcpBackend final : public BackendContext {
   // epoll_wait) while it keeps delivering; epoll_wait still runs every kEpollEvery calls and
   // whenever the hot connection is quiet, so no other socket waits long. Cleared when it fails.
   Connection* hot_ = nullptr;
+  // The hot connection while it is out of the epoll set (see progress_blocking()); put back by
+  // reattach() as soon as anything needs the set to report it: output queued (EPOLLOUT), the
+  // Context sleeping on the set (arm_wait()), another connection becoming the hot one.
+  Connection* detached_ = nullptr;
+  bool quiet_sleep_ = false;  // the last progress_blocking() sleep brought nothing
+  void reattach();
   uint32_t polls_ = 0;
 };
 
