@@ -266,6 +266,10 @@ Result<Algorithm> run(Communicator& comm, const Call& call, const Options& optio
           ::myelin::internal::str_cat(name, " (", algorithm_name(algo), ", ", call.count, " x ",
                                       dtype_name(call.type), ") on rank ", comm.rank(), " of ", n));
       MYELIN_LOG_WARN << status.to_string();
+      // Disconnecting drops what the transport has not sent yet. Let the sends already posted (the
+      // call descriptor above all, which tells the next rank why this call failed) go out first,
+      // briefly: a dead peer must not hold the failure up.
+      ex.settle_sends(Deadline::after(std::chrono::milliseconds(200)).min(ex.deadline()));
       comm.fail(status);
     }
   }  // the Exchange waits for stragglers here, after fail() cancelled them

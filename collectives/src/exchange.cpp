@@ -87,6 +87,14 @@ Status Exchange::wait_all() {
   return ok_status();
 }
 
+void Exchange::settle_sends(Deadline until) {
+  for (size_t i = first_unwaited_; i < pending_.size(); ++i) {
+    const Pending& p = pending_[i];
+    if (p.is_recv) continue;
+    while (!p.request.done() && !until.expired()) comm_.context().progress();
+  }
+}
+
 Status Exchange::sendrecv(int send_peer, const void* send, size_t send_bytes, int recv_peer,
                           void* recv, size_t recv_bytes, uint8_t phase) {
   MYELIN_ASSIGN_OR_RETURN(size_t r, post_recv(recv_peer, phase, recv, recv_bytes));

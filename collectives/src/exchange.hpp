@@ -102,6 +102,9 @@ class Exchange {
   }
   // Waits for every operation posted so far and not yet waited for.
   Status wait_all();
+  // Drives progress until every posted send has completed (successfully or not) or `until`
+  // passes; reports nothing. Used before failing the communicator.
+  void settle_sends(Deadline until);
 
   // Convenience: post both, wait both.
   Status sendrecv(int send_peer, const void* send, size_t send_bytes, int recv_peer, void* recv,
