@@ -60,6 +60,42 @@ void KeyTable::release(uint32_t slot, uint64_t token) noexcept {
   free_slots.push_back(slot);
 }
 
+bool KeyTable::grant(void* where, size_t length, uint32_t& slot, uint64_t& token) noexcept {
+  if (free_slots.empty()) return false;
+  slot = free_slots.back();
+  free_slots.pop_back();
+  token = next_token++;
+  KeySlot& s = slots[slot];
+  s.kind.store(static_cast<uint64_t>(KeyKind::kGrant), std::memory_order_relaxed);
+  s.access.store(static_cast<uint64_t>(Access::kRemoteWrite), std::memory_order_relaxed);
+  s.where.store(reinterpret_cast<uintptr_t>(where), std::memory_order_relaxed);
+  s.offset.store(0, std::memory_order_relaxed);
+  s.length.store(length, std::memory_order_relaxed);
+  // Pairs with the writer's compare-exchange on the token: the fields above are visible with it.
+  s.token.store(token, std::memory_order_release);
+  return true;
+}
+
+bool KeyTable::revoke(uint32_t slot, uint64_t token, Deadline deadline) noexcept {
+  KeySlot& s = slots[slot];
+  for (;;) {
+    uint64_t expected = token;
+    // Pairs with the writer's compare-exchange that sets kGrantBusy and its release store that
+    // clears it: once this succeeds no writer holds the grant, and none can take it.
+    if (s.token.compare_exchange_strong(expected, 0, std::memory_order_acq_rel,
+                                        std::memory_order_acquire)) {
+      free_slots.push_back(slot);
+      return true;
+    }
+    if (expected != (token | kGrantBusy)) {  // not ours any more: nothing to wait for
+      free_slots.push_back(slot);
+      return true;
+    }
+    if (deadline.expired()) return false;
+    cpu_relax();
+  }
+}
+
 namespace {
 class ShmRegistration final : public BackendRegistration {
  public:
@@ -94,6 +130,16 @@ Result<std::unique_ptr<ShmBackend>> ShmBackend::create(const Options& options,
   if (const char* cma = std::getenv("MYELIN_SHM_CMA");
       cma != nullptr && std::strcmp(cma, "0") == 0) {
     be->cma_allowed_ = false;
+  }
+  if (const char* split = std::getenv("MYELIN_SHM_SPLIT"); split != nullptr && *split != '\0') {
+    char* end = nullptr;
+    const unsigned long long v = std::strtoull(split, &end, 10);
+    if (end != nullptr && *end == '\0') {
+      be->split_threshold_ = v == 0 ? SIZE_MAX : static_cast<size_t>(v);
+    } else {
+      MYELIN_LOG_WARN << "shm: MYELIN_SHM_SPLIT='" << split
+                      << "' is not a byte count; keeping the default";
+    }
   }
 
   const ProcessIdentity self = current_process_identity();

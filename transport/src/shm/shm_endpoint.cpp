@@ -154,7 +154,7 @@ Status ShmEndpoint::send_info() {
   h.type = static_cast<uint16_t>(CtlType::kInfo);
   h.a = backend_->probe_address();
   h.b = backend_->probe_value();
-  h.c = backend_->may_sleep() ? 1 : 0;
+  h.c = (backend_->may_sleep() ? kInfoMaySleep : 0) | kInfoSplit;
   const int fds[1] = {backend_->key_table_fd()};
   return send_ctl(ctl_fd(), h, {}, fds, ctl_send_deadline()).with_context("sending shm info");
 }
@@ -191,7 +191,8 @@ Status ShmEndpoint::handle_ctl(CtlMessage& msg) {
       }
       peer_keys_segment_.emplace(std::move(keys));
       peer_keys_ = reinterpret_cast<const KeySlot*>(peer_keys_segment_->data());
-      peer_may_sleep_ = msg.header.c != 0;
+      peer_may_sleep_ = (msg.header.c & kInfoMaySleep) != 0;
+      peer_split_ = (msg.header.c & kInfoSplit) != 0;
       // Probe cross-memory attach: can we read the peer's probe word?
       uint64_t value = 0;
       iovec local{&value, sizeof(value)};
@@ -347,7 +348,12 @@ void ShmEndpoint::fail(Status status) {
   last_channel_state_ = nullptr;
   for (auto& [t, s] : rndv_sends_) s.req->complete(status_, 0);
   rndv_sends_.clear();
-  for (auto& [t, r] : rndv_recvs_) r.req->complete(status_, 0);
+  for (auto& [t, r] : rndv_recvs_) {
+    // The peer may be writing its part of a split message: take the grant back before the
+    // buffer goes back to the caller.
+    if (r.split) revoke_grant(r);
+    r.req->complete(status_, 0);
+  }
   rndv_recvs_.clear();
   for (OutItem& it : outq_) {
     if (it.req) it.req->complete(status_, 0);
@@ -619,6 +625,10 @@ void ShmEndpoint::start_rendezvous(Posted& p, const RtsRecord& rts) {
       copied = true;
     }
   } else if (kind == RtsKind::kCma && can_cma_read_peer_) {
+    if (rts.size >= backend_->split_threshold() && peer_split_ && peer_can_cma_read_us_ &&
+        start_split(p, rts)) {
+      return;
+    }
     copied = cma_read(p.data, rts.where, rts.size);
   }
   if (copied) {
@@ -629,6 +639,86 @@ void ShmEndpoint::start_rendezvous(Posted& p, const RtsRecord& rts) {
   // Neither path reaches the sender's bytes: have them streamed through the ring.
   rndv_recvs_.emplace(rts.token, RndvRecv{p.data, rts.size, 0, std::move(p.req)});
   queue_control(kCts, TokenRecord{rts.token});
+}
+
+bool ShmEndpoint::start_split(Posted& p, const RtsRecord& rts) {
+  // The sender takes the head, we take the tail; page-aligned so neither side pins a page twice.
+  const size_t head = (rts.size / 2) & ~size_t{4095};
+  if (head == 0) return false;
+  uint32_t slot = 0;
+  uint64_t grant = 0;
+  if (!backend_->keys().grant(p.data, head, slot, grant)) return false;
+  RndvRecv rr{p.data, rts.size, 0, std::move(p.req)};
+  rr.split = true;
+  rr.grant_slot = slot;
+  rr.grant = grant;
+  // First the request, so the sender copies while we do.
+  queue_control(kSplit, SplitRecord{rts.token, rr.grant, head, rr.grant_slot, 0});
+  if (!cma_read(p.data + head, rts.where + head, rts.size - head)) {
+    rr.own = errno_status("reading the tail of a " + std::to_string(rts.size) +
+                              "-byte message from " + *peer_name_ + " with process_vm_readv",
+                          errno, StatusCode::kIoError);
+  }
+  // We are done with the sender's buffer (its own part it writes from before it sees this).
+  queue_control(kFin, FinRecord{rts.token, static_cast<uint32_t>(rr.own.code()), 0});
+  rndv_recvs_.emplace(rts.token, std::move(rr));
+  return true;
+}
+
+void ShmEndpoint::serve_split(const SplitRecord& sr) {
+  auto it = rndv_sends_.find(sr.token);
+  if (it == rndv_sends_.end() || sr.length > it->second.size || sr.slot >= kKeySlots) {
+    ring_error_ = protocol_error("shm split request for token ", sr.token, " of ", sr.length,
+                                 " bytes in slot ", sr.slot, " does not fit a pending send");
+    return;
+  }
+  StatusCode code = StatusCode::kOk;
+  if (!can_cma_read_peer_ || peer_keys_ == nullptr) {
+    code = StatusCode::kUnsupported;
+  } else {
+    // The key table is mapped writable: the grant's token is the one word a peer may change.
+    auto& token = const_cast<KeySlot&>(peer_keys_[sr.slot]).token;
+    uint64_t expected = sr.grant;
+    // Pairs with the owner's release store in grant() (the fields) and its compare-exchange in
+    // revoke(): holding kGrantBusy, the buffer cannot be taken back under us.
+    if (!token.compare_exchange_strong(expected, sr.grant | kGrantBusy, std::memory_order_acq_rel,
+                                       std::memory_order_relaxed)) {
+      code = StatusCode::kCancelled;  // revoked: the receive failed meanwhile
+    } else {
+      const KeySlot& slot = peer_keys_[sr.slot];
+      const uint64_t where = slot.where.load(std::memory_order_relaxed);
+      const bool fits =
+          slot.kind.load(std::memory_order_relaxed) == static_cast<uint64_t>(KeyKind::kGrant) &&
+          slot.length.load(std::memory_order_relaxed) >= sr.length;
+      size_t done = 0;
+      while (fits && done < sr.length) {
+        iovec l{const_cast<std::byte*>(it->second.data) + done, sr.length - done};
+        iovec r{reinterpret_cast<void*>(where + done), sr.length - done};
+        const ssize_t n = ::process_vm_writev(peer_.pid, &l, 1, &r, 1, 0);
+        if (n <= 0) break;
+        done += static_cast<size_t>(n);
+      }
+      if (!fits)
+        code = StatusCode::kProtocolError;
+      else if (done < sr.length)
+        code = StatusCode::kIoError;
+      // Pairs with the owner's compare-exchange in revoke(): our writes are done.
+      token.store(sr.grant, std::memory_order_release);
+    }
+  }
+  queue_control(kSplitDone, FinRecord{sr.token, static_cast<uint32_t>(code), 0});
+}
+
+void ShmEndpoint::revoke_grant(RndvRecv& rr) noexcept {
+  if (!rr.split) return;
+  rr.split = false;
+  // A writer holds the grant for one process_vm_writev of at most half a message: milliseconds
+  // at worst. Past that the writer is stuck or gone; the slot stays retired.
+  if (!backend_->keys().revoke(rr.grant_slot, rr.grant, Deadline::after_ms(500))) {
+    MYELIN_LOG_WARN << "shm: " << *peer_name_ << " still holds the grant of a " << rr.size
+                    << "-byte receive after 500 ms; its key table slot " << rr.grant_slot
+                    << " is retired";
+  }
 }
 
 void ShmEndpoint::handle_record(uint32_t type, std::span<const std::byte> payload) {
@@ -706,7 +796,7 @@ void ShmEndpoint::handle_record(uint32_t type, std::span<const std::byte> payloa
       std::memcpy(&dh, payload.data(), sizeof(dh));
       auto it = rndv_recvs_.find(dh.token);
       const size_t n = payload.size() - sizeof(dh);
-      if (it == rndv_recvs_.end() || dh.offset > it->second.size ||
+      if (it == rndv_recvs_.end() || it->second.split || dh.offset > it->second.size ||
           n > it->second.size - dh.offset) {
         ring_error_ = protocol_error("shm data chunk for token ", dh.token, " at ", dh.offset,
                                      " does not fit a pending receive");
@@ -733,6 +823,36 @@ void ShmEndpoint::handle_record(uint32_t type, std::span<const std::byte> payloa
       // The message was consumed either way (an undersized receive is the receiver's error).
       it->second.req->complete(ok_status(), it->second.size);
       rndv_sends_.erase(it);
+      return;
+    }
+    case kSplit: {
+      if (too_short(sizeof(SplitRecord))) return;
+      SplitRecord sr;
+      std::memcpy(&sr, payload.data(), sizeof(sr));
+      serve_split(sr);
+      return;
+    }
+    case kSplitDone: {
+      if (too_short(sizeof(FinRecord))) return;
+      FinRecord f;
+      std::memcpy(&f, payload.data(), sizeof(f));
+      auto it = rndv_recvs_.find(f.token);
+      if (it == rndv_recvs_.end() || !it->second.split) {
+        ring_error_ = protocol_error("shm split completion for unknown token ", f.token);
+        return;
+      }
+      RndvRecv& rr = it->second;
+      revoke_grant(rr);  // the writer let go before it sent this: no wait
+      Status s = std::move(rr.own);
+      if (s.ok() && f.code != 0) {
+        s = Status(f.code <= static_cast<uint32_t>(StatusCode::kInternal)
+                       ? static_cast<StatusCode>(f.code)
+                       : StatusCode::kIoError,
+                   "shm peer " + *peer_name_ + " could not write the head of a " +
+                       std::to_string(rr.size) + "-byte message into the receive buffer");
+      }
+      rr.req->complete(s, s.ok() ? rr.size : 0);
+      rndv_recvs_.erase(it);
       return;
     }
     case kImm: {

@@ -140,6 +140,11 @@ class ShmEndpoint final : public Endpoint {
     size_t size;
     size_t received;
     std::shared_ptr<RequestState> req;
+    // Split copy (kSplit sent): waits for the sender's kSplitDone; the grant is revoked then.
+    bool split = false;
+    uint32_t grant_slot = 0;
+    uint64_t grant = 0;
+    Status own;  // how our own part went
   };
   struct PeerAlloc {
     std::byte* base;
@@ -175,6 +180,13 @@ class ShmEndpoint final : public Endpoint {
                       uint64_t offset);
   const PeerAlloc* peer_alloc(uint64_t id);
   bool cma_read(void* local, uint64_t remote, size_t size) const;
+  // Receiver: lends the head of `p`'s buffer to the sender and reads the rest itself. False when
+  // no grant slot is free (then read it all as usual).
+  bool start_split(Posted& p, const RtsRecord& rts);
+  // Sender: writes the head of rendezvous send `token` into the receiver's grant (kSplit).
+  void serve_split(const SplitRecord& sr);
+  // Receiver: takes a split receive's grant back, waiting (bounded) for a writer still inside it.
+  void revoke_grant(RndvRecv& rr) noexcept;
   Status handle_ctl(CtlMessage& msg);
   void read_socket();
   void drain_inbound();
@@ -194,6 +206,7 @@ class ShmEndpoint final : public Endpoint {
   bool peer_may_sleep_ = true;      // until its kInfo says otherwise
   bool can_cma_read_peer_ = false;  // our probe of the peer's memory worked
   bool peer_can_cma_read_us_ = false;
+  bool peer_split_ = false;  // the peer handles kSplit records (kInfoSplit)
   int64_t next_liveness_ns_ = 0;
 
   UniqueFd sock_;       // control socket of the connection

@@ -117,12 +117,14 @@ Result<UniqueFd> connect_abstract(const std::string& name, Deadline deadline);
 // ---- ring records -------------------------------------------------------------------------------
 
 enum RecordType : uint32_t {
-  kEager = 1,  // EagerHeader + payload
-  kRts = 2,    // RtsRecord: a message above the eager limit is ready
-  kCts = 3,    // TokenRecord: receiver asks the sender to stream the message
-  kData = 4,   // DataHeader + chunk of a streamed message
-  kFin = 5,    // FinRecord: receiver is done with the sender's buffer
-  kImm = 6,    // ImmRecord: immediate of a put whose data has landed
+  kEager = 1,      // EagerHeader + payload
+  kRts = 2,        // RtsRecord: a message above the eager limit is ready
+  kCts = 3,        // TokenRecord: receiver asks the sender to stream the message
+  kData = 4,       // DataHeader + chunk of a streamed message
+  kFin = 5,        // FinRecord: receiver is done with the sender's buffer
+  kImm = 6,        // ImmRecord: immediate of a put whose data has landed
+  kSplit = 7,      // SplitRecord: receiver asks the sender to write the head of a CMA message
+  kSplitDone = 8,  // FinRecord: the sender's part of a split message is written (or why not)
 };
 
 struct EagerHeader {
@@ -164,6 +166,22 @@ struct ImmRecord {
   uint32_t value;
   uint32_t reserved;
 };
+// Split copy of a large CMA message: while the receiver reads [length, size) of the sender's
+// buffer with process_vm_readv, the sender writes [0, length) into the receiver's buffer with
+// process_vm_writev, so both processes copy at once. The receiver lends that part of its buffer
+// through a grant: key table slot `slot` holding token `grant` (kind kGrant, remote write).
+struct SplitRecord {
+  uint64_t token;   // the rendezvous (RtsRecord::token)
+  uint64_t grant;   // token of the grant slot
+  uint64_t length;  // bytes the sender writes, from the start of the message
+  uint32_t slot;    // key table slot of the grant
+  uint32_t reserved;
+};
+static_assert(sizeof(SplitRecord) == 32);
+
+// kInfo flags (CtlHeader::c).
+inline constexpr uint64_t kInfoMaySleep = 1;  // this side may sleep: ring its doorbell
+inline constexpr uint64_t kInfoSplit = 2;     // this side handles kSplit / kSplitDone records
 
 // ---- the key table ------------------------------------------------------------------------------
 // A memfd per backend (sent in kInfo) holding one slot per registration. A RemoteKey's shm blob
@@ -171,7 +189,11 @@ struct ImmRecord {
 // so a deregistered (stale) or foreign key is refused.
 
 inline constexpr uint32_t kKeySlots = 8192;
-enum class KeyKind : uint64_t { kShared = 1, kCma = 2 };
+enum class KeyKind : uint64_t { kShared = 1, kCma = 2, kGrant = 3 };
+// A peer writing into a grant holds it by setting this bit in the slot's token (compare-exchange
+// from the grant's token) and clears it when done; the owner revokes a grant by a compare-exchange
+// from the bare token to 0, so it never frees the memory under a writer. Tokens stay below 2^63.
+inline constexpr uint64_t kGrantBusy = uint64_t{1} << 63;
 
 struct alignas(kCacheLine) KeySlot {
   std::atomic<uint64_t> token;   // 0 = free; written last on register (release), first on drop
