@@ -250,6 +250,13 @@ TEST(CollectivesAuto, AllreduceOverAutoBackend) {
           }
         }
       }
+      // Ring blocks of 256 KiB and more, default segment: shared-memory messages large enough
+      // for the transport's large-message paths, out of place (received into the output) and in
+      // place.
+      for (bool in_place : {false, true}) {
+        MYELIN_RETURN_IF_ERROR(check_allreduce(rc, Algorithm::kRing, DataType::kF32, ReduceOp::kSum,
+                                               (size_t{1} << 18) + 3, in_place, 0, ++salt));
+      }
       return ok_status();
     });
     EXPECT_TRUE(out.all_ok()) << n << " ranks:" << out.summary();
