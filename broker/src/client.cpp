@@ -84,14 +84,23 @@ class Client::Impl {
   Status send_locked(FrameHeader h, std::string_view topic, std::span<const std::byte> payload,
                      bool batchable, std::shared_ptr<const void> owner = nullptr) {
     if (!status_.ok()) return status_;
-    MYELIN_RETURN_IF_ERROR(
-        out_.push(h, topic, payload, std::move(owner), batchable, monotonic_ns()));
-    auto r = out_.flush(fd_.get());
+    auto r = out_.push_and_flush(fd_.get(), h, topic, payload, std::move(owner), batchable,
+                                 monotonic_ns());
     if (!r.ok()) {
+      // A message the queue refuses (invalid_argument) fails that call, not the connection.
+      if (r.status().code() == StatusCode::kInvalidArgument) return r.status();
       fail(std::move(r).status());
       return status_;
     }
-    if (!*r || !out_.empty()) wake();
+    // Wake the I/O thread only when it must act sooner than it planned to: bytes left for a
+    // socket it does not watch for writing, or a batch whose window ends before its next wake-up.
+    // Then no further wake-up until it has looked again (a write to the eventfd per message
+    // costs a syscall and a context switch per message).
+    if ((!*r && !io_watches_out_) || out_.next_batch_deadline() < io_wakes_at_ns_) {
+      io_watches_out_ = true;
+      io_wakes_at_ns_ = INT64_MIN;
+      wake();
+    }
     return ok_status();
   }
   // Takes one publish credit, waiting until the deadline. mu_ held through `lock`.
@@ -158,6 +167,11 @@ class Client::Impl {
   Status status_;
   uint64_t client_id_ = 0, counter_ = 0;
   uint64_t pub_credits_ = 0, credits_owed_ = 0;
+  // What the I/O thread planned when it last went to sleep (under mu_): whether it watches the
+  // socket for writing, and when its epoll wait ends; send_locked() wakes it only if that is not
+  // soon enough.
+  bool io_watches_out_ = false;
+  int64_t io_wakes_at_ns_ = INT64_MIN;
   bool draining_ = false;
   std::vector<Sub> subs_;
   std::unordered_map<uint64_t, Waiter> waiters_;
@@ -182,7 +196,7 @@ void Client::Impl::fail(Status s) {
 Status Client::Impl::handshake() {
   MYELIN_ASSIGN_OR_RETURN(auto hp, internal::parse_host_port(opt_.address));
   const Deadline d = Deadline::after_ms(opt_.connect_timeout_ms);
-  MYELIN_ASSIGN_OR_RETURN(fd_, internal::connect_tcp(hp, d));
+  MYELIN_ASSIGN_OR_RETURN(fd_, internal::connect_tcp(hp, d, opt_.socket_buffer_bytes));
   auto read_frame = [&](FrameView* f) -> Status {
     while (true) {
       MYELIN_ASSIGN_OR_RETURN(bool got, rx_.next(f));
@@ -267,16 +281,17 @@ void Client::Impl::shutdown() {
 void Client::Impl::io_loop() {
   bool want_out = false;
   while (!stop_.load(std::memory_order_acquire)) {
-    int timeout_ms = static_cast<int>(std::min<int64_t>(opt_.heartbeat_ms / 2, 50));
+    int64_t timeout_ns = std::min<int64_t>(opt_.heartbeat_ms / 2, 50) * 1'000'000;
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (!status_.ok()) return;
       const int64_t now = monotonic_ns();
       const int64_t bd = out_.next_batch_deadline();
       if (bd != INT64_MAX)
-        timeout_ms = std::min<int>(
-            timeout_ms, static_cast<int>(std::max<int64_t>(0, (bd - now + 999'999) / 1'000'000)));
-      const bool want = !out_.empty();
+        timeout_ns = std::min<int64_t>(timeout_ns, std::max<int64_t>(0, bd - now));
+      io_wakes_at_ns_ = now + timeout_ns;
+      const bool want = out_.has_unsent();
+      io_watches_out_ = want;
       if (want != want_out) {
         epoll_event ev{};
         ev.events =
@@ -287,7 +302,7 @@ void Client::Impl::io_loop() {
       }
     }
     epoll_event evs[4];
-    const int n = ::epoll_wait(epoll_.get(), evs, 4, timeout_ms);
+    const int n = internal::epoll_wait_ns(epoll_.get(), evs, 4, timeout_ns);
     bool readable = false;
     for (int i = 0; i < n; ++i) {
       if (evs[i].data.u64 == 2) {
@@ -306,10 +321,9 @@ void Client::Impl::io_loop() {
           fail(std::move(got).status().with_context("broker " + opt_.address));
           return;
         }
-        if (*got == 0)
-          readable = false;
-        else
-          last_rx_ns_ = monotonic_ns();
+        if (*got > 0) last_rx_ns_ = monotonic_ns();
+        // A short read emptied the socket: skip the read that would only say EAGAIN.
+        if (*got == 0 || rx_.drained()) readable = false;
       }
       while (true) {
         FrameView f;

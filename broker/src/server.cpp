@@ -113,6 +113,9 @@ class Server::Impl {
   bool may_publish(const Conn& c, std::string_view topic) const;
   bool may_subscribe(const Conn& c, std::string_view pattern) const;
   void observe_latency(int64_t ns);
+  [[nodiscard]] uint64_t credit_group() const noexcept {
+    return std::max<uint64_t>(1, opt_.publish_credits / 4);
+  }
 
   Server* owner_;
   ServerOptions opt_;
@@ -247,6 +250,9 @@ Status Server::Impl::init() {
   if (!wake_fd_.valid()) return errno_status("eventfd", errno);
   MYELIN_ASSIGN_OR_RETURN(auto hp, internal::parse_host_port(opt_.listen));
   MYELIN_ASSIGN_OR_RETURN(listen_, internal::listen_tcp(hp));
+  // On the listener too: accepted sockets inherit its receive buffer, and with it the window
+  // scale announced in the handshake.
+  internal::set_socket_buffers(listen_.get(), opt_.socket_buffer_bytes);
   MYELIN_ASSIGN_OR_RETURN(port, internal::local_port(listen_.get()));
   if (!opt_.metrics_listen.empty()) {
     MYELIN_ASSIGN_OR_RETURN(auto mh, internal::parse_host_port(opt_.metrics_listen));
@@ -342,7 +348,7 @@ void Server::Impl::observe_latency(int64_t ns) {
 }
 
 void Server::Impl::update_interest(Conn& c) {
-  const bool want = !c.out.empty();
+  const bool want = c.out.has_unsent();
   if (want == c.want_out) return;
   epoll_event ev{};
   ev.events = want ? static_cast<uint32_t>(EPOLLIN | EPOLLOUT) : static_cast<uint32_t>(EPOLLIN);
@@ -399,6 +405,7 @@ void Server::Impl::accept_clients() {
     if (draining_.load(std::memory_order_acquire)) continue;  // pairs with drain(); closes it
     int one = 1;
     ::setsockopt(fd.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    internal::set_socket_buffers(fd.get(), opt_.socket_buffer_bytes);
     const uint64_t id = next_id_++;
     auto c = std::make_shared<Conn>(this, id, std::move(fd), opt_, limits_);
     auto nonce = internal::random_nonce();
@@ -488,41 +495,42 @@ void Server::Impl::serve_http(int raw) {
 
 void Server::Impl::read_conn(Conn& c) {
   const uint64_t id = c.id();
-  for (int rounds = 0; rounds < 16; ++rounds) {
-    auto n = c.rx.read_from(c.fd.get());
-    if (!n.ok()) {
-      close_conn(id, n.status().to_string().c_str());
+  // One read (at most one receive block) per wake-up: a connection flooding bulk data cannot hold
+  // the loop while a control message waits on another connection; epoll is level-triggered, so
+  // what is left is reported again on the next pass.
+  auto n = c.rx.read_from(c.fd.get());
+  if (!n.ok()) {
+    close_conn(id, n.status().to_string().c_str());
+    return;
+  }
+  if (*n == 0) return;
+  c_.bytes_in.fetch_add(*n, std::memory_order_relaxed);
+  c.last_rx_ns = monotonic_ns();
+  while (true) {
+    FrameView f;
+    auto got = c.rx.next(&f);
+    if (!got.ok()) {
+      c_.protocol_errors.fetch_add(1, std::memory_order_relaxed);
+      send_error(c, 0, got.status());
+      (void)c.out.flush(c.fd.get());
+      close_conn(id, got.status().to_string().c_str());
       return;
     }
-    if (*n == 0) break;
-    c_.bytes_in.fetch_add(*n, std::memory_order_relaxed);
-    c.last_rx_ns = monotonic_ns();
-    while (true) {
-      FrameView f;
-      auto got = c.rx.next(&f);
-      if (!got.ok()) {
+    if (!*got) break;
+    c_.frames_in.fetch_add(1, std::memory_order_relaxed);
+    Status s = handle_frame(c, f, c.rx.owner());
+    if (!s.ok()) {
+      if (s.code() == StatusCode::kProtocolError)
         c_.protocol_errors.fetch_add(1, std::memory_order_relaxed);
-        send_error(c, 0, got.status());
-        (void)c.out.flush(c.fd.get());
-        close_conn(id, got.status().to_string().c_str());
-        return;
-      }
-      if (!*got) break;
-      c_.frames_in.fetch_add(1, std::memory_order_relaxed);
-      Status s = handle_frame(c, f, c.rx.owner());
-      if (!s.ok()) {
-        if (s.code() == StatusCode::kProtocolError)
-          c_.protocol_errors.fetch_add(1, std::memory_order_relaxed);
-        send_error(c, 0, s);
-        (void)c.out.flush(c.fd.get());
-        close_conn(id, s.to_string().c_str());
-        return;
-      }
-      if (c.closing) {
-        (void)c.out.flush(c.fd.get());
-        close_conn(id, "refused");
-        return;
-      }
+      send_error(c, 0, s);
+      (void)c.out.flush(c.fd.get());
+      close_conn(id, s.to_string().c_str());
+      return;
+    }
+    if (c.closing) {
+      (void)c.out.flush(c.fd.get());
+      close_conn(id, "refused");
+      return;
     }
   }
 }
@@ -807,7 +815,11 @@ void Server::Impl::pump(Conn& c) {
   }
   if (c.deliver_credits <= 0 && c.depth() > 0)
     c_.credit_stalls.fetch_add(1, std::memory_order_relaxed);
-  if (c.credits_to_return > 0) {
+  // Publish credits go back in groups of a quarter window (one frame, one wake-up of the client's
+  // I/O thread per group instead of per message). The client keeps at least three quarters of
+  // its window meanwhile, and a producer that used it all up has at least a quarter outstanding
+  // here, so its credits come back as soon as those are accepted: no stall from the grouping.
+  if (c.credits_to_return > 0 && (c.credits_to_return >= credit_group() || c.closing)) {
     FrameHeader h;
     h.type = FrameType::kCredit;
     h.flags = kFlagControl;
@@ -815,7 +827,10 @@ void Server::Impl::pump(Conn& c) {
     c.credits_to_return = 0;
     send_direct(c, h, {}, {});
   }
-  c.out.close_due_batches(now, draining_.load(std::memory_order_relaxed));
+  // Everything deliverable now was queued above: send the open batches at once instead of
+  // waiting for their window. Batches still fill up with what one read brought in (a publisher's
+  // batch, a burst), and no message waits for later traffic that may never come.
+  c.out.close_due_batches(now, true);
   auto r = c.out.flush(c.fd.get());
   if (!r.ok()) {
     close_conn(c.id(), r.status().to_string().c_str());
@@ -879,8 +894,8 @@ void Server::Impl::loop() {
       if (!c->parked.empty()) parked = true;
     }
     if (parked) wait_ns = std::min<int64_t>(wait_ns, 1'000'000);
-    const int timeout_ms = static_cast<int>((wait_ns + 999'999) / 1'000'000);
-    const int n = ::epoll_wait(epoll_.get(), evs.data(), static_cast<int>(evs.size()), timeout_ms);
+    const int n =
+        internal::epoll_wait_ns(epoll_.get(), evs.data(), static_cast<int>(evs.size()), wait_ns);
     for (int i = 0; i < n; ++i) {
       const uint64_t tag = evs[i].data.u64;
       if (tag & (1ull << 63)) {

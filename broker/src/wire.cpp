@@ -9,8 +9,11 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <array>
 #include <cerrno>
 #include <cstring>
+#include <ctime>
 
 namespace myelin::broker::internal {
 
@@ -101,7 +104,14 @@ Result<uint16_t> local_port(int fd) {
   return ntohs(reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port);
 }
 
-Result<Fd> connect_tcp(const HostPort& where, Deadline deadline) {
+void set_socket_buffers(int fd, int bytes) {
+  if (bytes <= 0) return;
+  // Best effort: a refused size leaves the kernel's default, which only costs isolation.
+  ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof(bytes));
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &bytes, sizeof(bytes));
+}
+
+Result<Fd> connect_tcp(const HostPort& where, Deadline deadline, int buffer_bytes) {
   MYELIN_ASSIGN_OR_RETURN(addrinfo * res, resolve(where, false));
   Status last = unavailable("no address for '", where.host, "'");
   for (addrinfo* ai = res; ai; ai = ai->ai_next) {
@@ -112,6 +122,7 @@ Result<Fd> connect_tcp(const HostPort& where, Deadline deadline) {
     }
     int one = 1;
     ::setsockopt(fd.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    set_socket_buffers(fd.get(), buffer_bytes);
     if (::connect(fd.get(), ai->ai_addr, ai->ai_addrlen) != 0 && errno != EINPROGRESS) {
       last = errno_status("connect to " + where.host + ":" + std::to_string(where.port), errno,
                           StatusCode::kUnavailable);
@@ -136,6 +147,17 @@ Result<Fd> connect_tcp(const HostPort& where, Deadline deadline) {
   }
   ::freeaddrinfo(res);
   return last;
+}
+
+int epoll_wait_ns(int epfd, epoll_event* events, int max_events, int64_t timeout_ns) {
+  if (timeout_ns >= 0) {
+    timespec ts{.tv_sec = static_cast<time_t>(timeout_ns / 1'000'000'000),
+                .tv_nsec = static_cast<long>(timeout_ns % 1'000'000'000)};
+    const int n = ::epoll_pwait2(epfd, events, max_events, &ts, nullptr);
+    if (n >= 0 || errno != ENOSYS) return n;
+  }
+  const int64_t ms = timeout_ns < 0 ? -1 : (timeout_ns + 999'999) / 1'000'000;
+  return ::epoll_wait(epfd, events, max_events, static_cast<int>(std::min<int64_t>(ms, INT32_MAX)));
 }
 
 // ---- OutQueue ---------------------------------------------------------------------------------
@@ -174,7 +196,7 @@ Status OutQueue::push(FrameHeader h, std::string_view topic, std::span<const std
     return invalid_argument("control message of ", payload.size(), " bytes exceeds one chunk (",
                             opt_.chunk_size, " bytes); send it on the bulk lane");
   }
-  if (batchable && opt_.batch_bytes > 0 && payload.size() <= opt_.batch_max_message) {
+  if (coalesce(lane, batchable, payload.size(), now_ns)) {
     Batch& b = batch_[lane];
     if (b.count == 0) b.opened_ns = now_ns;
     MYELIN_RETURN_IF_ERROR(append_frame(b.frames, h, topic, payload));
@@ -225,6 +247,64 @@ Status OutQueue::push(FrameHeader h, std::string_view topic, std::span<const std
     chunks_sent_++;
   }
   return ok_status();
+}
+
+bool OutQueue::coalesce(int lane, bool batchable, size_t size, int64_t now_ns) {
+  if (!batchable || opt_.batch_bytes == 0 || size > opt_.batch_max_message) return false;
+  const bool lone =
+      batch_[lane].count == 0 && now_ns - last_batchable_ns_[lane] >= opt_.batch_window_ns;
+  last_batchable_ns_[lane] = now_ns;
+  return !lone;
+}
+
+Result<bool> OutQueue::push_and_flush(int fd, FrameHeader h, std::string_view topic,
+                                      std::span<const std::byte> payload,
+                                      std::shared_ptr<const void> owner, bool batchable,
+                                      int64_t now_ns) {
+  const int lane = (h.flags & kFlagControl) ? 0 : 1;
+  const bool alone = !has_unsent() && batch_[0].count == 0 && batch_[1].count == 0 &&
+                     payload.size() <= opt_.chunk_size && topic.size() <= kMaxTopicLength;
+  if (!alone || coalesce(lane, batchable, payload.size(), now_ns)) {
+    MYELIN_RETURN_IF_ERROR(push(h, topic, payload, std::move(owner), batchable, now_ns));
+    return flush(fd);
+  }
+  std::array<std::byte, kFrameHeaderSize + kMaxTopicLength> head;
+  h.topic_len = static_cast<uint16_t>(topic.size());
+  h.payload_len = static_cast<uint32_t>(payload.size());
+  encode_header(h, std::span<std::byte, kFrameHeaderSize>(head.data(), kFrameHeaderSize));
+  if (!topic.empty()) std::memcpy(head.data() + kFrameHeaderSize, topic.data(), topic.size());
+  const size_t head_len = kFrameHeaderSize + topic.size();
+  iovec iov[2] = {{head.data(), head_len},
+                  {const_cast<std::byte*>(payload.data()), payload.size()}};
+  msghdr msg{};
+  msg.msg_iov = iov;
+  msg.msg_iovlen = payload.empty() ? 1 : 2;
+  ssize_t w;
+  do {
+    w = ::sendmsg(fd, &msg, MSG_NOSIGNAL);
+  } while (w < 0 && errno == EINTR);
+  if (w < 0) {
+    if (errno == EPIPE || errno == ECONNRESET) return peer_failed("peer closed the connection");
+    if (errno != EAGAIN && errno != EWOULDBLOCK) return errno_status("sendmsg", errno);
+    w = 0;
+  }
+  const size_t sent = static_cast<size_t>(w);
+  if (sent == head_len + payload.size()) return true;
+  // The socket took part of it (or nothing): queue the message with what was sent marked, so the
+  // writer finishes this frame before anything else (a started frame counts as started).
+  Piece p;
+  p.head.assign(head.begin(), head.begin() + static_cast<ptrdiff_t>(head_len));
+  if (!owner && !payload.empty()) {
+    auto copy = std::make_shared<std::vector<std::byte>>(payload.begin(), payload.end());
+    payload = std::span<const std::byte>(copy->data(), copy->size());
+    owner = std::move(copy);
+  }
+  p.owner = std::move(owner);
+  p.body = payload;
+  p.sent = sent;
+  add_piece(lane, std::move(p));
+  backlog_ -= sent;
+  return false;
 }
 
 void OutQueue::close_due_batches(int64_t now_ns, bool force) {
@@ -338,13 +418,16 @@ void RxBuffer::make_room(size_t want) {
 Result<size_t> RxBuffer::read_from(int fd) {
   make_room(16 * 1024);
   while (true) {
-    const ssize_t n = ::read(fd, block_->data() + end_, block_->size() - end_);
+    const size_t want = block_->size() - end_;
+    const ssize_t n = ::read(fd, block_->data() + end_, want);
     if (n > 0) {
       end_ += static_cast<size_t>(n);
+      drained_ = static_cast<size_t>(n) < want;
       return static_cast<size_t>(n);
     }
     if (n == 0) return peer_failed("peer closed the connection");
     if (errno == EINTR) continue;
+    drained_ = true;
     if (errno == EAGAIN || errno == EWOULDBLOCK) return size_t{0};
     if (errno == ECONNRESET) return peer_failed("connection reset by peer");
     return errno_status("read", errno);

@@ -10,6 +10,7 @@
 // Thread safety: none; each object belongs to one connection, used under its owner's lock/thread.
 #pragma once
 
+#include <sys/epoll.h>
 #include <sys/uio.h>
 
 #include <cstdint>
@@ -61,8 +62,18 @@ Result<Fd> listen_tcp(const HostPort& where, int backlog = 128);
 // The port a listening socket is bound to.
 Result<uint16_t> local_port(int fd);
 // A non-blocking connected socket with TCP_NODELAY; waits for the connection until `deadline`.
-Result<Fd> connect_tcp(const HostPort& where, Deadline deadline);
+// buffer_bytes > 0 caps the kernel's send and receive buffers (set before connecting, so the
+// window scale fits), see set_socket_buffers().
+Result<Fd> connect_tcp(const HostPort& where, Deadline deadline, int buffer_bytes = 0);
+// Caps a socket's kernel send and receive buffers at `bytes` (the kernel doubles the figure for
+// its bookkeeping). Without a cap Linux grows them to several MiB per connection, and a control
+// frame written after a bulk flood waits until the peer has read every byte queued ahead of it
+// there: the lanes order frames only up to the socket. 0: leave the kernel's autotuning.
+void set_socket_buffers(int fd, int bytes);
 Status set_nonblocking(int fd);
+// epoll_wait with a nanosecond timeout (epoll_pwait2; rounded up to milliseconds where the kernel
+// lacks it), so a 200 us batch window is not stretched to a whole millisecond. Negative: forever.
+int epoll_wait_ns(int epfd, epoll_event* events, int max_events, int64_t timeout_ns);
 
 struct OutOptions {
   uint32_t chunk_size = 64 * 1024;
@@ -71,6 +82,10 @@ struct OutOptions {
   int64_t batch_window_ns = 200'000;
   size_t batch_max_message = 4096;  // larger messages are never batched
 };
+
+// Batching never delays a lone message: a batchable message that finds no batch open and follows
+// the previous batchable message of its lane by at least the batch window goes out at once; only
+// messages that come in close succession are coalesced (up to bytes, count or window).
 
 class OutQueue {
  public:
@@ -82,11 +97,22 @@ class OutQueue {
   // Writes what the socket accepts. Returns true when everything queued went out. Errors:
   // peer_failed when the peer closed, io_error otherwise.
   Result<bool> flush(int fd);
+  // push() then flush(), except that a message that would go out alone anyway (nothing queued
+  // or batched ahead of it, at most one chunk, not coalesced) is written straight from the
+  // caller's buffers; only what the socket does not take is copied and queued. Same results as
+  // flush().
+  Result<bool> push_and_flush(int fd, FrameHeader h, std::string_view topic,
+                              std::span<const std::byte> payload, std::shared_ptr<const void> owner,
+                              bool batchable, int64_t now_ns);
   // Closes batches whose window has passed (or all, with force).
   void close_due_batches(int64_t now_ns, bool force = false);
   [[nodiscard]] int64_t next_batch_deadline() const noexcept;
   [[nodiscard]] size_t backlog_bytes() const noexcept { return backlog_; }
   [[nodiscard]] bool empty() const noexcept;
+  // Bytes wait for the socket (an open batch alone does not count: it waits for its window).
+  [[nodiscard]] bool has_unsent() const noexcept {
+    return !lanes_[0].empty() || !lanes_[1].empty();
+  }
   [[nodiscard]] uint64_t batches_sent() const noexcept { return batches_sent_; }
   [[nodiscard]] uint64_t chunks_sent() const noexcept { return chunks_sent_; }
 
@@ -104,11 +130,14 @@ class OutQueue {
     int64_t opened_ns = 0;
   };
   void close_batch(int lane);
+  // Applies the lone-message rule: whether a batchable message of `size` bytes is coalesced.
+  bool coalesce(int lane, bool batchable, size_t size, int64_t now_ns);
   void add_piece(int lane, Piece p);
 
   OutOptions opt_;
   std::deque<Piece> lanes_[2];  // 0 control, 1 bulk
   Batch batch_[2];
+  int64_t last_batchable_ns_[2] = {INT64_MIN / 2, INT64_MIN / 2};
   size_t backlog_ = 0;
   uint64_t batches_sent_ = 0, chunks_sent_ = 0;
 };
@@ -119,6 +148,9 @@ class RxBuffer {
   // Reads once from a non-blocking fd. Returns bytes read (0: would block). Errors: peer_failed
   // on end of stream or reset, io_error otherwise.
   Result<size_t> read_from(int fd);
+  // The last read_from() got less than it asked for: the socket had nothing more (a level-
+  // triggered epoll reports it again if more arrives), so another read now would only say EAGAIN.
+  [[nodiscard]] bool drained() const noexcept { return drained_; }
   // Appends bytes (for tests and fuzzers).
   void append(std::span<const std::byte> bytes);
   // The next complete frame, if any. Its views stay valid as long as owner() is held.
@@ -131,6 +163,7 @@ class RxBuffer {
   size_t block_size_;
   std::shared_ptr<std::vector<std::byte>> block_;
   size_t start_ = 0, end_ = 0;
+  bool drained_ = false;
 };
 
 }  // namespace myelin::broker::internal

@@ -226,6 +226,79 @@ TEST(Wire, ChunksBatchesAndLanesSurviveASocketPair) {
   EXPECT_EQ(q.chunks_sent(), 10u);
 }
 
+TEST(Wire, BatchingNeverHoldsALoneMessage) {
+  internal::OutQueue q(internal::OutOptions{.batch_window_ns = 200'000});
+  const std::string p(100, 'x');
+  const FrameHeader h{.type = FrameType::kDeliver};
+  // The first message, and one a whole window after the previous, go out at once.
+  ASSERT_TRUE(q.push(h, "t", bytes(p), nullptr, true, 1'000'000).ok());
+  EXPECT_TRUE(q.has_unsent());
+  EXPECT_EQ(q.next_batch_deadline(), INT64_MAX);
+  // One in close succession opens a batch that closes at its window ...
+  ASSERT_TRUE(q.push(h, "t", bytes(p), nullptr, true, 1'010'000).ok());
+  EXPECT_EQ(q.next_batch_deadline(), 1'210'000);
+  ASSERT_TRUE(q.push(h, "t", bytes(p), nullptr, true, 1'300'000).ok());
+  EXPECT_EQ(q.next_batch_deadline(), 1'210'000);  // ... whatever follows meanwhile
+  q.close_due_batches(1'210'000);
+  EXPECT_EQ(q.next_batch_deadline(), INT64_MAX);
+  EXPECT_EQ(q.batches_sent(), 1u);
+  ASSERT_TRUE(q.push(h, "t", bytes(p), nullptr, true, 2'000'000).ok());
+  EXPECT_EQ(q.next_batch_deadline(), INT64_MAX);
+}
+
+TEST(Wire, PushAndFlushWritesThroughAndFinishesAStartedFrame) {
+  int sv[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+  internal::Fd a(sv[0]), b(sv[1]);
+  ASSERT_TRUE(internal::set_nonblocking(a.get()).ok());
+  ASSERT_TRUE(internal::set_nonblocking(b.get()).ok());
+  const int small = 4096;
+  ::setsockopt(a.get(), SOL_SOCKET, SO_SNDBUF, &small, sizeof(small));
+  internal::OutQueue q;
+  // Nothing queued: written straight from the caller's buffer, nothing kept.
+  std::string lone(300, 'l');
+  auto r = q.push_and_flush(a.get(), {.type = FrameType::kDeliver, .flags = kFlagControl, .seq = 1},
+                            "ctrl/a", bytes(lone), nullptr, false, 0);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(*r);
+  EXPECT_TRUE(q.empty());
+  // A bulk message larger than the socket takes: the rest is copied and queued, marked started,
+  // and a control message pushed next must not cut into it.
+  std::string bulk(60000, 'b');
+  for (size_t i = 0; i < bulk.size(); ++i) bulk[i] = static_cast<char>('a' + i % 26);
+  r = q.push_and_flush(a.get(), {.type = FrameType::kDeliver, .seq = 2}, "grad/b", bytes(bulk),
+                       nullptr, false, 0);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_FALSE(*r);
+  bulk.assign(bulk.size(), '?');  // the queued rest must not point into the caller's buffer
+  std::string ctrl(50, 'c');
+  r = q.push_and_flush(a.get(), {.type = FrameType::kDeliver, .flags = kFlagControl, .seq = 3},
+                       "ctrl/c", bytes(ctrl), nullptr, false, 0);
+  ASSERT_TRUE(r.ok()) << r.status();
+  internal::RxBuffer rx(DecodeLimits{});
+  std::vector<uint64_t> order;
+  const Deadline d = Deadline::after_ms(5000);
+  while (order.size() < 3 && !d.expired()) {
+    ASSERT_TRUE(q.flush(a.get()).ok());
+    ASSERT_TRUE(rx.read_from(b.get()).ok());
+    FrameView f;
+    while (true) {
+      auto got = rx.next(&f);
+      ASSERT_TRUE(got.ok()) << got.status();
+      if (!*got) break;
+      order.push_back(f.header.seq);
+      if (f.header.seq == 2) {
+        ASSERT_EQ(f.payload.size(), 60000u);
+        for (size_t i = 0; i < f.payload.size(); ++i) {
+          ASSERT_EQ(static_cast<char>(f.payload[i]), static_cast<char>('a' + i % 26)) << i;
+        }
+      }
+    }
+  }
+  EXPECT_EQ(order, (std::vector<uint64_t>{1, 2, 3}));
+  EXPECT_TRUE(q.empty());
+}
+
 TEST(Reassembler, RefusesInterleavingAndOversize) {
   Reassembler re({.max_frame_payload = 1024, .max_message = 8});
   FrameView cont;

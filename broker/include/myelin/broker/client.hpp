@@ -46,6 +46,9 @@ struct ClientOptions {
   size_t batch_bytes = 64 * 1024;
   int64_t batch_window_us = 200;
   uint32_t ps_worker = 0;  // this worker's index for parameter-server pushes
+  // Kernel send/receive buffer of the connection (0: the kernel's autotuning); see
+  // ServerOptions::socket_buffer_bytes.
+  int socket_buffer_bytes = 256 * 1024;
 };
 
 struct ReceivedMessage {

@@ -50,7 +50,11 @@ struct ServerOptions {
   uint32_t batch_count = 256;
   int64_t batch_window_us = 200;
   uint32_t publish_credits = 256;  // per client window
-  int64_t heartbeat_ms = 1000;     // clients silent for 3x this are dropped
+  // Kernel send/receive buffer per client socket (0: the kernel's autotuning, up to several MiB).
+  // It bounds how much bulk data can sit in the kernel ahead of a control frame: the lanes order
+  // frames only until they are written to the socket.
+  int socket_buffer_bytes = 256 * 1024;
+  int64_t heartbeat_ms = 1000;  // clients silent for 3x this are dropped
   int64_t handshake_timeout_ms = 5000;
   int numa_node = -1;  // pin the loop thread there (-1: don't)
   std::string nic;     // or: pin on this NIC's node ("mlx5_0", "eth0")
