@@ -230,6 +230,26 @@ TEST(BenchBroker, PubSubWithFloodAndParameterServer) {
   }
 }
 
+TEST(BenchBroker, PubSubThroughput) {
+  Outcome r = run("pubsub -n 2 -s 1K -s 64K --throughput --iters 2000 --json");
+  ASSERT_EQ(r.rc, 0) << r.out;
+  ASSERT_EQ(r.json.size(), 2u) << r.out;
+  for (const auto& j : r.json) {
+    EXPECT_EQ(j["bench"], "pubsub");
+    EXPECT_EQ(j["mode"], "throughput");
+    EXPECT_EQ(j["iters"], 2000);
+    EXPECT_GT(j["msgs_per_s"].get<double>(), 0);
+    EXPECT_GT(j["GBps"].get<double>(), 0);
+    EXPECT_EQ(j["wrong"], 0);
+  }
+  Outcome bad = run("pubsub -n 2 -s 1K --throughput --iters 200 --json --inject-wrong 5");
+  EXPECT_EQ(bad.rc, 3) << bad.out;
+  ASSERT_EQ(bad.json.size(), 1u) << bad.out;
+  EXPECT_EQ(bad.json[0]["wrong"], 1);
+  Outcome both = run("pubsub -n 2 -s 1K --throughput --flood 1M --iters 10 --json");
+  EXPECT_NE(both.rc, 0) << both.out;
+}
+
 TEST(BenchCli, TableCsvAndHeader) {
   Outcome r = run("lat -n 2 --transport tcp -s 8 -s 16 --iters 50");
   ASSERT_EQ(r.rc, 0) << r.out;
@@ -259,12 +279,15 @@ TEST(BenchCli, DurationDecidesTheIterations) {
 }
 
 TEST(BenchCli, BadArgumentsAreRefused) {
-  EXPECT_NE(run("lat -n 3 --transport tcp").rc, 0);
-  EXPECT_NE(run("pubsub -n 1").rc, 0);
+  // Usage errors, whether caught by the option parser or by the checks after it, exit 1.
+  EXPECT_EQ(run("lat -n 3 --transport tcp").rc, 1);
+  EXPECT_EQ(run("pubsub -n 1").rc, 1);
+  EXPECT_EQ(run("lat -n 2 --json --csv").rc, 1);
+  EXPECT_EQ(run("lat -n 2 --transport nope").rc, 1);
+  EXPECT_EQ(run("allreduce -n 2 --dtype f8").rc, 1);
+  EXPECT_EQ(run("lat -n 2 --no-such-flag").rc, 1);
+  EXPECT_EQ(run("--help").rc, 0);
   EXPECT_NE(run("lat -n 2 --transport tcp -s 12Q").rc, 0);
-  EXPECT_NE(run("lat -n 2 --json --csv").rc, 0);
-  EXPECT_NE(run("lat -n 2 --transport nope").rc, 0);
-  EXPECT_NE(run("allreduce -n 2 --dtype f8").rc, 0);
   EXPECT_NE(run("lat --connect nohost").rc, 0);
   Outcome none = run("lat");
   EXPECT_EQ(none.rc, 1);

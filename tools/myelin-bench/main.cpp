@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <functional>
 #include <iostream>
 #include <memory>
@@ -70,6 +71,9 @@ struct Args {
   int timeout_s = 60;
   std::string dtype = "f32", op = "sum", algo = "auto";
   std::string flood = "0";
+  bool throughput = false;  // pubsub: throughput instead of latency
+  std::string broker;       // pubsub/ps: a running broker's host:port ("": embedded)
+  std::string secret_file;  // its job secret (else $MYELIN_BROKER_SECRET)
   size_t inject_wrong = SIZE_MAX;
   std::string command;  // the exact command line, for the header
 };
@@ -108,6 +112,7 @@ size_t default_iters(const Args& a, size_t size) {
   const bool big = size >= (size_t{1} << 20);
   if (a.bench == "lat") return big ? 200 : 10000;
   if (a.bench == "rate") return big ? 500 : 100000;
+  if (a.bench == "pubsub" && a.throughput) return big ? 2000 : 200000;
   if (a.bench == "pubsub") return big ? 100 : 5000;
   if (a.bench == "ps") return big ? 50 : 1000;
   if (a.kind == Kind::kCollective) return 20;
@@ -126,6 +131,15 @@ std::vector<bench::Column> columns_for(const Args& a) {
   const std::vector<Column> lead = {{"bench", "", 0, 0}, {"transport", "", 0, 0}};
   std::vector<Column> c = lead;
   auto add = [&](std::initializer_list<Column> more) { c.insert(c.end(), more); };
+  if (a.bench == "pubsub" && a.throughput) {
+    add({{"mode", "", 0, 0},
+         {"size", "size(B)", 13, 0},
+         {"iters", "iters", 9, 0},
+         {"GBps", "GB/s", 9, 3},
+         {"msgs_per_s", "msg/s", 13, 0},
+         {"wrong", "#wrong", 7, 0}});
+    return c;
+  }
   if (a.bench == "lat" || a.bench == "pubsub" || a.bench == "ps") {
     if (a.bench == "ps") add({{"workers", "", 0, 0}});
     add({{"size", "size(B)", 13, 0},
@@ -268,6 +282,17 @@ int run_rank(const Args& a, int rank, int size, Store& store) {
     bo.store = &store;
     bo.flood_size = *flood;
     bo.timeout = opts.timeout;
+    if (!a.broker.empty()) {
+      bo.broker_address = a.broker;
+      if (!a.secret_file.empty()) {
+        std::ifstream in(a.secret_file);
+        if (!in) return fail(rank, not_found("cannot read secret file '", a.secret_file, "'"));
+        std::getline(in, bo.secret);
+      } else if (const char* env = std::getenv("MYELIN_BROKER_SECRET")) {
+        bo.secret = env;
+      }
+      why = "the broker's own framing over TCP, broker " + a.broker;
+    }
     if (a.server || !a.connect.empty() || std::getenv("SLURM_PROCID") != nullptr) {
       char host[256] = {0};
       ::gethostname(host, sizeof(host) - 1);
@@ -302,7 +327,13 @@ int run_rank(const Args& a, int rank, int size, Store& store) {
                    (opts.device.empty() ? "default" : opts.device) + ", this rank: " + placement +
                    ", NUMA node " + numa_text);
     report.comment("command: " + a.command);
-    if (a.bench == "lat" || a.bench == "pubsub") {
+    if (a.bench == "pubsub" && a.throughput) {
+      report.comment("one publisher, one subscriber; measured at the subscriber, GB = 10^9 bytes");
+    } else if (a.bench == "pubsub") {
+      report.comment(
+          "publish-to-deliver latency: one-way = round trip / 2 through the broker (echoing "
+          "subscriber), microseconds");
+    } else if (a.bench == "lat") {
       report.comment("one-way latency = round trip / 2, microseconds");
     } else if (a.bench == "ps") {
       report.comment("one step = push + pull of `size` bytes of f32 by each of " +
@@ -364,6 +395,12 @@ int run_rank(const Args& a, int rank, int size, Store& store) {
       MYELIN_ASSIGN_OR_RETURN(auto r, bench::measure_collective(*comm, copts, msg));
       bad = r.wrong + r.ip_wrong;
       row = bench::collective_row(copts, size, r);
+    } else if (a.bench == "pubsub" && a.throughput) {
+      MYELIN_ASSIGN_OR_RETURN(auto r, brk->pubsub_throughput(msg, cfg));
+      bad = r.wrong;
+      row = {
+          name,         used,   std::string("throughput"), uint64_t{msg}, uint64_t{r.iters}, r.gbps,
+          r.msgs_per_s, r.wrong};
     } else if (a.bench == "pubsub") {
       MYELIN_ASSIGN_OR_RETURN(auto r, brk->pubsub(msg, cfg));
       const auto& l = r.latency;
@@ -648,6 +685,14 @@ void add_options(CLI::App* sub, Args& a, Kind kind, const std::string& name) {
   }
   if (name == "pubsub") {
     sub->add_option("--flood", a.flood, "bulk message size flooded on another topic (0: none)");
+    sub->add_flag("--throughput", a.throughput,
+                  "messages/s and GB/s from one publisher to one subscriber instead of latency");
+  }
+  if (kind == Kind::kBroker) {
+    sub->add_option("--broker", a.broker,
+                    "host:port of a running myelin-broker (default: rank 0 embeds one)");
+    sub->add_option("--secret-file", a.secret_file,
+                    "that broker's job secret (default: $MYELIN_BROKER_SECRET)");
   }
   sub->callback([&a, kind, name] {
     a.bench = name;
@@ -688,6 +733,10 @@ int main(int argc, char** argv) {
   // (broker/src/wire.cpp writes with writev(), which raises SIGPIPE).
   ::signal(SIGPIPE, SIG_IGN);
 
+  if (a.throughput && a.flood != "0") {
+    std::fprintf(stderr, "myelin-bench: --throughput and --flood exclude each other\n");
+    return 1;
+  }
   if (a.json && a.csv) {
     std::fprintf(stderr, "myelin-bench: --json and --csv exclude each other\n");
     return 1;

@@ -3,7 +3,9 @@
 
 #include <atomic>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
+#include <mutex>
 #include <random>
 #include <thread>
 #include <vector>
@@ -15,9 +17,10 @@
 namespace myelin::bench {
 
 namespace {
-constexpr const char* kPing = "bench/ping";
-constexpr const char* kPong = "bench/pong";
-constexpr const char* kFlood = "bench/flood";
+constexpr const char* kPing = "ctrl/ping";
+constexpr const char* kPong = "ctrl/pong";
+constexpr const char* kFlood = "grad/flood";
+constexpr const char* kData = "tput/data";
 
 std::string random_secret() {
   std::random_device rd;
@@ -66,6 +69,33 @@ class BrokerBench::Impl {
   uint64_t round = 0;
   std::atomic<uint64_t> flood_received{0};  // rank 0's flood handler (I/O thread) adds; unread
 
+  // Throughput subscriber (rank 1): written by the tput/data handler on the client's I/O thread
+  // and read by the measuring thread, all under tput_mu.
+  std::mutex tput_mu;
+  std::condition_variable tput_cv;
+  struct Tput {
+    size_t size = 0, warmup = 0, total = 0;  // set before the round, under tput_mu
+    size_t received = 0;
+    uint64_t wrong = 0;
+    int64_t first_ns = 0, last_ns = 0;
+  } tput;
+  void on_data(const broker::ReceivedMessage& m) {
+    std::lock_guard<std::mutex> lock(tput_mu);
+    Tput& t = tput;
+    const size_t i = t.received;
+    const auto* got = reinterpret_cast<const uint8_t*>(m.payload.data());
+    bool good = m.payload.size() == t.size && (t.size < 8 || std::memcmp(got, &i, 8) == 0) &&
+                m.missed_before == 0;
+    for (size_t k = 8; good && k < t.size; ++k) good = got[k] == pattern(k, t.size);
+    if (!good) ++t.wrong;
+    ++t.received;
+    if (i == t.warmup) t.first_ns = monotonic_ns();
+    if (t.received == t.total) {
+      t.last_ns = monotonic_ns();
+      tput_cv.notify_all();
+    }
+  }
+
   Deadline deadline() const { return Deadline::after(o.timeout); }
   Status barrier(const std::string& what) {
     return store_barrier(*o.store, "myelin/bench/barrier/" + std::to_string(round) + "/" + what,
@@ -113,7 +143,7 @@ Result<std::unique_ptr<BrokerBench>> BrokerBench::start(const BrokerBenchOptions
   auto impl = std::make_unique<Impl>();
   impl->o = options;
   transport::Store& store = *options.store;
-  if (options.rank == 0) {
+  if (options.rank == 0 && options.broker_address.empty()) {
     broker::ServerOptions so;
     so.listen = options.listen_host + ":0";
     so.metrics_listen = "";
@@ -141,10 +171,16 @@ Result<std::unique_ptr<BrokerBench>> BrokerBench::start(const BrokerBenchOptions
     MYELIN_RETURN_IF_ERROR(store.set("myelin/bench/broker/address", addr));
   }
   const Deadline deadline = Deadline::after(options.timeout);
-  MYELIN_ASSIGN_OR_RETURN(auto addr, store.get("myelin/bench/broker/address", deadline));
-  MYELIN_ASSIGN_OR_RETURN(auto secret, store.get("myelin/bench/broker/secret", deadline));
-  impl->address = as_string(addr);
-  impl->secret = as_string(secret);
+  if (options.broker_address.empty()) {
+    MYELIN_ASSIGN_OR_RETURN(auto addr, store.get("myelin/bench/broker/address", deadline));
+    MYELIN_ASSIGN_OR_RETURN(auto secret, store.get("myelin/bench/broker/secret", deadline));
+    impl->address = as_string(addr);
+    impl->secret = as_string(secret);
+  } else {
+    if (options.secret.empty()) return invalid_argument("an external broker needs its secret");
+    impl->address = options.broker_address;
+    impl->secret = options.secret;
+  }
   MYELIN_ASSIGN_OR_RETURN(impl->client, impl->connect("rank" + std::to_string(options.rank)));
   if (options.rank == 0) {
     MYELIN_RETURN_IF_ERROR(impl->client->subscribe(kPing).status());
@@ -159,6 +195,10 @@ Result<std::unique_ptr<BrokerBench>> BrokerBench::start(const BrokerBenchOptions
                                .status());
   } else if (options.rank == 1) {
     MYELIN_RETURN_IF_ERROR(impl->client->subscribe(kPong).status());
+    Impl* raw = impl.get();
+    MYELIN_RETURN_IF_ERROR(
+        impl->client->subscribe(kData, [raw](const broker::ReceivedMessage& m) { raw->on_data(m); })
+            .status());
   }
   MYELIN_RETURN_IF_ERROR(impl->barrier("ready"));
   return std::unique_ptr<BrokerBench>(new BrokerBench(std::move(impl)));
@@ -250,6 +290,56 @@ Result<PubSubResult> BrokerBench::pubsub(size_t size, const RunConfig& cfg) {
     if (flood_seconds > 0) res.flood_gbps = static_cast<double>(flood_bytes) / flood_seconds / 1e9;
   }
   MYELIN_RETURN_IF_ERROR(m.barrier("pubsub"));
+  return res;
+}
+
+Result<ThroughputResult> BrokerBench::pubsub_throughput(size_t size, const RunConfig& cfg) {
+  Impl& m = *impl_;
+  ++m.round;
+  ThroughputResult res;
+  res.size = size;
+  res.iters = cfg.iters;
+  const size_t total = cfg.warmup + cfg.iters;
+  if (m.o.rank == 1) {
+    std::lock_guard<std::mutex> lock(m.tput_mu);
+    m.tput = Impl::Tput{.size = size, .warmup = cfg.warmup, .total = total};
+  }
+  MYELIN_RETURN_IF_ERROR(m.barrier("tput-ready"));
+  if (m.o.rank == 0) {
+    std::vector<uint8_t> out(size);
+    for (size_t i = 0; i < size; ++i) out[i] = pattern(i, size);
+    const broker::PublishOptions po{
+        .lane = broker::Lane::kBulk, .batch = true, .timeout_ms = m.o.timeout.count()};
+    // Fault injection (tests): message warmup + corrupt_at goes out with one byte flipped.
+    const size_t corrupt =
+        cfg.corrupt_at == SIZE_MAX || size <= 8 ? SIZE_MAX : cfg.warmup + cfg.corrupt_at;
+    for (size_t i = 0; i < total; ++i) {
+      if (size >= 8) std::memcpy(out.data(), &i, 8);
+      if (i == corrupt) out[size / 2] ^= 0x5A;
+      Status s = m.client->publish(kData, bytes_of(out, size), po);
+      if (i == corrupt) out[size / 2] ^= 0x5A;
+      MYELIN_RETURN_IF_ERROR(s.with_context("publishing message " + std::to_string(i)));
+    }
+  } else if (m.o.rank == 1) {
+    std::unique_lock<std::mutex> lock(m.tput_mu);
+    const Deadline d = m.deadline();
+    while (m.tput.received < total) {
+      if (d.expired()) {
+        return timeout_error("throughput: ", m.tput.received, " of ", total,
+                             " messages arrived in time");
+      }
+      MYELIN_RETURN_IF_ERROR(m.client->status());
+      m.tput_cv.wait_for(
+          lock, std::chrono::nanoseconds(std::min<int64_t>(d.remaining_ns(), 100'000'000)));
+    }
+    res.wrong = m.tput.wrong;
+    const double secs = static_cast<double>(m.tput.last_ns - m.tput.first_ns) / 1e9;
+    if (secs > 0) {
+      res.msgs_per_s = static_cast<double>(cfg.iters) / secs;
+      res.gbps = res.msgs_per_s * static_cast<double>(size) / 1e9;
+    }
+  }
+  MYELIN_RETURN_IF_ERROR(m.barrier("tput-done"));
   return res;
 }
 

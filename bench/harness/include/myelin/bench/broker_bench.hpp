@@ -3,12 +3,20 @@
 //
 // Roles (every rank of the job constructs a BrokerBench with the same options and store):
 //   - rank 0 runs an embedded broker Server (parameter server enabled, one worker per other rank)
-//     and publishes its address and a fresh job secret in the store; in pubsub it echoes every
-//     message of "bench/ping" back on "bench/pong" and subscribes to the flood topic.
+//     and publishes its address and a fresh job secret in the store, unless `broker_address`
+//     names a running broker (myelin-broker) that every rank dials with `secret`. In pubsub it
+//     echoes every message of "ctrl/ping" back on "ctrl/pong" and subscribes to the flood topic.
 //   - rank 1 measures pubsub: publishes a ping (control lane, unbatched), waits for its pong;
-//     one-way latency = round trip / 2. With flood_size > 0 a second client of rank 1 (its own
-//     thread and connection) and every rank >= 2 publish flood_size-byte bulk messages on
-//     "bench/flood" for the whole timed phase; the flood rate is reported (what rank 1 published).
+//     publish-to-deliver latency, one-way = round trip / 2 (two passes through the broker).
+//     With flood_size > 0 a second client of rank 1 (its own thread and connection) and every
+//     rank >= 2 publish flood_size-byte bulk messages on "grad/flood" for the whole timed phase;
+//     the flood rate is reported (what rank 1 published). An external broker must put ctrl/#
+//     on the control lane without batching and grad/# on the bulk lane (scripts/compare-broker.sh
+//     writes such a config); the embedded one does.
+//   - pubsub_throughput: rank 0 publishes warmup + iters messages on "tput/data" (bulk lane,
+//     batchable) as fast as its credits allow; rank 1 subscribes with a handler (on the client's
+//     I/O thread), checks each one and times the iters after the warmup: messages/s and GB/s
+//     at the subscriber. The broker's credits hold the publisher back, so nothing is dropped.
 //   - in ps, ranks 1..n-1 are workers: each step pushes a gradient (worker w sends w + 1 in every
 //     element), then pulls the parameters of the next version; the server sums and applies
 //     params -= sum, so after step s every element is -(s + 1) * W(W + 1) / 2 and every pulled
@@ -39,12 +47,20 @@ struct BrokerBenchOptions {
   std::string listen_host = "127.0.0.1";     // where rank 0's broker listens ("0.0.0.0": all)
   std::string advertise_host = "127.0.0.1";  // what the other ranks dial
   size_t flood_size = 0;                     // pubsub: bytes per flood message; 0: no flood
+  std::string broker_address;                // "host:port" of a running broker; "": embedded
+  std::string secret;                        // its job secret (with broker_address)
   std::chrono::milliseconds timeout = std::chrono::seconds(30);
 };
 
 struct PubSubResult {
   LatencyResult latency;
   double flood_gbps = 0;  // what rank 1's flood client published (GB = 10^9 B); 0 without flood
+};
+
+struct ThroughputResult {
+  size_t size = 0, iters = 0;
+  double msgs_per_s = 0, gbps = 0;  // at the subscriber, GB = 10^9 B
+  uint64_t wrong = 0;               // messages with a wrong index or content
 };
 
 struct PsResult {
@@ -62,6 +78,8 @@ class BrokerBench {
 
   // `size` bytes per ping; call on every rank with the same arguments, in the same order.
   Result<PubSubResult> pubsub(size_t size, const RunConfig& cfg);
+  // `size` bytes per message, one publisher (rank 0) and one subscriber (rank 1).
+  Result<ThroughputResult> pubsub_throughput(size_t size, const RunConfig& cfg);
   // `size` bytes of f32 per push (rounded down to whole floats, at least one).
   Result<PsResult> ps(size_t size, const RunConfig& cfg);
 
