@@ -216,8 +216,8 @@ TEST(ShmTransport, AllSizesStreamedWhenCrossMemoryAttachIsOff) {
   ::unsetenv("MYELIN_SHM_CMA");
 }
 
-TEST(ShmTransport, AllSizesReadWholeWhenSplitCopyIsOff) {
-  ::setenv("MYELIN_SHM_SPLIT", "0", 1);
+TEST(ShmTransport, AllSizesSplitBetweenTheTwoProcesses) {
+  ::setenv("MYELIN_SHM_SPLIT", "262144", 1);
   run_two(sizes_round_trip);
   ::unsetenv("MYELIN_SHM_SPLIT");
 }
@@ -260,6 +260,7 @@ TEST(ShmTransport, SplitReceiveCancelledBeforeTheSenderWritesKeepsItsBufferUntou
   // The receiver lends the head of its buffer, reads the tail, and is torn down before the
   // sender has looked at its ring: the grant is revoked, so the sender's late write is refused
   // and the head keeps what the receiver left there.
+  ::setenv("MYELIN_SHM_SPLIT", "262144", 1);
   run_two([](int rank, Link& link) {
     Side s;
     connect_side(rank, link, s);
@@ -305,6 +306,7 @@ TEST(ShmTransport, SplitReceiveCancelledBeforeTheSenderWritesKeepsItsBufferUntou
       EXPECT_EQ(touched, 0u) << "the sender wrote into a revoked grant";
     }
   });
+  ::unsetenv("MYELIN_SHM_SPLIT");
 }
 
 TEST(ShmTransport, LargeMessagesArrivingBeforeTheirReceiveWait) {

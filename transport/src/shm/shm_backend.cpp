@@ -167,7 +167,8 @@ Result<std::unique_ptr<ShmBackend>> ShmBackend::create(const Options& options,
   keys->free_slots.reserve(kKeySlots);
   for (uint32_t i = kKeySlots; i > 0; --i) keys->free_slots.push_back(i - 1);
   // Tokens start at a random point so a key of another backend (or an older one) does not match.
-  keys->next_token = (random_u64() & ~uint64_t{0xffffffff}) | 1;
+  // Bit 63 stays clear: it is kGrantBusy.
+  keys->next_token = (random_u64() & uint64_t{0x3fffffff00000000}) | 1;
   be->keys_ = std::move(keys);
   return be;
 }
