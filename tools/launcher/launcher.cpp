@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -29,6 +30,7 @@ struct Child {
   const ProcessSpec* spec = nullptr;
   pid_t pid = -1;
   int out_fd = -1;      // the child's stdout and stderr, merged
+  int pid_fd = -1;      // readable once the child has exited; -1 without pidfd_open (< 5.3)
   std::string pending;  // a partial line waiting for its newline
   bool exited = false;
   int exit_code = 0;  // 128 + signal for a killed process, like a shell
@@ -81,14 +83,17 @@ Status spawn(Child& c) {
     std::vector<char*> args;
     for (const auto& a : c.spec->argv) args.push_back(const_cast<char*>(a.c_str()));
     args.push_back(nullptr);
-    ::execvp(args[0], args.data());
-    std::fprintf(stderr, "cannot execute '%s': %s\n", args[0], std::strerror(errno));
+    const char* file = c.spec->program.empty() ? args[0] : c.spec->program.c_str();
+    ::execvp(file, args.data());
+    std::fprintf(stderr, "cannot execute '%s': %s\n", file, std::strerror(errno));
     ::_exit(127);
   }
   ::setpgid(pid, pid);  // also here, so the group exists before we might signal it
   if (fds[1] >= 0) ::close(fds[1]);
   c.pid = pid;
   c.out_fd = fds[0];
+  c.pid_fd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+  if (c.pid_fd >= 0) ::fcntl(c.pid_fd, F_SETFD, FD_CLOEXEC);
   return ok_status();
 }
 
@@ -171,6 +176,8 @@ Result<int> run_processes(const std::vector<ProcessSpec>& processes, const Launc
       kill_deadline = Deadline::never();
     }
 
+    // Sleep until output arrives or a child exits (its pidfd turns readable); wake at least every
+    // 100 ms to check the deadlines and to reap children that have no pidfd.
     std::vector<pollfd> pfds;
     std::vector<Child*> owners;
     for (auto& c : children) {
@@ -179,9 +186,12 @@ Result<int> run_processes(const std::vector<ProcessSpec>& processes, const Launc
         owners.push_back(&c);
       }
     }
-    // Wake at least every 100 ms to reap exits and check deadlines.
+    const size_t outputs = pfds.size();
+    for (auto& c : children) {
+      if (!c.exited && c.pid_fd >= 0) pfds.push_back({c.pid_fd, POLLIN, 0});
+    }
     ::poll(pfds.data(), pfds.size(), 100);
-    for (size_t i = 0; i < pfds.size(); ++i) {
+    for (size_t i = 0; i < outputs; ++i) {
       if (!(pfds[i].revents & (POLLIN | POLLHUP | POLLERR))) continue;
       char buf[65536];
       const ssize_t got = ::read(pfds[i].fd, buf, sizeof(buf));
@@ -199,6 +209,10 @@ Result<int> run_processes(const std::vector<ProcessSpec>& processes, const Launc
       if (::waitpid(c.pid, &status, WNOHANG) != c.pid) continue;
       c.exited = true;
       --running;
+      if (c.pid_fd >= 0) {
+        ::close(c.pid_fd);
+        c.pid_fd = -1;
+      }
       c.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
       if (c.exit_code != 0 && first_failure < 0 && !stopping) {
         first_failure = static_cast<int>(i);

@@ -24,6 +24,7 @@ struct ProcessSpec {
   std::vector<std::pair<std::string, std::string>> env;  // added to the inherited environment
   std::string label;                                     // output prefix; empty: no prefix
   bool inherit_output = false;  // write straight to the launcher's stdout/stderr (no prefix)
+  std::string program;  // the file to execute instead of argv[0] (argv[0] is then only a name)
 };
 
 struct LaunchOptions {

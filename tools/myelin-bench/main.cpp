@@ -9,10 +9,7 @@
 // `-n N` is the number of local ranks (as in the transport issue), not an iteration count:
 // iterations are `--iters`. Ranks meet through a Store (each publishes its Context address
 // under myelin/addr/<rank>); the measurement itself is bench/harness (a library).
-#include <poll.h>
 #include <signal.h>
-#include <sys/syscall.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
@@ -37,6 +34,8 @@
 #include <myelin/core/topology.hpp>
 #include <myelin/transport/bootstrap.hpp>
 #include <myelin/transport/context.hpp>
+
+#include "launcher.hpp"
 
 namespace {
 
@@ -498,106 +497,35 @@ int run_rank(const Args& a, int rank, int size, Store& store) {
   return 0;
 }
 
-// One pidfd per child rank, closed on destruction: readable once that child has exited, so the
-// parent can sleep in poll(2) until a rank finishes instead of polling waitpid(2).
-class ChildWatch {
- public:
-  explicit ChildWatch(const std::vector<pid_t>& kids) : kids_(kids), fds_(kids.size(), -1) {
-    for (size_t i = 0; i < kids_.size(); ++i) {
-      fds_[i] = static_cast<int>(::syscall(SYS_pidfd_open, kids_[i], 0));  // -1: kernel < 5.3
-    }
-  }
-  ~ChildWatch() {
-    for (int fd : fds_) {
-      if (fd >= 0) ::close(fd);
-    }
-  }
-  ChildWatch(const ChildWatch&) = delete;
-  ChildWatch& operator=(const ChildWatch&) = delete;
-
-  // The child `pid` was reaped: stop watching it.
-  void reaped(pid_t pid) {
-    for (size_t i = 0; i < kids_.size(); ++i) {
-      if (kids_[i] == pid && fds_[i] >= 0) {
-        ::close(fds_[i]);
-        fds_[i] = -1;
-      }
-    }
-  }
-  // Sleeps until a watched child exits or the deadline passes. A child without a pidfd has no fd
-  // to wait on: then this is a bounded 2 ms poll and the caller's waitpid(WNOHANG) re-checks.
-  void wait(size_t alive, Deadline deadline) const {
-    std::vector<pollfd> pfds;
-    for (int fd : fds_) {
-      if (fd >= 0) pfds.push_back(pollfd{.fd = fd, .events = POLLIN, .revents = 0});
-    }
-    int ms = deadline.remaining_ms_for_poll();
-    if (pfds.size() < alive) ms = ms < 0 ? 2 : std::min(ms, 2);
-    (void)::poll(pfds.data(), pfds.size(), ms);
-  }
-
- private:
-  std::vector<pid_t> kids_;
-  std::vector<int> fds_;
-};
-
-// -n N: serve the store here and run the ranks as child processes of this binary.
-int run_local(const Args& a, char** argv) {
+// -n N: serve the store here and run the ranks as child processes of this binary, supervised by
+// the launcher myelin-run uses (a failing rank stops the others; the job has a deadline).
+int run_local(const Args& a, int argc, char** argv) {
   auto server = TcpStoreServer::start("127.0.0.1", 0);
   if (!server.ok()) {
     std::fprintf(stderr, "myelin-bench: %s\n", server.status().to_string().c_str());
     return 2;
   }
   const std::string store = "tcp://127.0.0.1:" + std::to_string((*server)->port());
-  std::vector<pid_t> kids;
+  std::vector<myelin::tools::ProcessSpec> ranks(static_cast<size_t>(a.nprocs));
   for (int rank = 0; rank < a.nprocs; ++rank) {
-    const pid_t pid = fork();
-    if (pid < 0) {
-      std::perror("fork");
-      for (pid_t k : kids) kill(k, SIGKILL);
-      return 2;
-    }
-    if (pid == 0) {
-      setenv("MYELIN_RANK", std::to_string(rank).c_str(), 1);
-      setenv("MYELIN_SIZE", std::to_string(a.nprocs).c_str(), 1);
-      setenv("MYELIN_LOCAL_RANK", std::to_string(rank).c_str(), 1);
-      setenv("MYELIN_LOCAL_SIZE", std::to_string(a.nprocs).c_str(), 1);
-      setenv("MYELIN_STORE", store.c_str(), 1);
-      setenv("MYELIN_BENCH_CHILD", "1", 1);
-      execv("/proc/self/exe", argv);
-      std::perror("execv /proc/self/exe");
-      _exit(127);
-    }
-    kids.push_back(pid);
+    auto& spec = ranks[static_cast<size_t>(rank)];
+    spec.program = "/proc/self/exe";
+    spec.argv.assign(argv, argv + argc);
+    spec.env = {{"MYELIN_RANK", std::to_string(rank)},
+                {"MYELIN_SIZE", std::to_string(a.nprocs)},
+                {"MYELIN_LOCAL_RANK", std::to_string(rank)},
+                {"MYELIN_LOCAL_SIZE", std::to_string(a.nprocs)},
+                {"MYELIN_STORE", store},
+                {"MYELIN_BENCH_CHILD", "1"}};
+    spec.inherit_output = true;  // result lines stay exactly as the ranks print them
   }
-  int rc = 0;
-  const Deadline deadline = Deadline::after(std::chrono::seconds(a.timeout_s) * 20);
-  size_t alive = kids.size();
-  ChildWatch watch(kids);
-  while (alive > 0) {
-    int status = 0;
-    const pid_t pid = waitpid(-1, &status, WNOHANG);
-    if (pid > 0) {
-      --alive;
-      watch.reaped(pid);
-      const int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-      if (code != 0) {
-        rc = rc == 0 ? code : rc;
-        for (pid_t k : kids) {
-          if (k != pid) kill(k, SIGTERM);  // a rank failed: its peers cannot finish
-        }
-      }
-      continue;
-    }
-    if (deadline.expired()) {
-      std::fprintf(stderr, "myelin-bench: ranks did not finish in time; killing them\n");
-      for (pid_t k : kids) kill(k, SIGKILL);
-      rc = 4;
-      break;
-    }
-    watch.wait(alive, deadline);
+  auto rc = myelin::tools::run_processes(
+      ranks, {.timeout = std::chrono::seconds(a.timeout_s) * 20, .name = "myelin-bench"});
+  if (!rc.ok()) {
+    std::fprintf(stderr, "myelin-bench: %s\n", rc.status().to_string().c_str());
+    return 2;
   }
-  return rc;
+  return *rc;
 }
 
 Result<std::pair<std::string, uint16_t>> host_port(const std::string& text) {
@@ -679,8 +607,10 @@ void add_options(CLI::App* sub, Args& a, Kind kind, const std::string& name) {
   }
   if (name == "bw") sub->add_flag("--bidir,--bidirectional", a.bidir, "both directions at once");
   if (kind == Kind::kCollective) {
-    sub->add_option("--dtype,-d", a.dtype, "f32|f64|f16|bf16|i32|i64|u8");
-    sub->add_option("--op,-o", a.op, "sum|prod|min|max|avg");
+    sub->add_option("--dtype,-d", a.dtype, "f32|f64|f16|bf16|i32|i64|u8")
+        ->check(CLI::IsMember({"f32", "f64", "f16", "bf16", "i32", "i64", "u8"}));
+    sub->add_option("--op,-o", a.op, "sum|prod|min|max|avg")
+        ->check(CLI::IsMember({"sum", "prod", "min", "max", "avg"}));
     sub->add_option("--algo,-a", a.algo, "auto or an algorithm name (see docs/collectives.md)");
   }
   if (name == "pubsub") {
@@ -728,7 +658,12 @@ int main(int argc, char** argv) {
       {"ps", Kind::kBroker, "parameter-server push + pull step time"},
   };
   for (const auto& s : subs) add_options(app.add_subcommand(s.name, s.help), a, s.kind, s.name);
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    // --help prints and succeeds; every usage error exits 1, as docs/bench.md says.
+    return app.exit(e) == 0 ? 0 : 1;
+  }
   // A peer that goes away must be an error on the socket, never a signal that kills the rank
   // (broker/src/wire.cpp writes with writev(), which raises SIGPIPE).
   ::signal(SIGPIPE, SIG_IGN);
@@ -758,7 +693,7 @@ int main(int argc, char** argv) {
                      a.bench.c_str());
         return 1;
       }
-      return run_local(a, argv);
+      return run_local(a, argc, argv);
     }
     if (a.server) {
       auto server = TcpStoreServer::start("0.0.0.0", a.port);
