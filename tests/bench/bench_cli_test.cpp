@@ -294,4 +294,55 @@ TEST(BenchCli, BadArgumentsAreRefused) {
   EXPECT_NE(none.out.find("give -n N"), std::string::npos) << none.out;
 }
 
+TEST(BenchCli, ConcurrentRunsOnOneHostDoNotMeet) {
+  // Two `-n 2` runs at once: each serves its own store on a port of its own.
+  {
+    const std::string cmd = std::string("(") + MYELIN_BENCH_PATH +
+                            " lat -n 2 -t tcp -s 64 -i 200 --timeout 30 >/dev/null 2>&1; "
+                            "echo \"rc-a $?\") & (" +
+                            MYELIN_BENCH_PATH +
+                            " lat -n 2 -t tcp -s 64 -i 200 --timeout 30 >/dev/null 2>&1; "
+                            "echo \"rc-b $?\") & wait";
+    Outcome r;
+    FILE* p = ::popen(cmd.c_str(), "r");
+    ASSERT_NE(p, nullptr);
+    char buf[256];
+    size_t n = 0;
+    while ((n = std::fread(buf, 1, sizeof(buf), p)) > 0) r.out.append(buf, n);
+    (void)::pclose(p);
+    EXPECT_NE(r.out.find("rc-a 0"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("rc-b 0"), std::string::npos) << r.out;
+  }
+  // Two Slurm jobs (or two steps of one job) whose first node is this host, without
+  // MYELIN_STORE or --port: they must not both pick the same store port, where the second job's
+  // rank 0 cannot bind and its other ranks would join the first job's store.
+  std::string cmd;
+  for (const char* job : {"4242", "4243"}) {
+    for (int rank = 0; rank < 2; ++rank) {
+      cmd += std::string("(env -u MYELIN_STORE -u MYELIN_RANK -u MYELIN_SIZE SLURM_JOB_ID=") + job +
+             " SLURM_STEP_ID=0 SLURM_PROCID=" + std::to_string(rank) +
+             " SLURM_LOCALID=" + std::to_string(rank) +
+             " SLURM_NTASKS=2 SLURM_NODEID=0 SLURM_JOB_NODELIST=localhost"
+             " SLURM_TASKS_PER_NODE=2 " +
+             MYELIN_BENCH_PATH +
+             " lat -t tcp -s 64 -i 200 --timeout 30 >/dev/null 2>&1; echo \"rc-" + job + "-" +
+             std::to_string(rank) + " $?\") & ";
+    }
+  }
+  cmd += "wait";
+  std::string out;
+  FILE* p = ::popen(cmd.c_str(), "r");
+  ASSERT_NE(p, nullptr);
+  char buf[256];
+  size_t n = 0;
+  while ((n = std::fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, n);
+  (void)::pclose(p);
+  for (const char* job : {"4242", "4243"}) {
+    for (int rank = 0; rank < 2; ++rank) {
+      const std::string want = std::string("rc-") + job + "-" + std::to_string(rank) + " 0";
+      EXPECT_NE(out.find(want), std::string::npos) << out;
+    }
+  }
+}
+
 }  // namespace

@@ -55,6 +55,7 @@ struct Args {
   bool server = false;
   std::string connect;
   uint16_t port = 29500;
+  bool port_given = false;  // --port on the command line (else srun derives one per job step)
   std::vector<std::string> sizes;
   std::string begin, end;
   size_t factor = 2;
@@ -543,6 +544,30 @@ Result<std::pair<std::string, uint16_t>> host_port(const std::string& text) {
   return std::make_pair(text.substr(0, colon), static_cast<uint16_t>(port));
 }
 
+// "job.step" of this Slurm job step ("" outside Slurm).
+std::string slurm_step_id() {
+  const char* job = std::getenv("SLURM_JOB_ID");
+  const char* step = std::getenv("SLURM_STEP_ID");
+  if (job == nullptr) return "";
+  return std::string(job) + "." + (step != nullptr ? step : "");
+}
+
+// The store port of a job step launched by srun without MYELIN_STORE or --port: one of 2048
+// ports above `base`, chosen by the step's id, so that concurrent steps whose first node is the
+// same host do not all try `base` (the second could not bind it, and its other ranks would join
+// the first step's store). Every rank of the step computes the same port. FNV-1a, not
+// std::hash: ranks on different nodes may run differently built binaries.
+uint16_t slurm_store_port(uint16_t base, const std::string& step) {
+  if (step.empty()) return base;
+  uint64_t h = 1469598103934665603ull;
+  for (char c : step) {
+    h ^= static_cast<uint8_t>(c);
+    h *= 1099511628211ull;
+  }
+  const uint32_t port = static_cast<uint32_t>(base) + 1 + static_cast<uint32_t>(h % 2048);
+  return port <= 65535 ? static_cast<uint16_t>(port) : base;
+}
+
 // A rank started by someone else (this binary's -n, myelin-run, srun): its store and rank.
 int run_discovered(const Args& a, const RankInfo& me) {
   std::string spec = me.store_spec;
@@ -554,7 +579,8 @@ int run_discovered(const Args& a, const RankInfo& me) {
       return fail(me.rank, invalid_argument("under srun, set MYELIN_STORE=host:port or "
                                             "SLURM_JOB_NODELIST must name the nodes"));
     }
-    spec = "tcp://" + nodes->front() + ":" + std::to_string(a.port);
+    spec = "tcp://" + nodes->front() + ":" +
+           std::to_string(a.port_given ? a.port : slurm_store_port(a.port, slurm_step_id()));
   }
   const Deadline deadline = Deadline::after(std::chrono::seconds(a.timeout_s));
   std::unique_ptr<Store> store;
@@ -570,6 +596,23 @@ int run_discovered(const Args& a, const RankInfo& me) {
     if (!s.ok()) return fail(me.rank, s.status());
     store = std::move(s).value();
   }
+  if (me.source == "slurm") {
+    // Another job step on the same first node may have reached this port first (an explicit
+    // --port, or two steps whose derived ports agree): refuse its store rather than join it.
+    const std::string step = slurm_step_id();
+    const std::string key = "myelin/bench/slurm-step";
+    if (me.rank == 0) {
+      if (Status s = store->set(key, step); !s.ok()) return fail(me.rank, s);
+    }
+    auto owner = store->get(key, deadline);
+    if (!owner.ok()) return fail(me.rank, owner.status());
+    if (std::string(owner->begin(), owner->end()) != step) {
+      return fail(me.rank,
+                  already_exists("the store at ", spec, " belongs to Slurm step ",
+                                 std::string(owner->begin(), owner->end()), ", not to this one (",
+                                 step, "); give each concurrent step its own --port"));
+    }
+  }
   return run_rank(a, me.rank, me.size, *store);
 }
 
@@ -581,7 +624,10 @@ void add_options(CLI::App* sub, Args& a, Kind kind, const std::string& name) {
                   "number of local ranks to start (NOT iterations: see --iters)");
   sub->add_flag("--server", a.server, "rank 0 of two hosts: serve the rendezvous store on --port");
   sub->add_option("--connect", a.connect, "rank 1 of two hosts: the --server's host:port");
-  sub->add_option("--port", a.port, "store port for --server (and for srun without MYELIN_STORE)");
+  sub->add_option("--port", a.port,
+                  "store port for --server (default 29500); under srun without MYELIN_STORE: "
+                  "default one of 29501-31548 chosen by the job step")
+      ->each([&a](const std::string&) { a.port_given = true; });
   sub->add_option("--size,-s", a.sizes, "message sizes (64, 4K, 1M...), repeatable");
   sub->add_option("-b,--minbytes", a.begin, "sweep start");
   sub->add_option("-e,--maxbytes", a.end, "sweep end");
