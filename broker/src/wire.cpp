@@ -22,6 +22,17 @@ void Fd::reset(int fd) noexcept {
   fd_ = fd;
 }
 
+namespace {
+// A queued frame outlives the caller's buffer: without an owner keeping the payload alive, copy
+// it into one (the queue then owns the copy).
+void keep_payload(std::span<const std::byte>& payload, std::shared_ptr<const void>& owner) {
+  if (owner || payload.empty()) return;
+  auto copy = std::make_shared<std::vector<std::byte>>(payload.begin(), payload.end());
+  payload = std::span<const std::byte>(copy->data(), copy->size());
+  owner = std::move(copy);
+}
+}  // namespace
+
 Status set_nonblocking(int fd) {
   const int fl = ::fcntl(fd, F_GETFL);
   if (fl < 0 || ::fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0)
@@ -212,21 +223,13 @@ Status OutQueue::push(FrameHeader h, std::string_view topic, std::span<const std
     p.head.resize(kFrameHeaderSize + topic.size());
     encode_header(h, std::span<std::byte, kFrameHeaderSize>(p.head.data(), kFrameHeaderSize));
     if (!topic.empty()) std::memcpy(p.head.data() + kFrameHeaderSize, topic.data(), topic.size());
-    if (!owner && !payload.empty()) {
-      auto copy = std::make_shared<std::vector<std::byte>>(payload.begin(), payload.end());
-      payload = std::span<const std::byte>(copy->data(), copy->size());
-      owner = std::move(copy);
-    }
+    keep_payload(payload, owner);
     p.owner = std::move(owner);
     p.body = payload;
     add_piece(lane, std::move(p));
     return ok_status();
   }
-  if (!owner) {
-    auto copy = std::make_shared<std::vector<std::byte>>(payload.begin(), payload.end());
-    payload = std::span<const std::byte>(copy->data(), copy->size());
-    owner = std::move(copy);
-  }
+  keep_payload(payload, owner);
   for (size_t off = 0; off < payload.size(); off += opt_.chunk_size) {
     const size_t n = std::min<size_t>(opt_.chunk_size, payload.size() - off);
     FrameHeader c = h;
@@ -294,11 +297,7 @@ Result<bool> OutQueue::push_and_flush(int fd, FrameHeader h, std::string_view to
   // writer finishes this frame before anything else (a started frame counts as started).
   Piece p;
   p.head.assign(head.begin(), head.begin() + static_cast<ptrdiff_t>(head_len));
-  if (!owner && !payload.empty()) {
-    auto copy = std::make_shared<std::vector<std::byte>>(payload.begin(), payload.end());
-    payload = std::span<const std::byte>(copy->data(), copy->size());
-    owner = std::move(copy);
-  }
+  keep_payload(payload, owner);
   p.owner = std::move(owner);
   p.body = payload;
   p.sent = sent;

@@ -8,16 +8,9 @@
 #include <myelin/collectives/half.hpp>
 #include <myelin/core/log.hpp>
 
-namespace myelin::collectives {
-namespace internal {
-void reduce_scalar(void* dst, const void* a, const void* b, size_t n, DataType type,
-                   ReduceOp op) noexcept;
-void reduce_avx2(void* dst, const void* a, const void* b, size_t n, DataType type,
-                 ReduceOp op) noexcept;
-void reduce_avx512(void* dst, const void* a, const void* b, size_t n, DataType type,
-                   ReduceOp op) noexcept;
-}  // namespace internal
+#include "reduce_entry.hpp"
 
+namespace myelin::collectives {
 std::string_view dtype_name(DataType t) noexcept {
   switch (t) {
     case DataType::kF32:

@@ -16,21 +16,14 @@
 #include <myelin/collectives/half.hpp>
 #include <myelin/collectives/types.hpp>
 
+#include "reduce_entry.hpp"
+
 #if !defined(MYELIN_KERNEL_NS) || !defined(MYELIN_KERNEL_ATTR)
 #error "define MYELIN_KERNEL_NS and MYELIN_KERNEL_ATTR before including reduce_kernels.hpp"
 #endif
 #define MYELIN_KERNEL_INLINE MYELIN_KERNEL_ATTR
 
 namespace myelin::collectives::internal {
-
-// One entry point per instruction set (defined in reduce_<isa>.cpp): dst = a op b, where dst is
-// a, b, or disjoint from both (see form_of()).
-void reduce_scalar(void* dst, const void* a, const void* b, size_t n, DataType type,
-                   ReduceOp op) noexcept;
-void reduce_avx2(void* dst, const void* a, const void* b, size_t n, DataType type,
-                 ReduceOp op) noexcept;
-void reduce_avx512(void* dst, const void* a, const void* b, size_t n, DataType type,
-                   ReduceOp op) noexcept;
 
 // How the operands of one kernel call alias, so that every loop can promise the compiler that
 // the pointers it uses do not overlap (__restrict) and still compute a op b in that order:
