@@ -13,7 +13,7 @@
 #   shm 64 B one-way latency, p50       myelin lat --transport shm    vs  ucx_perftest ucp_am_lat (UCX_TLS=sm)
 #   shm 1 MiB bandwidth                 myelin bw --transport shm     vs  ucx_perftest ucp_am_bw (UCX_TLS=sm)
 #   pub/sub 64 B one-way latency, p50   myelin pubsub (broker)        vs  NATS server + C client
-#                                                                      (bench/compare/nats_pingpong)
+#                                                                      (bench/compare/nats_bench lat)
 # Ratio = myelin / peer for bandwidth (higher is better) and peer / myelin for latency (higher is
 # better), so > 1 always means myelin is ahead. Writes $OUT/compare.md and $OUT/compare.json and
 # prints the markdown table. Everything runs on loopback of this one machine.
@@ -38,14 +38,14 @@ out=${out:-$(mktemp -d /tmp/myelin-compare.XXXXXX)}
 mkdir -p "$out"
 
 if [ ! -x "$build/tools/myelin-bench/myelin-bench" ]; then
-  echo "compare-peers.sh: building myelin-bench and nats_pingpong in $build" >&2
+  echo "compare-peers.sh: building myelin-bench and nats_bench in $build" >&2
   [ -f "$build/CMakeCache.txt" ] ||
     cmake -S "$here" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
   cmake --build "$build" --target myelin-bench -j2 >/dev/null
 fi
-cmake --build "$build" --target nats_pingpong -j2 >/dev/null 2>&1 || true
+cmake --build "$build" --target nats_bench -j2 >/dev/null 2>&1 || true
 mb=$build/tools/myelin-bench/myelin-bench
-nats_pp=$build/bench/compare/nats_pingpong
+nats_pp=$build/bench/compare/nats_bench
 
 lat_iters=20000; bw_iters=2000; ps_iters=5000; secs=2
 if [ $quick = 1 ]; then lat_iters=2000; bw_iters=200; ps_iters=500; secs=1; fi
@@ -110,7 +110,7 @@ nats_lat() {
   local spid=$!
   pids+=("$spid")
   sleep 0.5
-  "$nats_pp" "nats://127.0.0.1:$port" 64 "$ps_iters" $((ps_iters / 10)) | jfield p50_us || true
+  "$nats_pp" lat "nats://127.0.0.1:$port" 64 "$ps_iters" $((ps_iters / 10)) | jfield p50_us || true
   kill "$spid" 2>/dev/null || true
   wait "$spid" 2>/dev/null || true
 }
