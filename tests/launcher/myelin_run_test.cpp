@@ -9,6 +9,7 @@
 #include <array>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <string>
 
 #include <myelin/core/clock.hpp>
@@ -107,6 +108,53 @@ TEST(MyelinRun, ForwardsSignalsToRanks) {
   ASSERT_EQ(got, pid) << "myelin-run did not exit after SIGTERM";
   ASSERT_TRUE(WIFEXITED(status));
   EXPECT_EQ(WEXITSTATUS(status), 42) << "the ranks' own exit code should come back";
+}
+
+// Running, or a zombie nobody has reaped yet, counts as gone once it is a zombie.
+bool process_running(pid_t pid) {
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  if (!std::getline(stat, line)) return false;
+  const size_t close = line.rfind(')');
+  return close != std::string::npos && close + 2 < line.size() && line[close + 2] != 'Z';
+}
+
+TEST(MyelinRun, RanksStopWhenTheLauncherIsKilled) {
+  char dir_template[] = "/tmp/myelin-run-test.XXXXXX";
+  ASSERT_NE(::mkdtemp(dir_template), nullptr);
+  const std::string dir = dir_template;
+  // Each rank records its pid, then becomes a long sleep (exec keeps the pid).
+  const std::string script = "echo $$ > " + dir + "/pid.$MYELIN_RANK; exec sleep 60";
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    ::execl(MYELIN_RUN_PATH, MYELIN_RUN_PATH, "-n", "2", "sh", "-c", script.c_str(),
+            static_cast<char*>(nullptr));
+    ::_exit(126);
+  }
+  auto read_pid = [&](int rank) -> pid_t {
+    std::ifstream in(dir + "/pid." + std::to_string(rank));
+    pid_t p = 0;
+    return (in >> p) ? p : 0;
+  };
+  const myelin::Deadline ready_by = myelin::Deadline::after_ms(10'000);
+  while ((read_pid(0) == 0 || read_pid(1) == 0) && !ready_by.expired()) pause_ms(10);
+  const pid_t rank0 = read_pid(0);
+  const pid_t rank1 = read_pid(1);
+  ASSERT_GT(rank0, 0);
+  ASSERT_GT(rank1, 0);
+  ASSERT_EQ(::kill(pid, SIGKILL), 0);
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  const myelin::Deadline gone_by = myelin::Deadline::after_ms(10'000);
+  while ((process_running(rank0) || process_running(rank1)) && !gone_by.expired()) pause_ms(10);
+  const bool left0 = process_running(rank0);
+  const bool left1 = process_running(rank1);
+  if (left0) ::kill(rank0, SIGKILL);
+  if (left1) ::kill(rank1, SIGKILL);
+  std::filesystem::remove_all(dir);
+  EXPECT_FALSE(left0) << "rank 0 outlived its killed launcher";
+  EXPECT_FALSE(left1) << "rank 1 outlived its killed launcher";
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -66,6 +67,7 @@ void emit_lines(Child& c, bool flush) {
 Status spawn(Child& c) {
   int fds[2] = {-1, -1};
   if (!c.spec->inherit_output && ::pipe2(fds, O_CLOEXEC) != 0) return errno_status("pipe2", errno);
+  const pid_t parent = ::getpid();
   const pid_t pid = ::fork();
   if (pid < 0) {
     const int err = errno;
@@ -75,6 +77,10 @@ Status spawn(Child& c) {
   }
   if (pid == 0) {
     ::setpgid(0, 0);  // own process group: signals reach the process's children too
+    // A launcher killed outright (SIGKILL, OOM) cannot stop its processes: the kernel does, with
+    // SIGTERM when the launcher dies (also if it died before this line).
+    ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (::getppid() != parent) ::_exit(128 + SIGTERM);
     if (fds[1] >= 0) {
       ::dup2(fds[1], STDOUT_FILENO);
       ::dup2(fds[1], STDERR_FILENO);

@@ -5,6 +5,8 @@
 // mid-line). SIGINT/SIGTERM/SIGHUP sent to the launcher are forwarded to every process group; when
 // one process fails, the others get SIGTERM and, after a grace period, SIGKILL; a job timeout
 // does the same. The result is the first failing process's exit status (128 + signal when killed).
+// A launcher that is itself killed outright still stops its processes: each gets SIGTERM from the
+// kernel when the launcher dies (PR_SET_PDEATHSIG).
 //
 // Thread safety: run() installs signal handlers and must be called from the main thread, once at a
 // time.

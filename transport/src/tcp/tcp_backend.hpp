@@ -147,6 +147,9 @@ class Connection {
   Request post_send_fast(FrameHeader& h, const void* data, size_t size);
   bool parse_buffered();
   void read_failed(ssize_t r, int err);
+  // Whether any operation of this connection is still waiting (a clean close with nothing
+  // pending is the normal end of a job, not worth a warning).
+  [[nodiscard]] bool has_pending() const noexcept;
   Status begin_frame(const FrameHeader& h);
   Status finish_payload();
   void answer_rts(uint32_t channel, uint64_t send_id, uint64_t size, PostedRecv recv);

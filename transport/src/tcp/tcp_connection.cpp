@@ -412,7 +412,7 @@ void Connection::read_failed(ssize_t r, int err) {
     const bool mid = in_payload_ || rlen_ > rpos_;
     fail(peer_failed("connection to ", peer_name(), " lost: the peer closed it",
                      mid ? " in the middle of a frame (truncated frame)" : ""),
-         true);
+         mid || has_pending());
     return;
   }
   fail(peer_failed("connection to ", peer_name(), " lost: ", errno_status("recv", err).message()),
@@ -758,6 +758,16 @@ void Connection::adopt(Connection& accepted) {
   deadline_ns = 0;
   accepted.state_ = State::kFailed;
   accepted.status_ = cancelled("adopted by an awaiting endpoint");
+}
+
+bool Connection::has_pending() const noexcept {
+  if (!out_.empty() || !rts_sent_.empty() || !awaiting_.empty() || !remote_ops_.empty()) {
+    return true;
+  }
+  for (const auto& [ch, q] : channels_) {
+    if (!q.posted.empty()) return true;
+  }
+  return false;
 }
 
 void Connection::fail(Status why, bool warn) {
