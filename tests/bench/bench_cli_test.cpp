@@ -16,21 +16,28 @@
 namespace {
 
 struct Outcome {
+  bool started = false;  // popen succeeded
   int rc = -1;
   std::string out;
   std::vector<nlohmann::json> json;  // parsed lines (with --json)
 };
 
-Outcome run(const std::string& args) {
-  const std::string cmd = std::string(MYELIN_BENCH_PATH) + " " + args + " --timeout 30 2>&1";
+// Runs a shell command line and collects its standard output and exit code.
+Outcome shell(const std::string& cmd) {
   Outcome r;
   FILE* p = ::popen(cmd.c_str(), "r");
   if (p == nullptr) return r;
+  r.started = true;
   char buf[4096];
   size_t n = 0;
   while ((n = std::fread(buf, 1, sizeof(buf), p)) > 0) r.out.append(buf, n);
   const int status = ::pclose(p);
   r.rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
+}
+
+Outcome run(const std::string& args) {
+  Outcome r = shell(std::string(MYELIN_BENCH_PATH) + " " + args + " --timeout 30 2>&1");
   std::istringstream in(r.out);
   std::string line;
   while (std::getline(in, line)) {
@@ -303,13 +310,8 @@ TEST(BenchCli, ConcurrentRunsOnOneHostDoNotMeet) {
                             MYELIN_BENCH_PATH +
                             " lat -n 2 -t tcp -s 64 -i 200 --timeout 30 >/dev/null 2>&1; "
                             "echo \"rc-b $?\") & wait";
-    Outcome r;
-    FILE* p = ::popen(cmd.c_str(), "r");
-    ASSERT_NE(p, nullptr);
-    char buf[256];
-    size_t n = 0;
-    while ((n = std::fread(buf, 1, sizeof(buf), p)) > 0) r.out.append(buf, n);
-    (void)::pclose(p);
+    const Outcome r = shell(cmd);
+    ASSERT_TRUE(r.started);
     EXPECT_NE(r.out.find("rc-a 0"), std::string::npos) << r.out;
     EXPECT_NE(r.out.find("rc-b 0"), std::string::npos) << r.out;
   }
@@ -330,13 +332,9 @@ TEST(BenchCli, ConcurrentRunsOnOneHostDoNotMeet) {
     }
   }
   cmd += "wait";
-  std::string out;
-  FILE* p = ::popen(cmd.c_str(), "r");
-  ASSERT_NE(p, nullptr);
-  char buf[256];
-  size_t n = 0;
-  while ((n = std::fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, n);
-  (void)::pclose(p);
+  const Outcome steps = shell(cmd);
+  ASSERT_TRUE(steps.started);
+  const std::string& out = steps.out;
   for (const char* job : {"4242", "4243"}) {
     for (int rank = 0; rank < 2; ++rank) {
       const std::string want = std::string("rc-") + job + "-" + std::to_string(rank) + " 0";
