@@ -5,7 +5,10 @@
 //                          whose slot i share a cache line
 //   BM_RawPingPong         the floor: one cache line written in turn by the two CPUs
 //   BM_TwoLinePingPong     the floor for one channel per direction: two lines, one writer each
-//   BM_RecordRing          64 B and 1 KiB records, claim/commit per record or per batch of 16
+//   BM_RecordRing          64 B and 1 KiB records, claim/commit per record or per batch of 16;
+//                          the consumer checks each record's first and last word
+//   BM_LineStream          the floor for the record ring: 64-byte lines handed over in batches
+//                          through a published position, no ring code
 //   BM_Mpsc                MpscRing with 1..4 producer threads
 // CPUs: MYELIN_BENCH_CPUS="producer,consumer" (default "0,1"). Every consumer verifies the
 // sequence it receives; a gap or reordering fails the benchmark.
@@ -302,6 +305,10 @@ BENCHMARK(BM_TwoLinePingPong)->Name("PingPong_rtt/two_cache_lines")->UseRealTime
 // ---- record ring -------------------------------------------------------------------------------
 
 // range(0): payload bytes; range(1): records per commit (1 = claim/commit each record).
+// The producer claims `batch` records of `payload` bytes (try_claim_batch), fills each (a copy of
+// the payload, then the sequence number in the first 8 bytes and its complement in the last 8)
+// and commits the last claim. The consumer reads both words of every record in place and checks
+// them, so each record's first and last line reach it, as they would a real consumer.
 void BM_RecordRing(benchmark::State& state) {
   const auto payload = static_cast<uint32_t>(state.range(0));
   const auto batch = static_cast<std::size_t>(state.range(1));
@@ -320,7 +327,9 @@ void BM_RecordRing(benchmark::State& state) {
       if (!r->try_claim_batch(sizes, claims)) continue;
       for (auto& c : claims) {
         std::memcpy(c.data, source.data(), payload);
-        std::memcpy(c.data, &seq, sizeof(seq));  // the sequence number in the first 8 bytes
+        const uint64_t last = ~seq;
+        std::memcpy(c.data, &seq, sizeof(seq));
+        std::memcpy(c.data + payload - sizeof(last), &last, sizeof(last));
         ++seq;
       }
       r->commit(claims.back());
@@ -333,9 +342,10 @@ void BM_RecordRing(benchmark::State& state) {
     while (got < kPerIteration) {
       auto n = ring->consume(
           [&](const RecordRing::Record& r) {
-            uint64_t seq;
-            std::memcpy(&seq, r.data.data(), sizeof(seq));
-            errors += seq != expect;
+            uint64_t first, last;
+            std::memcpy(&first, r.data.data(), sizeof(first));
+            std::memcpy(&last, r.data.data() + r.data.size() - sizeof(last), sizeof(last));
+            errors += (first != expect) | (last != ~expect);
             ++expect;
           },
           kPerIteration - got);
@@ -344,7 +354,7 @@ void BM_RecordRing(benchmark::State& state) {
   }
   flag->stop.store(true, std::memory_order_relaxed);
   producer.join();
-  if (errors != 0) state.SkipWithError("records arrived out of order");
+  if (errors != 0) state.SkipWithError("records arrived out of order or torn");
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * kPerIteration));
   state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * kPerIteration * payload));
 }
@@ -355,6 +365,87 @@ BENCHMARK(BM_RecordRing)
     ->Args({64, 16})
     ->Args({1024, 1})
     ->Args({1024, 16})
+    ->UseRealTime();
+
+// The streaming floor for the record ring: no ring code, only what any ring must do to hand over
+// cache lines in batches. A 256 KiB buffer of 64-byte lines; the producer writes `batch` lines
+// (sequence number in the first word, its complement in the last) and then publishes its position
+// (release) on its own line; the consumer loads that position (acquire), reads the first and last
+// word of each line up to it, and publishes its own position every 64 lines, which the producer
+// reads (acquire) only when its cached copy says "full". Items are lines.
+struct alignas(kFalseSharingRange) StreamPosition {
+  std::atomic<uint64_t> value{0};
+};
+struct LineStream {
+  static constexpr uint64_t kLines = (1 << 18) / kCacheLine;
+  StreamPosition head;  // lines the consumer has read
+  StreamPosition tail;  // lines the producer has written
+  struct alignas(kCacheLine) Line {
+    uint64_t words[kCacheLine / sizeof(uint64_t)];
+  };
+  std::unique_ptr<Line[]> lines = std::make_unique<Line[]>(kLines);
+};
+void BM_LineStream(benchmark::State& state) {
+  const auto batch = static_cast<uint64_t>(state.range(0));
+  const bool prefetch = state.range(1) != 0;
+  auto s = std::make_unique<LineStream>();
+  auto flag = std::make_unique<StopFlag>();
+  if (!pin(&state, cpus().consumer)) return;
+  std::thread producer([sp = s.get(), fp = flag.get(), batch, prefetch] {
+    pin(nullptr, cpus().producer);
+    uint64_t t = 0, head_cache = 0;
+    // Relaxed: a plain stop flag.
+    while (!fp->stop.load(std::memory_order_relaxed)) {
+      if (t + batch - head_cache > LineStream::kLines) {
+        // Pairs with the consumer's release store of head.
+        head_cache = sp->head.value.load(std::memory_order_acquire);
+        if (t + batch - head_cache > LineStream::kLines) continue;
+      }
+      for (uint64_t i = t; i != t + batch; ++i) {
+        // For writing, the lines one batch ahead: their ownership moves back from the consumer
+        // while this batch is written.
+        if (prefetch) __builtin_prefetch(&sp->lines[(i + batch) % LineStream::kLines], 1, 3);
+        LineStream::Line& l = sp->lines[i % LineStream::kLines];
+        for (auto& w : l.words) w = i;
+        l.words[7] = ~i;
+      }
+      t += batch;
+      // Pairs with the consumer's acquire load of tail.
+      sp->tail.value.store(t, std::memory_order_release);
+    }
+  });
+  constexpr uint64_t kPerIteration = 64;
+  uint64_t h = 0, tail_cache = 0, errors = 0;
+  for (auto _ : state) {
+    const uint64_t goal = h + kPerIteration;
+    while (h != goal) {
+      if (h == tail_cache) {
+        // Pairs with the producer's release store of tail.
+        tail_cache = s->tail.value.load(std::memory_order_acquire);
+        // The lines up to the new tail are complete: fetch them all at once.
+        for (uint64_t i = h + 1; prefetch && i < tail_cache; ++i) {
+          __builtin_prefetch(&s->lines[i % LineStream::kLines], 0, 3);
+        }
+        continue;
+      }
+      const LineStream::Line& l = s->lines[h % LineStream::kLines];
+      errors += (l.words[0] != h) | (l.words[7] != ~h);
+      ++h;
+    }
+    // Pairs with the producer's acquire load of head.
+    s->head.value.store(h, std::memory_order_release);
+  }
+  flag->stop.store(true, std::memory_order_relaxed);
+  producer.join();
+  if (errors != 0) state.SkipWithError("lines arrived out of order or torn");
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * kPerIteration));
+}
+BENCHMARK(BM_LineStream)
+    ->Name("LineStream_floor")
+    ->ArgNames({"lines_per_publish", "prefetch"})
+    ->Args({1, 0})
+    ->Args({16, 0})
+    ->Args({16, 1})
     ->UseRealTime();
 
 // ---- MPSC --------------------------------------------------------------------------------------
