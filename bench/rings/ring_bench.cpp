@@ -5,8 +5,9 @@
 //                          whose slot i share a cache line
 //   BM_RawPingPong         the floor: one cache line written in turn by the two CPUs
 //   BM_TwoLinePingPong     the floor for one channel per direction: two lines, one writer each
-//   BM_RecordRing          64 B and 1 KiB records, claim/commit per record or per batch of 16;
-//                          the consumer checks each record's first and last word
+//   BM_RecordRing          64 B and 1 KiB records, claim/commit per record or per batch of 16
+//                          (a Claim per record, or one BatchClaim of same-size records); the
+//                          consumer checks each record's first and last word
 //   BM_LineStream          the floor for the record ring: 64-byte lines handed over in batches
 //                          through a published position, no ring code
 //   BM_Mpsc                MpscRing with 1..4 producer threads
@@ -305,10 +306,14 @@ BENCHMARK(BM_TwoLinePingPong)->Name("PingPong_rtt/two_cache_lines")->UseRealTime
 // ---- record ring -------------------------------------------------------------------------------
 
 // range(0): payload bytes; range(1): records per commit (1 = claim/commit each record).
-// The producer claims `batch` records of `payload` bytes (try_claim_batch), fills each (a copy of
-// the payload, then the sequence number in the first 8 bytes and its complement in the last 8)
-// and commits the last claim. The consumer reads both words of every record in place and checks
-// them, so each record's first and last line reach it, as they would a real consumer.
+// The producer claims `batch` records of `payload` bytes, fills each (a copy of the payload, then
+// the sequence number in the first 8 bytes and its complement in the last 8) and commits them
+// with one commit. kSameSize = false: try_claim_batch(sizes, claims), a Claim per record, commit of
+// the last claim (RecordRing_throughput); true: try_claim_batch(count, size, BatchClaim), payloads
+// at BatchClaim::data(i), commit of the batch (RecordRing_batch). The consumer reads both words of
+// every record in place and checks them, so each record's first and last line reach it, as they
+// would a real consumer.
+template <bool kSameSize>
 void BM_RecordRing(benchmark::State& state) {
   const auto payload = static_cast<uint32_t>(state.range(0));
   const auto batch = static_cast<std::size_t>(state.range(1));
@@ -322,17 +327,25 @@ void BM_RecordRing(benchmark::State& state) {
     std::vector<uint32_t> sizes(batch, payload);
     std::vector<RecordRing::Claim> claims(batch);
     uint64_t seq = 0;
+    auto fill = [&](std::byte* data) {
+      std::memcpy(data, source.data(), payload);
+      const uint64_t last = ~seq;
+      std::memcpy(data, &seq, sizeof(seq));
+      std::memcpy(data + payload - sizeof(last), &last, sizeof(last));
+      ++seq;
+    };
+    RecordRing::BatchClaim b;
     // Relaxed: a plain stop flag.
     while (!fp->stop.load(std::memory_order_relaxed)) {
-      if (!r->try_claim_batch(sizes, claims)) continue;
-      for (auto& c : claims) {
-        std::memcpy(c.data, source.data(), payload);
-        const uint64_t last = ~seq;
-        std::memcpy(c.data, &seq, sizeof(seq));
-        std::memcpy(c.data + payload - sizeof(last), &last, sizeof(last));
-        ++seq;
+      if constexpr (kSameSize) {
+        if (!r->try_claim_batch(static_cast<uint32_t>(batch), payload, b)) continue;
+        for (uint32_t i = 0; i < b.count; ++i) fill(b.data(i));
+        r->commit(b);
+      } else {
+        if (!r->try_claim_batch(sizes, claims)) continue;
+        for (auto& c : claims) fill(c.data);
+        r->commit(claims.back());
       }
-      r->commit(claims.back());
     }
   });
   constexpr std::size_t kPerIteration = 64;
@@ -358,12 +371,18 @@ void BM_RecordRing(benchmark::State& state) {
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * kPerIteration));
   state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * kPerIteration * payload));
 }
-BENCHMARK(BM_RecordRing)
+BENCHMARK(BM_RecordRing<false>)
     ->Name("RecordRing_throughput")
     ->ArgNames({"bytes", "per_commit"})
     ->Args({64, 1})
     ->Args({64, 16})
     ->Args({1024, 1})
+    ->Args({1024, 16})
+    ->UseRealTime();
+BENCHMARK(BM_RecordRing<true>)
+    ->Name("RecordRing_batch")
+    ->ArgNames({"bytes", "per_commit"})
+    ->Args({64, 16})
     ->Args({1024, 16})
     ->UseRealTime();
 
@@ -387,7 +406,7 @@ struct LineStream {
 };
 void BM_LineStream(benchmark::State& state) {
   const auto batch = static_cast<uint64_t>(state.range(0));
-  const bool prefetch = state.range(1) != 0;
+  const auto prefetch = static_cast<uint64_t>(state.range(1));  // producer's distance, lines
   auto s = std::make_unique<LineStream>();
   auto flag = std::make_unique<StopFlag>();
   if (!pin(&state, cpus().consumer)) return;
@@ -404,7 +423,9 @@ void BM_LineStream(benchmark::State& state) {
       for (uint64_t i = t; i != t + batch; ++i) {
         // For writing, the lines one batch ahead: their ownership moves back from the consumer
         // while this batch is written.
-        if (prefetch) __builtin_prefetch(&sp->lines[(i + batch) % LineStream::kLines], 1, 3);
+        if (prefetch != 0 && i + prefetch - head_cache < LineStream::kLines) {
+          __builtin_prefetch(&sp->lines[(i + prefetch) % LineStream::kLines], 1, 3);
+        }
         LineStream::Line& l = sp->lines[i % LineStream::kLines];
         for (auto& w : l.words) w = i;
         l.words[7] = ~i;
@@ -423,7 +444,7 @@ void BM_LineStream(benchmark::State& state) {
         // Pairs with the producer's release store of tail.
         tail_cache = s->tail.value.load(std::memory_order_acquire);
         // The lines up to the new tail are complete: fetch them all at once.
-        for (uint64_t i = h + 1; prefetch && i < tail_cache; ++i) {
+        for (uint64_t i = h + 1; prefetch != 0 && i < tail_cache && i < h + 64; ++i) {
           __builtin_prefetch(&s->lines[i % LineStream::kLines], 0, 3);
         }
         continue;
@@ -445,7 +466,9 @@ BENCHMARK(BM_LineStream)
     ->ArgNames({"lines_per_publish", "prefetch"})
     ->Args({1, 0})
     ->Args({16, 0})
-    ->Args({16, 1})
+    ->Args({16, 16})
+    ->Args({16, 64})
+    ->Args({16, 256})
     ->UseRealTime();
 
 // ---- MPSC --------------------------------------------------------------------------------------

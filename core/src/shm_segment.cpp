@@ -1,13 +1,10 @@
 // Shared-memory segments, ring header validation and process liveness.
 #include <myelin/core/shm_segment.hpp>
 
-#include <myelin/core/clock.hpp>
-
 #include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/mman.h>
-#include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -216,17 +213,6 @@ Result<uint64_t> validate_ring_header(const void* region, std::size_t bytes,
     return invalid_argument(want, " needs ", need, " bytes, region has ", bytes);
   }
   return cap;
-}
-
-uint64_t internal::random_salt() noexcept {
-  uint64_t v = 0;
-  if (getrandom(&v, sizeof(v), GRND_NONBLOCK) == static_cast<ssize_t>(sizeof(v)) && v != 0)
-    return v;
-  // No entropy yet (early boot): unpredictability is not the point, only distinctness.
-  v = static_cast<uint64_t>(monotonic_ns()) ^ (static_cast<uint64_t>(getpid()) << 32);
-  v ^= reinterpret_cast<uintptr_t>(&v);
-  v *= 0x9e3779b97f4a7c15ULL;
-  return v ^ (v >> 29);
 }
 
 // ---- segments ----------------------------------------------------------------------------------

@@ -326,6 +326,92 @@ TEST(RingStress, RecordRingClaimCommitAbortBatches) {
   EXPECT_TRUE(ring->empty_approx());
 }
 
+// Same-size batches across two threads: batch j holds 1 + j % 8 records of 8 + (j * 24) % 200
+// bytes, type j; every third batch of three or more aborts its record 1 (padding), and batches of
+// four or more are committed in two parts (up to record 1, then the whole batch).
+struct SameSizeBatch {
+  uint32_t count, size;
+  bool abort_second;
+};
+SameSizeBatch same_size_batch(uint64_t j) {
+  const auto count = static_cast<uint32_t>(1 + j % 8);
+  return {count, static_cast<uint32_t>(8 + (j * 24) % 200), count > 2 && j % 3 == 0};
+}
+
+TEST(RingStress, RecordRingSameSizeBatches) {
+  const uint64_t batches = 100'000 / kScale;
+  auto ring = RecordRing::create(4096, {.initial_position = kNearWrap & ~uint64_t{7}});
+  ASSERT_TRUE(ring.ok()) << ring.status();
+  std::thread producer([&] {
+    Backoff b;
+    uint64_t index = 0;  // of the next record, aborted ones included
+    for (uint64_t j = 0; j < batches;) {
+      const SameSizeBatch spec = same_size_batch(j);
+      RecordRing::BatchClaim claim;
+      if (!ring->try_claim_batch(spec.count, spec.size, claim, static_cast<uint32_t>(j))) {
+        b.pause();
+        continue;
+      }
+      b.reset();
+      for (uint32_t i = 0; i < spec.count; ++i, ++index) {
+        std::byte* d = claim.data(i);
+        std::memcpy(d, &index, sizeof(index));
+        for (uint32_t k = sizeof(index); k < spec.size; ++k) d[k] = record_byte(index, k);
+      }
+      if (spec.abort_second) ring->abort(claim.claim(1));
+      if (spec.count > 3) ring->commit(claim.claim(1));
+      ring->commit(claim);
+      ++j;
+    }
+  });
+  uint64_t j = 0, i = 0, index = 0;
+  bool ok = true;
+  Backoff b;
+  // Steps (j, i, index) to the next record that was not aborted.
+  auto advance = [&] {
+    for (;;) {
+      if (j == batches) return;
+      const SameSizeBatch spec = same_size_batch(j);
+      if (i == spec.count) {
+        ++j;
+        i = 0;
+        continue;
+      }
+      if (spec.abort_second && i == 1) {
+        ++i;
+        ++index;
+        continue;
+      }
+      return;
+    }
+  };
+  advance();
+  while (j < batches) {
+    auto consumed = ring->consume([&](const RecordRing::Record& r) {
+      const SameSizeBatch spec = same_size_batch(j);
+      uint64_t got = 0;
+      ok &= j < batches && r.type == static_cast<uint32_t>(j) && r.data.size() == spec.size;
+      if (ok) std::memcpy(&got, r.data.data(), sizeof(got));
+      ok &= got == index;
+      for (std::size_t k = sizeof(got); ok && k < r.data.size(); ++k)
+        ok &= r.data[k] == record_byte(index, k);
+      ++i;
+      ++index;
+      advance();
+    });
+    ASSERT_TRUE(consumed.ok()) << consumed.status();
+    if (*consumed == 0)
+      b.pause();
+    else
+      b.reset();
+  }
+  producer.join();
+  EXPECT_TRUE(ok) << "record " << index << " of batch " << j
+                  << " arrived corrupted or out of order";
+  EXPECT_EQ(j, batches);
+  EXPECT_TRUE(ring->empty_approx());
+}
+
 void waiter_round_trip(WaitMode mode) {
   const uint64_t n = 20'000 / kScale;
   auto ring = SpscRing<uint64_t>::create(16);

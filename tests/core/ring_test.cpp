@@ -393,7 +393,8 @@ bool write_string(RecordRing& ring, const std::string& s, uint32_t type = 1) {
 TEST(RecordRing, ClaimCommitConsume) {
   auto ring = RecordRing::create(256);
   ASSERT_TRUE(ring.ok()) << ring.status();
-  EXPECT_EQ(ring->max_record_size(), 112u);
+  EXPECT_EQ(ring->max_record_size(), 120u);
+  EXPECT_EQ(RecordRing::record_bytes(64), 72u) << "an 8-byte header, records aligned to 8";
   RecordRing::Claim c;
   ASSERT_TRUE(ring->try_claim(5, c, 42));
   std::memcpy(c.data, "hello", 5);
@@ -410,7 +411,7 @@ TEST(RecordRing, ClaimCommitConsume) {
 TEST(RecordRing, FullIsBackPressureAndSpaceReturns) {
   auto ring = RecordRing::create(256);
   ASSERT_TRUE(ring.ok());
-  const std::string payload(48, 'x');  // 64 bytes per record with its header: exactly 4 fit
+  const std::string payload(56, 'x');  // 64 bytes per record with its header: exactly 4 fit
   for (int i = 0; i < 4; ++i) ASSERT_TRUE(write_string(*ring, payload)) << i;
   EXPECT_FALSE(write_string(*ring, payload));
   EXPECT_FALSE(write_string(*ring, "")) << "even a bare header does not fit in a full ring";
@@ -451,7 +452,7 @@ TEST(RecordRing, AbortLatestGivesSpaceBack) {
   ASSERT_TRUE(ring->try_claim(40, a));
   ASSERT_TRUE(ring->try_claim(40, b));
   RecordRing::Claim c;
-  EXPECT_FALSE(ring->try_claim(40, c)) << "two 64-byte records fill the ring";
+  EXPECT_FALSE(ring->try_claim(40, c)) << "a third 48-byte record does not fit in 128 bytes";
   ring->abort(b);
   ASSERT_TRUE(ring->try_claim(40, c)) << "the aborted space is claimable again";
   std::memset(a.data, 'a', 40);
@@ -491,57 +492,114 @@ TEST(RecordRing, BatchClaimIsAllOrNothing) {
   ring->commit(claims[2]);  // publishes all three
   const std::array<uint32_t, 3> big{100, 100, 100};
   std::array<RecordRing::Claim, 3> more;
-  EXPECT_FALSE(ring->try_claim_batch(big, more)) << "384 bytes cannot fit next to 128";
+  EXPECT_FALSE(ring->try_claim_batch(big, more)) << "324 bytes cannot fit next to 96";
   auto got = drain(*ring);
   ASSERT_EQ(got.size(), 3u);
   EXPECT_EQ(got[1].second, std::string(20, 'b'));
-  // The failed batch left nothing behind: 128 + 80 bytes fit again.
+  // The failed batch left nothing behind: 108 + 72 bytes fit again.
   const std::array<uint32_t, 2> fits{100, 60};
   ASSERT_TRUE(ring->try_claim_batch(fits, more));
   ring->commit(more[1]);
   EXPECT_EQ(drain(*ring).size(), 2u);
 }
 
-// The shared tail is only a hint (used_bytes_approx(), the consumer's prefetch): a batch commit
-// publishes it, and a tail that is stale or corrupt changes nothing the consumer reads.
-TEST(RecordRing, TailIsAHintOnly) {
-  Region r(RecordRing::bytes_for(1024));
-  auto producer = RecordRing::format(r.mem, r.bytes, 1024, kMax - 207);  // 16-aligned
-  ASSERT_TRUE(producer.ok()) << producer.status();
-  auto consumer = RecordRing::attach(r.mem, r.bytes);
-  ASSERT_TRUE(consumer.ok()) << consumer.status();
-  auto* tail = reinterpret_cast<std::atomic<uint64_t>*>(r.mem + 256);
-  const std::array<uint32_t, 4> sizes{8, 8, 8, 8};
-  std::array<RecordRing::Claim, 4> claims;
+// Same-size batches: nothing is visible before a commit, commit(b.claim(i)) publishes records
+// 0..i, commit(b) the rest, and the batch wraps (padding at the end of the data area, positions
+// past 2^64) like single claims do.
+TEST(RecordRing, SameSizeBatchWrapsAndCommitsInParts) {
+  auto ring = RecordRing::create(512, {.initial_position = kMax - 207});
+  ASSERT_TRUE(ring.ok()) << ring.status();
   uint64_t next = 0, expect = 0;
-  for (int round = 0; round < 40; ++round) {
-    ASSERT_TRUE(producer->try_claim_batch(sizes, claims, 5));
-    for (auto& c : claims) {
-      std::memcpy(c.data, &next, sizeof(next));
+  for (uint32_t round = 0; round < 300; ++round) {
+    const uint32_t size = 8 + (round * 8) % 40;
+    const uint32_t count = 1 + round % 7;
+    RecordRing::BatchClaim b;
+    ASSERT_TRUE(ring->try_claim_batch(count, size, b, round)) << round;
+    ASSERT_EQ(b.count, count);
+    for (uint32_t i = 0; i < count; ++i) {
+      std::memset(b.data(i), static_cast<int>(next & 0xff), size);
+      std::memcpy(b.data(i), &next, sizeof(next));
       ++next;
     }
-    producer->commit(claims.back());
-    // The batch is in the published tail at once (plus wrap padding when it crossed the end).
-    EXPECT_GE(producer->used_bytes_approx(), 4 * RecordRing::record_bytes(8));
-    EXPECT_LE(producer->used_bytes_approx(), 4 * RecordRing::record_bytes(8) + 3 * 32);
-    // Corrupt the hint: far ahead, behind, or garbage. Consumption must not notice.
-    const uint64_t published = tail->load();
-    const std::array<uint64_t, 3> lies{published + 4096, published - 4096, 0x5a5a5a5a5a5a5a5a};
-    tail->store(lies[static_cast<std::size_t>(round) % lies.size()]);
-    std::size_t seen = 0;
-    auto n = consumer->consume([&](const RecordRing::Record& rec) {
-      uint64_t v = 0;
-      ASSERT_EQ(rec.data.size(), 8u);
-      std::memcpy(&v, rec.data.data(), sizeof(v));
-      EXPECT_EQ(v, expect++);
-      ++seen;
-    });
-    ASSERT_TRUE(n.ok()) << n.status();
-    EXPECT_EQ(*n, 4u);
-    EXPECT_EQ(seen, 4u);
-    tail->store(published);
+    EXPECT_TRUE(drain(*ring).empty()) << "nothing is visible before commit";
+    auto check = [&](const std::vector<std::pair<uint32_t, std::string>>& got) {
+      for (const auto& [type, s] : got) {
+        ASSERT_EQ(type, round);
+        ASSERT_EQ(s.size(), size);
+        uint64_t v = 0;
+        std::memcpy(&v, s.data(), sizeof(v));
+        ASSERT_EQ(v, expect);
+        EXPECT_EQ(s.back(), static_cast<char>(size > 8 ? expect & 0xff : (expect >> 56) & 0xff));
+        ++expect;
+      }
+    };
+    if (count > 2) {
+      ring->commit(b.claim(1));
+      const auto first = drain(*ring);
+      EXPECT_EQ(first.size(), 2u) << "commit of record 1 publishes records 0 and 1";
+      check(first);
+    }
+    ring->commit(b);
+    check(drain(*ring));
+    EXPECT_TRUE(ring->empty_approx());
   }
   EXPECT_EQ(expect, next);
+}
+
+TEST(RecordRing, SameSizeBatchAbort) {
+  auto ring = RecordRing::create(256);
+  ASSERT_TRUE(ring.ok());
+  RecordRing::BatchClaim a, b;
+  ASSERT_TRUE(ring->try_claim_batch(2, 24, a, 1));  // 2 x 32 bytes
+  ASSERT_TRUE(ring->try_claim_batch(5, 24, b, 2));  // 5 x 32 bytes
+  RecordRing::BatchClaim c;
+  EXPECT_FALSE(ring->try_claim_batch(2, 24, c)) << "224 of 256 bytes are claimed";
+  ring->abort(b);  // the latest: its space comes back
+  ASSERT_TRUE(ring->try_claim_batch(2, 24, c, 3));
+  for (uint32_t i = 0; i < 2; ++i) {
+    std::memset(a.data(i), 'a', 24);
+    std::memset(c.data(i), 'c', 24);
+  }
+  ring->abort(a.claim(1));  // an earlier record becomes padding
+  ring->commit(c);
+  auto got = drain(*ring);
+  ASSERT_EQ(got.size(), 3u);
+  EXPECT_EQ(got[0], std::make_pair(1u, std::string(24, 'a')));
+  EXPECT_EQ(got[1], std::make_pair(3u, std::string(24, 'c')));
+  EXPECT_EQ(got[2], std::make_pair(3u, std::string(24, 'c')));
+}
+
+TEST(RecordRing, SameSizeBatchLargerThanTheRingIsRefused) {
+  auto ring = RecordRing::create(256);
+  ASSERT_TRUE(ring.ok());
+  RecordRing::BatchClaim b;
+  EXPECT_DEATH({ (void)ring->try_claim_batch(8, 24, b); }, "larger than the ring allows");
+  ASSERT_TRUE(ring->try_claim_batch(7, 24, b)) << "7 x 32 bytes leave room for any wrap padding";
+}
+
+// The tail is the commit: a batch commit publishes it exactly, and a tail that a faulty peer
+// moved behind the head, further ahead than the ring holds, off the 8-byte grid, or into the
+// middle of a record is a protocol error, never a record handed to the handler.
+TEST(RecordRing, CorruptTailIsAProtocolError) {
+  const std::array<uint64_t, 4> lies{4096, static_cast<uint64_t>(-64), 4, 16};
+  for (std::size_t k = 0; k < lies.size(); ++k) {
+    Region r(RecordRing::bytes_for(1024));
+    auto producer = RecordRing::format(r.mem, r.bytes, 1024, kMax - 207);
+    ASSERT_TRUE(producer.ok()) << producer.status();
+    auto consumer = RecordRing::attach(r.mem, r.bytes);
+    ASSERT_TRUE(consumer.ok()) << consumer.status();
+    auto* tail = reinterpret_cast<std::atomic<uint64_t>*>(r.mem + 256);
+    RecordRing::BatchClaim b;
+    ASSERT_TRUE(producer->try_claim_batch(4, 16, b, 5));  // 4 x 24 bytes
+    producer->commit(b);
+    EXPECT_EQ(producer->used_bytes_approx(), 4 * RecordRing::record_bytes(16));
+    const uint64_t head = kMax - 207;
+    tail->store(head + lies[k]);  // the last: 16 bytes in, inside the first record
+    bool called = false;
+    auto n = consumer->consume([&](const RecordRing::Record&) { called = true; });
+    EXPECT_EQ(n.status().code(), StatusCode::kProtocolError) << k;
+    EXPECT_FALSE(called) << k;
+  }
 }
 
 TEST(RecordRing, ReattachedProducerContinuesAfterTheLastRecord) {
@@ -571,14 +629,16 @@ TEST(RecordRing, CorruptHeaderIsAProtocolError) {
   auto consumer = RecordRing::attach(r.mem, r.bytes);
   ASSERT_TRUE(consumer.ok());
   ASSERT_TRUE(write_string(*producer, "abc"));
-  // A buggy or hostile peer rewrites the length to run past what it committed.
-  uint32_t huge = 1000;
-  std::memcpy(r.mem + 512 + 8, &huge, sizeof(huge));  // length field of the first record
-  bool called = false;
-  auto n = consumer->consume([&](const RecordRing::Record&) { called = true; });
-  EXPECT_EQ(n.status().code(), StatusCode::kProtocolError);
-  EXPECT_NE(n.status().message().find("corrupt record"), std::string::npos) << n.status();
-  EXPECT_FALSE(called);
+  // A buggy or hostile peer rewrites the length: above the ring's limit, or past what it
+  // committed (the tail).
+  for (const uint32_t bad : {1000u, 40u}) {
+    std::memcpy(r.mem + 512, &bad, sizeof(bad));  // length field of the first record
+    bool called = false;
+    auto n = consumer->consume([&](const RecordRing::Record&) { called = true; });
+    EXPECT_EQ(n.status().code(), StatusCode::kProtocolError) << bad;
+    EXPECT_NE(n.status().message().find("corrupt record"), std::string::npos) << n.status();
+    EXPECT_FALSE(called);
+  }
 }
 
 TEST(RecordRing, AttachChecksKindAndPositions) {

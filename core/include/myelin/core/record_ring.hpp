@@ -6,44 +6,46 @@
 //
 //   RecordRing::Claim c;
 //   if (ring.try_claim(n, c, /*type=*/7)) { fill(c.data, n); ring.commit(c); }   // producer
+//   RecordRing::BatchClaim b;                                                     // or 16 at once
+//   if (ring.try_claim_batch(16, n, b, 7)) { for (i..16) fill(b.data(i), n); ring.commit(b); }
 //   auto r = ring.consume([](const RecordRing::Record& rec) { use(rec.type, rec.data); });
-//   if (!r.ok()) ...   // protocol_error: the peer corrupted a record header
+//   if (!r.ok()) ...   // protocol_error: the peer corrupted a record header or its position
 //
 // Same two modes as the other rings (create() owning NUMA-placed memory; format()/attach() over a
 // caller's region, e.g. a ShmSegment), kind kRecord. Layout (nothing inside is a pointer):
 //     0  RingLayoutHeader   magic, version, kind, element size 1, capacity (data bytes), check
-//    64  salt               random u64 chosen by format(), read-only afterwards
 //   128  head               consumer position in bytes
-//   256  tail               producer position in bytes (published lazily: a hint, orders nothing)
+//   256  tail               producer position in bytes: everything before it is committed
 //   384  WaitWord           consumer's sleep/wake word
-//   512  data[capacity]     records, each aligned to 16 bytes:
-//                           {u64 stamp; u32 length; u32 type; payload[length]; pad to 16}
+//   512  data[capacity]     records, each aligned to 8 bytes:
+//                           {u32 length; u32 type; payload[length]; pad to 8}
 // A record never wraps: when one does not fit before the end, the producer fills the rest with a
 // padding record (type kPaddingType) and starts at offset 0. Positions are monotonically
 // increasing 64-bit byte counters; offset = position & (capacity - 1).
 //
-// Protocol. The commit signal travels inside the record, as in SpscRing: the producer writes the
-// header and payload, then stores stamp = salt ^ position (release); the consumer at position h
-// polls the stamp at h (acquire) and reads the record when it equals salt ^ h. So the consumer
-// touches only the line the next record arrives in, never a producer index line, and the producer
-// writes no shared index per record. A stale stamp from an earlier lap (or payload bytes at that
-// offset) cannot match: it would have to equal this position XOR a random salt.
+// Protocol. The producer's tail is the commit: commit(claim) stores tail = the end of `claim`
+// (release), which publishes that record and every claim before it, so a batch of claims is
+// published by committing its last one, with one store. The consumer loads the tail (acquire) when
+// it has read everything up to its cached copy, and reads the records before it in place; it never
+// touches a line the producer may still be writing (except the one the tail ends in), so the
+// lines of a batch move to it once each, and with a prefetch, all at once. A record header needs
+// no commit stamp, so it is 8 bytes: a 64-byte payload takes 72 bytes, not 80.
 //   Producer: a private claim position advances per claim; head is cached and reloaded (acquire)
-// only when the cache says "full". commit(claim) stamps every uncommitted record up to and
-// including `claim`, in order -- so a batch of claims is published by committing its last one.
-// abort() of the latest uncommitted claim gives the space back; abort() of an earlier one turns it
-// into padding the consumer skips.
-//   Consumer: walks stamped records from head, then stores head (release) once per consume() call
-// -- and every quarter ring within a long batch -- after which the producer may reuse the space.
-//   The shared tail orders nothing. A commit of several records (a batch) stores it; single-record
-// commits store it every kTailPublishInterval commits, and a producer that finds the ring full
-// stores it. When consume() starts at a small record it reads the tail and prefetches the lines
-// of the records committed up to it (at most 4 KiB): otherwise each record's line is requested
-// only after the previous record was read, one transfer from the producer's cache at a time.
-// Reading a stale tail costs nothing but a missed prefetch.
+// only when the cache says "full". abort() of the latest uncommitted claim gives the space back;
+// abort() of an earlier one turns it into padding the consumer skips. The producer's speed is set
+// by its stores: each one holds a store-buffer entry until its line has come back from the
+// consumer's cache, so the fewer stores per record, the more records are in flight. A claim writes
+// its header with one 8-byte store, and try_claim_batch(count, size, BatchClaim&) claims records
+// of one size without writing a Claim per record (BatchClaim::data(i) computes where each goes).
+//   Consumer: walks records from head to its cached tail, then stores head (release) once per
+// consume() call -- and every quarter ring within a long batch -- after which the producer may
+// reuse the space. When it loads a new tail and the first record is small, it prefetches the
+// lines up to that tail (at most 4 KiB): otherwise each record's line would be requested only
+// after the previous record was read, one transfer from the producer's cache at a time.
 //
-// Records from a peer are checked before the handler sees them: a length running past the data
-// area or the ring's limit ends consume() with protocol_error.
+// Everything from the peer is checked before the handler sees it: a tail that is misaligned,
+// behind head or more than the capacity ahead, a record length above the ring's limit, running
+// past the data area or past the tail, ends consume() with protocol_error.
 //
 // Thread safety: one producer thread (try_claim*, commit, abort, try_write), one consumer thread
 // (consume); across processes each side attaches its own RecordRing object.
@@ -71,24 +73,21 @@ namespace myelin {
 class RecordRing : public internal::RingMemory<RecordRing> {
   struct alignas(kFalseSharingRange) Shared {
     RingLayoutHeader layout;
-    uint64_t salt;                                           // read-only after format()
     alignas(kFalseSharingRange) std::atomic<uint64_t> head;  // consumer position (bytes)
-    alignas(kFalseSharingRange) std::atomic<uint64_t> tail;  // producer position (lazy)
+    alignas(kFalseSharingRange) std::atomic<uint64_t> tail;  // producer position: committed up to
     alignas(kFalseSharingRange) WaitWord consumer_wait;
   };
-  static_assert(offsetof(Shared, salt) == 64 && offsetof(Shared, head) == 128 &&
-                offsetof(Shared, tail) == 256 && offsetof(Shared, consumer_wait) == 384 &&
-                sizeof(Shared) == 512);
+  static_assert(offsetof(Shared, head) == 128 && offsetof(Shared, tail) == 256 &&
+                offsetof(Shared, consumer_wait) == 384 && sizeof(Shared) == 512);
   struct RecordHeader {
-    std::atomic<uint64_t> stamp;  // salt ^ position once committed
-    uint32_t length;              // payload bytes
+    uint32_t length;  // payload bytes
     uint32_t type;
   };
-  static_assert(sizeof(RecordHeader) == 16 && std::atomic<uint64_t>::is_always_lock_free);
+  static_assert(sizeof(RecordHeader) == 8 && std::atomic<uint64_t>::is_always_lock_free);
 
  public:
   static constexpr std::size_t kRecordHeaderBytes = sizeof(RecordHeader);
-  static constexpr std::size_t kRecordAlignment = 16;
+  static constexpr std::size_t kRecordAlignment = 8;
   static constexpr uint32_t kPaddingType = std::numeric_limits<uint32_t>::max();
   static constexpr std::size_t kMinCapacity = 64;
   static constexpr RingLayoutSpec kSpec{
@@ -108,6 +107,28 @@ class RecordRing : public internal::RingMemory<RecordRing> {
     uint32_t size = 0;
     uint64_t begin = 0;  // position before the record (and before any wrap padding)
     uint64_t end = 0;    // position after the record
+  };
+  // `count` claimed records of `size` bytes each (try_claim_batch(count, size, ...)).
+  struct BatchClaim {
+    std::byte* first = nullptr;    // payload of record 0
+    std::byte* wrapped = nullptr;  // payload of record before_wrap (at the start of the data)
+    uint64_t stride = 0;           // record_bytes(size)
+    uint32_t size = 0;
+    uint32_t count = 0;
+    uint32_t before_wrap = 0;  // records placed before the end of the data area
+    uint64_t begin = 0;        // position before record 0
+    uint64_t pad = 0;          // padding bytes before record before_wrap (0: no wrap)
+    uint64_t end = 0;          // position after the last record
+
+    // Where record i's payload goes (i < count).
+    [[nodiscard]] std::byte* data(std::size_t i) const noexcept {
+      return i < before_wrap ? first + i * stride : wrapped + (i - before_wrap) * stride;
+    }
+    // Record i as a single claim, for commit() (publishes records 0..i) or abort().
+    [[nodiscard]] Claim claim(std::size_t i) const noexcept {
+      const uint64_t b = begin + i * stride + (i > before_wrap ? pad : 0);
+      return Claim{data(i), size, b, b + (i == before_wrap ? pad : 0) + stride};
+    }
   };
   // A record handed to consume()'s handler; `data` is valid during the call only.
   struct Record {
@@ -133,7 +154,6 @@ class RecordRing : public internal::RingMemory<RecordRing> {
     }
     auto* shared = new (region) Shared;
     write_ring_header(&shared->layout, capacity, kSpec);
-    shared->salt = internal::random_salt();
     shared->head.store(initial_position, std::memory_order_relaxed);
     shared->tail.store(initial_position, std::memory_order_relaxed);
     std::memset(reinterpret_cast<std::byte*>(shared) + sizeof(Shared), 0, capacity);
@@ -167,68 +187,78 @@ class RecordRing : public internal::RingMemory<RecordRing> {
   // Claims space for a record of `size` bytes (<= max_record_size(), checked) and `type`
   // (!= kPaddingType). False when the ring lacks the space now (back-pressure).
   [[nodiscard]] bool try_claim(uint32_t size, Claim& out, uint32_t type = 0) noexcept {
-    // The failure paths are out of line so that the claim itself inlines into the caller's loop.
-    if (size > max_record_size()) [[unlikely]] {
-      fail_record_too_large(size);
-    }
-    MYELIN_DCHECK_NE(type, kPaddingType);
-    const uint64_t need = record_bytes(size);
-    const uint64_t pos = producer_.claim;
-    const uint64_t offset = pos & mask_;
-    const uint64_t pad = offset + need > capacity_ ? capacity_ - offset : 0;
-    const uint64_t end = pos + pad + need;
-    if (end - producer_.head_cache > capacity_) {
-      // Pairs with the consumer's release store of head in consume().
-      producer_.head_cache = shared_->head.load(std::memory_order_acquire);
-      if (end - producer_.head_cache > capacity_) {
-        publish_tail();
-        return false;
-      }
-    }
-    if (pad != 0) {
-      write_header(offset, static_cast<uint32_t>(pad - kRecordHeaderBytes), kPaddingType);
-    }
-    const uint64_t record_offset = (pos + pad) & mask_;
-    write_header(record_offset, size, type);
-    out.data = data_ + record_offset + kRecordHeaderBytes;
-    out.size = size;
-    out.begin = pos;
-    out.end = end;
-    producer_.claim = end;
+    if (!claim_at(producer_.claim, size, type, out)) return false;
+    producer_.claim = out.end;
     return true;
   }
   // Claims one record per entry of `sizes`, all or none. Commit the last to publish them all.
   [[nodiscard]] bool try_claim_batch(std::span<const uint32_t> sizes, std::span<Claim> out,
                                      uint32_t type = 0) noexcept {
     MYELIN_CHECK_LE(sizes.size(), out.size());
-    const uint64_t start = producer_.claim;
+    // The position stays in a register: stores through `out` could alias producer_.
+    uint64_t pos = producer_.claim;
     for (std::size_t i = 0; i < sizes.size(); ++i) {
-      if (!try_claim(sizes[i], out[i], type)) {
-        producer_.claim = start;  // nothing was published: the headers written are dead bytes
-        return false;
-      }
+      // On failure nothing was published: the headers written are dead bytes.
+      if (!claim_at(pos, sizes[i], type, out[i])) return false;
+      pos = out[i].end;
     }
+    producer_.claim = pos;
     return true;
   }
-  // Publishes `claim` and every claim before it.
+  // Claims `count` records of `size` bytes each, all or none, without a Claim per record: write
+  // record i's payload at out.data(i), and commit(out) publishes them all (commit(out.claim(i))
+  // publishes records 0..i). A batch must fit an empty ring: count * record_bytes(size) at most
+  // capacity() - record_bytes(size) (checked).
+  [[nodiscard]] bool try_claim_batch(uint32_t count, uint32_t size, BatchClaim& out,
+                                     uint32_t type = 0) noexcept {
+    if (size > max_record_size()) [[unlikely]] {
+      fail_record_too_large(size);
+    }
+    MYELIN_DCHECK_NE(type, kPaddingType);
+    const uint64_t stride = record_bytes(size);
+    if (count > capacity_ / stride - 1) [[unlikely]] {
+      fail_batch_too_large(count, size);
+    }
+    const uint64_t pos = producer_.claim;
+    const uint64_t offset = pos & mask_;
+    const uint64_t fit = (capacity_ - offset) / stride;  // records that fit before the end
+    const uint64_t before_wrap = fit < count ? fit : count;
+    const uint64_t pad = fit < count ? capacity_ - offset - fit * stride : 0;
+    const uint64_t end = pos + pad + count * stride;
+    if (!has_space_until(end)) return false;
+    out.first = data_ + offset + kRecordHeaderBytes;
+    out.wrapped = data_ + kRecordHeaderBytes;
+    out.stride = stride;
+    out.size = size;
+    out.count = count;
+    out.before_wrap = static_cast<uint32_t>(before_wrap);
+    out.begin = pos;
+    out.pad = pad;
+    out.end = end;
+    if (pad != 0) {
+      write_header(offset + before_wrap * stride, static_cast<uint32_t>(pad - kRecordHeaderBytes),
+                   kPaddingType);
+    }
+    for (uint32_t i = 0; i < count; ++i) {
+      write_header(static_cast<uint64_t>(out.data(i) - kRecordHeaderBytes - data_), size, type);
+    }
+    producer_.claim = end;
+    return true;
+  }
+  // Publishes every record of `batch` and every claim before it.
+  void commit(const BatchClaim& batch) noexcept {
+    if (batch.count != 0) commit(Claim{nullptr, 0, batch.begin, batch.end});
+  }
+  // Publishes `claim` and every claim before it: one store of the tail.
   void commit(const Claim& claim) noexcept {
-    // A claim that was aborted away or never made would send the walk below into the weeds.
+    // A claim that was aborted away or never made would publish bytes nobody wrote.
     if (claim.end - producer_.published > producer_.claim - producer_.published) [[unlikely]] {
       fail_commit_not_outstanding(claim);
     }
-    uint64_t pos = producer_.published;
-    uint64_t records = 0;
-    while (pos != claim.end) {
-      RecordHeader* header = header_at(pos & mask_);
-      // Pairs with the consumer's acquire load of the stamp: header and payload are visible.
-      header->stamp.store(salt_ ^ pos, std::memory_order_release);
-      pos += record_bytes(header->length);
-      ++records;
-    }
-    producer_.published = pos;
-    // A batch publishes the tail at once (the consumer prefetches up to it); single-record commits
-    // only every kTailPublishInterval, so that the tail's line does not travel once per record.
-    if (records > 1 || ++producer_.commits % kTailPublishInterval == 0) publish_tail();
+    producer_.published = claim.end;
+    // Pairs with the consumer's acquire load of tail in consume(): the headers and payloads of the
+    // records before claim.end are visible to it.
+    shared_->tail.store(claim.end, std::memory_order_release);
   }
   // Withdraws an uncommitted claim: the latest one gives its space back, an earlier one becomes
   // padding that the consumer skips when a later claim is committed.
@@ -238,6 +268,15 @@ class RecordRing : public internal::RingMemory<RecordRing> {
       return;
     }
     header_at(static_cast<uint64_t>(claim.data - kRecordHeaderBytes - data_))->type = kPaddingType;
+  }
+  // Withdraws an uncommitted batch: the latest gives its space back, an earlier one becomes
+  // padding.
+  void abort(const BatchClaim& batch) noexcept {
+    if (batch.end == producer_.claim) {
+      producer_.claim = batch.begin;
+      return;
+    }
+    for (uint32_t i = 0; i < batch.count; ++i) abort(batch.claim(i));
   }
   // Copies one record in and commits it.
   [[nodiscard]] bool try_write(const void* payload, uint32_t size, uint32_t type = 0) noexcept {
@@ -251,31 +290,39 @@ class RecordRing : public internal::RingMemory<RecordRing> {
   // ---- consumer ----
   // Calls handler(const Record&) for up to max_records committed records in order, then releases
   // their space. Returns how many records were handed over (padding is not counted), or
-  // protocol_error when a record header is corrupt (the ring is then unusable).
+  // protocol_error when the tail or a record header is corrupt (the ring is then unusable).
   template <typename Handler>
   Result<std::size_t> consume(Handler&& handler,
                               std::size_t max_records = std::numeric_limits<std::size_t>::max()) {
     uint64_t h = consumer_.head;
-    const uint64_t start = h;
+    uint64_t t = consumer_.tail_cache;
     uint64_t released = h;
     std::size_t count = 0;
     while (count < max_records) {
+      if (h == t) {
+        // Pairs with the producer's release store of tail in commit(): every record before it
+        // is written.
+        t = shared_->tail.load(std::memory_order_acquire);
+        if (t == h) break;
+        if (t - h > capacity_ || t % kRecordAlignment != 0) {
+          consumer_.tail_cache = h;
+          return protocol_error("record ring: corrupt tail ", t, " at head ", h, " (capacity ",
+                                capacity_, ")");
+        }
+        consumer_.tail_cache = t;
+        prefetch_committed(h, t);
+      }
       const uint64_t offset = h & mask_;
-      RecordHeader* header = header_at(offset);
-      // Pairs with the producer's release store of the stamp in commit().
-      if (header->stamp.load(std::memory_order_acquire) != (salt_ ^ h)) break;
+      const RecordHeader* header = header_at(offset);
       const uint32_t length = header->length;
       const uint32_t type = header->type;
       const uint64_t size = record_bytes(length);
-      if (h == start && size <= kPrefetchRecordBytes) prefetch_committed(h);
       // Every record the producer writes, wrap padding included, is at most max_record_size().
-      if (length > max_record_size()) {
+      if (length > max_record_size() || offset + size > capacity_ || size > t - h) {
         return protocol_error("record ring: corrupt record at position ", h, ": length ", length,
-                              " exceeds the limit ", max_record_size());
-      }
-      if (offset + size > capacity_) {
-        return protocol_error("record ring: corrupt record at position ", h, ": length ", length,
-                              " runs past the data area");
+                              length > max_record_size()  ? " exceeds the limit"
+                              : offset + size > capacity_ ? " runs past the data area"
+                                                          : " runs past the committed tail");
       }
       if (type != kPaddingType) {
         handler(Record{
@@ -291,7 +338,7 @@ class RecordRing : public internal::RingMemory<RecordRing> {
         released = h;
       }
     }
-    if (h == start) return std::size_t{0};
+    if (h == consumer_.head) return std::size_t{0};
     consumer_.head = h;
     // Pairs with the producer's acquire load of head in try_claim(): the space may be reused.
     shared_->head.store(h, std::memory_order_release);
@@ -302,9 +349,8 @@ class RecordRing : public internal::RingMemory<RecordRing> {
   [[nodiscard]] std::size_t capacity() const noexcept {
     return static_cast<std::size_t>(capacity_);
   }
-  // Bytes committed and not yet consumed (headers and padding included), from the published
-  // positions: may miss single-record commits since the producer last published its tail (every
-  // kTailPublishInterval of them, after every batch commit, and whenever it finds the ring full).
+  // Bytes committed and not yet consumed (headers and padding included), from the shared
+  // positions (the consumer stores head at the end of each consume()).
   [[nodiscard]] std::size_t used_bytes_approx() const noexcept {
     // Relaxed: an estimate only.
     const uint64_t h = shared_->head.load(std::memory_order_relaxed);
@@ -315,8 +361,8 @@ class RecordRing : public internal::RingMemory<RecordRing> {
   // consuming concurrently.
   [[nodiscard]] bool empty_approx() const noexcept {
     // Relaxed: a hint; nothing is read through it.
-    const uint64_t h = shared_->head.load(std::memory_order_relaxed);
-    return header_at(h & mask_)->stamp.load(std::memory_order_relaxed) != (salt_ ^ h);
+    return shared_->head.load(std::memory_order_relaxed) ==
+           shared_->tail.load(std::memory_order_relaxed);
   }
   [[nodiscard]] WaitWord& consumer_wait_word() const noexcept { return shared_->consumer_wait; }
   [[nodiscard]] void* region() const noexcept { return shared_; }
@@ -326,23 +372,54 @@ class RecordRing : public internal::RingMemory<RecordRing> {
       : shared_(shared),
         data_(reinterpret_cast<std::byte*>(shared) + sizeof(Shared)),
         capacity_(capacity),
-        mask_(capacity - 1),
-        salt_(shared->salt) {
+        mask_(capacity - 1) {
     // Acquire: pairs with the release stores of the other side (or of format()). The producer
-    // resumes after the last record stamped, which may be past the lazily published tail.
-    producer_.head_cache = consumer_.head = shared->head.load(std::memory_order_acquire);
-    uint64_t pos = shared->tail.load(std::memory_order_acquire);
-    for (uint64_t guard = 0; guard < capacity_ / kRecordAlignment; ++guard) {
-      RecordHeader* header = header_at(pos & mask_);
-      // Pairs with the release store in commit().
-      if (header->stamp.load(std::memory_order_acquire) != (salt_ ^ pos)) break;
-      pos += record_bytes(header->length);
-    }
-    producer_.claim = producer_.published = pos;
+    // resumes at the tail: claims never committed (a producer that died mid-write) are dropped.
+    producer_.head_cache = consumer_.head = consumer_.tail_cache =
+        shared->head.load(std::memory_order_acquire);
+    producer_.claim = producer_.published = shared->tail.load(std::memory_order_acquire);
   }
   [[noreturn, gnu::noinline, gnu::cold]] void fail_record_too_large(uint32_t size) const {
     MYELIN_CHECK_LE(size, max_record_size()) << "record larger than the ring allows";
     __builtin_unreachable();
+  }
+  [[noreturn, gnu::noinline, gnu::cold]] void fail_batch_too_large(uint32_t count,
+                                                                   uint32_t size) const {
+    MYELIN_CHECK_LE(count, capacity_ / record_bytes(size) - 1)
+        << "batch of records of " << size << " bytes larger than the ring allows";
+    __builtin_unreachable();
+  }
+  // Whether the space up to position `end` is free, reloading head only when the cached copy
+  // says it is not.
+  bool has_space_until(uint64_t end) noexcept {
+    if (end - producer_.head_cache <= capacity_) return true;
+    // Pairs with the consumer's release store of head in consume().
+    producer_.head_cache = shared_->head.load(std::memory_order_acquire);
+    return end - producer_.head_cache <= capacity_;
+  }
+  // Claims a record of `size` bytes at position `pos` (writing its header and any wrap padding
+  // before it) into `out`; the caller advances producer_.claim.
+  bool claim_at(uint64_t pos, uint32_t size, uint32_t type, Claim& out) noexcept {
+    // The failure paths are out of line so that the claim itself inlines into the caller's loop.
+    if (size > max_record_size()) [[unlikely]] {
+      fail_record_too_large(size);
+    }
+    MYELIN_DCHECK_NE(type, kPaddingType);
+    const uint64_t need = record_bytes(size);
+    const uint64_t offset = pos & mask_;
+    const uint64_t pad = offset + need > capacity_ ? capacity_ - offset : 0;
+    const uint64_t end = pos + pad + need;
+    if (!has_space_until(end)) return false;
+    if (pad != 0) {
+      write_header(offset, static_cast<uint32_t>(pad - kRecordHeaderBytes), kPaddingType);
+    }
+    const uint64_t record_offset = (pos + pad) & mask_;
+    write_header(record_offset, size, type);
+    out.data = data_ + record_offset + kRecordHeaderBytes;
+    out.size = size;
+    out.begin = pos;
+    out.end = end;
+    return true;
   }
   [[noreturn, gnu::noinline, gnu::cold]] void fail_commit_not_outstanding(
       const Claim& claim) const {
@@ -353,33 +430,27 @@ class RecordRing : public internal::RingMemory<RecordRing> {
   RecordHeader* header_at(uint64_t offset) const noexcept {
     return std::launder(reinterpret_cast<RecordHeader*>(data_ + offset));
   }
+  // One 8-byte store: each store the producer makes holds a store-buffer entry until its line
+  // comes back from the consumer's cache.
   void write_header(uint64_t offset, uint32_t length, uint32_t type) noexcept {
-    RecordHeader* header = header_at(offset);
-    header->length = length;
-    header->type = type;
+    const RecordHeader header{length, type};
+    std::memcpy(data_ + offset, &header, sizeof(header));
   }
-  // Starts fetching the lines of the records committed after position h (up to kPrefetchBytes),
-  // so their transfers from the producer's cache overlap instead of following one another. The
-  // tail is a hint only: records are still read through their stamps.
-  void prefetch_committed(uint64_t h) const noexcept {
-    // Relaxed: a hint; pairs with nothing (see above).
-    const uint64_t ahead = shared_->tail.load(std::memory_order_relaxed) - h;
-    if (ahead > capacity_) return;  // the tail has not been published since h (it trails h)
-    const uint64_t bytes = ahead < kPrefetchBytes ? ahead : kPrefetchBytes;
-    for (uint64_t off = kCacheLine; off < bytes; off += kCacheLine) {
-      __builtin_prefetch(data_ + ((h + off) & mask_), 0, 3);
+  // Starts fetching the lines of the records committed in [h, t) (at most kPrefetchBytes) when
+  // the record at h is small, so that their transfers from the producer's cache overlap instead of
+  // following one another. Larger records are left alone: a handler may never touch most of their
+  // lines.
+  void prefetch_committed(uint64_t h, uint64_t t) const noexcept {
+    if (record_bytes(header_at(h & mask_)->length) > kPrefetchRecordBytes) return;
+    const uint64_t first_line = (h & ~uint64_t{kCacheLine - 1}) + kCacheLine;
+    const uint64_t stop = t - h < kPrefetchBytes ? t : h + kPrefetchBytes;
+    for (uint64_t p = first_line; p - h < stop - h; p += kCacheLine) {
+      __builtin_prefetch(data_ + (p & mask_), 0, 3);
     }
   }
-  void publish_tail() noexcept {
-    // Relaxed: read by used_bytes_approx() and as the consumer's prefetch hint only; records are
-    // published by their stamps.
-    shared_->tail.store(producer_.published, std::memory_order_relaxed);
-  }
 
-  static constexpr uint64_t kTailPublishInterval = 64;
-  // consume() prefetches up to kPrefetchBytes of committed records when it starts at a record of
-  // at most kPrefetchRecordBytes: small records are read one after the other, each waiting for its
-  // line, whereas a handler of large records may not touch most of their lines at all.
+  // consume() prefetches up to kPrefetchBytes of committed records when it loads a new tail and
+  // the record at its position is at most kPrefetchRecordBytes.
   static constexpr uint64_t kPrefetchBytes = 4096;
   static constexpr uint64_t kPrefetchRecordBytes = 2 * kCacheLine;
 
@@ -387,15 +458,14 @@ class RecordRing : public internal::RingMemory<RecordRing> {
   std::byte* data_;
   uint64_t capacity_;
   uint64_t mask_;
-  uint64_t salt_;
   struct alignas(kFalseSharingRange) Producer {
     uint64_t claim = 0;       // next position to claim
-    uint64_t published = 0;   // end of the last record stamped
+    uint64_t published = 0;   // the tail last stored: everything before it is committed
     uint64_t head_cache = 0;  // consumer position as last seen
-    uint64_t commits = 0;
   } producer_;
   struct alignas(kFalseSharingRange) Consumer {
     uint64_t head = 0;
+    uint64_t tail_cache = 0;  // producer's tail as last loaded
   } consumer_;
 };
 

@@ -129,11 +129,6 @@ inline void publish_ring_header(RingLayoutHeader* header) noexcept {
 Result<uint64_t> validate_ring_header(const void* region, std::size_t bytes,
                                       const RingLayoutSpec& spec);
 
-namespace internal {
-// A random 64-bit value (getrandom, else clock and pid mixed) for rings' commit stamps.
-uint64_t random_salt() noexcept;
-}  // namespace internal
-
 // ---- segments ----------------------------------------------------------------------------------
 
 inline constexpr uint64_t kSegmentMagic = 0x314d48534e4c594dULL;  // "MYLNSHM1"
