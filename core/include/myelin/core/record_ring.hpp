@@ -202,6 +202,7 @@ class RecordRing : public internal::RingMemory<RecordRing> {
       if (!claim_at(pos, sizes[i], type, out[i])) return false;
       pos = out[i].end;
     }
+    prefetch_for_write(pos, pos - producer_.claim);
     producer_.claim = pos;
     return true;
   }
@@ -243,6 +244,7 @@ class RecordRing : public internal::RingMemory<RecordRing> {
       write_header(static_cast<uint64_t>(out.data(i) - kRecordHeaderBytes - data_), size, type);
     }
     producer_.claim = end;
+    prefetch_for_write(end, end - pos);
     return true;
   }
   // Publishes every record of `batch` and every claim before it.
@@ -415,10 +417,7 @@ class RecordRing : public internal::RingMemory<RecordRing> {
     }
     const uint64_t record_offset = (pos + pad) & mask_;
     write_header(record_offset, size, type);
-    out.data = data_ + record_offset + kRecordHeaderBytes;
-    out.size = size;
-    out.begin = pos;
-    out.end = end;
+    out = Claim{data_ + record_offset + kRecordHeaderBytes, size, pos, end};
     return true;
   }
   [[noreturn, gnu::noinline, gnu::cold]] void fail_commit_not_outstanding(
@@ -435,6 +434,26 @@ class RecordRing : public internal::RingMemory<RecordRing> {
   void write_header(uint64_t offset, uint32_t length, uint32_t type) noexcept {
     const RecordHeader header{length, type};
     std::memcpy(data_ + offset, &header, sizeof(header));
+  }
+  // Asks for the lines of [pos, pos + bytes) that are free (at most kPrefetchBytes) in exclusive
+  // state, for the producer's next claims: their transfers from the consumer's cache then overlap
+  // with this batch's stores instead of holding the store buffer one at a time.
+  void prefetch_for_write(uint64_t pos, uint64_t bytes) const noexcept {
+    const uint64_t n = bytes < kPrefetchBytes ? bytes : kPrefetchBytes;
+    for (uint64_t off = 0; off < n; off += kCacheLine) {
+      const uint64_t p = pos + off;
+      if (p + kCacheLine - producer_.head_cache > capacity_) return;  // not free yet
+      prefetch_exclusive(data_ + (p & mask_));
+    }
+  }
+  static void prefetch_exclusive(const std::byte* p) noexcept {
+#if defined(__x86_64__)
+    // PREFETCHW itself: __builtin_prefetch(p, 1) is a read prefetch unless the compiler targets
+    // PRFCHW. (Processors without the instruction execute it as a no-op.)
+    asm volatile("prefetchw %0" : : "m"(*p));
+#else
+    __builtin_prefetch(p, 1, 3);
+#endif
   }
   // Starts fetching the lines of the records committed in [h, t) (at most kPrefetchBytes) when
   // the record at h is small, so that their transfers from the producer's cache overlap instead of
