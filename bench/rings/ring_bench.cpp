@@ -313,11 +313,11 @@ BENCHMARK(BM_TwoLinePingPong)->Name("PingPong_rtt/two_cache_lines")->UseRealTime
 // at BatchClaim::data(i), commit of the batch (RecordRing_batch). The consumer reads both words of
 // every record in place and checks them, so each record's first and last line reach it, as they
 // would a real consumer.
-template <bool kSameSize>
+template <bool kSameSize, std::size_t kRingBytes>
 void BM_RecordRing(benchmark::State& state) {
   const auto payload = static_cast<uint32_t>(state.range(0));
   const auto batch = static_cast<std::size_t>(state.range(1));
-  auto ring = heap_ring(state, RecordRing::create(1 << 18));  // 256 KiB of records
+  auto ring = heap_ring(state, RecordRing::create(kRingBytes));
   if (!ring) return;
   auto flag = std::make_unique<StopFlag>();
   if (!pin(&state, cpus().consumer)) return;
@@ -371,7 +371,10 @@ void BM_RecordRing(benchmark::State& state) {
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * kPerIteration));
   state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * kPerIteration * payload));
 }
-BENCHMARK(BM_RecordRing<false>)
+constexpr std::size_t kRecordRingBytes = std::size_t{256} << 10;  // fits L2 on both sides
+// Larger than both CPUs' L2 (1 MiB each): see docs/rings.md, "What bounds it".
+constexpr std::size_t kLargeRecordRingBytes = std::size_t{16} << 20;
+BENCHMARK(BM_RecordRing<false, kRecordRingBytes>)
     ->Name("RecordRing_throughput")
     ->ArgNames({"bytes", "per_commit"})
     ->Args({64, 1})
@@ -379,11 +382,21 @@ BENCHMARK(BM_RecordRing<false>)
     ->Args({1024, 1})
     ->Args({1024, 16})
     ->UseRealTime();
-BENCHMARK(BM_RecordRing<true>)
+BENCHMARK(BM_RecordRing<false, kLargeRecordRingBytes>)
+    ->Name("RecordRing_throughput_16MiB")
+    ->ArgNames({"bytes", "per_commit"})
+    ->Args({64, 16})
+    ->UseRealTime();
+BENCHMARK(BM_RecordRing<true, kRecordRingBytes>)
     ->Name("RecordRing_batch")
     ->ArgNames({"bytes", "per_commit"})
     ->Args({64, 16})
     ->Args({1024, 16})
+    ->UseRealTime();
+BENCHMARK(BM_RecordRing<true, kLargeRecordRingBytes>)
+    ->Name("RecordRing_batch_16MiB")
+    ->ArgNames({"bytes", "per_commit"})
+    ->Args({64, 16})
     ->UseRealTime();
 
 // The streaming floor for the record ring: no ring code, only what any ring must do to hand over
