@@ -164,7 +164,12 @@ TEST(ShmFork, RecordRingAcrossProcesses) {
   auto ring = RecordRing::format(seg->data(), seg->data_size(), 1 << 14, kNearWrap & ~15ULL);
   ASSERT_TRUE(ring.ok()) << ring.status();
   ASSERT_TRUE(seg->join("consumer").ok());
-  auto len_of = [](uint64_t i) { return static_cast<uint32_t>(mix(i) % 600); };
+  // Records 64k..64k+7 go as one same-size batch (BatchClaim): one length and one type (64k).
+  auto in_batch = [](uint64_t i) { return i % 64 < 8; };
+  auto len_of = [&](uint64_t i) {
+    return static_cast<uint32_t>(mix(in_batch(i) ? i - i % 64 : i) % 600);
+  };
+  auto type_of = [&](uint64_t i) { return static_cast<uint32_t>(in_batch(i) ? i - i % 64 : i); };
 
   const pid_t child = spawn(*seg, "producer", [&](ShmSegment& s) {
     auto r = RecordRing::attach(s.data(), s.data_size());
@@ -172,6 +177,21 @@ TEST(ShmFork, RecordRingAcrossProcesses) {
     Waiter notifier(&r->consumer_wait_word(), kWait);
     const Deadline deadline = Deadline::after_ms(60'000);
     for (uint64_t i = 0; i < kRecords; ++i) {
+      if (i % 64 == 0) {
+        RecordRing::BatchClaim b;
+        const uint32_t len = len_of(i);
+        if (!push_with_deadline([&] { return r->try_claim_batch(8, len, b, type_of(i)); },
+                                deadline)) {
+          return 93;
+        }
+        for (uint32_t k = 0; k < 8; ++k) {
+          for (uint32_t j = 0; j < len; ++j) b.data(k)[j] = static_cast<std::byte>(i + k + j);
+        }
+        r->commit(b);
+        notifier.notify();
+        i += 7;
+        continue;
+      }
       RecordRing::Claim c;
       const uint32_t len = len_of(i);
       if (!push_with_deadline([&] { return r->try_claim(len, c, static_cast<uint32_t>(i)); },
@@ -196,7 +216,7 @@ TEST(ShmFork, RecordRingAcrossProcesses) {
     const Status s = waiter.wait(
         [&] {
           auto n = ring->consume([&](const RecordRing::Record& r) {
-            ok &= r.type == static_cast<uint32_t>(next) && r.data.size() == len_of(next);
+            ok &= r.type == type_of(next) && r.data.size() == len_of(next);
             for (std::size_t j = 0; ok && j < r.data.size(); ++j) {
               ok &= r.data[j] == static_cast<std::byte>(next + j);
               checksum += static_cast<uint64_t>(r.data[j]);
