@@ -8,6 +8,7 @@
 //   BM_RecordRing          64 B and 1 KiB records, claim/commit per record or per batch of 16
 //                          (a Claim per record, or one BatchClaim of same-size records); the
 //                          consumer checks each record's first and last word
+//   BM_RecordRingPingPong  round trip of one 8-byte record through two record rings
 //   BM_LineStream          the floor for the record ring: 64-byte lines handed over in batches
 //                          through a published position, no ring code
 //   BM_Mpsc                MpscRing with 1..4 producer threads
@@ -398,6 +399,51 @@ BENCHMARK(BM_RecordRing<true, kLargeRecordRingBytes>)
     ->ArgNames({"bytes", "per_commit"})
     ->Args({64, 16})
     ->UseRealTime();
+
+// Round trip of one 8-byte record through two 64 KiB RecordRings (there and back), claim/commit
+// and consume() of one record each way: the latency a same-node transport built on the record
+// ring pays per message. A record carrying ~0 stops the echo thread.
+void BM_RecordRingPingPong(benchmark::State& state) {
+  auto there = heap_ring(state, RecordRing::create(1 << 16));
+  auto back = heap_ring(state, RecordRing::create(1 << 16));
+  if (!there || !back) return;
+  if (!pin(&state, cpus().consumer)) return;
+  constexpr uint64_t kStop = ~uint64_t{0};
+  auto send = [](RecordRing* ring, uint64_t v) {
+    RecordRing::Claim c;
+    while (!ring->try_claim(sizeof(v), c)) {
+    }
+    std::memcpy(c.data, &v, sizeof(v));
+    ring->commit(c);
+  };
+  auto receive = [](RecordRing* ring) {
+    uint64_t v = 0;
+    for (;;) {
+      auto n = ring->consume(
+          [&](const RecordRing::Record& r) { std::memcpy(&v, r.data.data(), sizeof(v)); }, 1);
+      if (!n.ok() || *n != 0) return n.ok() ? v : kStop;
+    }
+  };
+  std::thread echo([in = there.get(), out = back.get(), send, receive] {
+    pin(nullptr, cpus().producer);
+    for (;;) {
+      const uint64_t v = receive(in);
+      if (v == kStop) return;
+      send(out, v + 1);
+    }
+  });
+  uint64_t next = 0, errors = 0;
+  for (auto _ : state) {
+    send(there.get(), next);
+    errors += receive(back.get()) != next + 1;
+    ++next;
+  }
+  send(there.get(), kStop);
+  echo.join();
+  if (errors != 0) state.SkipWithError("a reply carried the wrong value");
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_RecordRingPingPong)->Name("PingPong_rtt/record_ring")->UseRealTime();
 
 // The streaming floor for the record ring: no ring code, only what any ring must do to hand over
 // cache lines in batches. A 256 KiB buffer of 64-byte lines; the producer writes `batch` lines
