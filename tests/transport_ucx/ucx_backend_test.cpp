@@ -34,6 +34,46 @@ TEST(UcxSequence, ExtendsWireSequencesAcrossTheWrap) {
   EXPECT_EQ(extend_sequence(0x7ffffffeu, next), next - 0x80000000u);  // then it reads as behind
 }
 
+// The pool hands a state out again only once every Request handle of it is gone.
+TEST(RequestStatePool, ReusesOnlyStatesNobodyHolds) {
+  RequestStatePool pool(2);
+  auto [r1, s1] = pool.make_pending();
+  RequestState* first = s1.get();
+  EXPECT_FALSE(r1.done());
+  s1->complete(ok_status(), 11);
+  pool.recycle(std::move(s1));
+  EXPECT_EQ(pool.cached(), 1u);
+  // r1 still holds its state: a new request gets another one, and r1 keeps its outcome.
+  auto [r2, s2] = pool.make_pending();
+  EXPECT_NE(s2.get(), first);
+  EXPECT_TRUE(r1.done());
+  EXPECT_EQ(r1.bytes(), 11u);
+  s2->complete(ok_status(), 22);
+  pool.recycle(std::move(s2));
+  {
+    Request gone = std::move(r1);  // the last handle of the first state goes
+  }
+  // The oldest cached state is free now: it comes back pending, with nothing of its past.
+  auto [r3, s3] = pool.make_pending();
+  EXPECT_EQ(s3.get(), first);
+  EXPECT_FALSE(r3.done());
+  EXPECT_EQ(r3.bytes(), 0u);
+  EXPECT_EQ(r3.description(), "request");
+  s3->complete(cancelled("gone"), 0);
+  EXPECT_EQ(r3.status().code(), StatusCode::kCancelled);
+  EXPECT_EQ(r2.bytes(), 22u);
+  // An unfinished state is never cached (someone may still complete it); capacity is bounded.
+  auto [r4, s4] = pool.make_pending();
+  pool.recycle(s4);
+  EXPECT_EQ(pool.cached(), 1u);
+  for (int i = 0; i < 5; ++i) {
+    auto [r, s] = Request::make_pending();
+    s->complete(ok_status(), 0);
+    pool.recycle(std::move(s));
+  }
+  EXPECT_EQ(pool.cached(), 2u);
+}
+
 std::vector<uint8_t> pattern(size_t n, uint8_t seed) {
   std::vector<uint8_t> v(n);
   for (size_t i = 0; i < n; ++i) v[i] = static_cast<uint8_t>(seed + i * 131 + (i >> 9));
@@ -237,6 +277,51 @@ TEST_P(UcxPair, PutAndGetInsideTheRegion) {
   EXPECT_EQ(whole, target.memory);
   Request g3 = ab_->get(nullptr, 0, target.key, target.memory.size());
   EXPECT_TRUE(drive2(g3).ok()) << g3.status();
+}
+
+// Recvs reuse finished requests' states: one the caller still holds keeps its own outcome.
+TEST_P(UcxPair, HeldRecvRequestsKeepTheirOutcomeWhileLaterOnesReuseStates) {
+  std::vector<Request> held;
+  std::vector<uint64_t> in(200, 0);
+  for (uint64_t i = 0; i < in.size(); ++i) {
+    Request r = ba_->recv(3, &in[i], sizeof(uint64_t));
+    const uint64_t v = i * 7 + 1;
+    Request s = ab_->send(3, &v, sizeof v);
+    ASSERT_TRUE(drive2(r).ok()) << r.status();
+    ASSERT_TRUE(drive2(s).ok()) << s.status();
+    ASSERT_EQ(in[i], v);
+    if (i % 3 == 0) held.push_back(r);  // the others drop their handle: the state is reusable
+  }
+  for (const Request& r : held) {
+    EXPECT_TRUE(r.done());
+    EXPECT_TRUE(r.status().ok()) << r.status();
+    EXPECT_EQ(r.bytes(), sizeof(uint64_t));
+  }
+}
+
+// Puts issued back to back share flushes; each completes only once its bytes are in the target.
+TEST_P(UcxPair, ManyPutsInFlightEachCompleteWithItsDataInPlace) {
+  constexpr size_t kPuts = 300;
+  constexpr size_t kChunk = 3000;  // eager and multi-fragment sizes mixed below
+  Region target = register_on(*b_, kPuts * kChunk, Access::kRemoteWrite, 42);
+  ASSERT_TRUE(target.registration);
+  std::vector<std::vector<uint8_t>> chunks;
+  std::vector<Request> puts;
+  for (size_t i = 0; i < kPuts; ++i) {
+    chunks.push_back(pattern(i % 5 == 0 ? kChunk : 1 + i * 7 % kChunk, static_cast<uint8_t>(i)));
+    puts.push_back(ab_->put(chunks[i].data(), chunks[i].size(), target.key, i * kChunk));
+    if (i % 50 == 49) {
+      a_->progress();  // a flush goes out for what was issued so far; later puts need another
+      b_->progress();
+    }
+  }
+  for (size_t i = 0; i < kPuts; ++i) {
+    ASSERT_TRUE(drive2(puts[i]).ok()) << "put " << i << ": " << puts[i].status();
+    EXPECT_EQ(puts[i].bytes(), chunks[i].size());
+    ASSERT_TRUE(std::equal(chunks[i].begin(), chunks[i].end(),
+                           target.memory.begin() + static_cast<ptrdiff_t>(i * kChunk)))
+        << "put " << i << " completed before its data was in place";
+  }
 }
 
 TEST_P(UcxPair, OutOfBoundsOrForbiddenOneSidedOpsFailCleanly) {

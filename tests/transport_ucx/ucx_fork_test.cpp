@@ -8,6 +8,8 @@
 #include <cstring>
 #include <vector>
 
+#include <myelin/transport/memory.hpp>
+
 #include "ucx_test_util.hpp"
 
 namespace myelin::transport::ucx_test {
@@ -40,7 +42,10 @@ bool read_blob(int fd, std::vector<uint8_t>& out, int ms) {
   return read_exact(out.data(), n);
 }
 
-// The child: connects back, says hello on channel 0, then keeps its worker alive until killed.
+constexpr size_t kTargetBytes = size_t{8} << 20;
+
+// The child: connects back, says hello on channel 0, sends the remote key of a registered
+// region on channel 2, then keeps its worker alive until killed.
 [[noreturn]] void run_child(int to_parent, int from_parent) {
   auto backend = internal::create_ucx_backend(test_options(std::chrono::seconds(5)),
                                               internal::ContextInfo{"child", "test-node"});
@@ -51,6 +56,19 @@ bool read_blob(int fd, std::vector<uint8_t>& out, int ms) {
   if (!ep.ok()) _exit(4);
   static const char kHello[] = "hello";
   Request s = (*ep)->send(0, kHello, sizeof kHello);
+  static std::vector<uint8_t> target(kTargetBytes);
+  RegionState region;
+  region.data = target.data();
+  region.size = target.size();
+  region.access = Access::kRemoteWrite;
+  region.id = 1;
+  auto registration = (*backend)->register_memory(region);
+  if (!registration.ok()) _exit(6);
+  RemoteKey key(reinterpret_cast<uint64_t>(target.data()), target.size(), 1, Access::kRemoteWrite,
+                MemoryKind::kHost);
+  key.add_backend_blob(Backend::kUcx, (*registration)->remote_key_blob());
+  static const std::vector<uint8_t> key_bytes = key.serialize();
+  Request k = (*ep)->send(2, key_bytes.data(), key_bytes.size());
   const Deadline deadline = Deadline::after(std::chrono::seconds(60));  // the parent kills us first
   while (!deadline.expired()) (*backend)->progress();
   _exit(5);
@@ -97,13 +115,27 @@ TEST_P(UcxPeerDeath, KilledPeerFailsPendingAndLaterOperations) {
   ASSERT_TRUE(drive(r, {backend.get()}).ok()) << r.status();
   EXPECT_STREQ(hello, "hello");
 
-  // Pending work on the endpoint: a recv nobody will satisfy, and a rendezvous send the child
-  // never receives.
+  std::vector<uint8_t> key_bytes(64 * 1024);
+  Request kr = ep.recv(2, key_bytes.data(), key_bytes.size());
+  ASSERT_TRUE(drive(kr, {backend.get()}).ok()) << kr.status();
+  key_bytes.resize(kr.bytes());
+  auto key = RemoteKey::deserialize(key_bytes);
+  ASSERT_TRUE(key.ok()) << key.status();
+  std::vector<uint8_t> payload(kTargetBytes, 9);
+  Request put = ep.put(payload.data(), payload.size(), *key, 0);
+  ASSERT_TRUE(drive(put, {backend.get()}).ok()) << put.status();
+
+  // Pending work on the endpoint: a recv nobody will satisfy, a rendezvous send the child never
+  // receives, and puts whose flush has not gone out yet when the child dies.
   std::vector<uint8_t> in(64), big((size_t{1} << 20) + 1, 7);
   Request pending_recv = ep.recv(0, in.data(), in.size());
   Request pending_send = ep.send(1, big.data(), big.size());
   for (int i = 0; i < 1000; ++i) backend->progress();
   EXPECT_FALSE(pending_recv.done());
+  std::vector<Request> pending_puts;
+  for (size_t off = 0; off < kTargetBytes; off += size_t{1} << 20) {
+    pending_puts.push_back(ep.put(payload.data(), size_t{1} << 20, *key, off));
+  }
 
   ASSERT_EQ(kill(child, SIGKILL), 0);
   ASSERT_EQ(waitpid(child, nullptr, 0), child);
@@ -118,6 +150,12 @@ TEST_P(UcxPeerDeath, KilledPeerFailsPendingAndLaterOperations) {
   EXPECT_NE(st.message().find("child"), std::string_view::npos) << st;
   st = drive(pending_send, {backend.get()}, deadline);
   EXPECT_EQ(st.code(), StatusCode::kPeerFailed) << st;
+  // A put whose bytes all reached the child before it died may complete; the others fail with
+  // peer_failed; none hangs.
+  for (const Request& p : pending_puts) {
+    st = drive(p, {backend.get()}, deadline);
+    EXPECT_TRUE(st.ok() || st.code() == StatusCode::kPeerFailed) << st;
+  }
   const double seconds = static_cast<double>(monotonic_ns() - killed_at) / 1e9;
   RecordProperty("detect_seconds", std::to_string(seconds));
   EXPECT_EQ(ep.status().code(), StatusCode::kPeerFailed) << ep.status();
@@ -126,6 +164,8 @@ TEST_P(UcxPeerDeath, KilledPeerFailsPendingAndLaterOperations) {
   st = drive(ep.send(0, big.data(), 8), {backend.get()}, Deadline::after_ms(1000));
   EXPECT_EQ(st.code(), StatusCode::kPeerFailed) << st;
   st = drive(ep.recv(0, in.data(), in.size()), {backend.get()}, Deadline::after_ms(1000));
+  EXPECT_EQ(st.code(), StatusCode::kPeerFailed) << st;
+  st = drive(ep.put(payload.data(), 64, *key, 0), {backend.get()}, Deadline::after_ms(1000));
   EXPECT_EQ(st.code(), StatusCode::kPeerFailed) << st;
   close(up[0]);
   close(down[1]);

@@ -11,18 +11,44 @@
 
 namespace myelin::transport::internal::ucx {
 
-namespace {
-
-// One in-flight UCX operation. Owned by the UCX callback (or by the caller until UCX accepts it).
+// One in-flight UCX operation. Owned by the UCX callback (or by the caller until UCX accepts it,
+// or by its EpLink while it waits for a flush).
+// Every op with a request state is on its EpLink's in-flight list from track() until it is
+// destroyed, so that a failed endpoint can fail them all at once (see EpLink::mark_failed).
 struct PendingOp {
   enum class Kind : uint8_t { kSend, kGet, kPutFlush, kImmediateFlush, kImmediateSend };
+
+  PendingOp() = default;
+  PendingOp(const PendingOp&) = delete;
+  PendingOp& operator=(const PendingOp&) = delete;
+  ~PendingOp() {
+    if (prev_inflight != nullptr) {
+      prev_inflight->next_inflight = next_inflight;
+    } else if (link && link->inflight == this) {
+      link->inflight = next_inflight;
+    }
+    if (next_inflight != nullptr) next_inflight->prev_inflight = prev_inflight;
+  }
+  // Puts the op on its link's in-flight list (once; `link` must be set).
+  void track() {
+    next_inflight = link->inflight;
+    if (next_inflight != nullptr) next_inflight->prev_inflight = this;
+    link->inflight = this;
+  }
+
   Kind kind = Kind::kSend;
   std::shared_ptr<RequestState> state;
   std::shared_ptr<EpLink> link;
   size_t bytes = 0;
   uint32_t immediate = 0;
   AmHeader header{};  // UCX reads the header until the send completes, so it lives here
+  PendingOp* prev_inflight = nullptr;
+  PendingOp* next_inflight = nullptr;
 };
+
+EpLink::~EpLink() = default;
+
+namespace {
 
 const char* op_name(PendingOp::Kind kind) {
   switch (kind) {
@@ -75,9 +101,25 @@ void finish(std::unique_ptr<PendingOp> op, ucs_status_t status, bool in_callback
   if (status == UCS_OK || (status == UCS_ERR_CANCELED && op->kind == PendingOp::Kind::kSend &&
                            !op->link->closing && op->link->failure.ok())) {
     op->state->complete(ok_status(), op->bytes);
+    if (op->link->worker) op->link->worker->request_pool().recycle(std::move(op->state));
     return;
   }
   op->state->complete(op_error(*op, status), 0);
+}
+
+// The puts one ucp_ep_flush_nbx completes: every put issued on the endpoint before the flush.
+struct FlushBatch {
+  std::shared_ptr<EpLink> link;
+  std::vector<std::unique_ptr<PendingOp>> puts;
+};
+
+void finish_batch(std::unique_ptr<FlushBatch> batch, ucs_status_t status, bool in_callback) {
+  for (auto& op : batch->puts) finish(std::move(op), status, in_callback);
+}
+
+void on_flush_done(void* request, ucs_status_t status, void* user_data) {
+  ucp_request_free(request);
+  finish_batch(std::unique_ptr<FlushBatch>(static_cast<FlushBatch*>(user_data)), status, true);
 }
 
 void on_op_done(void* request, ucs_status_t status, void* user_data) {
@@ -117,6 +159,35 @@ void send_immediate(std::unique_ptr<PendingOp> op) {
   });
 }
 
+}  // namespace
+
+void EpLink::flush_puts() {
+  flush_scheduled = false;
+  if (unflushed.empty()) return;
+  auto batch = std::make_unique<FlushBatch>();
+  batch->link = shared_from_this();
+  batch->puts.swap(unflushed);
+  if (ep == nullptr || !failure.ok() || closing) {
+    // Force-closed, failed or being torn down: these puts' fate is unknown, report it.
+    finish_batch(std::move(batch), closing ? UCS_ERR_CANCELED : UCS_ERR_CONNECTION_RESET, false);
+    return;
+  }
+  ucp_request_param_t param{};
+  param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+  param.cb.send = &on_flush_done;
+  param.user_data = batch.get();
+  ucs_status_ptr_t p = ucp_ep_flush_nbx(ep, &param);
+  if (p == nullptr) {
+    finish_batch(std::move(batch), UCS_OK, false);
+  } else if (UCS_PTR_IS_ERR(p)) {
+    finish_batch(std::move(batch), UCS_PTR_STATUS(p), false);
+  } else {
+    (void)batch.release();  // on_flush_done owns it now
+  }
+}
+
+namespace {
+
 void on_ep_error(void* arg, ucp_ep_h /*ep*/, ucs_status_t status) {
   auto* link = static_cast<EpLink*>(arg);
   link->mark_failed(peer_failed("peer ", link->peer_name, " (ucx): ", ucs_status_string(status)));
@@ -129,6 +200,12 @@ void EpLink::mark_failed(Status status) {
   failure = std::move(status);
   MYELIN_LOG_INFO << "ucx endpoint failed: " << failure;
   if (inbox != nullptr && worker) worker->fail_inbox(*inbox, failure);
+  // UCX completes what it holds for a failed endpoint, but not always: over shared memory, data
+  // queued towards a dead peer kept a forced close (and so a rendezvous send) pending for good.
+  // The requests complete here; when UCX lets go of an op later, its outcome is ignored.
+  for (PendingOp* op = inflight; op != nullptr; op = op->next_inflight) {
+    if (op->state) op->state->complete(failure, 0);
+  }
 }
 
 void EpLink::force_close() {
@@ -179,6 +256,7 @@ Result<std::unique_ptr<UcxEndpoint>> UcxEndpoint::create(std::shared_ptr<UcxWork
 UcxEndpoint::~UcxEndpoint() {
   EpLink& link = *link_;
   std::shared_ptr<UcxWorker> worker = link.worker;
+  link.flush_puts();  // puts still waiting for their flush get it, like those already flushed
   link.closing = true;
   for (auto& [id, cached] : rkeys_) ucp_rkey_destroy(cached.rkey);
   rkeys_.clear();
@@ -246,7 +324,8 @@ Request UcxEndpoint::send(uint32_t channel, const void* data, size_t size,
     }
     MYELIN_CHECK(UCS_PTR_IS_ERR(p)) << "UCX returned a request for a forced-immediate send";
     if (UCS_PTR_STATUS(p) != UCS_ERR_NO_RESOURCE) {
-      PendingOp probe{PendingOp::Kind::kSend, nullptr, link_, size, 0, header};
+      PendingOp probe;
+      probe.link = link_;
       return Request::failed(op_error(probe, UCS_PTR_STATUS(p)));
     }
   }
@@ -256,9 +335,10 @@ Request UcxEndpoint::send(uint32_t channel, const void* data, size_t size,
   op->link = link_;
   op->bytes = size;
   op->header = header;
-  auto [request, state] = Request::make_pending();
+  auto [request, state] = link.worker->request_pool().make_pending();
   state->describe("send", channel, link.inbox->peer_label);
   op->state = state;
+  op->track();
   ucp_request_param_t param{};
   param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
   param.cb.send = &on_op_done;
@@ -364,13 +444,18 @@ Request UcxEndpoint::put_impl(const void* local, size_t size, const RemoteKey& r
     if (UCS_PTR_IS_ERR(p)) return Request::failed(op_error(*op, UCS_PTR_STATUS(p)));
     if (p != nullptr) ucp_request_free(p);  // released by UCX once it completes
   }
-  auto [request, state] = Request::make_pending();
+  auto [request, state] = link.worker->request_pool().make_pending();
   state->describe(name, 0, link.inbox->peer_label);
   op->state = state;
-  // Remote completion: once the flush completes, the bytes are in the target's memory.
-  issue(std::move(op), [&link](PendingOp*, const ucp_request_param_t& param) {
-    return ucp_ep_flush_nbx(link.ep, &param);
-  });
+  op->track();
+  // Remote completion: the put completes with the first ucp_ep_flush_nbx issued after it (once
+  // that flush completes, the bytes are in the target's memory). Puts issued back to back share
+  // one flush, issued at the next progress().
+  link.unflushed.push_back(std::move(op));
+  if (!link.flush_scheduled) {
+    link.flush_scheduled = true;
+    link.worker->defer([l = link_] { l->flush_puts(); });
+  }
   return std::move(request);
 }
 
@@ -385,9 +470,10 @@ Request UcxEndpoint::get(void* local, size_t size, const RemoteKey& remote, uint
   op->kind = PendingOp::Kind::kGet;
   op->link = link_;
   op->bytes = size;
-  auto [request, state] = Request::make_pending();
+  auto [request, state] = link.worker->request_pool().make_pending();
   state->describe("get", 0, link.inbox->peer_label);
   op->state = state;
+  op->track();
   const uint64_t address = remote.address() + remote_offset;
   const ucp_rkey_h key = *rkey;
   issue(std::move(op), [&](PendingOp*, const ucp_request_param_t& param) {

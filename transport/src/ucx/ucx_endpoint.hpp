@@ -26,6 +26,7 @@
 #include <memory>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include <myelin/core/clock.hpp>
 #include <myelin/transport/endpoint.hpp>
@@ -34,8 +35,10 @@
 
 namespace myelin::transport::internal::ucx {
 
+struct PendingOp;
+
 // State shared by the endpoint, its UCX error handler and its in-flight operations.
-struct EpLink {
+struct EpLink : std::enable_shared_from_this<EpLink> {
   std::shared_ptr<UcxWorker> worker;
   ucp_ep_h ep = nullptr;
   std::string peer_name;
@@ -44,7 +47,20 @@ struct EpLink {
   Status failure;        // first error that ended the connection
   bool closing = false;  // set by the destructor: cancellations are then expected
   uint64_t next_immediate_sequence = 0;
+  // Puts issued since the last flush, in order; one ucp_ep_flush_nbx, deferred to the next
+  // progress(), completes them all (flush_scheduled: that flush is queued on the worker).
+  std::vector<std::unique_ptr<PendingOp>> unflushed;
+  bool flush_scheduled = false;
+  PendingOp* inflight = nullptr;  // every op with a pending request, linked through the ops
 
+  EpLink() = default;
+  EpLink(const EpLink&) = delete;
+  EpLink& operator=(const EpLink&) = delete;
+  ~EpLink();
+
+  // Issues one flush for every put in `unflushed` (fails them at once when the endpoint is gone).
+  void flush_puts();
+  // Records the first failure, fails posted recvs and every in-flight request with it.
   void mark_failed(Status status);
   // Closes the UCP endpoint at once (after a failure); ep becomes null.
   void force_close();

@@ -434,6 +434,7 @@ ucs_status_t UcxWorker::handle_message(Inbox& inbox, const AmHeader& h, void* da
     } else if (!rendezvous) {
       if (length != 0) std::memcpy(recv.data, data, length);
       recv.state->complete(ok_status(), length);
+      request_pool_.recycle(std::move(recv.state));
     } else {
       defer([this, data, length, r = std::move(recv)]() mutable {
         start_rendezvous(data, length, std::move(r));
@@ -520,11 +521,13 @@ void UcxWorker::deliver_in_order(ChannelStream& stream, ArrivedMessage message) 
     case ArrivedMessage::Kind::kOwned:
       if (message.length != 0) std::memcpy(recv.data, message.bytes.data(), message.length);
       recv.state->complete(ok_status(), message.length);
+      request_pool_.recycle(std::move(recv.state));
       break;
     case ArrivedMessage::Kind::kUcxData:
       std::memcpy(recv.data, message.desc, message.length);
       release(message);
       recv.state->complete(ok_status(), message.length);
+      request_pool_.recycle(std::move(recv.state));
       break;
     case ArrivedMessage::Kind::kRendezvous:
       if (in_callback_) {
@@ -558,7 +561,7 @@ Request UcxWorker::post_recv(Inbox& inbox, uint32_t channel, void* data, size_t 
         release(m);
         return Request::completed(m.length);
       case ArrivedMessage::Kind::kRendezvous: {
-        auto [request, state] = Request::make_pending();
+        auto [request, state] = request_pool_.make_pending();
         state->describe("recv", channel, inbox.peer_label);
         start_rendezvous(m.desc, m.length, PostedRecv{std::move(state), data, capacity});
         return std::move(request);
@@ -566,7 +569,7 @@ Request UcxWorker::post_recv(Inbox& inbox, uint32_t channel, void* data, size_t 
     }
   }
   if (!inbox.failure.ok()) return Request::failed(inbox.failure);
-  auto [request, state] = Request::make_pending();
+  auto [request, state] = request_pool_.make_pending();
   state->describe("recv", channel, inbox.peer_label);
   stream.posted.push_back(PostedRecv{std::move(state), data, capacity});
   return std::move(request);

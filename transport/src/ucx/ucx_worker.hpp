@@ -200,6 +200,10 @@ class UcxWorker : public std::enable_shared_from_this<UcxWorker> {
     return peer.node_id == info_.node_id;
   }
 
+  // Recycles the states of finished requests (recv, and sends/puts/gets UCX did not finish at
+  // once): see RequestStatePool.
+  [[nodiscard]] RequestStatePool& request_pool() noexcept { return request_pool_; }
+
   // Runs `action` after the current ucp_worker_progress() returns (never inside a UCX callback).
   void defer(std::function<void()> action) { deferred_.push_back(std::move(action)); }
 
@@ -245,6 +249,7 @@ class UcxWorker : public std::enable_shared_from_this<UcxWorker> {
   std::vector<uint8_t> address_;
   Limits limits_;
   int event_fd_ = -1;
+  RequestStatePool request_pool_;
   std::unordered_map<uint64_t, std::unique_ptr<Inbox>> inboxes_;
   Inbox* last_inbox_ = nullptr;  // one-entry cache in front of inboxes_
   std::vector<std::function<void()>> deferred_;
