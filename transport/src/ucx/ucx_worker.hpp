@@ -211,7 +211,10 @@ class UcxWorker : public std::enable_shared_from_this<UcxWorker> {
   // Context's busy loop calls it back to back, and the usual pass is one ucp_worker_progress.
   size_t progress() {
     size_t events = ucp_worker_progress(worker_);
-    if (!watches_.empty() && coarse_monotonic_ns() >= next_check_ns_) check_processes();
+    if (!watches_.empty() && --polls_to_clock_read_ == 0) {
+      polls_to_clock_read_ = polls_per_clock_read_;
+      if (coarse_monotonic_ns() >= next_check_ns_) check_processes();
+    }
     if (!deferred_.empty()) events += run_deferred();
     return events;
   }
@@ -263,6 +266,11 @@ class UcxWorker : public std::enable_shared_from_this<UcxWorker> {
   std::vector<ProcessWatch> watches_;
   int64_t check_interval_ns_ = 0;
   int64_t next_check_ns_ = 0;
+  // The watch reads the (coarse) clock once per this many progress() calls: 64 when busy
+  // polling, which calls it every few tens of ns (even a vDSO read showed in a ping-pong's
+  // profile); 1 in the other modes, which may call it once per wakeup or yield.
+  uint32_t polls_per_clock_read_ = 1;
+  uint32_t polls_to_clock_read_ = 1;
   void check_processes();
   bool in_callback_ = false;
 };
