@@ -43,6 +43,7 @@ bool read_blob(int fd, std::vector<uint8_t>& out, int ms) {
 }
 
 constexpr size_t kTargetBytes = size_t{8} << 20;
+constexpr size_t kBigMessage = size_t{4} << 20;
 
 // The child: connects back, says hello on channel 0, sends the remote key of a registered
 // region on channel 2, then keeps its worker alive until killed.
@@ -69,6 +70,9 @@ constexpr size_t kTargetBytes = size_t{8} << 20;
   key.add_backend_blob(Backend::kUcx, (*registration)->remote_key_blob());
   static const std::vector<uint8_t> key_bytes = key.serialize();
   Request k = (*ep)->send(2, key_bytes.data(), key_bytes.size());
+  // A rendezvous message the parent receives only after we are gone.
+  static const std::vector<uint8_t> big(kBigMessage, 0x3c);
+  Request b = (*ep)->send(3, big.data(), big.size());
   const Deadline deadline = Deadline::after(std::chrono::seconds(60));  // the parent kills us first
   while (!deadline.expired()) (*backend)->progress();
   _exit(5);
@@ -141,6 +145,10 @@ TEST_P(UcxPeerDeath, KilledPeerFailsPendingAndLaterOperations) {
   ASSERT_EQ(waitpid(child, nullptr, 0), child);
   reaper.pid = -1;
   const int64_t killed_at = monotonic_ns();
+  // The child's rendezvous message arrived (its header) while it lived; its payload is fetched
+  // from a process that is gone now.
+  std::vector<uint8_t> big_in(kBigMessage);
+  Request late_big = ep.recv(3, big_in.data(), big_in.size());
 
   // Everything fails with peer_failed naming the peer, within the timeout (plus slack for
   // loaded CI machines), never hangs.
@@ -155,6 +163,12 @@ TEST_P(UcxPeerDeath, KilledPeerFailsPendingAndLaterOperations) {
   for (const Request& p : pending_puts) {
     st = drive(p, {backend.get()}, deadline);
     EXPECT_TRUE(st.ok() || st.code() == StatusCode::kPeerFailed) << st;
+  }
+  st = drive(late_big, {backend.get()}, deadline);
+  if (st.ok()) {
+    EXPECT_EQ(big_in, std::vector<uint8_t>(kBigMessage, 0x3c)) << "whatever arrives is intact";
+  } else {
+    EXPECT_EQ(st.code(), StatusCode::kPeerFailed) << st;
   }
   const double seconds = static_cast<double>(monotonic_ns() - killed_at) / 1e9;
   RecordProperty("detect_seconds", std::to_string(seconds));

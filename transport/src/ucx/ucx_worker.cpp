@@ -137,19 +137,32 @@ std::optional<size_t> plain_byte_count(const char* text) {
   return static_cast<size_t>(v);
 }
 
+}  // namespace
+
 // Completion of a rendezvous receive into a posted recv buffer.
 struct RendezvousRecv {
   std::shared_ptr<RequestState> state;
   size_t length;
+  UcxWorker* worker;
+  uint64_t peer_id;
 };
 
-void on_rendezvous_done(void* request, ucs_status_t status, size_t /*length*/, void* user_data) {
+void UcxWorker::on_rendezvous_done(void* request, ucs_status_t status, size_t /*length*/,
+                                   void* user_data) {
   std::unique_ptr<RendezvousRecv> op(static_cast<RendezvousRecv*>(user_data));
-  op->state->complete(ucs_to_status(status, "ucx rendezvous receive"), op->length);
   ucp_request_free(request);
+  if (status == UCS_OK) {
+    op->state->complete(ok_status(), op->length);
+    return;
+  }
+  // The forced close of a failed peer's endpoint cancels the transfer: report why it failed.
+  auto it = op->worker->inboxes_.find(op->peer_id);
+  if (it != op->worker->inboxes_.end() && !it->second->failure.ok()) {
+    op->state->complete(it->second->failure, 0);
+    return;
+  }
+  op->state->complete(ucs_to_status(status, "ucx rendezvous receive"), 0);
 }
-
-}  // namespace
 
 Result<std::shared_ptr<UcxWorker>> UcxWorker::create(const Options& options,
                                                      const ContextInfo& info) {
@@ -565,7 +578,8 @@ Request UcxWorker::post_recv(Inbox& inbox, uint32_t channel, void* data, size_t 
       case ArrivedMessage::Kind::kRendezvous: {
         auto [request, state] = request_pool_.make_pending();
         state->describe("recv", channel, inbox.peer_label);
-        start_rendezvous(m.desc, m.length, PostedRecv{std::move(state), data, capacity});
+        start_rendezvous(m.desc, m.length,
+                         PostedRecv{std::move(state), data, capacity, inbox.peer_id});
         return std::move(request);
       }
     }
@@ -573,12 +587,13 @@ Request UcxWorker::post_recv(Inbox& inbox, uint32_t channel, void* data, size_t 
   if (!inbox.failure.ok()) return Request::failed(inbox.failure);
   auto [request, state] = request_pool_.make_pending();
   state->describe("recv", channel, inbox.peer_label);
-  stream.posted.push_back(PostedRecv{std::move(state), data, capacity});
+  stream.posted.push_back(PostedRecv{std::move(state), data, capacity, inbox.peer_id});
   return std::move(request);
 }
 
 void UcxWorker::start_rendezvous(void* desc, size_t length, PostedRecv recv) {
-  auto op = std::make_unique<RendezvousRecv>(RendezvousRecv{recv.state, length});
+  auto op =
+      std::make_unique<RendezvousRecv>(RendezvousRecv{recv.state, length, this, recv.peer_id});
   ucp_request_param_t param{};
   param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
   param.cb.recv_am = &on_rendezvous_done;

@@ -111,6 +111,7 @@ struct PostedRecv {
   std::shared_ptr<RequestState> state;
   void* data = nullptr;
   size_t capacity = 0;
+  uint64_t peer_id = 0;  // whose inbox it was posted to
 };
 
 // A message that arrived before its recv: owned bytes, a persistent UCX data descriptor, or a
@@ -242,6 +243,8 @@ class UcxWorker : public std::enable_shared_from_this<UcxWorker> {
   // Moves an arrived message into a recv buffer (may start a rendezvous receive); completes it.
   void consume(ArrivedMessage& message, PostedRecv recv, uint32_t channel, const Inbox& inbox);
   void start_rendezvous(void* desc, size_t length, PostedRecv recv);
+  static void on_rendezvous_done(void* request, ucs_status_t status, size_t length,
+                                 void* user_data);
   void release(ArrivedMessage& message);
 
   Options options_;
