@@ -7,15 +7,19 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <array>
+#include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <myelin/core/record_ring.hpp>
@@ -23,6 +27,7 @@
 #include <myelin/transport/context.hpp>
 
 #include "address.hpp"
+#include "shm/shm_backend.hpp"
 #include "shm/shm_endpoint.hpp"
 #include "shm/shm_wire.hpp"
 
@@ -256,12 +261,58 @@ TEST(ShmTransport, SplitCopyEveryLengthAroundTheThreshold) {
   ::unsetenv("MYELIN_SHM_SPLIT");
 }
 
-TEST(ShmTransport, SplitReceiveCancelledBeforeTheSenderWritesKeepsItsBufferUntouched) {
-  // The receiver lends the head of its buffer, reads the tail, and is torn down before the
-  // sender has looked at its ring: the grant is revoked, so the sender's late write is refused
-  // and the head keeps what the receiver left there.
+TEST(ShmTransport, AllSizesWithTheSplitCopyOff) {
+  ::setenv("MYELIN_SHM_SPLIT", "0", 1);
+  run_two(sizes_round_trip);
+  ::unsetenv("MYELIN_SHM_SPLIT");
+}
+
+// True when this process may read and write `peer`'s memory with process_vm_readv/writev (the
+// split copy needs both directions): the peer sent the address of a word holding `value`.
+bool cma_both_ways(pid_t peer, uint64_t address, uint64_t value) {
+  uint64_t got = 0;
+  iovec l{&got, sizeof(got)};
+  iovec r{reinterpret_cast<void*>(address), sizeof(got)};
+  if (::process_vm_readv(peer, &l, 1, &r, 1, 0) != static_cast<ssize_t>(sizeof(got))) return false;
+  if (got != value) return false;
+  // Write the same value back: harmless, and proves the write direction.
+  return ::process_vm_writev(peer, &l, 1, &r, 1, 0) == static_cast<ssize_t>(sizeof(got));
+}
+
+// Each side checks that it can reach the other's memory; false (on both sides) if either cannot.
+bool exchange_cma_check(int rank, Link& link) {
+  static uint64_t word = 0;
+  word = 0x5eed0000u + static_cast<uint64_t>(::getpid());
+  const uint64_t addr = reinterpret_cast<uintptr_t>(&word);
+  std::vector<uint8_t> mine(24);
+  const uint64_t pid = static_cast<uint64_t>(::getpid());
+  std::memcpy(mine.data(), &pid, 8);
+  std::memcpy(mine.data() + 8, &addr, 8);
+  std::memcpy(mine.data() + 16, &word, 8);
+  link.send(mine);
+  const std::vector<uint8_t> theirs = link.recv();
+  uint64_t tp = 0, ta = 0, tv = 0;
+  std::memcpy(&tp, theirs.data(), 8);
+  std::memcpy(&ta, theirs.data() + 8, 8);
+  std::memcpy(&tv, theirs.data() + 16, 8);
+  const bool ok = cma_both_ways(static_cast<pid_t>(tp), ta, tv);
+  link.send({static_cast<uint8_t>(ok ? 1 : 0)});
+  const bool other_ok = link.recv().at(0) != 0;
+  (void)rank;
+  return ok && other_ok;
+}
+
+TEST(ShmTransport, SplitReceiverStealsTheHeadWhileTheSenderIsStopped) {
+  // The sender posts a 1 MiB send (its RTS is in the ring) and then does not progress at all.
+  // The receiver lends the head, reads the tail, finds the grant untaken, takes it back and reads
+  // the head itself: the receive completes, intact, without the sender. When the sender runs
+  // again its late compare-exchange fails, so it writes nothing into the (reused) buffer.
   ::setenv("MYELIN_SHM_SPLIT", "262144", 1);
   run_two([](int rank, Link& link) {
+    if (!exchange_cma_check(rank, link)) {
+      GTEST_SKIP() << "no split copy here: cross-memory attach (process_vm_readv/writev) is not "
+                      "permitted both ways between these processes";
+    }
     Side s;
     connect_side(rank, link, s);
     if (::testing::Test::HasFatalFailure()) return;
@@ -273,37 +324,89 @@ TEST(ShmTransport, SplitReceiveCancelledBeforeTheSenderWritesKeepsItsBufferUntou
     if (rank == 0) {
       fill(buf.data(), size, 9);
       Request r = s.ep->send(3, buf.data(), size);
-      link.signal();  // the RTS is in the ring; we do not progress until the receiver is gone
+      link.signal();  // the RTS is in the ring; no progress until the receiver says so
       link.await();
-      // The split request, then the receiver's FIN: our send completes, with the write refused.
+      // Now the split request (whose grant is gone), then the receiver's FIN.
       const Deadline d = Deadline::after_ms(kTimeoutMs);
       while (!r.done() && !d.expired()) s.ctx->progress();
-      EXPECT_TRUE(r.done());
+      ASSERT_TRUE(r.done());
+      EXPECT_TRUE(r.status().ok()) << r.status();
+      EXPECT_EQ(r.bytes(), size);
       link.signal();
     } else {
       std::memset(buf.data(), 0xEE, size);
       link.await();
       Request r = s.ep->recv(3, buf.data(), size);
-      // Our own part (the tail) lands inside progress(); the head waits for the sender.
-      // (size / 2 * 131 is a multiple of 256: the tail carries the pattern of seed 9 from 0.)
-      auto tail_in = [&] { return first_mismatch(buf.data() + size / 2, size / 2, 9) == size / 2; };
-      const Deadline d = Deadline::after_ms(2000);
-      while (!tail_in() && !r.done() && !d.expired()) s.ctx->progress();
-      if (!tail_in() || r.done()) {
-        s.ctx.reset();
-        link.signal();
-        link.await();
-        GTEST_SKIP() << "no split copy here: cross-memory attach (process_vm_readv/writev) is not "
-                        "permitted both ways between these processes";
-      }
-      s.ctx.reset();  // tears the endpoint down: the grant is revoked, the receive cancelled
-      EXPECT_TRUE(r.done());
-      EXPECT_FALSE(r.status().ok());
+      const Deadline d = Deadline::after_ms(kTimeoutMs);
+      while (!r.done() && !d.expired()) s.ctx->progress();
+      ASSERT_TRUE(r.done()) << "the receive waited for a stopped sender";
+      ASSERT_TRUE(r.status().ok()) << r.status();
+      EXPECT_EQ(r.bytes(), size);
+      EXPECT_EQ(first_mismatch(buf.data(), size, 9), size);
+      // The buffer is ours again: the sender's late handling of the split must not touch it.
+      std::memset(buf.data(), 0xEE, size);
       link.signal();
-      link.await();  // the sender has handled the split request by now
+      link.await();  // the sender's send completed: it handled the split request before the FIN
       size_t touched = 0;
-      for (size_t i = 0; i < size / 2; ++i) touched += buf[i] != std::byte{0xEE} ? 1 : 0;
-      EXPECT_EQ(touched, 0u) << "the sender wrote into a revoked grant";
+      for (size_t i = 0; i < size; ++i) touched += buf[i] != std::byte{0xEE} ? 1 : 0;
+      EXPECT_EQ(touched, 0u) << "the sender wrote into a grant taken back";
+    }
+  });
+  ::unsetenv("MYELIN_SHM_SPLIT");
+}
+
+TEST(ShmTransport, SplitHeadWrittenBySenderOrStolenKeepsEveryByte) {
+  // Both outcomes of the race between the sender's compare-exchange and the receiver's steal,
+  // 4 MiB message after message: a running sender (it usually takes the head first: the receive then
+  // waits for its kSplitDone), and a sender that spins a while before it progresses (the receiver
+  // usually steals). Every message must arrive intact and every send complete, either way.
+  ::setenv("MYELIN_SHM_SPLIT", "262144", 1);
+  run_two([](int rank, Link& link) {
+    if (!exchange_cma_check(rank, link)) {
+      GTEST_SKIP() << "no split copy here: cross-memory attach is not permitted both ways";
+    }
+    Side s;
+    connect_side(rank, link, s);
+    if (::testing::Test::HasFatalFailure()) return;
+    const Deadline settle = Deadline::after_ms(200);
+    while (!settle.expired()) s.ctx->progress();
+    const size_t size = size_t{4} << 20;
+    std::vector<std::byte> buf(size);
+    int waited = 0, at_once = 0;
+    for (int i = 0; i < 16; ++i) {
+      const uint32_t seed = 100 + static_cast<uint32_t>(i);
+      // Odd rounds: the sender stays away for a while after posting (a descheduled sender).
+      const int64_t sender_pause_ns = i % 2 == 1 ? 3'000'000 : 0;
+      if (rank == 0) {
+        fill(buf.data(), size, seed);
+        Request r = s.ep->send(4, buf.data(), size);
+        link.signal();
+        const int64_t until = monotonic_ns() + sender_pause_ns;
+        while (monotonic_ns() < until) {
+        }
+        ASSERT_TRUE(s.ctx->wait(r).ok()) << r.status();
+        EXPECT_EQ(r.bytes(), size);
+      } else {
+        std::memset(buf.data(), 0, size);
+        link.await();  // the RTS is in the ring
+        Request r = s.ep->recv(4, buf.data(), size);
+        s.ctx->progress();  // takes the RTS: lends the head, reads the tail, tries to take it back
+        (r.done() ? at_once : waited) += 1;
+        ASSERT_TRUE(s.ctx->wait(r).ok()) << r.status();
+        EXPECT_EQ(r.bytes(), size);
+        ASSERT_EQ(first_mismatch(buf.data(), size, seed), size) << "message " << i;
+      }
+      link.signal();
+      link.await();
+    }
+    if (rank == 1) {
+      ::testing::Test::RecordProperty("completed_at_once", at_once);
+      ::testing::Test::RecordProperty("waited_for_the_sender", waited);
+      std::printf(
+          "split outcomes: %d completed at once (head stolen or already written), %d "
+          "waited for the sender's write\n",
+          at_once, waited);
+      std::fflush(stdout);  // rank 1 is the forked child, which leaves with _exit
     }
   });
   ::unsetenv("MYELIN_SHM_SPLIT");
@@ -569,6 +672,166 @@ TEST(ShmTransport, KilledPeerFailsPendingOperationsWithinTheTimeout) {
   Request later = s.ep->send(0, &v, 4);
   EXPECT_EQ(later.status().code(), StatusCode::kPeerFailed);
   ::close(sv[0]);
+}
+
+// ---- the split copy's grant word and settings ----
+
+TEST(ShmSplit, SettingsParse) {
+  using transport::internal::shm::parse_split_setting;
+  using transport::internal::shm::ShmBackend;
+  using transport::internal::shm::SplitMode;
+  SplitMode m = SplitMode::kAuto;
+  size_t t = 0;
+  EXPECT_TRUE(parse_split_setting("off", m, t));
+  EXPECT_EQ(m, SplitMode::kOff);
+  EXPECT_TRUE(parse_split_setting("auto", m, t));
+  EXPECT_EQ(m, SplitMode::kAuto);
+  EXPECT_EQ(t, ShmBackend::kDefaultSplitThreshold);
+  EXPECT_TRUE(parse_split_setting("0", m, t));
+  EXPECT_EQ(m, SplitMode::kOff);
+  EXPECT_TRUE(parse_split_setting("auto:65536", m, t));
+  EXPECT_EQ(m, SplitMode::kAuto);
+  EXPECT_EQ(t, 65536u);
+  EXPECT_TRUE(parse_split_setting("8192", m, t));
+  EXPECT_EQ(m, SplitMode::kOn);
+  EXPECT_EQ(t, 8192u);
+  for (const char* bad :
+       {"", "on", "-1", "12k", "auto:", "auto:0", "auto:x", "99999999999999999999"}) {
+    m = SplitMode::kAuto;
+    t = 7;
+    EXPECT_FALSE(parse_split_setting(bad, m, t)) << bad;
+    EXPECT_EQ(m, SplitMode::kAuto) << bad;
+    EXPECT_EQ(t, 7u) << bad;
+  }
+}
+
+// A key table in plain memory: the owner's side (grant/try_revoke) and, by hand, the writer's.
+struct LocalKeys {
+  std::vector<transport::internal::shm::KeySlot> slots =
+      std::vector<transport::internal::shm::KeySlot>(4);
+  transport::internal::shm::KeyTable table;
+  LocalKeys() {
+    table.slots = slots.data();
+    for (uint32_t i = 0; i < slots.size(); ++i) table.free_slots.push_back(i);
+    table.next_token = 1000;
+  }
+};
+
+TEST(ShmSplit, GrantWordStates) {
+  namespace shm = transport::internal::shm;
+  using R = shm::KeyTable::Revoke;
+  LocalKeys k;
+  std::byte buf[64];
+  uint32_t slot = 0;
+  uint64_t g = 0;
+  // Untaken: the owner takes it back (steals), a writer's later compare-exchange fails.
+  ASSERT_TRUE(k.table.grant(buf, sizeof(buf), slot, g));
+  EXPECT_EQ(k.table.try_revoke(slot, g), R::kTaken);
+  uint64_t expected = g;
+  EXPECT_FALSE(k.slots[slot].token.compare_exchange_strong(expected, g | shm::kGrantBusy));
+  // Taken by a writer: busy until it is done; then written, and the slot is free again.
+  const size_t free_before = k.table.free_slots.size();
+  ASSERT_TRUE(k.table.grant(buf, sizeof(buf), slot, g));
+  expected = g;
+  ASSERT_TRUE(k.slots[slot].token.compare_exchange_strong(expected, g | shm::kGrantBusy));
+  EXPECT_EQ(k.table.try_revoke(slot, g), R::kBusy);
+  EXPECT_EQ(k.table.try_revoke(slot, g), R::kBusy);
+  k.slots[slot].token.store(g | shm::kGrantDone);
+  EXPECT_EQ(k.table.try_revoke(slot, g), R::kWritten);
+  EXPECT_EQ(k.slots[slot].token.load(), 0u);
+  EXPECT_EQ(k.table.free_slots.size(), free_before);
+  // A writer that failed hands it back bare: the owner takes it (and copies the head itself).
+  ASSERT_TRUE(k.table.grant(buf, sizeof(buf), slot, g));
+  expected = g;
+  ASSERT_TRUE(k.slots[slot].token.compare_exchange_strong(expected, g | shm::kGrantBusy));
+  k.slots[slot].token.store(g);
+  EXPECT_EQ(k.table.try_revoke(slot, g), R::kTaken);
+  // A bounded wait on a writer that never lets go gives up; the slot is not reused.
+  ASSERT_TRUE(k.table.grant(buf, sizeof(buf), slot, g));
+  k.slots[slot].token.store(g | shm::kGrantBusy);
+  const size_t free_now = k.table.free_slots.size();
+  EXPECT_EQ(k.table.revoke(slot, g, Deadline::after_ms(5)), R::kBusy);
+  EXPECT_EQ(k.table.free_slots.size(), free_now);
+  // A value no writer may set: lost, retired.
+  ASSERT_TRUE(k.table.grant(buf, sizeof(buf), slot, g));
+  k.slots[slot].token.store(g + 1);
+  EXPECT_EQ(k.table.try_revoke(slot, g), R::kLost);
+  EXPECT_EQ(k.table.free_slots.size(), free_now - 1);
+}
+
+TEST(ShmSplit, WriterAndStealerCopyEachHeadExactlyOnce) {
+  // The owner (receiver) and a writer thread (sender) race for each grant as in the split copy:
+  // the writer copies the head if its compare-exchange wins, else the owner does. Rounds alternate
+  // who goes first (both outcomes, deterministically), then race freely. Plain memcpy on both
+  // sides: under TSan a missing happens-before between the two copies is reported as a race.
+  namespace shm = transport::internal::shm;
+  using R = shm::KeyTable::Revoke;
+  constexpr size_t kHead = 4096;
+  constexpr int kRounds = 3000;
+  LocalKeys k;
+  std::vector<std::byte> dst(kHead), src(kHead);
+  std::atomic<int> round{-1};      // published by the owner (release) once the grant is made
+  std::atomic<int> writer_at{-1};  // the writer has finished round i (release)
+  std::atomic<uint64_t> grant_token{0};
+  std::atomic<uint32_t> grant_slot{0};
+  int written = 0, stolen = 0;
+  std::thread writer([&] {
+    for (int i = 0; i < kRounds; ++i) {
+      // Pairs with the owner's release store of `round`: the grant's token and slot are visible.
+      while (round.load(std::memory_order_acquire) < i) std::this_thread::yield();
+      const uint64_t g = grant_token.load(std::memory_order_relaxed);
+      auto& word = k.slots[grant_slot.load(std::memory_order_relaxed)].token;
+      uint64_t expected = g;
+      if (word.compare_exchange_strong(expected, g | shm::kGrantBusy, std::memory_order_acquire,
+                                       std::memory_order_relaxed)) {
+        std::memcpy(dst.data(), src.data(), kHead);
+        word.store(g | shm::kGrantDone, std::memory_order_release);
+      }
+      writer_at.store(i, std::memory_order_release);
+    }
+  });
+  bool bad = false;
+  for (int i = 0; i < kRounds && !bad; ++i) {
+    std::memset(src.data(), i & 0xff, kHead);  // the writer reads src only after `round` below
+    uint32_t slot = 0;
+    uint64_t g = 0;
+    ASSERT_TRUE(k.table.grant(dst.data(), kHead, slot, g));
+    grant_token.store(g, std::memory_order_relaxed);
+    grant_slot.store(slot, std::memory_order_relaxed);
+    R r = R::kBusy;
+    if (i % 3 == 1) {  // the owner first: it takes the grant back before the writer may look
+      r = k.table.try_revoke(slot, g);
+      EXPECT_EQ(r, R::kTaken) << "round " << i;
+    }
+    round.store(i, std::memory_order_release);
+    if (i % 3 == 0) {  // the writer first
+      while (writer_at.load(std::memory_order_acquire) < i) std::this_thread::yield();
+    }
+    while (r == R::kBusy) {
+      r = k.table.try_revoke(slot, g);
+      if (r == R::kBusy) std::this_thread::yield();
+    }
+    if (r == R::kTaken) {
+      EXPECT_NE(i % 3, 0) << "the writer went first in round " << i << ", yet the grant was bare";
+      std::memcpy(dst.data(), src.data(), kHead);
+      ++stolen;
+    } else {
+      EXPECT_EQ(r, R::kWritten) << "round " << i;
+      ++written;
+    }
+    for (size_t j = 0; j < kHead && !bad; ++j) {
+      if (dst[j] != static_cast<std::byte>(i & 0xff)) {
+        ADD_FAILURE() << "round " << i << ": byte " << j << " of the head is wrong";
+        bad = true;
+      }
+    }
+    // The writer is past round i before src and dst change again.
+    while (writer_at.load(std::memory_order_acquire) < i) std::this_thread::yield();
+  }
+  round.store(kRounds, std::memory_order_release);  // lets the writer run out after a failure
+  writer.join();
+  EXPECT_GT(written, 0);
+  EXPECT_GT(stolen, 0);
 }
 
 // ---- forged segments and hellos ----

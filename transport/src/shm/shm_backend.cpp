@@ -76,22 +76,34 @@ bool KeyTable::grant(void* where, size_t length, uint32_t& slot, uint64_t& token
   return true;
 }
 
-bool KeyTable::revoke(uint32_t slot, uint64_t token, Deadline deadline) noexcept {
+KeyTable::Revoke KeyTable::try_revoke(uint32_t slot, uint64_t token) noexcept {
   KeySlot& s = slots[slot];
+  uint64_t expected = token;
+  // Success pairs with a writer's compare-exchange (G -> G|kGrantBusy) in serve_split(): only one
+  // of the two takes the bare token, so once this succeeds no writer has started and none will.
+  // Acquire (success and failure) pairs with the writer's release stores of G (it handed the grant
+  // back, maybe after a partial write) and of G|kGrantDone (all written): what the writer wrote is
+  // visible before we copy into or hand back the buffer.
+  if (s.token.compare_exchange_strong(expected, 0, std::memory_order_acq_rel,
+                                      std::memory_order_acquire)) {
+    free_slots.push_back(slot);
+    return Revoke::kTaken;
+  }
+  if (expected == (token | kGrantDone)) {
+    // The writer is done and never touches the word again. Release: pairs with the acquire load
+    // of whoever reads the slot next (a grant's new token is stored after this, in grant()).
+    s.token.store(0, std::memory_order_release);
+    free_slots.push_back(slot);
+    return Revoke::kWritten;
+  }
+  if (expected == (token | kGrantBusy)) return Revoke::kBusy;
+  return Revoke::kLost;
+}
+
+KeyTable::Revoke KeyTable::revoke(uint32_t slot, uint64_t token, Deadline deadline) noexcept {
   for (;;) {
-    uint64_t expected = token;
-    // Pairs with the writer's compare-exchange that sets kGrantBusy and its release store that
-    // clears it: once this succeeds no writer holds the grant, and none can take it.
-    if (s.token.compare_exchange_strong(expected, 0, std::memory_order_acq_rel,
-                                        std::memory_order_acquire)) {
-      free_slots.push_back(slot);
-      return true;
-    }
-    if (expected != (token | kGrantBusy)) {  // not ours any more: nothing to wait for
-      free_slots.push_back(slot);
-      return true;
-    }
-    if (deadline.expired()) return false;
+    const Revoke r = try_revoke(slot, token);
+    if (r != Revoke::kBusy || deadline.expired()) return r;
     cpu_relax();
   }
 }
@@ -119,6 +131,56 @@ class ShmRegistration final : public BackendRegistration {
 };
 }  // namespace
 
+bool parse_split_setting(std::string_view text, SplitMode& mode, size_t& threshold) noexcept {
+  const auto bytes = [](std::string_view t, size_t& out) {
+    if (t.empty() || t.size() > 19) return false;
+    size_t v = 0;
+    for (const char c : t) {
+      if (c < '0' || c > '9') return false;
+      v = v * 10 + static_cast<size_t>(c - '0');
+    }
+    out = v;
+    return true;
+  };
+  size_t v = 0;
+  if (text == "off" || text == "0") {
+    mode = SplitMode::kOff;
+    return true;
+  }
+  if (text == "auto") {
+    mode = SplitMode::kAuto;
+    threshold = ShmBackend::kDefaultSplitThreshold;
+    return true;
+  }
+  if (text.starts_with("auto:") && bytes(text.substr(5), v) && v > 0) {
+    mode = SplitMode::kAuto;
+    threshold = v;
+    return true;
+  }
+  if (bytes(text, v) && v > 0) {
+    mode = SplitMode::kOn;
+    threshold = v;
+    return true;
+  }
+  return false;
+}
+
+bool ShmBackend::split_wanted(size_t size) const noexcept {
+  if (size < split_threshold_) return false;
+  switch (split_mode_) {
+    case SplitMode::kOff:
+      return false;
+    case SplitMode::kOn:
+      return true;
+    case SplitMode::kAuto:
+      // This process and every peer it is connected to (a lower bound of the ranks on the node)
+      // must each have a CPU, or the split waits for descheduled senders (stealing bounds that
+      // wait, but the hand-over is then pure overhead).
+      return live_.size() + 1 <= online_cpus_;
+  }
+  return false;
+}
+
 Result<std::unique_ptr<ShmBackend>> ShmBackend::create(const Options& options,
                                                        const ContextInfo& info) {
   std::unique_ptr<ShmBackend> be(new ShmBackend(options, info));
@@ -132,15 +194,13 @@ Result<std::unique_ptr<ShmBackend>> ShmBackend::create(const Options& options,
     be->cma_allowed_ = false;
   }
   if (const char* split = std::getenv("MYELIN_SHM_SPLIT"); split != nullptr && *split != '\0') {
-    char* end = nullptr;
-    const unsigned long long v = std::strtoull(split, &end, 10);
-    if (end != nullptr && *end == '\0') {
-      be->split_threshold_ = v == 0 ? SIZE_MAX : static_cast<size_t>(v);
-    } else {
+    if (!parse_split_setting(split, be->split_mode_, be->split_threshold_)) {
       MYELIN_LOG_WARN << "shm: MYELIN_SHM_SPLIT='" << split
-                      << "' is not a byte count; keeping the default";
+                      << "' is not off, auto, auto:<bytes> or <bytes>; keeping the default";
     }
   }
+  const long cpus = ::sysconf(_SC_NPROCESSORS_ONLN);
+  be->online_cpus_ = cpus > 0 ? static_cast<size_t>(cpus) : 1;
 
   const ProcessIdentity self = current_process_identity();
   ShmAddress addr;
@@ -167,8 +227,8 @@ Result<std::unique_ptr<ShmBackend>> ShmBackend::create(const Options& options,
   keys->free_slots.reserve(kKeySlots);
   for (uint32_t i = kKeySlots; i > 0; --i) keys->free_slots.push_back(i - 1);
   // Tokens start at a random point so a key of another backend (or an older one) does not match.
-  // Bit 63 stays clear: it is kGrantBusy.
-  keys->next_token = (random_u64() & uint64_t{0x3fffffff00000000}) | 1;
+  // Bits 63 and 62 stay clear (kGrantBusy, kGrantDone), even after 2^32 tokens.
+  keys->next_token = (random_u64() & uint64_t{0x1fffffff00000000}) | 1;
   be->keys_ = std::move(keys);
   return be;
 }

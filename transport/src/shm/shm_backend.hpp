@@ -26,6 +26,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <string_view>
 #include <vector>
 
 #include <myelin/core/shm_segment.hpp>
@@ -66,19 +67,37 @@ struct KeyTable {
   // Lends [where, where + length) to peers for one split message (a kGrant slot, remote write).
   // False when the table is full.
   [[nodiscard]] bool grant(void* where, size_t length, uint32_t& slot, uint64_t& token) noexcept;
-  // Takes a grant back. Returns at once unless a peer is writing into it (kGrantBusy): then it
-  // spins until the writer lets go or `deadline` passes. False in that last case; the slot is then
-  // never reused (the writer may still set it back), and the caller must say so.
-  [[nodiscard]] bool revoke(uint32_t slot, uint64_t token, Deadline deadline) noexcept;
+  // One attempt to take grant `token` back (shm_wire.hpp has the token word's states); never
+  // waits. kTaken: it was still bare, so no writer has started and none will (the caller copies
+  // the head itself if it wants it); kWritten: the writer wrote all of it; in both cases the slot
+  // is free again. kBusy: a writer holds it, try again later. kLost: the word holds something a
+  // writer may never set; the slot is retired (never reused).
+  enum class Revoke : uint8_t { kTaken, kWritten, kBusy, kLost };
+  [[nodiscard]] Revoke try_revoke(uint32_t slot, uint64_t token) noexcept;
+  // try_revoke() until it is not kBusy or `deadline` passes (then kBusy: the slot is retired, as
+  // the writer may still set it back, and the caller must say so).
+  [[nodiscard]] Revoke revoke(uint32_t slot, uint64_t token, Deadline deadline) noexcept;
 };
+
+// When the receiver of a CMA rendezvous message splits the copy with the sender (see
+// docs/transport-shm.md, "Split copy"). MYELIN_SHM_SPLIT: "off" or "0"; "auto" or "auto:<bytes>";
+// "<bytes>" (always, from that size on). Unset: ShmBackend::kDefaultSplitMode.
+enum class SplitMode : uint8_t {
+  kOff,
+  kAuto,  // from the threshold on, while this process and its connected peers fit the online CPUs
+  kOn,    // from the threshold on, always
+};
+// Parses a MYELIN_SHM_SPLIT value; false (outputs untouched) when it is none of the above.
+[[nodiscard]] bool parse_split_setting(std::string_view text, SplitMode& mode,
+                                       size_t& threshold) noexcept;
 
 class ShmBackend final : public BackendContext {
  public:
-  // Off unless MYELIN_SHM_SPLIT asks for it: a 4-rank shm allreduce of 1 MiB (256 KiB segments)
-  // saw the sender's part fail ("could not write the head ..."), not yet explained. 262144 is the
-  // threshold measured in docs/performance.md (below it the hand-over, one ring record each way,
-  // costs more than the parallel copy saves: ~20 us of copying at ~12 GB/s).
-  static constexpr size_t kDefaultSplitThreshold = SIZE_MAX;
+  // 262144 is the threshold measured in docs/performance.md (below it the hand-over, one ring
+  // record each way, costs more than the parallel copy saves: ~20 us of copying at ~12 GB/s).
+  static constexpr size_t kDefaultSplitThreshold = 262144;
+  // Without MYELIN_SHM_SPLIT (docs/performance.md, "Transport: shm", has the measurements).
+  static constexpr SplitMode kDefaultSplitMode = SplitMode::kOff;
 
   static Result<std::unique_ptr<ShmBackend>> create(const Options& options,
                                                     const ContextInfo& info);
@@ -118,9 +137,10 @@ class ShmBackend final : public BackendContext {
   // False when MYELIN_SHM_CMA=0: large messages and plain-memory put/get then avoid
   // process_vm_readv/writev (as where ptrace rules forbid it).
   [[nodiscard]] bool cma_allowed() const noexcept { return cma_allowed_; }
-  // Messages of at least this many bytes that the receiver reads by CMA are split: the sender
-  // writes the head while the receiver reads the rest (MYELIN_SHM_SPLIT, bytes; 0: never).
-  [[nodiscard]] size_t split_threshold() const noexcept { return split_threshold_; }
+  // Whether a CMA message of `size` bytes is to be split: the sender writes the head while the
+  // receiver reads the rest (MYELIN_SHM_SPLIT; auto: only while this process and the peers it is
+  // connected to number at most the online CPUs).
+  [[nodiscard]] bool split_wanted(size_t size) const noexcept;
   [[nodiscard]] bool may_sleep() const noexcept {
     return options_.progress == ProgressMode::kSpinThenBlock;
   }
@@ -149,7 +169,9 @@ class ShmBackend final : public BackendContext {
   uint64_t next_alloc_id_ = 1;
   uint64_t probe_value_ = 0;
   bool cma_allowed_ = true;
+  SplitMode split_mode_ = kDefaultSplitMode;
   size_t split_threshold_ = kDefaultSplitThreshold;
+  size_t online_cpus_ = 1;
   struct Incoming {
     UniqueFd sock;
     int64_t since_ns;

@@ -355,6 +355,7 @@ void ShmEndpoint::fail(Status status) {
     r.req->complete(status_, 0);
   }
   rndv_recvs_.clear();
+  split_leftovers_.clear();
   for (OutItem& it : outq_) {
     if (it.req) it.req->complete(status_, 0);
   }
@@ -625,7 +626,7 @@ void ShmEndpoint::start_rendezvous(Posted& p, const RtsRecord& rts) {
       copied = true;
     }
   } else if (kind == RtsKind::kCma && can_cma_read_peer_) {
-    if (rts.size >= backend_->split_threshold() && peer_split_ && peer_can_cma_read_us_ &&
+    if (backend_->split_wanted(rts.size) && peer_split_ && peer_can_cma_read_us_ &&
         start_split(p, rts)) {
       return;
     }
@@ -641,6 +642,18 @@ void ShmEndpoint::start_rendezvous(Posted& p, const RtsRecord& rts) {
   queue_control(kCts, TokenRecord{rts.token});
 }
 
+// Split copy, receiver side. The protocol, in ring order:
+//   receiver: grant(head) -> kSplit -> reads the tail -> try_revoke():
+//     kTaken   (the sender has not started): reads the head too ("steals" it) -> kFin, done;
+//     kWritten (the sender wrote the head already): -> kFin, done;
+//     kBusy    (the sender is writing): waits for kSplitDone (the receive's deadline bounds it).
+//   sender, on kSplit: CAS G -> G|kGrantBusy; if that fails (stolen or revoked) writes nothing;
+//     else writes the head, stores G|kGrantDone (or G when the write failed: "hand back");
+//     answers kSplitDone either way; its send completes at kFin.
+//   receiver, on kSplitDone: done already (stolen / written): forgets the token; else revokes:
+//     kWritten -> kFin, done; kTaken (handed back) -> reads the head itself -> kFin, done.
+// kFin goes out only once the receiver will not read the sender's buffer again, so the sender's
+// buffer stays valid for a steal or a read after a hand-back.
 bool ShmEndpoint::start_split(Posted& p, const RtsRecord& rts) {
   // The sender takes the head, we take the tail; page-aligned so neither side pins a page twice.
   const size_t head = (rts.size / 2) & ~size_t{4095};
@@ -652,6 +665,8 @@ bool ShmEndpoint::start_split(Posted& p, const RtsRecord& rts) {
   rr.split = true;
   rr.grant_slot = slot;
   rr.grant = grant;
+  rr.head = head;
+  rr.remote = rts.where;
   // First the request, so the sender copies while we do.
   queue_control(kSplit, SplitRecord{rts.token, rr.grant, head, rr.grant_slot, 0});
   if (!cma_read(p.data + head, rts.where + head, rts.size - head)) {
@@ -659,10 +674,46 @@ bool ShmEndpoint::start_split(Posted& p, const RtsRecord& rts) {
                               "-byte message from " + *peer_name_ + " with process_vm_readv",
                           errno, StatusCode::kIoError);
   }
-  // We are done with the sender's buffer (its own part it writes from before it sees this).
-  queue_control(kFin, FinRecord{rts.token, static_cast<uint32_t>(rr.own.code()), 0});
-  rndv_recvs_.emplace(rts.token, std::move(rr));
+  switch (backend_->keys().try_revoke(rr.grant_slot, rr.grant)) {
+    case KeyTable::Revoke::kTaken:
+      // The sender has not started (descheduled, or busy elsewhere) and now never will: copy the
+      // head ourselves rather than wait for it. Its kSplitDone (cancelled) is still to come.
+      rr.split = false;
+      read_head(rr);
+      split_leftovers_.insert(rts.token);
+      finish_split(rts.token, rr);
+      return true;
+    case KeyTable::Revoke::kWritten:
+      rr.split = false;
+      split_leftovers_.insert(rts.token);
+      finish_split(rts.token, rr);
+      return true;
+    case KeyTable::Revoke::kBusy:
+      rndv_recvs_.emplace(rts.token, std::move(rr));  // completes at kSplitDone
+      return true;
+    case KeyTable::Revoke::kLost:
+      break;
+  }
+  rr.split = false;
+  rr.own = protocol_error("shm peer ", *peer_name_, " left grant slot ", rr.grant_slot,
+                          " in a state it may not set; the slot is retired");
+  split_leftovers_.insert(rts.token);
+  finish_split(rts.token, rr);
   return true;
+}
+
+void ShmEndpoint::read_head(RndvRecv& rr) {
+  if (!rr.own.ok() || cma_read(rr.data, rr.remote, rr.head)) return;
+  rr.own = errno_status("reading the head of a " + std::to_string(rr.size) + "-byte message from " +
+                            *peer_name_ + " with process_vm_readv",
+                        errno, StatusCode::kIoError);
+}
+
+void ShmEndpoint::finish_split(uint64_t token, RndvRecv& rr) {
+  // We are done with the sender's buffer: its send may complete.
+  queue_control(kFin, FinRecord{token, static_cast<uint32_t>(rr.own.code()), 0});
+  const bool ok = rr.own.ok();
+  rr.req->complete(std::move(rr.own), ok ? rr.size : 0);
 }
 
 void ShmEndpoint::serve_split(const SplitRecord& sr) {
@@ -673,17 +724,21 @@ void ShmEndpoint::serve_split(const SplitRecord& sr) {
     return;
   }
   StatusCode code = StatusCode::kOk;
+  int err = 0;
   if (!can_cma_read_peer_ || peer_keys_ == nullptr) {
+    // Not a failure of the message: the grant stays bare and the receiver reads the head itself.
     code = StatusCode::kUnsupported;
   } else {
     // The key table is mapped writable: the grant's token is the one word a peer may change.
     auto& token = const_cast<KeySlot&>(peer_keys_[sr.slot]).token;
     uint64_t expected = sr.grant;
-    // Pairs with the owner's release store in grant() (the fields) and its compare-exchange in
-    // revoke(): holding kGrantBusy, the buffer cannot be taken back under us.
-    if (!token.compare_exchange_strong(expected, sr.grant | kGrantBusy, std::memory_order_acq_rel,
+    // Success: acquire pairs with the owner's release store of the token in KeyTable::grant()
+    // (the slot's fields are visible). It races with the owner's compare-exchange from the same
+    // bare token in try_revoke(): exactly one succeeds. Failure (relaxed): the owner took the
+    // grant back (stole the head, or the receive ended); we write nothing.
+    if (!token.compare_exchange_strong(expected, sr.grant | kGrantBusy, std::memory_order_acquire,
                                        std::memory_order_relaxed)) {
-      code = StatusCode::kCancelled;  // revoked: the receive failed meanwhile
+      code = StatusCode::kCancelled;
     } else {
       const KeySlot& slot = peer_keys_[sr.slot];
       const uint64_t where = slot.where.load(std::memory_order_relaxed);
@@ -695,18 +750,30 @@ void ShmEndpoint::serve_split(const SplitRecord& sr) {
         iovec l{const_cast<std::byte*>(it->second.data) + done, sr.length - done};
         iovec r{reinterpret_cast<void*>(where + done), sr.length - done};
         const ssize_t n = ::process_vm_writev(peer_.pid, &l, 1, &r, 1, 0);
-        if (n <= 0) break;
+        if (n <= 0) {
+          err = n < 0 ? errno : EIO;
+          break;
+        }
         done += static_cast<size_t>(n);
       }
-      if (!fits)
+      if (!fits) {
         code = StatusCode::kProtocolError;
-      else if (done < sr.length)
+      } else if (done < sr.length) {
         code = StatusCode::kIoError;
-      // Pairs with the owner's compare-exchange in revoke(): our writes are done.
-      token.store(sr.grant, std::memory_order_release);
+        MYELIN_LOG_WARN << "shm: writing the head of a split message into " << *peer_name_
+                        << " stopped after " << done << " of " << sr.length
+                        << " bytes: " << errno_status("process_vm_writev", err)
+                        << "; the receiver reads it itself";
+      }
+      // Release pairs with the owner's acquire in try_revoke(): our writes into its buffer happen
+      // before it sees G|kGrantDone (all written, it may complete) or G (handed back after a
+      // failure: it copies the head itself, over whatever we wrote).
+      token.store(code == StatusCode::kOk ? (sr.grant | kGrantDone) : sr.grant,
+                  std::memory_order_release);
     }
   }
-  queue_control(kSplitDone, FinRecord{sr.token, static_cast<uint32_t>(code), 0});
+  queue_control(kSplitDone,
+                FinRecord{sr.token, static_cast<uint32_t>(code), static_cast<uint32_t>(err)});
 }
 
 void ShmEndpoint::revoke_grant(RndvRecv& rr) noexcept {
@@ -714,7 +781,8 @@ void ShmEndpoint::revoke_grant(RndvRecv& rr) noexcept {
   rr.split = false;
   // A writer holds the grant for one process_vm_writev of at most half a message: milliseconds
   // at worst. Past that the writer is stuck or gone; the slot stays retired.
-  if (!backend_->keys().revoke(rr.grant_slot, rr.grant, Deadline::after_ms(500))) {
+  if (backend_->keys().revoke(rr.grant_slot, rr.grant, Deadline::after_ms(500)) ==
+      KeyTable::Revoke::kBusy) {
     MYELIN_LOG_WARN << "shm: " << *peer_name_ << " still holds the grant of a " << rr.size
                     << "-byte receive after 500 ms; its key table slot " << rr.grant_slot
                     << " is retired";
@@ -836,22 +904,36 @@ void ShmEndpoint::handle_record(uint32_t type, std::span<const std::byte> payloa
       if (too_short(sizeof(FinRecord))) return;
       FinRecord f;
       std::memcpy(&f, payload.data(), sizeof(f));
+      if (split_leftovers_.erase(f.token) != 0) return;  // stolen or seen written: done already
       auto it = rndv_recvs_.find(f.token);
       if (it == rndv_recvs_.end() || !it->second.split) {
         ring_error_ = protocol_error("shm split completion for unknown token ", f.token);
         return;
       }
       RndvRecv& rr = it->second;
-      revoke_grant(rr);  // the writer let go before it sent this: no wait
-      Status s = std::move(rr.own);
-      if (s.ok() && f.code != 0) {
-        s = Status(f.code <= static_cast<uint32_t>(StatusCode::kInternal)
-                       ? static_cast<StatusCode>(f.code)
-                       : StatusCode::kIoError,
-                   "shm peer " + *peer_name_ + " could not write the head of a " +
-                       std::to_string(rr.size) + "-byte message into the receive buffer");
+      rr.split = false;
+      // The writer let go of the grant before it sent this, so this does not wait.
+      switch (backend_->keys().revoke(rr.grant_slot, rr.grant, Deadline::after_ms(500))) {
+        case KeyTable::Revoke::kWritten:
+          break;
+        case KeyTable::Revoke::kTaken:
+          // Handed back (the writer could not write it all, f.code says why): the sender's buffer
+          // is still ours to read (no kFin yet), so the head is read from here.
+          if (f.code == static_cast<uint32_t>(StatusCode::kOk)) {
+            rr.own = protocol_error("shm peer ", *peer_name_,
+                                    " reported the head of a split message written but handed "
+                                    "its grant back");
+          }
+          read_head(rr);
+          break;
+        case KeyTable::Revoke::kBusy:
+        case KeyTable::Revoke::kLost:
+          rr.own =
+              protocol_error("shm peer ", *peer_name_, " still holds (or broke) grant slot ",
+                             rr.grant_slot, " after its split completion; the slot is retired");
+          break;
       }
-      rr.req->complete(s, s.ok() ? rr.size : 0);
+      finish_split(f.token, rr);
       rndv_recvs_.erase(it);
       return;
     }

@@ -23,6 +23,7 @@
 #include <optional>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include <myelin/core/record_ring.hpp>
@@ -140,11 +141,14 @@ class ShmEndpoint final : public Endpoint {
     size_t size;
     size_t received;
     std::shared_ptr<RequestState> req;
-    // Split copy (kSplit sent): waits for the sender's kSplitDone; the grant is revoked then.
+    // Split copy (kSplit sent, the sender was writing the head when we were done with the tail):
+    // waits for the sender's kSplitDone; the grant is revoked then.
     bool split = false;
     uint32_t grant_slot = 0;
     uint64_t grant = 0;
-    Status own;  // how our own part went
+    size_t head = 0;      // bytes lent to the sender, from the start
+    uint64_t remote = 0;  // the message in the sender (CMA address)
+    Status own;           // how our own part went
   };
   struct PeerAlloc {
     std::byte* base;
@@ -183,6 +187,10 @@ class ShmEndpoint final : public Endpoint {
   // Receiver: lends the head of `p`'s buffer to the sender and reads the rest itself. False when
   // no grant slot is free (then read it all as usual).
   bool start_split(Posted& p, const RtsRecord& rts);
+  // Receiver: reads the head of a split message itself (after a steal or a hand-back).
+  void read_head(RndvRecv& rr);
+  // Receiver: sends kFin for `token` and completes the receive with rr.own.
+  void finish_split(uint64_t token, RndvRecv& rr);
   // Sender: writes the head of rendezvous send `token` into the receiver's grant (kSplit).
   void serve_split(const SplitRecord& sr);
   // Receiver: takes a split receive's grant back, waiting (bounded) for a writer still inside it.
@@ -228,6 +236,9 @@ class ShmEndpoint final : public Endpoint {
   std::deque<OutItem> outq_;
   std::unordered_map<uint64_t, RndvSend> rndv_sends_;
   std::unordered_map<uint64_t, RndvRecv> rndv_recvs_;
+  // Split receives completed before the sender's kSplitDone (head stolen or seen written): the
+  // kSplitDone still to come is dropped.
+  std::unordered_set<uint64_t> split_leftovers_;
   std::deque<uint32_t> immediates_;
   std::deque<Deferred> deferred_;
   Status ring_error_;     // set by the record handler, acted on after consume()

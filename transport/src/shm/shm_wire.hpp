@@ -159,8 +159,8 @@ struct DataHeader {
 };
 struct FinRecord {
   uint64_t token;
-  uint32_t code;  // StatusCode the receiver saw (kOk, kOutOfRange)
-  uint32_t reserved;
+  uint32_t code;    // StatusCode the receiver saw (kOk, kOutOfRange); kSplitDone: the sender's
+  uint32_t detail;  // kSplitDone: errno of the sender's failed process_vm_writev, else 0
 };
 struct ImmRecord {
   uint32_t value;
@@ -190,10 +190,22 @@ inline constexpr uint64_t kInfoSplit = 2;     // this side handles kSplit / kSpl
 
 inline constexpr uint32_t kKeySlots = 8192;
 enum class KeyKind : uint64_t { kShared = 1, kCma = 2, kGrant = 3 };
-// A peer writing into a grant holds it by setting this bit in the slot's token (compare-exchange
-// from the grant's token) and clears it when done; the owner revokes a grant by a compare-exchange
-// from the bare token to 0, so it never frees the memory under a writer. Tokens stay below 2^63.
+// A grant's token word moves through these values (G is the grant's token, below 2^62):
+//
+//   G ──(writer: CAS G -> G|kGrantBusy)──> G|kGrantBusy ──(writer: store G|kGrantDone)──>
+//   G|kGrantDone │                                         └──(writer failed: store G, "hand
+//   back")──> G └──(owner: CAS G -> 0, "revoke"/"steal")──> 0            (owner: G|kGrantDone -> 0,
+//   slot reused)
+//
+// The writer (the peer sending the message) may only take a bare G; the owner (the receiver) may
+// only take a bare G or reset a G|kGrantDone. So exactly one of them copies the head: a writer
+// whose compare-exchange fails writes nothing, and an owner whose compare-exchange fails on
+// G|kGrantBusy waits for G|kGrantDone or G (never frees the memory under a writer). Tokens never
+// repeat, so a late writer's compare-exchange from G also fails once the slot holds a newer grant.
+// Memory orders and their pairings are at each access (KeyTable::grant/try_revoke and
+// ShmEndpoint::serve_split).
 inline constexpr uint64_t kGrantBusy = uint64_t{1} << 63;
+inline constexpr uint64_t kGrantDone = uint64_t{1} << 62;
 
 struct alignas(kCacheLine) KeySlot {
   std::atomic<uint64_t> token;   // 0 = free; written last on register (release), first on drop
