@@ -7,13 +7,14 @@
 //
 // One-sided: put/get use ucp_put_nbx/ucp_get_nbx on rkeys unpacked once per (endpoint, region id).
 // Bounds, access and key ownership are checked here from the RemoteKey, so a bad request fails with
-// a Status before UCX sees it. A put completes when the data is in the target's memory (the put is
-// followed by ucp_ep_flush_nbx); put_with_immediate sends the immediate as an active message after
-// that flush, so the target never sees an immediate before its data.
+// a Status before UCX sees it. A put completes when the data is in the target's memory: the puts
+// issued since the last flush share one ucp_ep_flush_nbx, issued at the next progress();
+// put_with_immediate sends the immediate as an active message after that flush, so the target
+// never sees an immediate before its data.
 //
-// Failure: the UCP endpoint uses UCP_ERR_HANDLING_MODE_PEER; its error handler marks the endpoint
-// failed (peer_failed naming the peer), fails posted recvs, and UCX completes the pending sends,
-// puts and gets with errors that are reported as that same peer_failed.
+// Failure: the UCP endpoint uses UCP_ERR_HANDLING_MODE_PEER; its error handler (or the worker's
+// watch of a same-node peer process) marks the endpoint failed (peer_failed naming the peer) and
+// fails posted recvs and every in-flight send, put and get with it.
 //
 // Thread safety: none (the Context's progress thread). Ownership: keeps the UcxWorker alive; the
 // destructor closes the UCP endpoint (flushing, bounded by the Context timeout) and cancels pending
