@@ -13,6 +13,8 @@
  *   for the whole timed phase, and the echo connection subscribes to "grad.flood" too, so the
  *   pings share the server's connection to the echo with the flood (as in myelin-bench, where the
  *   echo rank subscribes to the flood topic). NATS has no priorities: the pings queue behind it.
+ *   With MYELIN_FLOOD_NICE=N in the environment the flood thread runs at nice N (as
+ *   myelin-bench's), so the CPU goes to the pings first.
  * tput: throughput at the subscriber. One publisher connection (default buffering: NATS batches
  *   publishes itself) publishes WARMUP + ITERS messages of SIZE bytes on "tput.data"; a subscriber
  *   connection (asynchronous subscription, no pending limit) counts them; the rate is ITERS over
@@ -26,6 +28,7 @@
  * every delivered message is checked ("wrong"). Prints one JSON line with the same keys as
  * `myelin-bench pubsub --json`. Exit 1 on usage errors, 2 on NATS errors, 3 on wrong or lost
  * data. */
+#define _GNU_SOURCE /* gettid */
 #include <nats/nats.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -33,7 +36,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
+#include <unistd.h>
 
 static int64_t now_ns(void) {
   struct timespec ts;
@@ -62,14 +67,13 @@ static void fill(unsigned char* buf, long size, long salt) {
   for (long i = 0; i < size; ++i) buf[i] = pattern(i, salt);
 }
 
-/* Does `data` hold message `index` of `size` bytes built by fill(.., salt) + the stamp? */
-static int good_message(const unsigned char* data, long len, long size, long salt, long index) {
+/* Does `data` hold message `index` of `size` bytes: the stamp, then the bytes of `expect` (a
+ * buffer built by fill(), compared from byte 8 on)? */
+static int good_message(const unsigned char* data, long len, long size, const unsigned char* expect,
+                        long index) {
   if (len != size) return 0;
   if (size >= 8 && memcmp(data, &index, 8) != 0) return 0;
-  for (long k = 8; k < size; ++k) {
-    if (data[k] != pattern(k, salt)) return 0;
-  }
-  return 1;
+  return size <= 8 || memcmp(data + 8, expect + 8, (size_t)size - 8) == 0;
 }
 
 static atomic_int slow_consumer_events; /* error handler (client threads) -> main, relaxed */
@@ -137,6 +141,9 @@ struct flood_args {
 
 static void* flood_main(void* p) {
   struct flood_args* a = p;
+  /* MYELIN_FLOOD_NICE=N: the bulk producer at nice N, as in myelin-bench pubsub --flood. */
+  const char* nv = getenv("MYELIN_FLOOD_NICE");
+  if (nv != NULL && *nv != '\0') (void)setpriority(PRIO_PROCESS, (id_t)gettid(), atoi(nv));
   unsigned char* buf = malloc((size_t)a->size);
   fill(buf, a->size, 3);
   const int64_t t0 = now_ns();
@@ -202,7 +209,7 @@ static int run_lat(const char* url, long size, long iters, long warmup, long flo
     if (i >= warmup) {
       samples[i - warmup] = (double)(t1 - t0) / 2000.0;
       if (!good_message((const unsigned char*)natsMsg_GetData(reply), natsMsg_GetDataLength(reply),
-                        size, size, i))
+                        size, out, i))
         ++wrong;
     }
     natsMsg_Destroy(reply);
@@ -247,8 +254,9 @@ static int run_lat(const char* url, long size, long iters, long warmup, long flo
 struct tput_state {
   natsConnection* sub_nc; /* acknowledgements go out on it */
   long size, warmup, total, window;
-  long received, wrong;    /* subscriber callback thread only until `done` */
-  int64_t t_first, t_last; /* same */
+  const unsigned char* expect; /* fill(.., size, size): the pattern of every message */
+  long received, wrong;        /* subscriber callback thread only until `done` */
+  int64_t t_first, t_last;     /* same */
   pthread_mutex_t mu;
   pthread_cond_t cv;
   int done; /* under mu */
@@ -260,7 +268,7 @@ static void on_data(natsConnection* nc, natsSubscription* sub, natsMsg* msg, voi
   struct tput_state* t = closure;
   const long i = t->received;
   if (!good_message((const unsigned char*)natsMsg_GetData(msg), natsMsg_GetDataLength(msg), t->size,
-                    t->size, i))
+                    t->expect, i))
     ++t->wrong;
   natsMsg_Destroy(msg);
   ++t->received;
@@ -282,6 +290,9 @@ static int run_tput(const char* url, long size, long iters, long warmup, long wi
   natsConnection *pub = NULL, *sub_nc = NULL;
   natsSubscription *data_sub = NULL, *ack_sub = NULL;
   struct tput_state t = {.size = size, .warmup = warmup, .total = warmup + iters, .window = window};
+  unsigned char* expect = malloc((size_t)size);
+  fill(expect, size, size);
+  t.expect = expect; /* set before the subscription's thread exists */
   pthread_mutex_init(&t.mu, NULL);
   pthread_cond_init(&t.cv, NULL);
   natsStatus s = connect_to(&pub, url, 0);
@@ -340,6 +351,7 @@ static int run_tput(const char* url, long size, long iters, long warmup, long wi
   natsConnection_Destroy(pub);
   natsConnection_Destroy(sub_nc);
   free(out);
+  free(expect);
   nats_Close();
   return bad ? 3 : 0;
 }

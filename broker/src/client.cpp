@@ -150,6 +150,33 @@ class Client::Impl {
                    std::chrono::nanoseconds(std::min<int64_t>(d.remaining_ns(), 100'000'000)));
     }
   }
+  // Puts the socket's events in the I/O thread's epoll set in line with the state (mu_ held).
+  void set_interest_locked(int64_t now) {
+    const bool in = poll_readers_ == 0 && now - poll_read_end_ns_ >= opt_.poll_read_grace_us * 1000;
+    const bool out = io_watches_out_;
+    if (in == armed_in_ && out == armed_out_) return;
+    epoll_event ev{};
+    ev.events =
+        (in ? static_cast<uint32_t>(EPOLLIN) : 0u) | (out ? static_cast<uint32_t>(EPOLLOUT) : 0u);
+    ev.data.u64 = 1;
+    if (::epoll_ctl(epoll_.get(), EPOLL_CTL_MOD, fd_.get(), &ev) == 0) {
+      armed_in_ = in;
+      armed_out_ = out;
+    }
+  }
+  // The reader role held: reads (while `readable`, at most `rounds` blocks) and dispatches every
+  // complete frame, including those already buffered.
+  Status read_socket(bool readable, int rounds);
+  // poll() with an empty inbox and the reader role free: takes the role, waits for the socket
+  // until `d` (at most 20 ms, so a failure the I/O thread found is seen), reads one block and
+  // dispatches it. mu_ held through `lock` on entry and return, released meanwhile.
+  void read_for_poll(std::unique_lock<std::mutex>& lock, Deadline d);
+  template <typename Fn>
+  void edit_subs_locked(Fn&& fn) {
+    auto next = std::make_shared<std::vector<Sub>>(*subs_);
+    fn(*next);
+    subs_ = std::move(next);
+  }
   uint64_t new_id_locked() { return (client_id_ << 40) | (++counter_ & ((1ull << 40) - 1)); }
   void wake() {
     const uint64_t one = 1;
@@ -161,9 +188,13 @@ class Client::Impl {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   internal::OutQueue out_;
-  internal::RxBuffer rx_;  // I/O thread only
-  Reassembler reasm_;      // I/O thread only
-  GapDetector gaps_;       // I/O thread only
+  internal::RxBuffer rx_;  // the reader only (see reading_)
+  // Read reports (see ServerOptions::bulk_inflight_bytes): every rx_ack_every_ bytes read (set
+  // by the handshake; 0: none), the reader sends a credit frame with the bytes in seq.
+  uint64_t rx_ack_every_ = 0;
+  uint64_t rx_unacked_ = 0;  // the reader only
+  Reassembler reasm_;        // the reader only
+  GapDetector gaps_;         // the reader only
   Status status_;
   uint64_t client_id_ = 0, counter_ = 0;
   uint64_t pub_credits_ = 0, credits_owed_ = 0;
@@ -172,15 +203,29 @@ class Client::Impl {
   // soon enough.
   bool io_watches_out_ = false;
   int64_t io_wakes_at_ns_ = INT64_MIN;
+  // The reader role (under mu_): one thread at a time reads the socket and dispatches what
+  // arrives, owning rx_, reasm_ and gaps_: the I/O thread, or a thread in poll() that found the
+  // inbox empty and reads for itself (saving the I/O thread's wake-up and its hand-off per
+  // message). While poll() callers read, and for poll_read_grace_us after the last one, the I/O
+  // thread does not watch the socket for input (it would only wake to find the role taken).
+  bool reading_ = false;
+  int poll_readers_ = 0;
+  int64_t poll_read_end_ns_ = INT64_MIN / 2;
+  bool armed_in_ = true, armed_out_ = false;  // the socket's events in the I/O thread's epoll set
   bool draining_ = false;
-  std::vector<Sub> subs_;
+  // Copy-on-write (under mu_): a delivery takes a reference to the current list and runs its
+  // handlers without copying them; (un)subscribing installs a new list.
+  std::shared_ptr<const std::vector<Sub>> subs_ = std::make_shared<const std::vector<Sub>>();
   std::unordered_map<uint64_t, Waiter> waiters_;
   std::deque<ReceivedMessage> inbox_;
   std::unordered_map<uint64_t, std::vector<std::byte>> replies_;  // responder de-dup cache
   std::deque<uint64_t> replies_fifo_;
   std::unordered_set<uint64_t> in_flight_;
   ClientStats stats_;
-  int64_t last_rx_ns_ = 0, last_tx_ns_ = 0;
+  // Written by the reader, read by the I/O thread's heartbeat check: relaxed, a stale value only
+  // delays that check by one pass.
+  std::atomic<int64_t> last_rx_ns_{0};
+  int64_t last_tx_ns_ = 0;         // under mu_
   std::atomic<bool> stop_{false};  // pairs with the I/O thread's acquire load
   std::thread thread_;
 };
@@ -237,14 +282,19 @@ Status Client::Impl::handshake() {
   }
   client_id_ = f.header.id;
   pub_credits_ = f.header.seq;
+  if (f.header.timestamp_ns > (1ull << 30))
+    return protocol_error("auth_ok asks for a read report every ", f.header.timestamp_ns, " bytes");
+  rx_ack_every_ = f.header.timestamp_ns;
+  rx_unacked_ = rx_.buffered();  // the broker counts from auth_ok on
   FrameHeader c;
   c.type = FrameType::kCredit;
   c.flags = kFlagControl;
   c.id = opt_.receive_window;
   MYELIN_RETURN_IF_ERROR(out_.push(c, {}, {}, nullptr, false, monotonic_ns()));
   MYELIN_ASSIGN_OR_RETURN(flushed, out_.flush(fd_.get()));
-  last_rx_ns_ = last_tx_ns_ = monotonic_ns();
-  // Frames that arrived right behind auth_ok stay in rx_ for the I/O thread.
+  last_tx_ns_ = monotonic_ns();
+  last_rx_ns_.store(last_tx_ns_, std::memory_order_relaxed);
+  // Frames that arrived right behind auth_ok stay in rx_ for the first reader.
   return ok_status();
 }
 
@@ -278,8 +328,65 @@ void Client::Impl::shutdown() {
   }
 }
 
+Status Client::Impl::read_socket(bool readable, int rounds) {
+  for (int round = 0; round < rounds; ++round) {
+    if (readable) {
+      auto got = rx_.read_from(fd_.get());
+      if (!got.ok()) return std::move(got).status().with_context("broker " + opt_.address);
+      if (*got > 0) last_rx_ns_.store(monotonic_ns(), std::memory_order_relaxed);
+      rx_unacked_ += *got;
+      if (rx_ack_every_ > 0 && rx_unacked_ >= rx_ack_every_) {
+        // Tell the broker these bytes left the kernel, so it may send more bulk.
+        FrameHeader h;
+        h.type = FrameType::kCredit;
+        h.flags = kFlagControl;
+        h.seq = rx_unacked_;
+        rx_unacked_ = 0;
+        std::lock_guard<std::mutex> lock(mu_);
+        MYELIN_RETURN_IF_ERROR(send_locked(h, {}, {}, false));
+      }
+      // A short read emptied the socket: skip the read that would only say EAGAIN.
+      if (*got == 0 || rx_.drained()) readable = false;
+    }
+    while (true) {
+      FrameView f;
+      auto r = rx_.next(&f);
+      Status s = r.ok() ? ok_status() : r.status();
+      if (s.ok() && !*r) break;
+      if (s.ok()) s = dispatch(f, rx_.owner());
+      if (!s.ok()) return std::move(s).with_context("from broker " + opt_.address);
+    }
+    if (!readable) break;
+  }
+  return ok_status();
+}
+
+void Client::Impl::read_for_poll(std::unique_lock<std::mutex>& lock, Deadline d) {
+  reading_ = true;
+  poll_readers_++;
+  set_interest_locked(monotonic_ns());
+  lock.unlock();
+  const int64_t slice =
+      d.is_never() ? 20'000'000 : std::clamp<int64_t>(d.remaining_ns(), 0, 20'000'000);
+  const timespec ts{static_cast<time_t>(slice / 1'000'000'000),
+                    static_cast<long>(slice % 1'000'000'000)};
+  pollfd p{fd_.get(), POLLIN, 0};
+  Status s;
+  const int n = ::ppoll(&p, 1, &ts, nullptr);
+  if (n > 0)
+    s = read_socket(true, 1);
+  else if (n < 0 && errno != EINTR)
+    s = errno_status("ppoll on the broker connection", errno);
+  lock.lock();
+  reading_ = false;
+  poll_readers_--;
+  poll_read_end_ns_ = monotonic_ns();
+  if (!s.ok()) fail(std::move(s));
+  cv_.notify_all();  // other poll() callers may take the role now
+}
+
 void Client::Impl::io_loop() {
-  bool want_out = false;
+  bool first = true;  // frames may already sit in rx_ from the handshake
   while (!stop_.load(std::memory_order_acquire)) {
     int64_t timeout_ns = std::min<int64_t>(opt_.heartbeat_ms / 2, 50) * 1'000'000;
     {
@@ -289,17 +396,14 @@ void Client::Impl::io_loop() {
       const int64_t bd = out_.next_batch_deadline();
       if (bd != INT64_MAX)
         timeout_ns = std::min<int64_t>(timeout_ns, std::max<int64_t>(0, bd - now));
-      io_wakes_at_ns_ = now + timeout_ns;
-      const bool want = out_.has_unsent();
-      io_watches_out_ = want;
-      if (want != want_out) {
-        epoll_event ev{};
-        ev.events =
-            want ? static_cast<uint32_t>(EPOLLIN | EPOLLOUT) : static_cast<uint32_t>(EPOLLIN);
-        ev.data.u64 = 1;
-        ::epoll_ctl(epoll_.get(), EPOLL_CTL_MOD, fd_.get(), &ev);
-        want_out = want;
+      io_watches_out_ = out_.has_unsent();
+      set_interest_locked(now);
+      // Not watching for input (poll() callers read): look again when their grace ends.
+      if (!armed_in_) {
+        timeout_ns = std::min<int64_t>(timeout_ns,
+                                       std::max<int64_t>(opt_.poll_read_grace_us * 1000, 100'000));
       }
+      io_wakes_at_ns_ = now + timeout_ns;
     }
     epoll_event evs[4];
     const int n = internal::epoll_wait_ns(epoll_.get(), evs, 4, timeout_ns);
@@ -312,36 +416,27 @@ void Client::Impl::io_loop() {
         readable = true;
       }
     }
-    // Frames may already sit in rx_ from the handshake; read and dispatch them all.
-    for (int round = 0; round < 16; ++round) {
-      if (readable) {
-        auto got = rx_.read_from(fd_.get());
-        if (!got.ok()) {
-          std::lock_guard<std::mutex> lock(mu_);
-          fail(std::move(got).status().with_context("broker " + opt_.address));
-          return;
-        }
-        if (*got > 0) last_rx_ns_ = monotonic_ns();
-        // A short read emptied the socket: skip the read that would only say EAGAIN.
-        if (*got == 0 || rx_.drained()) readable = false;
+    bool mine = false;
+    if (readable || first) {
+      std::lock_guard<std::mutex> lock(mu_);
+      mine = !reading_ && poll_readers_ == 0;
+      if (mine) reading_ = true;
+    }
+    if (mine) {
+      first = false;
+      Status s = read_socket(readable, 16);
+      std::lock_guard<std::mutex> lock(mu_);
+      reading_ = false;
+      if (!s.ok()) {
+        fail(std::move(s));
+        return;
       }
-      while (true) {
-        FrameView f;
-        auto r = rx_.next(&f);
-        Status s = r.ok() ? ok_status() : r.status();
-        if (s.ok() && !*r) break;
-        if (s.ok()) s = dispatch(f, rx_.owner());
-        if (!s.ok()) {
-          std::lock_guard<std::mutex> lock(mu_);
-          fail(std::move(s).with_context("from broker " + opt_.address));
-          return;
-        }
-      }
-      if (!readable) break;
+      cv_.notify_all();  // a poll() caller may wait for the role
     }
     std::lock_guard<std::mutex> lock(mu_);
+    if (!status_.ok()) return;
     const int64_t now = monotonic_ns();
-    if (now - last_rx_ns_ > 3 * opt_.heartbeat_ms * 1'000'000) {
+    if (now - last_rx_ns_.load(std::memory_order_relaxed) > 3 * opt_.heartbeat_ms * 1'000'000) {
       fail(peer_failed("broker ", opt_.address, " silent for ", 3 * opt_.heartbeat_ms, " ms"));
       return;
     }
@@ -427,16 +522,17 @@ Status Client::Impl::dispatch(const FrameView& f, const std::shared_ptr<const vo
       ReceivedMessage m = received_message(f, owner);
       const SeqEvent ev = gaps_.observe(m.topic, m.seq);
       m.missed_before = ev.missed;
-      std::vector<MessageHandler> handlers;
-      bool to_inbox = false;
+      std::shared_ptr<const std::vector<Sub>> subs;
+      bool to_inbox = false, to_handler = false;
       {
         std::lock_guard<std::mutex> lock(mu_);
         stats_.gaps_missed += ev.missed;
         stats_.received++;
-        for (const Sub& s : subs_) {
+        subs = subs_;
+        for (const Sub& s : *subs) {
           if (s.responder || !topic_matches(s.pattern, m.topic)) continue;
           if (s.handler)
-            handlers.push_back(s.handler);
+            to_handler = true;
           else
             to_inbox = true;
         }
@@ -445,7 +541,11 @@ Status Client::Impl::dispatch(const FrameView& f, const std::shared_ptr<const vo
           cv_.notify_all();
         }
       }
-      for (const auto& fn : handlers) fn(m);
+      if (to_handler) {
+        for (const Sub& s : *subs) {
+          if (s.handler && !s.responder && topic_matches(s.pattern, m.topic)) s.handler(m);
+        }
+      }
       std::lock_guard<std::mutex> lock(mu_);
       if (!to_inbox) consumed_locked();  // poll() credits inbox messages when it hands them out
       return ok_status();
@@ -469,7 +569,7 @@ Status Client::Impl::dispatch(const FrameView& f, const std::shared_ptr<const vo
           stats_.duplicate_requests++;
           return ok_status();
         }
-        for (const Sub& s : subs_) {
+        for (const Sub& s : *subs_) {
           if (s.responder && topic_matches(s.pattern, m.topic)) {
             fn = s.responder;
             break;
@@ -544,7 +644,9 @@ Result<uint64_t> Client::subscribe(std::string_view pattern, MessageHandler hand
   Impl& im = *impl_;
   std::unique_lock<std::mutex> lock(im.mu_);
   const uint64_t id = im.new_id_locked();
-  im.subs_.push_back(Impl::Sub{id, std::string(pattern), std::move(handler), {}});
+  im.edit_subs_locked([&](std::vector<Impl::Sub>& v) {
+    v.push_back(Impl::Sub{id, std::string(pattern), std::move(handler), {}});
+  });
   im.waiters_[id];
   FrameHeader h;
   h.type = FrameType::kSubscribe;
@@ -553,7 +655,9 @@ Result<uint64_t> Client::subscribe(std::string_view pattern, MessageHandler hand
   Status s = im.send_locked(h, pattern, {}, false);
   auto w = s.ok() ? im.wait_for(lock, id, Deadline::after_ms(timeout_ms)) : Result<Impl::Waiter>(s);
   if (!w.ok() || !w->status.ok()) {
-    std::erase_if(im.subs_, [&](const Impl::Sub& x) { return x.id == id; });
+    im.edit_subs_locked([&](std::vector<Impl::Sub>& v) {
+      std::erase_if(v, [&](const Impl::Sub& x) { return x.id == id; });
+    });
     return (w.ok() ? w->status : w.status())
         .with_context("subscribing to '" + std::string(pattern) + "'");
   }
@@ -566,7 +670,9 @@ Status Client::serve(std::string_view pattern, RequestHandler handler, int64_t t
   Impl& im = *impl_;
   std::unique_lock<std::mutex> lock(im.mu_);
   const uint64_t id = im.new_id_locked();
-  im.subs_.push_back(Impl::Sub{id, std::string(pattern), {}, std::move(handler)});
+  im.edit_subs_locked([&](std::vector<Impl::Sub>& v) {
+    v.push_back(Impl::Sub{id, std::string(pattern), {}, std::move(handler)});
+  });
   im.waiters_[id];
   FrameHeader h;
   h.type = FrameType::kSubscribe;
@@ -576,7 +682,9 @@ Status Client::serve(std::string_view pattern, RequestHandler handler, int64_t t
   Status s = im.send_locked(h, pattern, {}, false);
   auto w = s.ok() ? im.wait_for(lock, id, Deadline::after_ms(timeout_ms)) : Result<Impl::Waiter>(s);
   if (!w.ok() || !w->status.ok()) {
-    std::erase_if(im.subs_, [&](const Impl::Sub& x) { return x.id == id; });
+    im.edit_subs_locked([&](std::vector<Impl::Sub>& v) {
+      std::erase_if(v, [&](const Impl::Sub& x) { return x.id == id; });
+    });
     return (w.ok() ? w->status : w.status()).with_context("serving '" + std::string(pattern) + "'");
   }
   return ok_status();
@@ -585,7 +693,9 @@ Status Client::serve(std::string_view pattern, RequestHandler handler, int64_t t
 Status Client::unsubscribe(uint64_t subscription, int64_t timeout_ms) {
   Impl& im = *impl_;
   std::unique_lock<std::mutex> lock(im.mu_);
-  std::erase_if(im.subs_, [&](const Impl::Sub& x) { return x.id == subscription; });
+  im.edit_subs_locked([&](std::vector<Impl::Sub>& v) {
+    std::erase_if(v, [&](const Impl::Sub& x) { return x.id == subscription; });
+  });
   const uint64_t op = subscription;
   im.waiters_[op];
   FrameHeader h;
@@ -603,6 +713,10 @@ Result<ReceivedMessage> Client::poll(Deadline deadline) {
   while (im.inbox_.empty()) {
     if (!im.status_.ok()) return im.status_;
     if (deadline.expired()) return timeout_error("no message");
+    if (im.opt_.poll_reads_socket && !im.reading_) {
+      im.read_for_poll(lock, deadline);
+      continue;
+    }
     im.cv_.wait_for(
         lock, std::chrono::nanoseconds(std::min<int64_t>(deadline.remaining_ns(), 100'000'000)));
   }

@@ -40,10 +40,18 @@ namespace {
 
 constexpr size_t kHighWater = 1 << 20;  // stop pulling from lanes past this many unsent bytes
 constexpr size_t kMaxPendingPulls = 1024;
+// Bytes read from one connection per pass of the loop: a flooding publisher holds the loop for
+// one such read (and its decoding) while a control frame waits on another connection.
+constexpr size_t kReadPerPass = 64 * 1024;
 
 // Publish-to-deliver latency buckets, seconds.
 constexpr std::array<double, 16> kLatencyBounds = {1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4,
                                                    5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 1e-1, 1.0,  10.0};
+
+bool publish_like(FrameType t) {
+  return t == FrameType::kPublish || t == FrameType::kRequest || t == FrameType::kPsPush ||
+         t == FrameType::kPsPull;
+}
 
 std::span<const std::byte> as_bytes(std::string_view s) {
   return {reinterpret_cast<const std::byte*>(s.data()), s.size()};
@@ -96,6 +104,9 @@ class Server::Impl {
   void read_conn(Conn& c);
   Status handle_frame(Conn& c, const FrameView& f, const std::shared_ptr<const void>& owner);
   Status handle_active(Conn& c, const FrameView& f, const std::shared_ptr<const void>& owner);
+  // A publish, request or parameter-server operation: takes its publish credit, then processes
+  // it or parks it behind earlier ones.
+  Status accept_work(Conn& c, AssembledMessage m);
   // Returns false when the frame must wait (blocked or rate limited).
   bool process_work(Conn& c, const AssembledMessage& m);
   void retry_parked(Conn& c);
@@ -185,6 +196,9 @@ struct Server::Impl::Conn final : public Session {
   int64_t handshake_deadline_ns = 0, last_rx_ns = 0, last_tx_ns = 0;
   int64_t deliver_credits = 0;
   uint64_t publish_outstanding = 0;  // publish-like frames received, not yet credited back
+  // Bytes written since auth_ok (out.bytes_written() - ack_base) minus those the client reported
+  // read (bytes_acked): what sits in the kernel buffers between us, ahead of any new frame.
+  uint64_t ack_base = 0, bytes_acked = 0;
   uint64_t credits_to_return = 0;
   std::deque<AssembledMessage> parked;
   double tokens = 0;
@@ -348,7 +362,8 @@ void Server::Impl::observe_latency(int64_t ns) {
 }
 
 void Server::Impl::update_interest(Conn& c) {
-  const bool want = c.out.has_unsent();
+  // Bulk held back by the in-flight window waits for the client's report, not for the socket.
+  const bool want = c.out.has_unsent() && !c.out.window_limited();
   if (want == c.want_out) return;
   epoll_event ev{};
   ev.events = want ? static_cast<uint32_t>(EPOLLIN | EPOLLOUT) : static_cast<uint32_t>(EPOLLIN);
@@ -495,10 +510,10 @@ void Server::Impl::serve_http(int raw) {
 
 void Server::Impl::read_conn(Conn& c) {
   const uint64_t id = c.id();
-  // One read (at most one receive block) per wake-up: a connection flooding bulk data cannot hold
-  // the loop while a control message waits on another connection; epoll is level-triggered, so
-  // what is left is reported again on the next pass.
-  auto n = c.rx.read_from(c.fd.get());
+  // One read (at most kReadPerPass) per wake-up: a connection flooding bulk data cannot hold the
+  // loop while a control message waits on another connection; epoll is level-triggered, so what
+  // is left is reported again on the next pass.
+  auto n = c.rx.read_from(c.fd.get(), kReadPerPass);
   if (!n.ok()) {
     close_conn(id, n.status().to_string().c_str());
     return;
@@ -560,7 +575,10 @@ Status Server::Impl::handle_frame(Conn& c, const FrameView& f,
     h.flags = kFlagControl;
     h.id = c.id();
     h.seq = opt_.publish_credits;
+    // The client reports the bytes it reads every quarter window (0: it need not).
+    h.timestamp_ns = opt_.bulk_inflight_bytes / 4;
     send_direct(c, h, {}, std::span<const std::byte>(proof.data(), proof.size()));
+    c.ack_base = c.out.bytes_written() + c.out.backlog_bytes();
     c.tokens =
         acl && acl->rate_limit_msgs_per_s > 0
             ? (acl->rate_limit_burst > 0 ? acl->rate_limit_burst : acl->rate_limit_msgs_per_s)
@@ -571,6 +589,15 @@ Status Server::Impl::handle_frame(Conn& c, const FrameView& f,
     return ok_status();
   }
   return handle_active(c, f, owner);
+}
+
+Status Server::Impl::accept_work(Conn& c, AssembledMessage m) {
+  if (++c.publish_outstanding > opt_.publish_credits) {
+    return protocol_error("client sent more than its ", opt_.publish_credits, " publish credits");
+  }
+  if (c.parked.empty() && process_work(c, m)) return ok_status();
+  c.parked.push_back(std::move(m));  // bounded by the publish credit window
+  return ok_status();
 }
 
 Status Server::Impl::handle_active(Conn& c, const FrameView& f,
@@ -584,6 +611,8 @@ Status Server::Impl::handle_active(Conn& c, const FrameView& f,
     whole.header = m.header;
     whole.topic = m.topic;
     whole.payload = std::span<const std::byte>(m.payload->data(), m.payload->size());
+    // A reassembled publish already has a buffer of its own: no second copy.
+    if (publish_like(m.header.type)) return accept_work(c, std::move(m));
     std::shared_ptr<const void> own = m.payload;
     return handle_active(c, whole, own);
   }
@@ -596,18 +625,12 @@ Status Server::Impl::handle_active(Conn& c, const FrameView& f,
     case FrameType::kRequest:
     case FrameType::kPsPush:
     case FrameType::kPsPull: {
-      if (++c.publish_outstanding > opt_.publish_credits) {
-        return protocol_error("client sent more than its ", opt_.publish_credits,
-                              " publish credits");
-      }
       // One copy out of the receive block: the message may outlive it while parked or queued.
       AssembledMessage m;
       m.header = h;
       m.topic = std::string(f.topic);
       m.payload = std::make_shared<std::vector<std::byte>>(f.payload.begin(), f.payload.end());
-      if (c.parked.empty() && process_work(c, m)) return ok_status();
-      c.parked.push_back(std::move(m));  // bounded by the publish credit window
-      return ok_status();
+      return accept_work(c, std::move(m));
     }
     case FrameType::kSubscribe: {
       if (!may_subscribe(c, f.topic)) {
@@ -627,6 +650,14 @@ Status Server::Impl::handle_active(Conn& c, const FrameView& f,
     }
     case FrameType::kCredit:
       if (h.id > (1ull << 32)) return protocol_error("credit grant of ", h.id);
+      if (h.seq > 0) {
+        // Bytes read: never more than were written.
+        if (opt_.bulk_inflight_bytes == 0 ||
+            h.seq > c.out.bytes_written() - c.ack_base - c.bytes_acked) {
+          return protocol_error("client reports ", h.seq, " bytes read, more than were sent");
+        }
+        c.bytes_acked += h.seq;
+      }
       c.deliver_credits += static_cast<int64_t>(h.id);
       c.ready.store(true, std::memory_order_relaxed);
       return ok_status();
@@ -797,9 +828,12 @@ void Server::Impl::pump(Conn& c) {
   c.ready.exchange(false, std::memory_order_acquire);
   const int64_t now = monotonic_ns();
   size_t moved = 0;
-  while (c.active && c.deliver_credits > 0 && c.out.backlog_bytes() < kHighWater) {
+  while (c.active && c.deliver_credits > 0) {
+    // Past the high-water mark of unsent bytes only control messages move on: they go out ahead
+    // of the queued bulk, so they must not wait in the ring until the bulk has drained.
     MessagePtr m;
-    if (!c.try_pop(m)) break;
+    const bool room = c.out.backlog_bytes() < kHighWater;
+    if (!(room ? c.try_pop(m) : c.lane(Lane::kControl).try_pop(m))) break;
     FrameHeader h;
     h.type = m->type;
     h.flags = m->lane == Lane::kControl ? kFlagControl : 0;
@@ -831,7 +865,12 @@ void Server::Impl::pump(Conn& c) {
   // waiting for their window. Batches still fill up with what one read brought in (a publisher's
   // batch, a burst), and no message waits for later traffic that may never come.
   c.out.close_due_batches(now, true);
-  auto r = c.out.flush(c.fd.get());
+  size_t bulk_budget = SIZE_MAX;
+  if (opt_.bulk_inflight_bytes > 0 && c.active) {
+    const uint64_t inflight = c.out.bytes_written() - c.ack_base - c.bytes_acked;
+    bulk_budget = inflight >= opt_.bulk_inflight_bytes ? 0 : opt_.bulk_inflight_bytes - inflight;
+  }
+  auto r = c.out.flush(c.fd.get(), bulk_budget);
   if (!r.ok()) {
     close_conn(c.id(), r.status().to_string().c_str());
     return;

@@ -292,6 +292,7 @@ Result<bool> OutQueue::push_and_flush(int fd, FrameHeader h, std::string_view to
     w = 0;
   }
   const size_t sent = static_cast<size_t>(w);
+  bytes_written_ += sent;
   if (sent == head_len + payload.size()) return true;
   // The socket took part of it (or nothing): queue the message with what was sent marked, so the
   // writer finishes this frame before anything else (a started frame counts as started).
@@ -327,12 +328,14 @@ bool OutQueue::empty() const noexcept {
   return lanes_[0].empty() && lanes_[1].empty() && batch_[0].count == 0 && batch_[1].count == 0;
 }
 
-Result<bool> OutQueue::flush(int fd) {
+Result<bool> OutQueue::flush(int fd, size_t bulk_budget) {
   constexpr int kMaxIov = 64;
+  window_limited_ = false;
   while (!lanes_[0].empty() || !lanes_[1].empty()) {
     iovec iov[kMaxIov];
     int n = 0;
-    std::vector<std::pair<int, size_t>> used;  // (lane, count)
+    std::pair<int, size_t> used[3];  // (lane, count), in the order written
+    int nused = 0;
     auto add = [&](const Piece& p) {
       size_t skip = p.sent;
       if (skip < p.head.size()) {
@@ -350,7 +353,7 @@ Result<bool> OutQueue::flush(int fd) {
     const bool bulk_started = !lanes_[1].empty() && lanes_[1].front().sent > 0;
     if (bulk_started) {
       add(lanes_[1].front());
-      used.emplace_back(1, 1);
+      used[nused++] = {1, 1};
     }
     size_t c = 0;
     for (const Piece& p : lanes_[0]) {
@@ -358,10 +361,14 @@ Result<bool> OutQueue::flush(int fd) {
       add(p);
       c++;
     }
-    if (c) used.emplace_back(0, c);
+    if (c) used[nused++] = {0, c};
     if (!bulk_started && !lanes_[1].empty() && n < kMaxIov - 2) {
-      add(lanes_[1].front());
-      used.emplace_back(1, 1);
+      if (bulk_budget > 0) {
+        add(lanes_[1].front());
+        used[nused++] = {1, 1};
+      } else if (n == 0) {
+        window_limited_ = true;
+      }
     }
     if (n == 0) break;
     // sendmsg with MSG_NOSIGNAL: a peer that went away is an error value, never SIGPIPE.
@@ -377,10 +384,14 @@ Result<bool> OutQueue::flush(int fd) {
     }
     size_t left = static_cast<size_t>(w);
     backlog_ -= left;
-    for (auto [lane, count] : used) {
+    bytes_written_ += left;
+    for (int u = 0; u < nused; ++u) {
+      const auto [lane, count] = used[u];
       for (size_t i = 0; i < count && left > 0; ++i) {
         Piece& p = lanes_[lane].front();
         const size_t rest = p.size() - p.sent;
+        const size_t took = std::min(left, rest);
+        if (lane == 1) bulk_budget -= std::min(bulk_budget, took);
         if (left >= rest) {
           left -= rest;
           lanes_[lane].pop_front();
@@ -414,10 +425,10 @@ void RxBuffer::make_room(size_t want) {
   block_ = std::move(fresh);
 }
 
-Result<size_t> RxBuffer::read_from(int fd) {
+Result<size_t> RxBuffer::read_from(int fd, size_t max_bytes) {
   make_room(16 * 1024);
   while (true) {
-    const size_t want = block_->size() - end_;
+    const size_t want = std::min(block_->size() - end_, std::max<size_t>(max_bytes, 1));
     const ssize_t n = ::read(fd, block_->data() + end_, want);
     if (n > 0) {
       end_ += static_cast<size_t>(n);

@@ -95,8 +95,15 @@ class OutQueue {
   Status push(FrameHeader h, std::string_view topic, std::span<const std::byte> payload,
               std::shared_ptr<const void> owner, bool batchable, int64_t now_ns);
   // Writes what the socket accepts. Returns true when everything queued went out. Errors:
-  // peer_failed when the peer closed, io_error otherwise.
-  Result<bool> flush(int fd);
+  // peer_failed when the peer closed, io_error otherwise. `bulk_budget` bounds the bulk-lane
+  // bytes this call starts (a chunk already started is finished; control frames are never held):
+  // bulk left for want of budget stays queued, where later control frames overtake it, and
+  // window_limited() says so.
+  Result<bool> flush(int fd, size_t bulk_budget = SIZE_MAX);
+  // The last flush() stopped because of its bulk budget, not because the socket was full.
+  [[nodiscard]] bool window_limited() const noexcept { return window_limited_; }
+  // Bytes written to the socket so far.
+  [[nodiscard]] uint64_t bytes_written() const noexcept { return bytes_written_; }
   // push() then flush(), except that a message that would go out alone anyway (nothing queued
   // or batched ahead of it, at most one chunk, not coalesced) is written straight from the
   // caller's buffers; only what the socket does not take is copied and queued. Same results as
@@ -140,14 +147,16 @@ class OutQueue {
   int64_t last_batchable_ns_[2] = {INT64_MIN / 2, INT64_MIN / 2};
   size_t backlog_ = 0;
   uint64_t batches_sent_ = 0, chunks_sent_ = 0;
+  uint64_t bytes_written_ = 0;
+  bool window_limited_ = false;
 };
 
 class RxBuffer {
  public:
   explicit RxBuffer(DecodeLimits limits, size_t block = 256 * 1024);
-  // Reads once from a non-blocking fd. Returns bytes read (0: would block). Errors: peer_failed
-  // on end of stream or reset, io_error otherwise.
-  Result<size_t> read_from(int fd);
+  // Reads once from a non-blocking fd, at most `max_bytes`. Returns bytes read (0: would block).
+  // Errors: peer_failed on end of stream or reset, io_error otherwise.
+  Result<size_t> read_from(int fd, size_t max_bytes = SIZE_MAX);
   // The last read_from() got less than it asked for: the socket had nothing more (a level-
   // triggered epoll reports it again if more arrives), so another read now would only say EAGAIN.
   [[nodiscard]] bool drained() const noexcept { return drained_; }
@@ -156,6 +165,8 @@ class RxBuffer {
   // The next complete frame, if any. Its views stay valid as long as owner() is held.
   Result<bool> next(FrameView* out);
   [[nodiscard]] std::shared_ptr<const void> owner() const { return block_; }
+  // Bytes read and not yet decoded (a partial frame, or frames next() has not returned).
+  [[nodiscard]] size_t buffered() const noexcept { return end_ - start_; }
 
  private:
   void make_room(size_t want);

@@ -299,6 +299,53 @@ TEST(Wire, PushAndFlushWritesThroughAndFinishesAStartedFrame) {
   EXPECT_TRUE(q.empty());
 }
 
+TEST(Wire, BulkBudgetHoldsBulkButNeverControl) {
+  int sv[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+  internal::Fd a(sv[0]), b(sv[1]);
+  ASSERT_TRUE(internal::set_nonblocking(a.get()).ok());
+  ASSERT_TRUE(internal::set_nonblocking(b.get()).ok());
+  internal::OutQueue q(internal::OutOptions{.chunk_size = 1024});
+  auto big = std::make_shared<std::vector<std::byte>>(3000);  // three chunks
+  ASSERT_TRUE(q.push({.type = FrameType::kDeliver, .seq = 1}, "bulk/x", *big, big, false, 0).ok());
+  ASSERT_TRUE(q.push({.type = FrameType::kDeliver, .flags = kFlagControl, .seq = 2}, "ctrl/x",
+                     bytes("c"), nullptr, false, 0)
+                  .ok());
+  auto drain = [&] {
+    internal::RxBuffer rx(DecodeLimits{});
+    std::vector<std::pair<uint64_t, size_t>> got;  // (seq, payload bytes) per frame
+    EXPECT_TRUE(rx.read_from(b.get()).ok());
+    FrameView f;
+    while (true) {
+      auto r = rx.next(&f);
+      EXPECT_TRUE(r.ok());
+      if (!r.ok() || !*r) break;
+      got.emplace_back(f.header.seq, f.payload.size());
+    }
+    return got;
+  };
+  // No budget: control goes out, bulk stays, and the queue says why.
+  const uint64_t before = q.bytes_written();
+  auto r = q.flush(a.get(), 0);
+  ASSERT_TRUE(r.ok());
+  EXPECT_FALSE(*r);
+  EXPECT_TRUE(q.window_limited());
+  EXPECT_EQ(drain(), (std::vector<std::pair<uint64_t, size_t>>{{2, 1}}));
+  EXPECT_EQ(q.bytes_written() - before, kFrameHeaderSize + 6 + 1);
+  // A budget of one byte starts (and so finishes) exactly one chunk.
+  r = q.flush(a.get(), 1);
+  ASSERT_TRUE(r.ok());
+  EXPECT_TRUE(q.window_limited());
+  EXPECT_EQ(drain(), (std::vector<std::pair<uint64_t, size_t>>{{1, 1024}}));
+  // Enough budget: the rest.
+  r = q.flush(a.get(), 1 << 20);
+  ASSERT_TRUE(r.ok());
+  EXPECT_TRUE(*r);
+  EXPECT_FALSE(q.window_limited());
+  EXPECT_EQ(drain(), (std::vector<std::pair<uint64_t, size_t>>{{1, 1024}, {1, 952}}));
+  EXPECT_TRUE(q.empty());
+}
+
 TEST(Reassembler, RefusesInterleavingAndOversize) {
   Reassembler re({.max_frame_payload = 1024, .max_message = 8});
   FrameView cont;

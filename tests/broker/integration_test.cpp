@@ -8,13 +8,16 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <condition_variable>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <mutex>
 #include <sstream>
 #include <thread>
 
@@ -270,6 +273,62 @@ TEST(BrokerIntegration, LargeBulkMessagesArriveWholeAndControlStillFlows) {
   }
   EXPECT_EQ(bigs, 3);
   EXPECT_EQ(ctrls, 3);
+}
+
+TEST(BrokerIntegration, PollingThreadsReadTheSocketAndHandlersStillRun) {
+  Daemon d("");
+  ASSERT_TRUE(d.up());
+  auto sub = connect_or_die(d.client("sub"));
+  auto pub = connect_or_die(d.client("pub"));
+  ASSERT_TRUE(sub && pub);
+  // Handler subscription: run by whichever thread reads the socket, one at a time, in order.
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<uint64_t> handled;  // seq of h/x, under mu
+  ASSERT_TRUE(sub->subscribe("h/#",
+                             [&](const ReceivedMessage& m) {
+                               std::lock_guard<std::mutex> lock(mu);
+                               EXPECT_EQ(m.missed_before, 0u);
+                               handled.push_back(m.seq);
+                               cv.notify_all();
+                             })
+                  .ok());
+  ASSERT_TRUE(sub->subscribe("p/#").ok());
+  constexpr uint64_t kEach = 2000;
+  // Two threads poll at once: every p/x message reaches exactly one of them, each in order.
+  std::atomic<uint64_t> polled{0};  // both pollers add; read after join
+  std::vector<uint64_t> seen[2];
+  std::thread pollers[2];
+  for (int t = 0; t < 2; ++t) {
+    pollers[t] = std::thread([&, t] {
+      const Deadline dl = Deadline::after_ms(30000);
+      while (polled.load(std::memory_order_relaxed) < kEach && !dl.expired()) {
+        auto m = sub->poll(Deadline::after_ms(20));
+        if (!m.ok()) continue;
+        seen[t].push_back(m->seq);
+        polled.fetch_add(1, std::memory_order_relaxed);
+      }
+    });
+  }
+  for (uint64_t i = 0; i < kEach; ++i) {
+    ASSERT_TRUE(pub->publish("h/x", "h").ok());
+    ASSERT_TRUE(pub->publish("p/x", "p").ok());
+  }
+  for (auto& t : pollers) t.join();
+  std::vector<uint64_t> all;
+  for (auto& v : seen) {
+    EXPECT_TRUE(std::is_sorted(v.begin(), v.end()));
+    all.insert(all.end(), v.begin(), v.end());
+  }
+  std::sort(all.begin(), all.end());
+  ASSERT_EQ(all.size(), kEach);
+  for (uint64_t i = 0; i < kEach; ++i) EXPECT_EQ(all[i], i + 1);
+  // Nobody polls any more: the I/O thread reads again and the handler gets the rest.
+  for (uint64_t i = 0; i < 100; ++i) ASSERT_TRUE(pub->publish("h/x", "h").ok());
+  std::unique_lock<std::mutex> lock(mu);
+  cv.wait_for(lock, std::chrono::seconds(20), [&] { return handled.size() == kEach + 100; });
+  ASSERT_EQ(handled.size(), kEach + 100);
+  for (uint64_t i = 0; i < handled.size(); ++i) EXPECT_EQ(handled[i], i + 1);
 }
 
 TEST(BrokerIntegration, SlowConsumerBlocksProducerWithoutLoss) {

@@ -3,14 +3,17 @@
 // Client: what training code links to talk to a myelin broker (myelin-broker or an embedded
 // Server). connect() authenticates (challenge-response on the job secret; the broker proves it
 // knows the secret too) and starts one I/O thread that reads, sends heartbeats and flushes.
+// A thread in poll() that finds nothing queued reads the socket itself meanwhile (one reader at
+// a time), so a polled message reaches its caller without a hand-off from the I/O thread.
 //
 //  - publish(): at-most-once, fire and forget. Blocks only while the broker holds back this
 //    producer (no publish credits left: a subscriber is full under the block policy, or a rate
 //    limit applies), until the deadline; the stall is counted.
-//  - subscribe(pattern, handler): handlers run on the I/O thread, one at a time, and must not
-//    block for long. Without a handler, messages go to poll(). Either way a delivery credit goes
-//    back to the broker once the message was handed over, so a slow consumer slows the broker's
-//    sending to it, never loses messages silently (see the topic's overflow policy).
+//  - subscribe(pattern, handler): handlers run on the thread that reads the socket (the I/O
+//    thread, or a thread blocked in poll()), one at a time, and must not block for long. Without a
+//    handler, messages go to poll(). Either way a delivery credit goes back to the broker once the
+//    message was handed over, so a slow consumer slows the broker's sending to it, never loses
+//    messages silently (see the topic's overflow policy).
 //  - Received payloads are not copied: ReceivedMessage::payload points into the receive buffer,
 //    kept alive by ReceivedMessage::owner.
 //  - request(): at-least-once with retries, exponential back-off and de-duplication by message id
@@ -49,6 +52,12 @@ struct ClientOptions {
   // Kernel send/receive buffer of the connection (0: the kernel's autotuning); see
   // ServerOptions::socket_buffer_bytes.
   int socket_buffer_bytes = 256 * 1024;
+  // poll() with nothing queued reads the socket itself instead of sleeping until the I/O thread
+  // read the message and woke it (a thread wake-up, 5-20 us on a busy machine, per message).
+  // Meanwhile, and for poll_read_grace_us after the last poll() read, the I/O thread does not
+  // watch the socket for input: messages for handlers wait at most that long when nothing polls.
+  bool poll_reads_socket = true;
+  int64_t poll_read_grace_us = 2000;
 };
 
 struct ReceivedMessage {

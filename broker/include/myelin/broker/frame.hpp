@@ -49,15 +49,17 @@ inline constexpr size_t kNonceSize = 32;
 inline constexpr size_t kMacSize = 32;  // HMAC-SHA256
 
 enum class FrameType : uint8_t {
-  kHello = 1,        // S->C  payload: server nonce (32 B)
-  kAuth = 2,         // C->S  topic: identity; payload: client nonce (32 B) + HMAC (32 B)
-  kAuthOk = 3,       // S->C  payload: server proof HMAC (32 B); id: client id; seq: publish credits
-  kError = 4,        // both  seq: StatusCode; id: id of the failed request (0: the connection)
-  kPublish = 5,      // C->S  topic; seq: publisher sequence; id: message id
-  kDeliver = 6,      // S->C  topic; seq: topic sequence; id: message id
-  kSubscribe = 7,    // C->S  topic: pattern; id: subscription id
+  kHello = 1,      // S->C  payload: server nonce (32 B)
+  kAuth = 2,       // C->S  topic: identity; payload: client nonce (32 B) + HMAC (32 B)
+  kAuthOk = 3,     // S->C  payload: server proof HMAC (32 B); id: client id; seq: publish credits;
+                   //       timestamp_ns: report bytes read every this many bytes (0: never)
+  kError = 4,      // both  seq: StatusCode; id: id of the failed request (0: the connection)
+  kPublish = 5,    // C->S  topic; seq: publisher sequence; id: message id
+  kDeliver = 6,    // S->C  topic; seq: topic sequence; id: message id
+  kSubscribe = 7,  // C->S  topic: pattern; id: subscription id
   kUnsubscribe = 8,  // C->S  id: subscription id
-  kCredit = 9,       // both  id: credits granted (C->S: deliveries; S->C: publishes)
+  kCredit = 9,       // both  id: credits granted (C->S: deliveries; S->C: publishes);
+                     //       C->S seq: bytes read from the socket since the last report
   kRequest = 10,     // both  topic; id: message id; seq: attempt number (1, 2, ...)
   kReply = 11,       // both  id: message id of the request
   kBatch = 12,       // both  payload: inner frames

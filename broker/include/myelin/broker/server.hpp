@@ -54,6 +54,11 @@ struct ServerOptions {
   // It bounds how much bulk data can sit in the kernel ahead of a control frame: the lanes order
   // frames only until they are written to the socket.
   int socket_buffer_bytes = 256 * 1024;
+  // Bulk-lane bytes the broker lets sit unread in the kernel buffers towards one client (the
+  // client reports what it reads every quarter of this). Past it, bulk waits in the broker's own
+  // queue, where control frames overtake it: a control frame then waits behind at most this
+  // much bulk plus one chunk instead of both socket buffers full. 0: no limit but the buffers.
+  uint32_t bulk_inflight_bytes = 128 * 1024;
   int64_t heartbeat_ms = 1000;  // clients silent for 3x this are dropped
   int64_t handshake_timeout_ms = 5000;
   int numa_node = -1;  // pin the loop thread there (-1: don't)
