@@ -41,7 +41,10 @@
 // consume() call -- and every quarter ring within a long batch -- after which the producer may
 // reuse the space. When it loads a new tail and the first record is small, it prefetches the
 // lines up to that tail (at most 4 KiB): otherwise each record's line would be requested only
-// after the previous record was read, one transfer from the producer's cache at a time.
+// after the previous record was read, one transfer from the producer's cache at a time. While
+// records arrive one at a time (the last tail moved by one small record), a consume() that finds
+// the ring empty also prefetches the line the next record will be written to, so that the record
+// travels while the tail does; not during batches, where that line is still being filled.
 //
 // Everything from the peer is checked before the handler sees it: a tail that is misaligned,
 // behind head or more than the capacity ahead, a record length above the ring's limit, running
@@ -305,13 +308,21 @@ class RecordRing : public internal::RingMemory<RecordRing> {
         // Pairs with the producer's release store of tail in commit(): every record before it
         // is written.
         t = shared_->tail.load(std::memory_order_acquire);
-        if (t == h) break;
+        if (t == h) {
+          // Records arrive one at a time: ask for the line the next one will be written to, so
+          // that when the tail moves the record is on its way (one transfer of latency instead of
+          // two, tail then record). Not while batches arrive: a line the producer is filling would
+          // be taken from it each time.
+          if (consumer_.trickle) __builtin_prefetch(data_ + (h & mask_), 0, 3);
+          break;
+        }
         if (t - h > capacity_ || t % kRecordAlignment != 0) {
           consumer_.tail_cache = h;
           return protocol_error("record ring: corrupt tail ", t, " at head ", h, " (capacity ",
                                 capacity_, ")");
         }
         consumer_.tail_cache = t;
+        consumer_.trickle = t - h <= kPrefetchRecordBytes;
         prefetch_committed(h, t);
       }
       const uint64_t offset = h & mask_;
@@ -485,6 +496,7 @@ class RecordRing : public internal::RingMemory<RecordRing> {
   struct alignas(kFalseSharingRange) Consumer {
     uint64_t head = 0;
     uint64_t tail_cache = 0;  // producer's tail as last loaded
+    bool trickle = false;     // the last tail it loaded had moved by one small record
   } consumer_;
 };
 
