@@ -357,9 +357,9 @@ TEST(ShmTransport, SplitReceiverStealsTheHeadWhileTheSenderIsStopped) {
 
 TEST(ShmTransport, SplitHeadWrittenBySenderOrStolenKeepsEveryByte) {
   // Both outcomes of the race between the sender's compare-exchange and the receiver's steal,
-  // 4 MiB message after message: a running sender (it usually takes the head first: the receive then
-  // waits for its kSplitDone), and a sender that spins a while before it progresses (the receiver
-  // usually steals). Every message must arrive intact and every send complete, either way.
+  // 4 MiB message after message: a running sender (it usually takes the head first: the receive
+  // then waits for its kSplitDone), and a sender that spins a while before it progresses (the
+  // receiver usually steals). Every message must arrive intact and every send complete, either way.
   ::setenv("MYELIN_SHM_SPLIT", "262144", 1);
   run_two([](int rank, Link& link) {
     if (!exchange_cma_check(rank, link)) {
@@ -804,8 +804,13 @@ TEST(ShmSplit, WriterAndStealerCopyEachHeadExactlyOnce) {
       EXPECT_EQ(r, R::kTaken) << "round " << i;
     }
     round.store(i, std::memory_order_release);
-    if (i % 3 == 0) {  // the writer first
-      while (writer_at.load(std::memory_order_acquire) < i) std::this_thread::yield();
+    if (i % 3 == 0) {  // the writer first: wait until it holds the grant (or is done with it)
+      // Relaxed on purpose: only the grant word's own release/acquire may order the writer's copy
+      // before ours, so that TSan sees a missing pairing.
+      while ((k.slots[slot].token.load(std::memory_order_relaxed) &
+              (shm::kGrantBusy | shm::kGrantDone)) == 0) {
+        std::this_thread::yield();
+      }
     }
     while (r == R::kBusy) {
       r = k.table.try_revoke(slot, g);
