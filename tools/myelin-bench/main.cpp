@@ -50,7 +50,7 @@ struct Args {
   Kind kind = Kind::kP2p;
   std::string transport = "auto";
   std::string device;
-  std::string progress = "busy";
+  std::string progress = "auto";
   int nprocs = 0;
   bool server = false;
   std::string connect;
@@ -316,7 +316,7 @@ int run_rank(const Args& a, int rank, int size, Store& store) {
     char host[256] = {0};
     ::gethostname(host, sizeof(host) - 1);
     report.comment(std::string("myelin-bench ") + a.bench + ": transport " + used + " (" + why +
-                   "), progress " + a.progress +
+                   "), progress " + (*ctx)->progress_reason() +
                    (a.kind == Kind::kCollective
                         ? std::string()
                         : ", window " + std::to_string(window) + ", buffers " +
@@ -641,7 +641,9 @@ void add_options(CLI::App* sub, Args& a, Kind kind, const std::string& name) {
   sub->add_option("--numa", a.numa, "run the ranks on this NUMA node's CPUs and memory");
   sub->add_flag("--json", a.json, "one JSON object per line");
   sub->add_flag("--csv", a.csv, "CSV with a key line");
-  sub->add_option("--progress", a.progress, "busy|block")->check(CLI::IsMember({"busy", "block"}));
+  sub->add_option("--progress", a.progress,
+                  "busy|block|yield|auto (auto: yield when ranks outnumber CPUs, else busy)")
+      ->check(CLI::IsMember({"busy", "block", "yield", "auto"}));
   sub->add_option("--timeout", a.timeout_s, "seconds for connects and each wait");
   // Fault injection for the tool's own tests (hidden): corrupt the timed message with this index.
   sub->add_option("--inject-wrong", a.inject_wrong)->group("");

@@ -1,8 +1,10 @@
 // Context: opens backends, builds the address, picks a backend per peer, owns endpoints and the
-// registration cache, and drives progress (busy-poll or spin-then-block over the backends' fds).
+// registration cache, and drives progress (busy-poll, poll-and-yield, or spin-then-block over the
+// backends' fds).
 #include <myelin/transport/context.hpp>
 
 #include <poll.h>
+#include <sched.h>
 #include <sys/epoll.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -47,6 +49,10 @@ using internal::ParsedAddress;
 
 struct Context::Impl {
   Options options;
+  // The mode waits run in (options.progress with kAuto resolved), and why.
+  ProgressMode mode = ProgressMode::kBusyPoll;
+  std::string mode_reason;
+  int cpus = 1;
   internal::ContextInfo info;
   // Preference order: as compiled_backends() lists them (verbs, ucx, tcp, shm).
   std::vector<std::unique_ptr<BackendContext>> backends;
@@ -56,6 +62,15 @@ struct Context::Impl {
   std::map<CacheKey, std::shared_ptr<RegionState>> regions;
   uint64_t next_region_id = 1;
   int epoll_fd = -1;  // over the backends' wait_fd(); made on the first blocking wait
+  // Poll-and-yield with TCP only (yield_may_sleep: every backend is TCP): a wait that has yielded
+  // for kYieldBeforeSleepNs without news sleeps on the sockets. Loopback delivery may run in
+  // ksoftirqd, an ordinary task that ranks which never sleep can starve (measured: 4 ranks on 2
+  // vCPUs under load, 4 KiB allreduce over TCP took 0.6-1.0 ms yielding without this, 0.2-0.3 ms
+  // with it, 0.1 ms blocking; so kAuto picks block there). Not with the other backends: shm
+  // tells its peers at connect time whether to ring its doorbell (only in kSpinThenBlock), so a
+  // yielding shm waiter must not sleep, and UCX opens no wake-up feature outside kSpinThenBlock.
+  static constexpr int64_t kYieldBeforeSleepNs = 20'000;
+  bool yield_may_sleep = false;
   // Spin-then-block: the current spin budget (see drive()) and a count of waits.
   static constexpr uint32_t kSpinProbeEvery = 256;
   int64_t spin_ns = 0;
@@ -149,7 +164,7 @@ struct Context::Impl {
   template <typename Done>
   bool done_within_first_polls(Done&& done) {
     if (done()) return true;
-    if (options.progress != ProgressMode::kBusyPoll) return false;
+    if (mode != ProgressMode::kBusyPoll) return false;
     for (int i = 0; i < kPollsBeforeClock; ++i) {
       progress();
       if (done()) return true;
@@ -201,11 +216,39 @@ struct Context::Impl {
   template <typename Done>
   bool drive(Done&& done, Deadline deadline) {
     if (done()) return true;
-    if (options.progress == ProgressMode::kBusyPoll) {
+    if (mode == ProgressMode::kBusyPoll) {
       for (uint32_t i = 0;; ++i) {
         progress();
         if (done()) return true;
         if ((i & 15) == 15 && deadline.expired()) return false;
+      }
+    }
+    if (mode == ProgressMode::kPollYield) {
+      // A short spin catches a peer that is running right now on another CPU; after it, every
+      // poll that finds nothing hands the CPU to another runnable process (on an oversubscribed
+      // node, most likely the very rank this wait needs) instead of spinning out the time slice,
+      // and no kernel wake-up is needed to come back: the scheduler returns to this process once
+      // the others have had their turn. The deadline is read after every yield (a yield can
+      // last a time slice; a clock read is small against the system call).
+      for (int i = 0; i < kYieldSpinPolls; ++i) {
+        progress();
+        if (done()) return true;
+      }
+      const int64_t start = monotonic_ns();
+      bool may_sleep = yield_may_sleep;
+      for (;;) {
+        const size_t events = progress();
+        if (done()) return true;
+        const int64_t now = monotonic_ns();
+        if (!deadline.is_never() && now >= deadline.at_ns()) return false;
+        if (events != 0) continue;
+        if (may_sleep && now - start >= kYieldBeforeSleepNs) {
+          // Sleeps until a socket is readable (or at most 100 ms, or the deadline); false when
+          // work is pending, and then the loop simply goes on.
+          if (block_once(deadline)) continue;
+          may_sleep = false;
+        }
+        sched_yield();
       }
     }
     // Adaptive spin: spin_ns is the current budget, at most spin_before_block. A wait that the
@@ -270,6 +313,7 @@ Result<std::unique_ptr<Context>> Context::create(const Options& options) {
   impl->info.name = options.name.empty()
                         ? "pid " + std::to_string(getpid()) + "@" + std::string(host)
                         : options.name;
+  impl->cpus = usable_cpus();
   impl->info.node_id = local_node_id();
 
   std::string skipped;
@@ -296,6 +340,13 @@ Result<std::unique_ptr<Context>> Context::create(const Options& options) {
                        " backend is not compiled into this build of myelin");
   }
   if (impl->backends.empty()) return unavailable("no transport backend could be opened: ", skipped);
+  impl->yield_may_sleep = std::all_of(impl->backends.begin(), impl->backends.end(),
+                                      [](const auto& be) { return be->kind() == Backend::kTcp; });
+  impl->mode = resolve_progress_mode(options.progress, options.local_ranks, impl->cpus,
+                                     &impl->mode_reason, impl->yield_may_sleep);
+  if (impl->mode != ProgressMode::kBusyPoll && options.progress == ProgressMode::kAuto) {
+    MYELIN_LOG_INFO << impl->info.name << ": progress " << impl->mode_reason;
+  }
 
   ParsedAddress self{impl->info.name, impl->info.node_id, {}};
   for (const auto& be : impl->backends) {
@@ -311,6 +362,29 @@ Result<std::unique_ptr<Context>> Context::create(const Options& options) {
 
 const Options& Context::options() const noexcept {
   return impl_->options;
+}
+
+ProgressMode Context::progress_mode() const noexcept {
+  return impl_->mode;
+}
+
+const std::string& Context::progress_reason() const noexcept {
+  return impl_->mode_reason;
+}
+
+ProgressMode Context::set_local_ranks(int local_ranks) {
+  if (local_ranks < 0) local_ranks = 0;
+  impl_->options.local_ranks = local_ranks;
+  // kAuto resolves to busy or yield, or to block only in a Context whose backends are all TCP,
+  // whose sockets wake a sleeper in any mode; so nothing relies on a wake-up that a backend set up
+  // (or not) for the requested mode when it opened (shm's doorbells, UCX's wake-up feature).
+  const ProgressMode before = impl_->mode;
+  impl_->mode = resolve_progress_mode(impl_->options.progress, local_ranks, impl_->cpus,
+                                      &impl_->mode_reason, impl_->yield_may_sleep);
+  if (impl_->mode != before) {
+    MYELIN_LOG_INFO << impl_->info.name << ": progress " << impl_->mode_reason;
+  }
+  return impl_->mode;
 }
 
 std::vector<Backend> Context::backends() const {

@@ -6,8 +6,8 @@
 //
 // Environment variables are an overlay, applied only by Options::with_env_overlay():
 //   MYELIN_TRANSPORT=auto|shm|tcp|ucx|verbs   MYELIN_DEVICE=<name>   MYELIN_NUMA_NODE=<n>
-//   MYELIN_PROGRESS=busy|block                MYELIN_TIMEOUT_MS=<ms>
-//   MYELIN_SPIN_US=<us> (spin_before_block)
+//   MYELIN_PROGRESS=busy|block|yield|auto     MYELIN_TIMEOUT_MS=<ms>
+//   MYELIN_SPIN_US=<us> (spin_before_block)   MYELIN_LOCAL_SIZE=<n> (local_ranks, when unset)
 //   MYELIN_TCP_IFACE / MYELIN_TCP_ADDR (address the TCP backend listens on; default: hostname's)
 #pragma once
 
@@ -29,13 +29,37 @@ enum class Backend : uint8_t { kAuto = 0, kShm, kTcp, kUcx, kVerbs };
 std::string_view backend_name(Backend b) noexcept;  // "auto", "shm", "tcp", "ucx", "verbs"
 Result<Backend> parse_backend(std::string_view name);
 
-// How waits are driven. kBusyPoll spins on the progress engine (lowest latency, one core busy);
-// kSpinThenBlock spins for spin_before_block, then sleeps on an fd (eventfd, epoll, completion
-// channel) until an event or the deadline.
-enum class ProgressMode : uint8_t { kBusyPoll = 0, kSpinThenBlock };
+// How waits are driven.
+//   kBusyPoll      spins on the progress engine (lowest latency, one core busy per Context).
+//   kSpinThenBlock spins for spin_before_block, then sleeps on an fd (eventfd, epoll, completion
+//                  channel) until an event or the deadline: a kernel wake-up per sleep.
+//   kPollYield     polls like kBusyPoll for a short spin (kYieldSpinPolls polls), then calls
+//                  sched_yield() after every poll that finds nothing: the CPU goes to another
+//                  runnable process (a peer rank on an oversubscribed node) and comes back
+//                  without a kernel wake-up. Never sleeps; for more ranks than CPUs on a node.
+//   kAuto          kBusyPoll, or kPollYield once the Context learns (Options::local_ranks, or
+//                  Context::set_local_ranks(), which a collectives Communicator calls) that more
+//                  ranks share this node than this process may run on CPUs; a Context whose only
+//                  backend is TCP then blocks instead (resolve_progress_mode()).
+// Every mode honours each wait's deadline.
+enum class ProgressMode : uint8_t { kBusyPoll = 0, kSpinThenBlock, kPollYield, kAuto };
 
-std::string_view progress_mode_name(ProgressMode m) noexcept;  // "busy", "block"
+std::string_view progress_mode_name(ProgressMode m) noexcept;  // "busy", "block", "yield", "auto"
 Result<ProgressMode> parse_progress_mode(std::string_view name);
+
+// kPollYield: polls of a wait before its first sched_yield().
+constexpr int kYieldSpinPolls = 32;
+
+// CPUs this process may run on (its affinity mask, bounded by the online CPUs); at least 1.
+int usable_cpus() noexcept;
+
+// The mode a Context runs for `requested`: kAuto becomes kPollYield when local_ranks > cpus (both
+// known, i.e. > 0) — kSpinThenBlock instead when `tcp_only` (every backend of the Context is TCP,
+// whose sockets wake a sleeper in any mode: on loopback, sleeping lets the kernel's delivery run,
+// and measured here it beat yielding 2x) — else kBusyPoll; the other modes stay as they are.
+// `why` (optional) receives a sentence saying which and why.
+ProgressMode resolve_progress_mode(ProgressMode requested, int local_ranks, int cpus,
+                                   std::string* why = nullptr, bool tcp_only = false);
 
 struct Options {
   Backend backend = Backend::kAuto;
@@ -47,7 +71,11 @@ struct Options {
   std::string listen_address;
   // NUMA node for buffers and progress; -1 = the node of the device, else no binding.
   int numa_node = -1;
-  ProgressMode progress = ProgressMode::kBusyPoll;
+  // kAuto by default: kBusyPoll unless this node is known to be oversubscribed (see above).
+  ProgressMode progress = ProgressMode::kAuto;
+  // Ranks (processes or threads with a Context each) driving progress on this node; 0 = unknown.
+  // Only ProgressMode::kAuto reads it (MYELIN_LOCAL_SIZE when the overlay finds it unset).
+  int local_ranks = 0;
   std::chrono::nanoseconds spin_before_block = std::chrono::microseconds(50);
   // Default deadline for connects and for waits that are not given one.
   std::chrono::milliseconds timeout = std::chrono::seconds(30);
