@@ -4,12 +4,17 @@
 #
 #   scripts/compare-collectives.sh [--build DIR] [--reps N] [--ranks "2 4"]
 #                                  [--sizes "4096 1048576 67108864"] [--out FILE]
+#                                  [--modes "busy block yield"] [--peers "mpi-tcp mpi-sm gloo"]
+#                                  [--transports "tcp shm"]
 #
 # Contenders (each a fresh set of N processes per size and repetition; the order rotates with
 # every repetition so that no contender always runs first or last):
 #   myelin-tcp        myelin-bench allreduce --transport tcp --progress busy   (127.0.0.1)
 #   myelin-tcp-block  the same with --progress block (spin 50 us, then sleep in the kernel)
-#   myelin-shm[-block] --transport shm, busy / block
+#   myelin-tcp-yield  the same with --progress yield (poll, sched_yield between empty polls)
+#   myelin-tcp-auto   --progress auto (yield when ranks outnumber CPUs, else busy)
+#   myelin-shm[-MODE] --transport shm, the same modes
+#   (--modes picks the progress modes, --transports the myelin transports, --peers the peers)
 #   mpi-tcp     mpirun ... --mca pml ob1 --mca btl tcp,self (loopback only)  compare_mpi_allreduce
 #   mpi-sm      mpirun ... --mca pml ob1 --mca btl vader,self (4.1's shared-memory btl)
 #   gloo-*      compare_gloo_allreduce: Gloo's TCP transport on 127.0.0.1, FileStore rendezvous,
@@ -17,7 +22,9 @@
 #               median of them per size.
 # Busy polling wins on idle cores; on a machine whose cores are shared with other work a polling
 # rank burns the time slice its peer needs, and blocking wins: both are measured. (OpenMPI polls;
-# Gloo's TCP transport sleeps in epoll.) Run it under `nice -n -10` on a shared machine.
+# Gloo's TCP transport sleeps in epoll.) With more ranks than cores a busy-polling rank starves
+# the one it waits for; yield (and auto) hand the CPU on instead. Run it at high priority on a
+# shared machine (autogroup nice -20, see docs/performance.md).
 # Needs: a build with myelin-bench (MYELIN_BUILD_TOOLS) and the peer programs (built when
 # scripts/setup.sh --with peers installed OpenMPI and Gloo). Missing peers are skipped, named.
 set -euo pipefail
@@ -28,6 +35,9 @@ reps=5
 ranks="2 4"
 sizes="4096 1048576 67108864"
 out=""
+modes="busy block yield"
+peers="mpi-tcp mpi-sm gloo"
+transports="tcp shm"
 while [ $# -gt 0 ]; do
   case "$1" in
     --build) build=$2; shift ;;
@@ -35,7 +45,10 @@ while [ $# -gt 0 ]; do
     --ranks) ranks=$2; shift ;;
     --sizes) sizes=$2; shift ;;
     --out) out=$2; shift ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    --modes) modes=$2; shift ;;
+    --peers) peers=$2; shift ;;
+    --transports) transports=$2; shift ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "compare-collectives.sh: unknown argument '$1'" >&2; exit 2 ;;
   esac
   shift
@@ -63,7 +76,7 @@ iters_for() {  # timed iterations by size (warm-up: a tenth, at least 2)
 run_myelin() {  # transport progress np bytes
   local t=$1 progress=$2 np=$3 bytes=$4 it label
   it=$(iters_for "$bytes")
-  label=myelin-$t$([ "$progress" = block ] && echo -block)
+  label=myelin-$t$([ "$progress" = busy ] || echo "-$progress")
   "$bench" allreduce -n "$np" --transport "$t" --progress "$progress" --size "$bytes" \
     --iters "$it" --warmup $(( it / 10 > 2 ? it / 10 : 2 )) --json 2>/dev/null |
     grep '"busbw_GBps"' | while read -r line; do
@@ -84,9 +97,22 @@ run_gloo() {  # np bytes
   "$gloo" -n "$1" --sizes "$2" --iters "$(iters_for "$2")" 2>/dev/null | grep '^RESULT' || true
 }
 
-contenders=(myelin-tcp myelin-tcp-block myelin-shm myelin-shm-block)
-[ $have_mpi = 1 ] && contenders+=(mpi-tcp mpi-sm)
-[ $have_gloo = 1 ] && contenders+=(gloo)
+label_of() { echo "myelin-$1$([ "$2" = busy ] || echo "-$2")"; }  # transport mode
+contenders=()
+myelin_impls=""
+for t in $transports; do
+  for m in $modes; do
+    contenders+=("myelin:$t:$m")
+    myelin_impls+="$(label_of "$t" "$m") "
+  done
+done
+for p in $peers; do
+  case $p in
+    mpi-tcp|mpi-sm) [ $have_mpi = 1 ] && contenders+=("$p") ;;
+    gloo) [ $have_gloo = 1 ] && contenders+=(gloo) ;;
+    *) echo "compare-collectives.sh: unknown peer '$p' (mpi-tcp, mpi-sm, gloo)" >&2; exit 2 ;;
+  esac
+done
 echo "# $(date -u +%FT%TZ) $(uname -n): $cores cores ($(grep -m1 'model name' /proc/cpuinfo |
   cut -d: -f2 | sed 's/^ //')), load $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "# reps $reps, ranks {$ranks}, sizes {$sizes}: ${contenders[*]}"
@@ -97,10 +123,7 @@ for rep in $(seq 1 "$reps"); do
       for k in $(seq 0 $(( n - 1 ))); do
         c=${contenders[$(( (k + rep) % n ))]}
         case $c in
-          myelin-tcp) run_myelin tcp busy "$np" "$bytes" ;;
-          myelin-tcp-block) run_myelin tcp block "$np" "$bytes" ;;
-          myelin-shm) run_myelin shm busy "$np" "$bytes" ;;
-          myelin-shm-block) run_myelin shm block "$np" "$bytes" ;;
+          myelin:*) IFS=: read -r _ t m <<<"$c"; run_myelin "$t" "$m" "$np" "$bytes" ;;
           mpi-tcp) run_mpi tcp "$np" "$bytes" ;;
           mpi-sm) run_mpi vader "$np" "$bytes" ;;
           gloo) run_gloo "$np" "$bytes" ;;
@@ -126,7 +149,6 @@ get() {  # impl np bytes field -> median
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "nan" || b == "nan" || b == 0) print "-"; else printf "%.2f", a / b }'; }
 gloo_impls=$(sed -n 's/.*impl=\(gloo-[^ ]*\).*/\1/p' "$results" | sort -u)
-myelin_impls="myelin-tcp myelin-tcp-block myelin-shm myelin-shm-block"
 
 echo
 echo "# median busbw GB/s (median time us) over $reps repetitions; busbw = bytes/time * 2(n-1)/n"
@@ -165,12 +187,14 @@ for np in $ranks; do
     pt=$(get mpi-tcp "$np" "$bytes" busbw_GBps); ps=$(get mpi-sm "$np" "$bytes" busbw_GBps)
     ptt=$(get mpi-tcp "$np" "$bytes" time_us); pst=$(get mpi-sm "$np" "$bytes" time_us)
     line="np=$np bytes=$bytes"
-    for m in myelin-tcp myelin-tcp-block; do
+    for m in $myelin_impls; do
+      case $m in myelin-tcp*) ;; *) continue ;; esac
       b=$(get "$m" "$np" "$bytes" busbw_GBps); t=$(get "$m" "$np" "$bytes" time_us)
       line+="  $m: /gloo-best $(ratio "$b" "$best") /mpi-tcp $(ratio "$b" "$pt")"
       [ "$bytes" -gt 65536 ] || line+=" time/mpi-tcp $(ratio "$t" "$ptt")"
     done
-    for m in myelin-shm myelin-shm-block; do
+    for m in $myelin_impls; do
+      case $m in myelin-shm*) ;; *) continue ;; esac
       b=$(get "$m" "$np" "$bytes" busbw_GBps); t=$(get "$m" "$np" "$bytes" time_us)
       line+="  $m: /mpi-sm $(ratio "$b" "$ps")"
       [ "$bytes" -gt 65536 ] || line+=" time/mpi-sm $(ratio "$t" "$pst")"

@@ -83,45 +83,184 @@ struct Call {
 };
 
 constexpr size_t kDescriptorBytes = sizeof(Descriptor);
-// Room for what a peer may send on the descriptor phase: a descriptor, or on the two-rank fast
-// path a descriptor and the data.
-constexpr size_t kDescriptorCapacity = kDescriptorBytes + internal::kFusedPairMaxBytes;
+// Room for what a peer may send on the descriptor phase: a descriptor, an abort notice (two), or
+// in a small recursive doubling a descriptor and the data.
+constexpr size_t kDescriptorCapacity = kDescriptorBytes + internal::kFusedMaxBytes;
+static_assert(kDescriptorCapacity >= 2 * kDescriptorBytes, "room for an abort notice");
+// Descriptor::reserved of an abort notice: a rank that found a mismatch in a small recursive
+// doubling sends, to each partner still waiting for its message, its own descriptor so marked,
+// followed by the descriptor it disagreed with (reserved = the rank that sent that one).
+constexpr uint32_t kAbortNotice = 0xAB0D0001u;
 
-// Two ranks, small allreduce: each rank sends one message carrying its call descriptor followed by
-// its data, receives the peer's, checks the descriptor and reduces — one message each way, no
-// separate descriptor message, no copy of the input into recv first. Both ranks take this path
-// exactly when their descriptors agree (it depends only on the collective, algorithm, count and
-// type, which the descriptor holds, and on the rank count); a peer that took the ordinary path
-// (a different count) sends a bare descriptor on the same channel and is reported as a mismatch.
-Status fused_pair_allreduce(Exchange& ex, const Descriptor& mine, const Call& call) {
-  Communicator& comm = ex.comm();
-  const int peer = 1 - comm.rank();
-  const size_t bytes = call.count * ex.elem();
-  uint8_t* in = comm.scratch(internal::kScratchDescriptor, 2 * kDescriptorCapacity);
-  uint8_t* out = in + kDescriptorCapacity;
-  MYELIN_ASSIGN_OR_RETURN(
-      size_t r, ex.post_recv_upto(peer, internal::kDescriptorPhase, in, kDescriptorCapacity));
-  std::memcpy(out, &mine, kDescriptorBytes);
-  if (bytes > 0) std::memcpy(out + kDescriptorBytes, call.send, bytes);
-  MYELIN_ASSIGN_OR_RETURN(
-      size_t s, ex.post_send(peer, internal::kDescriptorPhase, out, kDescriptorBytes + bytes));
-  MYELIN_RETURN_IF_ERROR(ex.wait(r));
-  const size_t got = ex.received(r);
-  if (got < kDescriptorBytes) {
-    return invalid_argument("rank ", peer, " sent ", got, " bytes where a ", kDescriptorBytes,
-                            "-byte call descriptor was expected");
-  }
+size_t round_up64(size_t v) noexcept {
+  return (v + 63) / 64 * 64;
+}
+
+// Non-OK when a peer's descriptor-phase message (a descriptor, the head of a data message, or an
+// abort notice) shows that it made a different call than `mine`; OK when the calls agree or the
+// message is too short to tell (the caller checks sizes).
+Status call_mismatch(int peer, const uint8_t* msg, size_t got, const Descriptor& mine) {
+  if (got < kDescriptorBytes) return ok_status();
   Descriptor theirs;
-  std::memcpy(&theirs, in, kDescriptorBytes);
+  std::memcpy(&theirs, msg, kDescriptorBytes);
   if (!same_call(mine, theirs)) return mismatched_calls(peer, theirs, mine);
-  if (got != kDescriptorBytes + bytes) {
-    return invalid_argument("size mismatch: rank ", peer, " sent ", got - kDescriptorBytes,
-                            " bytes of data where this rank expected ", bytes);
+  if (theirs.reserved == kAbortNotice && got >= 2 * kDescriptorBytes) {
+    Descriptor odd;
+    std::memcpy(&odd, msg + kDescriptorBytes, kDescriptorBytes);
+    return invalid_argument("mismatched collective calls: rank ", odd.reserved, " called ",
+                            describe_call(odd), ", rank ", peer, " and this rank called ",
+                            describe_call(mine), " (rank ", peer, " stopped the call)");
   }
-  // This rank's contribution is the left operand, as in recursive doubling.
-  reduce_to(call.recv, call.send, in + kDescriptorBytes, call.count, call.type, call.op);
-  if (call.op == ReduceOp::kAvg) divide_by(call.recv, call.count, call.type, 2);
-  return ex.wait(s);
+  return ok_status();
+}
+
+// Small allreduce by recursive doubling on any number of ranks, with the call descriptor carried
+// at the head of every data message: no separate descriptor message, so each rank sends log2(p)
+// messages (one more for the ranks folded in or out when n is not a power of two) instead of one
+// more per call. Every received message is checked against this rank's call before its data is
+// used, and every rank receives at least one message, so every rank checks the call. The data
+// is reduced straight from the receive buffers into the next outgoing message (this rank's
+// contribution the left operand, as in recursive_doubling_allreduce.cpp, so every rank ends with
+// the same bits), and the last step straight into recv: the input is copied once, into the first
+// message. All messages travel on the descriptor phase, which the ordinary path's descriptor
+// receive also listens on, so a rank whose call differs (and that took the ordinary path) is
+// reported as a mismatch by whoever hears from it. All ranks take this path exactly when their
+// calls agree on the fields that decide it (collective, algorithm, count, type; and the rank
+// count), which the descriptor carries.
+Status fused_recursive_doubling(Exchange& ex, const Descriptor& mine, const Call& call) {
+  Communicator& comm = ex.comm();
+  const int n = comm.size();
+  const int me = comm.rank();
+  const size_t bytes = call.count * ex.elem();
+  const size_t msg_bytes = kDescriptorBytes + bytes;
+  const internal::Fold f = internal::fold(me, n);
+  int steps = 0;
+  while ((1 << steps) < f.pof2) ++steps;
+
+  // Receive buffers: [0] the folded rank's message (or, for a rank sitting out, the result),
+  // [1 + k] step k's. Send buffers: [k] step k's message, [steps] the result for a folded rank.
+  const size_t in_stride = round_up64(kDescriptorCapacity);
+  const size_t out_stride = round_up64(msg_bytes);
+  const auto slots = static_cast<size_t>(steps + 1);
+  uint8_t* base =
+      comm.scratch(internal::kScratchDescriptor, slots * in_stride + slots * out_stride);
+  const auto in = [&](int i) { return base + static_cast<size_t>(i) * in_stride; };
+  const auto out = [&](int k) {
+    return base + slots * in_stride + static_cast<size_t>(k) * out_stride;
+  };
+  const auto head = [&](uint8_t* msg) { std::memcpy(msg, &mine, kDescriptorBytes); };
+
+  // Partners, in the order this rank sends to them; the first `sent` have had their message.
+  std::vector<int>& will_send = comm.pending_pool().peers;
+  will_send.clear();
+  size_t sent = 0;
+  const auto step_partner = [&](int k) { return internal::unfold(f.new_rank ^ (1 << k), f.rem); };
+  if (f.new_rank < 0) {
+    will_send.push_back(f.partner);
+  } else {
+    for (int k = 0; k < steps; ++k) will_send.push_back(step_partner(k));
+    if (f.partner >= 0) will_send.push_back(f.partner);
+  }
+
+  // On a mismatch, tell every partner this rank has not sent to yet (each waits for exactly one
+  // message from it) which call it disagreed with, so that they report it too instead of a
+  // disconnected peer.
+  const auto give_up = [&](int peer, const uint8_t* msg, Status why) -> Status {
+    // The call that differs: the peer's own, or the one an abort notice from it quotes.
+    Descriptor odd;
+    std::memcpy(&odd, msg, kDescriptorBytes);
+    if (same_call(mine, odd)) {
+      std::memcpy(&odd, msg + kDescriptorBytes, kDescriptorBytes);
+    } else {
+      odd.reserved = static_cast<uint32_t>(peer);
+    }
+    Descriptor marked = mine;
+    marked.reserved = kAbortNotice;
+    uint8_t* notice = comm.scratch(internal::kScratchWork, 2 * kDescriptorBytes);
+    std::memcpy(notice, &marked, kDescriptorBytes);
+    std::memcpy(notice + kDescriptorBytes, &odd, kDescriptorBytes);
+    for (size_t i = sent; i < will_send.size(); ++i) {
+      (void)ex.post_send(will_send[i], internal::kDescriptorPhase, notice, 2 * kDescriptorBytes);
+    }
+    sent = will_send.size();
+    return why;
+  };
+  const auto send = [&](int peer, const uint8_t* msg) -> Status {
+    ++sent;
+    return ex.post_send(peer, internal::kDescriptorPhase, msg, msg_bytes).status();
+  };
+  // Waits for receive `h` from `peer` and checks it; the data follows the descriptor.
+  const auto receive = [&](size_t h, int peer, const uint8_t* msg) -> Status {
+    MYELIN_RETURN_IF_ERROR(ex.wait(h));
+    const size_t got = ex.received(h);
+    if (got < kDescriptorBytes) {
+      return invalid_argument("rank ", peer, " sent ", got, " bytes where a ", kDescriptorBytes,
+                              "-byte call descriptor was expected");
+    }
+    if (Status s = call_mismatch(peer, msg, got, mine); !s.ok()) {
+      return give_up(peer, msg, std::move(s));
+    }
+    if (got != msg_bytes) {
+      return invalid_argument("size mismatch: rank ", peer, " sent ", got - kDescriptorBytes,
+                              " bytes of data where this rank expected ", bytes);
+    }
+    return ok_status();
+  };
+  const auto post_in = [&](int peer, int slot) {
+    return ex.post_recv_upto(peer, internal::kDescriptorPhase, in(slot), kDescriptorCapacity);
+  };
+  const auto type = call.type;
+  const auto op = call.op;
+
+  if (f.new_rank < 0) {  // folded out: hand the input to the partner, get the result back
+    MYELIN_ASSIGN_OR_RETURN(size_t r, post_in(f.partner, 0));
+    head(out(0));
+    if (bytes > 0) std::memcpy(out(0) + kDescriptorBytes, call.send, bytes);
+    MYELIN_RETURN_IF_ERROR(send(f.partner, out(0)));
+    MYELIN_RETURN_IF_ERROR(receive(r, f.partner, in(0)));
+    if (bytes > 0) std::memcpy(call.recv, in(0) + kDescriptorBytes, bytes);
+  } else {
+    size_t fold_in = 0;
+    if (f.partner >= 0) {
+      MYELIN_ASSIGN_OR_RETURN(fold_in, post_in(f.partner, 0));
+    }
+    std::vector<size_t>& step_in = comm.pending_pool().handles;
+    step_in.clear();
+    for (int k = 0; k < steps; ++k) {
+      MYELIN_ASSIGN_OR_RETURN(size_t h, post_in(step_partner(k), 1 + k));
+      step_in.push_back(h);
+    }
+    // cur: this rank's running result, kept in the data part of the next message to send.
+    const uint8_t* cur = static_cast<const uint8_t*>(call.send);
+    if (f.partner >= 0) {
+      MYELIN_RETURN_IF_ERROR(receive(fold_in, f.partner, in(0)));
+      uint8_t* dst = steps > 0 ? out(0) + kDescriptorBytes : static_cast<uint8_t*>(call.recv);
+      if (bytes > 0) reduce_to(dst, cur, in(0) + kDescriptorBytes, call.count, type, op);
+      cur = dst;
+    } else if (steps > 0 && bytes > 0) {
+      std::memcpy(out(0) + kDescriptorBytes, cur, bytes);
+      cur = out(0) + kDescriptorBytes;
+    }
+    for (int k = 0; k < steps; ++k) {
+      const int partner = step_partner(k);
+      head(out(k));
+      MYELIN_RETURN_IF_ERROR(send(partner, out(k)));
+      MYELIN_RETURN_IF_ERROR(receive(step_in[static_cast<size_t>(k)], partner, in(1 + k)));
+      const bool last = k + 1 == steps;
+      uint8_t* dst = last ? static_cast<uint8_t*>(call.recv) : out(k + 1) + kDescriptorBytes;
+      if (bytes > 0) reduce_to(dst, cur, in(1 + k) + kDescriptorBytes, call.count, type, op);
+      cur = dst;
+    }
+    if (f.partner >= 0) {  // hand the result to the rank folded out
+      head(out(steps));
+      if (bytes > 0) std::memcpy(out(steps) + kDescriptorBytes, call.recv, bytes);
+      MYELIN_RETURN_IF_ERROR(send(f.partner, out(steps)));
+    }
+  }
+  if (call.op == ReduceOp::kAvg && bytes > 0) {
+    divide_by(call.recv, call.count, call.type, static_cast<uint32_t>(n));
+  }
+  return ex.wait_all();
 }
 
 // Options::segment_size 0: MYELIN_COLL_SEGMENT (bytes; K/M suffixes) when set, else the built-in
@@ -204,29 +343,25 @@ Result<Algorithm> run(Communicator& comm, const Call& call, const Options& optio
   mine.sequence = comm.next_sequence();
   mine.count = call.count;
   mine.root = call.root;
-  Descriptor theirs{};
-  theirs.magic = 0;
 
   const int n = comm.size();
-  const bool fused = n == 2 && call.collective == Collective::kAllreduce &&
+  const bool fused = n >= 2 && call.collective == Collective::kAllreduce &&
                      algo == Algorithm::kRecursiveDoubling &&
-                     call.select_bytes <= internal::kFusedPairMaxBytes;
+                     call.select_bytes <= internal::kFusedMaxBytes;
   Status status;
   {
     Exchange ex(comm, options.tag, Deadline::after(timeout), info);
     size_t desc_recv = 0;
     bool desc_posted = false;
     const int prev = (comm.rank() + n - 1) % n;
-    // With two ranks the peer may be on the fast path (if its call differs from this one), and
-    // its descriptor then comes with data: receive into room for both.
-    uint8_t* desc_in = n == 2 ? comm.scratch(internal::kScratchDescriptor, kDescriptorCapacity)
-                              : reinterpret_cast<uint8_t*>(&theirs);
+    // The previous rank may be in a small recursive doubling (if its call differs from this
+    // one), and its descriptor then comes with data: receive into room for both.
+    uint8_t* desc_in = nullptr;
     if (fused) {
-      status = fused_pair_allreduce(ex, mine, call);
+      status = fused_recursive_doubling(ex, mine, call);
     } else if (n > 1) {
-      auto r =
-          n == 2 ? ex.post_recv_upto(prev, internal::kDescriptorPhase, desc_in, kDescriptorCapacity)
-                 : ex.post_recv(prev, internal::kDescriptorPhase, desc_in, sizeof(theirs));
+      desc_in = comm.scratch(internal::kScratchDescriptor, kDescriptorCapacity);
+      auto r = ex.post_recv_upto(prev, internal::kDescriptorPhase, desc_in, kDescriptorCapacity);
       if (r.ok()) {
         desc_recv = *r;
         desc_posted = true;
@@ -246,14 +381,15 @@ Result<Algorithm> run(Communicator& comm, const Call& call, const Options& optio
         // call), report that instead of the symptom. It was sent first, so unless that rank is
         // dead it is here or about to be: give it a moment (bounded by the call's deadline).
         const Deadline grace = Deadline::after(std::chrono::milliseconds(200)).min(ex.deadline());
-        while (!ex.done(desc_recv) && !grace.expired()) comm.context().progress();
+        ex.settle(desc_recv, grace);
       }
       const bool have_theirs = ex.done(desc_recv) && ex.status_of(desc_recv).ok() &&
                                ex.received(desc_recv) >= kDescriptorBytes;
-      if (have_theirs && desc_in != reinterpret_cast<uint8_t*>(&theirs)) {
-        std::memcpy(&theirs, desc_in, kDescriptorBytes);
+      if (have_theirs) {
+        if (Status m = call_mismatch(prev, desc_in, ex.received(desc_recv), mine); !m.ok()) {
+          status = std::move(m);
+        }
       }
-      if (have_theirs && !same_call(mine, theirs)) status = mismatched_calls(prev, theirs, mine);
       if (status.ok() && have_theirs && ex.received(desc_recv) != kDescriptorBytes) {
         status = invalid_argument("rank ", prev, " sent a ", ex.received(desc_recv),
                                   "-byte call descriptor where ", kDescriptorBytes,

@@ -81,6 +81,13 @@ Status Communicator::init() {
     }
   }
   endpoints_.assign(static_cast<size_t>(size_), nullptr);
+  // Progress mode: a Context in ProgressMode::kAuto polls and yields instead of spinning when
+  // this node holds more ranks than CPUs (spinning ranks would starve the peers they wait for).
+  const transport::ProgressMode mode =
+      options_.context->set_local_ranks(static_cast<int>(node_ranks_.size()));
+  MYELIN_LOG_DEBUG << "communicator rank " << rank_ << ": progress "
+                   << transport::progress_mode_name(mode) << " ("
+                   << options_.context->progress_reason() << ")";
   MYELIN_LOG_DEBUG << "communicator rank " << rank_ << " of " << size_ << ": " << node_count_
                    << " node(s), " << node_ranks_.size() << " rank(s) on this node";
   return ok_status();

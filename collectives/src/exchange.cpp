@@ -89,10 +89,15 @@ Status Exchange::wait_all() {
 
 void Exchange::settle_sends(Deadline until) {
   for (size_t i = first_unwaited_; i < pending_.size(); ++i) {
-    const Pending& p = pending_[i];
-    if (p.is_recv) continue;
-    while (!p.request.done() && !until.expired()) comm_.context().progress();
+    if (!pending_[i].is_recv) settle(i, until);
   }
+}
+
+void Exchange::settle(size_t handle, Deadline until) {
+  // The Context's wait drives progress in its mode (a yielding one hands the CPU on between
+  // polls); its status is the caller's business, read with status_of().
+  const transport::Request& r = pending_[handle].request;
+  if (!r.done()) (void)comm_.context().wait(r, until);
 }
 
 Status Exchange::sendrecv(int send_peer, const void* send, size_t send_bytes, int recv_peer,

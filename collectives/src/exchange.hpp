@@ -61,6 +61,9 @@ struct PendingOp {
 // allocate it anew (an Exchange borrows it for its lifetime and hands it back cleared).
 struct PendingPool {
   std::vector<PendingOp> ops;
+  // Scratch lists of the small recursive doubling (collectives.cpp), for the same reason.
+  std::vector<int> peers;
+  std::vector<size_t> handles;
 };
 
 // Posted operations of one collective call on this rank. Handles are indices; wait() turns every
@@ -105,6 +108,9 @@ class Exchange {
   // Drives progress until every posted send has completed (successfully or not) or `until`
   // passes; reports nothing. Used before failing the communicator.
   void settle_sends(Deadline until);
+  // Drives progress until operation `handle` has completed or `until` passes; reports nothing
+  // and does not count as waiting for it.
+  void settle(size_t handle, Deadline until);
 
   // Convenience: post both, wait both.
   Status sendrecv(int send_peer, const void* send, size_t send_bytes, int recv_peer, void* recv,
@@ -123,15 +129,16 @@ class Exchange {
 };
 
 // Scratch slots of the Communicator: 0 and 1 belong to the algorithms, 2 to the dispatcher, 3 to
-// the call descriptors (and the data that travels with them on the two-rank fast path).
+// the call descriptors (and the data that travels with them in a small recursive doubling).
 constexpr int kScratchAlgo0 = 0;
 constexpr int kScratchAlgo1 = 1;
 constexpr int kScratchWork = 2;
 constexpr int kScratchDescriptor = 3;
 
-// Largest allreduce (bytes) that two ranks run as one message each way carrying the call
-// descriptor and the data (docs/collectives.md, "Two-rank fast path").
-constexpr size_t kFusedPairMaxBytes = 16 * 1024;
+// Largest allreduce (bytes) whose recursive doubling carries the call descriptor in each data
+// message instead of a separate descriptor message (docs/collectives.md, "Small allreduce: the
+// descriptor rides with the data").
+constexpr size_t kFusedMaxBytes = 16 * 1024;
 
 // Number of segments of `count` elements cut in pieces of `seg`, and segment j.
 inline size_t segment_count(size_t count, size_t seg) noexcept {

@@ -92,6 +92,8 @@ struct WorldSpec {
   // > 0: pretend ranks r / ranks_per_node share a node (exercises the hierarchical algorithm).
   int ranks_per_node = 0;
   std::chrono::milliseconds timeout = std::chrono::seconds(30);
+  // Spin-then-block by default: 2 cores shared by up to 8 ranks and other tests.
+  transport::ProgressMode progress = transport::ProgressMode::kSpinThenBlock;
 };
 
 struct RankCtx {
@@ -152,7 +154,7 @@ inline Outcome run_world(const WorldSpec& spec, const RankBody& body,
         transport::Options o;
         o.backend = spec.backend;
         o.listen_address = "127.0.0.1";
-        o.progress = transport::ProgressMode::kSpinThenBlock;  // 2 cores shared by N ranks
+        o.progress = spec.progress;
         o.timeout = spec.timeout;
         o.name = "rank " + std::to_string(r);
         MYELIN_ASSIGN_OR_RETURN(auto ctx, transport::Context::create(o));

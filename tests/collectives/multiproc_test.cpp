@@ -263,6 +263,33 @@ TEST(CollectivesAuto, AllreduceOverAutoBackend) {
   }
 }
 
+// Auto progress over the automatic backend (shared memory between these ranks): 4 and 5 ranks
+// outnumber this machine's CPUs, so the Contexts poll and yield.
+TEST(CollectivesAutoShm, YieldingRanksAllreduceEverySize) {
+  for (int n : {4, 5}) {
+    WorldSpec s;
+    s.ranks = n;
+    s.backend = Backend::kAuto;
+    s.progress = transport::ProgressMode::kAuto;
+    const auto out = run_world(s, [](RankCtx& rc) -> Status {
+      const auto want = rc.size > transport::usable_cpus() ? transport::ProgressMode::kPollYield
+                                                           : transport::ProgressMode::kBusyPoll;
+      if (rc.comm->context().progress_mode() != want) {
+        return internal_error("progress ", rc.comm->context().progress_reason());
+      }
+      uint64_t salt = 300;
+      for (size_t count : {size_t{1}, size_t{1024}, size_t{4097}, (size_t{1} << 18) + 3}) {
+        for (bool in_place : {false, true}) {
+          MYELIN_RETURN_IF_ERROR(check_allreduce(rc, Algorithm::kAuto, DataType::kF32,
+                                                 ReduceOp::kSum, count, in_place, 0, ++salt));
+        }
+      }
+      return ok_status();
+    });
+    EXPECT_TRUE(out.all_ok()) << n << " ranks:" << out.summary();
+  }
+}
+
 // Inexact float data: the result stays within the rounding bound of n - 1 additions, and every
 // rank ends with the same bits.
 TEST(CollectivesFloat, RandomDataWithinErrorBoundAndIdenticalOnAllRanks) {
@@ -353,11 +380,12 @@ Status survive(RankCtx& rc, int victim, std::chrono::milliseconds timeout) {
   return internal_error("allreduce never failed");
 }
 
-void fault_test(int sig) {
+void fault_test(int sig, transport::ProgressMode progress) {
   constexpr int kVictim = 2;
   const auto timeout = std::chrono::milliseconds(3000);
   WorldSpec s;
   s.ranks = 4;
+  s.progress = progress;
   int64_t injected_ns = 0;
   double seconds = 0;
   const auto out = run_world(
@@ -394,16 +422,81 @@ void fault_test(int sig) {
   EXPECT_LT(seconds, 3.0 + 10.0) << out.summary();
 }
 
-TEST(CollectivesFailure, KilledRankFailsEverySurvivor) {
-  fault_test(SIGKILL);
+// Every progress mode keeps each wait's deadline: block sleeps in the kernel, yield and auto (4
+// ranks on this 2-core machine: yield, or busy where there are 4 or more CPUs) poll and hand the
+// CPU on, busy spins.
+class CollectivesFailure : public ::testing::TestWithParam<transport::ProgressMode> {};
+
+TEST_P(CollectivesFailure, KilledRankFailsEverySurvivor) {
+  fault_test(SIGKILL, GetParam());
 }
-TEST(CollectivesFailure, StoppedRankFailsEverySurvivorWithinTimeout) {
-  fault_test(SIGSTOP);
+TEST_P(CollectivesFailure, StoppedRankFailsEverySurvivorWithinTimeout) {
+  fault_test(SIGSTOP, GetParam());
 }
 
-TEST(CollectivesFailure, MismatchedCountsAreAClearError) {
+// Small allreduces (the descriptor rides with the data): a rank stopped or killed mid-loop.
+TEST_P(CollectivesFailure, StoppedRankFailsSmallAllreduces) {
+  constexpr int kVictim = 1;
+  const auto timeout = std::chrono::milliseconds(2000);
   WorldSpec s;
-  s.ranks = 3;
+  s.ranks = 5;
+  s.progress = GetParam();
+  double seconds = 0;
+  const auto out = run_world(
+      s,
+      [&](RankCtx& rc) -> Status {
+        std::vector<float> buf(1000, 1.0f);
+        for (int i = 0; i < 1000000; ++i) {
+          if (i == 10 && rc.rank == 0) write_file(rc.dir + "/started", "1");
+          auto r = allreduce(*rc.comm, buf.data(), buf.data(), buf.size(), DataType::kF32,
+                             ReduceOp::kMax, {.timeout = timeout});
+          if (r.ok()) continue;
+          if (rc.rank == kVictim) return internal_error("the victim saw an error");
+          write_file(rc.dir + "/error." + std::to_string(rc.rank), r.status().to_string());
+          return ok_status();
+        }
+        return internal_error("allreduce never failed");
+      },
+      [&](const std::vector<pid_t>& pids, const std::string& dir) {
+        const Deadline d = Deadline::after(std::chrono::seconds(60));
+        while (!fs::exists(dir + "/started") && !d.expired()) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(2));
+        }
+        kill(pids[kVictim], SIGSTOP);
+        const int64_t injected = monotonic_ns();
+        const Deadline report = Deadline::after(timeout + std::chrono::seconds(10));
+        for (int r = 0; r < 5; ++r) {
+          while (r != kVictim && !fs::exists(dir + "/error." + std::to_string(r)) &&
+                 !report.expired()) {
+            std::this_thread::sleep_for(std::chrono::milliseconds(2));
+          }
+        }
+        seconds = static_cast<double>(monotonic_ns() - injected) / 1e9;
+        kill(pids[kVictim], SIGKILL);
+      },
+      std::chrono::seconds(60));
+  for (int r = 0; r < s.ranks; ++r) {
+    if (r == kVictim) continue;
+    EXPECT_EQ(out.exit_codes[r], 0) << out.summary();
+    EXPECT_NE(read_file(out.dir + "/error." + std::to_string(r)).find("allreduce"),
+              std::string::npos)
+        << out.summary();
+  }
+  EXPECT_LT(seconds, 2.0 + 10.0) << out.summary();
+}
+
+INSTANTIATE_TEST_SUITE_P(Progress, CollectivesFailure,
+                         ::testing::Values(transport::ProgressMode::kSpinThenBlock,
+                                           transport::ProgressMode::kPollYield,
+                                           transport::ProgressMode::kAuto),
+                         [](const auto& p) { return std::string(progress_mode_name(p.param)); });
+
+// Both counts take the small recursive doubling (descriptor with the data) on 3 and 4 ranks.
+class CollectivesMismatch : public ::testing::TestWithParam<int> {};
+
+TEST_P(CollectivesMismatch, MismatchedCountsAreAClearError) {
+  WorldSpec s;
+  s.ranks = GetParam();
   s.timeout = std::chrono::milliseconds(5000);
   const auto out = run_world(s, [](RankCtx& rc) -> Status {
     const size_t count = rc.rank == 1 ? 8 : 7;
@@ -415,24 +508,58 @@ TEST(CollectivesFailure, MismatchedCountsAreAClearError) {
   });
   EXPECT_TRUE(out.all_ok()) << out.summary();
   int clear = 0;
-  for (int r = 0; r < 3; ++r) {
+  for (int r = 0; r < s.ranks; ++r) {
     const std::string err = read_file(out.dir + "/error." + std::to_string(r));
     if (err.find("mismatched collective calls") != std::string::npos &&
         err.find("7 x i32") != std::string::npos && err.find("8 x i32") != std::string::npos) {
       ++clear;
     }
   }
-  // Ranks 1 and 2 compare with a rank whose count differs; rank 0 may only see the fallout.
+  // Every rank hears from the odd one, or from a rank that heard from it and says so.
   std::string errors;
-  for (int r = 0; r < 3; ++r) errors += "\n" + read_file(out.dir + "/error." + std::to_string(r));
-  EXPECT_GE(clear, 2) << errors;
+  for (int r = 0; r < s.ranks; ++r) {
+    errors += "\n" + read_file(out.dir + "/error." + std::to_string(r));
+  }
+  EXPECT_EQ(clear, s.ranks) << errors;
+}
+INSTANTIATE_TEST_SUITE_P(Ranks, CollectivesMismatch, ::testing::Values(3, 4, 5),
+                         [](const auto& p) { return std::to_string(p.param) + "ranks"; });
+
+// One rank's count is past the small-allreduce limit (it runs halving-doubling with a separate
+// descriptor), the others' within it: every rank fails within the timeout, and the odd rank
+// names both calls.
+TEST(CollectivesMismatchAcrossTheLimit, EveryRankFailsWithinTheTimeout) {
+  WorldSpec s;
+  s.ranks = 4;
+  s.timeout = std::chrono::milliseconds(3000);
+  const auto out = run_world(s, [](RankCtx& rc) -> Status {
+    const size_t count = rc.rank == 1 ? 4097 : 4096;
+    std::vector<float> buf(count, 1.0f);
+    const int64_t start = monotonic_ns();
+    auto r = allreduce(*rc.comm, buf.data(), buf.data(), count, DataType::kF32, ReduceOp::kSum);
+    if (r.ok()) return internal_error("mismatched allreduce succeeded");
+    if (monotonic_ns() - start > 3'000'000'000LL + 2'000'000'000LL) {
+      return internal_error("the error came after the timeout: ", r.status().to_string());
+    }
+    write_file(rc.dir + "/error." + std::to_string(rc.rank), r.status().to_string());
+    return ok_status();
+  });
+  EXPECT_TRUE(out.all_ok()) << out.summary();
+  const std::string odd = read_file(out.dir + "/error.1");
+  EXPECT_NE(odd.find("mismatched collective calls"), std::string::npos) << odd;
+  EXPECT_NE(odd.find("4096 x f32"), std::string::npos) << odd;
+  EXPECT_NE(odd.find("4097 x f32"), std::string::npos) << odd;
 }
 
-// Two ranks run small allreduces as one message each way (descriptor and data together): both
-// sides of the size limit, every op, in place and out.
-TEST(CollectivesTwoRanks, FastPathAndOrdinaryPathAroundTheLimit) {
+// Small allreduces carry the descriptor in their data messages (on two ranks one message each
+// way): both sides of the size limit, every op, in place and out, in every progress mode.
+class CollectivesSmall : public ::testing::TestWithParam<std::tuple<int, transport::ProgressMode>> {
+};
+
+TEST_P(CollectivesSmall, FastPathAndOrdinaryPathAroundTheLimit) {
   WorldSpec s;
-  s.ranks = 2;
+  s.ranks = std::get<0>(GetParam());
+  s.progress = std::get<1>(GetParam());
   const auto out = run_world(s, [](RankCtx& rc) -> Status {
     uint64_t salt = 500;
     for (size_t count : {size_t{4095}, size_t{4096}, size_t{4097}}) {  // f32: 16 KiB is the limit
@@ -444,15 +571,97 @@ TEST(CollectivesTwoRanks, FastPathAndOrdinaryPathAroundTheLimit) {
       }
     }
     // Forced recursive doubling above the limit takes the ordinary path.
-    return check_allreduce(rc, Algorithm::kRecursiveDoubling, DataType::kI64, ReduceOp::kSum, 4097,
-                           false, 0, ++salt);
+    MYELIN_RETURN_IF_ERROR(check_allreduce(rc, Algorithm::kRecursiveDoubling, DataType::kI64,
+                                           ReduceOp::kSum, 4097, false, 0, ++salt));
+    // Every type and op through the small path, counts 0, 1, 7, 1023, and a burst of calls
+    // (each call's messages must pair with the same call on every rank).
+    for (DataType t : kAllDataTypes) {
+      for (ReduceOp op : kAllReduceOps) {
+        for (size_t count : kCounts) {
+          for (bool in_place : {false, true}) {
+            MYELIN_RETURN_IF_ERROR(check_allreduce(rc, Algorithm::kRecursiveDoubling, t, op, count,
+                                                   in_place, 0, ++salt));
+          }
+        }
+      }
+    }
+    return ok_status();
   });
   EXPECT_TRUE(out.all_ok()) << out.summary();
 }
+INSTANTIATE_TEST_SUITE_P(
+    RanksAndProgress, CollectivesSmall,
+    ::testing::Combine(::testing::Values(2, 3, 4, 5, 7, 8),
+                       ::testing::Values(transport::ProgressMode::kSpinThenBlock,
+                                         transport::ProgressMode::kPollYield)),
+    [](const auto& p) {
+      return std::to_string(std::get<0>(p.param)) + "ranks_" +
+             std::string(progress_mode_name(std::get<1>(p.param)));
+    });
+
+// Every collective and algorithm in the poll-and-yield mode (2..8 processes on 2 cores), and in
+// auto (over TCP alone: block with more ranks than CPUs, else busy); a smaller matrix than
+// Collectives. The shm variant of auto (yield) runs in CollectivesAutoShm.
+class CollectivesYield : public ::testing::TestWithParam<std::tuple<int, transport::ProgressMode>> {
+};
+
+TEST_P(CollectivesYield, EveryCollective) {
+  WorldSpec s;
+  s.ranks = std::get<0>(GetParam());
+  s.progress = std::get<1>(GetParam());
+  const auto out = run_world(s, [](RankCtx& rc) -> Status {
+    uint64_t salt = 900;
+    for (Algorithm algo : {Algorithm::kAuto, Algorithm::kRing, Algorithm::kHalvingDoubling,
+                           Algorithm::kRecursiveDoubling}) {
+      for (DataType t : {DataType::kF32, DataType::kBF16, DataType::kI64}) {
+        for (size_t count : {size_t{1}, size_t{1023}, size_t{70001}}) {
+          MYELIN_RETURN_IF_ERROR(check_allreduce(rc, algo, t, ReduceOp::kSum, count, count == 1023,
+                                                 algo == Algorithm::kRing ? 4096 : 0, ++salt));
+        }
+      }
+    }
+    std::vector<int32_t> all(static_cast<size_t>(rc.size) * 33);
+    std::vector<int32_t> mine(33, rc.rank);
+    MYELIN_RETURN_IF_ERROR(
+        allgather(*rc.comm, mine.data(), all.data(), mine.size(), DataType::kI32).status());
+    for (size_t i = 0; i < all.size(); ++i) {
+      if (all[i] != static_cast<int32_t>(i / 33)) return mismatch("allgather", i, rc);
+    }
+    std::vector<int64_t> b(5000, rc.rank == rc.size - 1 ? 42 : 0);
+    MYELIN_RETURN_IF_ERROR(
+        broadcast(*rc.comm, b.data(), b.data(), b.size(), DataType::kI64, {.root = rc.size - 1})
+            .status());
+    for (size_t i = 0; i < b.size(); ++i) {
+      if (b[i] != 42) return mismatch("broadcast", i, rc);
+    }
+    for (int i = 0; i < 20; ++i) MYELIN_RETURN_IF_ERROR(barrier(*rc.comm).status());
+    // These ranks use TCP alone: auto blocks when they outnumber the CPUs.
+    const auto want = std::get<1>(GetParam()) == transport::ProgressMode::kPollYield
+                          ? transport::ProgressMode::kPollYield
+                      : rc.comm->size() > transport::usable_cpus()
+                          ? transport::ProgressMode::kSpinThenBlock
+                          : transport::ProgressMode::kBusyPoll;
+    if (rc.comm->context().progress_mode() != want) {
+      return internal_error(
+          "progress mode ", progress_mode_name(rc.comm->context().progress_mode()), ", expected ",
+          progress_mode_name(want), " (", rc.comm->context().progress_reason(), ")");
+    }
+    return ok_status();
+  });
+  EXPECT_TRUE(out.all_ok()) << out.summary();
+}
+INSTANTIATE_TEST_SUITE_P(RanksAndProgress, CollectivesYield,
+                         ::testing::Combine(::testing::Values(2, 3, 4, 6, 8),
+                                            ::testing::Values(transport::ProgressMode::kPollYield,
+                                                              transport::ProgressMode::kAuto)),
+                         [](const auto& p) {
+                           return std::to_string(std::get<0>(p.param)) + "ranks_" +
+                                  std::string(progress_mode_name(std::get<1>(p.param)));
+                         });
 
 // Mismatched counts on two ranks, both on the fast path (7 / 8) and one on each side of its
 // limit (4096 / 4097 f32): every rank names both calls.
-TEST(CollectivesFailure, MismatchedCountsOnTwoRanksAreAClearError) {
+TEST(CollectivesMismatchTwoRanks, MismatchedCountsAreAClearError) {
   for (const auto& counts :
        {std::pair<size_t, size_t>{7, 8}, std::pair<size_t, size_t>{4096, 4097}}) {
     WorldSpec s;
@@ -476,7 +685,7 @@ TEST(CollectivesFailure, MismatchedCountsOnTwoRanksAreAClearError) {
   }
 }
 
-TEST(CollectivesFailure, BadArgumentsAreRejectedBeforeAnyTraffic) {
+TEST(CollectivesArguments, BadArgumentsAreRejectedBeforeAnyTraffic) {
   WorldSpec s;
   s.ranks = 1;
   const auto out = run_world(s, [](RankCtx& rc) -> Status {

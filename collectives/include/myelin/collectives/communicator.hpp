@@ -15,6 +15,11 @@
 // made lazily, the first time a collective needs a peer; the Context picks the backend per peer
 // (with Backend::kAuto: shared memory for same-node peers, the network otherwise).
 //
+// Progress: create() tells the Context how many ranks share this node
+// (Context::set_local_ranks); a Context in transport::ProgressMode::kAuto (the default) then polls
+// and yields when they outnumber the CPUs, and busy-polls otherwise. context().progress_mode()
+// and progress_reason() say what was chosen (also logged at info when it is yield).
+//
 // Failure: when a collective fails (a peer died, did not answer within the timeout, called a
 // different collective or size), the error names the operation and the rank, and the communicator
 // becomes unusable: it disconnects its endpoints (so that its peers fail fast instead of waiting
