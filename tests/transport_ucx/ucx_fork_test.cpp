@@ -12,6 +12,14 @@
 
 #include "ucx_test_util.hpp"
 
+// LeakSanitizer (ASan builds): UCX 1.13 keeps 80 bytes of its own (ucs_malloc/ucs_calloc, no
+// deeper stack: UCX is built without frame pointers) after an endpoint with puts in flight to a
+// killed posix peer is force-closed; every myelin object of those operations is freed (their
+// allocations would show myelin frames). Only UCX's own allocations are exempt, in this test only.
+extern "C" const char* __lsan_default_suppressions() {  // NOLINT: sanitizer hook
+  return "leak:ucs_malloc\nleak:ucs_calloc\n";
+}
+
 namespace myelin::transport::ucx_test {
 namespace {
 
