@@ -96,8 +96,10 @@ class ShmBackend final : public BackendContext {
   // 262144 is the threshold measured in docs/performance.md (below it the hand-over, one ring
   // record each way, costs more than the parallel copy saves: ~20 us of copying at ~12 GB/s).
   static constexpr size_t kDefaultSplitThreshold = 262144;
-  // Without MYELIN_SHM_SPLIT (docs/performance.md, "Transport: shm", has the measurements).
-  static constexpr SplitMode kDefaultSplitMode = SplitMode::kOff;
+  // Without MYELIN_SHM_SPLIT: auto. docs/performance.md, "Transport: shm": 2 ranks on 2 CPUs
+  // 1.86x tag_bw (1.0x without the split); 4 busy ranks on 2 CPUs: auto does not split (forced,
+  // the split ran 1.3x slower there).
+  static constexpr SplitMode kDefaultSplitMode = SplitMode::kAuto;
 
   static Result<std::unique_ptr<ShmBackend>> create(const Options& options,
                                                     const ContextInfo& info);
