@@ -43,6 +43,7 @@ constexpr size_t kMaxPendingPulls = 1024;
 // Bytes read from one connection per pass of the loop: a flooding publisher holds the loop for
 // one such read (and its decoding) while a control frame waits on another connection.
 constexpr size_t kReadPerPass = 64 * 1024;
+constexpr int64_t kControlRecentNs = 100'000'000;
 
 // Publish-to-deliver latency buckets, seconds.
 constexpr std::array<double, 16> kLatencyBounds = {1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4,
@@ -199,6 +200,9 @@ struct Server::Impl::Conn final : public Session {
   // Bytes written since auth_ok (out.bytes_written() - ack_base) minus those the client reported
   // read (bytes_acked): what sits in the kernel buffers between us, ahead of any new frame.
   uint64_t ack_base = 0, bytes_acked = 0;
+  // When a control-lane message last left for this client: the in-flight bound applies only
+  // while control traffic flows (within kControlRecentNs), so pure bulk keeps the full pipeline.
+  int64_t last_control_ns = INT64_MIN / 2;
   uint64_t credits_to_return = 0;
   std::deque<AssembledMessage> parked;
   double tokens = 0;
@@ -844,6 +848,7 @@ void Server::Impl::pump(Conn& c) {
     if (!s.ok()) MYELIN_LOG_WARN << "cannot send to client " << c.id() << ": " << s;
     c.deliver_credits--;
     if (m->type == FrameType::kDeliver) observe_latency(now - m->broker_rx_ns);
+    if (m->lane == Lane::kControl) c.last_control_ns = now;
     c_.frames_out.fetch_add(1, std::memory_order_relaxed);
     ++moved;
   }
@@ -866,7 +871,7 @@ void Server::Impl::pump(Conn& c) {
   // batch, a burst), and no message waits for later traffic that may never come.
   c.out.close_due_batches(now, true);
   size_t bulk_budget = SIZE_MAX;
-  if (opt_.bulk_inflight_bytes > 0 && c.active) {
+  if (opt_.bulk_inflight_bytes > 0 && c.active && now - c.last_control_ns < kControlRecentNs) {
     const uint64_t inflight = c.out.bytes_written() - c.ack_base - c.bytes_acked;
     bulk_budget = inflight >= opt_.bulk_inflight_bytes ? 0 : opt_.bulk_inflight_bytes - inflight;
   }

@@ -57,7 +57,9 @@ struct ServerOptions {
   // Bulk-lane bytes the broker lets sit unread in the kernel buffers towards one client (the
   // client reports what it reads every quarter of this). Past it, bulk waits in the broker's own
   // queue, where control frames overtake it: a control frame then waits behind at most this
-  // much bulk plus one chunk instead of both socket buffers full. 0: no limit but the buffers.
+  // much bulk plus one chunk instead of both socket buffers full. It applies to a client only
+  // while control messages flow to it (one in the last 100 ms): the reports and the smaller
+  // pipeline cost bulk throughput. 0: no limit but the buffers.
   uint32_t bulk_inflight_bytes = 128 * 1024;
   int64_t heartbeat_ms = 1000;  // clients silent for 3x this are dropped
   int64_t handshake_timeout_ms = 5000;
