@@ -62,15 +62,17 @@ struct Context::Impl {
   std::map<CacheKey, std::shared_ptr<RegionState>> regions;
   uint64_t next_region_id = 1;
   int epoll_fd = -1;  // over the backends' wait_fd(); made on the first blocking wait
-  // Poll-and-yield with TCP only (yield_may_sleep: every backend is TCP): a wait that has yielded
-  // for kYieldBeforeSleepNs without news sleeps on the sockets. Loopback delivery may run in
-  // ksoftirqd, an ordinary task that ranks which never sleep can starve (measured: 4 ranks on 2
-  // vCPUs under load, 4 KiB allreduce over TCP took 0.6-1.0 ms yielding without this, 0.2-0.3 ms
-  // with it, 0.1 ms blocking; so kAuto picks block there). Not with the other backends: shm
-  // tells its peers at connect time whether to ring its doorbell (only in kSpinThenBlock), so a
-  // yielding shm waiter must not sleep, and UCX opens no wake-up feature outside kSpinThenBlock.
-  static constexpr int64_t kYieldBeforeSleepNs = 20'000;
+  // Poll-and-yield: a wait that has yielded for spin_before_block without news sleeps like
+  // spin-then-block, when every backend can wake it (yield_may_sleep): TCP always (sockets), shm
+  // when opened for sleeping (its peers ring its doorbell only then), which a Context does when
+  // it is asked to yield or is in auto on a node known to be oversubscribed when it opens. Both
+  // halves were measured on this 2-vCPU VM: on a quiet host yielding ranks catch their peer
+  // within microseconds (4 shm ranks, 4 KiB allreduce: 21-30 us yielding against 93-117 us
+  // blocking), under load (other sessions' builds) ranks that never sleep lose whole time slices
+  // and starve loopback delivery in ksoftirqd (the same call: 2-3 ms yielding, 77-93 us blocking).
+  // UCX opens no wake-up feature outside spin-then-block, so a Context with UCX never sleeps here.
   bool yield_may_sleep = false;
+  bool tcp_only = false;  // every backend is TCP (kAuto then blocks rather than yields)
   // Spin-then-block: the current spin budget (see drive()) and a count of waits.
   static constexpr uint32_t kSpinProbeEvery = 256;
   int64_t spin_ns = 0;
@@ -242,7 +244,7 @@ struct Context::Impl {
         const int64_t now = monotonic_ns();
         if (!deadline.is_never() && now >= deadline.at_ns()) return false;
         if (events != 0) continue;
-        if (may_sleep && now - start >= kYieldBeforeSleepNs) {
+        if (may_sleep && now - start >= options.spin_before_block.count()) {
           // Sleeps until a socket is readable (or at most 100 ms, or the deadline); false when
           // work is pending, and then the loop simply goes on.
           if (block_once(deadline)) continue;
@@ -316,12 +318,23 @@ Result<std::unique_ptr<Context>> Context::create(const Options& options) {
   impl->cpus = usable_cpus();
   impl->info.node_id = local_node_id();
 
+  // A Context that will yield opens shm and TCP as for spin-then-block, so its waits can sleep
+  // once yielding has not helped (see yield_may_sleep).
+  const bool sleepy_yield =
+      options.progress == ProgressMode::kPollYield ||
+      (options.progress == ProgressMode::kAuto && options.local_ranks > impl->cpus);
+  Options sleep_capable = impl->options;
+  sleep_capable.progress = ProgressMode::kSpinThenBlock;
   std::string skipped;
   bool compiled = options.backend == Backend::kAuto;
   for (const auto& factory : internal::compiled_backends()) {
     if (options.backend != Backend::kAuto && options.backend != factory.kind) continue;
     compiled = true;
-    auto backend = factory.create(impl->options, impl->info);
+    auto backend = factory.create(
+        sleepy_yield && (factory.kind == Backend::kShm || factory.kind == Backend::kTcp)
+            ? sleep_capable
+            : impl->options,
+        impl->info);
     if (!backend.ok()) {
       if (options.backend != Backend::kAuto) {
         return std::move(backend).status().with_context(
@@ -340,10 +353,14 @@ Result<std::unique_ptr<Context>> Context::create(const Options& options) {
                        " backend is not compiled into this build of myelin");
   }
   if (impl->backends.empty()) return unavailable("no transport backend could be opened: ", skipped);
-  impl->yield_may_sleep = std::all_of(impl->backends.begin(), impl->backends.end(),
-                                      [](const auto& be) { return be->kind() == Backend::kTcp; });
+  impl->tcp_only = std::all_of(impl->backends.begin(), impl->backends.end(),
+                               [](const auto& be) { return be->kind() == Backend::kTcp; });
+  impl->yield_may_sleep =
+      std::all_of(impl->backends.begin(), impl->backends.end(), [&](const auto& be) {
+        return be->kind() == Backend::kTcp || (be->kind() == Backend::kShm && sleepy_yield);
+      });
   impl->mode = resolve_progress_mode(options.progress, options.local_ranks, impl->cpus,
-                                     &impl->mode_reason, impl->yield_may_sleep);
+                                     &impl->mode_reason, impl->tcp_only);
   if (impl->mode != ProgressMode::kBusyPoll && options.progress == ProgressMode::kAuto) {
     MYELIN_LOG_INFO << impl->info.name << ": progress " << impl->mode_reason;
   }
@@ -380,7 +397,7 @@ ProgressMode Context::set_local_ranks(int local_ranks) {
   // (or not) for the requested mode when it opened (shm's doorbells, UCX's wake-up feature).
   const ProgressMode before = impl_->mode;
   impl_->mode = resolve_progress_mode(impl_->options.progress, local_ranks, impl_->cpus,
-                                      &impl_->mode_reason, impl_->yield_may_sleep);
+                                      &impl_->mode_reason, impl_->tcp_only);
   if (impl_->mode != before) {
     MYELIN_LOG_INFO << impl_->info.name << ": progress " << impl_->mode_reason;
   }

@@ -36,7 +36,9 @@ Result<Backend> parse_backend(std::string_view name);
 //   kPollYield     polls like kBusyPoll for a short spin (kYieldSpinPolls polls), then calls
 //                  sched_yield() after every poll that finds nothing: the CPU goes to another
 //                  runnable process (a peer rank on an oversubscribed node) and comes back
-//                  without a kernel wake-up. Never sleeps; for more ranks than CPUs on a node.
+//                  without a kernel wake-up; after spin_before_block of that it sleeps like
+//                  kSpinThenBlock where its backends can wake it (TCP, and shm, which a yielding
+//                  Context opens for sleeping; not UCX). For more ranks than CPUs on a node.
 //   kAuto          kBusyPoll, or kPollYield once the Context learns (Options::local_ranks, or
 //                  Context::set_local_ranks(), which a collectives Communicator calls) that more
 //                  ranks share this node than this process may run on CPUs; a Context whose only
