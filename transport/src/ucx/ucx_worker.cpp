@@ -213,7 +213,7 @@ Status UcxWorker::init() {
   setenv("UCX_SYSV_ERROR_HANDLING", "y", 0);
 
   const bool blocking = options_.progress == ProgressMode::kSpinThenBlock;
-  polls_per_clock_read_ = options_.progress == ProgressMode::kBusyPoll ? 64 : 1;
+  polls_per_clock_read_ = options_.progress == ProgressMode::kSpinThenBlock ? 1 : 64;
   polls_to_clock_read_ = polls_per_clock_read_;
   ucp_params_t params{};
   params.field_mask =

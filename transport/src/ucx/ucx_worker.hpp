@@ -269,9 +269,10 @@ class UcxWorker : public std::enable_shared_from_this<UcxWorker> {
   std::vector<ProcessWatch> watches_;
   int64_t check_interval_ns_ = 0;
   int64_t next_check_ns_ = 0;
-  // The watch reads the (coarse) clock once per this many progress() calls: 64 when busy
-  // polling, which calls it every few tens of ns (even a vDSO read showed in a ping-pong's
-  // profile); 1 in the other modes, which may call it once per wakeup or yield.
+  // The watch reads the (coarse) clock once per this many progress() calls: 64 when polling
+  // (busy, yield, or auto, which resolves to one of them for a UCX Context), which calls it
+  // every few tens of ns (even a vDSO read showed in a ping-pong's profile); 1 when blocking,
+  // which calls it once per wakeup.
   uint32_t polls_per_clock_read_ = 1;
   uint32_t polls_to_clock_read_ = 1;
   void check_processes();
