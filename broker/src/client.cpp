@@ -381,6 +381,13 @@ void Client::Impl::read_for_poll(std::unique_lock<std::mutex>& lock, Deadline d)
   reading_ = false;
   poll_readers_--;
   poll_read_end_ns_ = monotonic_ns();
+  // The I/O thread may sleep on a timeout it chose while it still watched the socket (up to
+  // 50 ms): wake it so that it watches again when the grace ends, not at that timeout.
+  // One eventfd write until it has looked again (as in send_locked()).
+  if (io_wakes_at_ns_ > poll_read_end_ns_ + opt_.poll_read_grace_us * 1000) {
+    io_wakes_at_ns_ = INT64_MIN;
+    wake();
+  }
   if (!s.ok()) fail(std::move(s));
   cv_.notify_all();  // other poll() callers may take the role now
 }

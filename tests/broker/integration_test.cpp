@@ -331,6 +331,42 @@ TEST(BrokerIntegration, PollingThreadsReadTheSocketAndHandlersStillRun) {
   for (uint64_t i = 0; i < handled.size(); ++i) EXPECT_EQ(handled[i], i + 1);
 }
 
+// ClientOptions::poll_read_grace_us bounds how long a handler's message waits once poll() stopped
+// reading: the I/O thread, asleep on a timeout it chose while it watched the socket (up to 50 ms),
+// must watch it again when the grace ends. The bound checked (20 ms, median of 9) is far above the
+// grace (0 here) and far below the 50 ms sleep that a missed hand-back costs.
+TEST(BrokerIntegration, HandlerMessagesAfterAPollWaitOnlyTheGrace) {
+  Daemon d("");
+  ASSERT_TRUE(d.up());
+  ClientOptions so = d.client("sub");
+  so.poll_read_grace_us = 0;
+  auto sub = connect_or_die(so);
+  auto pub = connect_or_die(d.client("pub"));
+  ASSERT_TRUE(sub && pub);
+  std::mutex mu;
+  std::condition_variable cv;
+  uint64_t handled = 0;  // under mu
+  ASSERT_TRUE(sub->subscribe("g/#",
+                             [&](const ReceivedMessage&) {
+                               std::lock_guard<std::mutex> lock(mu);
+                               ++handled;
+                               cv.notify_all();
+                             })
+                  .ok());
+  std::vector<int64_t> waits_ns;
+  for (uint64_t i = 1; i <= 9; ++i) {
+    // Nothing to poll: the call reads the socket for 1 ms and hands it back.
+    EXPECT_EQ(sub->poll(Deadline::after_ms(1)).status().code(), StatusCode::kTimeout);
+    const int64_t start = monotonic_ns();
+    ASSERT_TRUE(pub->publish("g/x", "g").ok());
+    std::unique_lock<std::mutex> lock(mu);
+    ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(10), [&] { return handled == i; }));
+    waits_ns.push_back(monotonic_ns() - start);
+  }
+  std::sort(waits_ns.begin(), waits_ns.end());
+  EXPECT_LT(waits_ns[waits_ns.size() / 2], 20'000'000) << "median wait in ns";
+}
+
 TEST(BrokerIntegration, SlowConsumerBlocksProducerWithoutLoss) {
   Daemon d(
       "lane_capacity = 16\npublish_credits = 8\n[[topic]]\npattern = \"blk/#\"\noverflow = "
