@@ -579,8 +579,11 @@ Status Server::Impl::handle_frame(Conn& c, const FrameView& f,
     h.flags = kFlagControl;
     h.id = c.id();
     h.seq = opt_.publish_credits;
-    // The client reports the bytes it reads every quarter window (0: it need not).
-    h.timestamp_ns = opt_.bulk_inflight_bytes / 4;
+    // The client reports the bytes it reads every quarter window (0: it need not). At least every
+    // byte: a bound below 4 bytes must still be reported against, or bulk stops while control
+    // messages flow to this client.
+    h.timestamp_ns =
+        opt_.bulk_inflight_bytes == 0 ? 0 : std::max<uint64_t>(1, opt_.bulk_inflight_bytes / 4);
     send_direct(c, h, {}, std::span<const std::byte>(proof.data(), proof.size()));
     c.ack_base = c.out.bytes_written() + c.out.backlog_bytes();
     c.tokens =

@@ -275,6 +275,43 @@ TEST(BrokerIntegration, LargeBulkMessagesArriveWholeAndControlStillFlows) {
   EXPECT_EQ(ctrls, 3);
 }
 
+// A bulk in-flight bound below 4 bytes (a quarter of it rounds to 0) still has the client report
+// what it reads, so bulk moves while control messages keep flowing to that client.
+TEST(BrokerIntegration, TinyBulkInflightBoundStillMovesBulkBesideControl) {
+  Daemon d(
+      "bulk_inflight_bytes = 2\n[[topic]]\npattern = \"ctrl/#\"\nlane = \"control\"\n"
+      "batching = false\n");
+  ASSERT_TRUE(d.up());
+  auto sub = connect_or_die(d.client("sub"));
+  auto pub = connect_or_die(d.client("pub"));
+  auto ctl = connect_or_die(d.client("ctl"));
+  ASSERT_TRUE(sub && pub && ctl);
+  ASSERT_TRUE(sub->subscribe("#").ok());
+  std::atomic<bool> stop{false};  // relaxed: a flag, orders nothing
+  std::thread ticker([&] {
+    const Deadline dl = Deadline::after_ms(30000);
+    while (!stop.load(std::memory_order_relaxed) && !dl.expired()) {
+      if (!ctl->publish("ctrl/tick", "t", {.lane = Lane::kControl}).ok()) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  });
+  std::vector<std::byte> big(256 << 10, std::byte{0x5a});
+  constexpr int kBulk = 8;
+  for (int i = 0; i < kBulk; ++i) EXPECT_TRUE(pub->publish("grad/x", big).ok());
+  int bulks = 0;
+  const Deadline dl = Deadline::after_ms(8000);
+  while (bulks < kBulk && !dl.expired()) {
+    auto m = sub->poll(Deadline::after_ms(100));
+    if (m.ok() && m->topic == "grad/x") {
+      EXPECT_EQ(m->payload.size(), big.size());
+      bulks++;
+    }
+  }
+  stop.store(true, std::memory_order_relaxed);
+  ticker.join();
+  EXPECT_EQ(bulks, kBulk);
+}
+
 TEST(BrokerIntegration, PollingThreadsReadTheSocketAndHandlersStillRun) {
   Daemon d("");
   ASSERT_TRUE(d.up());
