@@ -10,6 +10,7 @@
 
 #include <myelin/transport/memory.hpp>
 
+#include "ucx/ucx_memory.hpp"
 #include "ucx/ucx_worker.hpp"
 #include "ucx_test_util.hpp"
 
@@ -124,6 +125,39 @@ class UcxPair : public testing::TestWithParam<TlsSetting> {
         RemoteKey(reinterpret_cast<uint64_t>(r.memory.data()), size, id, access, MemoryKind::kHost);
     r.key.add_backend_blob(Backend::kUcx, r.registration->remote_key_blob());
     return r;
+  }
+
+  // A region of `size` bytes at `offset` inside UCX-allocated memory of `ctx`; the allocation
+  // handle is the caller's to keep or drop.
+  struct AllocatedRegion {
+    std::shared_ptr<void> allocation;
+    uint8_t* data = nullptr;
+    std::unique_ptr<BackendRegistration> registration;
+    RemoteKey key;
+  };
+  AllocatedRegion allocate_on(BackendContext& ctx, size_t alloc_size, size_t offset, size_t size,
+                              Access access, uint64_t id) {
+    AllocatedRegion r;
+    auto mem = ctx.allocate_shared(alloc_size);
+    EXPECT_TRUE(mem.ok()) << mem.status();
+    if (!mem.ok()) return r;
+    r.allocation = std::move(mem).value();
+    r.data = static_cast<uint8_t*>(r.allocation.get()) + offset;
+    RegionState state;
+    state.data = r.data;
+    state.size = size;
+    state.access = access;
+    state.id = id;
+    auto reg = ctx.register_memory(state);
+    EXPECT_TRUE(reg.ok()) << reg.status();
+    if (!reg.ok()) return r;
+    r.registration = std::move(reg).value();
+    r.key = RemoteKey(reinterpret_cast<uint64_t>(r.data), size, id, access, MemoryKind::kHost);
+    r.key.add_backend_blob(Backend::kUcx, r.registration->remote_key_blob());
+    return r;
+  }
+  static ucp_mem_h memh_of(const BackendRegistration& reg) {
+    return static_cast<const internal::ucx::UcxRegistration&>(reg).memh();
   }
 
   Options options_ = test_options();
@@ -379,6 +413,96 @@ TEST_P(UcxPair, BadRemoteKeyBlobsAreRefusedBeforeUcxSeesThem) {
   // And the endpoint still works with the good key.
   Request ok = ab_->put(buf.data(), buf.size(), with_blob(good), 0);
   EXPECT_TRUE(drive2(ok).ok()) << ok.status();
+}
+
+TEST_P(UcxPair, PutAndGetIntoUcxAllocatedMemory) {
+  constexpr size_t kAlloc = (size_t{1} << 20) + 4096;
+  constexpr size_t kOffset = 4096;
+  constexpr size_t kSize = (size_t{1} << 20) + 1;
+  AllocatedRegion target = allocate_on(*b_, kAlloc, kOffset, kSize, Access::kRemoteReadWrite, 51);
+  ASSERT_TRUE(target.registration);
+  EXPECT_EQ(std::vector<uint8_t>(target.data, target.data + 64), std::vector<uint8_t>(64, 0))
+      << "allocated memory starts zeroed";
+  for (size_t len : {size_t{1}, size_t{64}, size_t{4096}, kSize}) {
+    SCOPED_TRACE(testing::Message() << len << " bytes");
+    const auto data = pattern(len, static_cast<uint8_t>(len));
+    const uint64_t off = kSize - len;  // ends at the region's last byte
+    Request p = ab_->put(data.data(), len, target.key, off);
+    ASSERT_TRUE(drive2(p).ok()) << p.status();
+    EXPECT_TRUE(std::equal(data.begin(), data.end(), target.data + off));
+    std::vector<uint8_t> back(len);
+    Request g = ab_->get(back.data(), len, target.key, off);
+    ASSERT_TRUE(drive2(g).ok()) << g.status();
+    EXPECT_EQ(back, data);
+  }
+  // Bounds are the region's, not the allocation's, and hold in both directions.
+  std::vector<uint8_t> buf(8192, 1);
+  Status st = drive2(ab_->put(buf.data(), 2, target.key, kSize - 1));
+  EXPECT_EQ(st.code(), StatusCode::kOutOfRange) << st;
+  st = drive2(ab_->get(buf.data(), 1, target.key, kSize));
+  EXPECT_EQ(st.code(), StatusCode::kOutOfRange) << st;
+  // A key of a's own allocation is not a key of peer b; a corrupted one is refused.
+  AllocatedRegion mine = allocate_on(*a_, 4096, 0, 4096, Access::kRemoteReadWrite, 52);
+  ASSERT_TRUE(mine.registration);
+  st = drive2(ab_->put(buf.data(), 16, mine.key, 0));
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st;
+  auto blob = target.registration->remote_key_blob();
+  blob.back() ^= 0x01;
+  RemoteKey bad(target.key.address(), kSize, 51, Access::kRemoteReadWrite, MemoryKind::kHost);
+  bad.add_backend_blob(Backend::kUcx, blob);
+  st = drive2(ab_->put(buf.data(), 16, bad, 0));
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st;
+  EXPECT_TRUE(ab_->status().ok()) << ab_->status();
+}
+
+// Regions inside one allocation share its mapping; memory UCX did not allocate gets its own.
+TEST_P(UcxPair, RegionsInsideAnAllocationReuseItsMapping) {
+  AllocatedRegion whole = allocate_on(*b_, 65536, 0, 65536, Access::kRemoteReadWrite, 61);
+  ASSERT_TRUE(whole.registration);
+  RegionState part;
+  part.data = whole.data + 100;
+  part.size = 1000;
+  part.access = Access::kRemoteWrite;
+  part.id = 62;
+  auto inner = b_->register_memory(part);
+  ASSERT_TRUE(inner.ok()) << inner.status();
+  EXPECT_EQ(memh_of(**inner), memh_of(*whole.registration));
+  // Memory UCX did not allocate is mapped on its own.
+  Region own = register_on(*b_, 4096, Access::kRemoteReadWrite, 63);
+  ASSERT_TRUE(own.registration);
+  EXPECT_NE(memh_of(*own.registration), memh_of(*whole.registration));
+  EXPECT_EQ(b_->allocate_shared(0).status().code(), StatusCode::kInvalidArgument);
+}
+
+// The allocation and its registrations may go in either order; the memory stays valid until the
+// last of them is gone.
+TEST_P(UcxPair, AllocationOutlivesWhicheverHandleGoesFirst) {
+  for (bool allocation_first : {true, false}) {
+    SCOPED_TRACE(allocation_first ? "allocation handle dropped first" : "registration first");
+    AllocatedRegion target = allocate_on(*b_, 1 << 16, 0, 1 << 16, Access::kRemoteReadWrite, 71);
+    ASSERT_TRUE(target.registration);
+    uint8_t* const data = target.data;
+    if (allocation_first) {
+      target.allocation.reset();
+      const auto bytes = pattern(1 << 16, 5);
+      Request p = ab_->put(bytes.data(), bytes.size(), target.key, 0);
+      ASSERT_TRUE(drive2(p).ok()) << p.status();
+      EXPECT_TRUE(std::equal(bytes.begin(), bytes.end(), data)) << "registration keeps it mapped";
+      target.registration.reset();
+    } else {
+      target.registration.reset();
+      data[0] = 0x77;  // still ours: the allocation handle holds it
+      EXPECT_EQ(data[0], 0x77);
+      target.allocation.reset();
+    }
+  }
+  // A fresh allocation afterwards works (nothing stale is reused).
+  AllocatedRegion again = allocate_on(*b_, 1 << 16, 0, 1 << 16, Access::kRemoteReadWrite, 72);
+  ASSERT_TRUE(again.registration);
+  const auto bytes = pattern(512, 9);
+  Request p = ab_->put(bytes.data(), bytes.size(), again.key, 100);
+  ASSERT_TRUE(drive2(p).ok()) << p.status();
+  EXPECT_TRUE(std::equal(bytes.begin(), bytes.end(), again.data + 100));
 }
 
 TEST_P(UcxPair, RegisteringNothingIsAnError) {

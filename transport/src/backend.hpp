@@ -50,7 +50,7 @@ class BackendContext {
   // Registers region.data/size with this backend.
   virtual Result<std::unique_ptr<BackendRegistration>> register_memory(
       const RegionState& region) = 0;
-  // Memory that same-node peers can map (shm only); unsupported elsewhere.
+  // Memory that same-node peers can map (shm; ucx: UCX-allocated); unsupported elsewhere.
   virtual Result<std::shared_ptr<void>> allocate_shared(size_t /*size*/) {
     return unsupported("this backend does not allocate shared memory");
   }

@@ -505,8 +505,14 @@ Result<MemoryRegion> Context::register_memory(void* data, size_t size, Access ac
 Result<MemoryRegion> Context::allocate(size_t size, Access access) {
   if (size == 0) return invalid_argument("allocate(0): need at least one byte");
   std::shared_ptr<void> mem;
+  // shm first: its segments are what same-node shm peers map. Without shm, UCX allocates (over
+  // posix its memory is a shared segment the peer's puts copy into directly, where memory UCX did
+  // not allocate gets emulated puts). With both open, shm's memory is registered with UCX as
+  // ordinary memory.
   if (BackendContext* shm = impl_->find(Backend::kShm)) {
     MYELIN_ASSIGN_OR_RETURN(mem, shm->allocate_shared(size));
+  } else if (BackendContext* ucx = impl_->find(Backend::kUcx)) {
+    MYELIN_ASSIGN_OR_RETURN(mem, ucx->allocate_shared(size));
   } else {
     // Page-aligned anonymous memory; its pages land on the NUMA node of the first thread to
     // touch them, the Context's progress thread in the usual case.

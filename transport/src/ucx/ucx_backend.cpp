@@ -1,6 +1,9 @@
 // The UCX BackendContext: glue between the transport Context and UcxWorker/UcxEndpoint.
 #include "ucx/ucx_backend.hpp"
 
+#include <cstdint>
+#include <map>
+
 #include <myelin/core/log.hpp>
 
 #include "ucx/ucx_endpoint.hpp"
@@ -34,8 +37,20 @@ class UcxBackend final : public BackendContext {
   }
 
   Result<std::unique_ptr<BackendRegistration>> register_memory(const RegionState& region) override {
-    MYELIN_ASSIGN_OR_RETURN(auto reg, ucx::UcxRegistration::create(*worker_, region));
+    MYELIN_ASSIGN_OR_RETURN(auto reg,
+                            ucx::UcxRegistration::create(*worker_, region, allocation_of(region)));
     return std::unique_ptr<BackendRegistration>(std::move(reg));
+  }
+
+  // UCX-allocated memory (shared memory under posix): the handle keeps the allocation, and with
+  // it the ucp_mem_h, alive; registrations of regions inside it reuse that mapping.
+  Result<std::shared_ptr<void>> allocate_shared(size_t size) override {
+    MYELIN_ASSIGN_OR_RETURN(auto alloc, ucx::UcxAllocation::create(worker_->context(), size));
+    prune_allocations();
+    allocations_.insert_or_assign(reinterpret_cast<uintptr_t>(alloc->data()), alloc);
+    MYELIN_LOG_DEBUG << "ucx: allocated " << alloc->size() << " bytes at " << alloc->data();
+    void* data = alloc->data();
+    return std::shared_ptr<void>(std::move(alloc), data);  // shares the allocation's lifetime
   }
 
   size_t progress() override { return worker_->progress(); }
@@ -43,7 +58,21 @@ class UcxBackend final : public BackendContext {
   bool arm_wait() override { return worker_->arm(); }
 
  private:
+  // The live allocation that holds [region.data, region.data + region.size), if any.
+  std::shared_ptr<ucx::UcxAllocation> allocation_of(const RegionState& region) const {
+    auto it = allocations_.upper_bound(reinterpret_cast<uintptr_t>(region.data));
+    if (it == allocations_.begin()) return nullptr;
+    std::shared_ptr<ucx::UcxAllocation> alloc = std::prev(it)->second.lock();
+    if (alloc && alloc->contains(region.data, region.size)) return alloc;
+    return nullptr;
+  }
+  void prune_allocations() {
+    std::erase_if(allocations_, [](const auto& entry) { return entry.second.expired(); });
+  }
+
   std::shared_ptr<ucx::UcxWorker> worker_;
+  // allocate_shared()'s allocations by start address; entries expire with their memory.
+  std::map<uintptr_t, std::weak_ptr<ucx::UcxAllocation>> allocations_;
 };
 
 }  // namespace
