@@ -52,8 +52,10 @@ struct ServerOptions {
   uint32_t publish_credits = 256;  // per client window
   // Kernel send/receive buffer per client socket (0: the kernel's autotuning, up to several MiB).
   // It bounds how much bulk data can sit in the kernel ahead of a control frame: the lanes order
-  // frames only until they are written to the socket.
-  int socket_buffer_bytes = 256 * 1024;
+  // frames only until they are written to the socket. 64 KiB: with cores to spare, 256 KiB let
+  // a 1 MiB flood hold a control frame ~0.55 ms (p99) in the kernel, 64 KiB ~0.13 ms, and the
+  // flood itself moved faster (docs/performance.md, "Broker").
+  int socket_buffer_bytes = 64 * 1024;
   // Bulk-lane bytes the broker lets sit unread in the kernel buffers towards one client (the
   // client reports what it reads every quarter of this). Past it, bulk waits in the broker's own
   // queue, where control frames overtake it: a control frame then waits behind at most this
