@@ -3,6 +3,7 @@
 // mode carrying a token around a ring of more processes than this machine has CPUs.
 #include <gtest/gtest.h>
 
+#include <sched.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -119,6 +120,27 @@ TEST(ProgressMode, AutoYieldsOnlyWhenRanksOutnumberCpus) {
     EXPECT_EQ(resolve_progress_mode(m, 1, 2, &why), m);
   }
   EXPECT_GE(usable_cpus(), 1);
+}
+
+// A rank pinned to one core (srun --cpu-bind, mpirun's binding) still counts the node's CPUs:
+// pinning each rank to a core of its own does not oversubscribe the node.
+TEST(ProgressMode, UsableCpusIgnoresThisProcesssPinning) {
+  const int before = usable_cpus();
+  if (before < 2) GTEST_SKIP() << "needs 2 or more CPUs for this process's cgroup, has " << before;
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(sched_getcpu() >= 0 ? sched_getcpu() : 0, &one);
+    if (sched_setaffinity(0, sizeof(one), &one) != 0) _exit(3);
+    _exit(usable_cpus() == before ? 0 : 1);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "1: usable_cpus() followed the child's one-CPU affinity; "
+                                       "3: sched_setaffinity failed";
 }
 
 TEST(ProgressMode, ContextResolvesAutoAndFollowsSetLocalRanks) {

@@ -1,11 +1,11 @@
 // Options: names, parsing and the environment overlay.
 #include <myelin/transport/options.hpp>
 
-#include <sched.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstdlib>
+#include <fstream>
 #include <string>
 
 namespace myelin::transport {
@@ -56,14 +56,70 @@ Result<ProgressMode> parse_progress_mode(std::string_view name) {
                           "' (expected busy, block, yield or auto)");
 }
 
+namespace {
+// CPUs in a Linux CPU list ("0-3,8,10-11"); 0 when the text is not one.
+int count_cpu_list(const std::string& text) {
+  int n = 0;
+  size_t i = 0;
+  while (i < text.size() && text[i] != '\n') {
+    char* end = nullptr;
+    const long lo = std::strtol(text.c_str() + i, &end, 10);
+    if (end == text.c_str() + i || lo < 0) return 0;
+    i = static_cast<size_t>(end - text.c_str());
+    long hi = lo;
+    if (i < text.size() && text[i] == '-') {
+      const char* start = text.c_str() + i + 1;
+      hi = std::strtol(start, &end, 10);
+      if (end == start || hi < lo) return 0;
+      i = static_cast<size_t>(end - text.c_str());
+    }
+    n += static_cast<int>(hi - lo + 1);
+    if (i < text.size() && text[i] == ',') ++i;
+  }
+  return n;
+}
+
+std::string read_first_line(const std::string& path) {
+  std::ifstream in(path);
+  std::string line;
+  if (in) std::getline(in, line);
+  return line;
+}
+
+// CPUs of this process's cpuset cgroup (v2 cpuset.cpus.effective, v1 cpuset.effective_cpus): the
+// CPUs the job was given on this node, whatever each rank is pinned to; 0 when unknown.
+int cgroup_cpus() {
+  std::ifstream cg("/proc/self/cgroup");
+  std::string line;
+  while (std::getline(cg, line)) {
+    // "hierarchy-id:controllers:path"; v2 is "0::path", v1 names the controller.
+    const size_t a = line.find(':');
+    const size_t b = a == std::string::npos ? a : line.find(':', a + 1);
+    if (b == std::string::npos) continue;
+    const std::string controllers = line.substr(a + 1, b - a - 1);
+    const std::string path = line.substr(b + 1);
+    std::string file;
+    if (controllers.empty()) {
+      file = "/sys/fs/cgroup" + path + "/cpuset.cpus.effective";
+    } else if (controllers == "cpuset" || controllers.find("cpuset,") == 0 ||
+               controllers.find(",cpuset") != std::string::npos) {
+      file = "/sys/fs/cgroup/cpuset" + path + "/cpuset.effective_cpus";
+    } else {
+      continue;
+    }
+    if (const int n = count_cpu_list(read_first_line(file)); n > 0) return n;
+  }
+  return 0;
+}
+}  // namespace
+
 int usable_cpus() noexcept {
   const long online = sysconf(_SC_NPROCESSORS_ONLN);
   int n = online > 0 ? static_cast<int>(online) : 1;
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
-    const int allowed = CPU_COUNT(&set);
-    if (allowed > 0 && allowed < n) n = allowed;
+  try {
+    const int cpuset = cgroup_cpus();
+    if (cpuset > 0 && cpuset < n) n = cpuset;
+  } catch (...) {  // reading /proc or /sys cannot throw in practice; keep the online count
   }
   return n;
 }

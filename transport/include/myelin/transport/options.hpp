@@ -41,7 +41,7 @@ Result<Backend> parse_backend(std::string_view name);
 //                  Context opens for sleeping; not UCX). For more ranks than CPUs on a node.
 //   kAuto          kBusyPoll, or kPollYield once the Context learns (Options::local_ranks, or
 //                  Context::set_local_ranks(), which a collectives Communicator calls) that more
-//                  ranks share this node than this process may run on CPUs; a Context whose only
+//                  ranks share this node than it has CPUs (usable_cpus()); a Context whose only
 //                  backend is TCP then blocks instead (resolve_progress_mode()).
 // Every mode honours each wait's deadline.
 enum class ProgressMode : uint8_t { kBusyPoll = 0, kSpinThenBlock, kPollYield, kAuto };
@@ -52,7 +52,9 @@ Result<ProgressMode> parse_progress_mode(std::string_view name);
 // kPollYield: polls of a wait before its first sched_yield().
 constexpr int kYieldSpinPolls = 32;
 
-// CPUs this process may run on (its affinity mask, bounded by the online CPUs); at least 1.
+// CPUs this node gives the job: the online CPUs, bounded by this process's cpuset cgroup when it
+// has one; at least 1. Not this process's affinity mask: a launcher that pins each rank to a core
+// of its own (srun --cpu-bind, mpirun's binding) has not oversubscribed the node.
 int usable_cpus() noexcept;
 
 // The mode a Context runs for `requested`: kAuto becomes kPollYield when local_ranks > cpus (both
