@@ -380,34 +380,40 @@ Status survive(RankCtx& rc, int victim, std::chrono::milliseconds timeout) {
   return internal_error("allreduce never failed");
 }
 
+// Waits (up to 60 s) for `dir`/started, sends `sig` to rank `victim`, waits until every other rank
+// of `ranks` has written `dir`/error.<rank> (within `timeout` plus slack for several processes on
+// two busy cores), then kills the victim for good. Returns the seconds from the signal to the
+// last report (or to the end of the wait).
+double inject_and_await_reports(const std::vector<pid_t>& pids, const std::string& dir, int victim,
+                                int sig, int ranks, std::chrono::milliseconds timeout) {
+  const Deadline started = Deadline::after(std::chrono::seconds(60));
+  while (!fs::exists(dir + "/started") && !started.expired()) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  kill(pids[victim], sig);
+  const int64_t injected = monotonic_ns();
+  const Deadline report = Deadline::after(timeout + std::chrono::seconds(10));
+  for (int r = 0; r < ranks; ++r) {
+    while (r != victim && !fs::exists(dir + "/error." + std::to_string(r)) && !report.expired()) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+  }
+  const double seconds = static_cast<double>(monotonic_ns() - injected) / 1e9;
+  kill(pids[victim], SIGKILL);
+  return seconds;
+}
+
 void fault_test(int sig, transport::ProgressMode progress) {
   constexpr int kVictim = 2;
   const auto timeout = std::chrono::milliseconds(3000);
   WorldSpec s;
   s.ranks = 4;
   s.progress = progress;
-  int64_t injected_ns = 0;
   double seconds = 0;
   const auto out = run_world(
       s, [&](RankCtx& rc) { return survive(rc, kVictim, timeout); },
       [&](const std::vector<pid_t>& pids, const std::string& dir) {
-        const Deadline d = Deadline::after(std::chrono::seconds(60));
-        while (!fs::exists(dir + "/started") && !d.expired()) {
-          std::this_thread::sleep_for(std::chrono::milliseconds(2));
-        }
-        kill(pids[kVictim], sig);
-        injected_ns = monotonic_ns();
-        // Every survivor reports its error within the timeout (plus slack for 4 processes on 2
-        // busy cores), then the victim goes for good.
-        const Deadline report = Deadline::after(timeout + std::chrono::seconds(10));
-        for (int r = 0; r < 4; ++r) {
-          while (r != kVictim && !fs::exists(dir + "/error." + std::to_string(r)) &&
-                 !report.expired()) {
-            std::this_thread::sleep_for(std::chrono::milliseconds(2));
-          }
-        }
-        seconds = static_cast<double>(monotonic_ns() - injected_ns) / 1e9;
-        kill(pids[kVictim], SIGKILL);
+        seconds = inject_and_await_reports(pids, dir, kVictim, sig, s.ranks, timeout);
       },
       std::chrono::seconds(60));
   for (int r = 0; r < s.ranks; ++r) {
@@ -458,21 +464,7 @@ TEST_P(CollectivesFailure, StoppedRankFailsSmallAllreduces) {
         return internal_error("allreduce never failed");
       },
       [&](const std::vector<pid_t>& pids, const std::string& dir) {
-        const Deadline d = Deadline::after(std::chrono::seconds(60));
-        while (!fs::exists(dir + "/started") && !d.expired()) {
-          std::this_thread::sleep_for(std::chrono::milliseconds(2));
-        }
-        kill(pids[kVictim], SIGSTOP);
-        const int64_t injected = monotonic_ns();
-        const Deadline report = Deadline::after(timeout + std::chrono::seconds(10));
-        for (int r = 0; r < 5; ++r) {
-          while (r != kVictim && !fs::exists(dir + "/error." + std::to_string(r)) &&
-                 !report.expired()) {
-            std::this_thread::sleep_for(std::chrono::milliseconds(2));
-          }
-        }
-        seconds = static_cast<double>(monotonic_ns() - injected) / 1e9;
-        kill(pids[kVictim], SIGKILL);
+        seconds = inject_and_await_reports(pids, dir, kVictim, SIGSTOP, s.ranks, timeout);
       },
       std::chrono::seconds(60));
   for (int r = 0; r < s.ranks; ++r) {

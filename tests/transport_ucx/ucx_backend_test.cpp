@@ -109,21 +109,29 @@ class UcxPair : public testing::TestWithParam<TlsSetting> {
     std::unique_ptr<BackendRegistration> registration;
     RemoteKey key;
   };
-  Region register_on(BackendContext& ctx, size_t size, Access access, uint64_t id) {
-    Region r;
-    r.memory.assign(size, 0);
+  // Registers [data, data + size) with `ctx` and builds its remote key; false (and a test
+  // failure) when the registration is refused.
+  static bool register_range(BackendContext& ctx, uint8_t* data, size_t size, Access access,
+                             uint64_t id, std::unique_ptr<BackendRegistration>& registration,
+                             RemoteKey& key) {
     RegionState state;
-    state.data = r.memory.data();
+    state.data = data;
     state.size = size;
     state.access = access;
     state.id = id;
     auto reg = ctx.register_memory(state);
     EXPECT_TRUE(reg.ok()) << reg.status();
-    if (!reg.ok()) return r;
-    r.registration = std::move(reg).value();
-    r.key =
-        RemoteKey(reinterpret_cast<uint64_t>(r.memory.data()), size, id, access, MemoryKind::kHost);
-    r.key.add_backend_blob(Backend::kUcx, r.registration->remote_key_blob());
+    if (!reg.ok()) return false;
+    registration = std::move(reg).value();
+    key = RemoteKey(reinterpret_cast<uint64_t>(data), size, id, access, MemoryKind::kHost);
+    key.add_backend_blob(Backend::kUcx, registration->remote_key_blob());
+    return true;
+  }
+
+  Region register_on(BackendContext& ctx, size_t size, Access access, uint64_t id) {
+    Region r;
+    r.memory.assign(size, 0);
+    register_range(ctx, r.memory.data(), size, access, id, r.registration, r.key);
     return r;
   }
 
@@ -143,17 +151,7 @@ class UcxPair : public testing::TestWithParam<TlsSetting> {
     if (!mem.ok()) return r;
     r.allocation = std::move(mem).value();
     r.data = static_cast<uint8_t*>(r.allocation.get()) + offset;
-    RegionState state;
-    state.data = r.data;
-    state.size = size;
-    state.access = access;
-    state.id = id;
-    auto reg = ctx.register_memory(state);
-    EXPECT_TRUE(reg.ok()) << reg.status();
-    if (!reg.ok()) return r;
-    r.registration = std::move(reg).value();
-    r.key = RemoteKey(reinterpret_cast<uint64_t>(r.data), size, id, access, MemoryKind::kHost);
-    r.key.add_backend_blob(Backend::kUcx, r.registration->remote_key_blob());
+    register_range(ctx, r.data, size, access, id, r.registration, r.key);
     return r;
   }
   static ucp_mem_h memh_of(const BackendRegistration& reg) {
