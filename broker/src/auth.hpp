@@ -3,10 +3,19 @@
 //   client -> server  auth:    identity, client nonce Nc, HMAC(secret, "myelin/c" Ns Nc identity)
 //   server -> client  auth_ok: HMAC(secret, "myelin/s" Nc Ns identity)   (the client checks it too)
 // The secret never crosses the wire; fresh nonces on both sides stop replays in either direction.
+// Protocol 2 adds the control connection's attach, bound to one session:
+//   auth_ok on the main connection also carries a random session token T
+//   a second connection gets its own hello (server nonce Ns')
+//   client -> server  attach:  identity, session id S, client nonce Nc',
+//                              HMAC(secret, "myelin/a" Ns' Nc' T S identity)
+//   server -> client  auth_ok: HMAC(secret, "myelin/t" Nc' Ns' T S identity)
+// A forged attach lacks the secret; a replayed one was made for another server nonce; an attach
+// for a session with another token (a stale or guessed session id) fails the MAC too.
 #pragma once
 
 #include <array>
 #include <cstddef>
+#include <cstdint>
 #include <string_view>
 
 #include <myelin/broker/frame.hpp>
@@ -22,6 +31,12 @@ Mac client_mac(std::string_view secret, const Nonce& server_nonce, const Nonce& 
                std::string_view identity);
 Mac server_proof(std::string_view secret, const Nonce& server_nonce, const Nonce& client_nonce,
                  std::string_view identity);
+using Token = std::array<std::byte, kSessionTokenSize>;
+Result<Token> random_token();
+Mac attach_mac(std::string_view secret, const Nonce& server_nonce, const Nonce& client_nonce,
+               const Token& token, uint64_t session, std::string_view identity);
+Mac attach_proof(std::string_view secret, const Nonce& server_nonce, const Nonce& client_nonce,
+                 const Token& token, uint64_t session, std::string_view identity);
 // Constant-time comparison.
 [[nodiscard]] bool mac_equal(const Mac& a, const Mac& b) noexcept;
 

@@ -29,6 +29,9 @@ using internal::Fd;
 namespace {
 constexpr uint64_t kPsInitStep = UINT64_MAX;
 constexpr size_t kDedupEntries = 4096;
+// Bytes of bulk read at a time by a reader that also holds the control connection's role: a
+// control message that arrives meanwhile waits for at most this much bulk to be decoded.
+constexpr size_t kBulkBlockWithControl = 64 * 1024;
 
 std::span<const std::byte> float_bytes(std::span<const float> v) {
   return {reinterpret_cast<const std::byte*>(v.data()), v.size() * sizeof(float)};
@@ -64,28 +67,56 @@ class Client::Impl {
     MessageHandler handler;
     RequestHandler responder;
   };
+  // The connections: kMain always; kCtrl once attached (protocol 2, control_connection on). Each
+  // has its own queue, receive buffer and reader role, so control frames never wait behind bulk
+  // bytes in a socket buffer, nor behind a thread busy reading bulk.
+  static constexpr int kMain = 0, kCtrl = 1;
+  struct Conn {
+    explicit Conn(const ClientOptions& o)
+        : out(internal::OutOptions{.chunk_size = o.chunk_bytes,
+                                   .batch_bytes = o.batch_bytes,
+                                   .batch_window_ns = o.batch_window_us * 1000}),
+          rx(DecodeLimits{}) {}
+    Fd fd;
+    internal::OutQueue out;  // under mu_
+    internal::RxBuffer rx;   // the reader only
+    GapDetector gaps;        // the reader only (a topic is in one lane, so on one connection)
+    // The reader role (under mu_): one thread at a time reads this socket and dispatches what
+    // arrives, owning rx and gaps (and, on kMain, reasm_ and the read reports): the I/O thread,
+    // or a thread in poll() that found the inbox empty and reads for itself (saving the I/O
+    // thread's wake-up and its hand-off per message).
+    bool reading = false;
+    // What the I/O thread planned when it last went to sleep (under mu_): whether it watches the
+    // socket for writing; send_locked() wakes it only if that is not soon enough.
+    bool watches_out = false;
+    bool armed_in = true, armed_out = false;  // the socket's events in the I/O thread's set
+    int64_t last_tx_ns = 0;                   // under mu_
+    // Written by the reader, read by the I/O thread's heartbeat check: relaxed, a stale value
+    // only delays that check by one pass.
+    std::atomic<int64_t> last_rx_ns{0};
+  };
 
-  explicit Impl(ClientOptions o)
-      : opt_(std::move(o)),
-        out_(internal::OutOptions{.chunk_size = opt_.chunk_bytes,
-                                  .batch_bytes = opt_.batch_bytes,
-                                  .batch_window_ns = opt_.batch_window_us * 1000}),
-        rx_(DecodeLimits{}) {}
+  explicit Impl(ClientOptions o) : opt_(std::move(o)), conns_{Conn(opt_), Conn(opt_)} {}
   ~Impl() { shutdown(); }
 
   Status handshake();
+  Status attach_control(const AuthOk& ok, Deadline d);
   Status start();
   void shutdown();
   void io_loop();
-  Status dispatch(const FrameView& f, const std::shared_ptr<const void>& owner);
+  Status dispatch(int k, const FrameView& f, const std::shared_ptr<const void>& owner);
   void fail(Status s);
+  [[nodiscard]] int nconns() const noexcept { return has_ctrl_ ? 2 : 1; }
 
-  // Sends one frame under mu_ (held by the caller).
+  // Sends one frame under mu_ (held by the caller): control-lane frames on the control
+  // connection when there is one (unless `main_connection`), the rest on the main connection.
   Status send_locked(FrameHeader h, std::string_view topic, std::span<const std::byte> payload,
-                     bool batchable, std::shared_ptr<const void> owner = nullptr) {
+                     bool batchable, std::shared_ptr<const void> owner = nullptr,
+                     bool main_connection = false) {
     if (!status_.ok()) return status_;
-    auto r = out_.push_and_flush(fd_.get(), h, topic, payload, std::move(owner), batchable,
-                                 monotonic_ns());
+    Conn& c = conns_[has_ctrl_ && !main_connection && (h.flags & kFlagControl) ? kCtrl : kMain];
+    auto r = c.out.push_and_flush(c.fd.get(), h, topic, payload, std::move(owner), batchable,
+                                  monotonic_ns());
     if (!r.ok()) {
       // A message the queue refuses (invalid_argument) fails that call, not the connection.
       if (r.status().code() == StatusCode::kInvalidArgument) return r.status();
@@ -96,8 +127,8 @@ class Client::Impl {
     // socket it does not watch for writing, or a batch whose window ends before its next wake-up.
     // Then no further wake-up until it has looked again (a write to the eventfd per message
     // costs a syscall and a context switch per message).
-    if ((!*r && !io_watches_out_) || out_.next_batch_deadline() < io_wakes_at_ns_) {
-      io_watches_out_ = true;
+    if ((!*r && !c.watches_out) || c.out.next_batch_deadline() < io_wakes_at_ns_) {
+      c.watches_out = true;
       io_wakes_at_ns_ = INT64_MIN;
       wake();
     }
@@ -150,26 +181,37 @@ class Client::Impl {
                    std::chrono::nanoseconds(std::min<int64_t>(d.remaining_ns(), 100'000'000)));
     }
   }
-  // Puts the socket's events in the I/O thread's epoll set in line with the state (mu_ held).
+  // Puts the sockets' events in the I/O thread's epoll set in line with the state (mu_ held).
   void set_interest_locked(int64_t now) {
     const bool in = poll_readers_ == 0 && now - poll_read_end_ns_ >= opt_.poll_read_grace_us * 1000;
-    const bool out = io_watches_out_;
-    if (in == armed_in_ && out == armed_out_) return;
-    epoll_event ev{};
-    ev.events =
-        (in ? static_cast<uint32_t>(EPOLLIN) : 0u) | (out ? static_cast<uint32_t>(EPOLLOUT) : 0u);
-    ev.data.u64 = 1;
-    if (::epoll_ctl(epoll_.get(), EPOLL_CTL_MOD, fd_.get(), &ev) == 0) {
-      armed_in_ = in;
-      armed_out_ = out;
+    for (int k = 0; k < nconns(); ++k) {
+      Conn& c = conns_[k];
+      const bool out = c.watches_out;
+      if (in == c.armed_in && out == c.armed_out) continue;
+      epoll_event ev{};
+      ev.events =
+          (in ? static_cast<uint32_t>(EPOLLIN) : 0u) | (out ? static_cast<uint32_t>(EPOLLOUT) : 0u);
+      ev.data.u64 = tag_of(k);
+      if (::epoll_ctl(epoll_.get(), EPOLL_CTL_MOD, c.fd.get(), &ev) == 0) {
+        c.armed_in = in;
+        c.armed_out = out;
+      }
     }
   }
-  // The reader role held: reads (while `readable`, at most `rounds` blocks) and dispatches every
-  // complete frame, including those already buffered.
-  Status read_socket(bool readable, int rounds);
-  // poll() with an empty inbox and the reader role free: takes the role, waits for the socket
-  // until `d` (at most 20 ms, so a failure the I/O thread found is seen), reads one block and
-  // dispatches it. mu_ held through `lock` on entry and return, released meanwhile.
+  static uint64_t tag_of(int k) { return k == kMain ? 1 : 3; }  // 2: the wake-up eventfd
+  // Connection k's reader role held: reads (while `readable`, at most `rounds` reads of at most
+  // `max_bytes`) and dispatches every complete frame, including those already buffered. Adds the
+  // frames dispatched to *frames.
+  Status read_socket(int k, bool readable, int rounds, size_t max_bytes, int* frames);
+  // Whether a poll() caller can read for itself now (some reader role free). mu_ held.
+  [[nodiscard]] bool can_read_for_poll() const {
+    return !conns_[kMain].reading || (has_ctrl_ && !conns_[kCtrl].reading);
+  }
+  // poll() with an empty inbox and a reader role free: takes the free roles, dispatches what
+  // their buffers hold, and if that was nothing waits for the sockets until `d` (at most 20 ms,
+  // so a failure the I/O thread found is seen) and reads: the control socket first, then one
+  // bounded block of the main one. mu_ held through `lock` on entry and return, released
+  // meanwhile.
   void read_for_poll(std::unique_lock<std::mutex>& lock, Deadline d);
   template <typename Fn>
   void edit_subs_locked(Fn&& fn) {
@@ -184,34 +226,30 @@ class Client::Impl {
   }
 
   ClientOptions opt_;
-  Fd fd_, wake_fd_, epoll_;
+  Fd wake_fd_, epoll_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
-  internal::OutQueue out_;
-  internal::RxBuffer rx_;  // the reader only (see reading_)
-  // Read reports (see ServerOptions::bulk_inflight_bytes): every rx_ack_every_ bytes read (set
-  // by the handshake; 0: none), the reader sends a credit frame with the bytes in seq.
+  Conn conns_[2];
+  bool has_ctrl_ = false;  // set by the handshake, before any other thread exists
+  uint32_t version_ = 1;   // protocol version agreed with the broker
+  // Read reports (see ServerOptions::bulk_inflight_bytes): every rx_ack_every_ bytes read from
+  // the main connection (set by the handshake; 0: none), its reader sends a credit frame with
+  // the bytes in seq.
   uint64_t rx_ack_every_ = 0;
-  uint64_t rx_unacked_ = 0;  // the reader only
-  Reassembler reasm_;        // the reader only
-  GapDetector gaps_;         // the reader only
+  uint64_t rx_unacked_ = 0;  // the main connection's reader only
+  Reassembler reasm_;        // the main connection's reader only (bulk is chunked, never control)
+  // Handlers run one at a time although each connection has its own reader: held around every
+  // handler call (recursive: a handler may publish, request or poll, and reach another).
+  std::recursive_mutex handler_mu_;
   Status status_;
   uint64_t client_id_ = 0, counter_ = 0;
   uint64_t pub_credits_ = 0, credits_owed_ = 0;
-  // What the I/O thread planned when it last went to sleep (under mu_): whether it watches the
-  // socket for writing, and when its epoll wait ends; send_locked() wakes it only if that is not
-  // soon enough.
-  bool io_watches_out_ = false;
+  // When the I/O thread's epoll wait ends (under mu_); see send_locked().
   int64_t io_wakes_at_ns_ = INT64_MIN;
-  // The reader role (under mu_): one thread at a time reads the socket and dispatches what
-  // arrives, owning rx_, reasm_ and gaps_: the I/O thread, or a thread in poll() that found the
-  // inbox empty and reads for itself (saving the I/O thread's wake-up and its hand-off per
-  // message). While poll() callers read, and for poll_read_grace_us after the last one, the I/O
-  // thread does not watch the socket for input (it would only wake to find the role taken).
-  bool reading_ = false;
+  // While poll() callers read, and for poll_read_grace_us after the last one, the I/O thread
+  // does not watch the sockets for input (it would only wake to find the roles taken).
   int poll_readers_ = 0;
   int64_t poll_read_end_ns_ = INT64_MIN / 2;
-  bool armed_in_ = true, armed_out_ = false;  // the socket's events in the I/O thread's epoll set
   bool draining_ = false;
   // Copy-on-write (under mu_): a delivery takes a reference to the current list and runs its
   // handlers without copying them; (un)subscribing installs a new list.
@@ -222,10 +260,6 @@ class Client::Impl {
   std::deque<uint64_t> replies_fifo_;
   std::unordered_set<uint64_t> in_flight_;
   ClientStats stats_;
-  // Written by the reader, read by the I/O thread's heartbeat check: relaxed, a stale value only
-  // delays that check by one pass.
-  std::atomic<int64_t> last_rx_ns_{0};
-  int64_t last_tx_ns_ = 0;         // under mu_
   std::atomic<bool> stop_{false};  // pairs with the I/O thread's acquire load
   std::thread thread_;
 };
@@ -238,24 +272,43 @@ void Client::Impl::fail(Status s) {
   cv_.notify_all();
 }
 
+namespace {
+// Reads the next frame of a handshake from `fd` into `rx` until `d`.
+Status read_handshake_frame(int fd, internal::RxBuffer& rx, Deadline d, const std::string& where,
+                            FrameView* f) {
+  while (true) {
+    MYELIN_ASSIGN_OR_RETURN(bool got, rx.next(f));
+    if (got) return ok_status();
+    pollfd p{fd, POLLIN, 0};
+    if (::poll(&p, 1, d.remaining_ms_for_poll()) == 0)
+      return timeout_error("handshake with ", where);
+    MYELIN_ASSIGN_OR_RETURN(size_t n, rx.read_from(fd));
+    (void)n;
+  }
+}
+
+// An error frame's status (code checked), as the handshake reports it.
+Status error_frame_status(const FrameView& f) {
+  return Status(f.header.seq >= 1 && f.header.seq <= static_cast<uint64_t>(StatusCode::kInternal)
+                    ? static_cast<StatusCode>(f.header.seq)
+                    : StatusCode::kPermissionDenied,
+                std::string(reinterpret_cast<const char*>(f.payload.data()), f.payload.size()));
+}
+}  // namespace
+
 Status Client::Impl::handshake() {
   MYELIN_ASSIGN_OR_RETURN(auto hp, internal::parse_host_port(opt_.address));
+  if (!valid_identity(opt_.identity))
+    return invalid_argument("bad client identity '", opt_.identity, "'");
   const Deadline d = Deadline::after_ms(opt_.connect_timeout_ms);
-  MYELIN_ASSIGN_OR_RETURN(fd_, internal::connect_tcp(hp, d, opt_.socket_buffer_bytes));
-  auto read_frame = [&](FrameView* f) -> Status {
-    while (true) {
-      MYELIN_ASSIGN_OR_RETURN(bool got, rx_.next(f));
-      if (got) return ok_status();
-      pollfd p{fd_.get(), POLLIN, 0};
-      if (::poll(&p, 1, d.remaining_ms_for_poll()) == 0)
-        return timeout_error("handshake with ", opt_.address);
-      MYELIN_ASSIGN_OR_RETURN(size_t n, rx_.read_from(fd_.get()));
-      (void)n;
-    }
-  };
+  Conn& m = conns_[kMain];
+  MYELIN_ASSIGN_OR_RETURN(m.fd, internal::connect_tcp(hp, d, opt_.socket_buffer_bytes));
   FrameView f;
-  MYELIN_RETURN_IF_ERROR(read_frame(&f));
+  MYELIN_RETURN_IF_ERROR(read_handshake_frame(m.fd.get(), m.rx, d, opt_.address, &f));
   MYELIN_ASSIGN_OR_RETURN(auto server_nonce, parse_hello(f));
+  MYELIN_ASSIGN_OR_RETURN(VersionRange theirs, decode_versions(f.header.seq));
+  MYELIN_ASSIGN_OR_RETURN(
+      version_, negotiate_version(VersionRange{}, theirs, "the broker at " + opt_.address));
   MYELIN_ASSIGN_OR_RETURN(auto client_nonce, internal::random_nonce());
   const auto mac = internal::client_mac(opt_.secret, server_nonce, client_nonce, opt_.identity);
   std::vector<std::byte> payload(client_nonce.begin(), client_nonce.end());
@@ -263,21 +316,15 @@ Status Client::Impl::handshake() {
   FrameHeader h;
   h.type = FrameType::kAuth;
   h.flags = kFlagControl;
-  if (!valid_identity(opt_.identity))
-    return invalid_argument("bad client identity '", opt_.identity, "'");
-  MYELIN_RETURN_IF_ERROR(out_.push(h, opt_.identity, payload, nullptr, false, monotonic_ns()));
-  MYELIN_ASSIGN_OR_RETURN(bool flushed, out_.flush(fd_.get()));
+  h.seq = encode_versions(VersionRange{});
+  MYELIN_RETURN_IF_ERROR(m.out.push(h, opt_.identity, payload, nullptr, false, monotonic_ns()));
+  MYELIN_ASSIGN_OR_RETURN(bool flushed, m.out.flush(m.fd.get()));
   if (!flushed) return unavailable("could not send the handshake");
-  MYELIN_RETURN_IF_ERROR(read_frame(&f));
-  if (f.header.type == FrameType::kError) {
-    return Status(f.header.seq >= 1 && f.header.seq <= static_cast<uint64_t>(StatusCode::kInternal)
-                      ? static_cast<StatusCode>(f.header.seq)
-                      : StatusCode::kPermissionDenied,
-                  std::string(reinterpret_cast<const char*>(f.payload.data()), f.payload.size()));
-  }
-  MYELIN_ASSIGN_OR_RETURN(auto proof, parse_auth_ok(f));
-  if (!internal::mac_equal(
-          proof, internal::server_proof(opt_.secret, server_nonce, client_nonce, opt_.identity))) {
+  MYELIN_RETURN_IF_ERROR(read_handshake_frame(m.fd.get(), m.rx, d, opt_.address, &f));
+  if (f.header.type == FrameType::kError) return error_frame_status(f);
+  MYELIN_ASSIGN_OR_RETURN(AuthOk ok, parse_auth_ok(f));
+  if (!internal::mac_equal(ok.proof, internal::server_proof(opt_.secret, server_nonce, client_nonce,
+                                                            opt_.identity))) {
     return permission_denied("the broker at ", opt_.address, " does not know the job secret");
   }
   client_id_ = f.header.id;
@@ -285,16 +332,62 @@ Status Client::Impl::handshake() {
   if (f.header.timestamp_ns > (1ull << 30))
     return protocol_error("auth_ok asks for a read report every ", f.header.timestamp_ns, " bytes");
   rx_ack_every_ = f.header.timestamp_ns;
-  rx_unacked_ = rx_.buffered();  // the broker counts from auth_ok on
+  rx_unacked_ = m.rx.buffered();  // the broker counts from auth_ok on
+  if (version_ >= 2 && !ok.has_token) {
+    return protocol_error("the broker at ", opt_.address, " speaks protocol ", version_,
+                          " but sent no session token");
+  }
   FrameHeader c;
   c.type = FrameType::kCredit;
   c.flags = kFlagControl;
   c.id = opt_.receive_window;
-  MYELIN_RETURN_IF_ERROR(out_.push(c, {}, {}, nullptr, false, monotonic_ns()));
-  MYELIN_ASSIGN_OR_RETURN(flushed, out_.flush(fd_.get()));
-  last_tx_ns_ = monotonic_ns();
-  last_rx_ns_.store(last_tx_ns_, std::memory_order_relaxed);
-  // Frames that arrived right behind auth_ok stay in rx_ for the first reader.
+  MYELIN_RETURN_IF_ERROR(m.out.push(c, {}, {}, nullptr, false, monotonic_ns()));
+  MYELIN_ASSIGN_OR_RETURN(flushed, m.out.flush(m.fd.get()));
+  if (version_ >= 2 && opt_.control_connection) {
+    Status s = attach_control(ok, d);
+    if (!s.ok()) return std::move(s).with_context("attaching the control connection");
+  }
+  const int64_t now = monotonic_ns();
+  for (Conn& k : conns_) {
+    k.last_tx_ns = now;
+    k.last_rx_ns.store(now, std::memory_order_relaxed);
+  }
+  // Frames that arrived right behind auth_ok stay in the receive buffers; the first reader of
+  // each connection dispatches them before it waits for the socket.
+  return ok_status();
+}
+
+Status Client::Impl::attach_control(const AuthOk& ok, Deadline d) {
+  MYELIN_ASSIGN_OR_RETURN(auto hp, internal::parse_host_port(opt_.address));
+  Conn& c = conns_[kCtrl];
+  MYELIN_ASSIGN_OR_RETURN(c.fd, internal::connect_tcp(hp, d, opt_.socket_buffer_bytes));
+  FrameView f;
+  MYELIN_RETURN_IF_ERROR(read_handshake_frame(c.fd.get(), c.rx, d, opt_.address, &f));
+  MYELIN_ASSIGN_OR_RETURN(auto server_nonce, parse_hello(f));
+  MYELIN_ASSIGN_OR_RETURN(auto client_nonce, internal::random_nonce());
+  const auto mac = internal::attach_mac(opt_.secret, server_nonce, client_nonce, ok.token,
+                                        client_id_, opt_.identity);
+  std::vector<std::byte> payload(client_nonce.begin(), client_nonce.end());
+  payload.insert(payload.end(), mac.begin(), mac.end());
+  FrameHeader h;
+  h.type = FrameType::kAttach;
+  h.flags = kFlagControl;
+  h.id = client_id_;
+  h.seq = encode_versions(VersionRange{});
+  MYELIN_RETURN_IF_ERROR(c.out.push(h, opt_.identity, payload, nullptr, false, monotonic_ns()));
+  MYELIN_ASSIGN_OR_RETURN(bool flushed, c.out.flush(c.fd.get()));
+  if (!flushed) return unavailable("could not send the attach");
+  MYELIN_RETURN_IF_ERROR(read_handshake_frame(c.fd.get(), c.rx, d, opt_.address, &f));
+  if (f.header.type == FrameType::kError) return error_frame_status(f);
+  MYELIN_ASSIGN_OR_RETURN(AuthOk proof, parse_auth_ok(f));
+  if (proof.has_token || f.header.id != client_id_ ||
+      !internal::mac_equal(proof.proof,
+                           internal::attach_proof(opt_.secret, server_nonce, client_nonce, ok.token,
+                                                  client_id_, opt_.identity))) {
+    return permission_denied("the broker at ", opt_.address,
+                             " did not prove the control connection's session");
+  }
+  has_ctrl_ = true;
   return ok_status();
 }
 
@@ -304,9 +397,11 @@ Status Client::Impl::start() {
   if (!wake_fd_.valid() || !epoll_.valid()) return errno_status("eventfd/epoll", errno);
   epoll_event ev{};
   ev.events = EPOLLIN;
-  ev.data.u64 = 1;
-  if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, fd_.get(), &ev) != 0)
-    return errno_status("epoll_ctl", errno);
+  for (int k = 0; k < nconns(); ++k) {
+    ev.data.u64 = tag_of(k);
+    if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, conns_[k].fd.get(), &ev) != 0)
+      return errno_status("epoll_ctl", errno);
+  }
   ev.data.u64 = 2;
   if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, wake_fd_.get(), &ev) != 0)
     return errno_status("epoll_ctl", errno);
@@ -322,20 +417,26 @@ void Client::Impl::shutdown() {
   }
   std::lock_guard<std::mutex> lock(mu_);
   if (status_.ok()) {
-    out_.close_due_batches(0, true);
-    (void)out_.flush(fd_.get());
+    for (int k = 0; k < nconns(); ++k) {
+      conns_[k].out.close_due_batches(0, true);
+      (void)conns_[k].out.flush(conns_[k].fd.get());
+    }
     fail(cancelled("client closed"));
   }
 }
 
-Status Client::Impl::read_socket(bool readable, int rounds) {
+Status Client::Impl::read_socket(int k, bool readable, int rounds, size_t max_bytes, int* frames) {
+  Conn& c = conns_[k];
+  const std::string_view which = k == kMain ? "" : " (control connection)";
   for (int round = 0; round < rounds; ++round) {
     if (readable) {
-      auto got = rx_.read_from(fd_.get());
-      if (!got.ok()) return std::move(got).status().with_context("broker " + opt_.address);
-      if (*got > 0) last_rx_ns_.store(monotonic_ns(), std::memory_order_relaxed);
-      rx_unacked_ += *got;
-      if (rx_ack_every_ > 0 && rx_unacked_ >= rx_ack_every_) {
+      auto got = c.rx.read_from(c.fd.get(), max_bytes);
+      if (!got.ok()) {
+        return std::move(got).status().with_context("broker " + opt_.address + std::string(which));
+      }
+      if (*got > 0) c.last_rx_ns.store(monotonic_ns(), std::memory_order_relaxed);
+      if (k == kMain) rx_unacked_ += *got;
+      if (k == kMain && rx_ack_every_ > 0 && rx_unacked_ >= rx_ack_every_) {
         // Tell the broker these bytes left the kernel, so it may send more bulk.
         FrameHeader h;
         h.type = FrameType::kCredit;
@@ -346,15 +447,19 @@ Status Client::Impl::read_socket(bool readable, int rounds) {
         MYELIN_RETURN_IF_ERROR(send_locked(h, {}, {}, false));
       }
       // A short read emptied the socket: skip the read that would only say EAGAIN.
-      if (*got == 0 || rx_.drained()) readable = false;
+      if (*got == 0 || c.rx.drained()) readable = false;
     }
     while (true) {
       FrameView f;
-      auto r = rx_.next(&f);
+      auto r = c.rx.next(&f);
       Status s = r.ok() ? ok_status() : r.status();
       if (s.ok() && !*r) break;
-      if (s.ok()) s = dispatch(f, rx_.owner());
-      if (!s.ok()) return std::move(s).with_context("from broker " + opt_.address);
+      if (s.ok() && k == kCtrl && (f.header.flags & (kFlagMore | kFlagContinuation)))
+        s = protocol_error("a chunked frame on the control connection");
+      if (s.ok()) s = dispatch(k, f, c.rx.owner());
+      if (!s.ok())
+        return std::move(s).with_context("from broker " + opt_.address + std::string(which));
+      ++*frames;
     }
     if (!readable) break;
   }
@@ -362,26 +467,52 @@ Status Client::Impl::read_socket(bool readable, int rounds) {
 }
 
 void Client::Impl::read_for_poll(std::unique_lock<std::mutex>& lock, Deadline d) {
-  reading_ = true;
+  bool mine[2] = {false, false};
+  for (int k = 0; k < nconns(); ++k) {
+    mine[k] = !conns_[k].reading;
+    conns_[k].reading = conns_[k].reading || mine[k];
+  }
   poll_readers_++;
   set_interest_locked(monotonic_ns());
   lock.unlock();
-  const int64_t slice =
-      d.is_never() ? 20'000'000 : std::clamp<int64_t>(d.remaining_ns(), 0, 20'000'000);
-  const timespec ts{static_cast<time_t>(slice / 1'000'000'000),
-                    static_cast<long>(slice % 1'000'000'000)};
-  pollfd p{fd_.get(), POLLIN, 0};
+  // With a control connection in hand, bulk is read a bounded block at a time, so a control
+  // message that arrives meanwhile waits for at most that block.
+  const size_t main_block = mine[kCtrl] ? kBulkBlockWithControl : SIZE_MAX;
   Status s;
-  const int n = ::ppoll(&p, 1, &ts, nullptr);
-  if (n > 0)
-    s = read_socket(true, 1);
-  else if (n < 0 && errno != EINTR)
-    s = errno_status("ppoll on the broker connection", errno);
+  int frames = 0;
+  for (int k = kCtrl; k >= kMain && s.ok(); --k) {
+    if (mine[k]) s = read_socket(k, false, 1, SIZE_MAX, &frames);
+  }
+  if (s.ok() && frames == 0) {
+    const int64_t slice =
+        d.is_never() ? 20'000'000 : std::clamp<int64_t>(d.remaining_ns(), 0, 20'000'000);
+    const timespec ts{static_cast<time_t>(slice / 1'000'000'000),
+                      static_cast<long>(slice % 1'000'000'000)};
+    pollfd p[2];
+    int np = 0, which[2];
+    for (int k = kCtrl; k >= kMain; --k) {
+      if (!mine[k]) continue;
+      which[np] = k;
+      p[np++] = pollfd{conns_[k].fd.get(), POLLIN, 0};
+    }
+    const int n = ::ppoll(p, static_cast<nfds_t>(np), &ts, nullptr);
+    if (n > 0) {
+      for (int i = 0; i < np && s.ok(); ++i) {
+        if (p[i].revents == 0) continue;
+        const int k = which[i];
+        s = read_socket(k, true, 1, k == kMain ? main_block : SIZE_MAX, &frames);
+      }
+    } else if (n < 0 && errno != EINTR) {
+      s = errno_status("ppoll on the broker connection", errno);
+    }
+  }
   lock.lock();
-  reading_ = false;
+  for (int k = 0; k < 2; ++k) {
+    if (mine[k]) conns_[k].reading = false;
+  }
   poll_readers_--;
   poll_read_end_ns_ = monotonic_ns();
-  // The I/O thread may sleep on a timeout it chose while it still watched the socket (up to
+  // The I/O thread may sleep on a timeout it chose while it still watched the sockets (up to
   // 50 ms): wake it so that it watches again when the grace ends, not at that timeout.
   // One eventfd write until it has looked again (as in send_locked()).
   if (io_wakes_at_ns_ > poll_read_end_ns_ + opt_.poll_read_grace_us * 1000) {
@@ -389,24 +520,26 @@ void Client::Impl::read_for_poll(std::unique_lock<std::mutex>& lock, Deadline d)
     wake();
   }
   if (!s.ok()) fail(std::move(s));
-  cv_.notify_all();  // other poll() callers may take the role now
+  cv_.notify_all();  // other poll() callers may take the roles now
 }
 
 void Client::Impl::io_loop() {
-  bool first = true;  // frames may already sit in rx_ from the handshake
+  bool first[2] = {true, true};  // frames may already sit in the buffers from the handshake
   while (!stop_.load(std::memory_order_acquire)) {
     int64_t timeout_ns = std::min<int64_t>(opt_.heartbeat_ms / 2, 50) * 1'000'000;
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (!status_.ok()) return;
       const int64_t now = monotonic_ns();
-      const int64_t bd = out_.next_batch_deadline();
-      if (bd != INT64_MAX)
-        timeout_ns = std::min<int64_t>(timeout_ns, std::max<int64_t>(0, bd - now));
-      io_watches_out_ = out_.has_unsent();
+      for (int k = 0; k < nconns(); ++k) {
+        const int64_t bd = conns_[k].out.next_batch_deadline();
+        if (bd != INT64_MAX)
+          timeout_ns = std::min<int64_t>(timeout_ns, std::max<int64_t>(0, bd - now));
+        conns_[k].watches_out = conns_[k].out.has_unsent();
+      }
       set_interest_locked(now);
       // Not watching for input (poll() callers read): look again when their grace ends.
-      if (!armed_in_) {
+      if (!conns_[kMain].armed_in) {
         timeout_ns = std::min<int64_t>(timeout_ns,
                                        std::max<int64_t>(opt_.poll_read_grace_us * 1000, 100'000));
       }
@@ -414,53 +547,82 @@ void Client::Impl::io_loop() {
     }
     epoll_event evs[4];
     const int n = internal::epoll_wait_ns(epoll_.get(), evs, 4, timeout_ns);
-    bool readable = false;
+    bool readable[2] = {false, false};
     for (int i = 0; i < n; ++i) {
       if (evs[i].data.u64 == 2) {
         uint64_t v;
         [[maybe_unused]] ssize_t r = ::read(wake_fd_.get(), &v, sizeof(v));
       } else if (evs[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP)) {
-        readable = true;
+        readable[evs[i].data.u64 == tag_of(kCtrl) ? kCtrl : kMain] = true;
       }
     }
-    bool mine = false;
-    if (readable || first) {
+    bool mine[2] = {false, false};
+    {
       std::lock_guard<std::mutex> lock(mu_);
-      mine = !reading_ && poll_readers_ == 0;
-      if (mine) reading_ = true;
+      for (int k = 0; k < nconns(); ++k) {
+        mine[k] = (readable[k] || first[k]) && !conns_[k].reading && poll_readers_ == 0;
+        if (mine[k]) conns_[k].reading = true;
+      }
     }
-    if (mine) {
-      first = false;
-      Status s = read_socket(readable, 16);
+    if (mine[kMain] || mine[kCtrl]) {
+      Status s;
+      int frames = 0;
+      if (mine[kCtrl]) {
+        first[kCtrl] = false;
+        s = read_socket(kCtrl, readable[kCtrl], 4, SIZE_MAX, &frames);
+      }
+      if (mine[kMain]) {
+        first[kMain] = false;
+        // With the control role in hand too, bulk goes a bounded block at a time and the control
+        // socket is looked at between blocks (a read that mostly finds it empty).
+        const size_t block = mine[kCtrl] ? kBulkBlockWithControl : SIZE_MAX;
+        const int rounds = mine[kCtrl] ? 64 : 16;
+        bool more = readable[kMain];
+        for (int r = 0; r < rounds && s.ok(); ++r) {
+          s = read_socket(kMain, more, 1, block, &frames);
+          more = more && !conns_[kMain].rx.drained();
+          if (s.ok() && mine[kCtrl]) s = read_socket(kCtrl, true, 1, SIZE_MAX, &frames);
+          if (!more) break;
+        }
+      }
       std::lock_guard<std::mutex> lock(mu_);
-      reading_ = false;
+      for (int k = 0; k < 2; ++k) {
+        if (mine[k]) conns_[k].reading = false;
+      }
       if (!s.ok()) {
         fail(std::move(s));
         return;
       }
-      cv_.notify_all();  // a poll() caller may wait for the role
+      cv_.notify_all();  // a poll() caller may wait for a role
     }
     std::lock_guard<std::mutex> lock(mu_);
     if (!status_.ok()) return;
     const int64_t now = monotonic_ns();
-    if (now - last_rx_ns_.load(std::memory_order_relaxed) > 3 * opt_.heartbeat_ms * 1'000'000) {
-      fail(peer_failed("broker ", opt_.address, " silent for ", 3 * opt_.heartbeat_ms, " ms"));
-      return;
+    for (int k = 0; k < nconns(); ++k) {
+      Conn& c = conns_[k];
+      if (now - c.last_rx_ns.load(std::memory_order_relaxed) > 3 * opt_.heartbeat_ms * 1'000'000) {
+        fail(peer_failed("broker ", opt_.address, k == kCtrl ? " (control connection)" : "",
+                         " silent for ", 3 * opt_.heartbeat_ms, " ms"));
+        return;
+      }
+      if (now - c.last_tx_ns > opt_.heartbeat_ms * 1'000'000) {
+        FrameHeader h;
+        h.type = FrameType::kHeartbeat;
+        h.flags = kFlagControl;
+        (void)send_locked(h, {}, {}, false, nullptr, /*main_connection=*/k == kMain);
+        c.last_tx_ns = now;
+      }
+      c.out.close_due_batches(now);
+      auto fl = c.out.flush(c.fd.get());
+      if (!fl.ok()) {
+        fail(std::move(fl).status());
+        return;
+      }
     }
-    if (now - last_tx_ns_ > opt_.heartbeat_ms * 1'000'000) {
-      FrameHeader h;
-      h.type = FrameType::kHeartbeat;
-      h.flags = kFlagControl;
-      (void)send_locked(h, {}, {}, false);
-      last_tx_ns_ = now;
-    }
-    out_.close_due_batches(now);
-    auto fl = out_.flush(fd_.get());
-    if (!fl.ok()) fail(std::move(fl).status());
   }
 }
 
-Status Client::Impl::dispatch(const FrameView& f, const std::shared_ptr<const void>& owner) {
+Status Client::Impl::dispatch(int k, const FrameView& f, const std::shared_ptr<const void>& owner) {
   const FrameHeader& h = f.header;
   if (h.flags & (kFlagMore | kFlagContinuation)) {
     AssembledMessage m;
@@ -470,12 +632,12 @@ Status Client::Impl::dispatch(const FrameView& f, const std::shared_ptr<const vo
     whole.header = m.header;
     whole.topic = m.topic;
     whole.payload = std::span<const std::byte>(m.payload->data(), m.payload->size());
-    return dispatch(whole, m.payload);
+    return dispatch(k, whole, m.payload);
   }
   switch (h.type) {
     case FrameType::kBatch:
       return for_each_in_batch(f.payload, DecodeLimits{},
-                               [&](const FrameView& in) { return dispatch(in, owner); });
+                               [&](const FrameView& in) { return dispatch(k, in, owner); });
     case FrameType::kHeartbeat:
       return ok_status();
     case FrameType::kGoAway: {
@@ -527,7 +689,7 @@ Status Client::Impl::dispatch(const FrameView& f, const std::shared_ptr<const vo
     }
     case FrameType::kDeliver: {
       ReceivedMessage m = received_message(f, owner);
-      const SeqEvent ev = gaps_.observe(m.topic, m.seq);
+      const SeqEvent ev = conns_[k].gaps.observe(m.topic, m.seq);
       m.missed_before = ev.missed;
       std::shared_ptr<const std::vector<Sub>> subs;
       bool to_inbox = false, to_handler = false;
@@ -549,6 +711,7 @@ Status Client::Impl::dispatch(const FrameView& f, const std::shared_ptr<const vo
         }
       }
       if (to_handler) {
+        std::lock_guard<std::recursive_mutex> one_at_a_time(handler_mu_);
         for (const Sub& s : *subs) {
           if (s.handler && !s.responder && topic_matches(s.pattern, m.topic)) s.handler(m);
         }
@@ -586,7 +749,10 @@ Status Client::Impl::dispatch(const FrameView& f, const std::shared_ptr<const vo
         in_flight_.insert(h.id);
         stats_.handler_calls++;
       }
-      Result<std::vector<std::byte>> answer = fn(m);
+      Result<std::vector<std::byte>> answer = [&] {
+        std::lock_guard<std::recursive_mutex> one_at_a_time(handler_mu_);
+        return fn(m);
+      }();
       std::lock_guard<std::mutex> lock(mu_);
       in_flight_.erase(h.id);
       FrameHeader r;
@@ -720,7 +886,7 @@ Result<ReceivedMessage> Client::poll(Deadline deadline) {
   while (im.inbox_.empty()) {
     if (!im.status_.ok()) return im.status_;
     if (deadline.expired()) return timeout_error("no message");
-    if (im.opt_.poll_reads_socket && !im.reading_) {
+    if (im.opt_.poll_reads_socket && im.can_read_for_poll()) {
       im.read_for_poll(lock, deadline);
       continue;
     }

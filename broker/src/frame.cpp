@@ -2,6 +2,7 @@
 // peer sent, so every length is checked before it is used and no field is trusted.
 #include <myelin/broker/frame.hpp>
 
+#include <algorithm>
 #include <cstring>
 
 namespace myelin::broker {
@@ -119,6 +120,8 @@ std::string_view frame_type_name(FrameType type) noexcept {
       return "ps_reply";
     case FrameType::kGoAway:
       return "goaway";
+    case FrameType::kAttach:
+      return "attach";
   }
   return "unknown";
 }
@@ -268,6 +271,29 @@ Result<std::array<std::byte, kNonceSize>> parse_hello(const FrameView& f) {
   return nonce;
 }
 
+uint64_t encode_versions(VersionRange r) noexcept {
+  return (static_cast<uint64_t>(r.min) << 32) | r.max;
+}
+
+Result<VersionRange> decode_versions(uint64_t seq) {
+  if (seq == 0) return VersionRange{1, 1};
+  VersionRange r{static_cast<uint32_t>(seq >> 32), static_cast<uint32_t>(seq & 0xFFFFFFFFu)};
+  if (r.min == 0 || r.min > r.max) {
+    return protocol_error("bad protocol version range ", r.min, "..", r.max);
+  }
+  return r;
+}
+
+Result<uint32_t> negotiate_version(VersionRange ours, VersionRange theirs, std::string_view peer) {
+  const uint32_t v = std::min(ours.max, theirs.max);
+  if (v < ours.min || v < theirs.min) {
+    return unsupported(peer, " speaks protocol versions ", theirs.min, "..", theirs.max,
+                       ", this side ", ours.min, "..", ours.max, ": no common version (upgrade ",
+                       theirs.max < ours.min ? "the peer" : "this side", ")");
+  }
+  return v;
+}
+
 Result<AuthRequest> parse_auth(const FrameView& f) {
   if (f.header.type != FrameType::kAuth) {
     return protocol_error("expected auth, got ", frame_type_name(f.header.type));
@@ -278,22 +304,52 @@ Result<AuthRequest> parse_auth(const FrameView& f) {
   }
   if (!valid_identity(f.topic)) return protocol_error("bad client identity '", f.topic, "'");
   AuthRequest r;
+  MYELIN_ASSIGN_OR_RETURN(r.versions, decode_versions(f.header.seq));
   r.identity = std::string(f.topic);
   std::memcpy(r.client_nonce.data(), f.payload.data(), kNonceSize);
   std::memcpy(r.mac.data(), f.payload.data() + kNonceSize, kMacSize);
   return r;
 }
 
-Result<std::array<std::byte, kMacSize>> parse_auth_ok(const FrameView& f) {
+Result<AttachRequest> parse_attach(const FrameView& f) {
+  if (f.header.type != FrameType::kAttach) {
+    return protocol_error("expected attach, got ", frame_type_name(f.header.type));
+  }
+  if (f.payload.size() != kNonceSize + kMacSize) {
+    return protocol_error("attach carries ", f.payload.size(), " bytes, expected ",
+                          kNonceSize + kMacSize);
+  }
+  if (!valid_identity(f.topic)) return protocol_error("bad client identity '", f.topic, "'");
+  if (f.header.id == 0) return protocol_error("attach to session 0");
+  AttachRequest r;
+  MYELIN_ASSIGN_OR_RETURN(r.versions, decode_versions(f.header.seq));
+  if (r.versions.max < 2) {
+    return protocol_error("attach from a client speaking protocol ", r.versions.max,
+                          " (control connections need 2)");
+  }
+  r.identity = std::string(f.topic);
+  r.session = f.header.id;
+  std::memcpy(r.client_nonce.data(), f.payload.data(), kNonceSize);
+  std::memcpy(r.mac.data(), f.payload.data() + kNonceSize, kMacSize);
+  return r;
+}
+
+Result<AuthOk> parse_auth_ok(const FrameView& f) {
   if (f.header.type != FrameType::kAuthOk) {
     return protocol_error("expected auth_ok, got ", frame_type_name(f.header.type));
   }
-  if (f.payload.size() != kMacSize || !f.topic.empty()) {
-    return protocol_error("auth_ok carries ", f.payload.size(), " bytes, expected ", kMacSize);
+  if ((f.payload.size() != kMacSize && f.payload.size() != kMacSize + kSessionTokenSize) ||
+      !f.topic.empty()) {
+    return protocol_error("auth_ok carries ", f.payload.size(), " bytes, expected ", kMacSize,
+                          " or ", kMacSize + kSessionTokenSize);
   }
-  std::array<std::byte, kMacSize> mac;
-  std::memcpy(mac.data(), f.payload.data(), kMacSize);
-  return mac;
+  AuthOk r;
+  std::memcpy(r.proof.data(), f.payload.data(), kMacSize);
+  if (f.payload.size() > kMacSize) {
+    r.has_token = true;
+    std::memcpy(r.token.data(), f.payload.data() + kMacSize, kSessionTokenSize);
+  }
+  return r;
 }
 
 Result<bool> Reassembler::add(const FrameView& chunk, AssembledMessage* done) {

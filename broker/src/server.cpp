@@ -44,6 +44,8 @@ constexpr size_t kMaxPendingPulls = 1024;
 // one such read (and its decoding) while a control frame waits on another connection.
 constexpr size_t kReadPerPass = 64 * 1024;
 constexpr int64_t kControlRecentNs = 100'000'000;
+// epoll tags: a session's main connection is its id; its control connection the id with this bit.
+constexpr uint64_t kCtrlTag = 1ull << 61;
 
 // Publish-to-deliver latency buckets, seconds.
 constexpr std::array<double, 16> kLatencyBounds = {1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4,
@@ -103,6 +105,17 @@ class Server::Impl {
   void accept_http();
   void serve_http(int fd);
   void read_conn(Conn& c);
+  // Control connections (protocol 2): served before any bulk work of the pass and again after
+  // every bulk read, so a control frame waits for at most one bulk read or write of one pass.
+  void service_control();
+  void read_ctrl(Conn& c);
+  // Decodes and handles what the control connection's buffer holds. False: the session closed.
+  bool decode_ctrl(Conn& c);
+  // Moves the control lane into the control connection and writes it.
+  void pump_control(Conn& c);
+  void update_ctrl_interest(Conn& c);
+  // kAttach on a fresh connection: binds it to its session as the control connection.
+  Status attach(Conn& c, const FrameView& f);
   Status handle_frame(Conn& c, const FrameView& f, const std::shared_ptr<const void>& owner);
   Status handle_active(Conn& c, const FrameView& f, const std::shared_ptr<const void>& owner);
   // A publish, request or parameter-server operation: takes its publish credit, then processes
@@ -112,8 +125,11 @@ class Server::Impl {
   bool process_work(Conn& c, const AssembledMessage& m);
   void retry_parked(Conn& c);
   void pump(Conn& c);
+  void queue_message(Conn& c, OutQueue& out, const MessagePtr& m, int64_t now);
+  // Queues a frame: control-lane frames on the control connection when the session has one
+  // (unless `main_connection`), everything else on the main connection.
   void send_direct(Conn& c, FrameHeader h, std::string_view topic, std::span<const std::byte> p,
-                   std::shared_ptr<const void> owner = nullptr);
+                   std::shared_ptr<const void> owner = nullptr, bool main_connection = false);
   void send_error(Conn& c, uint64_t id, const Status& s);
   // Confirms a (un)subscribe: an empty reply, or the error.
   void send_ack(Conn& c, uint64_t id, const Status& s);
@@ -133,6 +149,9 @@ class Server::Impl {
   ServerOptions opt_;
   DecodeLimits limits_;
   Fd epoll_, listen_, http_listen_, wake_fd_;
+  // The control connections' own epoll set, itself watched by epoll_ (readable when any of them
+  // is ready), polled without waiting at the start of every pass and after every bulk read.
+  Fd ctrl_epoll_;
   std::thread thread_;
   std::thread::id loop_tid_;
   std::atomic<bool> stop_{false};      // pairs with the loop's acquire load each pass
@@ -153,7 +172,8 @@ class Server::Impl {
   struct Atomics {
     std::atomic<uint64_t> accepted{0}, active{0}, auth_failures{0}, acl_denied{0},
         protocol_errors{0}, dead_clients{0}, rate_limited{0}, credit_stalls{0}, frames_in{0},
-        frames_out{0}, bytes_in{0}, batches{0}, chunks{0}, ps_pushes{0}, ps_pulls{0};
+        frames_out{0}, bytes_in{0}, batches{0}, chunks{0}, ps_pushes{0}, ps_pulls{0},
+        attach_refused{0}, version_refused{0}, ctrl_active{0};
     std::array<std::atomic<uint64_t>, kLatencyBounds.size() + 1> buckets{};
     std::atomic<uint64_t> lat_count{0}, lat_sum_ns{0};
   } c_;
@@ -209,6 +229,25 @@ struct Server::Impl::Conn final : public Session {
   int64_t tokens_ns = 0;
   size_t pulls = 0;
   std::atomic<bool> ready{false};
+  // Protocol version agreed in the handshake; with 2, the token a control connection must prove
+  // it knows (auth.hpp).
+  uint32_t version = 1;
+  internal::Token token{};
+  // The session's control connection, once attached: every control-lane frame to and from this
+  // client goes over it, so none waits behind bulk bytes in a socket buffer or behind a bulk
+  // read on the main connection. Its failure or silence closes the session (the client then
+  // sees peer_failed and may reconnect): the two connections live and die together.
+  struct Link {
+    Link(Fd f, RxBuffer r, OutQueue o) : fd(std::move(f)), rx(std::move(r)), out(std::move(o)) {}
+    Fd fd;
+    RxBuffer rx;
+    OutQueue out;
+    int64_t last_rx_ns = 0, last_tx_ns = 0;
+    bool want_out = false;
+  };
+  std::unique_ptr<Link> ctrl;
+  // This connection was a control connection's handshake and now belongs to another session.
+  bool moved = false;
 };
 
 const AclEntry* Server::Impl::acl_for(std::string_view identity) const {
@@ -285,8 +324,11 @@ Status Server::Impl::init() {
       return errno_status("epoll_ctl", errno);
     return ok_status();
   };
+  ctrl_epoll_ = Fd(::epoll_create1(EPOLL_CLOEXEC));
+  if (!ctrl_epoll_.valid()) return errno_status("epoll_create1", errno);
   MYELIN_RETURN_IF_ERROR(add(listen_.get()));
   MYELIN_RETURN_IF_ERROR(add(wake_fd_.get()));
+  MYELIN_RETURN_IF_ERROR(add(ctrl_epoll_.get()));
   if (http_listen_.valid()) MYELIN_RETURN_IF_ERROR(add(http_listen_.get()));
   return ok_status();
 }
@@ -376,10 +418,12 @@ void Server::Impl::update_interest(Conn& c) {
 }
 
 void Server::Impl::send_direct(Conn& c, FrameHeader h, std::string_view topic,
-                               std::span<const std::byte> p, std::shared_ptr<const void> owner) {
+                               std::span<const std::byte> p, std::shared_ptr<const void> owner,
+                               bool main_connection) {
   // The client credits every error and reply back, like deliveries.
   if (h.type == FrameType::kError || h.type == FrameType::kReply) c.deliver_credits--;
-  Status s = c.out.push(h, topic, p, std::move(owner), false, monotonic_ns());
+  OutQueue& out = c.ctrl && !main_connection && (h.flags & kFlagControl) ? c.ctrl->out : c.out;
+  Status s = out.push(h, topic, p, std::move(owner), false, monotonic_ns());
   if (!s.ok()) MYELIN_LOG_WARN << "dropping a frame to client " << c.id() << ": " << s;
   c_.frames_out.fetch_add(1, std::memory_order_relaxed);
 }
@@ -412,7 +456,12 @@ void Server::Impl::close_conn(uint64_t id, const char* why) {
   MYELIN_LOG_INFO << "closing client " << id << " (" << it->second->ident << "): " << why;
   owner_->broker_->remove_session(id);
   std::erase_if(pulls_, [&](const PendingPull& p) { return p.conn == id; });
-  ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, it->second->fd.get(), nullptr);
+  if (it->second->fd.valid())
+    ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, it->second->fd.get(), nullptr);
+  if (it->second->ctrl) {
+    ::epoll_ctl(ctrl_epoll_.get(), EPOLL_CTL_DEL, it->second->ctrl->fd.get(), nullptr);
+    c_.ctrl_active.fetch_sub(1, std::memory_order_relaxed);
+  }
   if (it->second->active) c_.active.fetch_sub(1, std::memory_order_relaxed);
   conns_.erase(it);
 }
@@ -443,6 +492,7 @@ void Server::Impl::accept_clients() {
     FrameHeader h;
     h.type = FrameType::kHello;
     h.flags = kFlagControl;
+    h.seq = encode_versions(VersionRange{});
     send_direct(*c, h, {}, std::span<const std::byte>(c->nonce.data(), c->nonce.size()));
     c_.accepted.fetch_add(1, std::memory_order_relaxed);
     conns_[id] = std::move(c);
@@ -551,14 +601,142 @@ void Server::Impl::read_conn(Conn& c) {
       close_conn(id, "refused");
       return;
     }
+    if (c.moved) {
+      // Now the control connection of another session; its buffer went with it.
+      conns_.erase(id);
+      return;
+    }
   }
+}
+
+void Server::Impl::service_control() {
+  if (c_.ctrl_active.load(std::memory_order_relaxed) == 0) return;
+  std::array<epoll_event, 64> evs;
+  const int n = ::epoll_wait(ctrl_epoll_.get(), evs.data(), static_cast<int>(evs.size()), 0);
+  for (int i = 0; i < n; ++i) {
+    auto it = conns_.find(evs[i].data.u64 & ~kCtrlTag);
+    if (it == conns_.end() || !it->second->ctrl) continue;
+    auto keep = it->second;
+    if (evs[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP)) read_ctrl(*keep);
+  }
+  // Deliver what reached control lanes (from these reads, or from publishes on main
+  // connections) and write what the control sockets now take.
+  std::vector<std::shared_ptr<Conn>> due;
+  for (auto& [id, c] : conns_) {
+    if (c->ctrl && (c->lane(Lane::kControl).size() > 0 || c->ctrl->out.has_unsent()))
+      due.push_back(c);
+  }
+  for (auto& c : due) {
+    if (conns_.count(c->id())) pump_control(*c);
+  }
+}
+
+void Server::Impl::read_ctrl(Conn& c) {
+  Conn::Link& l = *c.ctrl;
+  auto n = l.rx.read_from(l.fd.get(), kReadPerPass);
+  if (!n.ok()) {
+    close_conn(c.id(), ("control connection: " + n.status().to_string()).c_str());
+    return;
+  }
+  if (*n == 0) return;
+  c_.bytes_in.fetch_add(*n, std::memory_order_relaxed);
+  l.last_rx_ns = monotonic_ns();
+  (void)decode_ctrl(c);
+}
+
+bool Server::Impl::decode_ctrl(Conn& c) {
+  const uint64_t id = c.id();
+  Conn::Link& l = *c.ctrl;
+  while (true) {
+    FrameView f;
+    auto got = l.rx.next(&f);
+    Status s = got.ok() ? ok_status() : got.status();
+    if (s.ok() && !*got) return true;
+    if (s.ok()) {
+      c_.frames_in.fetch_add(1, std::memory_order_relaxed);
+      // Chunks belong to bulk messages, which travel on the main connection (one reassembly
+      // per session).
+      s = (f.header.flags & (kFlagMore | kFlagContinuation))
+              ? protocol_error("a chunked frame on the control connection")
+              : handle_active(c, f, l.rx.owner());
+    }
+    if (!s.ok()) {
+      if (s.code() == StatusCode::kProtocolError)
+        c_.protocol_errors.fetch_add(1, std::memory_order_relaxed);
+      send_error(c, 0, s);
+      (void)l.out.flush(l.fd.get());
+      close_conn(id, ("control connection: " + s.to_string()).c_str());
+      return false;
+    }
+  }
+}
+
+Status Server::Impl::attach(Conn& c, const FrameView& f) {
+  MYELIN_ASSIGN_OR_RETURN(AttachRequest req, parse_attach(f));
+  auto it = conns_.find(req.session);
+  Conn* s = it != conns_.end() && it->second.get() != &c ? it->second.get() : nullptr;
+  // Refused alike, so that an unauthenticated peer learns nothing about sessions: no such
+  // session, one that is not authenticated or speaks protocol 1, already has a control
+  // connection or belongs to another identity, and a MAC that does not check out (no secret, a
+  // replay made for another server nonce, or another session's token).
+  const bool fits =
+      s && s->active && !s->closing && s->version >= 2 && !s->ctrl && s->ident == req.identity;
+  if (!fits || !internal::mac_equal(internal::attach_mac(opt_.secret, c.nonce, req.client_nonce,
+                                                         s->token, s->id(), req.identity),
+                                    req.mac)) {
+    c_.auth_failures.fetch_add(1, std::memory_order_relaxed);
+    c_.attach_refused.fetch_add(1, std::memory_order_relaxed);
+    MYELIN_LOG_WARN << "control connection refused: '" << req.identity << "' for session "
+                    << req.session
+                    << (fits ? " (bad MAC)" : " (no such session, or it cannot take one)");
+    send_error(c, 0, permission_denied("control connection for session ", req.session, " refused"));
+    c.closing = true;
+    return ok_status();
+  }
+  const internal::Mac proof = internal::attach_proof(opt_.secret, c.nonce, req.client_nonce,
+                                                     s->token, s->id(), req.identity);
+  ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, c.fd.get(), nullptr);
+  auto link = std::make_unique<Conn::Link>(std::move(c.fd), std::move(c.rx), std::move(c.out));
+  const int64_t now = monotonic_ns();
+  link->last_rx_ns = link->last_tx_ns = now;
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.u64 = s->id() | kCtrlTag;
+  if (::epoll_ctl(ctrl_epoll_.get(), EPOLL_CTL_ADD, link->fd.get(), &ev) != 0) {
+    c.moved = true;  // the socket went with `link` and closes with it
+    return errno_status("epoll_ctl for a control connection", errno);
+  }
+  FrameHeader h;
+  h.type = FrameType::kAuthOk;
+  h.flags = kFlagControl;
+  h.id = s->id();
+  MYELIN_RETURN_IF_ERROR(link->out.push(
+      h, {}, std::span<const std::byte>(proof.data(), proof.size()), nullptr, false, now));
+  s->ctrl = std::move(link);
+  c.moved = true;
+  c_.ctrl_active.fetch_add(1, std::memory_order_relaxed);
+  c_.frames_out.fetch_add(1, std::memory_order_relaxed);
+  MYELIN_LOG_INFO << "client " << s->id() << " (" << s->ident << "): control connection attached";
+  // Frames the client sent right behind its attach are in the buffer that came along.
+  if (decode_ctrl(*s)) pump_control(*s);
+  return ok_status();
 }
 
 Status Server::Impl::handle_frame(Conn& c, const FrameView& f,
                                   const std::shared_ptr<const void>& owner) {
   if (!c.active) {
+    if (f.header.type == FrameType::kAttach) return attach(c, f);
     auto req = parse_auth(f);
     if (!req.ok()) return std::move(req).status();
+    auto version =
+        negotiate_version(VersionRange{}, req->versions, "client '" + req->identity + "'");
+    if (!version.ok()) {
+      c_.version_refused.fetch_add(1, std::memory_order_relaxed);
+      MYELIN_LOG_WARN << version.status();
+      send_error(c, 0, version.status());
+      c.closing = true;
+      return ok_status();
+    }
     const internal::Mac expect =
         internal::client_mac(opt_.secret, c.nonce, req->client_nonce, req->identity);
     const AclEntry* acl = acl_for(req->identity);
@@ -572,8 +750,14 @@ Status Server::Impl::handle_frame(Conn& c, const FrameView& f,
     c.active = true;
     c.ident = req->identity;
     c.acl = acl;
+    c.version = *version;
     const internal::Mac proof =
         internal::server_proof(opt_.secret, c.nonce, req->client_nonce, req->identity);
+    std::vector<std::byte> ok_payload(proof.begin(), proof.end());
+    if (c.version >= 2) {
+      MYELIN_ASSIGN_OR_RETURN(c.token, internal::random_token());
+      ok_payload.insert(ok_payload.end(), c.token.begin(), c.token.end());
+    }
     FrameHeader h;
     h.type = FrameType::kAuthOk;
     h.flags = kFlagControl;
@@ -584,7 +768,7 @@ Status Server::Impl::handle_frame(Conn& c, const FrameView& f,
     // messages flow to this client.
     h.timestamp_ns =
         opt_.bulk_inflight_bytes == 0 ? 0 : std::max<uint64_t>(1, opt_.bulk_inflight_bytes / 4);
-    send_direct(c, h, {}, std::span<const std::byte>(proof.data(), proof.size()));
+    send_direct(c, h, {}, ok_payload);
     c.ack_base = c.out.bytes_written() + c.out.backlog_bytes();
     c.tokens =
         acl && acl->rate_limit_msgs_per_s > 0
@@ -830,29 +1014,69 @@ void Server::Impl::retry_parked(Conn& c) {
   }
 }
 
+void Server::Impl::queue_message(Conn& c, OutQueue& out, const MessagePtr& m, int64_t now) {
+  FrameHeader h;
+  h.type = m->type;
+  h.flags = m->lane == Lane::kControl ? kFlagControl : 0;
+  h.seq = m->seq;
+  h.id = m->id;
+  h.timestamp_ns = m->publish_ts_ns;
+  Status s = out.push(h, m->topic, m->payload, m->owner, m->batchable, now);
+  if (!s.ok()) MYELIN_LOG_WARN << "cannot send to client " << c.id() << ": " << s;
+  c.deliver_credits--;
+  if (m->type == FrameType::kDeliver) observe_latency(now - m->broker_rx_ns);
+  c_.frames_out.fetch_add(1, std::memory_order_relaxed);
+}
+
+void Server::Impl::pump_control(Conn& c) {
+  if (!c.ctrl || !c.active) return;
+  Conn::Link& l = *c.ctrl;
+  const int64_t now = monotonic_ns();
+  MessagePtr m;
+  while (c.deliver_credits > 0 && c.lane(Lane::kControl).try_pop(m))
+    queue_message(c, l.out, m, now);
+  l.out.close_due_batches(now, true);
+  if (l.out.has_unsent()) {
+    auto r = l.out.flush(l.fd.get());
+    if (!r.ok()) {
+      close_conn(c.id(), ("control connection: " + r.status().to_string()).c_str());
+      return;
+    }
+    l.last_tx_ns = now;
+  }
+  update_ctrl_interest(c);
+}
+
+void Server::Impl::update_ctrl_interest(Conn& c) {
+  Conn::Link& l = *c.ctrl;
+  const bool want = l.out.has_unsent();
+  if (want == l.want_out) return;
+  epoll_event ev{};
+  ev.events = want ? static_cast<uint32_t>(EPOLLIN | EPOLLOUT) : static_cast<uint32_t>(EPOLLIN);
+  ev.data.u64 = c.id() | kCtrlTag;
+  if (::epoll_ctl(ctrl_epoll_.get(), EPOLL_CTL_MOD, l.fd.get(), &ev) == 0) l.want_out = want;
+}
+
 void Server::Impl::pump(Conn& c) {
   // Pairs with the release store in on_ready().
   c.ready.exchange(false, std::memory_order_acquire);
+  if (c.ctrl) {
+    pump_control(c);
+    if (!conns_.count(c.id())) return;
+  }
   const int64_t now = monotonic_ns();
   size_t moved = 0;
   while (c.active && c.deliver_credits > 0) {
     // Past the high-water mark of unsent bytes only control messages move on: they go out ahead
-    // of the queued bulk, so they must not wait in the ring until the bulk has drained.
+    // of the queued bulk, so they must not wait in the ring until the bulk has drained. (With a
+    // control connection the control lane was emptied into it above.)
     MessagePtr m;
     const bool room = c.out.backlog_bytes() < kHighWater;
     if (!(room ? c.try_pop(m) : c.lane(Lane::kControl).try_pop(m))) break;
-    FrameHeader h;
-    h.type = m->type;
-    h.flags = m->lane == Lane::kControl ? kFlagControl : 0;
-    h.seq = m->seq;
-    h.id = m->id;
-    h.timestamp_ns = m->publish_ts_ns;
-    Status s = c.out.push(h, m->topic, m->payload, m->owner, m->batchable, now);
-    if (!s.ok()) MYELIN_LOG_WARN << "cannot send to client " << c.id() << ": " << s;
-    c.deliver_credits--;
-    if (m->type == FrameType::kDeliver) observe_latency(now - m->broker_rx_ns);
-    if (m->lane == Lane::kControl) c.last_control_ns = now;
-    c_.frames_out.fetch_add(1, std::memory_order_relaxed);
+    const bool control = m->lane == Lane::kControl;
+    queue_message(c, control && c.ctrl ? c.ctrl->out : c.out, m, now);
+    if (control && c.ctrl) continue;
+    if (control) c.last_control_ns = now;
     ++moved;
   }
   if (c.deliver_credits <= 0 && c.depth() > 0)
@@ -873,8 +1097,12 @@ void Server::Impl::pump(Conn& c) {
   // waiting for their window. Batches still fill up with what one read brought in (a publisher's
   // batch, a burst), and no message waits for later traffic that may never come.
   c.out.close_due_batches(now, true);
+  if (c.ctrl) pump_control(c);  // the credit frame above, or control frames popped past credits
+  if (!conns_.count(c.id())) return;
+  // With a control connection nothing but bulk travels here: the whole pipeline stays open.
   size_t bulk_budget = SIZE_MAX;
-  if (opt_.bulk_inflight_bytes > 0 && c.active && now - c.last_control_ns < kControlRecentNs) {
+  if (opt_.bulk_inflight_bytes > 0 && c.active && !c.ctrl &&
+      now - c.last_control_ns < kControlRecentNs) {
     const uint64_t inflight = c.out.bytes_written() - c.ack_base - c.bytes_acked;
     bulk_budget = inflight >= opt_.bulk_inflight_bytes ? 0 : opt_.bulk_inflight_bytes - inflight;
   }
@@ -894,17 +1122,23 @@ void Server::Impl::tick(int64_t now) {
       if (now > c->handshake_deadline_ns) dead.push_back(id);
       continue;
     }
-    if (now - c->last_rx_ns > 3 * opt_.heartbeat_ms * 1'000'000) {
+    const int64_t silent = 3 * opt_.heartbeat_ms * 1'000'000;
+    if (now - c->last_rx_ns > silent || (c->ctrl && now - c->ctrl->last_rx_ns > silent)) {
       c_.dead_clients.fetch_add(1, std::memory_order_relaxed);
       dead.push_back(id);
       continue;
     }
+    FrameHeader h;
+    h.type = FrameType::kHeartbeat;
+    h.flags = kFlagControl;
     if (now - c->last_tx_ns > opt_.heartbeat_ms * 1'000'000) {
-      FrameHeader h;
-      h.type = FrameType::kHeartbeat;
-      h.flags = kFlagControl;
-      send_direct(*c, h, {}, {});
+      send_direct(*c, h, {}, {}, nullptr, /*main_connection=*/true);
       c->last_tx_ns = now;
+      c->ready.store(true, std::memory_order_relaxed);
+    }
+    if (c->ctrl && now - c->ctrl->last_tx_ns > opt_.heartbeat_ms * 1'000'000) {
+      send_direct(*c, h, {}, {});
+      c->ctrl->last_tx_ns = now;
       c->ready.store(true, std::memory_order_relaxed);
     }
   }
@@ -943,6 +1177,7 @@ void Server::Impl::loop() {
     if (parked) wait_ns = std::min<int64_t>(wait_ns, 1'000'000);
     const int n =
         internal::epoll_wait_ns(epoll_.get(), evs.data(), static_cast<int>(evs.size()), wait_ns);
+    service_control();
     for (int i = 0; i < n; ++i) {
       const uint64_t tag = evs[i].data.u64;
       if (tag & (1ull << 63)) {
@@ -951,6 +1186,8 @@ void Server::Impl::loop() {
           accept_clients();
         else if (fd == http_listen_.get())
           accept_http();
+        else if (fd == ctrl_epoll_.get())
+          continue;  // service_control() below and between bulk reads
         else {
           uint64_t v;
           [[maybe_unused]] ssize_t r = ::read(wake_fd_.get(), &v, sizeof(v));
@@ -961,9 +1198,10 @@ void Server::Impl::loop() {
         auto it = conns_.find(tag);
         if (it == conns_.end()) continue;
         auto keep = it->second;
-        if (evs[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP))
+        if (evs[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP)) {
           read_conn(*keep);
-        else
+          service_control();
+        } else
           keep->ready.store(true, std::memory_order_relaxed);  // writable: flush in pump
       }
     }
@@ -1001,7 +1239,9 @@ void Server::Impl::loop() {
       }
       bool empty = true;
       for (auto& [id, c] : conns_) {
-        if (c->depth() > 0 || !c->out.empty() || !c->parked.empty()) empty = false;
+        if (c->depth() > 0 || !c->out.empty() || !c->parked.empty() ||
+            (c->ctrl && !c->ctrl->out.empty()))
+          empty = false;
       }
       // Pairs with the acquire loads in drain().
       if (empty && !drained_.load(std::memory_order_relaxed)) {
@@ -1011,7 +1251,10 @@ void Server::Impl::loop() {
       }
     }
   }
-  for (auto& [id, c] : conns_) (void)c->out.flush(c->fd.get());
+  for (auto& [id, c] : conns_) {
+    if (c->ctrl) (void)c->ctrl->out.flush(c->ctrl->fd.get());
+    (void)c->out.flush(c->fd.get());
+  }
   std::vector<uint64_t> ids;
   for (auto& [id, c] : conns_) ids.push_back(id);
   for (uint64_t id : ids) close_conn(id, "broker stopping");
@@ -1031,6 +1274,9 @@ ServerCounters Server::Impl::counters() const {
   s.frames_in = ld(c_.frames_in);
   s.frames_out = ld(c_.frames_out);
   s.bytes_in = ld(c_.bytes_in);
+  s.attach_refused = ld(c_.attach_refused);
+  s.version_refused = ld(c_.version_refused);
+  s.control_connections = ld(c_.ctrl_active);
   return s;
 }
 
@@ -1048,6 +1294,15 @@ std::string Server::Impl::metrics_text() const {
     << s.connections_active << '\n';
   counter("myelin_broker_auth_failures_total", "Clients refused by authentication.",
           s.auth_failures);
+  counter("myelin_broker_attach_refused_total",
+          "Control connections refused at attach (also counted as auth failures).",
+          s.attach_refused);
+  counter("myelin_broker_version_refused_total",
+          "Clients refused for want of a common protocol version.", s.version_refused);
+  o << "# HELP myelin_broker_control_connections_active Sessions with a control connection.\n"
+       "# TYPE myelin_broker_control_connections_active gauge\n"
+       "myelin_broker_control_connections_active "
+    << s.control_connections << '\n';
   counter("myelin_broker_acl_denied_total", "Operations refused by ACLs.", s.acl_denied);
   counter("myelin_broker_protocol_errors_total", "Connections closed for malformed frames.",
           s.protocol_errors);

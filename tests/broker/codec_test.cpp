@@ -113,6 +113,66 @@ TEST(Frame, BatchKeepsBoundariesAndRefusesNesting) {
   EXPECT_FALSE(for_each_in_batch({}, {}, [](const FrameView&) { return ok_status(); }).ok());
 }
 
+TEST(Handshake, VersionRangesAndNegotiation) {
+  EXPECT_EQ(decode_versions(0)->min, 1u);  // peers older than protocol 2 send nothing
+  EXPECT_EQ(decode_versions(0)->max, 1u);
+  const uint64_t ours = encode_versions(VersionRange{});
+  EXPECT_EQ(decode_versions(ours)->min, kMinProtocolVersion);
+  EXPECT_EQ(decode_versions(ours)->max, kProtocolVersion);
+  EXPECT_EQ(decode_versions(encode_versions({3, 2})).status().code(), StatusCode::kProtocolError);
+  EXPECT_EQ(decode_versions(encode_versions({0, 2})).status().code(), StatusCode::kProtocolError);
+  EXPECT_EQ(*negotiate_version(VersionRange{}, {1, 1}, "old"), 1u);
+  EXPECT_EQ(*negotiate_version(VersionRange{}, {1, 9}, "newer"), kProtocolVersion);
+  auto none = negotiate_version(VersionRange{}, {7, 9}, "the broker at x");
+  ASSERT_FALSE(none.ok());
+  EXPECT_EQ(none.status().code(), StatusCode::kUnsupported);
+  EXPECT_NE(none.status().message().find("7..9"), std::string_view::npos) << none.status();
+  EXPECT_NE(none.status().message().find("upgrade this side"), std::string_view::npos);
+}
+
+TEST(Handshake, AttachAndAuthOkPayloads) {
+  std::string body(kNonceSize + kMacSize, 'n');
+  auto parse = [&](FrameHeader h, std::string_view topic, std::string_view payload) {
+    auto buf = one(h, topic, payload);
+    FrameView f;
+    size_t used = 0;
+    auto r = decode_frame(buf, DecodeLimits{}, &f, &used);
+    EXPECT_TRUE(r.ok() && *r == DecodeOutcome::kFrame);
+    return parse_attach(f);
+  };
+  const uint64_t v = encode_versions(VersionRange{});
+  auto ok = parse({.type = FrameType::kAttach, .seq = v, .id = 5}, "worker0", body);
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ(ok->session, 5u);
+  EXPECT_EQ(ok->identity, "worker0");
+  EXPECT_EQ(ok->versions.max, kProtocolVersion);
+  EXPECT_FALSE(parse({.type = FrameType::kAttach, .seq = v, .id = 0}, "w", body).ok());
+  EXPECT_FALSE(parse({.type = FrameType::kAttach, .seq = 0, .id = 5}, "w", body).ok());  // v1
+  EXPECT_FALSE(parse({.type = FrameType::kAttach, .seq = v, .id = 5}, "w", "short").ok());
+  EXPECT_FALSE(parse({.type = FrameType::kAttach, .seq = v, .id = 5}, "", body).ok());
+  EXPECT_FALSE(parse({.type = FrameType::kAuth, .seq = v, .id = 5}, "w", body).ok());
+
+  for (size_t size : {kMacSize, kMacSize + kSessionTokenSize, kMacSize + 1, size_t{0}}) {
+    std::string p(size, 't');
+    auto buf = one({.type = FrameType::kAuthOk}, {}, p);
+    FrameView f;
+    size_t used = 0;
+    ASSERT_TRUE(decode_frame(buf, DecodeLimits{}, &f, &used).ok());
+    auto r = parse_auth_ok(f);
+    const bool valid = size == kMacSize || size == kMacSize + kSessionTokenSize;
+    EXPECT_EQ(r.ok(), valid) << size;
+    if (valid) {
+      EXPECT_EQ(r->has_token, size > kMacSize);
+    }
+  }
+  // Handshake frames never travel inside a batch.
+  std::vector<std::byte> inner;
+  ASSERT_TRUE(
+      append_frame(inner, {.type = FrameType::kAttach, .seq = v, .id = 5}, "w", bytes(body)).ok());
+  EXPECT_FALSE(
+      for_each_in_batch(inner, DecodeLimits{}, [](const FrameView&) { return ok_status(); }).ok());
+}
+
 TEST(Topic, ValidationAndWildcards) {
   EXPECT_TRUE(validate_topic("grad/layer3/shard0").ok());
   EXPECT_TRUE(validate_topic("$pressure/a").ok());

@@ -49,7 +49,8 @@ inline void fuzz_batch(const uint8_t* data, size_t size) {
                           [](const FrameView&) { return ok_status(); });
 }
 
-// The handshake: hello, auth and auth_ok frames, plus the topic and pattern syntax.
+// The handshake: hello, auth, attach and auth_ok frames and their protocol version ranges, plus
+// the topic and pattern syntax.
 inline void fuzz_handshake(const uint8_t* data, size_t size) {
   std::span<const std::byte> in(reinterpret_cast<const std::byte*>(data), size);
   FrameView f;
@@ -58,7 +59,10 @@ inline void fuzz_handshake(const uint8_t* data, size_t size) {
   if (r.ok() && *r == DecodeOutcome::kFrame) {
     (void)parse_hello(f);
     (void)parse_auth(f);
+    (void)parse_attach(f);
     (void)parse_auth_ok(f);
+    auto v = decode_versions(f.header.seq);
+    if (v.ok()) (void)negotiate_version(VersionRange{}, *v, "peer");
   }
   const std::string_view text(reinterpret_cast<const char*>(data), std::min<size_t>(size, 300));
   (void)validate_topic(text);

@@ -2,15 +2,20 @@
 //
 // Client: what training code links to talk to a myelin broker (myelin-broker or an embedded
 // Server). connect() authenticates (challenge-response on the job secret; the broker proves it
-// knows the secret too) and starts one I/O thread that reads, sends heartbeats and flushes.
-// A thread in poll() that finds nothing queued reads the socket itself meanwhile (one reader at
-// a time), so a polled message reaches its caller without a hand-off from the I/O thread.
+// knows the secret too), agrees on a protocol version, and, with a broker that speaks protocol 2,
+// attaches a second connection to the session for the control lane (authenticated with a
+// per-session token): control-lane frames to and from the broker then never wait behind bulk
+// bytes in a socket. It starts one I/O thread that reads, sends heartbeats and flushes. A thread
+// in poll() that finds nothing queued reads the sockets itself meanwhile (one reader per
+// connection at a time, the control connection first), so a polled message reaches its caller
+// without a hand-off from the I/O thread.
 //
 //  - publish(): at-most-once, fire and forget. Blocks only while the broker holds back this
 //    producer (no publish credits left: a subscriber is full under the block policy, or a rate
 //    limit applies), until the deadline; the stall is counted.
 //  - subscribe(pattern, handler): handlers run on the thread that reads the socket (the I/O
-//    thread, or a thread blocked in poll()), one at a time, and must not block for long. Without a
+//    thread, or a thread blocked in poll()), one at a time (also across the two connections),
+//    and must not block for long. Without a
 //    handler, messages go to poll(). Either way a delivery credit goes back to the broker once the
 //    message was handed over, so a slow consumer slows the broker's sending to it, never loses
 //    messages silently (see the topic's overflow policy).
@@ -58,6 +63,11 @@ struct ClientOptions {
   // watch the socket for input: messages for handlers wait at most that long when nothing polls.
   bool poll_reads_socket = true;
   int64_t poll_read_grace_us = 2000;
+  // Attach a control connection when the broker speaks protocol 2 (a broker of protocol 1 gets
+  // one connection either way). Off: control frames share the one connection with bulk, behind
+  // whatever bulk bytes the socket buffers hold. The two connections live and die together: a
+  // failure or silence of either fails the client (peer_failed).
+  bool control_connection = true;
 };
 
 struct ReceivedMessage {

@@ -47,16 +47,29 @@ inline constexpr size_t kFrameHeaderSize = 40;
 inline constexpr size_t kMaxTopicLength = 255;
 inline constexpr size_t kNonceSize = 32;
 inline constexpr size_t kMacSize = 32;  // HMAC-SHA256
+inline constexpr size_t kSessionTokenSize = 32;
+
+// Protocol versions (of the conversation, above the frame format kFrameVersion). Each side states
+// the range it speaks in the handshake (hello's and auth's seq, see encode_versions()); the newest
+// version both speak is used, and a client and broker without a common version are refused with
+// a clear error on both sides.
+//   1: one connection per client.
+//   2: auth_ok also carries a session token; the client may attach a second, control connection
+//      to its session (kAttach) that carries every control-lane frame both ways.
+inline constexpr uint32_t kMinProtocolVersion = 1;
+inline constexpr uint32_t kProtocolVersion = 2;
 
 enum class FrameType : uint8_t {
-  kHello = 1,      // S->C  payload: server nonce (32 B)
-  kAuth = 2,       // C->S  topic: identity; payload: client nonce (32 B) + HMAC (32 B)
-  kAuthOk = 3,     // S->C  payload: server proof HMAC (32 B); id: client id; seq: publish credits;
-                   //       timestamp_ns: report bytes read every this many bytes (0: never)
-  kError = 4,      // both  seq: StatusCode; id: id of the failed request (0: the connection)
-  kPublish = 5,    // C->S  topic; seq: publisher sequence; id: message id
-  kDeliver = 6,    // S->C  topic; seq: topic sequence; id: message id
-  kSubscribe = 7,  // C->S  topic: pattern; id: subscription id
+  kHello = 1,        // S->C  payload: server nonce (32 B); seq: versions (encode_versions)
+  kAuth = 2,         // C->S  topic: identity; payload: client nonce (32 B) + HMAC (32 B);
+                     //       seq: versions (0 from clients older than protocol 2: version 1)
+  kAuthOk = 3,       // S->C  payload: server proof HMAC (32 B), then (protocol 2, main connection)
+                     //       the session token (32 B); id: client id; seq: publish credits;
+                     //       timestamp_ns: report bytes read every this many bytes (0: never)
+  kError = 4,        // both  seq: StatusCode; id: id of the failed request (0: the connection)
+  kPublish = 5,      // C->S  topic; seq: publisher sequence; id: message id
+  kDeliver = 6,      // S->C  topic; seq: topic sequence; id: message id
+  kSubscribe = 7,    // C->S  topic: pattern; id: subscription id
   kUnsubscribe = 8,  // C->S  id: subscription id
   kCredit = 9,       // both  id: credits granted (C->S: deliveries; S->C: publishes);
                      //       C->S seq: bytes read from the socket since the last report
@@ -68,8 +81,11 @@ enum class FrameType : uint8_t {
   kPsPull = 15,      // C->S  topic: key; seq: min step; id: request id
   kPsReply = 16,     // S->C  id: request id; seq: step; payload: f32 tensor (empty for a push)
   kGoAway = 17,      // S->C  the broker is draining; no new work
+  kAttach = 18,      // C->S  first frame of a control connection (protocol 2): topic: identity;
+                     //       id: session (client) id; seq: versions; payload: client nonce (32 B)
+                     //       + HMAC (32 B) over the server nonce, the session token and the rest
 };
-inline constexpr uint8_t kMaxFrameType = 17;
+inline constexpr uint8_t kMaxFrameType = 18;
 std::string_view frame_type_name(FrameType type) noexcept;
 
 enum FrameFlag : uint8_t {
@@ -123,19 +139,49 @@ Result<DecodeOutcome> decode_frame(std::span<const std::byte> in, const DecodeLi
 Status for_each_in_batch(std::span<const std::byte> payload, const DecodeLimits& limits,
                          const std::function<Status(const FrameView&)>& fn);
 
+// Protocol version ranges as hello and auth carry them in seq: (min << 32) | max. 0 (what peers
+// older than protocol 2 send) reads as version 1 only.
+struct VersionRange {
+  uint32_t min = kMinProtocolVersion;
+  uint32_t max = kProtocolVersion;
+};
+[[nodiscard]] uint64_t encode_versions(VersionRange r) noexcept;
+// Errors: protocol_error for min 0 or min > max.
+Result<VersionRange> decode_versions(uint64_t seq);
+// The newest version in both ranges. Errors: unsupported, naming both ranges; `peer` says who the
+// other side is ("the broker at ...", "client 'x'").
+Result<uint32_t> negotiate_version(VersionRange ours, VersionRange theirs, std::string_view peer);
+
 // Handshake payloads.
 struct AuthRequest {
   std::string identity;
+  VersionRange versions;
   std::array<std::byte, kNonceSize> client_nonce{};
   std::array<std::byte, kMacSize> mac{};
 };
-// kHello -> server nonce. Errors: protocol_error on a wrong type or size.
+struct AttachRequest {
+  std::string identity;
+  uint64_t session = 0;
+  VersionRange versions;
+  std::array<std::byte, kNonceSize> client_nonce{};
+  std::array<std::byte, kMacSize> mac{};
+};
+struct AuthOk {
+  std::array<std::byte, kMacSize> proof{};
+  bool has_token = false;
+  std::array<std::byte, kSessionTokenSize> token{};
+};
+// kHello -> server nonce. Errors: protocol_error on a wrong type or size. The broker's versions
+// are decode_versions(f.header.seq).
 Result<std::array<std::byte, kNonceSize>> parse_hello(const FrameView& f);
-// kAuth -> identity, client nonce, mac. Errors: protocol_error; identity must be 1..64 chars of
-// [A-Za-z0-9_.-].
+// kAuth -> identity, versions, client nonce, mac. Errors: protocol_error; identity must be
+// 1..64 chars of [A-Za-z0-9_.-].
 Result<AuthRequest> parse_auth(const FrameView& f);
-// kAuthOk -> server proof.
-Result<std::array<std::byte, kMacSize>> parse_auth_ok(const FrameView& f);
+// kAttach -> identity, session, versions, client nonce, mac. Errors: protocol_error (as
+// parse_auth; session 0 and versions below 2 are refused too).
+Result<AttachRequest> parse_attach(const FrameView& f);
+// kAuthOk -> server proof and, when present, the session token.
+Result<AuthOk> parse_auth_ok(const FrameView& f);
 // Identity syntax used by parse_auth and by ACL configuration.
 [[nodiscard]] bool valid_identity(std::string_view id) noexcept;
 

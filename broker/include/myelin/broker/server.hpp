@@ -8,6 +8,12 @@
 // `myelin-broker` is a thin main() around it; a process can embed a Server the same way (for
 // example a parameter-server rank).
 //
+// Control connections (protocol 2): a client may attach a second connection to its session
+// (authenticated with a per-session token and the job secret); control-lane frames to and from
+// that client then travel on it, bulk on the first. The loop serves control connections before
+// bulk work in every pass and again after every bulk read, so a control frame waits for at most
+// one bulk read (kReadPerPass) or write, never behind bulk bytes in a socket buffer.
+//
 // Flow control: each client grants delivery credits; the server never sends deliveries past
 // them. The server grants each client publish credits and returns them only as publishes are
 // accepted, so a producer whose topic is full (block policy) or who is over its rate limit stops
@@ -76,6 +82,9 @@ struct ServerCounters {
   uint64_t auth_failures = 0, acl_denied = 0, protocol_errors = 0;
   uint64_t dead_clients = 0, rate_limited = 0, credit_stalls = 0;
   uint64_t frames_in = 0, frames_out = 0, bytes_in = 0;
+  uint64_t attach_refused = 0;       // control connections refused (also in auth_failures)
+  uint64_t version_refused = 0;      // clients without a common protocol version
+  uint64_t control_connections = 0;  // sessions with a control connection now
 };
 
 class Server {
