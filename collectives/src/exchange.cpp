@@ -5,6 +5,10 @@
 
 namespace myelin::collectives::internal {
 
+PendingPool::~PendingPool() {
+  if (work_context != nullptr && work.valid()) work_context->deregister(work);
+}
+
 Exchange::~Exchange() {
   // Normally everything was waited for. After an error the dispatcher has already failed the
   // communicator, which disconnected the endpoints and so completed (cancelled) what was pending;
@@ -25,6 +29,23 @@ Exchange::~Exchange() {
 size_t Exchange::segment_elems() const noexcept {
   const size_t e = info_.segment_bytes / elem();
   return e == 0 ? 1 : e;
+}
+
+Result<uint8_t*> Exchange::shared_work(size_t bytes) {
+  PendingPool& pool = comm_.pending_pool();
+  if (pool.work.valid() && pool.work.size() >= bytes)
+    return static_cast<uint8_t*>(pool.work.data());
+  if (pool.work_context != nullptr && pool.work.valid()) pool.work_context->deregister(pool.work);
+  pool.work = transport::MemoryRegion{};
+  pool.work_context = &comm_.context();
+  // Peers only read it (as the source of messages), never put into it.
+  auto region = comm_.context().allocate(bytes, transport::Access::kRemoteRead);
+  if (!region.ok()) {
+    return std::move(region).status().with_context(::myelin::internal::str_cat(
+        "while allocating ", bytes, " bytes of shared working memory for the ring allreduce"));
+  }
+  pool.work = std::move(region).value();
+  return static_cast<uint8_t*>(pool.work.data());
 }
 
 Result<size_t> Exchange::post_send(int peer, uint8_t phase, const void* data, size_t bytes) {

@@ -11,6 +11,8 @@
 #include <myelin/collectives/collectives.hpp>
 #include <myelin/core/clock.hpp>
 #include <myelin/core/status.hpp>
+#include <myelin/transport/context.hpp>
+#include <myelin/transport/memory.hpp>
 #include <myelin/transport/request.hpp>
 
 #include "schedule.hpp"
@@ -64,6 +66,17 @@ struct PendingPool {
   // Scratch lists of the small recursive doubling (collectives.cpp), for the same reason.
   std::vector<int> peers;
   std::vector<size_t> handles;
+  // Shared working memory of the ring allreduce between same-node shm peers
+  // (ring_allreduce.cpp): from Context::allocate, so every connected shm peer has it mapped and
+  // copies what is sent from it with a plain memcpy. Grown on demand, kept from call to call,
+  // deregistered with the pool (the Context outlives the Communicator that owns the pool).
+  transport::Context* work_context = nullptr;
+  transport::MemoryRegion work;
+
+  PendingPool() = default;
+  PendingPool(const PendingPool&) = delete;
+  PendingPool& operator=(const PendingPool&) = delete;
+  ~PendingPool();
 };
 
 // Posted operations of one collective call on this rank. Handles are indices; wait() turns every
@@ -86,6 +99,10 @@ class Exchange {
   [[nodiscard]] size_t elem() const noexcept { return dtype_size(info_.type); }
   // Segment size in elements (at least 1).
   [[nodiscard]] size_t segment_elems() const noexcept;
+  // At least `bytes` of the Communicator's shared working memory (PendingPool::work); reallocated
+  // when smaller. Only between calls' operations: every send from the old memory has completed
+  // (an Exchange waits for its operations before it ends).
+  Result<uint8_t*> shared_work(size_t bytes);
 
   Result<size_t> post_send(int peer, uint8_t phase, const void* data, size_t bytes);
   Result<size_t> post_recv(int peer, uint8_t phase, void* data, size_t bytes);
@@ -168,9 +185,11 @@ inline const uint8_t* at(const void* base, size_t elems, size_t elem) noexcept {
 // Ring reduce-scatter phase: afterwards block (me + shift) % n of `buf` (balanced partition of
 // count) holds the reduction of that block over the group. This rank's input is `src` (== buf in
 // place; else src is only read, and buf holds count elements whose prior contents do not matter).
-// Pipelined by segments.
+// Pipelined by segments. With `out` (count elements, not overlapping src or buf), every reduced
+// segment is written to `out` at its offset instead of to buf and sent on from there, and the
+// result block ends in `out`; buf then only receives (out of place) or is only read (in place).
 Status ring_reduce_scatter_phase(Exchange& ex, const Group& g, const void* src, void* buf,
-                                 size_t count, int shift, uint8_t phase);
+                                 size_t count, int shift, uint8_t phase, uint8_t* out = nullptr);
 // Ring allgather phase: rank me owns block (me + shift) % n of the balanced partition of count;
 // afterwards every block is on every rank. Pipelined by segments.
 Status ring_allgather_phase(Exchange& ex, const Group& g, void* buf, size_t count, int shift,

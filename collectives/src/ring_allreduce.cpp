@@ -1,17 +1,89 @@
 // collectives/src/ring_allreduce.cpp — ring allreduce: the pipelined ring reduce-scatter, after
 // which rank r owns block r + 1, then the pipelined ring allgather of those blocks. Each rank sends
 // and receives 2 (n - 1) / n of the buffer: bandwidth-optimal, latency 2 (n - 1) steps.
+//
+// Between ranks of one node over shm (three or more, up to kSharedWorkMaxBytes), the reduced
+// segments go to the Communicator's shared working memory instead of buf: every rank has it
+// mapped, so a message sent from it is one plain memcpy on the receiver, where a message from
+// ordinary memory is a cross-memory-attach copy that pins the sender's pages again for every
+// message. Only the first reduce-scatter step still sends from the caller's input. The owner of
+// each reduced block then sends it from there to every other rank directly (an allgather in one
+// step instead of n - 1 forwarding steps: the same bytes per rank, none forwarded out of buf),
+// and copies its own block into buf.
 #include "exchange.hpp"
 
 #include <cstring>
 
+#include <myelin/transport/endpoint.hpp>
+
 namespace myelin::collectives::internal {
+namespace {
+
+// Largest allreduce (bytes) that takes the shared working memory: that much shared memory stays
+// allocated per Communicator. Above it the ring runs as before (where 64 MiB already moves at
+// 1.8-2.2x OpenMPI's shared-memory rate, docs/performance.md).
+constexpr size_t kSharedWorkMaxBytes = 8 * 1024 * 1024;
+
+// True when every other rank of the group is reached over shm. Every rank of a group on one node
+// over shm answers true and every rank of a group that spans nodes (it has a peer elsewhere)
+// answers false, so all ranks take the same variant.
+Result<bool> all_shm(Exchange& ex, const Group& g) {
+  for (int i = 0; i < g.size(); ++i) {
+    if (i == g.me) continue;
+    MYELIN_ASSIGN_OR_RETURN(transport::Endpoint * ep,
+                            ex.comm().peer(g.ranks[static_cast<size_t>(i)], ex.deadline()));
+    if (ep->backend() != transport::Backend::kShm) return false;
+  }
+  return true;
+}
+
+// Sends this rank's reduced block (in `work`) to every other rank and receives theirs into buf.
+Status direct_allgather(Exchange& ex, const Group& g, const uint8_t* work, void* buf, size_t count,
+                        int shift, uint8_t phase) {
+  const int n = g.size();
+  const size_t es = ex.elem();
+  const size_t seg = ex.segment_elems();
+  for (int d = 1; d < n; ++d) {
+    const int from = mod(g.me - d, n);
+    const Range b = balanced_block(count, n, mod(from + shift, n));
+    for (size_t j = 0; j < segment_count(b.count, seg); ++j) {
+      const Range piece = segment(b, seg, j);
+      MYELIN_RETURN_IF_ERROR(ex.post_recv(g.ranks[static_cast<size_t>(from)], phase,
+                                          at(buf, piece.offset, es), piece.count * es)
+                                 .status());
+    }
+  }
+  const Range mine = balanced_block(count, n, mod(g.me + shift, n));
+  for (int d = 1; d < n; ++d) {  // the next rank first: it is the one the ring woke last
+    const int to = g.ranks[static_cast<size_t>(mod(g.me + d, n))];
+    for (size_t j = 0; j < segment_count(mine.count, seg); ++j) {
+      const Range piece = segment(mine, seg, j);
+      MYELIN_RETURN_IF_ERROR(
+          ex.post_send(to, phase, at(work, piece.offset, es), piece.count * es).status());
+    }
+  }
+  if (mine.count > 0) {
+    std::memcpy(at(buf, mine.offset, es), at(work, mine.offset, es), mine.count * es);
+  }
+  return ex.wait_all();
+}
+
+}  // namespace
 
 Status ring_allreduce(Exchange& ex, const Group& g, const void* src, void* buf, size_t count,
                       uint8_t phase) {
   if (g.size() == 1) {
     if (src != buf && count > 0) std::memcpy(buf, src, count * ex.elem());
     return ok_status();
+  }
+  const size_t bytes = count * ex.elem();
+  if (g.size() >= 3 && bytes > 0 && bytes <= kSharedWorkMaxBytes) {
+    MYELIN_ASSIGN_OR_RETURN(const bool shm, all_shm(ex, g));
+    if (shm) {
+      MYELIN_ASSIGN_OR_RETURN(uint8_t * work, ex.shared_work(bytes));
+      MYELIN_RETURN_IF_ERROR(ring_reduce_scatter_phase(ex, g, src, buf, count, 1, phase, work));
+      return direct_allgather(ex, g, work, buf, count, 1, static_cast<uint8_t>(phase + 1));
+    }
   }
   // Every element of buf is written: the reduce-scatter writes the blocks it reduces (including
   // this rank's own), the allgather the others.

@@ -13,6 +13,10 @@
 // s + 1 (n >= 3), so early receives never land on data still in use. In place, the received
 // segments go to a double buffer of scratch (block of step s to half s % 2) and are reduced into
 // buf.
+// With a separate output `out` (the shared working memory of ring_allreduce.cpp over shm), each
+// reduced segment goes to `out` and is sent from there, so the next rank copies it out of memory
+// it has mapped instead of through cross-memory attach; buf is then never written in place, and
+// out of place only receives.
 #include <cstring>
 
 #include <myelin/collectives/reduce.hpp>
@@ -22,7 +26,7 @@
 namespace myelin::collectives::internal {
 
 Status ring_reduce_scatter_phase(Exchange& ex, const Group& g, const void* src, void* buf,
-                                 size_t count, int shift, uint8_t phase) {
+                                 size_t count, int shift, uint8_t phase, uint8_t* out) {
   const int n = g.size();
   if (n == 1) return ok_status();
   const int me = g.me;
@@ -73,7 +77,7 @@ Status ring_reduce_scatter_phase(Exchange& ex, const Group& g, const void* src, 
     for (size_t j = 0; j < recvs[s % 2].size(); ++j) {
       MYELIN_RETURN_IF_ERROR(ex.wait(recvs[s % 2][j]));
       const Range piece = segment(b, seg, j);
-      uint8_t* dst = at(buf, piece.offset, es);
+      uint8_t* dst = at(out != nullptr ? out : buf, piece.offset, es);
       // This rank's contribution is the left operand, the received partial result the right one,
       // in place and out of place alike.
       reduce_to(dst, at(src, piece.offset, es), landing(s, b, piece), piece.count, ex.info().type,

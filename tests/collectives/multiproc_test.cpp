@@ -290,6 +290,64 @@ TEST(CollectivesAutoShm, YieldingRanksAllreduceEverySize) {
   }
 }
 
+// The ring allreduce between three or more shm peers reduces into the Communicator's shared
+// working memory and gathers the blocks from there (ring_allreduce.cpp): every type and op, blocks
+// that are empty (count < ranks), several segments per block, messages above the eager limit in
+// place and out of place; the working memory grows between calls and shrinks never. Every rank
+// ends with identical bits.
+TEST(CollectivesShmRing, EveryTypeAndOpThroughSharedWorkingMemory) {
+  for (int n : {3, 4, 5}) {
+    WorldSpec s;
+    s.ranks = n;
+    s.backend = Backend::kShm;
+    const auto out = run_world(s, [](RankCtx& rc) -> Status {
+      uint64_t salt = 900;
+      for (DataType t : kAllDataTypes) {
+        for (ReduceOp op : kAllReduceOps) {
+          for (size_t count : {size_t{1}, size_t{7}, size_t{1023}}) {
+            for (bool in_place : {false, true}) {
+              const size_t segment = count == 1023 ? 256 : 0;
+              MYELIN_RETURN_IF_ERROR(
+                  check_allreduce(rc, Algorithm::kRing, t, op, count, in_place, segment, ++salt));
+            }
+          }
+        }
+      }
+      for (DataType t : {DataType::kF32, DataType::kF64, DataType::kBF16}) {
+        for (bool in_place : {false, true}) {
+          // 2^18 + 3 elements: blocks of 64 KiB and more, above the eager limit; with 64 KiB
+          // segments several per block; then a small call again into the grown memory.
+          MYELIN_RETURN_IF_ERROR(check_allreduce(rc, Algorithm::kRing, t, ReduceOp::kSum,
+                                                 (size_t{1} << 18) + 3, in_place, 0, ++salt));
+          MYELIN_RETURN_IF_ERROR(check_allreduce(rc, Algorithm::kRing, t, ReduceOp::kMax,
+                                                 (size_t{1} << 18) + 3, in_place, 65536, ++salt));
+          MYELIN_RETURN_IF_ERROR(
+              check_allreduce(rc, Algorithm::kRing, t, ReduceOp::kSum, 7, in_place, 0, ++salt));
+        }
+      }
+      // Identical bits on every rank for inexact float sums.
+      std::vector<float> buf(100003);
+      for (size_t i = 0; i < buf.size(); ++i) {
+        buf[i] = 1.0f / static_cast<float>(1 + (i * 7 + static_cast<size_t>(rc.rank) * 13) % 997);
+      }
+      MYELIN_RETURN_IF_ERROR(allreduce(*rc.comm, buf.data(), buf.data(), buf.size(), DataType::kF32,
+                                       ReduceOp::kSum, {.algorithm = Algorithm::kRing})
+                                 .status());
+      std::vector<float> all(buf.size() * static_cast<size_t>(rc.size));
+      MYELIN_RETURN_IF_ERROR(
+          allgather(*rc.comm, buf.data(), all.data(), buf.size(), DataType::kF32).status());
+      for (int r = 0; r < rc.size; ++r) {
+        if (std::memcmp(all.data() + buf.size() * static_cast<size_t>(r), buf.data(),
+                        buf.size() * sizeof(float)) != 0) {
+          return internal_error("rank ", r, " ended with different bits than rank ", rc.rank);
+        }
+      }
+      return ok_status();
+    });
+    EXPECT_TRUE(out.all_ok()) << n << " ranks:" << out.summary();
+  }
+}
+
 // Inexact float data: the result stays within the rounding bound of n - 1 additions, and every
 // rank ends with the same bits.
 TEST(CollectivesFloat, RandomDataWithinErrorBoundAndIdenticalOnAllRanks) {
@@ -403,12 +461,13 @@ double inject_and_await_reports(const std::vector<pid_t>& pids, const std::strin
   return seconds;
 }
 
-void fault_test(int sig, transport::ProgressMode progress) {
+void fault_test(int sig, transport::ProgressMode progress, Backend backend = Backend::kTcp) {
   constexpr int kVictim = 2;
   const auto timeout = std::chrono::milliseconds(3000);
   WorldSpec s;
   s.ranks = 4;
   s.progress = progress;
+  s.backend = backend;
   double seconds = 0;
   const auto out = run_world(
       s, [&](RankCtx& rc) { return survive(rc, kVictim, timeout); },
@@ -438,6 +497,15 @@ TEST_P(CollectivesFailure, KilledRankFailsEverySurvivor) {
 }
 TEST_P(CollectivesFailure, StoppedRankFailsEverySurvivorWithinTimeout) {
   fault_test(SIGSTOP, GetParam());
+}
+
+// Over shm the 1 MiB ring allreduce runs through the shared working memory: a rank killed or
+// stopped while its peers copy out of its memory, or it out of theirs.
+TEST_P(CollectivesFailure, KilledRankFailsEverySurvivorOverShm) {
+  fault_test(SIGKILL, GetParam(), Backend::kShm);
+}
+TEST_P(CollectivesFailure, StoppedRankFailsEverySurvivorOverShm) {
+  fault_test(SIGSTOP, GetParam(), Backend::kShm);
 }
 
 // Small allreduces (the descriptor rides with the data): a rank stopped or killed mid-loop.
