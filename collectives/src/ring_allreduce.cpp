@@ -2,14 +2,16 @@
 // which rank r owns block r + 1, then the pipelined ring allgather of those blocks. Each rank sends
 // and receives 2 (n - 1) / n of the buffer: bandwidth-optimal, latency 2 (n - 1) steps.
 //
-// Between ranks of one node over shm (three or more, up to kSharedWorkMaxBytes), the reduced
-// segments go to the Communicator's shared working memory instead of buf: every rank has it
+// Towards a shm peer (three or more ranks, up to kSharedWorkMaxBytes), the reduced segments go to
+// the Communicator's shared working memory instead of buf: every connected shm peer has it
 // mapped, so a message sent from it is one plain memcpy on the receiver, where a message from
 // ordinary memory is a cross-memory-attach copy that pins the sender's pages again for every
-// message. Only the first reduce-scatter step still sends from the caller's input. The owner of
-// each reduced block then sends it from there to every other rank directly (an allgather in one
-// step instead of n - 1 forwarding steps: the same bytes per rank, none forwarded out of buf),
-// and copies its own block into buf.
+// message. Only the first reduce-scatter step still sends from the caller's input. The messages
+// are the same either way, so each rank decides this alone (by its next rank's transport).
+// When every rank of the group is a shm peer (and there are at most kDirectMaxRanks), the owner of
+// each reduced block then sends it from there to every other rank directly: an allgather in one
+// step instead of n - 1 forwarding steps, the same bytes per rank, none forwarded out of buf. That
+// changes the messages, so it is decided by a property every rank sees alike.
 #include "exchange.hpp"
 
 #include <cstring>
@@ -23,6 +25,14 @@ namespace {
 // allocated per Communicator. Above it the ring runs as before (where 64 MiB already moves at
 // 1.8-2.2x OpenMPI's shared-memory rate, docs/performance.md).
 constexpr size_t kSharedWorkMaxBytes = 8 * 1024 * 1024;
+// Largest group that gathers directly: the direct allgather connects every pair of ranks (two
+// transport rings per pair), the ring allgather only neighbours.
+constexpr int kDirectMaxRanks = 8;
+
+Result<bool> is_shm(Exchange& ex, int rank) {
+  MYELIN_ASSIGN_OR_RETURN(transport::Endpoint * ep, ex.comm().peer(rank, ex.deadline()));
+  return ep->backend() == transport::Backend::kShm;
+}
 
 // True when every other rank of the group is reached over shm. Every rank of a group on one node
 // over shm answers true and every rank of a group that spans nodes (it has a peer elsewhere)
@@ -30,9 +40,8 @@ constexpr size_t kSharedWorkMaxBytes = 8 * 1024 * 1024;
 Result<bool> all_shm(Exchange& ex, const Group& g) {
   for (int i = 0; i < g.size(); ++i) {
     if (i == g.me) continue;
-    MYELIN_ASSIGN_OR_RETURN(transport::Endpoint * ep,
-                            ex.comm().peer(g.ranks[static_cast<size_t>(i)], ex.deadline()));
-    if (ep->backend() != transport::Backend::kShm) return false;
+    MYELIN_ASSIGN_OR_RETURN(const bool shm, is_shm(ex, g.ranks[static_cast<size_t>(i)]));
+    if (!shm) return false;
   }
   return true;
 }
@@ -76,13 +85,27 @@ Status ring_allreduce(Exchange& ex, const Group& g, const void* src, void* buf, 
     if (src != buf && count > 0) std::memcpy(buf, src, count * ex.elem());
     return ok_status();
   }
-  const size_t bytes = count * ex.elem();
-  if (g.size() >= 3 && bytes > 0 && bytes <= kSharedWorkMaxBytes) {
-    MYELIN_ASSIGN_OR_RETURN(const bool shm, all_shm(ex, g));
-    if (shm) {
+  const int n = g.size();
+  const size_t es = ex.elem();
+  const size_t bytes = count * es;
+  if (n >= 3 && bytes > 0 && bytes <= kSharedWorkMaxBytes) {
+    MYELIN_ASSIGN_OR_RETURN(const bool next_shm,
+                            is_shm(ex, g.ranks[static_cast<size_t>(mod(g.me + 1, n))]));
+    if (next_shm) {
+      bool direct = false;
+      if (n <= kDirectMaxRanks) {
+        MYELIN_ASSIGN_OR_RETURN(direct, all_shm(ex, g));
+      }
       MYELIN_ASSIGN_OR_RETURN(uint8_t * work, ex.shared_work(bytes));
       MYELIN_RETURN_IF_ERROR(ring_reduce_scatter_phase(ex, g, src, buf, count, 1, phase, work));
-      return direct_allgather(ex, g, work, buf, count, 1, static_cast<uint8_t>(phase + 1));
+      if (direct) {
+        return direct_allgather(ex, g, work, buf, count, 1, static_cast<uint8_t>(phase + 1));
+      }
+      const Range mine = balanced_block(count, n, mod(g.me + 1, n));
+      if (mine.count > 0) {
+        std::memcpy(at(buf, mine.offset, es), at(work, mine.offset, es), mine.count * es);
+      }
+      return ring_allgather_phase(ex, g, buf, count, 1, static_cast<uint8_t>(phase + 1));
     }
   }
   // Every element of buf is written: the reduce-scatter writes the blocks it reduces (including

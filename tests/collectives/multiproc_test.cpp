@@ -294,9 +294,10 @@ TEST(CollectivesAutoShm, YieldingRanksAllreduceEverySize) {
 // working memory and gathers the blocks from there (ring_allreduce.cpp): every type and op, blocks
 // that are empty (count < ranks), several segments per block, messages above the eager limit in
 // place and out of place; the working memory grows between calls and shrinks never. Every rank
-// ends with identical bits.
+// ends with identical bits. Nine ranks (above the direct allgather's limit of 8) reduce-scatter
+// through it and gather around the ring.
 TEST(CollectivesShmRing, EveryTypeAndOpThroughSharedWorkingMemory) {
-  for (int n : {3, 4, 5}) {
+  for (int n : {3, 4, 5, 9}) {
     WorldSpec s;
     s.ranks = n;
     s.backend = Backend::kShm;
