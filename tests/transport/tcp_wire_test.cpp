@@ -7,6 +7,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <random>
@@ -100,6 +101,53 @@ class TcpWire : public ::testing::Test {
     EXPECT_EQ(in, 77u);
   }
 
+  // Dials b as a peer named "impostor" that always dials (port 1 sorts first), completes the
+  // hello and sets `ep` to b's endpoint to it; returns the socket (frames from seq 1 on).
+  int impostor(Endpoint*& ep) {
+    const int fd = dial();
+    internal::tcp::Hello hl;
+    hl.name = "impostor";
+    hl.sender = TcpAddress{htonl(INADDR_LOOPBACK), 1, 777}.encode();
+    hl.target = target_bytes_;
+    FrameHeader h;
+    h.type = FrameType::kHello;
+    send_bytes(fd, frame(h, hl.encode()));
+    // The hello reply: the connection is identified once it is out.
+    std::vector<uint8_t> reply;
+    if (!read_frame(fd, reply)) return fd;
+    internal::ParsedAddress who{"impostor", "elsewhere/0", {{Backend::kTcp, hl.sender}}};
+    auto r = pair_.b->connect(internal::encode_address(who));
+    EXPECT_TRUE(r.ok()) << r.status();
+    if (r.ok()) ep = *r;
+    return fd;
+  }
+  // Reads one whole frame from `fd` while progressing both Contexts; false after 10 s.
+  bool read_frame(int fd, std::vector<uint8_t>& out, FrameHeader* header = nullptr) {
+    const Deadline deadline = Deadline::after_ms(10000);
+    out.clear();
+    size_t want = kHeaderSize;
+    while (out.size() < want) {
+      if (deadline.expired()) return false;
+      pair_.progress();
+      uint8_t buf[4096];
+      const size_t room = std::min(sizeof(buf), want - out.size());
+      const ssize_t r = ::recv(fd, buf, room, MSG_DONTWAIT);
+      if (r > 0) out.insert(out.end(), buf, buf + r);
+      if (out.size() == kHeaderSize && want == kHeaderSize) {
+        FrameHeader h;
+        if (!internal::tcp::decode_header(out.data(), uint64_t{1} << 40, h).ok()) return false;
+        want += h.length;
+        if (header != nullptr) *header = h;
+      }
+    }
+    return true;
+  }
+  static std::vector<uint8_t> pattern(size_t n, uint8_t seed) {
+    std::vector<uint8_t> v(n);
+    for (size_t i = 0; i < n; ++i) v[i] = static_cast<uint8_t>(seed + i * 7 + (i >> 8));
+    return v;
+  }
+
   Pair pair_;
   std::vector<uint8_t> target_bytes_;
   TcpAddress target_;
@@ -191,27 +239,9 @@ TEST_F(TcpWire, BadMagicAfterHandshakeAndUnknownCompletions) {
 
 // A recv posted while an early message is still arriving must get that message, not the next.
 TEST_F(TcpWire, RecvPostedWhileAnUnexpectedMessageArrives) {
-  const int fd = dial();
-  internal::tcp::Hello hl;
-  hl.name = "impostor";
-  hl.sender = TcpAddress{htonl(INADDR_LOOPBACK), 1, 777}.encode();  // port 1: always the smaller
-  hl.target = target_bytes_;
-  FrameHeader h;
-  h.type = FrameType::kHello;
-  send_bytes(fd, frame(h, hl.encode()));
-  // Wait for the hello reply so the connection is identified.
-  const Deadline deadline = Deadline::after_ms(10000);
-  size_t got = 0;
-  uint8_t reply[512];
-  while (got < kHeaderSize && !deadline.expired()) {
-    pair_.progress();
-    const ssize_t r = ::recv(fd, reply + got, sizeof(reply) - got, MSG_DONTWAIT);
-    if (r > 0) got += static_cast<size_t>(r);
-  }
-  ASSERT_GE(got, kHeaderSize);
-  internal::ParsedAddress impostor{"impostor", "elsewhere/0", {{Backend::kTcp, hl.sender}}};
-  auto ep = pair_.b->connect(internal::encode_address(impostor));
-  ASSERT_TRUE(ep.ok()) << ep.status();
+  Endpoint* ep = nullptr;
+  const int fd = impostor(ep);
+  ASSERT_NE(ep, nullptr);
 
   std::vector<uint8_t> first(100, 0x11), second(100, 0x22);
   FrameHeader m;
@@ -223,8 +253,8 @@ TEST_F(TcpWire, RecvPostedWhileAnUnexpectedMessageArrives) {
   send_bytes(fd, std::vector<uint8_t>(f1.begin(), f1.begin() + kHeaderSize + 40));
   for (int i = 0; i < 200; ++i) pair_.progress();
   std::vector<uint8_t> in1(100), in2(100);
-  Request r1 = (*ep)->recv(0, in1.data(), in1.size());
-  Request r2 = (*ep)->recv(0, in2.data(), in2.size());
+  Request r1 = ep->recv(0, in1.data(), in1.size());
+  Request r2 = ep->recv(0, in2.data(), in2.size());
   send_bytes(fd, std::vector<uint8_t>(f1.begin() + kHeaderSize + 40, f1.end()));
   send_bytes(fd, f2);
   std::vector<Request> both{r1, r2};
@@ -232,6 +262,116 @@ TEST_F(TcpWire, RecvPostedWhileAnUnexpectedMessageArrives) {
   EXPECT_EQ(in1, first);
   EXPECT_EQ(in2, second);
   ::close(fd);
+}
+
+// A rendezvous request carries the message's first bytes: they land in the receive buffer, the
+// clear-to-send names what is left, and the DATA frame brings exactly that. Covers a receive
+// posted before the request, one posted while its first bytes are still arriving, and one posted
+// after the whole request was buffered.
+TEST_F(TcpWire, RendezvousRequestCarriesTheFirstBytes) {
+  Endpoint* ep = nullptr;
+  const int fd = impostor(ep);
+  ASSERT_NE(ep, nullptr);
+  constexpr size_t kTotal = 200'000;
+  constexpr size_t kEarly = 70'000;
+  uint32_t seq = 1;
+  for (int when = 0; when < 3; ++when) {  // recv posted: before, during, after the request
+    SCOPED_TRACE(when);
+    const std::vector<uint8_t> msg = pattern(kTotal, static_cast<uint8_t>(when * 31));
+    FrameHeader rts;
+    rts.type = FrameType::kRts;
+    rts.channel = 5;
+    rts.seq = seq++;
+    rts.id = 40 + static_cast<uint64_t>(when);
+    rts.a0 = kTotal;
+    const auto f = frame(rts, std::vector<uint8_t>(msg.begin(), msg.begin() + kEarly));
+    std::vector<uint8_t> in(kTotal + 10, 0xEE);
+    Request r;
+    if (when == 0) r = ep->recv(5, in.data(), in.size());
+    if (when == 1) {
+      send_bytes(fd, std::vector<uint8_t>(f.begin(), f.begin() + kHeaderSize + 1000));
+      for (int i = 0; i < 100; ++i) pair_.progress();
+      r = ep->recv(5, in.data(), in.size());
+      send_bytes(fd, std::vector<uint8_t>(f.begin() + kHeaderSize + 1000, f.end()));
+    } else {
+      send_bytes(fd, f);
+    }
+    if (when == 2) {
+      for (int i = 0; i < 200; ++i) pair_.progress();
+      r = ep->recv(5, in.data(), in.size());
+    }
+    std::vector<uint8_t> cts_bytes;
+    FrameHeader cts;
+    ASSERT_TRUE(read_frame(fd, cts_bytes, &cts));
+    ASSERT_EQ(cts.type, FrameType::kCts);
+    EXPECT_EQ(cts.id, rts.id);
+    EXPECT_EQ(cts.flags, 0);
+    EXPECT_FALSE(r.done());
+    FrameHeader data;
+    data.type = FrameType::kData;
+    data.seq = seq++;
+    data.id = cts.a0;
+    send_bytes(fd, frame(data, std::vector<uint8_t>(msg.begin() + kEarly, msg.end())));
+    ASSERT_TRUE(pair_.wait({r}).ok()) << r.status();
+    EXPECT_EQ(r.bytes(), kTotal);
+    EXPECT_TRUE(std::equal(msg.begin(), msg.end(), in.begin()));
+    EXPECT_EQ(in[kTotal], 0xEE);
+  }
+  // A receive too small for the message is refused with the first bytes dropped.
+  FrameHeader rts;
+  rts.type = FrameType::kRts;
+  rts.channel = 6;
+  rts.seq = seq++;
+  rts.id = 50;
+  rts.a0 = kTotal;
+  std::vector<uint8_t> small(1000, 0xEE);
+  Request r = ep->recv(6, small.data(), small.size());
+  send_bytes(fd, frame(rts, pattern(kEarly, 1)));
+  std::vector<uint8_t> cts_bytes;
+  FrameHeader cts;
+  ASSERT_TRUE(read_frame(fd, cts_bytes, &cts));
+  EXPECT_EQ(cts.type, FrameType::kCts);
+  EXPECT_NE(cts.flags & internal::tcp::kFlagDiscard, 0);
+  ASSERT_TRUE(r.done());
+  EXPECT_EQ(r.status().code(), StatusCode::kOutOfRange) << r.status();
+  EXPECT_EQ(small, std::vector<uint8_t>(1000, 0xEE));
+  ::close(fd);
+}
+
+TEST_F(TcpWire, RendezvousFramesOfTheWrongSize) {
+  auto f = hello();
+  FrameHeader rts;
+  rts.type = FrameType::kRts;
+  rts.seq = 1;
+  rts.a0 = 100;
+  auto bad = frame(rts, std::vector<uint8_t>(100, 1));  // the whole message up front
+  f.insert(f.end(), bad.begin(), bad.end());
+  expect_rejected(f, "carries 100 of them up front");
+
+  // DATA must bring what the request left, not the whole message.
+  Endpoint* ep = nullptr;
+  ::testing::internal::CaptureStderr();
+  const int fd = impostor(ep);
+  ASSERT_NE(ep, nullptr);
+  std::vector<uint8_t> in(300);
+  Request r = ep->recv(0, in.data(), in.size());
+  rts.a0 = 300;
+  send_bytes(fd, frame(rts, std::vector<uint8_t>(100, 1)));
+  std::vector<uint8_t> cts_bytes;
+  FrameHeader cts;
+  ASSERT_TRUE(read_frame(fd, cts_bytes, &cts));
+  FrameHeader data;
+  data.type = FrameType::kData;
+  data.seq = 2;
+  data.id = cts.a0;
+  send_bytes(fd, frame(data, std::vector<uint8_t>(300, 2)));
+  const bool closed = closed_by_peer(fd);
+  const std::string log = ::testing::internal::GetCapturedStderr();
+  ::close(fd);
+  EXPECT_TRUE(closed);
+  EXPECT_NE(log.find("for a rendezvous that awaits 200"), std::string::npos) << log;
+  ASSERT_TRUE(r.done());
+  EXPECT_FALSE(r.status().ok());
 }
 
 TEST(TcpBlocking, SpinThenBlockAcrossThreads) {

@@ -432,8 +432,13 @@ size_t TcpBackend::progress() {
   // epoll_wait per message on a busy connection and per idle poll while waiting on it. Only while
   // it has nothing queued to write (its EPOLLOUT comes from epoll). epoll_wait still runs on every
   // kEpollEvery-th call and on every kIdleEpollEvery-th quiet call, so the listener and other
-  // connections wait a few polls at most.
-  if (hot_ != nullptr && !hot_->want_write && hot_->fd() >= 0) {
+  // connections wait a few polls at most. Not after a sleep on the epoll set: what woke it may be
+  // any socket, and with the hot one quiet the next few polls would each find the set still
+  // readable, return to it at once and read the hot socket again (a recursive doubling on 4 ranks
+  // talks to a different peer each step: 2 wasted polls and 3-4 empty recvs per call).
+  const bool woken = slept_on_set_;
+  slept_on_set_ = false;
+  if (hot_ != nullptr && !hot_->want_write && hot_->fd() >= 0 && !woken) {
     ++polls_;
     const bool got = hot_->on_readable() > 0;
     if (got ? polls_ % kEpollEvery != 0 : polls_ % kIdleEpollEvery != 0) {
@@ -444,8 +449,16 @@ size_t TcpBackend::progress() {
     }
     handled = got ? 1 : 0;
   }
+  handled += serve_set(0);
+  finish_progress(handled);
+  if (handled == 0) yield_if_bulk_stalled();
+  return handled;
+}
+
+size_t TcpBackend::serve_set(int timeout_ms) {
+  size_t handled = 0;
   epoll_event ev[64];
-  const int n = epoll_wait(epoll_fd_, ev, 64, 0);
+  const int n = epoll_wait(epoll_fd_, ev, 64, timeout_ms);
   for (int i = 0; i < n; ++i) {
     ++handled;
     if (ev[i].data.ptr == nullptr) {
@@ -461,8 +474,6 @@ size_t TcpBackend::progress() {
     }
     if ((ev[i].events & EPOLLOUT) != 0 && c->fd() >= 0) c->flush();
   }
-  finish_progress(handled);
-  if (handled == 0) yield_if_bulk_stalled();
   return handled;
 }
 
@@ -477,7 +488,15 @@ void TcpBackend::yield_if_bulk_stalled() {
 }
 
 bool TcpBackend::progress_blocking(int max_ms, size_t& handled) {
-  if (live_.size() != 1 || !pending_reads_.empty() || !graveyard_.empty()) return false;
+  if (!pending_reads_.empty() || !graveyard_.empty()) return false;
+  if (live_.size() != 1) {
+    // Several connections (or none): sleep in the set itself and serve what it reports, one
+    // system call per wakeup fewer than the Context's poll on the set followed by progress().
+    reattach();
+    handled = serve_set(max_ms);
+    finish_progress(handled);
+    return true;
+  }
   Connection& c = *live_.begin()->second;
   if (c.state() != Connection::State::kOpen || c.fd() < 0 || c.deadline_ns != 0) return false;
   // Declines every kBlockingEpollEvery-th call, and the call after a sleep that brought nothing:
@@ -519,7 +538,8 @@ void TcpBackend::reattach() {
 
 bool TcpBackend::arm_wait() {
   reattach();  // the Context is about to sleep on the set: it must see every socket
-  return pending_reads_.empty();
+  slept_on_set_ = pending_reads_.empty();
+  return slept_on_set_;
 }
 
 void TcpBackend::finish_progress(size_t& handled) {

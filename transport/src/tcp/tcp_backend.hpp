@@ -99,6 +99,7 @@ class Connection {
     std::shared_ptr<RequestState> done;
     size_t done_bytes = 0;
     std::vector<uint8_t> owned;
+    Status failure;  // how `done` completes (a refused rendezvous whose request is still queued)
   };
   struct PostedRecv {
     uint8_t* data;
@@ -108,18 +109,20 @@ class Connection {
   struct Unexpected {
     bool rts = false;
     uint64_t send_id = 0;       // rts
-    uint64_t size = 0;          // rts
-    std::vector<uint8_t> data;  // eager
+    uint64_t size = 0;          // rts: the whole message
+    std::vector<uint8_t> data;  // eager: the message; rts: its first bytes, sent with the request
   };
   struct PendingSend {
     const uint8_t* data;
     size_t size;
+    size_t early;  // leading bytes that went with the RTS; DATA carries [early, size)
     uint32_t channel;
     std::shared_ptr<RequestState> state;
   };
   struct AwaitingData {
-    uint8_t* data;
-    size_t size;
+    uint8_t* data;  // where the DATA payload lands (past the bytes that came with the RTS)
+    size_t size;    // DATA payload bytes
+    size_t total;   // the whole message, reported on completion
     std::shared_ptr<RequestState> state;
   };
   struct RemoteOp {
@@ -136,6 +139,7 @@ class Connection {
     kEagerToRecv,
     kEagerTooSmall,
     kEagerUnexpected,
+    kRtsUnexpected,  // the leading bytes of a rendezvous message no receive was posted for yet
     kData,
     kPut,
     kGetResp
@@ -152,7 +156,10 @@ class Connection {
   [[nodiscard]] bool has_pending() const noexcept;
   Status begin_frame(const FrameHeader& h);
   Status finish_payload();
-  void answer_rts(uint32_t channel, uint64_t send_id, uint64_t size, PostedRecv recv);
+  // Grants (or, when the receive is too small, refuses) rendezvous message `send_id` of `size`
+  // bytes, whose first `early` bytes came with its request and are in recv.data already (or are
+  // being read there).
+  void answer_rts(uint32_t channel, uint64_t send_id, uint64_t size, size_t early, PostedRecv recv);
   void reply(FrameType type, uint64_t id, uint64_t code, uint64_t reason, const void* payload,
              size_t len);
   Status check_key(const RemoteKey& remote, uint64_t offset, size_t size, const char* op) const;
@@ -189,6 +196,7 @@ class Connection {
   std::shared_ptr<RequestState> sink_state_;
   std::vector<uint8_t> sink_buf_;
   size_t sink_capacity_ = 0;
+  uint64_t sink_total_ = 0;  // kData: the whole message's size (the RTS brought the first part)
   RemoteError put_error_ = RemoteError::kNone;
   // The last payload went straight to its destination: the next frame is likely another large
   // one, so read its header alone rather than pull its payload through the staging buffer.
@@ -236,7 +244,8 @@ class TcpBackend final : public BackendContext {
   // With one connection and nothing else due, sleeps in that socket's recv (or poll, while output
   // is queued) instead of the epoll set, and takes that socket out of the set meanwhile; every
   // kBlockingEpollEvery-th call declines, so the Context's wait on the epoll set still sees the
-  // listener.
+  // listener. With several connections (or none) it sleeps in epoll_wait on the set itself and
+  // serves what the set reports.
   bool progress_blocking(int max_ms, size_t& handled) override;
 
   // For connections.
@@ -260,6 +269,10 @@ class TcpBackend final : public BackendContext {
   // connections.
   void finish_progress(size_t& handled);
   void yield_if_bulk_stalled();
+  // One epoll_wait on the set (up to timeout_ms) and the service of every socket it reports:
+  // accepts, reads (the connection that delivered becomes the hot one), flushes. Returns the
+  // number of events.
+  size_t serve_set(int timeout_ms);
 
   Options options_;
   ContextInfo info_;
@@ -287,6 +300,8 @@ class TcpBackend final : public BackendContext {
   // Context sleeping on the set (arm_wait()), another connection becoming the hot one.
   Connection* detached_ = nullptr;
   bool quiet_sleep_ = false;  // the last progress_blocking() sleep brought nothing
+  // arm_wait() let the Context sleep on the epoll set: the next progress() asks the set first.
+  bool slept_on_set_ = false;
   void reattach();
   uint32_t polls_ = 0;
 };
