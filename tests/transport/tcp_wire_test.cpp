@@ -264,18 +264,16 @@ TEST_F(TcpWire, RecvPostedWhileAnUnexpectedMessageArrives) {
   ::close(fd);
 }
 
-// A rendezvous request carries the message's first bytes: they land in the receive buffer, the
-// clear-to-send names what is left, and the DATA frame brings exactly that. Covers a receive
-// posted before the request, one posted while its first bytes are still arriving, and one posted
-// after the whole request was buffered.
-TEST_F(TcpWire, RendezvousRequestCarriesTheFirstBytes) {
+// Rendezvous on the wire: the CTS answers the RTS once a receive is posted (before or after the
+// request arrives), names the receive token, and the DATA frame lands in the receive buffer; a
+// receive too small for the message is refused with the discard flag.
+TEST_F(TcpWire, RendezvousGrantedWhenTheReceiveIsPosted) {
   Endpoint* ep = nullptr;
   const int fd = impostor(ep);
   ASSERT_NE(ep, nullptr);
   constexpr size_t kTotal = 200'000;
-  constexpr size_t kEarly = 70'000;
   uint32_t seq = 1;
-  for (int when = 0; when < 3; ++when) {  // recv posted: before, during, after the request
+  for (int when = 0; when < 2; ++when) {  // recv posted: before, after the request
     SCOPED_TRACE(when);
     const std::vector<uint8_t> msg = pattern(kTotal, static_cast<uint8_t>(when * 31));
     FrameHeader rts;
@@ -284,19 +282,11 @@ TEST_F(TcpWire, RendezvousRequestCarriesTheFirstBytes) {
     rts.seq = seq++;
     rts.id = 40 + static_cast<uint64_t>(when);
     rts.a0 = kTotal;
-    const auto f = frame(rts, std::vector<uint8_t>(msg.begin(), msg.begin() + kEarly));
     std::vector<uint8_t> in(kTotal + 10, 0xEE);
     Request r;
     if (when == 0) r = ep->recv(5, in.data(), in.size());
+    send_bytes(fd, frame(rts));
     if (when == 1) {
-      send_bytes(fd, std::vector<uint8_t>(f.begin(), f.begin() + kHeaderSize + 1000));
-      for (int i = 0; i < 100; ++i) pair_.progress();
-      r = ep->recv(5, in.data(), in.size());
-      send_bytes(fd, std::vector<uint8_t>(f.begin() + kHeaderSize + 1000, f.end()));
-    } else {
-      send_bytes(fd, f);
-    }
-    if (when == 2) {
       for (int i = 0; i < 200; ++i) pair_.progress();
       r = ep->recv(5, in.data(), in.size());
     }
@@ -311,13 +301,12 @@ TEST_F(TcpWire, RendezvousRequestCarriesTheFirstBytes) {
     data.type = FrameType::kData;
     data.seq = seq++;
     data.id = cts.a0;
-    send_bytes(fd, frame(data, std::vector<uint8_t>(msg.begin() + kEarly, msg.end())));
+    send_bytes(fd, frame(data, msg));
     ASSERT_TRUE(pair_.wait({r}).ok()) << r.status();
     EXPECT_EQ(r.bytes(), kTotal);
     EXPECT_TRUE(std::equal(msg.begin(), msg.end(), in.begin()));
     EXPECT_EQ(in[kTotal], 0xEE);
   }
-  // A receive too small for the message is refused with the first bytes dropped.
   FrameHeader rts;
   rts.type = FrameType::kRts;
   rts.channel = 6;
@@ -326,7 +315,7 @@ TEST_F(TcpWire, RendezvousRequestCarriesTheFirstBytes) {
   rts.a0 = kTotal;
   std::vector<uint8_t> small(1000, 0xEE);
   Request r = ep->recv(6, small.data(), small.size());
-  send_bytes(fd, frame(rts, pattern(kEarly, 1)));
+  send_bytes(fd, frame(rts));
   std::vector<uint8_t> cts_bytes;
   FrameHeader cts;
   ASSERT_TRUE(read_frame(fd, cts_bytes, &cts));
@@ -344,19 +333,19 @@ TEST_F(TcpWire, RendezvousFramesOfTheWrongSize) {
   rts.type = FrameType::kRts;
   rts.seq = 1;
   rts.a0 = 100;
-  auto bad = frame(rts, std::vector<uint8_t>(100, 1));  // the whole message up front
+  auto bad = frame(rts, std::vector<uint8_t>(100, 1));  // a request carries no payload
   f.insert(f.end(), bad.begin(), bad.end());
-  expect_rejected(f, "carries 100 of them up front");
+  expect_rejected(f, "claims 100 payload bytes (limit 0)");
 
-  // DATA must bring what the request left, not the whole message.
+  // DATA must bring exactly the announced size.
   Endpoint* ep = nullptr;
   ::testing::internal::CaptureStderr();
   const int fd = impostor(ep);
   ASSERT_NE(ep, nullptr);
   std::vector<uint8_t> in(300);
   Request r = ep->recv(0, in.data(), in.size());
-  rts.a0 = 300;
-  send_bytes(fd, frame(rts, std::vector<uint8_t>(100, 1)));
+  rts.a0 = 200;
+  send_bytes(fd, frame(rts));
   std::vector<uint8_t> cts_bytes;
   FrameHeader cts;
   ASSERT_TRUE(read_frame(fd, cts_bytes, &cts));
@@ -369,7 +358,7 @@ TEST_F(TcpWire, RendezvousFramesOfTheWrongSize) {
   const std::string log = ::testing::internal::GetCapturedStderr();
   ::close(fd);
   EXPECT_TRUE(closed);
-  EXPECT_NE(log.find("for a rendezvous that awaits 200"), std::string::npos) << log;
+  EXPECT_NE(log.find("data of 300 bytes for a 200-byte rendezvous"), std::string::npos) << log;
   ASSERT_TRUE(r.done());
   EXPECT_FALSE(r.status().ok());
 }

@@ -99,7 +99,6 @@ class Connection {
     std::shared_ptr<RequestState> done;
     size_t done_bytes = 0;
     std::vector<uint8_t> owned;
-    Status failure;  // how `done` completes (a refused rendezvous whose request is still queued)
   };
   struct PostedRecv {
     uint8_t* data;
@@ -109,20 +108,18 @@ class Connection {
   struct Unexpected {
     bool rts = false;
     uint64_t send_id = 0;       // rts
-    uint64_t size = 0;          // rts: the whole message
-    std::vector<uint8_t> data;  // eager: the message; rts: its first bytes, sent with the request
+    uint64_t size = 0;          // rts
+    std::vector<uint8_t> data;  // eager
   };
   struct PendingSend {
     const uint8_t* data;
     size_t size;
-    size_t early;  // leading bytes that went with the RTS; DATA carries [early, size)
     uint32_t channel;
     std::shared_ptr<RequestState> state;
   };
   struct AwaitingData {
-    uint8_t* data;  // where the DATA payload lands (past the bytes that came with the RTS)
-    size_t size;    // DATA payload bytes
-    size_t total;   // the whole message, reported on completion
+    uint8_t* data;
+    size_t size;
     std::shared_ptr<RequestState> state;
   };
   struct RemoteOp {
@@ -139,7 +136,6 @@ class Connection {
     kEagerToRecv,
     kEagerTooSmall,
     kEagerUnexpected,
-    kRtsUnexpected,  // the leading bytes of a rendezvous message no receive was posted for yet
     kData,
     kPut,
     kGetResp
@@ -156,10 +152,7 @@ class Connection {
   [[nodiscard]] bool has_pending() const noexcept;
   Status begin_frame(const FrameHeader& h);
   Status finish_payload();
-  // Grants (or, when the receive is too small, refuses) rendezvous message `send_id` of `size`
-  // bytes, whose first `early` bytes came with its request and are in recv.data already (or are
-  // being read there).
-  void answer_rts(uint32_t channel, uint64_t send_id, uint64_t size, size_t early, PostedRecv recv);
+  void answer_rts(uint32_t channel, uint64_t send_id, uint64_t size, PostedRecv recv);
   void reply(FrameType type, uint64_t id, uint64_t code, uint64_t reason, const void* payload,
              size_t len);
   Status check_key(const RemoteKey& remote, uint64_t offset, size_t size, const char* op) const;
@@ -196,7 +189,6 @@ class Connection {
   std::shared_ptr<RequestState> sink_state_;
   std::vector<uint8_t> sink_buf_;
   size_t sink_capacity_ = 0;
-  uint64_t sink_total_ = 0;  // kData: the whole message's size (the RTS brought the first part)
   RemoteError put_error_ = RemoteError::kNone;
   // The last payload went straight to its destination: the next frame is likely another large
   // one, so read its header alone rather than pull its payload through the staging buffer.

@@ -177,21 +177,13 @@ Request Connection::send(uint32_t channel, const void* data, size_t size) {
   h.channel = channel;
   h.id = next_op_++;
   h.a0 = size;
-  // The request carries the message's first eager_limit bytes: they travel while the request and
-  // its clear-to-send cross, which would otherwise leave the connection idle for a round trip.
-  // The receiver holds them as it would an eager message of that size, so no more memory is at
-  // stake than with eager messages.
-  const size_t early = backend_.limits().eager_limit;  // < size here
-  h.length = early;
-  const auto* bytes = static_cast<const uint8_t*>(data);
-  rts_sent_.emplace(h.id, PendingSend{bytes, size, early, channel, st});
-  enqueue(h, bytes, early, nullptr, 0);
+  rts_sent_.emplace(h.id, PendingSend{static_cast<const uint8_t*>(data), size, channel, st});
+  enqueue(h, nullptr, 0, nullptr, 0);
   flush();
   return std::move(req);
 }
 
-void Connection::answer_rts(uint32_t channel, uint64_t send_id, uint64_t size, size_t early,
-                            PostedRecv recv) {
+void Connection::answer_rts(uint32_t channel, uint64_t send_id, uint64_t size, PostedRecv recv) {
   FrameHeader h = next_header(FrameType::kCts);
   h.id = send_id;
   if (size > recv.capacity) {
@@ -202,7 +194,7 @@ void Connection::answer_rts(uint32_t channel, uint64_t send_id, uint64_t size, s
         0);
   } else {
     h.a0 = next_op_++;
-    awaiting_.emplace(h.a0, AwaitingData{recv.data + early, size - early, size, recv.state});
+    awaiting_.emplace(h.a0, AwaitingData{recv.data, size, recv.state});
   }
   enqueue(h, nullptr, 0, nullptr, 0);
   flush();
@@ -227,9 +219,7 @@ Request Connection::recv(uint32_t channel, void* data, size_t capacity) {
     if (state_ == State::kFailed) return Request::failed(status_);
     auto [req, st] = Request::make_pending();
     st->describe("recv", channel, peer_name_);
-    if (u.size <= capacity && !u.data.empty()) std::memcpy(data, u.data.data(), u.data.size());
-    answer_rts(channel, u.send_id, u.size, u.data.size(),
-               PostedRecv{static_cast<uint8_t*>(data), capacity, st});
+    answer_rts(channel, u.send_id, u.size, PostedRecv{static_cast<uint8_t*>(data), capacity, st});
     return std::move(req);
   }
   if (state_ == State::kFailed) return Request::failed(status_);
@@ -359,7 +349,7 @@ void Connection::flush() {
       f.sent += take;
       left -= take;
       if (f.sent == total) {
-        if (f.done) f.done->complete(f.failure, f.done_bytes);
+        if (f.done) f.done->complete(ok_status(), f.done_bytes);
         out_.pop_front();
       }
     }
@@ -555,25 +545,17 @@ Status Connection::begin_frame(const FrameHeader& h) {
       return ok_status();
     }
     case FrameType::kRts: {
-      // Its payload (the message's leading bytes, possibly none) finishes like any other.
+      in_payload_ = false;
       if (h.a0 > backend_.options().max_message_size) {
         return protocol_error("rendezvous of ", h.a0, " bytes exceeds max_message_size");
       }
-      sink_ = Sink::kNone;
       auto& posted = queues(h.channel).posted;
       if (!posted.empty()) {
         PostedRecv pr = std::move(posted.front());
         posted.pop_front();
-        // Granted at once, so the sender's DATA overlaps our reading the leading bytes, which go
-        // straight to the receive buffer (nowhere when it is too small: answer_rts refuses).
-        if (h.a0 <= pr.capacity) sink_ptr_ = pr.data;
-        answer_rts(h.channel, h.id, h.a0, static_cast<size_t>(h.length), std::move(pr));
-      } else if (h.length == 0) {
-        queues(h.channel).unexpected.push_back(Unexpected{true, h.id, h.a0, {}});
+        answer_rts(h.channel, h.id, h.a0, std::move(pr));
       } else {
-        sink_ = Sink::kRtsUnexpected;
-        sink_buf_.assign(static_cast<size_t>(h.length), 0);
-        sink_ptr_ = sink_buf_.data();
+        queues(h.channel).unexpected.push_back(Unexpected{true, h.id, h.a0, {}});
       }
       return ok_status();
     }
@@ -584,25 +566,16 @@ Status Connection::begin_frame(const FrameHeader& h) {
       PendingSend ps = std::move(it->second);
       rts_sent_.erase(it);
       if ((h.flags & kFlagDiscard) != 0) {
-        Status refused = out_of_range("the receive buffer of ", peer_name(), " on channel ",
-                                      ps.channel, " is smaller than the ", ps.size,
-                                      "-byte message; the message was discarded");
-        // The refusal can overtake the request's own leading bytes: while they are still queued
-        // the caller's buffer is in use, so the send fails when they have gone out.
-        for (OutFrame& f : out_) {
-          if (f.h.type == FrameType::kRts && f.h.id == h.id && f.payload_len > 0) {
-            f.done = std::move(ps.state);
-            f.failure = std::move(refused);
-            return ok_status();
-          }
-        }
-        ps.state->complete(std::move(refused), 0);
+        ps.state->complete(out_of_range("the receive buffer of ", peer_name(), " on channel ",
+                                        ps.channel, " is smaller than the ", ps.size,
+                                        "-byte message; the message was discarded"),
+                           0);
         return ok_status();
       }
       FrameHeader d = next_header(FrameType::kData);
       d.id = h.a0;
-      d.length = ps.size - ps.early;
-      enqueue(d, ps.data + ps.early, ps.size - ps.early, ps.state, ps.size);
+      d.length = ps.size;
+      enqueue(d, ps.data, ps.size, ps.state, ps.size);
       flush();
       return ok_status();
     }
@@ -610,11 +583,10 @@ Status Connection::begin_frame(const FrameHeader& h) {
       auto it = awaiting_.find(h.id);
       if (it == awaiting_.end()) return protocol_error("data for unknown receive token ", h.id);
       if (it->second.size != h.length) {
-        return protocol_error("data of ", h.length, " bytes for a rendezvous that awaits ",
-                              it->second.size);
+        return protocol_error("data of ", h.length, " bytes for a ", it->second.size,
+                              "-byte rendezvous");
       }
       sink_ = Sink::kData;
-      sink_total_ = it->second.total;
       sink_ptr_ = it->second.data;
       sink_state_ = std::move(it->second.state);
       awaiting_.erase(it);
@@ -748,24 +720,7 @@ Status Connection::finish_payload() {
       sink_buf_ = {};
       break;
     }
-    case Sink::kRtsUnexpected: {
-      // As for kEagerUnexpected: a receive posted meanwhile is the one this message belongs to.
-      auto& posted = queues(cur_.channel).posted;
-      if (!posted.empty()) {
-        PostedRecv pr = std::move(posted.front());
-        posted.pop_front();
-        if (cur_.a0 <= pr.capacity) std::memcpy(pr.data, sink_buf_.data(), sink_buf_.size());
-        answer_rts(cur_.channel, cur_.id, cur_.a0, sink_buf_.size(), std::move(pr));
-      } else {
-        queues(cur_.channel)
-            .unexpected.push_back(Unexpected{true, cur_.id, cur_.a0, std::move(sink_buf_)});
-      }
-      sink_buf_ = {};
-      break;
-    }
     case Sink::kData:
-      sink_state_->complete(ok_status(), static_cast<size_t>(sink_total_));
-      break;
     case Sink::kGetResp:
       sink_state_->complete(ok_status(), cur_.length);
       break;

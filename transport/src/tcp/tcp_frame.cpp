@@ -74,8 +74,6 @@ Status decode_header(const uint8_t* in, size_t max_payload, FrameHeader& h) {
       allowed = kFlagDiscard;
       break;
     case FrameType::kRts:
-      max_len = max_payload;
-      break;
     case FrameType::kPutAck:
     case FrameType::kGet:
       break;
@@ -88,10 +86,6 @@ Status decode_header(const uint8_t* in, size_t max_payload, FrameHeader& h) {
                           max_len, ")");
   }
   if (h.type == FrameType::kHello && h.length == 0) return protocol_error("empty hello");
-  if (h.type == FrameType::kRts && h.length > 0 && h.length >= h.a0) {
-    return protocol_error("rendezvous request of ", h.a0, " bytes carries ", h.length,
-                          " of them up front (must be fewer)");
-  }
   return ok_status();
 }
 

@@ -4,7 +4,7 @@
 // Every frame is a fixed 56-byte header, little-endian, followed by `length` payload bytes:
 //   off size field
 //     0    4 magic    "MYTF"
-//     4    1 version  2 (1 had no payload on kRts)
+//     4    1 version  1
 //     5    1 type     FrameType
 //     6    2 flags    FrameFlag bits allowed for the type; others are an error
 //     8    4 channel  two-sided channel, or the immediate of a PUT
@@ -29,17 +29,16 @@
 namespace myelin::transport::internal::tcp {
 
 inline constexpr uint32_t kFrameMagic = 0x4654594d;  // "MYTF" read little-endian
-inline constexpr uint8_t kFrameVersion = 2;
+inline constexpr uint8_t kFrameVersion = 1;
 inline constexpr size_t kHeaderSize = 56;
 inline constexpr size_t kMaxHelloPayload = 4096;
 
 enum class FrameType : uint8_t {
   kHello = 1,    // payload: hello (below); flags kReply on the acceptor's answer
   kEager = 2,    // two-sided message carried whole; payload = message
-  kRts = 3,      // rendezvous request: id = send id, a0 = message size; payload = the message's
-                 // first `length` bytes (0 <= length < a0), the rest follows in kData
+  kRts = 3,      // rendezvous request: id = send id, a0 = message size
   kCts = 4,      // clear to send: id = send id, a0 = receive token; kDiscard = recv too small
-  kData = 5,     // rendezvous payload after the kRts's: id = receive token
+  kData = 5,     // rendezvous payload: id = receive token
   kPut = 6,      // id = op, a0 = region id, a1 = offset; kImmediate: channel = immediate
   kPutAck = 7,   // id = op, a0 = StatusCode (0 ok), a1 = RemoteError
   kGet = 8,      // id = op, a0 = region id, a1 = offset, a2 = size
