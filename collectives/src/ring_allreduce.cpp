@@ -36,8 +36,14 @@ Result<bool> is_shm(Exchange& ex, int rank) {
 
 // True when every other rank of the group is reached over shm. Every rank of a group on one node
 // over shm answers true and every rank of a group that spans nodes (it has a peer elsewhere)
-// answers false, so all ranks take the same variant.
+// answers false, so all ranks take the same variant. The node map (the same on every rank) rules
+// out a group that spans nodes before any connection is made.
 Result<bool> all_shm(Exchange& ex, const Group& g) {
+  const Communicator& comm = ex.comm();
+  const int my_node = comm.node_of(g.ranks[static_cast<size_t>(g.me)]);
+  for (int r : g.ranks) {
+    if (comm.node_of(r) != my_node) return false;
+  }
   for (int i = 0; i < g.size(); ++i) {
     if (i == g.me) continue;
     MYELIN_ASSIGN_OR_RETURN(const bool shm, is_shm(ex, g.ranks[static_cast<size_t>(i)]));

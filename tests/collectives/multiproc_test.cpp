@@ -294,12 +294,14 @@ TEST(CollectivesAutoShm, YieldingRanksAllreduceEverySize) {
 // working memory and gathers the blocks from there (ring_allreduce.cpp): every type and op, blocks
 // that are empty (count < ranks), several segments per block, messages above the eager limit in
 // place and out of place; the working memory grows between calls and shrinks never. Every rank
-// ends with identical bits. Nine ranks (above the direct allgather's limit of 8) reduce-scatter
-// through it and gather around the ring.
+// ends with identical bits. Nine ranks (above the direct allgather's limit of 8), and five ranks
+// in emulated nodes of 3 (a group that spans nodes), reduce-scatter through it and gather around
+// the ring.
 TEST(CollectivesShmRing, EveryTypeAndOpThroughSharedWorkingMemory) {
-  for (int n : {3, 4, 5, 9}) {
+  for (int n : {3, 4, 5, 9, -5}) {
     WorldSpec s;
-    s.ranks = n;
+    s.ranks = n < 0 ? -n : n;
+    s.ranks_per_node = n < 0 ? 3 : 0;
     s.backend = Backend::kShm;
     const auto out = run_world(s, [](RankCtx& rc) -> Status {
       uint64_t salt = 900;
@@ -345,7 +347,8 @@ TEST(CollectivesShmRing, EveryTypeAndOpThroughSharedWorkingMemory) {
       }
       return ok_status();
     });
-    EXPECT_TRUE(out.all_ok()) << n << " ranks:" << out.summary();
+    EXPECT_TRUE(out.all_ok()) << s.ranks << " ranks (nodes of " << s.ranks_per_node
+                              << "):" << out.summary();
   }
 }
 
