@@ -114,6 +114,11 @@ class Server::Impl {
   // Moves the control lane into the control connection and writes it.
   void pump_control(Conn& c);
   void update_ctrl_interest(Conn& c);
+  // The control connection ended (closed or failed): what its lane still holds goes on the main
+  // connection, which alone decides the session's end. A closing client's last bulk bytes on
+  // the main connection are still read and routed even when the control connection's end of
+  // stream is seen first (two streams, no order between them).
+  void detach_ctrl(Conn& c, const Status& why);
   // kAttach on a fresh connection: binds it to its session as the control connection.
   Status attach(Conn& c, const FrameView& f);
   Status handle_frame(Conn& c, const FrameView& f, const std::shared_ptr<const void>& owner);
@@ -235,8 +240,11 @@ struct Server::Impl::Conn final : public Session {
   internal::Token token{};
   // The session's control connection, once attached: every control-lane frame to and from this
   // client goes over it, so none waits behind bulk bytes in a socket buffer or behind a bulk
-  // read on the main connection. Its failure or silence closes the session (the client then
-  // sees peer_failed and may reconnect): the two connections live and die together.
+  // read on the main connection. Silence past the heartbeat deadline or a protocol error on it
+  // closes the session; its end of stream (or a socket error) detaches it, and control frames
+  // fall back to the main connection, which alone ends the session (see detach_ctrl()). A
+  // client fails itself when either of its connections breaks, so this matters for the order
+  // in which a closing client's two streams are seen.
   struct Link {
     Link(Fd f, RxBuffer r, OutQueue o) : fd(std::move(f)), rx(std::move(r)), out(std::move(o)) {}
     Fd fd;
@@ -635,7 +643,7 @@ void Server::Impl::read_ctrl(Conn& c) {
   Conn::Link& l = *c.ctrl;
   auto n = l.rx.read_from(l.fd.get(), kReadPerPass);
   if (!n.ok()) {
-    close_conn(c.id(), ("control connection: " + n.status().to_string()).c_str());
+    detach_ctrl(c, n.status());
     return;
   }
   if (*n == 0) return;
@@ -1039,12 +1047,21 @@ void Server::Impl::pump_control(Conn& c) {
   if (l.out.has_unsent()) {
     auto r = l.out.flush(l.fd.get());
     if (!r.ok()) {
-      close_conn(c.id(), ("control connection: " + r.status().to_string()).c_str());
+      detach_ctrl(c, r.status());
       return;
     }
     l.last_tx_ns = now;
   }
   update_ctrl_interest(c);
+}
+
+void Server::Impl::detach_ctrl(Conn& c, const Status& why) {
+  MYELIN_LOG_INFO << "client " << c.id() << " (" << c.ident << "): control connection ended ("
+                  << why << "); its control lane falls back to the main connection";
+  ::epoll_ctl(ctrl_epoll_.get(), EPOLL_CTL_DEL, c.ctrl->fd.get(), nullptr);
+  c.ctrl.reset();
+  c_.ctrl_active.fetch_sub(1, std::memory_order_relaxed);
+  c.ready.store(true, std::memory_order_relaxed);
 }
 
 void Server::Impl::update_ctrl_interest(Conn& c) {

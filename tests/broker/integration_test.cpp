@@ -4,6 +4,7 @@
 
 #include <poll.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -22,6 +23,10 @@
 #include <thread>
 
 #include <myelin/broker/client.hpp>
+#include <myelin/broker/server.hpp>
+
+#include "auth.hpp"
+#include "wire.hpp"
 
 namespace myelin::broker {
 namespace {
@@ -723,6 +728,547 @@ TEST(BrokerIntegration, SigtermDrainsAndExitsCleanly) {
   reader.join();
   EXPECT_EQ(got, 50);
   EXPECT_EQ(d.terminate(10000), 0);
+}
+
+// Waits until /metrics shows `name` at `value` (or more, with at_least); returns the last value.
+double metric_reaches(const Daemon& d, const std::string& name, double value, bool at_least,
+                      int64_t timeout_ms = 5000) {
+  const Deadline dl = Deadline::after_ms(timeout_ms);
+  double v = -1;
+  while (true) {
+    auto m = d.metrics();
+    v = m.count(name) ? m[name] : -1;
+    if (v == value || (at_least && v >= value) || dl.expired()) return v;
+    // A bounded poll: /metrics has no fd to wait on for a counter to change.
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+}
+
+// One hand-driven connection speaking the broker protocol with the broker's own codec and MACs,
+// for what Client never does: a protocol-1 handshake, forged and replayed attaches, closing one
+// connection of a session, staying silent on it.
+class Raw {
+ public:
+  explicit Raw(const std::string& address) {
+    auto hp = internal::parse_host_port(address);
+    if (!hp.ok()) return;
+    auto fd = internal::connect_tcp(*hp, Deadline::after_ms(5000));
+    if (fd.ok()) fd_ = std::move(*fd);
+  }
+  [[nodiscard]] bool ok() const { return fd_.valid(); }
+  int fd() const { return fd_.get(); }
+  void close() { fd_.reset(); }
+  Status send(FrameHeader h, std::string_view topic = {}, std::span<const std::byte> p = {}) {
+    MYELIN_RETURN_IF_ERROR(out_.push(h, topic, p, nullptr, false, monotonic_ns()));
+    const Deadline d = Deadline::after_ms(5000);
+    while (true) {
+      MYELIN_ASSIGN_OR_RETURN(bool done, out_.flush(fd_.get()));
+      if (done) return ok_status();
+      if (d.expired()) return timeout_error("raw send");
+      pollfd p2{fd_.get(), POLLOUT, 0};
+      (void)::poll(&p2, 1, d.remaining_ms_for_poll());
+    }
+  }
+  // The next frame other than heartbeats and credits (unless `all`); the view lives until the
+  // next call. Errors: peer_failed when the broker closed the connection, timeout_error.
+  Result<FrameView> next(Deadline d, bool all = false) {
+    while (true) {
+      FrameView f;
+      MYELIN_ASSIGN_OR_RETURN(bool got, rx_.next(&f));
+      if (got) {
+        if (!all && (f.header.type == FrameType::kHeartbeat || f.header.type == FrameType::kCredit))
+          continue;
+        return f;
+      }
+      if (!wait_readable(fd_.get(), d)) return timeout_error("raw read");
+      MYELIN_ASSIGN_OR_RETURN(size_t n, rx_.read_from(fd_.get()));
+      (void)n;
+    }
+  }
+  // Waits for the broker to close this connection (end of stream); false at the deadline.
+  bool closed_by_peer(Deadline d) {
+    while (true) {
+      auto f = next(d, true);
+      if (!f.ok()) return f.status().code() == StatusCode::kPeerFailed;
+    }
+  }
+
+ private:
+  internal::Fd fd_;
+  internal::OutQueue out_;
+  internal::RxBuffer rx_{DecodeLimits{}};
+};
+
+// A session opened by hand on `main`: auth with `versions` (0: as a protocol-1 client does).
+struct RawSession {
+  uint64_t id = 0;
+  AuthOk ok;
+};
+Result<RawSession> raw_auth(Raw& main, std::string_view identity, uint64_t versions,
+                            std::string_view secret = kSecret) {
+  MYELIN_ASSIGN_OR_RETURN(FrameView hello, main.next(Deadline::after_ms(5000)));
+  MYELIN_ASSIGN_OR_RETURN(auto sn, parse_hello(hello));
+  MYELIN_ASSIGN_OR_RETURN(auto cn, internal::random_nonce());
+  const auto mac = internal::client_mac(secret, sn, cn, identity);
+  std::vector<std::byte> p(cn.begin(), cn.end());
+  p.insert(p.end(), mac.begin(), mac.end());
+  MYELIN_RETURN_IF_ERROR(
+      main.send({.type = FrameType::kAuth, .flags = kFlagControl, .seq = versions}, identity, p));
+  MYELIN_ASSIGN_OR_RETURN(FrameView f, main.next(Deadline::after_ms(5000)));
+  if (f.header.type == FrameType::kError) {
+    return Status(static_cast<StatusCode>(f.header.seq),
+                  std::string(reinterpret_cast<const char*>(f.payload.data()), f.payload.size()));
+  }
+  RawSession s;
+  MYELIN_ASSIGN_OR_RETURN(s.ok, parse_auth_ok(f));
+  s.id = f.header.id;
+  MYELIN_RETURN_IF_ERROR(
+      main.send({.type = FrameType::kCredit, .flags = kFlagControl, .id = 1024}));
+  return s;
+}
+// The attach frame for `conn` (after reading its hello): a MAC over its server nonce with
+// `token`, `session` and `secret`.
+Result<std::vector<std::byte>> raw_attach_frame(Raw& conn, uint64_t session,
+                                                const internal::Token& token,
+                                                std::string_view identity,
+                                                std::string_view secret = kSecret) {
+  MYELIN_ASSIGN_OR_RETURN(FrameView hello, conn.next(Deadline::after_ms(5000)));
+  MYELIN_ASSIGN_OR_RETURN(auto sn, parse_hello(hello));
+  MYELIN_ASSIGN_OR_RETURN(auto cn, internal::random_nonce());
+  const auto mac = internal::attach_mac(secret, sn, cn, token, session, identity);
+  std::vector<std::byte> p(cn.begin(), cn.end());
+  p.insert(p.end(), mac.begin(), mac.end());
+  std::vector<std::byte> frame;
+  MYELIN_RETURN_IF_ERROR(append_frame(frame,
+                                      {.type = FrameType::kAttach,
+                                       .flags = kFlagControl,
+                                       .seq = encode_versions(VersionRange{}),
+                                       .id = session},
+                                      identity, p));
+  return frame;
+}
+// Sends a pre-encoded frame's bytes as they are.
+Status send_bytes(Raw& conn, std::span<const std::byte> frame) {
+  size_t off = 0;
+  const Deadline d = Deadline::after_ms(5000);
+  while (off < frame.size()) {
+    const ssize_t n = ::send(conn.fd(), frame.data() + off, frame.size() - off, MSG_NOSIGNAL);
+    if (n > 0) {
+      off += static_cast<size_t>(n);
+    } else if (n < 0 && errno != EAGAIN && errno != EINTR) {
+      return errno_status("send", errno);
+    } else if (d.expired()) {
+      return timeout_error("send");
+    } else {
+      pollfd p{conn.fd(), POLLOUT, 0};
+      (void)::poll(&p, 1, d.remaining_ms_for_poll());
+    }
+  }
+  return ok_status();
+}
+// Reads the broker's answer to an attach: true for auth_ok, false for a refusal (an error frame
+// then the connection closed).
+Result<bool> attach_answer(Raw& conn) {
+  MYELIN_ASSIGN_OR_RETURN(FrameView f, conn.next(Deadline::after_ms(5000)));
+  if (f.header.type == FrameType::kAuthOk) return true;
+  if (f.header.type != FrameType::kError)
+    return internal_error("unexpected ", frame_type_name(f.header.type));
+  if (f.header.seq != static_cast<uint64_t>(StatusCode::kPermissionDenied))
+    return internal_error("refused with code ", f.header.seq);
+  if (!conn.closed_by_peer(Deadline::after_ms(5000)))
+    return internal_error("refused but left open");
+  return false;
+}
+
+constexpr const char* kLanes =
+    "[[topic]]\npattern = \"ctrl/#\"\nlane = \"control\"\nbatching = false\n";
+
+TEST(ControlConnection, ControlFramesTravelOnItAndBulkOnTheMainConnection) {
+  if (!have_curl()) GTEST_SKIP() << "curl is not installed";
+  Daemon d(kLanes);
+  ASSERT_TRUE(d.up());
+  Raw main(d.address()), ctrl(d.address());
+  ASSERT_TRUE(main.ok() && ctrl.ok());
+  auto s = raw_auth(main, "raw", encode_versions(VersionRange{}));
+  ASSERT_TRUE(s.ok()) << s.status();
+  ASSERT_TRUE(s->ok.has_token);
+  auto frame = raw_attach_frame(ctrl, s->id, s->ok.token, "raw");
+  ASSERT_TRUE(frame.ok()) << frame.status();
+  ASSERT_TRUE(send_bytes(ctrl, *frame).ok());
+  auto answer = attach_answer(ctrl);
+  ASSERT_TRUE(answer.ok() && *answer) << (answer.ok() ? "refused" : answer.status().to_string());
+  // Subscriptions go on the control connection (control lane), and so do their acks.
+  for (uint64_t sub : {1, 2}) {
+    ASSERT_TRUE(ctrl.send({.type = FrameType::kSubscribe, .flags = kFlagControl, .id = sub},
+                          sub == 1 ? "ctrl/#" : "grad/#")
+                    .ok());
+    auto ack = ctrl.next(Deadline::after_ms(5000));
+    ASSERT_TRUE(ack.ok()) << ack.status();
+    EXPECT_EQ(ack->header.type, FrameType::kReply);
+    EXPECT_EQ(ack->header.id, sub);
+  }
+  // A real client in another process publishes both lanes, interleaved.
+  constexpr int kN = 200;
+  pid_t pub = ::fork();
+  if (pub == 0) {
+    auto c = Client::connect(d.client("pub"));
+    if (!c.ok() || !(*c)->subscribe("ctrl/done").ok()) ::_exit(2);
+    for (int i = 0; i < kN; ++i) {
+      if (!(*c)->publish("grad/x", std::to_string(i) + std::string(3000, 'g')).ok()) ::_exit(3);
+      if (!(*c)->publish("ctrl/x", std::to_string(i), {.lane = Lane::kControl}).ok()) ::_exit(4);
+    }
+    // Closing flushes what the socket takes at once; wait until everything arrived instead.
+    if (!(*c)->poll(Deadline::after_ms(20000)).ok()) ::_exit(5);
+    c->reset();
+    ::_exit(0);
+  }
+  // Every control message on the control connection, every bulk one on the main connection, each
+  // in order. Credits go back on the control connection.
+  int ctrl_next = 0, bulk_next = 0;
+  const Deadline dl = Deadline::after_ms(20000);
+  auto take = [&](Raw& conn, bool control) {
+    auto f = conn.next(Deadline::after_ms(5000));
+    ASSERT_TRUE(f.ok()) << f.status();
+    if (f->header.type == FrameType::kBatch) {
+      ASSERT_TRUE(for_each_in_batch(f->payload, DecodeLimits{}, [&](const FrameView& in) {
+                    EXPECT_EQ(in.topic, "grad/x");
+                    const std::string t(reinterpret_cast<const char*>(in.payload.data()),
+                                        in.payload.size());
+                    EXPECT_EQ(std::stoi(t), bulk_next++);
+                    return ok_status();
+                  }).ok());
+    } else {
+      ASSERT_EQ(f->header.type, FrameType::kDeliver);
+      EXPECT_EQ(f->control(), control);
+      EXPECT_EQ(f->topic, control ? "ctrl/x" : "grad/x");
+      const std::string t(reinterpret_cast<const char*>(f->payload.data()), f->payload.size());
+      EXPECT_EQ(std::stoi(t), control ? ctrl_next++ : bulk_next++);
+    }
+    (void)ctrl.send({.type = FrameType::kCredit, .flags = kFlagControl, .id = 1});
+    // Both connections must be heard from within three heartbeat intervals.
+    (void)main.send({.type = FrameType::kHeartbeat, .flags = kFlagControl});
+  };
+  while ((ctrl_next < kN || bulk_next < kN) && !dl.expired() && !HasFatalFailure()) {
+    if (ctrl_next < kN) take(ctrl, true);
+    if (bulk_next < kN) take(main, false);
+  }
+  EXPECT_EQ(ctrl_next, kN);
+  EXPECT_EQ(bulk_next, kN);
+  ASSERT_TRUE(ctrl.send({.type = FrameType::kPublish, .flags = kFlagControl, .id = 76}, "ctrl/done",
+                        bytes("done"))
+                  .ok());
+  EXPECT_TRUE(child_ok(pub, 10000));
+  // Control publishes on the control connection are accepted and routed too.
+  auto sub = connect_or_die(d.client("sub"));
+  ASSERT_TRUE(sub);
+  ASSERT_TRUE(sub->subscribe("ctrl/#").ok());
+  ASSERT_TRUE(main.send({.type = FrameType::kHeartbeat, .flags = kFlagControl}).ok());
+  ASSERT_TRUE(ctrl.send({.type = FrameType::kPublish, .flags = kFlagControl, .id = 77},
+                        "ctrl/from-raw", bytes("hello"))
+                  .ok());
+  auto m = sub->poll(Deadline::after_ms(5000));
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_EQ(m->topic, "ctrl/from-raw");
+  EXPECT_TRUE(m->control);
+  EXPECT_EQ(metric_reaches(d, "myelin_broker_control_connections_active", 2, false), 2);
+}
+
+TEST(ControlConnection, ForgedReplayedAndSecondAttachesAreRefusedAndCounted) {
+  if (!have_curl()) GTEST_SKIP() << "curl is not installed";
+  Daemon d(kLanes);
+  ASSERT_TRUE(d.up());
+  Raw main(d.address());
+  ASSERT_TRUE(main.ok());
+  auto s = raw_auth(main, "raw", encode_versions(VersionRange{}));
+  ASSERT_TRUE(s.ok()) << s.status();
+  int refused = 0;
+  auto expect_refused = [&](Raw& conn, std::span<const std::byte> frame, const char* what) {
+    ASSERT_TRUE(send_bytes(conn, frame).ok()) << what;
+    auto a = attach_answer(conn);
+    ASSERT_TRUE(a.ok()) << what << ": " << a.status();
+    EXPECT_FALSE(*a) << what << " was accepted";
+    refused++;
+  };
+  {  // Without the secret.
+    Raw c(d.address());
+    auto f = raw_attach_frame(c, s->id, s->ok.token, "raw", "some-other-secret-0123456789");
+    ASSERT_TRUE(f.ok());
+    expect_refused(c, *f, "a MAC made without the job secret");
+  }
+  {  // Another token (a stale or guessed session).
+    Raw c(d.address());
+    internal::Token other = s->ok.token;
+    other[0] ^= std::byte{1};
+    auto f = raw_attach_frame(c, s->id, other, "raw");
+    ASSERT_TRUE(f.ok());
+    expect_refused(c, *f, "another session token");
+  }
+  {  // Another identity, and a session that does not exist.
+    Raw c(d.address()), e(d.address());
+    auto f = raw_attach_frame(c, s->id, s->ok.token, "intruder");
+    auto g = raw_attach_frame(e, s->id + 1000, s->ok.token, "raw");
+    ASSERT_TRUE(f.ok() && g.ok());
+    expect_refused(c, *f, "another identity");
+    expect_refused(e, *g, "no such session");
+  }
+  // A replay: a valid attach made for connection X, sent on connection Y (its own server nonce).
+  Raw x(d.address()), y(d.address());
+  auto fx = raw_attach_frame(x, s->id, s->ok.token, "raw");
+  ASSERT_TRUE(fx.ok());
+  ASSERT_TRUE(y.next(Deadline::after_ms(5000)).ok());  // y's hello
+  expect_refused(y, *fx, "an attach replayed on another connection");
+  // The same bytes on the connection they were made for: accepted.
+  ASSERT_TRUE(send_bytes(x, *fx).ok());
+  auto ax = attach_answer(x);
+  ASSERT_TRUE(ax.ok() && *ax);
+  {  // A second control connection for the same session, even with valid credentials.
+    Raw c(d.address());
+    auto f = raw_attach_frame(c, s->id, s->ok.token, "raw");
+    ASSERT_TRUE(f.ok());
+    expect_refused(c, *f, "a second control connection");
+  }
+  {  // A protocol-1 session has no token and takes no control connection.
+    Raw old(d.address()), c(d.address());
+    auto v1 = raw_auth(old, "old", 0);
+    ASSERT_TRUE(v1.ok()) << v1.status();
+    EXPECT_FALSE(v1->ok.has_token);
+    auto f = raw_attach_frame(c, v1->id, s->ok.token, "old");
+    ASSERT_TRUE(f.ok());
+    expect_refused(c, *f, "an attach to a protocol-1 session");
+  }
+  EXPECT_EQ(metric_reaches(d, "myelin_broker_attach_refused_total", refused, false), refused);
+  EXPECT_EQ(d.metrics()["myelin_broker_auth_failures_total"], refused);
+  // The refusals did not hurt the session: it still subscribes (ack on its control connection).
+  ASSERT_TRUE(
+      x.send({.type = FrameType::kSubscribe, .flags = kFlagControl, .id = 5}, "ctrl/#").ok());
+  auto ack = x.next(Deadline::after_ms(5000));
+  ASSERT_TRUE(ack.ok()) << ack.status();
+  EXPECT_EQ(ack->header.type, FrameType::kReply);
+}
+
+TEST(ControlConnection, ClosedControlConnectionFallsBackAndASilentOneEndsTheSession) {
+  if (!have_curl()) GTEST_SKIP() << "curl is not installed";
+  Daemon d(kLanes);  // heartbeat_ms = 300: silent for 900 ms is dead
+  ASSERT_TRUE(d.up());
+  auto attach = [&](Raw& main, Raw& ctrl, const char* who) {
+    auto s = raw_auth(main, who, encode_versions(VersionRange{}));
+    ASSERT_TRUE(s.ok()) << s.status();
+    auto f = raw_attach_frame(ctrl, s->id, s->ok.token, who);
+    ASSERT_TRUE(f.ok());
+    ASSERT_TRUE(send_bytes(ctrl, *f).ok());
+    auto a = attach_answer(ctrl);
+    ASSERT_TRUE(a.ok() && *a);
+  };
+  auto pub = connect_or_die(d.client("pub"));
+  ASSERT_TRUE(pub);
+  {  // Closed: the session goes on over its main connection, control deliveries included.
+    Raw main(d.address()), ctrl(d.address());
+    attach(main, ctrl, "closer");
+    ASSERT_FALSE(HasFatalFailure());
+    ASSERT_TRUE(
+        ctrl.send({.type = FrameType::kSubscribe, .flags = kFlagControl, .id = 1}, "ctrl/#").ok());
+    ASSERT_TRUE(ctrl.next(Deadline::after_ms(5000)).ok());  // the ack
+    EXPECT_EQ(metric_reaches(d, "myelin_broker_control_connections_active", 2, false), 2);
+    ctrl.close();
+    EXPECT_EQ(metric_reaches(d, "myelin_broker_control_connections_active", 1, false), 1);
+    ASSERT_TRUE(main.send({.type = FrameType::kHeartbeat, .flags = kFlagControl}).ok());
+    ASSERT_TRUE(pub->publish("ctrl/after", "still here", {.lane = Lane::kControl}).ok());
+    auto f = main.next(Deadline::after_ms(5000));
+    ASSERT_TRUE(f.ok()) << f.status();
+    EXPECT_EQ(f->header.type, FrameType::kDeliver);
+    EXPECT_EQ(f->topic, "ctrl/after");
+    EXPECT_TRUE(f->control());
+    EXPECT_EQ(metric_reaches(d, "myelin_broker_connections_active", 2, false), 2);
+    main.close();
+    EXPECT_EQ(metric_reaches(d, "myelin_broker_connections_active", 1, false), 1);
+  }
+  {  // Silent: heartbeats on the main connection alone do not keep the session.
+    Raw main(d.address()), ctrl(d.address());
+    attach(main, ctrl, "mute");
+    ASSERT_FALSE(HasFatalFailure());
+    std::atomic<bool> stop{false};
+    std::thread beat([&] {
+      while (!stop.load(std::memory_order_acquire)) {
+        (void)main.send({.type = FrameType::kHeartbeat, .flags = kFlagControl});
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      }
+    });
+    const Deadline dl = Deadline::after_ms(5000);
+    const int64_t t0 = monotonic_ns();
+    bool closed = false;
+    while (!closed && !dl.expired()) {
+      auto f = ctrl.next(Deadline::after_ms(200), true);
+      if (!f.ok() && f.status().code() == StatusCode::kPeerFailed) closed = true;
+    }
+    stop.store(true, std::memory_order_release);  // pairs with the beat thread's acquire load
+    beat.join();
+    EXPECT_TRUE(closed);
+    EXPECT_GE(monotonic_ns() - t0, 500'000'000);  // not before the heartbeat deadline
+    EXPECT_EQ(metric_reaches(d, "myelin_broker_dead_clients_total", 1, false), 1);
+    EXPECT_TRUE(main.closed_by_peer(Deadline::after_ms(5000)));
+  }
+  pub.reset();
+  // A client whose process dies takes both connections with it; the broker cleans up.
+  pid_t child = ::fork();
+  if (child == 0) {
+    auto c = Client::connect(d.client("doomed"));
+    if (!c.ok()) ::_exit(2);
+    if (!(*c)->subscribe("ctrl/#").ok()) ::_exit(3);
+    ::pause();
+    ::_exit(0);
+  }
+  EXPECT_EQ(metric_reaches(d, "myelin_broker_control_connections_active", 1, false), 1);
+  ::kill(child, SIGKILL);
+  ::waitpid(child, nullptr, 0);
+  EXPECT_EQ(metric_reaches(d, "myelin_broker_connections_active", 0, false), 0);
+  EXPECT_EQ(metric_reaches(d, "myelin_broker_control_connections_active", 0, false), 0);
+}
+
+TEST(ControlConnection, ProtocolOneClientsAndSingleConnectionClientsKeepWorking) {
+  if (!have_curl()) GTEST_SKIP() << "curl is not installed";
+  Daemon d(kLanes);
+  ASSERT_TRUE(d.up());
+  // A protocol-1 client, by hand: one connection, control deliveries on it.
+  Raw old(d.address());
+  auto s = raw_auth(old, "old", 0);
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_FALSE(s->ok.has_token);
+  ASSERT_TRUE(
+      old.send({.type = FrameType::kSubscribe, .flags = kFlagControl, .id = 1}, "ctrl/#").ok());
+  ASSERT_TRUE(old.next(Deadline::after_ms(5000)).ok());
+  // A client with control_connection off, and one with it on.
+  auto single = d.client("single");
+  single.control_connection = false;
+  auto one = connect_or_die(single);
+  auto two = connect_or_die(d.client("two"));
+  ASSERT_TRUE(one && two);
+  ASSERT_TRUE(one->subscribe("#").ok());
+  ASSERT_TRUE(two->subscribe("#").ok());
+  EXPECT_EQ(metric_reaches(d, "myelin_broker_control_connections_active", 1, false), 1);
+  for (int i = 0; i < 20; ++i) {
+    ASSERT_TRUE(one->publish("ctrl/a", std::to_string(i), {.lane = Lane::kControl}).ok());
+    ASSERT_TRUE(two->publish("grad/b", std::to_string(i)).ok());
+  }
+  for (Client* c : {one.get(), two.get()}) {
+    int ctrl = 0, bulk = 0;
+    while (ctrl < 20 || bulk < 20) {
+      auto m = c->poll(Deadline::after_ms(5000));
+      ASSERT_TRUE(m.ok()) << m.status();
+      EXPECT_EQ(std::stoi(std::string(m->text())), m->topic == "ctrl/a" ? ctrl++ : bulk++);
+    }
+  }
+  int got = 0;
+  while (got < 20) {
+    auto f = old.next(Deadline::after_ms(5000));
+    ASSERT_TRUE(f.ok()) << f.status();
+    ASSERT_EQ(f->header.type, FrameType::kDeliver);
+    EXPECT_EQ(f->topic, "ctrl/a");
+    EXPECT_EQ(
+        std::stoi(std::string(reinterpret_cast<const char*>(f->payload.data()), f->payload.size())),
+        got++);
+  }
+}
+
+TEST(ControlConnection, NoCommonProtocolVersionIsAClearErrorOnBothSides) {
+  if (!have_curl()) GTEST_SKIP() << "curl is not installed";
+  Daemon d(kLanes);
+  ASSERT_TRUE(d.up());
+  Raw future(d.address());
+  auto s = raw_auth(future, "future", encode_versions({7, 9}));
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.status().code(), StatusCode::kUnsupported) << s.status();
+  EXPECT_NE(s.status().message().find("7..9"), std::string_view::npos) << s.status();
+  EXPECT_EQ(metric_reaches(d, "myelin_broker_version_refused_total", 1, false), 1);
+  // The client side: a listener that says hello as a broker of protocols 7..9.
+  auto lst = internal::listen_tcp({"127.0.0.1", 0});
+  ASSERT_TRUE(lst.ok());
+  auto port = internal::local_port(lst->get());
+  ASSERT_TRUE(port.ok());
+  std::thread fake([&] {
+    if (!wait_readable(lst->get(), Deadline::after_ms(5000))) return;
+    internal::Fd c(::accept(lst->get(), nullptr, nullptr));
+    std::vector<std::byte> hello;
+    std::vector<std::byte> nonce(kNonceSize, std::byte{3});
+    (void)append_frame(hello, {.type = FrameType::kHello, .seq = encode_versions({7, 9})}, {},
+                       nonce);
+    (void)::send(c.get(), hello.data(), hello.size(), MSG_NOSIGNAL);
+    (void)wait_readable(c.get(), Deadline::after_ms(5000));  // until the client hangs up
+  });
+  ClientOptions o = d.client("me");
+  o.address = "127.0.0.1:" + std::to_string(*port);
+  auto c = Client::connect(o);
+  fake.join();
+  ASSERT_FALSE(c.ok());
+  EXPECT_EQ(c.status().code(), StatusCode::kUnsupported) << c.status();
+  EXPECT_NE(c.status().message().find("7..9"), std::string_view::npos) << c.status();
+}
+
+TEST(ControlConnection, ChunksLargerThanTheSocketBuffersKeepControlMoving) {
+  // 64 KiB chunks through 32 KiB socket buffers on both ends, with and without control
+  // connections: every control round trip completes in time under a flood of 1 MiB messages,
+  // and the flood moves.
+  for (bool cc : {false, true}) {
+    SCOPED_TRACE(cc ? "control connections" : "one connection per client");
+    Daemon d(std::string("socket_buffer_bytes = 32768\nchunk_bytes = 65536\n") + kLanes);
+    ASSERT_TRUE(d.up());
+    auto opts = [&](const char* who) {
+      ClientOptions o = d.client(who);
+      o.control_connection = cc;
+      o.socket_buffer_bytes = 32768;
+      return o;
+    };
+    auto echo = connect_or_die(opts("echo"));
+    auto flooder = connect_or_die(opts("flooder"));
+    auto pinger = connect_or_die(opts("pinger"));
+    ASSERT_TRUE(echo && flooder && pinger);
+    std::atomic<uint64_t> flood_bytes{0};  // the echo's handler adds; read at the end
+    ASSERT_TRUE(echo->subscribe("grad/#",
+                                [&](const ReceivedMessage& m) {
+                                  flood_bytes.fetch_add(m.payload.size(),
+                                                        std::memory_order_relaxed);
+                                })
+                    .ok());
+    ASSERT_TRUE(echo->subscribe("ctrl/ping").ok());
+    ASSERT_TRUE(pinger->subscribe("ctrl/pong").ok());
+    std::atomic<bool> stop{false};  // set by this thread; acquire loads in the others
+    std::vector<std::byte> big(1 << 20, std::byte{7});
+    Status flood_status, echo_status;
+    std::thread flood([&] {
+      while (!stop.load(std::memory_order_acquire) && flood_status.ok())
+        flood_status = flooder->publish("grad/flood", big, {.timeout_ms = 10000});
+    });
+    std::thread responder([&] {
+      while (!stop.load(std::memory_order_acquire)) {
+        auto m = echo->poll(Deadline::after_ms(100));
+        if (!m.ok()) {
+          if (m.status().code() != StatusCode::kTimeout) echo_status = m.status();
+          if (!echo_status.ok()) return;
+          continue;
+        }
+        echo_status = echo->publish("ctrl/pong", m->text(), {.lane = Lane::kControl});
+        if (!echo_status.ok()) return;
+      }
+    });
+    int done = 0;
+    const Deadline all = Deadline::after_ms(30000);
+    for (; done < 300 && !all.expired(); ++done) {
+      ASSERT_TRUE(
+          pinger->publish("ctrl/ping", std::to_string(done), {.lane = Lane::kControl}).ok());
+      auto m = pinger->poll(Deadline::after_ms(2000));
+      if (!m.ok()) {
+        ADD_FAILURE() << "round trip " << done << ": " << m.status();
+        break;
+      }
+      EXPECT_EQ(std::stoi(std::string(m->text())), done);
+    }
+    stop.store(true, std::memory_order_release);
+    flood.join();
+    responder.join();
+    EXPECT_EQ(done, 300);
+    EXPECT_TRUE(flood_status.ok()) << flood_status;
+    EXPECT_TRUE(echo_status.ok()) << echo_status;
+    EXPECT_GT(flood_bytes.load(std::memory_order_relaxed), 0u);
+  }
 }
 
 }  // namespace
