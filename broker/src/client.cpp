@@ -6,9 +6,11 @@
 #include <poll.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
@@ -524,6 +526,17 @@ void Client::Impl::read_for_poll(std::unique_lock<std::mutex>& lock, Deadline d)
 }
 
 void Client::Impl::io_loop() {
+  if (opt_.io_thread_nice > 0) {
+    // Per thread on Linux: PRIO_PROCESS with a thread id.
+    const id_t tid = static_cast<id_t>(::gettid());
+    errno = 0;
+    const int now = ::getpriority(PRIO_PROCESS, tid);
+    if (errno != 0 ||
+        ::setpriority(PRIO_PROCESS, tid, std::min(19, now + opt_.io_thread_nice)) != 0) {
+      MYELIN_LOG_WARN << "cannot lower the broker client's I/O thread priority: "
+                      << errno_status("setpriority", errno);
+    }
+  }
   bool first[2] = {true, true};  // frames may already sit in the buffers from the handshake
   while (!stop_.load(std::memory_order_acquire)) {
     int64_t timeout_ns = std::min<int64_t>(opt_.heartbeat_ms / 2, 50) * 1'000'000;
@@ -788,6 +801,8 @@ Client::~Client() = default;
 Result<std::unique_ptr<Client>> Client::connect(ClientOptions options) {
   if (options.secret.empty()) return invalid_argument("the job secret is empty");
   if (options.receive_window == 0) return invalid_argument("receive_window must be positive");
+  if (options.io_thread_nice < 0 || options.io_thread_nice > 19)
+    return invalid_argument("io_thread_nice ", options.io_thread_nice, " outside 0..19");
   auto impl = std::make_unique<Impl>(std::move(options));
   const std::string where = impl->opt_.address;
   Status s = impl->handshake();

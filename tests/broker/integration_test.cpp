@@ -4,6 +4,7 @@
 
 #include <poll.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -1269,6 +1270,54 @@ TEST(ControlConnection, ChunksLargerThanTheSocketBuffersKeepControlMoving) {
     EXPECT_TRUE(echo_status.ok()) << echo_status;
     EXPECT_GT(flood_bytes.load(std::memory_order_relaxed), 0u);
   }
+}
+
+// The nice values of this process's threads (field 19 of /proc/self/task/*/stat).
+std::vector<int> thread_nices() {
+  std::vector<int> out;
+  for (const auto& e : std::filesystem::directory_iterator("/proc/self/task")) {
+    std::ifstream in(e.path() / "stat");
+    std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const size_t close = stat.rfind(')');  // the command name may hold spaces
+    if (close == std::string::npos) continue;
+    std::istringstream rest(stat.substr(close + 2));
+    std::string field;
+    for (int i = 3; i <= 19 && rest >> field; ++i) {
+      if (i == 19) out.push_back(std::stoi(field));
+    }
+  }
+  return out;
+}
+
+TEST(ControlConnection, IoThreadNiceLowersOnlyTheIoThread) {
+  Daemon d(kLanes);
+  ASSERT_TRUE(d.up());
+  auto bad = d.client("bad");
+  bad.io_thread_nice = 20;
+  EXPECT_EQ(Client::connect(bad).status().code(), StatusCode::kInvalidArgument);
+  bad.io_thread_nice = -1;
+  EXPECT_EQ(Client::connect(bad).status().code(), StatusCode::kInvalidArgument);
+  const int base = ::getpriority(PRIO_PROCESS, 0);
+  if (base > 14) GTEST_SKIP() << "this process already runs at nice " << base;
+  auto o = d.client("low");
+  o.io_thread_nice = 5;
+  auto c = connect_or_die(o);
+  ASSERT_TRUE(c);
+  // The I/O thread lowers itself when it starts: wait for it (a bounded poll of /proc).
+  const Deadline dl = Deadline::after_ms(5000);
+  std::vector<int> now;
+  while (!dl.expired()) {
+    now = thread_nices();
+    if (std::count(now.begin(), now.end(), base + 5) == 1) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  EXPECT_EQ(std::count(now.begin(), now.end(), base + 5), 1);
+  EXPECT_EQ(::getpriority(PRIO_PROCESS, 0), base);  // the caller's thread is untouched
+  // And it still works, control and bulk.
+  ASSERT_TRUE(c->subscribe("#").ok());
+  ASSERT_TRUE(c->publish("ctrl/x", "c", {.lane = Lane::kControl}).ok());
+  ASSERT_TRUE(c->publish("grad/x", "b").ok());
+  for (int i = 0; i < 2; ++i) EXPECT_TRUE(c->poll(Deadline::after_ms(5000)).ok());
 }
 
 }  // namespace

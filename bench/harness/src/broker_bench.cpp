@@ -113,6 +113,10 @@ class BrokerBench::Impl {
     co.secret = secret;
     co.connect_timeout_ms = o.timeout.count();
     co.ps_worker = o.rank >= 1 ? static_cast<uint32_t>(o.rank - 1) : 0;
+    // MYELIN_BULK_IO_NICE=N: every client's I/O thread runs at nice N (ClientOptions::
+    // io_thread_nice): with control connections and polling threads, the threads that read bulk.
+    if (const char* nv = std::getenv("MYELIN_BULK_IO_NICE"); nv != nullptr && *nv != '\0')
+      co.io_thread_nice = std::atoi(nv);
     return broker::Client::connect(std::move(co));
   }
   // Publishes flood messages until `stop` is set (rank 1's thread) or the store says so (ranks

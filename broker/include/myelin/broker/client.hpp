@@ -68,6 +68,12 @@ struct ClientOptions {
   // whatever bulk bytes the socket buffers hold. The two connections live and die together: a
   // failure or silence of either fails the client (peer_failed).
   bool control_connection = true;
+  // Lowers the I/O thread's CPU priority by this much (nice, 0..19; 0: as the creating thread).
+  // With a control connection and a thread in poll(), the I/O thread is the one that reads bulk:
+  // on a node with more runnable threads than CPUs, the control path (the polling thread, the
+  // broker) then gets the CPU first. Messages for handlers, which run on the I/O thread, wait
+  // longer under load in exchange. Lowering needs no privilege.
+  int io_thread_nice = 0;
 };
 
 struct ReceivedMessage {
