@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <string>
 
 #include <myelin/core/log.hpp>
 
@@ -16,7 +17,7 @@ namespace myelin::transport::internal::ucx {
 // Every op with a request state is on its EpLink's in-flight list from track() until it is
 // destroyed, so that a failed endpoint can fail them all at once (see EpLink::mark_failed).
 struct PendingOp {
-  enum class Kind : uint8_t { kSend, kGet, kPutFlush, kImmediateFlush, kImmediateSend };
+  enum class Kind : uint8_t { kSend, kGet, kPutFlush, kImmediateFlush, kImmediateSend, kCmaSend };
 
   PendingOp() = default;
   PendingOp(const PendingOp&) = delete;
@@ -53,6 +54,7 @@ namespace {
 const char* op_name(PendingOp::Kind kind) {
   switch (kind) {
     case PendingOp::Kind::kSend:
+    case PendingOp::Kind::kCmaSend:
       return "send";
     case PendingOp::Kind::kGet:
       return "get";
@@ -202,13 +204,61 @@ void EpLink::mark_failed(Status status) {
   if (inbox != nullptr && worker) worker->fail_inbox(*inbox, failure);
   // UCX completes what it holds for a failed endpoint, but not always: over shared memory, data
   // queued towards a dead peer kept a forced close (and so a rendezvous send) pending for good.
-  // The requests complete here; when UCX lets go of an op later, its outcome is ignored.
+  // The requests complete here; when UCX lets go of an op later, its outcome is ignored. Gets are
+  // the exception: UCX may still write into their buffers, so they complete when UCX lets go of
+  // them (the forced close below makes it), or, should it never, after the Context timeout (with
+  // a warning that their buffers may still change).
+  bool held_gets = false;
   for (PendingOp* op = inflight; op != nullptr; op = op->next_inflight) {
-    if (op->state) op->state->complete(failure, 0);
+    if (!op->state) continue;
+    if (op->kind == PendingOp::Kind::kGet && ep != nullptr) {
+      held_gets = true;
+      continue;
+    }
+    op->state->complete(failure, 0);
   }
+  if (!held_gets || !worker) return;
+  std::weak_ptr<EpLink> weak = weak_from_this();
+  worker->defer([weak] {
+    if (auto l = weak.lock()) l->force_close();
+  });
+  const int64_t timeout_ns =
+      std::chrono::duration_cast<std::chrono::nanoseconds>(worker->options().timeout).count();
+  worker->at(coarse_monotonic_ns() + timeout_ns, [weak] {
+    auto l = weak.lock();
+    if (!l) return;
+    for (PendingOp* op = l->inflight; op != nullptr; op = op->next_inflight) {
+      if (op->kind != PendingOp::Kind::kGet || !op->state || op->state->done()) continue;
+      MYELIN_LOG_WARN << "ucx: a get from failed peer " << l->peer_name
+                      << " is still held by UCX after the timeout; it completes with the "
+                      << "failure, but UCX may still write into its buffer";
+      op->state->complete(l->failure, 0);
+    }
+  });
+}
+
+void EpLink::complete_cma(uint64_t cookie, uint32_t error) {
+  auto it = cma_sends.find(cookie);
+  if (it == cma_sends.end()) {
+    MYELIN_LOG_WARN << "ucx: dropping a cma ack from " << peer_name << " for unknown send "
+                    << cookie;
+    return;
+  }
+  std::unique_ptr<PendingOp> op = std::move(it->second);
+  cma_sends.erase(it);
+  if (error == 0) {
+    op->state->complete(ok_status(), op->bytes);
+    if (worker) worker->request_pool().recycle(std::move(op->state));
+    return;
+  }
+  op->state->complete(io_error("send of ", op->bytes, " bytes to ", peer_name,
+                               ": the peer could not read it from this process (cma): ",
+                               std::strerror(static_cast<int>(error)), " (errno ", error, ")"),
+                      0);
 }
 
 void EpLink::force_close() {
+  if (inbox != nullptr) inbox->reply_ep = nullptr;
   if (ep == nullptr) return;
   // Completes what UCX still holds for this peer (with errors reported as `failure`).
   ucp_request_param_t param{};
@@ -240,7 +290,13 @@ Result<std::unique_ptr<UcxEndpoint>> UcxEndpoint::create(std::shared_ptr<UcxWork
     worker->drop_inbox(peer.context_id);
     return ucs_to_status(st, "creating a ucx endpoint to " + peer_name);
   }
+  link->inbox->reply_ep = link->ep;
   if (worker->same_node(peer)) {
+    std::weak_ptr<EpLink> ack_target = link;
+    link->inbox->on_cma_ack = [ack_target](uint64_t cookie, uint32_t error) {
+      if (auto l = ack_target.lock()) l->complete_cma(cookie, error);
+    };
+    worker->start_cma(*link->inbox, peer, link->ep);
     std::weak_ptr<EpLink> weak = link;
     worker->watch_process(peer.pid, peer.start_time, link, [weak, pid = peer.pid] {
       if (auto l = weak.lock()) {
@@ -260,6 +316,18 @@ UcxEndpoint::~UcxEndpoint() {
   link.closing = true;
   for (auto& [id, cached] : rkeys_) ucp_rkey_destroy(cached.rkey);
   rkeys_.clear();
+  // cma sends not acked yet: the receiver may not have read them, and their buffers may go once
+  // they complete; tell it (before the close below pushes queued messages out) so that it fails
+  // those recvs instead of reading whatever the buffers then hold.
+  for (auto& [cookie, op] : link.cma_sends) {
+    if (link.ep != nullptr && link.failure.ok()) {
+      const CmaAck withdraw{worker->id(), cookie, 0, 0};
+      (void)UcxWorker::send_small_am(link.ep, kAmCmaWithdrawId, &withdraw, sizeof withdraw);
+    }
+    op->state->complete(op_error(*op, UCS_ERR_CANCELED), 0);
+  }
+  link.cma_sends.clear();
+  if (link.inbox != nullptr) link.inbox->on_cma_ack = nullptr;
 
   // A forced close: a flush-mode close (or an ep flush) runs a handshake that needs the peer's
   // worker to make progress, which stalls a peer that is busy or drives both sides from one
@@ -309,6 +377,9 @@ Request UcxEndpoint::send(uint32_t channel, const void* data, size_t size,
   }
   if (!link.failure.ok()) return Request::failed(link.failure);
 
+  if (size >= link.worker->cma_threshold() && link.inbox->peer_reads_us) {
+    return send_cma(channel, data, size);
+  }
   uint64_t& sequence = send_sequence(channel);
   const AmHeader header{link.worker->id(), static_cast<uint32_t>(sequence), channel};
   if (size <= link.worker->limits().eager_limit) {
@@ -349,6 +420,27 @@ Request UcxEndpoint::send(uint32_t channel, const void* data, size_t size,
   ++sequence;
   if (p == nullptr) return Request::completed(size);
   (void)op.release();  // on_op_done owns it now
+  return std::move(request);
+}
+
+Request UcxEndpoint::send_cma(uint32_t channel, const void* data, size_t size) {
+  EpLink& link = *link_;
+  uint64_t& sequence = send_sequence(channel);
+  auto op = std::make_unique<PendingOp>();
+  op->kind = PendingOp::Kind::kCmaSend;
+  op->link = link_;
+  op->bytes = size;
+  const uint64_t cookie = link.worker->next_cma_cookie();
+  const CmaHeader header{AmHeader{link.worker->id(), static_cast<uint32_t>(sequence), channel},
+                         reinterpret_cast<uintptr_t>(data), size, cookie};
+  const ucs_status_t st = UcxWorker::send_small_am(link.ep, kAmCmaId, &header, sizeof header);
+  if (st != UCS_OK) return Request::failed(op_error(*op, st));
+  ++sequence;
+  auto [request, state] = link.worker->request_pool().make_pending();
+  state->describe("send", channel, link.inbox->peer_label);
+  op->state = state;
+  op->track();
+  link.cma_sends.emplace(cookie, std::move(op));
   return std::move(request);
 }
 

@@ -3,7 +3,10 @@
 // Two-sided: every send is one active message whose 16-byte header carries this Context's id (so
 // the peer knows who sent it without a hello), the channel and a per-(endpoint, channel) sequence
 // number; the receiver delivers in sequence order (see UcxWorker). Messages above the eager limit
-// go by UCX rendezvous and land straight in the posted recv buffer.
+// go by UCX rendezvous and land straight in the posted recv buffer, except towards a same-node
+// peer that can read this process's memory: from the cma threshold up, the send is a small cma
+// header and the receiver copies the payload itself (see UcxWorker); the send completes on the
+// receiver's ack.
 //
 // One-sided: put/get use ucp_put_nbx/ucp_get_nbx on rkeys unpacked once per (endpoint, region id).
 // Bounds, access and key ownership are checked here from the RemoteKey, so a bad request fails with
@@ -53,6 +56,8 @@ struct EpLink : std::enable_shared_from_this<EpLink> {
   std::vector<std::unique_ptr<PendingOp>> unflushed;
   bool flush_scheduled = false;
   PendingOp* inflight = nullptr;  // every op with a pending request, linked through the ops
+  // cma sends waiting for the receiver's ack, by cookie.
+  std::unordered_map<uint64_t, std::unique_ptr<PendingOp>> cma_sends;
 
   EpLink() = default;
   EpLink(const EpLink&) = delete;
@@ -65,6 +70,8 @@ struct EpLink : std::enable_shared_from_this<EpLink> {
   void mark_failed(Status status);
   // Closes the UCP endpoint at once (after a failure); ep becomes null.
   void force_close();
+  // The receiver's ack of the cma send `cookie` (error: 0, or the errno of its failed read).
+  void complete_cma(uint64_t cookie, uint32_t error);
 };
 
 class UcxEndpoint final : public Endpoint {
@@ -92,12 +99,17 @@ class UcxEndpoint final : public Endpoint {
   Request get(void* local, size_t size, const RemoteKey& remote, uint64_t remote_offset,
               const MemoryRegion* local_region = nullptr) override;
   [[nodiscard]] bool try_pop_immediate(uint32_t& value) override;
+  // Whether sends from the cma threshold up go by the cma path (the peer said it can read us).
+  [[nodiscard]] bool sends_by_cma() const noexcept {
+    return link_->inbox != nullptr && link_->inbox->peer_reads_us;
+  }
 
  private:
   explicit UcxEndpoint(std::shared_ptr<EpLink> link) : link_(std::move(link)) {}
   // Checks a one-sided request and returns the unpacked rkey for it.
   Result<ucp_rkey_h> prepare_rma(const void* local, size_t size, const RemoteKey& remote,
                                  uint64_t remote_offset, Access wanted, const char* op);
+  Request send_cma(uint32_t channel, const void* data, size_t size);
   Request put_impl(const void* local, size_t size, const RemoteKey& remote, uint64_t remote_offset,
                    bool with_immediate, uint32_t immediate);
 

@@ -8,10 +8,17 @@
 //
 // Wire formats (little-endian, all checked on arrival):
 //   worker address  "MYUX" u32 | version u16 | 0 u16 | context id u64 | pid u32 | process start
-//                   time u64 | node id length u16 | node id | length u32 | ucp address
+//                   time u64 | cma probe address u64 | node id length u16 | node id | length u32 |
+//                   ucp address
 //   AM header       sender id u64 | sequence u32 | channel or immediate u32         (16 bytes)
+//   cma header      AM header | sender address u64 | length u64 | cookie u64       (40 bytes)
+//   cma ack         sender id u64 | cookie u64 | errno u32 (0: consumed) | 0 u32  (24 bytes)
 // The AM id says what the message is (kAmMessageId: a two-sided message on a channel;
-// kAmImmediateId: the immediate of a put_with_immediate). The wire version travels once, in the
+// kAmImmediateId: the immediate of a put_with_immediate; kAmCmaId: a message the receiver reads
+// from the sender's memory itself; kAmCmaHelloId: "I can read your memory" (value 1) or not (0);
+// kAmCmaAckId: a cma message was consumed (or could not be read); kAmCmaWithdrawId, in the ack's
+// layout: the sender disconnected before the cma message with this cookie was consumed, so its
+// buffer may be gone). The wire version travels once, in the
 // address: peers of another version are refused at connect(). Sequence numbers count per
 // (sender, channel) (immediates: per sender) and wrap at 2^32; the receiver extends them to 64
 // bits relative to the next one it expects (extend_sequence), which is exact while fewer than
@@ -45,13 +52,22 @@
 namespace myelin::transport::internal::ucx {
 
 inline constexpr uint32_t kAddressMagic = 0x5855594d;  // "MYUX"
-// Version 2: 16-byte AM header, the message kind in the AM id (version 1: 24 bytes, kind and
-// version in the header).
-inline constexpr uint16_t kAddressVersion = 2;
-inline constexpr size_t kAddressFixedSize = 4 + 2 + 2 + 8 + 4 + 8 + 2 + 4;
+// Version 3: the cma probe address and the cma messages (version 2: 16-byte AM header, the
+// message kind in the AM id; version 1: 24 bytes, kind and version in the header).
+inline constexpr uint16_t kAddressVersion = 3;
+inline constexpr size_t kAddressFixedSize = 4 + 2 + 2 + 8 + 4 + 8 + 8 + 2 + 4;
 inline constexpr unsigned kAmMessageId = 7;
 inline constexpr unsigned kAmImmediateId = 8;
+inline constexpr unsigned kAmCmaId = 9;
+inline constexpr unsigned kAmCmaHelloId = 10;
+inline constexpr unsigned kAmCmaAckId = 11;
+inline constexpr unsigned kAmCmaWithdrawId = 12;
 inline constexpr size_t kDefaultEagerLimit = 8192;
+// Same-node messages of at least this many bytes go by the cma path (see UcxWorker) unless
+// MYELIN_UCX_CMA says otherwise ("off", or a byte count).
+inline constexpr size_t kDefaultCmaThreshold = 16384;
+// The cma path reads at most this many bytes per process_vm_readv, with progress in between.
+inline constexpr size_t kCmaPiece = size_t{1} << 20;
 
 struct AmHeader {
   uint64_t sender_id;
@@ -59,6 +75,22 @@ struct AmHeader {
   uint32_t value;     // channel for kAmMessageId, the immediate for kAmImmediateId
 };
 static_assert(sizeof(AmHeader) == 16, "AM header layout is part of the wire format");
+
+struct CmaHeader {
+  AmHeader am;       // as a kAmMessageId message: sender, sequence, channel
+  uint64_t address;  // of the payload in the sender's address space
+  uint64_t length;
+  uint64_t cookie;  // names the send in the sender's ack table
+};
+static_assert(sizeof(CmaHeader) == 40, "cma header layout is part of the wire format");
+
+struct CmaAck {
+  uint64_t sender_id;  // of the receiver, which sends the ack
+  uint64_t cookie;
+  uint32_t error;  // 0: the message was consumed; else the errno of the failed read
+  uint32_t reserved;
+};
+static_assert(sizeof(CmaAck) == 24, "cma ack layout is part of the wire format");
 
 // The 64-bit sequence number a 32-bit wire sequence stands for, given the next one expected: the
 // one within [next - 2^31, next + 2^31). kStaleSequence when that one would be negative (a
@@ -88,6 +120,7 @@ struct PeerAddress {
   uint64_t context_id = 0;
   uint32_t pid = 0;
   uint64_t start_time = 0;  // of the process, in clock ticks since boot (/proc/<pid>/stat)
+  uint64_t cma_probe = 0;   // where the peer's context id lies in its memory (0: no cma path)
   std::string node_id;
   std::vector<uint8_t> worker_address;
 };
@@ -114,13 +147,27 @@ struct PostedRecv {
   uint64_t peer_id = 0;  // whose inbox it was posted to
 };
 
-// A message that arrived before its recv: owned bytes, a persistent UCX data descriptor, or a
-// rendezvous descriptor whose payload still sits at the sender.
+// A message that arrived before its recv: owned bytes, a persistent UCX data descriptor, a
+// rendezvous descriptor whose payload still sits at the sender, or a cma message (the payload's
+// address in the sender's memory).
 struct ArrivedMessage {
-  enum class Kind : uint8_t { kOwned, kUcxData, kRendezvous } kind = Kind::kOwned;
+  enum class Kind : uint8_t { kOwned, kUcxData, kRendezvous, kCma } kind = Kind::kOwned;
   std::vector<uint8_t> bytes;
   void* desc = nullptr;  // kUcxData: the data pointer; kRendezvous: the data descriptor
   size_t length = 0;
+  uint64_t remote_address = 0;  // kCma
+  uint64_t cookie = 0;          // kCma
+  uint32_t channel = 0;         // kCma
+};
+
+// A cma message being read into its recv buffer, a piece per progress().
+struct CmaRead {
+  PostedRecv recv;
+  uint64_t remote_address = 0;
+  size_t length = 0;
+  size_t done = 0;
+  uint64_t cookie = 0;
+  uint32_t channel = 0;
 };
 
 struct ChannelStream {
@@ -148,6 +195,13 @@ struct Inbox {
   std::string peer_name;                          // set when claimed
   std::shared_ptr<const std::string> peer_label;  // the same, for RequestState::describe()
   Status failure;  // once the peer failed: posted and later unmatched recvs fail with it
+  // The cma path (set by the endpoint when it claims the inbox, and by the peer's hello):
+  uint32_t peer_pid = 0;
+  bool can_read_peer = false;   // this process read the peer's probe: its cma messages are readable
+  bool peer_reads_us = false;   // the peer's hello: large sends to it may go by cma
+  ucp_ep_h reply_ep = nullptr;  // the endpoint's UCP endpoint, for acks (null once closed)
+  std::function<void(uint64_t cookie, uint32_t error)> on_cma_ack;  // the endpoint's ack table
+  std::vector<uint64_t> withdrawn;  // cookies of cma messages the sender withdrew
   std::unordered_map<uint32_t, ChannelStream> channels;
   uint64_t next_immediate_sequence = 0;
   std::map<uint64_t, uint32_t> early_immediates;
@@ -191,6 +245,21 @@ class UcxWorker : public std::enable_shared_from_this<UcxWorker> {
     graveyard_.push_back(std::move(object));
   }
 
+  // The cma path for large same-node messages: the sender sends a kAmCmaId header (its buffer's
+  // address, length, a cookie); the receiver, once a recv matches it, reads the payload with
+  // process_vm_readv straight into the recv buffer (kCmaPiece bytes per progress()) and acks;
+  // the sender's request completes on the ack. Used towards a peer only after its hello said it
+  // could read this process (it read our context id at the probe address in our address). A read
+  // that finds the peer's process gone fails the recv with peer_failed.
+  [[nodiscard]] size_t cma_threshold() const noexcept { return cma_threshold_; }
+  // Probes the peer's memory (once, at connect) and sends it our hello; sets inbox.can_read_peer.
+  void start_cma(Inbox& inbox, const PeerAddress& peer, ucp_ep_h ep);
+  // A cookie for a cma send, unique within this worker.
+  uint64_t next_cma_cookie() noexcept { return ++last_cma_cookie_; }
+  // Sends a small active message (header only) on `ep`; the header is copied when UCX cannot
+  // send it at once. Not from inside a UCX callback.
+  static ucs_status_t send_small_am(ucp_ep_h ep, unsigned id, const void* header, size_t length);
+
   // Same-node liveness: UCX 1.13's keepalive does not reliably notice a killed shared-memory
   // peer, so the worker itself checks, once per keepalive interval, that each watched peer
   // process still exists; when it is gone, on_dead runs (from progress(), not a UCX callback).
@@ -205,6 +274,12 @@ class UcxWorker : public std::enable_shared_from_this<UcxWorker> {
   // once): see RequestStatePool.
   [[nodiscard]] RequestStatePool& request_pool() noexcept { return request_pool_; }
 
+  // Runs `action` from progress() once the coarse clock passes `deadline_ns` (read on the
+  // process watch's cadence). For rare events: a failed endpoint's last requests.
+  void at(int64_t deadline_ns, std::function<void()> action) {
+    timers_.emplace_back(deadline_ns, std::move(action));
+  }
+
   // Runs `action` after the current ucp_worker_progress() returns (never inside a UCX callback).
   void defer(std::function<void()> action) { deferred_.push_back(std::move(action)); }
 
@@ -212,11 +287,14 @@ class UcxWorker : public std::enable_shared_from_this<UcxWorker> {
   // Context's busy loop calls it back to back, and the usual pass is one ucp_worker_progress.
   size_t progress() {
     size_t events = ucp_worker_progress(worker_);
-    if (!watches_.empty() && --polls_to_clock_read_ == 0) {
+    if ((!watches_.empty() || !timers_.empty()) && --polls_to_clock_read_ == 0) {
       polls_to_clock_read_ = polls_per_clock_read_;
-      if (coarse_monotonic_ns() >= next_check_ns_) check_processes();
+      const int64_t now = coarse_monotonic_ns();
+      if (now >= next_check_ns_) check_processes();
+      if (!timers_.empty()) run_timers(now);
     }
     if (!deferred_.empty()) events += run_deferred();
+    if (!cma_reads_.empty()) events += advance_cma_read();
     return events;
   }
   // Arms the wakeup fd; false when events are already pending.
@@ -234,6 +312,19 @@ class UcxWorker : public std::enable_shared_from_this<UcxWorker> {
   ucs_status_t handle_message(Inbox& inbox, const AmHeader& header, void* data, size_t length,
                               uint64_t recv_attr);
   void handle_immediate(Inbox& inbox, const AmHeader& header);
+  static ucs_status_t on_cma(void* arg, const void* header, size_t header_length, void* data,
+                             size_t length, const ucp_am_recv_param_t* param);
+  template <unsigned Id>
+  static ucs_status_t on_cma_control(void* arg, const void* header, size_t header_length,
+                                     void* data, size_t length, const ucp_am_recv_param_t* param);
+  // Places an arrived message (any kind but a fresh rendezvous/ucx-data one) in its stream.
+  void accept_in_sequence(Inbox& inbox, const AmHeader& h, ArrivedMessage m);
+  void start_cma_read(ArrivedMessage& message, PostedRecv recv, uint32_t channel);
+  // Reads the next piece of the first cma read; completes and acks it when done or failed.
+  size_t advance_cma_read();
+  void finish_cma_read(Status status, uint32_t error);  // of the first read
+  // Acks a cma message to its sender (deferred when inside a callback).
+  void send_cma_ack(uint64_t peer_id, uint64_t cookie, uint32_t error);
   size_t run_deferred();
   Inbox& inbox_for(uint64_t peer_id);
 
@@ -267,6 +358,9 @@ class UcxWorker : public std::enable_shared_from_this<UcxWorker> {
     std::function<void()> on_dead;
   };
   std::vector<ProcessWatch> watches_;
+  size_t cma_threshold_ = kDefaultCmaThreshold;
+  uint64_t last_cma_cookie_ = 0;
+  std::deque<CmaRead> cma_reads_;
   int64_t check_interval_ns_ = 0;
   int64_t next_check_ns_ = 0;
   // The watch reads the (coarse) clock once per this many progress() calls: 64 when polling
@@ -276,6 +370,8 @@ class UcxWorker : public std::enable_shared_from_this<UcxWorker> {
   uint32_t polls_per_clock_read_ = 1;
   uint32_t polls_to_clock_read_ = 1;
   void check_processes();
+  void run_timers(int64_t now);
+  std::vector<std::pair<int64_t, std::function<void()>>> timers_;
   bool in_callback_ = false;
 };
 

@@ -1,0 +1,253 @@
+// The UCX backend's same-node cma path (large messages the receiver reads from the sender's
+// memory with process_vm_readv) between two backends of one process, under each UCX_TLS setting:
+// sizes around the threshold and the read piece, 64 MiB, order mixed with small messages on one
+// channel, too-small recv buffers, a sender that disconnects before its message was read, and
+// MYELIN_UCX_CMA (off, a threshold, garbage).
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "ucx/ucx_endpoint.hpp"
+#include "ucx/ucx_worker.hpp"
+#include "ucx_test_util.hpp"
+
+namespace myelin::transport::ucx_test {
+namespace {
+
+using internal::ucx::kCmaPiece;
+using internal::ucx::kDefaultCmaThreshold;
+using internal::ucx::UcxEndpoint;
+
+std::vector<uint8_t> pattern(size_t n, uint8_t seed) {
+  std::vector<uint8_t> v(n);
+  for (size_t i = 0; i < n; ++i) v[i] = static_cast<uint8_t>(seed + i * 131 + (i >> 12));
+  return v;
+}
+
+// Sets MYELIN_UCX_CMA for the backends created in its scope.
+class ScopedCmaEnv {
+ public:
+  explicit ScopedCmaEnv(const char* value) {
+    if (value != nullptr) {
+      setenv("MYELIN_UCX_CMA", value, 1);
+    } else {
+      unsetenv("MYELIN_UCX_CMA");
+    }
+  }
+  ScopedCmaEnv(const ScopedCmaEnv&) = delete;
+  ScopedCmaEnv& operator=(const ScopedCmaEnv&) = delete;
+  ~ScopedCmaEnv() { unsetenv("MYELIN_UCX_CMA"); }
+};
+
+class UcxCma : public testing::TestWithParam<TlsSetting> {
+ protected:
+  void SetUp() override { apply_tls(GetParam()); }
+  void TearDown() override {
+    ab_.reset();
+    ba_.reset();
+    a_.reset();
+    b_.reset();
+  }
+
+  // Opens and connects the pair; with `expect_cma`, waits until both ends send by cma.
+  void connect_pair(bool expect_cma) {
+    a_ = open_backend(test_options(), "ctx-a");
+    b_ = open_backend(test_options(), "ctx-b");
+    ASSERT_TRUE(a_ && b_);
+    auto ab = a_->connect(b_->local_address(), "ctx-b", Deadline::after_ms(5000));
+    ASSERT_TRUE(ab.ok()) << ab.status();
+    auto ba = b_->connect(a_->local_address(), "ctx-a", Deadline::after_ms(5000));
+    ASSERT_TRUE(ba.ok()) << ba.status();
+    ab_ = std::move(ab).value();
+    ba_ = std::move(ba).value();
+    // The hellos travel like any message; give them time to arrive either way.
+    const Deadline deadline = Deadline::after(expect_cma ? std::chrono::milliseconds(5000)
+                                                         : std::chrono::milliseconds(200));
+    while (!deadline.expired() && !(ucx(*ab_).sends_by_cma() && ucx(*ba_).sends_by_cma())) {
+      a_->progress();
+      b_->progress();
+    }
+    EXPECT_EQ(ucx(*ab_).sends_by_cma(), expect_cma);
+    EXPECT_EQ(ucx(*ba_).sends_by_cma(), expect_cma);
+  }
+  static const UcxEndpoint& ucx(const Endpoint& ep) { return static_cast<const UcxEndpoint&>(ep); }
+  Status drive2(const Request& r) { return drive(r, {a_.get(), b_.get()}); }
+
+  // Sends `out` from a to b (recv posted first or after the message arrived) and checks it.
+  void round_trip(const std::vector<uint8_t>& out, bool recv_first) {
+    std::vector<uint8_t> in(out.size() + 7, 0xee);
+    Request r, s;
+    if (recv_first) {
+      r = ba_->recv(5, in.data(), in.size());
+      s = ab_->send(5, out.data(), out.size());
+    } else {
+      s = ab_->send(5, out.data(), out.size());
+      for (int i = 0; i < 100; ++i) a_->progress(), b_->progress();
+      r = ba_->recv(5, in.data(), in.size());
+    }
+    ASSERT_TRUE(drive2(r).ok()) << r.status();
+    ASSERT_TRUE(drive2(s).ok()) << s.status();
+    EXPECT_EQ(s.bytes(), out.size());
+    ASSERT_EQ(r.bytes(), out.size());
+    EXPECT_TRUE(std::equal(out.begin(), out.end(), in.begin()));
+    EXPECT_EQ(in[out.size()], 0xee) << "recv wrote past the message";
+  }
+
+  std::unique_ptr<BackendContext> a_, b_;
+  std::unique_ptr<Endpoint> ab_, ba_;
+};
+
+TEST_P(UcxCma, SizesAroundTheThresholdAndThePieceArriveIntact) {
+  ScopedCmaEnv env(nullptr);
+  connect_pair(true);
+  const size_t t = kDefaultCmaThreshold;
+  uint8_t seed = 3;
+  for (size_t size :
+       {t - 1, t, t + 1, kCmaPiece - 1, kCmaPiece, kCmaPiece + 1, 3 * kCmaPiece + 5}) {
+    for (bool recv_first : {true, false}) {
+      SCOPED_TRACE(testing::Message() << "size " << size << (recv_first ? " recv first" : ""));
+      round_trip(pattern(size, seed++), recv_first);
+    }
+  }
+}
+
+TEST_P(UcxCma, SixtyFourMebibytesArriveIntact) {
+  ScopedCmaEnv env(nullptr);
+  connect_pair(true);
+  const auto out = pattern(size_t{64} << 20, 17);
+  round_trip(out, true);
+  round_trip(out, false);
+}
+
+TEST_P(UcxCma, OrderHoldsAcrossCmaAndSmallMessagesOnAChannel) {
+  ScopedCmaEnv env(nullptr);
+  connect_pair(true);
+  constexpr int kCount = 200;
+  std::vector<std::vector<uint8_t>> payloads;
+  std::vector<Request> sends;
+  for (int i = 0; i < kCount; ++i) {
+    // Every third message goes by cma; the others are eager or UCX rendezvous (just below the
+    // cma threshold), so small ones may overtake large ones on the wire.
+    const size_t size = i % 3 == 0   ? kDefaultCmaThreshold + static_cast<size_t>(i) * 1000
+                        : i % 3 == 1 ? 8 + static_cast<size_t>(i)
+                                     : kDefaultCmaThreshold - 1;
+    std::vector<uint8_t> p = pattern(size, static_cast<uint8_t>(i));
+    std::memcpy(p.data(), &i, sizeof i);
+    payloads.push_back(std::move(p));
+    sends.push_back(ab_->send(9, payloads.back().data(), size));
+  }
+  std::vector<uint8_t> in(kDefaultCmaThreshold + kCount * 1000);
+  for (int i = 0; i < kCount; ++i) {
+    Request r = ba_->recv(9, in.data(), in.size());
+    ASSERT_TRUE(drive2(r).ok()) << r.status();
+    ASSERT_EQ(r.bytes(), payloads[static_cast<size_t>(i)].size()) << "message " << i;
+    ASSERT_TRUE(std::equal(payloads[static_cast<size_t>(i)].begin(),
+                           payloads[static_cast<size_t>(i)].end(), in.begin()))
+        << "message " << i;
+  }
+  for (const Request& s : sends) EXPECT_TRUE(drive2(s).ok()) << s.status();
+}
+
+TEST_P(UcxCma, TooSmallRecvIsOutOfRangeAndTheSendStillCompletes) {
+  ScopedCmaEnv env(nullptr);
+  connect_pair(true);
+  const auto big = pattern(size_t{1} << 20, 5);
+  const auto next = pattern(kDefaultCmaThreshold * 2, 6);
+  for (bool recv_first : {true, false}) {
+    std::vector<uint8_t> small(100), in(next.size());
+    Request r;
+    if (recv_first) r = ba_->recv(0, small.data(), small.size());
+    Request s1 = ab_->send(0, big.data(), big.size());
+    Request s2 = ab_->send(0, next.data(), next.size());
+    if (!recv_first) {
+      for (int i = 0; i < 100; ++i) a_->progress(), b_->progress();
+      r = ba_->recv(0, small.data(), small.size());
+    }
+    Status st = drive2(r);
+    EXPECT_EQ(st.code(), StatusCode::kOutOfRange) << st;
+    EXPECT_TRUE(drive2(s1).ok()) << s1.status();
+    Request r2 = ba_->recv(0, in.data(), in.size());
+    ASSERT_TRUE(drive2(r2).ok()) << r2.status();
+    EXPECT_EQ(in, next);
+    EXPECT_TRUE(drive2(s2).ok()) << s2.status();
+  }
+}
+
+TEST_P(UcxCma, MessageOfADisconnectedSenderFailsInsteadOfBeingRead) {
+  ScopedCmaEnv env(nullptr);
+  connect_pair(true);
+  auto out = pattern(size_t{1} << 20, 8);
+  Request s = ab_->send(4, out.data(), out.size());
+  for (int i = 0; i < 100; ++i) a_->progress(), b_->progress();  // the header arrives
+  ab_.reset();  // the send is withdrawn: its buffer may be reused from here on
+  EXPECT_EQ(s.status().code(), StatusCode::kCancelled) << s.status();
+  std::fill(out.begin(), out.end(), 0);
+  for (int i = 0; i < 100; ++i) a_->progress(), b_->progress();
+  std::vector<uint8_t> in(out.size());
+  Request r = ba_->recv(4, in.data(), in.size());
+  const Status st = drive(r, {a_.get(), b_.get()}, Deadline::after(std::chrono::seconds(5)));
+  EXPECT_EQ(st.code(), StatusCode::kCancelled) << st;
+  EXPECT_NE(st.message().find("ctx-a"), std::string_view::npos) << st;
+}
+
+TEST_P(UcxCma, OffInTheEnvironmentKeepsUcxRendezvous) {
+  ScopedCmaEnv env("off");
+  connect_pair(false);
+  round_trip(pattern(size_t{1} << 20, 4), true);
+  round_trip(pattern(size_t{1} << 20, 5), false);
+}
+
+TEST_P(UcxCma, OffOnOneSideOnlyStopsSendsTowardsIt) {
+  std::unique_ptr<BackendContext> on, off;
+  {
+    ScopedCmaEnv env(nullptr);
+    on = open_backend(test_options(), "on");
+  }
+  {
+    ScopedCmaEnv env("off");
+    off = open_backend(test_options(), "off");
+  }
+  ASSERT_TRUE(on && off);
+  auto to_off = on->connect(off->local_address(), "off", Deadline::after_ms(5000));
+  auto to_on = off->connect(on->local_address(), "on", Deadline::after_ms(5000));
+  ASSERT_TRUE(to_off.ok() && to_on.ok());
+  const auto out = pattern(size_t{1} << 20, 9);
+  for (auto [from, to, ep_out, ep_in] :
+       {std::tuple{on.get(), off.get(), to_off->get(), to_on->get()},
+        std::tuple{off.get(), on.get(), to_on->get(), to_off->get()}}) {
+    std::vector<uint8_t> in(out.size());
+    Request r = ep_in->recv(1, in.data(), in.size());
+    Request s = ep_out->send(1, out.data(), out.size());
+    ASSERT_TRUE(drive(r, {from, to}).ok()) << r.status();
+    ASSERT_TRUE(drive(s, {from, to}).ok()) << s.status();
+    EXPECT_EQ(in, out);
+  }
+  // "off" answered the hello with "cannot read", and never sends by cma itself.
+  EXPECT_FALSE(ucx(**to_off).sends_by_cma());
+  EXPECT_FALSE(ucx(**to_on).sends_by_cma());
+  to_off->reset();
+  to_on->reset();
+}
+
+TEST_P(UcxCma, ThresholdFromTheEnvironment) {
+  ScopedCmaEnv env("1000000");
+  connect_pair(true);
+  round_trip(pattern(999'999, 1), true);
+  round_trip(pattern(1'000'000, 2), true);
+}
+
+TEST(UcxCmaConfig, GarbageInTheEnvironmentIsAnError) {
+  apply_tls(kTlsSettings[0]);
+  for (const char* bad : {"on", "0", "12k", "-5"}) {
+    ScopedCmaEnv env(bad);
+    auto r = internal::create_ucx_backend(test_options(), internal::ContextInfo{"x", "test-node"});
+    ASSERT_FALSE(r.ok()) << bad;
+    EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument) << r.status();
+    EXPECT_NE(r.status().message().find("MYELIN_UCX_CMA"), std::string_view::npos) << r.status();
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Tls, UcxCma, testing::ValuesIn(kTlsSettings), tls_test_name);
+
+}  // namespace
+}  // namespace myelin::transport::ucx_test
