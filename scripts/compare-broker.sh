@@ -5,7 +5,7 @@
 # raw JSON line in $OUT/raw.jsonl.
 #
 #   scripts/compare-broker.sh [--build DIR] [--rounds N] [--out DIR] [--quick] [--no-build]
-#                             [--flood-nice N]
+#                             [--flood-nice N] [--bulk-io-nice N]
 #
 # What is measured, the same way on both sides (docs/bench.md, "Broker comparison"):
 #   lat1k    1 KiB publish-to-deliver latency, one-way = round trip / 2 through the broker
@@ -21,6 +21,8 @@
 # grad/# and tput/# bulk lane, batched). NATS: bench/compare/nats_bench against nats-server.
 # --flood-nice N: both sides' flooding thread runs at nice N (MYELIN_FLOOD_NICE), the bulk
 # producer's CPU time as a lower priority lane; the default leaves it at the caller's priority.
+# --bulk-io-nice N: myelin's client I/O threads run at nice N (MYELIN_BULK_IO_NICE, ClientOptions::
+# io_thread_nice): with control connections and polling threads, the threads that read bulk.
 # As root, the whole run goes into its own session whose autogroup gets nice -20 (fewer
 # disturbances from other work on the machine). Needs `scripts/setup.sh --with peers` for NATS.
 set -euo pipefail
@@ -42,7 +44,8 @@ while [ $# -gt 0 ]; do
     --quick) quick=1 ;;
     --no-build) build_first=0 ;;
     --flood-nice) export MYELIN_FLOOD_NICE=${2:?}; shift ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    --bulk-io-nice) export MYELIN_BULK_IO_NICE=${2:?}; shift ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "compare-broker.sh: unknown argument '$1'" >&2; exit 2 ;;
   esac
   shift
