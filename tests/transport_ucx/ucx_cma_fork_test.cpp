@@ -226,6 +226,11 @@ TEST(UcxCmaForkTcp, ReceiverThatMayNotReadTheSenderGetsRendezvous) {
     auto ep = (*backend)->connect(parent_address, "parent", Deadline::after_ms(5000));
     if (!ep.ok()) _exit(4);
     settle(**backend, **ep, 5000);
+    // Our hello (sent from the progress above) goes ahead of this on the endpoint: once the
+    // parent has it, the parent knows we cannot read it.
+    static const uint8_t kReady = 1;
+    Request ready = (*ep)->send(4, &kReady, 1);
+    if (!drive(ready, {backend->get()}).ok()) _exit(19);
     const std::vector<uint8_t> out = pattern(size_t{1} << 20, 2);
     std::vector<uint8_t> in(size_t{1} << 20);
     Request r = (*ep)->recv(2, in.data(), in.size());
@@ -248,7 +253,10 @@ TEST(UcxCmaForkTcp, ReceiverThatMayNotReadTheSenderGetsRendezvous) {
   ASSERT_TRUE(ep);
   const std::vector<uint8_t> out = pattern(size_t{1} << 20, 3);
   std::vector<uint8_t> in(size_t{1} << 20);
-  uint8_t verdict = 0xff;
+  uint8_t verdict = 0xff, ready = 0;
+  Request rr = ep->recv(4, &ready, 1);
+  ASSERT_TRUE(drive(rr, {backend.get()}).ok()) << rr.status();
+  EXPECT_FALSE(ucx(*ep).sends_by_cma()) << "the child cannot read this process";
   Request r = ep->recv(1, in.data(), in.size());
   Request s = ep->send(2, out.data(), out.size());
   Request v = ep->recv(3, &verdict, 1);

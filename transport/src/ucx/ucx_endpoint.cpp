@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <limits>
 #include <string>
 
 #include <myelin/core/log.hpp>
@@ -222,9 +223,15 @@ void EpLink::mark_failed(Status status) {
   worker->defer([weak] {
     if (auto l = weak.lock()) l->force_close();
   });
-  const int64_t timeout_ns =
-      std::chrono::duration_cast<std::chrono::nanoseconds>(worker->options().timeout).count();
-  worker->at(coarse_monotonic_ns() + timeout_ns, [weak] {
+  // Saturating: a timeout may be as long as milliseconds::max() (no deadline), whose count in
+  // nanoseconds overflows and would put the deadline in the past.
+  const int64_t now_ns = coarse_monotonic_ns();
+  const int64_t timeout_ms = worker->options().timeout.count();
+  const int64_t deadline_ns =
+      timeout_ms >= (std::numeric_limits<int64_t>::max() - now_ns) / 1'000'000
+          ? std::numeric_limits<int64_t>::max()
+          : now_ns + timeout_ms * 1'000'000;
+  worker->at(deadline_ns, [weak] {
     auto l = weak.lock();
     if (!l) return;
     for (PendingOp* op = l->inflight; op != nullptr; op = op->next_inflight) {
@@ -336,6 +343,9 @@ UcxEndpoint::~UcxEndpoint() {
   for (int i = 0; i < 64 && worker->progress() != 0; ++i) {
   }
   bool unfinished = false;
+  // The close below ends every use of the UCP endpoint: acks and the hello (sent from the
+  // progress() calls that wait for the close) must not go out on it any more.
+  if (link.inbox != nullptr) link.inbox->reply_ep = nullptr;
   if (link.ep != nullptr) {
     ucp_request_param_t param{};
     param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
