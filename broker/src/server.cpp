@@ -109,6 +109,9 @@ class Server::Impl {
   // every bulk read, so a control frame waits for at most one bulk read or write of one pass.
   void service_control();
   void read_ctrl(Conn& c);
+  // The main connection ended: routes what the control connection already holds (sent before the
+  // client closed; the two streams' ends arrive in no particular order) before the session ends.
+  void drain_ctrl(Conn& c);
   // Decodes and handles what the control connection's buffer holds. False: the session closed.
   bool decode_ctrl(Conn& c);
   // Moves the control lane into the control connection and writes it.
@@ -577,6 +580,7 @@ void Server::Impl::read_conn(Conn& c) {
   // is left is reported again on the next pass.
   auto n = c.rx.read_from(c.fd.get(), kReadPerPass);
   if (!n.ok()) {
+    if (c.ctrl) drain_ctrl(c);
     close_conn(id, n.status().to_string().c_str());
     return;
   }
@@ -636,6 +640,18 @@ void Server::Impl::service_control() {
   }
   for (auto& c : due) {
     if (conns_.count(c->id())) pump_control(*c);
+  }
+}
+
+void Server::Impl::drain_ctrl(Conn& c) {
+  // At most 16 MiB: what a client can have sent before closing, not a stream that goes on.
+  for (int i = 0; i < 256 && c.ctrl; ++i) {
+    Conn::Link& l = *c.ctrl;
+    auto n = l.rx.read_from(l.fd.get(), kReadPerPass);
+    if (!n.ok() || *n == 0) return;
+    c_.bytes_in.fetch_add(*n, std::memory_order_relaxed);
+    if (!decode_ctrl(c)) return;  // the session closed on a bad frame
+    if (c.ctrl && c.ctrl->rx.drained()) return;
   }
 }
 

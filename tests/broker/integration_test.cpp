@@ -115,6 +115,12 @@ class Daemon {
     return ClientOptions{
         .address = address(), .identity = identity, .secret = kSecret, .heartbeat_ms = 300};
   }
+  // Stops the broker process (SIGSTOP; true once it has stopped) or lets it go on (SIGCONT).
+  bool stop_process() {
+    int st = 0;
+    return ::kill(pid_, SIGSTOP) == 0 && ::waitpid(pid_, &st, WUNTRACED) == pid_ && WIFSTOPPED(st);
+  }
+  void continue_process() { ::kill(pid_, SIGCONT); }
   void kill9() {
     ::kill(pid_, SIGKILL);
     ::waitpid(pid_, nullptr, 0);
@@ -1123,6 +1129,63 @@ TEST(ControlConnection, ClosedControlConnectionFallsBackAndASilentOneEndsTheSess
   ::waitpid(child, nullptr, 0);
   EXPECT_EQ(metric_reaches(d, "myelin_broker_connections_active", 0, false), 0);
   EXPECT_EQ(metric_reaches(d, "myelin_broker_control_connections_active", 0, false), 0);
+}
+
+// A closing client's two streams end in no particular order: when the broker reads the main
+// connection's end while the control connection still holds control frames sent before it (here
+// more than the 64 KiB the broker reads there per pass, sent while the broker was stopped), they
+// are still routed before the session ends.
+TEST(ControlConnection, MainConnectionEndStillRoutesWhatTheControlConnectionHolds) {
+  if (!have_curl()) GTEST_SKIP() << "curl is not installed";
+  Daemon d(kLanes);
+  ASSERT_TRUE(d.up());
+  auto sub = connect_or_die(d.client("sub"));
+  ASSERT_TRUE(sub);
+  ASSERT_TRUE(sub->subscribe("ctrl/#").ok());
+  Raw main(d.address()), ctrl(d.address());
+  ASSERT_TRUE(main.ok() && ctrl.ok());
+  auto s = raw_auth(main, "closer", encode_versions(VersionRange{}));
+  ASSERT_TRUE(s.ok()) << s.status();
+  auto f = raw_attach_frame(ctrl, s->id, s->ok.token, "closer");
+  ASSERT_TRUE(f.ok()) << f.status();
+  ASSERT_TRUE(send_bytes(ctrl, *f).ok());
+  auto a = attach_answer(ctrl);
+  ASSERT_TRUE(a.ok() && *a);
+  // Room in this side's send buffer for all of it while the broker reads nothing.
+  const int sndbuf = 1 << 20;
+  ASSERT_EQ(::setsockopt(ctrl.fd(), SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf), 0);
+  constexpr int kN = 40;  // of 2 KiB each: 80 KiB
+  const std::string body(2048, 'c');
+  std::vector<std::byte> frames;
+  for (int i = 0; i < kN; ++i) {
+    const std::string payload = std::to_string(i) + " " + body;
+    ASSERT_TRUE(append_frame(frames,
+                             {.type = FrameType::kPublish,
+                              .flags = kFlagControl,
+                              .id = static_cast<uint64_t>(100 + i)},
+                             "ctrl/last", bytes(payload))
+                    .ok());
+  }
+  ASSERT_TRUE(main.send({.type = FrameType::kHeartbeat, .flags = kFlagControl}).ok());
+  ASSERT_TRUE(ctrl.send({.type = FrameType::kHeartbeat, .flags = kFlagControl}).ok());
+  ASSERT_TRUE(d.stop_process());
+  const Status sent = send_bytes(ctrl, frames);
+  main.close();
+  d.continue_process();
+  ASSERT_TRUE(sent.ok()) << sent;
+  int got = 0;
+  const Deadline dl = Deadline::after_ms(10000);
+  while (got < kN && !dl.expired()) {
+    auto m = sub->poll(Deadline::after_ms(200));
+    if (!m.ok()) continue;
+    ASSERT_EQ(m->topic, "ctrl/last");
+    const std::string t(reinterpret_cast<const char*>(m->payload.data()), m->payload.size());
+    EXPECT_EQ(std::stoi(t), got) << "out of order";
+    got++;
+  }
+  EXPECT_EQ(got, kN);
+  EXPECT_EQ(metric_reaches(d, "myelin_broker_connections_active", 1, false), 1);
+  EXPECT_EQ(metric_reaches(d, "myelin_broker_control_connections_active", 1, false), 1);
 }
 
 TEST(ControlConnection, ProtocolOneClientsAndSingleConnectionClientsKeepWorking) {
