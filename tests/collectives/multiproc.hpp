@@ -89,6 +89,8 @@ class DirStore final : public transport::Store {
 struct WorldSpec {
   int ranks = 2;
   transport::Backend backend = transport::Backend::kTcp;
+  // Per rank, when not empty (a group that mixes shm and TCP): overrides `backend`.
+  std::vector<transport::Backend> backend_of_rank;
   // > 0: pretend ranks r / ranks_per_node share a node (exercises the hierarchical algorithm).
   int ranks_per_node = 0;
   std::chrono::milliseconds timeout = std::chrono::seconds(30);
@@ -152,7 +154,8 @@ inline Outcome run_world(const WorldSpec& spec, const RankBody& body,
       Status s = [&]() -> Status {
         DirStore store(out.dir + "/store");
         transport::Options o;
-        o.backend = spec.backend;
+        o.backend = spec.backend_of_rank.empty() ? spec.backend
+                                                 : spec.backend_of_rank[static_cast<size_t>(r)];
         o.listen_address = "127.0.0.1";
         o.progress = spec.progress;
         o.timeout = spec.timeout;

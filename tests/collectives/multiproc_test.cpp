@@ -352,6 +352,44 @@ TEST(CollectivesShmRing, EveryTypeAndOpThroughSharedWorkingMemory) {
   }
 }
 
+// A group on one node that mixes shm and TCP (rank 2 opens TCP alone): the ranks whose next rank
+// is a shm peer reduce-scatter through the shared working memory, the others do not, and no rank
+// takes the direct allgather (rank 2 is not a shm peer of anyone), so every rank sends and
+// receives the same messages. Several consecutive calls in and out of place, sizes that grow and
+// shrink, blocks that are empty and several segments per block.
+TEST(CollectivesShmRing, GroupMixingShmAndTcpAgreesOnTheMessages) {
+  WorldSpec s;
+  s.ranks = 5;
+  s.backend_of_rank = {Backend::kAuto, Backend::kAuto, Backend::kTcp, Backend::kAuto,
+                       Backend::kAuto};
+  const auto out = run_world(s, [](RankCtx& rc) -> Status {
+    // The mix is real: rank 1 reaches rank 0 over shm and rank 2 over TCP.
+    if (rc.rank == 1) {
+      const Deadline d = Deadline::after_ms(20000);
+      MYELIN_ASSIGN_OR_RETURN(transport::Endpoint * to0, rc.comm->peer(0, d));
+      MYELIN_ASSIGN_OR_RETURN(transport::Endpoint * to2, rc.comm->peer(2, d));
+      if (to0->backend() != Backend::kShm || to2->backend() != Backend::kTcp) {
+        return internal_error("rank 1 reaches rank 0 over ",
+                              transport::backend_name(to0->backend()), " and rank 2 over ",
+                              transport::backend_name(to2->backend()), ", not shm and tcp");
+      }
+    }
+    uint64_t salt = 4000;
+    for (size_t count : {size_t{3}, size_t{1023}, (size_t{1} << 18) + 3, size_t{7}}) {
+      for (bool in_place : {false, true}) {
+        for (auto [t, op] : {std::pair{DataType::kF32, ReduceOp::kSum},
+                             std::pair{DataType::kI64, ReduceOp::kMax}}) {
+          const size_t segment = count == 1023 ? 256 : 65536;
+          MYELIN_RETURN_IF_ERROR(
+              check_allreduce(rc, Algorithm::kRing, t, op, count, in_place, segment, ++salt));
+        }
+      }
+    }
+    return ok_status();
+  });
+  EXPECT_TRUE(out.all_ok()) << out.summary();
+}
+
 // Inexact float data: the result stays within the rounding bound of n - 1 additions, and every
 // rank ends with the same bits.
 TEST(CollectivesFloat, RandomDataWithinErrorBoundAndIdenticalOnAllRanks) {
