@@ -497,6 +497,79 @@ TEST(TcpBlocking, BlockedWaitEndsAtItsDeadlineAndOnPeerDeath) {
   peer.join();
 }
 
+// With two connections the wait sleeps in epoll_wait on the set itself: it still ends at its
+// deadline while both are quiet, a message on the other connection wakes it, and the waited
+// peer's death wakes it with an error naming that peer.
+TEST(TcpBlocking, WaitWithSeveralConnectionsEndsAtItsDeadlineOnTheOtherPeerAndOnDeath) {
+  BlockingPair p = BlockingPair::make();
+  Options o;
+  o.progress = ProgressMode::kSpinThenBlock;
+  o.spin_before_block = std::chrono::microseconds(10);
+  o.backend = Backend::kTcp;
+  o.name = "block-c";
+  auto made = Context::create(o);
+  ASSERT_TRUE(made.ok()) << made.status();
+  std::unique_ptr<Context> c = std::move(made).value();
+  std::vector<uint8_t> addr_a = p.a->address(), addr_b = p.b->address(), addr_c = c->address();
+  // release: a is done with the step named; acquire in the peers' threads
+  std::atomic<int> a_step{0};
+  auto quiet_until = [&](Context& ctx, int step) {
+    const Deadline limit = Deadline::after_ms(20000);
+    while (a_step.load(std::memory_order_acquire) < step && !limit.expired()) {
+      ctx.progress();
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+  };
+  std::thread peer_b([&] {
+    auto ep = p.b->connect(addr_a);
+    ASSERT_TRUE(ep.ok());
+    uint64_t v = 1;
+    ASSERT_TRUE(p.b->wait((*ep)->send(0, &v, 8), Deadline::after_ms(20000)).ok());
+    quiet_until(*p.b, 2);  // until a has its message from c
+    p.b.reset();
+  });
+  std::thread peer_c([&] {
+    auto ep = c->connect(addr_a);
+    ASSERT_TRUE(ep.ok());
+    uint64_t v = 2;
+    ASSERT_TRUE(c->wait((*ep)->send(0, &v, 8), Deadline::after_ms(20000)).ok());
+    quiet_until(*c, 1);  // until a's wait on b has timed out
+    v = 3;
+    ASSERT_TRUE(c->wait((*ep)->send(0, &v, 8), Deadline::after_ms(20000)).ok());
+    quiet_until(*c, 3);  // c stays until a has seen b go away
+  });
+  auto to_b = p.a->connect(addr_b);
+  auto to_c = p.a->connect(addr_c);
+  ASSERT_TRUE(to_b.ok() && to_c.ok());
+  uint64_t from_b = 0, from_c = 0;
+  ASSERT_TRUE(p.a->wait((*to_b)->recv(0, &from_b, 8), Deadline::after_ms(20000)).ok());
+  ASSERT_TRUE(p.a->wait((*to_c)->recv(0, &from_c, 8), Deadline::after_ms(20000)).ok());
+  ASSERT_EQ(from_b, 1u);
+  ASSERT_EQ(from_c, 2u);
+
+  Request rb = (*to_b)->recv(0, &from_b, 8);
+  Request rc = (*to_c)->recv(0, &from_c, 8);
+  const int64_t t0 = monotonic_ns();
+  Status s = p.a->wait(rb, Deadline::after_ms(150));
+  const int64_t waited_ms = (monotonic_ns() - t0) / 1'000'000;
+  EXPECT_EQ(s.code(), StatusCode::kTimeout) << s;
+  EXPECT_GE(waited_ms, 149);
+  EXPECT_LT(waited_ms, 2000) << "the wait overslept its 150 ms deadline";
+  a_step.store(1, std::memory_order_release);
+  s = p.a->wait(rc, Deadline::after_ms(20000));
+  EXPECT_TRUE(s.ok()) << s;
+  EXPECT_EQ(from_c, 3u);
+  a_step.store(2, std::memory_order_release);
+  const int64_t t1 = monotonic_ns();
+  s = p.a->wait(rb, Deadline::after_ms(20000));
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("block-b"), std::string_view::npos) << s;
+  EXPECT_LT((monotonic_ns() - t1) / 1'000'000, 10000) << "the peer's death did not wake the wait";
+  a_step.store(3, std::memory_order_release);
+  peer_b.join();
+  peer_c.join();
+}
+
 // A peer that connects while a Context sleeps in its only connection's recv (that socket out of
 // the epoll set) is served within a sleep or two: its put is acknowledged by the sleeper's
 // progress engine long before the sleeper's own message arrives.
