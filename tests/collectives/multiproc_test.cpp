@@ -390,6 +390,29 @@ TEST(CollectivesShmRing, GroupMixingShmAndTcpAgreesOnTheMessages) {
   EXPECT_TRUE(out.all_ok()) << out.summary();
 }
 
+// Reuse of the shared working memory from call to call: one rank starts every call late (a
+// deliberate lag, not a wait), so its peers' requests wait for it unreceived and it copies out of
+// their working memory after they posted them. A peer may write its working memory for the next
+// call only once this rank has copied (its sends complete then), so every call's data arrives
+// intact: values differ from call to call, sizes grow and shrink, in place and out of place.
+TEST(CollectivesShmRing, LateRankCopiesEveryCallIntactFromReusedWorkingMemory) {
+  WorldSpec s;
+  s.ranks = 4;
+  s.backend = Backend::kShm;
+  const auto out = run_world(s, [](RankCtx& rc) -> Status {
+    uint64_t salt = 7000;
+    for (int call = 0; call < 24; ++call) {
+      if (rc.rank == 2) std::this_thread::sleep_for(std::chrono::milliseconds(3));
+      const size_t count =
+          call % 3 == 2 ? size_t{1023} : (size_t{1} << 16) + static_cast<size_t>(call);
+      MYELIN_RETURN_IF_ERROR(check_allreduce(rc, Algorithm::kRing, DataType::kI32, ReduceOp::kSum,
+                                             count, call % 2 == 0, 0, ++salt));
+    }
+    return ok_status();
+  });
+  EXPECT_TRUE(out.all_ok()) << out.summary();
+}
+
 // Inexact float data: the result stays within the rounding bound of n - 1 additions, and every
 // rank ends with the same bits.
 TEST(CollectivesFloat, RandomDataWithinErrorBoundAndIdenticalOnAllRanks) {
