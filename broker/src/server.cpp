@@ -109,9 +109,6 @@ class Server::Impl {
   // every bulk read, so a control frame waits for at most one bulk read or write of one pass.
   void service_control();
   void read_ctrl(Conn& c);
-  // The main connection ended: routes what the control connection already holds (sent before the
-  // client closed; the two streams' ends arrive in no particular order) before the session ends.
-  void drain_ctrl(Conn& c);
   // Decodes and handles what the control connection's buffer holds. False: the session closed.
   bool decode_ctrl(Conn& c);
   // Moves the control lane into the control connection and writes it.
@@ -259,6 +256,9 @@ struct Server::Impl::Conn final : public Session {
   std::unique_ptr<Link> ctrl;
   // This connection was a control connection's handshake and now belongs to another session.
   bool moved = false;
+  // The main connection ended (its socket closed and gone) while the control connection lived:
+  // nothing more is sent here, and the session ends with the control connection.
+  bool main_ended = false;
 };
 
 const AclEntry* Server::Impl::acl_for(std::string_view identity) const {
@@ -580,7 +580,18 @@ void Server::Impl::read_conn(Conn& c) {
   // is left is reported again on the next pass.
   auto n = c.rx.read_from(c.fd.get(), kReadPerPass);
   if (!n.ok()) {
-    if (c.ctrl) drain_ctrl(c);
+    if (c.ctrl && c.active) {
+      // A closing client's two streams end in no particular order: control frames it sent
+      // before it closed may still be on their way on the control connection. The session ends
+      // with that connection (its end, or the main connection's silence past the heartbeat
+      // deadline in tick()).
+      MYELIN_LOG_INFO << "client " << id << " (" << c.ident << "): main connection ended ("
+                      << n.status() << "); the session ends with its control connection";
+      ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, c.fd.get(), nullptr);
+      c.fd.reset();
+      c.main_ended = true;
+      return;
+    }
     close_conn(id, n.status().to_string().c_str());
     return;
   }
@@ -640,18 +651,6 @@ void Server::Impl::service_control() {
   }
   for (auto& c : due) {
     if (conns_.count(c->id())) pump_control(*c);
-  }
-}
-
-void Server::Impl::drain_ctrl(Conn& c) {
-  // At most 16 MiB: what a client can have sent before closing, not a stream that goes on.
-  for (int i = 0; i < 256 && c.ctrl; ++i) {
-    Conn::Link& l = *c.ctrl;
-    auto n = l.rx.read_from(l.fd.get(), kReadPerPass);
-    if (!n.ok() || *n == 0) return;
-    c_.bytes_in.fetch_add(*n, std::memory_order_relaxed);
-    if (!decode_ctrl(c)) return;  // the session closed on a bad frame
-    if (c.ctrl && c.ctrl->rx.drained()) return;
   }
 }
 
@@ -1072,11 +1071,16 @@ void Server::Impl::pump_control(Conn& c) {
 }
 
 void Server::Impl::detach_ctrl(Conn& c, const Status& why) {
-  MYELIN_LOG_INFO << "client " << c.id() << " (" << c.ident << "): control connection ended ("
-                  << why << "); its control lane falls back to the main connection";
   ::epoll_ctl(ctrl_epoll_.get(), EPOLL_CTL_DEL, c.ctrl->fd.get(), nullptr);
   c.ctrl.reset();
   c_.ctrl_active.fetch_sub(1, std::memory_order_relaxed);
+  if (c.main_ended) {
+    close_conn(c.id(),
+               ("both connections ended, the control connection: " + why.to_string()).c_str());
+    return;
+  }
+  MYELIN_LOG_INFO << "client " << c.id() << " (" << c.ident << "): control connection ended ("
+                  << why << "); its control lane falls back to the main connection";
   c.ready.store(true, std::memory_order_relaxed);
 }
 
@@ -1131,7 +1135,7 @@ void Server::Impl::pump(Conn& c) {
   // batch, a burst), and no message waits for later traffic that may never come.
   c.out.close_due_batches(now, true);
   if (c.ctrl) pump_control(c);  // the credit frame above, or control frames popped past credits
-  if (!conns_.count(c.id())) return;
+  if (!conns_.count(c.id()) || c.main_ended) return;
   // With a control connection nothing but bulk travels here: the whole pipeline stays open.
   size_t bulk_budget = SIZE_MAX;
   if (opt_.bulk_inflight_bytes > 0 && c.active && !c.ctrl &&

@@ -1133,8 +1133,9 @@ TEST(ControlConnection, ClosedControlConnectionFallsBackAndASilentOneEndsTheSess
 
 // A closing client's two streams end in no particular order: when the broker reads the main
 // connection's end while the control connection still holds control frames sent before it (here
-// more than the 64 KiB the broker reads there per pass, sent while the broker was stopped), they
-// are still routed before the session ends.
+// several times the 64 KiB the broker reads there per pass, sent while it was stopped), they
+// are still routed, and so is a control frame that arrives after that end was read: the session
+// ends with its control connection.
 TEST(ControlConnection, MainConnectionEndStillRoutesWhatTheControlConnectionHolds) {
   if (!have_curl()) GTEST_SKIP() << "curl is not installed";
   Daemon d(kLanes);
@@ -1154,7 +1155,7 @@ TEST(ControlConnection, MainConnectionEndStillRoutesWhatTheControlConnectionHold
   // Room in this side's send buffer for all of it while the broker reads nothing.
   const int sndbuf = 1 << 20;
   ASSERT_EQ(::setsockopt(ctrl.fd(), SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf), 0);
-  constexpr int kN = 40;  // of 2 KiB each: 80 KiB
+  constexpr int kN = 200;  // of 2 KiB each: 400 KiB, several passes' worth of reads
   const std::string body(2048, 'c');
   std::vector<std::byte> frames;
   for (int i = 0; i < kN; ++i) {
@@ -1184,6 +1185,18 @@ TEST(ControlConnection, MainConnectionEndStillRoutesWhatTheControlConnectionHold
     got++;
   }
   EXPECT_EQ(got, kN);
+  // The broker has read the main connection's end by now (it was there before the control
+  // connection's last bytes): a control frame that arrives after it is routed too.
+  ASSERT_TRUE(ctrl.send({.type = FrameType::kPublish, .flags = kFlagControl, .id = 99}, "ctrl/last",
+                        bytes(std::to_string(kN) + " late"))
+                  .ok());
+  auto late = sub->poll(Deadline::after_ms(5000));
+  ASSERT_TRUE(late.ok()) << late.status();
+  EXPECT_EQ(std::stoi(std::string(reinterpret_cast<const char*>(late->payload.data()),
+                                  late->payload.size())),
+            kN);
+  // The session ends with the main connection's silence past the heartbeat deadline (or the
+  // control connection's end).
   EXPECT_EQ(metric_reaches(d, "myelin_broker_connections_active", 1, false), 1);
   EXPECT_EQ(metric_reaches(d, "myelin_broker_control_connections_active", 1, false), 1);
 }
