@@ -117,6 +117,10 @@ class BrokerBench::Impl {
     // io_thread_nice): with control connections and polling threads, the threads that read bulk.
     if (const char* nv = std::getenv("MYELIN_BULK_IO_NICE"); nv != nullptr && *nv != '\0')
       co.io_thread_nice = std::atoi(nv);
+    // MYELIN_CONTROL_CONNECTION=0: clients keep the control lane on their main connection
+    // (ClientOptions::control_connection), to compare the two set-ups on one build.
+    if (const char* cv = std::getenv("MYELIN_CONTROL_CONNECTION"); cv != nullptr && *cv != '\0')
+      co.control_connection = std::string_view(cv) != "0";
     return broker::Client::connect(std::move(co));
   }
   // Publishes flood messages until `stop` is set (rank 1's thread) or the store says so (ranks
