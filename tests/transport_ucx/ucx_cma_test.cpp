@@ -190,6 +190,40 @@ TEST_P(UcxCma, MessageOfADisconnectedSenderFailsInsteadOfBeingRead) {
   EXPECT_NE(st.message().find("ctx-a"), std::string_view::npos) << st;
 }
 
+// A cma read still filling its recv is work pending: a blocking wait must not arm the worker's
+// wakeup and sleep (up to 100 ms per 1 MiB piece, as no UCX event comes for the next piece).
+TEST_P(UcxCma, PendingCmaReadKeepsTheWorkerFromSleeping) {
+  ScopedCmaEnv env(nullptr);
+  Options o = test_options();
+  o.progress = ProgressMode::kSpinThenBlock;
+  a_ = open_backend(o, "ctx-a");
+  b_ = open_backend(o, "ctx-b");
+  ASSERT_TRUE(a_ && b_);
+  ASSERT_GE(b_->wait_fd(), 0);
+  auto ab = a_->connect(b_->local_address(), "ctx-b", Deadline::after_ms(5000));
+  auto ba = b_->connect(a_->local_address(), "ctx-a", Deadline::after_ms(5000));
+  ASSERT_TRUE(ab.ok() && ba.ok());
+  ab_ = std::move(ab).value();
+  ba_ = std::move(ba).value();
+  const Deadline hello = Deadline::after_ms(5000);
+  while (!hello.expired() && !ucx(*ab_).sends_by_cma()) a_->progress(), b_->progress();
+  ASSERT_TRUE(ucx(*ab_).sends_by_cma());
+  const auto out = pattern(8 * kCmaPiece, 11);
+  std::vector<uint8_t> in(out.size());
+  Request s = ab_->send(6, out.data(), out.size());
+  for (int i = 0; i < 100; ++i) a_->progress(), b_->progress();  // the header arrives
+  // Idle, the receiver may sleep (what it has to do is done).
+  const Deadline idle = Deadline::after_ms(5000);
+  while (!idle.expired() && !b_->arm_wait()) b_->progress();
+  ASSERT_FALSE(idle.expired()) << "the receiver never became idle";
+  Request r = ba_->recv(6, in.data(), in.size());  // starts the read: one piece at most
+  ASSERT_FALSE(r.done()) << r.status();
+  EXPECT_FALSE(b_->arm_wait()) << "armed to sleep with a cma read in progress";
+  ASSERT_TRUE(drive2(r).ok()) << r.status();
+  ASSERT_TRUE(drive2(s).ok()) << s.status();
+  EXPECT_TRUE(in == out);
+}
+
 TEST_P(UcxCma, OffInTheEnvironmentKeepsUcxRendezvous) {
   ScopedCmaEnv env("off");
   connect_pair(false);

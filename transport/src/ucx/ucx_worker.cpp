@@ -456,7 +456,9 @@ size_t UcxWorker::run_deferred() {
 }
 
 bool UcxWorker::arm() {
-  if (!deferred_.empty()) return false;
+  // A cma read in progress is work pending too: its next piece comes from progress(), and no UCX
+  // event would wake a sleeper for it.
+  if (!deferred_.empty() || !cma_reads_.empty()) return false;
   const ucs_status_t st = ucp_worker_arm(worker_);
   if (st == UCS_ERR_BUSY) return false;
   if (st != UCS_OK) {
