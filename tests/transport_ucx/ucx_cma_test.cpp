@@ -5,6 +5,8 @@
 // MYELIN_UCX_CMA (off, a threshold, garbage).
 #include <cstdlib>
 #include <cstring>
+#include <atomic>
+#include <thread>
 #include <vector>
 
 #include "ucx/ucx_endpoint.hpp"
@@ -179,8 +181,20 @@ TEST_P(UcxCma, MessageOfADisconnectedSenderFailsInsteadOfBeingRead) {
   auto out = pattern(size_t{1} << 20, 8);
   Request s = ab_->send(4, out.data(), out.size());
   for (int i = 0; i < 100; ++i) a_->progress(), b_->progress();  // the header arrives
-  ab_.reset();  // the send is withdrawn: its buffer may be reused from here on
+  {
+    // The receiver confirms the withdraw from its own progress; b_ belongs to this thread until
+    // it is joined.
+    std::atomic<bool> stop{false};
+    std::thread receiver([&] {
+      const Deadline limit = Deadline::after(std::chrono::seconds(20));
+      while (!stop.load(std::memory_order_acquire) && !limit.expired()) b_->progress();
+    });
+    ab_.reset();  // the send is withdrawn: its buffer may be reused from here on
+    stop.store(true, std::memory_order_release);  // pairs with the receiver thread's load
+    receiver.join();
+  }
   EXPECT_EQ(s.status().code(), StatusCode::kCancelled) << s.status();
+  EXPECT_NE(s.status().message().find("withdrawn"), std::string_view::npos) << s.status();
   std::fill(out.begin(), out.end(), 0);
   for (int i = 0; i < 100; ++i) a_->progress(), b_->progress();
   std::vector<uint8_t> in(out.size());
@@ -188,6 +202,50 @@ TEST_P(UcxCma, MessageOfADisconnectedSenderFailsInsteadOfBeingRead) {
   const Status st = drive(r, {a_.get(), b_.get()}, Deadline::after(std::chrono::seconds(5)));
   EXPECT_EQ(st.code(), StatusCode::kCancelled) << st;
   EXPECT_NE(st.message().find("ctx-a"), std::string_view::npos) << st;
+}
+
+// The sender disconnects while the receiver (its own thread) is reading a 64 MiB message: the
+// disconnect returns only once the receiver confirmed the withdraw or finished the read, so the
+// buffer the sender then overwrites is never read half old, half new. Either the send and the
+// recv both completed with the whole message, or both failed `cancelled`.
+TEST_P(UcxCma, DisconnectWaitsForTheReceiverBeforeTheBufferIsReused) {
+  ScopedCmaEnv env(nullptr);
+  connect_pair(true);
+  auto out = pattern(size_t{64} << 20, 21);
+  const auto expected = out;
+  std::vector<uint8_t> in(out.size(), 0);
+  Request r = ba_->recv(6, in.data(), in.size());
+  Request s = ab_->send(6, out.data(), out.size());
+  // b_ (and r) belong to the receiver thread until it is joined; a_ (and s) to this one.
+  std::atomic<bool> stop{false};
+  std::thread receiver([&] {
+    const Deadline limit = Deadline::after(std::chrono::seconds(20));
+    while (!stop.load(std::memory_order_acquire) && !limit.expired()) b_->progress();
+  });
+  // Let the header arrive and the read get going, then withdraw mid-read.
+  for (int i = 0; i < 200; ++i) a_->progress();
+  ab_.reset();
+  ASSERT_TRUE(s.done());
+  // The caller reuses its buffer once the send is done: the tail first, where a read in
+  // progress is headed.
+  std::fill(out.begin() + out.size() / 2, out.end(), 0);
+  std::fill(out.begin(), out.begin() + out.size() / 2, 0);
+  stop.store(true, std::memory_order_release);  // pairs with the receiver thread's load
+  receiver.join();
+  const Deadline deadline = Deadline::after(std::chrono::seconds(10));
+  while (!r.done() && !deadline.expired()) b_->progress();
+  ASSERT_TRUE(r.done()) << "the recv neither finished nor failed";
+  RecordProperty("outcome", s.status().ok() ? "read before the withdraw" : "withdrawn");
+  if (s.status().ok()) {
+    ASSERT_TRUE(r.status().ok()) << r.status();
+    EXPECT_TRUE(in == expected) << "a completed recv holds other bytes than were sent";
+  } else {
+    EXPECT_EQ(s.status().code(), StatusCode::kCancelled) << s.status();
+    // Completed by the receiver's confirmation, not by giving up on it.
+    EXPECT_NE(s.status().message().find("withdrawn"), std::string_view::npos) << s.status();
+    EXPECT_EQ(r.status().code(), StatusCode::kCancelled)
+        << "the recv completed after its sender withdrew: " << r.status();
+  }
 }
 
 // A cma read still filling its recv is work pending: a blocking wait must not arm the worker's

@@ -2,6 +2,7 @@
 #include "ucx/ucx_endpoint.hpp"
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cstring>
 #include <limits>
@@ -258,6 +259,12 @@ void EpLink::complete_cma(uint64_t cookie, uint32_t error) {
     if (worker) worker->request_pool().recycle(std::move(op->state));
     return;
   }
+  if (error == ECANCELED) {  // the receiver confirmed our withdraw: it read none of the rest
+    op->state->complete(cancelled("send of ", op->bytes, " bytes to ", peer_name,
+                                  ": withdrawn, the endpoint closed before the peer read it"),
+                        0);
+    return;
+  }
   op->state->complete(io_error("send of ", op->bytes, " bytes to ", peer_name,
                                ": the peer could not read it from this process (cma): ",
                                std::strerror(static_cast<int>(error)), " (errno ", error, ")"),
@@ -323,14 +330,34 @@ UcxEndpoint::~UcxEndpoint() {
   link.closing = true;
   for (auto& [id, cached] : rkeys_) ucp_rkey_destroy(cached.rkey);
   rkeys_.clear();
-  // cma sends not acked yet: the receiver may not have read them, and their buffers may go once
-  // they complete; tell it (before the close below pushes queued messages out) so that it fails
-  // those recvs instead of reading whatever the buffers then hold.
+  // cma sends not acked yet: the receiver may be reading them, and their buffers may go once
+  // they complete. Withdraw them (before the close below pushes queued messages out) and wait,
+  // bounded, for the receiver to answer each: an ack (it read the whole message) or a withdraw
+  // confirmation (it will read no more of it; its recv fails `cancelled`). Only then do the
+  // sends complete, so a caller that reuses a buffer after its send completed never has it read
+  // half old, half new. A failed endpoint's peer is gone or failed: nothing to wait for.
+  bool withdrawn = false;
   for (auto& [cookie, op] : link.cma_sends) {
     if (link.ep != nullptr && link.failure.ok()) {
       const CmaAck withdraw{worker->id(), cookie, 0, 0};
-      (void)UcxWorker::send_small_am(link.ep, kAmCmaWithdrawId, &withdraw, sizeof withdraw);
+      withdrawn |= UcxWorker::send_small_am(link.ep, kAmCmaWithdrawId, &withdraw,
+                                            sizeof withdraw) == UCS_OK;
     }
+  }
+  if (withdrawn) {
+    const auto limit =
+        std::min<std::chrono::milliseconds>(worker->options().timeout, std::chrono::seconds(2));
+    const Deadline deadline = Deadline::after(limit);
+    while (!link.cma_sends.empty() && link.failure.ok() && !deadline.expired()) {
+      worker->progress();
+    }
+    if (!link.cma_sends.empty() && link.failure.ok()) {
+      MYELIN_LOG_WARN << "ucx: " << link.cma_sends.size() << " cma send(s) to " << link.peer_name
+                      << " not confirmed withdrawn within " << limit.count()
+                      << " ms; they complete cancelled, but the peer may still read their buffers";
+    }
+  }
+  for (auto& [cookie, op] : link.cma_sends) {
     op->state->complete(op_error(*op, UCS_ERR_CANCELED), 0);
   }
   link.cma_sends.clear();

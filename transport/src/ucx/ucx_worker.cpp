@@ -552,12 +552,25 @@ ucs_status_t UcxWorker::on_cma_control(void* arg, const void* header, size_t hea
     if constexpr (Id == kAmCmaAckId) {
       if (inbox.on_cma_ack) {
         inbox.on_cma_ack(a.cookie, a.error);
+      } else if (a.error == ECANCELED) {
+        // The confirmation of a withdraw whose message was read (and acked) before the withdraw
+        // arrived: the sender's endpoint has gone meanwhile, nothing is lost.
+        MYELIN_LOG_DEBUG << "ucx: a withdraw confirmation from context " << a.sender_id
+                         << " after its endpoint closed";
       } else {
         MYELIN_LOG_WARN << "ucx: dropping a cma ack from context " << a.sender_id
                         << ", which has no endpoint here";
       }
     } else {
+      // From here no piece of that message is read: every read checks `withdrawn` before each
+      // piece, and reads advance only in progress(), never inside this callback. The
+      // confirmation (an ack with ECANCELED, sent after this callback) is what lets the sender
+      // hand its buffer back.
       inbox.withdrawn.push_back(a.cookie);
+      const bool was_in_callback = self->in_callback_;
+      self->in_callback_ = true;  // defers the send until the callback has returned
+      self->send_cma_ack(a.sender_id, a.cookie, ECANCELED);
+      self->in_callback_ = was_in_callback;
     }
   }
   return UCS_OK;
