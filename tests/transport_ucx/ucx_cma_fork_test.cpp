@@ -29,33 +29,6 @@ namespace {
 
 using internal::ucx::UcxEndpoint;
 
-bool write_blob(int fd, const std::vector<uint8_t>& bytes) {
-  const uint32_t n = static_cast<uint32_t>(bytes.size());
-  return write(fd, &n, sizeof n) == sizeof n &&
-         write(fd, bytes.data(), n) == static_cast<ssize_t>(n);
-}
-
-bool read_exact(int fd, void* p, size_t n, int ms) {
-  auto* b = static_cast<uint8_t*>(p);
-  const Deadline deadline = Deadline::after_ms(ms);
-  while (n > 0) {
-    pollfd pfd{fd, POLLIN, 0};
-    if (poll(&pfd, 1, deadline.remaining_ms_for_poll()) != 1) return false;
-    const ssize_t got = read(fd, b, n);
-    if (got <= 0) return false;
-    b += got;
-    n -= static_cast<size_t>(got);
-  }
-  return true;
-}
-
-bool read_blob(int fd, std::vector<uint8_t>& out, int ms) {
-  uint32_t n = 0;
-  if (!read_exact(fd, &n, sizeof n, ms) || n > (1u << 20)) return false;
-  out.resize(n);
-  return read_exact(fd, out.data(), n, ms);
-}
-
 std::vector<uint8_t> pattern(size_t n, uint8_t seed) {
   std::vector<uint8_t> v(n);
   for (size_t i = 0; i < n; ++i) v[i] = static_cast<uint8_t>(seed + i * 7 + (i >> 11));
@@ -153,22 +126,18 @@ TEST_P(UcxCmaFork, SenderKilledMidCopyFailsTheRecvNamingThePeer) {
   unsetenv("MYELIN_UCX_CMA");
   ForkedPeer peer;
   ASSERT_TRUE(peer.start([](int to_parent, int from_parent) {
-    auto backend = internal::create_ucx_backend(test_options(std::chrono::seconds(5)),
-                                                internal::ContextInfo{"child", "test-node"});
-    if (!backend.ok() || !write_blob(to_parent, (*backend)->local_address())) _exit(2);
-    std::vector<uint8_t> parent_address;
-    if (!read_blob(from_parent, parent_address, 20'000)) _exit(3);
-    auto ep = (*backend)->connect(parent_address, "parent", Deadline::after_ms(5000));
-    if (!ep.ok()) _exit(4);
-    settle(**backend, **ep, 5000);
-    if (!ucx(**ep).sends_by_cma()) _exit(5);
+    ChildLink link = connect_child_to_parent(to_parent, from_parent);
+    auto& backend = link.backend;
+    auto& ep = link.ep;
+    settle(*backend, *ep, 5000);
+    if (!ucx(*ep).sends_by_cma()) _exit(5);
     static const std::vector<uint8_t> big = pattern(kBig, 1);
-    Request s = (*ep)->send(1, big.data(), big.size());
-    for (int i = 0; i < 1000; ++i) (*backend)->progress();
+    Request s = ep->send(1, big.data(), big.size());
+    for (int i = 0; i < 1000; ++i) backend->progress();
     const char sent = 's';
     if (write(to_parent, &sent, 1) != 1) _exit(6);
     const Deadline deadline = Deadline::after(std::chrono::seconds(60));  // killed before
-    while (!deadline.expired()) (*backend)->progress();
+    while (!deadline.expired()) backend->progress();
     _exit(7);
   }));
   const auto timeout = std::chrono::seconds(5);
@@ -218,30 +187,26 @@ TEST(UcxCmaForkTcp, ReceiverThatMayNotReadTheSenderGetsRendezvous) {
   ForkedPeer peer;
   ASSERT_TRUE(peer.start([](int to_parent, int from_parent) {
     if (setresgid(65534, 65534, 65534) != 0 || setresuid(65534, 65534, 65534) != 0) _exit(10);
-    auto backend = internal::create_ucx_backend(test_options(std::chrono::seconds(5)),
-                                                internal::ContextInfo{"child", "test-node"});
-    if (!backend.ok() || !write_blob(to_parent, (*backend)->local_address())) _exit(2);
-    std::vector<uint8_t> parent_address;
-    if (!read_blob(from_parent, parent_address, 20'000)) _exit(3);
-    auto ep = (*backend)->connect(parent_address, "parent", Deadline::after_ms(5000));
-    if (!ep.ok()) _exit(4);
-    settle(**backend, **ep, 5000);
+    ChildLink link = connect_child_to_parent(to_parent, from_parent);
+    auto& backend = link.backend;
+    auto& ep = link.ep;
+    settle(*backend, *ep, 5000);
     // Our hello (sent from the progress above) goes ahead of this on the endpoint: once the
     // parent has it, the parent knows we cannot read it.
     static const uint8_t kReady = 1;
-    Request ready = (*ep)->send(4, &kReady, 1);
-    if (!drive(ready, {backend->get()}).ok()) _exit(19);
+    Request ready = ep->send(4, &kReady, 1);
+    if (!drive(ready, {backend.get()}).ok()) _exit(19);
     const std::vector<uint8_t> out = pattern(size_t{1} << 20, 2);
     std::vector<uint8_t> in(size_t{1} << 20);
-    Request r = (*ep)->recv(2, in.data(), in.size());
-    Request s = (*ep)->send(1, out.data(), out.size());
-    if (!drive(s, {backend->get()}).ok()) _exit(20);
-    if (!drive(r, {backend->get()}).ok()) _exit(21);
+    Request r = ep->recv(2, in.data(), in.size());
+    Request s = ep->send(1, out.data(), out.size());
+    if (!drive(s, {backend.get()}).ok()) _exit(20);
+    if (!drive(r, {backend.get()}).ok()) _exit(21);
     // 0: all well; 30 + what went wrong otherwise.
     uint8_t verdict = in == pattern(size_t{1} << 20, 3) ? 0 : 31;
-    if (verdict == 0 && !ucx(**ep).sends_by_cma()) verdict = 32;
-    Request v = (*ep)->send(3, &verdict, 1);
-    if (!drive(v, {backend->get()}).ok()) _exit(22);
+    if (verdict == 0 && !ucx(*ep).sends_by_cma()) verdict = 32;
+    Request v = ep->send(3, &verdict, 1);
+    if (!drive(v, {backend.get()}).ok()) _exit(22);
     // Stay until the parent has the verdict.
     char done = 0;
     (void)read_exact(from_parent, &done, 1, 20'000);
@@ -280,28 +245,24 @@ TEST(UcxGetForkTcp, GetsOfAKilledPeerAreDoneWithTheirBuffersWhenTheyComplete) {
   constexpr size_t kPiece = size_t{4} << 20, kPieces = 8;
   ForkedPeer peer;
   ASSERT_TRUE(peer.start([](int to_parent, int from_parent) {
-    auto backend = internal::create_ucx_backend(test_options(std::chrono::seconds(5)),
-                                                internal::ContextInfo{"child", "test-node"});
-    if (!backend.ok() || !write_blob(to_parent, (*backend)->local_address())) _exit(2);
-    std::vector<uint8_t> parent_address;
-    if (!read_blob(from_parent, parent_address, 20'000)) _exit(3);
-    auto ep = (*backend)->connect(parent_address, "parent", Deadline::after_ms(5000));
-    if (!ep.ok()) _exit(4);
+    ChildLink link = connect_child_to_parent(to_parent, from_parent);
+    auto& backend = link.backend;
+    auto& ep = link.ep;
     static std::vector<uint8_t> source(kPiece * kPieces, 0x5a);
     RegionState region;
     region.data = source.data();
     region.size = source.size();
     region.access = Access::kRemoteRead;
     region.id = 1;
-    auto registration = (*backend)->register_memory(region);
+    auto registration = backend->register_memory(region);
     if (!registration.ok()) _exit(6);
     RemoteKey key(reinterpret_cast<uint64_t>(source.data()), source.size(), 1, Access::kRemoteRead,
                   MemoryKind::kHost);
     key.add_backend_blob(Backend::kUcx, (*registration)->remote_key_blob());
     static const std::vector<uint8_t> key_bytes = key.serialize();
-    Request k = (*ep)->send(2, key_bytes.data(), key_bytes.size());
+    Request k = ep->send(2, key_bytes.data(), key_bytes.size());
     const Deadline deadline = Deadline::after(std::chrono::seconds(60));  // killed before
-    while (!deadline.expired()) (*backend)->progress();
+    while (!deadline.expired()) backend->progress();
     _exit(7);
   }));
   const auto timeout = std::chrono::seconds(2);

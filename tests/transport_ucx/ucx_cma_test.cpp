@@ -3,9 +3,9 @@
 // sizes around the threshold and the read piece, 64 MiB, order mixed with small messages on one
 // channel, too-small recv buffers, a sender that disconnects before its message was read, and
 // MYELIN_UCX_CMA (off, a threshold, garbage).
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
-#include <atomic>
 #include <thread>
 #include <vector>
 

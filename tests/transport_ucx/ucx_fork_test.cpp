@@ -23,33 +23,6 @@ extern "C" const char* __lsan_default_suppressions() {  // NOLINT: sanitizer hoo
 namespace myelin::transport::ucx_test {
 namespace {
 
-bool write_blob(int fd, const std::vector<uint8_t>& bytes) {
-  const uint32_t n = static_cast<uint32_t>(bytes.size());
-  return write(fd, &n, sizeof n) == sizeof n &&
-         write(fd, bytes.data(), n) == static_cast<ssize_t>(n);
-}
-
-// Reads one length-prefixed blob; waits at most `ms` for it.
-bool read_blob(int fd, std::vector<uint8_t>& out, int ms) {
-  auto read_exact = [&](void* p, size_t n) {
-    auto* b = static_cast<uint8_t*>(p);
-    const Deadline deadline = Deadline::after_ms(ms);
-    while (n > 0) {
-      pollfd pfd{fd, POLLIN, 0};
-      if (poll(&pfd, 1, deadline.remaining_ms_for_poll()) != 1) return false;
-      const ssize_t got = read(fd, b, n);
-      if (got <= 0) return false;
-      b += got;
-      n -= static_cast<size_t>(got);
-    }
-    return true;
-  };
-  uint32_t n = 0;
-  if (!read_exact(&n, sizeof n) || n > (1u << 20)) return false;
-  out.resize(n);
-  return read_exact(out.data(), n);
-}
-
 constexpr size_t kTargetBytes = size_t{8} << 20;
 constexpr size_t kBigMessage = size_t{4} << 20;
 
@@ -57,19 +30,15 @@ constexpr size_t kBigMessage = size_t{4} << 20;
 // region (memory of its own, or UCX-allocated when `ucx_allocated`) on channel 2, then keeps its
 // worker alive until killed.
 [[noreturn]] void run_child(int to_parent, int from_parent, bool ucx_allocated) {
-  auto backend = internal::create_ucx_backend(test_options(std::chrono::seconds(5)),
-                                              internal::ContextInfo{"child", "test-node"});
-  if (!backend.ok() || !write_blob(to_parent, (*backend)->local_address())) _exit(2);
-  std::vector<uint8_t> parent_address;
-  if (!read_blob(from_parent, parent_address, 20'000)) _exit(3);
-  auto ep = (*backend)->connect(parent_address, "parent", Deadline::after_ms(5000));
-  if (!ep.ok()) _exit(4);
+  ChildLink link = connect_child_to_parent(to_parent, from_parent);
+  auto& backend = link.backend;
+  auto& ep = link.ep;
   static const char kHello[] = "hello";
-  Request s = (*ep)->send(0, kHello, sizeof kHello);
+  Request s = ep->send(0, kHello, sizeof kHello);
   static std::vector<uint8_t> own(ucx_allocated ? 0 : kTargetBytes);
   std::shared_ptr<void> allocated;
   if (ucx_allocated) {
-    auto a = (*backend)->allocate_shared(kTargetBytes);
+    auto a = backend->allocate_shared(kTargetBytes);
     if (!a.ok()) _exit(7);
     allocated = std::move(a).value();
   }
@@ -79,18 +48,18 @@ constexpr size_t kBigMessage = size_t{4} << 20;
   region.size = kTargetBytes;
   region.access = Access::kRemoteWrite;
   region.id = 1;
-  auto registration = (*backend)->register_memory(region);
+  auto registration = backend->register_memory(region);
   if (!registration.ok()) _exit(6);
   RemoteKey key(reinterpret_cast<uint64_t>(target), kTargetBytes, 1, Access::kRemoteWrite,
                 MemoryKind::kHost);
   key.add_backend_blob(Backend::kUcx, (*registration)->remote_key_blob());
   static const std::vector<uint8_t> key_bytes = key.serialize();
-  Request k = (*ep)->send(2, key_bytes.data(), key_bytes.size());
+  Request k = ep->send(2, key_bytes.data(), key_bytes.size());
   // A rendezvous message the parent receives only after we are gone.
   static const std::vector<uint8_t> big(kBigMessage, 0x3c);
-  Request b = (*ep)->send(3, big.data(), big.size());
+  Request b = ep->send(3, big.data(), big.size());
   const Deadline deadline = Deadline::after(std::chrono::seconds(60));  // the parent kills us first
-  while (!deadline.expired()) (*backend)->progress();
+  while (!deadline.expired()) backend->progress();
   _exit(5);
 }
 

@@ -3,6 +3,8 @@
 #pragma once
 
 #include <gtest/gtest.h>
+#include <poll.h>
+#include <unistd.h>
 
 #include <cstdlib>
 #include <memory>
@@ -50,6 +52,54 @@ inline Options test_options(std::chrono::milliseconds timeout = std::chrono::sec
   o.backend = Backend::kUcx;
   o.timeout = timeout;
   return o;
+}
+
+// Pipes between a forked test child and its parent: one length-prefixed blob (an address).
+inline bool write_blob(int fd, const std::vector<uint8_t>& bytes) {
+  const uint32_t n = static_cast<uint32_t>(bytes.size());
+  return write(fd, &n, sizeof n) == sizeof n &&
+         write(fd, bytes.data(), n) == static_cast<ssize_t>(n);
+}
+
+// Reads exactly `n` bytes; waits at most `ms` for them (0: only what is there now).
+inline bool read_exact(int fd, void* p, size_t n, int ms) {
+  auto* b = static_cast<uint8_t*>(p);
+  const Deadline deadline = Deadline::after_ms(ms);
+  while (n > 0) {
+    pollfd pfd{fd, POLLIN, 0};
+    if (poll(&pfd, 1, deadline.remaining_ms_for_poll()) != 1) return false;
+    const ssize_t got = read(fd, b, n);
+    if (got <= 0) return false;
+    b += got;
+    n -= static_cast<size_t>(got);
+  }
+  return true;
+}
+
+// Reads one length-prefixed blob (at most 1 MiB); waits at most `ms` for each part of it.
+inline bool read_blob(int fd, std::vector<uint8_t>& out, int ms) {
+  uint32_t n = 0;
+  if (!read_exact(fd, &n, sizeof n, ms) || n > (1u << 20)) return false;
+  out.resize(n);
+  return read_exact(fd, out.data(), n, ms);
+}
+
+// In a forked child: a UCX backend named "child" (5 s timeout), addresses traded with the parent
+// over the pipes, an endpoint connected back to it. Exits the child with 2, 3 or 4 when a step
+// fails (the parent's test reports the exit code).
+struct ChildLink {
+  std::unique_ptr<BackendContext> backend;
+  std::unique_ptr<Endpoint> ep;
+};
+inline ChildLink connect_child_to_parent(int to_parent, int from_parent) {
+  auto backend = internal::create_ucx_backend(test_options(std::chrono::seconds(5)),
+                                              internal::ContextInfo{"child", "test-node"});
+  if (!backend.ok() || !write_blob(to_parent, (*backend)->local_address())) _exit(2);
+  std::vector<uint8_t> parent_address;
+  if (!read_blob(from_parent, parent_address, 20'000)) _exit(3);
+  auto ep = (*backend)->connect(parent_address, "parent", Deadline::after_ms(5000));
+  if (!ep.ok()) _exit(4);
+  return {std::move(backend).value(), std::move(ep).value()};
 }
 
 // Creates a backend or skips the test when UCX cannot open the transports asked for.

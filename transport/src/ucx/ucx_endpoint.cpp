@@ -340,8 +340,8 @@ UcxEndpoint::~UcxEndpoint() {
   for (auto& [cookie, op] : link.cma_sends) {
     if (link.ep != nullptr && link.failure.ok()) {
       const CmaAck withdraw{worker->id(), cookie, 0, 0};
-      withdrawn |= UcxWorker::send_small_am(link.ep, kAmCmaWithdrawId, &withdraw,
-                                            sizeof withdraw) == UCS_OK;
+      withdrawn |=
+          UcxWorker::send_small_am(link.ep, kAmCmaWithdrawId, &withdraw, sizeof withdraw) == UCS_OK;
     }
   }
   if (withdrawn) {
