@@ -704,9 +704,14 @@ Status Server::Impl::attach(Conn& c, const FrameView& f) {
   // replay made for another server nonce, or another session's token).
   const bool fits =
       s && s->active && !s->closing && s->version >= 2 && !s->ctrl && s->ident == req.identity;
-  if (!fits || !internal::mac_equal(internal::attach_mac(opt_.secret, c.nonce, req.client_nonce,
-                                                         s->token, s->id(), req.identity),
-                                    req.mac)) {
+  // The MAC is computed whether or not the session fits (over an all-zero token then), so the
+  // time the answer takes does not tell a missing session from a bad MAC either.
+  static const internal::Token kNoToken{};
+  const bool mac_ok = internal::mac_equal(
+      internal::attach_mac(opt_.secret, c.nonce, req.client_nonce, fits ? s->token : kNoToken,
+                           fits ? s->id() : req.session, req.identity),
+      req.mac);
+  if (!fits || !mac_ok) {
     c_.auth_failures.fetch_add(1, std::memory_order_relaxed);
     c_.attach_refused.fetch_add(1, std::memory_order_relaxed);
     MYELIN_LOG_WARN << "control connection refused: '" << req.identity << "' for session "
