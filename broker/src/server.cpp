@@ -157,6 +157,8 @@ class Server::Impl {
   // The control connections' own epoll set, itself watched by epoll_ (readable when any of them
   // is ready), polled without waiting at the start of every pass and after every bulk read.
   Fd ctrl_epoll_;
+  // service_control()'s list of sessions with control frames to send (loop thread only).
+  std::vector<std::shared_ptr<Conn>> ctrl_due_;
   std::thread thread_;
   std::thread::id loop_tid_;
   std::atomic<bool> stop_{false};      // pairs with the loop's acquire load each pass
@@ -644,7 +646,10 @@ void Server::Impl::service_control() {
   }
   // Deliver what reached control lanes (from these reads, or from publishes on main
   // connections) and write what the control sockets now take.
-  std::vector<std::shared_ptr<Conn>> due;
+  // The list's storage is kept between calls (this runs after every bulk read); taken out of
+  // the member while in use, so a nested call could not clear it under this loop.
+  std::vector<std::shared_ptr<Conn>> due = std::move(ctrl_due_);
+  due.clear();
   for (auto& [id, c] : conns_) {
     if (c->ctrl && (c->lane(Lane::kControl).size() > 0 || c->ctrl->out.has_unsent()))
       due.push_back(c);
@@ -652,6 +657,8 @@ void Server::Impl::service_control() {
   for (auto& c : due) {
     if (conns_.count(c->id())) pump_control(*c);
   }
+  due.clear();  // holds no session past this call
+  ctrl_due_ = std::move(due);
 }
 
 void Server::Impl::read_ctrl(Conn& c) {

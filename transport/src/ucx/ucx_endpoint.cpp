@@ -336,6 +336,9 @@ UcxEndpoint::~UcxEndpoint() {
   // confirmation (it will read no more of it; its recv fails `cancelled`). Only then do the
   // sends complete, so a caller that reuses a buffer after its send completed never has it read
   // half old, half new. A failed endpoint's peer is gone or failed: nothing to wait for.
+  // How long closing may wait on the peer: for withdraw answers, then for the forced close.
+  const auto close_limit =
+      std::min<std::chrono::milliseconds>(worker->options().timeout, std::chrono::seconds(2));
   bool withdrawn = false;
   for (auto& [cookie, op] : link.cma_sends) {
     if (link.ep != nullptr && link.failure.ok()) {
@@ -345,15 +348,13 @@ UcxEndpoint::~UcxEndpoint() {
     }
   }
   if (withdrawn) {
-    const auto limit =
-        std::min<std::chrono::milliseconds>(worker->options().timeout, std::chrono::seconds(2));
-    const Deadline deadline = Deadline::after(limit);
+    const Deadline deadline = Deadline::after(close_limit);
     while (!link.cma_sends.empty() && link.failure.ok() && !deadline.expired()) {
       worker->progress();
     }
     if (!link.cma_sends.empty() && link.failure.ok()) {
       MYELIN_LOG_WARN << "ucx: " << link.cma_sends.size() << " cma send(s) to " << link.peer_name
-                      << " not confirmed withdrawn within " << limit.count()
+                      << " not confirmed withdrawn within " << close_limit.count()
                       << " ms; they complete cancelled, but the peer may still read their buffers";
     }
   }
@@ -380,9 +381,7 @@ UcxEndpoint::~UcxEndpoint() {
     ucs_status_ptr_t p = ucp_ep_close_nbx(link.ep, &param);
     link.ep = nullptr;
     if (UCS_PTR_IS_PTR(p)) {
-      const auto limit =
-          std::min<std::chrono::milliseconds>(worker->options().timeout, std::chrono::seconds(2));
-      const Deadline deadline = Deadline::after(limit);
+      const Deadline deadline = Deadline::after(close_limit);
       while (ucp_request_check_status(p) == UCS_INPROGRESS && !deadline.expired()) {
         worker->progress();
       }
