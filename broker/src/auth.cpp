@@ -40,8 +40,9 @@ Result<Nonce> random_nonce() {
 Mac client_mac(std::string_view secret, const Nonce& sn, const Nonce& cn, std::string_view id) {
   return hmac(secret, "myelin/c", sn, cn, id);
 }
-Mac server_proof(std::string_view secret, const Nonce& sn, const Nonce& cn, std::string_view id) {
-  return hmac(secret, "myelin/s", cn, sn, id);
+Mac server_proof(std::string_view secret, const Nonce& sn, const Nonce& cn, std::string_view id,
+                 const Token* token, uint64_t session) {
+  return hmac(secret, "myelin/s", cn, sn, id, token, session);
 }
 Result<Token> random_token() {
   Token t;

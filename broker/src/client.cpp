@@ -325,9 +325,18 @@ Status Client::Impl::handshake() {
   MYELIN_RETURN_IF_ERROR(read_handshake_frame(m.fd.get(), m.rx, d, opt_.address, &f));
   if (f.header.type == FrameType::kError) return error_frame_status(f);
   MYELIN_ASSIGN_OR_RETURN(AuthOk ok, parse_auth_ok(f));
-  if (!internal::mac_equal(ok.proof, internal::server_proof(opt_.secret, server_nonce, client_nonce,
-                                                            opt_.identity))) {
-    return permission_denied("the broker at ", opt_.address, " does not know the job secret");
+  if (version_ >= 2 && !ok.has_token) {
+    return protocol_error("the broker at ", opt_.address, " speaks protocol ", version_,
+                          " but sent no session token");
+  }
+  // Protocol 2: the proof covers the session token and id as well, so neither can be swapped on
+  // the way (auth.hpp).
+  if (!internal::mac_equal(
+          ok.proof, internal::server_proof(opt_.secret, server_nonce, client_nonce, opt_.identity,
+                                           version_ >= 2 ? &ok.token : nullptr, f.header.id))) {
+    return permission_denied("the broker at ", opt_.address,
+                             " did not prove its answer: it does not know the job secret, or "
+                             "the answer was altered on the way");
   }
   client_id_ = f.header.id;
   pub_credits_ = f.header.seq;
@@ -335,10 +344,6 @@ Status Client::Impl::handshake() {
     return protocol_error("auth_ok asks for a read report every ", f.header.timestamp_ns, " bytes");
   rx_ack_every_ = f.header.timestamp_ns;
   rx_unacked_ = m.rx.buffered();  // the broker counts from auth_ok on
-  if (version_ >= 2 && !ok.has_token) {
-    return protocol_error("the broker at ", opt_.address, " speaks protocol ", version_,
-                          " but sent no session token");
-  }
   FrameHeader c;
   c.type = FrameType::kCredit;
   c.flags = kFlagControl;
@@ -347,8 +352,27 @@ Status Client::Impl::handshake() {
   MYELIN_ASSIGN_OR_RETURN(flushed, m.out.flush(m.fd.get()));
   if (version_ >= 2 && opt_.control_connection) {
     Status s = attach_control(ok, d);
-    if (!s.ok()) return std::move(s).with_context("attaching the control connection");
+    if (!s.ok()) {
+      // The session is authenticated on the main connection: it carries the control lane as
+      // well (behind bulk bytes in the socket buffers). Should the broker have bound the control
+      // connection before the failure, closing it hands the lane back there too, with whatever
+      // was queued on it.
+      MYELIN_LOG_WARN << "broker " << opt_.address << ": no control connection (" << s
+                      << "); the control lane shares the main connection";
+      Conn& ctrl = conns_[kCtrl];
+      ctrl.fd.reset();
+      ctrl.rx = internal::RxBuffer(DecodeLimits{});
+      ctrl.out =
+          internal::OutQueue(internal::OutOptions{.chunk_size = opt_.chunk_bytes,
+                                                  .batch_bytes = opt_.batch_bytes,
+                                                  .batch_window_ns = opt_.batch_window_us * 1000});
+      has_ctrl_ = false;
+    }
   }
+  // The broker uses read reports only for a session without a control connection (they bound
+  // bulk ahead of control frames on one connection); with one they would be a frame on the
+  // control connection every quarter window of bulk.
+  if (has_ctrl_) rx_ack_every_ = 0;
   const int64_t now = monotonic_ns();
   for (Conn& k : conns_) {
     k.last_tx_ns = now;

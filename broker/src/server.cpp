@@ -43,6 +43,12 @@ constexpr size_t kMaxPendingPulls = 1024;
 // Bytes read from one connection per pass of the loop: a flooding publisher holds the loop for
 // one such read (and its decoding) while a control frame waits on another connection.
 constexpr size_t kReadPerPass = 64 * 1024;
+// Bulk bytes started towards one connection per pump (one chunk at the default chunk size). A
+// write into a loopback socket copies into the receiver's buffer in the writer's time: unbounded,
+// one flush to a client that just drained its buffers moved several hundred KiB (100-200 us)
+// while control frames waited on other connections. Bounded, the loop serves the control
+// connections between such writes; a connection with more to send stays watched for writing.
+constexpr size_t kWritePerPass = 64 * 1024;
 constexpr int64_t kControlRecentNs = 100'000'000;
 // epoll tags: a session's main connection is its id; its control connection the id with this bit.
 constexpr uint64_t kCtrlTag = 1ull << 61;
@@ -140,6 +146,9 @@ class Server::Impl {
   void send_ack(Conn& c, uint64_t id, const Status& s);
   void close_conn(uint64_t id, const char* why);
   void update_interest(Conn& c);
+  // pump() on every connection, twice (deliveries freed by the first pass move in the second),
+  // serving the control connections after every pump that wrote bulk bytes.
+  void pump_all();
   void check_pulls();
   void tick(int64_t now);
   const AclEntry* acl_for(std::string_view identity) const;
@@ -159,6 +168,8 @@ class Server::Impl {
   Fd ctrl_epoll_;
   // service_control()'s list of sessions with control frames to send (loop thread only).
   std::vector<std::shared_ptr<Conn>> ctrl_due_;
+  // pump_all()'s list of connections, storage kept between passes (loop thread only).
+  std::vector<std::shared_ptr<Conn>> pump_list_;
   std::thread thread_;
   std::thread::id loop_tid_;
   std::atomic<bool> stop_{false};      // pairs with the loop's acquire load each pass
@@ -218,6 +229,10 @@ struct Server::Impl::Conn final : public Session {
   OutQueue out;
   Reassembler reasm;
   bool active = false, closing = false, want_out = false;
+  // The last flush stopped at kWritePerPass with bulk left that the socket may take: keep
+  // watching it for writing (unlike bulk held back by the in-flight window, which waits for the
+  // client's report).
+  bool pass_limited = false;
   std::string ident;
   const AclEntry* acl = nullptr;
   internal::Nonce nonce{};
@@ -422,7 +437,7 @@ void Server::Impl::observe_latency(int64_t ns) {
 
 void Server::Impl::update_interest(Conn& c) {
   // Bulk held back by the in-flight window waits for the client's report, not for the socket.
-  const bool want = c.out.has_unsent() && !c.out.window_limited();
+  const bool want = c.out.has_unsent() && (!c.out.window_limited() || c.pass_limited);
   if (want == c.want_out) return;
   epoll_event ev{};
   ev.events = want ? static_cast<uint32_t>(EPOLLIN | EPOLLOUT) : static_cast<uint32_t>(EPOLLIN);
@@ -786,13 +801,15 @@ Status Server::Impl::handle_frame(Conn& c, const FrameView& f,
     c.ident = req->identity;
     c.acl = acl;
     c.version = *version;
-    const internal::Mac proof =
-        internal::server_proof(opt_.secret, c.nonce, req->client_nonce, req->identity);
-    std::vector<std::byte> ok_payload(proof.begin(), proof.end());
     if (c.version >= 2) {
       MYELIN_ASSIGN_OR_RETURN(c.token, internal::random_token());
-      ok_payload.insert(ok_payload.end(), c.token.begin(), c.token.end());
     }
+    // Protocol 2: the proof covers the session token and id too (auth.hpp).
+    const internal::Mac proof =
+        internal::server_proof(opt_.secret, c.nonce, req->client_nonce, req->identity,
+                               c.version >= 2 ? &c.token : nullptr, c.id());
+    std::vector<std::byte> ok_payload(proof.begin(), proof.end());
+    if (c.version >= 2) ok_payload.insert(ok_payload.end(), c.token.begin(), c.token.end());
     FrameHeader h;
     h.type = FrameType::kAuthOk;
     h.flags = kFlagControl;
@@ -1084,15 +1101,22 @@ void Server::Impl::pump_control(Conn& c) {
 
 void Server::Impl::detach_ctrl(Conn& c, const Status& why) {
   ::epoll_ctl(ctrl_epoll_.get(), EPOLL_CTL_DEL, c.ctrl->fd.get(), nullptr);
-  c.ctrl.reset();
-  c_.ctrl_active.fetch_sub(1, std::memory_order_relaxed);
   if (c.main_ended) {
+    c.ctrl.reset();
+    c_.ctrl_active.fetch_sub(1, std::memory_order_relaxed);
     close_conn(c.id(),
                ("both connections ended, the control connection: " + why.to_string()).c_str());
     return;
   }
+  // Frames queued for the control connection (deliveries that took a credit, replies, errors,
+  // acks) go on the main connection instead, in their order and ahead of later control frames;
+  // one the ended socket took only part of goes again whole.
+  const size_t moved = c.out.adopt_control_frames(c.ctrl->out);
+  c.ctrl.reset();
+  c_.ctrl_active.fetch_sub(1, std::memory_order_relaxed);
   MYELIN_LOG_INFO << "client " << c.id() << " (" << c.ident << "): control connection ended ("
-                  << why << "); its control lane falls back to the main connection";
+                  << why << "); its control lane falls back to the main connection, with the "
+                  << moved << " frames queued on it";
   c.ready.store(true, std::memory_order_relaxed);
 }
 
@@ -1149,19 +1173,40 @@ void Server::Impl::pump(Conn& c) {
   if (c.ctrl) pump_control(c);  // the credit frame above, or control frames popped past credits
   if (!conns_.count(c.id()) || c.main_ended) return;
   // With a control connection nothing but bulk travels here: the whole pipeline stays open.
-  size_t bulk_budget = SIZE_MAX;
+  size_t window_budget = SIZE_MAX;
   if (opt_.bulk_inflight_bytes > 0 && c.active && !c.ctrl &&
       now - c.last_control_ns < kControlRecentNs) {
     const uint64_t inflight = c.out.bytes_written() - c.ack_base - c.bytes_acked;
-    bulk_budget = inflight >= opt_.bulk_inflight_bytes ? 0 : opt_.bulk_inflight_bytes - inflight;
+    window_budget = inflight >= opt_.bulk_inflight_bytes ? 0 : opt_.bulk_inflight_bytes - inflight;
   }
-  auto r = c.out.flush(c.fd.get(), bulk_budget);
+  auto r = c.out.flush(c.fd.get(), std::min(window_budget, kWritePerPass));
   if (!r.ok()) {
     close_conn(c.id(), r.status().to_string().c_str());
     return;
   }
+  c.pass_limited = c.out.window_limited() && window_budget > kWritePerPass;
   c.last_tx_ns = (moved || !c.out.empty()) ? now : c.last_tx_ns;
   update_interest(c);
+}
+
+void Server::Impl::pump_all() {
+  // Every connection: deliveries move, credits flow back, blocked publishers retry. Taken out of
+  // the member while in use (close paths never touch it, but a nested use could not clear it).
+  std::vector<std::shared_ptr<Conn>> all = std::move(pump_list_);
+  all.clear();
+  for (auto& [id, c] : conns_) all.push_back(c);
+  for (int pass = 0; pass < 2; ++pass) {
+    for (auto& c : all) {
+      if (!conns_.count(c->id())) continue;
+      retry_parked(*c);
+      const uint64_t before = c->out.bytes_written();
+      pump(*c);
+      // A bulk write may have taken a while: control frames that came meanwhile go first.
+      if (c->out.bytes_written() != before) service_control();
+    }
+  }
+  all.clear();  // holds no connection past this call
+  pump_list_ = std::move(all);
 }
 
 void Server::Impl::tick(int64_t now) {
@@ -1254,17 +1299,7 @@ void Server::Impl::loop() {
           keep->ready.store(true, std::memory_order_relaxed);  // writable: flush in pump
       }
     }
-    // Pump every connection: deliveries move, credits flow back, blocked publishers retry.
-    std::vector<std::shared_ptr<Conn>> all;
-    all.reserve(conns_.size());
-    for (auto& [id, c] : conns_) all.push_back(c);
-    for (int pass = 0; pass < 2; ++pass) {
-      for (auto& c : all) {
-        if (!conns_.count(c->id())) continue;
-        retry_parked(*c);
-        pump(*c);
-      }
-    }
+    pump_all();
     now = monotonic_ns();
     if (now - last_tick_ns_ > 100'000'000) {
       tick(now);

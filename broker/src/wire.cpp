@@ -15,6 +15,8 @@
 #include <cstring>
 #include <ctime>
 
+#include <myelin/core/check.hpp>
+
 namespace myelin::broker::internal {
 
 void Fd::reset(int fd) noexcept {
@@ -305,6 +307,25 @@ Result<bool> OutQueue::push_and_flush(int fd, FrameHeader h, std::string_view to
   add_piece(lane, std::move(p));
   backlog_ -= sent;
   return false;
+}
+
+size_t OutQueue::adopt_control_frames(OutQueue& from) {
+  from.close_due_batches(0, true);
+  MYELIN_CHECK(from.lanes_[1].empty()) << "bulk frames queued where only control frames go";
+  std::deque<Piece>& dst = lanes_[0];
+  // A frame this queue has started must finish first (frame boundary).
+  auto pos = dst.begin();
+  if (pos != dst.end() && pos->sent > 0) ++pos;
+  const size_t moved = from.lanes_[0].size();
+  for (Piece& p : from.lanes_[0]) {
+    p.sent = 0;
+    backlog_ += p.size();
+    pos = dst.insert(pos, std::move(p));
+    ++pos;
+  }
+  from.lanes_[0].clear();
+  from.backlog_ = 0;
+  return moved;
 }
 
 void OutQueue::close_due_batches(int64_t now_ns, bool force) {

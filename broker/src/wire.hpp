@@ -111,6 +111,14 @@ class OutQueue {
   Result<bool> push_and_flush(int fd, FrameHeader h, std::string_view topic,
                               std::span<const std::byte> payload, std::shared_ptr<const void> owner,
                               bool batchable, int64_t now_ns);
+  // Takes every control-lane frame `from` has not completely written (open batches closed
+  // first) and queues it here, ahead of this queue's control frames not yet started, in its
+  // order. A frame `from` had partly written goes here whole: the peer never decoded it from a
+  // connection that ended. For a connection that ends while its frames must still reach the
+  // peer another way (a control connection's lane falling back to the main connection). The
+  // bulk lane of `from` must be empty (bulk never travels where this applies). Returns the
+  // frames moved.
+  size_t adopt_control_frames(OutQueue& from);
   // Closes batches whose window has passed (or all, with force).
   void close_due_batches(int64_t now_ns, bool force = false);
   [[nodiscard]] int64_t next_batch_deadline() const noexcept;

@@ -756,10 +756,11 @@ double metric_reaches(const Daemon& d, const std::string& name, double value, bo
 // connection of a session, staying silent on it.
 class Raw {
  public:
-  explicit Raw(const std::string& address) {
+  // buffer_bytes > 0 caps the socket's kernel buffers (connect_tcp()).
+  explicit Raw(const std::string& address, int buffer_bytes = 0) {
     auto hp = internal::parse_host_port(address);
     if (!hp.ok()) return;
-    auto fd = internal::connect_tcp(*hp, Deadline::after_ms(5000));
+    auto fd = internal::connect_tcp(*hp, Deadline::after_ms(5000), buffer_bytes);
     if (fd.ok()) fd_ = std::move(*fd);
   }
   [[nodiscard]] bool ok() const { return fd_.valid(); }
@@ -1199,6 +1200,277 @@ TEST(ControlConnection, MainConnectionEndStillRoutesWhatTheControlConnectionHold
   // control connection's end).
   EXPECT_EQ(metric_reaches(d, "myelin_broker_connections_active", 1, false), 1);
   EXPECT_EQ(metric_reaches(d, "myelin_broker_control_connections_active", 1, false), 1);
+}
+
+// A control connection that ends while the broker still holds frames for it (deliveries that
+// took a delivery credit): they reach the client on the main connection, in order, the one the
+// ended socket took only part of included, none twice and none lost.
+TEST(ControlConnection, FramesQueuedForAnEndedControlConnectionGoOnTheMainConnection) {
+  if (!have_curl()) GTEST_SKIP() << "curl is not installed";
+  Daemon d(kLanes);
+  ASSERT_TRUE(d.up());
+  // Small buffers on the control connection: most of the deliveries stay queued in the broker.
+  Raw main(d.address()), ctrl(d.address(), 4096);
+  ASSERT_TRUE(main.ok() && ctrl.ok());
+  auto s = raw_auth(main, "ender", encode_versions(VersionRange{}));
+  ASSERT_TRUE(s.ok()) << s.status();
+  auto f = raw_attach_frame(ctrl, s->id, s->ok.token, "ender");
+  ASSERT_TRUE(f.ok()) << f.status();
+  ASSERT_TRUE(send_bytes(ctrl, *f).ok());
+  auto a = attach_answer(ctrl);
+  ASSERT_TRUE(a.ok() && *a);
+  ASSERT_TRUE(
+      ctrl.send({.type = FrameType::kSubscribe, .flags = kFlagControl, .id = 1}, "ctrl/#").ok());
+  ASSERT_TRUE(ctrl.next(Deadline::after_ms(5000)).ok());  // the ack
+  constexpr int kN = 300;  // of 4 KiB each: 1.2 MiB, far past the control socket's buffers
+  const std::string body(4096, 'q');
+  pid_t pub = ::fork();
+  if (pub == 0) {
+    auto c = Client::connect(d.client("pub"));
+    if (!c.ok()) ::_exit(2);
+    for (int i = 0; i < kN; ++i) {
+      if (!(*c)->publish("ctrl/q", std::to_string(i) + " " + body, {.lane = Lane::kControl}).ok())
+        ::_exit(3);
+    }
+    // Closing flushes what the socket takes at once; stay until the broker routed it all.
+    (void)(*c)->poll(Deadline::after_ms(20000));
+    ::_exit(0);
+  }
+  // Both connections must be heard from within three heartbeat intervals (900 ms) while the
+  // publisher runs, however slow a loaded machine makes it; only this thread sends meanwhile.
+  // (Started after the fork: the child is a copy of one thread only.)
+  std::atomic<bool> quiet{false};
+  std::thread beat([&] {
+    while (!quiet.load(std::memory_order_acquire)) {
+      (void)main.send({.type = FrameType::kHeartbeat, .flags = kFlagControl});
+      (void)ctrl.send({.type = FrameType::kHeartbeat, .flags = kFlagControl});
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  });
+  // Every message routed, so queued towards this session (the raw side granted 1024 credits).
+  EXPECT_EQ(metric_reaches(d, "myelin_broker_topic_deliveries_total{topic=\"ctrl/q\"}", kN, false),
+            kN);
+  ::kill(pub, SIGKILL);
+  ::waitpid(pub, nullptr, 0);
+  quiet.store(true, std::memory_order_release);  // pairs with the beat thread's acquire load
+  beat.join();
+  // The client ends its control connection: the broker reads its end and detaches it.
+  ASSERT_EQ(::shutdown(ctrl.fd(), SHUT_WR), 0);
+  std::vector<int> seen;
+  auto record = [&](const FrameView& m) {
+    ASSERT_EQ(m.header.type, FrameType::kDeliver);
+    EXPECT_EQ(m.topic, "ctrl/q");
+    const std::string t(reinterpret_cast<const char*>(m.payload.data()), m.payload.size());
+    seen.push_back(std::stoi(t));
+  };
+  // What the control socket holds, up to its end (a last frame cut off there is not decoded).
+  const Deadline dl = Deadline::after_ms(10000);
+  while (!dl.expired()) {
+    auto m = ctrl.next(dl);
+    if (!m.ok()) {
+      EXPECT_EQ(m.status().code(), StatusCode::kPeerFailed) << m.status();
+      break;
+    }
+    record(*m);
+    ASSERT_FALSE(HasFatalFailure());
+  }
+  const size_t on_ctrl = seen.size();
+  EXPECT_LT(on_ctrl, static_cast<size_t>(kN));
+  // The rest on the main connection.
+  while (seen.size() < static_cast<size_t>(kN) && !dl.expired()) {
+    auto m = main.next(dl);
+    ASSERT_TRUE(m.ok()) << m.status() << " after " << seen.size() << " of " << kN << " (" << on_ctrl
+                        << " on the control connection)";
+    record(*m);
+    ASSERT_FALSE(HasFatalFailure());
+    (void)main.send({.type = FrameType::kHeartbeat, .flags = kFlagControl});
+  }
+  ASSERT_EQ(seen.size(), static_cast<size_t>(kN)) << on_ctrl << " on the control connection";
+  for (int i = 0; i < kN; ++i) EXPECT_EQ(seen[i], i) << "at " << i;
+  EXPECT_EQ(metric_reaches(d, "myelin_broker_control_connections_active", 0, false), 0);
+  EXPECT_EQ(metric_reaches(d, "myelin_broker_connections_active", 1, false), 1);
+}
+
+// A TCP relay between clients and the broker (a thread of this process) that can refuse the
+// second connection or alter one byte of what the broker sends on a connection: what a
+// firewall, a broken middlebox or an attacker on the path does.
+class Relay {
+ public:
+  enum class Mode { kPass, kRefuseSecond, kAlterByte };
+  // kAlterByte: flips byte `offset` of what the broker sends on connection `conn` (1-based).
+  Relay(const std::string& broker, Mode mode, int conn = 0, size_t offset = 0)
+      : mode_(mode), alter_conn_(conn), alter_offset_(offset) {
+    auto hp = internal::parse_host_port(broker);
+    if (!hp.ok()) return;
+    broker_ = *hp;
+    auto l = internal::listen_tcp({"127.0.0.1", 0});
+    if (!l.ok()) return;
+    listen_ = std::move(*l);
+    auto port = internal::local_port(listen_.get());
+    if (!port.ok()) return;
+    port_ = *port;
+    thread_ = std::thread([this] { run(); });
+  }
+  ~Relay() {
+    stop_.store(true, std::memory_order_release);  // pairs with run()'s acquire load
+    if (thread_.joinable()) thread_.join();
+  }
+  [[nodiscard]] bool up() const { return port_ != 0; }
+  std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
+
+ private:
+  struct Pair {
+    internal::Fd client, broker;
+    int number = 0;
+    size_t from_broker = 0;  // bytes relayed broker -> client so far
+  };
+  // Moves what `from` holds to `to` (blocking writes, bounded); false when either side ended.
+  bool relay(int from, int to, Pair* alter) {
+    char buf[65536];
+    const ssize_t n = ::read(from, buf, sizeof buf);
+    if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) return false;
+    if (n < 0) return true;
+    if (alter) {
+      if (alter->from_broker <= alter_offset_ &&
+          alter_offset_ < alter->from_broker + static_cast<size_t>(n)) {
+        buf[alter_offset_ - alter->from_broker] ^= 0x40;
+      }
+      alter->from_broker += static_cast<size_t>(n);
+    }
+    size_t off = 0;
+    const Deadline d = Deadline::after_ms(5000);
+    while (off < static_cast<size_t>(n) && !d.expired()) {
+      const ssize_t w = ::send(to, buf + off, static_cast<size_t>(n) - off, MSG_NOSIGNAL);
+      if (w > 0) {
+        off += static_cast<size_t>(w);
+      } else if (w < 0 && errno != EAGAIN && errno != EINTR) {
+        return false;
+      } else {
+        pollfd p{to, POLLOUT, 0};
+        (void)::poll(&p, 1, 10);
+      }
+    }
+    return off == static_cast<size_t>(n);
+  }
+  void run() {
+    std::vector<std::unique_ptr<Pair>> pairs;
+    int accepted = 0;
+    while (!stop_.load(std::memory_order_acquire)) {
+      std::vector<pollfd> p{{listen_.get(), POLLIN, 0}};
+      for (auto& x : pairs) {
+        p.push_back({x->client.get(), POLLIN, 0});
+        p.push_back({x->broker.get(), POLLIN, 0});
+      }
+      if (::poll(p.data(), p.size(), 20) <= 0) continue;
+      if (p[0].revents & POLLIN) {
+        internal::Fd c(::accept4(listen_.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC));
+        if (c.valid() && !(mode_ == Mode::kRefuseSecond && accepted++ >= 1)) {
+          auto b = internal::connect_tcp(broker_, Deadline::after_ms(5000));
+          if (b.ok()) {
+            auto x = std::make_unique<Pair>();
+            x->client = std::move(c);
+            x->broker = std::move(*b);
+            x->number = static_cast<int>(pairs.size()) + 1;
+            pairs.push_back(std::move(x));
+          }
+        }
+        continue;  // the poll set changed
+      }
+      for (size_t i = 0; i < pairs.size(); ++i) {
+        Pair& x = *pairs[i];
+        const short cr = p[1 + 2 * i].revents, br = p[2 + 2 * i].revents;
+        bool alive = true;
+        if (cr) alive = relay(x.client.get(), x.broker.get(), nullptr);
+        Pair* alter = mode_ == Mode::kAlterByte && x.number == alter_conn_ ? &x : nullptr;
+        if (alive && br) alive = relay(x.broker.get(), x.client.get(), alter);
+        if (!alive) {
+          x.client.reset();  // both ends see the end of the relayed connection
+          x.broker.reset();
+        }
+      }
+      std::erase_if(pairs, [](const auto& x) { return !x->client.valid(); });
+    }
+  }
+  Mode mode_;
+  int alter_conn_;
+  size_t alter_offset_;
+  internal::HostPort broker_;
+  internal::Fd listen_;
+  uint16_t port_ = 0;
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+};
+
+// Bytes a connection's hello takes (header and server nonce): what precedes the broker's answer.
+constexpr size_t kHelloBytes = kFrameHeaderSize + kNonceSize;
+
+// A control connection that cannot be attached (refused on the way, or the broker's proof on it
+// does not check out after the broker bound it) leaves the client on its main connection, with
+// the reason logged: connect() succeeds and control traffic flows both ways there.
+TEST(ControlConnection, AFailedAttachFallsBackToTheMainConnection) {
+  if (!have_curl()) GTEST_SKIP() << "curl is not installed";
+  Daemon d(kLanes);
+  ASSERT_TRUE(d.up());
+  auto peer = connect_or_die(d.client("peer"));
+  ASSERT_TRUE(peer);
+  ASSERT_TRUE(peer->subscribe("ctrl/from-relayed").ok());
+  // The second connection refused; then its auth_ok's proof altered.
+  for (auto [mode, what] : {std::pair{Relay::Mode::kRefuseSecond, "refused"},
+                            std::pair{Relay::Mode::kAlterByte, "altered proof"}}) {
+    SCOPED_TRACE(what);
+    Relay relay(d.address(), mode, 2, kHelloBytes + kFrameHeaderSize + 3);
+    ASSERT_TRUE(relay.up());
+    ClientOptions o = d.client("relayed");
+    o.address = relay.address();
+    auto c = Client::connect(o);
+    ASSERT_TRUE(c.ok()) << c.status();
+    ASSERT_TRUE((*c)->subscribe("ctrl/to-relayed").ok());
+    EXPECT_EQ(metric_reaches(d, "myelin_broker_control_connections_active", 1, false), 1);
+    EXPECT_EQ(metric_reaches(d, "myelin_broker_connections_active", 2, false), 2);
+    for (int i = 0; i < 20; ++i) {
+      ASSERT_TRUE(
+          peer->publish("ctrl/to-relayed", std::to_string(i), {.lane = Lane::kControl}).ok());
+      auto m = (*c)->poll(Deadline::after_ms(5000));
+      ASSERT_TRUE(m.ok()) << m.status();
+      EXPECT_EQ(m->text(), std::to_string(i));
+      EXPECT_TRUE(m->control);
+      ASSERT_TRUE(
+          (*c)->publish("ctrl/from-relayed", std::to_string(i), {.lane = Lane::kControl}).ok());
+      auto back = peer->poll(Deadline::after_ms(5000));
+      ASSERT_TRUE(back.ok()) << back.status();
+      EXPECT_EQ(back->text(), std::to_string(i));
+    }
+    c->reset();
+    EXPECT_EQ(metric_reaches(d, "myelin_broker_connections_active", 1, false), 1);
+  }
+}
+
+// The session token travels in the main connection's auth_ok beside the broker's proof, which
+// covers it: a token altered on the way fails connect() (permission_denied) instead of leading
+// the client to attach with a token the broker never gave it.
+TEST(ControlConnection, ASessionTokenAlteredOnTheWayFailsConnect) {
+  if (!have_curl()) GTEST_SKIP() << "curl is not installed";
+  Daemon d(kLanes);
+  ASSERT_TRUE(d.up());
+  {  // The relay itself passes a client through unharmed.
+    Relay relay(d.address(), Relay::Mode::kPass);
+    ASSERT_TRUE(relay.up());
+    ClientOptions o = d.client("relayed");
+    o.address = relay.address();
+    auto c = Client::connect(o);
+    ASSERT_TRUE(c.ok()) << c.status();
+    EXPECT_EQ(metric_reaches(d, "myelin_broker_control_connections_active", 1, false), 1);
+  }
+  // auth_ok: header, proof, token; alter a byte of the token.
+  Relay relay(d.address(), Relay::Mode::kAlterByte, 1,
+              kHelloBytes + kFrameHeaderSize + kMacSize + 5);
+  ASSERT_TRUE(relay.up());
+  ClientOptions o = d.client("relayed");
+  o.address = relay.address();
+  auto c = Client::connect(o);
+  ASSERT_FALSE(c.ok());
+  EXPECT_EQ(c.status().code(), StatusCode::kPermissionDenied) << c.status();
+  EXPECT_EQ(metric_reaches(d, "myelin_broker_attach_refused_total", 0, false), 0);
 }
 
 TEST(ControlConnection, ProtocolOneClientsAndSingleConnectionClientsKeepWorking) {
