@@ -1,7 +1,8 @@
 // The UCX backend's same-node cma path (large messages the receiver reads from the sender's
 // memory with process_vm_readv) between two backends of one process, under each UCX_TLS setting:
 // sizes around the threshold and the read piece, 64 MiB, order mixed with small messages on one
-// channel, too-small recv buffers, a sender that disconnects before its message was read, and
+// channel, too-small recv buffers, a sender that disconnects before its message was read, a
+// sender whose endpoint fails while the receiver reads, withdraws of messages already read, and
 // MYELIN_UCX_CMA (off, a threshold, garbage).
 #include <atomic>
 #include <cstdlib>
@@ -202,6 +203,72 @@ TEST_P(UcxCma, MessageOfADisconnectedSenderFailsInsteadOfBeingRead) {
   const Status st = drive(r, {a_.get(), b_.get()}, Deadline::after(std::chrono::seconds(5)));
   EXPECT_EQ(st.code(), StatusCode::kCancelled) << st;
   EXPECT_NE(st.message().find("ctx-a"), std::string_view::npos) << st;
+  EXPECT_EQ(ucx(*ba_).withdrawn_held(), 0u) << "the withdrawn cookie outlived its message";
+}
+
+// The receiver read (and acked) the whole message, but the sender disconnects before it handled
+// the ack, so its withdraw reaches the receiver after the read: nothing is left to withdraw, and
+// the receiver keeps no record of it (one per such disconnect would pile up for good).
+TEST_P(UcxCma, WithdrawOfAMessageAlreadyReadLeavesNothingBehind) {
+  ScopedCmaEnv env(nullptr);
+  connect_pair(true);
+  const auto out = pattern(size_t{1} << 20, 12);
+  std::vector<uint8_t> in(out.size(), 0);
+  Request r = ba_->recv(3, in.data(), in.size());
+  Request s = ab_->send(3, out.data(), out.size());
+  // Only the receiver makes progress: it reads the message and acks it; the sender has not seen
+  // the ack when it disconnects.
+  const Deadline deadline = Deadline::after(std::chrono::seconds(10));
+  while (!r.done() && !deadline.expired()) b_->progress();
+  ASSERT_TRUE(r.done());
+  ASSERT_TRUE(r.status().ok()) << r.status();
+  EXPECT_TRUE(in == out);
+  ASSERT_FALSE(s.done()) << "the send completed without the sender making progress";
+  ab_.reset();  // withdraws the send, then takes the ack (sent before the withdraw's answer)
+  ASSERT_TRUE(s.done());
+  EXPECT_TRUE(s.status().ok()) << s.status();
+  for (int i = 0; i < 200; ++i) b_->progress(), a_->progress();  // the withdraw arrives at b
+  EXPECT_EQ(ucx(*ba_).withdrawn_held(), 0u);
+}
+
+// UCX reports a peer error (the sender's endpoint fails) while the peer's process lives on and
+// its thread is reading a 64 MiB message: the send completes at once with the failure, and the
+// caller may reuse the buffer from there. The receiver must then not deliver what it reads: either
+// its read was through before the failure (the whole message, intact) or its recv fails
+// `cancelled`, never a message of old and new bytes.
+TEST_P(UcxCma, FailedSenderEndpointNeverLetsTheReceiverDeliverAReusedBuffer) {
+  ScopedCmaEnv env(nullptr);
+  connect_pair(true);
+  auto out = pattern(size_t{64} << 20, 33);
+  const auto expected = out;
+  std::vector<uint8_t> in(out.size(), 0);
+  Request r = ba_->recv(7, in.data(), in.size());
+  Request s = ab_->send(7, out.data(), out.size());
+  // b_ (and r) belong to the receiver thread until it is joined; a_ (and s) to this one.
+  std::atomic<bool> stop{false};
+  std::thread receiver([&] {
+    const Deadline limit = Deadline::after(std::chrono::seconds(20));
+    while (!stop.load(std::memory_order_acquire) && !limit.expired()) b_->progress();
+  });
+  for (int i = 0; i < 200; ++i) a_->progress();
+  static_cast<UcxEndpoint&>(*ab_).fail(peer_failed("peer ctx-b (ucx): a peer error in the test"));
+  ASSERT_TRUE(s.done()) << "a failed endpoint's cma send still pending";
+  EXPECT_EQ(s.status().code(), StatusCode::kPeerFailed) << s.status();
+  // The caller reuses its buffer: the tail first, where a read in progress is headed.
+  std::fill(out.begin() + out.size() / 2, out.end(), 0);
+  std::fill(out.begin(), out.begin() + out.size() / 2, 0);
+  stop.store(true, std::memory_order_release);  // pairs with the receiver thread's load
+  receiver.join();
+  const Deadline deadline = Deadline::after(std::chrono::seconds(10));
+  while (!r.done() && !deadline.expired()) b_->progress();
+  ASSERT_TRUE(r.done()) << "the recv neither finished nor failed";
+  RecordProperty("outcome", r.status().ok() ? "read before the failure" : "dropped");
+  if (r.status().ok()) {
+    EXPECT_TRUE(in == expected) << "a completed recv holds other bytes than were sent";
+  } else {
+    EXPECT_EQ(r.status().code(), StatusCode::kCancelled) << r.status();
+    EXPECT_NE(r.status().message().find("gave its"), std::string_view::npos) << r.status();
+  }
 }
 
 // The sender disconnects while the receiver (its own thread) is reading a 64 MiB message: the

@@ -2,6 +2,7 @@
 #include "ucx/ucx_endpoint.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -25,12 +26,23 @@ struct PendingOp {
   PendingOp(const PendingOp&) = delete;
   PendingOp& operator=(const PendingOp&) = delete;
   ~PendingOp() {
+    clear_guard();
     if (prev_inflight != nullptr) {
       prev_inflight->next_inflight = next_inflight;
     } else if (link && link->inflight == this) {
       link->inflight = next_inflight;
     }
     if (next_inflight != nullptr) next_inflight->prev_inflight = prev_inflight;
+  }
+  // A cma send: from here the receiver reads none of its buffer into a recv that completes (it
+  // reads the guard after every piece and fails the recv once the cookie is gone). Call before
+  // the send completes in any way but the receiver's ack. The fence keeps the caller's later
+  // writes into the buffer (once the send has completed) from becoming visible before the
+  // cleared guard.
+  void clear_guard() noexcept {
+    if (kind != Kind::kCmaSend || guard.load(std::memory_order_relaxed) == 0) return;
+    guard.store(0, std::memory_order_relaxed);
+    std::atomic_thread_fence(std::memory_order_seq_cst);
   }
   // Puts the op on its link's in-flight list (once; `link` must be set).
   void track() {
@@ -45,6 +57,9 @@ struct PendingOp {
   size_t bytes = 0;
   uint32_t immediate = 0;
   AmHeader header{};  // UCX reads the header until the send completes, so it lives here
+  // kCmaSend: the cookie while the receiver may read the buffer, 0 after (read by the receiver
+  // with process_vm_readv, at the address the cma header gives; this process only writes it).
+  std::atomic<uint64_t> guard{0};
   PendingOp* prev_inflight = nullptr;
   PendingOp* next_inflight = nullptr;
 };
@@ -211,12 +226,16 @@ void EpLink::mark_failed(Status status) {
   // them (the forced close below makes it), or, should it never, after the Context timeout (with
   // a warning that their buffers may still change).
   bool held_gets = false;
+  // A cma send completes here too, whether or not the peer's process still lives and reads: its
+  // guard is cleared first, so the receiver fails the recv rather than deliver bytes read after
+  // the caller took the buffer back (see UcxWorker's cma path).
   for (PendingOp* op = inflight; op != nullptr; op = op->next_inflight) {
     if (!op->state) continue;
     if (op->kind == PendingOp::Kind::kGet && ep != nullptr) {
       held_gets = true;
       continue;
     }
+    op->clear_guard();
     op->state->complete(failure, 0);
   }
   if (!held_gets || !worker) return;
@@ -355,10 +374,12 @@ UcxEndpoint::~UcxEndpoint() {
     if (!link.cma_sends.empty() && link.failure.ok()) {
       MYELIN_LOG_WARN << "ucx: " << link.cma_sends.size() << " cma send(s) to " << link.peer_name
                       << " not confirmed withdrawn within " << close_limit.count()
-                      << " ms; they complete cancelled, but the peer may still read their buffers";
+                      << " ms; they complete cancelled (their guards cleared: the peer fails "
+                      << "any recv it reads from them from here on)";
     }
   }
   for (auto& [cookie, op] : link.cma_sends) {
+    op->clear_guard();
     op->state->complete(op_error(*op, UCS_ERR_CANCELED), 0);
   }
   link.cma_sends.clear();
@@ -403,22 +424,19 @@ UcxEndpoint::~UcxEndpoint() {
 Request UcxEndpoint::send(uint32_t channel, const void* data, size_t size,
                           const MemoryRegion* /*region*/) {
   EpLink& link = *link_;
-  if (size > link.worker->options().max_message_size) {
+  if (size > max_message_size_) {
     return Request::failed(invalid_argument("send of ", size, " bytes to ", link.peer_name,
-                                            " exceeds max_message_size ",
-                                            link.worker->options().max_message_size));
+                                            " exceeds max_message_size ", max_message_size_));
   }
   if (size != 0 && data == nullptr) {
     return Request::failed(invalid_argument("send of ", size, " bytes from a null buffer"));
   }
   if (!link.failure.ok()) return Request::failed(link.failure);
 
-  if (size >= link.worker->cma_threshold() && link.inbox->peer_reads_us) {
-    return send_cma(channel, data, size);
-  }
+  if (size >= cma_threshold_ && link.inbox->peer_reads_us) return send_cma(channel, data, size);
   uint64_t& sequence = send_sequence(channel);
-  const AmHeader header{link.worker->id(), static_cast<uint32_t>(sequence), channel};
-  if (size <= link.worker->limits().eager_limit) {
+  const AmHeader header{sender_id_, static_cast<uint32_t>(sequence), channel};
+  if (size <= eager_limit_) {
     // Fast path: no request, no allocation, the header on the stack. UCX refuses (without side
     // effects) what it cannot finish right now, and the full path below takes over.
     ucp_request_param_t param{};
@@ -467,10 +485,15 @@ Request UcxEndpoint::send_cma(uint32_t channel, const void* data, size_t size) {
   op->link = link_;
   op->bytes = size;
   const uint64_t cookie = link.worker->next_cma_cookie();
-  const CmaHeader header{AmHeader{link.worker->id(), static_cast<uint32_t>(sequence), channel},
-                         reinterpret_cast<uintptr_t>(data), size, cookie};
+  op->guard.store(cookie, std::memory_order_relaxed);  // before the header leaves (a system call)
+  const CmaHeader header{AmHeader{sender_id_, static_cast<uint32_t>(sequence), channel},
+                         reinterpret_cast<uintptr_t>(data), size, cookie,
+                         reinterpret_cast<uintptr_t>(&op->guard)};
   const ucs_status_t st = UcxWorker::send_small_am(link.ep, kAmCmaId, &header, sizeof header);
-  if (st != UCS_OK) return Request::failed(op_error(*op, st));
+  if (st != UCS_OK) {
+    op->clear_guard();
+    return Request::failed(op_error(*op, st));
+  }
   ++sequence;
   auto [request, state] = link.worker->request_pool().make_pending();
   state->describe("send", channel, link.inbox->peer_label);

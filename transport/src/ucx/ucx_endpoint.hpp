@@ -103,9 +103,22 @@ class UcxEndpoint final : public Endpoint {
   [[nodiscard]] bool sends_by_cma() const noexcept {
     return link_->inbox != nullptr && link_->inbox->peer_reads_us;
   }
+  // Fails the endpoint as UCX's error handler does when it reports a peer error (which it may do
+  // while the peer's process lives on and keeps reading): every in-flight request fails with
+  // `status`. For the backend's tests; the backend itself fails endpoints from UCX's callbacks.
+  void fail(Status status) { link_->mark_failed(std::move(status)); }
+  // How many withdrawn cma cookies from the peer this endpoint's inbox still remembers.
+  [[nodiscard]] size_t withdrawn_held() const noexcept {
+    return link_->inbox != nullptr ? link_->inbox->withdrawn.size() : 0;
+  }
 
  private:
-  explicit UcxEndpoint(std::shared_ptr<EpLink> link) : link_(std::move(link)) {}
+  explicit UcxEndpoint(std::shared_ptr<EpLink> link)
+      : link_(std::move(link)),
+        max_message_size_(link_->worker->options().max_message_size),
+        eager_limit_(link_->worker->limits().eager_limit),
+        cma_threshold_(link_->worker->cma_threshold()),
+        sender_id_(link_->worker->id()) {}
   // Checks a one-sided request and returns the unpacked rkey for it.
   Result<ucp_rkey_h> prepare_rma(const void* local, size_t size, const RemoteKey& remote,
                                  uint64_t remote_offset, Access wanted, const char* op);
@@ -128,6 +141,12 @@ class UcxEndpoint final : public Endpoint {
   }
 
   std::shared_ptr<EpLink> link_;
+  // The worker's settings a send reads, copied here (they never change) so that a small send
+  // touches this object, its link and UCX, not the worker's options and limits as well.
+  size_t max_message_size_;
+  size_t eager_limit_;
+  size_t cma_threshold_;
+  uint64_t sender_id_;
   std::unordered_map<uint32_t, uint64_t> next_send_sequence_;
   uint64_t* cached_sequence_ = nullptr;
   uint32_t cached_channel_ = 0;

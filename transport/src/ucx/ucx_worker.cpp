@@ -277,6 +277,7 @@ Status UcxWorker::init() {
   st = ucp_worker_get_address(worker_, &addr, &addr_len);
   if (st != UCS_OK) return ucs_to_status(st, "getting the UCX worker address");
   id_ = random_context_id();
+  last_cma_cookie_ = random_context_id();  // cookies start at a random point (next_cma_cookie)
   {
     std::lock_guard<std::mutex> lock(local_workers_mutex);
     local_workers().insert(id_);
@@ -376,11 +377,11 @@ void UcxWorker::drop_inbox(uint64_t peer_id) {
   for (auto& [channel, stream] : inbox.channels) {
     for (auto& m : stream.ready) release(m);
     for (auto& [seq, m] : stream.early) release(m);
-    for (auto& r : stream.posted) {
+    stream.posted.for_each([&, channel = channel](PostedRecv& r) {
       r.state->complete(cancelled("recv on channel ", channel, " from ", inbox.peer_name,
                                   " cancelled: endpoint disconnected"),
                         0);
-    }
+    });
   }
   std::erase_if(cma_reads_, [&](CmaRead& read) {
     if (read.recv.peer_id != peer_id) return false;
@@ -519,6 +520,7 @@ ucs_status_t UcxWorker::on_cma(void* arg, const void* header, size_t header_leng
   m.length = h.length;
   m.remote_address = h.address;
   m.cookie = h.cookie;
+  m.guard_address = h.guard;
   m.channel = h.am.value;
   self->in_callback_ = true;
   self->accept_in_sequence(self->inbox_for(h.am.sender_id), h.am, std::move(m));
@@ -565,8 +567,10 @@ ucs_status_t UcxWorker::on_cma_control(void* arg, const void* header, size_t hea
       // From here no piece of that message is read: every read checks `withdrawn` before each
       // piece, and reads advance only in progress(), never inside this callback. The
       // confirmation (an ack with ECANCELED, sent after this callback) is what lets the sender
-      // hand its buffer back.
-      inbox.withdrawn.push_back(a.cookie);
+      // hand its buffer back. Only a message still queued or being read is remembered: one
+      // already read was acked before this withdraw (acks travel in order), nothing reads it
+      // again, and its cookie would never leave the list.
+      if (self->cma_outstanding(inbox, a.cookie)) inbox.withdrawn.push_back(a.cookie);
       const bool was_in_callback = self->in_callback_;
       self->in_callback_ = true;  // defers the send until the callback has returned
       self->send_cma_ack(a.sender_id, a.cookie, ECANCELED);
@@ -595,8 +599,32 @@ void UcxWorker::accept_in_sequence(Inbox& inbox, const AmHeader& h, ArrivedMessa
   drain_early(stream);
 }
 
+bool UcxWorker::cma_outstanding(const Inbox& inbox, uint64_t cookie) const {
+  auto is_it = [cookie](const ArrivedMessage& m) {
+    return m.kind == ArrivedMessage::Kind::kCma && m.cookie == cookie;
+  };
+  for (const CmaRead& read : cma_reads_) {
+    if (read.recv.peer_id == inbox.peer_id && read.cookie == cookie) return true;
+  }
+  for (const auto& [channel, stream] : inbox.channels) {
+    if (std::any_of(stream.ready.begin(), stream.ready.end(), is_it)) return true;
+    for (const auto& [sequence, m] : stream.early) {
+      if (is_it(m)) return true;
+    }
+  }
+  return false;
+}
+
+void UcxWorker::forget_withdrawn(Inbox& inbox, uint64_t cookie) {
+  if (auto w = std::find(inbox.withdrawn.begin(), inbox.withdrawn.end(), cookie);
+      w != inbox.withdrawn.end()) {
+    inbox.withdrawn.erase(w);
+  }
+}
+
 void UcxWorker::start_cma(Inbox& inbox, const PeerAddress& peer, ucp_ep_h ep) {
   inbox.peer_pid = peer.pid;
+  inbox.peer_start_time = peer.start_time;
   inbox.can_read_peer = false;
   if (cma_threshold_ != SIZE_MAX && peer.cma_probe != 0 && peer.pid != 0) {
     uint64_t seen = 0;
@@ -690,8 +718,8 @@ void UcxWorker::start_cma_read(ArrivedMessage& message, PostedRecv recv, uint32_
     send_cma_ack(recv.peer_id, message.cookie, EPERM);
     return;
   }
-  cma_reads_.push_back(
-      CmaRead{std::move(recv), message.remote_address, message.length, 0, message.cookie, channel});
+  cma_reads_.push_back(CmaRead{std::move(recv), message.remote_address, message.length, 0,
+                               message.cookie, message.guard_address, channel});
   if (!in_callback_ && cma_reads_.size() == 1) advance_cma_read();
 }
 
@@ -722,6 +750,33 @@ size_t UcxWorker::advance_cma_read() {
         process_vm_readv(static_cast<pid_t>(inbox.peer_pid), &local, 1, &remote, 1, 0);
     if (n > 0) {
       read.done += static_cast<size_t>(n);
+      // The guard, read after the piece: still the cookie, so the sender had not given the send
+      // up when the piece was read and the pid was still its process (see
+      // UcxWorker::cma_threshold).
+      uint64_t guard = 0;
+      iovec guard_local{&guard, sizeof guard};
+      iovec guard_remote{reinterpret_cast<void*>(static_cast<uintptr_t>(read.guard_address)),
+                         sizeof guard};
+      const ssize_t g = process_vm_readv(static_cast<pid_t>(inbox.peer_pid), &guard_local, 1,
+                                         &guard_remote, 1, 0);
+      if (g != static_cast<ssize_t>(sizeof guard) || guard != read.cookie) {
+        const auto start = process_start_time(inbox.peer_pid);
+        if (!start || (inbox.peer_start_time != 0 && *start != inbox.peer_start_time)) {
+          next_check_ns_ = 0;  // the watch fails the endpoint at the next progress()
+          finish_cma_read(peer_failed("peer ", inbox.peer_name, " (ucx): its process ",
+                                      inbox.peer_pid, " is gone (recv on channel ", read.channel,
+                                      " from it, reading its ", read.length, "-byte message)"),
+                          ECANCELED);
+        } else {
+          // Nobody is waiting for an ack: the sender completed its send when it cleared the guard.
+          finish_cma_read(cancelled("recv on channel ", read.channel, " from ", inbox.peer_name,
+                                    ": the sender gave its ", read.length,
+                                    "-byte message up (its endpoint failed or closed) before it "
+                                    "was read"),
+                          ECANCELED);
+        }
+        return 1;
+      }
     } else {
       const int err = n == 0 ? EFAULT : errno;
       if (err == EINTR) return 0;
@@ -763,7 +818,8 @@ ucs_status_t UcxWorker::handle_message(Inbox& inbox, const AmHeader& h, void* da
   const uint64_t sequence = extend_sequence(h.sequence, stream.next_sequence);
 
   // Fast path: the next message in order and a recv is waiting for it: straight into its buffer.
-  if (sequence == stream.next_sequence && stream.ready.empty() && !stream.posted.empty()) {
+  // (A posted recv means nothing is ready: post_recv takes a ready message before it posts.)
+  if (!stream.posted.empty() && sequence == stream.next_sequence) {
     ++stream.next_sequence;
     PostedRecv recv = std::move(stream.posted.front());
     stream.posted.pop_front();
@@ -854,6 +910,9 @@ void UcxWorker::deliver_in_order(ChannelStream& stream, ArrivedMessage message) 
   // Only called for messages already held (owned bytes or persisted descriptors).
   if (message.length > recv.capacity) {
     if (message.kind == ArrivedMessage::Kind::kCma) {
+      if (auto it = inboxes_.find(recv.peer_id); it != inboxes_.end()) {
+        forget_withdrawn(*it->second, message.cookie);
+      }
       send_cma_ack(recv.peer_id, message.cookie, 0);  // consumed, as a refused rendezvous
     }
     release(message);
@@ -895,7 +954,10 @@ Request UcxWorker::post_recv(Inbox& inbox, uint32_t channel, void* data, size_t 
     ArrivedMessage m = std::move(stream.ready.front());
     stream.ready.pop_front();
     if (m.length > capacity) {
-      if (m.kind == ArrivedMessage::Kind::kCma) send_cma_ack(inbox.peer_id, m.cookie, 0);
+      if (m.kind == ArrivedMessage::Kind::kCma) {
+        forget_withdrawn(inbox, m.cookie);
+        send_cma_ack(inbox.peer_id, m.cookie, 0);
+      }
       release(m);
       return Request::failed(out_of_range("message of ", m.length, " bytes on channel ", channel,
                                           " from ", inbox.peer_name, " does not fit the ", capacity,

@@ -11,7 +11,8 @@
 //                   time u64 | cma probe address u64 | node id length u16 | node id | length u32 |
 //                   ucp address
 //   AM header       sender id u64 | sequence u32 | channel or immediate u32         (16 bytes)
-//   cma header      AM header | sender address u64 | length u64 | cookie u64       (40 bytes)
+//   cma header      AM header | sender address u64 | length u64 | cookie u64 | guard address u64
+//                                                                                 (48 bytes)
 //   cma ack         sender id u64 | cookie u64 | errno u32 (0: consumed) | 0 u32  (24 bytes)
 // The AM id says what the message is (kAmMessageId: a two-sided message on a channel;
 // kAmImmediateId: the immediate of a put_with_immediate; kAmCmaId: a message the receiver reads
@@ -52,9 +53,10 @@
 namespace myelin::transport::internal::ucx {
 
 inline constexpr uint32_t kAddressMagic = 0x5855594d;  // "MYUX"
-// Version 3: the cma probe address and the cma messages (version 2: 16-byte AM header, the
-// message kind in the AM id; version 1: 24 bytes, kind and version in the header).
-inline constexpr uint16_t kAddressVersion = 3;
+// Version 4: the cma header carries a guard address; version 3: the cma probe address and the cma
+// messages (version 2: 16-byte AM header, the message kind in the AM id; version 1: 24 bytes,
+// kind and version in the header).
+inline constexpr uint16_t kAddressVersion = 4;
 inline constexpr size_t kAddressFixedSize = 4 + 2 + 2 + 8 + 4 + 8 + 8 + 2 + 4;
 inline constexpr unsigned kAmMessageId = 7;
 inline constexpr unsigned kAmImmediateId = 8;
@@ -80,9 +82,12 @@ struct CmaHeader {
   AmHeader am;       // as a kAmMessageId message: sender, sequence, channel
   uint64_t address;  // of the payload in the sender's address space
   uint64_t length;
-  uint64_t cookie;  // names the send in the sender's ack table
+  uint64_t cookie;  // names the send in the sender's ack table; never 0
+  // Of a 64-bit word in the sender's memory that holds `cookie` for as long as the payload may be
+  // read, and anything else once the sender gave the send up (see UcxWorker's cma path).
+  uint64_t guard;
 };
-static_assert(sizeof(CmaHeader) == 40, "cma header layout is part of the wire format");
+static_assert(sizeof(CmaHeader) == 48, "cma header layout is part of the wire format");
 
 struct CmaAck {
   uint64_t sender_id;  // of the receiver, which sends the ack
@@ -157,6 +162,7 @@ struct ArrivedMessage {
   size_t length = 0;
   uint64_t remote_address = 0;  // kCma
   uint64_t cookie = 0;          // kCma
+  uint64_t guard_address = 0;   // kCma
   uint32_t channel = 0;         // kCma
 };
 
@@ -167,14 +173,55 @@ struct CmaRead {
   size_t length = 0;
   size_t done = 0;
   uint64_t cookie = 0;
+  uint64_t guard_address = 0;
   uint32_t channel = 0;
+};
+
+// The recvs posted on one channel, in order: a ring over one vector that doubles when full and
+// never shrinks. A ping-pong posts and completes one recv at a time, so after the first message
+// this touches the same slot's cache lines every time and never allocates (a std::deque frees
+// and allocates a node every few messages and keeps its elements behind a map of nodes).
+class RecvQueue {
+ public:
+  [[nodiscard]] bool empty() const noexcept { return size_ == 0; }
+  [[nodiscard]] size_t size() const noexcept { return size_; }
+  PostedRecv& front() noexcept { return slots_[head_]; }
+  void pop_front() noexcept {
+    slots_[head_] = PostedRecv{};
+    head_ = (head_ + 1) & (slots_.size() - 1);
+    --size_;
+  }
+  void push_back(PostedRecv recv) {
+    if (size_ == slots_.size()) grow();
+    slots_[(head_ + size_) & (slots_.size() - 1)] = std::move(recv);
+    ++size_;
+  }
+  // Calls f on every queued recv, oldest first.
+  template <typename F>
+  void for_each(F&& f) {
+    for (size_t i = 0; i < size_; ++i) f(slots_[(head_ + i) & (slots_.size() - 1)]);
+  }
+
+ private:
+  void grow() {
+    std::vector<PostedRecv> bigger(slots_.empty() ? 4 : slots_.size() * 2);  // a power of two
+    for (size_t i = 0; i < size_; ++i) {
+      bigger[i] = std::move(slots_[(head_ + i) & (slots_.size() - 1)]);
+    }
+    slots_.swap(bigger);
+    head_ = 0;
+  }
+
+  std::vector<PostedRecv> slots_;
+  size_t head_ = 0;
+  size_t size_ = 0;
 };
 
 struct ChannelStream {
   uint64_t next_sequence = 0;
-  std::map<uint64_t, ArrivedMessage> early;  // arrived ahead of a gap, keyed by sequence
+  RecvQueue posted;                          // in order, waiting for messages
   std::deque<ArrivedMessage> ready;          // in order, waiting for recvs
-  std::deque<PostedRecv> posted;             // in order, waiting for messages
+  std::map<uint64_t, ArrivedMessage> early;  // arrived ahead of a gap, keyed by sequence
 };
 
 // Everything received from one peer Context (identified by its context id), kept from the first
@@ -197,11 +244,15 @@ struct Inbox {
   Status failure;  // once the peer failed: posted and later unmatched recvs fail with it
   // The cma path (set by the endpoint when it claims the inbox, and by the peer's hello):
   uint32_t peer_pid = 0;
+  uint64_t peer_start_time = 0;  // of peer_pid, from its address (0: unknown)
   bool can_read_peer = false;   // this process read the peer's probe: its cma messages are readable
   bool peer_reads_us = false;   // the peer's hello: large sends to it may go by cma
   ucp_ep_h reply_ep = nullptr;  // the endpoint's UCP endpoint, for acks (null once closed)
   std::function<void(uint64_t cookie, uint32_t error)> on_cma_ack;  // the endpoint's ack table
-  std::vector<uint64_t> withdrawn;  // cookies of cma messages the sender withdrew
+  // Cookies of cma messages the sender withdrew while they were still queued or being read here;
+  // each leaves when its read or its recv comes to it (or with the inbox), so the list never
+  // holds more than the messages outstanding. A withdraw of a message already read is not kept.
+  std::vector<uint64_t> withdrawn;
   std::unordered_map<uint32_t, ChannelStream> channels;
   uint64_t next_immediate_sequence = 0;
   std::map<uint64_t, uint32_t> early_immediates;
@@ -246,16 +297,27 @@ class UcxWorker : public std::enable_shared_from_this<UcxWorker> {
   }
 
   // The cma path for large same-node messages: the sender sends a kAmCmaId header (its buffer's
-  // address, length, a cookie); the receiver, once a recv matches it, reads the payload with
-  // process_vm_readv straight into the recv buffer (kCmaPiece bytes per progress()) and acks;
-  // the sender's request completes on the ack. Used towards a peer only after its hello said it
+  // address, length, a cookie, the address of its guard word); the receiver, once a recv matches
+  // it, reads the payload with process_vm_readv straight into the recv buffer (kCmaPiece bytes
+  // per progress()) and acks; the sender's request completes on the ack. After every piece the
+  // receiver reads the guard word (a second process_vm_readv, so after the piece): unless it
+  // still holds the cookie, the sender has given the send up (its endpoint failed or closed,
+  // after which its buffer may be reused) or the pid is no longer the sender's process, and the
+  // recv fails instead of completing with what may be a mix of old and new bytes. A sender
+  // clears the guard before its send completes in any way but the ack, so it never waits on a
+  // receiver that may never answer. Used towards a peer only after its hello said it
   // could read this process (it read our context id at the probe address in our address). A read
   // that finds the peer's process gone fails the recv with peer_failed.
   [[nodiscard]] size_t cma_threshold() const noexcept { return cma_threshold_; }
   // Probes the peer's memory (once, at connect) and sends it our hello; sets inbox.can_read_peer.
   void start_cma(Inbox& inbox, const PeerAddress& peer, ucp_ep_h ep);
-  // A cookie for a cma send, unique within this worker.
-  uint64_t next_cma_cookie() noexcept { return ++last_cma_cookie_; }
+  // A cookie for a cma send: unique within this worker, never 0, and from a random start, so a
+  // guard word read from anywhere but the live send's guard (memory reused after the send, a
+  // process that reused the sender's pid) holds it only by a 2^-64 accident.
+  uint64_t next_cma_cookie() noexcept {
+    if (++last_cma_cookie_ == 0) ++last_cma_cookie_;
+    return last_cma_cookie_;
+  }
   // Sends a small active message (header only) on `ep`; the header is copied when UCX cannot
   // send it at once. Not from inside a UCX callback.
   static ucs_status_t send_small_am(ucp_ep_h ep, unsigned id, const void* header, size_t length);
@@ -320,6 +382,10 @@ class UcxWorker : public std::enable_shared_from_this<UcxWorker> {
   // Places an arrived message (any kind but a fresh rendezvous/ucx-data one) in its stream.
   void accept_in_sequence(Inbox& inbox, const AmHeader& h, ArrivedMessage m);
   void start_cma_read(ArrivedMessage& message, PostedRecv recv, uint32_t channel);
+  // Whether the cma message `cookie` of this inbox is still queued here or being read.
+  [[nodiscard]] bool cma_outstanding(const Inbox& inbox, uint64_t cookie) const;
+  // Drops `cookie` from the inbox's withdrawn list (its message was consumed without a read).
+  static void forget_withdrawn(Inbox& inbox, uint64_t cookie);
   // Reads the next piece of the first cma read; completes and acks it when done or failed.
   size_t advance_cma_read();
   void finish_cma_read(Status status, uint32_t error);  // of the first read
