@@ -436,12 +436,21 @@ size_t TcpBackend::progress() {
   // any socket, and with the hot one quiet the next few polls would each find the set still
   // readable, return to it at once and read the hot socket again (a recursive doubling on 4 ranks
   // talks to a different peer each step: 2 wasted polls and 3-4 empty recvs per call).
+  // With several connections, a hot one found quiet stops being hot and this very poll asks the
+  // set: the message a wait needs is then likely on another connection (the next step's peer of a
+  // collective), and a yielding wait, which hands the CPU on after every empty poll, would
+  // otherwise see it only after up to kIdleEpollEvery turns. Idle polls then cost one epoll_wait
+  // each, as many system calls as the empty recv they replace; the set makes a connection hot
+  // again when it delivers. One connection (and a half-way payload) keeps the direct reads.
   const bool woken = slept_on_set_;
   slept_on_set_ = false;
   if (hot_ != nullptr && !hot_->want_write && hot_->fd() >= 0 && !woken) {
     ++polls_;
     const bool got = hot_->on_readable() > 0;
-    if (got ? polls_ % kEpollEvery != 0 : polls_ % kIdleEpollEvery != 0) {
+    if (!got && live_.size() > 1 && hot_ != nullptr && !hot_->bulk_pending()) {
+      if (detached_ == hot_) reattach();  // the set must report it again
+      hot_ = nullptr;
+    } else if (got ? polls_ % kEpollEvery != 0 : polls_ % kIdleEpollEvery != 0) {
       handled = got ? 1 : 0;
       finish_progress(handled);
       if (handled == 0) yield_if_bulk_stalled();

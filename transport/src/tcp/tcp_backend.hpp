@@ -285,7 +285,8 @@ class TcpBackend final : public BackendContext {
   bool timers_armed_ = false;
   // The connection that last delivered bytes. progress() reads it directly (one recv, no
   // epoll_wait) while it keeps delivering; epoll_wait still runs every kEpollEvery calls and
-  // whenever the hot connection is quiet, so no other socket waits long. Cleared when it fails.
+  // whenever the hot connection is quiet, so no other socket waits long. Cleared when it fails,
+  // and, with several connections, when a direct read finds it quiet (see progress()).
   Connection* hot_ = nullptr;
   // The hot connection while it is out of the epoll set (see progress_blocking()); put back by
   // reattach() as soon as anything needs the set to report it: output queued (EPOLLOUT), the
