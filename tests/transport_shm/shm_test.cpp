@@ -475,6 +475,69 @@ TEST(ShmTransport, TenThousandInFlightKeepPerChannelOrder) {
   });
 }
 
+// Receives posted ahead of their messages take their completion states from the endpoint's pool:
+// a state comes back only once every handle of it is gone. Every third receive's handle is kept
+// to the end while the others are dropped and reused; each kept one must still report its own
+// size and keep its own bytes (a state handed out again while held would be overwritten by a
+// later message of another size).
+TEST(ShmTransport, ReusedReceiveStatesNeverOverwriteAHeldRequest) {
+  run_two([](int rank, Link& link) {
+    Side s;
+    connect_side(rank, link, s);
+    if (::testing::Test::HasFatalFailure()) return;
+    constexpr int kRounds = 300;
+    constexpr int kBatch = 4;
+    constexpr size_t kMax = 512;
+    const auto size_of = [](int i) { return size_t{1} + static_cast<size_t>(i * 37) % kMax; };
+    std::vector<std::vector<std::byte>> bufs(kRounds * kBatch, std::vector<std::byte>(kMax));
+    struct Kept {
+      int index;
+      Request request;
+    };
+    std::vector<Kept> kept;
+    for (int round = 0; round < kRounds; ++round) {
+      if (rank == 1) {
+        std::vector<Request> batch;
+        for (int k = 0; k < kBatch; ++k) {
+          const int i = round * kBatch + k;
+          batch.push_back(s.ep->recv(3, bufs[static_cast<size_t>(i)].data(), kMax));
+        }
+        link.signal();  // posted: the sender may go
+        for (int k = 0; k < kBatch; ++k) {
+          const int i = round * kBatch + k;
+          Request& r = batch[static_cast<size_t>(k)];
+          ASSERT_TRUE(s.ctx->wait(r).ok()) << r.status();
+          ASSERT_EQ(r.bytes(), size_of(i));
+          if (i % 3 == 0) kept.push_back(Kept{i, std::move(r)});
+        }
+      } else {
+        link.await();
+        for (int k = 0; k < kBatch; ++k) {
+          const int i = round * kBatch + k;
+          std::vector<std::byte>& b = bufs[static_cast<size_t>(i)];
+          fill(b.data(), size_of(i), static_cast<uint32_t>(i));
+          ASSERT_TRUE(s.ctx->wait(s.ep->send(3, b.data(), size_of(i))).ok());
+        }
+      }
+    }
+    if (rank == 1) {
+      ASSERT_EQ(kept.size(), static_cast<size_t>((kRounds * kBatch + 2) / 3));
+      for (const Kept& k : kept) {
+        ASSERT_TRUE(k.request.done()) << "receive " << k.index;
+        EXPECT_TRUE(k.request.status().ok()) << "receive " << k.index << ": " << k.request.status();
+        EXPECT_EQ(k.request.bytes(), size_of(k.index)) << "receive " << k.index;
+        const size_t n = size_of(k.index);
+        EXPECT_EQ(first_mismatch(bufs[static_cast<size_t>(k.index)].data(), n,
+                                 static_cast<uint32_t>(k.index)),
+                  n)
+            << "receive " << k.index;
+      }
+    }
+    link.signal();
+    link.await();
+  });
+}
+
 TEST(ShmTransport, TooSmallReceiveIsOutOfRangeAndConsumesTheMessage) {
   run_two([](int rank, Link& link) {
     Side s;

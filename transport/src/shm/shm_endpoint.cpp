@@ -569,7 +569,9 @@ Request ShmEndpoint::recv(uint32_t channel_id, void* data, size_t capacity, cons
     start_rendezvous(p, u.rts);
     return std::move(req);
   }
-  auto [req, st] = Request::make_pending();
+  // From the pool: a receive posted ahead of its message is the common case (every collective
+  // posts its receives first), and in the steady state it then allocates nothing.
+  auto [req, st] = request_pool_.make_pending();
   st->describe("recv", channel_id, peer_name_);
   ch.posted.push_back(Posted{static_cast<std::byte*>(data), capacity, std::move(st)});
   return std::move(req);
@@ -584,6 +586,8 @@ void ShmEndpoint::deliver_eager(Posted& p, std::span<const std::byte> bytes) {
   }
   if (!bytes.empty()) std::memcpy(p.data, bytes.data(), bytes.size());
   p.req->complete(ok_status(), bytes.size());
+  // Completed and never touched again here: reusable once the caller's handle is gone.
+  request_pool_.recycle(std::move(p.req));
 }
 
 const ShmEndpoint::PeerAlloc* ShmEndpoint::peer_alloc(uint64_t id) {

@@ -29,6 +29,7 @@
 #include <myelin/core/record_ring.hpp>
 #include <myelin/core/shm_segment.hpp>
 #include <myelin/transport/endpoint.hpp>
+#include <myelin/transport/request.hpp>
 
 #include "shm/shm_wire.hpp"
 
@@ -240,6 +241,8 @@ class ShmEndpoint final : public Endpoint {
   // kSplitDone still to come is dropped.
   std::unordered_set<uint64_t> split_leftovers_;
   std::deque<uint32_t> immediates_;
+  // States of completed eager receives, reused by later posted receives (see RequestStatePool).
+  RequestStatePool request_pool_;
   std::deque<Deferred> deferred_;
   Status ring_error_;     // set by the record handler, acted on after consume()
   Status socket_status_;  // set by read_socket() and announcements, acted on in service()
