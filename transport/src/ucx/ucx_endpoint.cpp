@@ -342,6 +342,21 @@ Result<std::unique_ptr<UcxEndpoint>> UcxEndpoint::create(std::shared_ptr<UcxWork
   return std::unique_ptr<UcxEndpoint>(new UcxEndpoint(std::move(link)));
 }
 
+UcxEndpoint::UcxEndpoint(std::shared_ptr<EpLink> link)
+    : link_(std::move(link)),
+      max_message_size_(link_->worker->options().max_message_size),
+      eager_limit_(link_->worker->limits().eager_limit),
+      cma_threshold_(link_->worker->cma_threshold()),
+      sender_id_(link_->worker->id()) {}
+
+void UcxEndpoint::fail(Status status) {
+  link_->mark_failed(std::move(status));
+}
+
+size_t UcxEndpoint::withdrawn_held() const noexcept {
+  return link_->inbox != nullptr ? link_->inbox->withdrawn.size() : 0;
+}
+
 UcxEndpoint::~UcxEndpoint() {
   EpLink& link = *link_;
   std::shared_ptr<UcxWorker> worker = link.worker;

@@ -106,19 +106,12 @@ class UcxEndpoint final : public Endpoint {
   // Fails the endpoint as UCX's error handler does when it reports a peer error (which it may do
   // while the peer's process lives on and keeps reading): every in-flight request fails with
   // `status`. For the backend's tests; the backend itself fails endpoints from UCX's callbacks.
-  void fail(Status status) { link_->mark_failed(std::move(status)); }
+  void fail(Status status);
   // How many withdrawn cma cookies from the peer this endpoint's inbox still remembers.
-  [[nodiscard]] size_t withdrawn_held() const noexcept {
-    return link_->inbox != nullptr ? link_->inbox->withdrawn.size() : 0;
-  }
+  [[nodiscard]] size_t withdrawn_held() const noexcept;
 
  private:
-  explicit UcxEndpoint(std::shared_ptr<EpLink> link)
-      : link_(std::move(link)),
-        max_message_size_(link_->worker->options().max_message_size),
-        eager_limit_(link_->worker->limits().eager_limit),
-        cma_threshold_(link_->worker->cma_threshold()),
-        sender_id_(link_->worker->id()) {}
+  explicit UcxEndpoint(std::shared_ptr<EpLink> link);
   // Checks a one-sided request and returns the unpacked rkey for it.
   Result<ucp_rkey_h> prepare_rma(const void* local, size_t size, const RemoteKey& remote,
                                  uint64_t remote_offset, Access wanted, const char* op);
