@@ -743,23 +743,33 @@ size_t UcxWorker::advance_cma_read() {
   }
   if (read.done < read.length) {
     const size_t piece = std::min(kCmaPiece, read.length - read.done);
-    iovec local{static_cast<uint8_t*>(read.recv.data) + read.done, piece};
-    iovec remote{reinterpret_cast<void*>(static_cast<uintptr_t>(read.remote_address + read.done)),
-                 piece};
-    const ssize_t n =
-        process_vm_readv(static_cast<pid_t>(inbox.peer_pid), &local, 1, &remote, 1, 0);
+    // The piece, then the guard (see UcxWorker::cma_threshold): a guard that still holds the
+    // cookie after a piece was read means the sender had not given the send up when the piece
+    // was read, and the pid was still its process.
+    uint64_t guard = 0;
+    iovec local[2] = {{static_cast<uint8_t*>(read.recv.data) + read.done, piece},
+                      {&guard, sizeof guard}};
+    iovec remote[2] = {
+        {reinterpret_cast<void*>(static_cast<uintptr_t>(read.remote_address + read.done)), piece},
+        {reinterpret_cast<void*>(static_cast<uintptr_t>(read.guard_address)), sizeof guard}};
+    const auto pid = static_cast<pid_t>(inbox.peer_pid);
+#if defined(__x86_64__) || defined(__i386__)
+    // One system call: the kernel copies the remote ranges in array order (a partial transfer
+    // stops at the range that failed), and x86 does not let a load pass an older load, so the
+    // guard is read after every byte of the piece.
+    const ssize_t n = process_vm_readv(pid, local, 2, remote, 2, 0);
+    const bool guard_read = n == static_cast<ssize_t>(piece + sizeof guard);
+#else
+    const ssize_t n = process_vm_readv(pid, local, 1, remote, 1, 0);
+    const bool guard_read =
+        n == static_cast<ssize_t>(piece) &&
+        process_vm_readv(pid, &local[1], 1, &remote[1], 1, 0) == static_cast<ssize_t>(sizeof guard);
+#endif
     if (n > 0) {
-      read.done += static_cast<size_t>(n);
-      // The guard, read after the piece: still the cookie, so the sender had not given the send
-      // up when the piece was read and the pid was still its process (see
-      // UcxWorker::cma_threshold).
-      uint64_t guard = 0;
-      iovec guard_local{&guard, sizeof guard};
-      iovec guard_remote{reinterpret_cast<void*>(static_cast<uintptr_t>(read.guard_address)),
-                         sizeof guard};
-      const ssize_t g = process_vm_readv(static_cast<pid_t>(inbox.peer_pid), &guard_local, 1,
-                                         &guard_remote, 1, 0);
-      if (g != static_cast<ssize_t>(sizeof guard) || guard != read.cookie) {
+      const size_t got = std::min(static_cast<size_t>(n), piece);
+      read.done += got;
+      // A partial piece: the rest comes at the next progress(), with the guard after it.
+      if (got == piece && (!guard_read || guard != read.cookie)) {
         const auto start = process_start_time(inbox.peer_pid);
         if (!start || (inbox.peer_start_time != 0 && *start != inbox.peer_start_time)) {
           next_check_ns_ = 0;  // the watch fails the endpoint at the next progress()
