@@ -43,9 +43,6 @@ static_assert(kEpollEvery % kIdleEpollEvery == 0, "a busy stretch must also reac
 // Declining costs a few system calls (the connection goes back into the set and out again), hence
 // not more often.
 constexpr uint32_t kBlockingEpollEvery = 64;
-// Polls in a row that found nothing before a busy-polling wait offers its CPU once (see
-// yield_if_stalled()); an empty poll is one system call, 0.3-1 us here.
-constexpr uint32_t kEmptyPollsPerYield = 256;
 
 class TcpRegistration final : public BackendRegistration {
  public:
@@ -456,14 +453,14 @@ size_t TcpBackend::progress() {
     } else if (got ? polls_ % kEpollEvery != 0 : polls_ % kIdleEpollEvery != 0) {
       handled = got ? 1 : 0;
       finish_progress(handled);
-      yield_if_stalled(handled);
+      if (handled == 0) yield_if_bulk_stalled();
       return handled;
     }
     handled = got ? 1 : 0;
   }
   handled += serve_set(0);
   finish_progress(handled);
-  yield_if_stalled(handled);
+  if (handled == 0) yield_if_bulk_stalled();
   return handled;
 }
 
@@ -494,20 +491,9 @@ size_t TcpBackend::serve_set(int timeout_ms) {
 // free cores than busy ranks the peer, or the kernel's network processing, may need this very CPU
 // to move those bytes, and spinning until the time slice ends starves the transfer (1 MiB busy
 // bandwidth collapses to a tenth). Small messages never get here: no payload is half-way, so
-// ping-pong latency keeps its pure spin. Any other stretch of kEmptyPollsPerYield polls in a row
-// that found nothing (about a millisecond: far longer than a message takes between two running
-// peers) offers the CPU once too: the peer is most likely waiting for a CPU, perhaps this one,
-// because other work holds the host's CPUs.
-void TcpBackend::yield_if_stalled(size_t handled) {
-  if (handled != 0) {
-    empty_polls_ = 0;
-    return;
-  }
-  if (hot_ != nullptr && hot_->bulk_pending()) {
-    sched_yield();
-  } else if (++empty_polls_ % kEmptyPollsPerYield == 0 && !live_.empty()) {
-    sched_yield();
-  }
+// ping-pong latency keeps its pure spin.
+void TcpBackend::yield_if_bulk_stalled() {
+  if (hot_ != nullptr && hot_->bulk_pending()) sched_yield();
 }
 
 bool TcpBackend::progress_blocking(int max_ms, size_t& handled) {

@@ -260,7 +260,7 @@ class TcpBackend final : public BackendContext {
   // Serves connections whose bytes may already be buffered, checks timers, frees dead
   // connections.
   void finish_progress(size_t& handled);
-  void yield_if_stalled(size_t handled);
+  void yield_if_bulk_stalled();
   // One epoll_wait on the set (up to timeout_ms) and the service of every socket it reports:
   // accepts, reads (the connection that delivered becomes the hot one), flushes. Returns the
   // number of events.
@@ -297,7 +297,6 @@ class TcpBackend final : public BackendContext {
   bool slept_on_set_ = false;
   void reattach();
   uint32_t polls_ = 0;
-  uint32_t empty_polls_ = 0;  // progress() calls in a row that found nothing
 };
 
 }  // namespace myelin::transport::internal::tcp
