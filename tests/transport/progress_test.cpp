@@ -10,6 +10,7 @@
 
 #include <cstdlib>
 #include <filesystem>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -204,6 +205,33 @@ TEST_P(ProgressDeadline, UnansweredReceiveTimesOutAtTheDeadline) {
   EXPECT_EQ(sa.code(), StatusCode::kTimeout) << sa;
   EXPECT_GE(ms_all, 199.0);
   EXPECT_LT(ms_all, 200.0 + 1000.0);
+}
+
+// A deadline long past (Deadline::at_ns takes any time, the earliest included) ends a wait that
+// nothing answers with a timeout at once in every mode. The wait runs in a child that an alarm
+// ends should it never return (a check that subtracted from the deadline overflowed there and
+// took it for one far ahead: busy-poll waits went on for good).
+TEST_P(ProgressDeadline, DeadlineAtTheEarliestTimeEndsTheWait) {
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    ::alarm(20);
+    Options base;
+    base.progress = GetParam();
+    base.local_ranks = usable_cpus() + 1;  // auto: yield
+    base.timeout = std::chrono::seconds(20);
+    auto pair = Pair::make(Backend::kTcp, base);
+    if (!pair.ok()) ::_exit(2);
+    char buf[64];
+    Request r = pair->ab->recv(7, buf, sizeof(buf));
+    const Status s = pair->a->wait(r, Deadline::at_ns(std::numeric_limits<int64_t>::min()));
+    ::_exit(s.code() == StatusCode::kTimeout ? 0 : 3);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_FALSE(WIFSIGNALED(status)) << "the wait did not end (signal " << WTERMSIG(status) << ")";
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "2: no pair, 3: the wait ended without a timeout";
 }
 
 INSTANTIATE_TEST_SUITE_P(Modes, ProgressDeadline, ::testing::ValuesIn(kAllModes),

@@ -51,7 +51,9 @@ int64_t coarse_lag_bound_ns() noexcept {
 // only by the polls between two checks.
 bool deadline_passed(Deadline deadline) noexcept {
   if (deadline.is_never()) return false;
-  if (deadline.at_ns() - coarse_monotonic_ns() > coarse_lag_bound_ns()) return false;
+  // Compared without subtracting from the deadline: one far in the past (Deadline::at_ns takes
+  // any value) would overflow there and read as far ahead, and the wait would never end.
+  if (deadline.at_ns() > coarse_monotonic_ns() + coarse_lag_bound_ns()) return false;
   return deadline.expired();
 }
 // A finished request's status by value: an OK one is built in place rather than copied (the copy
@@ -238,7 +240,7 @@ struct Context::Impl {
   // precise clock by at most a tick, which the margin covers).
   static int block_step_ms(Deadline deadline) {
     if (deadline.is_never()) return 100;
-    if (deadline.at_ns() - coarse_monotonic_ns() > 200'000'000) return 100;
+    if (deadline.at_ns() > coarse_monotonic_ns() + 200'000'000) return 100;  // no overflow
     return std::min(deadline.remaining_ms_for_poll(), 100);
   }
 
