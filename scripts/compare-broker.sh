@@ -23,6 +23,8 @@
 # producer's CPU time as a lower priority lane; the default leaves it at the caller's priority.
 # --bulk-io-nice N: myelin's client I/O threads run at nice N (MYELIN_BULK_IO_NICE, ClientOptions::
 # io_thread_nice): with control connections and polling threads, the threads that read bulk.
+# Each benchmark run is limited to COMPARE_RUN_TIMEOUT_S seconds (default 120); one past it is
+# reported as failed and left out of the medians.
 # As root, the whole run goes into its own session whose autogroup gets nice -20 (fewer
 # disturbances from other work on the machine). Needs `scripts/setup.sh --with peers` for NATS.
 set -euo pipefail
@@ -110,8 +112,10 @@ run() {
   local tag=$1 side=$2 round=$3
   shift 3
   local line
-  if ! line=$("$@" 2>>"$out/stderr.log" | grep '^{' | tail -1); then
-    echo "compare-broker.sh: $tag/$side round $round failed: $*" >&2
+  # Every run is bounded (a peer's client that stalls under a flood would otherwise hold the
+  # measurement lock indefinitely); one past the limit counts as failed.
+  if ! line=$(timeout -k 5 "${COMPARE_RUN_TIMEOUT_S:-120}" "$@" 2>>"$out/stderr.log" | grep '^{' | tail -1); then
+    echo "compare-broker.sh: $tag/$side round $round failed or timed out: $*" >&2
   fi
   [ -n "$line" ] || return 0
   python3 -c 'import json,sys; j=json.loads(sys.argv[1]); j.update(tag=sys.argv[2], side=sys.argv[3], round=int(sys.argv[4])); print(json.dumps(j))' \
