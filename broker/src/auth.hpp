@@ -5,8 +5,9 @@
 // The secret never crosses the wire; fresh nonces on both sides stop replays in either direction.
 // Protocol 2 adds the control connection's attach, bound to one session:
 //   auth_ok on the main connection also carries a random session token T and the session id S
-//   (in its header); its proof covers both: HMAC(secret, "myelin/s" Nc Ns T S identity), so a
-//   client attaches only with a token the broker gave it, never one put in on the way
+//   (in its header); from protocol 3 its proof covers both: HMAC(secret, "myelin/s" Nc Ns T S
+//   identity), so a client attaches only with a token the broker gave it, never one put in on
+//   the way (protocol 2 peers get the proof without them)
 //   a second connection gets its own hello (server nonce Ns')
 //   client -> server  attach:  identity, session id S, client nonce Nc',
 //                              HMAC(secret, "myelin/a" Ns' Nc' T S identity)
@@ -32,7 +33,7 @@ Result<Nonce> random_nonce();
 Mac client_mac(std::string_view secret, const Nonce& server_nonce, const Nonce& client_nonce,
                std::string_view identity);
 using Token = std::array<std::byte, kSessionTokenSize>;
-// Protocol 1: `token` null. Protocol 2: the session token and id auth_ok carries.
+// Protocols 1 and 2: `token` null. Protocol 3: the session token and id auth_ok carries.
 Mac server_proof(std::string_view secret, const Nonce& server_nonce, const Nonce& client_nonce,
                  std::string_view identity, const Token* token = nullptr, uint64_t session = 0);
 Result<Token> random_token();

@@ -329,11 +329,12 @@ Status Client::Impl::handshake() {
     return protocol_error("the broker at ", opt_.address, " speaks protocol ", version_,
                           " but sent no session token");
   }
-  // Protocol 2: the proof covers the session token and id as well, so neither can be swapped on
-  // the way (auth.hpp).
+  // Protocol 3: the proof covers the session token and id as well, so neither can be swapped on
+  // the way (auth.hpp); 1 and 2 leave them out.
+  const bool bound = version_ >= 3;
   if (!internal::mac_equal(
           ok.proof, internal::server_proof(opt_.secret, server_nonce, client_nonce, opt_.identity,
-                                           version_ >= 2 ? &ok.token : nullptr, f.header.id))) {
+                                           bound ? &ok.token : nullptr, bound ? f.header.id : 0))) {
     return permission_denied("the broker at ", opt_.address,
                              " did not prove its answer: it does not know the job secret, or "
                              "the answer was altered on the way");

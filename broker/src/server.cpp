@@ -804,10 +804,11 @@ Status Server::Impl::handle_frame(Conn& c, const FrameView& f,
     if (c.version >= 2) {
       MYELIN_ASSIGN_OR_RETURN(c.token, internal::random_token());
     }
-    // Protocol 2: the proof covers the session token and id too (auth.hpp).
+    // Protocol 3: the proof covers the session token and id too (auth.hpp); 1 and 2 leave them out.
+    const bool bound = c.version >= 3;
     const internal::Mac proof =
         internal::server_proof(opt_.secret, c.nonce, req->client_nonce, req->identity,
-                               c.version >= 2 ? &c.token : nullptr, c.id());
+                               bound ? &c.token : nullptr, bound ? c.id() : 0);
     std::vector<std::byte> ok_payload(proof.begin(), proof.end());
     if (c.version >= 2) ok_payload.insert(ok_payload.end(), c.token.begin(), c.token.end());
     FrameHeader h;

@@ -669,14 +669,17 @@ TEST(BrokerIntegration, KilledSubscriberPublisherAndBrokerNeverHang) {
     if (!c.ok()) ::_exit(2);
     for (int i = 0;; ++i) (void)(*c)->publish("t/other", std::to_string(i));
   }
-  // Both are mid-stream once the victim has a message and `sub` sees pub2's traffic.
-  const bool victim_streaming = wait_readable(ready[0], Deadline::after_ms(10000));
-  ::close(ready[0]);
-  bool pub2_streaming = false;
-  for (const Deadline dp = Deadline::after_ms(10000); !pub2_streaming && !dp.expired();) {
-    auto m = sub->poll(dp);
-    pub2_streaming = m.ok() && m->topic == "t/other";
+  // Both are mid-stream once the victim has a message and `sub` sees pub2's traffic. `sub` is
+  // drained all the while: a subscriber nobody reads holds pub2 back once its delivery credits
+  // are spent (back-pressure), and a victim that subscribed after that would wait for nothing.
+  bool victim_streaming = false, pub2_streaming = false;
+  for (const Deadline dw = Deadline::after_ms(10000);
+       !(victim_streaming && pub2_streaming) && !dw.expired();) {
+    auto m = sub->poll(Deadline::after_ms(10));
+    if (m.ok() && m->topic == "t/other") pub2_streaming = true;
+    if (!victim_streaming) victim_streaming = wait_readable(ready[0], Deadline::after_ms(0));
   }
+  ::close(ready[0]);
   ::kill(victim, SIGKILL);
   ::kill(pub2, SIGKILL);
   ::waitpid(victim, nullptr, 0);
@@ -811,6 +814,7 @@ class Raw {
 struct RawSession {
   uint64_t id = 0;
   AuthOk ok;
+  internal::Nonce server_nonce{}, client_nonce{};  // what auth_ok's proof covers
 };
 Result<RawSession> raw_auth(Raw& main, std::string_view identity, uint64_t versions,
                             std::string_view secret = kSecret) {
@@ -830,6 +834,8 @@ Result<RawSession> raw_auth(Raw& main, std::string_view identity, uint64_t versi
   RawSession s;
   MYELIN_ASSIGN_OR_RETURN(s.ok, parse_auth_ok(f));
   s.id = f.header.id;
+  s.server_nonce = sn;
+  s.client_nonce = cn;
   MYELIN_RETURN_IF_ERROR(
       main.send({.type = FrameType::kCredit, .flags = kFlagControl, .id = 1024}));
   return s;
@@ -1550,6 +1556,31 @@ TEST(ControlConnection, NoCommonProtocolVersionIsAClearErrorOnBothSides) {
   ASSERT_FALSE(c.ok());
   EXPECT_EQ(c.status().code(), StatusCode::kUnsupported) << c.status();
   EXPECT_NE(c.status().message().find("7..9"), std::string_view::npos) << c.status();
+}
+
+TEST(ControlConnection, AuthOkProofCoversTheTokenFromProtocolThreeAndNotForProtocolTwo) {
+  Daemon d(kLanes);
+  ASSERT_TRUE(d.up());
+  for (uint32_t max : {2u, kProtocolVersion}) {
+    SCOPED_TRACE("client speaks 1.." + std::to_string(max));
+    Raw main(d.address());
+    auto s = raw_auth(main, "prover", encode_versions({1, max}));
+    ASSERT_TRUE(s.ok()) << s.status();
+    ASSERT_TRUE(s->ok.has_token);
+    const auto plain = internal::server_proof(kSecret, s->server_nonce, s->client_nonce, "prover");
+    const auto bound = internal::server_proof(kSecret, s->server_nonce, s->client_nonce, "prover",
+                                              &s->ok.token, s->id);
+    ASSERT_NE(plain, bound);
+    // A protocol-2 peer checks the proof without the token, as protocol 2 always did.
+    EXPECT_EQ(s->ok.proof, max >= 3 ? bound : plain);
+    // Either way the token attaches a control connection.
+    Raw ctrl(d.address());
+    auto frame = raw_attach_frame(ctrl, s->id, s->ok.token, "prover");
+    ASSERT_TRUE(frame.ok()) << frame.status();
+    ASSERT_TRUE(send_bytes(ctrl, *frame).ok());
+    auto answer = attach_answer(ctrl);
+    ASSERT_TRUE(answer.ok() && *answer) << (answer.ok() ? "refused" : answer.status().to_string());
+  }
 }
 
 TEST(ControlConnection, ChunksLargerThanTheSocketBuffersKeepControlMoving) {

@@ -56,8 +56,10 @@ inline constexpr size_t kSessionTokenSize = 32;
 //   1: one connection per client.
 //   2: auth_ok also carries a session token; the client may attach a second, control connection
 //      to its session (kAttach) that carries every control-lane frame both ways.
+//   3: as 2, and auth_ok's proof also covers the session token and id (auth.hpp), so neither can
+//      be swapped on the way; with a version-2 peer the proof leaves them out, as version 2 did.
 inline constexpr uint32_t kMinProtocolVersion = 1;
-inline constexpr uint32_t kProtocolVersion = 2;
+inline constexpr uint32_t kProtocolVersion = 3;
 
 enum class FrameType : uint8_t {
   kHello = 1,        // S->C  payload: server nonce (32 B); seq: versions (encode_versions)
