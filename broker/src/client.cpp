@@ -444,9 +444,35 @@ void Client::Impl::shutdown() {
   }
   std::lock_guard<std::mutex> lock(mu_);
   if (status_.ok()) {
-    for (int k = 0; k < nconns(); ++k) {
-      conns_[k].out.close_due_batches(0, true);
-      (void)conns_[k].out.flush(conns_[k].fd.get());
+    // Everything queued goes out, waiting for the sockets to take it up to close_flush_ms: a
+    // burst published just before closing is not dropped.
+    const Deadline d = Deadline::after_ms(std::max<int64_t>(0, opt_.close_flush_ms));
+    for (int k = 0; k < nconns(); ++k) conns_[k].out.close_due_batches(0, true);
+    size_t unsent = 0;
+    for (;;) {
+      pollfd fds[2];
+      nfds_t n = 0;
+      unsent = 0;
+      for (int k = 0; k < nconns(); ++k) {
+        auto flushed = conns_[k].out.flush(conns_[k].fd.get());
+        if (!flushed.ok()) {  // the connection failed: nothing more goes out on it
+          Status failed = std::move(flushed).status();
+          failed.with_context("broker " + opt_.address);
+          MYELIN_LOG_WARN << "client '" << opt_.identity << "' closing: " << failed << " ("
+                          << conns_[k].out.backlog_bytes() << " bytes unsent)";
+          continue;
+        }
+        if (*flushed) continue;
+        unsent += conns_[k].out.backlog_bytes();
+        fds[n++] = pollfd{.fd = conns_[k].fd.get(), .events = POLLOUT, .revents = 0};
+      }
+      if (n == 0 || d.expired()) break;
+      (void)::poll(fds, n, std::max(1, d.remaining_ms_for_poll()));
+    }
+    if (unsent > 0) {
+      MYELIN_LOG_WARN << "client '" << opt_.identity << "' closed with " << unsent
+                      << " bytes for the broker at " << opt_.address << " unsent after "
+                      << opt_.close_flush_ms << " ms (close_flush_ms): they are dropped";
     }
     fail(cancelled("client closed"));
   }

@@ -287,6 +287,36 @@ TEST(BrokerIntegration, LargeBulkMessagesArriveWholeAndControlStillFlows) {
   EXPECT_EQ(ctrls, 3);
 }
 
+// A client closed right after publishing more than its socket takes at once still delivers every
+// message: closing flushes what is queued (bounded by close_flush_ms) instead of dropping it.
+TEST(BrokerIntegration, ClosingAfterABurstDeliversEveryMessage) {
+  Daemon d("");
+  ASSERT_TRUE(d.up());
+  auto sub = connect_or_die(d.client("sub"));
+  ASSERT_TRUE(sub);
+  ASSERT_TRUE(sub->subscribe("grad/#").ok());
+  std::vector<std::byte> big(1 << 20);
+  for (size_t i = 0; i < big.size(); ++i) big[i] = static_cast<std::byte>(i * 13 + 5);
+  constexpr int kN = 16;
+  {
+    ClientOptions o = d.client("pub");
+    o.socket_buffer_bytes = 64 * 1024;
+    auto pub = connect_or_die(o);
+    ASSERT_TRUE(pub);
+    for (int i = 0; i < kN; ++i) ASSERT_TRUE(pub->publish("grad/burst", big).ok());
+  }  // closed at once, with most of the burst still queued in the client
+  int got = 0;
+  const Deadline dl = Deadline::after_ms(20000);
+  while (got < kN && !dl.expired()) {
+    auto m = sub->poll(Deadline::after_ms(100));
+    if (!m.ok()) continue;
+    ASSERT_EQ(m->payload.size(), big.size());
+    EXPECT_EQ(std::memcmp(m->payload.data(), big.data(), big.size()), 0);
+    got++;
+  }
+  EXPECT_EQ(got, kN);
+}
+
 // A bulk in-flight bound below 4 bytes (a quarter of it rounds to 0) still has the client report
 // what it reads, so bulk moves while control messages keep flowing to that client.
 TEST(BrokerIntegration, TinyBulkInflightBoundStillMovesBulkBesideControl) {

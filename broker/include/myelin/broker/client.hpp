@@ -74,6 +74,10 @@ struct ClientOptions {
   // broker) then gets the CPU first. Messages for handlers, which run on the I/O thread, wait
   // longer under load in exchange. Lowering needs no privilege.
   int io_thread_nice = 0;
+  // Closing (the destructor) sends what is still queued for the broker, waiting at most this
+  // long for the sockets to take it; what is left after that (a broker that stopped reading) is
+  // dropped with a warning that says how much.
+  int64_t close_flush_ms = 2000;
 };
 
 struct ReceivedMessage {
