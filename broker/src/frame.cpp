@@ -388,6 +388,11 @@ Result<bool> Reassembler::add(const FrameView& chunk, AssembledMessage* done) {
   }
   if (fl & kFlagMore) return false;
   open_ = false;
+  // The message keeps its buffer for as long as it is queued or held (by every subscriber, and
+  // by the application on the client side), and heap memory once written stays with the process:
+  // one that used less than half of the reservation gives the rest back (one copy of under
+  // 512 KiB), so a message never holds more than twice its size, as with growth by doubling.
+  if (cur_.payload->size() < cur_.payload->capacity() / 2) cur_.payload->shrink_to_fit();
   cur_.header.payload_len =
       static_cast<uint32_t>(std::min<size_t>(cur_.payload->size(), UINT32_MAX));
   *done = std::move(cur_);

@@ -426,5 +426,27 @@ TEST(Reassembler, RefusesInterleavingAndOversize) {
   EXPECT_FALSE(re2.add(cont, &m).ok());  // 12 bytes > 8
 }
 
+// A chunked message holds at most twice its size: the reservation made at its first chunk (for
+// a message that may grow to 1 MiB) is not kept by a small one, which a queue or an application
+// may hold for long.
+TEST(Reassembler, SmallChunkedMessageDoesNotKeepTheReservation) {
+  Reassembler re;
+  const std::string part(40 * 1024, 'r');
+  FrameView first;
+  first.header = {.type = FrameType::kDeliver, .flags = kFlagMore, .id = 3};
+  first.topic = "bulk/x";
+  first.payload = bytes(part);
+  AssembledMessage m;
+  auto r = re.add(first, &m);
+  ASSERT_TRUE(r.ok() && !*r);
+  FrameView last = first;
+  last.header.flags = kFlagContinuation;
+  r = re.add(last, &m);
+  ASSERT_TRUE(r.ok() && *r) << (r.ok() ? "not complete" : r.status().to_string());
+  ASSERT_EQ(m.payload->size(), 2 * part.size());
+  EXPECT_LE(m.payload->capacity(), 2 * m.payload->size());
+  EXPECT_EQ(m.header.payload_len, 2 * part.size());
+}
+
 }  // namespace
 }  // namespace myelin::broker
