@@ -449,13 +449,16 @@ void Client::Impl::shutdown() {
     const Deadline d = Deadline::after_ms(std::max<int64_t>(0, opt_.close_flush_ms));
     for (int k = 0; k < nconns(); ++k) conns_[k].out.close_due_batches(0, true);
     size_t unsent = 0;
+    bool failed_conn[2] = {false, false};
     for (;;) {
       pollfd fds[2];
       nfds_t n = 0;
       unsent = 0;
       for (int k = 0; k < nconns(); ++k) {
+        if (failed_conn[k]) continue;
         auto flushed = conns_[k].out.flush(conns_[k].fd.get());
         if (!flushed.ok()) {  // the connection failed: nothing more goes out on it
+          failed_conn[k] = true;
           Status failed = std::move(flushed).status();
           failed.with_context("broker " + opt_.address);
           MYELIN_LOG_WARN << "client '" << opt_.identity << "' closing: " << failed << " ("

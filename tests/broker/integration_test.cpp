@@ -301,6 +301,7 @@ TEST(BrokerIntegration, ClosingAfterABurstDeliversEveryMessage) {
   {
     ClientOptions o = d.client("pub");
     o.socket_buffer_bytes = 64 * 1024;
+    o.close_flush_ms = 20000;  // room for a loaded or sanitized run; a quiet one needs ~10 ms
     auto pub = connect_or_die(o);
     ASSERT_TRUE(pub);
     for (int i = 0; i < kN; ++i) ASSERT_TRUE(pub->publish("grad/burst", big).ok());
