@@ -96,6 +96,41 @@ class UcxCma : public testing::TestWithParam<TlsSetting> {
     EXPECT_EQ(in[out.size()], 0xee) << "recv wrote past the message";
   }
 
+  // A 64 MiB message from a to b on `channel` that b's own thread is reading (b_ and `r` belong
+  // to that thread until reuse_and_finish() joins it; a_ and `s` to the caller).
+  struct ReadInFlight {
+    std::vector<uint8_t> out, expected, in;
+    Request r, s;
+    std::atomic<bool> stop{false};
+    std::thread receiver;
+    ~ReadInFlight() {  // a test that failed half-way still ends the thread
+      stop.store(true, std::memory_order_release);
+      if (receiver.joinable()) receiver.join();
+    }
+  };
+  void start_read_in_flight(ReadInFlight& f, uint64_t channel, uint8_t seed) {
+    f.out = pattern(size_t{64} << 20, seed);
+    f.expected = f.out;
+    f.in.assign(f.out.size(), 0);
+    f.r = ba_->recv(channel, f.in.data(), f.in.size());
+    f.s = ab_->send(channel, f.out.data(), f.out.size());
+    f.receiver = std::thread([this, &f] {
+      const Deadline limit = Deadline::after(std::chrono::seconds(20));
+      while (!f.stop.load(std::memory_order_acquire) && !limit.expired()) b_->progress();
+    });
+    for (int i = 0; i < 200; ++i) a_->progress();  // the header arrives, the read gets going
+  }
+  // The caller reuses its buffer once the send is done (the tail first, where a read in progress
+  // is headed); then b's thread is joined and b drives the recv to its end.
+  void reuse_and_finish(ReadInFlight& f) {
+    std::fill(f.out.begin() + f.out.size() / 2, f.out.end(), 0);
+    std::fill(f.out.begin(), f.out.begin() + f.out.size() / 2, 0);
+    f.stop.store(true, std::memory_order_release);  // pairs with the receiver thread's load
+    f.receiver.join();
+    const Deadline deadline = Deadline::after(std::chrono::seconds(10));
+    while (!f.r.done() && !deadline.expired()) b_->progress();
+  }
+
   std::unique_ptr<BackendContext> a_, b_;
   std::unique_ptr<Endpoint> ab_, ba_;
 };
@@ -239,35 +274,19 @@ TEST_P(UcxCma, WithdrawOfAMessageAlreadyReadLeavesNothingBehind) {
 TEST_P(UcxCma, FailedSenderEndpointNeverLetsTheReceiverDeliverAReusedBuffer) {
   ScopedCmaEnv env(nullptr);
   connect_pair(true);
-  auto out = pattern(size_t{64} << 20, 33);
-  const auto expected = out;
-  std::vector<uint8_t> in(out.size(), 0);
-  Request r = ba_->recv(7, in.data(), in.size());
-  Request s = ab_->send(7, out.data(), out.size());
-  // b_ (and r) belong to the receiver thread until it is joined; a_ (and s) to this one.
-  std::atomic<bool> stop{false};
-  std::thread receiver([&] {
-    const Deadline limit = Deadline::after(std::chrono::seconds(20));
-    while (!stop.load(std::memory_order_acquire) && !limit.expired()) b_->progress();
-  });
-  for (int i = 0; i < 200; ++i) a_->progress();
+  ReadInFlight f;
+  start_read_in_flight(f, 7, 33);
   static_cast<UcxEndpoint&>(*ab_).fail(peer_failed("peer ctx-b (ucx): a peer error in the test"));
-  ASSERT_TRUE(s.done()) << "a failed endpoint's cma send still pending";
-  EXPECT_EQ(s.status().code(), StatusCode::kPeerFailed) << s.status();
-  // The caller reuses its buffer: the tail first, where a read in progress is headed.
-  std::fill(out.begin() + out.size() / 2, out.end(), 0);
-  std::fill(out.begin(), out.begin() + out.size() / 2, 0);
-  stop.store(true, std::memory_order_release);  // pairs with the receiver thread's load
-  receiver.join();
-  const Deadline deadline = Deadline::after(std::chrono::seconds(10));
-  while (!r.done() && !deadline.expired()) b_->progress();
-  ASSERT_TRUE(r.done()) << "the recv neither finished nor failed";
-  RecordProperty("outcome", r.status().ok() ? "read before the failure" : "dropped");
-  if (r.status().ok()) {
-    EXPECT_TRUE(in == expected) << "a completed recv holds other bytes than were sent";
+  ASSERT_TRUE(f.s.done()) << "a failed endpoint's cma send still pending";
+  EXPECT_EQ(f.s.status().code(), StatusCode::kPeerFailed) << f.s.status();
+  reuse_and_finish(f);
+  ASSERT_TRUE(f.r.done()) << "the recv neither finished nor failed";
+  RecordProperty("outcome", f.r.status().ok() ? "read before the failure" : "dropped");
+  if (f.r.status().ok()) {
+    EXPECT_TRUE(f.in == f.expected) << "a completed recv holds other bytes than were sent";
   } else {
-    EXPECT_EQ(r.status().code(), StatusCode::kCancelled) << r.status();
-    EXPECT_NE(r.status().message().find("gave its"), std::string_view::npos) << r.status();
+    EXPECT_EQ(f.r.status().code(), StatusCode::kCancelled) << f.r.status();
+    EXPECT_NE(f.r.status().message().find("gave its"), std::string_view::npos) << f.r.status();
   }
 }
 
@@ -278,40 +297,22 @@ TEST_P(UcxCma, FailedSenderEndpointNeverLetsTheReceiverDeliverAReusedBuffer) {
 TEST_P(UcxCma, DisconnectWaitsForTheReceiverBeforeTheBufferIsReused) {
   ScopedCmaEnv env(nullptr);
   connect_pair(true);
-  auto out = pattern(size_t{64} << 20, 21);
-  const auto expected = out;
-  std::vector<uint8_t> in(out.size(), 0);
-  Request r = ba_->recv(6, in.data(), in.size());
-  Request s = ab_->send(6, out.data(), out.size());
-  // b_ (and r) belong to the receiver thread until it is joined; a_ (and s) to this one.
-  std::atomic<bool> stop{false};
-  std::thread receiver([&] {
-    const Deadline limit = Deadline::after(std::chrono::seconds(20));
-    while (!stop.load(std::memory_order_acquire) && !limit.expired()) b_->progress();
-  });
-  // Let the header arrive and the read get going, then withdraw mid-read.
-  for (int i = 0; i < 200; ++i) a_->progress();
-  ab_.reset();
-  ASSERT_TRUE(s.done());
-  // The caller reuses its buffer once the send is done: the tail first, where a read in
-  // progress is headed.
-  std::fill(out.begin() + out.size() / 2, out.end(), 0);
-  std::fill(out.begin(), out.begin() + out.size() / 2, 0);
-  stop.store(true, std::memory_order_release);  // pairs with the receiver thread's load
-  receiver.join();
-  const Deadline deadline = Deadline::after(std::chrono::seconds(10));
-  while (!r.done() && !deadline.expired()) b_->progress();
-  ASSERT_TRUE(r.done()) << "the recv neither finished nor failed";
-  RecordProperty("outcome", s.status().ok() ? "read before the withdraw" : "withdrawn");
-  if (s.status().ok()) {
-    ASSERT_TRUE(r.status().ok()) << r.status();
-    EXPECT_TRUE(in == expected) << "a completed recv holds other bytes than were sent";
+  ReadInFlight f;
+  start_read_in_flight(f, 6, 21);
+  ab_.reset();  // withdraws mid-read
+  ASSERT_TRUE(f.s.done());
+  reuse_and_finish(f);
+  ASSERT_TRUE(f.r.done()) << "the recv neither finished nor failed";
+  RecordProperty("outcome", f.s.status().ok() ? "read before the withdraw" : "withdrawn");
+  if (f.s.status().ok()) {
+    ASSERT_TRUE(f.r.status().ok()) << f.r.status();
+    EXPECT_TRUE(f.in == f.expected) << "a completed recv holds other bytes than were sent";
   } else {
-    EXPECT_EQ(s.status().code(), StatusCode::kCancelled) << s.status();
+    EXPECT_EQ(f.s.status().code(), StatusCode::kCancelled) << f.s.status();
     // Completed by the receiver's confirmation, not by giving up on it.
-    EXPECT_NE(s.status().message().find("withdrawn"), std::string_view::npos) << s.status();
-    EXPECT_EQ(r.status().code(), StatusCode::kCancelled)
-        << "the recv completed after its sender withdrew: " << r.status();
+    EXPECT_NE(f.s.status().message().find("withdrawn"), std::string_view::npos) << f.s.status();
+    EXPECT_EQ(f.r.status().code(), StatusCode::kCancelled)
+        << "the recv completed after its sender withdrew: " << f.r.status();
   }
 }
 
