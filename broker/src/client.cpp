@@ -73,12 +73,13 @@ class Client::Impl {
   // has its own queue, receive buffer and reader role, so control frames never wait behind bulk
   // bytes in a socket buffer, nor behind a thread busy reading bulk.
   static constexpr int kMain = 0, kCtrl = 1;
+  static internal::OutOptions out_options(const ClientOptions& o) {
+    return {.chunk_size = o.chunk_bytes,
+            .batch_bytes = o.batch_bytes,
+            .batch_window_ns = o.batch_window_us * 1000};
+  }
   struct Conn {
-    explicit Conn(const ClientOptions& o)
-        : out(internal::OutOptions{.chunk_size = o.chunk_bytes,
-                                   .batch_bytes = o.batch_bytes,
-                                   .batch_window_ns = o.batch_window_us * 1000}),
-          rx(DecodeLimits{}) {}
+    explicit Conn(const ClientOptions& o) : out(out_options(o)), rx(DecodeLimits{}) {}
     Fd fd;
     internal::OutQueue out;  // under mu_
     internal::RxBuffer rx;   // the reader only
@@ -363,10 +364,7 @@ Status Client::Impl::handshake() {
       Conn& ctrl = conns_[kCtrl];
       ctrl.fd.reset();
       ctrl.rx = internal::RxBuffer(DecodeLimits{});
-      ctrl.out =
-          internal::OutQueue(internal::OutOptions{.chunk_size = opt_.chunk_bytes,
-                                                  .batch_bytes = opt_.batch_bytes,
-                                                  .batch_window_ns = opt_.batch_window_us * 1000});
+      ctrl.out = internal::OutQueue(out_options(opt_));
       has_ctrl_ = false;
     }
   }
