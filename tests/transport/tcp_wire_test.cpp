@@ -154,6 +154,17 @@ class TcpWire : public ::testing::Test {
   TcpAddress target_;
 };
 
+// A blocking wait on `r`, which no message will complete, ends with a timeout at its 150 ms
+// deadline: not before it, and not oversleeping it.
+void expect_wait_times_out_at_150_ms(Context& ctx, const Request& r) {
+  const int64_t t0 = monotonic_ns();
+  Status s = ctx.wait(r, Deadline::after_ms(150));
+  const int64_t waited_ms = (monotonic_ns() - t0) / 1'000'000;
+  EXPECT_EQ(s.code(), StatusCode::kTimeout) << s;
+  EXPECT_GE(waited_ms, 149);
+  EXPECT_LT(waited_ms, 2000) << "the wait overslept its 150 ms deadline";
+}
+
 TEST_F(TcpWire, RandomBytesFromAStranger) {
   std::mt19937 rng(7);
   std::vector<uint8_t> junk(200);
@@ -483,15 +494,10 @@ TEST(TcpBlocking, BlockedWaitEndsAtItsDeadlineAndOnPeerDeath) {
   ASSERT_TRUE(p.a->wait((*ep)->recv(0, &v, 8), Deadline::after_ms(20000)).ok());
   ASSERT_EQ(v, 7u);
   Request r = (*ep)->recv(0, &v, 8);
-  const int64_t t0 = monotonic_ns();
-  Status s = p.a->wait(r, Deadline::after_ms(150));
-  const int64_t waited_ms = (monotonic_ns() - t0) / 1'000'000;
-  EXPECT_EQ(s.code(), StatusCode::kTimeout) << s;
-  EXPECT_GE(waited_ms, 149);
-  EXPECT_LT(waited_ms, 2000) << "the wait overslept its 150 ms deadline";
+  expect_wait_times_out_at_150_ms(*p.a, r);
   a_done.store(true, std::memory_order_release);
   const int64_t t1 = monotonic_ns();
-  s = p.a->wait(r, Deadline::after_ms(20000));
+  Status s = p.a->wait(r, Deadline::after_ms(20000));
   EXPECT_FALSE(s.ok());
   EXPECT_NE(s.message().find("block-b"), std::string_view::npos) << s;
   EXPECT_LT((monotonic_ns() - t1) / 1'000'000, 10000) << "the peer's death did not wake the wait";
@@ -550,14 +556,9 @@ TEST(TcpBlocking, WaitWithSeveralConnectionsEndsAtItsDeadlineOnTheOtherPeerAndOn
 
   Request rb = (*to_b)->recv(0, &from_b, 8);
   Request rc = (*to_c)->recv(0, &from_c, 8);
-  const int64_t t0 = monotonic_ns();
-  Status s = p.a->wait(rb, Deadline::after_ms(150));
-  const int64_t waited_ms = (monotonic_ns() - t0) / 1'000'000;
-  EXPECT_EQ(s.code(), StatusCode::kTimeout) << s;
-  EXPECT_GE(waited_ms, 149);
-  EXPECT_LT(waited_ms, 2000) << "the wait overslept its 150 ms deadline";
+  expect_wait_times_out_at_150_ms(*p.a, rb);
   a_step.store(1, std::memory_order_release);
-  s = p.a->wait(rc, Deadline::after_ms(20000));
+  Status s = p.a->wait(rc, Deadline::after_ms(20000));
   EXPECT_TRUE(s.ok()) << s;
   EXPECT_EQ(from_c, 3u);
   a_step.store(2, std::memory_order_release);
