@@ -75,6 +75,23 @@ TEST(RequestStatePool, ReusesOnlyStatesNobodyHolds) {
   EXPECT_EQ(pool.cached(), 2u);
 }
 
+// copy_bytes copies exactly n bytes for every small size (each of its branches) and beyond.
+TEST(UcxCopyBytes, CopiesExactlyTheGivenBytes) {
+  using internal::ucx::copy_bytes;
+  for (size_t n = 0; n <= 40; ++n) {
+    for (size_t offset : {0, 1, 3, 7}) {  // unaligned source and destination too
+      SCOPED_TRACE(testing::Message() << n << " bytes at offset " << offset);
+      std::vector<uint8_t> src(64), dst(64, 0xee);
+      for (size_t i = 0; i < src.size(); ++i) src[i] = static_cast<uint8_t>(i + 1);
+      copy_bytes(dst.data() + offset, src.data() + offset, n);
+      for (size_t i = 0; i < dst.size(); ++i) {
+        const bool inside = i >= offset && i < offset + n;
+        ASSERT_EQ(dst[i], inside ? src[i] : 0xee) << "byte " << i;
+      }
+    }
+  }
+}
+
 std::vector<uint8_t> pattern(size_t n, uint8_t seed) {
   std::vector<uint8_t> v(n);
   for (size_t i = 0; i < n; ++i) v[i] = static_cast<uint8_t>(seed + i * 131 + (i >> 9));
@@ -216,6 +233,111 @@ TEST_P(UcxPair, EverySizeArrivesIntactWhetherRecvIsPostedFirstOrLast) {
       EXPECT_EQ(in[size], 0xee) << "recv wrote past the message";
     }
   }
+}
+
+// Small messages travel packed (header and payload in one piece, kAmPackedId), larger ones with
+// the header apart: every size around the packed limit and the copy's size steps arrives intact,
+// into a posted recv and as an unexpected message, and nothing is written past it.
+TEST_P(UcxPair, SizesAroundThePackedLimitArriveIntact) {
+  using internal::ucx::kPackedLimit;
+  std::vector<size_t> sizes;
+  for (size_t n = 0; n <= 24; ++n) sizes.push_back(n);
+  for (size_t n : {kPackedLimit - 1, kPackedLimit, kPackedLimit + 1, 2 * kPackedLimit}) {
+    sizes.push_back(n);
+  }
+  uint8_t seed = 3;
+  for (bool recv_first : {true, false}) {
+    for (size_t size : sizes) {
+      SCOPED_TRACE(testing::Message()
+                   << "size " << size << (recv_first ? " recv first" : " send first"));
+      const auto out = pattern(size, seed++);
+      std::vector<uint8_t> in(size + 8, 0xee);
+      Request r, s;
+      if (recv_first) {
+        r = ba_->recv(5, in.data(), size + 1);
+        s = ab_->send(5, out.data(), out.size());
+      } else {
+        s = ab_->send(5, out.data(), out.size());
+        for (int i = 0; i < 100; ++i) a_->progress(), b_->progress();  // let it arrive unexpected
+        r = ba_->recv(5, in.data(), size + 1);
+      }
+      ASSERT_TRUE(drive2(s).ok()) << s.status();
+      ASSERT_TRUE(drive2(r).ok()) << r.status();
+      ASSERT_EQ(r.bytes(), size);
+      EXPECT_TRUE(std::equal(out.begin(), out.end(), in.begin()));
+      for (size_t i = size; i < in.size(); ++i) ASSERT_EQ(in[i], 0xee) << "byte " << i;
+    }
+  }
+}
+
+// A packed message that is too short for its header, too long, or comes with an AM header is a
+// stranger's: dropped with a warning, and the receiver's own traffic goes on unharmed.
+TEST_P(UcxPair, MalformedPackedMessagesAreDropped) {
+  using namespace internal::ucx;
+  auto stranger = UcxWorker::create(options_, internal::ContextInfo{"stranger", "elsewhere"});
+  ASSERT_TRUE(stranger.ok()) << stranger.status();
+  auto peer = parse_peer_address(b_->local_address());
+  ASSERT_TRUE(peer.ok()) << peer.status();
+  ucp_ep_params_t params{};
+  params.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS;
+  params.address = reinterpret_cast<const ucp_address_t*>(peer->worker_address.data());
+  ucp_ep_h ep = nullptr;
+  ASSERT_EQ(ucp_ep_create((*stranger)->worker(), &params, &ep), UCS_OK);
+  // A posted recv of the stranger's would-be channel: none of these may complete it.
+  std::vector<uint8_t> in(64, 0xee);
+  Request victim = ba_->recv(0, in.data(), in.size());
+  // Headers that would complete that recv were they taken: a_'s id, channel 0, sequence 0.
+  auto a_address = parse_peer_address(a_->local_address());
+  ASSERT_TRUE(a_address.ok()) << a_address.status();
+  const AmHeader header{a_address->context_id, 0, 0};
+  std::vector<uint8_t> too_long(sizeof(AmHeader) + kPackedLimit + 1, 0);
+  std::memcpy(too_long.data(), &header, sizeof header);
+  const uint8_t too_short[3] = {1, 2, 3};
+  struct Bad {
+    const void* am_header;
+    size_t am_header_length;
+    const void* data;
+    size_t length;
+  };
+  const Bad bad[] = {{nullptr, 0, too_short, sizeof too_short},
+                     {nullptr, 0, too_long.data(), too_long.size()},
+                     {&header, sizeof header, too_short, sizeof too_short}};
+  std::vector<ucs_status_ptr_t> pending;
+  for (const Bad& b : bad) {
+    ucp_request_param_t param{};
+    ucs_status_ptr_t p =
+        ucp_am_send_nbx(ep, kAmPackedId, b.am_header, b.am_header_length, b.data, b.length, &param);
+    ASSERT_FALSE(UCS_PTR_IS_ERR(p)) << ucs_status_string(UCS_PTR_STATUS(p));
+    if (p != nullptr) pending.push_back(p);
+  }
+  const Deadline deadline = Deadline::after_ms(5000);
+  auto sent = [&] {
+    for (ucs_status_ptr_t p : pending) {
+      if (ucp_request_check_status(p) == UCS_INPROGRESS) return false;
+    }
+    return true;
+  };
+  while (!sent() && !deadline.expired()) {
+    ucp_worker_progress((*stranger)->worker());
+    b_->progress();
+  }
+  ASSERT_TRUE(sent()) << "the stranger's messages did not leave within 5 s";
+  for (ucs_status_ptr_t p : pending) ucp_request_free(p);
+  for (int i = 0; i < 200; ++i) ucp_worker_progress((*stranger)->worker()), b_->progress();
+  EXPECT_FALSE(victim.done()) << "a malformed message completed a recv: " << victim.status();
+  // The real peer's next message lands in that recv, intact.
+  const auto out = pattern(12, 41);
+  Request s = ab_->send(0, out.data(), out.size());
+  ASSERT_TRUE(drive2(s).ok()) << s.status();
+  ASSERT_TRUE(drive2(victim).ok()) << victim.status();
+  ASSERT_EQ(victim.bytes(), out.size());
+  EXPECT_TRUE(std::equal(out.begin(), out.end(), in.begin()));
+  EXPECT_TRUE(ba_->status().ok()) << ba_->status();
+  ucp_request_param_t close{};
+  close.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+  close.flags = UCP_EP_CLOSE_FLAG_FORCE;
+  ucs_status_ptr_t p = ucp_ep_close_nbx(ep, &close);
+  if (UCS_PTR_IS_PTR(p)) ucp_request_free(p);
 }
 
 TEST_P(UcxPair, TooSmallRecvBufferIsOutOfRangeAndConsumesTheMessage) {

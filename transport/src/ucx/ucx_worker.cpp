@@ -306,6 +306,7 @@ Status UcxWorker::init() {
 
   for (const auto& [id, cb] :
        {std::pair{kAmMessageId, &UcxWorker::on_message},
+        std::pair{kAmPackedId, &UcxWorker::on_packed},
         std::pair{kAmImmediateId, &UcxWorker::on_immediate},
         std::pair{kAmCmaId, &UcxWorker::on_cma},
         std::pair{kAmCmaHelloId, &UcxWorker::on_cma_control<kAmCmaHelloId>},
@@ -359,8 +360,7 @@ Result<Inbox*> UcxWorker::claim_inbox(uint64_t peer_id, const std::string& peer_
   return &inbox;
 }
 
-Inbox& UcxWorker::inbox_for(uint64_t peer_id) {
-  if (last_inbox_ != nullptr && last_inbox_->peer_id == peer_id) return *last_inbox_;
+Inbox& UcxWorker::find_inbox(uint64_t peer_id) {
   auto& slot = inboxes_[peer_id];
   if (!slot) {
     slot = std::make_unique<Inbox>();
@@ -482,9 +482,42 @@ ucs_status_t UcxWorker::on_message(void* arg, const void* header, size_t header_
   std::memcpy(&h, header, sizeof h);
   Inbox& inbox = self->inbox_for(h.sender_id);
   self->in_callback_ = true;
-  const ucs_status_t ret = self->handle_message(inbox, h, data, length, param->recv_attr);
+  const ucs_status_t ret = (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) == 0 &&
+                                   self->deliver_to_posted(inbox, h, data, length)
+                               ? UCS_OK
+                               : self->handle_message(inbox, h, data, length, param->recv_attr);
   self->in_callback_ = false;
   return ret;
+}
+
+ucs_status_t UcxWorker::on_packed(void* arg, const void* header, size_t header_length, void* data,
+                                  size_t length, const ucp_am_recv_param_t* param) {
+  (void)header;
+  auto* self = static_cast<UcxWorker*>(arg);
+  // Eager by construction (the sender packs only what UCX sends at once); UCS_OK also refuses
+  // any rendezvous payload a stranger sent.
+  if (header_length != 0 || length < sizeof(AmHeader) ||
+      (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0 ||
+      length - sizeof(AmHeader) > kPackedLimit) {
+    MYELIN_LOG_WARN << "ucx: dropping a packed message with a " << header_length
+                    << "-byte header and " << length << " bytes of data (expected none and "
+                    << sizeof(AmHeader) << " to " << sizeof(AmHeader) + kPackedLimit << ")";
+    return UCS_OK;
+  }
+  AmHeader h;
+  std::memcpy(&h, data, sizeof h);
+  const uint8_t* payload = static_cast<const uint8_t*>(data) + sizeof(AmHeader);
+  const size_t payload_length = length - sizeof(AmHeader);
+  Inbox& inbox = self->inbox_for(h.sender_id);
+  self->in_callback_ = true;
+  if (!self->deliver_to_posted(inbox, h, payload, payload_length)) {
+    // Kept as a copy of the payload (never UCX's descriptor, which holds the header too): at
+    // most kPackedLimit bytes.
+    (void)self->handle_message(inbox, h, const_cast<uint8_t*>(payload), payload_length,
+                               param->recv_attr & ~uint64_t{UCP_AM_RECV_ATTR_FLAG_DATA});
+  }
+  self->in_callback_ = false;
+  return UCS_OK;
 }
 
 ucs_status_t UcxWorker::on_immediate(void* arg, const void* header, size_t header_length,
@@ -958,8 +991,8 @@ void UcxWorker::deliver_in_order(ChannelStream& stream, ArrivedMessage message) 
   }
 }
 
-Request UcxWorker::post_recv(Inbox& inbox, uint32_t channel, void* data, size_t capacity) {
-  ChannelStream& stream = inbox.stream(channel);
+Request UcxWorker::take_ready(Inbox& inbox, ChannelStream& stream, uint32_t channel, void* data,
+                              size_t capacity) {
   if (!stream.ready.empty()) {
     ArrivedMessage m = std::move(stream.ready.front());
     stream.ready.pop_front();
