@@ -21,6 +21,7 @@
 
 #include "address.hpp"
 #include "backend.hpp"
+#include "cpu_contention.hpp"
 #include "registry.hpp"
 
 namespace myelin::transport {
@@ -100,6 +101,13 @@ struct Context::Impl {
   // UCX opens no wake-up feature outside spin-then-block, so a Context with UCX never sleeps here.
   bool yield_may_sleep = false;
   bool tcp_only = false;  // every backend is TCP (kAuto then blocks rather than yields)
+  // kAuto resolved to busy polling: the waiting thread's CPU contention is watched
+  // (cpu_contention.hpp), and while spinning costs it its CPU waits run in loaded_mode, as on an
+  // oversubscribed node (block over TCP alone, else yield). Null in every other case.
+  std::unique_ptr<internal::CpuContentionWatch> contention;
+  ProgressMode loaded_mode = ProgressMode::kSpinThenBlock;
+  std::string base_reason;  // mode_reason without the host's state
+  uint32_t contention_changes = 0;
   // Spin-then-block: the current spin budget (see drive()) and a count of waits.
   static constexpr uint32_t kSpinProbeEvery = 256;
   int64_t spin_ns = 0;
@@ -178,6 +186,51 @@ struct Context::Impl {
     return ok_status();
   }
 
+  // The mode the next wait runs in: `mode`, or loaded_mode while the watch says spinning costs
+  // this thread its CPU.
+  ProgressMode current_mode() const noexcept {
+    return contention && !contention->spinning() ? loaded_mode : mode;
+  }
+  // current_mode() after a sample of the thread's CPU contention, when one is due (one coarse
+  // clock read otherwise).
+  ProgressMode sampled_mode() {
+    if (!contention) return mode;
+    const int64_t now = coarse_monotonic_ns();
+    if (!contention->due(now)) return current_mode();
+    const bool before = contention->spinning();
+    if (contention->sample(now) != before) note_contention_change();
+    return current_mode();
+  }
+  void note_contention_change() {
+    const bool loaded = !contention->spinning();
+    mode_reason = base_reason + (loaded ? "; CPU contended (" : "; spinning again after a hold (") +
+                  contention->describe() + "): " + std::string(progress_mode_name(current_mode())) +
+                  " now";
+    // The first changes at info, then debug: a host whose load comes and goes would flood the log.
+    if (++contention_changes <= 2) {
+      MYELIN_LOG_INFO << info.name << ": progress " << mode_reason;
+    } else {
+      MYELIN_LOG_DEBUG << info.name << ": progress " << mode_reason;
+    }
+  }
+  // After `mode` was resolved: watches CPU contention when kAuto resolved to busy polling.
+  void watch_contention() {
+    base_reason = mode_reason;
+    if (options.progress != ProgressMode::kAuto || mode != ProgressMode::kBusyPoll) {
+      contention.reset();
+      return;
+    }
+    loaded_mode = tcp_only ? ProgressMode::kSpinThenBlock : ProgressMode::kPollYield;
+    if (!contention) contention = std::make_unique<internal::CpuContentionWatch>();
+    mode_reason += std::string(", ") + std::string(progress_mode_name(loaded_mode)) +
+                   " while spinning waits for a CPU";
+    base_reason = mode_reason;
+    if (!contention->spinning()) {
+      mode_reason += "; CPU contended (" + contention->describe() +
+                     "): " + std::string(progress_mode_name(loaded_mode)) + " now";
+    }
+  }
+
   size_t progress() {
     size_t n = 0;
     for (const auto& be : backends) n += be->progress();
@@ -196,7 +249,7 @@ struct Context::Impl {
   template <typename Done>
   bool done_within_first_polls(Done&& done) {
     if (done()) return true;
-    if (mode != ProgressMode::kBusyPoll) return false;
+    if (current_mode() != ProgressMode::kBusyPoll) return false;
     for (int i = 0; i < kPollsBeforeClock; ++i) {
       progress();
       if (done()) return true;
@@ -248,14 +301,18 @@ struct Context::Impl {
   template <typename Done>
   bool drive(Done&& done, Deadline deadline) {
     if (done()) return true;
-    if (mode == ProgressMode::kBusyPoll) {
+    ProgressMode m = sampled_mode();
+    if (m == ProgressMode::kBusyPoll) {
       for (uint32_t i = 1;; ++i) {
         progress();
         if (done()) return true;
-        if (i % kPollsPerDeadlineCheck == 0 && deadline_passed(deadline)) return false;
+        if (i % kPollsPerDeadlineCheck != 0) continue;
+        if (deadline_passed(deadline)) return false;
+        // A watched host that turned oversubscribed ends the spin; the wait goes on below.
+        if (contention && (m = sampled_mode()) != ProgressMode::kBusyPoll) break;
       }
     }
-    if (mode == ProgressMode::kPollYield) {
+    if (m == ProgressMode::kPollYield) {
       // A short spin catches a peer that is running right now on another CPU; after it, every
       // poll that finds nothing hands the CPU to another runnable process (on an oversubscribed
       // node, most likely the very rank this wait needs) instead of spinning out the time slice,
@@ -398,6 +455,7 @@ Result<std::unique_ptr<Context>> Context::create(const Options& options) {
       });
   impl->mode = resolve_progress_mode(options.progress, options.local_ranks, impl->cpus,
                                      &impl->mode_reason, impl->tcp_only);
+  impl->watch_contention();
   if (impl->mode != ProgressMode::kBusyPoll && options.progress == ProgressMode::kAuto) {
     MYELIN_LOG_INFO << impl->info.name << ": progress " << impl->mode_reason;
   }
@@ -435,6 +493,7 @@ ProgressMode Context::set_local_ranks(int local_ranks) {
   const ProgressMode before = impl_->mode;
   impl_->mode = resolve_progress_mode(impl_->options.progress, local_ranks, impl_->cpus,
                                       &impl_->mode_reason, impl_->tcp_only);
+  impl_->watch_contention();
   if (impl_->mode != before) {
     MYELIN_LOG_INFO << impl_->info.name << ": progress " << impl_->mode_reason;
   }

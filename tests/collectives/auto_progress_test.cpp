@@ -1,0 +1,278 @@
+// ProgressMode::kAuto on a host shared with other work: the rule that turns busy polling into
+// blocking while spinning costs the thread its CPU (transport/src/cpu_contention.hpp), fed with
+// made-up counters, and two TCP ranks that must notice a host loaded by busy processes this test
+// starts, and finish their allreduces there.
+#include <sched.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdint>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "cpu_contention.hpp"
+#include "multiproc.hpp"
+
+namespace myelin::collectives::testing {
+namespace {
+
+using transport::internal::CpuContentionRule;
+using transport::internal::parse_schedstat;
+using transport::internal::SchedStat;
+
+TEST(CpuContentionParse, ReadsTheSchedstatCounters) {
+  SchedStat st;
+  ASSERT_TRUE(parse_schedstat("1456186711 57838366 104\n", &st));
+  EXPECT_EQ(st.on_cpu_ns, 1456186711);
+  EXPECT_EQ(st.run_delay_ns, 57838366);
+  ASSERT_TRUE(parse_schedstat("0 0 0", &st));
+  EXPECT_EQ(st.on_cpu_ns, 0);
+  EXPECT_EQ(st.run_delay_ns, 0);
+}
+
+TEST(CpuContentionParse, RejectsOtherShapes) {
+  SchedStat st{7, 9};
+  for (const char* bad : {"", "\n", "12", "12 34", "12 34 ", "12 x 5", "-1 2 3", "1 2 3 junk",
+                          "1234567890123456789 2 3", "1\n2 3"}) {
+    EXPECT_FALSE(parse_schedstat(bad, &st)) << "'" << bad << "'";
+  }
+  EXPECT_EQ(st.on_cpu_ns, 7);  // untouched by a failed parse
+  EXPECT_EQ(st.run_delay_ns, 9);
+}
+
+// Drives a rule with samples 10 ms apart in which the thread ran `ran_ms` and waited `waited_ms`.
+struct Feeder {
+  CpuContentionRule rule;
+  int64_t now = 0;
+  SchedStat st{};
+  bool step(int64_t ran_ms, int64_t waited_ms, int64_t interval_ms = 10) {
+    now += interval_ms * 1'000'000;
+    st.on_cpu_ns += ran_ms * 1'000'000;
+    st.run_delay_ns += waited_ms * 1'000'000;
+    return rule.add(now, st);
+  }
+  bool steps(int n, int64_t ran_ms, int64_t waited_ms) {
+    bool spinning = rule.spinning();
+    for (int i = 0; i < n; ++i) spinning = step(ran_ms, waited_ms);
+    return spinning;
+  }
+};
+
+TEST(CpuContentionRule, AThreadThatKeepsItsCpuSpins) {
+  Feeder f;
+  EXPECT_TRUE(f.rule.spinning());  // before any sample: busy polling, as before the rule
+  EXPECT_TRUE(f.steps(100, 10, 0));
+  EXPECT_TRUE(f.steps(100, 9, 1));  // 10 % waiting: lower-priority work beside it
+  EXPECT_EQ(f.rule.last_wait_percent(), 10);
+}
+
+TEST(CpuContentionRule, AWindowOfContendedSamplesStopsSpinning) {
+  Feeder f;
+  f.step(10, 0);  // baseline and one clear sample
+  // Three busy processes beside two ranks on two CPUs: each runs 40 % of the time.
+  EXPECT_TRUE(f.steps(CpuContentionRule::kWindow - 1, 4, 6));
+  EXPECT_FALSE(f.step(4, 6));
+  EXPECT_EQ(f.rule.last_wait_percent(), 60);
+  // Exactly a quarter counts as contended.
+  Feeder q;
+  q.step(8, 0);
+  EXPECT_FALSE(q.steps(CpuContentionRule::kWindow, 6, 2));
+}
+
+TEST(CpuContentionRule, ABurstDoesNotStopSpinning) {
+  Feeder f;
+  for (int i = 0; i < 60; ++i) {
+    const bool contended = i % CpuContentionRule::kWindow != 0;  // never kWindow in a row
+    EXPECT_TRUE(f.step(contended ? 4 : 10, contended ? 6 : 0)) << "sample " << i;
+  }
+}
+
+TEST(CpuContentionRule, IdleIntervalsSayNothing) {
+  Feeder f;
+  f.step(0, 0);
+  // A thread that slept (waited in the kernel, not for a CPU) most of each interval: less than
+  // kMinSampleNs runnable, however much of it was waiting.
+  EXPECT_TRUE(f.steps(20, 0, 1));
+  EXPECT_EQ(f.rule.last_wait_percent(), -1);
+}
+
+TEST(CpuContentionRule, HoldsThenProbesAndDoublesTheHoldWhileLoaded) {
+  Feeder f;
+  f.step(10, 0);
+  ASSERT_FALSE(f.steps(CpuContentionRule::kWindow, 4, 6));
+  EXPECT_EQ(f.rule.hold_ns(), CpuContentionRule::kMinHoldNs);
+  // While holding, even clear samples keep it blocking until the hold has passed.
+  const int hold_samples = static_cast<int>(CpuContentionRule::kMinHoldNs / 10'000'000);
+  EXPECT_FALSE(f.steps(hold_samples - 1, 2, 0));
+  EXPECT_TRUE(f.step(2, 0));  // the hold has passed: a probe spins again
+  // Still loaded: the probe ends, the next hold is twice as long.
+  EXPECT_FALSE(f.steps(CpuContentionRule::kWindow, 4, 6));
+  EXPECT_EQ(f.rule.hold_ns(), 2 * CpuContentionRule::kMinHoldNs);
+  // Holds grow to kMaxHoldNs and no further.
+  for (int round = 0; round < 12; ++round) {
+    while (!f.rule.spinning()) f.step(2, 0);
+    ASSERT_FALSE(f.steps(CpuContentionRule::kWindow, 4, 6));
+  }
+  EXPECT_EQ(f.rule.hold_ns(), CpuContentionRule::kMaxHoldNs);
+}
+
+TEST(CpuContentionRule, AProbeThatFindsRoomKeepsSpinningAndResetsTheHold) {
+  Feeder f;
+  f.step(10, 0);
+  for (int round = 0; round < 3; ++round) {  // hold 100, 200, 400 ms
+    ASSERT_FALSE(f.steps(CpuContentionRule::kWindow, 4, 6));
+    while (!f.rule.spinning()) f.step(2, 0);
+  }
+  EXPECT_EQ(f.rule.hold_ns(), 4 * CpuContentionRule::kMinHoldNs);
+  EXPECT_TRUE(f.steps(CpuContentionRule::kWindow, 10, 0));  // the load went away
+  EXPECT_EQ(f.rule.hold_ns(), CpuContentionRule::kMinHoldNs);
+  EXPECT_TRUE(f.steps(50, 10, 1));
+}
+
+TEST(CpuContentionRule, CountersThatGoBackStartAgain) {
+  Feeder f;
+  f.step(10, 0);
+  EXPECT_TRUE(f.steps(CpuContentionRule::kWindow - 1, 4, 6));
+  // Another thread's counters (lower): a new baseline, not a sample, and not a huge negative one.
+  f.st = SchedStat{1'000, 1'000};
+  EXPECT_TRUE(f.step(0, 0));
+  EXPECT_TRUE(f.rule.spinning());
+  EXPECT_TRUE(f.steps(CpuContentionRule::kWindow - 1, 4, 6));
+  EXPECT_FALSE(f.step(4, 6));
+}
+
+// Busy processes that keep every CPU of the host runnable-contended while they live; killed (and
+// reaped) when this goes out of scope, and by the kernel should the test process die first.
+class BusyHogs {
+ public:
+  explicit BusyHogs(int n) {
+    const pid_t parent = getpid();
+    for (int i = 0; i < n; ++i) {
+      const pid_t pid = fork();
+      if (pid == 0) {
+        (void)prctl(PR_SET_PDEATHSIG, SIGKILL);
+        if (getppid() != parent) _exit(0);
+        // Bounded even if nobody kills it: 120 s of spinning at most.
+        const Deadline end = Deadline::after(std::chrono::seconds(120));
+        volatile uint64_t x = 0;
+        while (!end.expired()) {
+          for (int k = 0; k < 100000; ++k) x = x + 1;
+        }
+        _exit(0);
+      }
+      if (pid > 0) pids_.push_back(pid);
+    }
+  }
+  ~BusyHogs() {
+    for (pid_t p : pids_) ::kill(p, SIGKILL);
+    for (pid_t p : pids_) (void)::waitpid(p, nullptr, 0);
+  }
+  BusyHogs(const BusyHogs&) = delete;
+  BusyHogs& operator=(const BusyHogs&) = delete;
+  [[nodiscard]] size_t count() const { return pids_.size(); }
+
+ private:
+  std::vector<pid_t> pids_;
+};
+
+// Pins this process (and so what it forks) to the first `n` CPUs of its affinity mask while in
+// scope; restores the mask after. pinned() is how many it got.
+class PinnedCpus {
+ public:
+  explicit PinnedCpus(int n) {
+    if (sched_getaffinity(0, sizeof(saved_), &saved_) != 0) return;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    for (int c = 0; c < CPU_SETSIZE && pinned_ < n; ++c) {
+      if (CPU_ISSET(c, &saved_)) {
+        CPU_SET(c, &set);
+        ++pinned_;
+      }
+    }
+    if (sched_setaffinity(0, sizeof(set), &set) != 0) pinned_ = 0;
+  }
+  ~PinnedCpus() {
+    if (pinned_ > 0) (void)sched_setaffinity(0, sizeof(saved_), &saved_);
+  }
+  PinnedCpus(const PinnedCpus&) = delete;
+  PinnedCpus& operator=(const PinnedCpus&) = delete;
+  [[nodiscard]] int pinned() const { return pinned_; }
+
+ private:
+  cpu_set_t saved_{};
+  int pinned_ = 0;
+};
+
+// Two ranks over TCP in auto (busy polling: 2 ranks do not outnumber the node's CPUs) pinned to
+// two CPUs with four busy processes of their own priority. The ranks must see their CPU contended
+// (their Context says so) and every allreduce must finish with the right sum well within the
+// deadline. (Pinning makes the contention the same on any host: auto counts the node's CPUs, not
+// the affinity mask, so it still resolves to busy polling.)
+TEST(CollectivesAutoLoaded, TwoTcpRanksBlockWhileTheirCpusAreContended) {
+  if (2 > transport::usable_cpus()) GTEST_SKIP() << "needs 2 usable CPUs for busy polling";
+  if (!std::ifstream("/proc/self/task/" + std::to_string(gettid()) + "/schedstat")) {
+    GTEST_SKIP() << "no schedstat (kernel without CONFIG_SCHED_INFO): contention is not watched";
+  }
+  PinnedCpus pin(2);
+  ASSERT_EQ(pin.pinned(), 2);
+  BusyHogs hogs(4);
+  ASSERT_EQ(hogs.count(), 4u);
+
+  WorldSpec s;
+  s.ranks = 2;
+  s.backend = transport::Backend::kTcp;
+  s.progress = transport::ProgressMode::kAuto;
+  s.timeout = std::chrono::seconds(60);
+  const auto out = run_world(
+      s,
+      [](RankCtx& rc) -> Status {
+        transport::Context& ctx = rc.comm->context();
+        if (ctx.progress_mode() != transport::ProgressMode::kBusyPoll) {
+          return internal_error("expected auto to resolve to busy: ", ctx.progress_reason());
+        }
+        // Calls go on until both ranks have seen their CPU contended, for at least 200 ms
+        // (so that the watch has taken its samples) and at most 30 s (then the test fails).
+        const int64_t start = monotonic_ns();
+        bool seen = false;  // a probe after a hold spins again, and says so
+        std::vector<float> v(1024), r(1024);
+        for (int call = 0;; ++call) {
+          for (size_t i = 0; i < v.size(); ++i) {
+            v[i] = static_cast<float>((rc.rank + 1) * (call % 7 + 1)) + static_cast<float>(i % 5);
+          }
+          MYELIN_RETURN_IF_ERROR(
+              allreduce(*rc.comm, v.data(), r.data(), v.size(), DataType::kF32, ReduceOp::kSum)
+                  .status());
+          for (size_t i = 0; i < r.size(); ++i) {
+            const float want =
+                static_cast<float>(3 * (call % 7 + 1)) + 2 * static_cast<float>(i % 5);
+            if (r[i] != want) {
+              return internal_error("call ", call, " element ", i, ": ", r[i], ", want ", want);
+            }
+          }
+          const int64_t elapsed = monotonic_ns() - start;
+          seen = seen || ctx.progress_reason().find("CPU contended") != std::string::npos;
+          int32_t stop = (seen && elapsed >= 200'000'000) || elapsed >= 30'000'000'000 ? 1 : 0;
+          int32_t all_stop = 0;
+          MYELIN_RETURN_IF_ERROR(
+              allreduce(*rc.comm, &stop, &all_stop, 1, DataType::kI32, ReduceOp::kMin).status());
+          if (all_stop == 0) continue;
+          if (!seen) {
+            return internal_error(
+                "after ", call + 1, " calls in ", elapsed / 1'000'000,
+                " ms the CPU never counted as contended: ", ctx.progress_reason());
+          }
+          return ok_status();
+        }
+      },
+      {}, std::chrono::seconds(120));
+  EXPECT_TRUE(out.all_ok()) << out.summary();
+}
+
+}  // namespace
+}  // namespace myelin::collectives::testing

@@ -1,0 +1,136 @@
+// CpuContentionRule / CpuContentionWatch: the host-load half of ProgressMode::kAuto (see
+// cpu_contention.hpp).
+#include "cpu_contention.hpp"
+
+#include <fcntl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include <myelin/core/log.hpp>
+
+namespace myelin::transport::internal {
+
+namespace {
+// A run of decimal digits at text[i...] (at most 18 of them); -1 when there is none.
+int64_t read_count(std::string_view text, size_t& i) noexcept {
+  while (i < text.size() && (text[i] == ' ' || text[i] == '\t')) ++i;
+  const size_t start = i;
+  int64_t v = 0;
+  while (i < text.size() && text[i] >= '0' && text[i] <= '9') {
+    if (i - start >= 18) return -1;
+    v = v * 10 + (text[i] - '0');
+    ++i;
+  }
+  return i == start ? -1 : v;
+}
+}  // namespace
+
+bool parse_schedstat(std::string_view text, SchedStat* out) noexcept {
+  size_t i = 0;
+  const int64_t on_cpu = read_count(text, i);
+  if (on_cpu < 0 || i >= text.size() || (text[i] != ' ' && text[i] != '\t')) return false;
+  const int64_t delay = read_count(text, i);
+  if (delay < 0 || i >= text.size() || (text[i] != ' ' && text[i] != '\t')) return false;
+  if (read_count(text, i) < 0) return false;  // time slices: present, not used
+  if (i < text.size() && text[i] != '\n') return false;
+  out->on_cpu_ns = on_cpu;
+  out->run_delay_ns = delay;
+  return true;
+}
+
+bool CpuContentionRule::add(int64_t now_ns, const SchedStat& counters) noexcept {
+  if (!have_prev_ || counters.on_cpu_ns < prev_.on_cpu_ns ||
+      counters.run_delay_ns < prev_.run_delay_ns) {
+    prev_ = counters;
+    have_prev_ = true;
+    contended_ = 0;  // a streak of another thread's samples says nothing about this one
+    clear_ = 0;
+    return spinning();
+  }
+  const int64_t ran = counters.on_cpu_ns - prev_.on_cpu_ns;
+  const int64_t waited = counters.run_delay_ns - prev_.run_delay_ns;
+  prev_ = counters;
+  if (holding_) {
+    // What a blocking thread waits for a CPU says little about spinning (a woken sleeper is
+    // favoured by the scheduler); the hold decides, then a probe.
+    if (now_ns >= hold_until_ns_) {
+      holding_ = false;
+      probing_ = true;
+      contended_ = 0;
+      clear_ = 0;
+    }
+    return spinning();
+  }
+  if (ran + waited < kMinSampleNs) return spinning();  // too little running to judge
+  last_wait_percent_ = static_cast<int>(waited * 100 / (ran + waited));
+  if (waited * kContendedShare >= ran + waited) {
+    ++contended_;
+    clear_ = 0;
+  } else {
+    contended_ = 0;
+    if (++clear_ >= kWindow && probing_) {
+      probing_ = false;  // the host has room again
+      hold_ns_ = kMinHoldNs;
+    }
+  }
+  if (contended_ >= kWindow) {
+    if (probing_) hold_ns_ = std::min(hold_ns_ * 2, kMaxHoldNs);  // still loaded after a hold
+    probing_ = false;
+    holding_ = true;
+    hold_until_ns_ = now_ns + hold_ns_;
+    contended_ = 0;
+    clear_ = 0;
+  }
+  return spinning();
+}
+
+CpuContentionWatch::~CpuContentionWatch() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+bool CpuContentionWatch::give_up(const char* what, int err) {
+  failed_ = true;
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = -1;
+  MYELIN_LOG_INFO << "progress auto: " << what << " this thread's schedstat failed ("
+                  << std::strerror(err) << "); CPU contention is no longer watched";
+  return true;
+}
+
+bool CpuContentionWatch::sample(int64_t now_ns) {
+  if (failed_) return true;
+  if (now_ns < next_ns_) return rule_.spinning();
+  next_ns_ = now_ns + kSamplePeriodNs;
+  const auto tid = static_cast<pid_t>(::syscall(SYS_gettid));
+  if (fd_ < 0 || tid != tid_) {
+    if (fd_ >= 0) ::close(fd_);
+    const std::string path = "/proc/self/task/" + std::to_string(tid) + "/schedstat";
+    fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd_ < 0) return give_up("opening", errno);
+    tid_ = tid;
+    rule_.rebase();
+  }
+  char buf[128];
+  ssize_t n;
+  do {
+    n = ::pread(fd_, buf, sizeof(buf) - 1, 0);  // regenerated for every read from offset 0
+  } while (n < 0 && errno == EINTR);
+  if (n < 0) return give_up("reading", errno);
+  SchedStat counters;
+  if (!parse_schedstat(std::string_view(buf, static_cast<size_t>(n)), &counters)) {
+    return give_up("parsing", EINVAL);
+  }
+  return rule_.add(now_ns, counters);
+}
+
+std::string CpuContentionWatch::describe() const {
+  const int pct = rule_.last_wait_percent();
+  return "this thread waited for a CPU " + (pct < 0 ? std::string("?") : std::to_string(pct)) +
+         "% of its runnable time";
+}
+
+}  // namespace myelin::transport::internal

@@ -1,0 +1,117 @@
+// transport/src/cpu_contention.hpp — whether busy polling is costing this thread its CPU, for
+// ProgressMode::kAuto (not public API).
+//
+// kAuto busy-polls when this node's ranks do not outnumber its CPUs. That count alone ignores
+// other work on the host: with the CPUs shared by other runnable processes a busy-polling rank
+// spins out time slices that its peer needs, and a call that takes microseconds on a quiet host
+// takes milliseconds (measured on a 2-vCPU VM with three busy processes beside two TCP ranks:
+// 1 MiB allreduce 20-23 ms busy polling against 0.9-1.4 ms blocking). So a Context whose kAuto
+// resolved to busy polling watches what the kernel says about its own thread
+// (/proc/thread-self/schedstat: time on a CPU, time runnable but waiting for one) and waits the
+// way an oversubscribed node does (block over TCP alone, else yield) while that wait is large:
+//
+//   contended sample  an interval of at least kMinSampleNs in which the thread was runnable
+//                     (on a CPU or waiting for one) and waited for a CPU in at least
+//                     1/kContendedShare of that time;
+//   stop spinning     after kWindow contended samples in a row, for a hold time (first
+//                     kMinHoldNs);
+//   spin again        when the hold has passed: a probe. kWindow uncontended samples in a row
+//                     confirm it (the hold goes back to kMinHoldNs); kWindow contended ones end it
+//                     and the next hold is twice as long, up to kMaxHoldNs.
+//
+// So a host whose other work runs at a lower priority (it barely delays this thread) keeps busy
+// polling, one whose other work takes a fair share of the CPUs stops it within a few samples, and
+// a host that quietens down gets it back within kMaxHoldNs; under lasting load the probes cost a
+// few contended samples per hold. The samples are taken at most once per kSamplePeriodNs, at
+// the start of a wait and every few polls of a spinning one: a pread of about 1-2 us.
+//
+// Limits: it sees only this thread's waiting for a CPU. A busy-polling peer that starves a kernel
+// thread (softirq work, on a loopback connection) is not seen; the hypervisor's steal time is
+// not seen. Without /proc/thread-self/schedstat (a kernel without CONFIG_SCHED_INFO) it never
+// stops spinning (the rule before it).
+//
+// Thread safety: none; a Context's waits run on one thread at a time.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include <sys/types.h>
+
+namespace myelin::transport::internal {
+
+struct SchedStat {
+  int64_t on_cpu_ns = 0;     // time the thread ran
+  int64_t run_delay_ns = 0;  // time it was runnable but waited for a CPU
+};
+
+// Parses /proc/<pid>/task/<tid>/schedstat text ("1456186711 57838366 104\n"); false when the
+// text does not have that shape.
+bool parse_schedstat(std::string_view text, SchedStat* out) noexcept;
+
+// The decision, from cumulative counters the caller feeds (no I/O): see the file comment.
+class CpuContentionRule {
+ public:
+  static constexpr int kWindow = 3;
+  static constexpr int kContendedShare = 4;             // waited >= 1/4 of the runnable time
+  static constexpr int64_t kMinSampleNs = 2'000'000;    // runnable time a sample needs to count
+  static constexpr int64_t kMinHoldNs = 100'000'000;    // first hold: 100 ms
+  static constexpr int64_t kMaxHoldNs = 2'000'000'000;  // longest hold: 2 s
+
+  // Records the counters of the watched thread at `now_ns` (any monotonic clock, the same
+  // throughout). Counters that went back (another thread's) restart the comparison. Returns
+  // spinning() after it.
+  bool add(int64_t now_ns, const SchedStat& counters) noexcept;
+  // Forgets the previous counters: the next add() is a new baseline (a different thread), and the
+  // streaks of contended or clear samples start again.
+  void rebase() noexcept { have_prev_ = false; }
+  // Whether busy polling goes on (true until the first contended window).
+  [[nodiscard]] bool spinning() const noexcept { return !holding_; }
+  [[nodiscard]] int64_t hold_ns() const noexcept { return hold_ns_; }
+  // The share of the last counted sample's runnable time spent waiting, in percent (-1: none).
+  [[nodiscard]] int last_wait_percent() const noexcept { return last_wait_percent_; }
+
+ private:
+  SchedStat prev_{};
+  bool have_prev_ = false;
+  bool holding_ = false;  // not spinning until hold_until_ns_
+  bool probing_ = false;  // spinning again after a hold, not confirmed yet
+  int contended_ = 0;     // contended samples in a row
+  int clear_ = 0;         // uncontended samples in a row
+  int64_t hold_ns_ = kMinHoldNs;
+  int64_t hold_until_ns_ = 0;
+  int last_wait_percent_ = -1;
+};
+
+// CpuContentionRule fed from the calling thread's schedstat at most once per kSamplePeriodNs.
+// Owns the file's fd (reopened when a different thread samples).
+class CpuContentionWatch {
+ public:
+  static constexpr int64_t kSamplePeriodNs = 10'000'000;
+
+  CpuContentionWatch() = default;
+  ~CpuContentionWatch();
+  CpuContentionWatch(const CpuContentionWatch&) = delete;
+  CpuContentionWatch& operator=(const CpuContentionWatch&) = delete;
+
+  // Whether a sample is due at `now_ns`.
+  [[nodiscard]] bool due(int64_t now_ns) const noexcept { return now_ns >= next_ns_; }
+  // Takes a sample when one is due; returns spinning() after it. A read that fails stops the
+  // sampling for good (logged once), spinning.
+  bool sample(int64_t now_ns);
+  [[nodiscard]] bool spinning() const noexcept { return failed_ || rule_.spinning(); }
+  // "waited for a CPU 61% of its runnable time" for logs and Context::progress_reason().
+  [[nodiscard]] std::string describe() const;
+
+ private:
+  bool give_up(const char* what, int err);
+
+  CpuContentionRule rule_;
+  int fd_ = -1;
+  pid_t tid_ = 0;  // the thread fd_ reads
+  bool failed_ = false;
+  int64_t next_ns_ = 0;
+};
+
+}  // namespace myelin::transport::internal
