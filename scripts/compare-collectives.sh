@@ -5,7 +5,7 @@
 #   scripts/compare-collectives.sh [--build DIR] [--reps N] [--ranks "2 4"]
 #                                  [--sizes "4096 1048576 67108864"] [--out FILE]
 #                                  [--modes "busy block yield"] [--peers "mpi-tcp mpi-sm gloo"]
-#                                  [--transports "tcp shm"]
+#                                  [--transports "tcp shm"] [--base DIR] [--hogs N]
 #
 # Contenders (each a fresh set of N processes per size and repetition; the order rotates with
 # every repetition so that no contender always runs first or last):
@@ -15,6 +15,9 @@
 #   myelin-tcp-auto   --progress auto (yield when ranks outnumber CPUs, else busy)
 #   myelin-shm[-MODE] --transport shm, the same modes
 #   (--modes picks the progress modes, --transports the myelin transports, --peers the peers)
+#   base-*      with --base DIR: another build's myelin-bench (DIR/bin/myelin-bench, loaded with
+#               LD_LIBRARY_PATH=DIR/lib: copy a build's bench and its lib*.so.0 there first),
+#               the same transports and modes, for before/after comparisons in the same rounds
 #   mpi-tcp     mpirun ... --mca pml ob1 --mca btl tcp,self (loopback only)  compare_mpi_allreduce
 #   mpi-sm      mpirun ... --mca pml ob1 --mca btl vader,self (4.1's shared-memory btl)
 #   gloo-*      compare_gloo_allreduce: Gloo's TCP transport on 127.0.0.1, FileStore rendezvous,
@@ -25,6 +28,8 @@
 # Gloo's TCP transport sleeps in epoll.) With more ranks than cores a busy-polling rank starves
 # the one it waits for; yield (and auto) hand the CPU on instead. Run it at high priority on a
 # shared machine (autogroup nice -20, see docs/performance.md).
+# --hogs N starts N busy loops (nice 0, at most 1 hour each) for the whole run and stops them at
+# the end: a host loaded on purpose, to see which progress modes hold up there.
 # Needs: a build with myelin-bench (MYELIN_BUILD_TOOLS) and the peer programs (built when
 # scripts/setup.sh --with peers installed OpenMPI and Gloo). Missing peers are skipped, named.
 set -euo pipefail
@@ -38,6 +43,8 @@ out=""
 modes="busy block yield"
 peers="mpi-tcp mpi-sm gloo"
 transports="tcp shm"
+base=""
+hogs=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --build) build=$2; shift ;;
@@ -48,7 +55,9 @@ while [ $# -gt 0 ]; do
     --modes) modes=$2; shift ;;
     --peers) peers=$2; shift ;;
     --transports) transports=$2; shift ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    --base) base=$2; shift ;;
+    --hogs) hogs=$2; shift ;;
+    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
     *) echo "compare-collectives.sh: unknown argument '$1'" >&2; exit 2 ;;
   esac
   shift
@@ -64,8 +73,23 @@ if [ -x "$mpi" ] && command -v mpirun >/dev/null; then have_mpi=1; else
 if [ -x "$gloo" ]; then have_gloo=1; else
   echo "# Gloo comparison skipped: $gloo missing (scripts/setup.sh --with peers)"; fi
 
+if [ -n "$base" ] && [ ! -x "$base/bin/myelin-bench" ]; then
+  echo "compare-collectives.sh: --base $base: no $base/bin/myelin-bench" >&2; exit 2
+fi
+case $hogs in ''|*[!0-9]*) echo "compare-collectives.sh: --hogs '$hogs' is not a count" >&2; exit 2 ;; esac
+
 results=$(mktemp /tmp/compare-collectives.XXXXXX)
-trap 'rm -f "$results"' EXIT
+hog_pids=()
+stop_hogs() {
+  [ ${#hog_pids[@]} -eq 0 ] || kill "${hog_pids[@]}" 2>/dev/null || true
+  [ ${#hog_pids[@]} -eq 0 ] || wait "${hog_pids[@]}" 2>/dev/null || true
+  hog_pids=()
+}
+trap 'stop_hogs; rm -f "$results"' EXIT
+for _ in $(seq 1 "$hogs"); do
+  nice -n 0 timeout 3600 sh -c 'while :; do :; done' &
+  hog_pids+=($!)
+done
 cores=$(nproc)
 
 iters_for() {  # timed iterations by size (warm-up: a tenth, at least 2)
@@ -73,11 +97,12 @@ iters_for() {  # timed iterations by size (warm-up: a tenth, at least 2)
 }
 
 # myelin-bench --json line -> RESULT line.
-run_myelin() {  # transport progress np bytes
-  local t=$1 progress=$2 np=$3 bytes=$4 it label
+run_myelin() {  # transport progress np bytes [base]
+  local t=$1 progress=$2 np=$3 bytes=$4 who=${5:-myelin} it label cmd=("$bench")
   it=$(iters_for "$bytes")
-  label=myelin-$t$([ "$progress" = busy ] || echo "-$progress")
-  "$bench" allreduce -n "$np" --transport "$t" --progress "$progress" --size "$bytes" \
+  label=$who-$t$([ "$progress" = busy ] || echo "-$progress")
+  [ "$who" = myelin ] || cmd=(env "LD_LIBRARY_PATH=$base/lib" "$base/bin/myelin-bench")
+  "${cmd[@]}" allreduce -n "$np" --transport "$t" --progress "$progress" --size "$bytes" \
     --iters "$it" --warmup $(( it / 10 > 2 ? it / 10 : 2 )) --json 2>/dev/null |
     grep '"busbw_GBps"' | while read -r line; do
       field() { echo "$line" | sed -n "s/.*\"$1\":\"\{0,1\}\([^,\"}]*\).*/\1/p"; }
@@ -100,10 +125,12 @@ run_gloo() {  # np bytes
 label_of() { echo "myelin-$1$([ "$2" = busy ] || echo "-$2")"; }  # transport mode
 contenders=()
 myelin_impls=""
+base_impls=""
 for t in $transports; do
   for m in $modes; do
     contenders+=("myelin:$t:$m")
     myelin_impls+="$(label_of "$t" "$m") "
+    [ -z "$base" ] || { contenders+=("base:$t:$m"); base_impls+="base-${t}$([ "$m" = busy ] || echo "-$m") "; }
   done
 done
 for p in $peers; do
@@ -116,6 +143,8 @@ done
 echo "# $(date -u +%FT%TZ) $(uname -n): $cores cores ($(grep -m1 'model name' /proc/cpuinfo |
   cut -d: -f2 | sed 's/^ //')), load $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "# reps $reps, ranks {$ranks}, sizes {$sizes}: ${contenders[*]}"
+[ -z "$base" ] || echo "# base: $base/bin/myelin-bench with LD_LIBRARY_PATH=$base/lib"
+[ "$hogs" -eq 0 ] || echo "# $hogs busy loops running throughout"
 for rep in $(seq 1 "$reps"); do
   for np in $ranks; do
     for bytes in $sizes; do
@@ -124,6 +153,7 @@ for rep in $(seq 1 "$reps"); do
         c=${contenders[$(( (k + rep) % n ))]}
         case $c in
           myelin:*) IFS=: read -r _ t m <<<"$c"; run_myelin "$t" "$m" "$np" "$bytes" ;;
+          base:*) IFS=: read -r _ t m <<<"$c"; run_myelin "$t" "$m" "$np" "$bytes" base ;;
           mpi-tcp) run_mpi tcp "$np" "$bytes" ;;
           mpi-sm) run_mpi vader "$np" "$bytes" ;;
           gloo) run_gloo "$np" "$bytes" ;;
@@ -133,6 +163,7 @@ for rep in $(seq 1 "$reps"); do
   done
   echo "# repetition $rep done ($(date -u +%T), load $(cut -d' ' -f1 /proc/loadavg))" >&2
 done
+stop_hogs
 [ -z "$out" ] || cp "$results" "$out"
 
 
@@ -153,7 +184,7 @@ gloo_impls=$(sed -n 's/.*impl=\(gloo-[^ ]*\).*/\1/p' "$results" | sort -u)
 echo
 echo "# median busbw GB/s (median time us) over $reps repetitions; busbw = bytes/time * 2(n-1)/n"
 printf '%-3s %9s' np bytes
-for c in $myelin_impls mpi-tcp mpi-sm gloo-best; do printf '  %-19s' "$c"; done
+for c in $myelin_impls $base_impls mpi-tcp mpi-sm gloo-best; do printf '  %-19s' "$c"; done
 echo
 for np in $ranks; do
   for bytes in $sizes; do
@@ -165,7 +196,7 @@ for np in $ranks; do
       fi
     done
     printf '%-3s %9s' "$np" "$bytes"
-    for c in $myelin_impls mpi-tcp mpi-sm; do
+    for c in $myelin_impls $base_impls mpi-tcp mpi-sm; do
       b=$(get "$c" "$np" "$bytes" busbw_GBps); t=$(get "$c" "$np" "$bytes" time_us)
       [ "$b" = nan ] && printf '  %-19s' - || printf '  %-19s' "$(printf '%.3f (%.1f)' "$b" "$t")"
     done
@@ -198,6 +229,10 @@ for np in $ranks; do
       b=$(get "$m" "$np" "$bytes" busbw_GBps); t=$(get "$m" "$np" "$bytes" time_us)
       line+="  $m: /mpi-sm $(ratio "$b" "$ps")"
       [ "$bytes" -gt 65536 ] || line+=" time/mpi-sm $(ratio "$t" "$pst")"
+    done
+    for m in $myelin_impls; do  # time new/base (<= 1: this build is faster)
+      [ -n "$base" ] || break
+      line+="  $m time/base $(ratio "$(get "$m" "$np" "$bytes" time_us)" "$(get "base-${m#myelin-}" "$np" "$bytes" time_us)")"
     done
     echo "$line"
   done
