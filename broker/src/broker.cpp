@@ -69,7 +69,7 @@ Result<OverflowPolicy> parse_overflow_policy(std::string_view t) {
   return invalid_argument("overflow policy '", t, "' is neither block nor drop_oldest");
 }
 
-void LocalSubscriber::on_ready() {
+void LocalSubscriber::on_ready(Lane) {
   std::lock_guard<std::mutex> lock(mu_);
   cv_.notify_all();
 }
@@ -191,7 +191,7 @@ void Broker::announce_drop_locked(const Session& s, const Message& dropped) {
     // No announcement of drops of announcements: they are counted in the pressure topic's stats.
     if (enqueue_locked(*sess, m, pp, /*announce=*/false)) {
       st.deliveries++;
-      sess->on_ready();
+      sess->on_ready(Lane::kControl);
     }
   }
 }
@@ -232,7 +232,7 @@ Result<PublishOutcome> Broker::publish(const PublishArgs& a) {
     if (enqueue_locked(*s, m, p, /*announce=*/true)) {
       st.deliveries++;
       st.delivered_bytes += a.payload.size();
-      s->on_ready();
+      s->on_ready(p.lane);
     }
   }
   return PublishOutcome::kAccepted;
@@ -269,7 +269,7 @@ Result<PublishOutcome> Broker::request(const PublishArgs& a) {
       if (sub.responder || !topic_matches(sub.pattern, dead)) continue;
       auto sit = sessions_.find(sub.session_id);
       if (sit != sessions_.end() && enqueue_locked(*sit->second, m, pp, true))
-        sit->second->on_ready();
+        sit->second->on_ready(Lane::kControl);
     }
     attempts_.erase(a.id);
     return failed_precondition("request ", a.id, " on ", a.topic, " dead-lettered to ", dead,
@@ -296,7 +296,7 @@ Result<PublishOutcome> Broker::request(const PublishArgs& a) {
   st.bytes_in += a.payload.size();
   st.deliveries++;
   pending_[a.id] = Pending{a.from_session, std::string(a.topic)};
-  target.on_ready();
+  target.on_ready(p.lane);
   return PublishOutcome::kAccepted;
 }
 
@@ -336,7 +336,7 @@ bool Broker::reply(uint64_t id, std::span<const std::byte> payload,
     replies_dropped_++;  // the requester retries: at-least-once
     return false;
   }
-  sit->second->on_ready();
+  sit->second->on_ready(Lane::kControl);
   attempts_.erase(id);
   return true;
 }

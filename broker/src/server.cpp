@@ -52,6 +52,14 @@ constexpr size_t kWritePerPass = 64 * 1024;
 constexpr int64_t kControlRecentNs = 100'000'000;
 // epoll tags: a session's main connection is its id; its control connection the id with this bit.
 constexpr uint64_t kCtrlTag = 1ull << 61;
+// ctrl_epoll_'s tag for the control side's eventfd.
+constexpr uint64_t kCtrlWakeTag = 1ull << 60;
+// Control-side passes wait at most this long (heartbeats, silence).
+constexpr int64_t kCtrlTickNs = 100'000'000;
+
+// The Impl whose control side this thread runs at the moment: its control thread, or its loop
+// inside service_control() when it has none.
+thread_local const void* tl_ctrl_side = nullptr;
 
 // Publish-to-deliver latency buckets, seconds.
 constexpr std::array<double, 16> kLatencyBounds = {1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4,
@@ -71,6 +79,7 @@ std::span<const std::byte> as_bytes(std::string_view s) {
 class Server::Impl {
  public:
   struct Conn;
+  struct Link;
   Impl(Server* owner, ServerOptions o) : owner_(owner), opt_(std::move(o)) {}
   ~Impl() { stop(); }
 
@@ -86,12 +95,16 @@ class Server::Impl {
   }
   uint16_t port = 0, metrics_port = 0;
 
+  // Wakes the loop thread.
   void wake() {
     const uint64_t one = 1;
     // A failed write means the counter is already non-zero: the loop is awake anyway.
     [[maybe_unused]] ssize_t n = ::write(wake_fd_.get(), &one, sizeof(one));
   }
   bool on_loop_thread() const { return std::this_thread::get_id() == loop_tid_; }
+  // Asks the control side to pump `c`'s control connection (control lane, frames the loop
+  // queued for it, publish credits to return). Any thread; cheap when it is already asked.
+  void mark_ctrl_due(Conn& c);
 
  private:
   struct HttpConn {
@@ -104,27 +117,37 @@ class Server::Impl {
     std::string key;
     uint64_t min_version;
   };
+  // Loop -> control side: a control connection to serve, or a session that ended.
+  struct CtrlCmd {
+    std::shared_ptr<Conn> conn;  // kAttach
+    std::unique_ptr<Link> link;  // kAttach
+    uint64_t session = 0;        // kEnd
+  };
+  // Control side -> loop: a control connection let go (with what it still held), a session to
+  // close, or parameter-server work that arrived on a control connection.
+  struct LoopCmd {
+    enum class Kind : uint8_t { kDetached, kClose, kWork } kind;
+    uint64_t session = 0;
+    std::unique_ptr<Link> link;  // kDetached
+    std::string why;             // kDetached, kClose
+    AssembledMessage work;       // kWork
+  };
 
   void loop();
-  void place_thread();
+  void place_thread(bool record);
   void accept_clients();
   void accept_http();
   void serve_http(int fd);
   void read_conn(Conn& c);
-  // Control connections (protocol 2): served before any bulk work of the pass and again after
-  // every bulk read, so a control frame waits for at most one bulk read or write of one pass.
+  // With the control thread: nothing (it serves the control connections). Without: one pass of
+  // the control side, without waiting; the loop runs it before any bulk work of a pass and
+  // again after every bulk read or write.
   void service_control();
-  void read_ctrl(Conn& c);
-  // Decodes and handles what the control connection's buffer holds. False: the session closed.
-  bool decode_ctrl(Conn& c);
-  // Moves the control lane into the control connection and writes it.
-  void pump_control(Conn& c);
-  void update_ctrl_interest(Conn& c);
-  // The control connection ended (closed or failed): what its lane still holds goes on the main
-  // connection, which alone decides the session's end. A closing client's last bulk bytes on
-  // the main connection are still read and routed even when the control connection's end of
-  // stream is seen first (two streams, no order between them).
-  void detach_ctrl(Conn& c, const Status& why);
+  // Handles what the control side sent the loop.
+  void run_loop_cmds();
+  void post_loop(LoopCmd cmd);
+  // Kind kAttach or kEnd (session set, no link).
+  void post_ctrl(CtrlCmd cmd);
   // kAttach on a fresh connection: binds it to its session as the control connection.
   Status attach(Conn& c, const FrameView& f);
   Status handle_frame(Conn& c, const FrameView& f, const std::shared_ptr<const void>& owner);
@@ -132,18 +155,24 @@ class Server::Impl {
   // A publish, request or parameter-server operation: takes its publish credit, then processes
   // it or parks it behind earlier ones.
   Status accept_work(Conn& c, AssembledMessage m);
+  // Routes a publish or request, or (loop only: `via` null) serves a parameter-server operation.
+  // Errors go to the client on `via` (the control side) or through send_direct() (the loop).
   // Returns false when the frame must wait (blocked or rate limited).
-  bool process_work(Conn& c, const AssembledMessage& m);
+  bool process_work(Conn& c, const AssembledMessage& m, Link* via);
   void retry_parked(Conn& c);
   void pump(Conn& c);
   void queue_message(Conn& c, OutQueue& out, const MessagePtr& m, int64_t now);
-  // Queues a frame: control-lane frames on the control connection when the session has one
-  // (unless `main_connection`), everything else on the main connection.
+  // Loop: queues a frame. Control-lane frames go to the control side when the session has a
+  // control connection (unless `main_connection`), everything else on the main connection.
   void send_direct(Conn& c, FrameHeader h, std::string_view topic, std::span<const std::byte> p,
                    std::shared_ptr<const void> owner = nullptr, bool main_connection = false);
-  void send_error(Conn& c, uint64_t id, const Status& s);
+  // Either side: an error frame to the client, on `via` when the control side sends it; from
+  // the loop on the main connection with `main_connection` (see send_direct()).
+  void send_error(Conn& c, uint64_t id, const Status& s, Link* via = nullptr,
+                  bool main_connection = false);
   // Confirms a (un)subscribe: an empty reply, or the error.
-  void send_ack(Conn& c, uint64_t id, const Status& s);
+  void send_ack(Conn& c, uint64_t id, const Status& s, Link* via = nullptr,
+                bool main_connection = false);
   void close_conn(uint64_t id, const char* why);
   void update_interest(Conn& c);
   // pump() on every connection, twice (deliveries freed by the first pass move in the second),
@@ -159,34 +188,90 @@ class Server::Impl {
     return std::max<uint64_t>(1, opt_.publish_credits / 4);
   }
 
+  // The control side: the control thread's body, or the loop's in-line passes without it. It
+  // alone touches links_ and every Link.
+  void control_loop();
+  // One pass: the commands from the loop, the `n` events of ctrl_epoll_, parked publishes, the
+  // sessions asked for, heartbeats. Publishes busy_ctrl_.
+  void ctrl_pass(const epoll_event* evs, int n);
+  void ctrl_adopt(std::shared_ptr<Conn> conn, std::unique_ptr<Link> link);
+  void read_ctrl(Link& l);
+  // Decodes and handles what the control connection's buffer holds. False: the link is gone.
+  bool decode_ctrl(Link& l);
+  Status handle_ctrl(Link& l, const FrameView& f, const std::shared_ptr<const void>& owner);
+  // Moves the control lane and the loop's frames into the control connection and writes it.
+  // False: the link is gone (detached).
+  bool pump_control(Link& l);
+  void update_ctrl_interest(Link& l);
+  void ctrl_send(Link& l, FrameHeader h, std::string_view topic, std::span<const std::byte> p);
+  // The control connection ended (closed or failed): the link goes back to the loop, where what
+  // it still holds goes on the main connection, which alone decides the session's end. A
+  // closing client's last bulk bytes on the main connection are still read and routed even when
+  // the control connection's end of stream is seen first (two streams, no order between them).
+  void detach_ctrl(Link& l, const Status& why);
+  // Drops the link and asks the loop to close its session.
+  void fail_ctrl(Link& l, std::string why);
+  void ctrl_tick(int64_t now);
+  // Writes what every control connection holds, once, at shutdown.
+  void ctrl_final_flush();
+  // Links with something left to send or route (control side only).
+  [[nodiscard]] size_t ctrl_busy_count() const;
+  // Loop, while draining and its own queues are empty: whether the control side is too.
+  [[nodiscard]] bool ctrl_drained();
+  [[nodiscard]] bool on_ctrl_side() const noexcept;
+
   Server* owner_;
   ServerOptions opt_;
   DecodeLimits limits_;
   Fd epoll_, listen_, http_listen_, wake_fd_;
-  // The control connections' own epoll set, itself watched by epoll_ (readable when any of them
-  // is ready), polled without waiting at the start of every pass and after every bulk read.
-  Fd ctrl_epoll_;
-  // service_control()'s list of sessions with control frames to send (loop thread only).
-  std::vector<std::shared_ptr<Conn>> ctrl_due_;
+  // The control connections' own epoll set, with ctrl_wake_. The control thread sleeps on it;
+  // without that thread the loop's epoll_ watches it (readable when any of them is ready) and
+  // the loop polls it without waiting.
+  Fd ctrl_epoll_, ctrl_wake_;
   // pump_all()'s list of connections, storage kept between passes (loop thread only).
   std::vector<std::shared_ptr<Conn>> pump_list_;
-  std::thread thread_;
+  std::thread thread_, ctrl_thread_;
   std::thread::id loop_tid_;
-  std::atomic<bool> stop_{false};      // pairs with the loop's acquire load each pass
-  std::atomic<bool> draining_{false};  // same
-  std::atomic<bool> drained_{false};   // loop -> drain(): set when every queue is empty
+  std::atomic<bool> stop_{false};       // pairs with the loop's acquire load each pass
+  std::atomic<bool> ctrl_stop_{false};  // stop() -> control thread, same
+  std::atomic<bool> draining_{false};   // same
+  std::atomic<bool> drained_{false};    // loop -> drain(): set when every queue is empty
   // drain() sleeps on drain_cv_ until drained_ is set; the loop notifies under drain_mu_ so the
   // wake-up cannot slip between drain()'s predicate check and its wait.
   std::mutex drain_mu_;
   std::condition_variable drain_cv_;
+  // Loop thread only.
   std::unordered_map<uint64_t, std::shared_ptr<Conn>> conns_;
   std::unordered_map<int, HttpConn> http_;
   std::deque<PendingPull> pulls_;
   uint64_t next_id_ = 1;
   int64_t last_tick_ns_ = 0;
 
-  // Counters (written by the loop, read by metrics_text() from any thread): relaxed atomics, no
-  // ordering needed between them.
+  // Hand-offs between the two sides; each mutex is held only to add or take entries (no system
+  // call, no other lock under it). ctrl_cmds_: loop -> control side (wakes ctrl_wake_).
+  // loop_cmds_: control side -> loop (wakes wake_fd_). due_: any thread -> control side, the
+  // sessions whose Conn::ctrl_due went from false to true.
+  std::mutex ctrl_cmd_mu_;
+  std::vector<CtrlCmd> ctrl_cmds_;
+  std::mutex loop_cmd_mu_;
+  std::vector<LoopCmd> loop_cmds_;
+  std::mutex due_mu_;
+  std::vector<uint64_t> due_;
+
+  // Control side only.
+  std::unordered_map<uint64_t, std::unique_ptr<Link>> links_;  // by session id
+  std::vector<uint64_t> ctrl_ids_;                             // scratch: ids to visit
+  size_t ctrl_parked_links_ = 0;  // links with parked publishes (the wait is 1 ms then)
+  int64_t ctrl_last_tick_ns_ = 0;
+  // Control side -> loop, while draining: links whose connection, parked publishes or session's
+  // control lane still held something at the end of control pass number ctrl_passes_ (both
+  // stored at the end of the pass; ctrl_passes_ with release, read with acquire first).
+  std::atomic<size_t> busy_ctrl_{0};
+  std::atomic<uint64_t> ctrl_passes_{0};
+  uint64_t drain_mark_ = 0;  // loop only: see ctrl_drained()
+
+  // Counters (written by either side, read by metrics_text() from any thread): relaxed atomics,
+  // no ordering needed between them.
   struct Atomics {
     std::atomic<uint64_t> accepted{0}, active{0}, auth_failures{0}, acl_denied{0},
         protocol_errors{0}, dead_clients{0}, rate_limited{0}, credit_stalls{0}, frames_in{0},
@@ -207,6 +292,22 @@ class Server::Impl {
   std::string placement_ = "not pinned";
 };
 
+// A control-lane frame the loop queued for a session's control connection (an error, an ack, a
+// parameter-server reply, goaway), carried to the control side in Conn::outbox.
+struct OutboxFrame {
+  FrameHeader h;
+  std::string topic;
+  std::shared_ptr<const void> owner;
+  std::span<const std::byte> payload;
+};
+
+// One client session (its main connection) and the routing core's view of it.
+//
+// Ownership: the loop thread owns the main connection and every field not listed below.
+// `active`, `ident`, `acl`, `version` and `token` are set by the loop during the handshake and
+// never change after it; the control side reads them only after the session's control
+// connection was handed to it (through ctrl_cmd_mu_, which orders the two). Shared between the
+// two sides: the atomics (each says what pairs with it) and what rate_mu / outbox_mu guard.
 struct Server::Impl::Conn final : public Session {
   Conn(Impl* owner_impl, uint64_t id, Fd f, const ServerOptions& o, DecodeLimits lim)
       : Session(id, "", o.broker.lane_capacity),
@@ -218,11 +319,29 @@ struct Server::Impl::Conn final : public Session {
                                  .batch_count = o.batch_count,
                                  .batch_window_ns = o.batch_window_us * 1000}),
         reasm(lim) {}
-  void on_ready() override {
+  void on_ready(Lane lane) override {
+    // The control lane of a session with a control connection is the control side's to drain.
+    // Pairs with the release stores in attach() and run_loop_cmds(); a stale answer is harmless:
+    // the side that takes over the lane pumps it then (ctrl_adopt(), run_loop_cmds()).
+    if (lane == Lane::kControl && ctrl_attached.load(std::memory_order_acquire)) {
+      impl->mark_ctrl_due(*this);
+      return;
+    }
     // Pairs with the exchange(acquire) in pump().
     ready.store(true, std::memory_order_release);
     if (!impl->on_loop_thread()) impl->wake();
   }
+  // Takes one delivery credit; false when there is none. Both sides take credits (bulk on the
+  // loop, control on the control side) and the client grants one pool: a compare-and-swap, so
+  // they never overdraw it together. Relaxed: the count orders nothing else.
+  [[nodiscard]] bool take_credit() noexcept {
+    int64_t v = deliver_credits.load(std::memory_order_relaxed);
+    while (v > 0 && !deliver_credits.compare_exchange_weak(v, v - 1, std::memory_order_relaxed)) {
+    }
+    return v > 0;
+  }
+  void return_credit() noexcept { deliver_credits.fetch_add(1, std::memory_order_relaxed); }
+
   Impl* impl;
   Fd fd;
   RxBuffer rx;
@@ -237,45 +356,73 @@ struct Server::Impl::Conn final : public Session {
   const AclEntry* acl = nullptr;
   internal::Nonce nonce{};
   int64_t handshake_deadline_ns = 0, last_rx_ns = 0, last_tx_ns = 0;
-  int64_t deliver_credits = 0;
-  uint64_t publish_outstanding = 0;  // publish-like frames received, not yet credited back
   // Bytes written since auth_ok (out.bytes_written() - ack_base) minus those the client reported
   // read (bytes_acked): what sits in the kernel buffers between us, ahead of any new frame.
   uint64_t ack_base = 0, bytes_acked = 0;
   // When a control-lane message last left for this client: the in-flight bound applies only
   // while control traffic flows (within kControlRecentNs), so pure bulk keeps the full pipeline.
   int64_t last_control_ns = INT64_MIN / 2;
-  uint64_t credits_to_return = 0;
+  // Publish-like frames on the main connection waiting for room or a rate-limit token, in order.
   std::deque<AssembledMessage> parked;
-  double tokens = 0;
-  int64_t tokens_ns = 0;
   size_t pulls = 0;
-  std::atomic<bool> ready{false};
   // Protocol version agreed in the handshake; with 2, the token a control connection must prove
   // it knows (auth.hpp).
   uint32_t version = 1;
   internal::Token token{};
-  // The session's control connection, once attached: every control-lane frame to and from this
-  // client goes over it, so none waits behind bulk bytes in a socket buffer or behind a bulk
-  // read on the main connection. Silence past the heartbeat deadline or a protocol error on it
-  // closes the session; its end of stream (or a socket error) detaches it, and control frames
-  // fall back to the main connection, which alone ends the session (see detach_ctrl()). A
-  // client fails itself when either of its connections breaks, so this matters for the order
-  // in which a closing client's two streams are seen.
-  struct Link {
-    Link(Fd f, RxBuffer r, OutQueue o) : fd(std::move(f)), rx(std::move(r)), out(std::move(o)) {}
-    Fd fd;
-    RxBuffer rx;
-    OutQueue out;
-    int64_t last_rx_ns = 0, last_tx_ns = 0;
-    bool want_out = false;
-  };
-  std::unique_ptr<Link> ctrl;
   // This connection was a control connection's handshake and now belongs to another session.
   bool moved = false;
   // The main connection ended (its socket closed and gone) while the control connection lived:
   // nothing more is sent here, and the session ends with the control connection.
   bool main_ended = false;
+
+  // Shared (see the ownership note above).
+  // Delivery credits the client granted and the broker has not used (take_credit()). Errors and
+  // replies take one unconditionally, as the client credits them back too.
+  std::atomic<int64_t> deliver_credits{0};
+  // Publish-like frames received on either connection, not yet accepted: at most
+  // publish_credits. Relaxed: a count, ordering nothing.
+  std::atomic<uint64_t> publish_outstanding{0};
+  // Accepted publishes whose credit goes back to the client in the next credit frame (sent by
+  // the side that writes control frames). Relaxed, same.
+  std::atomic<uint64_t> credits_to_return{0};
+  // The loop should pump this connection; release by whoever asks, the exchange(acquire) in
+  // pump() takes it.
+  std::atomic<bool> ready{false};
+  // The session has a control connection (written by the loop only: attach(), the detach and
+  // close paths; read by on_ready() on any thread). Its Link, while it has one, is the control
+  // side's, in links_.
+  std::atomic<bool> ctrl_attached{false};
+  // Asked to the control side (mark_ctrl_due()); cleared by the control side before it pumps.
+  std::atomic<bool> ctrl_due{false};
+  // Rate-limit bucket, both sides take tokens.
+  std::mutex rate_mu;
+  double tokens = 0;      // under rate_mu
+  int64_t tokens_ns = 0;  // under rate_mu
+  // Control frames the loop made for the control connection, in order (loop -> control side).
+  std::mutex outbox_mu;
+  std::vector<OutboxFrame> outbox;  // under outbox_mu
+};
+
+// A session's control connection: read, decoded, routed and written by the control side only
+// (the control thread, or the loop's in-line passes without it). Every control-lane frame to and
+// from the client goes over it, so none waits behind bulk bytes in a socket buffer or behind a
+// bulk read on the main connection. Silence past the heartbeat deadline or a protocol error on
+// it closes the session; its end of stream (or a socket error) detaches it, and control frames
+// fall back to the main connection, which alone ends the session (see detach_ctrl()). A client
+// fails itself when either of its connections breaks, so this matters for the order in which a
+// closing client's two streams are seen.
+struct Server::Impl::Link {
+  Link(std::shared_ptr<Conn> c, Fd f, RxBuffer r, OutQueue o)
+      : conn(std::move(c)), fd(std::move(f)), rx(std::move(r)), out(std::move(o)) {}
+  std::shared_ptr<Conn> conn;
+  Fd fd;
+  RxBuffer rx;
+  OutQueue out;
+  int64_t last_rx_ns = 0, last_tx_ns = 0;
+  bool want_out = false;
+  // Publishes and requests from this connection waiting for room or a rate-limit token, in order
+  // (a topic is in one lane, so this keeps the order per topic and publisher).
+  std::deque<AssembledMessage> parked;
 };
 
 const AclEntry* Server::Impl::acl_for(std::string_view identity) const {
@@ -354,15 +501,25 @@ Status Server::Impl::init() {
   };
   ctrl_epoll_ = Fd(::epoll_create1(EPOLL_CLOEXEC));
   if (!ctrl_epoll_.valid()) return errno_status("epoll_create1", errno);
+  ctrl_wake_ = Fd(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
+  if (!ctrl_wake_.valid()) return errno_status("eventfd", errno);
+  {
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.u64 = kCtrlWakeTag;
+    if (::epoll_ctl(ctrl_epoll_.get(), EPOLL_CTL_ADD, ctrl_wake_.get(), &ev) != 0)
+      return errno_status("epoll_ctl", errno);
+  }
   MYELIN_RETURN_IF_ERROR(add(listen_.get()));
   MYELIN_RETURN_IF_ERROR(add(wake_fd_.get()));
-  MYELIN_RETURN_IF_ERROR(add(ctrl_epoll_.get()));
+  if (!opt_.control_thread) MYELIN_RETURN_IF_ERROR(add(ctrl_epoll_.get()));
   if (http_listen_.valid()) MYELIN_RETURN_IF_ERROR(add(http_listen_.get()));
   return ok_status();
 }
 
 Status Server::Impl::start() {
   if (thread_.joinable()) return failed_precondition("server already started");
+  if (opt_.control_thread) ctrl_thread_ = std::thread([this] { control_loop(); });
   thread_ = std::thread([this] { loop(); });
   return ok_status();
 }
@@ -373,6 +530,15 @@ void Server::Impl::stop() {
   if (thread_.joinable()) {
     wake();
     thread_.join();
+  }
+  // After the loop: its last frames (goaway, errors) reach the control side first, which then
+  // writes what every control connection holds once before it ends. Pairs with the acquire load
+  // in control_loop().
+  ctrl_stop_.store(true, std::memory_order_release);
+  if (ctrl_thread_.joinable()) {
+    const uint64_t one = 1;
+    [[maybe_unused]] ssize_t n = ::write(ctrl_wake_.get(), &one, sizeof(one));
+    ctrl_thread_.join();
   }
 }
 
@@ -395,7 +561,7 @@ Status Server::Impl::drain(Deadline deadline) {
   return ok_status();
 }
 
-void Server::Impl::place_thread() {
+void Server::Impl::place_thread(bool record) {
   std::string where = "not pinned";
 #ifdef MYELIN_BROKER_HAVE_TOPOLOGY
   int node = opt_.numa_node;
@@ -420,6 +586,7 @@ void Server::Impl::place_thread() {
 #else
   if (!opt_.nic.empty() || opt_.numa_node >= 0) where = "not pinned: built without core topology";
 #endif
+  if (!record) return;  // the control thread goes where the loop goes; the loop says where
   if (where != "not pinned") MYELIN_LOG_INFO << "broker I/O thread placement: " << where;
   std::lock_guard<std::mutex> lock(snap_mu_);
   placement_ = where;
@@ -449,49 +616,117 @@ void Server::Impl::send_direct(Conn& c, FrameHeader h, std::string_view topic,
                                std::span<const std::byte> p, std::shared_ptr<const void> owner,
                                bool main_connection) {
   // The client credits every error and reply back, like deliveries.
-  if (h.type == FrameType::kError || h.type == FrameType::kReply) c.deliver_credits--;
-  OutQueue& out = c.ctrl && !main_connection && (h.flags & kFlagControl) ? c.ctrl->out : c.out;
-  Status s = out.push(h, topic, p, std::move(owner), false, monotonic_ns());
-  if (!s.ok()) MYELIN_LOG_WARN << "dropping a frame to client " << c.id() << ": " << s;
+  if (h.type == FrameType::kError || h.type == FrameType::kReply)
+    c.deliver_credits.fetch_sub(1, std::memory_order_relaxed);
   c_.frames_out.fetch_add(1, std::memory_order_relaxed);
+  if (c.ctrl_attached.load(std::memory_order_relaxed) && !main_connection &&
+      (h.flags & kFlagControl)) {
+    // The control connection is the control side's: hand the frame over, in order.
+    if (!owner && !p.empty()) {
+      auto copy = std::make_shared<std::vector<std::byte>>(p.begin(), p.end());
+      p = std::span<const std::byte>(copy->data(), copy->size());
+      owner = std::move(copy);
+    }
+    {
+      std::lock_guard<std::mutex> lock(c.outbox_mu);
+      c.outbox.push_back(OutboxFrame{h, std::string(topic), std::move(owner), p});
+    }
+    mark_ctrl_due(c);
+    return;
+  }
+  Status s = c.out.push(h, topic, p, std::move(owner), false, monotonic_ns());
+  if (!s.ok()) MYELIN_LOG_WARN << "dropping a frame to client " << c.id() << ": " << s;
 }
 
-void Server::Impl::send_error(Conn& c, uint64_t id, const Status& s) {
+void Server::Impl::ctrl_send(Link& l, FrameHeader h, std::string_view topic,
+                             std::span<const std::byte> p) {
+  if (h.type == FrameType::kError || h.type == FrameType::kReply)
+    l.conn->deliver_credits.fetch_sub(1, std::memory_order_relaxed);
+  c_.frames_out.fetch_add(1, std::memory_order_relaxed);
+  Status s = l.out.push(h, topic, p, nullptr, false, monotonic_ns());
+  if (!s.ok()) MYELIN_LOG_WARN << "dropping a frame to client " << l.conn->id() << ": " << s;
+}
+
+void Server::Impl::send_error(Conn& c, uint64_t id, const Status& s, Link* via,
+                              bool main_connection) {
   FrameHeader h;
   h.type = FrameType::kError;
   h.flags = kFlagControl;
   h.seq = static_cast<uint64_t>(s.code());
   h.id = id;
   std::string text(s.message().substr(0, 4000));
-  send_direct(c, h, {}, as_bytes(text));
+  if (via)
+    ctrl_send(*via, h, {}, as_bytes(text));
+  else
+    send_direct(c, h, {}, as_bytes(text), nullptr, main_connection);
 }
 
-void Server::Impl::send_ack(Conn& c, uint64_t id, const Status& s) {
+void Server::Impl::send_ack(Conn& c, uint64_t id, const Status& s, Link* via,
+                            bool main_connection) {
   if (!s.ok()) {
-    send_error(c, id, s);
+    send_error(c, id, s, via, main_connection);
     return;
   }
   FrameHeader h;
   h.type = FrameType::kReply;
   h.flags = kFlagControl;
   h.id = id;
-  send_direct(c, h, {}, {});
+  if (via)
+    ctrl_send(*via, h, {}, {});
+  else
+    send_direct(c, h, {}, {}, nullptr, main_connection);
 }
 
 void Server::Impl::close_conn(uint64_t id, const char* why) {
   auto it = conns_.find(id);
   if (it == conns_.end()) return;
-  MYELIN_LOG_INFO << "closing client " << id << " (" << it->second->ident << "): " << why;
+  Conn& c = *it->second;
+  MYELIN_LOG_INFO << "closing client " << id << " (" << c.ident << "): " << why;
   owner_->broker_->remove_session(id);
   std::erase_if(pulls_, [&](const PendingPull& p) { return p.conn == id; });
-  if (it->second->fd.valid())
-    ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, it->second->fd.get(), nullptr);
-  if (it->second->ctrl) {
-    ::epoll_ctl(ctrl_epoll_.get(), EPOLL_CTL_DEL, it->second->ctrl->fd.get(), nullptr);
-    c_.ctrl_active.fetch_sub(1, std::memory_order_relaxed);
+  if (c.fd.valid()) ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, c.fd.get(), nullptr);
+  if (c.ctrl_attached.load(std::memory_order_relaxed)) {
+    // Pairs with the acquire load in on_ready().
+    c.ctrl_attached.store(false, std::memory_order_release);
+    post_ctrl(CtrlCmd{.session = id});
   }
-  if (it->second->active) c_.active.fetch_sub(1, std::memory_order_relaxed);
+  if (c.active) c_.active.fetch_sub(1, std::memory_order_relaxed);
   conns_.erase(it);
+}
+
+void Server::Impl::mark_ctrl_due(Conn& c) {
+  // Pairs with the store(false) in ctrl_pass(), made before it pumps: a request that comes
+  // after it is seen again.
+  if (c.ctrl_due.exchange(true, std::memory_order_acq_rel)) return;
+  {
+    std::lock_guard<std::mutex> lock(due_mu_);
+    due_.push_back(c.id());
+  }
+  // The control side looks at due_ again before it sleeps.
+  if (on_ctrl_side()) return;
+  const uint64_t one = 1;
+  [[maybe_unused]] ssize_t n = ::write(ctrl_wake_.get(), &one, sizeof(one));
+}
+
+bool Server::Impl::on_ctrl_side() const noexcept {
+  return tl_ctrl_side == this;
+}
+
+void Server::Impl::post_ctrl(CtrlCmd cmd) {
+  {
+    std::lock_guard<std::mutex> lock(ctrl_cmd_mu_);
+    ctrl_cmds_.push_back(std::move(cmd));
+  }
+  const uint64_t one = 1;
+  [[maybe_unused]] ssize_t n = ::write(ctrl_wake_.get(), &one, sizeof(one));
+}
+
+void Server::Impl::post_loop(LoopCmd cmd) {
+  {
+    std::lock_guard<std::mutex> lock(loop_cmd_mu_);
+    loop_cmds_.push_back(std::move(cmd));
+  }
+  if (!on_loop_thread()) wake();
 }
 
 void Server::Impl::accept_clients() {
@@ -597,7 +832,7 @@ void Server::Impl::read_conn(Conn& c) {
   // is left is reported again on the next pass.
   auto n = c.rx.read_from(c.fd.get(), kReadPerPass);
   if (!n.ok()) {
-    if (c.ctrl && c.active) {
+    if (c.ctrl_attached.load(std::memory_order_relaxed) && c.active) {
       // A closing client's two streams end in no particular order: control frames it sent
       // before it closed may still be on their way on the control connection. The session ends
       // with that connection (its end, or the main connection's silence past the heartbeat
@@ -650,48 +885,200 @@ void Server::Impl::read_conn(Conn& c) {
 }
 
 void Server::Impl::service_control() {
-  if (c_.ctrl_active.load(std::memory_order_relaxed) == 0) return;
+  if (opt_.control_thread) return;  // the control thread serves them
+  bool work = !links_.empty();
+  if (!work) {
+    // Nothing attached: only an attach or requests may be waiting.
+    std::lock_guard<std::mutex> lock(ctrl_cmd_mu_);
+    work = !ctrl_cmds_.empty();
+  }
+  if (!work) {
+    std::lock_guard<std::mutex> lock(due_mu_);
+    work = !due_.empty();
+  }
+  if (!work) return;
   std::array<epoll_event, 64> evs;
   const int n = ::epoll_wait(ctrl_epoll_.get(), evs.data(), static_cast<int>(evs.size()), 0);
-  for (int i = 0; i < n; ++i) {
-    auto it = conns_.find(evs[i].data.u64 & ~kCtrlTag);
-    if (it == conns_.end() || !it->second->ctrl) continue;
-    auto keep = it->second;
-    if (evs[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP)) read_ctrl(*keep);
-  }
-  // Deliver what reached control lanes (from these reads, or from publishes on main
-  // connections) and write what the control sockets now take.
-  // The list's storage is kept between calls (this runs after every bulk read); taken out of
-  // the member while in use, so a nested call could not clear it under this loop.
-  std::vector<std::shared_ptr<Conn>> due = std::move(ctrl_due_);
-  due.clear();
-  for (auto& [id, c] : conns_) {
-    if (c->ctrl && (c->lane(Lane::kControl).size() > 0 || c->ctrl->out.has_unsent()))
-      due.push_back(c);
-  }
-  for (auto& c : due) {
-    if (conns_.count(c->id())) pump_control(*c);
-  }
-  due.clear();  // holds no session past this call
-  ctrl_due_ = std::move(due);
+  tl_ctrl_side = this;
+  ctrl_pass(evs.data(), std::max(n, 0));
+  tl_ctrl_side = nullptr;
+  run_loop_cmds();
 }
 
-void Server::Impl::read_ctrl(Conn& c) {
-  Conn::Link& l = *c.ctrl;
+void Server::Impl::control_loop() {
+  tl_ctrl_side = this;
+  place_thread(/*record=*/false);
+  std::array<epoll_event, 64> evs;
+  // Pairs with the release store in stop().
+  while (!ctrl_stop_.load(std::memory_order_acquire)) {
+    const int64_t now = monotonic_ns();
+    int64_t wait_ns = std::max<int64_t>(0, ctrl_last_tick_ns_ + kCtrlTickNs - now);
+    if (ctrl_parked_links_ > 0) wait_ns = std::min<int64_t>(wait_ns, 1'000'000);
+    const int n = internal::epoll_wait_ns(ctrl_epoll_.get(), evs.data(),
+                                          static_cast<int>(evs.size()), wait_ns);
+    ctrl_pass(evs.data(), std::max(n, 0));
+  }
+  ctrl_final_flush();
+  tl_ctrl_side = nullptr;
+}
+
+void Server::Impl::ctrl_pass(const epoll_event* evs, int n) {
+  std::vector<CtrlCmd> cmds;
+  {
+    std::lock_guard<std::mutex> lock(ctrl_cmd_mu_);
+    cmds.swap(ctrl_cmds_);
+  }
+  for (CtrlCmd& cmd : cmds) {
+    if (cmd.link) {
+      ctrl_adopt(std::move(cmd.conn), std::move(cmd.link));
+      continue;
+    }
+    // The loop closed the session: write what its control connection holds once, then let go.
+    auto it = links_.find(cmd.session);
+    if (it == links_.end()) continue;
+    if (!pump_control(*it->second)) continue;  // that write failed: detached, gone
+    Link& l = *it->second;
+    ::epoll_ctl(ctrl_epoll_.get(), EPOLL_CTL_DEL, l.fd.get(), nullptr);
+    if (!l.parked.empty()) --ctrl_parked_links_;
+    c_.ctrl_active.fetch_sub(1, std::memory_order_relaxed);
+    links_.erase(it);
+  }
+  for (int i = 0; i < n; ++i) {
+    const uint64_t tag = evs[i].data.u64;
+    if (tag == kCtrlWakeTag) {
+      uint64_t v;
+      [[maybe_unused]] ssize_t r = ::read(ctrl_wake_.get(), &v, sizeof(v));
+      continue;
+    }
+    auto it = links_.find(tag & ~kCtrlTag);
+    if (it == links_.end()) continue;  // handed over, its command not taken yet: seen next pass
+    Link& l = *it->second;
+    if (evs[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP)) {
+      read_ctrl(l);  // may let go of the link
+      continue;
+    }
+    (void)pump_control(l);  // writable
+  }
+  // Publishes that waited for room or a token, in order per connection.
+  if (ctrl_parked_links_ > 0) {
+    ctrl_ids_.clear();
+    for (auto& [id, l] : links_) {
+      if (!l->parked.empty()) ctrl_ids_.push_back(id);
+    }
+    for (uint64_t id : ctrl_ids_) {
+      auto it = links_.find(id);
+      if (it == links_.end()) continue;
+      Link& l = *it->second;
+      while (!l.parked.empty() && process_work(*l.conn, l.parked.front(), &l)) l.parked.pop_front();
+      if (l.parked.empty()) --ctrl_parked_links_;
+      (void)pump_control(l);  // errors, acks and credits these made
+    }
+  }
+  // Sessions asked for (control deliveries queued, frames from the loop, credits to return),
+  // until none is left: pumping one may route to another.
+  while (true) {
+    ctrl_ids_.clear();
+    {
+      std::lock_guard<std::mutex> lock(due_mu_);
+      ctrl_ids_.swap(due_);
+    }
+    if (ctrl_ids_.empty()) break;
+    for (uint64_t id : ctrl_ids_) {
+      auto it = links_.find(id);
+      // Not (or no longer) attached here: the loop drains its lane now, and ctrl_adopt()
+      // clears the flag of a link it takes on before it pumps it.
+      if (it == links_.end()) continue;
+      // Pairs with the exchange in mark_ctrl_due(): cleared before the pump, so what is queued
+      // after it asks again.
+      it->second->conn->ctrl_due.store(false, std::memory_order_release);
+      (void)pump_control(*it->second);
+    }
+  }
+  const int64_t now = monotonic_ns();
+  if (now - ctrl_last_tick_ns_ >= kCtrlTickNs) {
+    ctrl_tick(now);
+    ctrl_last_tick_ns_ = now;
+  }
+  // Only a drain asks what is left (a walk over every link).
+  if (opt_.control_thread && draining_.load(std::memory_order_acquire)) {  // pairs with drain()
+    busy_ctrl_.store(ctrl_busy_count(), std::memory_order_relaxed);
+    // Pairs with the acquire load in ctrl_drained(): publishes busy_ctrl_ with the count.
+    ctrl_passes_.fetch_add(1, std::memory_order_release);
+  }
+}
+
+size_t Server::Impl::ctrl_busy_count() const {
+  size_t busy = 0;
+  for (auto& [id, l] : links_) {
+    if (!l->out.empty() || !l->parked.empty() || l->conn->lane(Lane::kControl).size() > 0) ++busy;
+  }
+  return busy;
+}
+
+bool Server::Impl::ctrl_drained() {
+  {
+    std::lock_guard<std::mutex> lock(due_mu_);
+    if (!due_.empty()) return false;
+  }
+  {
+    std::lock_guard<std::mutex> lock(ctrl_cmd_mu_);
+    if (!ctrl_cmds_.empty()) return false;
+  }
+  {
+    std::lock_guard<std::mutex> lock(loop_cmd_mu_);
+    if (!loop_cmds_.empty()) return false;
+  }
+  // Without the control thread this thread is the control side: it can look itself.
+  if (!opt_.control_thread) return ctrl_busy_count() == 0;
+  // With it: a count from a pass that began after this side was found empty (the pass that ends
+  // at drain_mark_ + 1 may have begun before), so that pass saw everything this side had handed
+  // over by then.
+  const uint64_t passes = ctrl_passes_.load(std::memory_order_acquire);
+  if (drain_mark_ == 0) {
+    drain_mark_ = passes + 1;  // + 1: zero means unset
+    const uint64_t one = 1;
+    [[maybe_unused]] ssize_t n = ::write(ctrl_wake_.get(), &one, sizeof(one));
+    return false;
+  }
+  if (passes + 1 < drain_mark_ + 2) {
+    const uint64_t one = 1;
+    [[maybe_unused]] ssize_t n = ::write(ctrl_wake_.get(), &one, sizeof(one));
+    return false;
+  }
+  return busy_ctrl_.load(std::memory_order_relaxed) == 0;
+}
+
+void Server::Impl::ctrl_adopt(std::shared_ptr<Conn> conn, std::unique_ptr<Link> link) {
+  const uint64_t id = conn->id();
+  const int64_t now = monotonic_ns();
+  link->last_rx_ns = link->last_tx_ns = now;
+  Link& l = *link;
+  links_[id] = std::move(link);
+  conn->ctrl_due.store(false, std::memory_order_release);  // pumped below
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.u64 = id | kCtrlTag;
+  if (::epoll_ctl(ctrl_epoll_.get(), EPOLL_CTL_ADD, l.fd.get(), &ev) != 0) {
+    fail_ctrl(l, errno_status("epoll_ctl for a control connection", errno).to_string());
+    return;
+  }
+  // Frames the client sent right behind its attach are in the buffer that came along.
+  if (decode_ctrl(l)) (void)pump_control(l);
+}
+
+void Server::Impl::read_ctrl(Link& l) {
   auto n = l.rx.read_from(l.fd.get(), kReadPerPass);
   if (!n.ok()) {
-    detach_ctrl(c, n.status());
+    detach_ctrl(l, n.status());
     return;
   }
   if (*n == 0) return;
   c_.bytes_in.fetch_add(*n, std::memory_order_relaxed);
   l.last_rx_ns = monotonic_ns();
-  (void)decode_ctrl(c);
+  if (decode_ctrl(l)) (void)pump_control(l);
 }
 
-bool Server::Impl::decode_ctrl(Conn& c) {
-  const uint64_t id = c.id();
-  Conn::Link& l = *c.ctrl;
+bool Server::Impl::decode_ctrl(Link& l) {
   while (true) {
     FrameView f;
     auto got = l.rx.next(&f);
@@ -703,15 +1090,276 @@ bool Server::Impl::decode_ctrl(Conn& c) {
       // per session).
       s = (f.header.flags & (kFlagMore | kFlagContinuation))
               ? protocol_error("a chunked frame on the control connection")
-              : handle_active(c, f, l.rx.owner());
+              : handle_ctrl(l, f, l.rx.owner());
     }
     if (!s.ok()) {
       if (s.code() == StatusCode::kProtocolError)
         c_.protocol_errors.fetch_add(1, std::memory_order_relaxed);
-      send_error(c, 0, s);
+      send_error(*l.conn, 0, s, &l);
       (void)l.out.flush(l.fd.get());
-      close_conn(id, ("control connection: " + s.to_string()).c_str());
+      fail_ctrl(l, "control connection: " + s.to_string());
       return false;
+    }
+  }
+}
+
+Status Server::Impl::handle_ctrl(Link& l, const FrameView& f,
+                                 const std::shared_ptr<const void>& owner) {
+  Conn& c = *l.conn;
+  const FrameHeader& h = f.header;
+  switch (h.type) {
+    case FrameType::kBatch:
+      return for_each_in_batch(
+          f.payload, limits_, [&](const FrameView& inner) { return handle_ctrl(l, inner, owner); });
+    case FrameType::kPublish:
+    case FrameType::kRequest:
+    case FrameType::kPsPush:
+    case FrameType::kPsPull: {
+      // One window for both connections. Relaxed: a count (see Conn).
+      if (c.publish_outstanding.fetch_add(1, std::memory_order_relaxed) + 1 >
+          opt_.publish_credits) {
+        return protocol_error("client sent more than its ", opt_.publish_credits,
+                              " publish credits");
+      }
+      // One copy out of the receive block: the message may outlive it while parked or queued.
+      AssembledMessage m;
+      m.header = h;
+      m.topic = std::string(f.topic);
+      m.payload = std::make_shared<std::vector<std::byte>>(f.payload.begin(), f.payload.end());
+      if (h.type == FrameType::kPsPush || h.type == FrameType::kPsPull) {
+        // The parameter server and its pending pulls are the loop's.
+        post_loop(LoopCmd{.kind = LoopCmd::Kind::kWork, .session = c.id(), .work = std::move(m)});
+        return ok_status();
+      }
+      if (l.parked.empty() && process_work(c, m, &l)) return ok_status();
+      if (l.parked.empty()) ++ctrl_parked_links_;
+      l.parked.push_back(std::move(m));  // bounded by the publish credit window
+      return ok_status();
+    }
+    case FrameType::kSubscribe: {
+      if (!may_subscribe(c, f.topic)) {
+        c_.acl_denied.fetch_add(1, std::memory_order_relaxed);
+        send_error(c, h.id,
+                   permission_denied("'", c.ident, "' may not subscribe to '", f.topic, "'"), &l);
+        return ok_status();
+      }
+      send_ack(c, h.id, owner_->broker_->subscribe(c.id(), h.id, f.topic, h.seq == 1), &l);
+      return ok_status();
+    }
+    case FrameType::kUnsubscribe:
+      send_ack(c, h.id, owner_->broker_->unsubscribe(c.id(), h.id), &l);
+      return ok_status();
+    case FrameType::kCredit:
+      if (h.id > (1ull << 32)) return protocol_error("credit grant of ", h.id);
+      // A read report (h.seq) bounds bulk ahead of control frames on one connection; with a
+      // control connection the bound does not apply (clients send none then), so one is
+      // ignored here.
+      c.deliver_credits.fetch_add(static_cast<int64_t>(h.id), std::memory_order_relaxed);
+      if (h.id > 0 && c.lane(Lane::kBulk).size() > 0) {
+        // Bulk waiting for these credits: the loop's. Pairs with the exchange in pump().
+        c.ready.store(true, std::memory_order_release);
+        wake();
+      }
+      return ok_status();
+    case FrameType::kReply:
+      owner_->broker_->reply(
+          h.id, f.payload,
+          std::make_shared<std::vector<std::byte>>(f.payload.begin(), f.payload.end()));
+      return ok_status();
+    case FrameType::kError: {
+      if (h.seq == 0 || h.seq > static_cast<uint64_t>(StatusCode::kInternal)) {
+        return protocol_error("error frame with status code ", h.seq);
+      }
+      const std::string text(reinterpret_cast<const char*>(f.payload.data()), f.payload.size());
+      owner_->broker_->reply(h.id, {}, nullptr, Status(static_cast<StatusCode>(h.seq), text));
+      return ok_status();
+    }
+    case FrameType::kHeartbeat:
+      return ok_status();
+    default:
+      return protocol_error("unexpected ", frame_type_name(h.type),
+                            " frame on a control connection");
+  }
+}
+
+bool Server::Impl::pump_control(Link& l) {
+  Conn& c = *l.conn;
+  const int64_t now = monotonic_ns();
+  // Frames the loop made for this connection first: they were made before anything popped now.
+  std::vector<OutboxFrame> frames;
+  {
+    std::lock_guard<std::mutex> lock(c.outbox_mu);
+    frames.swap(c.outbox);
+  }
+  for (OutboxFrame& f : frames) {
+    Status s = l.out.push(f.h, f.topic, f.payload, std::move(f.owner), false, now);
+    if (!s.ok()) MYELIN_LOG_WARN << "dropping a frame to client " << c.id() << ": " << s;
+  }
+  BoundedQueue<MessagePtr>& lane = c.lane(Lane::kControl);
+  MessagePtr m;
+  while (lane.size() > 0 && c.take_credit()) {
+    if (!lane.try_pop(m)) {
+      // A drop-oldest eviction emptied it meanwhile. The credit goes back; the loop may have
+      // seen the pool short for a moment, so it looks again.
+      c.return_credit();
+      c.ready.store(true, std::memory_order_release);  // pairs with the exchange in pump()
+      wake();
+      break;
+    }
+    queue_message(c, l.out, m, now);
+  }
+  if (lane.size() > 0 && c.deliver_credits.load(std::memory_order_relaxed) <= 0)
+    c_.credit_stalls.fetch_add(1, std::memory_order_relaxed);
+  // Publish credits go back in groups of a quarter window (see pump()).
+  if (c.credits_to_return.load(std::memory_order_relaxed) >= credit_group()) {
+    FrameHeader h;
+    h.type = FrameType::kCredit;
+    h.flags = kFlagControl;
+    h.id = c.credits_to_return.exchange(0, std::memory_order_relaxed);
+    ctrl_send(l, h, {}, {});
+  }
+  l.out.close_due_batches(now, true);
+  if (l.out.has_unsent()) {
+    auto r = l.out.flush(l.fd.get());
+    if (!r.ok()) {
+      detach_ctrl(l, r.status());
+      return false;
+    }
+    l.last_tx_ns = now;
+  }
+  update_ctrl_interest(l);
+  return true;
+}
+
+void Server::Impl::update_ctrl_interest(Link& l) {
+  const bool want = l.out.has_unsent();
+  if (want == l.want_out) return;
+  epoll_event ev{};
+  ev.events = want ? static_cast<uint32_t>(EPOLLIN | EPOLLOUT) : static_cast<uint32_t>(EPOLLIN);
+  ev.data.u64 = l.conn->id() | kCtrlTag;
+  if (::epoll_ctl(ctrl_epoll_.get(), EPOLL_CTL_MOD, l.fd.get(), &ev) == 0) l.want_out = want;
+}
+
+void Server::Impl::detach_ctrl(Link& l, const Status& why) {
+  const uint64_t id = l.conn->id();
+  ::epoll_ctl(ctrl_epoll_.get(), EPOLL_CTL_DEL, l.fd.get(), nullptr);
+  // What the loop handed over and this side has not taken yet goes back with the link, behind
+  // what the link holds.
+  {
+    std::lock_guard<std::mutex> lock(l.conn->outbox_mu);
+    for (OutboxFrame& f : l.conn->outbox) {
+      Status s = l.out.push(f.h, f.topic, f.payload, std::move(f.owner), false, monotonic_ns());
+      if (!s.ok()) MYELIN_LOG_WARN << "dropping a frame to client " << id << ": " << s;
+    }
+    l.conn->outbox.clear();
+  }
+  if (!l.parked.empty()) --ctrl_parked_links_;
+  c_.ctrl_active.fetch_sub(1, std::memory_order_relaxed);
+  auto it = links_.find(id);
+  post_loop(LoopCmd{.kind = LoopCmd::Kind::kDetached,
+                    .session = id,
+                    .link = std::move(it->second),
+                    .why = why.to_string()});
+  links_.erase(it);
+}
+
+void Server::Impl::fail_ctrl(Link& l, std::string why) {
+  const uint64_t id = l.conn->id();
+  ::epoll_ctl(ctrl_epoll_.get(), EPOLL_CTL_DEL, l.fd.get(), nullptr);
+  if (!l.parked.empty()) --ctrl_parked_links_;
+  c_.ctrl_active.fetch_sub(1, std::memory_order_relaxed);
+  links_.erase(id);
+  post_loop(LoopCmd{.kind = LoopCmd::Kind::kClose, .session = id, .why = std::move(why)});
+}
+
+void Server::Impl::ctrl_tick(int64_t now) {
+  const int64_t silent = 3 * opt_.heartbeat_ms * 1'000'000;
+  ctrl_ids_.clear();
+  for (auto& [id, l] : links_) ctrl_ids_.push_back(id);
+  for (uint64_t id : ctrl_ids_) {
+    auto it = links_.find(id);
+    if (it == links_.end()) continue;
+    Link& l = *it->second;
+    if (now - l.last_rx_ns > silent) {
+      c_.dead_clients.fetch_add(1, std::memory_order_relaxed);
+      fail_ctrl(l, "control connection silent past the heartbeat deadline");
+      continue;
+    }
+    if (now - l.last_tx_ns > opt_.heartbeat_ms * 1'000'000) {
+      FrameHeader h;
+      h.type = FrameType::kHeartbeat;
+      h.flags = kFlagControl;
+      ctrl_send(l, h, {}, {});
+      l.last_tx_ns = now;
+      (void)pump_control(l);
+    }
+  }
+}
+
+void Server::Impl::ctrl_final_flush() {
+  ctrl_ids_.clear();
+  for (auto& [id, l] : links_) ctrl_ids_.push_back(id);
+  for (uint64_t id : ctrl_ids_) {
+    auto it = links_.find(id);
+    if (it != links_.end()) (void)pump_control(*it->second);
+  }
+  for (auto& [id, l] : links_) ::epoll_ctl(ctrl_epoll_.get(), EPOLL_CTL_DEL, l->fd.get(), nullptr);
+  c_.ctrl_active.fetch_sub(links_.size(), std::memory_order_relaxed);
+  links_.clear();
+}
+
+void Server::Impl::run_loop_cmds() {
+  std::vector<LoopCmd> cmds;
+  {
+    std::lock_guard<std::mutex> lock(loop_cmd_mu_);
+    if (loop_cmds_.empty()) return;
+    cmds.swap(loop_cmds_);
+  }
+  for (LoopCmd& cmd : cmds) {
+    auto it = conns_.find(cmd.session);
+    if (it == conns_.end()) continue;  // closed meanwhile; a link closes with the command
+    auto keep = it->second;
+    Conn& c = *keep;
+    switch (cmd.kind) {
+      case LoopCmd::Kind::kClose:
+        close_conn(cmd.session, cmd.why.c_str());
+        break;
+      case LoopCmd::Kind::kWork:
+        if (!(c.parked.empty() && process_work(c, cmd.work, nullptr)))
+          c.parked.push_back(std::move(cmd.work));
+        break;
+      case LoopCmd::Kind::kDetached: {
+        // Pairs with the acquire load in on_ready(): control deliveries come to the loop now.
+        c.ctrl_attached.store(false, std::memory_order_release);
+        if (c.main_ended) {
+          close_conn(cmd.session,
+                     ("both connections ended, the control connection: " + cmd.why).c_str());
+          break;
+        }
+        // Frames queued for the control connection (deliveries that took a delivery credit,
+        // replies, errors, acks) go on the main connection instead, in their order and ahead of
+        // later control frames; one the ended socket took only part of goes again whole. Then
+        // what the loop handed over after the control side let go.
+        size_t moved = c.out.adopt_control_frames(cmd.link->out);
+        std::vector<OutboxFrame> frames;
+        {
+          std::lock_guard<std::mutex> lock(c.outbox_mu);
+          frames.swap(c.outbox);
+        }
+        const int64_t now = monotonic_ns();
+        for (OutboxFrame& f : frames) {
+          Status s = c.out.push(f.h, f.topic, f.payload, std::move(f.owner), false, now);
+          if (!s.ok()) MYELIN_LOG_WARN << "dropping a frame to client " << c.id() << ": " << s;
+          ++moved;
+        }
+        // Publishes that waited there wait here now (a topic is in one lane: no order across).
+        for (AssembledMessage& m : cmd.link->parked) c.parked.push_back(std::move(m));
+        MYELIN_LOG_INFO << "client " << c.id() << " (" << c.ident << "): control connection ended ("
+                        << cmd.why << "); its control lane falls back to the main connection, with "
+                        << "the " << moved << " frames queued on it";
+        c.ready.store(true, std::memory_order_relaxed);  // this thread pumps it
+        break;
+      }
     }
   }
 }
@@ -724,8 +1372,8 @@ Status Server::Impl::attach(Conn& c, const FrameView& f) {
   // session, one that is not authenticated or speaks protocol 1, already has a control
   // connection or belongs to another identity, and a MAC that does not check out (no secret, a
   // replay made for another server nonce, or another session's token).
-  const bool fits =
-      s && s->active && !s->closing && s->version >= 2 && !s->ctrl && s->ident == req.identity;
+  const bool fits = s && s->active && !s->closing && s->version >= 2 &&
+                    !s->ctrl_attached.load(std::memory_order_relaxed) && s->ident == req.identity;
   // The MAC is computed whether or not the session fits (over an all-zero token then), so the
   // time the answer takes does not tell a missing session from a bad MAC either.
   static const internal::Token kNoToken{};
@@ -746,29 +1394,23 @@ Status Server::Impl::attach(Conn& c, const FrameView& f) {
   const internal::Mac proof = internal::attach_proof(opt_.secret, c.nonce, req.client_nonce,
                                                      s->token, s->id(), req.identity);
   ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, c.fd.get(), nullptr);
-  auto link = std::make_unique<Conn::Link>(std::move(c.fd), std::move(c.rx), std::move(c.out));
-  const int64_t now = monotonic_ns();
-  link->last_rx_ns = link->last_tx_ns = now;
-  epoll_event ev{};
-  ev.events = EPOLLIN;
-  ev.data.u64 = s->id() | kCtrlTag;
-  if (::epoll_ctl(ctrl_epoll_.get(), EPOLL_CTL_ADD, link->fd.get(), &ev) != 0) {
-    c.moved = true;  // the socket went with `link` and closes with it
-    return errno_status("epoll_ctl for a control connection", errno);
-  }
+  std::shared_ptr<Conn> session = conns_.at(s->id());
+  auto link = std::make_unique<Link>(session, std::move(c.fd), std::move(c.rx), std::move(c.out));
   FrameHeader h;
   h.type = FrameType::kAuthOk;
   h.flags = kFlagControl;
   h.id = s->id();
-  MYELIN_RETURN_IF_ERROR(link->out.push(
-      h, {}, std::span<const std::byte>(proof.data(), proof.size()), nullptr, false, now));
-  s->ctrl = std::move(link);
-  c.moved = true;
+  Status pushed = link->out.push(h, {}, std::span<const std::byte>(proof.data(), proof.size()),
+                                 nullptr, false, monotonic_ns());
+  c.moved = true;  // the socket went with `link` and closes with it
+  MYELIN_RETURN_IF_ERROR(pushed);
+  // From here control deliveries are the control side's to drain. Pairs with the acquire load
+  // in on_ready().
+  s->ctrl_attached.store(true, std::memory_order_release);
   c_.ctrl_active.fetch_add(1, std::memory_order_relaxed);
   c_.frames_out.fetch_add(1, std::memory_order_relaxed);
   MYELIN_LOG_INFO << "client " << s->id() << " (" << s->ident << "): control connection attached";
-  // Frames the client sent right behind its attach are in the buffer that came along.
-  if (decode_ctrl(*s)) pump_control(*s);
+  post_ctrl(CtrlCmd{.conn = std::move(session), .link = std::move(link)});
   return ok_status();
 }
 
@@ -836,10 +1478,11 @@ Status Server::Impl::handle_frame(Conn& c, const FrameView& f,
 }
 
 Status Server::Impl::accept_work(Conn& c, AssembledMessage m) {
-  if (++c.publish_outstanding > opt_.publish_credits) {
+  // One window for both connections. Relaxed: a count (see Conn).
+  if (c.publish_outstanding.fetch_add(1, std::memory_order_relaxed) + 1 > opt_.publish_credits) {
     return protocol_error("client sent more than its ", opt_.publish_credits, " publish credits");
   }
-  if (c.parked.empty() && process_work(c, m)) return ok_status();
+  if (c.parked.empty() && process_work(c, m, nullptr)) return ok_status();
   c.parked.push_back(std::move(m));  // bounded by the publish credit window
   return ok_status();
 }
@@ -876,20 +1519,24 @@ Status Server::Impl::handle_active(Conn& c, const FrameView& f,
       m.payload = std::make_shared<std::vector<std::byte>>(f.payload.begin(), f.payload.end());
       return accept_work(c, std::move(m));
     }
+    // Answered on the main connection, where they came: a client sends them there when it
+    // has no control connection, or gave one up that the broker bound (its attach timed out,
+    // or the answer was altered on the way) and that the broker may not have seen end yet.
     case FrameType::kSubscribe: {
       if (!may_subscribe(c, f.topic)) {
         c_.acl_denied.fetch_add(1, std::memory_order_relaxed);
         send_error(c, h.id,
-                   permission_denied("'", c.ident, "' may not subscribe to '", f.topic, "'"));
+                   permission_denied("'", c.ident, "' may not subscribe to '", f.topic, "'"),
+                   nullptr, /*main_connection=*/true);
         return ok_status();
       }
       Status s = owner_->broker_->subscribe(c.id(), h.id, f.topic, h.seq == 1);
-      send_ack(c, h.id, s);
+      send_ack(c, h.id, s, nullptr, /*main_connection=*/true);
       return ok_status();
     }
     case FrameType::kUnsubscribe: {
       Status s = owner_->broker_->unsubscribe(c.id(), h.id);
-      send_ack(c, h.id, s);
+      send_ack(c, h.id, s, nullptr, /*main_connection=*/true);
       return ok_status();
     }
     case FrameType::kCredit:
@@ -902,8 +1549,10 @@ Status Server::Impl::handle_active(Conn& c, const FrameView& f,
         }
         c.bytes_acked += h.seq;
       }
-      c.deliver_credits += static_cast<int64_t>(h.id);
-      c.ready.store(true, std::memory_order_relaxed);
+      c.deliver_credits.fetch_add(static_cast<int64_t>(h.id), std::memory_order_relaxed);
+      c.ready.store(true, std::memory_order_relaxed);  // this thread pumps it
+      // Control deliveries waiting for these credits are the control side's.
+      if (h.id > 0 && c.ctrl_attached.load(std::memory_order_relaxed)) mark_ctrl_due(c);
       return ok_status();
     case FrameType::kReply:
       owner_->broker_->reply(
@@ -925,12 +1574,16 @@ Status Server::Impl::handle_active(Conn& c, const FrameView& f,
   }
 }
 
-bool Server::Impl::process_work(Conn& c, const AssembledMessage& m) {
-  // Rate limit: a token per message; without one the frame waits (the producer stalls).
-  if (c.acl && c.acl->rate_limit_msgs_per_s > 0) {
+bool Server::Impl::process_work(Conn& c, const AssembledMessage& m, Link* via) {
+  // Rate limit: a token per message; without one the frame waits (the producer stalls). Both
+  // sides take from one bucket: the token is taken now and given back if the frame must wait.
+  const bool limited = c.acl && c.acl->rate_limit_msgs_per_s > 0;
+  const double burst = !limited                      ? 0
+                       : c.acl->rate_limit_burst > 0 ? c.acl->rate_limit_burst
+                                                     : c.acl->rate_limit_msgs_per_s;
+  if (limited) {
     const int64_t now = monotonic_ns();
-    const double burst =
-        c.acl->rate_limit_burst > 0 ? c.acl->rate_limit_burst : c.acl->rate_limit_msgs_per_s;
+    std::lock_guard<std::mutex> lock(c.rate_mu);
     c.tokens = std::min(burst, c.tokens + static_cast<double>(now - c.tokens_ns) * 1e-9 *
                                               c.acl->rate_limit_msgs_per_s);
     c.tokens_ns = now;
@@ -938,6 +1591,7 @@ bool Server::Impl::process_work(Conn& c, const AssembledMessage& m) {
       c_.rate_limited.fetch_add(1, std::memory_order_relaxed);
       return false;
     }
+    c.tokens -= 1.0;
   }
   const FrameHeader& h = m.header;
   std::span<const std::byte> payload(m.payload->data(), m.payload->size());
@@ -951,7 +1605,8 @@ bool Server::Impl::process_work(Conn& c, const AssembledMessage& m) {
         c_.acl_denied.fetch_add(1, std::memory_order_relaxed);
         send_error(c, h.id,
                    permission_denied("'", c.ident, "' may not ",
-                                     request ? "request on" : "publish to", " '", m.topic, "'"));
+                                     request ? "request on" : "publish to", " '", m.topic, "'"),
+                   via);
         break;
       }
       PublishArgs a{.topic = m.topic,
@@ -963,12 +1618,14 @@ bool Server::Impl::process_work(Conn& c, const AssembledMessage& m) {
                     .from_session = c.id()};
       auto r = request ? owner_->broker_->request(a) : owner_->broker_->publish(a);
       if (!r.ok())
-        send_error(c, h.id, r.status());
+        send_error(c, h.id, r.status(), via);
       else if (*r == PublishOutcome::kBlocked)
         done = false;
       break;
     }
     case FrameType::kPsPush: {
+      // The control side hands parameter-server work to the loop (handle_ctrl()).
+      MYELIN_CHECK(via == nullptr);
       c_.ps_pushes.fetch_add(1, std::memory_order_relaxed);
       ParameterServer* ps = owner_->ps_.get();
       Status s;
@@ -1000,6 +1657,7 @@ bool Server::Impl::process_work(Conn& c, const AssembledMessage& m) {
       break;
     }
     case FrameType::kPsPull: {
+      MYELIN_CHECK(via == nullptr);
       c_.ps_pulls.fetch_add(1, std::memory_order_relaxed);
       if (!owner_->ps_) {
         send_error(c, h.id, unsupported("this broker serves no parameter-server shard"));
@@ -1018,10 +1676,16 @@ bool Server::Impl::process_work(Conn& c, const AssembledMessage& m) {
     default:
       break;
   }
-  if (!done) return false;
-  if (c.acl && c.acl->rate_limit_msgs_per_s > 0) c.tokens -= 1.0;
-  c.publish_outstanding--;
-  c.credits_to_return++;
+  if (!done) {
+    if (limited) {
+      std::lock_guard<std::mutex> lock(c.rate_mu);
+      c.tokens = std::min(burst, c.tokens + 1.0);
+    }
+    return false;
+  }
+  // Relaxed: counts (see Conn).
+  c.publish_outstanding.fetch_sub(1, std::memory_order_relaxed);
+  c.credits_to_return.fetch_add(1, std::memory_order_relaxed);
   return true;
 }
 
@@ -1062,12 +1726,13 @@ void Server::Impl::check_pulls() {
 
 void Server::Impl::retry_parked(Conn& c) {
   while (!c.parked.empty()) {
-    if (!process_work(c, c.parked.front())) return;
+    if (!process_work(c, c.parked.front(), nullptr)) return;
     c.parked.pop_front();
   }
 }
 
 void Server::Impl::queue_message(Conn& c, OutQueue& out, const MessagePtr& m, int64_t now) {
+  // The caller took the delivery credit.
   FrameHeader h;
   h.type = m->type;
   h.flags = m->lane == Lane::kControl ? kFlagControl : 0;
@@ -1076,106 +1741,69 @@ void Server::Impl::queue_message(Conn& c, OutQueue& out, const MessagePtr& m, in
   h.timestamp_ns = m->publish_ts_ns;
   Status s = out.push(h, m->topic, m->payload, m->owner, m->batchable, now);
   if (!s.ok()) MYELIN_LOG_WARN << "cannot send to client " << c.id() << ": " << s;
-  c.deliver_credits--;
   if (m->type == FrameType::kDeliver) observe_latency(now - m->broker_rx_ns);
   c_.frames_out.fetch_add(1, std::memory_order_relaxed);
-}
-
-void Server::Impl::pump_control(Conn& c) {
-  if (!c.ctrl || !c.active) return;
-  Conn::Link& l = *c.ctrl;
-  const int64_t now = monotonic_ns();
-  MessagePtr m;
-  while (c.deliver_credits > 0 && c.lane(Lane::kControl).try_pop(m))
-    queue_message(c, l.out, m, now);
-  l.out.close_due_batches(now, true);
-  if (l.out.has_unsent()) {
-    auto r = l.out.flush(l.fd.get());
-    if (!r.ok()) {
-      detach_ctrl(c, r.status());
-      return;
-    }
-    l.last_tx_ns = now;
-  }
-  update_ctrl_interest(c);
-}
-
-void Server::Impl::detach_ctrl(Conn& c, const Status& why) {
-  ::epoll_ctl(ctrl_epoll_.get(), EPOLL_CTL_DEL, c.ctrl->fd.get(), nullptr);
-  if (c.main_ended) {
-    c.ctrl.reset();
-    c_.ctrl_active.fetch_sub(1, std::memory_order_relaxed);
-    close_conn(c.id(),
-               ("both connections ended, the control connection: " + why.to_string()).c_str());
-    return;
-  }
-  // Frames queued for the control connection (deliveries that took a credit, replies, errors,
-  // acks) go on the main connection instead, in their order and ahead of later control frames;
-  // one the ended socket took only part of goes again whole.
-  const size_t moved = c.out.adopt_control_frames(c.ctrl->out);
-  c.ctrl.reset();
-  c_.ctrl_active.fetch_sub(1, std::memory_order_relaxed);
-  MYELIN_LOG_INFO << "client " << c.id() << " (" << c.ident << "): control connection ended ("
-                  << why << "); its control lane falls back to the main connection, with the "
-                  << moved << " frames queued on it";
-  c.ready.store(true, std::memory_order_relaxed);
-}
-
-void Server::Impl::update_ctrl_interest(Conn& c) {
-  Conn::Link& l = *c.ctrl;
-  const bool want = l.out.has_unsent();
-  if (want == l.want_out) return;
-  epoll_event ev{};
-  ev.events = want ? static_cast<uint32_t>(EPOLLIN | EPOLLOUT) : static_cast<uint32_t>(EPOLLIN);
-  ev.data.u64 = c.id() | kCtrlTag;
-  if (::epoll_ctl(ctrl_epoll_.get(), EPOLL_CTL_MOD, l.fd.get(), &ev) == 0) l.want_out = want;
 }
 
 void Server::Impl::pump(Conn& c) {
   // Pairs with the release store in on_ready().
   c.ready.exchange(false, std::memory_order_acquire);
-  if (c.ctrl) {
-    pump_control(c);
-    if (!conns_.count(c.id())) return;
-  }
+  // With a control connection the control lane is the control side's; the loop moves bulk only.
+  const bool has_ctrl = c.ctrl_attached.load(std::memory_order_relaxed);
   const int64_t now = monotonic_ns();
   size_t moved = 0;
-  while (c.active && c.deliver_credits > 0) {
+  while (c.active) {
     // Past the high-water mark of unsent bytes only control messages move on: they go out ahead
-    // of the queued bulk, so they must not wait in the ring until the bulk has drained. (With a
-    // control connection the control lane was emptied into it above.)
+    // of the queued bulk, so they must not wait in the ring until the bulk has drained.
+    BoundedQueue<MessagePtr>& control = c.lane(Lane::kControl);
+    BoundedQueue<MessagePtr>& bulk = c.lane(Lane::kBulk);
+    BoundedQueue<MessagePtr>* from = nullptr;
+    if (!has_ctrl && control.size() > 0)
+      from = &control;
+    else if (c.out.backlog_bytes() < kHighWater && bulk.size() > 0)
+      from = &bulk;
+    if (!from || !c.take_credit()) break;
     MessagePtr m;
-    const bool room = c.out.backlog_bytes() < kHighWater;
-    if (!(room ? c.try_pop(m) : c.lane(Lane::kControl).try_pop(m))) break;
-    const bool control = m->lane == Lane::kControl;
-    queue_message(c, control && c.ctrl ? c.ctrl->out : c.out, m, now);
-    if (control && c.ctrl) continue;
-    if (control) c.last_control_ns = now;
+    if (!from->try_pop(m)) {
+      // A drop-oldest eviction emptied it meanwhile. The credit goes back; the control side may
+      // have seen the pool short for a moment, so it looks again.
+      c.return_credit();
+      if (has_ctrl) mark_ctrl_due(c);
+      break;
+    }
+    const bool control_msg = m->lane == Lane::kControl;
+    queue_message(c, c.out, m, now);
+    if (control_msg) c.last_control_ns = now;
     ++moved;
   }
-  if (c.deliver_credits <= 0 && c.depth() > 0)
+  if (c.deliver_credits.load(std::memory_order_relaxed) <= 0 &&
+      (has_ctrl ? c.lane(Lane::kBulk).size() : c.depth()) > 0)
     c_.credit_stalls.fetch_add(1, std::memory_order_relaxed);
   // Publish credits go back in groups of a quarter window (one frame, one wake-up of the client's
   // I/O thread per group instead of per message). The client keeps at least three quarters of
   // its window meanwhile, and a producer that used it all up has at least a quarter outstanding
   // here, so its credits come back as soon as those are accepted: no stall from the grouping.
-  if (c.credits_to_return > 0 && (c.credits_to_return >= credit_group() || c.closing)) {
-    FrameHeader h;
-    h.type = FrameType::kCredit;
-    h.flags = kFlagControl;
-    h.id = c.credits_to_return;
-    c.credits_to_return = 0;
-    send_direct(c, h, {}, {});
+  // With a control connection the control side sends them (pump_control()).
+  const uint64_t to_return = c.credits_to_return.load(std::memory_order_relaxed);
+  if (to_return > 0 && (to_return >= credit_group() || c.closing)) {
+    if (has_ctrl) {
+      mark_ctrl_due(c);
+    } else {
+      FrameHeader h;
+      h.type = FrameType::kCredit;
+      h.flags = kFlagControl;
+      h.id = c.credits_to_return.exchange(0, std::memory_order_relaxed);
+      send_direct(c, h, {}, {});
+    }
   }
   // Everything deliverable now was queued above: send the open batches at once instead of
   // waiting for their window. Batches still fill up with what one read brought in (a publisher's
   // batch, a burst), and no message waits for later traffic that may never come.
   c.out.close_due_batches(now, true);
-  if (c.ctrl) pump_control(c);  // the credit frame above, or control frames popped past credits
-  if (!conns_.count(c.id()) || c.main_ended) return;
+  if (c.main_ended) return;
   // With a control connection nothing but bulk travels here: the whole pipeline stays open.
   size_t window_budget = SIZE_MAX;
-  if (opt_.bulk_inflight_bytes > 0 && c.active && !c.ctrl &&
+  if (opt_.bulk_inflight_bytes > 0 && c.active && !has_ctrl &&
       now - c.last_control_ns < kControlRecentNs) {
     const uint64_t inflight = c.out.bytes_written() - c.ack_base - c.bytes_acked;
     window_budget = inflight >= opt_.bulk_inflight_bytes ? 0 : opt_.bulk_inflight_bytes - inflight;
@@ -1217,8 +1845,9 @@ void Server::Impl::tick(int64_t now) {
       if (now > c->handshake_deadline_ns) dead.push_back(id);
       continue;
     }
+    // The control connection's silence and heartbeats are the control side's (ctrl_tick()).
     const int64_t silent = 3 * opt_.heartbeat_ms * 1'000'000;
-    if (now - c->last_rx_ns > silent || (c->ctrl && now - c->ctrl->last_rx_ns > silent)) {
+    if (now - c->last_rx_ns > silent) {
       c_.dead_clients.fetch_add(1, std::memory_order_relaxed);
       dead.push_back(id);
       continue;
@@ -1229,11 +1858,6 @@ void Server::Impl::tick(int64_t now) {
     if (now - c->last_tx_ns > opt_.heartbeat_ms * 1'000'000) {
       send_direct(*c, h, {}, {}, nullptr, /*main_connection=*/true);
       c->last_tx_ns = now;
-      c->ready.store(true, std::memory_order_relaxed);
-    }
-    if (c->ctrl && now - c->ctrl->last_tx_ns > opt_.heartbeat_ms * 1'000'000) {
-      send_direct(*c, h, {}, {});
-      c->ctrl->last_tx_ns = now;
       c->ready.store(true, std::memory_order_relaxed);
     }
   }
@@ -1249,7 +1873,8 @@ void Server::Impl::tick(int64_t now) {
   std::vector<ClientSnap> snap;
   for (auto& [id, c] : conns_) {
     if (c->active)
-      snap.push_back({id, c->ident, c->depth(), c->deliver_credits, c->out.backlog_bytes()});
+      snap.push_back({id, c->ident, c->depth(), c->deliver_credits.load(std::memory_order_relaxed),
+                      c->out.backlog_bytes()});
   }
   std::lock_guard<std::mutex> lock(snap_mu_);
   snap_ = std::move(snap);
@@ -1257,7 +1882,7 @@ void Server::Impl::tick(int64_t now) {
 
 void Server::Impl::loop() {
   loop_tid_ = std::this_thread::get_id();
-  place_thread();
+  place_thread(/*record=*/true);
   bool goaway_sent = false;
   std::array<epoll_event, 64> evs;
   // Pairs with the release stores in stop().
@@ -1272,6 +1897,7 @@ void Server::Impl::loop() {
     if (parked) wait_ns = std::min<int64_t>(wait_ns, 1'000'000);
     const int n =
         internal::epoll_wait_ns(epoll_.get(), evs.data(), static_cast<int>(evs.size()), wait_ns);
+    run_loop_cmds();
     service_control();
     for (int i = 0; i < n; ++i) {
       const uint64_t tag = evs[i].data.u64;
@@ -1324,10 +1950,15 @@ void Server::Impl::loop() {
       }
       bool empty = true;
       for (auto& [id, c] : conns_) {
-        if (c->depth() > 0 || !c->out.empty() || !c->parked.empty() ||
-            (c->ctrl && !c->ctrl->out.empty()))
-          empty = false;
+        if (!empty) break;
+        if (c->depth() > 0 || !c->out.empty() || !c->parked.empty()) empty = false;
+        std::lock_guard<std::mutex> lock(c->outbox_mu);
+        if (!c->outbox.empty()) empty = false;
       }
+      if (!empty)
+        drain_mark_ = 0;  // the control side is asked afresh once this side is empty
+      else
+        empty = ctrl_drained();
       // Pairs with the acquire loads in drain().
       if (empty && !drained_.load(std::memory_order_relaxed)) {
         std::lock_guard<std::mutex> lock(drain_mu_);
@@ -1336,9 +1967,14 @@ void Server::Impl::loop() {
       }
     }
   }
+  // Without a control thread the loop runs the control side's last flush too.
+  if (!opt_.control_thread) {
+    tl_ctrl_side = this;
+    ctrl_final_flush();
+    tl_ctrl_side = nullptr;
+  }
   for (auto& [id, c] : conns_) {
-    if (c->ctrl) (void)c->ctrl->out.flush(c->ctrl->fd.get());
-    (void)c->out.flush(c->fd.get());
+    if (c->fd.valid()) (void)c->out.flush(c->fd.get());
   }
   std::vector<uint64_t> ids;
   for (auto& [id, c] : conns_) ids.push_back(id);

@@ -21,6 +21,7 @@ int main(int argc, char** argv) {
   int numa_node = -2;
   int64_t drain_ms = 5000;
   bool ps = false;
+  std::string control_thread;
   uint32_t ps_workers = 0;
   app.add_option("-c,--config", config, "TOML configuration file");
   app.add_option("--listen", listen, "client address host:port (port 0: any free port)");
@@ -31,6 +32,9 @@ int main(int argc, char** argv) {
   app.add_option("--numa-node", numa_node, "pin the I/O thread on this NUMA node");
   app.add_option("--nic", nic, "pin the I/O thread on the NUMA node of this NIC");
   app.add_option("--drain-timeout-ms", drain_ms, "how long SIGTERM waits for queues to empty");
+  app.add_option("--control-thread", control_thread,
+                 "on|off: serve control connections on a thread of their own (default on)")
+      ->check(CLI::IsMember({"on", "off"}));
   app.add_flag("--ps", ps, "serve a parameter-server shard");
   app.add_option("--ps-workers", ps_workers, "workers per parameter-server step");
   app.add_option("--port-file", port_file, "write '<port> <metrics port>' here once listening");
@@ -57,6 +61,7 @@ int main(int argc, char** argv) {
   if (app.count("--metrics-listen")) opts.metrics_listen = metrics_listen;
   if (numa_node != -2) opts.numa_node = numa_node;
   if (!nic.empty()) opts.nic = nic;
+  if (!control_thread.empty()) opts.control_thread = control_thread == "on";
   if (ps) opts.enable_ps = true;
   if (ps_workers) opts.ps.num_workers = ps_workers;
   if (!secret_file.empty()) {

@@ -19,8 +19,8 @@
 //    "$dead/<topic>" and the requester gets failed_precondition.
 //
 // Thread safety: every method may be called from any thread; routing state is under one mutex
-// (uncontended in the daemon, where one loop thread owns it). Sessions' rings are drained without
-// that mutex.
+// (in the daemon the loop thread routes bulk and the control thread control messages, each for a
+// few microseconds at a time). Sessions' rings are drained without that mutex.
 #pragma once
 
 #include <atomic>
@@ -96,8 +96,10 @@ class Session {
   }
   [[nodiscard]] size_t depth() const noexcept { return control_.size() + bulk_.size(); }
 
-  // Called (possibly under the broker mutex, from any thread) after messages were queued.
-  virtual void on_ready() = 0;
+  // Called (possibly under the broker mutex, from any thread) after messages were queued on
+  // `lane`, so a session whose lanes are drained by different threads wakes only the one that
+  // drains that lane. It must not call back into the Broker.
+  virtual void on_ready(Lane lane) = 0;
 
  private:
   uint64_t id_;
@@ -110,7 +112,7 @@ class Session {
 class LocalSubscriber final : public Session {
  public:
   using Session::Session;
-  void on_ready() override;
+  void on_ready(Lane lane) override;
   // The next message, control first; timeout_error when none arrives before `deadline`.
   Result<MessagePtr> poll(Deadline deadline);
 

@@ -10,17 +10,23 @@
 //
 // Control connections (protocol 2): a client may attach a second connection to its session
 // (authenticated with a per-session token and the job secret); control-lane frames to and from
-// that client then travel on it, bulk on the first. The loop serves control connections before
-// bulk work in every pass and again after every bulk read, so a control frame waits for at most
-// one bulk read (kReadPerPass) or write, never behind bulk bytes in a socket buffer.
+// that client then travel on it, bulk on the first. With `control_thread` (the default) a thread
+// of its own serves every control connection end to end: it reads and routes what clients send
+// there and writes the sessions' control lanes to them, so a control frame never waits for the
+// loop thread, its CPU time slice or the bulk bytes it is copying. Mostly asleep in epoll, that
+// thread is a woken sleeper when a control frame arrives, which the kernel's scheduler lets run
+// ahead of busy bulk threads even when they outnumber the CPUs. Without it the loop serves
+// control connections before bulk work in every pass and again after every bulk read or write,
+// so a control frame waits for at most one of those.
 //
 // Flow control: each client grants delivery credits; the server never sends deliveries past
 // them. The server grants each client publish credits and returns them only as publishes are
 // accepted, so a producer whose topic is full (block policy) or who is over its rate limit stops
 // at its credit window: no loss, the stall is counted.
 //
-// Thread safety: start()/drain()/stop() from one controlling thread; metrics_text() and
-// counters from any thread.
+// Threads: the loop thread and, with `control_thread`, the control thread; both are started by
+// start() and joined by drain()/stop(). Thread safety: start()/drain()/stop() from one
+// controlling thread; metrics_text() and counters from any thread.
 #pragma once
 
 #include <atomic>
@@ -71,7 +77,11 @@ struct ServerOptions {
   uint32_t bulk_inflight_bytes = 128 * 1024;
   int64_t heartbeat_ms = 1000;  // clients silent for 3x this are dropped
   int64_t handshake_timeout_ms = 5000;
-  int numa_node = -1;  // pin the loop thread there (-1: don't)
+  // A thread of its own for control connections (see above). Off: the loop thread serves them
+  // between bulk steps (one thread in all; on a host with fewer CPUs than busy threads a control
+  // frame then waits for the loop's turn on a CPU).
+  bool control_thread = true;
+  int numa_node = -1;  // pin the loop (and control) thread there (-1: don't)
   std::string nic;     // or: pin on this NIC's node ("mlx5_0", "eth0")
   bool enable_ps = false;
   ParameterServerOptions ps;

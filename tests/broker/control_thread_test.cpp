@@ -1,0 +1,374 @@
+// The broker's control thread (ServerOptions::control_thread), against the real myelin-broker
+// daemon with and without it (`--control-thread on|off`): order per topic and publisher with a
+// bulk flood beside, a killed and a stopped client cleaned up while others go on, a SIGTERM drain
+// that delivers what control and bulk lanes still hold. The clients live in this process (each its
+// own connections and I/O thread) and, for the killed one, in a child forked before this process
+// starts any thread.
+#include <gtest/gtest.h>
+
+#include <poll.h>
+#include <signal.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <myelin/broker/client.hpp>
+#include <myelin/core/clock.hpp>
+
+namespace myelin::broker {
+namespace {
+
+constexpr const char* kSecret = "control-thread-secret-0123456789";
+constexpr const char* kTopics =
+    "[[topic]]\npattern = \"ctrl/#\"\nlane = \"control\"\nbatching = false\n"
+    "[[topic]]\npattern = \"grad/#\"\nlane = \"bulk\"\nbatching = true\n";
+
+// Reaps `pid` once it exits (its pidfd, or a bounded 5 ms waitpid poll without pidfd_open);
+// false when the deadline passes first.
+bool wait_exit(pid_t pid, Deadline deadline, int* status) {
+  const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+  bool reaped = false;
+  while (true) {
+    if (::waitpid(pid, status, WNOHANG) == pid) {
+      reaped = true;
+      break;
+    }
+    if (deadline.expired()) break;
+    if (pidfd >= 0) {
+      pollfd p{.fd = pidfd, .events = POLLIN, .revents = 0};
+      (void)::poll(&p, 1, deadline.remaining_ms_for_poll());
+    } else {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  }
+  if (pidfd >= 0) ::close(pidfd);
+  return reaped;
+}
+
+// The daemon as a child process (exec'd at once), its control thread on or off.
+class Daemon {
+ public:
+  explicit Daemon(bool control_thread) {
+    dir_ = std::filesystem::temp_directory_path() /
+           ("myelin-ctrl-thread-test-" + std::to_string(::getpid()) + "-" +
+            std::to_string(counter_++));
+    std::filesystem::create_directories(dir_);
+    std::ofstream(dir_ / "secret") << kSecret << "\n";
+    std::ofstream(dir_ / "broker.toml")
+        << "[broker]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n"
+        << "secret_file = \"" << (dir_ / "secret").string() << "\"\nheartbeat_ms = 300\n"
+        << kTopics;
+    const std::string port_file = (dir_ / "port").string();
+    pid_ = ::fork();
+    if (pid_ == 0) {
+      std::vector<std::string> args = {MYELIN_BROKER_BIN,
+                                       "--config",
+                                       (dir_ / "broker.toml").string(),
+                                       "--port-file",
+                                       port_file,
+                                       "--log-level",
+                                       "warn",
+                                       "--control-thread",
+                                       control_thread ? "on" : "off"};
+      std::vector<char*> argv;
+      for (auto& a : args) argv.push_back(a.data());
+      argv.push_back(nullptr);
+      ::execv(argv[0], argv.data());
+      ::_exit(127);
+    }
+    // A bounded poll: the port file has no fd to wait on until it exists.
+    const Deadline d = Deadline::after_ms(10000);
+    while (!d.expired()) {
+      std::ifstream in(port_file);
+      if (in >> port_ >> metrics_port_) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  }
+  ~Daemon() {
+    if (pid_ > 0) {
+      ::kill(pid_, SIGKILL);
+      ::waitpid(pid_, nullptr, 0);
+    }
+    std::filesystem::remove_all(dir_);
+  }
+  [[nodiscard]] bool up() const { return port_ != 0; }
+  ClientOptions client(const std::string& identity) const {
+    return ClientOptions{.address = "127.0.0.1:" + std::to_string(port_),
+                         .identity = identity,
+                         .secret = kSecret,
+                         .heartbeat_ms = 300};
+  }
+  // SIGTERM; the exit code, or -1 when it did not exit in time.
+  int terminate(int64_t timeout_ms) {
+    ::kill(pid_, SIGTERM);
+    int st = 0;
+    if (!wait_exit(pid_, Deadline::after_ms(timeout_ms), &st)) return -1;
+    pid_ = -1;
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -2;
+  }
+  // One sample of /metrics (curl): name -> value; -1 when absent.
+  double metric(const std::string& name) const {
+    const std::string cmd =
+        "curl -s --max-time 5 http://127.0.0.1:" + std::to_string(metrics_port_) + "/metrics";
+    FILE* p = ::popen(cmd.c_str(), "r");
+    if (!p) return -1;
+    double v = -1;
+    char line[1024];
+    while (std::fgets(line, sizeof(line), p)) {
+      const std::string l(line);
+      if (l.compare(0, name.size() + 1, name + " ") == 0) v = std::stod(l.substr(name.size() + 1));
+    }
+    ::pclose(p);
+    return v;
+  }
+  // Waits until `name` reads `value`; returns the last reading.
+  double metric_reaches(const std::string& name, double value, int64_t timeout_ms = 10000) const {
+    const Deadline dl = Deadline::after_ms(timeout_ms);
+    double v = metric(name);
+    while (v != value && !dl.expired()) {
+      // A bounded poll: /metrics has no fd to wait on for a gauge to change.
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      v = metric(name);
+    }
+    return v;
+  }
+
+ private:
+  static inline int counter_ = 0;
+  std::filesystem::path dir_;
+  pid_t pid_ = -1;
+  int port_ = 0, metrics_port_ = 0;
+};
+
+bool have_curl() {
+  return std::system("curl --version > /dev/null 2>&1") == 0;
+}
+
+std::string seq_text(int i) {
+  return std::to_string(i);
+}
+
+class ControlThread : public ::testing::TestWithParam<bool> {};
+
+INSTANTIATE_TEST_SUITE_P(Broker, ControlThread, ::testing::Values(true, false),
+                         [](const ::testing::TestParamInfo<bool>& p) {
+                           return p.param ? "Thread" : "Inline";
+                         });
+
+// Two control publishers and a bulk flooder to one subscriber: every message arrives once, in
+// order per topic and publisher, bulk whole.
+TEST_P(ControlThread, OrderPerTopicAndPublisherIsKeptBesideABulkFlood) {
+  Daemon d(GetParam());
+  ASSERT_TRUE(d.up());
+  auto sub = Client::connect(d.client("sub"));
+  ASSERT_TRUE(sub.ok()) << sub.status();
+  ASSERT_TRUE((*sub)->subscribe("ctrl/#").ok());
+  ASSERT_TRUE((*sub)->subscribe("grad/#").ok());
+  constexpr int kControl = 1500, kBulk = 48;
+  constexpr size_t kBulkSize = 256 * 1024;
+  // The publishers stay connected until everything arrived: closing a client gives what it
+  // still has queued only a bounded time (close_flush_ms).
+  auto pub_a = Client::connect(d.client("pub-a"));
+  auto pub_b = Client::connect(d.client("pub-b"));
+  auto flooder = Client::connect(d.client("flooder"));
+  ASSERT_TRUE(pub_a.ok() && pub_b.ok() && flooder.ok());
+  std::atomic<bool> failed{false};
+  auto control_publisher = [&](Client& c, const std::string& topic) {
+    for (int i = 0; i < kControl && !failed; ++i) {
+      if (!c.publish(topic, seq_text(i), {.lane = Lane::kControl}).ok()) failed = true;
+    }
+  };
+  std::thread a(control_publisher, std::ref(**pub_a), "ctrl/a");
+  std::thread b(control_publisher, std::ref(**pub_b), "ctrl/b");
+  std::thread flood([&] {
+    std::string body(kBulkSize, '\0');
+    for (int i = 0; i < kBulk && !failed; ++i) {
+      std::memcpy(body.data(), &i, sizeof(i));
+      for (size_t k = sizeof(i); k < body.size(); k += 4096) body[k] = static_cast<char>(i + k);
+      if (!(*flooder)->publish("grad/f", body).ok()) failed = true;
+    }
+  });
+  std::map<std::string, int> next;
+  int control = 0, bulk = 0;
+  const Deadline dl = Deadline::after_ms(60000);
+  while ((control < 2 * kControl || bulk < kBulk) && !dl.expired() && !failed) {
+    auto m = (*sub)->poll(Deadline::after_ms(100));
+    if (!m.ok()) continue;
+    EXPECT_EQ(m->missed_before, 0u);
+    if (m->topic == "grad/f") {
+      ASSERT_EQ(m->payload.size(), kBulkSize);
+      int i = -1;
+      std::memcpy(&i, m->payload.data(), sizeof(i));
+      EXPECT_EQ(i, bulk) << "bulk out of order";
+      for (size_t k = sizeof(i); k < kBulkSize; k += 4096) {
+        ASSERT_EQ(static_cast<char>(m->payload[k]), static_cast<char>(i + k)) << "at " << k;
+      }
+      ++bulk;
+      continue;
+    }
+    const int i = std::stoi(std::string(m->text()));
+    EXPECT_EQ(i, next[m->topic]) << "out of order on " << m->topic;
+    next[m->topic] = i + 1;
+    ++control;
+  }
+  a.join();
+  b.join();
+  flood.join();
+  EXPECT_FALSE(failed.load());
+  EXPECT_EQ(control, 2 * kControl);
+  EXPECT_EQ(bulk, kBulk);
+  EXPECT_EQ(next["ctrl/a"], kControl);
+  EXPECT_EQ(next["ctrl/b"], kControl);
+}
+
+// A subscriber killed with SIGKILL, then one stopped with SIGSTOP (silent on both connections):
+// the broker ends both sessions (the second past the heartbeat deadline), while a control round
+// trip between two live clients goes on the whole time.
+TEST_P(ControlThread, KilledAndStoppedClientsAreCleanedUpWhileControlFlows) {
+  if (!have_curl()) GTEST_SKIP() << "curl is needed to read /metrics";
+  Daemon d(GetParam());
+  ASSERT_TRUE(d.up());
+  // The children are forked before this process starts a thread of its own (each then starts
+  // its client's threads after the fork).
+  auto spawn_subscriber = [&](const std::string& who) -> std::pair<pid_t, int> {
+    int fds[2];
+    if (::pipe(fds) != 0) return {-1, -1};
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+      ::close(fds[0]);
+      auto c = Client::connect(d.client(who));
+      if (!c.ok() || !(*c)->subscribe("ctrl/#").ok()) ::_exit(2);
+      const char ready = 'r';
+      if (::write(fds[1], &ready, 1) != 1) ::_exit(3);
+      // Reads until killed or stopped; bounded, so a broken test leaves no process behind.
+      const Deadline end = Deadline::after_ms(60000);
+      while (!end.expired()) (void)(*c)->poll(Deadline::after_ms(100));
+      ::_exit(0);
+    }
+    ::close(fds[1]);
+    return {pid, fds[0]};
+  };
+  auto [killed, killed_fd] = spawn_subscriber("victim-killed");
+  auto [stopped, stopped_fd] = spawn_subscriber("victim-stopped");
+  ASSERT_GT(killed, 0);
+  ASSERT_GT(stopped, 0);
+  for (int fd : {killed_fd, stopped_fd}) {
+    pollfd p{.fd = fd, .events = POLLIN, .revents = 0};
+    ASSERT_EQ(::poll(&p, 1, 10000), 1) << "a child did not subscribe";
+    char ready = 0;
+    ASSERT_EQ(::read(fd, &ready, 1), 1);
+    ::close(fd);
+  }
+  auto ping = Client::connect(d.client("ping"));
+  auto pong = Client::connect(d.client("pong"));
+  ASSERT_TRUE(ping.ok() && pong.ok());
+  ASSERT_TRUE((*pong)->subscribe("ctrl/ping").ok());
+  ASSERT_TRUE((*ping)->subscribe("ctrl/pong").ok());
+  EXPECT_EQ(d.metric_reaches("myelin_broker_connections_active", 4), 4);
+  EXPECT_EQ(d.metric_reaches("myelin_broker_control_connections_active", 4), 4);
+  const double dead_before = d.metric("myelin_broker_dead_clients_total");
+
+  std::atomic<bool> stop{false};
+  std::atomic<int> round_trips{0};
+  Status ping_status;
+  std::thread pinger([&] {
+    for (int i = 0; !stop.load(std::memory_order_acquire); ++i) {
+      Status s = (*ping)->publish("ctrl/ping", seq_text(i), {.lane = Lane::kControl});
+      auto echo = s.ok() ? (*pong)->poll(Deadline::after_ms(5000)) : Result<ReceivedMessage>(s);
+      if (echo.ok())
+        s = (*pong)->publish("ctrl/pong", echo->text(), {.lane = Lane::kControl});
+      else
+        s = echo.status();
+      auto back = s.ok() ? (*ping)->poll(Deadline::after_ms(5000)) : Result<ReceivedMessage>(s);
+      if (!back.ok() || back->text() != seq_text(i)) {
+        ping_status = back.ok() ? internal_error("echo ", back->text(), " for ", i) : back.status();
+        return;
+      }
+      round_trips.fetch_add(1, std::memory_order_relaxed);
+    }
+  });
+  ::kill(killed, SIGKILL);
+  int st = 0;
+  EXPECT_TRUE(wait_exit(killed, Deadline::after_ms(10000), &st));
+  EXPECT_EQ(d.metric_reaches("myelin_broker_connections_active", 3), 3);
+  EXPECT_EQ(d.metric_reaches("myelin_broker_control_connections_active", 3), 3);
+  ::kill(stopped, SIGSTOP);
+  EXPECT_EQ(d.metric_reaches("myelin_broker_connections_active", 2), 2);
+  EXPECT_EQ(d.metric_reaches("myelin_broker_control_connections_active", 2), 2);
+  EXPECT_GE(d.metric("myelin_broker_dead_clients_total"), dead_before + 1);
+  ::kill(stopped, SIGKILL);
+  EXPECT_TRUE(wait_exit(stopped, Deadline::after_ms(10000), &st));
+  const int before = round_trips.load(std::memory_order_relaxed);
+  // The live pair still gets round trips through after the cleanup.
+  const Deadline more = Deadline::after_ms(10000);
+  while (round_trips.load(std::memory_order_relaxed) < before + 50 && !more.expired() &&
+         ping_status.ok()) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  stop.store(true, std::memory_order_release);
+  pinger.join();
+  EXPECT_TRUE(ping_status.ok()) << ping_status;
+  EXPECT_GE(round_trips.load(), before + 50);
+}
+
+// SIGTERM while control and bulk messages wait for a subscriber that has not read them: the
+// daemon keeps delivering until both lanes are empty, then exits 0.
+TEST_P(ControlThread, SigtermDrainDeliversWhatControlAndBulkLanesHold) {
+  if (!have_curl()) GTEST_SKIP() << "curl is needed to read /metrics";
+  Daemon d(GetParam());
+  ASSERT_TRUE(d.up());
+  auto sub = Client::connect(d.client("sub"));
+  auto pub = Client::connect(d.client("pub"));
+  ASSERT_TRUE(sub.ok() && pub.ok());
+  ASSERT_TRUE((*sub)->subscribe("ctrl/#").ok());
+  ASSERT_TRUE((*sub)->subscribe("grad/#").ok());
+  constexpr int kControl = 512, kBulk = 64;
+  const std::string body(64 * 1024, 'b');
+  for (int i = 0; i < kControl; ++i) {
+    ASSERT_TRUE((*pub)->publish("ctrl/x", seq_text(i), {.lane = Lane::kControl}).ok());
+    if (i % (kControl / kBulk) == 0) {
+      ASSERT_TRUE((*pub)->publish("grad/x", body).ok());
+    }
+  }
+  // Everything published has reached the broker (a drain delivers what the broker holds, not
+  // what is still on its way to it).
+  EXPECT_EQ(d.metric_reaches("myelin_broker_topic_messages_total{topic=\"ctrl/x\"}", kControl),
+            kControl);
+  EXPECT_EQ(d.metric_reaches("myelin_broker_topic_messages_total{topic=\"grad/x\"}", kBulk), kBulk);
+  std::atomic<int> exit_code{-3};
+  std::thread term([&] { exit_code = d.terminate(20000); });
+  int control = 0, bulk = 0;
+  const Deadline dl = Deadline::after_ms(30000);
+  while ((control < kControl || bulk < kBulk) && !dl.expired()) {
+    auto m = (*sub)->poll(Deadline::after_ms(200));
+    if (!m.ok()) {
+      if (m.status().code() == StatusCode::kTimeout) continue;
+      break;  // the broker went away
+    }
+    if (m->topic == "grad/x") {
+      EXPECT_EQ(m->payload.size(), body.size());
+      ++bulk;
+    } else {
+      EXPECT_EQ(std::string(m->text()), seq_text(control));
+      ++control;
+    }
+  }
+  term.join();
+  EXPECT_EQ(control, kControl);
+  EXPECT_EQ(bulk, kBulk);
+  EXPECT_EQ(exit_code.load(), 0);
+}
+
+}  // namespace
+}  // namespace myelin::broker
