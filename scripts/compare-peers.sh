@@ -12,6 +12,9 @@
 #                                                                      and ucx_perftest ucp_am_bw (UCX_TLS=tcp)
 #   shm 64 B one-way latency, p50       myelin lat --transport shm    vs  ucx_perftest ucp_am_lat (UCX_TLS=sm)
 #   shm 1 MiB bandwidth                 myelin bw --transport shm     vs  ucx_perftest ucp_am_bw (UCX_TLS=sm)
+#   ucx 8 B one-way latency, p50        myelin lat --transport ucx    vs  ucx_perftest ucp_am_lat
+#                                       (both UCX_TLS=posix,self, ranks pinned to CPUs 0 and 1; on a
+#                                       VM the two vCPUs' placement decides it, docs/performance.md)
 #   pub/sub 64 B one-way latency, p50   myelin pubsub (broker)        vs  NATS server + C client
 #                                                                      (bench/compare/nats_bench lat)
 # Ratio = myelin / peer for bandwidth (higher is better) and peer / myelin for latency (higher is
@@ -80,6 +83,19 @@ ucx_run() {  # tls test size iters -> prints the figure
   esac
 }
 
+# The UCX backend's latency against raw UCX on the same transport: posix shared memory with peer
+# error handling allowed (as myelin's endpoints use it), both ranks pinned to CPUs 0 and 1.
+ucx_posix_lat() {  # iters -> prints ucx_perftest's median one-way latency (us)
+  local port
+  port=$(free_port)
+  UCX_TLS=posix,self UCX_POSIX_ERROR_HANDLING=y timeout 60 ucx_perftest -c 1 -p "$port" >/dev/null 2>&1 &
+  local spid=$!
+  sleep 0.3
+  UCX_TLS=posix,self UCX_POSIX_ERROR_HANDLING=y timeout 60 ucx_perftest 127.0.0.1 -c 0 -p "$port" \
+    -t ucp_am_lat -s 8 -n "$1" 2>/dev/null | awk '/^Final:/ {print $3}' || true
+  wait "$spid" 2>/dev/null || true
+}
+
 sockperf_lat() {
   local port
   port=$(free_port)
@@ -132,6 +148,14 @@ for r in $(seq 1 "$repeats"); do
   record shm_lat myelin myelin-bench "$(mb_json lat -n 2 --transport shm -s 64 --iters "$lat_iters" | jfield p50_us)"
   if have ucx_perftest; then record shm_bw peer ucx_perftest "$(ucx_run sm,self ucp_am_bw 1048576 "$bw_iters")"; fi
   record shm_bw myelin myelin-bench "$(mb_json bw -n 2 --transport shm -s 1M --iters "$bw_iters" | jfield GBps)"
+  # UCX backend latency (skipped where myelin was built without UCX: no figure is recorded)
+  # (UCX may print warnings on stdout: the JSON line is picked by its brace.)
+  if have ucx_perftest; then
+    record ucx_lat peer ucx_perftest "$(ucx_posix_lat "$lat_iters")" || true
+    record ucx_lat myelin myelin-bench "$(UCX_TLS=posix,self UCX_POSIX_ERROR_HANDLING=y \
+      "$mb" lat -n 2 --transport ucx -s 8 --iters "$lat_iters" --cpu 0,1 --json 2>/dev/null |
+      grep '^{' | tail -1 | jfield p50_us 2>/dev/null || true)" || true
+  fi
   # broker pub/sub
   if have nats-server && [ -x "$nats_pp" ]; then record pubsub_lat peer nats "$(nats_lat)"; fi
   record pubsub_lat myelin myelin-bench "$(mb_json pubsub -n 2 -s 64 --iters "$ps_iters" | jfield p50_us)"
@@ -151,6 +175,7 @@ what = {"tcp_lat": ("tcp 64 B one-way latency p50", "us", False),
         "tcp_bw": ("tcp 1 MiB bandwidth", "GB/s", True),
         "shm_lat": ("shm 64 B one-way latency p50", "us", False),
         "shm_bw": ("shm 1 MiB bandwidth", "GB/s", True),
+        "ucx_lat": ("ucx (posix) 8 B one-way latency p50", "us", False),
         "pubsub_lat": ("pub/sub 64 B one-way latency p50", "us", False)}
 rows = []
 for pair, (label, unit, higher_better) in what.items():
