@@ -5,10 +5,11 @@
 // other work on the host: with the CPUs shared by other runnable processes a busy-polling rank
 // spins out time slices that its peer needs, and a call that takes microseconds on a quiet host
 // takes milliseconds (measured on a 2-vCPU VM with three busy processes beside two TCP ranks:
-// 1 MiB allreduce 20-23 ms busy polling against 0.9-1.4 ms blocking). So a Context whose kAuto
-// resolved to busy polling watches what the kernel says about its own thread
-// (/proc/thread-self/schedstat: time on a CPU, time runnable but waiting for one) and waits the
-// way an oversubscribed node does (block over TCP alone, else yield) while that wait is large:
+// 1 MiB allreduce 20-23 ms busy polling against 0.9-1.4 ms blocking: the kernel's loopback
+// delivery needs CPU time too). So a Context whose only backend is TCP and whose kAuto resolved
+// to busy polling watches what the kernel says about its own waiting thread
+// (/proc/self/task/<tid>/schedstat: time on a CPU, time runnable but waiting for one) and blocks,
+// as on an oversubscribed node, while that wait is large:
 //
 //   contended sample  an interval of at least kMinSampleNs in which the thread was runnable
 //                     (on a CPU or waiting for one) and waited for a CPU in at least
@@ -27,7 +28,7 @@
 //
 // Limits: it sees only this thread's waiting for a CPU. A busy-polling peer that starves a kernel
 // thread (softirq work, on a loopback connection) is not seen; the hypervisor's steal time is
-// not seen. Without /proc/thread-self/schedstat (a kernel without CONFIG_SCHED_INFO) it never
+// not seen. Without the schedstat file (a kernel without CONFIG_SCHED_INFO) it never
 // stops spinning (the rule before it).
 //
 // Thread safety: none; a Context's waits run on one thread at a time.

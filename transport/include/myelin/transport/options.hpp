@@ -42,9 +42,9 @@ Result<Backend> parse_backend(std::string_view name);
 //   kAuto          kBusyPoll, or kPollYield once the Context learns (Options::local_ranks, or
 //                  Context::set_local_ranks(), which a collectives Communicator calls) that more
 //                  ranks share this node than it has CPUs (usable_cpus()); a Context whose only
-//                  backend is TCP then blocks instead (resolve_progress_mode()). Where it busy-
-//                  polls, a wait whose thread keeps waiting for a CPU (other work on the host)
-//                  runs as on an oversubscribed node for a while instead, then spins again
+//                  backend is TCP then blocks instead (resolve_progress_mode()). Where such a
+//                  TCP-only Context busy-polls, a wait whose thread keeps waiting for a CPU
+//                  (other work on the host) blocks for a while instead, then spins again
 //                  (docs/transport.md, "auto on a shared host").
 // Every mode honours each wait's deadline.
 enum class ProgressMode : uint8_t { kBusyPoll = 0, kSpinThenBlock, kPollYield, kAuto };
