@@ -223,33 +223,36 @@ class RecvQueue {
   [[nodiscard]] bool empty() const noexcept { return size_ == 0; }
   [[nodiscard]] size_t size() const noexcept { return size_; }
   PostedRecv& front() noexcept { return slots_[head_]; }
+  // Drops the first recv. Only its state reference is released (already empty where the caller
+  // moved it out); the slot's other fields are plain values nothing reads until a push_back()
+  // overwrites them.
   void pop_front() noexcept {
-    slots_[head_] = PostedRecv{};
-    head_ = (head_ + 1) & (slots_.size() - 1);
+    slots_[head_].state.reset();
+    head_ = (head_ + 1) & mask_;
     --size_;
   }
   void push_back(PostedRecv recv) {
     if (size_ == slots_.size()) grow();
-    slots_[(head_ + size_) & (slots_.size() - 1)] = std::move(recv);
+    slots_[(head_ + size_) & mask_] = std::move(recv);
     ++size_;
   }
   // Calls f on every queued recv, oldest first.
   template <typename F>
   void for_each(F&& f) {
-    for (size_t i = 0; i < size_; ++i) f(slots_[(head_ + i) & (slots_.size() - 1)]);
+    for (size_t i = 0; i < size_; ++i) f(slots_[(head_ + i) & mask_]);
   }
 
  private:
   void grow() {
     std::vector<PostedRecv> bigger(slots_.empty() ? 4 : slots_.size() * 2);  // a power of two
-    for (size_t i = 0; i < size_; ++i) {
-      bigger[i] = std::move(slots_[(head_ + i) & (slots_.size() - 1)]);
-    }
+    for (size_t i = 0; i < size_; ++i) bigger[i] = std::move(slots_[(head_ + i) & mask_]);
     slots_.swap(bigger);
+    mask_ = slots_.size() - 1;
     head_ = 0;
   }
 
   std::vector<PostedRecv> slots_;
+  size_t mask_ = 0;  // slots_.size() - 1 once there are slots
   size_t head_ = 0;
   size_t size_ = 0;
 };
@@ -325,7 +328,8 @@ class UcxWorker : public std::enable_shared_from_this<UcxWorker> {
   // Matches a recv against what arrived on the channel, or posts it. Inline for the usual case of
   // a recv posted before its message (nothing ready, the peer not failed): a pending request
   // from the pool, queued on the channel.
-  Request post_recv(Inbox& inbox, uint32_t channel, void* data, size_t capacity) {
+  [[gnu::always_inline]] Request post_recv(Inbox& inbox, uint32_t channel, void* data,
+                                           size_t capacity) {
     ChannelStream& stream = inbox.stream(channel);
     if (!stream.ready.empty() || !inbox.failure.ok()) {
       return take_ready(inbox, stream, channel, data, capacity);
@@ -422,7 +426,8 @@ class UcxWorker : public std::enable_shared_from_this<UcxWorker> {
   // The common case of an arriving eager message, inline in the callbacks: the next one in order
   // on its channel, a posted recv waiting for it, and room for it there. Copies it into the recv
   // buffer and completes the recv; false (nothing changed) when any of that does not hold.
-  bool deliver_to_posted(Inbox& inbox, const AmHeader& h, const void* data, size_t length) {
+  [[gnu::always_inline]] bool deliver_to_posted(Inbox& inbox, const AmHeader& h, const void* data,
+                                                size_t length) {
     ChannelStream& stream = inbox.stream(h.value);
     if (stream.posted.empty() || h.sequence != static_cast<uint32_t>(stream.next_sequence)) {
       return false;
