@@ -8,6 +8,7 @@
 
 #include <poll.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -24,7 +25,11 @@
 #include <vector>
 
 #include <myelin/broker/client.hpp>
+#include <myelin/broker/frame.hpp>
 #include <myelin/core/clock.hpp>
+
+#include "auth.hpp"
+#include "wire.hpp"
 
 namespace myelin::broker {
 namespace {
@@ -54,6 +59,15 @@ bool wait_exit(pid_t pid, Deadline deadline, int* status) {
   }
   if (pidfd >= 0) ::close(pidfd);
   return reaped;
+}
+
+bool wait_readable(int fd, Deadline deadline) {
+  pollfd p{.fd = fd, .events = POLLIN, .revents = 0};
+  while (true) {
+    const int n = ::poll(&p, 1, deadline.remaining_ms_for_poll());
+    if (n > 0) return true;
+    if (n == 0 || errno != EINTR) return false;
+  }
 }
 
 // The daemon as a child process (exec'd at once), its control thread on or off.
@@ -103,6 +117,7 @@ class Daemon {
     std::filesystem::remove_all(dir_);
   }
   [[nodiscard]] bool up() const { return port_ != 0; }
+  std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
   ClientOptions client(const std::string& identity) const {
     return ClientOptions{.address = "127.0.0.1:" + std::to_string(port_),
                          .identity = identity,
@@ -368,6 +383,148 @@ TEST_P(ControlThread, SigtermDrainDeliversWhatControlAndBulkLanesHold) {
   EXPECT_EQ(control, kControl);
   EXPECT_EQ(bulk, kBulk);
   EXPECT_EQ(exit_code.load(), 0);
+}
+
+// One connection driven by hand with the broker's own codec: what Client never does (ending
+// one connection of a session while the other goes on).
+class Raw {
+ public:
+  explicit Raw(const std::string& address, int buffer_bytes = 0) {
+    auto hp = internal::parse_host_port(address);
+    if (!hp.ok()) return;
+    auto fd = internal::connect_tcp(*hp, Deadline::after_ms(5000), buffer_bytes);
+    if (fd.ok()) fd_ = std::move(*fd);
+  }
+  [[nodiscard]] bool ok() const { return fd_.valid(); }
+  [[nodiscard]] int fd() const { return fd_.get(); }
+  Status send(FrameHeader h, std::string_view topic = {}, std::span<const std::byte> p = {}) {
+    MYELIN_RETURN_IF_ERROR(out_.push(h, topic, p, nullptr, false, monotonic_ns()));
+    const Deadline d = Deadline::after_ms(5000);
+    while (true) {
+      MYELIN_ASSIGN_OR_RETURN(bool done, out_.flush(fd_.get()));
+      if (done) return ok_status();
+      if (d.expired()) return timeout_error("raw send");
+      pollfd w{fd_.get(), POLLOUT, 0};
+      (void)::poll(&w, 1, d.remaining_ms_for_poll());
+    }
+  }
+  // The next frame other than heartbeats and credits; the view lives until the next call.
+  // Errors: peer_failed once the broker's side ended, timeout_error.
+  Result<FrameView> next(Deadline d) {
+    while (true) {
+      FrameView f;
+      MYELIN_ASSIGN_OR_RETURN(bool got, rx_.next(&f));
+      if (got) {
+        if (f.header.type == FrameType::kHeartbeat || f.header.type == FrameType::kCredit) continue;
+        return f;
+      }
+      if (!wait_readable(fd_.get(), d)) return timeout_error("raw read");
+      MYELIN_ASSIGN_OR_RETURN(size_t n, rx_.read_from(fd_.get()));
+      (void)n;
+    }
+  }
+
+ private:
+  internal::Fd fd_;
+  internal::OutQueue out_;
+  internal::RxBuffer rx_{DecodeLimits{}};
+};
+
+// Authenticates `main` as `identity` and attaches `ctrl` to its session; grants 1024 credits.
+Status raw_session(Raw& main, Raw& ctrl, std::string_view identity) {
+  MYELIN_ASSIGN_OR_RETURN(FrameView hello, main.next(Deadline::after_ms(5000)));
+  MYELIN_ASSIGN_OR_RETURN(auto sn, parse_hello(hello));
+  MYELIN_ASSIGN_OR_RETURN(auto cn, internal::random_nonce());
+  const auto mac = internal::client_mac(kSecret, sn, cn, identity);
+  std::vector<std::byte> p(cn.begin(), cn.end());
+  p.insert(p.end(), mac.begin(), mac.end());
+  MYELIN_RETURN_IF_ERROR(main.send(
+      {.type = FrameType::kAuth, .flags = kFlagControl, .seq = encode_versions(VersionRange{})},
+      identity, p));
+  MYELIN_ASSIGN_OR_RETURN(FrameView f, main.next(Deadline::after_ms(5000)));
+  if (f.header.type != FrameType::kAuthOk) return internal_error("no auth_ok");
+  MYELIN_ASSIGN_OR_RETURN(AuthOk ok, parse_auth_ok(f));
+  const uint64_t session = f.header.id;
+  MYELIN_RETURN_IF_ERROR(
+      main.send({.type = FrameType::kCredit, .flags = kFlagControl, .id = 1024}));
+  MYELIN_ASSIGN_OR_RETURN(FrameView chello, ctrl.next(Deadline::after_ms(5000)));
+  MYELIN_ASSIGN_OR_RETURN(auto csn, parse_hello(chello));
+  MYELIN_ASSIGN_OR_RETURN(auto ccn, internal::random_nonce());
+  const auto amac = internal::attach_mac(kSecret, csn, ccn, ok.token, session, identity);
+  std::vector<std::byte> ap(ccn.begin(), ccn.end());
+  ap.insert(ap.end(), amac.begin(), amac.end());
+  MYELIN_RETURN_IF_ERROR(ctrl.send({.type = FrameType::kAttach,
+                                    .flags = kFlagControl,
+                                    .seq = encode_versions(VersionRange{}),
+                                    .id = session},
+                                   identity, ap));
+  MYELIN_ASSIGN_OR_RETURN(FrameView a, ctrl.next(Deadline::after_ms(5000)));
+  if (a.header.type != FrameType::kAuthOk) return internal_error("attach refused");
+  return ok_status();
+}
+
+// A session's control connection ends (its client shuts it down) while control deliveries are
+// queued for it, more than its 4 KiB socket buffers take: each arrives once and in order, first
+// what the control socket held, the rest on the main connection; the session goes on there.
+TEST_P(ControlThread, AnEndedControlConnectionReroutesItsQueueWithoutLoss) {
+  if (!have_curl()) GTEST_SKIP() << "curl is needed to read /metrics";
+  Daemon d(GetParam());
+  ASSERT_TRUE(d.up());
+  Raw main(d.address()), ctrl(d.address(), 4096);
+  ASSERT_TRUE(main.ok() && ctrl.ok());
+  Status s = raw_session(main, ctrl, "ender");
+  ASSERT_TRUE(s.ok()) << s;
+  ASSERT_TRUE(
+      ctrl.send({.type = FrameType::kSubscribe, .flags = kFlagControl, .id = 1}, "ctrl/#").ok());
+  auto ack = ctrl.next(Deadline::after_ms(5000));
+  ASSERT_TRUE(ack.ok() && ack->header.type == FrameType::kReply);
+  constexpr int kN = 300;  // of 4 KiB each: far past the control socket's buffers
+  const std::string body(4096, 'q');
+  auto pub = Client::connect(d.client("pub"));
+  ASSERT_TRUE(pub.ok()) << pub.status();
+  // Both raw connections must be heard from within three heartbeat intervals meanwhile.
+  std::atomic<bool> quiet{false};
+  std::thread beat([&] {
+    while (!quiet.load(std::memory_order_acquire)) {
+      (void)main.send({.type = FrameType::kHeartbeat, .flags = kFlagControl});
+      (void)ctrl.send({.type = FrameType::kHeartbeat, .flags = kFlagControl});
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  });
+  for (int i = 0; i < kN; ++i) {
+    ASSERT_TRUE((*pub)->publish("ctrl/q", seq_text(i) + " " + body, {.lane = Lane::kControl}).ok());
+  }
+  // Every message routed, so queued towards this session.
+  EXPECT_EQ(d.metric_reaches("myelin_broker_topic_deliveries_total{topic=\"ctrl/q\"}", kN), kN);
+  quiet.store(true, std::memory_order_release);  // pairs with the beat thread's acquire load
+  beat.join();
+  ASSERT_EQ(::shutdown(ctrl.fd(), SHUT_WR), 0);
+  std::vector<int> seen;
+  const Deadline dl = Deadline::after_ms(20000);
+  // What the control socket holds, up to its end (a last frame cut off there is not decoded).
+  while (!dl.expired()) {
+    auto m = ctrl.next(dl);
+    if (!m.ok()) {
+      EXPECT_EQ(m.status().code(), StatusCode::kPeerFailed) << m.status();
+      break;
+    }
+    ASSERT_EQ(m->header.type, FrameType::kDeliver);
+    seen.push_back(std::stoi(std::string(reinterpret_cast<const char*>(m->payload.data()), 8)));
+  }
+  const size_t on_ctrl = seen.size();
+  EXPECT_LT(on_ctrl, static_cast<size_t>(kN));
+  while (seen.size() < static_cast<size_t>(kN) && !dl.expired()) {
+    auto m = main.next(dl);
+    ASSERT_TRUE(m.ok()) << m.status() << " after " << seen.size() << " (" << on_ctrl
+                        << " on the control connection)";
+    ASSERT_EQ(m->header.type, FrameType::kDeliver);
+    seen.push_back(std::stoi(std::string(reinterpret_cast<const char*>(m->payload.data()), 8)));
+    (void)main.send({.type = FrameType::kHeartbeat, .flags = kFlagControl});
+  }
+  ASSERT_EQ(seen.size(), static_cast<size_t>(kN)) << on_ctrl << " on the control connection";
+  for (int i = 0; i < kN; ++i) EXPECT_EQ(seen[i], i) << "at " << i;
+  EXPECT_EQ(d.metric_reaches("myelin_broker_control_connections_active", 1), 1);  // pub's
+  EXPECT_EQ(d.metric_reaches("myelin_broker_connections_active", 2), 2);
 }
 
 }  // namespace
