@@ -365,6 +365,10 @@ struct Server::Impl::Conn final : public Session {
   int64_t last_control_ns = INT64_MIN / 2;
   // Publish-like frames on the main connection waiting for room or a rate-limit token, in order.
   std::deque<AssembledMessage> parked;
+  // Publishes the loop accepted whose credit goes back in its next credit frame, on the main
+  // connection. (Those the control side accepts go back on the control connection, Link::
+  // credits_to_return: each side returns its own, and neither wakes the other for it.)
+  uint64_t credits_to_return = 0;
   size_t pulls = 0;
   // Protocol version agreed in the handshake; with 2, the token a control connection must prove
   // it knows (auth.hpp).
@@ -383,9 +387,6 @@ struct Server::Impl::Conn final : public Session {
   // Publish-like frames received on either connection, not yet accepted: at most
   // publish_credits. Relaxed: a count, ordering nothing.
   std::atomic<uint64_t> publish_outstanding{0};
-  // Accepted publishes whose credit goes back to the client in the next credit frame (sent by
-  // the side that writes control frames). Relaxed, same.
-  std::atomic<uint64_t> credits_to_return{0};
   // The loop should pump this connection; release by whoever asks, the exchange(acquire) in
   // pump() takes it.
   std::atomic<bool> ready{false};
@@ -424,6 +425,8 @@ struct Server::Impl::Link {
   // Publishes and requests from this connection waiting for room or a rate-limit token, in order
   // (a topic is in one lane, so this keeps the order per topic and publisher).
   std::deque<AssembledMessage> parked;
+  // Publishes accepted here whose credit goes back in the next credit frame on this connection.
+  uint64_t credits_to_return = 0;
 };
 
 const AclEntry* Server::Impl::acl_for(std::string_view identity) const {
@@ -1213,11 +1216,12 @@ bool Server::Impl::pump_control(Link& l) {
   if (lane.size() > 0 && c.deliver_credits.load(std::memory_order_relaxed) <= 0)
     c_.credit_stalls.fetch_add(1, std::memory_order_relaxed);
   // Publish credits go back in groups of a quarter window (see pump()).
-  if (c.credits_to_return.load(std::memory_order_relaxed) >= credit_group()) {
+  if (l.credits_to_return >= credit_group()) {
     FrameHeader h;
     h.type = FrameType::kCredit;
     h.flags = kFlagControl;
-    h.id = c.credits_to_return.exchange(0, std::memory_order_relaxed);
+    h.id = l.credits_to_return;
+    l.credits_to_return = 0;
     ctrl_send(l, h, {}, {});
   }
   l.out.close_due_batches(now, true);
@@ -1354,8 +1358,10 @@ void Server::Impl::run_loop_cmds() {
           if (!s.ok()) MYELIN_LOG_WARN << "dropping a frame to client " << c.id() << ": " << s;
           ++moved;
         }
-        // Publishes that waited there wait here now (a topic is in one lane: no order across).
+        // Publishes that waited there wait here now (a topic is in one lane: no order across),
+        // and credits it had not returned go back from here.
         for (AssembledMessage& m : cmd.link->parked) c.parked.push_back(std::move(m));
+        c.credits_to_return += cmd.link->credits_to_return;
         MYELIN_LOG_INFO << "client " << c.id() << " (" << c.ident << "): control connection ended ("
                         << cmd.why << "); its control lane falls back to the main connection, with "
                         << "the " << moved << " frames queued on it";
@@ -1685,9 +1691,11 @@ bool Server::Impl::process_work(Conn& c, const AssembledMessage& m, Link* via) {
     }
     return false;
   }
-  // Relaxed: counts (see Conn).
-  c.publish_outstanding.fetch_sub(1, std::memory_order_relaxed);
-  c.credits_to_return.fetch_add(1, std::memory_order_relaxed);
+  c.publish_outstanding.fetch_sub(1, std::memory_order_relaxed);  // relaxed: a count (see Conn)
+  if (via)
+    via->credits_to_return++;
+  else
+    c.credits_to_return++;
   return true;
 }
 
@@ -1785,18 +1793,15 @@ void Server::Impl::pump(Conn& c) {
   // I/O thread per group instead of per message). The client keeps at least three quarters of
   // its window meanwhile, and a producer that used it all up has at least a quarter outstanding
   // here, so its credits come back as soon as those are accepted: no stall from the grouping.
-  // With a control connection the control side sends them (pump_control()).
-  const uint64_t to_return = c.credits_to_return.load(std::memory_order_relaxed);
-  if (to_return > 0 && (to_return >= credit_group() || c.closing)) {
-    if (has_ctrl) {
-      mark_ctrl_due(c);
-    } else {
-      FrameHeader h;
-      h.type = FrameType::kCredit;
-      h.flags = kFlagControl;
-      h.id = c.credits_to_return.exchange(0, std::memory_order_relaxed);
-      send_direct(c, h, {}, {});
-    }
+  // With a control connection they still go on the main connection: waking the control side
+  // for them cost a thread switch per group while bulk flowed.
+  if (c.credits_to_return > 0 && (c.credits_to_return >= credit_group() || c.closing)) {
+    FrameHeader h;
+    h.type = FrameType::kCredit;
+    h.flags = kFlagControl;
+    h.id = c.credits_to_return;
+    c.credits_to_return = 0;
+    send_direct(c, h, {}, {}, nullptr, /*main_connection=*/true);
   }
   // Everything deliverable now was queued above: send the open batches at once instead of
   // waiting for their window. Batches still fill up with what one read brought in (a publisher's
