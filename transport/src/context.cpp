@@ -108,7 +108,7 @@ struct Context::Impl {
   // (2 ranks, 4 KiB at load 12: 0.90 us busy, 3.5 us yielding).
   std::unique_ptr<internal::CpuContentionWatch> contention;
   static constexpr ProgressMode kLoadedMode = ProgressMode::kSpinThenBlock;
-  std::string base_reason;  // mode_reason without the host's state
+  std::string base_reason;  // mode_reason without the contention state
   uint32_t contention_changes = 0;
   // Spin-then-block: the current spin budget (see drive()) and a count of waits.
   static constexpr uint32_t kSpinProbeEvery = 256;
@@ -310,7 +310,7 @@ struct Context::Impl {
         if (done()) return true;
         if (i % kPollsPerDeadlineCheck != 0) continue;
         if (deadline_passed(deadline)) return false;
-        // A watched host that turned oversubscribed ends the spin; the wait goes on below.
+        // A thread whose CPU turned contended ends the spin; the wait goes on below (block).
         if (contention && (m = sampled_mode()) != ProgressMode::kBusyPoll) break;
       }
     }
