@@ -113,13 +113,14 @@ class Client::Impl {
 
   // Sends one frame under mu_ (held by the caller): control-lane frames on the control
   // connection when there is one (unless `main_connection`), the rest on the main connection.
+  // `now_ns`: the caller's reading of monotonic_ns() (negative: read here).
   Status send_locked(FrameHeader h, std::string_view topic, std::span<const std::byte> payload,
                      bool batchable, std::shared_ptr<const void> owner = nullptr,
-                     bool main_connection = false) {
+                     bool main_connection = false, int64_t now_ns = -1) {
     if (!status_.ok()) return status_;
     Conn& c = conns_[has_ctrl_ && !main_connection && (h.flags & kFlagControl) ? kCtrl : kMain];
     auto r = c.out.push_and_flush(c.fd.get(), h, topic, payload, std::move(owner), batchable,
-                                  monotonic_ns());
+                                  now_ns >= 0 ? now_ns : monotonic_ns());
     if (!r.ok()) {
       // A message the queue refuses (invalid_argument) fails that call, not the connection.
       if (r.status().code() == StatusCode::kInvalidArgument) return r.status();
@@ -874,8 +875,9 @@ Status Client::publish(std::string_view topic, std::span<const std::byte> payloa
   h.type = FrameType::kPublish;
   h.flags = o.lane == Lane::kControl ? kFlagControl : 0;
   h.id = im.new_id_locked();
-  h.timestamp_ns = static_cast<uint64_t>(monotonic_ns());
-  return im.send_locked(h, topic, payload, o.batch);
+  const int64_t now = monotonic_ns();  // one clock read for the timestamp and the batching rule
+  h.timestamp_ns = static_cast<uint64_t>(now);
+  return im.send_locked(h, topic, payload, o.batch, nullptr, false, now);
 }
 
 Result<uint64_t> Client::subscribe(std::string_view pattern, MessageHandler handler,

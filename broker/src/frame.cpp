@@ -3,6 +3,7 @@
 #include <myelin/broker/frame.hpp>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 
 namespace myelin::broker {
@@ -20,7 +21,7 @@ void store_le(std::byte* p, T v) noexcept {
   for (size_t i = 0; i < sizeof(T); ++i) p[i] = static_cast<std::byte>((v >> (8 * i)) & 0xFF);
 }
 
-bool level_char_ok(char c) noexcept {
+constexpr bool level_char_ok(char c) noexcept {
   return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
          c == '-' || c == '.';
 }
@@ -62,6 +63,33 @@ Status validate_levels(std::string_view text, bool pattern) {
     first = false;
   }
   return ok_status();
+}
+
+constexpr std::array<bool, 256> kLevelChar = [] {
+  std::array<bool, 256> t{};
+  for (int c = 0; c < 256; ++c) t[static_cast<size_t>(c)] = level_char_ok(static_cast<char>(c));
+  return t;
+}();
+
+// One pass that accepts only topics validate_levels(text, false) accepts (levels of 1-64 bytes
+// of level characters, a leading '$' on the first level followed by at least one of them); it
+// may refuse more: the caller then asks validate_levels.
+bool plain_topic_ok(std::string_view t) noexcept {
+  if (t.empty() || t.size() > kMaxTopicLength) return false;
+  size_t start = 0;
+  bool first = true;
+  for (size_t i = 0;; ++i) {
+    if (i == t.size() || t[i] == '/') {
+      const size_t len = i - start;
+      if (len == 0 || len > 64 || (first && t[start] == '$' && len < 2)) return false;
+      if (i == t.size()) return true;
+      start = i + 1;
+      first = false;
+      continue;
+    }
+    const auto c = static_cast<unsigned char>(t[i]);
+    if (!kLevelChar[c] && !(first && i == 0 && c == '$')) return false;
+  }
 }
 
 bool batchable_type(FrameType t) noexcept {
@@ -149,13 +177,14 @@ Status append_frame(std::vector<std::byte>& out, FrameHeader h, std::string_view
   if (payload.size() > UINT32_MAX) return invalid_argument("frame payload over 4 GiB");
   h.topic_len = static_cast<uint16_t>(topic.size());
   h.payload_len = static_cast<uint32_t>(payload.size());
-  const size_t at = out.size();
-  out.resize(at + kFrameHeaderSize + topic.size() + payload.size());
-  encode_header(h, std::span<std::byte, kFrameHeaderSize>(out.data() + at, kFrameHeaderSize));
-  if (!topic.empty()) std::memcpy(out.data() + at + kFrameHeaderSize, topic.data(), topic.size());
-  if (!payload.empty()) {
-    std::memcpy(out.data() + at + kFrameHeaderSize + topic.size(), payload.data(), payload.size());
-  }
+  // Appended range by range, never resize() then copy: resizing zero-fills the bytes first, a
+  // second pass over every payload byte of a batch.
+  std::array<std::byte, kFrameHeaderSize> head;
+  encode_header(h, head);
+  out.insert(out.end(), head.begin(), head.end());
+  const auto* t = reinterpret_cast<const std::byte*>(topic.data());
+  out.insert(out.end(), t, t + topic.size());
+  out.insert(out.end(), payload.begin(), payload.end());
   return ok_status();
 }
 
@@ -401,6 +430,9 @@ Result<bool> Reassembler::add(const FrameView& chunk, AssembledMessage* done) {
 }
 
 Status validate_topic(std::string_view topic) {
+  // Every publish and every delivery is checked: one pass over the bytes decides the common case,
+  // and only a topic it does not accept goes the long way (which words the error).
+  if (plain_topic_ok(topic)) return ok_status();
   return validate_levels(topic, false);
 }
 Status validate_pattern(std::string_view pattern) {

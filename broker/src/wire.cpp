@@ -180,24 +180,53 @@ void OutQueue::add_piece(int lane, Piece p) {
   lanes_[lane].push_back(std::move(p));
 }
 
+void OutQueue::open_batch(int lane, int64_t now_ns) {
+  Batch& b = batch_[lane];
+  b.opened_ns = now_ns;
+  if (b.frames.capacity() == 0 && !spares_.empty()) {
+    b.frames = std::move(spares_.back());
+    spares_.pop_back();
+  }
+  // Room for a full batch up front: grown by doubling instead, every batch would copy its bytes
+  // about once more on the way to batch_bytes.
+  const size_t full =
+      2 * kFrameHeaderSize + kMaxTopicLength + opt_.batch_bytes + opt_.batch_max_message;
+  b.frames.reserve(std::min(full, kMaxBatchReserve));
+  b.frames.assign(kFrameHeaderSize, std::byte{0});  // the batch header, written when it closes
+}
+
 void OutQueue::close_batch(int lane) {
   Batch& b = batch_[lane];
   if (b.count == 0) return;
   Piece p;
+  size_t from = 0;
   if (b.count == 1) {
-    p.head = std::move(b.frames);
+    from = kFrameHeaderSize;  // a lone frame goes as itself, without the batch header
   } else {
     FrameHeader h;
     h.type = FrameType::kBatch;
     h.flags = lane == 0 ? kFlagControl : 0;
-    h.payload_len = static_cast<uint32_t>(b.frames.size());
-    p.head.resize(kFrameHeaderSize);
-    encode_header(h, std::span<std::byte, kFrameHeaderSize>(p.head.data(), kFrameHeaderSize));
-    p.head.insert(p.head.end(), b.frames.begin(), b.frames.end());
+    h.payload_len = static_cast<uint32_t>(b.frames.size() - kFrameHeaderSize);
+    encode_header(h, std::span<std::byte, kFrameHeaderSize>(b.frames.data(), kFrameHeaderSize));
     batches_sent_++;
+  }
+  if (from == 0 && 4 * b.frames.size() >= b.frames.capacity()) {
+    p.head = std::move(b.frames);  // built in place: a full batch is queued without a copy
+  } else {
+    // A small batch (or one frame) is copied into a buffer of its size and the big one kept for
+    // the next batch: queued pieces never hold much more memory than their bytes, however many
+    // small batches a slow peer lets pile up.
+    p.head.assign(b.frames.begin() + static_cast<ptrdiff_t>(from), b.frames.end());
+    recycle(std::move(b.frames));
   }
   b = Batch{};
   add_piece(lane, std::move(p));
+}
+
+void OutQueue::recycle(std::vector<std::byte>&& buffer) {
+  if (buffer.capacity() < kMinRecycled || spares_.size() >= kMaxSpares) return;
+  buffer.clear();
+  spares_.push_back(std::move(buffer));
 }
 
 Status OutQueue::push(FrameHeader h, std::string_view topic, std::span<const std::byte> payload,
@@ -211,10 +240,11 @@ Status OutQueue::push(FrameHeader h, std::string_view topic, std::span<const std
   }
   if (coalesce(lane, batchable, payload.size(), now_ns)) {
     Batch& b = batch_[lane];
-    if (b.count == 0) b.opened_ns = now_ns;
+    if (b.count == 0) open_batch(lane, now_ns);
     MYELIN_RETURN_IF_ERROR(append_frame(b.frames, h, topic, payload));
     b.count++;
-    if (b.frames.size() >= opt_.batch_bytes || b.count >= opt_.batch_count) close_batch(lane);
+    if (b.frames.size() - kFrameHeaderSize >= opt_.batch_bytes || b.count >= opt_.batch_count)
+      close_batch(lane);
     return ok_status();
   }
   close_batch(lane);  // keep order with what was coalesced before
@@ -415,6 +445,7 @@ Result<bool> OutQueue::flush(int fd, size_t bulk_budget) {
         if (lane == 1) bulk_budget -= std::min(bulk_budget, took);
         if (left >= rest) {
           left -= rest;
+          recycle(std::move(p.head));
           lanes_[lane].pop_front();
         } else {
           p.sent += left;
@@ -428,29 +459,54 @@ Result<bool> OutQueue::flush(int fd, size_t bulk_budget) {
 
 // ---- RxBuffer ---------------------------------------------------------------------------------
 
+std::shared_ptr<std::byte> RxBuffer::Pool::take(const std::shared_ptr<Pool>& self, size_t size) {
+  std::unique_ptr<std::byte[]> p;
+  if (size == self->block_) {
+    std::lock_guard<std::mutex> lock(self->mu_);
+    if (!self->free_.empty()) {
+      p = std::move(self->free_.back());
+      self->free_.pop_back();
+    }
+  }
+  // Not value-initialised: only bytes read from the socket are ever looked at.
+  if (!p) p.reset(new std::byte[size]);
+  return std::shared_ptr<std::byte>(p.release(),
+                                    [self, size](std::byte* b) { self->give_back(b, size); });
+}
+
+void RxBuffer::Pool::give_back(std::byte* p, size_t size) noexcept {
+  std::unique_ptr<std::byte[]> owned(p);
+  if (size != block_) return;
+  std::lock_guard<std::mutex> lock(mu_);
+  if (free_.size() < kMaxFree) free_.push_back(std::move(owned));
+}
+
 RxBuffer::RxBuffer(DecodeLimits limits, size_t block)
     : limits_(limits),
       block_size_(
           std::max<size_t>(block, kFrameHeaderSize + kMaxTopicLength + limits.max_frame_payload)),
-      block_(std::make_shared<std::vector<std::byte>>(block_size_)) {}
+      pool_(std::make_shared<Pool>(block_size_)),
+      block_(Pool::take(pool_, block_size_)),
+      block_len_(block_size_) {}
 
 void RxBuffer::make_room(size_t want) {
-  if (block_->size() - end_ >= want) return;
+  if (block_len_ - end_ >= want) return;
   // Messages handed out may still reference the current block, so never move data inside it:
   // start a fresh block with the unconsumed bytes (at most one partial frame).
-  auto fresh =
-      std::make_shared<std::vector<std::byte>>(std::max(block_size_, end_ - start_ + want));
-  std::memcpy(fresh->data(), block_->data() + start_, end_ - start_);
+  const size_t len = std::max(block_size_, end_ - start_ + want);
+  auto fresh = Pool::take(pool_, len);
+  std::memcpy(fresh.get(), block_.get() + start_, end_ - start_);
   end_ -= start_;
   start_ = 0;
   block_ = std::move(fresh);
+  block_len_ = len;
 }
 
 Result<size_t> RxBuffer::read_from(int fd, size_t max_bytes) {
   make_room(16 * 1024);
   while (true) {
-    const size_t want = std::min(block_->size() - end_, std::max<size_t>(max_bytes, 1));
-    const ssize_t n = ::read(fd, block_->data() + end_, want);
+    const size_t want = std::min(block_len_ - end_, std::max<size_t>(max_bytes, 1));
+    const ssize_t n = ::read(fd, block_.get() + end_, want);
     if (n > 0) {
       end_ += static_cast<size_t>(n);
       drained_ = static_cast<size_t>(n) < want;
@@ -467,14 +523,14 @@ Result<size_t> RxBuffer::read_from(int fd, size_t max_bytes) {
 
 void RxBuffer::append(std::span<const std::byte> bytes) {
   make_room(bytes.size());
-  if (!bytes.empty()) std::memcpy(block_->data() + end_, bytes.data(), bytes.size());
+  if (!bytes.empty()) std::memcpy(block_.get() + end_, bytes.data(), bytes.size());
   end_ += bytes.size();
 }
 
 Result<bool> RxBuffer::next(FrameView* out) {
   size_t used = 0;
   MYELIN_ASSIGN_OR_RETURN(DecodeOutcome o, decode_frame(std::span<const std::byte>(
-                                                            block_->data() + start_, end_ - start_),
+                                                            block_.get() + start_, end_ - start_),
                                                         limits_, out, &used));
   if (o == DecodeOutcome::kNeedMore) {
     // Rewind only when no handed-out message can still point into this block.

@@ -6,7 +6,10 @@
 //    frame waits for at most one chunk. Small batchable messages are coalesced per lane into batch
 //    frames, bounded by bytes, count and a time window.
 //  - RxBuffer: reads into reference-counted blocks so decoded payloads can be handed out without a
-//    copy (zero-copy receive); a frame split across blocks is moved once into a fresh block.
+//    copy (zero-copy receive); a frame split across blocks is moved once into a fresh block. A
+//    block whose last reference is dropped (on whichever thread) goes back to its buffer's pool and
+//    is reused uncleared, so a busy connection does not allocate, zero and fault in a block per
+//    block's worth of bytes.
 // Thread safety: none; each object belongs to one connection, used under its owner's lock/thread.
 #pragma once
 
@@ -16,6 +19,7 @@
 #include <cstdint>
 #include <deque>
 #include <memory>
+#include <mutex>
 #include <span>
 #include <string>
 #include <vector>
@@ -139,12 +143,23 @@ class OutQueue {
     size_t sent = 0;
     [[nodiscard]] size_t size() const noexcept { return head.size() + body.size(); }
   };
+  // An open batch: its frames follow kFrameHeaderSize bytes kept for the batch header, so
+  // closing it encodes the header in place and hands the buffer on without copying it.
   struct Batch {
     std::vector<std::byte> frames;
     uint32_t count = 0;
     int64_t opened_ns = 0;
   };
+  // Buffers of batches that went out are kept (at most kMaxSpares, each at least kMinRecycled
+  // bytes) and reused by the next batches: no allocation, page faults or heap trimming per batch.
+  // One is enough for a steady stream: one batch fills while the one before it is written.
+  static constexpr size_t kMaxSpares = 1;
+  static constexpr size_t kMinRecycled = 16 * 1024;
+  // A batch reserves room for batch_bytes and one more message, up to this much.
+  static constexpr size_t kMaxBatchReserve = 1024 * 1024;
+  void open_batch(int lane, int64_t now_ns);
   void close_batch(int lane);
+  void recycle(std::vector<std::byte>&& buffer);
   // Applies the lone-message rule: whether a batchable message of `size` bytes is coalesced.
   bool coalesce(int lane, bool batchable, size_t size, int64_t now_ns);
   void add_piece(int lane, Piece p);
@@ -152,6 +167,7 @@ class OutQueue {
   OutOptions opt_;
   std::deque<Piece> lanes_[2];  // 0 control, 1 bulk
   Batch batch_[2];
+  std::vector<std::vector<std::byte>> spares_;
   int64_t last_batchable_ns_[2] = {INT64_MIN / 2, INT64_MIN / 2};
   size_t backlog_ = 0;
   uint64_t batches_sent_ = 0, chunks_sent_ = 0;
@@ -177,10 +193,29 @@ class RxBuffer {
   [[nodiscard]] size_t buffered() const noexcept { return end_ - start_; }
 
  private:
+  // Blocks of the standard size that nobody references any more, kept for reuse (at most
+  // kMaxFree). Shared with the blocks' deleters, which may run on any thread (a message handed
+  // to the application holds its block): the mutex orders their last reads of a block before its
+  // reuse.
+  class Pool {
+   public:
+    explicit Pool(size_t block) : block_(block) {}
+    // A block of `size` bytes (contents undefined) that returns to `self` when released.
+    static std::shared_ptr<std::byte> take(const std::shared_ptr<Pool>& self, size_t size);
+
+   private:
+    static constexpr size_t kMaxFree = 1;
+    void give_back(std::byte* p, size_t size) noexcept;
+    const size_t block_;
+    std::mutex mu_;
+    std::vector<std::unique_ptr<std::byte[]>> free_;  // under mu_
+  };
   void make_room(size_t want);
   DecodeLimits limits_;
   size_t block_size_;
-  std::shared_ptr<std::vector<std::byte>> block_;
+  std::shared_ptr<Pool> pool_;
+  std::shared_ptr<std::byte> block_;
+  size_t block_len_ = 0;  // bytes in block_
   size_t start_ = 0, end_ = 0;
   bool drained_ = false;
 };

@@ -1,0 +1,394 @@
+// Publisher-side coalescing and the buffers behind it: a batch is built in place in a buffer that
+// is reused once it went out, and a lone message never waits for a batch. Checked at the queue
+// (socket pairs, explicit clocks: no timing) and end to end through the real myelin-broker daemon
+// with the publisher in another process (order, message boundaries, contents and credits).
+#include <gtest/gtest.h>
+
+#include <poll.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cctype>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include <myelin/broker/client.hpp>
+#include <myelin/broker/frame.hpp>
+
+#include "wire.hpp"
+
+namespace myelin::broker {
+namespace {
+
+constexpr const char* kSecret = "client-batching-secret-0123456789";
+
+// Message k's payload: its index in the first 8 bytes (when it has room), then a pattern of k.
+std::vector<std::byte> message(uint64_t k, size_t size) {
+  std::vector<std::byte> v(size);
+  for (size_t i = 0; i < size; ++i) v[i] = static_cast<std::byte>((i * 31 + k * 7) & 0xFF);
+  if (size > 0) std::memcpy(v.data(), &k, std::min<size_t>(8, size));
+  return v;
+}
+bool is_message(uint64_t k, size_t size, std::span<const std::byte> got) {
+  const auto want = message(k, size);
+  return got.size() == size && (size == 0 || std::memcmp(got.data(), want.data(), size) == 0);
+}
+// Sizes cycle through these: empty, tiny, around the batching limit (4 KiB), one chunk and
+// beyond (chunked, never batched).
+constexpr size_t kSizes[] = {0, 1, 100, 1023, 1024, 4095, 4096, 4097, 65536, 70000};
+size_t size_of(uint64_t k) {
+  return kSizes[k % std::size(kSizes)];
+}
+
+struct Pair {
+  internal::Fd a, b;
+};
+Pair socket_pair(int sndbuf) {
+  int sv[2];
+  EXPECT_EQ(::socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+  Pair p{internal::Fd(sv[0]), internal::Fd(sv[1])};
+  EXPECT_TRUE(internal::set_nonblocking(p.a.get()).ok());
+  EXPECT_TRUE(internal::set_nonblocking(p.b.get()).ok());
+  if (sndbuf > 0) ::setsockopt(p.a.get(), SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf));
+  return p;
+}
+
+// Reads what `fd` holds and appends every message it decodes (batches unpacked, chunks put back
+// together) to `out` as (id, payload).
+struct Reader {
+  internal::RxBuffer rx{DecodeLimits{}};
+  Reassembler reasm;
+  std::vector<std::pair<uint64_t, std::vector<std::byte>>> got;
+  Status add(const FrameView& f) {
+    if (f.header.flags & (kFlagMore | kFlagContinuation)) {
+      AssembledMessage m;
+      MYELIN_ASSIGN_OR_RETURN(bool done, reasm.add(f, &m));
+      if (done) got.emplace_back(m.header.id, *m.payload);
+      return ok_status();
+    }
+    if (f.header.type == FrameType::kBatch) {
+      return for_each_in_batch(f.payload, DecodeLimits{}, [&](const FrameView& in) {
+        got.emplace_back(in.header.id,
+                         std::vector<std::byte>(in.payload.begin(), in.payload.end()));
+        return ok_status();
+      });
+    }
+    got.emplace_back(f.header.id, std::vector<std::byte>(f.payload.begin(), f.payload.end()));
+    return ok_status();
+  }
+  Status drain(int fd) {
+    while (true) {
+      MYELIN_ASSIGN_OR_RETURN(size_t n, rx.read_from(fd));
+      while (true) {
+        FrameView f;
+        MYELIN_ASSIGN_OR_RETURN(bool more, rx.next(&f));
+        if (!more) break;
+        MYELIN_RETURN_IF_ERROR(add(f));
+      }
+      if (n == 0) return ok_status();
+    }
+  }
+};
+
+FrameHeader publish_header(uint64_t k) {
+  return FrameHeader{.type = FrameType::kPublish, .id = k};
+}
+
+TEST(OutQueueBatching, ReusedBatchBuffersKeepEveryBoundaryAndByteInOrder) {
+  // Small socket buffers: batches go out in pieces, so a batch buffer is still queued (partly
+  // written) while the next batches fill; reusing one too early would corrupt what follows.
+  Pair p = socket_pair(4096);
+  internal::OutQueue q(internal::OutOptions{.batch_bytes = 16 * 1024, .batch_count = 64});
+  Reader r;
+  constexpr uint64_t kMessages = 6000;
+  int64_t now = 1'000'000'000;
+  for (uint64_t k = 0; k < kMessages; ++k) {
+    now += 1000;  // 1 us apart: close succession, so batchable messages are coalesced
+    const auto payload = message(k, size_of(k));
+    // Pushed without an owner from a buffer that dies right after the push: the queue copies
+    // what it keeps.
+    ASSERT_TRUE(q.push(publish_header(k), "tput/data", payload, nullptr, true, now).ok());
+    if (k % 7 == 0) {
+      ASSERT_TRUE(q.flush(p.a.get()).ok());
+      ASSERT_TRUE(r.drain(p.b.get()).ok());
+    }
+  }
+  q.close_due_batches(now, /*force=*/true);
+  for (int spins = 0; spins < 100000; ++spins) {
+    auto done = q.flush(p.a.get());
+    ASSERT_TRUE(done.ok()) << done.status();
+    ASSERT_TRUE(r.drain(p.b.get()).ok());
+    if (*done && q.empty()) break;
+  }
+  ASSERT_TRUE(r.drain(p.b.get()).ok());
+  EXPECT_GT(q.batches_sent(), 50u);  // coalescing did happen
+  ASSERT_EQ(r.got.size(), kMessages);
+  for (uint64_t k = 0; k < kMessages; ++k) {
+    ASSERT_EQ(r.got[k].first, k) << "message " << k << " out of order";
+    ASSERT_TRUE(is_message(k, size_of(k), r.got[k].second))
+        << "message " << k << " of " << size_of(k) << " bytes arrived as " << r.got[k].second.size()
+        << " bytes or altered";
+  }
+}
+
+TEST(OutQueueBatching, ALoneMessageGoesAtOnceAndOnlyCloseSuccessionIsCoalesced) {
+  Pair p = socket_pair(0);
+  const int64_t window = 200'000;
+  internal::OutQueue q(internal::OutOptions{.batch_window_ns = window});
+  Reader r;
+  const int64_t t0 = 5'000'000'000;
+  const auto m0 = message(0, 1024);
+  // Nothing before it: written by this call, readable on the other side at once.
+  auto w = q.push_and_flush(p.a.get(), publish_header(0), "tput/data", m0, nullptr, true, t0);
+  ASSERT_TRUE(w.ok()) << w.status();
+  EXPECT_TRUE(*w);
+  ASSERT_TRUE(r.drain(p.b.get()).ok());
+  ASSERT_EQ(r.got.size(), 1u);
+  // Within the window of the previous one: coalesced, nothing on the wire until the batch closes.
+  for (uint64_t k = 1; k <= 3; ++k) {
+    w = q.push_and_flush(p.a.get(), publish_header(k), "tput/data", message(k, 1024), nullptr, true,
+                         t0 + static_cast<int64_t>(k) * 1000);
+    ASSERT_TRUE(w.ok()) << w.status();
+  }
+  ASSERT_TRUE(r.drain(p.b.get()).ok());
+  EXPECT_EQ(r.got.size(), 1u);
+  EXPECT_EQ(q.next_batch_deadline(), t0 + 1000 + window);
+  q.close_due_batches(t0 + 1000 + window);
+  w = q.flush(p.a.get());
+  ASSERT_TRUE(w.ok() && *w);
+  ASSERT_TRUE(r.drain(p.b.get()).ok());
+  ASSERT_EQ(r.got.size(), 4u);
+  EXPECT_EQ(q.batches_sent(), 1u);
+  // A window after the last batchable message: lone again, written by the call (the recycled
+  // buffer of the batch above is not involved in a lone write).
+  const int64_t later = t0 + 3000 + window;
+  w = q.push_and_flush(p.a.get(), publish_header(4), "tput/data", message(4, 1024), nullptr, true,
+                       later);
+  ASSERT_TRUE(w.ok() && *w);
+  ASSERT_TRUE(r.drain(p.b.get()).ok());
+  ASSERT_EQ(r.got.size(), 5u);
+  for (uint64_t k = 0; k < 5; ++k) {
+    EXPECT_EQ(r.got[k].first, k);
+    EXPECT_TRUE(is_message(k, 1024, r.got[k].second)) << k;
+  }
+  // A batch of one goes out as the plain frame, without a batch header.
+  w = q.push_and_flush(p.a.get(), publish_header(5), "tput/data", message(5, 10), nullptr, true,
+                       later + 10);
+  ASSERT_TRUE(w.ok());
+  q.close_due_batches(later + 10, /*force=*/true);
+  w = q.flush(p.a.get());
+  ASSERT_TRUE(w.ok() && *w);
+  EXPECT_EQ(q.batches_sent(), 1u);
+  ASSERT_TRUE(r.drain(p.b.get()).ok());
+  ASSERT_EQ(r.got.size(), 6u);
+  EXPECT_TRUE(is_message(5, 10, r.got[5].second));
+}
+
+// The topic syntax (docs/broker.md, "Topics"), written out plainly: levels of 1-64 bytes of
+// [A-Za-z0-9_.-], at most 255 bytes in all; the first level may start with '$' (then at least one
+// more byte).
+bool reference_topic_ok(std::string_view t) {
+  if (t.empty() || t.size() > 255) return false;
+  size_t start = 0;
+  for (int level = 0;; ++level) {
+    const size_t slash = t.find('/', start);
+    const std::string_view l =
+        t.substr(start, slash == std::string_view::npos ? t.npos : slash - start);
+    if (l.empty() || l.size() > 64) return false;
+    for (size_t i = 0; i < l.size(); ++i) {
+      const char c = l[i];
+      const bool plain =
+          std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-' || c == '.';
+      if (!plain && !(level == 0 && i == 0 && c == '$' && l.size() > 1)) return false;
+    }
+    if (slash == std::string_view::npos) return true;
+    start = slash + 1;
+  }
+}
+
+TEST(TopicSyntax, EveryPublishCheckAgreesWithTheWrittenRules) {
+  const std::string edges[] = {"a",
+                               "$",
+                               "$a",
+                               "$$a",
+                               "a/$b",
+                               "a//b",
+                               "/a",
+                               "a/",
+                               "a b",
+                               "a/*",
+                               "a/#",
+                               "grad/layer3/shard0",
+                               "ctrl/step",
+                               std::string(64, 'x'),
+                               std::string(65, 'x'),
+                               "a/" + std::string(64, 'y'),
+                               std::string(255, 'z'),
+                               std::string(256, 'z'),
+                               "x/" + std::string(253, 'q'),
+                               std::string("a\0b", 3),
+                               "\xc3\xa9"};
+  for (const std::string& t : edges) {
+    EXPECT_EQ(validate_topic(t).ok(), reference_topic_ok(t)) << "'" << t << "'";
+  }
+  // Random strings over an alphabet with every character class that matters.
+  const char alphabet[] = {'a', 'Z', '7', '_', '-', '.', '/', '$', '*', '#', ' ', '\0', '\xff'};
+  uint64_t x = 0x9E3779B97F4A7C15ull;
+  auto rnd = [&] {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    return x;
+  };
+  for (int n = 0; n < 200000; ++n) {
+    std::string t(1 + rnd() % 12, 'a');
+    for (char& c : t) c = alphabet[rnd() % std::size(alphabet)];
+    ASSERT_EQ(validate_topic(t).ok(), reference_topic_ok(t)) << "'" << t << "'";
+  }
+  // Long levels around the 64-byte limit, with and without a leading '$'.
+  for (size_t len = 60; len <= 68; ++len) {
+    for (const char* prefix : {"", "$"}) {
+      const std::string t = prefix + std::string(len, 'k') + "/tail";
+      EXPECT_EQ(validate_topic(t).ok(), reference_topic_ok(t)) << t.size();
+    }
+  }
+}
+
+// ---- end to end, with the myelin-broker daemon ------------------------------------------------
+
+class Daemon {
+ public:
+  Daemon() {
+    dir_ = std::filesystem::temp_directory_path() /
+           ("myelin-client-batching-" + std::to_string(::getpid()));
+    std::filesystem::create_directories(dir_);
+    std::ofstream(dir_ / "secret") << kSecret << "\n";
+    std::ofstream(dir_ / "broker.toml")
+        << "[broker]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"\"\n"
+        << "secret_file = \"" << (dir_ / "secret").string() << "\"\n"
+        << "[[topic]]\npattern = \"tput/#\"\nlane = \"bulk\"\nbatching = true\n";
+    const std::string port_file = (dir_ / "port").string();
+    pid_ = ::fork();
+    if (pid_ == 0) {
+      std::string bin = MYELIN_BROKER_BIN, conf = (dir_ / "broker.toml").string(), pf = port_file;
+      std::string a1 = "--config", a2 = "--port-file";
+      char* argv[] = {bin.data(), a1.data(), conf.data(), a2.data(), pf.data(), nullptr};
+      ::execv(argv[0], argv);
+      ::_exit(127);
+    }
+    // A bounded poll: the port file has no fd to wait on until it exists.
+    const Deadline d = Deadline::after_ms(10000);
+    while (!d.expired()) {
+      std::ifstream in(port_file);
+      if (in >> port_) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  }
+  ~Daemon() {
+    if (pid_ > 0) {
+      ::kill(pid_, SIGKILL);
+      ::waitpid(pid_, nullptr, 0);
+    }
+    std::filesystem::remove_all(dir_);
+  }
+  [[nodiscard]] bool up() const { return port_ != 0; }
+  ClientOptions client(const std::string& identity) const {
+    return ClientOptions{
+        .address = "127.0.0.1:" + std::to_string(port_), .identity = identity, .secret = kSecret};
+  }
+
+ private:
+  std::filesystem::path dir_;
+  pid_t pid_ = -1;
+  int port_ = 0;
+};
+
+// Reaps `pid` within the deadline (its pidfd, or a bounded poll of waitpid); kills it otherwise.
+bool child_ok(pid_t pid, Deadline d) {
+  int st = 0;
+  const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+  while (::waitpid(pid, &st, WNOHANG) != pid) {
+    if (d.expired()) {
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, nullptr, 0);
+      if (pidfd >= 0) ::close(pidfd);
+      return false;
+    }
+    if (pidfd >= 0) {
+      pollfd pf{.fd = pidfd, .events = POLLIN, .revents = 0};
+      (void)::poll(&pf, 1, d.remaining_ms_for_poll());
+    } else {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+  }
+  if (pidfd >= 0) ::close(pidfd);
+  return WIFEXITED(st) && WEXITSTATUS(st) == 0;
+}
+
+TEST(ClientBatching, BurstFromAnotherProcessArrivesInOrderWholeAndALoneMessageFollows) {
+  Daemon d;
+  ASSERT_TRUE(d.up());
+  // parent -> child, one byte each: "subscribed: publish the burst", "publish the lone message";
+  // then end of file: "close". The child is forked before this process starts any thread.
+  int go[2];
+  ASSERT_EQ(::pipe(go), 0);
+  constexpr uint64_t kBurst = 20000;
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    ::close(go[1]);
+    auto next = [&](int want) {
+      pollfd pf{.fd = go[0], .events = POLLIN, .revents = 0};
+      char c;
+      return ::poll(&pf, 1, 30000) == 1 && ::read(go[0], &c, 1) == want;
+    };
+    if (!next(1)) ::_exit(2);
+    auto pub = Client::connect(d.client("pub"));
+    if (!pub.ok()) ::_exit(3);
+    const PublishOptions po{.lane = Lane::kBulk, .batch = true, .timeout_ms = 20000};
+    for (uint64_t k = 0; k < kBurst; ++k) {
+      if (!(*pub)->publish("tput/burst", message(k, size_of(k)), po).ok()) ::_exit(4);
+    }
+    if (!next(1)) ::_exit(5);
+    if (!(*pub)->publish("tput/lone", message(kBurst, 512), po).ok()) ::_exit(6);
+    // Stays open and idle until the parent has the lone message: it must arrive without the
+    // closing flush pushing it out.
+    if (!next(0)) ::_exit(7);
+    ::_exit(0);
+  }
+  ::close(go[0]);
+  ClientOptions so = d.client("sub");
+  so.receive_window = 16;  // delivery credits go back and forth many times
+  auto sub = Client::connect(so);
+  ASSERT_TRUE(sub.ok()) << sub.status();
+  ASSERT_TRUE((*sub)->subscribe("tput/#").ok());
+  ASSERT_EQ(::write(go[1], "b", 1), 1);
+  const Deadline burst_deadline = Deadline::after_ms(60000);
+  for (uint64_t k = 0; k < kBurst; ++k) {
+    auto m = (*sub)->poll(burst_deadline);
+    ASSERT_TRUE(m.ok()) << "message " << k << ": " << m.status();
+    ASSERT_EQ(m->topic, "tput/burst");
+    EXPECT_EQ(m->missed_before, 0u) << k;
+    ASSERT_TRUE(is_message(k, size_of(k), m->payload))
+        << "message " << k << " (" << size_of(k) << " bytes) arrived as " << m->payload.size()
+        << " bytes, out of order or altered";
+  }
+  ASSERT_EQ(::write(go[1], "l", 1), 1);
+  // The lone message is not held for a batch that nothing else would fill: it arrives while the
+  // publisher is still open and idle (a generous deadline: this asserts arrival, not timing).
+  auto lone = (*sub)->poll(Deadline::after_ms(10000));
+  ASSERT_TRUE(lone.ok()) << lone.status();
+  EXPECT_EQ(lone->topic, "tput/lone");
+  EXPECT_TRUE(is_message(kBurst, 512, lone->payload));
+  ::close(go[1]);
+  EXPECT_TRUE(child_ok(pid, Deadline::after_ms(30000)));
+  EXPECT_EQ((*sub)->stats().gaps_missed, 0u);
+}
+
+}  // namespace
+}  // namespace myelin::broker
