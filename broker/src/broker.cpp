@@ -3,12 +3,16 @@
 
 #include <algorithm>
 #include <cstring>
+#include <thread>
 
 namespace myelin::broker {
 namespace {
 
 constexpr size_t kMaxTrackedAttempts = 1 << 16;
 constexpr size_t kMaxTopicsTracked = 10000;
+// How long a push waits for a drainer to hand back a ring cell it has claimed (see
+// enqueue_locked()).
+constexpr int64_t kHandBackWaitNs = 2'000'000;
 
 std::shared_ptr<const void> own_copy(std::span<const std::byte> payload,
                                      std::span<const std::byte>* view) {
@@ -92,12 +96,14 @@ Broker::Broker(BrokerOptions options) : opt_(std::move(options)) {}
 void Broker::add_session(std::shared_ptr<Session> s) {
   std::lock_guard<std::mutex> lock(mu_);
   sessions_[s->id()] = std::move(s);
+  ++subs_gen_;
 }
 
 void Broker::remove_session(uint64_t session_id) {
   std::lock_guard<std::mutex> lock(mu_);
   sessions_.erase(session_id);
   std::erase_if(subs_, [&](const Sub& s) { return s.session_id == session_id; });
+  ++subs_gen_;  // cached targets may point at the session
   std::erase_if(pending_, [&](const auto& kv) { return kv.second.requester == session_id; });
 }
 
@@ -112,6 +118,7 @@ Status Broker::subscribe(uint64_t session_id, uint64_t sub_id, std::string_view 
     }
   }
   subs_.push_back(Sub{session_id, sub_id, std::string(pattern), responder});
+  ++subs_gen_;
   return ok_status();
 }
 
@@ -120,6 +127,7 @@ Status Broker::unsubscribe(uint64_t session_id, uint64_t sub_id) {
   const size_t n = std::erase_if(
       subs_, [&](const Sub& s) { return s.session_id == session_id && s.sub_id == sub_id; });
   if (n == 0) return not_found("subscription ", sub_id, " of session ", session_id);
+  ++subs_gen_;
   return ok_status();
 }
 
@@ -130,31 +138,49 @@ const TopicPolicy& Broker::policy_for(std::string_view topic) const {
   return opt_.default_policy;
 }
 
-TopicStats& Broker::stats_locked(std::string_view topic) {
-  auto it = stats_.find(std::string(topic));
-  if (it != stats_.end()) return it->second;
+Broker::TopicState& Broker::topic_locked(std::string_view topic) {
+  auto it = topics_.find(topic);
+  if (it != topics_.end()) return it->second;
+  TopicState& t = topics_[std::string(topic)];
   // Bound the label set: past the limit, new topics share one series.
-  if (stats_.size() >= kMaxTopicsTracked) return stats_["(other)"];
-  return stats_[std::string(topic)];
+  t.stats = stats_.size() >= kMaxTopicsTracked ? &stats_["(other)"] : &stats_[std::string(topic)];
+  return t;
 }
 
 bool Broker::enqueue_locked(Session& s, MessagePtr m, const TopicPolicy& p, bool announce) {
   auto& q = s.lane(m->lane);
-  MessagePtr copy = m;
-  if (q.try_push(std::move(copy))) return true;
-  if (p.overflow == OverflowPolicy::kBlock) return false;
+  // Only this thread pushes (under mu_). A push can still fail with room in the ring: a drainer
+  // on another thread has claimed the oldest cell and not yet handed it back (a few
+  // instructions, unless that thread is preempted right there). Such a push is retried; only a
+  // ring that is full counts as full.
+  int64_t give_up_ns = 0;
   MessagePtr dropped;
-  // Evict the oldest and retry; a concurrent drainer may have made room meanwhile as well.
-  for (int i = 0; i < 4; ++i) {
-    if (q.try_pop(dropped)) {
-      stats_locked(dropped->topic).drops++;
-      if (announce) announce_drop_locked(s, *dropped);
-      dropped.reset();
-    }
-    copy = m;
+  for (int attempt = 0;; ++attempt) {
+    MessagePtr copy = m;
     if (q.try_push(std::move(copy))) return true;
+    if (q.size() >= q.capacity()) {
+      if (p.overflow == OverflowPolicy::kBlock) return false;
+      // Evict the oldest and retry.
+      if (q.try_pop(dropped)) {
+        stats_locked(dropped->topic).drops++;
+        if (announce) announce_drop_locked(s, *dropped);
+        dropped.reset();
+      }
+      continue;
+    }
+    if (attempt < 64) continue;
+    const int64_t now = monotonic_ns();
+    if (give_up_ns == 0) give_up_ns = now + kHandBackWaitNs;
+    if (now < give_up_ns) {
+      std::this_thread::yield();
+      continue;
+    }
+    // The drainer stayed away past the bound: this message is the one dropped, counted and
+    // announced like an eviction (never lost without a word).
+    stats_locked(m->topic).drops++;
+    if (announce) announce_drop_locked(s, *m);
+    return false;
   }
-  return false;
 }
 
 void Broker::announce_drop_locked(const Session& s, const Message& dropped) {
@@ -170,7 +196,7 @@ void Broker::announce_drop_locked(const Session& s, const Message& dropped) {
   m->type = FrameType::kDeliver;
   m->lane = Lane::kControl;
   m->topic = topic;
-  m->seq = ++next_seq_[topic];
+  m->seq = ++topic_locked(topic).seq;
   m->publish_ts_ns = static_cast<uint64_t>(monotonic_ns());
   m->broker_rx_ns = monotonic_ns();
   auto buf = std::make_shared<std::string>(std::move(text));
@@ -200,17 +226,22 @@ Result<PublishOutcome> Broker::publish(const PublishArgs& a) {
   MYELIN_RETURN_IF_ERROR(validate_topic(a.topic));
   const TopicPolicy& p = policy_for(a.topic);
   std::lock_guard<std::mutex> lock(mu_);
-  // Targets, one per session.
-  std::vector<Session*> targets;
-  for (const Sub& sub : subs_) {
-    if (sub.responder || !topic_matches(sub.pattern, a.topic)) continue;
-    auto it = sessions_.find(sub.session_id);
-    if (it == sessions_.end()) continue;
-    if (std::find(targets.begin(), targets.end(), it->second.get()) == targets.end()) {
-      targets.push_back(it->second.get());
+  TopicState& ts = topic_locked(a.topic);
+  if (ts.targets_gen != subs_gen_) {
+    // Targets, one per session.
+    ts.targets.clear();
+    for (const Sub& sub : subs_) {
+      if (sub.responder || !topic_matches(sub.pattern, a.topic)) continue;
+      auto it = sessions_.find(sub.session_id);
+      if (it == sessions_.end()) continue;
+      if (std::find(ts.targets.begin(), ts.targets.end(), it->second.get()) == ts.targets.end()) {
+        ts.targets.push_back(it->second.get());
+      }
     }
+    ts.targets_gen = subs_gen_;
   }
-  TopicStats& st = stats_locked(a.topic);
+  const std::vector<Session*>& targets = ts.targets;
+  TopicStats& st = *ts.stats;
   if (p.overflow == OverflowPolicy::kBlock) {
     // Only this thread (under mu_) pushes, drainers only pop: room seen now stays.
     for (Session* s : targets) {
@@ -221,9 +252,8 @@ Result<PublishOutcome> Broker::publish(const PublishArgs& a) {
       }
     }
   }
-  std::string topic(a.topic);
-  const uint64_t seq = ++next_seq_[topic];
-  auto m = message_from(a, FrameType::kDeliver, std::move(topic), seq);
+  const uint64_t seq = ++ts.seq;
+  auto m = message_from(a, FrameType::kDeliver, std::string(a.topic), seq);
   m->lane = p.lane;
   m->batchable = p.batching;
   st.messages_in++;
@@ -259,7 +289,7 @@ Result<PublishOutcome> Broker::request(const PublishArgs& a) {
     // Dead letter: deliver the request itself to "$dead/<topic>" subscribers.
     std::string dead = "$dead/" + std::string(a.topic);
     if (dead.size() > kMaxTopicLength) dead = "$dead/overflow";
-    const uint64_t seq = ++next_seq_[dead];
+    const uint64_t seq = ++topic_locked(dead).seq;
     auto m = message_from(a, FrameType::kDeliver, dead, seq);
     m->lane = Lane::kControl;
     st.dead_letters++;

@@ -26,6 +26,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -182,7 +183,24 @@ class Broker {
     uint64_t requester;
     std::string topic;
   };
-  TopicStats& stats_locked(std::string_view topic);
+  // What the broker keeps per topic: its sequence, its counters and the sessions its publishes
+  // go to (rebuilt when subscriptions or sessions change), so a publish matches the
+  // subscriptions once per topic and change instead of once per message.
+  struct TopicState {
+    uint64_t seq = 0;
+    TopicStats* stats = nullptr;    // in stats_ (map nodes stay put), or its "(other)" series
+    uint64_t targets_gen = 0;       // subs_gen_ the targets were found for; 0: never
+    std::vector<Session*> targets;  // non-responder subscribers, each once; see sessions_
+  };
+  // Hashes std::string and std::string_view alike (lookups by view without a copy).
+  struct TopicHash {
+    using is_transparent = void;
+    size_t operator()(std::string_view s) const noexcept {
+      return std::hash<std::string_view>{}(s);
+    }
+  };
+  TopicState& topic_locked(std::string_view topic);
+  TopicStats& stats_locked(std::string_view topic) { return *topic_locked(topic).stats; }
   void announce_drop_locked(const Session& s, const Message& dropped);
   bool enqueue_locked(Session& s, MessagePtr m, const TopicPolicy& p, bool announce);
 
@@ -190,7 +208,8 @@ class Broker {
   mutable std::mutex mu_;
   std::unordered_map<uint64_t, std::shared_ptr<Session>> sessions_;
   std::vector<Sub> subs_;
-  std::unordered_map<std::string, uint64_t> next_seq_;
+  std::unordered_map<std::string, TopicState, TopicHash, std::equal_to<>> topics_;
+  uint64_t subs_gen_ = 1;  // changes with subs_ and sessions_
   std::map<std::string, TopicStats> stats_;
   std::unordered_map<uint64_t, Pending> pending_;    // request id -> requester
   std::unordered_map<uint64_t, uint32_t> attempts_;  // request id -> attempts seen
