@@ -1,0 +1,187 @@
+// The broker's control thread in this process (an embedded Server, with and without
+// ServerOptions::control_thread), so that ThreadSanitizer sees both of the broker's threads and
+// every field they share (test_broker_control_thread runs the daemon as a child process, whose
+// reports do not fail a test): control and bulk publishes, requests and replies,
+// parameter-server pulls handed from the control connection to the loop, clients that attach,
+// subscribe and go while messages are routed to them, metrics read meanwhile, then a drain.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <myelin/broker/client.hpp>
+#include <myelin/broker/server.hpp>
+#include <myelin/core/clock.hpp>
+
+namespace myelin::broker {
+namespace {
+
+constexpr const char* kSecret = "control-thread-inproc-secret-0123";
+
+std::span<const std::byte> bytes(std::string_view s) {
+  return {reinterpret_cast<const std::byte*>(s.data()), s.size()};
+}
+
+ServerOptions server_options(bool control_thread) {
+  ServerOptions o;
+  o.listen = "127.0.0.1:0";
+  o.metrics_listen = "";
+  o.secret = kSecret;
+  // Liveness is not under test: a loaded 2-CPU host must not turn slowness into dead clients.
+  o.heartbeat_ms = 2000;
+  o.control_thread = control_thread;
+  o.enable_ps = true;
+  o.ps.num_workers = 1;
+  o.broker.policies = {
+      TopicPolicy{.pattern = "ctrl/#", .lane = Lane::kControl, .batching = false},
+      TopicPolicy{.pattern = "grad/#", .lane = Lane::kBulk, .batching = true},
+  };
+  return o;
+}
+
+ClientOptions client_options(uint16_t port, const std::string& identity) {
+  return ClientOptions{.address = "127.0.0.1:" + std::to_string(port),
+                       .identity = identity,
+                       .secret = kSecret,
+                       .heartbeat_ms = 2000};
+}
+
+class ControlThreadInProcess : public ::testing::TestWithParam<bool> {};
+
+INSTANTIATE_TEST_SUITE_P(Broker, ControlThreadInProcess, ::testing::Values(true, false),
+                         [](const ::testing::TestParamInfo<bool>& p) {
+                           return p.param ? "Thread" : "Inline";
+                         });
+
+TEST_P(ControlThreadInProcess, MixedTrafficWithClientsComingAndGoing) {
+  auto server = Server::create(server_options(GetParam()));
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_TRUE((*server)->start().ok());
+  const uint16_t port = (*server)->port();
+
+  auto sub = Client::connect(client_options(port, "sub"));
+  auto pub = Client::connect(client_options(port, "pub"));
+  auto flooder = Client::connect(client_options(port, "flooder"));
+  auto responder = Client::connect(client_options(port, "responder"));
+  auto requester = Client::connect(client_options(port, "requester"));
+  auto ps = Client::connect(client_options(port, "ps"));
+  ASSERT_TRUE(sub.ok() && pub.ok() && flooder.ok() && responder.ok() && requester.ok() && ps.ok());
+  ASSERT_TRUE((*sub)->subscribe("ctrl/a").ok());
+  ASSERT_TRUE((*sub)->subscribe("grad/#").ok());
+  ASSERT_TRUE((*responder)
+                  ->serve("ctrl/rpc",
+                          [](const ReceivedMessage& m) -> Result<std::vector<std::byte>> {
+                            return std::vector<std::byte>(m.payload.begin(), m.payload.end());
+                          })
+                  .ok());
+  const std::vector<float> init(256, 1.0f);
+  ASSERT_TRUE((*ps)->ps_init("w", init).ok());
+
+  constexpr int kControl = 1000, kBulk = 32, kRequests = 100, kPulls = 100, kChurn = 12;
+  constexpr size_t kBulkSize = 64 * 1024;
+  std::atomic<bool> failed{false};
+  std::atomic<bool> done{false};
+  std::string why;  // written once, by the first thread that fails
+  std::mutex why_mu;
+  auto fail = [&](const std::string& what) {
+    std::lock_guard<std::mutex> lock(why_mu);
+    if (!failed.exchange(true)) why = what;
+  };
+
+  std::vector<std::thread> threads;
+  threads.emplace_back([&] {
+    for (int i = 0; i < kControl && !failed; ++i) {
+      Status s = (*pub)->publish("ctrl/a", std::to_string(i), {.lane = Lane::kControl});
+      if (!s.ok()) fail("publish: " + s.to_string());
+    }
+  });
+  threads.emplace_back([&] {
+    std::string body(kBulkSize, 'g');
+    for (int i = 0; i < kBulk && !failed; ++i) {
+      std::memcpy(body.data(), &i, sizeof(i));
+      Status s = (*flooder)->publish("grad/f", body);
+      if (!s.ok()) fail("bulk publish: " + s.to_string());
+    }
+  });
+  threads.emplace_back([&] {
+    for (int i = 0; i < kRequests && !failed; ++i) {
+      const std::string q = "q" + std::to_string(i);
+      auto r = (*requester)->request("ctrl/rpc", bytes(q), {.attempt_timeout_ms = 2000});
+      if (!r.ok()) {
+        fail("request: " + r.status().to_string());
+      } else if (std::string(reinterpret_cast<const char*>(r->payload.data()), r->payload.size()) !=
+                 q) {
+        fail("wrong reply to " + q);
+      }
+    }
+  });
+  threads.emplace_back([&] {
+    std::vector<float> out(init.size());
+    for (int i = 0; i < kPulls && !failed; ++i) {
+      auto v = (*ps)->ps_pull("w", 0, out);  // on the control connection: handed to the loop
+      if (!v.ok()) fail("ps_pull: " + v.status().to_string());
+    }
+  });
+  threads.emplace_back([&] {
+    // Clients that attach, subscribe to what flows, and close while it is routed to them.
+    for (int i = 0; i < kChurn && !failed; ++i) {
+      auto c = Client::connect(client_options(port, "churn" + std::to_string(i)));
+      if (!c.ok()) {
+        fail("churn connect: " + c.status().to_string());
+        break;
+      }
+      auto id = (*c)->subscribe("ctrl/#");
+      if (!id.ok()) fail("churn subscribe: " + id.status().to_string());
+      Status s = (*c)->publish("ctrl/churn", "x", {.lane = Lane::kControl});
+      if (!s.ok()) fail("churn publish: " + s.to_string());
+      if (i % 2 == 0 && id.ok()) {
+        s = (*c)->unsubscribe(*id);
+        if (!s.ok()) fail("churn unsubscribe: " + s.to_string());
+      }
+    }
+  });
+  std::thread metrics([&] {
+    while (!done.load(std::memory_order_acquire)) {
+      if ((*server)->metrics_text().empty()) fail("empty metrics");
+      (void)(*server)->counters();
+      // Pacing of a reader beside the traffic (it waits for nothing).
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+  });
+
+  int control = 0, bulk = 0;
+  const Deadline dl = Deadline::after_ms(120000);
+  while ((control < kControl || bulk < kBulk) && !dl.expired() && !failed) {
+    auto m = (*sub)->poll(Deadline::after_ms(100));
+    if (!m.ok()) {
+      if (m.status().code() == StatusCode::kTimeout) continue;
+      fail("subscriber: " + m.status().to_string());
+      break;
+    }
+    if (m->topic == "grad/f") {
+      int i = -1;
+      std::memcpy(&i, m->payload.data(), sizeof(i));
+      EXPECT_EQ(i, bulk) << "bulk out of order";
+      ++bulk;
+    } else {
+      EXPECT_EQ(m->topic, "ctrl/a");
+      EXPECT_EQ(std::string(m->text()), std::to_string(control)) << "control out of order";
+      ++control;
+    }
+  }
+  for (auto& t : threads) t.join();
+  done.store(true, std::memory_order_release);
+  metrics.join();
+  EXPECT_FALSE(failed.load()) << why;
+  EXPECT_EQ(control, kControl);
+  EXPECT_EQ(bulk, kBulk);
+  Status drained = (*server)->drain(Deadline::after_ms(10000));
+  EXPECT_TRUE(drained.ok()) << drained;
+}
+
+}  // namespace
+}  // namespace myelin::broker
