@@ -1166,11 +1166,13 @@ Status Server::Impl::handle_ctrl(Link& l, const FrameView& f,
         wake();
       }
       return ok_status();
-    case FrameType::kReply:
-      owner_->broker_->reply(
-          h.id, f.payload,
-          std::make_shared<std::vector<std::byte>>(f.payload.begin(), f.payload.end()));
+    case FrameType::kReply: {
+      // f.payload lives in the receive (or reassembly) buffer only for this call: the reply
+      // carries a view of its own copy, which keeps it alive until it is sent.
+      auto copy = std::make_shared<std::vector<std::byte>>(f.payload.begin(), f.payload.end());
+      owner_->broker_->reply(h.id, std::span<const std::byte>(copy->data(), copy->size()), copy);
       return ok_status();
+    }
     case FrameType::kError: {
       if (h.seq == 0 || h.seq > static_cast<uint64_t>(StatusCode::kInternal)) {
         return protocol_error("error frame with status code ", h.seq);
@@ -1562,11 +1564,13 @@ Status Server::Impl::handle_active(Conn& c, const FrameView& f,
       // Control deliveries waiting for these credits are the control side's.
       if (h.id > 0 && c.ctrl_attached.load(std::memory_order_relaxed)) mark_ctrl_due(c);
       return ok_status();
-    case FrameType::kReply:
-      owner_->broker_->reply(
-          h.id, f.payload,
-          std::make_shared<std::vector<std::byte>>(f.payload.begin(), f.payload.end()));
+    case FrameType::kReply: {
+      // f.payload lives in the receive (or reassembly) buffer only for this call: the reply
+      // carries a view of its own copy, which keeps it alive until it is sent.
+      auto copy = std::make_shared<std::vector<std::byte>>(f.payload.begin(), f.payload.end());
+      owner_->broker_->reply(h.id, std::span<const std::byte>(copy->data(), copy->size()), copy);
       return ok_status();
+    }
     case FrameType::kError: {
       if (h.seq == 0 || h.seq > static_cast<uint64_t>(StatusCode::kInternal)) {
         return protocol_error("error frame with status code ", h.seq);
