@@ -222,9 +222,17 @@ void Broker::announce_drop_locked(const Session& s, const Message& dropped) {
   }
 }
 
+Status Broker::check_control_size(const TopicPolicy& p, const PublishArgs& a) const {
+  if (p.lane != Lane::kControl || a.payload.size() <= opt_.max_control_payload) return ok_status();
+  return invalid_argument("a message of ", a.payload.size(), " bytes on control-lane topic '",
+                          a.topic, "' exceeds one control frame (", opt_.max_control_payload,
+                          " bytes)");
+}
+
 Result<PublishOutcome> Broker::publish(const PublishArgs& a) {
   MYELIN_RETURN_IF_ERROR(validate_topic(a.topic));
   const TopicPolicy& p = policy_for(a.topic);
+  MYELIN_RETURN_IF_ERROR(check_control_size(p, a));
   std::lock_guard<std::mutex> lock(mu_);
   TopicState& ts = topic_locked(a.topic);
   if (ts.targets_gen != subs_gen_) {
@@ -271,6 +279,7 @@ Result<PublishOutcome> Broker::publish(const PublishArgs& a) {
 Result<PublishOutcome> Broker::request(const PublishArgs& a) {
   MYELIN_RETURN_IF_ERROR(validate_topic(a.topic));
   const TopicPolicy& p = policy_for(a.topic);
+  MYELIN_RETURN_IF_ERROR(check_control_size(p, a));
   std::lock_guard<std::mutex> lock(mu_);
   TopicStats& st = stats_locked(a.topic);
   // Count attempts per id, bounded.
@@ -291,7 +300,7 @@ Result<PublishOutcome> Broker::request(const PublishArgs& a) {
     if (dead.size() > kMaxTopicLength) dead = "$dead/overflow";
     const uint64_t seq = ++topic_locked(dead).seq;
     auto m = message_from(a, FrameType::kDeliver, dead, seq);
-    m->lane = Lane::kControl;
+    m->lane = lane_for_size(a.payload.size());
     st.dead_letters++;
     TopicPolicy pp;
     pp.overflow = OverflowPolicy::kDropOldest;
@@ -299,7 +308,7 @@ Result<PublishOutcome> Broker::request(const PublishArgs& a) {
       if (sub.responder || !topic_matches(sub.pattern, dead)) continue;
       auto sit = sessions_.find(sub.session_id);
       if (sit != sessions_.end() && enqueue_locked(*sit->second, m, pp, true))
-        sit->second->on_ready(Lane::kControl);
+        sit->second->on_ready(m->lane);
     }
     attempts_.erase(a.id);
     return failed_precondition("request ", a.id, " on ", a.topic, " dead-lettered to ", dead,
@@ -342,7 +351,6 @@ bool Broker::reply(uint64_t id, std::span<const std::byte> payload,
   }
   auto m = std::make_shared<Message>();
   m->type = error.ok() ? FrameType::kReply : FrameType::kError;
-  m->lane = Lane::kControl;
   m->topic = it->second.topic;
   m->id = id;
   m->broker_rx_ns = monotonic_ns();
@@ -360,13 +368,14 @@ bool Broker::reply(uint64_t id, std::span<const std::byte> payload,
         std::span<const std::byte>(reinterpret_cast<const std::byte*>(text->data()), text->size());
     m->owner = text;
   }
+  m->lane = lane_for_size(m->payload.size());
   pending_.erase(it);
   MessagePtr copy = m;
-  if (!sit->second->lane(Lane::kControl).try_push(std::move(copy))) {
+  if (!sit->second->lane(m->lane).try_push(std::move(copy))) {
     replies_dropped_++;  // the requester retries: at-least-once
     return false;
   }
-  sit->second->on_ready(Lane::kControl);
+  sit->second->on_ready(m->lane);
   attempts_.erase(id);
   return true;
 }

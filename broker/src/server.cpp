@@ -2100,7 +2100,9 @@ std::string Server::Impl::metrics_text() const {
 }
 
 Server::Server(ServerOptions o) {
-  broker_ = std::make_unique<Broker>(o.broker);
+  BrokerOptions bo = o.broker;
+  bo.max_control_payload = o.chunk_bytes;  // control frames are never chunked (wire.hpp)
+  broker_ = std::make_unique<Broker>(std::move(bo));
   if (o.enable_ps) ps_ = std::make_unique<ParameterServer>(o.ps);
   impl_ = std::make_unique<Impl>(this, std::move(o));
 }

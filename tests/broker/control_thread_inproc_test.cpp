@@ -183,5 +183,64 @@ TEST_P(ControlThreadInProcess, MixedTrafficWithClientsComingAndGoing) {
   EXPECT_TRUE(drained.ok()) << drained;
 }
 
+// A reply larger than one chunk travels to the broker chunked on the main connection and back to
+// the requester on the bulk lane: a control frame is never chunked, and the broker once queued it
+// on the control lane, where it was dropped (and the requester's delivery credit with it) at every
+// attempt.
+TEST_P(ControlThreadInProcess, ARequestWithAReplyLargerThanAChunkIsAnswered) {
+  auto server = Server::create(server_options(GetParam()));
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_TRUE((*server)->start().ok());
+  const uint16_t port = (*server)->port();
+  auto responder = Client::connect(client_options(port, "responder"));
+  auto requester = Client::connect(client_options(port, "requester"));
+  ASSERT_TRUE(responder.ok() && requester.ok());
+  const std::vector<std::byte> big(100 * 1024, std::byte{7});
+  ASSERT_TRUE(
+      (*responder)
+          ->serve("svc/big",
+                  [big](const ReceivedMessage&) -> Result<std::vector<std::byte>> { return big; })
+          .ok());
+  auto r = (*requester)
+               ->request("svc/big", bytes("q"),
+                         {.attempt_timeout_ms = 1000, .max_attempts = 2, .backoff_ms = 5});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->payload.size(), big.size());
+}
+
+// The routing core's side of it: a reply or dead letter over one control frame takes the bulk
+// lane; a publish or request over it on a control-lane topic is refused, not queued to be lost.
+TEST(BrokerControlFrameSize, OversizeControlMessagesTakeTheBulkLaneOrAreRefused) {
+  BrokerOptions o;
+  o.policies = {TopicPolicy{.pattern = "ctrl/#", .lane = Lane::kControl}};
+  o.max_control_payload = 16;
+  Broker b(o);
+  auto sub = std::make_shared<LocalSubscriber>(1, "sub", 16);
+  auto responder = std::make_shared<LocalSubscriber>(2, "responder", 16);
+  auto requester = std::make_shared<LocalSubscriber>(3, "requester", 16);
+  for (const auto& s : {sub, responder, requester}) b.add_session(s);
+  ASSERT_TRUE(b.subscribe(1, 1, "ctrl/#", false).ok());
+  ASSERT_TRUE(b.subscribe(2, 1, "svc/#", true).ok());
+  const std::string small(16, 's'), large(17, 'l');
+  auto r = b.publish({.topic = "ctrl/x", .payload = bytes(large), .id = 1, .from_session = 3});
+  EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument) << r.status();
+  r = b.publish({.topic = "ctrl/x", .payload = bytes(small), .id = 2, .from_session = 3});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(sub->lane(Lane::kControl).size(), 1u);
+  r = b.request({.topic = "ctrl/rpc", .payload = bytes(large), .id = 3, .from_session = 3});
+  EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument) << r.status();
+  r = b.request(
+      {.topic = "svc/a", .payload = bytes(small), .id = 4, .attempt = 1, .from_session = 3});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(b.reply(4, bytes(large), nullptr));
+  EXPECT_EQ(requester->lane(Lane::kControl).size(), 0u);
+  EXPECT_EQ(requester->lane(Lane::kBulk).size(), 1u);
+  r = b.request(
+      {.topic = "svc/b", .payload = bytes(small), .id = 5, .attempt = 1, .from_session = 3});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(b.reply(5, bytes(small), nullptr));
+  EXPECT_EQ(requester->lane(Lane::kControl).size(), 1u);
+}
+
 }  // namespace
 }  // namespace myelin::broker

@@ -62,6 +62,11 @@ struct BrokerOptions {
   std::vector<TopicPolicy> policies;  // checked in order
   TopicPolicy default_policy;         // for topics no policy matches
   size_t lane_capacity = 1024;        // entries per session lane
+  // Largest payload a control-lane frame carries (the Server sets its chunk size: control frames
+  // are never chunked). A reply or dead letter over it goes on the bulk lane; a publish or request
+  // over it on a control-lane topic is refused with invalid_argument (moving it to the bulk lane
+  // would reorder its topic).
+  size_t max_control_payload = 64 * 1024;
 };
 
 // One routed message, shared read-only by every session it was queued for.
@@ -164,7 +169,8 @@ class Broker {
   // unavailable when no responder is subscribed; failed_precondition when dead-lettered.
   Result<PublishOutcome> request(const PublishArgs& args);
   // Routes a reply (or an error, when `error` is not OK) to the requester of message `id`.
-  // False when the requester is gone or its control lane is full (counted; it will retry).
+  // False when the requester is gone or its lane is full (counted; it will retry). A reply over
+  // max_control_payload goes on the bulk lane, others on the control lane.
   bool reply(uint64_t id, std::span<const std::byte> payload, std::shared_ptr<const void> owner,
              const Status& error = ok_status());
 
@@ -203,6 +209,12 @@ class Broker {
   TopicStats& stats_locked(std::string_view topic) { return *topic_locked(topic).stats; }
   void announce_drop_locked(const Session& s, const Message& dropped);
   bool enqueue_locked(Session& s, MessagePtr m, const TopicPolicy& p, bool announce);
+  // invalid_argument for a payload over max_control_payload on a control-lane topic.
+  Status check_control_size(const TopicPolicy& p, const PublishArgs& a) const;
+  // The control lane, or the bulk lane for a payload a control frame cannot carry.
+  Lane lane_for_size(size_t payload_bytes) const noexcept {
+    return payload_bytes > opt_.max_control_payload ? Lane::kBulk : Lane::kControl;
+  }
 
   BrokerOptions opt_;
   mutable std::mutex mu_;
