@@ -241,6 +241,42 @@ TEST_P(UcxCma, MessageOfADisconnectedSenderFailsInsteadOfBeingRead) {
   EXPECT_EQ(ucx(*ba_).withdrawn_held(), 0u) << "the withdrawn cookie outlived its message";
 }
 
+// The sender withdrew a message still queued here, and then its endpoint fails here too (a forced
+// close reaches this side as a peer error, in either order with the recv): the recv that comes to
+// the message fails `cancelled` as a withdrawn message, and its cookie leaves the withdrawn list
+// with it rather than stay until the endpoint goes.
+TEST_P(UcxCma, WithdrawnMessageOfAPeerThatThenFailedLeavesNoCookieBehind) {
+  ScopedCmaEnv env(nullptr);
+  connect_pair(true);
+  auto out = pattern(size_t{1} << 20, 9);
+  Request s = ab_->send(6, out.data(), out.size());
+  for (int i = 0; i < 100; ++i) a_->progress(), b_->progress();  // the header arrives
+  {
+    std::atomic<bool> stop{false};
+    std::thread receiver([&] {
+      const Deadline limit = Deadline::after(std::chrono::seconds(20));
+      while (!stop.load(std::memory_order_acquire) && !limit.expired()) b_->progress();
+    });
+    ab_.reset();                                  // withdraws the send
+    stop.store(true, std::memory_order_release);  // pairs with the receiver thread's load
+    receiver.join();
+  }
+  ASSERT_TRUE(s.done());
+  const Deadline recorded = Deadline::after(std::chrono::seconds(5));
+  while (ucx(*ba_).withdrawn_held() == 0 && !recorded.expired()) b_->progress();
+  if (ucx(*ba_).withdrawn_held() != 1) {
+    GTEST_SKIP() << "the withdraw did not find the message queued here (held "
+                 << ucx(*ba_).withdrawn_held() << ")";
+  }
+  static_cast<UcxEndpoint&>(*ba_).fail(peer_failed("peer ctx-a (ucx): a peer error in the test"));
+  std::vector<uint8_t> in(out.size());
+  Request r = ba_->recv(6, in.data(), in.size());
+  const Status st = drive(r, {a_.get(), b_.get()}, Deadline::after(std::chrono::seconds(5)));
+  EXPECT_EQ(st.code(), StatusCode::kCancelled) << st;
+  EXPECT_NE(st.message().find("disconnected before"), std::string_view::npos) << st;
+  EXPECT_EQ(ucx(*ba_).withdrawn_held(), 0u) << "the withdrawn cookie outlived its message";
+}
+
 // The receiver read (and acked) the whole message, but the sender disconnects before it handled
 // the ack, so its withdraw reaches the receiver after the read: nothing is left to withdraw, and
 // the receiver keeps no record of it (one per such disconnect would pile up for good).

@@ -761,10 +761,9 @@ size_t UcxWorker::advance_cma_read() {
   auto it = inboxes_.find(read.recv.peer_id);
   MYELIN_CHECK(it != inboxes_.end()) << "a cma read outlived its inbox";
   Inbox& inbox = *it->second;
-  if (!inbox.failure.ok()) {
-    finish_cma_read(inbox.failure, ECANCELED);
-    return 1;
-  }
+  // A withdrawn message first, even when the peer failed since (a forced close reaches this side
+  // as a peer error): its cookie leaves the list with it, as every cookie does once its read or
+  // recv comes to it, and the recv says what happened to the message.
   if (auto w = std::find(inbox.withdrawn.begin(), inbox.withdrawn.end(), read.cookie);
       w != inbox.withdrawn.end()) {
     inbox.withdrawn.erase(w);
@@ -772,6 +771,10 @@ size_t UcxWorker::advance_cma_read() {
         cancelled("recv on channel ", read.channel, " from ", inbox.peer_name,
                   ": the sender disconnected before its ", read.length, "-byte message was read"),
         ECANCELED);
+    return 1;
+  }
+  if (!inbox.failure.ok()) {
+    finish_cma_read(inbox.failure, ECANCELED);
     return 1;
   }
   if (read.done < read.length) {
