@@ -994,8 +994,10 @@ void Server::Impl::ctrl_pass(const epoll_event* evs, int n) {
       // clears the flag of a link it takes on before it pumps it.
       if (it == links_.end()) continue;
       // Pairs with the exchange in mark_ctrl_due(): cleared before the pump, so what is queued
-      // after it asks again.
-      it->second->conn->ctrl_due.store(false, std::memory_order_release);
+      // after it asks again. A read-modify-write, not a store: a request whose exchange came
+      // before this one in the flag's order released its push to this acquire, so the pump below
+      // sees what it queued (a plain store would let the pump's reads pass it).
+      (void)it->second->conn->ctrl_due.exchange(false, std::memory_order_acq_rel);
       (void)pump_control(*it->second);
     }
   }
@@ -1059,7 +1061,7 @@ void Server::Impl::ctrl_adopt(std::shared_ptr<Conn> conn, std::unique_ptr<Link> 
   link->last_rx_ns = link->last_tx_ns = now;
   Link& l = *link;
   links_[id] = std::move(link);
-  conn->ctrl_due.store(false, std::memory_order_release);  // pumped below
+  (void)conn->ctrl_due.exchange(false, std::memory_order_acq_rel);  // pumped below (see ctrl_pass)
   epoll_event ev{};
   ev.events = EPOLLIN;
   ev.data.u64 = id | kCtrlTag;
