@@ -82,7 +82,7 @@ class Daemon {
     std::ofstream(dir_ / "secret") << kSecret << "\n";
     std::ofstream(dir_ / "broker.toml")
         << "[broker]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n"
-        << "secret_file = \"" << (dir_ / "secret").string() << "\"\nheartbeat_ms = 300\n"
+        << "secret_file = \"" << (dir_ / "secret").string() << "\"\nheartbeat_ms = 1000\n"
         << kTopics;
     const std::string port_file = (dir_ / "port").string();
     pid_ = ::fork();
@@ -123,7 +123,7 @@ class Daemon {
     return ClientOptions{.address = "127.0.0.1:" + std::to_string(port_),
                          .identity = identity,
                          .secret = kSecret,
-                         .heartbeat_ms = 300};
+                         .heartbeat_ms = 1000};
   }
   // SIGTERM; the exit code, or -1 when it did not exit in time.
   int terminate(int64_t timeout_ms) {
