@@ -200,6 +200,8 @@ class Server::Impl {
   // Decodes and handles what the control connection's buffer holds. False: the link is gone.
   bool decode_ctrl(Link& l);
   Status handle_ctrl(Link& l, const FrameView& f, const std::shared_ptr<const void>& owner);
+  // A responder's kReply or kError, from either connection: routed to the requester.
+  Status route_answer(const FrameView& f);
   // Moves the control lane and the loop's frames into the control connection and writes it.
   // False: the link is gone (detached).
   bool pump_control(Link& l);
@@ -1110,6 +1112,23 @@ bool Server::Impl::decode_ctrl(Link& l) {
   }
 }
 
+Status Server::Impl::route_answer(const FrameView& f) {
+  const FrameHeader& h = f.header;
+  if (h.type == FrameType::kError) {
+    if (h.seq == 0 || h.seq > static_cast<uint64_t>(StatusCode::kInternal)) {
+      return protocol_error("error frame with status code ", h.seq);
+    }
+    const std::string text(reinterpret_cast<const char*>(f.payload.data()), f.payload.size());
+    owner_->broker_->reply(h.id, {}, nullptr, Status(static_cast<StatusCode>(h.seq), text));
+    return ok_status();
+  }
+  // f.payload lives in the receive (or reassembly) buffer only for this call: the reply carries a
+  // view of its own copy, which keeps it alive until it is sent.
+  auto copy = std::make_shared<std::vector<std::byte>>(f.payload.begin(), f.payload.end());
+  owner_->broker_->reply(h.id, std::span<const std::byte>(copy->data(), copy->size()), copy);
+  return ok_status();
+}
+
 Status Server::Impl::handle_ctrl(Link& l, const FrameView& f,
                                  const std::shared_ptr<const void>& owner) {
   Conn& c = *l.conn;
@@ -1168,21 +1187,9 @@ Status Server::Impl::handle_ctrl(Link& l, const FrameView& f,
         wake();
       }
       return ok_status();
-    case FrameType::kReply: {
-      // f.payload lives in the receive (or reassembly) buffer only for this call: the reply
-      // carries a view of its own copy, which keeps it alive until it is sent.
-      auto copy = std::make_shared<std::vector<std::byte>>(f.payload.begin(), f.payload.end());
-      owner_->broker_->reply(h.id, std::span<const std::byte>(copy->data(), copy->size()), copy);
-      return ok_status();
-    }
-    case FrameType::kError: {
-      if (h.seq == 0 || h.seq > static_cast<uint64_t>(StatusCode::kInternal)) {
-        return protocol_error("error frame with status code ", h.seq);
-      }
-      const std::string text(reinterpret_cast<const char*>(f.payload.data()), f.payload.size());
-      owner_->broker_->reply(h.id, {}, nullptr, Status(static_cast<StatusCode>(h.seq), text));
-      return ok_status();
-    }
+    case FrameType::kReply:
+    case FrameType::kError:
+      return route_answer(f);
     case FrameType::kHeartbeat:
       return ok_status();
     default:
@@ -1566,21 +1573,9 @@ Status Server::Impl::handle_active(Conn& c, const FrameView& f,
       // Control deliveries waiting for these credits are the control side's.
       if (h.id > 0 && c.ctrl_attached.load(std::memory_order_relaxed)) mark_ctrl_due(c);
       return ok_status();
-    case FrameType::kReply: {
-      // f.payload lives in the receive (or reassembly) buffer only for this call: the reply
-      // carries a view of its own copy, which keeps it alive until it is sent.
-      auto copy = std::make_shared<std::vector<std::byte>>(f.payload.begin(), f.payload.end());
-      owner_->broker_->reply(h.id, std::span<const std::byte>(copy->data(), copy->size()), copy);
-      return ok_status();
-    }
-    case FrameType::kError: {
-      if (h.seq == 0 || h.seq > static_cast<uint64_t>(StatusCode::kInternal)) {
-        return protocol_error("error frame with status code ", h.seq);
-      }
-      const std::string text(reinterpret_cast<const char*>(f.payload.data()), f.payload.size());
-      owner_->broker_->reply(h.id, {}, nullptr, Status(static_cast<StatusCode>(h.seq), text));
-      return ok_status();
-    }
+    case FrameType::kReply:
+    case FrameType::kError:
+      return route_answer(f);
     case FrameType::kHeartbeat:
       return ok_status();
     default:
