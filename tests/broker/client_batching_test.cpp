@@ -20,6 +20,7 @@
 #include <myelin/broker/client.hpp>
 #include <myelin/broker/frame.hpp>
 
+#include "broker_daemon.hpp"
 #include "wire.hpp"
 
 namespace myelin::broker {
@@ -261,73 +262,23 @@ TEST(TopicSyntax, EveryPublishCheckAgreesWithTheWrittenRules) {
 
 // ---- end to end, with the myelin-broker daemon ------------------------------------------------
 
-class Daemon {
+class Daemon : public test_support::BrokerDaemon {
  public:
-  Daemon() {
-    dir_ = std::filesystem::temp_directory_path() /
-           ("myelin-client-batching-" + std::to_string(::getpid()));
-    std::filesystem::create_directories(dir_);
-    std::ofstream(dir_ / "secret") << kSecret << "\n";
-    std::ofstream(dir_ / "broker.toml")
-        << "[broker]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"\"\n"
-        << "secret_file = \"" << (dir_ / "secret").string() << "\"\n"
-        << "[[topic]]\npattern = \"tput/#\"\nlane = \"bulk\"\nbatching = true\n";
-    const std::string port_file = (dir_ / "port").string();
-    pid_ = ::fork();
-    if (pid_ == 0) {
-      std::string bin = MYELIN_BROKER_BIN, conf = (dir_ / "broker.toml").string(), pf = port_file;
-      std::string a1 = "--config", a2 = "--port-file";
-      char* argv[] = {bin.data(), a1.data(), conf.data(), a2.data(), pf.data(), nullptr};
-      ::execv(argv[0], argv);
-      ::_exit(127);
-    }
-    // A bounded poll: the port file has no fd to wait on until it exists.
-    const Deadline d = Deadline::after_ms(10000);
-    while (!d.expired()) {
-      std::ifstream in(port_file);
-      if (in >> port_) break;
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-  }
-  ~Daemon() {
-    if (pid_ > 0) {
-      ::kill(pid_, SIGKILL);
-      ::waitpid(pid_, nullptr, 0);
-    }
-    std::filesystem::remove_all(dir_);
-  }
-  [[nodiscard]] bool up() const { return port_ != 0; }
-  ClientOptions client(const std::string& identity) const {
-    return ClientOptions{
-        .address = "127.0.0.1:" + std::to_string(port_), .identity = identity, .secret = kSecret};
-  }
-
- private:
-  std::filesystem::path dir_;
-  pid_t pid_ = -1;
-  int port_ = 0;
+  Daemon()
+      : BrokerDaemon(
+            {.secret = kSecret,
+             .extra_config = "[[topic]]\npattern = \"tput/#\"\nlane = \"bulk\"\nbatching = true\n",
+             .metrics = false,
+             .name = "client-batching"}) {}
 };
 
-// Reaps `pid` within the deadline (its pidfd, or a bounded poll of waitpid); kills it otherwise.
+// Reaps `pid` within the deadline; kills it otherwise. True when it exited 0.
 bool child_ok(pid_t pid, Deadline d) {
   int st = 0;
-  const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
-  while (::waitpid(pid, &st, WNOHANG) != pid) {
-    if (d.expired()) {
-      ::kill(pid, SIGKILL);
-      ::waitpid(pid, nullptr, 0);
-      if (pidfd >= 0) ::close(pidfd);
-      return false;
-    }
-    if (pidfd >= 0) {
-      pollfd pf{.fd = pidfd, .events = POLLIN, .revents = 0};
-      (void)::poll(&pf, 1, d.remaining_ms_for_poll());
-    } else {
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    }
-  }
-  if (pidfd >= 0) ::close(pidfd);
-  return WIFEXITED(st) && WEXITSTATUS(st) == 0;
+  if (test_support::wait_exit(pid, d, &st)) return WIFEXITED(st) && WEXITSTATUS(st) == 0;
+  ::kill(pid, SIGKILL);
+  ::waitpid(pid, nullptr, 0);
+  return false;
 }
 
 TEST(ClientBatching, BurstFromAnotherProcessArrivesInOrderWholeAndALoneMessageFollows) {

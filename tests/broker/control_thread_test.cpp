@@ -30,146 +30,34 @@
 #include <myelin/core/clock.hpp>
 
 #include "auth.hpp"
+#include "broker_daemon.hpp"
+#include "raw_connection.hpp"
 #include "wire.hpp"
 
 namespace myelin::broker {
 namespace {
+
+using test_support::have_curl;
+using test_support::Raw;
+using test_support::wait_exit;
+using test_support::wait_readable;
 
 constexpr const char* kSecret = "control-thread-secret-0123456789";
 constexpr const char* kTopics =
     "[[topic]]\npattern = \"ctrl/#\"\nlane = \"control\"\nbatching = false\n"
     "[[topic]]\npattern = \"grad/#\"\nlane = \"bulk\"\nbatching = true\n";
 
-// Reaps `pid` once it exits (its pidfd, or a bounded 5 ms waitpid poll without pidfd_open);
-// false when the deadline passes first.
-bool wait_exit(pid_t pid, Deadline deadline, int* status) {
-  const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
-  bool reaped = false;
-  while (true) {
-    if (::waitpid(pid, status, WNOHANG) == pid) {
-      reaped = true;
-      break;
-    }
-    if (deadline.expired()) break;
-    if (pidfd >= 0) {
-      pollfd p{.fd = pidfd, .events = POLLIN, .revents = 0};
-      (void)::poll(&p, 1, deadline.remaining_ms_for_poll());
-    } else {
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    }
-  }
-  if (pidfd >= 0) ::close(pidfd);
-  return reaped;
-}
-
-bool wait_readable(int fd, Deadline deadline) {
-  pollfd p{.fd = fd, .events = POLLIN, .revents = 0};
-  while (true) {
-    const int n = ::poll(&p, 1, deadline.remaining_ms_for_poll());
-    if (n > 0) return true;
-    if (n == 0 || errno != EINTR) return false;
-  }
-}
-
-// The daemon as a child process (exec'd at once), its control thread on or off.
-class Daemon {
+// The daemon as a child process, its control thread on or off.
+class Daemon : public test_support::BrokerDaemon {
  public:
-  explicit Daemon(bool control_thread) {
-    dir_ = std::filesystem::temp_directory_path() /
-           ("myelin-ctrl-thread-test-" + std::to_string(::getpid()) + "-" +
-            std::to_string(counter_++));
-    std::filesystem::create_directories(dir_);
-    std::ofstream(dir_ / "secret") << kSecret << "\n";
-    std::ofstream(dir_ / "broker.toml")
-        << "[broker]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n"
-        << "secret_file = \"" << (dir_ / "secret").string() << "\"\nheartbeat_ms = 1000\n"
-        << kTopics;
-    const std::string port_file = (dir_ / "port").string();
-    pid_ = ::fork();
-    if (pid_ == 0) {
-      std::vector<std::string> args = {MYELIN_BROKER_BIN,
-                                       "--config",
-                                       (dir_ / "broker.toml").string(),
-                                       "--port-file",
-                                       port_file,
-                                       "--log-level",
-                                       "warn",
-                                       "--control-thread",
-                                       control_thread ? "on" : "off"};
-      std::vector<char*> argv;
-      for (auto& a : args) argv.push_back(a.data());
-      argv.push_back(nullptr);
-      ::execv(argv[0], argv.data());
-      ::_exit(127);
-    }
-    // A bounded poll: the port file has no fd to wait on until it exists.
-    const Deadline d = Deadline::after_ms(10000);
-    while (!d.expired()) {
-      std::ifstream in(port_file);
-      if (in >> port_ >> metrics_port_) break;
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-  }
-  ~Daemon() {
-    if (pid_ > 0) {
-      ::kill(pid_, SIGKILL);
-      ::waitpid(pid_, nullptr, 0);
-    }
-    std::filesystem::remove_all(dir_);
-  }
-  [[nodiscard]] bool up() const { return port_ != 0; }
-  std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
-  ClientOptions client(const std::string& identity) const {
-    return ClientOptions{.address = "127.0.0.1:" + std::to_string(port_),
-                         .identity = identity,
-                         .secret = kSecret,
-                         .heartbeat_ms = 1000};
-  }
-  // SIGTERM; the exit code, or -1 when it did not exit in time.
-  int terminate(int64_t timeout_ms) {
-    ::kill(pid_, SIGTERM);
-    int st = 0;
-    if (!wait_exit(pid_, Deadline::after_ms(timeout_ms), &st)) return -1;
-    pid_ = -1;
-    return WIFEXITED(st) ? WEXITSTATUS(st) : -2;
-  }
-  // One sample of /metrics (curl): name -> value; -1 when absent.
-  double metric(const std::string& name) const {
-    const std::string cmd =
-        "curl -s --max-time 5 http://127.0.0.1:" + std::to_string(metrics_port_) + "/metrics";
-    FILE* p = ::popen(cmd.c_str(), "r");
-    if (!p) return -1;
-    double v = -1;
-    char line[1024];
-    while (std::fgets(line, sizeof(line), p)) {
-      const std::string l(line);
-      if (l.compare(0, name.size() + 1, name + " ") == 0) v = std::stod(l.substr(name.size() + 1));
-    }
-    ::pclose(p);
-    return v;
-  }
-  // Waits until `name` reads `value`; returns the last reading.
-  double metric_reaches(const std::string& name, double value, int64_t timeout_ms = 10000) const {
-    const Deadline dl = Deadline::after_ms(timeout_ms);
-    double v = metric(name);
-    while (v != value && !dl.expired()) {
-      // A bounded poll: /metrics has no fd to wait on for a gauge to change.
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-      v = metric(name);
-    }
-    return v;
-  }
-
- private:
-  static inline int counter_ = 0;
-  std::filesystem::path dir_;
-  pid_t pid_ = -1;
-  int port_ = 0, metrics_port_ = 0;
+  explicit Daemon(bool control_thread)
+      : BrokerDaemon(
+            {.secret = kSecret,
+             .extra_config = kTopics,
+             .flags = {"--log-level", "warn", "--control-thread", control_thread ? "on" : "off"},
+             .heartbeat_ms = 1000,
+             .name = "ctrl-thread-test"}) {}
 };
-
-bool have_curl() {
-  return std::system("curl --version > /dev/null 2>&1") == 0;
-}
 
 std::string seq_text(int i) {
   return std::to_string(i);
@@ -385,51 +273,6 @@ TEST_P(ControlThread, SigtermDrainDeliversWhatControlAndBulkLanesHold) {
   EXPECT_EQ(bulk, kBulk);
   EXPECT_EQ(exit_code.load(), 0);
 }
-
-// One connection driven by hand with the broker's own codec: what Client never does (ending
-// one connection of a session while the other goes on).
-class Raw {
- public:
-  explicit Raw(const std::string& address, int buffer_bytes = 0) {
-    auto hp = internal::parse_host_port(address);
-    if (!hp.ok()) return;
-    auto fd = internal::connect_tcp(*hp, Deadline::after_ms(5000), buffer_bytes);
-    if (fd.ok()) fd_ = std::move(*fd);
-  }
-  [[nodiscard]] bool ok() const { return fd_.valid(); }
-  [[nodiscard]] int fd() const { return fd_.get(); }
-  Status send(FrameHeader h, std::string_view topic = {}, std::span<const std::byte> p = {}) {
-    MYELIN_RETURN_IF_ERROR(out_.push(h, topic, p, nullptr, false, monotonic_ns()));
-    const Deadline d = Deadline::after_ms(5000);
-    while (true) {
-      MYELIN_ASSIGN_OR_RETURN(bool done, out_.flush(fd_.get()));
-      if (done) return ok_status();
-      if (d.expired()) return timeout_error("raw send");
-      pollfd w{fd_.get(), POLLOUT, 0};
-      (void)::poll(&w, 1, d.remaining_ms_for_poll());
-    }
-  }
-  // The next frame other than heartbeats and credits; the view lives until the next call.
-  // Errors: peer_failed once the broker's side ended, timeout_error.
-  Result<FrameView> next(Deadline d) {
-    while (true) {
-      FrameView f;
-      MYELIN_ASSIGN_OR_RETURN(bool got, rx_.next(&f));
-      if (got) {
-        if (f.header.type == FrameType::kHeartbeat || f.header.type == FrameType::kCredit) continue;
-        return f;
-      }
-      if (!wait_readable(fd_.get(), d)) return timeout_error("raw read");
-      MYELIN_ASSIGN_OR_RETURN(size_t n, rx_.read_from(fd_.get()));
-      (void)n;
-    }
-  }
-
- private:
-  internal::Fd fd_;
-  internal::OutQueue out_;
-  internal::RxBuffer rx_{DecodeLimits{}};
-};
 
 // Authenticates `main` as `identity` and attaches `ctrl` to its session; grants 1024 credits.
 Status raw_session(Raw& main, Raw& ctrl, std::string_view identity) {

@@ -27,10 +27,17 @@
 #include <myelin/broker/server.hpp>
 
 #include "auth.hpp"
+#include "broker_daemon.hpp"
+#include "raw_connection.hpp"
 #include "wire.hpp"
 
 namespace myelin::broker {
 namespace {
+
+using test_support::have_curl;
+using test_support::Raw;
+using test_support::wait_exit;
+using test_support::wait_readable;
 
 constexpr const char* kSecret = "integration-secret-0123456789";
 
@@ -38,143 +45,15 @@ std::span<const std::byte> bytes(std::string_view s) {
   return {reinterpret_cast<const std::byte*>(s.data()), s.size()};
 }
 
-// Waits until `fd` is readable or the deadline passes; false on timeout.
-bool wait_readable(int fd, Deadline deadline) {
-  pollfd p{.fd = fd, .events = POLLIN, .revents = 0};
-  for (;;) {
-    const int n = ::poll(&p, 1, deadline.remaining_ms_for_poll());
-    if (n > 0) return true;
-    if (n == 0 || errno != EINTR) return false;
-  }
-}
-
-// Reaps `pid` once it exits, sleeping on its pidfd; false (child left running) when the deadline
-// passes first. Without pidfd_open (kernel < 5.3) there is no fd to wait on, so it falls back to
-// a bounded 5 ms poll of waitpid.
-bool wait_exit(pid_t pid, Deadline deadline, int* status) {
-  const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
-  bool reaped = false;
-  for (;;) {
-    if (::waitpid(pid, status, WNOHANG) == pid) {
-      reaped = true;
-      break;
-    }
-    if (deadline.expired()) break;
-    if (pidfd >= 0) {
-      (void)wait_readable(pidfd, deadline);
-    } else {
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    }
-  }
-  if (pidfd >= 0) ::close(pidfd);
-  return reaped;
-}
-
-class Daemon {
+// The daemon with this file's secret and 300 ms heartbeats.
+class Daemon : public test_support::BrokerDaemon {
  public:
-  explicit Daemon(const std::string& extra_config, std::vector<std::string> flags = {}) {
-    dir_ = std::filesystem::temp_directory_path() /
-           ("myelin-broker-test-" + std::to_string(::getpid()) + "-" + std::to_string(counter_++));
-    std::filesystem::create_directories(dir_);
-    std::ofstream(dir_ / "secret") << kSecret << "\n";
-    std::ofstream(dir_ / "broker.toml")
-        << "[broker]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n"
-        << "secret_file = \"" << (dir_ / "secret").string() << "\"\n"
-        << "heartbeat_ms = 300\n"
-        << extra_config;
-    const std::string port_file = (dir_ / "port").string();
-    pid_ = ::fork();
-    if (pid_ == 0) {
-      std::vector<std::string> args = {MYELIN_BROKER_BIN, "--config",
-                                       (dir_ / "broker.toml").string(), "--port-file", port_file};
-      args.insert(args.end(), flags.begin(), flags.end());
-      std::vector<char*> argv;
-      for (auto& a : args) argv.push_back(a.data());
-      argv.push_back(nullptr);
-      ::execv(argv[0], argv.data());
-      ::_exit(127);
-    }
-    // A bounded poll: the port file has no fd to wait on until it exists.
-    const Deadline d = Deadline::after_ms(10000);
-    while (!d.expired()) {
-      std::ifstream in(port_file);
-      if (in >> port_ >> metrics_port_) break;
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-  }
-  ~Daemon() {
-    if (pid_ > 0) {
-      ::kill(pid_, SIGKILL);
-      ::waitpid(pid_, nullptr, 0);
-    }
-    std::filesystem::remove_all(dir_);
-  }
-  [[nodiscard]] bool up() const { return port_ != 0; }
-  std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
-  ClientOptions client(const std::string& identity) const {
-    return ClientOptions{
-        .address = address(), .identity = identity, .secret = kSecret, .heartbeat_ms = 300};
-  }
-  // Stops the broker process (SIGSTOP; true once it has stopped) or lets it go on (SIGCONT).
-  bool stop_process() {
-    int st = 0;
-    return ::kill(pid_, SIGSTOP) == 0 && ::waitpid(pid_, &st, WUNTRACED) == pid_ && WIFSTOPPED(st);
-  }
-  void continue_process() { ::kill(pid_, SIGCONT); }
-  void kill9() {
-    ::kill(pid_, SIGKILL);
-    ::waitpid(pid_, nullptr, 0);
-    pid_ = -1;
-  }
-  // SIGTERM; returns the exit code (or -1 when it did not exit in time).
-  int terminate(int64_t timeout_ms) {
-    ::kill(pid_, SIGTERM);
-    int st = 0;
-    if (!wait_exit(pid_, Deadline::after_ms(timeout_ms), &st)) return -1;
-    pid_ = -1;
-    return WIFEXITED(st) ? WEXITSTATUS(st) : -2;
-  }
-  // Scrapes /metrics with curl and returns "name{labels}" -> value.
-  std::map<std::string, double> metrics() const {
-    std::map<std::string, double> out;
-    const std::string cmd =
-        "curl -s --max-time 5 http://127.0.0.1:" + std::to_string(metrics_port_) + "/metrics";
-    FILE* p = ::popen(cmd.c_str(), "r");
-    if (!p) return out;
-    char line[1024];
-    while (std::fgets(line, sizeof(line), p)) {
-      std::string l(line);
-      if (l.empty() || l[0] == '#') continue;
-      const size_t sp = l.rfind(' ');
-      if (sp == std::string::npos) continue;
-      out[l.substr(0, sp)] = std::stod(l.substr(sp + 1));
-    }
-    ::pclose(p);
-    return out;
-  }
-  std::string http_status(const std::string& path) const {
-    const std::string cmd =
-        "curl -s -o /dev/null -w '%{http_code}' --max-time 5 http://127.0.0.1:" +
-        std::to_string(metrics_port_) + path;
-    FILE* p = ::popen(cmd.c_str(), "r");
-    char buf[16] = {0};
-    if (p) {
-      (void)std::fgets(buf, sizeof(buf), p);
-      ::pclose(p);
-    }
-    return buf;
-  }
-
- private:
-  static inline int counter_ = 0;
-  std::filesystem::path dir_;
-  pid_t pid_ = -1;
-  int port_ = 0, metrics_port_ = 0;
+  explicit Daemon(const std::string& extra_config, std::vector<std::string> flags = {})
+      : BrokerDaemon({.secret = kSecret,
+                      .extra_config = extra_config,
+                      .flags = std::move(flags),
+                      .heartbeat_ms = 300}) {}
 };
-
-bool have_curl() {
-  return std::system("curl --version > /dev/null 2>&1") == 0;
-}
 
 std::unique_ptr<Client> connect_or_die(const ClientOptions& o) {
   auto c = Client::connect(o);
@@ -784,62 +663,6 @@ double metric_reaches(const Daemon& d, const std::string& name, double value, bo
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
 }
-
-// One hand-driven connection speaking the broker protocol with the broker's own codec and MACs,
-// for what Client never does: a protocol-1 handshake, forged and replayed attaches, closing one
-// connection of a session, staying silent on it.
-class Raw {
- public:
-  // buffer_bytes > 0 caps the socket's kernel buffers (connect_tcp()).
-  explicit Raw(const std::string& address, int buffer_bytes = 0) {
-    auto hp = internal::parse_host_port(address);
-    if (!hp.ok()) return;
-    auto fd = internal::connect_tcp(*hp, Deadline::after_ms(5000), buffer_bytes);
-    if (fd.ok()) fd_ = std::move(*fd);
-  }
-  [[nodiscard]] bool ok() const { return fd_.valid(); }
-  int fd() const { return fd_.get(); }
-  void close() { fd_.reset(); }
-  Status send(FrameHeader h, std::string_view topic = {}, std::span<const std::byte> p = {}) {
-    MYELIN_RETURN_IF_ERROR(out_.push(h, topic, p, nullptr, false, monotonic_ns()));
-    const Deadline d = Deadline::after_ms(5000);
-    while (true) {
-      MYELIN_ASSIGN_OR_RETURN(bool done, out_.flush(fd_.get()));
-      if (done) return ok_status();
-      if (d.expired()) return timeout_error("raw send");
-      pollfd p2{fd_.get(), POLLOUT, 0};
-      (void)::poll(&p2, 1, d.remaining_ms_for_poll());
-    }
-  }
-  // The next frame other than heartbeats and credits (unless `all`); the view lives until the
-  // next call. Errors: peer_failed when the broker closed the connection, timeout_error.
-  Result<FrameView> next(Deadline d, bool all = false) {
-    while (true) {
-      FrameView f;
-      MYELIN_ASSIGN_OR_RETURN(bool got, rx_.next(&f));
-      if (got) {
-        if (!all && (f.header.type == FrameType::kHeartbeat || f.header.type == FrameType::kCredit))
-          continue;
-        return f;
-      }
-      if (!wait_readable(fd_.get(), d)) return timeout_error("raw read");
-      MYELIN_ASSIGN_OR_RETURN(size_t n, rx_.read_from(fd_.get()));
-      (void)n;
-    }
-  }
-  // Waits for the broker to close this connection (end of stream); false at the deadline.
-  bool closed_by_peer(Deadline d) {
-    while (true) {
-      auto f = next(d, true);
-      if (!f.ok()) return f.status().code() == StatusCode::kPeerFailed;
-    }
-  }
-
- private:
-  internal::Fd fd_;
-  internal::OutQueue out_;
-  internal::RxBuffer rx_{DecodeLimits{}};
-};
 
 // A session opened by hand on `main`: auth with `versions` (0: as a protocol-1 client does).
 struct RawSession {
