@@ -6,7 +6,10 @@
 #include <netinet/tcp.h>
 #include <pthread.h>
 #include <sys/epoll.h>
+#include <linux/sockios.h>
+#include <poll.h>
 #include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -73,6 +76,39 @@ bool publish_like(FrameType t) {
 
 std::span<const std::byte> as_bytes(std::string_view s) {
   return {reinterpret_cast<const std::byte*>(s.data()), s.size()};
+}
+
+// Closes client sockets at the end of a drain without losing what they still carry. Closing a
+// socket with unread bytes in its receive queue (a credit grant or heartbeat that came after the
+// last read) makes the kernel reset the connection and throw away the send queue: the last
+// deliveries a drain handed to the kernel would never reach a slow client. So each socket gets
+// its FIN after the queued data (shutdown), what the client still sends is read and dropped, and
+// it is closed once the kernel's send queue is empty (the client acknowledged every byte) or the
+// client closed its side, or at `deadline` (never() is taken as 10 s: a stopped client must not
+// hold a drain forever).
+void close_after_delivery(std::vector<internal::Fd> fds, Deadline deadline) {
+  deadline = deadline.min(Deadline::after_ms(10'000));
+  for (auto& fd : fds) ::shutdown(fd.get(), SHUT_WR);
+  std::vector<pollfd> waits;
+  std::array<char, 16384> scratch;
+  while (!fds.empty()) {
+    std::erase_if(fds, [&](const internal::Fd& fd) {
+      for (;;) {  // drop what the client sent; 0 or an error: it has closed or is gone
+        const ssize_t n = ::recv(fd.get(), scratch.data(), scratch.size(), MSG_DONTWAIT);
+        if (n > 0) continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+        if (n < 0 && errno == EINTR) continue;
+        return true;
+      }
+      int unsent = 0;
+      return ::ioctl(fd.get(), SIOCOUTQ, &unsent) != 0 || unsent == 0;
+    });
+    if (fds.empty() || deadline.expired()) break;
+    // Readable wakes this up; an emptying send queue does not, hence the 2 ms bound per pass.
+    waits.clear();
+    for (auto& fd : fds) waits.push_back({.fd = fd.get(), .events = POLLIN, .revents = 0});
+    (void)::poll(waits.data(), waits.size(), std::min(2, deadline.remaining_ms_for_poll()));
+  }
 }
 
 }  // namespace
@@ -239,6 +275,10 @@ class Server::Impl {
   std::atomic<bool> ctrl_stop_{false};  // stop() -> control thread, same
   std::atomic<bool> draining_{false};   // same
   std::atomic<bool> drained_{false};    // loop -> drain(): set when every queue is empty
+  // drain() -> both threads' last closes (close_after_delivery); stored before draining_.
+  std::atomic<int64_t> drain_deadline_ns_{Deadline::never().at_ns()};
+  // Control side only: control sockets of sessions a drain ended, closed last with the others.
+  std::vector<Fd> ctrl_lingering_;
   // drain() sleeps on drain_cv_ until drained_ is set; the loop notifies under drain_mu_ so the
   // wake-up cannot slip between drain()'s predicate check and its wait.
   std::mutex drain_mu_;
@@ -549,6 +589,8 @@ void Server::Impl::stop() {
 }
 
 Status Server::Impl::drain(Deadline deadline) {
+  // Relaxed: the release store of draining_ below publishes it to both threads.
+  drain_deadline_ns_.store(deadline.at_ns(), std::memory_order_relaxed);
   // Pairs with the acquire load in loop().
   draining_.store(true, std::memory_order_release);
   wake();
@@ -946,6 +988,8 @@ void Server::Impl::ctrl_pass(const epoll_event* evs, int n) {
     if (!pump_control(*it->second)) continue;  // that write failed: detached, gone
     Link& l = *it->second;
     ::epoll_ctl(ctrl_epoll_.get(), EPOLL_CTL_DEL, l.fd.get(), nullptr);
+    // A drain's socket is closed only once the client has what it was sent (ctrl_final_flush).
+    if (draining_.load(std::memory_order_acquire)) ctrl_lingering_.push_back(std::move(l.fd));
     if (!l.parked.empty()) --ctrl_parked_links_;
     c_.ctrl_active.fetch_sub(1, std::memory_order_relaxed);
     links_.erase(it);
@@ -1320,9 +1364,18 @@ void Server::Impl::ctrl_final_flush() {
     auto it = links_.find(id);
     if (it != links_.end()) (void)pump_control(*it->second);
   }
-  for (auto& [id, l] : links_) ::epoll_ctl(ctrl_epoll_.get(), EPOLL_CTL_DEL, l->fd.get(), nullptr);
+  const bool draining = draining_.load(std::memory_order_acquire);  // pairs with drain()
+  for (auto& [id, l] : links_) {
+    ::epoll_ctl(ctrl_epoll_.get(), EPOLL_CTL_DEL, l->fd.get(), nullptr);
+    if (draining) ctrl_lingering_.push_back(std::move(l->fd));
+  }
   c_.ctrl_active.fetch_sub(links_.size(), std::memory_order_relaxed);
   links_.clear();
+  if (draining) {
+    close_after_delivery(std::move(ctrl_lingering_),
+                         Deadline::at_ns(drain_deadline_ns_.load(std::memory_order_relaxed)));
+    ctrl_lingering_.clear();
+  }
 }
 
 void Server::Impl::run_loop_cmds() {
@@ -1983,12 +2036,23 @@ void Server::Impl::loop() {
     ctrl_final_flush();
     tl_ctrl_side = nullptr;
   }
+  const bool draining = draining_.load(std::memory_order_acquire);  // pairs with drain()
+  std::vector<Fd> lingering;
   for (auto& [id, c] : conns_) {
-    if (c->fd.valid()) (void)c->out.flush(c->fd.get());
+    if (!c->fd.valid()) continue;
+    (void)c->out.flush(c->fd.get());
+    if (draining) {
+      ::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, c->fd.get(), nullptr);
+      lingering.push_back(std::move(c->fd));
+    }
   }
   std::vector<uint64_t> ids;
   for (auto& [id, c] : conns_) ids.push_back(id);
   for (uint64_t id : ids) close_conn(id, "broker stopping");
+  if (draining) {
+    close_after_delivery(std::move(lingering),
+                         Deadline::at_ns(drain_deadline_ns_.load(std::memory_order_relaxed)));
+  }
 }
 
 ServerCounters Server::Impl::counters() const {

@@ -371,6 +371,53 @@ TEST_P(ControlThread, AnEndedControlConnectionReroutesItsQueueWithoutLoss) {
   EXPECT_EQ(d.metric_reaches("myelin_broker_connections_active", 2), 2);
 }
 
+// A SIGTERM drain with a slow subscriber: the last deliveries are in the kernel's send queue
+// when the broker is done, and the client keeps sending (heartbeats) meanwhile. The broker closes
+// that socket only once the client has every byte: a close with unread input resets the
+// connection and throws the send queue away.
+TEST_P(ControlThread, SigtermDrainClosesASlowReadersConnectionOnlyOnceItHasEverything) {
+  if (!have_curl()) GTEST_SKIP() << "curl is needed to read /metrics";
+  Daemon d(GetParam());
+  ASSERT_TRUE(d.up());
+  Raw main(d.address(), 16384), ctrl(d.address());
+  ASSERT_TRUE(main.ok() && ctrl.ok());
+  Status s = raw_session(main, ctrl, "slow");
+  ASSERT_TRUE(s.ok()) << s;
+  ASSERT_TRUE(
+      main.send({.type = FrameType::kSubscribe, .flags = kFlagControl, .id = 1}, "grad/#").ok());
+  auto ack = main.next(Deadline::after_ms(5000));
+  ASSERT_TRUE(ack.ok() && ack->header.type == FrameType::kReply);
+  constexpr int kN = 64;  // of 32 KiB each: far more than the client's 16 KiB socket buffers
+  const std::string body(32 * 1024, 'g');
+  {
+    auto pub = Client::connect(d.client("pub"));
+    ASSERT_TRUE(pub.ok()) << pub.status();
+    for (int i = 0; i < kN; ++i) ASSERT_TRUE((*pub)->publish("grad/x", seq_text(i) + " " + body).ok());
+    EXPECT_EQ(d.metric_reaches("myelin_broker_topic_deliveries_total{topic=\"grad/x\"}", kN), kN);
+  }
+  std::atomic<int> exit_code{-3};
+  std::thread term([&] { exit_code = d.terminate(20000); });
+  int got = 0;
+  const Deadline dl = Deadline::after_ms(30000);
+  while (got < kN && !dl.expired()) {
+    (void)main.send({.type = FrameType::kHeartbeat, .flags = kFlagControl});
+    (void)ctrl.send({.type = FrameType::kHeartbeat, .flags = kFlagControl});
+    auto m = main.next(Deadline::after_ms(200));
+    if (!m.ok()) {
+      if (m.status().code() == StatusCode::kTimeout) continue;
+      ADD_FAILURE() << m.status() << " after " << got << " deliveries";
+      break;
+    }
+    if (m->header.type != FrameType::kDeliver) continue;  // the goaway
+    EXPECT_EQ(std::stoi(std::string(reinterpret_cast<const char*>(m->payload.data()), 8)), got);
+    ++got;
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));  // a slow reader
+  }
+  term.join();
+  EXPECT_EQ(got, kN);
+  EXPECT_EQ(exit_code.load(), 0);
+}
+
 // The routing core with a drainer on another thread, as the control thread drains control lanes
 // while the loop publishes into them: a push that meets a cell the drainer has claimed and not
 // yet handed back waits for it instead of failing. Every message is delivered (block) or
