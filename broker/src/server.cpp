@@ -2,12 +2,12 @@
 // uncontended here. See server.hpp for the contract and docs/broker.md for the protocol.
 #include <myelin/broker/server.hpp>
 
+#include <linux/sockios.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <pthread.h>
 #include <sys/epoll.h>
-#include <linux/sockios.h>
-#include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>

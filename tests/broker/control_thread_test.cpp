@@ -392,7 +392,8 @@ TEST_P(ControlThread, SigtermDrainClosesASlowReadersConnectionOnlyOnceItHasEvery
   {
     auto pub = Client::connect(d.client("pub"));
     ASSERT_TRUE(pub.ok()) << pub.status();
-    for (int i = 0; i < kN; ++i) ASSERT_TRUE((*pub)->publish("grad/x", seq_text(i) + " " + body).ok());
+    for (int i = 0; i < kN; ++i)
+      ASSERT_TRUE((*pub)->publish("grad/x", seq_text(i) + " " + body).ok());
     EXPECT_EQ(d.metric_reaches("myelin_broker_topic_deliveries_total{topic=\"grad/x\"}", kN), kN);
   }
   std::atomic<int> exit_code{-3};
