@@ -21,9 +21,17 @@ function(myelin_add_gtest)
     set_property(GLOBAL APPEND PROPERTY MYELIN_TESTS_${label} ${ARG_NAME})
   endforeach()
   gtest_discover_tests(${ARG_NAME}
-    PROPERTIES LABELS "${ARG_LABELS}" TIMEOUT ${ARG_TIMEOUT}
-               SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]"
+    PROPERTIES TIMEOUT ${ARG_TIMEOUT} SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]"
     DISCOVERY_TIMEOUT 60)
+  # Labels go on after discovery: gtest_discover_tests() flattens a list handed to PROPERTIES, so
+  # a test with two labels would get only the first (and lose the properties after it). This
+  # script runs, in ctest, after the discovery script that filled <target>_TESTS.
+  set(labels_script "${CMAKE_CURRENT_BINARY_DIR}/${ARG_NAME}_labels.cmake")
+  file(WRITE "${labels_script}"
+       "if(${ARG_NAME}_TESTS)\n"
+       "  set_tests_properties(\${${ARG_NAME}_TESTS} PROPERTIES LABELS \"${ARG_LABELS}\")\n"
+       "endif()\n")
+  set_property(DIRECTORY APPEND PROPERTY TEST_INCLUDE_FILES "${labels_script}")
 endfunction()
 
 # Called once after every test folder was added: one target per label.
