@@ -35,46 +35,6 @@ TEST(UcxSequence, ExtendsWireSequencesAcrossTheWrap) {
   EXPECT_EQ(extend_sequence(0x7ffffffeu, next), next - 0x80000000u);  // then it reads as behind
 }
 
-// The pool hands a state out again only once every Request handle of it is gone.
-TEST(RequestStatePool, ReusesOnlyStatesNobodyHolds) {
-  RequestStatePool pool(2);
-  auto [r1, s1] = pool.make_pending();
-  RequestState* first = s1.get();
-  EXPECT_FALSE(r1.done());
-  s1->complete(ok_status(), 11);
-  pool.recycle(std::move(s1));
-  EXPECT_EQ(pool.cached(), 1u);
-  // r1 still holds its state: a new request gets another one, and r1 keeps its outcome.
-  auto [r2, s2] = pool.make_pending();
-  EXPECT_NE(s2.get(), first);
-  EXPECT_TRUE(r1.done());
-  EXPECT_EQ(r1.bytes(), 11u);
-  s2->complete(ok_status(), 22);
-  pool.recycle(std::move(s2));
-  {
-    Request gone = std::move(r1);  // the last handle of the first state goes
-  }
-  // The oldest cached state is free now: it comes back pending, with nothing of its past.
-  auto [r3, s3] = pool.make_pending();
-  EXPECT_EQ(s3.get(), first);
-  EXPECT_FALSE(r3.done());
-  EXPECT_EQ(r3.bytes(), 0u);
-  EXPECT_EQ(r3.description(), "request");
-  s3->complete(cancelled("gone"), 0);
-  EXPECT_EQ(r3.status().code(), StatusCode::kCancelled);
-  EXPECT_EQ(r2.bytes(), 22u);
-  // An unfinished state is never cached (someone may still complete it); capacity is bounded.
-  auto [r4, s4] = pool.make_pending();
-  pool.recycle(s4);
-  EXPECT_EQ(pool.cached(), 1u);
-  for (int i = 0; i < 5; ++i) {
-    auto [r, s] = Request::make_pending();
-    s->complete(ok_status(), 0);
-    pool.recycle(std::move(s));
-  }
-  EXPECT_EQ(pool.cached(), 2u);
-}
-
 // copy_bytes copies exactly n bytes for every small size (each of its branches) and beyond.
 TEST(UcxCopyBytes, CopiesExactlyTheGivenBytes) {
   using internal::ucx::copy_bytes;

@@ -424,7 +424,7 @@ bool ShmEndpoint::write_now(uint32_t type, const void* header, uint32_t header_l
 
 void ShmEndpoint::enqueue(uint32_t type, const void* header, uint32_t header_len,
                           const std::byte* data, size_t size, size_t report_bytes,
-                          std::shared_ptr<RequestState> req) {
+                          RequestStateRef req) {
   OutItem it;
   it.type = type;
   it.header_len = header_len;

@@ -108,7 +108,7 @@ class ShmEndpoint final : public Endpoint {
   struct Posted {
     std::byte* data;
     size_t capacity;
-    std::shared_ptr<RequestState> req;
+    RequestStateRef req;
   };
   struct Unexpected {
     bool is_rts;
@@ -127,7 +127,7 @@ class ShmEndpoint final : public Endpoint {
     const std::byte* data = nullptr;
     size_t size = 0;
     size_t report_bytes = 0;            // the byte count req completes with
-    std::shared_ptr<RequestState> req;  // completed once written (eager, immediate)
+    RequestStateRef req;                // completed once written (eager, immediate)
     bool stream = false;                // kData chunks of rendezvous `token`
     uint64_t token = 0;
     size_t streamed = 0;
@@ -135,13 +135,13 @@ class ShmEndpoint final : public Endpoint {
   struct RndvSend {
     const std::byte* data;
     size_t size;
-    std::shared_ptr<RequestState> req;
+    RequestStateRef req;
   };
   struct RndvRecv {
     std::byte* data;
     size_t size;
     size_t received;
-    std::shared_ptr<RequestState> req;
+    RequestStateRef req;
     // Split copy (kSplit sent, the sender was writing the head when we were done with the tail):
     // waits for the sender's kSplitDone; the grant is revoked then.
     bool split = false;
@@ -163,7 +163,7 @@ class ShmEndpoint final : public Endpoint {
     RemoteKey key;
     uint64_t offset;
     uint32_t immediate;
-    std::shared_ptr<RequestState> req;
+    RequestStateRef req;
   };
 
   void handle_record(uint32_t type, std::span<const std::byte> payload);
@@ -177,7 +177,7 @@ class ShmEndpoint final : public Endpoint {
   bool write_now(uint32_t type, const void* header, uint32_t header_len, const std::byte* data,
                  size_t size);
   void enqueue(uint32_t type, const void* header, uint32_t header_len, const std::byte* data,
-               size_t size, size_t report_bytes, std::shared_ptr<RequestState> req);
+               size_t size, size_t report_bytes, RequestStateRef req);
   Request one_sided(OneSided op, std::byte* local, size_t size, const RemoteKey& key,
                     uint64_t offset, uint32_t immediate);
   // OK once done; unavailable when the peer's tables have not arrived yet (try again later).

@@ -96,14 +96,14 @@ class Connection {
     const uint8_t* payload = nullptr;
     size_t payload_len = 0;
     size_t sent = 0;
-    std::shared_ptr<RequestState> done;
+    RequestStateRef done;
     size_t done_bytes = 0;
     std::vector<uint8_t> owned;
   };
   struct PostedRecv {
     uint8_t* data;
     size_t capacity;
-    std::shared_ptr<RequestState> state;
+    RequestStateRef state;
   };
   struct Unexpected {
     bool rts = false;
@@ -115,12 +115,12 @@ class Connection {
     const uint8_t* data;
     size_t size;
     uint32_t channel;
-    std::shared_ptr<RequestState> state;
+    RequestStateRef state;
   };
   struct AwaitingData {
     uint8_t* data;
     size_t size;
-    std::shared_ptr<RequestState> state;
+    RequestStateRef state;
   };
   struct RemoteOp {
     bool is_get;
@@ -128,7 +128,7 @@ class Connection {
     size_t size;
     uint64_t region;
     uint64_t offset;
-    std::shared_ptr<RequestState> state;
+    RequestStateRef state;
   };
   enum class Sink : uint8_t {
     kNone,
@@ -141,8 +141,8 @@ class Connection {
     kGetResp
   };
 
-  void enqueue(const FrameHeader& h, const void* payload, size_t len,
-               std::shared_ptr<RequestState> done, size_t done_bytes);
+  void enqueue(const FrameHeader& h, const void* payload, size_t len, RequestStateRef done,
+               size_t done_bytes);
   FrameHeader next_header(FrameType type);
   Request post_send_fast(FrameHeader& h, const void* data, size_t size);
   bool parse_buffered();
@@ -186,7 +186,7 @@ class Connection {
   Sink sink_ = Sink::kNone;
   uint8_t* sink_ptr_ = nullptr;  // null: discard
   uint64_t pay_done_ = 0;
-  std::shared_ptr<RequestState> sink_state_;
+  RequestStateRef sink_state_;
   std::vector<uint8_t> sink_buf_;
   size_t sink_capacity_ = 0;
   RemoteError put_error_ = RemoteError::kNone;

@@ -73,7 +73,7 @@ bool may_overtake_data(FrameType t) {
 }  // namespace
 
 void Connection::enqueue(const FrameHeader& h, const void* payload, size_t len,
-                         std::shared_ptr<RequestState> done, size_t done_bytes) {
+                         RequestStateRef done, size_t done_bytes) {
   OutFrame f;
   f.h = h;
   f.payload = static_cast<const uint8_t*>(payload);
@@ -784,7 +784,7 @@ void Connection::fail(Status why, bool warn) {
     ::close(fd_);
     fd_ = -1;
   }
-  auto finish = [&](const std::shared_ptr<RequestState>& st) {
+  auto finish = [&](const RequestStateRef& st) {
     if (st) st->complete(status_, 0);
   };
   for (auto& f : out_) finish(f.done);

@@ -52,7 +52,7 @@ struct PendingOp {
   }
 
   Kind kind = Kind::kSend;
-  std::shared_ptr<RequestState> state;
+  RequestStateRef state;
   std::shared_ptr<EpLink> link;
   size_t bytes = 0;
   uint32_t immediate = 0;
@@ -455,17 +455,17 @@ Request UcxEndpoint::send(uint32_t channel, const void* data, size_t size,
     // Fast path: no request, no allocation, the header on the stack. UCX refuses (without side
     // effects) what it cannot finish right now, and the full path below takes over (with the
     // same sequence number: the receiver orders packed and unpacked messages alike).
-    ucp_request_param_t param{};
-    param.op_attr_mask = UCP_OP_ATTR_FLAG_FORCE_IMM_CMPL;
+    static constexpr ucp_request_param_t kAtOnce = {.op_attr_mask =
+                                                        UCP_OP_ATTR_FLAG_FORCE_IMM_CMPL};
     ucs_status_ptr_t p;
     if (size <= kPackedLimit) {
       // Small: header and payload in one buffer, one piece for UCX (see kPackedLimit).
       alignas(8) uint8_t packed[sizeof(AmHeader) + kPackedLimit];
       std::memcpy(packed, &header, sizeof header);
       copy_bytes(packed + sizeof header, data, size);
-      p = ucp_am_send_nbx(link.ep, kAmPackedId, nullptr, 0, packed, sizeof header + size, &param);
+      p = ucp_am_send_nbx(link.ep, kAmPackedId, nullptr, 0, packed, sizeof header + size, &kAtOnce);
     } else {
-      p = ucp_am_send_nbx(link.ep, kAmMessageId, &header, sizeof header, data, size, &param);
+      p = ucp_am_send_nbx(link.ep, kAmMessageId, &header, sizeof header, data, size, &kAtOnce);
     }
     if (p == nullptr) {
       ++sequence;

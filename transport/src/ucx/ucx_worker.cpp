@@ -170,7 +170,7 @@ std::optional<size_t> plain_byte_count(const char* text) {
 
 // Completion of a rendezvous receive into a posted recv buffer.
 struct RendezvousRecv {
-  std::shared_ptr<RequestState> state;
+  RequestStateRef state;
   size_t length;
   UcxWorker* worker;
   uint64_t peer_id;

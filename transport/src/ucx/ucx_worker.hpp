@@ -183,7 +183,7 @@ class UcpContext {
 
 // A recv posted before its message arrived.
 struct PostedRecv {
-  std::shared_ptr<RequestState> state;
+  RequestStateRef state;
   void* data = nullptr;
   size_t capacity = 0;
   uint64_t peer_id = 0;  // whose inbox it was posted to
@@ -384,8 +384,8 @@ class UcxWorker : public std::enable_shared_from_this<UcxWorker> {
     return peer.node_id == info_.node_id;
   }
 
-  // Recycles the states of finished requests (recv, and sends/puts/gets UCX did not finish at
-  // once): see RequestStatePool.
+  // The free list of request states (recvs, and sends/puts/gets UCX did not finish at once): see
+  // RequestStatePool.
   [[nodiscard]] RequestStatePool& request_pool() noexcept { return request_pool_; }
 
   // Runs `action` from progress() once the coarse clock passes `deadline_ns` (read on the
@@ -437,7 +437,7 @@ class UcxWorker : public std::enable_shared_from_this<UcxWorker> {
     ++stream.next_sequence;
     copy_bytes(recv.data, data, length);
     recv.state->complete(Status(), length);
-    request_pool_.recycle(std::move(recv.state));
+    // Drops the backend's reference: the state returns to the pool when the caller's handle goes.
     stream.posted.pop_front();
     if (!stream.early.empty()) drain_early(stream);  // in_callback_ is set by the caller
     return true;

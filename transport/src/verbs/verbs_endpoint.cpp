@@ -531,7 +531,7 @@ bool VerbsEndpoint::post_outgoing(size_t& posted) {
   if (failed() || !established() || outgoing_.empty()) return false;
   ibv_send_wr wrs[kPostBatch];
   ibv_sge sges[kPostBatch];
-  std::shared_ptr<RequestState> posted_reqs[kPostBatch];
+  RequestStateRef posted_reqs[kPostBatch];
   size_t eager_bytes[kPostBatch];
   uint64_t ring_plus1[kPostBatch];
   bool any = false;

@@ -109,7 +109,7 @@ struct Shared {
 struct OpGroup {
   enum class Kind : uint8_t { kUser, kRendezvousRead };
   Kind kind = Kind::kUser;
-  std::shared_ptr<RequestState> request;
+  RequestStateRef request;
   size_t bytes = 0;
   uint32_t pending = 0;
   Status status;
@@ -197,7 +197,7 @@ class VerbsEndpoint final : public Endpoint {
     OpKind kind = OpKind::kRing;
     RingHeader header;
     std::vector<uint8_t> payload;             // eager payload copied while queued
-    std::shared_ptr<RequestState> on_posted;  // eager send: completes when posted
+    RequestStateRef on_posted;                // eager send: completes when posted
     std::shared_ptr<OpGroup> group;           // write/read: completes when all pieces are done
     uint64_t local_addr = 0;
     uint32_t lkey = 0;
@@ -217,7 +217,7 @@ class VerbsEndpoint final : public Endpoint {
   struct PostedRecv {
     void* data;
     size_t capacity;
-    std::shared_ptr<RequestState> request;
+    RequestStateRef request;
     std::shared_ptr<RegionState> region;  // the caller's registration, if any
   };
   struct Arrived {
@@ -229,7 +229,7 @@ class VerbsEndpoint final : public Endpoint {
     std::deque<Arrived> arrived;
   };
   struct RendezvousSend {
-    std::shared_ptr<RequestState> request;
+    RequestStateRef request;
     size_t size;
     MrPtr transient;
   };

@@ -6,13 +6,19 @@
 // or poll with Context::progress() and done().
 //
 // Operations that finish at once (an eager send copied into a ring, a recv matching a message that
-// already arrived) return a completed Request with no allocation. A backend that creates a pending
-// Request per message can take them from a RequestStatePool, which reuses the states of finished
-// requests whose handles are gone (no allocation in the steady state).
+// already arrived) return a completed Request with no state and no allocation. A pending Request
+// shares a RequestState with the backend that will complete it. A backend that creates a pending
+// Request per message takes the states from a RequestStatePool: a state whose last reference is
+// gone goes back to its pool's free list and the next pending request reuses it (no allocation in
+// the steady state).
 //
-// Thread safety: a Request belongs to its Context's progress thread, like the Context.
-// Ownership: the state is shared between the caller's handle and the backend; dropping the handle
-// does not cancel the operation, but the caller must keep the data buffer alive until completion.
+// Thread safety: a Request, its state, and the pool the state came from belong to the Context's
+// progress thread, like the Context itself (the reference counts are plain integers: copying or
+// dropping a handle costs an increment, not an atomic read-modify-write). Handles may be dropped
+// after their Context is gone, on the thread that used it.
+// Ownership: the state lives while a Request handle or the backend refers to it; dropping the
+// handle does not cancel the operation, but the caller must keep the data buffer alive until
+// completion.
 #pragma once
 
 #include <cstddef>
@@ -20,16 +26,23 @@
 #include <memory>
 #include <string>
 #include <utility>
-#include <vector>
 
 #include <myelin/core/status.hpp>
 
 namespace myelin::transport {
 
-// The shared completion record. Backends create it with Request::make_pending() and finish it
-// with complete(); both only on the progress thread.
+class Request;
+class RequestStateRef;
+class RequestStatePool;
+
+// The shared completion record of a pending Request. Backends get it from Request::make_pending()
+// or RequestStatePool::make_pending() (with a RequestStateRef to it) and finish it with
+// complete(); both only on the progress thread.
 class RequestState {
  public:
+  RequestState(const RequestState&) = delete;
+  RequestState& operator=(const RequestState&) = delete;
+
   [[nodiscard]] bool done() const noexcept { return done_; }
   [[nodiscard]] const Status& status() const noexcept { return status_; }
   [[nodiscard]] size_t bytes() const noexcept { return bytes_; }
@@ -37,151 +50,229 @@ class RequestState {
   // a success on teardown stay simple.
   void complete(Status status, size_t bytes) {
     if (done_) return;
-    status_ = std::move(status);
+    if (!status.ok()) status_ = std::move(status);  // status_ is OK until the state completes
     bytes_ = bytes;
     done_ = true;
   }
   // Optional: what the operation is, so a timed-out wait can name it ("recv on channel 3 from
   // rank 1"). op must be a string literal; peer is shared with the endpoint (may be null). A
-  // recycled state that already names the same peer keeps its reference (no count update).
+  // reused state that already names the same peer keeps its reference (no count update).
   void describe(const char* op, uint32_t channel, const std::shared_ptr<const std::string>& peer) {
     op_ = op;
     channel_ = channel;
     if (peer_ != peer) peer_ = peer;
   }
-  [[nodiscard]] std::string description() const {
-    if (op_ == nullptr) return "request";
-    std::string s(op_);
-    s += " on channel " + std::to_string(channel_);
-    if (peer_) s += " with " + *peer_;
-    return s;
-  }
+  [[nodiscard]] std::string description() const;
 
  private:
+  friend class Request;
+  friend class RequestStateRef;
   friend class RequestStatePool;
-  // Back to a fresh pending state; the peer label stays (describe() usually sets the same one).
-  void reset() noexcept {
-    done_ = false;
-    bytes_ = 0;
-    status_ = Status();
-    op_ = nullptr;
-    channel_ = 0;
+  // The free list a pooled state returns to; shared by the pool and the states it made, and
+  // freed by whichever of them goes last (see RequestStatePool).
+  struct Home {
+    RequestState* free = nullptr;  // singly linked through next_free_
+    size_t free_count = 0;
+    size_t capacity = 0;  // most states kept on the free list; 0 once the pool is gone
+    size_t attached = 0;  // states whose home_ is this, listed or in use
+    bool pool_alive = true;
+  };
+
+  explicit RequestState(Home* home) noexcept : home_(home) {}
+  ~RequestState() = default;
+
+  void add_ref() noexcept { ++refs_; }
+  // Drops a reference; the last one puts the state back on its pool's free list (inline: the
+  // usual end of a pooled request), or frees it (no pool, the pool gone, or its list full).
+  void release() noexcept {
+    if (--refs_ != 0) return;
+    Home* home = home_;
+    if (home != nullptr && home->free_count < home->capacity) {
+      next_free_ = home->free;
+      home->free = this;
+      ++home->free_count;
+      return;
+    }
+    free_unlisted();
   }
+  void free_unlisted() noexcept;
 
   bool done_ = false;
+  uint32_t channel_ = 0;
+  uint32_t refs_ = 0;  // Request handles and RequestStateRefs to this state
   size_t bytes_ = 0;
   Status status_;
   const char* op_ = nullptr;
-  uint32_t channel_ = 0;
   std::shared_ptr<const std::string> peer_;
+  Home* home_ = nullptr;  // null: not from a pool
+  RequestState* next_free_ = nullptr;
+};
+
+// A backend's counted reference to a RequestState (its half of a pending request). Copy, move,
+// reset() and comparison as a smart pointer; null when default-constructed or moved from.
+class RequestStateRef {
+ public:
+  RequestStateRef() noexcept = default;
+  RequestStateRef(std::nullptr_t) noexcept {}  // NOLINT(google-explicit-constructor)
+  RequestStateRef(const RequestStateRef& other) noexcept : state_(other.state_) {
+    if (state_ != nullptr) state_->add_ref();
+  }
+  RequestStateRef(RequestStateRef&& other) noexcept
+      : state_(std::exchange(other.state_, nullptr)) {}
+  RequestStateRef& operator=(const RequestStateRef& other) noexcept {
+    RequestStateRef(other).swap(*this);
+    return *this;
+  }
+  RequestStateRef& operator=(RequestStateRef&& other) noexcept {
+    RequestStateRef(std::move(other)).swap(*this);
+    return *this;
+  }
+  ~RequestStateRef() {
+    if (state_ != nullptr) state_->release();
+  }
+
+  void reset() noexcept {
+    if (state_ != nullptr) std::exchange(state_, nullptr)->release();
+  }
+  void swap(RequestStateRef& other) noexcept { std::swap(state_, other.state_); }
+  [[nodiscard]] RequestState* get() const noexcept { return state_; }
+  RequestState* operator->() const noexcept { return state_; }
+  RequestState& operator*() const noexcept { return *state_; }
+  explicit operator bool() const noexcept { return state_ != nullptr; }
+  // Request handles and backend references to the state (0 when null).
+  [[nodiscard]] uint32_t use_count() const noexcept {
+    return state_ != nullptr ? state_->refs_ : 0;
+  }
+  friend bool operator==(const RequestStateRef& a, const RequestStateRef& b) noexcept {
+    return a.state_ == b.state_;
+  }
+
+ private:
+  friend class Request;
+  friend class RequestStatePool;
+  // Takes over one reference the caller already counted.
+  explicit RequestStateRef(RequestState* adopted) noexcept : state_(adopted) {}
+  RequestState* state_ = nullptr;
 };
 
 class [[nodiscard]] Request {
  public:
   // An empty Request counts as completed OK with 0 bytes.
-  Request() = default;
+  Request() noexcept = default;
+  Request(const Request& other)
+      : state_(other.state_),
+        inline_bytes_(other.inline_bytes_),
+        inline_status_(other.inline_status_) {
+    if (state_ != nullptr) state_->add_ref();
+  }
+  Request(Request&& other) noexcept
+      : state_(std::exchange(other.state_, nullptr)),
+        inline_bytes_(other.inline_bytes_),
+        inline_status_(std::move(other.inline_status_)) {}
+  Request& operator=(const Request& other) {
+    Request(other).swap(*this);
+    return *this;
+  }
+  Request& operator=(Request&& other) noexcept {
+    Request(std::move(other)).swap(*this);
+    return *this;
+  }
+  ~Request() {
+    if (state_ != nullptr) state_->release();
+  }
 
-  static Request completed(size_t bytes) { return Request(bytes); }
-  static Request failed(Status status) {
+  static Request completed(size_t bytes) noexcept {
+    Request r;
+    r.inline_bytes_ = bytes;
+    return r;
+  }
+  static Request failed(Status status) noexcept {
     Request r;
     r.inline_status_ = std::move(status);
     return r;
   }
-  // A request the backend will complete later; returns the handle and the state to complete.
-  static std::pair<Request, std::shared_ptr<RequestState>> make_pending() {
-    return pending_from(std::make_shared<RequestState>());
-  }
+  // A request the backend will complete later, with a state of its own (one allocation, freed
+  // with its last reference); returns the handle and the backend's reference.
+  static std::pair<Request, RequestStateRef> make_pending();
 
-  [[nodiscard]] bool done() const noexcept { return !state_ || state_->done(); }
+  [[nodiscard]] bool done() const noexcept { return state_ == nullptr || state_->done(); }
   // The outcome; meaningful once done().
   [[nodiscard]] const Status& status() const noexcept {
-    return state_ ? state_->status() : inline_status_;
+    return state_ != nullptr ? state_->status() : inline_status_;
   }
-  [[nodiscard]] size_t bytes() const noexcept { return state_ ? state_->bytes() : inline_bytes_; }
+  [[nodiscard]] size_t bytes() const noexcept {
+    return state_ != nullptr ? state_->bytes() : inline_bytes_;
+  }
   // The backend's description of the operation (see RequestState::describe()).
   [[nodiscard]] std::string description() const {
-    return state_ ? state_->description() : std::string("completed request");
+    return state_ != nullptr ? state_->description() : std::string("completed request");
   }
 
  private:
   friend class RequestStatePool;
-  explicit Request(size_t bytes) : inline_bytes_(bytes) {}
-  static std::pair<Request, std::shared_ptr<RequestState>> pending_from(
-      std::shared_ptr<RequestState> state) {
+  void swap(Request& other) noexcept {
+    std::swap(state_, other.state_);
+    std::swap(inline_bytes_, other.inline_bytes_);
+    std::swap(inline_status_, other.inline_status_);
+  }
+  // A fresh state with its two references counted: the handle's and the backend's.
+  static std::pair<Request, RequestStateRef> pending_from(RequestState* state) noexcept {
+    state->refs_ = 2;
     Request r;
     r.state_ = state;
-    return {std::move(r), std::move(state)};
+    return {std::move(r), RequestStateRef(state)};
   }
-  std::shared_ptr<RequestState> state_;
+
+  RequestState* state_ = nullptr;
   size_t inline_bytes_ = 0;
   Status inline_status_;
 };
 
-// RequestStatePool: a backend's cache of the states of requests it finished, reused once every
-// Request handle of them is gone, so that a backend creating one pending Request per message (a
-// recv posted before its message arrives) allocates nothing in the steady state.
-//
-// A backend calls recycle() with its own reference to a state it completed and will not touch
-// again; make_pending() reuses the oldest or newest cached state that nobody else holds any more
-// (use_count() == 1: the pool's reference is the only one), else allocates one. At most
-// `capacity` states are cached; beyond that the oldest is released.
+// RequestStatePool: a backend's free list of request states, so that a backend creating one
+// pending Request per message (a recv posted before its message arrives) allocates nothing in the
+// steady state. A state made here returns to the list when its last reference (the caller's
+// Request handles, the backend's RequestStateRefs) goes, and make_pending() takes the most
+// recently returned one, whose cache lines are the warmest. At most `capacity` states wait on the
+// list; beyond that a returning state is freed. States may outlive the pool (a handle kept after
+// its Context closed): the pool's destructor frees the listed states, and each one still in use
+// is freed with its last reference.
 //
 // Thread safety: none; the pool and the Requests it hands out belong to one progress thread (as
-// every Request does), which is what makes the use_count() test exact.
+// every Request does).
 class RequestStatePool {
  public:
   static constexpr size_t kDefaultCapacity = 64;
-  explicit RequestStatePool(size_t capacity = kDefaultCapacity)
-      : slots_(capacity == 0 ? 1 : capacity) {}
+  explicit RequestStatePool(size_t capacity = kDefaultCapacity);
   RequestStatePool(const RequestStatePool&) = delete;
   RequestStatePool& operator=(const RequestStatePool&) = delete;
+  ~RequestStatePool();
 
-  // A pending request: a recycled state when one is free, else a new one.
-  std::pair<Request, std::shared_ptr<RequestState>> make_pending() {
-    if (count_ != 0) {
-      if (slots_[head_].use_count() == 1) {
-        std::shared_ptr<RequestState> state = std::move(slots_[head_]);
-        head_ = next(head_);
-        --count_;
-        state->reset();
-        return Request::pending_from(std::move(state));
-      }
-      auto& newest = slots_[index(count_ - 1)];
-      if (newest.use_count() == 1) {
-        std::shared_ptr<RequestState> state = std::move(newest);
-        --count_;
-        state->reset();
-        return Request::pending_from(std::move(state));
-      }
-    }
-    return Request::make_pending();
+  // A pending request: a listed state when there is one, else a new one.
+  std::pair<Request, RequestStateRef> make_pending() {
+    RequestState* state = home_->free;
+    if (state == nullptr) return pending_from_new();
+    home_->free = state->next_free_;
+    --home_->free_count;
+    // A listed state is as its last use left it: back to pending (status_ is OK unless it failed).
+    state->done_ = false;
+    state->bytes_ = 0;
+    state->op_ = nullptr;
+    state->channel_ = 0;
+    if (!state->status_.ok()) state->status_ = Status();
+    return Request::pending_from(state);
   }
 
-  // Takes back the backend's reference to a completed state (an unfinished one is just dropped:
-  // it must never be handed out again while someone may still complete it).
-  void recycle(std::shared_ptr<RequestState> state) noexcept {
-    if (!state || !state->done()) return;
-    if (count_ == slots_.size()) {
-      slots_[head_].reset();
-      head_ = next(head_);
-      --count_;
-    }
-    slots_[index(count_)] = std::move(state);
-    ++count_;
-  }
+  // Drops the backend's reference to a state (kept for the backends' symmetry with make_pending:
+  // the state returns to the list by itself once its handles are gone as well).
+  void recycle(RequestStateRef state) noexcept { state.reset(); }
 
-  [[nodiscard]] size_t cached() const noexcept { return count_; }
+  // States waiting on the free list.
+  [[nodiscard]] size_t cached() const noexcept { return home_->free_count; }
 
  private:
-  [[nodiscard]] size_t next(size_t i) const noexcept { return i + 1 == slots_.size() ? 0 : i + 1; }
-  [[nodiscard]] size_t index(size_t k) const noexcept {
-    const size_t i = head_ + k;
-    return i >= slots_.size() ? i - slots_.size() : i;
-  }
+  std::pair<Request, RequestStateRef> pending_from_new();
 
-  std::vector<std::shared_ptr<RequestState>> slots_;  // a ring: count_ entries from head_
-  size_t head_ = 0;
-  size_t count_ = 0;
+  RequestState::Home* home_;
 };
 
 }  // namespace myelin::transport
