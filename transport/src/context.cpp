@@ -84,6 +84,9 @@ struct Context::Impl {
   internal::ContextInfo info;
   // Preference order: as compiled_backends() lists them (verbs, ucx, tcp, shm).
   std::vector<std::unique_ptr<BackendContext>> backends;
+  // The backend of a Context that opened only one (one asked for by name): progress() polls it
+  // without the loop over `backends`. Null with several.
+  BackendContext* only_backend = nullptr;
   std::vector<uint8_t> address;
   std::map<std::vector<uint8_t>, std::unique_ptr<Endpoint>> endpoints;
   using CacheKey = std::tuple<uintptr_t, size_t, uint8_t>;
@@ -234,6 +237,7 @@ struct Context::Impl {
   }
 
   size_t progress() {
+    if (only_backend != nullptr) return only_backend->progress();
     size_t n = 0;
     for (const auto& be : backends) n += be->progress();
     return n;
@@ -257,6 +261,20 @@ struct Context::Impl {
       if (done()) return true;
     }
     return false;
+  }
+  // The first of those polls, for Context::wait's inline part: in a ping-pong most waits that
+  // are not done at once end with it.
+  bool done_after_one_poll(const Request& request) {
+    if (current_mode() != ProgressMode::kBusyPoll) return false;
+    progress();
+    return request.done();
+  }
+  // The rest of a wait that one poll did not end: the polls before the first clock read, then
+  // drive() until the deadline (`deadline`, or options.timeout from now when null). Out of line,
+  // so that the part of Context::wait() that usually ends it stays a short function.
+  [[gnu::noinline]] Status wait_rest(const Request& request, const Deadline* deadline) {
+    if (done_within_first_polls([&] { return request.done(); })) return status_of(request);
+    return wait_until(request, deadline != nullptr ? *deadline : default_deadline(options.timeout));
   }
 
   Status wait_until(const Request& request, Deadline deadline) {
@@ -449,6 +467,7 @@ Result<std::unique_ptr<Context>> Context::create(const Options& options) {
                        " backend is not compiled into this build of myelin");
   }
   if (impl->backends.empty()) return unavailable("no transport backend could be opened: ", skipped);
+  if (impl->backends.size() == 1) impl->only_backend = impl->backends.front().get();
   impl->tcp_only = std::all_of(impl->backends.begin(), impl->backends.end(),
                                [](const auto& be) { return be->kind() == Backend::kTcp; });
   impl->yield_may_sleep =
@@ -649,15 +668,14 @@ size_t Context::progress() {
 }
 
 Status Context::wait(const Request& request) {
-  if (request.done()) return status_of(request);  // no clock read for a finished request
-  if (impl_->done_within_first_polls([&] { return request.done(); })) return status_of(request);
-  return impl_->wait_until(request, default_deadline(impl_->options.timeout));
+  // No clock read for a finished request, nor for one the first poll finishes.
+  if (request.done() || impl_->done_after_one_poll(request)) return status_of(request);
+  return impl_->wait_rest(request, nullptr);
 }
 
 Status Context::wait(const Request& request, Deadline deadline) {
-  if (request.done()) return status_of(request);
-  if (impl_->done_within_first_polls([&] { return request.done(); })) return status_of(request);
-  return impl_->wait_until(request, deadline);
+  if (request.done() || impl_->done_after_one_poll(request)) return status_of(request);
+  return impl_->wait_rest(request, &deadline);
 }
 
 Status Context::wait_all(std::span<const Request> requests, Deadline deadline) {

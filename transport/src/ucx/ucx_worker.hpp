@@ -226,12 +226,12 @@ class RecvQueue {
   // Drops the first recv. Only its state reference is released (already empty where the caller
   // moved it out); the slot's other fields are plain values nothing reads until a push_back()
   // overwrites them.
-  void pop_front() noexcept {
+  [[gnu::always_inline]] void pop_front() noexcept {
     slots_[head_].state.reset();
     head_ = (head_ + 1) & mask_;
     --size_;
   }
-  void push_back(PostedRecv recv) {
+  [[gnu::always_inline]] void push_back(PostedRecv&& recv) {
     if (size_ == slots_.size()) grow();
     slots_[(head_ + size_) & mask_] = std::move(recv);
     ++size_;
