@@ -21,10 +21,10 @@ std::shared_ptr<const void> own_copy(std::span<const std::byte> payload,
   return buf;
 }
 
-// A message with `a`'s id, timestamps and payload: shared with a.owner, or copied without one.
-// The caller sets lane and batching.
+// A message with `a`'s id, timestamps and payload: shared with a.owner, or copied without one or
+// with `copy`. The caller sets lane and batching.
 std::shared_ptr<Message> message_from(const PublishArgs& a, FrameType type, std::string topic,
-                                      uint64_t seq) {
+                                      uint64_t seq, bool copy = false) {
   auto m = std::make_shared<Message>();
   m->type = type;
   m->topic = std::move(topic);
@@ -32,7 +32,7 @@ std::shared_ptr<Message> message_from(const PublishArgs& a, FrameType type, std:
   m->id = a.id;
   m->publish_ts_ns = a.publish_ts_ns;
   m->broker_rx_ns = monotonic_ns();
-  if (a.owner) {
+  if (a.owner && !copy) {
     m->owner = a.owner;
     m->payload = a.payload;
   } else {
@@ -250,18 +250,19 @@ Result<PublishOutcome> Broker::publish(const PublishArgs& a) {
   }
   const std::vector<Session*>& targets = ts.targets;
   TopicStats& st = *ts.stats;
-  if (p.overflow == OverflowPolicy::kBlock) {
+  bool deep = false;  // a lane holds kMaxSharedOwnerDepth or more messages
+  for (Session* s : targets) {
+    auto& q = s->lane(p.lane);
+    const size_t depth = q.size();
     // Only this thread (under mu_) pushes, drainers only pop: room seen now stays.
-    for (Session* s : targets) {
-      auto& q = s->lane(p.lane);
-      if (q.size() >= q.capacity()) {
-        st.stalls++;
-        return PublishOutcome::kBlocked;
-      }
+    if (p.overflow == OverflowPolicy::kBlock && depth >= q.capacity()) {
+      st.stalls++;
+      return PublishOutcome::kBlocked;
     }
+    deep = deep || depth >= kMaxSharedOwnerDepth;
   }
   const uint64_t seq = ++ts.seq;
-  auto m = message_from(a, FrameType::kDeliver, std::string(a.topic), seq);
+  auto m = message_from(a, FrameType::kDeliver, std::string(a.topic), seq, a.owner_shared && deep);
   m->lane = p.lane;
   m->batchable = p.batching;
   st.messages_in++;
@@ -299,7 +300,8 @@ Result<PublishOutcome> Broker::request(const PublishArgs& a) {
     std::string dead = "$dead/" + std::string(a.topic);
     if (dead.size() > kMaxTopicLength) dead = "$dead/overflow";
     const uint64_t seq = ++topic_locked(dead).seq;
-    auto m = message_from(a, FrameType::kDeliver, dead, seq);
+    // Dead letters are rare and may wait long: never with a shared owner.
+    auto m = message_from(a, FrameType::kDeliver, dead, seq, a.owner_shared);
     m->lane = lane_for_size(a.payload.size());
     st.dead_letters++;
     TopicPolicy pp;
@@ -322,7 +324,8 @@ Result<PublishOutcome> Broker::request(const PublishArgs& a) {
   }
   if (responders.empty()) return unavailable("no responder for ", a.topic);
   Session& target = *sessions_.at(responders[rr_++ % responders.size()]->session_id);
-  auto m = message_from(a, FrameType::kRequest, std::string(a.topic), a.attempt);
+  auto m = message_from(a, FrameType::kRequest, std::string(a.topic), a.attempt,
+                        a.owner_shared && target.lane(p.lane).size() >= kMaxSharedOwnerDepth);
   m->lane = p.lane;
   m->batchable = p.batching;
   TopicPolicy blocking = p;

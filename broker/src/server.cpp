@@ -160,6 +160,31 @@ class Server::Impl {
     std::unique_ptr<Link> link;  // kAttach
     uint64_t session = 0;        // kEnd
   };
+  // A publish, request or parameter-server operation from a client, waiting to be processed. Its
+  // topic and payload are views into `owner`, which keeps them alive while it is parked or queued
+  // for sessions: the receive block it was decoded from (`shared_block`: the block holds other
+  // frames too, see PublishArgs::owner_shared), or the buffer it was reassembled into. No copy is
+  // made on the way in.
+  struct Work {
+    FrameHeader header;
+    std::string_view topic;
+    std::span<const std::byte> payload;
+    std::shared_ptr<const void> owner;
+    bool shared_block = false;
+  };
+  // A frame decoded from a receive block, kept alive by `owner` (that block).
+  static Work work_from(const FrameView& f, const std::shared_ptr<const void>& owner) {
+    return Work{f.header, f.topic, f.payload, owner, /*shared_block=*/true};
+  }
+  // A reassembled message: its own topic and payload go along with it.
+  static Work work_from(AssembledMessage&& m) {
+    auto held = std::make_shared<AssembledMessage>(std::move(m));
+    Work w{held->header, held->topic,
+           std::span<const std::byte>(held->payload->data(), held->payload->size()), nullptr,
+           /*shared_block=*/false};
+    w.owner = std::move(held);
+    return w;
+  }
   // Control side -> loop: a control connection let go (with what it still held), a session to
   // close, or parameter-server work that arrived on a control connection.
   struct LoopCmd {
@@ -167,7 +192,7 @@ class Server::Impl {
     uint64_t session = 0;
     std::unique_ptr<Link> link;  // kDetached
     std::string why;             // kDetached, kClose
-    AssembledMessage work;       // kWork
+    Work work;                   // kWork
   };
 
   void loop();
@@ -191,11 +216,11 @@ class Server::Impl {
   Status handle_active(Conn& c, const FrameView& f, const std::shared_ptr<const void>& owner);
   // A publish, request or parameter-server operation: takes its publish credit, then processes
   // it or parks it behind earlier ones.
-  Status accept_work(Conn& c, AssembledMessage m);
+  Status accept_work(Conn& c, Work m);
   // Routes a publish or request, or (loop only: `via` null) serves a parameter-server operation.
   // Errors go to the client on `via` (the control side) or through send_direct() (the loop).
   // Returns false when the frame must wait (blocked or rate limited).
-  bool process_work(Conn& c, const AssembledMessage& m, Link* via);
+  bool process_work(Conn& c, const Work& m, Link* via);
   void retry_parked(Conn& c);
   void pump(Conn& c);
   void queue_message(Conn& c, OutQueue& out, const MessagePtr& m, int64_t now);
@@ -406,7 +431,7 @@ struct Server::Impl::Conn final : public Session {
   // while control traffic flows (within kControlRecentNs), so pure bulk keeps the full pipeline.
   int64_t last_control_ns = INT64_MIN / 2;
   // Publish-like frames on the main connection waiting for room or a rate-limit token, in order.
-  std::deque<AssembledMessage> parked;
+  std::deque<Work> parked;
   // Publishes the loop accepted whose credit goes back in its next credit frame, on the main
   // connection. (Those the control side accepts go back on the control connection, Link::
   // credits_to_return: each side returns its own, and neither wakes the other for it.)
@@ -466,7 +491,7 @@ struct Server::Impl::Link {
   bool want_out = false;
   // Publishes and requests from this connection waiting for room or a rate-limit token, in order
   // (a topic is in one lane, so this keeps the order per topic and publisher).
-  std::deque<AssembledMessage> parked;
+  std::deque<Work> parked;
   // Publishes accepted here whose credit goes back in the next credit frame on this connection.
   uint64_t credits_to_return = 0;
 };
@@ -1191,11 +1216,8 @@ Status Server::Impl::handle_ctrl(Link& l, const FrameView& f,
         return protocol_error("client sent more than its ", opt_.publish_credits,
                               " publish credits");
       }
-      // One copy out of the receive block: the message may outlive it while parked or queued.
-      AssembledMessage m;
-      m.header = h;
-      m.topic = std::string(f.topic);
-      m.payload = std::make_shared<std::vector<std::byte>>(f.payload.begin(), f.payload.end());
+      // No copy: the message keeps its receive block while parked or queued.
+      Work m = work_from(f, owner);
       if (h.type == FrameType::kPsPush || h.type == FrameType::kPsPull) {
         // The parameter server and its pending pulls are the loop's.
         post_loop(LoopCmd{.kind = LoopCmd::Kind::kWork, .session = c.id(), .work = std::move(m)});
@@ -1424,7 +1446,7 @@ void Server::Impl::run_loop_cmds() {
         }
         // Publishes that waited there wait here now (a topic is in one lane: no order across),
         // and credits it had not returned go back from here.
-        for (AssembledMessage& m : cmd.link->parked) c.parked.push_back(std::move(m));
+        for (Work& m : cmd.link->parked) c.parked.push_back(std::move(m));
         c.credits_to_return += cmd.link->credits_to_return;
         MYELIN_LOG_INFO << "client " << c.id() << " (" << c.ident << "): control connection ended ("
                         << cmd.why << "); its control lane falls back to the main connection, with "
@@ -1549,7 +1571,7 @@ Status Server::Impl::handle_frame(Conn& c, const FrameView& f,
   return handle_active(c, f, owner);
 }
 
-Status Server::Impl::accept_work(Conn& c, AssembledMessage m) {
+Status Server::Impl::accept_work(Conn& c, Work m) {
   // One window for both connections. Relaxed: a count (see Conn).
   if (c.publish_outstanding.fetch_add(1, std::memory_order_relaxed) + 1 > opt_.publish_credits) {
     return protocol_error("client sent more than its ", opt_.publish_credits, " publish credits");
@@ -1571,7 +1593,7 @@ Status Server::Impl::handle_active(Conn& c, const FrameView& f,
     whole.topic = m.topic;
     whole.payload = std::span<const std::byte>(m.payload->data(), m.payload->size());
     // A reassembled publish already has a buffer of its own: no second copy.
-    if (publish_like(m.header.type)) return accept_work(c, std::move(m));
+    if (publish_like(m.header.type)) return accept_work(c, work_from(std::move(m)));
     std::shared_ptr<const void> own = m.payload;
     return handle_active(c, whole, own);
   }
@@ -1584,12 +1606,8 @@ Status Server::Impl::handle_active(Conn& c, const FrameView& f,
     case FrameType::kRequest:
     case FrameType::kPsPush:
     case FrameType::kPsPull: {
-      // One copy out of the receive block: the message may outlive it while parked or queued.
-      AssembledMessage m;
-      m.header = h;
-      m.topic = std::string(f.topic);
-      m.payload = std::make_shared<std::vector<std::byte>>(f.payload.begin(), f.payload.end());
-      return accept_work(c, std::move(m));
+      // No copy: the message keeps its receive block while parked or queued.
+      return accept_work(c, work_from(f, owner));
     }
     // Answered on the main connection, where they came: a client sends them there when it
     // has no control connection, or gave one up that the broker bound (its attach timed out,
@@ -1636,7 +1654,7 @@ Status Server::Impl::handle_active(Conn& c, const FrameView& f,
   }
 }
 
-bool Server::Impl::process_work(Conn& c, const AssembledMessage& m, Link* via) {
+bool Server::Impl::process_work(Conn& c, const Work& m, Link* via) {
   // Rate limit: a token per message; without one the frame waits (the producer stalls). Both
   // sides take from one bucket: the token is taken now and given back if the frame must wait.
   const bool limited = c.acl && c.acl->rate_limit_msgs_per_s > 0;
@@ -1656,7 +1674,7 @@ bool Server::Impl::process_work(Conn& c, const AssembledMessage& m, Link* via) {
     c.tokens -= 1.0;
   }
   const FrameHeader& h = m.header;
-  std::span<const std::byte> payload(m.payload->data(), m.payload->size());
+  const std::span<const std::byte> payload = m.payload;
   bool done = true;
   switch (h.type) {
     case FrameType::kPublish:
@@ -1673,7 +1691,8 @@ bool Server::Impl::process_work(Conn& c, const AssembledMessage& m, Link* via) {
       }
       PublishArgs a{.topic = m.topic,
                     .payload = payload,
-                    .owner = m.payload,
+                    .owner = m.owner,
+                    .owner_shared = m.shared_block,
                     .id = h.id,
                     .publish_ts_ns = h.timestamp_ns,
                     .attempt = request ? h.seq : 1,
@@ -1730,7 +1749,7 @@ bool Server::Impl::process_work(Conn& c, const AssembledMessage& m, Link* via) {
         send_error(c, h.id, resource_exhausted("more than ", kMaxPendingPulls, " pulls pending"));
       } else {
         c.pulls++;
-        pulls_.push_back(PendingPull{c.id(), h.id, m.topic, h.seq});
+        pulls_.push_back(PendingPull{c.id(), h.id, std::string(m.topic), h.seq});
         check_pulls();
       }
       break;

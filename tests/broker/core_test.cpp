@@ -49,6 +49,42 @@ TEST(BrokerCore, WildcardsOneCopyPerSessionControlFirst) {
   EXPECT_EQ(got, (std::vector<std::string>{"c1", "g1", "g2"}));
 }
 
+// A payload whose owner is shared with other data (the daemon's receive block) is queued by
+// reference while the lanes it goes to are short, and copied once a lane is deep: a message
+// waiting behind many others never keeps such an owner alive. Without owner_shared the owner
+// is always kept, however deep the lane.
+TEST(BrokerCore, SharedOwnerIsCopiedOnlyIntoADeepLane) {
+  constexpr size_t kDepth = Broker::kMaxSharedOwnerDepth;
+  Broker b(options(4 * kDepth));
+  auto s = std::make_shared<LocalSubscriber>(1, "a", 4 * kDepth);
+  b.add_session(s);
+  ASSERT_TRUE(b.subscribe(1, 1, "grad/#").ok());
+  ASSERT_TRUE(b.subscribe(1, 2, "lossy/#").ok());
+  auto block = std::make_shared<std::string>("0123456789abcdef");
+  const std::span<const std::byte> payload = bytes(*block).subspan(4, 8);
+  for (const bool shared : {true, false}) {
+    for (const char* topic : {"grad/x", "lossy/x"}) {
+      SCOPED_TRACE(std::string(topic) + (shared ? " shared" : " exclusive"));
+      for (size_t i = 0; i < kDepth + 3; ++i) {
+        auto r =
+            b.publish({.topic = topic, .payload = payload, .owner = block, .owner_shared = shared});
+        ASSERT_TRUE(r.ok());
+        ASSERT_EQ(*r, PublishOutcome::kAccepted);
+      }
+      // The lane now holds kDepth + 3 messages: only the first kDepth hold the block.
+      EXPECT_EQ(block.use_count(), 1 + static_cast<long>(shared ? kDepth : kDepth + 3));
+      for (size_t i = 0; i < kDepth + 3; ++i) {
+        auto m = s->poll(Deadline::after_ms(0));
+        ASSERT_TRUE(m.ok()) << m.status();
+        EXPECT_EQ(text(**m), "456789ab");
+        const bool by_reference = (*m)->payload.data() == payload.data();
+        EXPECT_EQ(by_reference, !shared || i < kDepth) << "message " << i;
+      }
+      EXPECT_EQ(block.use_count(), 1);
+    }
+  }
+}
+
 TEST(BrokerCore, BlockPolicyRefusesWholePublishUntilDrained) {
   Broker b(options(4));
   auto s = std::make_shared<LocalSubscriber>(1, "a", 4);

@@ -142,6 +142,12 @@ struct PublishArgs {
   std::string_view topic;
   std::span<const std::byte> payload;
   std::shared_ptr<const void> owner;  // keeps payload alive while queued; null: payload is copied
+  // `owner` also holds other data (the daemon passes the receive block a frame was decoded from,
+  // so a payload is never copied on its way through). A message queued behind many others could
+  // keep such a block alive long after the rest of it was used, so the payload is copied instead
+  // when a lane it goes to holds kMaxSharedOwnerDepth or more messages: at most that many
+  // messages per lane hold a shared owner.
+  bool owner_shared = false;
   uint64_t id = 0;
   uint64_t publish_ts_ns = 0;
   uint64_t attempt = 1;       // requests only
@@ -150,6 +156,9 @@ struct PublishArgs {
 
 class Broker {
  public:
+  // See PublishArgs::owner_shared.
+  static constexpr size_t kMaxSharedOwnerDepth = 32;
+
   explicit Broker(BrokerOptions options);
   Broker(const Broker&) = delete;
   Broker& operator=(const Broker&) = delete;
