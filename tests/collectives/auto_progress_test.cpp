@@ -214,15 +214,14 @@ class PinnedCpus {
 // Two ranks over TCP in auto (busy polling: 2 ranks do not outnumber the node's CPUs) pinned to
 // two CPUs with four busy processes of their own priority. The ranks must see their CPU contended
 // (their Context says so) and every allreduce must finish with the right sum well within the
-// deadline. (Pinning makes the contention the same on any host: auto counts the node's CPUs, not
-// the affinity mask, so it still resolves to busy polling.)
+// deadline. (Pinning makes the contention the same on any host: both ranks share the two CPUs,
+// so auto still resolves to busy polling.)
 TEST(CollectivesAutoLoaded, TwoTcpRanksBlockWhileTheirCpusAreContended) {
   if (2 > transport::usable_cpus()) GTEST_SKIP() << "needs 2 usable CPUs for busy polling";
   if (!std::ifstream("/proc/self/task/" + std::to_string(gettid()) + "/schedstat")) {
     GTEST_SKIP() << "no schedstat (kernel without CONFIG_SCHED_INFO): contention is not watched";
   }
   PinnedCpus pin(2);
-  // usable_cpus() does not count the affinity mask: a process bound to one CPU lands here.
   if (pin.pinned() < 2) {
     GTEST_SKIP() << "needs 2 CPUs in this process's affinity mask, has " << pin.pinned();
   }
@@ -277,6 +276,71 @@ TEST(CollectivesAutoLoaded, TwoTcpRanksBlockWhileTheirCpusAreContended) {
       },
       {}, std::chrono::seconds(120));
   EXPECT_TRUE(out.all_ok()) << out.summary();
+}
+
+// The CPUs in this process's affinity mask, at most `n`.
+std::vector<int> first_cpus(int n) {
+  std::vector<int> out;
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) != 0) return out;
+  for (int c = 0; c < CPU_SETSIZE && static_cast<int>(out.size()) < n; ++c) {
+    if (CPU_ISSET(c, &set)) out.push_back(c);
+  }
+  return out;
+}
+
+// Each rank checks the mode its Context resolved auto to, then runs one allreduce.
+RankBody expect_mode(transport::ProgressMode want, const char* counts) {
+  return [want, counts](RankCtx& rc) -> Status {
+    const transport::Context& ctx = rc.comm->context();
+    if (ctx.progress_mode() != want || ctx.progress_reason().find(counts) == std::string::npos) {
+      return internal_error("expected ", transport::progress_mode_name(want), " (", counts,
+                            "), got ", ctx.progress_reason());
+    }
+    int32_t v = rc.rank + 1;
+    int32_t sum = 0;
+    MYELIN_RETURN_IF_ERROR(
+        allreduce(*rc.comm, &v, &sum, 1, DataType::kI32, ReduceOp::kSum).status());
+    if (sum != 3) return internal_error("sum ", sum, ", want 3");
+    return ok_status();
+  };
+}
+
+// Two ranks bound to one CPU (taskset on the launcher) compete for it: auto must not busy-poll
+// there (each spinning rank would hold the CPU the other needs for a whole time slice).
+TEST(CollectivesAutoPinned, TwoRanksBoundToOneCpuDoNotBusyPoll) {
+  const std::vector<int> cpus = first_cpus(1);
+  ASSERT_EQ(cpus.size(), 1u);
+  for (const transport::Backend b : {transport::Backend::kTcp, transport::Backend::kShm}) {
+    WorldSpec s;
+    s.ranks = 2;
+    s.backend = b;
+    s.progress = transport::ProgressMode::kAuto;
+    s.cpu_of_rank = {cpus[0], cpus[0]};
+    const auto want = b == transport::Backend::kTcp ? transport::ProgressMode::kSpinThenBlock
+                                                    : transport::ProgressMode::kPollYield;
+    const auto out = run_world(s, expect_mode(want, "2 ranks on 1 CPUs"));
+    EXPECT_TRUE(out.all_ok()) << transport::backend_name(b) << ":" << out.summary();
+  }
+}
+
+// Two ranks bound to a CPU each (srun --cpu-bind, mpirun's binding) do not compete: each sees one
+// CPU and itself alone on it, and busy-polls.
+TEST(CollectivesAutoPinned, RanksBoundToCpusOfTheirOwnBusyPoll) {
+  const std::vector<int> cpus = first_cpus(2);
+  if (cpus.size() < 2) {
+    GTEST_SKIP() << "needs 2 CPUs in this process's affinity mask, has " << cpus.size();
+  }
+  for (const transport::Backend b : {transport::Backend::kTcp, transport::Backend::kShm}) {
+    WorldSpec s;
+    s.ranks = 2;
+    s.backend = b;
+    s.progress = transport::ProgressMode::kAuto;
+    s.cpu_of_rank = {cpus[0], cpus[1]};
+    const auto out =
+        run_world(s, expect_mode(transport::ProgressMode::kBusyPoll, "1 ranks on 1 CPUs"));
+    EXPECT_TRUE(out.all_ok()) << transport::backend_name(b) << ":" << out.summary();
+  }
 }
 
 }  // namespace

@@ -5,12 +5,14 @@
 #pragma once
 
 #include <fcntl.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
@@ -96,6 +98,8 @@ struct WorldSpec {
   std::chrono::milliseconds timeout = std::chrono::seconds(30);
   // Spin-then-block by default: 2 cores shared by up to 8 ranks and other tests.
   transport::ProgressMode progress = transport::ProgressMode::kSpinThenBlock;
+  // Per rank, when not empty: the one CPU the rank binds itself to before it opens its Context.
+  std::vector<int> cpu_of_rank;
 };
 
 struct RankCtx {
@@ -152,6 +156,16 @@ inline Outcome run_world(const WorldSpec& spec, const RankBody& body,
     const pid_t pid = fork();
     if (pid == 0) {
       Status s = [&]() -> Status {
+        if (!spec.cpu_of_rank.empty()) {
+          cpu_set_t one;
+          CPU_ZERO(&one);
+          CPU_SET(spec.cpu_of_rank[static_cast<size_t>(r)], &one);
+          if (sched_setaffinity(0, sizeof(one), &one) != 0) {
+            return errno_status(
+                "binding to CPU " + std::to_string(spec.cpu_of_rank[static_cast<size_t>(r)]),
+                errno);
+          }
+        }
         DirStore store(out.dir + "/store");
         transport::Options o;
         o.backend = spec.backend_of_rank.empty() ? spec.backend

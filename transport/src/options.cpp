@@ -1,6 +1,7 @@
 // Options: names, parsing and the environment overlay.
 #include <myelin/transport/options.hpp>
 
+#include <sched.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -111,6 +112,24 @@ int cgroup_cpus() {
   }
   return 0;
 }
+
+// CPUs in the calling thread's affinity mask; 0 when it cannot be read. The mask is sized for the
+// kernel's CPU count, which may exceed CPU_SETSIZE (sched_getaffinity says EINVAL when the set is
+// too small).
+int affinity_cpus() noexcept {
+  for (size_t ncpus = CPU_SETSIZE; ncpus <= (size_t{1} << 20); ncpus *= 2) {
+    cpu_set_t* set = CPU_ALLOC(ncpus);
+    if (set == nullptr) return 0;
+    const size_t bytes = CPU_ALLOC_SIZE(ncpus);
+    const int rc = sched_getaffinity(0, bytes, set);
+    const int err = errno;
+    const int n = rc == 0 ? CPU_COUNT_S(bytes, set) : 0;
+    CPU_FREE(set);
+    if (rc == 0) return n;
+    if (err != EINVAL) return 0;
+  }
+  return 0;
+}
 }  // namespace
 
 int usable_cpus() noexcept {
@@ -121,6 +140,7 @@ int usable_cpus() noexcept {
     if (cpuset > 0 && cpuset < n) n = cpuset;
   } catch (...) {  // reading /proc or /sys cannot throw in practice; keep the online count
   }
+  if (const int mask = affinity_cpus(); mask > 0 && mask < n) n = mask;
   return n;
 }
 
@@ -136,9 +156,9 @@ ProgressMode resolve_progress_mode(ProgressMode requested, int local_ranks, int 
                                             : ProgressMode::kPollYield;
   if (why != nullptr) {
     const std::string counts =
-        std::to_string(local_ranks) + " ranks on this node, " + std::to_string(cpus) + " CPUs";
+        std::to_string(local_ranks) + " ranks on " + std::to_string(cpus) + " CPUs";
     *why = "auto: " + std::string(progress_mode_name(mode)) + " (" +
-           (local_ranks <= 0  ? std::string("ranks on this node unknown")
+           (local_ranks <= 0  ? std::string("ranks on these CPUs unknown")
             : !oversubscribed ? counts
             : tcp_only        ? counts + ": more ranks than CPUs, TCP only"
                               : counts + ": more ranks than CPUs") +

@@ -10,14 +10,17 @@
 //   MYELIN_RETURN_IF_ERROR(allreduce(*comm, grads, grads, count, DataType::kF32, ReduceOp::kSum));
 //
 // Creation publishes this rank's transport address under "<key_prefix>/addr/<rank>" (the
-// bootstrap convention) and its node identity under "<key_prefix>/node/<rank>", then reads every
-// rank's node identity (to group ranks by node for the hierarchical algorithm). Connections are
-// made lazily, the first time a collective needs a peer; the Context picks the backend per peer
+// bootstrap convention) and its node identity with its CPU affinity ("<node id>\n<CPU list>")
+// under "<key_prefix>/node/<rank>", then reads every rank's (to group ranks by node for the
+// hierarchical algorithm, and to count the ranks that compete for this rank's CPUs). Connections
+// are made lazily, the first time a collective needs a peer; the Context picks the backend per peer
 // (with Backend::kAuto: shared memory for same-node peers, the network otherwise).
 //
-// Progress: create() tells the Context how many ranks share this node
-// (Context::set_local_ranks); a Context in transport::ProgressMode::kAuto (the default) then polls
-// and yields when they outnumber the CPUs, and busy-polls otherwise. context().progress_mode()
+// Progress: create() tells the Context how many of this node's ranks may run on this rank's CPUs
+// (Context::set_local_ranks; ranks whose affinity masks share a CPU with this rank's, itself
+// included: every rank of the node when none is pinned); a Context in
+// transport::ProgressMode::kAuto (the default) then polls and yields when they outnumber the CPUs
+// this rank may use (transport::usable_cpus()), and busy-polls otherwise. context().progress_mode()
 // and progress_reason() say what was chosen (also logged at info when it is yield).
 //
 // Failure: when a collective fails (a peer died, did not answer within the timeout, called a

@@ -61,12 +61,13 @@ class Context {
 
   [[nodiscard]] const Options& options() const noexcept;
   // The mode waits run in: options().progress with kAuto resolved (resolve_progress_mode());
-  // progress_reason() says which and why ("auto: yield (4 ranks on this node, 2 CPUs: ...)").
+  // progress_reason() says which and why ("auto: yield (4 ranks on 2 CPUs: ...)").
   [[nodiscard]] ProgressMode progress_mode() const noexcept;
   [[nodiscard]] const std::string& progress_reason() const noexcept;
-  // How many ranks drive progress on this node (a collectives Communicator calls this once it
-  // knows). Under kAuto the mode is resolved again (busy or yield; a change is logged at info);
-  // other modes are left as requested. Call it between waits, from the Context's thread.
+  // How many ranks drive progress on this rank's CPUs (Options::local_ranks; a collectives
+  // Communicator calls this once it knows). Under kAuto the mode is resolved again (busy or
+  // yield; a change is logged at info); other modes are left as requested. Call it between
+  // waits, from the Context's thread.
   ProgressMode set_local_ranks(int local_ranks);
   // The backends this Context opened, in preference order.
   [[nodiscard]] std::vector<Backend> backends() const;

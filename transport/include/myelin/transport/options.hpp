@@ -55,9 +55,12 @@ Result<ProgressMode> parse_progress_mode(std::string_view name);
 // kPollYield: polls of a wait before its first sched_yield().
 constexpr int kYieldSpinPolls = 32;
 
-// CPUs this node gives the job: the online CPUs, bounded by this process's cpuset cgroup when it
-// has one; at least 1. Not this process's affinity mask: a launcher that pins each rank to a core
-// of its own (srun --cpu-bind, mpirun's binding) has not oversubscribed the node.
+// CPUs the calling thread may run on: the online CPUs, bounded by this process's cpuset cgroup
+// and by the thread's affinity mask (sched_getaffinity); at least 1. Ranks bound to one CPU each
+// see 1 here, whether each has a core of its own (srun --cpu-bind, mpirun's binding) or all
+// share it (taskset on the launcher): so Options::local_ranks / Context::set_local_ranks() count
+// the ranks that share this rank's CPUs, which a collectives Communicator learns from the other
+// ranks' masks.
 int usable_cpus() noexcept;
 
 // The mode a Context runs for `requested`: kAuto becomes kPollYield when local_ranks > cpus (both
@@ -80,8 +83,9 @@ struct Options {
   int numa_node = -1;
   // kAuto by default: kBusyPoll unless this node is known to be oversubscribed (see above).
   ProgressMode progress = ProgressMode::kAuto;
-  // Ranks (processes or threads with a Context each) driving progress on this node; 0 = unknown.
-  // Only ProgressMode::kAuto reads it (MYELIN_LOCAL_SIZE when the overlay finds it unset).
+  // Ranks (processes or threads with a Context each) driving progress on this process's CPUs
+  // (usable_cpus(): without pinning, every rank on this node); 0 = unknown. Only
+  // ProgressMode::kAuto reads it (MYELIN_LOCAL_SIZE when the overlay finds it unset).
   int local_ranks = 0;
   std::chrono::nanoseconds spin_before_block = std::chrono::microseconds(50);
   // Default deadline for connects and for waits that are not given one.
