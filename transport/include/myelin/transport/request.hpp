@@ -47,8 +47,9 @@ class RequestState {
   [[nodiscard]] const Status& status() const noexcept { return status_; }
   [[nodiscard]] size_t bytes() const noexcept { return bytes_; }
   // Completes once; later calls are ignored (the first outcome wins), so error paths that may race
-  // a success on teardown stay simple.
-  void complete(Status status, size_t bytes) {
+  // a success on teardown stay simple. Always inline: a successful completion is then three
+  // stores where a backend delivers a message (the compiler kept the Status move out of line).
+  [[gnu::always_inline]] void complete(Status status, size_t bytes) {
     if (done_) return;
     if (!status.ok()) status_ = std::move(status);  // status_ is OK until the state completes
     bytes_ = bytes;
@@ -247,8 +248,9 @@ class RequestStatePool {
   RequestStatePool& operator=(const RequestStatePool&) = delete;
   ~RequestStatePool();
 
-  // A pending request: a listed state when there is one, else a new one.
-  std::pair<Request, RequestStateRef> make_pending() {
+  // A pending request: a listed state when there is one, else a new one. Always inline: it is
+  // the body of a backend's recv post.
+  [[gnu::always_inline]] std::pair<Request, RequestStateRef> make_pending() {
     RequestState* state = home_->free;
     if (state == nullptr) return pending_from_new();
     home_->free = state->next_free_;
