@@ -76,13 +76,32 @@ TEST(CpuContentionRule, AWindowOfContendedSamplesStopsSpinning) {
   Feeder f;
   f.step(10, 0);  // baseline and one clear sample
   // Three busy processes beside two ranks on two CPUs: each runs 40 % of the time.
-  EXPECT_TRUE(f.steps(CpuContentionRule::kWindow - 1, 4, 6));
+  EXPECT_TRUE(f.steps(CpuContentionRule::kFirstWindow - 1, 4, 6));
   EXPECT_FALSE(f.step(4, 6));
   EXPECT_EQ(f.rule.last_wait_percent(), 60);
   // Exactly a quarter counts as contended.
   Feeder q;
   q.step(8, 0);
-  EXPECT_FALSE(q.steps(CpuContentionRule::kWindow, 6, 2));
+  EXPECT_FALSE(q.steps(CpuContentionRule::kFirstWindow, 6, 2));
+}
+
+// Two ranks that start on one CPU spin through each other's time slices (each waits about half
+// its runnable time) until the scheduler parts them, 20-40 ms later as traced: that must not
+// start a hold, which would keep a short run blocking on a quiet host.
+TEST(CpuContentionRule, RanksThatStartOnOneCpuKeepSpinning) {
+  Feeder f;
+  f.step(0, 0);  // baseline
+  EXPECT_TRUE(f.steps(CpuContentionRule::kFirstWindow - 1, 5, 5));
+  EXPECT_TRUE(f.steps(100, 10, 0));  // parted: each has a CPU
+  EXPECT_EQ(f.rule.last_wait_percent(), 0);
+  // Longer than the first window it does hold, and briefly: a probe spins kMinHoldNs later.
+  EXPECT_FALSE(f.steps(CpuContentionRule::kFirstWindow, 5, 5));
+  EXPECT_EQ(f.rule.hold_ns(), CpuContentionRule::kMinHoldNs);
+  const int hold_samples = static_cast<int>(CpuContentionRule::kMinHoldNs / 10'000'000);
+  EXPECT_FALSE(f.steps(hold_samples - 1, 2, 0));
+  EXPECT_TRUE(f.step(2, 0));
+  EXPECT_TRUE(f.steps(100, 10, 0));
+  EXPECT_EQ(f.rule.hold_ns(), CpuContentionRule::kMinHoldNs);
 }
 
 TEST(CpuContentionRule, ABurstDoesNotStopSpinning) {
@@ -105,15 +124,16 @@ TEST(CpuContentionRule, IdleIntervalsSayNothing) {
 TEST(CpuContentionRule, HoldsThenProbesAndDoublesTheHoldWhileLoaded) {
   Feeder f;
   f.step(10, 0);
-  ASSERT_FALSE(f.steps(CpuContentionRule::kWindow, 4, 6));
+  ASSERT_FALSE(f.steps(CpuContentionRule::kFirstWindow, 4, 6));
   EXPECT_EQ(f.rule.hold_ns(), CpuContentionRule::kMinHoldNs);
   // While holding, even clear samples keep it blocking until the hold has passed.
   const int hold_samples = static_cast<int>(CpuContentionRule::kMinHoldNs / 10'000'000);
   EXPECT_FALSE(f.steps(hold_samples - 1, 2, 0));
   EXPECT_TRUE(f.step(2, 0));  // the hold has passed: a probe spins again
-  // Still loaded: the probe ends, the next hold is twice as long.
-  EXPECT_FALSE(f.steps(CpuContentionRule::kWindow, 4, 6));
-  EXPECT_EQ(f.rule.hold_ns(), 2 * CpuContentionRule::kMinHoldNs);
+  // Still loaded: a probe's window ends it, the next hold is kHoldGrowth times as long.
+  EXPECT_TRUE(f.steps(CpuContentionRule::kWindow - 1, 4, 6));
+  EXPECT_FALSE(f.step(4, 6));
+  EXPECT_EQ(f.rule.hold_ns(), CpuContentionRule::kHoldGrowth * CpuContentionRule::kMinHoldNs);
   // Holds grow to kMaxHoldNs and no further.
   for (int round = 0; round < 12; ++round) {
     while (!f.rule.spinning()) f.step(2, 0);
@@ -125,11 +145,14 @@ TEST(CpuContentionRule, HoldsThenProbesAndDoublesTheHoldWhileLoaded) {
 TEST(CpuContentionRule, AProbeThatFindsRoomKeepsSpinningAndResetsTheHold) {
   Feeder f;
   f.step(10, 0);
-  for (int round = 0; round < 3; ++round) {  // hold 100, 200, 400 ms
+  ASSERT_FALSE(f.steps(CpuContentionRule::kFirstWindow, 4, 6));
+  while (!f.rule.spinning()) f.step(2, 0);
+  for (int round = 0; round < 2; ++round) {  // failed probes: the hold grows twice
     ASSERT_FALSE(f.steps(CpuContentionRule::kWindow, 4, 6));
     while (!f.rule.spinning()) f.step(2, 0);
   }
-  EXPECT_EQ(f.rule.hold_ns(), 4 * CpuContentionRule::kMinHoldNs);
+  EXPECT_EQ(f.rule.hold_ns(), CpuContentionRule::kHoldGrowth * CpuContentionRule::kHoldGrowth *
+                                  CpuContentionRule::kMinHoldNs);
   EXPECT_TRUE(f.steps(CpuContentionRule::kWindow, 10, 0));  // the load went away
   EXPECT_EQ(f.rule.hold_ns(), CpuContentionRule::kMinHoldNs);
   EXPECT_TRUE(f.steps(50, 10, 1));
@@ -138,12 +161,12 @@ TEST(CpuContentionRule, AProbeThatFindsRoomKeepsSpinningAndResetsTheHold) {
 TEST(CpuContentionRule, CountersThatGoBackStartAgain) {
   Feeder f;
   f.step(10, 0);
-  EXPECT_TRUE(f.steps(CpuContentionRule::kWindow - 1, 4, 6));
+  EXPECT_TRUE(f.steps(CpuContentionRule::kFirstWindow - 1, 4, 6));
   // Another thread's counters (lower): a new baseline, not a sample, and not a huge negative one.
   f.st = SchedStat{1'000, 1'000};
   EXPECT_TRUE(f.step(0, 0));
   EXPECT_TRUE(f.rule.spinning());
-  EXPECT_TRUE(f.steps(CpuContentionRule::kWindow - 1, 4, 6));
+  EXPECT_TRUE(f.steps(CpuContentionRule::kFirstWindow - 1, 4, 6));
   EXPECT_FALSE(f.step(4, 6));
 }
 

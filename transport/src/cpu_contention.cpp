@@ -77,8 +77,8 @@ bool CpuContentionRule::add(int64_t now_ns, const SchedStat& counters) noexcept 
       hold_ns_ = kMinHoldNs;
     }
   }
-  if (contended_ >= kWindow) {
-    if (probing_) hold_ns_ = std::min(hold_ns_ * 2, kMaxHoldNs);  // still loaded after a hold
+  if (contended_ >= (probing_ ? kWindow : kFirstWindow)) {
+    if (probing_) hold_ns_ = std::min(hold_ns_ * kHoldGrowth, kMaxHoldNs);  // still loaded
     probing_ = false;
     holding_ = true;
     hold_until_ns_ = now_ns + hold_ns_;

@@ -14,17 +14,27 @@
 //   contended sample  an interval of at least kMinSampleNs in which the thread was runnable
 //                     (on a CPU or waiting for one) and waited for a CPU in at least
 //                     1/kContendedShare of that time;
-//   stop spinning     after kWindow contended samples in a row, for a hold time (first
+//   stop spinning     after kFirstWindow contended samples in a row, for a hold time (first
 //                     kMinHoldNs);
 //   spin again        when the hold has passed: a probe. kWindow uncontended samples in a row
 //                     confirm it (the hold goes back to kMinHoldNs); kWindow contended ones end it
-//                     and the next hold is twice as long, up to kMaxHoldNs.
+//                     and the next hold is kHoldGrowth times as long, up to kMaxHoldNs.
 //
 // So a host whose other work runs at a lower priority (it barely delays this thread) keeps busy
 // polling, one whose other work takes a fair share of the CPUs stops it within a few samples, and
 // a host that quietens down gets it back within kMaxHoldNs; under lasting load the probes cost a
 // few contended samples per hold. The samples are taken at most once per kSamplePeriodNs, at
 // the start of a wait and every few polls of a spinning one: a pread of about 1-2 us.
+//
+// Why the first decision waits longer and holds briefly: ranks that have just started often run
+// on one CPU together (a forked process starts beside its parent; a woken one may be pulled to
+// its waker's CPU), each spinning through the other's time slices and so "contended" by half,
+// until the scheduler's load balancing parts them, in 20-40 ms as traced on a 2-vCPU VM.
+// Blocking then for 100 ms (the first hold before) kept whole short runs blocking on a quiet host
+// (4 KiB allreduce 17.7 us against 7.8 us busy). So contention must last kFirstWindow samples to
+// start a hold, and the first hold is short (blocking spreads the ranks over the CPUs, since a
+// woken thread goes to an idle CPU); lasting load is held off by holds that grow kHoldGrowth-fold
+// per failed probe (kMaxHoldNs after four of them; doubling from 100 ms took five).
 //
 // Limits: it sees only this thread's waiting for a CPU. A busy-polling peer that starves a kernel
 // thread (softirq work, on a loopback connection) is not seen; the hypervisor's steal time is
@@ -54,11 +64,18 @@ bool parse_schedstat(std::string_view text, SchedStat* out) noexcept;
 // The decision, from cumulative counters the caller feeds (no I/O): see the file comment.
 class CpuContentionRule {
  public:
-  static constexpr int kWindow = 3;
+  static constexpr int kFirstWindow = 5;  // contended samples that stop spinning (no hold before)
+  static constexpr int kWindow = 3;       // samples that end or confirm a probe
   static constexpr int kContendedShare = 4;             // waited >= 1/4 of the runnable time
   static constexpr int64_t kMinSampleNs = 2'000'000;    // runnable time a sample needs to count
-  static constexpr int64_t kMinHoldNs = 100'000'000;    // first hold: 100 ms
+  static constexpr int64_t kMinHoldNs = 20'000'000;     // first hold: 20 ms
+  static constexpr int64_t kHoldGrowth = 4;             // per probe that finds the CPU contended
   static constexpr int64_t kMaxHoldNs = 2'000'000'000;  // longest hold: 2 s
+  static_assert(kFirstWindow >= kWindow, "a first hold needs at least a probe's evidence");
+  static_assert(kMinHoldNs * kHoldGrowth * kHoldGrowth * kHoldGrowth < kMaxHoldNs &&
+                    kMinHoldNs * kHoldGrowth * kHoldGrowth * kHoldGrowth * kHoldGrowth >=
+                        kMaxHoldNs,
+                "four failed probes reach the longest hold");
 
   // Records the counters of the watched thread at `now_ns` (any monotonic clock, the same
   // throughout). Counters that went back (another thread's) restart the comparison. Returns
