@@ -301,6 +301,10 @@ Result<bool> OutQueue::push_and_flush(int fd, FrameHeader h, std::string_view to
                      payload.size() <= opt_.chunk_size && topic.size() <= kMaxTopicLength;
   if (!alone || coalesce(lane, batchable, payload.size(), now_ns)) {
     MYELIN_RETURN_IF_ERROR(push(h, topic, payload, std::move(owner), batchable, now_ns));
+    // The socket was full at the last write and bytes still wait: it is watched for room (the
+    // caller's contract), so asking it again per message would mostly cost a refused sendmsg, or
+    // send a sliver of what came free.
+    if (socket_full_ && has_unsent()) return false;
     return flush(fd);
   }
   std::array<std::byte, kFrameHeaderSize + kMaxTopicLength> head;
@@ -326,6 +330,7 @@ Result<bool> OutQueue::push_and_flush(int fd, FrameHeader h, std::string_view to
   const size_t sent = static_cast<size_t>(w);
   bytes_written_ += sent;
   if (sent == head_len + payload.size()) return true;
+  socket_full_ = true;
   // The socket took part of it (or nothing): queue the message with what was sent marked, so the
   // writer finishes this frame before anything else (a started frame counts as started).
   Piece p;
@@ -428,7 +433,10 @@ Result<bool> OutQueue::flush(int fd, size_t bulk_budget) {
     msg.msg_iovlen = static_cast<size_t>(n);
     const ssize_t w = ::sendmsg(fd, &msg, MSG_NOSIGNAL);
     if (w < 0) {
-      if (errno == EAGAIN || errno == EWOULDBLOCK) return false;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        socket_full_ = true;
+        return false;
+      }
       if (errno == EINTR) continue;
       if (errno == EPIPE || errno == ECONNRESET) return peer_failed("peer closed the connection");
       return errno_status("sendmsg", errno);
@@ -454,7 +462,9 @@ Result<bool> OutQueue::flush(int fd, size_t bulk_budget) {
       }
     }
   }
-  return lanes_[0].empty() && lanes_[1].empty();
+  const bool all = lanes_[0].empty() && lanes_[1].empty();
+  if (all) socket_full_ = false;
+  return all;
 }
 
 // ---- RxBuffer ---------------------------------------------------------------------------------

@@ -111,7 +111,9 @@ class OutQueue {
   // push() then flush(), except that a message that would go out alone anyway (nothing queued
   // or batched ahead of it, at most one chunk, not coalesced) is written straight from the
   // caller's buffers; only what the socket does not take is copied and queued. Same results as
-  // flush().
+  // flush(). While the socket is full (its last write was refused) and bytes are still queued,
+  // it only queues and returns false: the caller must have the socket watched for room whenever
+  // this returns false, and flush() there.
   Result<bool> push_and_flush(int fd, FrameHeader h, std::string_view topic,
                               std::span<const std::byte> payload, std::shared_ptr<const void> owner,
                               bool batchable, int64_t now_ns);
@@ -173,6 +175,9 @@ class OutQueue {
   uint64_t batches_sent_ = 0, chunks_sent_ = 0;
   uint64_t bytes_written_ = 0;
   bool window_limited_ = false;
+  // The socket refused a write and bytes have waited since (cleared by a flush that empties the
+  // lanes); see push_and_flush().
+  bool socket_full_ = false;
 };
 
 class RxBuffer {

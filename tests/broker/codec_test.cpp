@@ -359,6 +359,74 @@ TEST(Wire, PushAndFlushWritesThroughAndFinishesAStartedFrame) {
   EXPECT_TRUE(q.empty());
 }
 
+// Once the socket refused a write, push_and_flush() only queues until flush() (the caller's
+// wait for room) has written what waits, even after the peer made room: one refused or sliver
+// sendmsg per message is what a producer ahead of its reader would otherwise pay. Every byte
+// still arrives, in order, and writing through resumes once the queue is empty.
+TEST(Wire, PushAndFlushLeavesAFullSocketToTheFlush) {
+  int sv[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+  internal::Fd a(sv[0]), b(sv[1]);
+  ASSERT_TRUE(internal::set_nonblocking(a.get()).ok());
+  ASSERT_TRUE(internal::set_nonblocking(b.get()).ok());
+  const int small = 4096;
+  ::setsockopt(a.get(), SOL_SOCKET, SO_SNDBUF, &small, sizeof(small));
+  internal::OutQueue q;
+  const std::string payload(1000, 'p');
+  uint64_t seq = 0;
+  auto push = [&] {
+    return q.push_and_flush(a.get(), {.type = FrameType::kDeliver, .seq = ++seq}, "t/x",
+                            bytes(payload), nullptr, false, 0);
+  };
+  // Fill the socket until it refuses.
+  Result<bool> r = true;
+  while (true) {
+    r = push();
+    ASSERT_TRUE(r.ok()) << r.status();
+    if (!*r) break;
+    ASSERT_LT(seq, 100000u) << "the socket never filled";
+  }
+  internal::RxBuffer rx(DecodeLimits{});
+  std::vector<uint64_t> got;
+  auto drain = [&] {
+    while (true) {
+      auto n = rx.read_from(b.get());
+      ASSERT_TRUE(n.ok()) << n.status();
+      if (*n == 0) break;
+    }
+    FrameView f;
+    while (true) {
+      auto one_frame = rx.next(&f);
+      ASSERT_TRUE(one_frame.ok()) << one_frame.status();
+      if (!*one_frame) break;
+      got.push_back(f.header.seq);
+    }
+  };
+  drain();  // room again, but the queue does not ask the socket
+  const uint64_t written = q.bytes_written();
+  for (int k = 0; k < 5; ++k) {
+    r = push();
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_FALSE(*r);
+  }
+  EXPECT_EQ(q.bytes_written(), written);
+  // The flush writes them; then push_and_flush writes through again.
+  const Deadline d = Deadline::after_ms(5000);
+  while (!d.expired()) {
+    auto f = q.flush(a.get());
+    ASSERT_TRUE(f.ok()) << f.status();
+    drain();
+    if (*f) break;
+  }
+  ASSERT_TRUE(q.empty());
+  r = push();
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(*r);
+  drain();
+  ASSERT_EQ(got.size(), seq);
+  for (size_t i = 0; i < got.size(); ++i) ASSERT_EQ(got[i], i + 1);
+}
+
 TEST(Wire, BulkBudgetHoldsBulkButNeverControl) {
   int sv[2];
   ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
