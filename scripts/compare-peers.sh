@@ -152,8 +152,9 @@ for r in $(seq 1 "$repeats"); do
   # (UCX may print warnings on stdout: the JSON line is picked by its brace.)
   if have ucx_perftest; then
     record ucx_lat peer ucx_perftest "$(ucx_posix_lat "$lat_iters")" || true
+    # Busy polling, as ucx_perftest polls (auto would yield: each pinned rank sees one CPU).
     record ucx_lat myelin myelin-bench "$(UCX_TLS=posix,self UCX_POSIX_ERROR_HANDLING=y \
-      "$mb" lat -n 2 --transport ucx -s 8 --iters "$lat_iters" --cpu 0,1 --json 2>/dev/null |
+      "$mb" lat -n 2 --transport ucx -s 8 --iters "$lat_iters" --cpu 0,1 --progress busy --json 2>/dev/null |
       grep '^{' | tail -1 | jfield p50_us 2>/dev/null || true)" || true
   fi
   # broker pub/sub
