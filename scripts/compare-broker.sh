@@ -5,7 +5,7 @@
 # raw JSON line in $OUT/raw.jsonl.
 #
 #   scripts/compare-broker.sh [--build DIR] [--rounds N] [--out DIR] [--quick] [--no-build]
-#                             [--flood-nice N] [--bulk-io-nice N]
+#                             [--flood-nice N] [--bulk-io-nice N] [--broker-loop-nice N]
 #
 # What is measured, the same way on both sides (docs/bench.md, "Broker comparison"):
 #   lat1k    1 KiB publish-to-deliver latency, one-way = round trip / 2 through the broker
@@ -23,6 +23,8 @@
 # producer's CPU time as a lower priority lane; the default leaves it at the caller's priority.
 # --bulk-io-nice N: myelin's client I/O threads run at nice N (MYELIN_BULK_IO_NICE, ClientOptions::
 # io_thread_nice): with control connections and polling threads, the threads that read bulk.
+# --broker-loop-nice N: the myelin broker's bulk loop thread runs at nice N (loop_nice in its
+# configuration; its control thread keeps the default); a setting of the broker, not of the bench.
 # Each benchmark run is limited to COMPARE_RUN_TIMEOUT_S seconds (default 120); one past it is
 # reported as failed and left out of the medians.
 # As root, the whole run goes into its own session whose autogroup gets nice -20 (fewer
@@ -38,6 +40,7 @@ rounds=5
 out=""
 quick=0
 build_first=1
+loop_nice=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --build) build=${2:?}; shift ;;
@@ -47,7 +50,8 @@ while [ $# -gt 0 ]; do
     --no-build) build_first=0 ;;
     --flood-nice) export MYELIN_FLOOD_NICE=${2:?}; shift ;;
     --bulk-io-nice) export MYELIN_BULK_IO_NICE=${2:?}; shift ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    --broker-loop-nice) loop_nice=${2:?}; shift ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "compare-broker.sh: unknown argument '$1'" >&2; exit 2 ;;
   esac
   shift
@@ -78,6 +82,7 @@ cat >"$out/broker.toml" <<EOF
 [broker]
 listen = "127.0.0.1:0"
 metrics_listen = ""
+$([ "$loop_nice" = 0 ] || echo "loop_nice = $loop_nice")
 [[topic]]
 pattern = "ctrl/#"
 lane = "control"

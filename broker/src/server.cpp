@@ -10,6 +10,7 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -543,6 +544,9 @@ Status Server::Impl::init() {
     return invalid_argument("chunk_bytes ", opt_.chunk_bytes, " outside 1 KiB .. 1 MiB");
   }
   if (opt_.publish_credits == 0) return invalid_argument("publish_credits must be positive");
+  if (opt_.loop_nice < 0 || opt_.loop_nice > 19) {
+    return invalid_argument("loop_nice ", opt_.loop_nice, " outside 0 .. 19");
+  }
   if (opt_.heartbeat_ms <= 0) return invalid_argument("heartbeat_ms must be positive");
   limits_.max_frame_payload =
       std::max<uint32_t>(opt_.chunk_bytes, static_cast<uint32_t>(opt_.batch_bytes) + 64 * 1024);
@@ -1965,6 +1969,12 @@ void Server::Impl::loop() {
   // Named for top, perf and the scheduler's traces (at most 15 characters).
   ::pthread_setname_np(::pthread_self(), "myelin-brk-loop");
   place_thread(/*record=*/true);
+  if (opt_.control_thread && opt_.loop_nice > 0) {
+    // This thread only (a Linux thread's nice value is its own).
+    if (::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), opt_.loop_nice) != 0) {
+      MYELIN_LOG_WARN << "loop thread keeps its priority: " << errno_status("setpriority", errno);
+    }
+  }
   bool goaway_sent = false;
   std::array<epoll_event, 64> evs;
   // Pairs with the release stores in stop().

@@ -6,8 +6,14 @@
 // subscribe and go while messages are routed to them, metrics read meanwhile, then a drain.
 #include <gtest/gtest.h>
 
+#include <dirent.h>
+#include <sys/resource.h>
+
 #include <atomic>
+#include <cerrno>
+#include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -240,6 +246,56 @@ TEST(BrokerControlFrameSize, OversizeControlMessagesTakeTheBulkLaneOrAreRefused)
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_TRUE(b.reply(5, bytes(small), nullptr));
   EXPECT_EQ(requester->lane(Lane::kControl).size(), 1u);
+}
+
+// The nice value of this process's thread named `name`; -100 when there is none.
+int thread_nice(const std::string& name) {
+  DIR* dir = ::opendir("/proc/self/task");
+  if (dir == nullptr) return -100;
+  int nice = -100;
+  while (const dirent* e = ::readdir(dir)) {
+    if (e->d_name[0] == '.') continue;
+    std::ifstream comm(std::string("/proc/self/task/") + e->d_name + "/comm");
+    std::string got;
+    if (!std::getline(comm, got) || got != name) continue;
+    errno = 0;
+    const int v = ::getpriority(PRIO_PROCESS, static_cast<id_t>(std::atoi(e->d_name)));
+    if (errno == 0) nice = v;
+    break;
+  }
+  ::closedir(dir);
+  return nice;
+}
+
+// loop_nice lowers the loop thread's priority, and only the loop's: the control thread keeps the
+// process's. Without the control thread the loop serves control too and keeps its priority.
+// Out-of-range values are refused.
+TEST(LoopNice, OnlyTheBulkLoopYieldsAndOnlyWithAControlThread) {
+  const int base = ::getpriority(PRIO_PROCESS, 0);
+  if (base > 19 - 5) GTEST_SKIP() << "this process already runs at nice " << base;
+  for (const bool control_thread : {true, false}) {
+    SCOPED_TRACE(control_thread ? "control thread" : "inline");
+    ServerOptions o = server_options(control_thread);
+    o.loop_nice = base + 5;
+    auto server = Server::create(o);
+    ASSERT_TRUE(server.ok()) << server.status();
+    ASSERT_TRUE((*server)->start().ok());
+    // Both threads are up once a client got through the handshake and attached.
+    auto c = Client::connect(client_options((*server)->port(), "nice"));
+    ASSERT_TRUE(c.ok()) << c.status();
+    EXPECT_EQ(thread_nice("myelin-brk-loop"), control_thread ? base + 5 : base);
+    if (control_thread) {
+      EXPECT_EQ(thread_nice("myelin-brk-ctrl"), base);
+    }
+    c->reset();
+    (*server)->stop();
+  }
+  for (const int bad : {-1, 20}) {
+    ServerOptions o = server_options(true);
+    o.loop_nice = bad;
+    auto server = Server::create(o);
+    EXPECT_EQ(server.status().code(), StatusCode::kInvalidArgument) << bad;
+  }
 }
 
 }  // namespace

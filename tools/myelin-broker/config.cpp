@@ -83,7 +83,7 @@ Status load_config_file(const std::string& path, ServerOptions* o) {
         *b,
         {"listen", "metrics_listen", "secret_file", "lane_capacity", "chunk_bytes", "batch_bytes",
          "batch_count", "batch_window_us", "publish_credits", "socket_buffer_bytes",
-         "bulk_inflight_bytes", "heartbeat_ms", "control_thread", "numa_node", "nic"},
+         "bulk_inflight_bytes", "heartbeat_ms", "control_thread", "loop_nice", "numa_node", "nic"},
         "[broker]"));
     MYELIN_RETURN_IF_ERROR(get(*b, "listen", &o->listen));
     MYELIN_RETURN_IF_ERROR(get(*b, "metrics_listen", &o->metrics_listen));
@@ -102,6 +102,11 @@ Status load_config_file(const std::string& path, ServerOptions* o) {
     MYELIN_RETURN_IF_ERROR(get(*b, "bulk_inflight_bytes", &o->bulk_inflight_bytes));
     MYELIN_RETURN_IF_ERROR(get(*b, "heartbeat_ms", &o->heartbeat_ms));
     MYELIN_RETURN_IF_ERROR(get(*b, "control_thread", &o->control_thread));
+    if (const toml::node* n = b->get("loop_nice")) {
+      auto v = n->value<int64_t>();
+      if (!v || *v < 0 || *v > 19) return invalid_argument("'loop_nice' must be an integer 0..19");
+      o->loop_nice = static_cast<int>(*v);
+    }
     if (const toml::node* n = b->get("numa_node")) {
       auto v = n->value<int64_t>();
       if (!v) return invalid_argument("'numa_node' must be an integer");

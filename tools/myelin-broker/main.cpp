@@ -22,6 +22,7 @@ int main(int argc, char** argv) {
   int64_t drain_ms = 5000;
   bool ps = false;
   std::string control_thread;
+  int loop_nice = -1;
   uint32_t ps_workers = 0;
   app.add_option("-c,--config", config, "TOML configuration file");
   app.add_option("--listen", listen, "client address host:port (port 0: any free port)");
@@ -35,6 +36,9 @@ int main(int argc, char** argv) {
   app.add_option("--control-thread", control_thread,
                  "on|off: serve control connections on a thread of their own (default on)")
       ->check(CLI::IsMember({"on", "off"}));
+  app.add_option("--loop-nice", loop_nice,
+                 "0..19: with the control thread, the bulk loop thread's nice value (default 0)")
+      ->check(CLI::Range(0, 19));
   app.add_flag("--ps", ps, "serve a parameter-server shard");
   app.add_option("--ps-workers", ps_workers, "workers per parameter-server step");
   app.add_option("--port-file", port_file, "write '<port> <metrics port>' here once listening");
@@ -62,6 +66,7 @@ int main(int argc, char** argv) {
   if (numa_node != -2) opts.numa_node = numa_node;
   if (!nic.empty()) opts.nic = nic;
   if (!control_thread.empty()) opts.control_thread = control_thread == "on";
+  if (loop_nice >= 0) opts.loop_nice = loop_nice;
   if (ps) opts.enable_ps = true;
   if (ps_workers) opts.ps.num_workers = ps_workers;
   if (!secret_file.empty()) {

@@ -81,6 +81,12 @@ struct ServerOptions {
   // between bulk steps (one thread in all; on a host with fewer CPUs than busy threads a control
   // frame then waits for the loop's turn on a CPU).
   bool control_thread = true;
+  // With the control thread: the nice value (0..19) the loop thread gives itself, so the bulk it
+  // moves yields the CPU to the control thread (and to the clients' threads at the default
+  // priority) when a host has fewer CPUs than busy threads. Lowering one's own priority needs no
+  // privilege. The loop still gets its share whenever nothing of higher priority is runnable.
+  // 0: unchanged; ignored without the control thread (the loop serves control then).
+  int loop_nice = 0;
   int numa_node = -1;  // pin the loop (and control) thread there (-1: don't)
   std::string nic;     // or: pin on this NIC's node ("mlx5_0", "eth0")
   bool enable_ps = false;
