@@ -47,7 +47,12 @@ TEST(CpuContentionParse, RejectsOtherShapes) {
 }
 
 // Drives a rule with samples 10 ms apart in which the thread ran `ran_ms` and waited `waited_ms`.
+// Starts past the start-up grace: a baseline, then one idle interval as long as the grace.
 struct Feeder {
+  Feeder() {
+    step(0, 0);
+    step(0, 0, CpuContentionRule::kStartupGraceNs / 1'000'000);
+  }
   CpuContentionRule rule;
   int64_t now = 0;
   SchedStat st{};
@@ -89,8 +94,20 @@ TEST(CpuContentionRule, AWindowOfContendedSamplesStopsSpinning) {
 // its runnable time) until the scheduler parts them, 20-40 ms later as traced: that must not
 // start a hold, which would keep a short run blocking on a quiet host.
 TEST(CpuContentionRule, RanksThatStartOnOneCpuKeepSpinning) {
+  CpuContentionRule rule;
+  SchedStat st{};
+  int64_t now = 0;
+  ASSERT_TRUE(rule.add(now, st));  // the first sample: the grace starts
+  static_assert(CpuContentionRule::kStartupGraceNs / 10'000'000 > CpuContentionRule::kFirstWindow);
+  while (now + 10'000'000 < CpuContentionRule::kStartupGraceNs) {  // more than a first window
+    now += 10'000'000;
+    st.on_cpu_ns += 5'000'000;
+    st.run_delay_ns += 5'000'000;
+    EXPECT_TRUE(rule.add(now, st)) << "at " << now / 1'000'000 << " ms";
+  }
+  EXPECT_EQ(rule.last_wait_percent(), 50);
+  // After the grace, a stretch shorter than the first window does not hold either.
   Feeder f;
-  f.step(0, 0);  // baseline
   EXPECT_TRUE(f.steps(CpuContentionRule::kFirstWindow - 1, 5, 5));
   EXPECT_TRUE(f.steps(100, 10, 0));  // parted: each has a CPU
   EXPECT_EQ(f.rule.last_wait_percent(), 0);
@@ -114,7 +131,6 @@ TEST(CpuContentionRule, ABurstDoesNotStopSpinning) {
 
 TEST(CpuContentionRule, IdleIntervalsSayNothing) {
   Feeder f;
-  f.step(0, 0);
   // A thread that slept (waited in the kernel, not for a CPU) most of each interval: less than
   // kMinSampleNs runnable, however much of it was waiting.
   EXPECT_TRUE(f.steps(20, 0, 1));

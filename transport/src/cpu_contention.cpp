@@ -43,6 +43,10 @@ bool parse_schedstat(std::string_view text, SchedStat* out) noexcept {
 }
 
 bool CpuContentionRule::add(int64_t now_ns, const SchedStat& counters) noexcept {
+  if (!started_) {
+    started_ = true;
+    start_ns_ = now_ns;
+  }
   if (!have_prev_ || counters.on_cpu_ns < prev_.on_cpu_ns ||
       counters.run_delay_ns < prev_.run_delay_ns) {
     prev_ = counters;
@@ -67,6 +71,7 @@ bool CpuContentionRule::add(int64_t now_ns, const SchedStat& counters) noexcept 
   }
   if (ran + waited < kMinSampleNs) return spinning();  // too little running to judge
   last_wait_percent_ = static_cast<int>(waited * 100 / (ran + waited));
+  if (now_ns - start_ns_ < kStartupGraceNs) return spinning();  // ranks still settling
   if (waited * kContendedShare >= ran + waited) {
     ++contended_;
     clear_ = 0;

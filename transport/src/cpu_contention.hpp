@@ -15,7 +15,8 @@
 //                     (on a CPU or waiting for one) and waited for a CPU in at least
 //                     1/kContendedShare of that time;
 //   stop spinning     after kFirstWindow contended samples in a row, for a hold time (first
-//                     kMinHoldNs);
+//                     kMinHoldNs); samples within kStartupGraceNs of the first one never count
+//                     as contended;
 //   spin again        when the hold has passed: a probe. kWindow uncontended samples in a row
 //                     confirm it (the hold goes back to kMinHoldNs); kWindow contended ones end it
 //                     and the next hold is kHoldGrowth times as long, up to kMaxHoldNs.
@@ -27,14 +28,18 @@
 // the start of a wait and every few polls of a spinning one: a pread of about 1-2 us.
 //
 // Why the first decision waits longer and holds briefly: ranks that have just started often run
-// on one CPU together (a forked process starts beside its parent; a woken one may be pulled to
-// its waker's CPU), each spinning through the other's time slices and so "contended" by half,
-// until the scheduler's load balancing parts them, in 20-40 ms as traced on a 2-vCPU VM.
-// Blocking then for 100 ms (the first hold before) kept whole short runs blocking on a quiet host
-// (4 KiB allreduce 17.7 us against 7.8 us busy). So contention must last kFirstWindow samples to
-// start a hold, and the first hold is short (blocking spreads the ranks over the CPUs, since a
-// woken thread goes to an idle CPU); lasting load is held off by holds that grow kHoldGrowth-fold
-// per failed probe (kMaxHoldNs after four of them; doubling from 100 ms took five).
+// on one CPU together (a forked process starts beside its parent), each spinning through the
+// other's time slices and so "contended" by half, until the scheduler's load balancing parts
+// them: in 20-40 ms as traced on a 2-vCPU VM at load 7, longer while other work keeps the other
+// CPUs busy. Spinning is what parts them (two always-runnable threads on one CPU are what the
+// balancer moves); blocking keeps them together, since a loopback wake-up is a synchronous one
+// and the woken rank is placed beside its waker. A hold decided then (the first was 100 ms after
+// three samples) kept whole short runs blocking (4 KiB allreduce 17.7 us against 7.8 us busy).
+// So the first kStartupGraceNs of samples say nothing, contention must last kFirstWindow samples
+// to start a hold, and the first hold is short; lasting load is held off by holds that grow
+// kHoldGrowth-fold per failed probe (kMaxHoldNs after four of them; doubling from 100 ms took
+// five). The price: under lasting load, busy polling goes on for about the grace and the first
+// window (150 ms) once per Context, and for the first window after each probe that found room.
 //
 // Limits: it sees only this thread's waiting for a CPU. A busy-polling peer that starves a kernel
 // thread (softirq work, on a loopback connection) is not seen; the hypervisor's steal time is
@@ -66,11 +71,12 @@ class CpuContentionRule {
  public:
   static constexpr int kFirstWindow = 5;  // contended samples that stop spinning (no hold before)
   static constexpr int kWindow = 3;       // samples that end or confirm a probe
-  static constexpr int kContendedShare = 4;             // waited >= 1/4 of the runnable time
-  static constexpr int64_t kMinSampleNs = 2'000'000;    // runnable time a sample needs to count
-  static constexpr int64_t kMinHoldNs = 20'000'000;     // first hold: 20 ms
-  static constexpr int64_t kHoldGrowth = 4;             // per probe that finds the CPU contended
-  static constexpr int64_t kMaxHoldNs = 2'000'000'000;  // longest hold: 2 s
+  static constexpr int kContendedShare = 4;                // waited >= 1/4 of the runnable time
+  static constexpr int64_t kMinSampleNs = 2'000'000;       // runnable time a sample needs to count
+  static constexpr int64_t kStartupGraceNs = 100'000'000;  // from the first sample
+  static constexpr int64_t kMinHoldNs = 20'000'000;        // first hold: 20 ms
+  static constexpr int64_t kHoldGrowth = 4;                // per probe that finds the CPU contended
+  static constexpr int64_t kMaxHoldNs = 2'000'000'000;     // longest hold: 2 s
   static_assert(kFirstWindow >= kWindow, "a first hold needs at least a probe's evidence");
   static_assert(kMinHoldNs * kHoldGrowth * kHoldGrowth * kHoldGrowth < kMaxHoldNs &&
                     kMinHoldNs * kHoldGrowth * kHoldGrowth * kHoldGrowth * kHoldGrowth >=
@@ -93,6 +99,8 @@ class CpuContentionRule {
  private:
   SchedStat prev_{};
   bool have_prev_ = false;
+  bool started_ = false;  // start_ns_ is set
+  int64_t start_ns_ = 0;  // the first add(): the grace runs from here
   bool holding_ = false;  // not spinning until hold_until_ns_
   bool probing_ = false;  // spinning again after a hold, not confirmed yet
   int contended_ = 0;     // contended samples in a row
