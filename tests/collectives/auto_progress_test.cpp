@@ -382,5 +382,35 @@ TEST(CollectivesAutoPinned, RanksBoundToCpusOfTheirOwnBusyPoll) {
   }
 }
 
+// A peer's node entry that is not "<node id>\n<CPU list>" fails create() with a clear error that
+// names the rank, whatever the list's defect.
+TEST(CollectivesAutoPinned, AMalformedCpuListFailsCreation) {
+  const std::string dir = make_temp_dir();
+  ASSERT_FALSE(dir.empty());
+  int i = 0;
+  for (const char* bad : {"host-b", "host-b\n0-x", "host-b\n3-1", "host-b\n0,", "host-b\n,0",
+                          "host-b\n99999999", "host-b\n0;1"}) {
+    DirStore store(dir + "/store" + std::to_string(i++));
+    ASSERT_TRUE(store.set("myelin/node/1", std::string_view(bad)).ok());
+    transport::Options o;
+    o.backend = transport::Backend::kTcp;
+    o.listen_address = "127.0.0.1";
+    auto ctx = transport::Context::create(o);
+    ASSERT_TRUE(ctx.ok()) << ctx.status();
+    CommunicatorOptions co;
+    co.rank = 0;
+    co.size = 2;
+    co.context = ctx->get();
+    co.store = &store;
+    co.timeout = std::chrono::seconds(5);
+    auto comm = Communicator::create(co);
+    ASSERT_FALSE(comm.ok()) << "'" << bad << "' was accepted";
+    EXPECT_EQ(comm.status().code(), StatusCode::kInvalidArgument) << comm.status();
+    EXPECT_NE(comm.status().to_string().find("rank 1"), std::string::npos) << comm.status();
+  }
+  std::error_code ec;
+  fs::remove_all(dir, ec);
+}
+
 }  // namespace
 }  // namespace myelin::collectives::testing
