@@ -425,6 +425,19 @@ UcxEndpoint::~UcxEndpoint() {
       ucp_request_free(p);
     }
   }
+  // What UCX still held for the endpoint (a rendezvous send the peer never pulled, a get it never
+  // served, a flush) the close purged, but UCX calls their callbacks from the worker's next
+  // progress, and a closing Context never progresses its worker again: without these polls
+  // their Requests stayed pending for good, and each op's reference to the link kept the worker.
+  if (!unfinished && link.inflight != nullptr) {
+    const Deadline deadline = Deadline::after(close_limit);
+    while (link.inflight != nullptr && !deadline.expired()) worker->progress();
+    if (link.inflight != nullptr) {
+      MYELIN_LOG_WARN << "ucx: operations to " << link.peer_name
+                      << " still held by UCX after the endpoint closed; their requests complete "
+                      << "only if the worker progresses again";
+    }
+  }
   worker->drop_inbox(link.peer_id);
   link.inbox = nullptr;
   if (unfinished) {
