@@ -544,6 +544,9 @@ Status Server::Impl::init() {
     return invalid_argument("chunk_bytes ", opt_.chunk_bytes, " outside 1 KiB .. 1 MiB");
   }
   if (opt_.publish_credits == 0) return invalid_argument("publish_credits must be positive");
+  if (opt_.socket_buffer_bytes < 0 || opt_.bulk_socket_buffer_bytes < 0) {
+    return invalid_argument("socket buffer sizes must not be negative");
+  }
   if (opt_.loop_nice < 0 || opt_.loop_nice > 19) {
     return invalid_argument("loop_nice ", opt_.loop_nice, " outside 0 .. 19");
   }
@@ -1505,6 +1508,10 @@ Status Server::Impl::attach(Conn& c, const FrameView& f) {
   // From here control deliveries are the control side's to drain. Pairs with the acquire load
   // in on_ready().
   s->ctrl_attached.store(true, std::memory_order_release);
+  // The main connection carries bulk only from now on: no control frame waits behind what its
+  // buffers hold, so they may take more per write and wake-up (ServerOptions).
+  if (s->fd.valid() && opt_.bulk_socket_buffer_bytes > opt_.socket_buffer_bytes)
+    internal::set_socket_buffers(s->fd.get(), opt_.bulk_socket_buffer_bytes);
   c_.ctrl_active.fetch_add(1, std::memory_order_relaxed);
   c_.frames_out.fetch_add(1, std::memory_order_relaxed);
   MYELIN_LOG_INFO << "client " << s->id() << " (" << s->ident << "): control connection attached";

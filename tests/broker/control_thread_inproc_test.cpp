@@ -6,9 +6,13 @@
 // subscribe and go while messages are routed to them, metrics read meanwhile, then a drain.
 #include <gtest/gtest.h>
 
+#include <arpa/inet.h>
 #include <dirent.h>
+#include <netinet/in.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstdlib>
@@ -296,6 +300,62 @@ TEST(LoopNice, OnlyTheBulkLoopYieldsAndOnlyWithAControlThread) {
     auto server = Server::create(o);
     EXPECT_EQ(server.status().code(), StatusCode::kInvalidArgument) << bad;
   }
+}
+
+// SO_SNDBUF of this process's TCP sockets whose local port is `port` (the broker's side of its
+// client connections), smallest first.
+std::vector<int> send_buffers_on_port(uint16_t port) {
+  std::vector<int> out;
+  DIR* dir = ::opendir("/proc/self/fd");
+  if (dir == nullptr) return out;
+  while (const dirent* e = ::readdir(dir)) {
+    if (e->d_name[0] == '.') continue;
+    const int fd = std::atoi(e->d_name);
+    sockaddr_storage addr{};
+    socklen_t len = sizeof(addr);
+    if (::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) continue;
+    if (addr.ss_family != AF_INET) continue;
+    sockaddr_storage peer{};
+    socklen_t peer_len = sizeof(peer);
+    if (::getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &peer_len) != 0) continue;
+    if (ntohs(reinterpret_cast<const sockaddr_in*>(&addr)->sin_port) != port) continue;
+    int bytes = 0;
+    socklen_t blen = sizeof(bytes);
+    if (::getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bytes, &blen) == 0) out.push_back(bytes);
+  }
+  ::closedir(dir);
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+// A session's main connection gets bulk_socket_buffer_bytes once its control connection
+// attached; the control connection keeps socket_buffer_bytes. 0 leaves both alike.
+TEST(BulkSocketBuffers, OnlyTheMainConnectionOfASessionWithAControlConnectionGrows) {
+  for (const int bulk : {512 * 1024, 0}) {
+    SCOPED_TRACE(bulk);
+    ServerOptions o = server_options(true);
+    o.socket_buffer_bytes = 64 * 1024;
+    o.bulk_socket_buffer_bytes = bulk;
+    auto server = Server::create(o);
+    ASSERT_TRUE(server.ok()) << server.status();
+    ASSERT_TRUE((*server)->start().ok());
+    auto c = Client::connect(client_options((*server)->port(), "buffers"));
+    ASSERT_TRUE(c.ok()) << c.status();
+    // The attach is done once a subscription made over the control connection was answered.
+    ASSERT_TRUE((*c)->subscribe("ctrl/x").ok());
+    const std::vector<int> sizes = send_buffers_on_port((*server)->port());
+    ASSERT_EQ(sizes.size(), 2u) << "main and control connection, broker side";
+    if (bulk > 0) {
+      EXPECT_GT(sizes[1], sizes[0]);
+    } else {
+      EXPECT_EQ(sizes[1], sizes[0]);
+    }
+    c->reset();
+    (*server)->stop();
+  }
+  ServerOptions o = server_options(true);
+  o.bulk_socket_buffer_bytes = -1;
+  EXPECT_EQ(Server::create(o).status().code(), StatusCode::kInvalidArgument);
 }
 
 }  // namespace

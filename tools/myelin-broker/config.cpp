@@ -79,12 +79,13 @@ Status load_config_file(const std::string& path, ServerOptions* o) {
   }
   MYELIN_RETURN_IF_ERROR(check_keys(root, {"broker", "topic", "client", "ps"}, path));
   if (const toml::table* b = root["broker"].as_table()) {
-    MYELIN_RETURN_IF_ERROR(check_keys(
-        *b,
-        {"listen", "metrics_listen", "secret_file", "lane_capacity", "chunk_bytes", "batch_bytes",
-         "batch_count", "batch_window_us", "publish_credits", "socket_buffer_bytes",
-         "bulk_inflight_bytes", "heartbeat_ms", "control_thread", "loop_nice", "numa_node", "nic"},
-        "[broker]"));
+    MYELIN_RETURN_IF_ERROR(
+        check_keys(*b,
+                   {"listen", "metrics_listen", "secret_file", "lane_capacity", "chunk_bytes",
+                    "batch_bytes", "batch_count", "batch_window_us", "publish_credits",
+                    "socket_buffer_bytes", "bulk_socket_buffer_bytes", "bulk_inflight_bytes",
+                    "heartbeat_ms", "control_thread", "loop_nice", "numa_node", "nic"},
+                   "[broker]"));
     MYELIN_RETURN_IF_ERROR(get(*b, "listen", &o->listen));
     MYELIN_RETURN_IF_ERROR(get(*b, "metrics_listen", &o->metrics_listen));
     std::string secret_file;
@@ -99,6 +100,7 @@ Status load_config_file(const std::string& path, ServerOptions* o) {
     MYELIN_RETURN_IF_ERROR(get(*b, "batch_window_us", &o->batch_window_us));
     MYELIN_RETURN_IF_ERROR(get(*b, "publish_credits", &o->publish_credits));
     MYELIN_RETURN_IF_ERROR(get(*b, "socket_buffer_bytes", &o->socket_buffer_bytes));
+    MYELIN_RETURN_IF_ERROR(get(*b, "bulk_socket_buffer_bytes", &o->bulk_socket_buffer_bytes));
     MYELIN_RETURN_IF_ERROR(get(*b, "bulk_inflight_bytes", &o->bulk_inflight_bytes));
     MYELIN_RETURN_IF_ERROR(get(*b, "heartbeat_ms", &o->heartbeat_ms));
     MYELIN_RETURN_IF_ERROR(get(*b, "control_thread", &o->control_thread));

@@ -68,6 +68,12 @@ struct ServerOptions {
   // a 1 MiB flood hold a control frame ~0.55 ms (p99) in the kernel, 64 KiB ~0.13 ms, and the
   // flood itself moved faster (docs/performance.md, "Broker").
   int socket_buffer_bytes = 64 * 1024;
+  // The kernel buffers of a session's main connection once its control connection attached
+  // (the main connection then carries bulk, credits and read reports, never a control frame):
+  // bigger writes, fewer wake-ups per message (docs/performance.md, "Broker"). Capped by
+  // net.core.wmem_max / rmem_max; the receive side may not grow past the window scale agreed
+  // when the connection opened. At most socket_buffer_bytes (or 0): unchanged.
+  int bulk_socket_buffer_bytes = 512 * 1024;
   // Bulk-lane bytes the broker lets sit unread in the kernel buffers towards one client (the
   // client reports what it reads every quarter of this). Past it, bulk waits in the broker's own
   // queue, where control frames overtake it: a control frame then waits behind at most this
