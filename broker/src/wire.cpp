@@ -543,8 +543,16 @@ Result<bool> RxBuffer::next(FrameView* out) {
                                                             block_.get() + start_, end_ - start_),
                                                         limits_, out, &used));
   if (o == DecodeOutcome::kNeedMore) {
-    // Rewind only when no handed-out message can still point into this block.
-    if (start_ == end_ && block_.use_count() == 1) start_ = end_ = 0;
+    // Rewind only when no handed-out message can still point into this block. Those may have
+    // been read and let go on another thread (the server's loop and control thread drop each
+    // other's blocks, an application drops a client's), and use_count() is a relaxed read that
+    // orders nothing: a copy dropped at once makes its decrement an acquire on the count, which
+    // pairs with the release decrements of those holders, so their last reads happen before the
+    // bytes are overwritten.
+    if (start_ == end_ && block_.use_count() == 1) {
+      { const std::shared_ptr<std::byte> acquire = block_; }
+      start_ = end_ = 0;
+    }
     return false;
   }
   start_ += used;

@@ -3,7 +3,9 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstring>
+#include <thread>
 
 #include <myelin/broker/frame.hpp>
 #include <myelin/broker/sequence.hpp>
@@ -284,6 +286,68 @@ TEST(Wire, ChunksBatchesAndLanesSurviveASocketPair) {
   EXPECT_EQ(control_before_big, 20u);  // control went ahead of the queued bulk message
   EXPECT_GE(q.batches_sent(), 2u);
   EXPECT_EQ(q.chunks_sent(), 10u);
+}
+
+// A receive block is written again in place only once every frame handed out from it was let go,
+// and after the last reads of whoever held them on another thread (the server's loop and control
+// thread drop each other's blocks): each reader sees the bytes of its own frame, and TSan sees the
+// rewrite ordered after those reads. The hand-back is relaxed on purpose: only the block's own
+// reference count may order the reuse.
+TEST(Wire, ReceiveBlockReusedOnlyAfterAnotherThreadLetGo) {
+  internal::RxBuffer rx(DecodeLimits{});
+  struct Handed {
+    std::shared_ptr<const void> owner;
+    std::span<const std::byte> payload;
+    std::byte fill;
+  };
+  constexpr int kRounds = 200;
+  std::atomic<Handed*> handoff{nullptr};
+  std::atomic<int> let_go{0};  // relaxed: orders nothing (see above)
+  std::atomic<int> wrong{0};
+  std::atomic<bool> stop{false};
+  std::thread reader([&] {
+    for (int i = 0; i < kRounds; ++i) {
+      Handed* h = nullptr;
+      // Acquire: pairs with the release store of the handoff below.
+      while (!(h = handoff.exchange(nullptr, std::memory_order_acquire))) {
+        if (stop.load(std::memory_order_relaxed)) return;
+        std::this_thread::yield();
+      }
+      for (std::byte b : h->payload) {
+        if (b != h->fill) {
+          wrong.fetch_add(1, std::memory_order_relaxed);
+          break;
+        }
+      }
+      delete h;
+      let_go.store(i + 1, std::memory_order_relaxed);
+    }
+  });
+  struct Join {
+    std::thread& t;
+    std::atomic<bool>& stop;
+    ~Join() {
+      stop.store(true, std::memory_order_relaxed);
+      t.join();
+    }
+  } join{reader, stop};
+  for (int i = 0; i < kRounds; ++i) {
+    const std::string payload(1000, static_cast<char>('a' + i % 26));
+    rx.append(one({.type = FrameType::kPublish}, "t/x", payload));
+    FrameView f;
+    auto got = rx.next(&f);
+    ASSERT_TRUE(got.ok() && *got);
+    handoff.store(new Handed{rx.owner(), f.payload, static_cast<std::byte>(payload[0])},
+                  std::memory_order_release);
+    const Deadline d = Deadline::after_ms(10000);
+    while (let_go.load(std::memory_order_relaxed) != i + 1) {
+      ASSERT_FALSE(d.expired()) << "the reader did not let go of round " << i;
+      std::this_thread::yield();
+    }
+    got = rx.next(&f);  // nothing more: the block is rewound for the next round
+    ASSERT_TRUE(got.ok() && !*got);
+  }
+  EXPECT_EQ(wrong.load(), 0);
 }
 
 TEST(Wire, BatchingNeverHoldsALoneMessage) {
