@@ -469,6 +469,75 @@ TEST(TcpBlocking, LargeMessagesBothWaysAcrossThreads) {
   peer.join();
 }
 
+// A large payload raises the socket's receive watermark (SO_RCVLOWAT) while it is read; once it
+// is in, a small message sent only later must still wake a receiver asleep on the epoll set (two
+// connections) rather than wait for a watermark's worth of bytes that never come.
+TEST(TcpBlocking, SmallMessageAfterALargeOneWakesASleeperWithSeveralConnections) {
+  BlockingPair p = BlockingPair::make();
+  Options o;
+  o.progress = ProgressMode::kSpinThenBlock;
+  o.spin_before_block = std::chrono::microseconds(10);
+  o.backend = Backend::kTcp;
+  o.name = "block-c";
+  auto made = Context::create(o);
+  ASSERT_TRUE(made.ok()) << made.status();
+  std::unique_ptr<Context> c = std::move(made).value();
+  std::vector<uint8_t> addr_a = p.a->address(), addr_b = p.b->address(), addr_c = c->address();
+  constexpr size_t kLarge = (size_t{3} << 20) + 5;
+  constexpr int kRounds = 4;
+  std::atomic<bool> a_done{false};  // release: a has all it waits for; acquire in c's thread
+  std::thread peer_c([&] {
+    auto ep = c->connect(addr_a);
+    ASSERT_TRUE(ep.ok());
+    uint64_t v = 7;
+    ASSERT_TRUE(c->wait((*ep)->send(1, &v, 8), Deadline::after_ms(20000)).ok());
+    const Deadline limit = Deadline::after_ms(60000);
+    while (!a_done.load(std::memory_order_acquire) && !limit.expired()) {
+      c->progress();
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+  });
+  std::thread peer_b([&] {
+    auto ep = p.b->connect(addr_a);
+    ASSERT_TRUE(ep.ok());
+    std::vector<uint8_t> big(kLarge);
+    for (int i = 0; i < kRounds; ++i) {
+      for (size_t k = 0; k < kLarge; ++k) big[k] = static_cast<uint8_t>(k * 13 + i);
+      ASSERT_TRUE(
+          p.b->wait((*ep)->send(0, big.data(), big.size()), Deadline::after_ms(20000)).ok());
+      uint64_t ack = 0;
+      ASSERT_TRUE(p.b->wait((*ep)->recv(0, &ack, 8), Deadline::after_ms(20000)).ok());
+      ASSERT_EQ(ack, static_cast<uint64_t>(i));
+      const uint64_t small = 1000 + static_cast<uint64_t>(i);
+      ASSERT_TRUE(p.b->wait((*ep)->send(0, &small, 8), Deadline::after_ms(20000)).ok());
+    }
+  });
+  auto to_c = p.a->connect(addr_c);
+  auto to_b = p.a->connect(addr_b);
+  ASSERT_TRUE(to_c.ok() && to_b.ok());
+  uint64_t v = 0;
+  ASSERT_TRUE(p.a->wait((*to_c)->recv(1, &v, 8), Deadline::after_ms(20000)).ok());
+  EXPECT_EQ(v, 7u);
+  std::vector<uint8_t> in(kLarge);
+  for (int i = 0; i < kRounds; ++i) {
+    SCOPED_TRACE(i);
+    Request big = (*to_b)->recv(0, in.data(), in.size());
+    ASSERT_TRUE(p.a->wait(big, Deadline::after_ms(20000)).ok()) << big.status();
+    ASSERT_EQ(big.bytes(), kLarge);
+    for (size_t k = 0; k < kLarge; k += 4093) ASSERT_EQ(in[k], static_cast<uint8_t>(k * 13 + i));
+    // Posted before the ack goes out, so a sleeps for it with nothing else on the way.
+    uint64_t small = 0;
+    Request r = (*to_b)->recv(0, &small, 8);
+    const uint64_t ack = static_cast<uint64_t>(i);
+    ASSERT_TRUE(p.a->wait((*to_b)->send(0, &ack, 8), Deadline::after_ms(20000)).ok());
+    ASSERT_TRUE(p.a->wait(r, Deadline::after_ms(20000)).ok()) << r.status();
+    EXPECT_EQ(small, 1000 + static_cast<uint64_t>(i));
+  }
+  a_done.store(true, std::memory_order_release);
+  peer_b.join();
+  peer_c.join();
+}
+
 // A wait asleep in recv on a quiet connection still ends at its deadline, and a peer that goes
 // away wakes it with an error naming that peer.
 TEST(TcpBlocking, BlockedWaitEndsAtItsDeadlineAndOnPeerDeath) {

@@ -161,9 +161,16 @@ class Connection {
   TcpBackend& backend_;
   // Sets SO_RCVTIMEO for a blocking read, skipping the call when it is already set.
   bool set_receive_timeout(int ms);
+  // on_readable() without the watermark update.
+  size_t read_available(int block_ms);
+  // Sets SO_RCVLOWAT for what the connection waits for next: most of a large payload's remainder
+  // while one is being read (kernel wake-ups of a sleeper come per that many bytes, not per
+  // arriving segment), 1 byte otherwise. Skips the call when the value is already set.
+  void update_receive_watermark();
 
   int fd_;
   int rcvtimeo_ms_ = 0;  // SO_RCVTIMEO on fd_ (0: none)
+  int rcvlowat_ = 1;     // SO_RCVLOWAT on fd_ (1: the kernel's default)
   State state_;
   Status status_;
   std::shared_ptr<const std::string> peer_name_;
