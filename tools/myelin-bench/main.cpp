@@ -205,6 +205,14 @@ int run_rank(const Args& a, int rank, int size, Store& store) {
   opts.numa_node = a.numa;
   opts.name = "rank " + std::to_string(rank);
   opts.timeout = std::chrono::seconds(a.timeout_s);
+  // Ranks this binary started here (-n) and pinned (--cpu) share a CPU only with those pinned to
+  // the same one: the count `auto` compares with the CPUs this rank may use (one, once pinned).
+  if (!a.cpus.empty() && std::getenv("MYELIN_BENCH_CHILD") != nullptr) {
+    const auto cpu_of = [&](int r) { return a.cpus[static_cast<size_t>(r) % a.cpus.size()]; };
+    int sharing = 0;
+    for (int q = 0; q < size; ++q) sharing += cpu_of(q) == cpu_of(rank) ? 1 : 0;
+    opts.local_ranks = sharing;
+  }
   auto env_opts = opts.with_env_overlay();
   if (!env_opts.ok()) return fail(rank, env_opts.status());
   auto ctx = Context::create(*env_opts);
