@@ -35,6 +35,7 @@ std::shared_ptr<Message> message_from(const PublishArgs& a, FrameType type, std:
   if (a.owner && !copy) {
     m->owner = a.owner;
     m->payload = a.payload;
+    m->owner_shared = a.owner_shared;
   } else {
     m->owner = own_copy(a.payload, &m->payload);
   }

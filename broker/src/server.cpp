@@ -1833,7 +1833,11 @@ void Server::Impl::queue_message(Conn& c, OutQueue& out, const MessagePtr& m, in
   h.seq = m->seq;
   h.id = m->id;
   h.timestamp_ns = m->publish_ts_ns;
-  Status s = out.push(h, m->topic, m->payload, m->owner, m->batchable, now);
+  // A payload that shares its receive block with other frames is copied once this queue already
+  // holds kMaxSharedOwnerDepth frames (a coalesced one is copied into its batch anyway): like a
+  // lane, a slow reader's send queue keeps only that many blocks alive, not one per message.
+  const bool copy = m->owner_shared && out.queued_frames() >= Broker::kMaxSharedOwnerDepth;
+  Status s = out.push(h, m->topic, m->payload, copy ? nullptr : m->owner, m->batchable, now);
   if (!s.ok()) MYELIN_LOG_WARN << "cannot send to client " << c.id() << ": " << s;
   if (m->type == FrameType::kDeliver) observe_latency(now - m->broker_rx_ns);
   c_.frames_out.fetch_add(1, std::memory_order_relaxed);

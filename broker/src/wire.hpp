@@ -129,6 +129,10 @@ class OutQueue {
   void close_due_batches(int64_t now_ns, bool force = false);
   [[nodiscard]] int64_t next_batch_deadline() const noexcept;
   [[nodiscard]] size_t backlog_bytes() const noexcept { return backlog_; }
+  // Frames (pieces: a batch, a message, a chunk) waiting for the socket; open batches not counted.
+  [[nodiscard]] size_t queued_frames() const noexcept {
+    return lanes_[0].size() + lanes_[1].size();
+  }
   [[nodiscard]] bool empty() const noexcept;
   // Bytes wait for the socket (an open batch alone does not count: it waits for its window).
   [[nodiscard]] bool has_unsent() const noexcept {

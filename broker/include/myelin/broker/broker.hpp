@@ -81,6 +81,9 @@ struct Message {
   int64_t broker_rx_ns = 0;    // broker's receipt, for the publish-to-deliver histogram
   std::shared_ptr<const void> owner;  // keeps `payload` alive
   std::span<const std::byte> payload;
+  // `owner` holds other data too (PublishArgs::owner_shared): whoever queues the message further
+  // (a connection's send queue) copies the payload rather than keep the owner behind many others.
+  bool owner_shared = false;
 };
 using MessagePtr = std::shared_ptr<const Message>;
 
