@@ -497,6 +497,7 @@ void TcpBackend::yield_if_bulk_stalled() {
 }
 
 bool TcpBackend::progress_blocking(int max_ms, size_t& handled) {
+  waits_sleep_ = true;
   if (!pending_reads_.empty() || !graveyard_.empty()) return false;
   if (live_.size() != 1) {
     // Several connections (or none): sleep in the set itself and serve what it reports, one
@@ -546,6 +547,7 @@ void TcpBackend::reattach() {
 }
 
 bool TcpBackend::arm_wait() {
+  waits_sleep_ = true;
   reattach();  // the Context is about to sleep on the set: it must see every socket
   slept_on_set_ = pending_reads_.empty();
   return slept_on_set_;

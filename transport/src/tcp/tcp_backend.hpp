@@ -256,6 +256,9 @@ class TcpBackend final : public BackendContext {
   [[nodiscard]] const ContextInfo& info() const noexcept { return info_; }
   [[nodiscard]] const std::vector<uint8_t>& self_bytes() const noexcept { return self_bytes_; }
   [[nodiscard]] uint64_t instance() const noexcept { return self_.instance; }
+  // Whether a wait of this Context has slept on a socket (progress_blocking() or arm_wait()):
+  // only then do connections raise their receive watermark (a busy poll reads what is there).
+  [[nodiscard]] bool waits_sleep() const noexcept { return waits_sleep_; }
   void release(Connection& conn);  // the Endpoint is gone
 
  private:
@@ -300,6 +303,7 @@ class TcpBackend final : public BackendContext {
   // Context sleeping on the set (arm_wait()), another connection becoming the hot one.
   Connection* detached_ = nullptr;
   bool quiet_sleep_ = false;  // the last progress_blocking() sleep brought nothing
+  bool waits_sleep_ = false;  // see waits_sleep()
   // arm_wait() let the Context sleep on the epoll set: the next progress() asks the set first.
   bool slept_on_set_ = false;
   void reattach();

@@ -455,8 +455,9 @@ void Connection::update_receive_watermark() {
   // never waits for bytes that do not come, and a closed or failed connection wakes a sleeper
   // whatever the watermark. One set per large payload, one reset after it.
   if (left > 0 && rcvlowat_ > 1 && static_cast<uint64_t>(rcvlowat_) <= left) return;
-  const int want =
-      left >= kWatermarkMin ? static_cast<int>(std::min<uint64_t>(left, kMaxWatermark)) : 1;
+  const int want = left >= kWatermarkMin && backend_.waits_sleep()
+                       ? static_cast<int>(std::min<uint64_t>(left, kMaxWatermark))
+                       : 1;
   if (want == rcvlowat_) return;
   if (setsockopt(fd_, SOL_SOCKET, SO_RCVLOWAT, &want, sizeof(want)) == 0) rcvlowat_ = want;
 }
