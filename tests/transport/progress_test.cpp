@@ -145,6 +145,36 @@ TEST(ProgressMode, UsableCpusFollowsThisThreadsAffinity) {
                                        "3: sched_setaffinity failed";
 }
 
+// MYELIN_LOCAL_SIZE counts the node's ranks; a rank bound to one of the node's CPUs shares it
+// with that many ranks spread evenly: 1 of a node with as many ranks as CPUs (so auto busy-polls
+// ranks pinned to a CPU each), 2 of a node with twice as many; an unbound rank shares with all.
+TEST(ProgressMode, NodeLocalSizeCountsTheRanksOnThisRanksCpus) {
+  const int cpus = usable_cpus();
+  if (cpus < 2) GTEST_SKIP() << "needs 2 or more CPUs for this process's cgroup, has " << cpus;
+  const pid_t child = fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(sched_getcpu() >= 0 ? sched_getcpu() : 0, &one);
+    if (sched_setaffinity(0, sizeof(one), &one) != 0) _exit(3);
+    const auto ranks = [](int node_ranks) {
+      ::setenv("MYELIN_LOCAL_SIZE", std::to_string(node_ranks).c_str(), 1);
+      auto o = Options{}.with_env_overlay();
+      return o.ok() ? o->local_ranks : -1;
+    };
+    if (ranks(cpus) != 1) _exit(1);
+    if (ranks(2 * cpus) != 2) _exit(2);
+    _exit(0);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "1: one rank per CPU not counted 1; 2: two per CPU not "
+                                       "counted 2; 3: sched_setaffinity failed";
+  EXPECT_EQ(ranks_sharing_cpus(cpus + 1), cpus + 1);  // this process may use every CPU
+}
+
 TEST(ProgressMode, ContextResolvesAutoAndFollowsSetLocalRanks) {
   const int cpus = usable_cpus();
   // Over shared memory (where it opens): yield when oversubscribed.

@@ -4,6 +4,7 @@
 #include <sched.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 #include <fstream>
@@ -132,7 +133,9 @@ int affinity_cpus() noexcept {
 }
 }  // namespace
 
-int usable_cpus() noexcept {
+namespace {
+// The online CPUs bounded by this process's cpuset cgroup: the CPUs a node's ranks share.
+int node_cpus() noexcept {
   const long online = sysconf(_SC_NPROCESSORS_ONLN);
   int n = online > 0 ? static_cast<int>(online) : 1;
   try {
@@ -140,8 +143,22 @@ int usable_cpus() noexcept {
     if (cpuset > 0 && cpuset < n) n = cpuset;
   } catch (...) {  // reading /proc or /sys cannot throw in practice; keep the online count
   }
+  return n;
+}
+}  // namespace
+
+int usable_cpus() noexcept {
+  int n = node_cpus();
   if (const int mask = affinity_cpus(); mask > 0 && mask < n) n = mask;
   return n;
+}
+
+int ranks_sharing_cpus(int node_ranks) noexcept {
+  const int node = node_cpus();
+  const int mine = usable_cpus();
+  if (node_ranks <= 0 || mine >= node) return node_ranks;
+  const long long share = (static_cast<long long>(node_ranks) * mine + node - 1) / node;
+  return static_cast<int>(std::max<long long>(1, share));
 }
 
 ProgressMode resolve_progress_mode(ProgressMode requested, int local_ranks, int cpus,
@@ -195,7 +212,9 @@ Result<Options> Options::with_env_overlay() const {
   }
   if (const char* v = std::getenv("MYELIN_LOCAL_SIZE"); v != nullptr && o.local_ranks == 0) {
     MYELIN_ASSIGN_OR_RETURN(long long n, parse_env_integer("MYELIN_LOCAL_SIZE", v, 1, 1 << 20));
-    o.local_ranks = static_cast<int>(n);
+    // The variable counts the node's ranks (a launcher's local size); local_ranks counts those on
+    // this rank's CPUs (ranks_sharing_cpus()).
+    o.local_ranks = ranks_sharing_cpus(static_cast<int>(n));
   }
   if (const char* v = std::getenv("MYELIN_SPIN_US")) {
     MYELIN_ASSIGN_OR_RETURN(long long us, parse_env_integer("MYELIN_SPIN_US", v, 0, 1'000'000));

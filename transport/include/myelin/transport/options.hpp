@@ -63,6 +63,15 @@ constexpr int kYieldSpinPolls = 32;
 // ranks' masks.
 int usable_cpus() noexcept;
 
+// Of `node_ranks` ranks on this node, about how many share this rank's CPUs, for a launcher that
+// says only how many ranks the node runs (MYELIN_LOCAL_SIZE): all of them when this thread may
+// run on every CPU of the node, else the node's ranks spread evenly over its CPUs —
+// ceil(node_ranks x usable_cpus() / node CPUs), at least 1. Ranks bound to one CPU each (srun
+// --cpu-bind) then count 1 and busy-poll; ranks all bound to the same CPU cannot be told apart
+// from those without the other ranks' masks, which a collectives Communicator exchanges
+// (Context::set_local_ranks()). node_ranks <= 0 is returned as it is (unknown).
+int ranks_sharing_cpus(int node_ranks) noexcept;
+
 // The mode a Context runs for `requested`: kAuto becomes kPollYield when local_ranks > cpus (both
 // known, i.e. > 0) — kSpinThenBlock instead when `tcp_only` (every backend of the Context is TCP,
 // whose sockets wake a sleeper in any mode: on loopback, sleeping lets the kernel's delivery run,
