@@ -501,7 +501,7 @@ TEST_P(ControlThread, ASlowReaderKeepsFewReceiveBlocksAlive) {
   ASSERT_TRUE(published);
   ASSERT_TRUE(last.ok()) << last.status();
   // About 1.3 MiB of slow messages wait; a receive block is over 1 MiB. kMaxSharedOwnerDepth
-  // blocks for the lane and as many for the send queue (about 70 MiB) is the bound; one per
+  // blocks for the lane and as many for the send queue (about 17 MiB) is the bound; one per
   // waiting message (about 270 here: 280 MiB) is not.
   const long grown_mib = (rss_after - rss_before) / 1024;
   EXPECT_LT(grown_mib, 128) << "the daemon grew from " << rss_before / 1024 << " MiB to "

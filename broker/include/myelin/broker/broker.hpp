@@ -160,7 +160,9 @@ struct PublishArgs {
 class Broker {
  public:
   // See PublishArgs::owner_shared.
-  static constexpr size_t kMaxSharedOwnerDepth = 32;
+  // 8: a slow subscriber pins at most 8 blocks per lane and 8 for its send queue (each about
+  // 1 MiB); at 32 that was up to about 70-100 MiB per slow session.
+  static constexpr size_t kMaxSharedOwnerDepth = 8;
 
   explicit Broker(BrokerOptions options);
   Broker(const Broker&) = delete;
