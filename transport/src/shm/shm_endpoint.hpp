@@ -126,9 +126,9 @@ class ShmEndpoint final : public Endpoint {
     alignas(8) std::byte header[sizeof(RtsRecord)] = {};
     const std::byte* data = nullptr;
     size_t size = 0;
-    size_t report_bytes = 0;            // the byte count req completes with
-    RequestStateRef req;                // completed once written (eager, immediate)
-    bool stream = false;                // kData chunks of rendezvous `token`
+    size_t report_bytes = 0;  // the byte count req completes with
+    RequestStateRef req;      // completed once written (eager, immediate)
+    bool stream = false;      // kData chunks of rendezvous `token`
     uint64_t token = 0;
     size_t streamed = 0;
   };

@@ -196,9 +196,9 @@ class VerbsEndpoint final : public Endpoint {
   struct Outgoing {
     OpKind kind = OpKind::kRing;
     RingHeader header;
-    std::vector<uint8_t> payload;             // eager payload copied while queued
-    RequestStateRef on_posted;                // eager send: completes when posted
-    std::shared_ptr<OpGroup> group;           // write/read: completes when all pieces are done
+    std::vector<uint8_t> payload;    // eager payload copied while queued
+    RequestStateRef on_posted;       // eager send: completes when posted
+    std::shared_ptr<OpGroup> group;  // write/read: completes when all pieces are done
     uint64_t local_addr = 0;
     uint32_t lkey = 0;
     uint32_t length = 0;
