@@ -208,6 +208,24 @@ TEST(Sequence, GapDetectionAcrossWrapAround) {
   EXPECT_TRUE(seq_before(UINT64_MAX, 3));
 }
 
+// A connected pair of non-blocking local stream sockets; `sndbuf` > 0 caps a's send buffer.
+// ok is false when the pair could not be made.
+struct LocalPair {
+  internal::Fd a, b;
+  bool ok = false;
+};
+LocalPair local_pair(int sndbuf = 0) {
+  LocalPair p;
+  int sv[2];
+  if (::socketpair(AF_UNIX, SOCK_STREAM, 0, sv) != 0) return p;
+  p.a = internal::Fd(sv[0]);
+  p.b = internal::Fd(sv[1]);
+  p.ok =
+      internal::set_nonblocking(p.a.get()).ok() && internal::set_nonblocking(p.b.get()).ok() &&
+      (sndbuf <= 0 || ::setsockopt(p.a.get(), SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf)) == 0);
+  return p;
+}
+
 TEST(Wire, AClosedPeerIsAnErrorNotSigpipe) {
   int sv[2];
   ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
@@ -225,11 +243,8 @@ TEST(Wire, AClosedPeerIsAnErrorNotSigpipe) {
 }
 
 TEST(Wire, ChunksBatchesAndLanesSurviveASocketPair) {
-  int sv[2];
-  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
-  internal::Fd a(sv[0]), b(sv[1]);
-  ASSERT_TRUE(internal::set_nonblocking(a.get()).ok());
-  ASSERT_TRUE(internal::set_nonblocking(b.get()).ok());
+  auto [a, b, made] = local_pair();
+  ASSERT_TRUE(made);
   internal::OutQueue q(
       internal::OutOptions{.chunk_size = 1024, .batch_bytes = 4096, .batch_count = 8});
   auto big = std::make_shared<std::vector<std::byte>>(10000);
@@ -371,13 +386,8 @@ TEST(Wire, BatchingNeverHoldsALoneMessage) {
 }
 
 TEST(Wire, PushAndFlushWritesThroughAndFinishesAStartedFrame) {
-  int sv[2];
-  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
-  internal::Fd a(sv[0]), b(sv[1]);
-  ASSERT_TRUE(internal::set_nonblocking(a.get()).ok());
-  ASSERT_TRUE(internal::set_nonblocking(b.get()).ok());
-  const int small = 4096;
-  ::setsockopt(a.get(), SOL_SOCKET, SO_SNDBUF, &small, sizeof(small));
+  auto [a, b, made] = local_pair(4096);
+  ASSERT_TRUE(made);
   internal::OutQueue q;
   // Nothing queued: written straight from the caller's buffer, nothing kept.
   std::string lone(300, 'l');
@@ -428,13 +438,8 @@ TEST(Wire, PushAndFlushWritesThroughAndFinishesAStartedFrame) {
 // sendmsg per message is what a producer ahead of its reader would otherwise pay. Every byte
 // still arrives, in order, and writing through resumes once the queue is empty.
 TEST(Wire, PushAndFlushLeavesAFullSocketToTheFlush) {
-  int sv[2];
-  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
-  internal::Fd a(sv[0]), b(sv[1]);
-  ASSERT_TRUE(internal::set_nonblocking(a.get()).ok());
-  ASSERT_TRUE(internal::set_nonblocking(b.get()).ok());
-  const int small = 4096;
-  ::setsockopt(a.get(), SOL_SOCKET, SO_SNDBUF, &small, sizeof(small));
+  auto [a, b, made] = local_pair(4096);
+  ASSERT_TRUE(made);
   internal::OutQueue q;
   const std::string payload(1000, 'p');
   uint64_t seq = 0;
@@ -492,11 +497,8 @@ TEST(Wire, PushAndFlushLeavesAFullSocketToTheFlush) {
 }
 
 TEST(Wire, BulkBudgetHoldsBulkButNeverControl) {
-  int sv[2];
-  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
-  internal::Fd a(sv[0]), b(sv[1]);
-  ASSERT_TRUE(internal::set_nonblocking(a.get()).ok());
-  ASSERT_TRUE(internal::set_nonblocking(b.get()).ok());
+  auto [a, b, made] = local_pair();
+  ASSERT_TRUE(made);
   internal::OutQueue q(internal::OutOptions{.chunk_size = 1024});
   auto big = std::make_shared<std::vector<std::byte>>(3000);  // three chunks
   ASSERT_TRUE(q.push({.type = FrameType::kDeliver, .seq = 1}, "bulk/x", *big, big, false, 0).ok());

@@ -10,6 +10,7 @@
 
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
 #include <limits>
 #include <string>
 #include <vector>
@@ -126,23 +127,28 @@ TEST(ProgressMode, AutoYieldsOnlyWhenRanksOutnumberCpus) {
 // A thread bound to one CPU may use one: two ranks bound to the same CPU must not count the node's
 // CPUs as theirs (a collectives Communicator tells ranks bound to a core each from ranks bound to
 // one CPU together by the other ranks' masks: tests/collectives/auto_progress_test.cpp).
-TEST(ProgressMode, UsableCpusFollowsThisThreadsAffinity) {
-  const int before = usable_cpus();
-  if (before < 2) GTEST_SKIP() << "needs 2 or more CPUs for this process's cgroup, has " << before;
+// Runs `body` in a child process bound to one CPU; its exit code (3: the binding failed), or -1
+// when the child did not exit normally.
+int exit_code_on_one_cpu(const std::function<int()>& body) {
   const pid_t child = fork();
-  ASSERT_GE(child, 0);
+  if (child < 0) return -1;
   if (child == 0) {
     cpu_set_t one;
     CPU_ZERO(&one);
     CPU_SET(sched_getcpu() >= 0 ? sched_getcpu() : 0, &one);
     if (sched_setaffinity(0, sizeof(one), &one) != 0) _exit(3);
-    _exit(usable_cpus() == 1 ? 0 : 1);
+    _exit(body());
   }
   int status = 0;
-  ASSERT_EQ(waitpid(child, &status, 0), child);
-  ASSERT_TRUE(WIFEXITED(status));
-  EXPECT_EQ(WEXITSTATUS(status), 0) << "1: usable_cpus() ignored the child's one-CPU affinity; "
-                                       "3: sched_setaffinity failed";
+  if (waitpid(child, &status, 0) != child || !WIFEXITED(status)) return -1;
+  return WEXITSTATUS(status);
+}
+
+TEST(ProgressMode, UsableCpusFollowsThisThreadsAffinity) {
+  const int before = usable_cpus();
+  if (before < 2) GTEST_SKIP() << "needs 2 or more CPUs for this process's cgroup, has " << before;
+  EXPECT_EQ(exit_code_on_one_cpu([] { return usable_cpus() == 1 ? 0 : 1; }), 0)
+      << "1: usable_cpus() ignored the child's one-CPU affinity; 3: sched_setaffinity failed";
 }
 
 // MYELIN_LOCAL_SIZE counts the node's ranks; a rank bound to one of the node's CPUs shares it
@@ -151,27 +157,18 @@ TEST(ProgressMode, UsableCpusFollowsThisThreadsAffinity) {
 TEST(ProgressMode, NodeLocalSizeCountsTheRanksOnThisRanksCpus) {
   const int cpus = usable_cpus();
   if (cpus < 2) GTEST_SKIP() << "needs 2 or more CPUs for this process's cgroup, has " << cpus;
-  const pid_t child = fork();
-  ASSERT_GE(child, 0);
-  if (child == 0) {
-    cpu_set_t one;
-    CPU_ZERO(&one);
-    CPU_SET(sched_getcpu() >= 0 ? sched_getcpu() : 0, &one);
-    if (sched_setaffinity(0, sizeof(one), &one) != 0) _exit(3);
+  const int code = exit_code_on_one_cpu([cpus] {
     const auto ranks = [](int node_ranks) {
       ::setenv("MYELIN_LOCAL_SIZE", std::to_string(node_ranks).c_str(), 1);
       auto o = Options{}.with_env_overlay();
       return o.ok() ? o->local_ranks : -1;
     };
-    if (ranks(cpus) != 1) _exit(1);
-    if (ranks(2 * cpus) != 2) _exit(2);
-    _exit(0);
-  }
-  int status = 0;
-  ASSERT_EQ(waitpid(child, &status, 0), child);
-  ASSERT_TRUE(WIFEXITED(status));
-  EXPECT_EQ(WEXITSTATUS(status), 0) << "1: one rank per CPU not counted 1; 2: two per CPU not "
-                                       "counted 2; 3: sched_setaffinity failed";
+    if (ranks(cpus) != 1) return 1;
+    if (ranks(2 * cpus) != 2) return 2;
+    return 0;
+  });
+  EXPECT_EQ(code, 0) << "1: one rank per CPU not counted 1; 2: two per CPU not counted 2; "
+                        "3: sched_setaffinity failed";
   EXPECT_EQ(ranks_sharing_cpus(cpus + 1), cpus + 1);  // this process may use every CPU
 }
 

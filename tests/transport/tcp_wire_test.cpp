@@ -416,19 +416,21 @@ struct BlockingPair {
   Endpoint* ab = nullptr;  // a's endpoint to b
   Endpoint* ba = nullptr;  // b's endpoint to a (touched only by b's thread)
 
-  static BlockingPair make() {
+  // A TCP Context that spins 10 us, then sleeps; null (and a test failure) when it cannot open.
+  static std::unique_ptr<Context> context(const char* name) {
     Options o;
     o.progress = ProgressMode::kSpinThenBlock;
     o.spin_before_block = std::chrono::microseconds(10);
     o.backend = Backend::kTcp;
-    o.name = "block-a";
-    auto a = Context::create(o);
-    o.name = "block-b";
-    auto b = Context::create(o);
-    EXPECT_TRUE(a.ok() && b.ok());
+    o.name = name;
+    auto made = Context::create(o);
+    EXPECT_TRUE(made.ok()) << made.status();
+    return made.ok() ? std::move(made).value() : nullptr;
+  }
+  static BlockingPair make() {
     BlockingPair p;
-    p.a = std::move(a).value();
-    p.b = std::move(b).value();
+    p.a = context("block-a");
+    p.b = context("block-b");
     return p;
   }
 };
@@ -474,14 +476,8 @@ TEST(TcpBlocking, LargeMessagesBothWaysAcrossThreads) {
 // connections) rather than wait for a watermark's worth of bytes that never come.
 TEST(TcpBlocking, SmallMessageAfterALargeOneWakesASleeperWithSeveralConnections) {
   BlockingPair p = BlockingPair::make();
-  Options o;
-  o.progress = ProgressMode::kSpinThenBlock;
-  o.spin_before_block = std::chrono::microseconds(10);
-  o.backend = Backend::kTcp;
-  o.name = "block-c";
-  auto made = Context::create(o);
-  ASSERT_TRUE(made.ok()) << made.status();
-  std::unique_ptr<Context> c = std::move(made).value();
+  std::unique_ptr<Context> c = BlockingPair::context("block-c");
+  ASSERT_TRUE(p.a && p.b && c);
   std::vector<uint8_t> addr_a = p.a->address(), addr_b = p.b->address(), addr_c = c->address();
   constexpr size_t kLarge = (size_t{3} << 20) + 5;
   constexpr int kRounds = 4;
@@ -578,14 +574,8 @@ TEST(TcpBlocking, BlockedWaitEndsAtItsDeadlineAndOnPeerDeath) {
 // peer's death wakes it with an error naming that peer.
 TEST(TcpBlocking, WaitWithSeveralConnectionsEndsAtItsDeadlineOnTheOtherPeerAndOnDeath) {
   BlockingPair p = BlockingPair::make();
-  Options o;
-  o.progress = ProgressMode::kSpinThenBlock;
-  o.spin_before_block = std::chrono::microseconds(10);
-  o.backend = Backend::kTcp;
-  o.name = "block-c";
-  auto made = Context::create(o);
-  ASSERT_TRUE(made.ok()) << made.status();
-  std::unique_ptr<Context> c = std::move(made).value();
+  std::unique_ptr<Context> c = BlockingPair::context("block-c");
+  ASSERT_TRUE(p.a && p.b && c);
   std::vector<uint8_t> addr_a = p.a->address(), addr_b = p.b->address(), addr_c = c->address();
   // release: a is done with the step named; acquire in the peers' threads
   std::atomic<int> a_step{0};
