@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <condition_variable>
 #include <cstring>
@@ -18,6 +19,7 @@
 #include <thread>
 #include <unordered_map>
 #include <unordered_set>
+#include <utility>
 
 #include <myelin/broker/sequence.hpp>
 #include <myelin/core/log.hpp>
@@ -93,7 +95,10 @@ class Client::Impl {
     // socket for writing; send_locked() wakes it only if that is not soon enough.
     bool watches_out = false;
     bool armed_in = true, armed_out = false;  // the socket's events in the I/O thread's set
-    int64_t last_tx_ns = 0;                   // under mu_
+    // Messages handed to handlers whose delivery credits are not yet counted (the reader only):
+    // counted under mu_ with the next delivery's state update, or at the end of the read.
+    uint64_t handled = 0;
+    int64_t last_tx_ns = 0;  // under mu_
     // Written by the reader, read by the I/O thread's heartbeat check: relaxed, a stale value
     // only delays that check by one pass.
     std::atomic<int64_t> last_rx_ns{0};
@@ -138,25 +143,54 @@ class Client::Impl {
     }
     return ok_status();
   }
-  // Takes one publish credit, waiting until the deadline. mu_ held through `lock`.
+  // Takes one publish credit, waiting until the deadline. mu_ held through `lock`: only holders
+  // of mu_ take credits, so one that saw a credit keeps it; the reader adds them without mu_
+  // (add_publish_credits()).
   Status take_credit(std::unique_lock<std::mutex>& lock, Deadline d) {
-    if (pub_credits_ == 0) stats_.publish_stalls++;
-    while (pub_credits_ == 0) {
-      if (!status_.ok()) return status_;
-      if (d.expired()) {
-        return timeout_error(
-            "no publish credit from the broker in time: it is holding back this "
-            "producer (full subscriber under the block policy, or a rate limit)");
+    if (pub_credits_.load(std::memory_order_relaxed) == 0) {
+      stats_.publish_stalls++;
+      // seq_cst, paired with add_publish_credits(): either the adder sees this waiter (and
+      // notifies under mu_, which this thread holds until it waits) or this thread sees its
+      // credits below.
+      credit_waiters_.fetch_add(1, std::memory_order_seq_cst);
+      Status s;
+      while (pub_credits_.load(std::memory_order_seq_cst) == 0) {
+        if (!status_.ok()) {
+          s = status_;
+          break;
+        }
+        if (d.expired()) {
+          s = timeout_error(
+              "no publish credit from the broker in time: it is holding back this "
+              "producer (full subscriber under the block policy, or a rate limit)");
+          break;
+        }
+        cv_.wait_for(lock,
+                     std::chrono::nanoseconds(std::min<int64_t>(d.remaining_ns(), 100'000'000)));
       }
-      cv_.wait_for(lock,
-                   std::chrono::nanoseconds(std::min<int64_t>(d.remaining_ns(), 100'000'000)));
+      credit_waiters_.fetch_sub(1, std::memory_order_relaxed);  // under mu_, as the increment
+      MYELIN_RETURN_IF_ERROR(s);
     }
     if (!status_.ok()) return status_;
-    pub_credits_--;
+    pub_credits_.fetch_sub(1, std::memory_order_relaxed);  // a count; ordering nothing
     return ok_status();
   }
-  void consumed_locked() {
-    if (++credits_owed_ >= std::max<uint32_t>(1, opt_.receive_window / 8)) {
+  // A credit grant from the broker, on the reader's thread, without mu_: a publisher holds mu_
+  // through every publish (and its sendmsg), so taking it here for each grant made the I/O
+  // thread sleep on the mutex and the publisher wake it, a futex call and two thread switches a
+  // grant. mu_ is taken only when a publisher waits for credits.
+  void add_publish_credits(uint64_t n) {
+    pub_credits_.fetch_add(n, std::memory_order_seq_cst);  // see take_credit()
+    if (credit_waiters_.load(std::memory_order_seq_cst) > 0) {
+      std::lock_guard<std::mutex> lock(mu_);
+      cv_.notify_all();
+    }
+  }
+  // `n` messages were handed over: their delivery credits go back to the broker an eighth of the
+  // window at a time. mu_ held.
+  void consumed_locked(uint64_t n = 1) {
+    credits_owed_ += n;
+    if (credits_owed_ >= std::max<uint32_t>(1, opt_.receive_window / 8)) {
       FrameHeader h;
       h.type = FrameType::kCredit;
       h.flags = kFlagControl;
@@ -247,7 +281,12 @@ class Client::Impl {
   std::recursive_mutex handler_mu_;
   Status status_;
   uint64_t client_id_ = 0, counter_ = 0;
-  uint64_t pub_credits_ = 0, credits_owed_ = 0;
+  uint64_t credits_owed_ = 0;
+  // Publish credits left: taken under mu_ (take_credit()), added by a reader without it
+  // (add_publish_credits()); credit_waiters_ counts the publishers waiting for them (changed under
+  // mu_, read by the adder without it).
+  std::atomic<uint64_t> pub_credits_{0};
+  std::atomic<int> credit_waiters_{0};
   // When the I/O thread's epoll wait ends (under mu_); see send_locked().
   int64_t io_wakes_at_ns_ = INT64_MIN;
   // While poll() callers read, and for poll_read_grace_us after the last one, the I/O thread
@@ -342,7 +381,7 @@ Status Client::Impl::handshake() {
                              "the answer was altered on the way");
   }
   client_id_ = f.header.id;
-  pub_credits_ = f.header.seq;
+  pub_credits_.store(f.header.seq, std::memory_order_relaxed);  // no other thread yet
   if (f.header.timestamp_ns > (1ull << 30))
     return protocol_error("auth_ok asks for a read report every ", f.header.timestamp_ns, " bytes");
   rx_ack_every_ = f.header.timestamp_ns;
@@ -516,6 +555,10 @@ Status Client::Impl::read_socket(int k, bool readable, int rounds, size_t max_by
         return std::move(s).with_context("from broker " + opt_.address + std::string(which));
       ++*frames;
     }
+    if (c.handled > 0) {
+      std::lock_guard<std::mutex> lock(mu_);
+      consumed_locked(std::exchange(c.handled, 0));
+    }
     if (!readable) break;
   }
   return ok_status();
@@ -591,11 +634,14 @@ void Client::Impl::io_loop() {
     }
   }
   bool first[2] = {true, true};  // frames may already sit in the buffers from the handshake
+  // mu_ is taken once a pass when nothing was read, twice when something was: the publishing
+  // thread holds it through every publish, so each extra taking is a chance to sleep on it (a
+  // futex call and two thread switches when that happens).
+  std::unique_lock<std::mutex> lock(mu_);
   while (!stop_.load(std::memory_order_acquire)) {
+    if (!status_.ok()) return;
     int64_t timeout_ns = std::min<int64_t>(opt_.heartbeat_ms / 2, 50) * 1'000'000;
     {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (!status_.ok()) return;
       const int64_t now = monotonic_ns();
       for (int k = 0; k < nconns(); ++k) {
         const int64_t bd = conns_[k].out.next_batch_deadline();
@@ -611,6 +657,7 @@ void Client::Impl::io_loop() {
       }
       io_wakes_at_ns_ = now + timeout_ns;
     }
+    lock.unlock();
     epoll_event evs[4];
     const int n = internal::epoll_wait_ns(epoll_.get(), evs, 4, timeout_ns);
     bool readable[2] = {false, false};
@@ -622,15 +669,14 @@ void Client::Impl::io_loop() {
         readable[evs[i].data.u64 == tag_of(kCtrl) ? kCtrl : kMain] = true;
       }
     }
+    lock.lock();
     bool mine[2] = {false, false};
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      for (int k = 0; k < nconns(); ++k) {
-        mine[k] = (readable[k] || first[k]) && !conns_[k].reading && poll_readers_ == 0;
-        if (mine[k]) conns_[k].reading = true;
-      }
+    for (int k = 0; k < nconns(); ++k) {
+      mine[k] = (readable[k] || first[k]) && !conns_[k].reading && poll_readers_ == 0;
+      if (mine[k]) conns_[k].reading = true;
     }
     if (mine[kMain] || mine[kCtrl]) {
+      lock.unlock();
       Status s;
       int frames = 0;
       if (mine[kCtrl]) {
@@ -651,7 +697,7 @@ void Client::Impl::io_loop() {
           if (!more) break;
         }
       }
-      std::lock_guard<std::mutex> lock(mu_);
+      lock.lock();
       for (int k = 0; k < 2; ++k) {
         if (mine[k]) conns_[k].reading = false;
       }
@@ -661,7 +707,6 @@ void Client::Impl::io_loop() {
       }
       cv_.notify_all();  // a poll() caller may wait for a role
     }
-    std::lock_guard<std::mutex> lock(mu_);
     if (!status_.ok()) return;
     const int64_t now = monotonic_ns();
     for (int k = 0; k < nconns(); ++k) {
@@ -712,12 +757,9 @@ Status Client::Impl::dispatch(int k, const FrameView& f, const std::shared_ptr<c
       cv_.notify_all();
       return ok_status();
     }
-    case FrameType::kCredit: {
-      std::lock_guard<std::mutex> lock(mu_);
-      pub_credits_ += h.id;
-      cv_.notify_all();
+    case FrameType::kCredit:
+      add_publish_credits(h.id);
       return ok_status();
-    }
     case FrameType::kReply:
     case FrameType::kError:
     case FrameType::kPsReply: {
@@ -761,6 +803,7 @@ Status Client::Impl::dispatch(int k, const FrameView& f, const std::shared_ptr<c
       bool to_inbox = false, to_handler = false;
       {
         std::lock_guard<std::mutex> lock(mu_);
+        if (conns_[k].handled > 0) consumed_locked(std::exchange(conns_[k].handled, 0));
         stats_.gaps_missed += ev.missed;
         stats_.received++;
         subs = subs_;
@@ -782,8 +825,9 @@ Status Client::Impl::dispatch(int k, const FrameView& f, const std::shared_ptr<c
           if (s.handler && !s.responder && topic_matches(s.pattern, m.topic)) s.handler(m);
         }
       }
-      std::lock_guard<std::mutex> lock(mu_);
-      if (!to_inbox) consumed_locked();  // poll() credits inbox messages when it hands them out
+      // poll() credits inbox messages when it hands them out; these are counted with the next
+      // delivery's update or at the end of this read (read_socket()), one taking of mu_ less.
+      if (!to_inbox) ++conns_[k].handled;
       return ok_status();
     }
     case FrameType::kRequest: {

@@ -247,8 +247,9 @@ class Server::Impl {
   bool may_publish(const Conn& c, std::string_view topic) const;
   bool may_subscribe(const Conn& c, std::string_view pattern) const;
   void observe_latency(int64_t ns);
+  // Publish credits go back in groups of half the window (see pump()).
   [[nodiscard]] uint64_t credit_group() const noexcept {
-    return std::max<uint64_t>(1, opt_.publish_credits / 4);
+    return std::max<uint64_t>(1, opt_.publish_credits / 2);
   }
 
   // The control side: the control thread's body, or the loop's in-line passes without it. It
@@ -1299,7 +1300,7 @@ bool Server::Impl::pump_control(Link& l) {
   }
   if (lane.size() > 0 && c.deliver_credits.load(std::memory_order_relaxed) <= 0)
     c_.credit_stalls.fetch_add(1, std::memory_order_relaxed);
-  // Publish credits go back in groups of a quarter window (see pump()).
+  // Publish credits go back in groups of half the window (see pump()).
   if (l.credits_to_return >= credit_group()) {
     FrameHeader h;
     h.type = FrameType::kCredit;
@@ -1877,10 +1878,12 @@ void Server::Impl::pump(Conn& c) {
   if (c.deliver_credits.load(std::memory_order_relaxed) <= 0 &&
       (has_ctrl ? c.lane(Lane::kBulk).size() : c.depth()) > 0)
     c_.credit_stalls.fetch_add(1, std::memory_order_relaxed);
-  // Publish credits go back in groups of a quarter window (one frame, one wake-up of the client's
-  // I/O thread per group instead of per message). The client keeps at least three quarters of
-  // its window meanwhile, and a producer that used it all up has at least a quarter outstanding
+  // Publish credits go back in groups of half the window (one frame, one wake-up of the client's
+  // I/O thread and one write here per group instead of per message). The client keeps at least
+  // half its window meanwhile, and a producer that used it all up has at least half outstanding
   // here, so its credits come back as soon as those are accepted: no stall from the grouping.
+  // (At a quarter window, 256 credits, the grants were most of the broker's writes and of the
+  // publisher's I/O thread wake-ups in a 1 KiB stream; docs/performance.md, "Broker".)
   // With a control connection they still go on the main connection: waking the control side
   // for them cost a thread switch per group while bulk flowed.
   if (c.credits_to_return > 0 && (c.credits_to_return >= credit_group() || c.closing)) {

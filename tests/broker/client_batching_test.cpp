@@ -12,9 +12,11 @@
 #include <unistd.h>
 
 #include <cctype>
+#include <condition_variable>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
 #include <thread>
 
 #include <myelin/broker/client.hpp>
@@ -262,14 +264,17 @@ TEST(TopicSyntax, EveryPublishCheckAgreesWithTheWrittenRules) {
 
 // ---- end to end, with the myelin-broker daemon ------------------------------------------------
 
+constexpr const char* kTputTopics =
+    "[[topic]]\npattern = \"tput/#\"\nlane = \"bulk\"\nbatching = true\n";
+
 class Daemon : public test_support::BrokerDaemon {
  public:
-  Daemon()
-      : BrokerDaemon(
-            {.secret = kSecret,
-             .extra_config = "[[topic]]\npattern = \"tput/#\"\nlane = \"bulk\"\nbatching = true\n",
-             .metrics = false,
-             .name = "client-batching"}) {}
+  // `broker_keys`: more [broker] keys (TOML lines).
+  explicit Daemon(const std::string& broker_keys = "")
+      : BrokerDaemon({.secret = kSecret,
+                      .extra_config = broker_keys + kTputTopics,
+                      .metrics = false,
+                      .name = "client-batching"}) {}
 };
 
 // Reaps `pid` within the deadline; kills it otherwise. True when it exited 0.
@@ -339,6 +344,69 @@ TEST(ClientBatching, BurstFromAnotherProcessArrivesInOrderWholeAndALoneMessageFo
   ::close(go[1]);
   EXPECT_TRUE(child_ok(pid, Deadline::after_ms(30000)));
   EXPECT_EQ((*sub)->stats().gaps_missed, 0u);
+}
+
+// Handlers on the I/O thread behind a small delivery window (the credits of what they were handed
+// go back with the next delivery's update or at the end of each read), fed by a publisher in
+// another process held to a small publish window (credits back half a window at a time, added
+// without the client's mutex while it publishes): every message arrives once, in order, whole.
+// A credit left uncounted at the end of a read, or a publisher that misses a grant, stalls the
+// stream and fails the deadline.
+TEST(ClientBatching, HandlersAndSmallCreditWindowsKeepEveryMessageFlowing) {
+  Daemon d("publish_credits = 16\n");
+  ASSERT_TRUE(d.up());
+  int go[2];
+  ASSERT_EQ(::pipe(go), 0);
+  constexpr uint64_t kN = 3000;
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    ::close(go[1]);
+    pollfd pf{.fd = go[0], .events = POLLIN, .revents = 0};
+    char c;
+    if (::poll(&pf, 1, 30000) != 1 || ::read(go[0], &c, 1) != 1) ::_exit(2);
+    auto pub = Client::connect(d.client("pub"));
+    if (!pub.ok()) ::_exit(3);
+    const PublishOptions po{.lane = Lane::kBulk, .batch = true, .timeout_ms = 20000};
+    for (uint64_t k = 0; k < kN; ++k) {
+      if (!(*pub)->publish("tput/credits", message(k, size_of(k)), po).ok()) ::_exit(4);
+    }
+    // A window of 16 for 3000 messages: the publisher waited for grants.
+    if ((*pub)->stats().publish_stalls == 0) ::_exit(5);
+    // Open until the parent has everything (end of file on the pipe).
+    if (::poll(&pf, 1, 60000) != 1 || ::read(go[0], &c, 1) != 0) ::_exit(6);
+    ::_exit(0);
+  }
+  ::close(go[0]);
+  ClientOptions so = d.client("sub");
+  so.receive_window = 64;  // a credit frame every 8 messages
+  auto sub = Client::connect(so);
+  ASSERT_TRUE(sub.ok()) << sub.status();
+  std::mutex mu;
+  std::condition_variable cv;
+  uint64_t next = 0, bad = 0, first_bad = UINT64_MAX;
+  ASSERT_TRUE((*sub)
+                  ->subscribe("tput/credits",
+                              [&](const ReceivedMessage& m) {
+                                std::lock_guard<std::mutex> lock(mu);
+                                if (!is_message(next, size_of(next), m.payload) ||
+                                    m.missed_before != 0) {
+                                  if (bad++ == 0) first_bad = next;
+                                }
+                                if (++next == kN) cv.notify_all();
+                              })
+                  .ok());
+  ASSERT_EQ(::write(go[1], "b", 1), 1);
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    EXPECT_TRUE(cv.wait_for(lock, std::chrono::seconds(60), [&] { return next == kN; }))
+        << next << " of " << kN << " messages arrived";
+    EXPECT_EQ(bad, 0u) << "first out of order, altered or after a gap: message " << first_bad;
+  }
+  ::close(go[1]);
+  EXPECT_TRUE(child_ok(pid, Deadline::after_ms(30000)));
+  EXPECT_EQ((*sub)->stats().gaps_missed, 0u);
+  EXPECT_EQ((*sub)->stats().received, kN);
 }
 
 }  // namespace

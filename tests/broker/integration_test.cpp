@@ -667,6 +667,7 @@ double metric_reaches(const Daemon& d, const std::string& name, double value, bo
 // A session opened by hand on `main`: auth with `versions` (0: as a protocol-1 client does).
 struct RawSession {
   uint64_t id = 0;
+  uint64_t publish_credits = 0;  // the window auth_ok grants
   AuthOk ok;
   internal::Nonce server_nonce{}, client_nonce{};  // what auth_ok's proof covers
 };
@@ -688,6 +689,7 @@ Result<RawSession> raw_auth(Raw& main, std::string_view identity, uint64_t versi
   RawSession s;
   MYELIN_ASSIGN_OR_RETURN(s.ok, parse_auth_ok(f));
   s.id = f.header.id;
+  s.publish_credits = f.header.seq;
   s.server_nonce = sn;
   s.client_nonce = cn;
   MYELIN_RETURN_IF_ERROR(
@@ -746,6 +748,49 @@ Result<bool> attach_answer(Raw& conn) {
   if (!conn.closed_by_peer(Deadline::after_ms(5000)))
     return internal_error("refused but left open");
   return false;
+}
+
+// Publish credits come back half a window at a time: with a window of 8, no grant for the first
+// two publishes (a quarter window would have sent one), one grant of 4 once four were accepted.
+// A subscription's answer marks that the broker read what came before it.
+TEST(BrokerIntegration, PublishCreditsComeBackHalfAWindowAtATime) {
+  Daemon d("publish_credits = 8\n");
+  ASSERT_TRUE(d.up());
+  Raw main(d.address());
+  ASSERT_TRUE(main.ok());
+  auto session = raw_auth(main, "grants", encode_versions(VersionRange{}));
+  ASSERT_TRUE(session.ok()) << session.status();
+  EXPECT_EQ(session->publish_credits, 8u);
+  const std::string payload = "x";
+  const auto bytes = std::as_bytes(std::span(payload));
+  auto publish_two_then_subscribe = [&](uint64_t first_id, uint64_t sub_id) {
+    for (uint64_t id = first_id; id < first_id + 2; ++id) {
+      ASSERT_TRUE(main.send({.type = FrameType::kPublish, .id = id}, "g/credits", bytes).ok());
+    }
+    ASSERT_TRUE(
+        main.send({.type = FrameType::kSubscribe, .flags = kFlagControl, .id = sub_id}, "none/#")
+            .ok());
+  };
+  // Frames up to the answer to `sub_id` (and, with `want_grant`, up to a grant as well); the
+  // grants seen go to *grants.
+  auto read_until = [&](uint64_t sub_id, bool want_grant, std::vector<uint64_t>* grants) {
+    bool answered = false;
+    while (!answered || (want_grant && grants->empty())) {
+      auto f = main.next(Deadline::after_ms(5000), /*all=*/true);
+      ASSERT_TRUE(f.ok()) << f.status();
+      if (f->header.type == FrameType::kCredit) grants->push_back(f->header.id);
+      if (f->header.type == FrameType::kReply && f->header.id == sub_id) answered = true;
+    }
+  };
+  publish_two_then_subscribe(1, 101);
+  std::vector<uint64_t> grants;
+  if (!HasFatalFailure()) read_until(101, false, &grants);
+  ASSERT_FALSE(HasFatalFailure());
+  EXPECT_TRUE(grants.empty()) << "a grant of " << grants.front() << " after two publishes";
+  publish_two_then_subscribe(3, 102);
+  if (!HasFatalFailure()) read_until(102, true, &grants);
+  ASSERT_FALSE(HasFatalFailure());
+  EXPECT_EQ(grants, std::vector<uint64_t>{4});
 }
 
 constexpr const char* kLanes =

@@ -339,7 +339,7 @@ Result<ThroughputResult> BrokerBench::pubsub_throughput(size_t size, const RunCo
       if (i == corrupt) out[size / 2] ^= 0x5A;
       Status s = m.client->publish(kData, bytes_of(out, size), po);
       if (i == corrupt) out[size / 2] ^= 0x5A;
-      MYELIN_RETURN_IF_ERROR(s.with_context("publishing message " + std::to_string(i)));
+      if (!s.ok()) return std::move(s).with_context("publishing message " + std::to_string(i));
     }
   } else if (m.o.rank == 1) {
     std::unique_lock<std::mutex> lock(m.tput_mu);

@@ -61,7 +61,10 @@ struct ServerOptions {
   size_t batch_bytes = 64 * 1024;
   uint32_t batch_count = 256;
   int64_t batch_window_us = 200;
-  uint32_t publish_credits = 256;  // per client window
+  // Per client window: messages a client may have published that the broker has not accepted
+  // yet (parked, waiting for room in a full topic under the block policy); returned half a
+  // window at a time.
+  uint32_t publish_credits = 512;
   // Kernel send/receive buffer per client socket (0: the kernel's autotuning, up to several MiB).
   // It bounds how much bulk data can sit in the kernel ahead of a control frame: the lanes order
   // frames only until they are written to the socket. 64 KiB: with cores to spare, 256 KiB let
