@@ -16,6 +16,7 @@
 #include <myelin/transport/request.hpp>
 
 #include "schedule.hpp"
+#include "yield_wait.hpp"
 
 namespace myelin::collectives::internal {
 
@@ -72,6 +73,9 @@ struct PendingPool {
   // deregistered with the pool (the Context outlives the Communicator that owns the pool).
   transport::Context* work_context = nullptr;
   transport::MemoryRegion work;
+  // Whether small waits may yield (yield_wait.hpp); kept from call to call, as its holds outlast
+  // a call.
+  YieldGuard yield_guard;
 
   PendingPool() = default;
   PendingPool(const PendingPool&) = delete;
@@ -84,7 +88,11 @@ struct PendingPool {
 class Exchange {
  public:
   Exchange(Communicator& comm, uint16_t tag, Deadline deadline, const CallInfo& info)
-      : comm_(comm), tag_(tag), deadline_(deadline), info_(info) {
+      : comm_(comm),
+        tag_(tag),
+        deadline_(deadline),
+        info_(info),
+        yield_budget_ns_(yield_first(comm.context()) ? yield_budget_ns() : 0) {
     pending_.swap(comm_.pending_pool().ops);  // capacity of earlier calls; empty
   }
   Exchange(const Exchange&) = delete;
@@ -109,7 +117,8 @@ class Exchange {
   // A receive of at most `capacity` bytes: wait() accepts any size up to it (received() tells).
   Result<size_t> post_recv_upto(int peer, uint8_t phase, void* data, size_t capacity);
   // Waits for one operation; a receive posted with post_recv() must bring exactly the posted
-  // number of bytes.
+  // number of bytes. On a node whose ranks outnumber its CPUs (yield_first()), an operation of at
+  // most kYieldWaitMaxBytes first polls and yields for up to yield_budget_ns() (yield_wait.hpp).
   Status wait(size_t handle);
   // Bytes a completed receive brought.
   [[nodiscard]] size_t received(size_t handle) const noexcept {
@@ -143,6 +152,7 @@ class Exchange {
   CallInfo info_;
   std::vector<Pending> pending_;
   size_t first_unwaited_ = 0;
+  int64_t yield_budget_ns_;  // 0: waits go straight to the Context's wait
 };
 
 // Scratch slots of the Communicator: 0 and 1 belong to the algorithms, 2 to the dispatcher, 3 to

@@ -1,7 +1,9 @@
 // ProgressMode::kAuto on a host shared with other work: the rule that turns busy polling into
 // blocking while spinning costs the thread its CPU (transport/src/cpu_contention.hpp), fed with
 // made-up counters, and two TCP ranks that must notice a host loaded by busy processes this test
-// starts, and finish their allreduces there.
+// starts, and finish their allreduces there. And the yielding wait of small collectives on an
+// oversubscribed node (collectives/src/yield_wait.hpp): its hold rule on made-up yield lengths,
+// ranks that share a CPU yielding to each other, and busy processes on that CPU stopping it.
 #include <sched.h>
 #include <signal.h>
 #include <sys/prctl.h>
@@ -11,17 +13,22 @@
 #include <chrono>
 #include <cstdint>
 #include <fstream>
+#include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include <gtest/gtest.h>
 
 #include "cpu_contention.hpp"
+#include "exchange.hpp"
 #include "multiproc.hpp"
+#include "yield_wait.hpp"
 
 namespace myelin::collectives::testing {
 namespace {
 
+using internal::YieldGuard;
 using transport::internal::CpuContentionRule;
 using transport::internal::parse_schedstat;
 using transport::internal::SchedStat;
@@ -410,6 +417,169 @@ TEST(CollectivesAutoPinned, AMalformedCpuListFailsCreation) {
   }
   std::error_code ec;
   fs::remove_all(dir, ec);
+}
+
+// ---- the yielding wait of small collectives (collectives/src/yield_wait.hpp) ----
+
+// Feeds a guard yields of given lengths back to back and reports may_yield() after them.
+struct YieldFeeder {
+  YieldGuard guard;
+  int64_t now = 0;
+  bool yield(int64_t ns) {
+    now += ns;
+    guard.add(now, ns);
+    return guard.may_yield(now);
+  }
+  bool shorts(int n) {
+    bool may = guard.may_yield(now);
+    for (int i = 0; i < n; ++i) may = yield(10'000);
+    return may;
+  }
+  // Lets time pass without yields (waits that went straight to the Context).
+  bool pass(int64_t ns) {
+    now += ns;
+    return guard.may_yield(now);
+  }
+};
+
+TEST(YieldGuard, RanksThatYieldToEachOtherKeepYielding) {
+  YieldFeeder f;
+  EXPECT_TRUE(f.guard.may_yield(0));
+  EXPECT_TRUE(f.shorts(10000));
+  EXPECT_TRUE(f.yield(YieldGuard::kLongYieldNs - 1));  // just short of long
+  EXPECT_TRUE(f.shorts(10000));
+  EXPECT_EQ(f.guard.holds(), 0u);
+  EXPECT_EQ(f.guard.yields(), 20001u);
+  EXPECT_EQ(f.guard.hold_until_ns(), 0);
+}
+
+TEST(YieldGuard, ALongYieldHolds) {
+  YieldFeeder f;
+  f.shorts(5);
+  EXPECT_FALSE(f.yield(YieldGuard::kLongYieldNs));  // exactly the threshold counts as long
+  EXPECT_EQ(f.guard.holds(), 1u);
+  EXPECT_EQ(f.guard.hold_ns(), YieldGuard::kMinHoldNs);
+  EXPECT_EQ(f.guard.hold_until_ns(), f.now + YieldGuard::kMinHoldNs);
+  EXPECT_FALSE(f.pass(YieldGuard::kMinHoldNs - 1));
+  EXPECT_TRUE(f.pass(1));  // the hold has passed: a probe yields again
+}
+
+TEST(YieldGuard, ProbesThatMeetOtherWorkHoldLongerUpToTheMaximum) {
+  YieldFeeder f;
+  ASSERT_FALSE(f.yield(3'000'000));  // a time slice of other work
+  int64_t want = YieldGuard::kMinHoldNs;
+  for (int probe = 0; probe < 12; ++probe) {
+    EXPECT_EQ(f.guard.hold_ns(), want) << "probe " << probe;
+    f.pass(f.guard.hold_until_ns() - f.now);
+    ASSERT_TRUE(f.guard.may_yield(f.now));
+    // Short yields fewer than a probe's window, then a long one: the probe failed.
+    EXPECT_TRUE(f.shorts(YieldGuard::kClearYields - 1));
+    ASSERT_FALSE(f.yield(2'000'000));
+    want = std::min(YieldGuard::kMaxHoldNs, want * YieldGuard::kHoldGrowth);
+  }
+  EXPECT_EQ(f.guard.hold_ns(), YieldGuard::kMaxHoldNs);
+  EXPECT_EQ(f.guard.holds(), 13u);
+}
+
+TEST(YieldGuard, AProbeThatFindsTheCpuToTheRanksMakesTheNextHoldShort) {
+  YieldFeeder f;
+  for (int i = 0; i < 3; ++i) {  // a first hold and two failed probes
+    ASSERT_FALSE(f.yield(2'000'000));
+    f.pass(f.guard.hold_until_ns() - f.now);
+  }
+  ASSERT_EQ(f.guard.hold_ns(),
+            YieldGuard::kHoldGrowth * YieldGuard::kHoldGrowth * YieldGuard::kMinHoldNs);
+  EXPECT_TRUE(f.shorts(YieldGuard::kClearYields));  // confirmed
+  EXPECT_FALSE(f.yield(2'000'000));
+  EXPECT_EQ(f.guard.hold_ns(), YieldGuard::kMinHoldNs);
+}
+
+// Runs 4 KiB f32 allreduces checked against the sum until `enough(guard, elapsed)` holds on every
+// rank (or 30 s pass: an error naming what the guard saw).
+Status yielding_calls(RankCtx& rc, const std::function<bool(const YieldGuard&, int64_t)>& enough,
+                      const char* want) {
+  transport::Context& ctx = rc.comm->context();
+  if (!internal::yield_first(ctx)) {
+    return internal_error("expected small waits to yield first: ", ctx.progress_reason());
+  }
+  const YieldGuard& guard = rc.comm->pending_pool().yield_guard;
+  const int64_t start = monotonic_ns();
+  std::vector<float> v(1024), r(1024);
+  for (int call = 0;; ++call) {
+    for (size_t i = 0; i < v.size(); ++i) {
+      v[i] = static_cast<float>((rc.rank + 1) * (call % 5 + 1)) + static_cast<float>(i % 3);
+    }
+    MYELIN_RETURN_IF_ERROR(
+        allreduce(*rc.comm, v.data(), r.data(), v.size(), DataType::kF32, ReduceOp::kSum).status());
+    for (size_t i = 0; i < r.size(); ++i) {
+      const float want_sum = static_cast<float>(3 * (call % 5 + 1)) + 2 * static_cast<float>(i % 3);
+      if (r[i] != want_sum) {
+        return internal_error("call ", call, " element ", i, ": ", r[i], ", want ", want_sum);
+      }
+    }
+    const int64_t elapsed = monotonic_ns() - start;
+    int32_t stop = enough(guard, elapsed) || elapsed >= 30'000'000'000 ? 1 : 0;
+    int32_t all_stop = 0;
+    MYELIN_RETURN_IF_ERROR(
+        allreduce(*rc.comm, &stop, &all_stop, 1, DataType::kI32, ReduceOp::kMin).status());
+    if (all_stop == 0) continue;
+    if (!enough(guard, elapsed)) {
+      return internal_error("after ", call + 1, " calls in ", elapsed / 1'000'000,
+                            " ms: ", guard.yields(), " yields, ", guard.holds(),
+                            " holds; expected ", want);
+    }
+    return ok_status();
+  }
+}
+
+// Two TCP ranks bound to one CPU: auto resolves to spin-then-block, and a small collective's waits
+// yield the CPU to the other rank before they sleep.
+TEST(CollectivesAutoYield, TwoTcpRanksOnOneCpuYieldToEachOther) {
+  if (internal::yield_budget_ns() == 0) GTEST_SKIP() << "MYELIN_COLL_YIELD_US=0 turns it off";
+  const std::vector<int> cpus = first_cpus(1);
+  ASSERT_EQ(cpus.size(), 1u);
+  WorldSpec s;
+  s.ranks = 2;
+  s.progress = transport::ProgressMode::kAuto;
+  s.cpu_of_rank = {cpus[0], cpus[0]};
+  const auto out = run_world(s, [](RankCtx& rc) {
+    return yielding_calls(
+        rc,
+        [](const YieldGuard& g, int64_t elapsed) {
+          return g.yields() > 0 && elapsed >= 100'000'000;
+        },
+        "some yields");
+  });
+  EXPECT_TRUE(out.all_ok()) << out.summary();
+}
+
+// The same two ranks with two busy processes of their own priority on their CPU: a yield hands the
+// CPU to one of them for a time slice, and the ranks must stop yielding (start a hold), still
+// computing every sum right.
+TEST(CollectivesAutoYield, BusyProcessesOnTheirCpuStopTheYielding) {
+  if (internal::yield_budget_ns() == 0) GTEST_SKIP() << "MYELIN_COLL_YIELD_US=0 turns it off";
+  const std::vector<int> cpus = first_cpus(1);
+  ASSERT_EQ(cpus.size(), 1u);
+  std::optional<BusyHogs> hogs;
+  {
+    PinnedCpus pin(1);  // the hogs inherit the mask: they share the ranks' CPU
+    ASSERT_EQ(pin.pinned(), 1);
+    hogs.emplace(2);
+  }
+  ASSERT_EQ(hogs->count(), 2u);
+  WorldSpec s;
+  s.ranks = 2;
+  s.progress = transport::ProgressMode::kAuto;
+  s.cpu_of_rank = {cpus[0], cpus[0]};
+  s.timeout = std::chrono::seconds(60);
+  const auto out = run_world(
+      s,
+      [](RankCtx& rc) {
+        return yielding_calls(
+            rc, [](const YieldGuard& g, int64_t) { return g.holds() > 0; }, "a hold");
+      },
+      {}, std::chrono::seconds(120));
+  EXPECT_TRUE(out.all_ok()) << out.summary();
 }
 
 }  // namespace

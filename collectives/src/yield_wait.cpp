@@ -1,0 +1,77 @@
+// collectives/src/yield_wait.cpp
+#include "yield_wait.hpp"
+
+#include <sched.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <limits>
+
+#include <myelin/core/log.hpp>
+#include <myelin/transport/options.hpp>
+
+namespace myelin::collectives::internal {
+
+void YieldGuard::add(int64_t now_ns, int64_t yield_ns) noexcept {
+  ++yields_;
+  if (yield_ns < kLongYieldNs) {
+    if (probing_ && ++clear_ >= kClearYields) {  // the probe found the CPU to the ranks
+      probing_ = false;
+      hold_ns_ = kMinHoldNs;
+    }
+    return;
+  }
+  // A probe that meets a long yield makes the next hold longer; the first hold is the shortest.
+  if (probing_) hold_ns_ = std::min(kMaxHoldNs, hold_ns_ * kHoldGrowth);
+  probing_ = true;
+  clear_ = 0;
+  hold_until_ns_ = now_ns + hold_ns_;
+  ++holds_;
+}
+
+int64_t yield_budget_ns() noexcept {
+  static const int64_t budget = [] {
+    const char* v = std::getenv("MYELIN_COLL_YIELD_US");
+    if (v == nullptr) return kYieldBudgetNs;
+    errno = 0;
+    char* end = nullptr;
+    const long long us = std::strtoll(v, &end, 10);
+    if (errno != 0 || end == v || *end != '\0' || us < 0 || us > 1'000'000) {
+      MYELIN_LOG_WARN << "MYELIN_COLL_YIELD_US='" << v
+                      << "' is not an integer in [0, 1000000]; using " << kYieldBudgetNs / 1000
+                      << " us";
+      return kYieldBudgetNs;
+    }
+    return static_cast<int64_t>(us) * 1000;
+  }();
+  return budget;
+}
+
+bool yield_first(const transport::Context& context) noexcept {
+  return context.options().progress == transport::ProgressMode::kAuto &&
+         context.progress_mode() == transport::ProgressMode::kSpinThenBlock &&
+         yield_budget_ns() > 0;
+}
+
+bool yield_until_done(transport::Context& context, const transport::Request& request,
+                      Deadline deadline, int64_t budget_ns, YieldGuard& guard) {
+  int64_t now = monotonic_ns();
+  if (!guard.may_yield(now)) return false;
+  const int64_t until = now + budget_ns;
+  const int64_t end = deadline.is_never() ? std::numeric_limits<int64_t>::max() : deadline.at_ns();
+  for (;;) {
+    context.progress();
+    if (request.done()) return true;
+    if (now >= until || now >= end) return false;
+    // The clock read after the yield times it and serves as the next check's "now": the poll in
+    // between is a system call or two, far below kLongYieldNs.
+    sched_yield();
+    const int64_t after = monotonic_ns();
+    guard.add(after, after - now);
+    now = after;
+    if (!guard.may_yield(now)) return false;
+  }
+}
+
+}  // namespace myelin::collectives::internal
