@@ -679,6 +679,34 @@ TEST_P(UcxPair, RefusesOversizedAndNullBuffers) {
   EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st;
 }
 
+// A max_message_size below the packed limit bounds the small-message path as well: a message
+// of exactly that size arrives whole, one byte more is refused with nothing sent (the next
+// message is the one the receiver gets), and an empty message needs no buffer.
+TEST_P(UcxPair, MaxMessageSizeBelowThePackedLimitBoundsSmallSends) {
+  Options o = test_options();
+  o.max_message_size = 40;
+  auto c = open_backend(o, "ctx-c");
+  ASSERT_TRUE(c);
+  auto cb = c->connect(b_->local_address(), "ctx-b", Deadline::after_ms(5000));
+  ASSERT_TRUE(cb.ok()) << cb.status();
+  auto bc = b_->connect(c->local_address(), "ctx-c", Deadline::after_ms(5000));
+  ASSERT_TRUE(bc.ok()) << bc.status();
+  auto drive_cb = [&](const Request& r) { return drive(r, {c.get(), b_.get()}); };
+  const auto out = pattern(41, 9);
+  Status st = drive_cb((*cb)->send(2, out.data(), 41));
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st;
+  for (size_t size : {size_t{40}, size_t{0}}) {
+    SCOPED_TRACE(testing::Message() << "size " << size);
+    std::vector<uint8_t> in(48, 0xee);
+    Request r = (*bc)->recv(2, in.data(), in.size());
+    ASSERT_TRUE(drive_cb((*cb)->send(2, size == 0 ? nullptr : out.data(), size)).ok());
+    ASSERT_TRUE(drive_cb(r).ok()) << r.status();
+    ASSERT_EQ(r.bytes(), size);
+    EXPECT_TRUE(std::equal(out.begin(), out.begin() + static_cast<ptrdiff_t>(size), in.begin()));
+    EXPECT_EQ(in[size], 0xee);
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Tls, UcxPair, testing::ValuesIn(kTlsSettings), tls_test_name);
 
 // Blocking progress: the worker's event fd wakes a sleeper when a message arrives.

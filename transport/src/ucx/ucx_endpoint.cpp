@@ -68,6 +68,14 @@ EpLink::~EpLink() = default;
 
 namespace {
 
+// For a send that UCX must finish at once or refuse (no request, no callback).
+constexpr ucp_request_param_t kAtOnce = {.op_attr_mask = UCP_OP_ATTR_FLAG_FORCE_IMM_CMPL};
+
+// v + 1, or v when that would wrap (a limit of SIZE_MAX means none).
+constexpr size_t saturating_next(size_t v) noexcept {
+  return v == std::numeric_limits<size_t>::max() ? v : v + 1;
+}
+
 const char* op_name(PendingOp::Kind kind) {
   switch (kind) {
     case PendingOp::Kind::kSend:
@@ -347,6 +355,8 @@ UcxEndpoint::UcxEndpoint(std::shared_ptr<EpLink> link)
       max_message_size_(link_->worker->options().max_message_size),
       eager_limit_(link_->worker->limits().eager_limit),
       cma_threshold_(link_->worker->cma_threshold()),
+      packed_bound_(std::min({kPackedLimit + 1, saturating_next(eager_limit_),
+                              saturating_next(max_message_size_), cma_threshold_})),
       sender_id_(link_->worker->id()) {}
 
 void UcxEndpoint::fail(Status status) {
@@ -451,7 +461,40 @@ UcxEndpoint::~UcxEndpoint() {
 
 Request UcxEndpoint::send(uint32_t channel, const void* data, size_t size,
                           const MemoryRegion* /*region*/) {
+  // The common case in one bound and two checks: a message small enough to go packed (so also
+  // within the eager limit, max_message_size and below the cma threshold), a buffer, a live
+  // peer. UCX finishes it at once or refuses it without side effects (then send_general() sends
+  // it with the same sequence number).
+  if (size < packed_bound_ && (data != nullptr || size == 0) && link_->failure.ok()) [[likely]] {
+    uint64_t& sequence = send_sequence(channel);
+    const AmHeader header{sender_id_, static_cast<uint32_t>(sequence), channel};
+    alignas(8) uint8_t packed[sizeof(AmHeader) + kPackedLimit];
+    std::memcpy(packed, &header, sizeof header);
+    copy_bytes(packed + sizeof header, data, size);
+    const ucs_status_ptr_t p =
+        ucp_am_send_nbx(link_->ep, kAmPackedId, nullptr, 0, packed, sizeof header + size, &kAtOnce);
+    if (p == nullptr) [[likely]] {
+      ++sequence;
+      return Request::completed(size);
+    }
+    return send_general(channel, data, size, p);
+  }
+  return send_general(channel, data, size, nullptr);
+}
+
+Request UcxEndpoint::send_general(uint32_t channel, const void* data, size_t size,
+                                  ucs_status_ptr_t packed_result) {
   EpLink& link = *link_;
+  if (packed_result != nullptr) {
+    // The packed attempt of send() was refused.
+    MYELIN_CHECK(UCS_PTR_IS_ERR(packed_result))
+        << "UCX returned a request for a forced-immediate send";
+    if (UCS_PTR_STATUS(packed_result) != UCS_ERR_NO_RESOURCE) {
+      PendingOp probe;
+      probe.link = link_;
+      return Request::failed(op_error(probe, UCS_PTR_STATUS(packed_result)));
+    }
+  }
   if (size > max_message_size_) {
     return Request::failed(invalid_argument("send of ", size, " bytes to ", link.peer_name,
                                             " exceeds max_message_size ", max_message_size_));
@@ -464,12 +507,11 @@ Request UcxEndpoint::send(uint32_t channel, const void* data, size_t size,
   if (size >= cma_threshold_ && link.inbox->peer_reads_us) return send_cma(channel, data, size);
   uint64_t& sequence = send_sequence(channel);
   const AmHeader header{sender_id_, static_cast<uint32_t>(sequence), channel};
-  if (size <= eager_limit_) {
-    // Fast path: no request, no allocation, the header on the stack. UCX refuses (without side
-    // effects) what it cannot finish right now, and the full path below takes over (with the
-    // same sequence number: the receiver orders packed and unpacked messages alike).
-    static constexpr ucp_request_param_t kAtOnce = {.op_attr_mask =
-                                                        UCP_OP_ATTR_FLAG_FORCE_IMM_CMPL};
+  if (size <= eager_limit_ && packed_result == nullptr) {
+    // No request, no allocation, the header on the stack. UCX refuses (without side effects)
+    // what it cannot finish right now, and the full path below takes over (with the same
+    // sequence number: the receiver orders packed and unpacked messages alike). A packed size
+    // that send() tried already goes to the full path at once.
     ucs_status_ptr_t p;
     if (size <= kPackedLimit) {
       // Small: header and payload in one buffer, one piece for UCX (see kPackedLimit).

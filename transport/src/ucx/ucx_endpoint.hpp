@@ -115,6 +115,12 @@ class UcxEndpoint final : public Endpoint {
   // Checks a one-sided request and returns the unpacked rkey for it.
   Result<ucp_rkey_h> prepare_rma(const void* local, size_t size, const RemoteKey& remote,
                                  uint64_t remote_offset, Access wanted, const char* op);
+  // send() beyond its packed fast path: the checks with their errors, unpacked and cma sends,
+  // and a pending request when UCX cannot finish at once. packed_result: null, or what UCX
+  // returned for send()'s packed attempt of this message (an error status; the sequence number
+  // was not used).
+  Request send_general(uint32_t channel, const void* data, size_t size,
+                       ucs_status_ptr_t packed_result);
   Request send_cma(uint32_t channel, const void* data, size_t size);
   Request put_impl(const void* local, size_t size, const RemoteKey& remote, uint64_t remote_offset,
                    bool with_immediate, uint32_t immediate);
@@ -139,6 +145,9 @@ class UcxEndpoint final : public Endpoint {
   size_t max_message_size_;
   size_t eager_limit_;
   size_t cma_threshold_;
+  // Sizes below this go packed on send()'s fast path: min(kPackedLimit + 1, eager_limit_ + 1,
+  // max_message_size_ + 1, cma_threshold_).
+  size_t packed_bound_;
   uint64_t sender_id_;
   std::unordered_map<uint32_t, uint64_t> next_send_sequence_;
   uint64_t* cached_sequence_ = nullptr;

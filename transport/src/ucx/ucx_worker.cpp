@@ -445,6 +445,22 @@ void UcxWorker::run_timers(int64_t now) {
   for (auto& action : due) action();
 }
 
+size_t UcxWorker::progress_own_work() {
+  size_t events = 0;
+  if (polls_to_clock_read_ == 0) {
+    polls_to_clock_read_ = polls_per_clock_read_;
+    if (!watches_.empty() || !timers_.empty()) {
+      const int64_t now = coarse_monotonic_ns();
+      if (now >= next_check_ns_) check_processes();
+      if (!timers_.empty()) run_timers(now);
+    }
+  }
+  if (!deferred_.empty()) events += run_deferred();
+  if (!cma_reads_.empty()) events += advance_cma_read();
+  own_work_pending_ = !deferred_.empty() || !cma_reads_.empty();
+  return events;
+}
+
 size_t UcxWorker::run_deferred() {
   size_t events = 0;
   while (!deferred_.empty()) {
@@ -490,18 +506,26 @@ ucs_status_t UcxWorker::on_message(void* arg, const void* header, size_t header_
   return ret;
 }
 
+namespace {
+// The warning for a malformed packed message, out of line: its stream code would otherwise give
+// the hot callback a large stack frame and registers to save.
+[[gnu::cold, gnu::noinline]] void warn_bad_packed(size_t header_length, size_t length) {
+  MYELIN_LOG_WARN << "ucx: dropping a packed message with a " << header_length
+                  << "-byte header and " << length << " bytes of data (expected none and "
+                  << sizeof(AmHeader) << " to " << sizeof(AmHeader) + kPackedLimit << ")";
+}
+}  // namespace
+
 ucs_status_t UcxWorker::on_packed(void* arg, const void* header, size_t header_length, void* data,
                                   size_t length, const ucp_am_recv_param_t* param) {
   (void)header;
   auto* self = static_cast<UcxWorker*>(arg);
   // Eager by construction (the sender packs only what UCX sends at once); UCS_OK also refuses
   // any rendezvous payload a stranger sent.
-  if (header_length != 0 || length < sizeof(AmHeader) ||
-      (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0 ||
-      length - sizeof(AmHeader) > kPackedLimit) {
-    MYELIN_LOG_WARN << "ucx: dropping a packed message with a " << header_length
-                    << "-byte header and " << length << " bytes of data (expected none and "
-                    << sizeof(AmHeader) << " to " << sizeof(AmHeader) + kPackedLimit << ")";
+  if (header_length != 0 || length - sizeof(AmHeader) > kPackedLimit ||
+      (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0) [[unlikely]] {
+    // (length < sizeof(AmHeader) wraps around in the subtraction and fails the bound.)
+    warn_bad_packed(header_length, length);
     return UCS_OK;
   }
   AmHeader h;
@@ -753,6 +777,7 @@ void UcxWorker::start_cma_read(ArrivedMessage& message, PostedRecv recv, uint32_
   }
   cma_reads_.push_back(CmaRead{std::move(recv), message.remote_address, message.length, 0,
                                message.cookie, message.guard_address, channel});
+  own_work_pending_ = true;
   if (!in_callback_ && cma_reads_.size() == 1) advance_cma_read();
 }
 

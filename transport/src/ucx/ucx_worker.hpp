@@ -395,21 +395,23 @@ class UcxWorker : public std::enable_shared_from_this<UcxWorker> {
   }
 
   // Runs `action` after the current ucp_worker_progress() returns (never inside a UCX callback).
-  void defer(std::function<void()> action) { deferred_.push_back(std::move(action)); }
+  void defer(std::function<void()> action) {
+    deferred_.push_back(std::move(action));
+    own_work_pending_ = true;
+  }
 
-  // ucp_worker_progress plus deferred actions; returns the number of events handled. Inline: the
-  // Context's busy loop calls it back to back, and the usual pass is one ucp_worker_progress.
+  // ucp_worker_progress plus the worker's own work (deferred actions, a cma read's next piece,
+  // and once per polls_per_clock_read_ calls the process watch and timers); returns the number
+  // of events handled. Inline: the Context's busy loop calls it back to back, and the usual pass
+  // is one ucp_worker_progress, a count down and one flag (the rest is out of line): an idle
+  // poll decides when a message that has arrived is seen, and one that handles a message is on
+  // its way to the caller.
   size_t progress() {
-    size_t events = ucp_worker_progress(worker_);
-    if ((!watches_.empty() || !timers_.empty()) && --polls_to_clock_read_ == 0) {
-      polls_to_clock_read_ = polls_per_clock_read_;
-      const int64_t now = coarse_monotonic_ns();
-      if (now >= next_check_ns_) check_processes();
-      if (!timers_.empty()) run_timers(now);
+    const size_t events = ucp_worker_progress(worker_);
+    if (--polls_to_clock_read_ != 0 && !own_work_pending_) [[likely]] {
+      return events;
     }
-    if (!deferred_.empty()) events += run_deferred();
-    if (!cma_reads_.empty()) events += advance_cma_read();
-    return events;
+    return events + progress_own_work();
   }
   // Arms the wakeup fd; false when events are already pending.
   bool arm();
@@ -516,6 +518,13 @@ class UcxWorker : public std::enable_shared_from_this<UcxWorker> {
   // which calls it once per wakeup.
   uint32_t polls_per_clock_read_ = 1;
   uint32_t polls_to_clock_read_ = 1;
+  // Set when an action is deferred or a cma read queued; cleared by progress_own_work() once
+  // both queues are empty (so it may be set while they are empty, never clear while they hold
+  // work).
+  bool own_work_pending_ = false;
+  // The out-of-line part of progress(): the clock-driven checks when the count is down, then
+  // the deferred actions and a cma read's next piece.
+  size_t progress_own_work();
   void check_processes();
   void run_timers(int64_t now);
   std::vector<std::pair<int64_t, std::function<void()>>> timers_;
