@@ -198,12 +198,25 @@ inline const uint8_t* at(const void* base, size_t elems, size_t elem) noexcept {
 // Pipelined by segments. With `out` (count elements, not overlapping src or buf), every reduced
 // segment is written to `out` at its offset instead of to buf and sent on from there, and the
 // result block ends in `out`; buf then only receives (out of place) or is only read (in place).
+// With gather_phase >= 0 (0..255), every segment of the result block is also sent to the next
+// rank in that phase as soon as it is reduced (the first step of a ring allgather phase with the
+// same count and shift, whose receives the caller posted), and the phase returns without waiting
+// for its sends (the caller's wait_all covers them).
 Status ring_reduce_scatter_phase(Exchange& ex, const Group& g, const void* src, void* buf,
-                                 size_t count, int shift, uint8_t phase, uint8_t* out = nullptr);
+                                 size_t count, int shift, uint8_t phase, uint8_t* out = nullptr,
+                                 int gather_phase = -1);
 // Ring allgather phase: rank me owns block (me + shift) % n of the balanced partition of count;
 // afterwards every block is on every rank. Pipelined by segments.
 Status ring_allgather_phase(Exchange& ex, const Group& g, void* buf, size_t count, int shift,
                             uint8_t phase);
+// The two halves of ring_allgather_phase around the send of this rank's own block, for a caller
+// that sends that block itself (the fused ring allreduce): the receive handles of every step,
+// per step and segment; then the forwarding of each received segment and the wait for all.
+using GatherRecvs = std::vector<std::vector<size_t>>;
+Result<GatherRecvs> post_ring_allgather_recvs(Exchange& ex, const Group& g, void* buf, size_t count,
+                                              int shift, uint8_t phase);
+Status ring_allgather_forward(Exchange& ex, const Group& g, void* buf, size_t count, int shift,
+                              uint8_t phase, const GatherRecvs& recvs);
 
 // src: this rank's input (== buf in place); buf receives the result.
 Status ring_allreduce(Exchange& ex, const Group& g, const void* src, void* buf, size_t count,

@@ -116,8 +116,19 @@ Status ring_allreduce(Exchange& ex, const Group& g, const void* src, void* buf, 
   }
   // Every element of buf is written: the reduce-scatter writes the blocks it reduces (including
   // this rank's own), the allgather the others.
-  MYELIN_RETURN_IF_ERROR(ring_reduce_scatter_phase(ex, g, src, buf, count, 1, phase));
-  return ring_allgather_phase(ex, g, buf, count, 1, static_cast<uint8_t>(phase + 1));
+  // The two phases run as one pipeline: the allgather's receives are posted first, and each
+  // segment of this rank's result block goes on to the next rank as soon as it is reduced, so no
+  // rank waits for its whole reduce-scatter to drain before the allgather starts, and the
+  // segment leaves while it is still in cache. Posting every allgather receive up front is safe:
+  // the final value of a segment reaches this rank only after every rank, this one included, has
+  // reduced and sent its part of that segment, so it never lands on bytes a send or reduction
+  // still reads (in place or out of place).
+  const auto gather = static_cast<uint8_t>(phase + 1);
+  MYELIN_ASSIGN_OR_RETURN(const GatherRecvs recvs,
+                          post_ring_allgather_recvs(ex, g, buf, count, 1, gather));
+  MYELIN_RETURN_IF_ERROR(
+      ring_reduce_scatter_phase(ex, g, src, buf, count, 1, phase, nullptr, gather));
+  return ring_allgather_forward(ex, g, buf, count, 1, gather, recvs);
 }
 
 }  // namespace myelin::collectives::internal

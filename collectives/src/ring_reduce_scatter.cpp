@@ -17,6 +17,11 @@
 // reduced segment goes to `out` and is sent from there, so the next rank copies it out of memory
 // it has mapped instead of through cross-memory attach; buf is then never written in place, and
 // out of place only receives.
+// With a gather phase (the fused ring allreduce of ring_allreduce.cpp), each segment of the last
+// step's block, this rank's result, goes on to the next rank in that phase as soon as it is
+// reduced: the first step of the allgather, sent while the segment is still in cache and before
+// the rest of the block is in. The phase then returns without waiting for its sends; the caller's
+// final wait covers them.
 #include <cstring>
 
 #include <myelin/collectives/reduce.hpp>
@@ -26,7 +31,8 @@
 namespace myelin::collectives::internal {
 
 Status ring_reduce_scatter_phase(Exchange& ex, const Group& g, const void* src, void* buf,
-                                 size_t count, int shift, uint8_t phase, uint8_t* out) {
+                                 size_t count, int shift, uint8_t phase, uint8_t* out,
+                                 int gather_phase) {
   const int n = g.size();
   if (n == 1) return ok_status();
   const int me = g.me;
@@ -82,10 +88,15 @@ Status ring_reduce_scatter_phase(Exchange& ex, const Group& g, const void* src, 
       // in place and out of place alike.
       reduce_to(dst, at(src, piece.offset, es), landing(s, b, piece), piece.count, ex.info().type,
                 ex.info().op);
-      if (more) MYELIN_RETURN_IF_ERROR(ex.post_send(next, phase, dst, piece.count * es));
+      if (more) {
+        MYELIN_RETURN_IF_ERROR(ex.post_send(next, phase, dst, piece.count * es));
+      } else if (gather_phase >= 0) {
+        MYELIN_RETURN_IF_ERROR(
+            ex.post_send(next, static_cast<uint8_t>(gather_phase), dst, piece.count * es));
+      }
     }
   }
-  return ex.wait_all();
+  return gather_phase >= 0 ? ok_status() : ex.wait_all();
 }
 
 Status ring_reduce_scatter(Exchange& ex, const Group& g, const void* src, void* buf, size_t count,
