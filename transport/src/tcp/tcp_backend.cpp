@@ -497,9 +497,9 @@ void TcpBackend::yield_if_bulk_stalled() {
 }
 
 bool TcpBackend::progress_blocking(int max_ms, size_t& handled) {
-  waits_sleep_ = true;
   if (!pending_reads_.empty() || !graveyard_.empty()) return false;
   if (live_.size() != 1) {
+    sleeps_on_set_ = true;
     // Several connections (or none): sleep in the set itself and serve what it reports, one
     // system call per wakeup fewer than the Context's poll on the set followed by progress().
     reattach();
@@ -525,7 +525,8 @@ bool TcpBackend::progress_blocking(int max_ms, size_t& handled) {
       c.want_write = false;
     }
   }
-  hot_ = &c;  // progress() reads it directly, the set no longer reports it
+  hot_ = &c;               // progress() reads it directly, the set no longer reports it
+  sleeps_on_set_ = false;  // wait_and_serve() drops a watermark raised for a sleep on the set
   handled = c.wait_and_serve(max_ms) > 0 ? 1 : 0;
   quiet_sleep_ = handled == 0;
   finish_progress(handled);
@@ -547,7 +548,7 @@ void TcpBackend::reattach() {
 }
 
 bool TcpBackend::arm_wait() {
-  waits_sleep_ = true;
+  sleeps_on_set_ = true;
   reattach();  // the Context is about to sleep on the set: it must see every socket
   slept_on_set_ = pending_reads_.empty();
   return slept_on_set_;

@@ -164,8 +164,9 @@ class Connection {
   // on_readable() without the watermark update.
   size_t read_available(int block_ms);
   // Sets SO_RCVLOWAT for what the connection waits for next: most of a large payload's remainder
-  // while one is being read (kernel wake-ups of a sleeper come per that many bytes, not per
-  // arriving segment), 1 byte otherwise. Skips the call when the value is already set.
+  // while one is being read and the Context sleeps on the epoll set (kernel wake-ups of a sleeper
+  // come per that many bytes, not per arriving segment), 1 byte otherwise. Skips the call when
+  // the value is already set.
   void update_receive_watermark();
 
   int fd_;
@@ -256,9 +257,13 @@ class TcpBackend final : public BackendContext {
   [[nodiscard]] const ContextInfo& info() const noexcept { return info_; }
   [[nodiscard]] const std::vector<uint8_t>& self_bytes() const noexcept { return self_bytes_; }
   [[nodiscard]] uint64_t instance() const noexcept { return self_.instance; }
-  // Whether a wait of this Context has slept on a socket (progress_blocking() or arm_wait()):
-  // only then do connections raise their receive watermark (a busy poll reads what is there).
-  [[nodiscard]] bool waits_sleep() const noexcept { return waits_sleep_; }
+  // Whether the last wait of this Context that slept, slept on the epoll set (arm_wait(), or
+  // progress_blocking() with several connections): only then do connections raise their receive
+  // watermark. A busy poll reads what is there; a lone connection sleeps in its own recv with
+  // MSG_WAITALL, which needs no watermark, and with a raised one there the peer's bytes stalled
+  // until a 100 ms sleep step ran out (2 ranks, 1 MiB allreduce: docs/performance.md,
+  // Collectives).
+  [[nodiscard]] bool sleeps_on_set() const noexcept { return sleeps_on_set_; }
   void release(Connection& conn);  // the Endpoint is gone
 
  private:
@@ -302,8 +307,8 @@ class TcpBackend final : public BackendContext {
   // reattach() as soon as anything needs the set to report it: output queued (EPOLLOUT), the
   // Context sleeping on the set (arm_wait()), another connection becoming the hot one.
   Connection* detached_ = nullptr;
-  bool quiet_sleep_ = false;  // the last progress_blocking() sleep brought nothing
-  bool waits_sleep_ = false;  // see waits_sleep()
+  bool quiet_sleep_ = false;    // the last progress_blocking() sleep brought nothing
+  bool sleeps_on_set_ = false;  // see sleeps_on_set()
   // arm_wait() let the Context sleep on the epoll set: the next progress() asks the set first.
   bool slept_on_set_ = false;
   void reattach();

@@ -438,6 +438,10 @@ bool Connection::set_receive_timeout(int ms) {
 
 size_t Connection::wait_and_serve(int max_ms) {
   if (fd_ < 0 || state_ == State::kFailed) return 0;
+  // A watermark raised while the Context slept on the epoll set must not outlive it here: this
+  // sleep reads a payload with MSG_WAITALL, and under a raised watermark the rest of the peer's
+  // payload could stall until the sleep step ran out. No system call when it is already 1.
+  update_receive_watermark();
   if (!has_output()) return on_readable(max_ms);
   pollfd p{fd_, POLLIN | POLLOUT, 0};
   if (::poll(&p, 1, max_ms) <= 0) return 0;
@@ -454,8 +458,9 @@ void Connection::update_receive_watermark() {
   // remainder always arrives in full (the sender completes a payload it has started), so it
   // never waits for bytes that do not come, and a closed or failed connection wakes a sleeper
   // whatever the watermark. One set per large payload, one reset after it.
-  if (left > 0 && rcvlowat_ > 1 && static_cast<uint64_t>(rcvlowat_) <= left) return;
-  const int want = left >= kWatermarkMin && backend_.waits_sleep()
+  const bool on_set = backend_.sleeps_on_set();
+  if (on_set && left > 0 && rcvlowat_ > 1 && static_cast<uint64_t>(rcvlowat_) <= left) return;
+  const int want = on_set && left >= kWatermarkMin
                        ? static_cast<int>(std::min<uint64_t>(left, kMaxWatermark))
                        : 1;
   if (want == rcvlowat_) return;
