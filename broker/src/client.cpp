@@ -186,6 +186,13 @@ class Client::Impl {
       cv_.notify_all();
     }
   }
+  // Gives back a credit taken for a frame the send queue refused (mu_ held): that frame never
+  // reaches the broker, so no grant will return it. A publisher waiting for credits is in
+  // cv_.wait (it holds mu_ otherwise), so this notification reaches it.
+  void give_back_credit_locked() {
+    pub_credits_.fetch_add(1, std::memory_order_relaxed);  // waiters re-read it under mu_
+    if (credit_waiters_.load(std::memory_order_relaxed) > 0) cv_.notify_all();  // under mu_
+  }
   // `n` messages were handed over: their delivery credits go back to the broker an eighth of the
   // window at a time. mu_ held.
   void consumed_locked(uint64_t n = 1) {
@@ -921,7 +928,10 @@ Status Client::publish(std::string_view topic, std::span<const std::byte> payloa
   h.id = im.new_id_locked();
   const int64_t now = monotonic_ns();  // one clock read for the timestamp and the batching rule
   h.timestamp_ns = static_cast<uint64_t>(now);
-  return im.send_locked(h, topic, payload, o.batch, nullptr, false, now);
+  Status s = im.send_locked(h, topic, payload, o.batch, nullptr, false, now);
+  // Refused by the queue (the connection still up): not sent, so its credit stays here.
+  if (!s.ok() && im.status_.ok()) im.give_back_credit_locked();
+  return s;
 }
 
 Result<uint64_t> Client::subscribe(std::string_view pattern, MessageHandler handler,

@@ -793,6 +793,26 @@ TEST(BrokerIntegration, PublishCreditsComeBackHalfAWindowAtATime) {
   EXPECT_EQ(grants, std::vector<uint64_t>{4});
 }
 
+// A publish the client refuses before sending (a control-lane message larger than a chunk) never
+// reaches the broker, so no credit comes back for it: it must not keep the credit it took. With a
+// window of 8, eight such refusals used to leave none, and every later publish timed out.
+TEST(BrokerIntegration, RefusedPublishesGiveTheirCreditBack) {
+  Daemon d("publish_credits = 8\n");
+  ASSERT_TRUE(d.up());
+  auto pub = connect_or_die(d.client("refused"));
+  ASSERT_TRUE(pub);
+  const std::string big(70 * 1024, 'x');  // over the client's 64 KiB chunk
+  for (int i = 0; i < 8; ++i) {
+    const Status s = pub->publish("g/refused", big, {.lane = Lane::kControl, .timeout_ms = 1000});
+    ASSERT_EQ(s.code(), StatusCode::kInvalidArgument) << s;
+  }
+  for (int i = 0; i < 32; ++i) {
+    const Status s = pub->publish("g/refused", std::to_string(i), {.timeout_ms = 2000});
+    ASSERT_TRUE(s.ok()) << "publish " << i << " after 8 refused ones: " << s;
+  }
+  EXPECT_TRUE(pub->status().ok()) << pub->status();
+}
+
 constexpr const char* kLanes =
     "[[topic]]\npattern = \"ctrl/#\"\nlane = \"control\"\nbatching = false\n";
 
