@@ -6,6 +6,7 @@
 #
 #   scripts/compare-broker.sh [--build DIR] [--rounds N] [--out DIR] [--quick] [--no-build]
 #                             [--flood-nice N] [--bulk-io-nice N] [--broker-loop-nice N]
+#                             [--bulk-io-scheduling normal|idle] [--broker-loop-scheduling normal|idle]
 #
 # What is measured, the same way on both sides (docs/bench.md, "Broker comparison"):
 #   lat1k    1 KiB publish-to-deliver latency, one-way = round trip / 2 through the broker
@@ -25,6 +26,10 @@
 # io_thread_nice): with control connections and polling threads, the threads that read bulk.
 # --broker-loop-nice N: the myelin broker's bulk loop thread runs at nice N (loop_nice in its
 # configuration; its control thread keeps the default); a setting of the broker, not of the bench.
+# --bulk-io-scheduling normal|idle: myelin's client I/O threads (MYELIN_BULK_IO_SCHEDULING,
+# ClientOptions::io_thread_scheduling; idle: SCHED_IDLE). Without it the library's default.
+# --broker-loop-scheduling normal|idle: the myelin broker's loop thread (loop_scheduling in its
+# configuration). Without it the broker's default. Both are myelin settings; nothing changes for NATS.
 # Each benchmark run is limited to COMPARE_RUN_TIMEOUT_S seconds (default 120); one past it is
 # reported as failed and left out of the medians.
 # As root, the whole run goes into its own session whose autogroup gets nice -20 (fewer
@@ -41,6 +46,7 @@ out=""
 quick=0
 build_first=1
 loop_nice=0
+loop_scheduling=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --build) build=${2:?}; shift ;;
@@ -51,7 +57,9 @@ while [ $# -gt 0 ]; do
     --flood-nice) export MYELIN_FLOOD_NICE=${2:?}; shift ;;
     --bulk-io-nice) export MYELIN_BULK_IO_NICE=${2:?}; shift ;;
     --broker-loop-nice) loop_nice=${2:?}; shift ;;
-    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    --bulk-io-scheduling) export MYELIN_BULK_IO_SCHEDULING=${2:?}; shift ;;
+    --broker-loop-scheduling) loop_scheduling=${2:?}; shift ;;
+    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
     *) echo "compare-broker.sh: unknown argument '$1'" >&2; exit 2 ;;
   esac
   shift
@@ -83,6 +91,7 @@ cat >"$out/broker.toml" <<EOF
 listen = "127.0.0.1:0"
 metrics_listen = ""
 $([ "$loop_nice" = 0 ] || echo "loop_nice = $loop_nice")
+$([ -z "$loop_scheduling" ] || echo "loop_scheduling = \"$loop_scheduling\"")
 [[topic]]
 pattern = "ctrl/#"
 lane = "control"

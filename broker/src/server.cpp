@@ -551,6 +551,7 @@ Status Server::Impl::init() {
   if (opt_.loop_nice < 0 || opt_.loop_nice > 19) {
     return invalid_argument("loop_nice ", opt_.loop_nice, " outside 0 .. 19");
   }
+  MYELIN_RETURN_IF_ERROR(validate_bulk_scheduling(opt_.loop_scheduling, "loop_scheduling"));
   if (opt_.heartbeat_ms <= 0) return invalid_argument("heartbeat_ms must be positive");
   limits_.max_frame_payload =
       std::max<uint32_t>(opt_.chunk_bytes, static_cast<uint32_t>(opt_.batch_bytes) + 64 * 1024);
@@ -1988,6 +1989,10 @@ void Server::Impl::loop() {
     if (::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), opt_.loop_nice) != 0) {
       MYELIN_LOG_WARN << "loop thread keeps its priority: " << errno_status("setpriority", errno);
     }
+  }
+  if (opt_.control_thread && opt_.loop_scheduling != BulkScheduling::kNormal) {
+    Status s = apply_bulk_scheduling_to_this_thread(opt_.loop_scheduling);
+    if (!s.ok()) MYELIN_LOG_WARN << "loop thread keeps its scheduling: " << s;
   }
   bool goaway_sent = false;
   std::array<epoll_event, 64> evs;

@@ -127,6 +127,7 @@ class BrokerDaemon {
   BrokerDaemon& operator=(const BrokerDaemon&) = delete;
 
   [[nodiscard]] bool up() const { return port_ != 0; }
+  [[nodiscard]] pid_t pid() const { return pid_; }
   [[nodiscard]] std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
   // Options of a client of this daemon (its secret and heartbeat).
   [[nodiscard]] ClientOptions client(const std::string& identity) const {

@@ -9,12 +9,14 @@
 #include <arpa/inet.h>
 #include <dirent.h>
 #include <netinet/in.h>
+#include <sched.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -300,6 +302,160 @@ TEST(LoopNice, OnlyTheBulkLoopYieldsAndOnlyWithAControlThread) {
     auto server = Server::create(o);
     EXPECT_EQ(server.status().code(), StatusCode::kInvalidArgument) << bad;
   }
+}
+
+// The scheduling policy (SCHED_OTHER, SCHED_IDLE, ...) of each of this process's threads named
+// `name`, read back with sched_getscheduler on the thread's id.
+std::vector<int> thread_policies(const std::string& name) {
+  std::vector<int> out;
+  DIR* dir = ::opendir("/proc/self/task");
+  if (dir == nullptr) return out;
+  while (const dirent* e = ::readdir(dir)) {
+    if (e->d_name[0] == '.') continue;
+    std::ifstream comm(std::string("/proc/self/task/") + e->d_name + "/comm");
+    std::string got;
+    if (!std::getline(comm, got) || got != name) continue;
+    const int policy = ::sched_getscheduler(static_cast<pid_t>(std::atoi(e->d_name)));
+    if (policy >= 0) out.push_back(policy);
+  }
+  ::closedir(dir);
+  return out;
+}
+
+// Waits (bounded) until every thread named `name` has `policy` and there are `count` of them:
+// a thread applies its scheduling itself once it runs.
+bool threads_reach_policy(const std::string& name, int policy, size_t count) {
+  const Deadline d = Deadline::after_ms(5000);
+  while (true) {
+    const std::vector<int> now = thread_policies(name);
+    if (now.size() == count && std::count(now.begin(), now.end(), policy) == std::ssize(now))
+      return true;
+    if (d.expired()) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+}
+
+// loop_scheduling = kIdle puts the loop thread, and only it, under SCHED_IDLE; the control
+// thread and the caller keep theirs. Without the control thread the loop serves control too and
+// keeps its policy. A value outside the enumeration is refused.
+TEST(LoopScheduling, IdleReachesOnlyTheBulkLoopAndOnlyWithAControlThread) {
+  if (::sched_getscheduler(0) != SCHED_OTHER) GTEST_SKIP() << "this process is not SCHED_OTHER";
+  for (const bool control_thread : {true, false}) {
+    SCOPED_TRACE(control_thread ? "control thread" : "inline");
+    ServerOptions o = server_options(control_thread);
+    o.loop_scheduling = BulkScheduling::kIdle;
+    auto server = Server::create(o);
+    ASSERT_TRUE(server.ok()) << server.status();
+    ASSERT_TRUE((*server)->start().ok());
+    auto c = Client::connect(client_options((*server)->port(), "idle"));
+    ASSERT_TRUE(c.ok()) << c.status();
+    EXPECT_TRUE(
+        threads_reach_policy("myelin-brk-loop", control_thread ? SCHED_IDLE : SCHED_OTHER, 1));
+    if (control_thread) {
+      EXPECT_EQ(thread_policies("myelin-brk-ctrl"), std::vector<int>{SCHED_OTHER});
+    }
+    // The client's I/O thread keeps the default (a client option of its own).
+    EXPECT_EQ(thread_policies("myelin-cli-io"), std::vector<int>{SCHED_OTHER});
+    EXPECT_EQ(::sched_getscheduler(0), SCHED_OTHER);
+    c->reset();
+    (*server)->stop();
+  }
+  ServerOptions o = server_options(true);
+  o.loop_scheduling = static_cast<BulkScheduling>(7);
+  auto server = Server::create(o);
+  EXPECT_EQ(server.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(server.status().message().find("loop_scheduling"), std::string_view::npos)
+      << server.status();
+}
+
+TEST(IoThreadScheduling, IdleReachesOnlyTheClientsIoThread) {
+  if (::sched_getscheduler(0) != SCHED_OTHER) GTEST_SKIP() << "this process is not SCHED_OTHER";
+  auto server = Server::create(server_options(true));
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_TRUE((*server)->start().ok());
+  ClientOptions bad = client_options((*server)->port(), "bad");
+  bad.io_thread_scheduling = static_cast<BulkScheduling>(2);
+  auto refused = Client::connect(bad);
+  EXPECT_EQ(refused.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(refused.status().message().find("io_thread_scheduling"), std::string_view::npos)
+      << refused.status();
+  ClientOptions co = client_options((*server)->port(), "idle");
+  co.io_thread_scheduling = BulkScheduling::kIdle;
+  auto c = Client::connect(co);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE(threads_reach_policy("myelin-cli-io", SCHED_IDLE, 1));
+  EXPECT_EQ(thread_policies("myelin-brk-loop"), std::vector<int>{SCHED_OTHER});
+  EXPECT_EQ(thread_policies("myelin-brk-ctrl"), std::vector<int>{SCHED_OTHER});
+  EXPECT_EQ(::sched_getscheduler(0), SCHED_OTHER);
+  // Control and bulk both still flow.
+  ASSERT_TRUE((*c)->subscribe("#").ok());
+  ASSERT_TRUE((*c)->publish("ctrl/x", "c", {.lane = Lane::kControl}).ok());
+  ASSERT_TRUE((*c)->publish("grad/x", "b").ok());
+  for (int i = 0; i < 2; ++i) EXPECT_TRUE((*c)->poll(Deadline::after_ms(10000)).ok());
+  c->reset();
+  (*server)->stop();
+}
+
+// With every bulk thread under SCHED_IDLE (the broker's loop, both clients' I/O threads) bulk
+// still moves whenever a CPU is free: 24 messages of 512 KiB (chunked) reach a handler that runs
+// on the subscriber's SCHED_IDLE I/O thread, whole and in order, beside control messages that a
+// thread in poll() reads, within the deadline.
+TEST(BulkScheduling, BulkStillProgressesWithEveryBulkThreadIdle) {
+  ServerOptions so = server_options(true);
+  so.loop_scheduling = BulkScheduling::kIdle;
+  auto server = Server::create(so);
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_TRUE((*server)->start().ok());
+  ClientOptions po = client_options((*server)->port(), "pub");
+  po.io_thread_scheduling = BulkScheduling::kIdle;
+  ClientOptions subo = client_options((*server)->port(), "sub");
+  subo.io_thread_scheduling = BulkScheduling::kIdle;
+  auto pub = Client::connect(po);
+  ASSERT_TRUE(pub.ok()) << pub.status();
+  auto sub = Client::connect(subo);
+  ASSERT_TRUE(sub.ok()) << sub.status();
+  constexpr int kBulk = 24;
+  constexpr size_t kSize = 512 * 1024;
+  std::mutex mu;
+  std::condition_variable cv;
+  int bulk_seen = 0;
+  bool bulk_intact = true;
+  ASSERT_TRUE((*sub)
+                  ->subscribe("grad/#",
+                              [&](const ReceivedMessage& m) {
+                                std::lock_guard<std::mutex> lock(mu);
+                                const auto* p = reinterpret_cast<const uint8_t*>(m.payload.data());
+                                bulk_intact = bulk_intact && m.payload.size() == kSize &&
+                                              p[0] == static_cast<uint8_t>(bulk_seen) &&
+                                              p[kSize - 1] == static_cast<uint8_t>(bulk_seen);
+                                ++bulk_seen;
+                                cv.notify_all();
+                              })
+                  .ok());
+  ASSERT_TRUE((*sub)->subscribe("ctrl/#").ok());
+  EXPECT_TRUE(threads_reach_policy("myelin-cli-io", SCHED_IDLE, 2));
+  std::vector<std::byte> payload(kSize);
+  for (int i = 0; i < kBulk; ++i) {
+    std::fill(payload.begin(), payload.end(), static_cast<std::byte>(i));
+    ASSERT_TRUE((*pub)->publish("grad/x", payload).ok()) << i;
+    ASSERT_TRUE((*pub)
+                    ->publish("ctrl/x", std::to_string(i), {.lane = Lane::kControl, .batch = false})
+                    .ok());
+  }
+  for (int i = 0; i < kBulk; ++i) {
+    auto m = (*sub)->poll(Deadline::after_ms(60000));
+    ASSERT_TRUE(m.ok()) << m.status();
+    EXPECT_EQ(m->text(), std::to_string(i));
+  }
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    EXPECT_TRUE(cv.wait_for(lock, std::chrono::seconds(60), [&] { return bulk_seen == kBulk; }))
+        << bulk_seen << " of " << kBulk << " bulk messages arrived";
+    EXPECT_TRUE(bulk_intact);
+  }
+  pub->reset();
+  sub->reset();
+  (*server)->stop();
 }
 
 // SO_SNDBUF of this process's TCP sockets whose local port is `port` (the broker's side of its

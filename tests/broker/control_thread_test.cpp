@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -20,6 +21,7 @@
 #include <fstream>
 #include <functional>
 #include <map>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -50,10 +52,10 @@ constexpr const char* kTopics =
 // The daemon as a child process, its control thread on or off.
 class Daemon : public test_support::BrokerDaemon {
  public:
-  explicit Daemon(bool control_thread)
+  explicit Daemon(bool control_thread, const std::string& broker_keys = "")
       : BrokerDaemon(
             {.secret = kSecret,
-             .extra_config = kTopics,
+             .extra_config = broker_keys + kTopics,
              .flags = {"--log-level", "warn", "--control-thread", control_thread ? "on" : "off"},
              .heartbeat_ms = 1000,
              .name = "ctrl-thread-test"}) {}
@@ -506,6 +508,70 @@ TEST_P(ControlThread, ASlowReaderKeepsFewReceiveBlocksAlive) {
   const long grown_mib = (rss_after - rss_before) / 1024;
   EXPECT_LT(grown_mib, 128) << "the daemon grew from " << rss_before / 1024 << " MiB to "
                             << rss_after / 1024 << " MiB";
+}
+
+// Field 41 (policy) of /proc/<pid>/task/<tid>/stat for each thread of `pid` named `name`.
+std::vector<int> daemon_thread_policies(pid_t pid, const std::string& name) {
+  std::vector<int> out;
+  const std::filesystem::path tasks = "/proc/" + std::to_string(pid) + "/task";
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(tasks, ec)) {
+    std::ifstream comm(e.path() / "comm");
+    std::string got;
+    if (!std::getline(comm, got) || got != name) continue;
+    std::ifstream in(e.path() / "stat");
+    std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const size_t close = stat.rfind(')');  // the command name may hold spaces
+    if (close == std::string::npos) continue;
+    std::istringstream rest(stat.substr(close + 2));
+    std::string field;
+    for (int i = 3; i <= 41 && rest >> field; ++i) {
+      if (i == 41) out.push_back(std::stoi(field));
+    }
+  }
+  return out;
+}
+
+// The daemon's loop_scheduling: "idle" in its configuration puts its loop thread, and not its
+// control thread, under SCHED_IDLE, and it still routes both lanes; a value it does not know, or
+// one of the wrong type, stops it at start with exit code 2 and a message that names the key.
+TEST(LoopScheduling, TheDaemonAppliesItsConfigurationAndRefusesBadValues) {
+  {
+    Daemon d(true, "loop_scheduling = \"idle\"\n");
+    ASSERT_TRUE(d.up());
+    auto c = Client::connect(d.client("idle"));
+    ASSERT_TRUE(c.ok()) << c.status();
+    // The loop applies it when it starts, before it accepts the connection above.
+    EXPECT_EQ(daemon_thread_policies(d.pid(), "myelin-brk-loop"), std::vector<int>{SCHED_IDLE});
+    EXPECT_EQ(daemon_thread_policies(d.pid(), "myelin-brk-ctrl"), std::vector<int>{SCHED_OTHER});
+    ASSERT_TRUE((*c)->subscribe("#").ok());
+    ASSERT_TRUE((*c)->publish("ctrl/x", "c", {.lane = Lane::kControl}).ok());
+    ASSERT_TRUE((*c)->publish("grad/x", "b").ok());
+    for (int i = 0; i < 2; ++i) EXPECT_TRUE((*c)->poll(Deadline::after_ms(10000)).ok());
+  }
+  const std::filesystem::path dir = std::filesystem::temp_directory_path() /
+                                    ("myelin-loop-scheduling-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  std::ofstream(dir / "secret") << kSecret << "\n";
+  for (const std::string bad : {"\"fast\"", "1", "\"\""}) {
+    SCOPED_TRACE(bad);
+    std::ofstream(dir / "broker.toml") << "[broker]\nlisten = \"127.0.0.1:0\"\n"
+                                       << "loop_scheduling = " << bad << "\n";
+    // The daemon refuses its configuration before it listens: no deadline beyond the test's.
+    const std::string cmd = std::string(MYELIN_BROKER_BIN) + " --config " +
+                            (dir / "broker.toml").string() + " --secret-file " +
+                            (dir / "secret").string() + " 2>&1";
+    FILE* p = ::popen(cmd.c_str(), "r");
+    ASSERT_NE(p, nullptr);
+    std::string output;
+    char buf[256];
+    while (size_t n = std::fread(buf, 1, sizeof(buf), p)) output.append(buf, n);
+    const int st = ::pclose(p);
+    EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 2) << st << ": " << output;
+    EXPECT_NE(output.find("loop_scheduling"), std::string::npos) << output;
+    EXPECT_EQ(output.find("unknown key"), std::string::npos) << output;  // a known key, refused
+  }
+  std::filesystem::remove_all(dir);
 }
 
 // The routing core with a drainer on another thread, as the control thread drains control lanes

@@ -23,6 +23,7 @@ int main(int argc, char** argv) {
   bool ps = false;
   std::string control_thread;
   int loop_nice = -1;
+  std::string loop_scheduling;
   uint32_t ps_workers = 0;
   app.add_option("-c,--config", config, "TOML configuration file");
   app.add_option("--listen", listen, "client address host:port (port 0: any free port)");
@@ -39,6 +40,10 @@ int main(int argc, char** argv) {
   app.add_option("--loop-nice", loop_nice,
                  "0..19: with the control thread, the bulk loop thread's nice value (default 0)")
       ->check(CLI::Range(0, 19));
+  app.add_option("--loop-scheduling", loop_scheduling,
+                 "normal|idle: with the control thread, how the bulk loop thread is scheduled "
+                 "(idle: SCHED_IDLE; default normal)")
+      ->check(CLI::IsMember({"normal", "idle"}));
   app.add_flag("--ps", ps, "serve a parameter-server shard");
   app.add_option("--ps-workers", ps_workers, "workers per parameter-server step");
   app.add_option("--port-file", port_file, "write '<port> <metrics port>' here once listening");
@@ -67,6 +72,14 @@ int main(int argc, char** argv) {
   if (!nic.empty()) opts.nic = nic;
   if (!control_thread.empty()) opts.control_thread = control_thread == "on";
   if (loop_nice >= 0) opts.loop_nice = loop_nice;
+  if (!loop_scheduling.empty()) {
+    auto parsed = parse_bulk_scheduling(loop_scheduling);
+    if (!parsed.ok()) {
+      std::cerr << "myelin-broker: --loop-scheduling: " << parsed.status() << "\n";
+      return 2;
+    }
+    opts.loop_scheduling = *parsed;
+  }
   if (ps) opts.enable_ps = true;
   if (ps_workers) opts.ps.num_workers = ps_workers;
   if (!secret_file.empty()) {

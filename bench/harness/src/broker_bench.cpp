@@ -117,6 +117,13 @@ class BrokerBench::Impl {
     // io_thread_nice): with control connections and polling threads, the threads that read bulk.
     if (const char* nv = std::getenv("MYELIN_BULK_IO_NICE"); nv != nullptr && *nv != '\0')
       co.io_thread_nice = std::atoi(nv);
+    // MYELIN_BULK_IO_SCHEDULING=normal|idle: every client's I/O thread is scheduled so
+    // (ClientOptions::io_thread_scheduling); a name it does not know fails the connect.
+    if (const char* sv = std::getenv("MYELIN_BULK_IO_SCHEDULING"); sv != nullptr && *sv != '\0') {
+      MYELIN_ASSIGN_OR_RETURN(
+          co.io_thread_scheduling,
+          broker::parse_bulk_scheduling(sv).with_context("MYELIN_BULK_IO_SCHEDULING"));
+    }
     // MYELIN_CONTROL_CONNECTION=0: clients keep the control lane on their main connection
     // (ClientOptions::control_connection), to compare the two set-ups on one build.
     if (const char* cv = std::getenv("MYELIN_CONTROL_CONNECTION"); cv != nullptr && *cv != '\0')

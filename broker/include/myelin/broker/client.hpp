@@ -38,6 +38,7 @@
 #include <vector>
 
 #include <myelin/broker/broker.hpp>
+#include <myelin/broker/scheduling.hpp>
 #include <myelin/core/clock.hpp>
 #include <myelin/core/status.hpp>
 
@@ -74,6 +75,13 @@ struct ClientOptions {
   // broker) then gets the CPU first. Messages for handlers, which run on the I/O thread, wait
   // longer under load in exchange. Lowering needs no privilege.
   int io_thread_nice = 0;
+  // How the I/O thread is scheduled (scheduling.hpp). kIdle (SCHED_IDLE): a woken thread of this
+  // process group (the one in poll(), a publisher) preempts it at once. It reads what no poll()
+  // caller reads: bulk, and control too while no thread polls, and runs the handlers; all of
+  // that then gets next to no CPU while other work keeps every CPU busy. Meant for a client whose
+  // control messages go through poll() on a control connection. io_thread_nice has no effect
+  // with kIdle. Default kNormal (docs/performance.md, "Broker").
+  BulkScheduling io_thread_scheduling = BulkScheduling::kNormal;
   // Closing (the destructor) sends what is still queued for the broker, waiting at most this
   // long for the sockets to take it; what is left after that (a broker that stopped reading) is
   // dropped with a warning that says how much.

@@ -39,6 +39,7 @@
 
 #include <myelin/broker/broker.hpp>
 #include <myelin/broker/param_server.hpp>
+#include <myelin/broker/scheduling.hpp>
 #include <myelin/core/status.hpp>
 
 namespace myelin::broker {
@@ -96,6 +97,13 @@ struct ServerOptions {
   // privilege. The loop still gets its share whenever nothing of higher priority is runnable.
   // 0: unchanged; ignored without the control thread (the loop serves control then).
   int loop_nice = 0;
+  // With the control thread: how the loop thread is scheduled (scheduling.hpp). kIdle
+  // (SCHED_IDLE): a woken control thread, or a client thread of this process group, preempts the
+  // loop at once instead of waiting out its time slice; the loop gets next to no CPU while other
+  // work keeps every CPU busy, so bulk then slows to a crawl. loop_nice has no effect with kIdle.
+  // Ignored without the control thread. Default kNormal (docs/performance.md, "Broker": what it
+  // buys on a 2-vCPU host and what it costs bulk).
+  BulkScheduling loop_scheduling = BulkScheduling::kNormal;
   int numa_node = -1;  // pin the loop (and control) thread there (-1: don't)
   std::string nic;     // or: pin on this NIC's node ("mlx5_0", "eth0")
   bool enable_ps = false;

@@ -1,0 +1,41 @@
+// Scheduling of the threads that carry only bulk traffic (see scheduling.hpp).
+#include <myelin/broker/scheduling.hpp>
+
+#include <pthread.h>
+#include <sched.h>
+
+namespace myelin::broker {
+
+std::string_view bulk_scheduling_name(BulkScheduling s) noexcept {
+  switch (s) {
+    case BulkScheduling::kNormal:
+      return "normal";
+    case BulkScheduling::kIdle:
+      return "idle";
+  }
+  return "invalid";
+}
+
+Result<BulkScheduling> parse_bulk_scheduling(std::string_view text) {
+  if (text == "normal") return BulkScheduling::kNormal;
+  if (text == "idle") return BulkScheduling::kIdle;
+  return invalid_argument("scheduling '", text, "' is neither normal nor idle");
+}
+
+Status validate_bulk_scheduling(BulkScheduling s, std::string_view what) {
+  if (s == BulkScheduling::kNormal || s == BulkScheduling::kIdle) return ok_status();
+  return invalid_argument(what, " ", static_cast<int>(s), " is neither normal (0) nor idle (1)");
+}
+
+Status apply_bulk_scheduling_to_this_thread(BulkScheduling s) {
+  MYELIN_RETURN_IF_ERROR(validate_bulk_scheduling(s, "scheduling"));
+  if (s == BulkScheduling::kNormal) return ok_status();
+  // SCHED_IDLE takes no priority (it must be 0). pthread_setschedparam acts on this thread only
+  // and returns the error number instead of setting errno.
+  const sched_param param{};
+  const int rc = ::pthread_setschedparam(::pthread_self(), SCHED_IDLE, &param);
+  if (rc != 0) return errno_status("pthread_setschedparam(SCHED_IDLE)", rc);
+  return ok_status();
+}
+
+}  // namespace myelin::broker
