@@ -269,10 +269,12 @@ constexpr const char* kTputTopics =
 
 class Daemon : public test_support::BrokerDaemon {
  public:
-  // `broker_keys`: more [broker] keys (TOML lines).
-  explicit Daemon(const std::string& broker_keys = "")
+  // `broker_keys`: more [broker] keys (TOML lines); `heartbeat_ms`: broker and clients (0: the
+  // defaults).
+  explicit Daemon(const std::string& broker_keys = "", int heartbeat_ms = 0)
       : BrokerDaemon({.secret = kSecret,
                       .extra_config = broker_keys + kTputTopics,
+                      .heartbeat_ms = heartbeat_ms,
                       .metrics = false,
                       .name = "client-batching"}) {}
 };
@@ -353,7 +355,11 @@ TEST(ClientBatching, BurstFromAnotherProcessArrivesInOrderWholeAndALoneMessageFo
 // A credit left uncounted at the end of a read, or a publisher that misses a grant, stalls the
 // stream and fails the deadline.
 TEST(ClientBatching, HandlersAndSmallCreditWindowsKeepEveryMessageFlowing) {
-  Daemon d("publish_credits = 16\n");
+  // Heartbeats every 5 s: the subscriber's main connection carries only the heartbeat its I/O
+  // thread sends after a pass, and a pass of handlers under TSan on a loaded machine took over
+  // the default 3 s of silence the broker allows (it closed the session). That limit is the
+  // broker's, not what this test checks.
+  Daemon d("publish_credits = 16\n", 5000);
   ASSERT_TRUE(d.up());
   int go[2];
   ASSERT_EQ(::pipe(go), 0);
