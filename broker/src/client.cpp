@@ -7,6 +7,7 @@
 #include <pthread.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -37,6 +38,12 @@ constexpr size_t kDedupEntries = 4096;
 // Bytes of bulk read at a time by a reader that also holds the control connection's role: a
 // control message that arrives meanwhile waits for at most this much bulk to be decoded.
 constexpr size_t kBulkBlockWithControl = 64 * 1024;
+
+// The socket holds bytes nobody has read yet (a failed query counts as none).
+bool has_unread_input(int fd) noexcept {
+  int n = 0;
+  return ::ioctl(fd, FIONREAD, &n) == 0 && n > 0;
+}
 
 std::span<const std::byte> float_bytes(std::span<const float> v) {
   return {reinterpret_cast<const std::byte*>(v.data()), v.size() * sizeof(float)};
@@ -726,7 +733,10 @@ void Client::Impl::io_loop() {
     const int64_t now = monotonic_ns();
     for (int k = 0; k < nconns(); ++k) {
       Conn& c = conns_[k];
-      if (now - c.last_rx_ns.load(std::memory_order_relaxed) > 3 * opt_.heartbeat_ms * 1'000'000) {
+      // Silence is a socket with nothing to read: after a long pass of handlers the broker's
+      // heartbeats wait in it, unread only because this thread was busy.
+      if (now - c.last_rx_ns.load(std::memory_order_relaxed) > 3 * opt_.heartbeat_ms * 1'000'000 &&
+          !has_unread_input(c.fd.get())) {
         fail(peer_failed("broker ", opt_.address, k == kCtrl ? " (control connection)" : "",
                          " silent for ", 3 * opt_.heartbeat_ms, " ms"));
         return;

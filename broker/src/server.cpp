@@ -465,6 +465,12 @@ struct Server::Impl::Conn final : public Session {
   std::atomic<bool> ctrl_attached{false};
   // Asked to the control side (mark_ctrl_due()); cleared by the control side before it pumps.
   std::atomic<bool> ctrl_due{false};
+  // When the control connection last heard from the client (written by the control side, read by
+  // the loop's tick()): the session is alive while either connection hears from it. A client
+  // whose I/O thread runs a long pass of handlers sends its credits on the control connection
+  // and its main connection's heartbeat only after the pass. Relaxed: a timestamp, ordering
+  // nothing.
+  std::atomic<int64_t> ctrl_rx_ns{INT64_MIN / 2};
   // Rate-limit bucket, both sides take tokens.
   std::mutex rate_mu;
   double tokens = 0;      // under rate_mu
@@ -1162,6 +1168,7 @@ void Server::Impl::read_ctrl(Link& l) {
   if (*n == 0) return;
   c_.bytes_in.fetch_add(*n, std::memory_order_relaxed);
   l.last_rx_ns = monotonic_ns();
+  l.conn->ctrl_rx_ns.store(l.last_rx_ns, std::memory_order_relaxed);
   if (decode_ctrl(l)) (void)pump_control(l);
 }
 
@@ -1946,7 +1953,8 @@ void Server::Impl::tick(int64_t now) {
     }
     // The control connection's silence and heartbeats are the control side's (ctrl_tick()).
     const int64_t silent = 3 * opt_.heartbeat_ms * 1'000'000;
-    if (now - c->last_rx_ns > silent) {
+    const int64_t heard = std::max(c->last_rx_ns, c->ctrl_rx_ns.load(std::memory_order_relaxed));
+    if (now - heard > silent) {
       c_.dead_clients.fetch_add(1, std::memory_order_relaxed);
       dead.push_back(id);
       continue;

@@ -415,5 +415,44 @@ TEST(ClientBatching, HandlersAndSmallCreditWindowsKeepEveryMessageFlowing) {
   EXPECT_EQ((*sub)->stats().received, kN);
 }
 
+TEST(ClientBatching, SlowHandlersKeepTheirSessionWhileTheControlConnectionHearsFromThem) {
+  // Heartbeats every 100 ms: the broker drops a session silent for 300 ms. Each handler takes
+  // 10 ms and the delivery window is 64, so one pass of handlers lasts up to 640 ms with nothing
+  // sent on the subscriber's main connection, while its delivery credits go out on the control
+  // connection every 8 messages. The broker dropped such a session as silent.
+  Daemon d("", 100);
+  ASSERT_TRUE(d.up());
+  ClientOptions so = d.client("sub");
+  so.receive_window = 64;
+  auto sub = Client::connect(so);
+  ASSERT_TRUE(sub.ok()) << sub.status();
+  constexpr uint64_t kN = 150;
+  std::mutex mu;
+  std::condition_variable cv;
+  uint64_t next = 0, bad = 0;
+  ASSERT_TRUE((*sub)
+                  ->subscribe("tput/slow",
+                              [&](const ReceivedMessage& m) {
+                                std::this_thread::sleep_for(std::chrono::milliseconds(10));
+                                std::lock_guard<std::mutex> lock(mu);
+                                if (!is_message(next, 1024, m.payload) || m.missed_before != 0)
+                                  ++bad;
+                                if (++next == kN) cv.notify_all();
+                              })
+                  .ok());
+  auto pub = Client::connect(d.client("pub"));
+  ASSERT_TRUE(pub.ok()) << pub.status();
+  const PublishOptions po{.lane = Lane::kBulk, .batch = true, .timeout_ms = 20000};
+  for (uint64_t k = 0; k < kN; ++k)
+    ASSERT_TRUE((*pub)->publish("tput/slow", message(k, 1024), po).ok()) << "message " << k;
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    EXPECT_TRUE(cv.wait_for(lock, std::chrono::seconds(30), [&] { return next == kN; }))
+        << next << " of " << kN << " messages arrived; subscriber: " << (*sub)->status();
+    EXPECT_EQ(bad, 0u);
+  }
+  EXPECT_TRUE((*sub)->status().ok()) << (*sub)->status();
+}
+
 }  // namespace
 }  // namespace myelin::broker
