@@ -18,7 +18,9 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <map>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <utility>
@@ -210,5 +212,32 @@ class BrokerDaemon {
   pid_t pid_ = -1;
   int port_ = 0, metrics_port_ = 0;
 };
+
+// Field `field` (numbered as in proc(5): 19 is the nice value, 41 the scheduling policy) of
+// /proc/<pid>/task/<tid>/stat for each thread of `pid` (0: this process) named `name` (empty:
+// every thread).
+inline std::vector<int> thread_stat_field(pid_t pid, int field, const std::string& name = "") {
+  std::vector<int> out;
+  const std::filesystem::path tasks =
+      "/proc/" + (pid == 0 ? std::string("self") : std::to_string(pid)) + "/task";
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(tasks, ec)) {
+    if (!name.empty()) {
+      std::ifstream comm(e.path() / "comm");
+      std::string got;
+      if (!std::getline(comm, got) || got != name) continue;
+    }
+    std::ifstream in(e.path() / "stat");
+    std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const size_t close = stat.rfind(')');  // the command name may hold spaces
+    if (close == std::string::npos) continue;
+    std::istringstream rest(stat.substr(close + 2));
+    std::string value;
+    for (int i = 3; i <= field && rest >> value; ++i) {
+      if (i == field) out.push_back(std::stoi(value));
+    }
+  }
+  return out;
+}
 
 }  // namespace myelin::broker::test_support

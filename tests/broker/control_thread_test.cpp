@@ -510,26 +510,9 @@ TEST_P(ControlThread, ASlowReaderKeepsFewReceiveBlocksAlive) {
                             << rss_after / 1024 << " MiB";
 }
 
-// Field 41 (policy) of /proc/<pid>/task/<tid>/stat for each thread of `pid` named `name`.
+// The scheduling policy of each thread of the daemon `pid` named `name`.
 std::vector<int> daemon_thread_policies(pid_t pid, const std::string& name) {
-  std::vector<int> out;
-  const std::filesystem::path tasks = "/proc/" + std::to_string(pid) + "/task";
-  std::error_code ec;
-  for (const auto& e : std::filesystem::directory_iterator(tasks, ec)) {
-    std::ifstream comm(e.path() / "comm");
-    std::string got;
-    if (!std::getline(comm, got) || got != name) continue;
-    std::ifstream in(e.path() / "stat");
-    std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    const size_t close = stat.rfind(')');  // the command name may hold spaces
-    if (close == std::string::npos) continue;
-    std::istringstream rest(stat.substr(close + 2));
-    std::string field;
-    for (int i = 3; i <= 41 && rest >> field; ++i) {
-      if (i == 41) out.push_back(std::stoi(field));
-    }
-  }
-  return out;
+  return test_support::thread_stat_field(pid, 41, name);
 }
 
 // The daemon's loop_scheduling: "idle" in its configuration puts its loop thread, and not its

@@ -1573,21 +1573,9 @@ TEST(ControlConnection, ChunksLargerThanTheSocketBuffersKeepControlMoving) {
   }
 }
 
-// The nice values of this process's threads (field 19 of /proc/self/task/*/stat).
+// The nice values of this process's threads.
 std::vector<int> thread_nices() {
-  std::vector<int> out;
-  for (const auto& e : std::filesystem::directory_iterator("/proc/self/task")) {
-    std::ifstream in(e.path() / "stat");
-    std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    const size_t close = stat.rfind(')');  // the command name may hold spaces
-    if (close == std::string::npos) continue;
-    std::istringstream rest(stat.substr(close + 2));
-    std::string field;
-    for (int i = 3; i <= 19 && rest >> field; ++i) {
-      if (i == 19) out.push_back(std::stoi(field));
-    }
-  }
-  return out;
+  return test_support::thread_stat_field(0, 19);
 }
 
 TEST(ControlConnection, IoThreadNiceLowersOnlyTheIoThread) {
