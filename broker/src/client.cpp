@@ -1,6 +1,8 @@
 // Client implementation: one I/O thread, one mutex for the connection state. Senders push into
 // the OutQueue under the mutex and flush right away; the I/O thread flushes what the socket did
-// not take, reads, dispatches and keeps heartbeats going.
+// not take, reads, dispatches and keeps heartbeats going. An open batch's window is a timerfd in
+// the I/O thread's epoll set, set by whoever opens the batch: the I/O thread wakes for it only when
+// the batch did not fill and go out before its window ended.
 #include <myelin/broker/client.hpp>
 
 #include <poll.h>
@@ -9,6 +11,7 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/resource.h>
+#include <sys/timerfd.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -141,15 +144,48 @@ class Client::Impl {
       return status_;
     }
     // Wake the I/O thread only when it must act sooner than it planned to: bytes left for a
-    // socket it does not watch for writing, or a batch whose window ends before its next wake-up.
-    // Then no further wake-up until it has looked again (a write to the eventfd per message
-    // costs a syscall and a context switch per message).
-    if ((!*r && !c.watches_out) || c.out.next_batch_deadline() < io_wakes_at_ns_) {
+    // socket it does not watch for writing. Then no further wake-up until it has looked again (a
+    // write to the eventfd per message costs a syscall and a context switch per message). A batch
+    // this opened gets its window on the timer instead (no wake-up now; one at the window's end
+    // only if the batch is still open then).
+    if (!*r && !c.watches_out) {
       c.watches_out = true;
       io_wakes_at_ns_ = INT64_MIN;
       wake();
     }
+    if (c.out.next_batch_deadline() != batch_timer_at_ns_) arm_batch_timer_locked();
     return ok_status();
+  }
+  // The earliest window end of the open batches (INT64_MAX: none). mu_ held.
+  [[nodiscard]] int64_t next_batch_deadline_locked() const {
+    int64_t d = INT64_MAX;
+    for (int k = 0; k < nconns(); ++k) d = std::min(d, conns_[k].out.next_batch_deadline());
+    return d;
+  }
+  // Sets the batch timer to the earliest open batch's window end, or disarms it when no batch is
+  // open (mu_ held). A batch that fills goes out with the publish that filled it, and the next
+  // one moves the timer on (one timerfd_settime() per batch): under a steady stream the timer
+  // never fires, and the I/O thread sleeps through it. Should the timer refuse the setting, the
+  // I/O thread keeps the window with its own epoll timeout (it compares batch_timer_at_ns_).
+  void arm_batch_timer_locked() {
+    const int64_t d = next_batch_deadline_locked();
+    if (d == batch_timer_at_ns_) return;
+    itimerspec its{};
+    if (d != INT64_MAX) {
+      // A zero it_value would disarm: a window that already ended fires a nanosecond on.
+      const int64_t at = std::max<int64_t>(d, 1);
+      its.it_value =
+          timespec{static_cast<time_t>(at / 1'000'000'000), static_cast<long>(at % 1'000'000'000)};
+    }
+    if (::timerfd_settime(batch_timer_.get(), TFD_TIMER_ABSTIME, &its, nullptr) == 0) {
+      batch_timer_at_ns_ = d;
+    } else {
+      batch_timer_at_ns_ = INT64_MIN;  // unknown: the I/O thread keeps the window itself
+      if (d != INT64_MAX && d < io_wakes_at_ns_) {
+        io_wakes_at_ns_ = INT64_MIN;
+        wake();
+      }
+    }
   }
   // Takes one publish credit, waiting until the deadline. mu_ held through `lock`: only holders
   // of mu_ take credits, so one that saw a credit keeps it; the reader adds them without mu_
@@ -251,7 +287,9 @@ class Client::Impl {
       }
     }
   }
-  static uint64_t tag_of(int k) { return k == kMain ? 1 : 3; }  // 2: the wake-up eventfd
+  // epoll tags: the connections 1 and 3, the wake-up eventfd 2, the batch timer 4.
+  static uint64_t tag_of(int k) { return k == kMain ? 1 : 3; }
+  static constexpr uint64_t kWakeTag = 2, kTimerTag = 4;
   // Connection k's reader role held: reads (while `readable`, at most `rounds` reads of at most
   // `max_bytes`) and dispatches every complete frame, including those already buffered. Adds the
   // frames dispatched to *frames.
@@ -280,6 +318,11 @@ class Client::Impl {
 
   ClientOptions opt_;
   Fd wake_fd_, epoll_;
+  // CLOCK_MONOTONIC timerfd in the I/O thread's epoll set: the end of the earliest open batch's
+  // window. batch_timer_at_ns_ (under mu_) is what it is set to: INT64_MAX disarmed (or fired and
+  // read), INT64_MIN unknown (a setting failed; the I/O thread then keeps the window itself).
+  Fd batch_timer_;
+  int64_t batch_timer_at_ns_ = INT64_MAX;
   mutable std::mutex mu_;
   std::condition_variable cv_;
   Conn conns_[2];
@@ -474,7 +517,9 @@ Status Client::Impl::attach_control(const AuthOk& ok, Deadline d) {
 Status Client::Impl::start() {
   wake_fd_ = Fd(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
   epoll_ = Fd(::epoll_create1(EPOLL_CLOEXEC));
-  if (!wake_fd_.valid() || !epoll_.valid()) return errno_status("eventfd/epoll", errno);
+  batch_timer_ = Fd(::timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC));
+  if (!wake_fd_.valid() || !epoll_.valid() || !batch_timer_.valid())
+    return errno_status("eventfd/epoll/timerfd", errno);
   epoll_event ev{};
   ev.events = EPOLLIN;
   for (int k = 0; k < nconns(); ++k) {
@@ -482,8 +527,11 @@ Status Client::Impl::start() {
     if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, conns_[k].fd.get(), &ev) != 0)
       return errno_status("epoll_ctl", errno);
   }
-  ev.data.u64 = 2;
+  ev.data.u64 = kWakeTag;
   if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, wake_fd_.get(), &ev) != 0)
+    return errno_status("epoll_ctl", errno);
+  ev.data.u64 = kTimerTag;
+  if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, batch_timer_.get(), &ev) != 0)
     return errno_status("epoll_ctl", errno);
   thread_ = std::thread([this] { io_loop(); });
   // Named for top, perf and the scheduler's traces (at most 15 characters); here rather than in
@@ -665,12 +713,13 @@ void Client::Impl::io_loop() {
     int64_t timeout_ns = std::min<int64_t>(opt_.heartbeat_ms / 2, 50) * 1'000'000;
     {
       const int64_t now = monotonic_ns();
-      for (int k = 0; k < nconns(); ++k) {
-        const int64_t bd = conns_[k].out.next_batch_deadline();
-        if (bd != INT64_MAX)
-          timeout_ns = std::min<int64_t>(timeout_ns, std::max<int64_t>(0, bd - now));
-        conns_[k].watches_out = conns_[k].out.has_unsent();
-      }
+      for (int k = 0; k < nconns(); ++k) conns_[k].watches_out = conns_[k].out.has_unsent();
+      // Open batches' windows are on the timer; only if it could not be set does this wait end
+      // at the earliest of them.
+      arm_batch_timer_locked();
+      const int64_t bd = next_batch_deadline_locked();
+      if (bd != INT64_MAX && batch_timer_at_ns_ != bd)
+        timeout_ns = std::min<int64_t>(timeout_ns, std::max<int64_t>(0, bd - now));
       set_interest_locked(now);
       // Not watching for input (poll() callers read): look again when their grace ends.
       if (!conns_[kMain].armed_in) {
@@ -683,15 +732,24 @@ void Client::Impl::io_loop() {
     epoll_event evs[4];
     const int n = internal::epoll_wait_ns(epoll_.get(), evs, 4, timeout_ns);
     bool readable[2] = {false, false};
+    bool timer_fired = false;
     for (int i = 0; i < n; ++i) {
-      if (evs[i].data.u64 == 2) {
+      if (evs[i].data.u64 == kWakeTag) {
         uint64_t v;
         [[maybe_unused]] ssize_t r = ::read(wake_fd_.get(), &v, sizeof(v));
+      } else if (evs[i].data.u64 == kTimerTag) {
+        // Nothing to read (EAGAIN) when a sender set the timer anew since it fired: it is then
+        // armed for that sender's batch and stays so.
+        uint64_t v;
+        timer_fired = ::read(batch_timer_.get(), &v, sizeof(v)) == sizeof(v);
       } else if (evs[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP)) {
         readable[evs[i].data.u64 == tag_of(kCtrl) ? kCtrl : kMain] = true;
       }
     }
     lock.lock();
+    // A timer that fired is disarmed; whatever it was set to (this read and a sender's new setting
+    // may have crossed), the next pass sets it from the batches then open.
+    if (timer_fired) batch_timer_at_ns_ = INT64_MAX;
     bool mine[2] = {false, false};
     for (int k = 0; k < nconns(); ++k) {
       mine[k] = (readable[k] || first[k]) && !conns_[k].reading && poll_readers_ == 0;

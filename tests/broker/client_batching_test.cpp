@@ -348,6 +348,71 @@ TEST(ClientBatching, BurstFromAnotherProcessArrivesInOrderWholeAndALoneMessageFo
   EXPECT_EQ((*sub)->stats().gaps_missed, 0u);
 }
 
+// A batch that does not fill goes out when its window ends, also when the publisher then falls
+// idle: the window is a timer that the publish opening the batch sets, which a batch closing full
+// moves on to the next one and which the I/O thread, woken by it, sets again for what is still
+// open. Round after round the publisher (another process) sends a short burst and then waits,
+// idle, until the subscriber has all of it: 2, 42 or 82 messages of 1 KiB, so the burst ends in
+// an open batch after no batch, one lone message, or a batch that filled and went out by size.
+TEST(ClientBatching, AnOpenBatchGoesOutWhenItsWindowEndsRoundAfterRound) {
+  Daemon d;
+  ASSERT_TRUE(d.up());
+  // parent -> child, one byte per round: "publish the next burst"; end of file: "close".
+  int go[2];
+  ASSERT_EQ(::pipe(go), 0);
+  constexpr int kRounds = 60;
+  constexpr size_t kSize = 1024;
+  auto burst = [](int round) -> uint64_t { return 2 + static_cast<uint64_t>(round % 3) * 40; };
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    ::close(go[1]);
+    auto next = [&] {
+      pollfd pf{.fd = go[0], .events = POLLIN, .revents = 0};
+      char c;
+      return ::poll(&pf, 1, 30000) == 1 && ::read(go[0], &c, 1) == 1;
+    };
+    auto pub = Client::connect(d.client("pub"));
+    if (!pub.ok()) ::_exit(3);
+    const PublishOptions po{.lane = Lane::kBulk, .batch = true, .timeout_ms = 20000};
+    uint64_t k = 0;
+    for (int round = 0; round < kRounds; ++round) {
+      if (!next()) ::_exit(4);
+      for (uint64_t i = 0; i < burst(round); ++i, ++k) {
+        if (!(*pub)->publish("tput/window", message(k, kSize), po).ok()) ::_exit(5);
+      }
+    }
+    // Open and idle until the parent closes the pipe: nothing left for the closing flush.
+    char c;
+    pollfd pf{.fd = go[0], .events = POLLIN, .revents = 0};
+    if (::poll(&pf, 1, 30000) != 1 || ::read(go[0], &c, 1) != 0) ::_exit(6);
+    ::_exit(0);
+  }
+  ::close(go[0]);
+  auto sub = Client::connect(d.client("sub"));
+  ASSERT_TRUE(sub.ok()) << sub.status();
+  ASSERT_TRUE((*sub)->subscribe("tput/#").ok());
+  uint64_t k = 0;
+  for (int round = 0; round < kRounds; ++round) {
+    ASSERT_EQ(::write(go[1], "r", 1), 1);
+    // A generous deadline: this asserts that the tail arrives while the publisher is idle, not
+    // how soon.
+    const Deadline round_deadline = Deadline::after_ms(10000);
+    for (uint64_t i = 0; i < burst(round); ++i, ++k) {
+      auto m = (*sub)->poll(round_deadline);
+      ASSERT_TRUE(m.ok()) << "round " << round << ", message " << i << " of " << burst(round)
+                          << ": " << m.status();
+      ASSERT_EQ(m->topic, "tput/window");
+      EXPECT_EQ(m->missed_before, 0u) << k;
+      ASSERT_TRUE(is_message(k, kSize, m->payload))
+          << "message " << k << " out of order or altered";
+    }
+  }
+  ::close(go[1]);
+  EXPECT_TRUE(child_ok(pid, Deadline::after_ms(30000)));
+  EXPECT_EQ((*sub)->stats().gaps_missed, 0u);
+}
+
 // Handlers on the I/O thread behind a small delivery window (the credits of what they were handed
 // go back with the next delivery's update or at the end of each read), fed by a publisher in
 // another process held to a small publish window (credits back half a window at a time, added
