@@ -237,14 +237,11 @@ class Client::Impl {
     pub_credits_.fetch_add(1, std::memory_order_relaxed);  // waiters re-read it under mu_
     if (credit_waiters_.load(std::memory_order_relaxed) > 0) cv_.notify_all();  // under mu_
   }
-  // `n` messages were handed over: their delivery credits go back to the broker a quarter of the
-  // window at a time (with three quarters still granted, the broker's sending is held back by the
-  // sockets, not by this grouping). mu_ held. Each credit frame wakes the broker's control side
-  // and, with bulk waiting for it, its loop: an eighth of the default 1024 made them the most
-  // frequent control frame of a 1 KiB stream.
+  // `n` messages were handed over: their delivery credits go back to the broker an eighth of the
+  // window at a time. mu_ held.
   void consumed_locked(uint64_t n = 1) {
     credits_owed_ += n;
-    if (credits_owed_ >= std::max<uint32_t>(1, opt_.receive_window / 4)) {
+    if (credits_owed_ >= std::max<uint32_t>(1, opt_.receive_window / 8)) {
       FrameHeader h;
       h.type = FrameType::kCredit;
       h.flags = kFlagControl;

@@ -449,7 +449,7 @@ TEST(ClientBatching, HandlersAndSmallCreditWindowsKeepEveryMessageFlowing) {
   }
   ::close(go[0]);
   ClientOptions so = d.client("sub");
-  so.receive_window = 64;  // a credit frame every 16 messages
+  so.receive_window = 64;  // a credit frame every 8 messages
   auto sub = Client::connect(so);
   ASSERT_TRUE(sub.ok()) << sub.status();
   std::mutex mu;
@@ -483,7 +483,7 @@ TEST(ClientBatching, SlowHandlersKeepTheirSessionWhileTheControlConnectionHearsF
   // Heartbeats every 100 ms: the broker drops a session silent for 300 ms. Each handler takes
   // 10 ms and the delivery window is 64, so one pass of handlers lasts up to 640 ms with nothing
   // sent on the subscriber's main connection, while its delivery credits go out on the control
-  // connection every 16 messages (160 ms). The broker dropped such a session as silent.
+  // connection every 8 messages. The broker dropped such a session as silent.
   Daemon d("", 100);
   ASSERT_TRUE(d.up());
   ClientOptions so = d.client("sub");
