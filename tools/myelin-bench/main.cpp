@@ -151,7 +151,14 @@ std::vector<bench::Column> columns_for(const Args& a) {
          {"p99_us", "p99(us)", 9, 2},
          {"p999_us", "p99.9(us)", 9, 2},
          {"max_us", "max(us)", 9, 2}});
-    if (a.bench == "pubsub") add({{"flood_size", "", 0, 0}, {"flood_GBps", "flood(GB/s)", 11, 3}});
+    if (a.bench == "pubsub") {
+      add({{"flood_size", "", 0, 0},
+           {"flood_GBps", "flood(GB/s)", 11, 3},
+           {"ping_leg_p50_us", "", 0, 0},
+           {"ping_leg_p99_us", "", 0, 0},
+           {"pong_leg_p50_us", "", 0, 0},
+           {"pong_leg_p99_us", "", 0, 0}});
+    }
     if (a.bench == "ps") add({{"GBps", "GB/s", 9, 3}});
     add({{"wrong", "#wrong", 7, 0}});
     return c;
@@ -414,10 +421,28 @@ int run_rank(const Args& a, int rank, int size, Store& store) {
       const auto& l = r.latency;
       bad = l.wrong;
       auto flood = bench::parse_size(a.flood);
-      row = {name,         used,      uint64_t{msg}, uint64_t{l.iters},
-             l.min_us,     l.avg_us,  l.p50_us,      l.p90_us,
-             l.p99_us,     l.p999_us, l.max_us,      uint64_t{flood.ok() ? *flood : 0},
-             r.flood_gbps, l.wrong};
+      // The round trip's two legs (whole microseconds); -1 where the ranks' clocks differ.
+      const auto leg = [&](const bench::LatencyResult& g, double v) {
+        return r.legs_valid && g.iters > 0 ? v : -1.0;
+      };
+      row = {name,
+             used,
+             uint64_t{msg},
+             uint64_t{l.iters},
+             l.min_us,
+             l.avg_us,
+             l.p50_us,
+             l.p90_us,
+             l.p99_us,
+             l.p999_us,
+             l.max_us,
+             uint64_t{flood.ok() ? *flood : 0},
+             r.flood_gbps,
+             leg(r.ping_leg, r.ping_leg.p50_us),
+             leg(r.ping_leg, r.ping_leg.p99_us),
+             leg(r.pong_leg, r.pong_leg.p50_us),
+             leg(r.pong_leg, r.pong_leg.p99_us),
+             l.wrong};
     } else {
       MYELIN_ASSIGN_OR_RETURN(auto r, brk->ps(msg, cfg));
       const auto& l = r.step;

@@ -283,22 +283,34 @@ Result<PubSubResult> BrokerBench::pubsub(size_t size, const RunConfig& cfg) {
     }
     std::vector<uint8_t> out(size);
     for (size_t i = 0; i < size; ++i) out[i] = pattern(i, size);
-    std::vector<double> samples;
+    std::vector<double> samples, ping_leg, pong_leg;
     samples.reserve(cfg.iters);
+    ping_leg.reserve(cfg.iters);
+    pong_leg.reserve(cfg.iters);
+    bool legs_valid = true;
     Status failure;
     for (size_t i = 0; i < total && failure.ok(); ++i) {
       if (size > 0) std::memcpy(out.data(), &i, std::min<size_t>(size, 8));
+      const int64_t sent_ns = monotonic_ns();
       const uint64_t t0 = CycleTimer::now();
       failure = c.publish(kPing, bytes_of(out, size), control_publish(m.o.timeout));
       if (!failure.ok()) break;
       auto pong = c.poll(m.deadline());
       const uint64_t t1 = CycleTimer::now();
+      const int64_t back_ns = monotonic_ns();
       if (!pong.ok()) {
         failure = std::move(pong).status().with_context("waiting for pong " + std::to_string(i));
         break;
       }
       if (i < cfg.warmup) continue;
       samples.push_back(CycleTimer::to_ns(t1 - t0) / 2000.0);
+      // The echo's clock is this one only on one host; elsewhere the split leaves the round trip.
+      const int64_t echo_ns = static_cast<int64_t>(pong->publish_ts_ns);
+      if (echo_ns < sent_ns || echo_ns > back_ns) legs_valid = false;
+      if (legs_valid) {
+        ping_leg.push_back(static_cast<double>(echo_ns - sent_ns) / 1000.0);
+        pong_leg.push_back(static_cast<double>(back_ns - echo_ns) / 1000.0);
+      }
       const auto* got = reinterpret_cast<const uint8_t*>(pong->payload.data());
       const bool good = pong->payload.size() == size &&
                         (size == 0 || std::memcmp(got, &i, std::min<size_t>(size, 8)) == 0) &&
@@ -313,6 +325,13 @@ Result<PubSubResult> BrokerBench::pubsub(size_t size, const RunConfig& cfg) {
     MYELIN_RETURN_IF_ERROR(failure);
     MYELIN_RETURN_IF_ERROR(flood_status.with_context("flood publisher"));
     summarize(samples, res.latency);
+    res.legs_valid = legs_valid && !ping_leg.empty();
+    if (res.legs_valid) {
+      res.ping_leg.size = res.pong_leg.size = size;
+      res.ping_leg.iters = res.pong_leg.iters = ping_leg.size();
+      summarize(ping_leg, res.ping_leg);
+      summarize(pong_leg, res.pong_leg);
+    }
     if (flood_seconds > 0) res.flood_gbps = static_cast<double>(flood_bytes) / flood_seconds / 1e9;
   }
   MYELIN_RETURN_IF_ERROR(m.barrier("pubsub"));

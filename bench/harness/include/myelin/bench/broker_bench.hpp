@@ -55,6 +55,14 @@ struct BrokerBenchOptions {
 struct PubSubResult {
   LatencyResult latency;
   double flood_gbps = 0;  // what rank 1's flood client published (GB = 10^9 B); 0 without flood
+  // The round trip split where the echo publishes its pong (the pong's publish timestamp, read
+  // on the echo's CLOCK_MONOTONIC): ping leg = ping publish -> pong publish (the broker's
+  // forwarding of the ping, the echo's wake-up, poll() and turnaround); pong leg = pong publish
+  // -> the pinger's poll() returning it. Whole microseconds of each leg, not halved. Only where
+  // both ranks read one clock (one host): `legs_valid` is false, and the legs empty, when any
+  // sample's split falls outside its round trip.
+  bool legs_valid = false;
+  LatencyResult ping_leg, pong_leg;
 };
 
 struct ThroughputResult {
