@@ -2,6 +2,7 @@
 // setting of kTlsSettings.
 #include <poll.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <numeric>
@@ -495,14 +496,20 @@ TEST_P(UcxPair, BadRemoteKeyBlobsAreRefusedBeforeUcxSeesThem) {
   EXPECT_TRUE(drive2(ok).ok()) << ok.status();
 }
 
+// The region lies inside its allocation with room on both sides (until 2026-11-27 it ran one
+// byte past the allocation's end: the put to its last byte then landed in whatever UCX had
+// mapped next, its shared-memory fifo or request pool, and the test hung or crashed now and
+// then). Bytes of the allocation outside the region stay untouched.
 TEST_P(UcxPair, PutAndGetIntoUcxAllocatedMemory) {
-  constexpr size_t kAlloc = (size_t{1} << 20) + 4096;
+  constexpr size_t kAlloc = (size_t{1} << 20) + 8192;
   constexpr size_t kOffset = 4096;
   constexpr size_t kSize = (size_t{1} << 20) + 1;
+  static_assert(kOffset + kSize < kAlloc, "the region must lie inside its allocation");
+  constexpr uint8_t kCanary = 0xc5;
   AllocatedRegion target = allocate_on(*b_, kAlloc, kOffset, kSize, Access::kRemoteReadWrite, 51);
   ASSERT_TRUE(target.registration);
-  EXPECT_EQ(std::vector<uint8_t>(target.data, target.data + 64), std::vector<uint8_t>(64, 0))
-      << "allocated memory starts zeroed";
+  uint8_t* const base = target.data - kOffset;
+  std::memset(base, kCanary, kAlloc);
   for (size_t len : {size_t{1}, size_t{64}, size_t{4096}, kSize}) {
     SCOPED_TRACE(testing::Message() << len << " bytes");
     const auto data = pattern(len, static_cast<uint8_t>(len));
@@ -533,6 +540,45 @@ TEST_P(UcxPair, PutAndGetIntoUcxAllocatedMemory) {
   st = drive2(ab_->put(buf.data(), 16, bad, 0));
   EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << st;
   EXPECT_TRUE(ab_->status().ok()) << ab_->status();
+  EXPECT_EQ(std::count(base, base + kOffset, kCanary), static_cast<ptrdiff_t>(kOffset))
+      << "bytes before the region changed";
+  EXPECT_EQ(std::count(base + kOffset + kSize, base + kAlloc, kCanary),
+            static_cast<ptrdiff_t>(kAlloc - kOffset - kSize))
+      << "bytes after the region changed";
+}
+
+// A region must lie wholly inside a UCX allocation or outside all of them: one that runs past an
+// allocation's end, or starts before it, covers memory next to it that is not the caller's (a
+// put there overwrote UCX's own shared memory), and registering it fails before UCX maps it.
+TEST_P(UcxPair, RegionStraddlingAnAllocationIsRefused) {
+  constexpr size_t kAlloc = 65536;
+  auto mem = b_->allocate_shared(kAlloc);
+  ASSERT_TRUE(mem.ok()) << mem.status();
+  auto* const base = static_cast<uint8_t*>(mem->get());
+  auto try_register = [&](uint8_t* data, size_t size) {
+    RegionState r;
+    r.data = data;
+    r.size = size;
+    r.access = Access::kRemoteReadWrite;
+    r.id = 81;
+    return b_->register_memory(r);
+  };
+  // One byte too many, from the start, from inside, from the last byte.
+  for (auto [offset, size] :
+       {std::pair<size_t, size_t>{0, kAlloc + 1}, {4096, kAlloc - 4096 + 1}, {kAlloc - 1, 2}}) {
+    SCOPED_TRACE(testing::Message() << size << " bytes at offset " << offset);
+    auto reg = try_register(base + offset, size);
+    ASSERT_FALSE(reg.ok());
+    EXPECT_EQ(reg.status().code(), StatusCode::kInvalidArgument) << reg.status();
+    EXPECT_NE(reg.status().message().find("past its end"), std::string_view::npos) << reg.status();
+  }
+  // Starting before the allocation (refused before anything touches that memory).
+  auto before = try_register(base - 16, 32);
+  ASSERT_FALSE(before.ok());
+  EXPECT_EQ(before.status().code(), StatusCode::kInvalidArgument) << before.status();
+  // What lies inside is fine: the whole allocation and its last byte.
+  EXPECT_TRUE(try_register(base, kAlloc).ok());
+  EXPECT_TRUE(try_register(base + kAlloc - 1, 1).ok());
 }
 
 // Regions inside one allocation share its mapping; memory UCX did not allocate gets its own.

@@ -37,6 +37,7 @@ class UcxBackend final : public BackendContext {
   }
 
   Result<std::unique_ptr<BackendRegistration>> register_memory(const RegionState& region) override {
+    MYELIN_RETURN_IF_ERROR(check_not_straddling(region));
     MYELIN_ASSIGN_OR_RETURN(auto reg,
                             ucx::UcxRegistration::create(*worker_, region, allocation_of(region)));
     return std::unique_ptr<BackendRegistration>(std::move(reg));
@@ -65,6 +66,34 @@ class UcxBackend final : public BackendContext {
     std::shared_ptr<ucx::UcxAllocation> alloc = std::prev(it)->second.lock();
     if (alloc && alloc->contains(region.data, region.size)) return alloc;
     return nullptr;
+  }
+  // A region lies wholly inside one live allocation or outside all of them. One that runs past an
+  // allocation's end (or starts before it and ends inside) also covers the memory next to it,
+  // which is not the caller's: another mapping, often UCX's own shared memory (a worker's fifo,
+  // its request pool), where a put would land.
+  Status check_not_straddling(const RegionState& region) const {
+    if (region.data == nullptr || region.size == 0) return ok_status();  // refused on registering
+    const auto start = reinterpret_cast<uintptr_t>(region.data);
+    const uintptr_t last =
+        region.size - 1 > UINTPTR_MAX - start ? UINTPTR_MAX : start + region.size - 1;
+    auto it = allocations_.upper_bound(start);
+    if (it != allocations_.begin()) --it;
+    for (; it != allocations_.end() && it->first <= last; ++it) {
+      std::shared_ptr<ucx::UcxAllocation> alloc = it->second.lock();
+      if (!alloc) continue;
+      const uintptr_t alloc_start = it->first;
+      const uintptr_t alloc_last = alloc_start + alloc->size() - 1;
+      if (alloc_last < start || alloc->contains(region.data, region.size)) continue;
+      if (start >= alloc_start) {
+        return invalid_argument("the region of ", region.size, " bytes at offset ",
+                                start - alloc_start, " of a ucx allocation of ", alloc->size(),
+                                " bytes runs ", last - alloc_last, " byte(s) past its end");
+      }
+      return invalid_argument("the region of ", region.size, " bytes at ", start, " starts ",
+                              alloc_start - start, " byte(s) before a ucx allocation of ",
+                              alloc->size(), " bytes and overlaps it");
+    }
+    return ok_status();
   }
   void prune_allocations() {
     std::erase_if(allocations_, [](const auto& entry) { return entry.second.expired(); });
