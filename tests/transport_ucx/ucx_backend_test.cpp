@@ -547,6 +547,37 @@ TEST_P(UcxPair, PutAndGetIntoUcxAllocatedMemory) {
       << "bytes after the region changed";
 }
 
+// The first one-sided operations of fresh pairs, right after connecting (where a wire-up race
+// was once suspected): each of 16 new pairs puts to and gets from the last byte of a region that
+// ends exactly at its UCX allocation's end, and the byte before the region stays untouched.
+TEST_P(UcxPair, FirstPutAndGetOfFreshPairsReachTheAllocationsLastByte) {
+  constexpr size_t kAlloc = 65536;
+  constexpr size_t kOffset = 4096;
+  for (int round = 0; round < 16; ++round) {
+    SCOPED_TRACE(testing::Message() << "pair " << round);
+    auto a = open_backend(options_, "fresh-a");
+    auto b = open_backend(options_, "fresh-b");
+    ASSERT_TRUE(a && b);
+    auto ab = a->connect(b->local_address(), "fresh-b", Deadline::after_ms(5000));
+    ASSERT_TRUE(ab.ok()) << ab.status();
+    auto ba = b->connect(a->local_address(), "fresh-a", Deadline::after_ms(5000));
+    ASSERT_TRUE(ba.ok()) << ba.status();
+    AllocatedRegion target =
+        allocate_on(*b, kAlloc, kOffset, kAlloc - kOffset, Access::kRemoteReadWrite, 91);
+    ASSERT_TRUE(target.registration);
+    std::memset(target.data - kOffset, 0xc5, kAlloc);
+    const auto last = static_cast<uint8_t>(round + 1);
+    Request p = (*ab)->put(&last, 1, target.key, kAlloc - kOffset - 1);
+    ASSERT_TRUE(drive(p, {a.get(), b.get()}).ok()) << p.status();
+    EXPECT_EQ(target.data[kAlloc - kOffset - 1], last);
+    EXPECT_EQ(target.data[-1], 0xc5) << "the byte before the region changed";
+    uint8_t back = 0;
+    Request g = (*ab)->get(&back, 1, target.key, kAlloc - kOffset - 1);
+    ASSERT_TRUE(drive(g, {a.get(), b.get()}).ok()) << g.status();
+    EXPECT_EQ(back, last);
+  }
+}
+
 // A region must lie wholly inside a UCX allocation or outside all of them: one that runs past an
 // allocation's end, or starts before it, covers memory next to it that is not the caller's (a
 // put there overwrote UCX's own shared memory), and registering it fails before UCX maps it.
