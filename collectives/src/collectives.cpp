@@ -334,6 +334,7 @@ Result<Algorithm> run(Communicator& comm, const Call& call, const Options& optio
   info.type = call.type;
   info.op = call.op;
   info.segment_bytes = options.segment_size > 0 ? options.segment_size : default_segment_bytes();
+  info.bytes = call.select_bytes;
 
   Descriptor mine;
   mine.collective = static_cast<uint8_t>(call.collective);

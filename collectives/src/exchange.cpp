@@ -8,9 +8,9 @@ namespace myelin::collectives::internal {
 PendingPool::~PendingPool() {
   if (work_context != nullptr && work.valid()) work_context->deregister(work);
   if (yield_guard.yields() > 0) {
-    MYELIN_LOG_DEBUG << "small waits yielded " << yield_guard.yields() << " times, held "
-                     << yield_guard.holds() << " times (last hold "
-                     << yield_guard.hold_ns() / 1'000'000 << " ms)";
+    MYELIN_LOG_DEBUG << "small waits yielded " << yield_guard.yields() << " times ("
+                     << yield_guard.long_yields() << " long), held " << yield_guard.holds()
+                     << " times (last hold " << yield_guard.hold_ns() / 1'000'000 << " ms)";
   }
 }
 
@@ -95,7 +95,7 @@ Status Exchange::wait(size_t handle) {
   Pending& p = pending_[handle];
   if (p.waited) return ok_status();
   p.waited = true;
-  if (yield_budget_ns_ > 0 && p.bytes <= kYieldWaitMaxBytes && !p.request.done()) {
+  if (yield_budget_ns_ > 0 && !p.request.done()) {
     (void)yield_until_done(comm_.context(), p.request, deadline_, yield_budget_ns_,
                            comm_.pending_pool().yield_guard);
   }

@@ -48,6 +48,9 @@ struct CallInfo {
   DataType type = DataType::kU8;
   ReduceOp op = ReduceOp::kSum;
   size_t segment_bytes = kDefaultSegmentBytes;
+  // The call's size as the selection table sees it (one rank's data; the whole input of a
+  // reduce_scatter or alltoall): whether its waits may yield (kYieldWaitMaxBytes).
+  size_t bytes = 0;
 };
 
 // One posted operation of an Exchange.
@@ -92,7 +95,9 @@ class Exchange {
         tag_(tag),
         deadline_(deadline),
         info_(info),
-        yield_budget_ns_(yield_first(comm.context()) ? yield_budget_ns() : 0) {
+        yield_budget_ns_(info.bytes <= kYieldWaitMaxBytes && yield_first(comm.context())
+                             ? yield_budget_ns()
+                             : 0) {
     pending_.swap(comm_.pending_pool().ops);  // capacity of earlier calls; empty
   }
   Exchange(const Exchange&) = delete;
@@ -117,8 +122,9 @@ class Exchange {
   // A receive of at most `capacity` bytes: wait() accepts any size up to it (received() tells).
   Result<size_t> post_recv_upto(int peer, uint8_t phase, void* data, size_t capacity);
   // Waits for one operation; a receive posted with post_recv() must bring exactly the posted
-  // number of bytes. On a node whose ranks outnumber its CPUs (yield_first()), an operation of at
-  // most kYieldWaitMaxBytes first polls and yields for up to yield_budget_ns() (yield_wait.hpp).
+  // number of bytes. On a node whose ranks outnumber its CPUs (yield_first()), the waits of a call
+  // of at most kYieldWaitMaxBytes first poll and yield for up to yield_budget_ns()
+  // (yield_wait.hpp).
   Status wait(size_t handle);
   // Bytes a completed receive brought.
   [[nodiscard]] size_t received(size_t handle) const noexcept {

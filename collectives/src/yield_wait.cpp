@@ -4,6 +4,7 @@
 #include <sched.h>
 
 #include <algorithm>
+#include <bit>
 #include <cerrno>
 #include <cstdlib>
 #include <limits>
@@ -15,17 +16,30 @@ namespace myelin::collectives::internal {
 
 void YieldGuard::add(int64_t now_ns, int64_t yield_ns) noexcept {
   ++yields_;
-  if (yield_ns < kLongYieldNs) {
+  // A probe that met no evidence while it could (calls that went without yielding) is over.
+  if (probing_ && now_ns - hold_until_ns_ > kProbeSpanNs) {
+    probing_ = false;
+    hold_ns_ = kMinHoldNs;
+  }
+  constexpr uint32_t kWindowMask =
+      kWindowYields == 32 ? ~uint32_t{0} : (uint32_t{1} << kWindowYields) - 1;
+  const bool is_long = yield_ns >= kLongYieldNs;
+  recent_ = ((recent_ << 1) | (is_long ? 1u : 0u)) & kWindowMask;
+  if (!is_long) {
     if (probing_ && ++clear_ >= kClearYields) {  // the probe found the CPU to the ranks
       probing_ = false;
       hold_ns_ = kMinHoldNs;
     }
     return;
   }
-  // A probe that meets a long yield makes the next hold longer; the first hold is the shortest.
+  ++long_yields_;
+  if (std::popcount(recent_) < kLongYields) return;
+  // A probe that meets other work again makes the next hold longer; the first hold is the
+  // shortest.
   if (probing_) hold_ns_ = std::min(kMaxHoldNs, hold_ns_ * kHoldGrowth);
   probing_ = true;
   clear_ = 0;
+  recent_ = 0;  // the evidence is spent; a probe gathers its own
   hold_until_ns_ = now_ns + hold_ns_;
   ++holds_;
 }
@@ -63,13 +77,13 @@ bool yield_until_done(transport::Context& context, const transport::Request& req
   for (;;) {
     context.progress();
     if (request.done()) return true;
-    if (now >= until || now >= end) return false;
-    // The clock read after the yield times it and serves as the next check's "now": the poll in
-    // between is a system call or two, far below kLongYieldNs.
+    // The guard is told the length of the yield alone: a poll that handled a message is not
+    // someone else's time slice.
+    const int64_t before = monotonic_ns();
+    if (before >= until || before >= end) return false;
     sched_yield();
-    const int64_t after = monotonic_ns();
-    guard.add(after, after - now);
-    now = after;
+    now = monotonic_ns();
+    guard.add(now, now - before);
     if (!guard.may_yield(now)) return false;
   }
 }

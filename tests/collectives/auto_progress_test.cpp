@@ -447,33 +447,56 @@ TEST(YieldGuard, RanksThatYieldToEachOtherKeepYielding) {
   EXPECT_TRUE(f.guard.may_yield(0));
   EXPECT_TRUE(f.shorts(10000));
   EXPECT_TRUE(f.yield(YieldGuard::kLongYieldNs - 1));  // just short of long
+  EXPECT_TRUE(f.yield(YieldGuard::kLongYieldNs - 1));
   EXPECT_TRUE(f.shorts(10000));
   EXPECT_EQ(f.guard.holds(), 0u);
-  EXPECT_EQ(f.guard.yields(), 20001u);
+  EXPECT_EQ(f.guard.long_yields(), 0u);
+  EXPECT_EQ(f.guard.yields(), 20002u);
   EXPECT_EQ(f.guard.hold_until_ns(), 0);
 }
 
-TEST(YieldGuard, ALongYieldHolds) {
+TEST(YieldGuard, LongYieldsFarApartDoNotHold) {
+  // A rank's first yield while its peers set up, a peer's page faults: one long yield now and
+  // then, with a window's worth of short ones between.
+  YieldFeeder f;
+  for (int i = 0; i < 100; ++i) {
+    ASSERT_TRUE(f.yield(YieldGuard::kLongYieldNs * 3)) << "long yield " << i;
+    ASSERT_TRUE(f.shorts(YieldGuard::kWindowYields - 1)) << "after long yield " << i;
+  }
+  EXPECT_EQ(f.guard.long_yields(), 100u);
+  EXPECT_EQ(f.guard.holds(), 0u);
+}
+
+TEST(YieldGuard, LongYieldsWithinAWindowHold) {
   YieldFeeder f;
   f.shorts(5);
-  EXPECT_FALSE(f.yield(YieldGuard::kLongYieldNs));  // exactly the threshold counts as long
+  EXPECT_TRUE(f.yield(YieldGuard::kLongYieldNs));  // exactly the threshold counts as long
+  EXPECT_TRUE(f.shorts(YieldGuard::kWindowYields - YieldGuard::kLongYields));
+  EXPECT_FALSE(f.yield(YieldGuard::kLongYieldNs));  // the second within the window
   EXPECT_EQ(f.guard.holds(), 1u);
+  EXPECT_EQ(f.guard.long_yields(), 2u);
   EXPECT_EQ(f.guard.hold_ns(), YieldGuard::kMinHoldNs);
   EXPECT_EQ(f.guard.hold_until_ns(), f.now + YieldGuard::kMinHoldNs);
   EXPECT_FALSE(f.pass(YieldGuard::kMinHoldNs - 1));
   EXPECT_TRUE(f.pass(1));  // the hold has passed: a probe yields again
+  EXPECT_TRUE(f.guard.probing());
+  // The evidence before the hold does not carry over into the probe.
+  EXPECT_TRUE(f.yield(YieldGuard::kLongYieldNs));
+  EXPECT_EQ(f.guard.holds(), 1u);
 }
 
 TEST(YieldGuard, ProbesThatMeetOtherWorkHoldLongerUpToTheMaximum) {
   YieldFeeder f;
-  ASSERT_FALSE(f.yield(3'000'000));  // a time slice of other work
+  ASSERT_TRUE(f.yield(3'000'000));  // time slices of other work
+  ASSERT_FALSE(f.yield(3'000'000));
   int64_t want = YieldGuard::kMinHoldNs;
   for (int probe = 0; probe < 12; ++probe) {
     EXPECT_EQ(f.guard.hold_ns(), want) << "probe " << probe;
     f.pass(f.guard.hold_until_ns() - f.now);
     ASSERT_TRUE(f.guard.may_yield(f.now));
-    // Short yields fewer than a probe's window, then a long one: the probe failed.
-    EXPECT_TRUE(f.shorts(YieldGuard::kClearYields - 1));
+    // Short yields fewer than a probe's window, then long ones: the probe failed.
+    EXPECT_TRUE(f.shorts(YieldGuard::kClearYields - 2));
+    ASSERT_TRUE(f.yield(2'000'000));
     ASSERT_FALSE(f.yield(2'000'000));
     want = std::min(YieldGuard::kMaxHoldNs, want * YieldGuard::kHoldGrowth);
   }
@@ -484,14 +507,36 @@ TEST(YieldGuard, ProbesThatMeetOtherWorkHoldLongerUpToTheMaximum) {
 TEST(YieldGuard, AProbeThatFindsTheCpuToTheRanksMakesTheNextHoldShort) {
   YieldFeeder f;
   for (int i = 0; i < 3; ++i) {  // a first hold and two failed probes
+    ASSERT_TRUE(f.yield(2'000'000));
     ASSERT_FALSE(f.yield(2'000'000));
     f.pass(f.guard.hold_until_ns() - f.now);
   }
   ASSERT_EQ(f.guard.hold_ns(),
             YieldGuard::kHoldGrowth * YieldGuard::kHoldGrowth * YieldGuard::kMinHoldNs);
   EXPECT_TRUE(f.shorts(YieldGuard::kClearYields));  // confirmed
+  EXPECT_FALSE(f.guard.probing());
+  EXPECT_TRUE(f.yield(2'000'000));
   EXPECT_FALSE(f.yield(2'000'000));
   EXPECT_EQ(f.guard.hold_ns(), YieldGuard::kMinHoldNs);
+}
+
+TEST(YieldGuard, AProbeWithoutYieldsEndsAfterItsSpan) {
+  // After a long hold, calls that need no yield for a while: later long yields are new evidence,
+  // and the hold they start is the first, shortest one.
+  YieldFeeder f;
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(f.yield(2'000'000));
+    ASSERT_FALSE(f.yield(2'000'000));
+    f.pass(f.guard.hold_until_ns() - f.now);
+  }
+  ASSERT_TRUE(f.guard.probing());
+  ASSERT_GT(f.guard.hold_ns(), YieldGuard::kMinHoldNs);
+  f.pass(YieldGuard::kProbeSpanNs + 1);
+  EXPECT_TRUE(f.yield(2'000'000));
+  EXPECT_FALSE(f.guard.probing());
+  EXPECT_FALSE(f.yield(2'000'000));
+  EXPECT_EQ(f.guard.hold_ns(), YieldGuard::kMinHoldNs);
+  EXPECT_EQ(f.guard.holds(), 4u);
 }
 
 // Runs 4 KiB f32 allreduces checked against the sum until `enough(guard, elapsed)` holds on every
@@ -579,6 +624,56 @@ TEST(CollectivesAutoYield, BusyProcessesOnTheirCpuStopTheYielding) {
             rc, [](const YieldGuard& g, int64_t) { return g.holds() > 0; }, "a hold");
       },
       {}, std::chrono::seconds(120));
+  EXPECT_TRUE(out.all_ok()) << out.summary();
+}
+
+// The bound of the yielding wait is the call's size: a large allreduce cut in small segments waits
+// as the Context says (here: spin, then sleep), not by yielding, on the same two ranks.
+TEST(CollectivesAutoYield, SmallSegmentsOfALargeCallDoNotYield) {
+  if (internal::yield_budget_ns() == 0) GTEST_SKIP() << "MYELIN_COLL_YIELD_US=0 turns it off";
+  const std::vector<int> cpus = first_cpus(1);
+  ASSERT_EQ(cpus.size(), 1u);
+  WorldSpec s;
+  s.ranks = 2;
+  s.progress = transport::ProgressMode::kAuto;
+  s.cpu_of_rank = {cpus[0], cpus[0]};
+  const auto out = run_world(s, [](RankCtx& rc) -> Status {
+    transport::Context& ctx = rc.comm->context();
+    if (!internal::yield_first(ctx)) {
+      return internal_error("expected small waits to yield first: ", ctx.progress_reason());
+    }
+    const size_t count = 4 * internal::kYieldWaitMaxBytes / sizeof(float);  // 256 KiB
+    std::vector<float> v(count), r(count);
+    Options o;
+    o.algorithm = Algorithm::kRing;
+    o.segment_size = 4096;  // every message far below the bound
+    for (int call = 0; call < 20; ++call) {
+      for (size_t i = 0; i < count; ++i) {
+        v[i] = static_cast<float>((rc.rank + 1) * (call + 1)) + static_cast<float>(i % 7);
+      }
+      MYELIN_RETURN_IF_ERROR(
+          allreduce(*rc.comm, v.data(), r.data(), count, DataType::kF32, ReduceOp::kSum, o)
+              .status());
+      for (size_t i = 0; i < count; ++i) {
+        const float want = static_cast<float>(3 * (call + 1)) + 2 * static_cast<float>(i % 7);
+        if (r[i] != want) return internal_error("call ", call, " element ", i, ": ", r[i]);
+      }
+    }
+    const YieldGuard& guard = rc.comm->pending_pool().yield_guard;
+    if (guard.yields() != 0) {
+      return internal_error(guard.yields(), " yields in waits of a 256 KiB allreduce");
+    }
+    // Small calls on the same Communicator still yield (the bound is not the mode). Both ranks
+    // make the same number of calls.
+    int32_t one = 1, sum = 0;
+    for (int call = 0; call < 200; ++call) {
+      MYELIN_RETURN_IF_ERROR(
+          allreduce(*rc.comm, &one, &sum, 1, DataType::kI32, ReduceOp::kSum).status());
+      if (sum != 2) return internal_error("small call ", call, ": sum ", sum);
+    }
+    if (guard.yields() == 0) return internal_error("200 small calls never yielded");
+    return ok_status();
+  });
   EXPECT_TRUE(out.all_ok()) << out.summary();
 }
 
