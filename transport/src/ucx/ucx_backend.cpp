@@ -89,9 +89,9 @@ class UcxBackend final : public BackendContext {
                                 start - alloc_start, " of a ucx allocation of ", alloc->size(),
                                 " bytes runs ", last - alloc_last, " byte(s) past its end");
       }
-      return invalid_argument("the region of ", region.size, " bytes at ", start, " starts ",
-                              alloc_start - start, " byte(s) before a ucx allocation of ",
-                              alloc->size(), " bytes and overlaps it");
+      return invalid_argument("the region of ", region.size, " bytes starts ", alloc_start - start,
+                              " byte(s) before a ucx allocation of ", alloc->size(),
+                              " bytes and overlaps it");
     }
     return ok_status();
   }
