@@ -33,7 +33,8 @@ void YieldGuard::add(int64_t now_ns, int64_t yield_ns) noexcept {
     return;
   }
   ++long_yields_;
-  if (std::popcount(recent_) < kLongYields) return;
+  // A probe follows other work that lasted: one long yield is enough to end it.
+  if (!probing_ && std::popcount(recent_) < kLongYields) return;
   // A probe that meets other work again makes the next hold longer; the first hold is the
   // shortest.
   if (probing_) hold_ns_ = std::min(kMaxHoldNs, hold_ns_ * kHoldGrowth);

@@ -37,10 +37,11 @@
 // collective two time slices per hold under lasting load.
 //
 // A probe is simply yielding again once a hold has passed. kClearYields short yields in a row
-// confirm it (the next hold is short again); the same evidence as before ends it with a longer
-// hold. A probe that meets no evidence within kProbeSpanNs after its hold is over (calls that
-// did not need to yield) is over as well: a long yield much later is new evidence, not a failed
-// probe.
+// confirm it (the next hold is short again); one long yield ends it with a longer hold (the hold
+// before it followed other work that lasted; a second long yield per probe cost the hogged runs
+// a time slice more per probe than the first rule). A probe that meets no evidence within
+// kProbeSpanNs after its hold is over (calls that did not need to yield) is over as well: a long
+// yield much later is new evidence, not a failed probe.
 //
 // Thread safety: none; a Communicator is used by one thread at a time.
 #pragma once

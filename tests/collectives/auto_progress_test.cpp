@@ -480,9 +480,10 @@ TEST(YieldGuard, LongYieldsWithinAWindowHold) {
   EXPECT_FALSE(f.pass(YieldGuard::kMinHoldNs - 1));
   EXPECT_TRUE(f.pass(1));  // the hold has passed: a probe yields again
   EXPECT_TRUE(f.guard.probing());
-  // The evidence before the hold does not carry over into the probe.
-  EXPECT_TRUE(f.yield(YieldGuard::kLongYieldNs));
-  EXPECT_EQ(f.guard.holds(), 1u);
+  // The probe follows lasting other work: one long yield ends it.
+  EXPECT_FALSE(f.yield(YieldGuard::kLongYieldNs));
+  EXPECT_EQ(f.guard.holds(), 2u);
+  EXPECT_EQ(f.guard.hold_ns(), YieldGuard::kMinHoldNs * YieldGuard::kHoldGrowth);
 }
 
 TEST(YieldGuard, ProbesThatMeetOtherWorkHoldLongerUpToTheMaximum) {
@@ -494,9 +495,8 @@ TEST(YieldGuard, ProbesThatMeetOtherWorkHoldLongerUpToTheMaximum) {
     EXPECT_EQ(f.guard.hold_ns(), want) << "probe " << probe;
     f.pass(f.guard.hold_until_ns() - f.now);
     ASSERT_TRUE(f.guard.may_yield(f.now));
-    // Short yields fewer than a probe's window, then long ones: the probe failed.
-    EXPECT_TRUE(f.shorts(YieldGuard::kClearYields - 2));
-    ASSERT_TRUE(f.yield(2'000'000));
+    // Short yields fewer than a probe's window, then a long one: the probe failed.
+    EXPECT_TRUE(f.shorts(YieldGuard::kClearYields - 1));
     ASSERT_FALSE(f.yield(2'000'000));
     want = std::min(YieldGuard::kMaxHoldNs, want * YieldGuard::kHoldGrowth);
   }
@@ -506,8 +506,8 @@ TEST(YieldGuard, ProbesThatMeetOtherWorkHoldLongerUpToTheMaximum) {
 
 TEST(YieldGuard, AProbeThatFindsTheCpuToTheRanksMakesTheNextHoldShort) {
   YieldFeeder f;
-  for (int i = 0; i < 3; ++i) {  // a first hold and two failed probes
-    ASSERT_TRUE(f.yield(2'000'000));
+  ASSERT_TRUE(f.yield(2'000'000));  // a first hold and two failed probes
+  for (int i = 0; i < 3; ++i) {
     ASSERT_FALSE(f.yield(2'000'000));
     f.pass(f.guard.hold_until_ns() - f.now);
   }
@@ -524,8 +524,8 @@ TEST(YieldGuard, AProbeWithoutYieldsEndsAfterItsSpan) {
   // After a long hold, calls that need no yield for a while: later long yields are new evidence,
   // and the hold they start is the first, shortest one.
   YieldFeeder f;
+  ASSERT_TRUE(f.yield(2'000'000));  // a first hold and two failed probes
   for (int i = 0; i < 3; ++i) {
-    ASSERT_TRUE(f.yield(2'000'000));
     ASSERT_FALSE(f.yield(2'000'000));
     f.pass(f.guard.hold_until_ns() - f.now);
   }
