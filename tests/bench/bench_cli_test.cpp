@@ -219,8 +219,9 @@ TEST(BenchBroker, PubSubWithFloodAndParameterServer) {
     EXPECT_EQ(j["bench"], "pubsub");
     EXPECT_EQ(j["flood_size"], 65536);
     EXPECT_GT(j["flood_GBps"].get<double>(), 0);
-    // One host, one clock: the round trip splits into two legs, each inside the round trip
-    // (twice the one-way figures) and together at least its shortest sample.
+    // One host, one clock: the round trip splits into two legs (-1 if any sample's split fell
+    // outside it). Only same-clock properties: the legs come from monotonic_ns(), the latency
+    // keys from CycleTimer, whose calibration a preemption can skew on a loaded host.
     const double p50a = j["ping_leg_p50_us"].get<double>(),
                  p50b = j["pong_leg_p50_us"].get<double>();
     const double p99a = j["ping_leg_p99_us"].get<double>(),
@@ -229,9 +230,6 @@ TEST(BenchBroker, PubSubWithFloodAndParameterServer) {
     EXPECT_GT(p50b, 0) << j.dump();
     EXPECT_LE(p50a, p99a) << j.dump();
     EXPECT_LE(p50b, p99b) << j.dump();
-    EXPECT_LE(p99a, 2 * j["max_us"].get<double>() + 1) << j.dump();
-    EXPECT_LE(p99b, 2 * j["max_us"].get<double>() + 1) << j.dump();
-    EXPECT_GE(p99a + p99b, 2 * j["min_us"].get<double>()) << j.dump();
   }
   Outcome ps = run("ps -n 3 -s 16 -s 64K --iters 20 --json");
   ASSERT_EQ(ps.rc, 0) << ps.out;

@@ -421,7 +421,7 @@ int run_rank(const Args& a, int rank, int size, Store& store) {
       const auto& l = r.latency;
       bad = l.wrong;
       auto flood = bench::parse_size(a.flood);
-      // The round trip's two legs (whole microseconds); -1 where the ranks' clocks differ.
+      // The round trip's two legs (microseconds, not halved); -1 where the ranks' clocks differ.
       const auto leg = [&](const bench::LatencyResult& g, double v) {
         return r.legs_valid && g.iters > 0 ? v : -1.0;
       };

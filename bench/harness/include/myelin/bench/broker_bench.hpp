@@ -58,8 +58,8 @@ struct PubSubResult {
   // The round trip split where the echo publishes its pong (the pong's publish timestamp, read
   // on the echo's CLOCK_MONOTONIC): ping leg = ping publish -> pong publish (the broker's
   // forwarding of the ping, the echo's wake-up, poll() and turnaround); pong leg = pong publish
-  // -> the pinger's poll() returning it. Whole microseconds of each leg, not halved. Only where
-  // both ranks read one clock (one host): `legs_valid` is false, and the legs empty, when any
+  // -> the pinger's poll() returning it. Each leg's full time in microseconds, not halved. Only
+  // where both ranks read one clock (one host): `legs_valid` is false, and the legs empty, when any
   // sample's split falls outside its round trip.
   bool legs_valid = false;
   LatencyResult ping_leg, pong_leg;
