@@ -153,7 +153,10 @@ class Client::Impl {
       io_wakes_at_ns_ = INT64_MIN;
       wake();
     }
-    if (c.out.next_batch_deadline() != batch_timer_at_ns_) arm_batch_timer_locked();
+    // Only a batch opened here moves the timer: one that closed full leaves it set for its
+    // window (a stream's next batch moves it on; once the stream stops it fires once for nothing).
+    const int64_t bd = c.out.next_batch_deadline();
+    if (bd != INT64_MAX && bd != batch_timer_at_ns_) arm_batch_timer_locked();
     return ok_status();
   }
   // The earliest window end of the open batches (INT64_MAX: none). mu_ held.
@@ -163,10 +166,11 @@ class Client::Impl {
     return d;
   }
   // Sets the batch timer to the earliest open batch's window end, or disarms it when no batch is
-  // open (mu_ held). A batch that fills goes out with the publish that filled it, and the next
-  // one moves the timer on (one timerfd_settime() per batch): under a steady stream the timer
-  // never fires, and the I/O thread sleeps through it. Should the timer refuse the setting, the
-  // I/O thread keeps the window with its own epoll timeout (it compares batch_timer_at_ns_).
+  // open (mu_ held). A batch that fills goes out with the publish that filled it, and the publish
+  // that opens the next one moves the timer on (one timerfd_settime() per batch): under a steady
+  // stream the timer never fires, and the I/O thread sleeps through it. Should the timer refuse the
+  // setting, the I/O thread keeps the window with its own epoll timeout (it compares
+  // batch_timer_at_ns_).
   void arm_batch_timer_locked() {
     const int64_t d = next_batch_deadline_locked();
     if (d == batch_timer_at_ns_) return;
@@ -806,6 +810,7 @@ void Client::Impl::io_loop() {
         (void)send_locked(h, {}, {}, false, nullptr, /*main_connection=*/k == kMain);
         c.last_tx_ns = now;
       }
+      if (timer_fired && c.out.next_batch_deadline() <= now) stats_.timer_flushes++;
       c.out.close_due_batches(now);
       auto fl = c.out.flush(c.fd.get());
       if (!fl.ok()) {

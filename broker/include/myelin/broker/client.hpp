@@ -128,6 +128,9 @@ struct ClientStats {
   uint64_t duplicate_requests = 0;  // requests answered from the de-duplication cache / dropped
   uint64_t handler_calls = 0;       // request handler invocations
   uint64_t received = 0;
+  // Open batches the I/O thread sent when the batch timer fired at the end of their window (the
+  // publisher fell idle before they filled).
+  uint64_t timer_flushes = 0;
 };
 
 using MessageHandler = std::function<void(const ReceivedMessage&)>;
