@@ -241,6 +241,33 @@ class Client::Impl {
     pub_credits_.fetch_add(1, std::memory_order_relaxed);  // waiters re-read it under mu_
     if (credit_waiters_.load(std::memory_order_relaxed) > 0) cv_.notify_all();  // under mu_
   }
+  // Sends a heartbeat on every connection that has sent none for heartbeat_ms and records when the
+  // next one falls due. mu_ held. Called by the I/O thread once a pass, and by a reader between
+  // deliveries, so a long pass of slow handlers does not leave the session silent.
+  void send_due_heartbeats_locked(int64_t now) {
+    const int64_t period = opt_.heartbeat_ms * 1'000'000;
+    int64_t due = INT64_MAX;
+    for (int k = 0; k < nconns(); ++k) {
+      Conn& c = conns_[k];
+      if (now - c.last_tx_ns > period) {
+        FrameHeader h;
+        h.type = FrameType::kHeartbeat;
+        h.flags = kFlagControl;
+        (void)send_locked(h, {}, {}, false, nullptr, /*main_connection=*/k == kMain, now);
+        c.last_tx_ns = now;
+      }
+      due = std::min(due, c.last_tx_ns + period);
+    }
+    heartbeat_due_ns_ = due;
+  }
+  // A reader's check between deliveries, with mu_ held: heartbeats that fell due while handlers
+  // ran (a batch frame's messages are one read, and their handlers may take long). The clock is
+  // read every fourth delivery, so a heartbeat is at most four handlers late.
+  void heartbeat_between_deliveries_locked() {
+    if ((++deliveries_ & 3) != 0) return;
+    const int64_t now = monotonic_ns();
+    if (now > heartbeat_due_ns_) send_due_heartbeats_locked(now);
+  }
   // `n` messages were handed over: their delivery credits go back to the broker an eighth of the
   // window at a time. mu_ held.
   void consumed_locked(uint64_t n = 1) {
@@ -351,6 +378,10 @@ class Client::Impl {
   std::atomic<int> credit_waiters_{0};
   // When the I/O thread's epoll wait ends (under mu_); see send_locked().
   int64_t io_wakes_at_ns_ = INT64_MIN;
+  // When the next heartbeat falls due on some connection, and deliveries counted for the
+  // readers' heartbeat check (both under mu_).
+  int64_t heartbeat_due_ns_ = INT64_MAX;
+  uint64_t deliveries_ = 0;
   // While poll() callers read, and for poll_read_grace_us after the last one, the I/O thread
   // does not watch the sockets for input (it would only wake to find the roles taken).
   int poll_readers_ = 0;
@@ -479,6 +510,7 @@ Status Client::Impl::handshake() {
     k.last_tx_ns = now;
     k.last_rx_ns.store(now, std::memory_order_relaxed);
   }
+  heartbeat_due_ns_ = now + opt_.heartbeat_ms * 1'000'000;
   // Frames that arrived right behind auth_ok stay in the receive buffers; the first reader of
   // each connection dispatches them before it waits for the socket.
   return ok_status();
@@ -793,6 +825,7 @@ void Client::Impl::io_loop() {
     }
     if (!status_.ok()) return;
     const int64_t now = monotonic_ns();
+    send_due_heartbeats_locked(now);
     for (int k = 0; k < nconns(); ++k) {
       Conn& c = conns_[k];
       // Silence is a socket with nothing to read: after a long pass of handlers the broker's
@@ -802,13 +835,6 @@ void Client::Impl::io_loop() {
         fail(peer_failed("broker ", opt_.address, k == kCtrl ? " (control connection)" : "",
                          " silent for ", 3 * opt_.heartbeat_ms, " ms"));
         return;
-      }
-      if (now - c.last_tx_ns > opt_.heartbeat_ms * 1'000'000) {
-        FrameHeader h;
-        h.type = FrameType::kHeartbeat;
-        h.flags = kFlagControl;
-        (void)send_locked(h, {}, {}, false, nullptr, /*main_connection=*/k == kMain);
-        c.last_tx_ns = now;
       }
       if (timer_fired && c.out.next_batch_deadline() <= now) stats_.timer_flushes++;
       c.out.close_due_batches(now);
@@ -892,6 +918,7 @@ Status Client::Impl::dispatch(int k, const FrameView& f, const std::shared_ptr<c
       {
         std::lock_guard<std::mutex> lock(mu_);
         if (conns_[k].handled > 0) consumed_locked(std::exchange(conns_[k].handled, 0));
+        heartbeat_between_deliveries_locked();
         stats_.gaps_missed += ev.missed;
         stats_.received++;
         subs = subs_;
@@ -924,6 +951,7 @@ Status Client::Impl::dispatch(int k, const FrameView& f, const std::shared_ptr<c
       {
         std::lock_guard<std::mutex> lock(mu_);
         consumed_locked();
+        heartbeat_between_deliveries_locked();
         auto cached = replies_.find(h.id);
         if (cached != replies_.end()) {
           stats_.duplicate_requests++;
