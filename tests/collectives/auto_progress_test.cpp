@@ -440,6 +440,15 @@ struct YieldFeeder {
     now += ns;
     return guard.may_yield(now);
   }
+  // Long yields that start a first hold, then two probes that each fail on a long yield and are
+  // held in turn, until each hold ends.
+  void hold_and_fail_two_probes() {
+    EXPECT_TRUE(yield(2'000'000));
+    for (int i = 0; i < 3; ++i) {
+      EXPECT_FALSE(yield(2'000'000));
+      pass(guard.hold_until_ns() - now);
+    }
+  }
 };
 
 TEST(YieldGuard, RanksThatYieldToEachOtherKeepYielding) {
@@ -506,11 +515,7 @@ TEST(YieldGuard, ProbesThatMeetOtherWorkHoldLongerUpToTheMaximum) {
 
 TEST(YieldGuard, AProbeThatFindsTheCpuToTheRanksMakesTheNextHoldShort) {
   YieldFeeder f;
-  ASSERT_TRUE(f.yield(2'000'000));  // a first hold and two failed probes
-  for (int i = 0; i < 3; ++i) {
-    ASSERT_FALSE(f.yield(2'000'000));
-    f.pass(f.guard.hold_until_ns() - f.now);
-  }
+  f.hold_and_fail_two_probes();
   ASSERT_EQ(f.guard.hold_ns(),
             YieldGuard::kHoldGrowth * YieldGuard::kHoldGrowth * YieldGuard::kMinHoldNs);
   EXPECT_TRUE(f.shorts(YieldGuard::kClearYields));  // confirmed
@@ -524,11 +529,7 @@ TEST(YieldGuard, AProbeWithoutYieldsEndsAfterItsSpan) {
   // After a long hold, calls that need no yield for a while: later long yields are new evidence,
   // and the hold they start is the first, shortest one.
   YieldFeeder f;
-  ASSERT_TRUE(f.yield(2'000'000));  // a first hold and two failed probes
-  for (int i = 0; i < 3; ++i) {
-    ASSERT_FALSE(f.yield(2'000'000));
-    f.pass(f.guard.hold_until_ns() - f.now);
-  }
+  f.hold_and_fail_two_probes();
   ASSERT_TRUE(f.guard.probing());
   ASSERT_GT(f.guard.hold_ns(), YieldGuard::kMinHoldNs);
   f.pass(YieldGuard::kProbeSpanNs + 1);

@@ -375,6 +375,12 @@ int run_rank(const Args& a, int rank, int size, Store& store) {
   const bool progress_line = reporter && ::isatty(STDERR_FILENO) != 0;
   size_t index = 0;
   // One measurement at `size` with cfg; appends the row (reporter) and counts wrong data.
+  // The latency columns every broker row shares: iterations, then min, avg, p50, p90, p99, p99.9
+  // and max.
+  const auto append_latency = [](std::vector<bench::Value>& row, const bench::LatencyResult& l) {
+    row.insert(row.end(), {uint64_t{l.iters}, l.min_us, l.avg_us, l.p50_us, l.p90_us, l.p99_us,
+                           l.p999_us, l.max_us});
+  };
   std::function<Status(size_t, bool)> measure = [&](size_t msg, bool probe) -> Status {
     std::vector<bench::Value> row;
     uint64_t bad = 0;
@@ -425,42 +431,19 @@ int run_rank(const Args& a, int rank, int size, Store& store) {
       const auto leg = [&](const bench::LatencyResult& g, double v) {
         return r.legs_valid && g.iters > 0 ? v : -1.0;
       };
-      row = {name,
-             used,
-             uint64_t{msg},
-             uint64_t{l.iters},
-             l.min_us,
-             l.avg_us,
-             l.p50_us,
-             l.p90_us,
-             l.p99_us,
-             l.p999_us,
-             l.max_us,
-             uint64_t{flood.ok() ? *flood : 0},
-             r.flood_gbps,
-             leg(r.ping_leg, r.ping_leg.p50_us),
-             leg(r.ping_leg, r.ping_leg.p99_us),
-             leg(r.pong_leg, r.pong_leg.p50_us),
-             leg(r.pong_leg, r.pong_leg.p99_us),
-             l.wrong};
+      row = {name, used, uint64_t{msg}};
+      append_latency(row, l);
+      row.insert(row.end(),
+                 {uint64_t{flood.ok() ? *flood : 0}, r.flood_gbps,
+                  leg(r.ping_leg, r.ping_leg.p50_us), leg(r.ping_leg, r.ping_leg.p99_us),
+                  leg(r.pong_leg, r.pong_leg.p50_us), leg(r.pong_leg, r.pong_leg.p99_us), l.wrong});
     } else {
       MYELIN_ASSIGN_OR_RETURN(auto r, brk->ps(msg, cfg));
       const auto& l = r.step;
       bad = l.wrong;
-      row = {name,
-             used,
-             uint64_t{r.workers},
-             uint64_t{l.size},
-             uint64_t{l.iters},
-             l.min_us,
-             l.avg_us,
-             l.p50_us,
-             l.p90_us,
-             l.p99_us,
-             l.p999_us,
-             l.max_us,
-             r.gbps,
-             l.wrong};
+      row = {name, used, uint64_t{r.workers}, uint64_t{l.size}};
+      append_latency(row, l);
+      row.insert(row.end(), {r.gbps, l.wrong});
     }
     if (probe) return ok_status();
     wrong += bad;
