@@ -578,16 +578,23 @@ Status yielding_calls(RankCtx& rc, const std::function<bool(const YieldGuard&, i
   }
 }
 
+// Two ranks in `auto` progress mode, both bound to the first CPU this process may run on.
+WorldSpec two_auto_ranks_on_one_cpu() {
+  const std::vector<int> cpus = first_cpus(1);
+  EXPECT_EQ(cpus.size(), 1u);
+  const int cpu = cpus.empty() ? 0 : cpus[0];
+  WorldSpec s;
+  s.ranks = 2;
+  s.progress = transport::ProgressMode::kAuto;
+  s.cpu_of_rank = {cpu, cpu};
+  return s;
+}
+
 // Two TCP ranks bound to one CPU: auto resolves to spin-then-block, and a small collective's waits
 // yield the CPU to the other rank before they sleep.
 TEST(CollectivesAutoYield, TwoTcpRanksOnOneCpuYieldToEachOther) {
   if (internal::yield_budget_ns() == 0) GTEST_SKIP() << "MYELIN_COLL_YIELD_US=0 turns it off";
-  const std::vector<int> cpus = first_cpus(1);
-  ASSERT_EQ(cpus.size(), 1u);
-  WorldSpec s;
-  s.ranks = 2;
-  s.progress = transport::ProgressMode::kAuto;
-  s.cpu_of_rank = {cpus[0], cpus[0]};
+  WorldSpec s = two_auto_ranks_on_one_cpu();
   const auto out = run_world(s, [](RankCtx& rc) {
     return yielding_calls(
         rc,
@@ -604,8 +611,6 @@ TEST(CollectivesAutoYield, TwoTcpRanksOnOneCpuYieldToEachOther) {
 // computing every sum right.
 TEST(CollectivesAutoYield, BusyProcessesOnTheirCpuStopTheYielding) {
   if (internal::yield_budget_ns() == 0) GTEST_SKIP() << "MYELIN_COLL_YIELD_US=0 turns it off";
-  const std::vector<int> cpus = first_cpus(1);
-  ASSERT_EQ(cpus.size(), 1u);
   std::optional<BusyHogs> hogs;
   {
     PinnedCpus pin(1);  // the hogs inherit the mask: they share the ranks' CPU
@@ -613,10 +618,7 @@ TEST(CollectivesAutoYield, BusyProcessesOnTheirCpuStopTheYielding) {
     hogs.emplace(2);
   }
   ASSERT_EQ(hogs->count(), 2u);
-  WorldSpec s;
-  s.ranks = 2;
-  s.progress = transport::ProgressMode::kAuto;
-  s.cpu_of_rank = {cpus[0], cpus[0]};
+  WorldSpec s = two_auto_ranks_on_one_cpu();
   s.timeout = std::chrono::seconds(60);
   const auto out = run_world(
       s,
@@ -632,12 +634,7 @@ TEST(CollectivesAutoYield, BusyProcessesOnTheirCpuStopTheYielding) {
 // as the Context says (here: spin, then sleep), not by yielding, on the same two ranks.
 TEST(CollectivesAutoYield, SmallSegmentsOfALargeCallDoNotYield) {
   if (internal::yield_budget_ns() == 0) GTEST_SKIP() << "MYELIN_COLL_YIELD_US=0 turns it off";
-  const std::vector<int> cpus = first_cpus(1);
-  ASSERT_EQ(cpus.size(), 1u);
-  WorldSpec s;
-  s.ranks = 2;
-  s.progress = transport::ProgressMode::kAuto;
-  s.cpu_of_rank = {cpus[0], cpus[0]};
+  WorldSpec s = two_auto_ranks_on_one_cpu();
   const auto out = run_world(s, [](RankCtx& rc) -> Status {
     transport::Context& ctx = rc.comm->context();
     if (!internal::yield_first(ctx)) {
