@@ -30,6 +30,7 @@ namespace {
 
 using internal::YieldGuard;
 using transport::internal::CpuContentionRule;
+using transport::internal::parse_loadavg_running;
 using transport::internal::parse_schedstat;
 using transport::internal::SchedStat;
 
@@ -51,6 +52,15 @@ TEST(CpuContentionParse, RejectsOtherShapes) {
   }
   EXPECT_EQ(st.on_cpu_ns, 7);  // untouched by a failed parse
   EXPECT_EQ(st.run_delay_ns, 9);
+}
+
+TEST(CpuContentionParse, ReadsTheRunnableCountOfLoadavg) {
+  EXPECT_EQ(parse_loadavg_running("0.52 0.58 0.59 3/467 12345\n"), 3);
+  EXPECT_EQ(parse_loadavg_running("10.68 5.72 2.36 13/142 11221\n"), 13);
+  for (const char* bad : {"", "\n", "0.52 0.58 0.59", "0.52 0.58 0.59 ", "0.52 0.58 0.59 x/4 1",
+                          "0.52 0.58 0.59 3 467", "0.52 0.58 3/467 12", "1 2 3 99999999999/4 5"}) {
+    EXPECT_EQ(parse_loadavg_running(bad), -1) << "'" << bad << "'";
+  }
 }
 
 // Drives a rule with samples 10 ms apart in which the thread ran `ran_ms` and waited `waited_ms`.
@@ -125,6 +135,91 @@ TEST(CpuContentionRule, RanksThatStartOnOneCpuKeepSpinning) {
   EXPECT_FALSE(f.steps(hold_samples - 1, 2, 0));
   EXPECT_TRUE(f.step(2, 0));
   EXPECT_TRUE(f.steps(100, 10, 0));
+  EXPECT_EQ(f.rule.hold_ns(), CpuContentionRule::kMinHoldNs);
+}
+
+TEST(CpuContentionRule, HostLoadFromTheRunnableCount) {
+  using transport::internal::host_load;
+  using transport::internal::HostLoad;
+  EXPECT_EQ(host_load(1, 2), HostLoad::kIdleCpu);
+  EXPECT_EQ(host_load(2, 2), HostLoad::kFull);
+  EXPECT_EQ(host_load(3, 2), HostLoad::kBusy);
+  EXPECT_EQ(host_load(-1, 2), HostLoad::kUnknown);
+  EXPECT_EQ(host_load(3, 0), HostLoad::kUnknown);
+}
+
+// A first window that ends with more runnable threads than CPUs on the host (other work beside
+// the ranks) starts a long hold (kBusyHoldNs): lasting load, whose short holds each cost a
+// probe's window of spinning. Without that (or not known) the first hold stays short. Within the
+// start-up grace the host's count changes nothing.
+TEST(CpuContentionRule, AWindowOnABusyHostHoldsLong) {
+  using transport::internal::HostLoad;
+  Feeder f;
+  f.step(10, 0);
+  EXPECT_TRUE(f.steps(CpuContentionRule::kFirstWindow - 1, 4, 6));
+  f.now += 10'000'000;
+  f.st.on_cpu_ns += 4'000'000;
+  f.st.run_delay_ns += 6'000'000;
+  EXPECT_FALSE(f.rule.add(f.now, f.st, HostLoad::kBusy));
+  EXPECT_EQ(f.rule.hold_ns(), CpuContentionRule::kBusyHoldNs);
+  EXPECT_GT(CpuContentionRule::kBusyHoldNs, CpuContentionRule::kMinHoldNs);
+  // The hold lasts while no CPU is idle.
+  const int hold_samples = static_cast<int>(CpuContentionRule::kBusyHoldNs / 10'000'000);
+  for (int i = 0; i < hold_samples - 1; ++i) {
+    f.now += 10'000'000;
+    f.st.on_cpu_ns += 2'000'000;
+    ASSERT_FALSE(f.rule.add(f.now, f.st, i % 2 == 0 ? HostLoad::kBusy : HostLoad::kFull))
+        << "sample " << i;
+  }
+  EXPECT_TRUE(f.step(2, 0));  // passed: a probe
+  // A failed probe grows it from there.
+  EXPECT_FALSE(f.steps(CpuContentionRule::kWindow, 4, 6));
+  EXPECT_EQ(f.rule.hold_ns(), CpuContentionRule::kBusyHoldNs * CpuContentionRule::kHoldGrowth);
+
+  Feeder g;  // a full host (as many runnable threads as CPUs): the ranks themselves
+  g.step(10, 0);
+  EXPECT_TRUE(g.steps(CpuContentionRule::kFirstWindow - 1, 4, 6));
+  g.now += 10'000'000;
+  g.st.on_cpu_ns += 4'000'000;
+  g.st.run_delay_ns += 6'000'000;
+  EXPECT_FALSE(g.rule.add(g.now, g.st, HostLoad::kFull));
+  EXPECT_EQ(g.rule.hold_ns(), CpuContentionRule::kMinHoldNs);
+
+  // Within the grace a busy host does not make samples count.
+  CpuContentionRule rule;
+  SchedStat st{};
+  int64_t now = 0;
+  ASSERT_TRUE(rule.add(now, st, HostLoad::kBusy));
+  while (now + 10'000'000 < CpuContentionRule::kStartupGraceNs) {
+    now += 10'000'000;
+    st.on_cpu_ns += 4'000'000;
+    st.run_delay_ns += 6'000'000;
+    EXPECT_TRUE(rule.add(now, st, HostLoad::kBusy)) << "at " << now / 1'000'000 << " ms";
+  }
+}
+
+// A sample that finds a CPU with nothing to run ends a hold at once: the load that started it has
+// gone, and a probe finds out whether spinning pays again.
+TEST(CpuContentionRule, AnIdleCpuEndsAHold) {
+  using transport::internal::HostLoad;
+  Feeder f;
+  f.step(10, 0);
+  for (int i = 0; i < CpuContentionRule::kFirstWindow; ++i) {
+    f.now += 10'000'000;
+    f.st.on_cpu_ns += 4'000'000;
+    f.st.run_delay_ns += 6'000'000;
+    f.rule.add(f.now, f.st, HostLoad::kBusy);
+  }
+  ASSERT_FALSE(f.rule.spinning());
+  f.now += 10'000'000;
+  f.st.on_cpu_ns += 2'000'000;
+  EXPECT_FALSE(f.rule.add(f.now, f.st, HostLoad::kFull));
+  f.now += 10'000'000;
+  f.st.on_cpu_ns += 2'000'000;
+  EXPECT_TRUE(f.rule.add(f.now, f.st, HostLoad::kIdleCpu));
+  // The probe confirms: the next hold starts short again.
+  EXPECT_TRUE(f.steps(CpuContentionRule::kWindow, 10, 0));
+  EXPECT_FALSE(f.steps(CpuContentionRule::kFirstWindow, 4, 6));
   EXPECT_EQ(f.rule.hold_ns(), CpuContentionRule::kMinHoldNs);
 }
 

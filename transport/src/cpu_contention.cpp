@@ -42,7 +42,25 @@ bool parse_schedstat(std::string_view text, SchedStat* out) noexcept {
   return true;
 }
 
-bool CpuContentionRule::add(int64_t now_ns, const SchedStat& counters) noexcept {
+int parse_loadavg_running(std::string_view text) noexcept {
+  size_t i = 0;
+  for (int field = 0; field < 3; ++field) {  // the three averages
+    while (i < text.size() && text[i] == ' ') ++i;
+    const size_t start = i;
+    while (i < text.size() && text[i] != ' ' && text[i] != '\n') ++i;
+    if (i == start || i >= text.size() || text[i] != ' ') return -1;
+  }
+  const int64_t running = read_count(text, i);
+  if (running < 0 || running > 1'000'000 || i >= text.size() || text[i] != '/') return -1;
+  return static_cast<int>(running);
+}
+
+HostLoad host_load(int running, int cpus) noexcept {
+  if (running < 0 || cpus <= 0) return HostLoad::kUnknown;
+  return running < cpus ? HostLoad::kIdleCpu : running == cpus ? HostLoad::kFull : HostLoad::kBusy;
+}
+
+bool CpuContentionRule::add(int64_t now_ns, const SchedStat& counters, HostLoad host) noexcept {
   if (!started_) {
     started_ = true;
     start_ns_ = now_ns;
@@ -61,7 +79,8 @@ bool CpuContentionRule::add(int64_t now_ns, const SchedStat& counters) noexcept 
   if (holding_) {
     // What a blocking thread waits for a CPU says little about spinning (a woken sleeper is
     // favoured by the scheduler); the hold decides, then a probe.
-    if (now_ns >= hold_until_ns_) {
+    // A CPU with nothing to run: the load has gone (or never kept both CPUs), probe at once.
+    if (now_ns >= hold_until_ns_ || host == HostLoad::kIdleCpu) {
       holding_ = false;
       probing_ = true;
       contended_ = 0;
@@ -83,7 +102,11 @@ bool CpuContentionRule::add(int64_t now_ns, const SchedStat& counters) noexcept 
     }
   }
   if (contended_ >= (probing_ ? kWindow : kFirstWindow)) {
-    if (probing_) hold_ns_ = std::min(hold_ns_ * kHoldGrowth, kMaxHoldNs);  // still loaded
+    if (probing_) {
+      hold_ns_ = std::min(hold_ns_ * kHoldGrowth, kMaxHoldNs);  // still loaded
+    } else if (host == HostLoad::kBusy) {
+      hold_ns_ = std::max(hold_ns_, kBusyHoldNs);  // other work keeps the CPUs: lasting load
+    }
     probing_ = false;
     holding_ = true;
     hold_until_ns_ = now_ns + hold_ns_;
@@ -95,6 +118,7 @@ bool CpuContentionRule::add(int64_t now_ns, const SchedStat& counters) noexcept 
 
 CpuContentionWatch::~CpuContentionWatch() {
   if (fd_ >= 0) ::close(fd_);
+  if (loadavg_fd_ >= 0) ::close(loadavg_fd_);
 }
 
 bool CpuContentionWatch::give_up(const char* what, int err) {
@@ -104,6 +128,32 @@ bool CpuContentionWatch::give_up(const char* what, int err) {
   MYELIN_LOG_INFO << "progress auto: " << what << " this thread's schedstat failed ("
                   << std::strerror(err) << "); CPU contention is no longer watched";
   return true;
+}
+
+HostLoad CpuContentionWatch::read_host_load() {
+  if (loadavg_fd_ == -2) return HostLoad::kUnknown;
+  if (loadavg_fd_ < 0) {
+    online_cpus_ = static_cast<int>(::sysconf(_SC_NPROCESSORS_ONLN));
+    loadavg_fd_ = ::open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
+    if (loadavg_fd_ < 0 || online_cpus_ <= 0) {
+      if (loadavg_fd_ >= 0) ::close(loadavg_fd_);
+      loadavg_fd_ = -2;
+      return HostLoad::kUnknown;
+    }
+  }
+  char buf[128];
+  ssize_t n;
+  do {
+    n = ::pread(loadavg_fd_, buf, sizeof(buf) - 1, 0);
+  } while (n < 0 && errno == EINTR);
+  const int running =
+      n > 0 ? parse_loadavg_running(std::string_view(buf, static_cast<size_t>(n))) : -1;
+  if (running < 0) {
+    ::close(loadavg_fd_);
+    loadavg_fd_ = -2;
+    return HostLoad::kUnknown;
+  }
+  return host_load(running, online_cpus_);
 }
 
 bool CpuContentionWatch::sample(int64_t now_ns) {
@@ -129,7 +179,8 @@ bool CpuContentionWatch::sample(int64_t now_ns) {
   if (!parse_schedstat(std::string_view(buf, static_cast<size_t>(n)), &counters)) {
     return give_up("parsing", EINVAL);
   }
-  return rule_.add(now_ns, counters);
+  const HostLoad host = read_host_load();
+  return rule_.add(now_ns, counters, host);
 }
 
 std::string CpuContentionWatch::describe() const {

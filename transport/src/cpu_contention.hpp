@@ -15,11 +15,14 @@
 //                     (on a CPU or waiting for one) and waited for a CPU in at least
 //                     1/kContendedShare of that time;
 //   stop spinning     after kFirstWindow contended samples in a row, for a hold time (first
-//                     kMinHoldNs); samples within kStartupGraceNs of the first one never count
-//                     as contended;
-//   spin again        when the hold has passed: a probe. kWindow uncontended samples in a row
-//                     confirm it (the hold goes back to kMinHoldNs); kWindow contended ones end it
-//                     and the next hold is kHoldGrowth times as long, up to kMaxHoldNs.
+//                     kMinHoldNs, or kBusyHoldNs when the host has more runnable threads than
+//                     CPUs at the last of them: /proc/loadavg); samples within kStartupGraceNs
+//                     of the first one never count as contended;
+//   spin again        when the hold has passed, or at once when a sample finds fewer runnable
+//                     threads than CPUs on the host (a CPU has nothing to run): a probe. kWindow
+//                     uncontended samples in a row confirm it (the hold goes back to
+//                     kMinHoldNs); kWindow contended ones end it and the next hold is
+//                     kHoldGrowth times as long, up to kMaxHoldNs.
 //
 // So a host whose other work runs at a lower priority (it barely delays this thread) keeps busy
 // polling, one whose other work takes a fair share of the CPUs stops it within a few samples, and
@@ -40,6 +43,13 @@
 // kHoldGrowth-fold per failed probe (kMaxHoldNs after four of them; doubling from 100 ms took
 // five). The price: under lasting load, busy polling goes on for about the grace and the first
 // window (150 ms) once per Context, and for the first window after each probe that found room.
+// Where the window ends with other work runnable beside the ranks (the host's runnable count,
+// this thread included, above its CPUs), the first hold is kBusyHoldNs, where two failed probes
+// would have taken it: a short run (2 ranks, 1 MiB, 110 calls, one busy process beside them)
+// otherwise spun through half its calls in probes. A hold ends early when a CPU has nothing to
+// run, so a long hold does not outlast the load that started it. (Within the grace the count
+// does not tell ranks that share a CPU from other work: low-priority work beside them is
+// runnable too, and letting it count there held short runs on a host loaded by builds.)
 //
 // Limits: it sees only this thread's waiting for a CPU. A busy-polling peer that starves a kernel
 // thread (softirq work, on a loopback connection) is not seen; the hypervisor's steal time is
@@ -66,6 +76,20 @@ struct SchedStat {
 // text does not have that shape.
 bool parse_schedstat(std::string_view text, SchedStat* out) noexcept;
 
+// The runnable-thread count of /proc/loadavg text ("0.52 0.58 0.59 3/467 12345\n": 3); -1 when
+// the text does not have that shape.
+int parse_loadavg_running(std::string_view text) noexcept;
+
+// The host's runnable threads (/proc/loadavg, this one included) against its online CPUs.
+enum class HostLoad {
+  kUnknown,  // not read
+  kIdleCpu,  // fewer runnable threads than CPUs: a CPU has nothing to run
+  kFull,     // as many as CPUs
+  kBusy,     // more: other work waits for a CPU beside this thread's peers
+};
+// What /proc/loadavg's runnable count says on a host with `cpus` CPUs.
+HostLoad host_load(int running, int cpus) noexcept;
+
 // The decision, from cumulative counters the caller feeds (no I/O): see the file comment.
 class CpuContentionRule {
  public:
@@ -77,6 +101,9 @@ class CpuContentionRule {
   static constexpr int64_t kMinHoldNs = 20'000'000;        // first hold: 20 ms
   static constexpr int64_t kHoldGrowth = 4;                // per probe that finds the CPU contended
   static constexpr int64_t kMaxHoldNs = 2'000'000'000;     // longest hold: 2 s
+  // First hold when the window that starts it ends on a busy host (HostLoad::kBusy): lasting
+  // load, not ranks settling, so it starts where two failed probes would have taken it.
+  static constexpr int64_t kBusyHoldNs = kMinHoldNs * kHoldGrowth * kHoldGrowth;
   static_assert(kFirstWindow >= kWindow, "a first hold needs at least a probe's evidence");
   static_assert(kMinHoldNs * kHoldGrowth * kHoldGrowth * kHoldGrowth < kMaxHoldNs &&
                     kMinHoldNs * kHoldGrowth * kHoldGrowth * kHoldGrowth * kHoldGrowth >=
@@ -84,9 +111,10 @@ class CpuContentionRule {
                 "four failed probes reach the longest hold");
 
   // Records the counters of the watched thread at `now_ns` (any monotonic clock, the same
-  // throughout). Counters that went back (another thread's) restart the comparison. Returns
-  // spinning() after it.
-  bool add(int64_t now_ns, const SchedStat& counters) noexcept;
+  // throughout). Counters that went back (another thread's) restart the comparison. `host`: the
+  // host's runnable threads at the sample against its CPUs (HostLoad). Returns spinning() after
+  // it.
+  bool add(int64_t now_ns, const SchedStat& counters, HostLoad host = HostLoad::kUnknown) noexcept;
   // Forgets the previous counters: the next add() is a new baseline (a different thread), and the
   // streaks of contended or clear samples start again.
   void rebase() noexcept { have_prev_ = false; }
@@ -132,12 +160,19 @@ class CpuContentionWatch {
 
  private:
   bool give_up(const char* what, int err);
+  // The host's runnable threads against its CPUs from /proc/loadavg; kUnknown when it cannot be
+  // read (then never tried again).
+  HostLoad read_host_load();
 
   CpuContentionRule rule_;
   int fd_ = -1;
   pid_t tid_ = 0;  // the thread fd_ reads
   bool failed_ = false;
   int64_t next_ns_ = 0;
+  // /proc/loadavg, read with every sample (-1: not opened; -2: unreadable, not tried again), and
+  // the host's online CPUs it is compared with.
+  int loadavg_fd_ = -1;
+  int online_cpus_ = 0;
 };
 
 }  // namespace myelin::transport::internal
