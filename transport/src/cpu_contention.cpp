@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include <myelin/core/log.hpp>
+#include <myelin/transport/options.hpp>
 
 namespace myelin::transport::internal {
 
@@ -55,9 +56,11 @@ int parse_loadavg_running(std::string_view text) noexcept {
   return static_cast<int>(running);
 }
 
-HostLoad host_load(int running, int cpus) noexcept {
-  if (running < 0 || cpus <= 0) return HostLoad::kUnknown;
-  return running < cpus ? HostLoad::kIdleCpu : running == cpus ? HostLoad::kFull : HostLoad::kBusy;
+HostLoad host_load(int running, int online, int usable) noexcept {
+  if (running < 0 || online <= 0 || usable < online) return HostLoad::kUnknown;
+  return running < online    ? HostLoad::kIdleCpu
+         : running == online ? HostLoad::kFull
+                             : HostLoad::kBusy;
 }
 
 bool CpuContentionRule::add(int64_t now_ns, const SchedStat& counters, HostLoad host) noexcept {
@@ -79,8 +82,7 @@ bool CpuContentionRule::add(int64_t now_ns, const SchedStat& counters, HostLoad 
   if (holding_) {
     // What a blocking thread waits for a CPU says little about spinning (a woken sleeper is
     // favoured by the scheduler); the hold decides, then a probe.
-    // A CPU with nothing to run: the load has gone (or never kept both CPUs), probe at once.
-    if (now_ns >= hold_until_ns_ || host == HostLoad::kIdleCpu) {
+    if (now_ns >= hold_until_ns_) {
       holding_ = false;
       probing_ = true;
       contended_ = 0;
@@ -134,7 +136,9 @@ HostLoad CpuContentionWatch::read_host_load() {
   if (loadavg_fd_ == -2) return HostLoad::kUnknown;
   if (loadavg_fd_ < 0) {
     online_cpus_ = static_cast<int>(::sysconf(_SC_NPROCESSORS_ONLN));
-    loadavg_fd_ = ::open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
+    usable_cpus_ = usable_cpus();
+    // A thread confined to some of the CPUs learns nothing from the host's count.
+    loadavg_fd_ = usable_cpus_ < online_cpus_ ? -1 : ::open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
     if (loadavg_fd_ < 0 || online_cpus_ <= 0) {
       if (loadavg_fd_ >= 0) ::close(loadavg_fd_);
       loadavg_fd_ = -2;
@@ -153,7 +157,7 @@ HostLoad CpuContentionWatch::read_host_load() {
     loadavg_fd_ = -2;
     return HostLoad::kUnknown;
   }
-  return host_load(running, online_cpus_);
+  return host_load(running, online_cpus_, usable_cpus_);
 }
 
 bool CpuContentionWatch::sample(int64_t now_ns) {

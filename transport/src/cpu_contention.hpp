@@ -18,11 +18,9 @@
 //                     kMinHoldNs, or kBusyHoldNs when the host has more runnable threads than
 //                     CPUs at the last of them: /proc/loadavg); samples within kStartupGraceNs
 //                     of the first one never count as contended;
-//   spin again        when the hold has passed, or at once when a sample finds fewer runnable
-//                     threads than CPUs on the host (a CPU has nothing to run): a probe. kWindow
-//                     uncontended samples in a row confirm it (the hold goes back to
-//                     kMinHoldNs); kWindow contended ones end it and the next hold is
-//                     kHoldGrowth times as long, up to kMaxHoldNs.
+//   spin again        when the hold has passed: a probe. kWindow uncontended samples in a row
+//                     confirm it (the hold goes back to kMinHoldNs); kWindow contended ones end it
+//                     and the next hold is kHoldGrowth times as long, up to kMaxHoldNs.
 //
 // So a host whose other work runs at a lower priority (it barely delays this thread) keeps busy
 // polling, one whose other work takes a fair share of the CPUs stops it within a few samples, and
@@ -46,12 +44,19 @@
 // Where the window ends with other work runnable beside the ranks (the host's runnable count,
 // this thread included, above its CPUs), the first hold is kBusyHoldNs, where two failed probes
 // would have taken it: a short run (2 ranks, 1 MiB, 110 calls, one busy process beside them)
-// otherwise spun through half its calls in probes. A hold ends early when a CPU has nothing to
-// run, so a long hold does not outlast the load that started it. (Within the grace the count
-// does not tell ranks that share a CPU from other work: low-priority work beside them is
-// runnable too, and letting it count there held short runs on a host loaded by builds.)
+// otherwise spent a third of its calls in the spinning of probes. Nothing ends a hold early: an
+// idle CPU in kWindow samples in a row did, and under a normal-priority build beside the ranks
+// (compilers that start and exit) it ended the long holds in the gaps between compilers, each
+// time for a probe's window of spinning (in-place calls 2.1 ms against HEAD's 1.3 ms).
 //
-// Limits: it sees only this thread's waiting for a CPU. A busy-polling peer that starves a kernel
+// The grace ignores the runnable count: on a host loaded by low-priority work (builds at nice
+// 19) the count is always above the CPUs, so it does not tell ranks that share a CPU with each
+// other from other work; counting contended samples there when the count was high held short
+// runs that spinning would have won.
+//
+// Limits: it sees only this thread's waiting for a CPU; the runnable count is the host's, so it
+// is used only where the thread may run on every online CPU (not in a cpuset or affinity mask
+// that holds some of them). A busy-polling peer that starves a kernel
 // thread (softirq work, on a loopback connection) is not seen; the hypervisor's steal time is
 // not seen. Without the schedstat file (a kernel without CONFIG_SCHED_INFO) it never
 // stops spinning (the rule before it).
@@ -87,8 +92,11 @@ enum class HostLoad {
   kFull,     // as many as CPUs
   kBusy,     // more: other work waits for a CPU beside this thread's peers
 };
-// What /proc/loadavg's runnable count says on a host with `cpus` CPUs.
-HostLoad host_load(int running, int cpus) noexcept;
+// What /proc/loadavg's runnable count says on a host with `online` CPUs, for a thread that may
+// run on `usable` of them (its affinity mask and cpuset: usable_cpus()). The count is host-wide,
+// so it says nothing of a subset's load (a Slurm job's cpuset, taskset): kUnknown unless the
+// thread may use every online CPU.
+HostLoad host_load(int running, int online, int usable) noexcept;
 
 // The decision, from cumulative counters the caller feeds (no I/O): see the file comment.
 class CpuContentionRule {
@@ -169,10 +177,11 @@ class CpuContentionWatch {
   pid_t tid_ = 0;  // the thread fd_ reads
   bool failed_ = false;
   int64_t next_ns_ = 0;
-  // /proc/loadavg, read with every sample (-1: not opened; -2: unreadable, not tried again), and
-  // the host's online CPUs it is compared with.
+  // /proc/loadavg, read with every sample (-1: not opened; -2: unreadable or not used, not tried
+  // again), and the host's online CPUs it is compared with.
   int loadavg_fd_ = -1;
   int online_cpus_ = 0;
+  int usable_cpus_ = 0;  // usable_cpus(): the count is read only when it equals online_cpus_
 };
 
 }  // namespace myelin::transport::internal
