@@ -43,8 +43,9 @@
 // window (150 ms) once per Context, and for the first window after each probe that found room.
 // Where the window ends with other work runnable beside the ranks (the host's runnable count,
 // this thread included, above its CPUs), the first hold is kBusyHoldNs, where two failed probes
-// would have taken it: a short run (2 ranks, 1 MiB, 110 calls, one busy process beside them)
-// otherwise spent a third of its calls in the spinning of probes. Nothing ends a hold early: an
+// would have taken it: in a short run (2 ranks, 1 MiB, 110 calls, one busy process beside them)
+// holds of 20 and 80 ms otherwise alternated with probes that spun about 40 ms each (traced: 81
+// of the 188 ms after the first hold spun). Nothing ends a hold early: an
 // idle CPU in kWindow samples in a row did, and under a normal-priority build beside the ranks
 // (compilers that start and exit) it ended the long holds in the gaps between compilers, each
 // time for a probe's window of spinning (in-place calls 2.1 ms against HEAD's 1.3 ms).
