@@ -45,10 +45,10 @@
 // this thread included, above its CPUs), the first hold is kBusyHoldNs, where two failed probes
 // would have taken it: in a short run (2 ranks, 1 MiB, 110 calls, one busy process beside them)
 // holds of 20 and 80 ms otherwise alternated with probes that spun about 40 ms each (traced: 81
-// of the 188 ms after the first hold spun). Nothing ends a hold early: an
-// idle CPU in kWindow samples in a row did, and under a normal-priority build beside the ranks
-// (compilers that start and exit) it ended the long holds in the gaps between compilers, each
-// time for a probe's window of spinning (in-place calls 2.1 ms against HEAD's 1.3 ms).
+// of the 188 ms after the first hold spun). Nothing ends a hold early: an idle CPU in kWindow
+// samples in a row did, and under a normal-priority build beside the ranks (compilers that start
+// and exit) it ended the long holds in the gaps between compilers, each time for a probe's
+// window of spinning (in-place calls 2.1 ms against 1.3 ms without the long hold).
 //
 // The grace ignores the runnable count: on a host loaded by low-priority work (builds at nice
 // 19) the count is always above the CPUs, so it does not tell ranks that share a CPU with each
@@ -57,10 +57,10 @@
 //
 // Limits: it sees only this thread's waiting for a CPU; the runnable count is the host's, so it
 // is used only where the thread may run on every online CPU (not in a cpuset or affinity mask
-// that holds some of them). A busy-polling peer that starves a kernel
-// thread (softirq work, on a loopback connection) is not seen; the hypervisor's steal time is
-// not seen. Without the schedstat file (a kernel without CONFIG_SCHED_INFO) it never
-// stops spinning (the rule before it).
+// that holds some of them). A busy-polling peer that starves a kernel thread (softirq work, on a
+// loopback connection) is not seen; the hypervisor's steal time is not seen. Without the
+// schedstat file (a kernel without CONFIG_SCHED_INFO) it never stops spinning (the rule before
+// it).
 //
 // Thread safety: none; a Context's waits run on one thread at a time.
 #pragma once
