@@ -57,7 +57,8 @@
 //
 // Limits: it sees only this thread's waiting for a CPU; the runnable count is the host's, so it
 // is used only where the thread may run on every online CPU (not in a cpuset or affinity mask
-// that holds some of them). A busy-polling peer that starves a kernel thread (softirq work, on a
+// that holds some of them), as that was at the watch's first sample: a mask set later is not
+// seen. A busy-polling peer that starves a kernel thread (softirq work, on a
 // loopback connection) is not seen; the hypervisor's steal time is not seen. Without the
 // schedstat file (a kernel without CONFIG_SCHED_INFO) it never stops spinning (the rule before
 // it).
