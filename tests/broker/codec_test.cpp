@@ -115,6 +115,46 @@ TEST(Frame, BatchKeepsBoundariesAndRefusesNesting) {
   EXPECT_FALSE(for_each_in_batch({}, {}, [](const FrameView&) { return ok_status(); }).ok());
 }
 
+// Inner frames that repeat the topic of the frame before them are not validated again; any other
+// topic is, whatever came before it (a topic of the same length with one bad byte, a topic after
+// a frame that had none or a pattern).
+TEST(Frame, BatchValidatesEveryTopicThatDiffers) {
+  auto batch = [](std::vector<std::pair<FrameType, std::string>> frames) {
+    std::vector<std::byte> inner;
+    for (auto& [type, topic] : frames) {
+      EXPECT_TRUE(append_frame(inner, {.type = type}, topic, bytes("p")).ok());
+    }
+    std::vector<std::string> seen;
+    Status s = for_each_in_batch(inner, {}, [&](const FrameView& f) {
+      seen.emplace_back(f.topic);
+      return ok_status();
+    });
+    return std::make_pair(s, seen);
+  };
+  auto [good, seen] = batch({{FrameType::kPublish, "grad/x"},
+                             {FrameType::kPublish, "grad/x"},
+                             {FrameType::kDeliver, "grad/x"},
+                             {FrameType::kPublish, "grad/y"},
+                             {FrameType::kPublish, "grad/y"}});
+  EXPECT_TRUE(good.ok()) << good;
+  EXPECT_EQ(seen, (std::vector<std::string>{"grad/x", "grad/x", "grad/x", "grad/y", "grad/y"}));
+  for (const std::string bad : {"grad/ ", "grad//", "grad/x/", "$"}) {
+    SCOPED_TRACE(bad);
+    EXPECT_EQ(batch({{FrameType::kPublish, "grad/x"}, {FrameType::kPublish, bad}}).first.code(),
+              StatusCode::kProtocolError);
+    EXPECT_EQ(batch({{FrameType::kPublish, "grad/x"},
+                     {FrameType::kPublish, "grad/x"},
+                     {FrameType::kRequest, bad}})
+                  .first.code(),
+              StatusCode::kProtocolError);
+  }
+  // A reply carries no topic to check; the next publish's topic is still checked.
+  EXPECT_EQ(batch({{FrameType::kReply, "grad/ "}, {FrameType::kPublish, "grad/ "}}).first.code(),
+            StatusCode::kProtocolError);
+  EXPECT_EQ(batch({{FrameType::kPublish, "grad/x"}, {FrameType::kPublish, ""}}).first.code(),
+            StatusCode::kProtocolError);
+}
+
 TEST(Handshake, VersionRangesAndNegotiation) {
   EXPECT_EQ(decode_versions(0)->min, 1u);  // peers older than protocol 2 send nothing
   EXPECT_EQ(decode_versions(0)->max, 1u);
@@ -194,6 +234,89 @@ TEST(Topic, ValidationAndWildcards) {
   EXPECT_TRUE(topic_matches("#", "ctrl/step"));
   EXPECT_FALSE(topic_matches("#", "$pressure/x"));
   EXPECT_TRUE(topic_matches("$pressure/#", "$pressure/x/y"));
+}
+
+// topic_matches against a plain level-by-level reference, over every pattern and topic of up to
+// three characters from an alphabet of level characters, separators and wildcards (valid or
+// not), and some longer patterns against every topic of up to four.
+bool reference_matches(std::string_view pattern, std::string_view topic) {
+  auto levels = [](std::string_view s) {
+    std::vector<std::string_view> out;
+    size_t start = 0;
+    while (true) {
+      const size_t e = s.find('/', start);
+      out.push_back(
+          s.substr(start, e == std::string_view::npos ? std::string_view::npos : e - start));
+      if (e == std::string_view::npos) return out;
+      start = e + 1;
+    }
+  };
+  if (!topic.empty() && topic[0] == '$' && !pattern.empty() &&
+      (pattern[0] == '*' || pattern[0] == '#')) {
+    return false;
+  }
+  const auto p = levels(pattern), t = levels(topic);
+  for (size_t i = 0; i < p.size(); ++i) {
+    if (p[i] == "#") return i < t.size();  // one or more levels remain
+    if (i >= t.size()) return false;
+    if (p[i] != "*" && p[i] != t[i]) return false;
+  }
+  return p.size() == t.size();
+}
+
+TEST(Topic, MatchingAgreesWithAReference) {
+  const std::string alphabet = "ab/*#$";
+  std::vector<std::string> all = {""};
+  for (size_t len = 1, from = 0; len <= 4; ++len) {
+    const size_t to = all.size();
+    for (size_t i = from; i < to; ++i) {
+      for (char c : alphabet) all.push_back(all[i] + c);
+    }
+    from = to;
+  }
+  size_t checked = 0, matched = 0;
+  for (const std::string& p : all) {
+    if (p.size() > 3) break;  // `all` goes by length
+    for (const std::string& t : all) {
+      if (t.size() > 3) break;
+      const bool want = reference_matches(p, t);
+      ASSERT_EQ(topic_matches(p, t), want) << "pattern '" << p << "' topic '" << t << "'";
+      ++checked;
+      matched += want;
+    }
+  }
+  for (const char* p : {"a/#", "*/b", "a/*/b", "#", "*", "ab", "a/b", "*/*/#", "$a/#", "a//b"}) {
+    for (const std::string& t : all) {
+      ASSERT_EQ(topic_matches(p, t), reference_matches(p, t))
+          << "pattern '" << p << "' topic '" << t << "'";
+    }
+  }
+  EXPECT_GT(matched, 500u);
+  EXPECT_GT(checked, matched);
+}
+
+// Keys that alternate, come back after others and are forgotten; copies and moves go on with
+// their own state.
+TEST(Sequence, GapDetectionWithInterleavedKeys) {
+  GapDetector g;
+  EXPECT_EQ(g.observe("a", 1).missed, 0u);
+  EXPECT_EQ(g.observe("a", 2).missed, 0u);
+  EXPECT_EQ(g.observe("b", 5).missed, 0u);
+  EXPECT_EQ(g.observe("a", 4).missed, 1u);
+  EXPECT_EQ(g.observe("b", 9).missed, 3u);
+  EXPECT_EQ(g.observe("b", 10).missed, 0u);
+  EXPECT_TRUE(g.observe("a", 4).duplicate_or_old);
+  GapDetector copy = g;
+  g.forget("b");
+  EXPECT_EQ(g.observe("b", 20).missed, 0u);  // a new baseline
+  EXPECT_EQ(copy.observe("b", 20).missed, 9u);
+  EXPECT_EQ(copy.observe("a", 6).missed, 1u);
+  GapDetector moved = std::move(copy);
+  EXPECT_EQ(moved.observe("a", 8).missed, 1u);
+  EXPECT_EQ(moved.observe("b", 21).missed, 0u);
+  EXPECT_EQ(g.observe("a", 5).missed, 0u);
+  EXPECT_EQ(g.missed_total(), 4u);
+  EXPECT_EQ(moved.missed_total(), 4u + 9u + 1u + 1u);
 }
 
 TEST(Sequence, GapDetectionAcrossWrapAround) {

@@ -12,6 +12,7 @@
 #include <string>
 #include <string_view>
 #include <unordered_map>
+#include <utility>
 
 namespace myelin::broker {
 
@@ -32,25 +33,61 @@ struct SeqEvent {
 // Tracks the last sequence number per key (topic). The first message of a key sets the baseline.
 class GapDetector {
  public:
+  GapDetector() = default;
+  // A copy or a move starts without the remembered entry (it points into one map).
+  GapDetector(const GapDetector& o) : last_(o.last_), missed_total_(o.missed_total_) {}
+  GapDetector(GapDetector&& o) noexcept
+      : last_(std::move(o.last_)), missed_total_(o.missed_total_) {
+    o.recent_ = nullptr;
+  }
+  GapDetector& operator=(const GapDetector& o) {
+    if (this != &o) {
+      last_ = o.last_;
+      recent_ = nullptr;
+      missed_total_ = o.missed_total_;
+    }
+    return *this;
+  }
+  GapDetector& operator=(GapDetector&& o) noexcept {
+    if (this != &o) {
+      last_ = std::move(o.last_);
+      recent_ = o.recent_ = nullptr;
+      missed_total_ = o.missed_total_;
+    }
+    return *this;
+  }
+  ~GapDetector() = default;
+
   SeqEvent observe(std::string_view key, uint64_t seq) {
-    auto [it, fresh] = last_.try_emplace(std::string(key), seq);
-    if (fresh) return {};
+    // A stream mostly repeats its key: the entry of the last one is compared first (entries
+    // stay where they are while the map grows; forget() clears it).
+    std::pair<const std::string, uint64_t>* e = recent_;
+    if (e == nullptr || e->first != key) {
+      auto [it, fresh] = last_.try_emplace(std::string(key), seq);
+      recent_ = &*it;
+      if (fresh) return {};
+      e = recent_;
+    }
     SeqEvent ev;
-    const int64_t d = seq_distance(it->second, seq);
+    const int64_t d = seq_distance(e->second, seq);
     if (d <= 0) {
       ev.duplicate_or_old = true;
       return ev;
     }
     ev.missed = static_cast<uint64_t>(d - 1);
-    it->second = seq;
+    e->second = seq;
     missed_total_ += ev.missed;
     return ev;
   }
   [[nodiscard]] uint64_t missed_total() const noexcept { return missed_total_; }
-  void forget(std::string_view key) { last_.erase(std::string(key)); }
+  void forget(std::string_view key) {
+    recent_ = nullptr;
+    last_.erase(std::string(key));
+  }
 
  private:
   std::unordered_map<std::string, uint64_t> last_;
+  std::pair<const std::string, uint64_t>* recent_ = nullptr;  // an entry of last_, or null
   uint64_t missed_total_ = 0;
 };
 
