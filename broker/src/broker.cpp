@@ -31,7 +31,7 @@ std::shared_ptr<Message> message_from(const PublishArgs& a, FrameType type, std:
   m->seq = seq;
   m->id = a.id;
   m->publish_ts_ns = a.publish_ts_ns;
-  m->broker_rx_ns = monotonic_ns();
+  m->broker_rx_ns = a.received_ns != 0 ? a.received_ns : monotonic_ns();
   if (a.owner && !copy) {
     m->owner = a.owner;
     m->payload = a.payload;
@@ -231,11 +231,19 @@ Status Broker::check_control_size(const TopicPolicy& p, const PublishArgs& a) co
 }
 
 Result<PublishOutcome> Broker::publish(const PublishArgs& a) {
-  MYELIN_RETURN_IF_ERROR(validate_topic(a.topic));
-  const TopicPolicy& p = policy_for(a.topic);
+  RouteCache* route = a.route;
+  const bool cached = route && route->broker_ == this && route->topic_ == a.topic;
+  if (!cached) MYELIN_RETURN_IF_ERROR(validate_topic(a.topic));
+  const TopicPolicy& p = cached ? *route->policy_ : policy_for(a.topic);
   MYELIN_RETURN_IF_ERROR(check_control_size(p, a));
   std::lock_guard<std::mutex> lock(mu_);
-  TopicState& ts = topic_locked(a.topic);
+  TopicState& ts = cached ? *static_cast<TopicState*>(route->state_) : topic_locked(a.topic);
+  if (route && !cached) {
+    route->broker_ = this;
+    route->topic_.assign(a.topic);
+    route->policy_ = &p;
+    route->state_ = &ts;
+  }
   if (ts.targets_gen != subs_gen_) {
     // Targets, one per session.
     ts.targets.clear();
@@ -251,7 +259,10 @@ Result<PublishOutcome> Broker::publish(const PublishArgs& a) {
   }
   const std::vector<Session*>& targets = ts.targets;
   TopicStats& st = *ts.stats;
-  bool deep = false;  // a lane holds kMaxSharedOwnerDepth or more messages
+  const int lane = static_cast<int>(p.lane);
+  // A lane that holds kMaxSharedOwnerDepth or more messages takes no further shared owner: the
+  // payload is copied unless the lane's last shared owner is this one (no further block then).
+  bool copy = false;
   for (Session* s : targets) {
     auto& q = s->lane(p.lane);
     const size_t depth = q.size();
@@ -260,15 +271,17 @@ Result<PublishOutcome> Broker::publish(const PublishArgs& a) {
       st.stalls++;
       return PublishOutcome::kBlocked;
     }
-    deep = deep || depth >= kMaxSharedOwnerDepth;
+    copy = copy || (depth >= kMaxSharedOwnerDepth && s->last_shared_owner_[lane] != a.owner.get());
   }
+  copy = copy && a.owner_shared;
   const uint64_t seq = ++ts.seq;
-  auto m = message_from(a, FrameType::kDeliver, std::string(a.topic), seq, a.owner_shared && deep);
+  auto m = message_from(a, FrameType::kDeliver, std::string(a.topic), seq, copy);
   m->lane = p.lane;
   m->batchable = p.batching;
   st.messages_in++;
   st.bytes_in += a.payload.size();
   for (Session* s : targets) {
+    if (m->owner_shared) s->last_shared_owner_[lane] = a.owner.get();
     if (enqueue_locked(*s, m, p, /*announce=*/true)) {
       st.deliveries++;
       st.delivered_bytes += a.payload.size();

@@ -69,6 +69,14 @@ thread_local const void* tl_ctrl_side = nullptr;
 // Publish-to-deliver latency buckets, seconds.
 constexpr std::array<double, 16> kLatencyBounds = {1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4,
                                                    5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 1e-1, 1.0,  10.0};
+// The same bounds in nanoseconds, for the per-delivery bucket search (no conversion to double).
+constexpr std::array<int64_t, kLatencyBounds.size()> kLatencyBoundsNs = [] {
+  std::array<int64_t, kLatencyBounds.size()> ns{};
+  for (size_t i = 0; i < ns.size(); ++i)
+    ns[i] = static_cast<int64_t>(kLatencyBounds[i] * 1e9 + 0.5);
+  return ns;
+}();
+static_assert(kLatencyBoundsNs[0] == 1'000 && kLatencyBoundsNs.back() == 10'000'000'000);
 
 bool publish_like(FrameType t) {
   return t == FrameType::kPublish || t == FrameType::kRequest || t == FrameType::kPsPush ||
@@ -172,6 +180,7 @@ class Server::Impl {
     std::span<const std::byte> payload;
     std::shared_ptr<const void> owner;
     bool shared_block = false;
+    int64_t rx_ns = 0;  // when its bytes were read (monotonic_ns(); 0: not known)
   };
   // A frame decoded from a receive block, kept alive by `owner` (that block).
   static Work work_from(const FrameView& f, const std::shared_ptr<const void>& owner) {
@@ -438,6 +447,9 @@ struct Server::Impl::Conn final : public Session {
   // connection. (Those the control side accepts go back on the control connection, Link::
   // credits_to_return: each side returns its own, and neither wakes the other for it.)
   uint64_t credits_to_return = 0;
+  // The topic the loop last routed a publish of this session's main connection on (the control
+  // side keeps its own, Link::route).
+  RouteCache route;
   size_t pulls = 0;
   // Protocol version agreed in the handshake; with 2, the token a control connection must prove
   // it knows (auth.hpp).
@@ -502,6 +514,7 @@ struct Server::Impl::Link {
   std::deque<Work> parked;
   // Publishes accepted here whose credit goes back in the next credit frame on this connection.
   uint64_t credits_to_return = 0;
+  RouteCache route;  // the topic this connection published on last (Broker::publish)
 };
 
 const AclEntry* Server::Impl::acl_for(std::string_view identity) const {
@@ -681,9 +694,8 @@ void Server::Impl::place_thread(bool record) {
 }
 
 void Server::Impl::observe_latency(int64_t ns) {
-  const double s = static_cast<double>(ns) / 1e9;
   size_t b = 0;
-  while (b < kLatencyBounds.size() && s > kLatencyBounds[b]) ++b;
+  while (b < kLatencyBoundsNs.size() && ns > kLatencyBoundsNs[b]) ++b;
   c_.buckets[b].fetch_add(1, std::memory_order_relaxed);
   c_.lat_count.fetch_add(1, std::memory_order_relaxed);
   c_.lat_sum_ns.fetch_add(static_cast<uint64_t>(std::max<int64_t>(ns, 0)),
@@ -1234,6 +1246,7 @@ Status Server::Impl::handle_ctrl(Link& l, const FrameView& f,
       }
       // No copy: the message keeps its receive block while parked or queued.
       Work m = work_from(f, owner);
+      m.rx_ns = l.last_rx_ns;
       if (h.type == FrameType::kPsPush || h.type == FrameType::kPsPull) {
         // The parameter server and its pending pulls are the loop's.
         post_loop(LoopCmd{.kind = LoopCmd::Kind::kWork, .session = c.id(), .work = std::move(m)});
@@ -1592,6 +1605,7 @@ Status Server::Impl::handle_frame(Conn& c, const FrameView& f,
 }
 
 Status Server::Impl::accept_work(Conn& c, Work m) {
+  if (m.rx_ns == 0) m.rx_ns = c.last_rx_ns;
   // One window for both connections. Relaxed: a count (see Conn).
   if (c.publish_outstanding.fetch_add(1, std::memory_order_relaxed) + 1 > opt_.publish_credits) {
     return protocol_error("client sent more than its ", opt_.publish_credits, " publish credits");
@@ -1716,7 +1730,9 @@ bool Server::Impl::process_work(Conn& c, const Work& m, Link* via) {
                     .id = h.id,
                     .publish_ts_ns = h.timestamp_ns,
                     .attempt = request ? h.seq : 1,
-                    .from_session = c.id()};
+                    .from_session = c.id(),
+                    .route = via ? &via->route : &c.route,
+                    .received_ns = m.rx_ns};
       auto r = request ? owner_->broker_->request(a) : owner_->broker_->publish(a);
       if (!r.ok())
         send_error(c, h.id, r.status(), via);

@@ -50,9 +50,11 @@ TEST(BrokerCore, WildcardsOneCopyPerSessionControlFirst) {
 }
 
 // A payload whose owner is shared with other data (the daemon's receive block) is queued by
-// reference while the lanes it goes to are short, and copied once a lane is deep: a message
-// waiting behind many others never keeps such an owner alive. Without owner_shared the owner
-// is always kept, however deep the lane.
+// reference while the lanes it goes to are short; once a lane is deep it is copied, unless the
+// message queued there last by reference holds the same owner (one read's messages share one
+// block, which the lane holds already): a deep lane takes no further owner, so a message waiting
+// behind many others never keeps another block alive. Without owner_shared the owner is always
+// kept, however deep the lane.
 TEST(BrokerCore, SharedOwnerIsCopiedOnlyIntoADeepLane) {
   constexpr size_t kDepth = Broker::kMaxSharedOwnerDepth;
   Broker b(options(4 * kDepth));
@@ -61,28 +63,104 @@ TEST(BrokerCore, SharedOwnerIsCopiedOnlyIntoADeepLane) {
   ASSERT_TRUE(b.subscribe(1, 1, "grad/#").ok());
   ASSERT_TRUE(b.subscribe(1, 2, "lossy/#").ok());
   auto block = std::make_shared<std::string>("0123456789abcdef");
+  auto other = std::make_shared<std::string>("0123456789abcdef");
   const std::span<const std::byte> payload = bytes(*block).subspan(4, 8);
+  const std::span<const std::byte> other_payload = bytes(*other).subspan(4, 8);
   for (const bool shared : {true, false}) {
     for (const char* topic : {"grad/x", "lossy/x"}) {
       SCOPED_TRACE(std::string(topic) + (shared ? " shared" : " exclusive"));
-      for (size_t i = 0; i < kDepth + 3; ++i) {
-        auto r =
-            b.publish({.topic = topic, .payload = payload, .owner = block, .owner_shared = shared});
+      // kDepth + 3 messages from `block`, then 3 from `other`, then 2 from `block` again.
+      std::vector<int> from;  // 0: block, 1: other
+      for (size_t i = 0; i < kDepth + 3; ++i) from.push_back(0);
+      for (int i = 0; i < 3; ++i) from.push_back(1);
+      for (int i = 0; i < 2; ++i) from.push_back(0);
+      for (const int k : from) {
+        auto r = b.publish({.topic = topic,
+                            .payload = k == 0 ? payload : other_payload,
+                            .owner = k == 0 ? block : other,
+                            .owner_shared = shared});
         ASSERT_TRUE(r.ok());
         ASSERT_EQ(*r, PublishOutcome::kAccepted);
       }
-      // The lane now holds kDepth + 3 messages: only the first kDepth hold the block.
-      EXPECT_EQ(block.use_count(), 1 + static_cast<long>(shared ? kDepth : kDepth + 3));
-      for (size_t i = 0; i < kDepth + 3; ++i) {
+      // The lane was deep from the ninth message on: those from `block` still share it (the
+      // last shared owner), those from `other` were copied.
+      EXPECT_EQ(block.use_count(), 1 + static_cast<long>(kDepth + 5));
+      EXPECT_EQ(other.use_count(), 1 + (shared ? 0 : 3));
+      for (size_t i = 0; i < from.size(); ++i) {
         auto m = s->poll(Deadline::after_ms(0));
         ASSERT_TRUE(m.ok()) << m.status();
         EXPECT_EQ(text(**m), "456789ab");
-        const bool by_reference = (*m)->payload.data() == payload.data();
-        EXPECT_EQ(by_reference, !shared || i < kDepth) << "message " << i;
+        const bool by_reference =
+            (*m)->payload.data() == payload.data() || (*m)->payload.data() == other_payload.data();
+        EXPECT_EQ(by_reference, !shared || from[i] == 0) << "message " << i;
       }
       EXPECT_EQ(block.use_count(), 1);
+      EXPECT_EQ(other.use_count(), 1);
+      // A shallow lane takes `other` by reference again, and then it is the lane's last owner.
+      if (shared) {
+        for (int i = 0; i < static_cast<int>(kDepth) + 2; ++i) {
+          ASSERT_TRUE(
+              b.publish(
+                   {.topic = topic, .payload = other_payload, .owner = other, .owner_shared = true})
+                  .ok());
+        }
+        EXPECT_EQ(other.use_count(), 1 + static_cast<long>(kDepth) + 2);
+        ASSERT_TRUE(
+            b.publish({.topic = topic, .payload = payload, .owner = block, .owner_shared = true})
+                .ok());
+        EXPECT_EQ(block.use_count(), 1);  // copied: the deep lane's last owner is `other`
+        while (s->poll(Deadline::after_ms(0)).ok()) {
+        }
+        EXPECT_EQ(other.use_count(), 1);
+      }
     }
   }
+}
+
+// A publisher's RouteCache follows the topic it publishes: each publish gets its own topic's
+// policy, sequence and statistics whatever the cache held, a bad topic is still refused, and a
+// cache filled by one Broker is never taken for another's topics.
+TEST(BrokerCore, RouteCacheFollowsTheTopic) {
+  Broker b(options(64)), other(options(64));
+  auto s = std::make_shared<LocalSubscriber>(1, "a", 64);
+  auto t = std::make_shared<LocalSubscriber>(1, "b", 64);
+  b.add_session(s);
+  other.add_session(t);
+  ASSERT_TRUE(b.subscribe(1, 1, "#").ok());
+  ASSERT_TRUE(other.subscribe(1, 1, "#").ok());
+  RouteCache route;
+  auto pub = [&](Broker& to, std::string_view topic) {
+    return to.publish({.topic = topic, .payload = bytes("x"), .route = &route});
+  };
+  for (const char* topic : {"ctrl/a", "ctrl/a", "grad/x", "ctrl/a", "grad/x", "grad/x"})
+    ASSERT_TRUE(pub(b, topic).ok()) << topic;
+  EXPECT_FALSE(pub(b, "grad//x").ok());
+  ASSERT_TRUE(pub(b, "grad/x").ok());
+  ASSERT_TRUE(pub(other, "grad/x").ok());  // the same cache, another broker
+  ASSERT_TRUE(pub(b, "grad/x").ok());
+  std::vector<std::pair<std::string, uint64_t>> got;
+  std::vector<Lane> lanes;
+  while (true) {
+    auto m = s->poll(Deadline::after_ms(0));
+    if (!m.ok()) break;
+    got.emplace_back((*m)->topic, (*m)->seq);
+    lanes.push_back((*m)->lane);
+  }
+  // Control first, then bulk, each in order with its topic's own sequence.
+  const std::vector<std::pair<std::string, uint64_t>> want = {
+      {"ctrl/a", 1}, {"ctrl/a", 2}, {"ctrl/a", 3}, {"grad/x", 1},
+      {"grad/x", 2}, {"grad/x", 3}, {"grad/x", 4}, {"grad/x", 5}};
+  EXPECT_EQ(got, want);
+  EXPECT_EQ(lanes, (std::vector<Lane>{Lane::kControl, Lane::kControl, Lane::kControl, Lane::kBulk,
+                                      Lane::kBulk, Lane::kBulk, Lane::kBulk, Lane::kBulk}));
+  EXPECT_EQ(b.topic_stats().at("grad/x").messages_in, 5u);
+  EXPECT_EQ(b.topic_stats().at("ctrl/a").messages_in, 3u);
+  auto m = t->poll(Deadline::after_ms(0));
+  ASSERT_TRUE(m.ok());
+  EXPECT_EQ((*m)->topic, "grad/x");
+  EXPECT_EQ((*m)->seq, 1u);
+  EXPECT_FALSE(t->poll(Deadline::after_ms(0)).ok());
+  EXPECT_EQ(other.topic_stats().at("grad/x").messages_in, 1u);
 }
 
 TEST(BrokerCore, BlockPolicyRefusesWholePublishUntilDrained) {

@@ -111,10 +111,14 @@ class Session {
   virtual void on_ready(Lane lane) = 0;
 
  private:
+  friend class Broker;
   uint64_t id_;
   std::string identity_;
   BoundedQueue<MessagePtr> control_;
   BoundedQueue<MessagePtr> bulk_;
+  // Per lane, under the Broker's mutex: the owner that the message queued last by reference to a
+  // shared owner (PublishArgs::owner_shared) holds. Compared, never dereferenced.
+  const void* last_shared_owner_[2] = {nullptr, nullptr};
 };
 
 // An in-process subscriber: poll() blocks with a deadline.
@@ -141,6 +145,20 @@ struct TopicStats {
 
 enum class PublishOutcome : uint8_t { kAccepted, kBlocked };
 
+// What Broker::publish() found for the topic a publisher used last: the publisher keeps it and
+// passes it back (PublishArgs::route), and a publish on the same topic then skips the topic's
+// validation, the policy search and the topic table's lookup after one comparison of its bytes.
+// It belongs to one publisher and is used by one thread at a time; it is only ever used with the
+// Broker that filled it.
+class RouteCache {
+ private:
+  friend class Broker;
+  const void* broker_ = nullptr;  // the Broker that filled it (compared, never dereferenced)
+  std::string topic_;
+  const TopicPolicy* policy_ = nullptr;  // that Broker's policy for topic_
+  void* state_ = nullptr;                // that Broker's TopicState for topic_ (never erased)
+};
+
 struct PublishArgs {
   std::string_view topic;
   std::span<const std::byte> payload;
@@ -148,19 +166,23 @@ struct PublishArgs {
   // `owner` also holds other data (the daemon passes the receive block a frame was decoded from,
   // so a payload is never copied on its way through). A message queued behind many others could
   // keep such a block alive long after the rest of it was used, so the payload is copied instead
-  // when a lane it goes to holds kMaxSharedOwnerDepth or more messages: at most that many
-  // messages per lane hold a shared owner.
+  // when a lane it goes to holds kMaxSharedOwnerDepth or more messages, unless the message queued
+  // there last by reference holds the same owner (the lane then keeps no further block: one read's
+  // worth of messages from one publisher share one block). A lane holds at most
+  // kMaxSharedOwnerDepth + 1 shared owners.
   bool owner_shared = false;
   uint64_t id = 0;
   uint64_t publish_ts_ns = 0;
-  uint64_t attempt = 1;       // requests only
-  uint64_t from_session = 0;  // requester, for request()
+  uint64_t attempt = 1;         // requests only
+  uint64_t from_session = 0;    // requester, for request()
+  RouteCache* route = nullptr;  // publish(): the publisher's memo of its last topic (optional)
+  int64_t received_ns = 0;      // when the broker received it (monotonic_ns(); 0: now)
 };
 
 class Broker {
  public:
   // See PublishArgs::owner_shared.
-  // 8: a slow subscriber pins at most 8 blocks per lane and 8 for its send queue (each about
+  // 8: a slow subscriber pins at most 9 blocks per lane and 8 for its send queue (each about
   // 1 MiB); at 32 that was up to about 70-100 MiB per slow session.
   static constexpr size_t kMaxSharedOwnerDepth = 8;
 
