@@ -2,6 +2,7 @@
 #include <myelin/broker/broker.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <thread>
 
@@ -92,7 +93,12 @@ Result<MessagePtr> LocalSubscriber::poll(Deadline deadline) {
   return m;
 }
 
-Broker::Broker(BrokerOptions options) : opt_(std::move(options)) {}
+namespace {
+std::atomic<uint64_t> next_broker_id{1};
+}  // namespace
+
+Broker::Broker(BrokerOptions options)
+    : opt_(std::move(options)), id_(next_broker_id.fetch_add(1, std::memory_order_relaxed)) {}
 
 void Broker::add_session(std::shared_ptr<Session> s) {
   std::lock_guard<std::mutex> lock(mu_);
@@ -232,14 +238,14 @@ Status Broker::check_control_size(const TopicPolicy& p, const PublishArgs& a) co
 
 Result<PublishOutcome> Broker::publish(const PublishArgs& a) {
   RouteCache* route = a.route;
-  const bool cached = route && route->broker_ == this && route->topic_ == a.topic;
+  const bool cached = route && route->broker_ == id_ && route->topic_ == a.topic;
   if (!cached) MYELIN_RETURN_IF_ERROR(validate_topic(a.topic));
   const TopicPolicy& p = cached ? *route->policy_ : policy_for(a.topic);
   MYELIN_RETURN_IF_ERROR(check_control_size(p, a));
   std::lock_guard<std::mutex> lock(mu_);
   TopicState& ts = cached ? *static_cast<TopicState*>(route->state_) : topic_locked(a.topic);
   if (route && !cached) {
-    route->broker_ = this;
+    route->broker_ = id_;
     route->topic_.assign(a.topic);
     route->policy_ = &p;
     route->state_ = &ts;

@@ -363,8 +363,6 @@ class Client::Impl {
   // the main connection (set by the handshake; 0: none), its reader sends a credit frame with
   // the bytes in seq.
   uint64_t rx_ack_every_ = 0;
-  // The topic publish() validated last (under mu_; empty: none, never a valid topic).
-  std::string valid_topic_;
   uint64_t rx_unacked_ = 0;  // the main connection's reader only
   Reassembler reasm_;        // the main connection's reader only (bulk is chunked, never control)
   // Handlers run one at a time although each connection has its own reader: held around every
@@ -1030,13 +1028,16 @@ Result<std::unique_ptr<Client>> Client::connect(ClientOptions options) {
 
 Status Client::publish(std::string_view topic, std::span<const std::byte> payload,
                        PublishOptions o) {
+  // A stream repeats its topic: the topic this thread validated last is compared, not validated
+  // again (validation depends on the bytes only). Outside the lock: a thread that alternates
+  // topics pays a validation and a copy per call, never while holding mu_.
+  thread_local std::string valid_topic;  // empty: none (never a valid topic)
+  if (topic.empty() || topic != valid_topic) {
+    MYELIN_RETURN_IF_ERROR(validate_topic(topic));
+    valid_topic.assign(topic);
+  }
   Impl& im = *impl_;
   std::unique_lock<std::mutex> lock(im.mu_);
-  // A stream repeats its topic: one that passed before is compared, not validated again.
-  if (topic.empty() || topic != im.valid_topic_) {
-    MYELIN_RETURN_IF_ERROR(validate_topic(topic));
-    im.valid_topic_.assign(topic);
-  }
   if (im.draining_) return unavailable("broker ", im.opt_.address, " is draining");
   MYELIN_RETURN_IF_ERROR(im.take_credit(lock, Deadline::after_ms(o.timeout_ms)));
   FrameHeader h;

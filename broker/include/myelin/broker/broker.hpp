@@ -149,11 +149,12 @@ enum class PublishOutcome : uint8_t { kAccepted, kBlocked };
 // passes it back (PublishArgs::route), and a publish on the same topic then skips the topic's
 // validation, the policy search and the topic table's lookup after one comparison of its bytes.
 // It belongs to one publisher and is used by one thread at a time; it is only ever used with the
-// Broker that filled it.
+// Broker that filled it (each Broker has an id of its own in the process: a Broker made where
+// another one was destroyed is not taken for it).
 class RouteCache {
  private:
   friend class Broker;
-  const void* broker_ = nullptr;  // the Broker that filled it (compared, never dereferenced)
+  uint64_t broker_ = 0;  // the id of the Broker that filled it (0: none)
   std::string topic_;
   const TopicPolicy* policy_ = nullptr;  // that Broker's policy for topic_
   void* state_ = nullptr;                // that Broker's TopicState for topic_ (never erased)
@@ -253,6 +254,7 @@ class Broker {
   }
 
   BrokerOptions opt_;
+  const uint64_t id_;  // unique in the process, never 0 (RouteCache)
   mutable std::mutex mu_;
   std::unordered_map<uint64_t, std::shared_ptr<Session>> sessions_;
   std::vector<Sub> subs_;
