@@ -7,6 +7,7 @@
 #   scripts/compare-broker.sh [--build DIR] [--rounds N] [--out DIR] [--quick] [--no-build]
 #                             [--flood-nice N] [--bulk-io-nice N] [--broker-loop-nice N]
 #                             [--bulk-io-scheduling normal|idle] [--broker-loop-scheduling normal|idle]
+#                             [--broker-spin-us N] [--client-spin-us N]
 #
 # What is measured, the same way on both sides (docs/bench.md, "Broker comparison"):
 #   lat1k    1 KiB publish-to-deliver latency, one-way = round trip / 2 through the broker
@@ -30,6 +31,9 @@
 # ClientOptions::io_thread_scheduling; idle: SCHED_IDLE). Without it the library's default.
 # --broker-loop-scheduling normal|idle: the myelin broker's loop thread (loop_scheduling in its
 # configuration). Without it the broker's default. Both are myelin settings; nothing changes for NATS.
+# --broker-spin-us N: the myelin broker's threads spin up to N us before they sleep
+# (spin_before_block_us in its configuration); --client-spin-us N: myelin's poll() callers do
+# (MYELIN_CLIENT_SPIN_US, ClientOptions::spin_before_block_us). Without them the defaults.
 # Each benchmark run is limited to COMPARE_RUN_TIMEOUT_S seconds (default 120); one past it is
 # reported as failed and left out of the medians.
 # As root, the whole run goes into its own session whose autogroup gets nice -20 (fewer
@@ -47,6 +51,7 @@ quick=0
 build_first=1
 loop_nice=0
 loop_scheduling=""
+broker_spin=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --build) build=${2:?}; shift ;;
@@ -59,7 +64,9 @@ while [ $# -gt 0 ]; do
     --broker-loop-nice) loop_nice=${2:?}; shift ;;
     --bulk-io-scheduling) export MYELIN_BULK_IO_SCHEDULING=${2:?}; shift ;;
     --broker-loop-scheduling) loop_scheduling=${2:?}; shift ;;
-    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+    --broker-spin-us) broker_spin=${2:?}; shift ;;
+    --client-spin-us) export MYELIN_CLIENT_SPIN_US=${2:?}; shift ;;
+    -h|--help) sed -n '2,38p' "$0"; exit 0 ;;
     *) echo "compare-broker.sh: unknown argument '$1'" >&2; exit 2 ;;
   esac
   shift
@@ -92,6 +99,7 @@ listen = "127.0.0.1:0"
 metrics_listen = ""
 $([ "$loop_nice" = 0 ] || echo "loop_nice = $loop_nice")
 $([ -z "$loop_scheduling" ] || echo "loop_scheduling = \"$loop_scheduling\"")
+$([ -z "$broker_spin" ] || echo "spin_before_block_us = $broker_spin")
 [[topic]]
 pattern = "ctrl/#"
 lane = "control"

@@ -686,8 +686,8 @@ void Client::Impl::read_for_poll(std::unique_lock<std::mutex>& lock, Deadline d)
   if (s.ok() && frames == 0) {
     const int64_t slice =
         d.is_never() ? 20'000'000 : std::clamp<int64_t>(d.remaining_ns(), 0, 20'000'000);
-    const timespec ts{static_cast<time_t>(slice / 1'000'000'000),
-                      static_cast<long>(slice % 1'000'000'000)};
+    timespec ts{static_cast<time_t>(slice / 1'000'000'000),
+                static_cast<long>(slice % 1'000'000'000)};
     pollfd p[2];
     int np = 0, which[2];
     for (int k = kCtrl; k >= kMain; --k) {
@@ -695,7 +695,20 @@ void Client::Impl::read_for_poll(std::unique_lock<std::mutex>& lock, Deadline d)
       which[np] = k;
       p[np++] = pollfd{conns_[k].fd.get(), POLLIN, 0};
     }
-    const int n = ::ppoll(p, static_cast<nfds_t>(np), &ts, nullptr);
+    int n = 0;
+    if (opt_.spin_before_block_us > 0 && slice > 0) {
+      const timespec zero{0, 0};
+      const int64_t now = monotonic_ns();
+      n = internal::spin_until([&] { return ::ppoll(p, static_cast<nfds_t>(np), &zero, nullptr); },
+                               now + std::min<int64_t>(opt_.spin_before_block_us * 1000, slice));
+      if (n == 0) {
+        // The rest of the slice, asleep.
+        const int64_t left = std::max<int64_t>(0, now + slice - monotonic_ns());
+        ts = timespec{static_cast<time_t>(left / 1'000'000'000),
+                      static_cast<long>(left % 1'000'000'000)};
+      }
+    }
+    if (n == 0) n = ::ppoll(p, static_cast<nfds_t>(np), &ts, nullptr);
     if (n > 0) {
       for (int i = 0; i < np && s.ok(); ++i) {
         if (p[i].revents == 0) continue;
@@ -1016,6 +1029,10 @@ Result<std::unique_ptr<Client>> Client::connect(ClientOptions options) {
   if (options.receive_window == 0) return invalid_argument("receive_window must be positive");
   if (options.io_thread_nice < 0 || options.io_thread_nice > 19)
     return invalid_argument("io_thread_nice ", options.io_thread_nice, " outside 0..19");
+  if (options.spin_before_block_us < 0 || options.spin_before_block_us > 100'000) {
+    return invalid_argument("spin_before_block_us ", options.spin_before_block_us,
+                            " outside 0..100000");
+  }
   MYELIN_RETURN_IF_ERROR(
       validate_bulk_scheduling(options.io_thread_scheduling, "io_thread_scheduling"));
   auto impl = std::make_unique<Impl>(std::move(options));

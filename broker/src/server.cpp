@@ -264,6 +264,10 @@ class Server::Impl {
   // The control side: the control thread's body, or the loop's in-line passes without it. It
   // alone touches links_ and every Link.
   void control_loop();
+  // epoll_wait for up to wait_ns, after a spin (spin_before_block_us) when the last pass with
+  // events (*last_event_ns, updated here) was less than the spin period ago.
+  int spin_then_wait(int epfd, epoll_event* evs, int max_events, int64_t now, int64_t wait_ns,
+                     int64_t* last_event_ns) const;
   // One pass: the commands from the loop, the `n` events of ctrl_epoll_, parked publishes, the
   // sessions asked for, heartbeats. Publishes busy_ctrl_.
   void ctrl_pass(const epoll_event* evs, int n);
@@ -325,6 +329,7 @@ class Server::Impl {
   std::deque<PendingPull> pulls_;
   uint64_t next_id_ = 1;
   int64_t last_tick_ns_ = 0;
+  int64_t last_event_ns_ = INT64_MIN / 2;  // spin_before_block_us: the last pass with events
 
   // Hand-offs between the two sides; each mutex is held only to add or take entries (no system
   // call, no other lock under it). ctrl_cmds_: loop -> control side (wakes ctrl_wake_).
@@ -342,6 +347,7 @@ class Server::Impl {
   std::vector<uint64_t> ctrl_ids_;                             // scratch: ids to visit
   size_t ctrl_parked_links_ = 0;  // links with parked publishes (the wait is 1 ms then)
   int64_t ctrl_last_tick_ns_ = 0;
+  int64_t ctrl_last_event_ns_ = INT64_MIN / 2;  // spin_before_block_us: the last pass with events
   // Control side -> loop, while draining: links whose connection, parked publishes or session's
   // control lane still held something at the end of control pass number ctrl_passes_ (both
   // stored at the end of the pass; ctrl_passes_ with release, read with acquire first).
@@ -571,6 +577,10 @@ Status Server::Impl::init() {
     return invalid_argument("loop_nice ", opt_.loop_nice, " outside 0 .. 19");
   }
   MYELIN_RETURN_IF_ERROR(validate_bulk_scheduling(opt_.loop_scheduling, "loop_scheduling"));
+  if (opt_.spin_before_block_us < 0 || opt_.spin_before_block_us > 100'000) {
+    return invalid_argument("spin_before_block_us ", opt_.spin_before_block_us,
+                            " outside 0 .. 100000");
+  }
   if (opt_.heartbeat_ms <= 0) return invalid_argument("heartbeat_ms must be positive");
   limits_.max_frame_payload =
       std::max<uint32_t>(opt_.chunk_bytes, static_cast<uint32_t>(opt_.batch_bytes) + 64 * 1024);
@@ -1005,6 +1015,22 @@ void Server::Impl::service_control() {
   run_loop_cmds();
 }
 
+int Server::Impl::spin_then_wait(int epfd, epoll_event* evs, int max_events, int64_t now,
+                                 int64_t wait_ns, int64_t* last_event_ns) const {
+  const int64_t spin_ns = opt_.spin_before_block_us * 1000;
+  int n = 0;
+  if (spin_ns > 0 && wait_ns > 0 && now - *last_event_ns < spin_ns) {
+    // The spin runs up to spin_ns past the last pass that had something to do, and never past
+    // this wait's own end.
+    const int64_t until = std::min(*last_event_ns + spin_ns, now + wait_ns);
+    n = internal::spin_until([&] { return ::epoll_wait(epfd, evs, max_events, 0); }, until);
+    if (n == 0) wait_ns = std::max<int64_t>(0, now + wait_ns - monotonic_ns());
+  }
+  if (n == 0) n = internal::epoll_wait_ns(epfd, evs, max_events, wait_ns);
+  if (n > 0 && spin_ns > 0) *last_event_ns = monotonic_ns();
+  return n;
+}
+
 void Server::Impl::control_loop() {
   tl_ctrl_side = this;
   ::pthread_setname_np(::pthread_self(), "myelin-brk-ctrl");
@@ -1015,8 +1041,8 @@ void Server::Impl::control_loop() {
     const int64_t now = monotonic_ns();
     int64_t wait_ns = std::max<int64_t>(0, ctrl_last_tick_ns_ + kCtrlTickNs - now);
     if (ctrl_parked_links_ > 0) wait_ns = std::min<int64_t>(wait_ns, 1'000'000);
-    const int n = internal::epoll_wait_ns(ctrl_epoll_.get(), evs.data(),
-                                          static_cast<int>(evs.size()), wait_ns);
+    const int n = spin_then_wait(ctrl_epoll_.get(), evs.data(), static_cast<int>(evs.size()), now,
+                                 wait_ns, &ctrl_last_event_ns_);
     ctrl_pass(evs.data(), std::max(n, 0));
   }
   ctrl_final_flush();
@@ -2030,8 +2056,8 @@ void Server::Impl::loop() {
       if (!c->parked.empty()) parked = true;
     }
     if (parked) wait_ns = std::min<int64_t>(wait_ns, 1'000'000);
-    const int n =
-        internal::epoll_wait_ns(epoll_.get(), evs.data(), static_cast<int>(evs.size()), wait_ns);
+    const int n = spin_then_wait(epoll_.get(), evs.data(), static_cast<int>(evs.size()), now,
+                                 wait_ns, &last_event_ns_);
     run_loop_cmds();
     service_control();
     for (int i = 0; i < n; ++i) {

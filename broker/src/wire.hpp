@@ -13,6 +13,7 @@
 // Thread safety: none; each object belongs to one connection, used under its owner's lock/thread.
 #pragma once
 
+#include <sched.h>
 #include <sys/epoll.h>
 #include <sys/uio.h>
 
@@ -78,6 +79,26 @@ Status set_nonblocking(int fd);
 // epoll_wait with a nanosecond timeout (epoll_pwait2; rounded up to milliseconds where the kernel
 // lacks it), so a 200 us batch window is not stretched to a whole millisecond. Negative: forever.
 int epoll_wait_ns(int epfd, epoll_event* events, int max_events, int64_t timeout_ns);
+
+// Spin-then-block waits (ServerOptions / ClientOptions::spin_before_block_us): calls `poll_once`
+// (a look that does not block; > 0: something is there) until it finds something or the clock
+// passes `spin_until_ns`, and hands the CPU to any other runnable thread between looks
+// (sched_yield), so a spinner delays the threads on its CPU by a system call, not a time slice.
+// A yield that kept this thread off the CPU for longer than kSpinGiveUpNs says the CPU is wanted
+// by other work: the spin ends there (the caller blocks), as it would only take turns with that
+// work. Returns the last look's result: > 0 found, 0 spin over, < 0 error (errno set).
+inline constexpr int64_t kSpinGiveUpNs = 50'000;
+template <class PollOnce>
+int spin_until(PollOnce&& poll_once, int64_t spin_until_ns) {
+  while (true) {
+    const int r = poll_once();
+    if (r != 0) return r;
+    const int64_t before = monotonic_ns();
+    if (before >= spin_until_ns) return 0;
+    ::sched_yield();
+    if (monotonic_ns() - before > kSpinGiveUpNs) return 0;
+  }
+}
 
 struct OutOptions {
   uint32_t chunk_size = 64 * 1024;

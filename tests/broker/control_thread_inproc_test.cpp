@@ -195,6 +195,88 @@ TEST_P(ControlThreadInProcess, MixedTrafficWithClientsComingAndGoing) {
   EXPECT_TRUE(drained.ok()) << drained;
 }
 
+// spin_before_block_us on both broker threads and on two poll() callers, so that TSan sees the
+// spinning waits beside the traffic they carry: control round trips in order while a third
+// client floods bulk to a handler, every bulk message whole and in order. Values out of range
+// are refused by Server::create and Client::connect.
+TEST_P(ControlThreadInProcess, RoundTripsAndBulkThroughSpinningThreads) {
+  ServerOptions so = server_options(GetParam());
+  so.spin_before_block_us = 500;
+  auto server = Server::create(so);
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_TRUE((*server)->start().ok());
+  const uint16_t port = (*server)->port();
+  ClientOptions po = client_options(port, "pinger");
+  po.spin_before_block_us = 500;
+  ClientOptions eo = client_options(port, "echo");
+  eo.spin_before_block_us = 500;
+  auto pinger = Client::connect(po);
+  auto echo = Client::connect(eo);
+  auto flooder = Client::connect(client_options(port, "flooder"));
+  ASSERT_TRUE(pinger.ok() && echo.ok() && flooder.ok());
+  ASSERT_TRUE((*echo)->subscribe("ctrl/ping").ok());
+  ASSERT_TRUE((*pinger)->subscribe("ctrl/pong").ok());
+  constexpr int kRounds = 500, kBulk = 32;
+  constexpr size_t kBulkSize = 64 * 1024;
+  std::mutex mu;
+  std::condition_variable cv;
+  int bulk_seen = 0;
+  bool bulk_in_order = true;
+  ASSERT_TRUE((*echo)
+                  ->subscribe("grad/#",
+                              [&](const ReceivedMessage& m) {
+                                int i = -1;
+                                std::memcpy(&i, m.payload.data(), sizeof(i));
+                                std::lock_guard<std::mutex> lock(mu);
+                                bulk_in_order = bulk_in_order && i == bulk_seen &&
+                                                m.payload.size() == kBulkSize;
+                                ++bulk_seen;
+                                cv.notify_all();
+                              })
+                  .ok());
+  std::thread echoer([&] {
+    for (int i = 0; i < kRounds; ++i) {
+      auto m = (*echo)->poll(Deadline::after_ms(30000));
+      if (!m.ok()) return;
+      if (!(*echo)->publish("ctrl/pong", m->payload, {.lane = Lane::kControl}).ok()) return;
+    }
+  });
+  std::thread flood([&] {
+    std::string body(kBulkSize, 'g');
+    for (int i = 0; i < kBulk; ++i) {
+      std::memcpy(body.data(), &i, sizeof(i));
+      if (!(*flooder)->publish("grad/f", body).ok()) return;
+    }
+  });
+  for (int i = 0; i < kRounds; ++i) {
+    const std::string body = std::to_string(i);
+    ASSERT_TRUE((*pinger)->publish("ctrl/ping", body, {.lane = Lane::kControl}).ok());
+    auto m = (*pinger)->poll(Deadline::after_ms(30000));
+    ASSERT_TRUE(m.ok()) << m.status() << " after " << i << " round trips";
+    EXPECT_EQ(m->text(), body);
+  }
+  echoer.join();
+  flood.join();
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    EXPECT_TRUE(cv.wait_for(lock, std::chrono::seconds(60), [&] { return bulk_seen == kBulk; }))
+        << bulk_seen << " of " << kBulk << " bulk messages arrived";
+    EXPECT_TRUE(bulk_in_order);
+  }
+  pinger->reset();
+  echo->reset();
+  flooder->reset();
+  (*server)->stop();
+  for (const int64_t bad : {int64_t{-1}, int64_t{100'001}}) {
+    ServerOptions bs = server_options(GetParam());
+    bs.spin_before_block_us = bad;
+    EXPECT_EQ(Server::create(bs).status().code(), StatusCode::kInvalidArgument) << bad;
+    ClientOptions bc = client_options(port, "bad");
+    bc.spin_before_block_us = bad;
+    EXPECT_EQ(Client::connect(bc).status().code(), StatusCode::kInvalidArgument) << bad;
+  }
+}
+
 // A reply larger than one chunk travels to the broker chunked on the main connection and back to
 // the requester on the bulk lane: a control frame is never chunked, and the broker once queued it
 // on the control lane, where it was dropped (and the requester's delivery credit with it) at every

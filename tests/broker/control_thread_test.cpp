@@ -557,6 +557,89 @@ TEST(LoopScheduling, TheDaemonAppliesItsConfigurationAndRefusesBadValues) {
   std::filesystem::remove_all(dir);
 }
 
+// CPU time (user + system, clock ticks) of the daemon `pid`'s threads named `name`.
+long daemon_thread_ticks(pid_t pid, const std::string& name) {
+  long ticks = 0;
+  for (int field : {14, 15}) {
+    for (int v : test_support::thread_stat_field(pid, field, name)) ticks += v;
+  }
+  return ticks;
+}
+
+// spin_before_block_us in the daemon's configuration: round trips through spinning broker
+// threads and spinning poll() callers arrive in order, with and without the control thread;
+// once traffic stops the broker's threads stop spinning (an idle second costs them less than a
+// tenth of it); a value out of range, or of the wrong type, stops the daemon at start with exit
+// code 2 and a message that names the key.
+TEST_P(ControlThread, SpinningThreadsCarryRoundTripsAndGoToSleepWhenIdle) {
+  Daemon d(GetParam(), "spin_before_block_us = 2000\n");
+  ASSERT_TRUE(d.up());
+  ClientOptions po = d.client("pinger");
+  po.spin_before_block_us = 2000;
+  ClientOptions eo = d.client("echo");
+  eo.spin_before_block_us = 2000;
+  auto pinger = Client::connect(po);
+  auto echo = Client::connect(eo);
+  ASSERT_TRUE(pinger.ok() && echo.ok());
+  ASSERT_TRUE((*echo)->subscribe("ctrl/ping").ok());
+  ASSERT_TRUE((*pinger)->subscribe("ctrl/pong").ok());
+  constexpr int kRounds = 2000;
+  std::thread echoer([&] {
+    for (int i = 0; i < kRounds; ++i) {
+      auto m = (*echo)->poll(Deadline::after_ms(20000));
+      if (!m.ok()) return;
+      if (!(*echo)->publish("ctrl/pong", m->payload, {.lane = Lane::kControl}).ok()) return;
+    }
+  });
+  int answered = 0;
+  for (int i = 0; i < kRounds; ++i) {
+    const std::string body = seq_text(i);
+    ASSERT_TRUE((*pinger)->publish("ctrl/ping", body, {.lane = Lane::kControl}).ok());
+    auto m = (*pinger)->poll(Deadline::after_ms(20000));
+    ASSERT_TRUE(m.ok()) << m.status() << " after " << i << " round trips";
+    EXPECT_EQ(m->text(), body);
+    ++answered;
+  }
+  echoer.join();
+  EXPECT_EQ(answered, kRounds);
+  // Idle: heartbeats only (one a second per connection), each followed by one spin of 2 ms.
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  const long before = daemon_thread_ticks(d.pid(), "myelin-brk-loop") +
+                      daemon_thread_ticks(d.pid(), "myelin-brk-ctrl");
+  std::this_thread::sleep_for(std::chrono::seconds(1));
+  const long after = daemon_thread_ticks(d.pid(), "myelin-brk-loop") +
+                     daemon_thread_ticks(d.pid(), "myelin-brk-ctrl");
+  const long hz = ::sysconf(_SC_CLK_TCK);
+  EXPECT_LT(after - before, hz / 10) << "the broker's threads used " << after - before
+                                     << " ticks of " << hz << " in an idle second";
+}
+
+TEST(SpinBeforeBlock, TheDaemonRefusesBadValues) {
+  const std::filesystem::path dir =
+      std::filesystem::temp_directory_path() / ("myelin-spin-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  std::ofstream(dir / "secret") << kSecret << "\n";
+  for (const std::string bad : {"-1", "100001", "\"50\""}) {
+    SCOPED_TRACE(bad);
+    std::ofstream(dir / "broker.toml") << "[broker]\nlisten = \"127.0.0.1:0\"\n"
+                                       << "spin_before_block_us = " << bad << "\n";
+    // The daemon refuses its configuration before it listens: no deadline beyond the test's.
+    const std::string cmd = std::string(MYELIN_BROKER_BIN) + " --config " +
+                            (dir / "broker.toml").string() + " --secret-file " +
+                            (dir / "secret").string() + " 2>&1";
+    FILE* p = ::popen(cmd.c_str(), "r");
+    ASSERT_NE(p, nullptr);
+    std::string output;
+    char buf[256];
+    while (size_t n = std::fread(buf, 1, sizeof(buf), p)) output.append(buf, n);
+    const int st = ::pclose(p);
+    EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 2) << st << ": " << output;
+    EXPECT_NE(output.find("spin_before_block_us"), std::string::npos) << output;
+    EXPECT_EQ(output.find("unknown key"), std::string::npos) << output;
+  }
+  std::filesystem::remove_all(dir);
+}
+
 // The routing core with a drainer on another thread, as the control thread drains control lanes
 // while the loop publishes into them: a push that meets a cell the drainer has claimed and not
 // yet handed back waits for it instead of failing. Every message is delivered (block) or

@@ -84,7 +84,7 @@ Status load_config_file(const std::string& path, ServerOptions* o) {
         {"listen", "metrics_listen", "secret_file", "lane_capacity", "chunk_bytes", "batch_bytes",
          "batch_count", "batch_window_us", "publish_credits", "socket_buffer_bytes",
          "bulk_socket_buffer_bytes", "bulk_inflight_bytes", "heartbeat_ms", "control_thread",
-         "loop_nice", "loop_scheduling", "numa_node", "nic"},
+         "loop_nice", "loop_scheduling", "spin_before_block_us", "numa_node", "nic"},
         "[broker]"));
     MYELIN_RETURN_IF_ERROR(get(*b, "listen", &o->listen));
     MYELIN_RETURN_IF_ERROR(get(*b, "metrics_listen", &o->metrics_listen));
@@ -115,6 +115,12 @@ Status load_config_file(const std::string& path, ServerOptions* o) {
       auto parsed = parse_bulk_scheduling(*v);
       if (!parsed.ok()) return std::move(parsed).status().with_context("'loop_scheduling'");
       o->loop_scheduling = *parsed;
+    }
+    if (const toml::node* n = b->get("spin_before_block_us")) {
+      auto v = n->value<int64_t>();
+      if (!v || *v < 0 || *v > 100'000)
+        return invalid_argument("'spin_before_block_us' must be an integer 0..100000");
+      o->spin_before_block_us = *v;
     }
     if (const toml::node* n = b->get("numa_node")) {
       auto v = n->value<int64_t>();

@@ -24,6 +24,7 @@ int main(int argc, char** argv) {
   std::string control_thread;
   int loop_nice = -1;
   std::string loop_scheduling;
+  int64_t spin_before_block_us = -1;
   uint32_t ps_workers = 0;
   app.add_option("-c,--config", config, "TOML configuration file");
   app.add_option("--listen", listen, "client address host:port (port 0: any free port)");
@@ -44,6 +45,10 @@ int main(int argc, char** argv) {
                  "normal|idle: with the control thread, how the bulk loop thread is scheduled "
                  "(idle: SCHED_IDLE; default normal)")
       ->check(CLI::IsMember({"normal", "idle"}));
+  app.add_option("--spin-before-block-us", spin_before_block_us,
+                 "0..100000: the control and loop threads look again without blocking for up to "
+                 "this long after work before they sleep (default 50)")
+      ->check(CLI::Range(int64_t{0}, int64_t{100'000}));
   app.add_flag("--ps", ps, "serve a parameter-server shard");
   app.add_option("--ps-workers", ps_workers, "workers per parameter-server step");
   app.add_option("--port-file", port_file, "write '<port> <metrics port>' here once listening");
@@ -72,6 +77,7 @@ int main(int argc, char** argv) {
   if (!nic.empty()) opts.nic = nic;
   if (!control_thread.empty()) opts.control_thread = control_thread == "on";
   if (loop_nice >= 0) opts.loop_nice = loop_nice;
+  if (spin_before_block_us >= 0) opts.spin_before_block_us = spin_before_block_us;
   if (!loop_scheduling.empty()) {
     auto parsed = parse_bulk_scheduling(loop_scheduling);
     if (!parsed.ok()) {

@@ -128,6 +128,10 @@ class BrokerBench::Impl {
     // (ClientOptions::control_connection), to compare the two set-ups on one build.
     if (const char* cv = std::getenv("MYELIN_CONTROL_CONNECTION"); cv != nullptr && *cv != '\0')
       co.control_connection = std::string_view(cv) != "0";
+    // MYELIN_CLIENT_SPIN_US=N: poll() callers spin up to N us before they sleep
+    // (ClientOptions::spin_before_block_us).
+    if (const char* sv = std::getenv("MYELIN_CLIENT_SPIN_US"); sv != nullptr && *sv != '\0')
+      co.spin_before_block_us = std::atoll(sv);
     return broker::Client::connect(std::move(co));
   }
   // Publishes flood messages until `stop` is set (rank 1's thread) or the store says so (ranks
@@ -180,6 +184,10 @@ Result<std::unique_ptr<BrokerBench>> BrokerBench::start(const BrokerBenchOptions
                            .lane = broker::Lane::kBulk,
                            .overflow = broker::OverflowPolicy::kBlock,
                            .batching = true}};
+    // MYELIN_BROKER_SPIN_US=N: the embedded broker's threads spin up to N us before they sleep
+    // (ServerOptions::spin_before_block_us).
+    if (const char* sv = std::getenv("MYELIN_BROKER_SPIN_US"); sv != nullptr && *sv != '\0')
+      so.spin_before_block_us = std::atoll(sv);
     so.enable_ps = true;
     so.ps.num_workers = static_cast<uint32_t>(options.size - 1);
     so.ps.aggregation = broker::Aggregation::kSum;
