@@ -265,9 +265,9 @@ class Server::Impl {
   // alone touches links_ and every Link.
   void control_loop();
   // epoll_wait for up to wait_ns, after a spin (spin_before_block_us) when the last pass with
-  // events (*last_event_ns, updated here) was less than the spin period ago.
+  // events ended (last_event_ns, stamped by the caller) less than the spin period ago.
   int spin_then_wait(int epfd, epoll_event* evs, int max_events, int64_t now, int64_t wait_ns,
-                     int64_t* last_event_ns) const;
+                     int64_t last_event_ns) const;
   // One pass: the commands from the loop, the `n` events of ctrl_epoll_, parked publishes, the
   // sessions asked for, heartbeats. Publishes busy_ctrl_.
   void ctrl_pass(const epoll_event* evs, int n);
@@ -329,7 +329,7 @@ class Server::Impl {
   std::deque<PendingPull> pulls_;
   uint64_t next_id_ = 1;
   int64_t last_tick_ns_ = 0;
-  int64_t last_event_ns_ = INT64_MIN / 2;  // spin_before_block_us: the last pass with events
+  int64_t last_event_ns_ = INT64_MIN / 2;  // spin_before_block_us: end of the last busy pass
 
   // Hand-offs between the two sides; each mutex is held only to add or take entries (no system
   // call, no other lock under it). ctrl_cmds_: loop -> control side (wakes ctrl_wake_).
@@ -347,7 +347,7 @@ class Server::Impl {
   std::vector<uint64_t> ctrl_ids_;                             // scratch: ids to visit
   size_t ctrl_parked_links_ = 0;  // links with parked publishes (the wait is 1 ms then)
   int64_t ctrl_last_tick_ns_ = 0;
-  int64_t ctrl_last_event_ns_ = INT64_MIN / 2;  // spin_before_block_us: the last pass with events
+  int64_t ctrl_last_event_ns_ = INT64_MIN / 2;  // spin_before_block_us: end of the last busy pass
   // Control side -> loop, while draining: links whose connection, parked publishes or session's
   // control lane still held something at the end of control pass number ctrl_passes_ (both
   // stored at the end of the pass; ctrl_passes_ with release, read with acquire first).
@@ -1016,18 +1016,17 @@ void Server::Impl::service_control() {
 }
 
 int Server::Impl::spin_then_wait(int epfd, epoll_event* evs, int max_events, int64_t now,
-                                 int64_t wait_ns, int64_t* last_event_ns) const {
+                                 int64_t wait_ns, int64_t last_event_ns) const {
   const int64_t spin_ns = opt_.spin_before_block_us * 1000;
   int n = 0;
-  if (spin_ns > 0 && wait_ns > 0 && now - *last_event_ns < spin_ns) {
+  if (spin_ns > 0 && wait_ns > 0 && now - last_event_ns < spin_ns) {
     // The spin runs up to spin_ns past the last pass that had something to do, and never past
     // this wait's own end.
-    const int64_t until = std::min(*last_event_ns + spin_ns, now + wait_ns);
+    const int64_t until = std::min(last_event_ns + spin_ns, now + wait_ns);
     n = internal::spin_until([&] { return ::epoll_wait(epfd, evs, max_events, 0); }, until);
     if (n == 0) wait_ns = std::max<int64_t>(0, now + wait_ns - monotonic_ns());
   }
   if (n == 0) n = internal::epoll_wait_ns(epfd, evs, max_events, wait_ns);
-  if (n > 0 && spin_ns > 0) *last_event_ns = monotonic_ns();
   return n;
 }
 
@@ -1042,8 +1041,10 @@ void Server::Impl::control_loop() {
     int64_t wait_ns = std::max<int64_t>(0, ctrl_last_tick_ns_ + kCtrlTickNs - now);
     if (ctrl_parked_links_ > 0) wait_ns = std::min<int64_t>(wait_ns, 1'000'000);
     const int n = spin_then_wait(ctrl_epoll_.get(), evs.data(), static_cast<int>(evs.size()), now,
-                                 wait_ns, &ctrl_last_event_ns_);
+                                 wait_ns, ctrl_last_event_ns_);
     ctrl_pass(evs.data(), std::max(n, 0));
+    // The spin period counts from the end of a pass that had events.
+    if (n > 0 && opt_.spin_before_block_us > 0) ctrl_last_event_ns_ = monotonic_ns();
   }
   ctrl_final_flush();
   tl_ctrl_side = nullptr;
@@ -2057,7 +2058,7 @@ void Server::Impl::loop() {
     }
     if (parked) wait_ns = std::min<int64_t>(wait_ns, 1'000'000);
     const int n = spin_then_wait(epoll_.get(), evs.data(), static_cast<int>(evs.size()), now,
-                                 wait_ns, &last_event_ns_);
+                                 wait_ns, last_event_ns_);
     run_loop_cmds();
     service_control();
     for (int i = 0; i < n; ++i) {
@@ -2089,6 +2090,7 @@ void Server::Impl::loop() {
     }
     pump_all();
     now = monotonic_ns();
+    if (n > 0) last_event_ns_ = now;  // the spin period counts from the end of this pass
     if (now - last_tick_ns_ > 100'000'000) {
       tick(now);
       last_tick_ns_ = now;

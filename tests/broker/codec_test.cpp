@@ -1,9 +1,13 @@
 #include <gtest/gtest.h>
 
+#include <pthread.h>
+#include <sched.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
 #include <cstring>
 #include <thread>
 
@@ -703,6 +707,59 @@ TEST(Reassembler, SmallChunkedMessageDoesNotKeepTheReservation) {
   ASSERT_EQ(m.payload->size(), 2 * part.size());
   EXPECT_LE(m.payload->capacity(), 2 * m.payload->size());
   EXPECT_EQ(m.header.payload_len, 2 * part.size());
+}
+
+// spin_until (the spin of spin_before_block_us): it returns what a look found, 0 at its end, a
+// failed look's -1 with errno, and 0 early once a yield kept it off the CPU past kSpinGiveUpNs.
+TEST(SpinUntil, FindsEndsAndPassesErrorsOn) {
+  int looks = 0;
+  EXPECT_EQ(
+      internal::spin_until([&] { return ++looks == 3 ? 2 : 0; }, monotonic_ns() + 10'000'000'000),
+      2);
+  EXPECT_EQ(looks, 3);
+  const int64_t start = monotonic_ns();
+  looks = 0;
+  EXPECT_EQ(internal::spin_until([&] { return ++looks, 0; }, start + 2'000'000), 0);
+  EXPECT_GE(monotonic_ns() - start, 2'000'000);
+  EXPECT_GT(looks, 1);
+  epoll_event ev;
+  errno = 0;
+  EXPECT_EQ(internal::spin_until([&] { return ::epoll_wait(-1, &ev, 1, 0); },
+                                 monotonic_ns() + 10'000'000'000),
+            -1);
+  EXPECT_EQ(errno, EBADF);
+}
+
+TEST(SpinUntil, GivesUpWhenAnotherThreadWantsTheCpu) {
+  // Both threads on one CPU: the spinner's yields hand it to the busy thread, which keeps it
+  // for a time slice (far more than kSpinGiveUpNs), so the spin ends long before its 20 s.
+  const int cpu = ::sched_getcpu();
+  ASSERT_GE(cpu, 0);
+  cpu_set_t one;
+  CPU_ZERO(&one);
+  CPU_SET(cpu, &one);
+  std::atomic<bool> stop{false};
+  std::atomic<bool> busy_pinned{false};
+  std::thread busy([&] {
+    busy_pinned = ::pthread_setaffinity_np(::pthread_self(), sizeof(one), &one) == 0;
+    while (!stop.load(std::memory_order_relaxed)) {
+    }
+  });
+  int64_t took = -1;
+  int result = -2;
+  std::thread spinner([&] {
+    if (::pthread_setaffinity_np(::pthread_self(), sizeof(one), &one) != 0) return;
+    const int64_t start = monotonic_ns();
+    result = internal::spin_until([] { return 0; }, start + 20'000'000'000);
+    took = monotonic_ns() - start;
+  });
+  spinner.join();
+  stop = true;
+  busy.join();
+  ASSERT_TRUE(busy_pinned.load());
+  EXPECT_EQ(result, 0);
+  EXPECT_GE(took, 0);
+  EXPECT_LT(took, 5'000'000'000) << "the spin did not give up the CPU";
 }
 
 }  // namespace

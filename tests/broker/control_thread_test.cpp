@@ -540,8 +540,9 @@ TEST(LoopScheduling, TheDaemonAppliesItsConfigurationAndRefusesBadValues) {
     SCOPED_TRACE(bad);
     std::ofstream(dir / "broker.toml") << "[broker]\nlisten = \"127.0.0.1:0\"\n"
                                        << "loop_scheduling = " << bad << "\n";
-    // The daemon refuses its configuration before it listens: no deadline beyond the test's.
-    const std::string cmd = std::string(MYELIN_BROKER_BIN) + " --config " +
+    // The daemon refuses its configuration before it listens; bounded all the same (one that
+    // took the value would listen until killed).
+    const std::string cmd = "timeout 10 " + std::string(MYELIN_BROKER_BIN) + " --config " +
                             (dir / "broker.toml").string() + " --secret-file " +
                             (dir / "secret").string() + " 2>&1";
     FILE* p = ::popen(cmd.c_str(), "r");
@@ -623,8 +624,9 @@ TEST(SpinBeforeBlock, TheDaemonRefusesBadValues) {
     SCOPED_TRACE(bad);
     std::ofstream(dir / "broker.toml") << "[broker]\nlisten = \"127.0.0.1:0\"\n"
                                        << "spin_before_block_us = " << bad << "\n";
-    // The daemon refuses its configuration before it listens: no deadline beyond the test's.
-    const std::string cmd = std::string(MYELIN_BROKER_BIN) + " --config " +
+    // The daemon refuses its configuration before it listens; bounded all the same (one that
+    // took the value would listen until killed).
+    const std::string cmd = "timeout 10 " + std::string(MYELIN_BROKER_BIN) + " --config " +
                             (dir / "broker.toml").string() + " --secret-file " +
                             (dir / "secret").string() + " 2>&1";
     FILE* p = ::popen(cmd.c_str(), "r");
