@@ -87,16 +87,17 @@ int epoll_wait_ns(int epfd, epoll_event* events, int max_events, int64_t timeout
 // A yield that kept this thread off the CPU for longer than kSpinGiveUpNs says the CPU is wanted
 // by other work: the spin ends there (the caller blocks), as it would only take turns with that
 // work. Returns the last look's result: > 0 found, 0 spin over, < 0 error (errno set).
+// `give_up_ns`: for tests (INT64_MAX: never give up).
 inline constexpr int64_t kSpinGiveUpNs = 50'000;
 template <class PollOnce>
-int spin_until(PollOnce&& poll_once, int64_t spin_until_ns) {
+int spin_until(PollOnce&& poll_once, int64_t spin_until_ns, int64_t give_up_ns = kSpinGiveUpNs) {
   while (true) {
     const int r = poll_once();
     if (r != 0) return r;
     const int64_t before = monotonic_ns();
     if (before >= spin_until_ns) return 0;
     ::sched_yield();
-    if (monotonic_ns() - before > kSpinGiveUpNs) return 0;
+    if (monotonic_ns() - before > give_up_ns) return 0;
   }
 }
 
