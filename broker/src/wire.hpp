@@ -82,12 +82,12 @@ int epoll_wait_ns(int epfd, epoll_event* events, int max_events, int64_t timeout
 
 // Spin-then-block waits (ServerOptions / ClientOptions::spin_before_block_us): calls `poll_once`
 // (a look that does not block; > 0: something is there) until it finds something or the clock
-// passes `spin_until_ns`, and hands the CPU to any other runnable thread between looks
-// (sched_yield), so a spinner delays the threads on its CPU by a system call, not a time slice.
-// A yield that kept this thread off the CPU for longer than kSpinGiveUpNs says the CPU is wanted
-// by other work: the spin ends there (the caller blocks), as it would only take turns with that
-// work. Returns the last look's result: > 0 found, 0 spin over, < 0 error (errno set).
-// `give_up_ns`: for tests (INT64_MAX: never give up).
+// passes `spin_until_ns`, and yields between looks (sched_yield): a runnable thread of the
+// spinner's own scheduling group (autogroup or cgroup) on its CPU runs at once, while one of
+// another group waits until the spin ends, up to the spin period. A yield that kept this thread
+// off the CPU for longer than kSpinGiveUpNs says the CPU is wanted by other work: the spin ends
+// there (the caller blocks). Returns the last look's result: > 0 found, 0 spin over, < 0 error
+// (errno set). `give_up_ns`: for tests (INT64_MAX: never give up).
 inline constexpr int64_t kSpinGiveUpNs = 50'000;
 template <class PollOnce>
 int spin_until(PollOnce&& poll_once, int64_t spin_until_ns, int64_t give_up_ns = kSpinGiveUpNs) {

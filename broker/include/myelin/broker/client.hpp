@@ -85,9 +85,11 @@ struct ClientOptions {
   // Spin-then-block for a poll() caller that reads the sockets itself: before it sleeps in
   // ppoll, it looks at them without blocking, yielding the CPU between looks, for up to this
   // long, so a reply that comes within it finds the thread running and its CPU awake (no wake-up
-  // of a halted CPU). The spin ends early when a yield finds other threads wanting the CPU. It
-  // costs CPU: a thread waiting in poll() spins this long per wait (every 20 ms while nothing
-  // comes). 0: sleep at once. At most 100 000. The I/O thread never spins. 50 us, as the
+  // of a halted CPU). The yields give way only within the caller's own scheduling group
+  // (autogroup or cgroup): a thread of another group (a broker on this host) that needs the CPU
+  // waits up to the spin period; a yield that kept the caller off the CPU for over 50 us ends
+  // the spin. It costs CPU: a thread waiting in poll() spins this long per wait (every 20 ms while
+  // nothing comes). 0: sleep at once. At most 100 000. The I/O thread never spins. 50 us, as the
   // broker's and the transport's spin_before_block.
   int64_t spin_before_block_us = 50;
   // Closing (the destructor) sends what is still queued for the broker, waiting at most this

@@ -109,11 +109,13 @@ struct ServerOptions {
   // blocking, yielding the CPU between looks, for up to this long before they sleep in epoll. A
   // frame that comes soon after the last one (the other half of a round trip) then finds the
   // thread running and its CPU awake instead of waking a halted CPU (on a VM, an interrupt to an
-  // idle vCPU, ~10 us). A spin ends early when a yield finds other threads wanting the CPU, so
-  // it takes turns with them rather than their time. It costs CPU: a thread that gets a frame
-  // every few spin periods stays busy. 0: sleep at once. At most 100 000. 50 us, as the
-  // transport's spin_before_block: on the 2-vCPU VM it halved the 1 KiB p50 of a round trip
-  // (with the clients' spin) and cost no throughput (docs/performance.md, "Broker").
+  // idle vCPU, ~10 us). The yields give way only within the spinner's own scheduling group
+  // (autogroup or cgroup); a thread of another group that needs the CPU waits up to the spin
+  // period (a yield that kept the spinner off the CPU for over 50 us ends the spin). It costs
+  // CPU: a thread that gets a frame every few spin periods stays busy. 0: sleep at once. At
+  // most 100 000. 50 us, as the transport's spin_before_block: on the 2-vCPU VM (with the
+  // clients' spin) the 1 KiB p50 of a round trip was 0.41-0.90x HEAD's in direct A/Bs, with no
+  // loss of throughput resolvable (docs/performance.md, "Broker").
   int64_t spin_before_block_us = 50;
   int numa_node = -1;  // pin the loop (and control) thread there (-1: don't)
   std::string nic;     // or: pin on this NIC's node ("mlx5_0", "eth0")
