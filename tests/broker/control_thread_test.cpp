@@ -20,6 +20,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <initializer_list>
 #include <map>
 #include <sstream>
 #include <string>
@@ -515,6 +516,34 @@ std::vector<int> daemon_thread_policies(pid_t pid, const std::string& name) {
   return test_support::thread_stat_field(pid, 41, name);
 }
 
+// The daemon started with `key = value` in its [broker] table, for each of `bad`: each must stop it
+// before it listens, with exit code 2 and a message that names the key (a known key refused, not
+// an unknown one). Bounded all the same: a daemon that took the value would listen until killed.
+void expect_daemon_refuses(const std::string& key, std::initializer_list<const char*> bad) {
+  const std::filesystem::path dir = std::filesystem::temp_directory_path() /
+                                    ("myelin-refuses-" + key + "-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  std::ofstream(dir / "secret") << kSecret << "\n";
+  for (const std::string value : bad) {
+    SCOPED_TRACE(key + " = " + value);
+    std::ofstream(dir / "broker.toml") << "[broker]\nlisten = \"127.0.0.1:0\"\n"
+                                       << key << " = " << value << "\n";
+    const std::string cmd = "timeout 10 " + std::string(MYELIN_BROKER_BIN) + " --config " +
+                            (dir / "broker.toml").string() + " --secret-file " +
+                            (dir / "secret").string() + " 2>&1";
+    FILE* p = ::popen(cmd.c_str(), "r");
+    ASSERT_NE(p, nullptr);
+    std::string output;
+    char buf[256];
+    while (size_t n = std::fread(buf, 1, sizeof(buf), p)) output.append(buf, n);
+    const int st = ::pclose(p);
+    EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 2) << st << ": " << output;
+    EXPECT_NE(output.find(key), std::string::npos) << output;
+    EXPECT_EQ(output.find("unknown key"), std::string::npos) << output;
+  }
+  std::filesystem::remove_all(dir);
+}
+
 // The daemon's loop_scheduling: "idle" in its configuration puts its loop thread, and not its
 // control thread, under SCHED_IDLE, and it still routes both lanes; a value it does not know, or
 // one of the wrong type, stops it at start with exit code 2 and a message that names the key.
@@ -532,30 +561,7 @@ TEST(LoopScheduling, TheDaemonAppliesItsConfigurationAndRefusesBadValues) {
     ASSERT_TRUE((*c)->publish("grad/x", "b").ok());
     for (int i = 0; i < 2; ++i) EXPECT_TRUE((*c)->poll(Deadline::after_ms(10000)).ok());
   }
-  const std::filesystem::path dir = std::filesystem::temp_directory_path() /
-                                    ("myelin-loop-scheduling-" + std::to_string(::getpid()));
-  std::filesystem::create_directories(dir);
-  std::ofstream(dir / "secret") << kSecret << "\n";
-  for (const std::string bad : {"\"fast\"", "1", "\"\""}) {
-    SCOPED_TRACE(bad);
-    std::ofstream(dir / "broker.toml") << "[broker]\nlisten = \"127.0.0.1:0\"\n"
-                                       << "loop_scheduling = " << bad << "\n";
-    // The daemon refuses its configuration before it listens; bounded all the same (one that
-    // took the value would listen until killed).
-    const std::string cmd = "timeout 10 " + std::string(MYELIN_BROKER_BIN) + " --config " +
-                            (dir / "broker.toml").string() + " --secret-file " +
-                            (dir / "secret").string() + " 2>&1";
-    FILE* p = ::popen(cmd.c_str(), "r");
-    ASSERT_NE(p, nullptr);
-    std::string output;
-    char buf[256];
-    while (size_t n = std::fread(buf, 1, sizeof(buf), p)) output.append(buf, n);
-    const int st = ::pclose(p);
-    EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 2) << st << ": " << output;
-    EXPECT_NE(output.find("loop_scheduling"), std::string::npos) << output;
-    EXPECT_EQ(output.find("unknown key"), std::string::npos) << output;  // a known key, refused
-  }
-  std::filesystem::remove_all(dir);
+  expect_daemon_refuses("loop_scheduling", {"\"fast\"", "1", "\"\""});
 }
 
 // CPU time (user + system, clock ticks) of the daemon `pid`'s threads named `name`.
@@ -616,30 +622,7 @@ TEST_P(ControlThread, SpinningThreadsCarryRoundTripsAndGoToSleepWhenIdle) {
 }
 
 TEST(SpinBeforeBlock, TheDaemonRefusesBadValues) {
-  const std::filesystem::path dir =
-      std::filesystem::temp_directory_path() / ("myelin-spin-" + std::to_string(::getpid()));
-  std::filesystem::create_directories(dir);
-  std::ofstream(dir / "secret") << kSecret << "\n";
-  for (const std::string bad : {"-1", "100001", "\"50\""}) {
-    SCOPED_TRACE(bad);
-    std::ofstream(dir / "broker.toml") << "[broker]\nlisten = \"127.0.0.1:0\"\n"
-                                       << "spin_before_block_us = " << bad << "\n";
-    // The daemon refuses its configuration before it listens; bounded all the same (one that
-    // took the value would listen until killed).
-    const std::string cmd = "timeout 10 " + std::string(MYELIN_BROKER_BIN) + " --config " +
-                            (dir / "broker.toml").string() + " --secret-file " +
-                            (dir / "secret").string() + " 2>&1";
-    FILE* p = ::popen(cmd.c_str(), "r");
-    ASSERT_NE(p, nullptr);
-    std::string output;
-    char buf[256];
-    while (size_t n = std::fread(buf, 1, sizeof(buf), p)) output.append(buf, n);
-    const int st = ::pclose(p);
-    EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 2) << st << ": " << output;
-    EXPECT_NE(output.find("spin_before_block_us"), std::string::npos) << output;
-    EXPECT_EQ(output.find("unknown key"), std::string::npos) << output;
-  }
-  std::filesystem::remove_all(dir);
+  expect_daemon_refuses("spin_before_block_us", {"-1", "100001", "\"50\""});
 }
 
 // The routing core with a drainer on another thread, as the control thread drains control lanes
