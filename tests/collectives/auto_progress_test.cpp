@@ -79,6 +79,13 @@ struct Feeder {
     st.run_delay_ns += waited_ms * 1'000'000;
     return rule.add(now, st);
   }
+  // One 10 ms sample read with the host's runnable count saying `load`.
+  bool step_on(transport::internal::HostLoad load, int64_t ran_ms, int64_t waited_ms) {
+    now += 10'000'000;
+    st.on_cpu_ns += ran_ms * 1'000'000;
+    st.run_delay_ns += waited_ms * 1'000'000;
+    return rule.add(now, st, load);
+  }
   bool steps(int n, int64_t ran_ms, int64_t waited_ms) {
     bool spinning = rule.spinning();
     for (int i = 0; i < n; ++i) spinning = step(ran_ms, waited_ms);
@@ -161,10 +168,7 @@ TEST(CpuContentionRule, AWindowOnABusyHostHoldsLong) {
   Feeder f;
   f.step(10, 0);
   EXPECT_TRUE(f.steps(CpuContentionRule::kFirstWindow - 1, 4, 6));
-  f.now += 10'000'000;
-  f.st.on_cpu_ns += 4'000'000;
-  f.st.run_delay_ns += 6'000'000;
-  EXPECT_FALSE(f.rule.add(f.now, f.st, HostLoad::kBusy));
+  EXPECT_FALSE(f.step_on(HostLoad::kBusy, 4, 6));
   EXPECT_EQ(f.rule.hold_ns(), CpuContentionRule::kBusyHoldNs);
   EXPECT_GT(CpuContentionRule::kBusyHoldNs, CpuContentionRule::kMinHoldNs);
   // The hold lasts while no CPU is idle.
@@ -183,10 +187,7 @@ TEST(CpuContentionRule, AWindowOnABusyHostHoldsLong) {
   Feeder g;  // a full host (as many runnable threads as CPUs): the ranks themselves
   g.step(10, 0);
   EXPECT_TRUE(g.steps(CpuContentionRule::kFirstWindow - 1, 4, 6));
-  g.now += 10'000'000;
-  g.st.on_cpu_ns += 4'000'000;
-  g.st.run_delay_ns += 6'000'000;
-  EXPECT_FALSE(g.rule.add(g.now, g.st, HostLoad::kFull));
+  EXPECT_FALSE(g.step_on(HostLoad::kFull, 4, 6));
   EXPECT_EQ(g.rule.hold_ns(), CpuContentionRule::kMinHoldNs);
 
   // Within the grace a busy host does not make samples count.
