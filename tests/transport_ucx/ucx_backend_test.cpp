@@ -11,6 +11,7 @@
 
 #include <myelin/transport/memory.hpp>
 
+#include "ucx/ucx_endpoint.hpp"
 #include "ucx/ucx_memory.hpp"
 #include "ucx/ucx_worker.hpp"
 #include "ucx_test_util.hpp"
@@ -726,6 +727,64 @@ TEST_P(UcxPair, DisconnectCancelsPostedRecvs) {
   ba_.reset();
   ASSERT_TRUE(r.done());
   EXPECT_EQ(r.status().code(), StatusCode::kCancelled) << r.status();
+}
+
+// A recv posted on an empty stream waits in the worker's fast slot, which a packed message
+// completes directly; any other recv or message of that stream, a recv on another stream, a
+// too-small buffer and a failed peer must see it as the front of its stream's queue.
+TEST_P(UcxPair, RecvsInTheFastSlotKeepOrderAcrossChannelsAndErrors) {
+  uint64_t a = 0, b = 0, c = 0;
+  Request r1 = ba_->recv(5, &a, sizeof a);  // the slot
+  Request r2 = ba_->recv(5, &b, sizeof b);  // r1 back to its queue, r2 behind it
+  Request r3 = ba_->recv(6, &c, sizeof c);  // the slot, for another channel
+  const uint64_t va = 0xA1, vb = 0xB2, vc = 0xC3;
+  Request s3 = ab_->send(6, &vc, sizeof vc);
+  Request s1 = ab_->send(5, &va, sizeof va);
+  Request s2 = ab_->send(5, &vb, sizeof vb);
+  for (const Request* r : {&r1, &r2, &r3, &s1, &s2, &s3}) {
+    ASSERT_TRUE(drive2(*r).ok()) << r->status();
+  }
+  EXPECT_EQ(a, va);
+  EXPECT_EQ(b, vb);
+  EXPECT_EQ(c, vc);
+
+  // A buffer too small for the message: out_of_range, the message consumed; the next recv works.
+  uint32_t small = 0;
+  Request tight = ba_->recv(5, &small, sizeof small);
+  Request big = ab_->send(5, &va, sizeof va);
+  EXPECT_EQ(drive2(tight).code(), StatusCode::kOutOfRange) << tight.status();
+  EXPECT_TRUE(drive2(big).ok()) << big.status();
+  Request after = ba_->recv(5, &b, sizeof b);
+  Request s4 = ab_->send(5, &vc, sizeof vc);
+  ASSERT_TRUE(drive2(after).ok()) << after.status();
+  EXPECT_EQ(b, vc);
+  EXPECT_EQ(after.bytes(), sizeof b);
+  ASSERT_TRUE(drive2(s4).ok()) << s4.status();
+
+  // Messages that arrived first are taken before the slot is used again, in order. Progress
+  // until the receiver has handled two events (the two messages), then some more; a recv that
+  // takes an arrived message is complete when posted.
+  Request early1 = ab_->send(6, &va, sizeof va);
+  Request early2 = ab_->send(6, &vb, sizeof vb);
+  const Deadline arrival = Deadline::after(std::chrono::seconds(10));
+  for (size_t events = 0; events < 2 && !arrival.expired();) {
+    a_->progress();
+    events += b_->progress();
+  }
+  for (int i = 0; i < 100; ++i) a_->progress(), b_->progress();
+  Request got1 = ba_->recv(6, &a, sizeof a);
+  Request got2 = ba_->recv(6, &c, sizeof c);
+  EXPECT_TRUE(got1.done() && got2.done()) << "the messages had not arrived: no ready-queue path";
+  ASSERT_TRUE(drive2(got1).ok() && drive2(got2).ok()) << got1.status() << got2.status();
+  EXPECT_EQ(a, va);
+  EXPECT_EQ(c, vb);
+
+  // A failed peer fails the recv in the slot.
+  Request pending = ba_->recv(6, &a, sizeof a);
+  EXPECT_FALSE(pending.done());
+  static_cast<internal::ucx::UcxEndpoint&>(*ba_).fail(peer_failed("peer a: failed in the test"));
+  ASSERT_TRUE(pending.done());
+  EXPECT_EQ(pending.status().code(), StatusCode::kPeerFailed) << pending.status();
 }
 
 // Operations UCX still holds when their endpoint goes (a rendezvous send the peer never pulled, a

@@ -236,6 +236,13 @@ class RecvQueue {
     slots_[(head_ + size_) & mask_] = std::move(recv);
     ++size_;
   }
+  // Queues a recv ahead of the others (the worker's fast recv going back to its stream).
+  void push_front(PostedRecv&& recv) {
+    if (size_ == slots_.size()) grow();
+    head_ = (head_ + mask_) & mask_;  // head_ - 1, modulo the power-of-two size
+    slots_[head_] = std::move(recv);
+    ++size_;
+  }
   // Calls f on every queued recv, oldest first.
   template <typename F>
   void for_each(F&& f) {
@@ -303,6 +310,31 @@ struct Inbox {
   uint32_t cached_channel_ = 0;
 };
 
+// The recv that an arriving packed message can complete without its stream's queue (see
+// UcxWorker::post_recv): the first recv of a stream that had nothing queued, posted or early.
+// It is logically the front of `stream`'s posted queue, which stays empty while it is here; any
+// other way into that stream puts it back there first (UcxWorker::unslot_fast()).
+struct FastRecv {
+  ChannelStream* stream = nullptr;  // null: no recv here
+  uint64_t sender_id = 0;           // the first 8 header bytes the message must carry
+  uint64_t key = 0;                 // the next 8: the expected sequence's low 32 bits, channel
+  void* data = nullptr;
+  size_t limit = 0;  // min(capacity, kPackedLimit): a larger payload takes the general path
+  size_t capacity = 0;
+  uint64_t peer_id = 0;
+  // The recv's state. Kept after the fast path completed it (dropping it there would be a call
+  // on the way from the message to the caller) until the next recv takes the slot.
+  RequestStateRef state;
+};
+
+// The header's second 8 bytes (sequence, channel) as one word, in the wire's byte order.
+inline uint64_t header_key(uint32_t sequence, uint32_t channel) noexcept {
+  const AmHeader h{0, sequence, channel};
+  uint64_t key;
+  std::memcpy(&key, reinterpret_cast<const uint8_t*>(&h) + 8, sizeof key);
+  return key;
+}
+
 class UcxWorker : public std::enable_shared_from_this<UcxWorker> {
  public:
   static Result<std::shared_ptr<UcxWorker>> create(const Options& options, const ContextInfo& info);
@@ -328,15 +360,29 @@ class UcxWorker : public std::enable_shared_from_this<UcxWorker> {
   // Matches a recv against what arrived on the channel, or posts it. Inline for the usual case of
   // a recv posted before its message (nothing ready, the peer not failed): a pending request
   // from the pool, queued on the channel.
+  // A recv that finds its stream empty (nothing queued, ready or early) takes the fast slot
+  // (fast_), whose recv goes back to the front of its own stream first when it holds one.
   [[gnu::always_inline]] Request post_recv(Inbox& inbox, uint32_t channel, void* data,
                                            size_t capacity) {
+    if (fast_.stream != nullptr) unslot_fast();
     ChannelStream& stream = inbox.stream(channel);
     if (!stream.ready.empty() || !inbox.failure.ok()) {
       return take_ready(inbox, stream, channel, data, capacity);
     }
     auto [request, state] = request_pool_.make_pending();
     state->describe("recv", channel, inbox.peer_label);
-    stream.posted.push_back(PostedRecv{std::move(state), data, capacity, inbox.peer_id});
+    if (stream.posted.empty() && stream.early.empty()) {
+      fast_.stream = &stream;
+      fast_.sender_id = inbox.peer_id;
+      fast_.key = header_key(static_cast<uint32_t>(stream.next_sequence), channel);
+      fast_.data = data;
+      fast_.limit = capacity < kPackedLimit ? capacity : kPackedLimit;
+      fast_.capacity = capacity;
+      fast_.peer_id = inbox.peer_id;
+      fast_.state = std::move(state);  // drops the previous recv's, long completed
+    } else {
+      stream.posted.push_back(PostedRecv{std::move(state), data, capacity, inbox.peer_id});
+    }
     return std::move(request);
   }
   // Fails every posted recv of the inbox with `failure` and remembers it.
@@ -423,8 +469,15 @@ class UcxWorker : public std::enable_shared_from_this<UcxWorker> {
 
   static ucs_status_t on_message(void* arg, const void* header, size_t header_length, void* data,
                                  size_t length, const ucp_am_recv_param_t* param);
+  // A packed message: the fast recv's when the header matches it, in a callback that calls
+  // nothing and saves no registers; any other goes to on_packed_general().
   static ucs_status_t on_packed(void* arg, const void* header, size_t header_length, void* data,
                                 size_t length, const ucp_am_recv_param_t* param);
+  static ucs_status_t on_packed_general(UcxWorker* self, size_t header_length, void* data,
+                                        size_t length, const ucp_am_recv_param_t* param);
+  // Puts the fast recv back at the front of its stream's queue (before anything else touches
+  // that stream); no-op when the slot holds none.
+  void unslot_fast();
   // The common case of an arriving eager message, inline in the callbacks: the next one in order
   // on its channel, a posted recv waiting for it, and room for it there. Copies it into the recv
   // buffer and completes the recv; false (nothing changed) when any of that does not hold.
@@ -496,6 +549,7 @@ class UcxWorker : public std::enable_shared_from_this<UcxWorker> {
   Limits limits_;
   int event_fd_ = -1;
   RequestStatePool request_pool_;
+  FastRecv fast_;  // after the pool: its state goes first
   std::unordered_map<uint64_t, std::unique_ptr<Inbox>> inboxes_;
   Inbox* last_inbox_ = nullptr;  // one-entry cache in front of inboxes_
   std::vector<std::function<void()>> deferred_;
