@@ -69,6 +69,16 @@ class BackendContext {
   // timer due); the Context then sleeps on wait_fd(). May return earlier than max_ms with nothing
   // handled (a signal, a keepalive check).
   virtual bool progress_blocking(int /*max_ms*/, size_t& /*handled*/) { return false; }
+  // For a busy wait when this is the Context's only backend: polls at most `polls` times and
+  // stops at the first poll after which `request` is done; true when it is. The default calls
+  // progress(); a backend may poll in a loop of its own (no virtual call per poll).
+  virtual bool poll_until_done(const Request& request, uint32_t polls) {
+    for (uint32_t i = 0; i < polls; ++i) {
+      progress();
+      if (request.done()) return true;
+    }
+    return false;
+  }
 };
 
 using BackendFactoryFn = Result<std::unique_ptr<BackendContext>> (*)(const Options&,

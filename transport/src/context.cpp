@@ -272,17 +272,26 @@ struct Context::Impl {
     return false;
   }
   // The first of those polls, for Context::wait's inline part: in a ping-pong most waits that
-  // are not done at once end with it.
-  bool done_after_one_poll(const Request& request) {
+  // are not done at once end with them. The first poll alone (a request that one poll completes
+  // costs no more); then, with one backend, the others in the backend's own loop
+  // (poll_until_done: no virtual call per poll, and a completion returns from there straight to
+  // Context::wait). With several backends, the first poll only.
+  bool done_after_first_polls(const Request& request) {
     if (current_mode() != ProgressMode::kBusyPoll) return false;
     progress();
-    return request.done();
+    if (request.done()) return true;
+    BackendContext* be = only_backend;
+    return be != nullptr && be->poll_until_done(request, kPollsBeforeClock - 1);
   }
   // The rest of a wait that one poll did not end: the polls before the first clock read, then
   // drive() until the deadline (`deadline`, or options.timeout from now when null). Out of line,
   // so that the part of Context::wait() that usually ends it stays a short function.
   [[gnu::noinline]] Status wait_rest(const Request& request, const Deadline* deadline) {
-    if (done_within_first_polls([&] { return request.done(); })) return status_of(request);
+    // (One backend in busy mode: done_after_first_polls() ran them all.)
+    const bool polled = only_backend != nullptr && current_mode() == ProgressMode::kBusyPoll;
+    if (!polled && done_within_first_polls([&] { return request.done(); })) {
+      return status_of(request);
+    }
     return wait_until(request, deadline != nullptr ? *deadline : default_deadline(options.timeout));
   }
 
@@ -683,12 +692,12 @@ size_t Context::progress() {
 
 Status Context::wait(const Request& request) {
   // No clock read for a finished request, nor for one the first poll finishes.
-  if (request.done() || impl_->done_after_one_poll(request)) return status_of(request);
+  if (request.done() || impl_->done_after_first_polls(request)) return status_of(request);
   return impl_->wait_rest(request, nullptr);
 }
 
 Status Context::wait(const Request& request, Deadline deadline) {
-  if (request.done() || impl_->done_after_one_poll(request)) return status_of(request);
+  if (request.done() || impl_->done_after_first_polls(request)) return status_of(request);
   return impl_->wait_rest(request, &deadline);
 }
 
