@@ -475,6 +475,8 @@ class UcxWorker : public std::enable_shared_from_this<UcxWorker> {
                                 size_t length, const ucp_am_recv_param_t* param);
   static ucs_status_t on_packed_general(UcxWorker* self, size_t header_length, void* data,
                                         size_t length, const ucp_am_recv_param_t* param);
+  // on_packed()'s delivery to the fast recv of a payload above 16 bytes.
+  [[gnu::noinline]] ucs_status_t complete_fast(const void* data, size_t payload_length);
   // Puts the fast recv back at the front of its stream's queue (before anything else touches
   // that stream); no-op when the slot holds none.
   void unslot_fast();
