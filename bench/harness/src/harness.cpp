@@ -8,6 +8,10 @@
 
 #include <myelin/core/clock.hpp>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <x86intrin.h>
+#endif
+
 namespace myelin::bench {
 
 using transport::Context;
@@ -24,18 +28,34 @@ uint8_t pattern_byte(size_t i, uint64_t salt) {
 void fill(std::vector<uint8_t>& buf, uint64_t salt) {
   for (size_t i = 0; i < buf.size(); ++i) buf[i] = pattern_byte(i, salt);
 }
-// Stamps the message index at both ends (as much of it as fits).
-void stamp(uint8_t* p, size_t size, uint64_t index) {
-  const size_t n = std::min<size_t>(size, 8);
-  if (n == 0) return;  // a 0-byte message may have a null buffer
-  std::memcpy(p, &index, n);
-  if (size >= 16) std::memcpy(p + size - 8, &index, 8);
+// Stamps the message index at both ends (as much of it as fits). Inline, with fixed 8-byte moves
+// from 8 bytes up: a latency sample holds a stamp and its check, which should cost a few
+// instructions, not calls into the C library (memcpy and memcmp of a variable length were).
+inline void stamp(uint8_t* p, size_t size, uint64_t index) {
+  if (size >= 8) {
+    std::memcpy(p, &index, 8);
+    if (size >= 16) std::memcpy(p + size - 8, &index, 8);
+    return;
+  }
+  uint8_t bytes[8];
+  std::memcpy(bytes, &index, 8);
+  for (size_t i = 0; i < size; ++i) p[i] = bytes[i];  // a 0-byte message may have a null buffer
 }
-bool check_stamp(const uint8_t* p, size_t size, uint64_t index) {
-  const size_t n = std::min<size_t>(size, 8);
-  if (n == 0) return true;  // nothing stamped; a 0-byte message may have a null buffer
-  if (std::memcmp(p, &index, n) != 0) return false;
-  return size < 16 || std::memcmp(p + size - 8, &index, 8) == 0;
+inline bool check_stamp(const uint8_t* p, size_t size, uint64_t index) {
+  if (size >= 8) {
+    uint64_t head = 0, tail = 0;
+    std::memcpy(&head, p, 8);
+    if (head != index) return false;
+    if (size < 16) return true;
+    std::memcpy(&tail, p + size - 8, 8);
+    return tail == index;
+  }
+  uint8_t bytes[8];
+  std::memcpy(bytes, &index, 8);
+  for (size_t i = 0; i < size; ++i) {
+    if (p[i] != bytes[i]) return false;
+  }
+  return true;  // nothing stamped beyond what fits; a 0-byte message may have a null buffer
 }
 // Every byte: the pattern with the stamps laid over it.
 bool check_all(const std::vector<uint8_t>& buf, size_t size, uint64_t salt, uint64_t index) {
@@ -136,13 +156,22 @@ Result<LatencyResult> run_latency(Context& ctx, Endpoint& ep, bool initiator, si
   LatencyResult res;
   res.size = size;
   res.iters = cfg.iters;
-  std::vector<double> samples;
-  samples.reserve(cfg.iters);
+  std::vector<uint64_t> ticks;  // per round trip; in microseconds one way after the loop
+  ticks.reserve(cfg.iters);
   MYELIN_RETURN_IF_ERROR(initiator ? wait_for(ctx, ep) : signal(ctx, ep));
   const size_t total = cfg.warmup + cfg.iters;
   // One clock read per round trip, as ucx_perftest reads it: a sample runs from the end of the
   // previous round trip (the start of the first timed one) to the end of this one, so it also
-  // holds the 8-byte stamp and its check between them; a check of every byte is kept out.
+  // holds the 8-byte stamp and its check between them; a check of every byte is kept out. The
+  // read is the time-stamp counter itself where CycleTimer uses it (its now() asks uses_tsc()
+  // out of line every time), and the conversion waits until after the loop.
+  const bool tsc = CycleTimer::uses_tsc();
+  const auto clock = [tsc] {
+#if defined(__x86_64__) || defined(__i386__)
+    if (tsc) return static_cast<uint64_t>(__rdtsc());
+#endif
+    return CycleTimer::now();
+  };
   uint64_t t_prev = 0;
   for (size_t i = 0; i < total; ++i) {
     // Every byte once per size (and of the message the fault injection corrupts).
@@ -150,20 +179,20 @@ Result<LatencyResult> run_latency(Context& ctx, Endpoint& ep, bool initiator, si
         i == cfg.warmup || (i >= cfg.warmup && i - cfg.warmup == cfg.corrupt_at);
     if (initiator) {
       stamp(out.data(), size, i);
-      if (i == cfg.warmup) t_prev = CycleTimer::now();
+      if (i == cfg.warmup) t_prev = clock();
       // The ping leaves first and the pong's recv is posted while it travels, off the round
       // trip's critical path. No message is lost by the order: one that arrives before its recv
       // waits for it.
-      Request s = ep.send(kData, out.data(), size);
-      Request r = ep.recv(kData, in.data(), in.size());
-      MYELIN_RETURN_IF_ERROR(wait(ctx, s, "latency: ping"));
-      MYELIN_RETURN_IF_ERROR(wait(ctx, r, "latency: pong"));
-      const uint64_t t1 = CycleTimer::now();
-      if (i >= cfg.warmup) samples.push_back(CycleTimer::to_ns(t1 - t_prev) / 2000.0);
+      Request ping = ep.send(kData, out.data(), size);
+      Request pong = ep.recv(kData, in.data(), in.size());
+      MYELIN_RETURN_IF_ERROR(wait(ctx, ping, "latency: ping"));
+      MYELIN_RETURN_IF_ERROR(wait(ctx, pong, "latency: pong"));
+      const uint64_t t1 = clock();
+      if (i >= cfg.warmup) ticks.push_back(t1 - t_prev);
       t_prev = t1;
-      const bool good = r.bytes() == size && (full_check ? check_all(in, size, size, i)
-                                                         : check_stamp(in.data(), size, i));
-      if (full_check) t_prev = CycleTimer::now();
+      const bool good = pong.bytes() == size && (full_check ? check_all(in, size, size, i)
+                                                            : check_stamp(in.data(), size, i));
+      if (full_check) t_prev = clock();
       if (!good && i >= cfg.warmup) ++res.wrong;
     } else {
       Request r = ep.recv(kData, in.data(), in.size());
@@ -176,6 +205,9 @@ Result<LatencyResult> run_latency(Context& ctx, Endpoint& ep, bool initiator, si
       MYELIN_RETURN_IF_ERROR(wait(ctx, ep.send(kData, in.data(), size), "latency: pong"));
     }
   }
+  std::vector<double> samples;
+  samples.reserve(ticks.size());
+  for (uint64_t t : ticks) samples.push_back(CycleTimer::to_ns(t) / 2000.0);
   summarize(samples, res);
   // Report the echo side's wrong count to the initiator so one process sees both.
   uint64_t peer_wrong = 0;
