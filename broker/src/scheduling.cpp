@@ -38,4 +38,35 @@ Status apply_bulk_scheduling_to_this_thread(BulkScheduling s) {
   return ok_status();
 }
 
+std::string_view control_scheduling_name(ControlScheduling s) noexcept {
+  switch (s) {
+    case ControlScheduling::kNormal:
+      return "normal";
+    case ControlScheduling::kRealtime:
+      return "rr";
+  }
+  return "invalid";
+}
+
+Result<ControlScheduling> parse_control_scheduling(std::string_view text) {
+  if (text == "normal") return ControlScheduling::kNormal;
+  if (text == "rr") return ControlScheduling::kRealtime;
+  return invalid_argument("scheduling '", text, "' is neither normal nor rr");
+}
+
+Status validate_control_scheduling(ControlScheduling s, std::string_view what) {
+  if (s == ControlScheduling::kNormal || s == ControlScheduling::kRealtime) return ok_status();
+  return invalid_argument(what, " ", static_cast<int>(s), " is neither normal (0) nor rr (1)");
+}
+
+Status apply_control_scheduling_to_this_thread(ControlScheduling s) {
+  MYELIN_RETURN_IF_ERROR(validate_control_scheduling(s, "scheduling"));
+  if (s == ControlScheduling::kNormal) return ok_status();
+  sched_param param{};
+  param.sched_priority = ::sched_get_priority_min(SCHED_RR);
+  const int rc = ::pthread_setschedparam(::pthread_self(), SCHED_RR, &param);
+  if (rc != 0) return errno_status("pthread_setschedparam(SCHED_RR)", rc);
+  return ok_status();
+}
+
 }  // namespace myelin::broker

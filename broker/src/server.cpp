@@ -348,6 +348,7 @@ class Server::Impl {
   size_t ctrl_parked_links_ = 0;  // links with parked publishes (the wait is 1 ms then)
   int64_t ctrl_last_tick_ns_ = 0;
   int64_t ctrl_last_event_ns_ = INT64_MIN / 2;  // spin_before_block_us: end of the last busy pass
+  uint64_t ctrl_messages_ = 0;  // publishes, requests and replies read from control connections
   // Control side -> loop, while draining: links whose connection, parked publishes or session's
   // control lane still held something at the end of control pass number ctrl_passes_ (both
   // stored at the end of the pass; ctrl_passes_ with release, read with acquire first).
@@ -577,6 +578,8 @@ Status Server::Impl::init() {
     return invalid_argument("loop_nice ", opt_.loop_nice, " outside 0 .. 19");
   }
   MYELIN_RETURN_IF_ERROR(validate_bulk_scheduling(opt_.loop_scheduling, "loop_scheduling"));
+  MYELIN_RETURN_IF_ERROR(
+      validate_control_scheduling(opt_.control_scheduling, "control_scheduling"));
   if (opt_.spin_before_block_us < 0 || opt_.spin_before_block_us > 100'000) {
     return invalid_argument("spin_before_block_us ", opt_.spin_before_block_us,
                             " outside 0 .. 100000");
@@ -1034,6 +1037,14 @@ void Server::Impl::control_loop() {
   tl_ctrl_side = this;
   ::pthread_setname_np(::pthread_self(), "myelin-brk-ctrl");
   place_thread(/*record=*/false);
+  bool realtime = false;
+  if (opt_.control_scheduling != ControlScheduling::kNormal) {
+    Status s = apply_control_scheduling_to_this_thread(opt_.control_scheduling);
+    if (s.ok())
+      realtime = true;
+    else
+      MYELIN_LOG_WARN << "control thread keeps its scheduling: " << s;
+  }
   std::array<epoll_event, 64> evs;
   // Pairs with the release store in stop().
   while (!ctrl_stop_.load(std::memory_order_acquire)) {
@@ -1042,9 +1053,13 @@ void Server::Impl::control_loop() {
     if (ctrl_parked_links_ > 0) wait_ns = std::min<int64_t>(wait_ns, 1'000'000);
     const int n = spin_then_wait(ctrl_epoll_.get(), evs.data(), static_cast<int>(evs.size()), now,
                                  wait_ns, ctrl_last_event_ns_);
+    const uint64_t routed = ctrl_messages_;
     ctrl_pass(evs.data(), std::max(n, 0));
-    // The spin period counts from the end of a pass that had events.
-    if (n > 0 && opt_.spin_before_block_us > 0) ctrl_last_event_ns_ = monotonic_ns();
+    // The spin period counts from the end of a pass that had events; under a real-time policy,
+    // whose yields let no fair-class thread run, only from one that routed a message (a pass of
+    // credit frames alone, one per eighth of a window under 1 KiB bulk, is followed by none).
+    if (n > 0 && opt_.spin_before_block_us > 0 && (!realtime || ctrl_messages_ != routed))
+      ctrl_last_event_ns_ = monotonic_ns();
   }
   ctrl_final_flush();
   tl_ctrl_side = nullptr;
@@ -1265,6 +1280,7 @@ Status Server::Impl::handle_ctrl(Link& l, const FrameView& f,
     case FrameType::kRequest:
     case FrameType::kPsPush:
     case FrameType::kPsPull: {
+      ++ctrl_messages_;
       // One window for both connections. Relaxed: a count (see Conn).
       if (c.publish_outstanding.fetch_add(1, std::memory_order_relaxed) + 1 >
           opt_.publish_credits) {
@@ -1311,6 +1327,7 @@ Status Server::Impl::handle_ctrl(Link& l, const FrameView& f,
       return ok_status();
     case FrameType::kReply:
     case FrameType::kError:
+      ++ctrl_messages_;
       return route_answer(f);
     case FrameType::kHeartbeat:
       return ok_status();

@@ -450,6 +450,83 @@ TEST(LoopScheduling, IdleReachesOnlyTheBulkLoopAndOnlyWithAControlThread) {
       << server.status();
 }
 
+// Whether this process may put a thread under SCHED_RR (CAP_SYS_NICE or RLIMIT_RTPRIO): tried
+// on a thread of its own, which ends with it.
+bool may_use_realtime() {
+  bool ok = false;
+  std::thread t(
+      [&] { ok = apply_control_scheduling_to_this_thread(ControlScheduling::kRealtime).ok(); });
+  t.join();
+  return ok;
+}
+
+TEST(ControlScheduling, NamesParseAndRefuseWhatTheyDoNotKnow) {
+  EXPECT_EQ(control_scheduling_name(ControlScheduling::kNormal), "normal");
+  EXPECT_EQ(control_scheduling_name(ControlScheduling::kRealtime), "rr");
+  EXPECT_EQ(control_scheduling_name(static_cast<ControlScheduling>(9)), "invalid");
+  EXPECT_EQ(*parse_control_scheduling("normal"), ControlScheduling::kNormal);
+  EXPECT_EQ(*parse_control_scheduling("rr"), ControlScheduling::kRealtime);
+  for (const char* bad : {"", "RR", "fifo", "idle"}) {
+    auto r = parse_control_scheduling(bad);
+    EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument) << bad;
+  }
+  EXPECT_EQ(validate_control_scheduling(static_cast<ControlScheduling>(2), "x").code(),
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(apply_control_scheduling_to_this_thread(static_cast<ControlScheduling>(2)).code(),
+            StatusCode::kInvalidArgument);
+  ServerOptions o = server_options(true);
+  o.control_scheduling = static_cast<ControlScheduling>(3);
+  auto server = Server::create(o);
+  EXPECT_EQ(server.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(server.status().message().find("control_scheduling"), std::string_view::npos)
+      << server.status();
+}
+
+// control_scheduling = kRealtime puts the control thread, and only it, under SCHED_RR, and round
+// trips flow through it (spinning after each) to a poll() caller of the application's own under
+// SCHED_RR too, which keeps its policy, and so does a message after a sleep. Without the
+// privilege the server still starts, its control thread keeps SCHED_OTHER, and control flows.
+TEST(ControlScheduling, RealtimeReachesOnlyTheControlThreadAndSurvivesItsSpins) {
+  if (::sched_getscheduler(0) != SCHED_OTHER) GTEST_SKIP() << "this process is not SCHED_OTHER";
+  const bool realtime = may_use_realtime();
+  ServerOptions so = server_options(true);
+  so.control_scheduling = ControlScheduling::kRealtime;
+  so.spin_before_block_us = 200;
+  auto server = Server::create(so);
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_TRUE((*server)->start().ok());
+  ClientOptions co = client_options((*server)->port(), "rr");
+  co.spin_before_block_us = 200;
+  auto c = Client::connect(co);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE(threads_reach_policy("myelin-brk-ctrl", realtime ? SCHED_RR : SCHED_OTHER, 1));
+  EXPECT_EQ(thread_policies("myelin-brk-loop"), std::vector<int>{SCHED_OTHER});
+  EXPECT_EQ(thread_policies("myelin-cli-io"), std::vector<int>{SCHED_OTHER});
+  ASSERT_TRUE((*c)->subscribe("#").ok());
+  std::thread poller([&] {
+    if (realtime) {
+      ASSERT_TRUE(apply_control_scheduling_to_this_thread(ControlScheduling::kRealtime).ok());
+    }
+    for (int i = 0; i < 200; ++i) {
+      ASSERT_TRUE((*c)->publish("ctrl/x", bytes("c"), {.lane = Lane::kControl}).ok());
+      auto m = (*c)->poll(Deadline::after_ms(10000));
+      ASSERT_TRUE(m.ok()) << m.status();
+      EXPECT_EQ(m->topic, "ctrl/x");
+    }
+    // A poll() that spins and then sleeps until a message comes from another thread.
+    auto m = (*c)->poll(Deadline::after_ms(10000));
+    ASSERT_TRUE(m.ok()) << m.status();
+    EXPECT_EQ(::sched_getscheduler(0), realtime ? SCHED_RR : SCHED_OTHER);
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  ASSERT_TRUE((*c)->publish("grad/x", bytes("b")).ok());
+  poller.join();
+  EXPECT_TRUE(threads_reach_policy("myelin-brk-ctrl", realtime ? SCHED_RR : SCHED_OTHER, 1));
+  EXPECT_EQ(::sched_getscheduler(0), SCHED_OTHER);
+  c->reset();
+  (*server)->stop();
+}
+
 TEST(IoThreadScheduling, IdleReachesOnlyTheClientsIoThread) {
   if (::sched_getscheduler(0) != SCHED_OTHER) GTEST_SKIP() << "this process is not SCHED_OTHER";
   auto server = Server::create(server_options(true));

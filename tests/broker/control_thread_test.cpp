@@ -564,6 +564,32 @@ TEST(LoopScheduling, TheDaemonAppliesItsConfigurationAndRefusesBadValues) {
   expect_daemon_refuses("loop_scheduling", {"\"fast\"", "1", "\"\""});
 }
 
+// The daemon's control_scheduling: "rr" in its configuration puts its control thread, and not
+// its loop thread, under SCHED_RR where this user may (else the thread keeps SCHED_OTHER and the
+// daemon runs on), and both lanes still flow; a value it does not know, or one of the wrong type,
+// stops it at start with exit code 2 and a message that names the key.
+TEST(ControlScheduling, TheDaemonAppliesItsConfigurationAndRefusesBadValues) {
+  bool realtime = false;
+  std::thread([&] {
+    realtime = apply_control_scheduling_to_this_thread(ControlScheduling::kRealtime).ok();
+  }).join();
+  {
+    Daemon d(true, "control_scheduling = \"rr\"\n");
+    ASSERT_TRUE(d.up());
+    auto c = Client::connect(d.client("rr"));
+    ASSERT_TRUE(c.ok()) << c.status();
+    ASSERT_TRUE((*c)->subscribe("#").ok());
+    ASSERT_TRUE((*c)->publish("ctrl/x", "c", {.lane = Lane::kControl}).ok());
+    ASSERT_TRUE((*c)->publish("grad/x", "b").ok());
+    for (int i = 0; i < 2; ++i) EXPECT_TRUE((*c)->poll(Deadline::after_ms(10000)).ok());
+    // The control thread applied it when it started, before it served the round trip above.
+    EXPECT_EQ(daemon_thread_policies(d.pid(), "myelin-brk-ctrl"),
+              std::vector<int>{realtime ? SCHED_RR : SCHED_OTHER});
+    EXPECT_EQ(daemon_thread_policies(d.pid(), "myelin-brk-loop"), std::vector<int>{SCHED_OTHER});
+  }
+  expect_daemon_refuses("control_scheduling", {"\"fifo\"", "1", "\"\""});
+}
+
 // CPU time (user + system, clock ticks) of the daemon `pid`'s threads named `name`.
 long daemon_thread_ticks(pid_t pid, const std::string& name) {
   long ticks = 0;

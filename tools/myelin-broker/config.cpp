@@ -79,13 +79,28 @@ Status load_config_file(const std::string& path, ServerOptions* o) {
   }
   MYELIN_RETURN_IF_ERROR(check_keys(root, {"broker", "topic", "client", "ps"}, path));
   if (const toml::table* b = root["broker"].as_table()) {
-    MYELIN_RETURN_IF_ERROR(check_keys(
-        *b,
-        {"listen", "metrics_listen", "secret_file", "lane_capacity", "chunk_bytes", "batch_bytes",
-         "batch_count", "batch_window_us", "publish_credits", "socket_buffer_bytes",
-         "bulk_socket_buffer_bytes", "bulk_inflight_bytes", "heartbeat_ms", "control_thread",
-         "loop_nice", "loop_scheduling", "spin_before_block_us", "numa_node", "nic"},
-        "[broker]"));
+    MYELIN_RETURN_IF_ERROR(check_keys(*b,
+                                      {"listen",
+                                       "metrics_listen",
+                                       "secret_file",
+                                       "lane_capacity",
+                                       "chunk_bytes",
+                                       "batch_bytes",
+                                       "batch_count",
+                                       "batch_window_us",
+                                       "publish_credits",
+                                       "socket_buffer_bytes",
+                                       "bulk_socket_buffer_bytes",
+                                       "bulk_inflight_bytes",
+                                       "heartbeat_ms",
+                                       "control_thread",
+                                       "loop_nice",
+                                       "loop_scheduling",
+                                       "spin_before_block_us",
+                                       "numa_node",
+                                       "nic",
+                                       "control_scheduling"},
+                                      "[broker]"));
     MYELIN_RETURN_IF_ERROR(get(*b, "listen", &o->listen));
     MYELIN_RETURN_IF_ERROR(get(*b, "metrics_listen", &o->metrics_listen));
     std::string secret_file;
@@ -115,6 +130,14 @@ Status load_config_file(const std::string& path, ServerOptions* o) {
       auto parsed = parse_bulk_scheduling(*v);
       if (!parsed.ok()) return std::move(parsed).status().with_context("'loop_scheduling'");
       o->loop_scheduling = *parsed;
+    }
+    if (const toml::node* n = b->get("control_scheduling")) {
+      auto v = n->value<std::string>();
+      if (!v)
+        return invalid_argument("'control_scheduling' must be a string: \"normal\" or \"rr\"");
+      auto parsed = parse_control_scheduling(*v);
+      if (!parsed.ok()) return std::move(parsed).status().with_context("'control_scheduling'");
+      o->control_scheduling = *parsed;
     }
     if (const toml::node* n = b->get("spin_before_block_us")) {
       auto v = n->value<int64_t>();

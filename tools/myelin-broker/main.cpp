@@ -23,7 +23,7 @@ int main(int argc, char** argv) {
   bool ps = false;
   std::string control_thread;
   int loop_nice = -1;
-  std::string loop_scheduling;
+  std::string loop_scheduling, control_scheduling;
   int64_t spin_before_block_us = -1;
   uint32_t ps_workers = 0;
   app.add_option("-c,--config", config, "TOML configuration file");
@@ -45,6 +45,10 @@ int main(int argc, char** argv) {
                  "normal|idle: with the control thread, how the bulk loop thread is scheduled "
                  "(idle: SCHED_IDLE; default normal)")
       ->check(CLI::IsMember({"normal", "idle"}));
+  app.add_option("--control-scheduling", control_scheduling,
+                 "normal|rr: how the control thread is scheduled (rr: SCHED_RR priority 1, needs "
+                 "CAP_SYS_NICE or RLIMIT_RTPRIO; default normal)")
+      ->check(CLI::IsMember({"normal", "rr"}));
   app.add_option("--spin-before-block-us", spin_before_block_us,
                  "0..100000: the control and loop threads look again without blocking for up to "
                  "this long after work before they sleep (default 50)")
@@ -85,6 +89,14 @@ int main(int argc, char** argv) {
       return 2;
     }
     opts.loop_scheduling = *parsed;
+  }
+  if (!control_scheduling.empty()) {
+    auto parsed = parse_control_scheduling(control_scheduling);
+    if (!parsed.ok()) {
+      std::cerr << "myelin-broker: --control-scheduling: " << parsed.status() << "\n";
+      return 2;
+    }
+    opts.control_scheduling = *parsed;
   }
   if (ps) opts.enable_ps = true;
   if (ps_workers) opts.ps.num_workers = ps_workers;

@@ -17,7 +17,26 @@
 //    privilege, but may not return to SCHED_OTHER without CAP_SYS_NICE or an RLIMIT_NICE that
 //    allows its nice value (20 for nice 0), so a thread that took it keeps it until it ends.
 //
-// Thread safety: every function is safe from any thread; apply_to_this_thread() changes only the
+// And how a thread that carries control messages is scheduled: the broker's control thread
+// (ServerOptions::control_scheduling), and an application's own threads that call
+// Client::poll() for control messages, which it may put under it with
+// apply_control_scheduling_to_this_thread().
+//
+//  - kNormal: as the thread is.
+//  - kRealtime ("rr"): SCHED_RR at the lowest real-time priority (1). A woken real-time thread
+//    runs at once, ahead of every SCHED_OTHER thread on its CPU, where a fair-class thread may wait
+//    for the running one's slice or for the next tick (milliseconds) on a host whose CPUs bulk
+//    keeps busy. It needs CAP_SYS_NICE or an RLIMIT_RTPRIO of at least 1; without them
+//    apply_control_scheduling_to_this_thread() fails and the thread keeps its policy. A
+//    real-time thread's yields give way to real-time threads only, so while it spins before it
+//    sleeps (spin_before_block_us) no fair-class thread runs on its CPU: the broker's control
+//    thread under it spins only after a pass that routed a message (a publish, request, reply),
+//    not after one that carried only credits, heartbeats or subscriptions; a Client::poll()
+//    caller under it spins as configured (lower its spin_before_block_us, or set 0, where the
+//    CPU matters more). The kernel's real-time throttling (sched_rt_runtime_us, by default
+//    0.95 s of every second) bounds what real-time threads take of a CPU.
+//
+// Thread safety: every function is safe from any thread; the apply_* functions change only the
 // calling thread.
 #pragma once
 
@@ -46,5 +65,24 @@ Status validate_bulk_scheduling(BulkScheduling s, std::string_view what);
 // Gives the calling thread this scheduling: kNormal leaves it as it is, kIdle switches it to
 // SCHED_IDLE. Errors: errno_status of pthread_setschedparam (the thread keeps its policy then).
 Status apply_bulk_scheduling_to_this_thread(BulkScheduling s);
+
+enum class ControlScheduling : uint8_t {
+  kNormal = 0,
+  kRealtime = 1,
+};
+
+// "normal" or "rr"; "invalid" for a value outside the enumeration.
+std::string_view control_scheduling_name(ControlScheduling s) noexcept;
+
+// Parses "normal" or "rr". Errors: invalid_argument naming the text and the accepted values.
+Result<ControlScheduling> parse_control_scheduling(std::string_view text);
+
+// OK for a value of the enumeration; invalid_argument (naming `what`) for anything else.
+Status validate_control_scheduling(ControlScheduling s, std::string_view what);
+
+// Gives the calling thread this scheduling: kNormal leaves it as it is, kRealtime switches it to
+// SCHED_RR at priority 1. Errors: errno_status of pthread_setschedparam (EPERM without
+// CAP_SYS_NICE or RLIMIT_RTPRIO; the thread keeps its policy then).
+Status apply_control_scheduling_to_this_thread(ControlScheduling s);
 
 }  // namespace myelin::broker
