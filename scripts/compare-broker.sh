@@ -8,6 +8,7 @@
 #                             [--flood-nice N] [--bulk-io-nice N] [--broker-loop-nice N]
 #                             [--bulk-io-scheduling normal|idle] [--broker-loop-scheduling normal|idle]
 #                             [--broker-spin-us N] [--client-spin-us N]
+#                             [--control-scheduling normal|rr]
 #
 # What is measured, the same way on both sides (docs/bench.md, "Broker comparison"):
 #   lat1k    1 KiB publish-to-deliver latency, one-way = round trip / 2 through the broker
@@ -34,6 +35,10 @@
 # --broker-spin-us N: the myelin broker's threads spin up to N us before they sleep
 # (spin_before_block_us in its configuration); --client-spin-us N: myelin's poll() callers do
 # (MYELIN_CLIENT_SPIN_US, ClientOptions::spin_before_block_us). Without them the defaults.
+# --control-scheduling normal|rr: the myelin broker's control thread (control_scheduling in its
+# configuration) and both sides' ping-pong threads (MYELIN_CONTROL_SCHEDULING, read by
+# myelin-bench and nats_bench) run under it; rr: SCHED_RR at priority 1 (needs root,
+# CAP_SYS_NICE or RLIMIT_RTPRIO). Without it the default (normal).
 # Each benchmark run is limited to COMPARE_RUN_TIMEOUT_S seconds (default 120); one past it is
 # reported as failed and left out of the medians.
 # As root, the whole run goes into its own session whose autogroup gets nice -20 (fewer
@@ -52,6 +57,7 @@ build_first=1
 loop_nice=0
 loop_scheduling=""
 broker_spin=""
+control_scheduling=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --build) build=${2:?}; shift ;;
@@ -66,7 +72,8 @@ while [ $# -gt 0 ]; do
     --broker-loop-scheduling) loop_scheduling=${2:?}; shift ;;
     --broker-spin-us) broker_spin=${2:?}; shift ;;
     --client-spin-us) export MYELIN_CLIENT_SPIN_US=${2:?}; shift ;;
-    -h|--help) sed -n '2,38p' "$0"; exit 0 ;;
+    --control-scheduling) control_scheduling=${2:?}; export MYELIN_CONTROL_SCHEDULING=$control_scheduling; shift ;;
+    -h|--help) sed -n '2,43p' "$0"; exit 0 ;;
     *) echo "compare-broker.sh: unknown argument '$1'" >&2; exit 2 ;;
   esac
   shift
@@ -100,6 +107,7 @@ metrics_listen = ""
 $([ "$loop_nice" = 0 ] || echo "loop_nice = $loop_nice")
 $([ -z "$loop_scheduling" ] || echo "loop_scheduling = \"$loop_scheduling\"")
 $([ -z "$broker_spin" ] || echo "spin_before_block_us = $broker_spin")
+$([ -z "$control_scheduling" ] || echo "control_scheduling = \"$control_scheduling\"")
 [[topic]]
 pattern = "ctrl/#"
 lane = "control"

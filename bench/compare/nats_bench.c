@@ -14,7 +14,9 @@
  *   pings share the server's connection to the echo with the flood (as in myelin-bench, where the
  *   echo rank subscribes to the flood topic). NATS has no priorities: the pings queue behind it.
  *   With MYELIN_FLOOD_NICE=N in the environment the flood thread runs at nice N (as
- *   myelin-bench's), so the CPU goes to the pings first.
+ *   myelin-bench's), so the CPU goes to the pings first. With MYELIN_CONTROL_SCHEDULING=rr the
+ *   measuring and the echo thread run under SCHED_RR at the lowest priority, as myelin-bench's
+ *   pinger and echo (the NATS client's own reader threads and the server keep theirs).
  * tput: throughput at the subscriber. One publisher connection (default buffering: NATS batches
  *   publishes itself) publishes WARMUP + ITERS messages of SIZE bytes on "tput.data"; a subscriber
  *   connection (asynchronous subscription, no pending limit) counts them; the rate is ITERS over
@@ -31,6 +33,7 @@
 #define _GNU_SOURCE /* gettid */
 #include <nats/nats.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -107,6 +110,17 @@ static int fail(const char* what, natsStatus s) {
 
 /* ---- lat ------------------------------------------------------------------------------------ */
 
+/* MYELIN_CONTROL_SCHEDULING=rr: the calling thread under SCHED_RR at the lowest priority, as
+ * myelin-bench's ping-pong threads; a refusal (no CAP_SYS_NICE or RLIMIT_RTPRIO) is reported and
+ * the thread keeps its policy. */
+static void control_scheduling_from_env(void) {
+  const char* sv = getenv("MYELIN_CONTROL_SCHEDULING");
+  if (sv == NULL || strcmp(sv, "rr") != 0) return;
+  struct sched_param param = {.sched_priority = sched_get_priority_min(SCHED_RR)};
+  const int rc = pthread_setschedparam(pthread_self(), SCHED_RR, &param);
+  if (rc != 0) fprintf(stderr, "nats_bench: SCHED_RR refused: %s\n", strerror(rc));
+}
+
 struct echo_args {
   natsConnection* nc;
   natsSubscription* sub;
@@ -116,6 +130,7 @@ struct echo_args {
 
 static void* echo_main(void* p) {
   struct echo_args* a = p;
+  control_scheduling_from_env();
   for (long i = 0; i < a->total; ++i) {
     natsMsg* m = NULL;
     natsStatus s = natsSubscription_NextMsg(&m, a->sub, 30000);
@@ -193,6 +208,7 @@ static int run_lat(const char* url, long size, long iters, long warmup, long flo
   struct flood_args fa = {.nc = flood_nc, .size = flood, .bytes = 0, .ns = 0, .status = NATS_OK};
   atomic_init(&fa.stop, 0);
   if (flood > 0) pthread_create(&flood_thread, NULL, flood_main, &fa);
+  control_scheduling_from_env(); /* after the flood thread, which keeps the default */
 
   unsigned char* out = malloc((size_t)size);
   double* samples = malloc(sizeof(double) * (size_t)iters);

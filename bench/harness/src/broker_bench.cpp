@@ -1,6 +1,8 @@
 // Publish/subscribe and parameter-server benchmarks through an embedded broker Server.
 #include <myelin/bench/broker_bench.hpp>
 
+#include <pthread.h>
+#include <sched.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -19,6 +21,43 @@
 #include <myelin/core/clock.hpp>
 
 namespace myelin::bench {
+
+namespace {
+// MYELIN_CONTROL_SCHEDULING=normal|rr (broker::ControlScheduling): the threads that exchange the
+// ping-pong (the pinger, the echo) run under it for one pubsub() round and get their own policy
+// back after it; the embedded broker's control thread takes it too. A name it does not know
+// fails the round.
+Result<broker::ControlScheduling> control_scheduling_from_env() {
+  const char* sv = std::getenv("MYELIN_CONTROL_SCHEDULING");
+  if (sv == nullptr || *sv == '\0') return broker::ControlScheduling::kNormal;
+  return broker::parse_control_scheduling(sv).with_context("MYELIN_CONTROL_SCHEDULING");
+}
+
+class ControlSchedulingScope {
+ public:
+  static Result<std::unique_ptr<ControlSchedulingScope>> enter() {
+    MYELIN_ASSIGN_OR_RETURN(broker::ControlScheduling s, control_scheduling_from_env());
+    auto scope = std::unique_ptr<ControlSchedulingScope>(new ControlSchedulingScope());
+    if (s == broker::ControlScheduling::kNormal) return scope;
+    if (::pthread_getschedparam(::pthread_self(), &scope->policy_, &scope->param_) != 0)
+      return internal_error("pthread_getschedparam failed");
+    MYELIN_RETURN_IF_ERROR(broker::apply_control_scheduling_to_this_thread(s));
+    scope->restore_ = true;
+    return scope;
+  }
+  ~ControlSchedulingScope() {
+    if (restore_) (void)::pthread_setschedparam(::pthread_self(), policy_, &param_);
+  }
+  ControlSchedulingScope(const ControlSchedulingScope&) = delete;
+  ControlSchedulingScope& operator=(const ControlSchedulingScope&) = delete;
+
+ private:
+  ControlSchedulingScope() = default;
+  bool restore_ = false;
+  int policy_ = 0;
+  sched_param param_{};
+};
+}  // namespace
 
 namespace {
 constexpr const char* kPing = "ctrl/ping";
@@ -188,6 +227,7 @@ Result<std::unique_ptr<BrokerBench>> BrokerBench::start(const BrokerBenchOptions
     // (ServerOptions::spin_before_block_us).
     if (const char* sv = std::getenv("MYELIN_BROKER_SPIN_US"); sv != nullptr && *sv != '\0')
       so.spin_before_block_us = std::atoll(sv);
+    MYELIN_ASSIGN_OR_RETURN(so.control_scheduling, control_scheduling_from_env());
     so.enable_ps = true;
     so.ps.num_workers = static_cast<uint32_t>(options.size - 1);
     so.ps.aggregation = broker::Aggregation::kSum;
@@ -243,6 +283,7 @@ Result<PubSubResult> BrokerBench::pubsub(size_t size, const RunConfig& cfg) {
   broker::Client& c = *m.client;
 
   if (m.o.rank == 0) {
+    MYELIN_ASSIGN_OR_RETURN(auto scheduling, ControlSchedulingScope::enter());
     std::vector<uint8_t> copy;
     for (size_t i = 0; i < total; ++i) {
       MYELIN_ASSIGN_OR_RETURN(broker::ReceivedMessage msg, c.poll(m.deadline()));
@@ -289,6 +330,8 @@ Result<PubSubResult> BrokerBench::pubsub(size_t size, const RunConfig& cfg) {
             m.o.timeout, flood_bytes, flood_seconds);
       });
     }
+    // After the flood thread started: it keeps the default policy.
+    auto scheduling = ControlSchedulingScope::enter();
     std::vector<uint8_t> out(size);
     for (size_t i = 0; i < size; ++i) out[i] = pattern(i, size);
     std::vector<double> samples, ping_leg, pong_leg;
@@ -296,7 +339,7 @@ Result<PubSubResult> BrokerBench::pubsub(size_t size, const RunConfig& cfg) {
     ping_leg.reserve(cfg.iters);
     pong_leg.reserve(cfg.iters);
     bool legs_valid = true;
-    Status failure;
+    Status failure = scheduling.ok() ? ok_status() : scheduling.status();
     for (size_t i = 0; i < total && failure.ok(); ++i) {
       if (size > 0) std::memcpy(out.data(), &i, std::min<size_t>(size, 8));
       const int64_t sent_ns = monotonic_ns();
