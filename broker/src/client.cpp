@@ -696,7 +696,9 @@ void Client::Impl::read_for_poll(std::unique_lock<std::mutex>& lock, Deadline d)
       p[np++] = pollfd{conns_[k].fd.get(), POLLIN, 0};
     }
     int n = 0;
-    if (opt_.spin_before_block_us > 0 && slice > 0) {
+    // A caller under a real-time policy does not spin: its wake-up runs it at once, and its
+    // yields would let no fair-class thread (bulk, this client's I/O thread) run meanwhile.
+    if (opt_.spin_before_block_us > 0 && slice > 0 && !this_thread_is_realtime()) {
       const timespec zero{0, 0};
       const int64_t now = monotonic_ns();
       n = internal::spin_until([&] { return ::ppoll(p, static_cast<nfds_t>(np), &zero, nullptr); },

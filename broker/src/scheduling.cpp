@@ -69,4 +69,10 @@ Status apply_control_scheduling_to_this_thread(ControlScheduling s) {
   return ok_status();
 }
 
+bool this_thread_is_realtime() noexcept {
+  // 0: the calling thread.
+  const int policy = ::sched_getscheduler(0);
+  return policy == SCHED_FIFO || policy == SCHED_RR;
+}
+
 }  // namespace myelin::broker

@@ -348,7 +348,6 @@ class Server::Impl {
   size_t ctrl_parked_links_ = 0;  // links with parked publishes (the wait is 1 ms then)
   int64_t ctrl_last_tick_ns_ = 0;
   int64_t ctrl_last_event_ns_ = INT64_MIN / 2;  // spin_before_block_us: end of the last busy pass
-  uint64_t ctrl_messages_ = 0;  // publishes, requests and replies read from control connections
   // Control side -> loop, while draining: links whose connection, parked publishes or session's
   // control lane still held something at the end of control pass number ctrl_passes_ (both
   // stored at the end of the pass; ctrl_passes_ with release, read with acquire first).
@@ -1053,13 +1052,10 @@ void Server::Impl::control_loop() {
     if (ctrl_parked_links_ > 0) wait_ns = std::min<int64_t>(wait_ns, 1'000'000);
     const int n = spin_then_wait(ctrl_epoll_.get(), evs.data(), static_cast<int>(evs.size()), now,
                                  wait_ns, ctrl_last_event_ns_);
-    const uint64_t routed = ctrl_messages_;
     ctrl_pass(evs.data(), std::max(n, 0));
-    // The spin period counts from the end of a pass that had events; under a real-time policy,
-    // whose yields let no fair-class thread run, only from one that routed a message (a pass of
-    // credit frames alone, one per eighth of a window under 1 KiB bulk, is followed by none).
-    if (n > 0 && opt_.spin_before_block_us > 0 && (!realtime || ctrl_messages_ != routed))
-      ctrl_last_event_ns_ = monotonic_ns();
+    // The spin period counts from the end of a pass that had events. A real-time thread does not
+    // spin: its wake-up runs it at once, and its yields would let no fair-class thread run.
+    if (n > 0 && opt_.spin_before_block_us > 0 && !realtime) ctrl_last_event_ns_ = monotonic_ns();
   }
   ctrl_final_flush();
   tl_ctrl_side = nullptr;
@@ -1280,7 +1276,6 @@ Status Server::Impl::handle_ctrl(Link& l, const FrameView& f,
     case FrameType::kRequest:
     case FrameType::kPsPush:
     case FrameType::kPsPull: {
-      ++ctrl_messages_;
       // One window for both connections. Relaxed: a count (see Conn).
       if (c.publish_outstanding.fetch_add(1, std::memory_order_relaxed) + 1 >
           opt_.publish_credits) {
@@ -1327,7 +1322,6 @@ Status Server::Impl::handle_ctrl(Link& l, const FrameView& f,
       return ok_status();
     case FrameType::kReply:
     case FrameType::kError:
-      ++ctrl_messages_;
       return route_answer(f);
     case FrameType::kHeartbeat:
       return ok_status();

@@ -12,6 +12,7 @@
 #include <sched.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -19,8 +20,11 @@
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <fstream>
+#include <iterator>
 #include <mutex>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -482,45 +486,87 @@ TEST(ControlScheduling, NamesParseAndRefuseWhatTheyDoNotKnow) {
       << server.status();
 }
 
-// control_scheduling = kRealtime puts the control thread, and only it, under SCHED_RR, and round
-// trips flow through it (spinning after each) to a poll() caller of the application's own under
-// SCHED_RR too, which keeps its policy, and so does a message after a sleep. Without the
-// privilege the server still starts, its control thread keeps SCHED_OTHER, and control flows.
-TEST(ControlScheduling, RealtimeReachesOnlyTheControlThreadAndSurvivesItsSpins) {
+// CPU seconds the calling thread has used.
+double thread_cpu_seconds() {
+  timespec ts{};
+  ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) / 1e9;
+}
+
+// CPU seconds (user + system) used so far by this process's threads named `name`.
+double named_threads_cpu_seconds(const std::string& name) {
+  double sum = 0;
+  DIR* dir = ::opendir("/proc/self/task");
+  if (dir == nullptr) return sum;
+  while (const dirent* e = ::readdir(dir)) {
+    if (e->d_name[0] == '.') continue;
+    const std::string base = std::string("/proc/self/task/") + e->d_name;
+    std::ifstream comm(base + "/comm");
+    std::string got;
+    if (!std::getline(comm, got) || got != name) continue;
+    std::ifstream stat(base + "/stat");
+    std::string line;
+    std::getline(stat, line);
+    // The fields after the command name's closing parenthesis: state is the first, utime
+    // the 12th, stime the 13th.
+    std::istringstream rest(line.substr(line.rfind(')') + 2));
+    std::vector<std::string> f{std::istream_iterator<std::string>(rest), {}};
+    if (f.size() > 12) sum += static_cast<double>(std::stol(f[11]) + std::stol(f[12]));
+  }
+  ::closedir(dir);
+  return sum / static_cast<double>(::sysconf(_SC_CLK_TCK));
+}
+
+// control_scheduling = kRealtime puts the control thread, and only it, under SCHED_RR, and
+// round trips flow through it to a poll() caller of the application's own under SCHED_RR, which
+// keeps its policy. Neither spins, even with the longest spin configured (100 ms): a real-time
+// spinner would keep bulk off its CPU. Without the privilege the server still starts, its
+// control thread keeps SCHED_OTHER, and control flows.
+TEST(ControlScheduling, RealtimeReachesOnlyTheControlThreadAndNeitherRealtimeThreadSpins) {
   if (::sched_getscheduler(0) != SCHED_OTHER) GTEST_SKIP() << "this process is not SCHED_OTHER";
+  EXPECT_FALSE(this_thread_is_realtime());
   const bool realtime = may_use_realtime();
   ServerOptions so = server_options(true);
   so.control_scheduling = ControlScheduling::kRealtime;
-  so.spin_before_block_us = 200;
+  so.spin_before_block_us = 100'000;
   auto server = Server::create(so);
   ASSERT_TRUE(server.ok()) << server.status();
   ASSERT_TRUE((*server)->start().ok());
   ClientOptions co = client_options((*server)->port(), "rr");
-  co.spin_before_block_us = 200;
+  co.spin_before_block_us = 100'000;
   auto c = Client::connect(co);
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_TRUE(threads_reach_policy("myelin-brk-ctrl", realtime ? SCHED_RR : SCHED_OTHER, 1));
   EXPECT_EQ(thread_policies("myelin-brk-loop"), std::vector<int>{SCHED_OTHER});
   EXPECT_EQ(thread_policies("myelin-cli-io"), std::vector<int>{SCHED_OTHER});
   ASSERT_TRUE((*c)->subscribe("#").ok());
+  const double ctrl_cpu_before = named_threads_cpu_seconds("myelin-brk-ctrl");
+  double poller_cpu = 0;
   std::thread poller([&] {
     if (realtime) {
       ASSERT_TRUE(apply_control_scheduling_to_this_thread(ControlScheduling::kRealtime).ok());
+      EXPECT_TRUE(this_thread_is_realtime());
     }
-    for (int i = 0; i < 200; ++i) {
+    const double start = thread_cpu_seconds();
+    for (int i = 0; i < 5; ++i) {
       ASSERT_TRUE((*c)->publish("ctrl/x", bytes("c"), {.lane = Lane::kControl}).ok());
       auto m = (*c)->poll(Deadline::after_ms(10000));
       ASSERT_TRUE(m.ok()) << m.status();
       EXPECT_EQ(m->topic, "ctrl/x");
+      // Nothing comes for 40 ms: a spinning wait would use that CPU time.
+      auto none = (*c)->poll(Deadline::after_ms(40));
+      EXPECT_FALSE(none.ok());
     }
-    // A poll() that spins and then sleeps until a message comes from another thread.
-    auto m = (*c)->poll(Deadline::after_ms(10000));
-    ASSERT_TRUE(m.ok()) << m.status();
+    poller_cpu = thread_cpu_seconds() - start;
     EXPECT_EQ(::sched_getscheduler(0), realtime ? SCHED_RR : SCHED_OTHER);
   });
-  std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  ASSERT_TRUE((*c)->publish("grad/x", bytes("b")).ok());
   poller.join();
+  const double ctrl_cpu = named_threads_cpu_seconds("myelin-brk-ctrl") - ctrl_cpu_before;
+  if (realtime) {
+    // Five spins of 40 ms (each cut short by the next wait's deadline) would be 0.2 s.
+    EXPECT_LT(poller_cpu, 0.1);
+    EXPECT_LT(ctrl_cpu, 0.1);
+  }
   EXPECT_TRUE(threads_reach_policy("myelin-brk-ctrl", realtime ? SCHED_RR : SCHED_OTHER, 1));
   EXPECT_EQ(::sched_getscheduler(0), SCHED_OTHER);
   c->reset();

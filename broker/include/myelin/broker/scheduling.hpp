@@ -28,13 +28,11 @@
 //    for the running one's slice or for the next tick (milliseconds) on a host whose CPUs bulk
 //    keeps busy. It needs CAP_SYS_NICE or an RLIMIT_RTPRIO of at least 1; without them
 //    apply_control_scheduling_to_this_thread() fails and the thread keeps its policy. A
-//    real-time thread's yields give way to real-time threads only, so while it spins before it
-//    sleeps (spin_before_block_us) no fair-class thread runs on its CPU: the broker's control
-//    thread under it spins only after a pass that routed a message (a publish, request, reply),
-//    not after one that carried only credits, heartbeats or subscriptions; a Client::poll()
-//    caller under it spins as configured (lower its spin_before_block_us, or set 0, where the
-//    CPU matters more). The kernel's real-time throttling (sched_rt_runtime_us, by default
-//    0.95 s of every second) bounds what real-time threads take of a CPU.
+//    real-time thread does not spin before it sleeps (spin_before_block_us): the broker's
+//    control thread under it and a Client::poll() caller under a real-time policy sleep at once,
+//    since a real-time spinner's yields give way to real-time threads only and would keep bulk
+//    off its CPU for the whole spin. The kernel's real-time throttling (sched_rt_runtime_us, by
+//    default 0.95 s of every second) bounds what real-time threads take of a CPU.
 //
 // Thread safety: every function is safe from any thread; the apply_* functions change only the
 // calling thread.
@@ -84,5 +82,9 @@ Status validate_control_scheduling(ControlScheduling s, std::string_view what);
 // SCHED_RR at priority 1. Errors: errno_status of pthread_setschedparam (EPERM without
 // CAP_SYS_NICE or RLIMIT_RTPRIO; the thread keeps its policy then).
 Status apply_control_scheduling_to_this_thread(ControlScheduling s);
+
+// Whether the calling thread runs under a real-time policy (SCHED_FIFO or SCHED_RR): one system
+// call.
+bool this_thread_is_realtime() noexcept;
 
 }  // namespace myelin::broker

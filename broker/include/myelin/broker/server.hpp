@@ -106,9 +106,9 @@ struct ServerOptions {
   BulkScheduling loop_scheduling = BulkScheduling::kNormal;
   // With the control thread: how it is scheduled (scheduling.hpp). kRealtime ("rr"): SCHED_RR
   // at priority 1, so that a control frame's wake-up runs it at once even while bulk keeps every
-  // CPU busy; it then spins (spin_before_block_us) only after a pass that routed a message, since
-  // a real-time spinner keeps fair-class threads off its CPU. Needs CAP_SYS_NICE or
-  // RLIMIT_RTPRIO >= 1; without them the thread logs a warning and keeps the default policy.
+  // CPU busy; it does not spin (spin_before_block_us), since a real-time spinner keeps
+  // fair-class threads off its CPU. Needs CAP_SYS_NICE or RLIMIT_RTPRIO >= 1; without them the
+  // thread logs a warning and keeps the default policy.
   // Ignored without the control thread. Default kNormal (docs/broker.md, "Control threads under
   // SCHED_RR"; what it buys and costs on a 2-vCPU host: docs/performance.md, "Broker").
   ControlScheduling control_scheduling = ControlScheduling::kNormal;
