@@ -59,6 +59,16 @@ Status validate_control_scheduling(ControlScheduling s, std::string_view what) {
   return invalid_argument(what, " ", static_cast<int>(s), " is neither normal (0) nor rr (1)");
 }
 
+namespace {
+// this_thread_is_realtime()'s answer, asked again every kRealtimeRecheck calls.
+constexpr int kRealtimeRecheck = 64;
+struct RealtimeCache {
+  bool realtime = false;
+  int calls_left = 0;
+};
+thread_local RealtimeCache tl_realtime;
+}  // namespace
+
 Status apply_control_scheduling_to_this_thread(ControlScheduling s) {
   MYELIN_RETURN_IF_ERROR(validate_control_scheduling(s, "scheduling"));
   if (s == ControlScheduling::kNormal) return ok_status();
@@ -66,13 +76,18 @@ Status apply_control_scheduling_to_this_thread(ControlScheduling s) {
   param.sched_priority = ::sched_get_priority_min(SCHED_RR);
   const int rc = ::pthread_setschedparam(::pthread_self(), SCHED_RR, &param);
   if (rc != 0) return errno_status("pthread_setschedparam(SCHED_RR)", rc);
+  tl_realtime = RealtimeCache{.realtime = true, .calls_left = kRealtimeRecheck};
   return ok_status();
 }
 
 bool this_thread_is_realtime() noexcept {
-  // 0: the calling thread.
-  const int policy = ::sched_getscheduler(0);
-  return policy == SCHED_FIFO || policy == SCHED_RR;
+  if (--tl_realtime.calls_left <= 0) {
+    // 0: the calling thread.
+    const int policy = ::sched_getscheduler(0);
+    tl_realtime.realtime = policy == SCHED_FIFO || policy == SCHED_RR;
+    tl_realtime.calls_left = kRealtimeRecheck;
+  }
+  return tl_realtime.realtime;
 }
 
 }  // namespace myelin::broker

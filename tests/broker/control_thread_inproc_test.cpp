@@ -9,6 +9,7 @@
 #include <arpa/inet.h>
 #include <dirent.h>
 #include <netinet/in.h>
+#include <pthread.h>
 #include <sched.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -484,6 +485,24 @@ TEST(ControlScheduling, NamesParseAndRefuseWhatTheyDoNotKnow) {
   EXPECT_EQ(server.status().code(), StatusCode::kInvalidArgument);
   EXPECT_NE(server.status().message().find("control_scheduling"), std::string_view::npos)
       << server.status();
+}
+
+// this_thread_is_realtime() is cached per thread: apply_control_scheduling_to_this_thread() sets
+// it at once, and a policy changed by other means is seen within 64 calls.
+TEST(ControlScheduling, RealtimeQueryFollowsThePolicy) {
+  if (::sched_getscheduler(0) != SCHED_OTHER) GTEST_SKIP() << "this process is not SCHED_OTHER";
+  std::thread([] { EXPECT_FALSE(this_thread_is_realtime()); }).join();
+  if (!may_use_realtime()) GTEST_SKIP() << "no CAP_SYS_NICE or RLIMIT_RTPRIO here";
+  std::thread([] {
+    EXPECT_FALSE(this_thread_is_realtime());
+    ASSERT_TRUE(apply_control_scheduling_to_this_thread(ControlScheduling::kRealtime).ok());
+    EXPECT_TRUE(this_thread_is_realtime());
+    const sched_param fair{};
+    ASSERT_EQ(::pthread_setschedparam(::pthread_self(), SCHED_OTHER, &fair), 0);
+    bool seen = false;
+    for (int i = 0; i < 64 && !seen; ++i) seen = !this_thread_is_realtime();
+    EXPECT_TRUE(seen);
+  }).join();
 }
 
 // CPU seconds the calling thread has used.

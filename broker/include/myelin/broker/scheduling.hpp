@@ -83,8 +83,9 @@ Status validate_control_scheduling(ControlScheduling s, std::string_view what);
 // CAP_SYS_NICE or RLIMIT_RTPRIO; the thread keeps its policy then).
 Status apply_control_scheduling_to_this_thread(ControlScheduling s);
 
-// Whether the calling thread runs under a real-time policy (SCHED_FIFO or SCHED_RR): one system
-// call.
+// Whether the calling thread runs under a real-time policy (SCHED_FIFO or SCHED_RR). Cached per
+// thread: apply_control_scheduling_to_this_thread() sets it, and one system call every 64th call
+// refreshes it, so a policy changed by other means is seen within 64 calls.
 bool this_thread_is_realtime() noexcept;
 
 }  // namespace myelin::broker
