@@ -79,28 +79,16 @@ Status load_config_file(const std::string& path, ServerOptions* o) {
   }
   MYELIN_RETURN_IF_ERROR(check_keys(root, {"broker", "topic", "client", "ps"}, path));
   if (const toml::table* b = root["broker"].as_table()) {
-    MYELIN_RETURN_IF_ERROR(check_keys(*b,
-                                      {"listen",
-                                       "metrics_listen",
-                                       "secret_file",
-                                       "lane_capacity",
-                                       "chunk_bytes",
-                                       "batch_bytes",
-                                       "batch_count",
-                                       "batch_window_us",
-                                       "publish_credits",
-                                       "socket_buffer_bytes",
-                                       "bulk_socket_buffer_bytes",
-                                       "bulk_inflight_bytes",
-                                       "heartbeat_ms",
-                                       "control_thread",
-                                       "loop_nice",
-                                       "loop_scheduling",
-                                       "spin_before_block_us",
-                                       "numa_node",
-                                       "nic",
-                                       "control_scheduling"},
-                                      "[broker]"));
+    // clang-format off
+    MYELIN_RETURN_IF_ERROR(check_keys(
+        *b,
+        {"listen", "metrics_listen", "secret_file", "lane_capacity", "chunk_bytes", "batch_bytes",
+         "batch_count", "batch_window_us", "publish_credits", "socket_buffer_bytes",
+         "bulk_socket_buffer_bytes", "bulk_inflight_bytes", "heartbeat_ms", "control_thread",
+         "loop_nice", "loop_scheduling", "control_scheduling", "spin_before_block_us", "numa_node",
+         "nic"},
+        "[broker]"));
+    // clang-format on
     MYELIN_RETURN_IF_ERROR(get(*b, "listen", &o->listen));
     MYELIN_RETURN_IF_ERROR(get(*b, "metrics_listen", &o->metrics_listen));
     std::string secret_file;

@@ -57,9 +57,7 @@ class ControlSchedulingScope {
   int policy_ = 0;
   sched_param param_{};
 };
-}  // namespace
 
-namespace {
 constexpr const char* kPing = "ctrl/ping";
 constexpr const char* kPong = "ctrl/pong";
 constexpr const char* kFlood = "grad/flood";
