@@ -56,6 +56,22 @@ Status get_list(const toml::table& t, const char* key, std::vector<std::string>*
   return ok_status();
 }
 
+// A string key parsed by `parse` (one of the scheduling parsers); `names` lists the accepted
+// values for the error of a key that is not a string.
+template <typename T, typename Parse>
+Status get_parsed(const toml::table& t, const char* key, const char* names, Parse parse, T* out) {
+  const toml::node* n = t.get(key);
+  if (!n) return ok_status();
+  auto v = n->value<std::string>();
+  if (!v) return invalid_argument("'", key, "' must be a string: ", names);
+  auto parsed = parse(*v);
+  if (!parsed.ok()) {
+    return std::move(parsed).status().with_context(std::string("'") + key + "'");
+  }
+  *out = *parsed;
+  return ok_status();
+}
+
 }  // namespace
 
 Result<std::string> read_secret_file(const std::string& path) {
@@ -112,21 +128,10 @@ Status load_config_file(const std::string& path, ServerOptions* o) {
       if (!v || *v < 0 || *v > 19) return invalid_argument("'loop_nice' must be an integer 0..19");
       o->loop_nice = static_cast<int>(*v);
     }
-    if (const toml::node* n = b->get("loop_scheduling")) {
-      auto v = n->value<std::string>();
-      if (!v) return invalid_argument("'loop_scheduling' must be a string: \"normal\" or \"idle\"");
-      auto parsed = parse_bulk_scheduling(*v);
-      if (!parsed.ok()) return std::move(parsed).status().with_context("'loop_scheduling'");
-      o->loop_scheduling = *parsed;
-    }
-    if (const toml::node* n = b->get("control_scheduling")) {
-      auto v = n->value<std::string>();
-      if (!v)
-        return invalid_argument("'control_scheduling' must be a string: \"normal\" or \"rr\"");
-      auto parsed = parse_control_scheduling(*v);
-      if (!parsed.ok()) return std::move(parsed).status().with_context("'control_scheduling'");
-      o->control_scheduling = *parsed;
-    }
+    MYELIN_RETURN_IF_ERROR(get_parsed(*b, "loop_scheduling", "\"normal\" or \"idle\"",
+                                      parse_bulk_scheduling, &o->loop_scheduling));
+    MYELIN_RETURN_IF_ERROR(get_parsed(*b, "control_scheduling", "\"normal\" or \"rr\"",
+                                      parse_control_scheduling, &o->control_scheduling));
     if (const toml::node* n = b->get("spin_before_block_us")) {
       auto v = n->value<int64_t>();
       if (!v || *v < 0 || *v > 100'000)

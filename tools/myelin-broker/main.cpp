@@ -82,21 +82,22 @@ int main(int argc, char** argv) {
   if (!control_thread.empty()) opts.control_thread = control_thread == "on";
   if (loop_nice >= 0) opts.loop_nice = loop_nice;
   if (spin_before_block_us >= 0) opts.spin_before_block_us = spin_before_block_us;
-  if (!loop_scheduling.empty()) {
-    auto parsed = parse_bulk_scheduling(loop_scheduling);
+  // A scheduling flag given: parsed into `out`; false (reported) when its value is refused.
+  auto set_parsed = [](const std::string& flag, const std::string& text, auto parse, auto* out) {
+    if (text.empty()) return true;
+    auto parsed = parse(text);
     if (!parsed.ok()) {
-      std::cerr << "myelin-broker: --loop-scheduling: " << parsed.status() << "\n";
-      return 2;
+      std::cerr << "myelin-broker: " << flag << ": " << parsed.status() << "\n";
+      return false;
     }
-    opts.loop_scheduling = *parsed;
-  }
-  if (!control_scheduling.empty()) {
-    auto parsed = parse_control_scheduling(control_scheduling);
-    if (!parsed.ok()) {
-      std::cerr << "myelin-broker: --control-scheduling: " << parsed.status() << "\n";
-      return 2;
-    }
-    opts.control_scheduling = *parsed;
+    *out = *parsed;
+    return true;
+  };
+  if (!set_parsed("--loop-scheduling", loop_scheduling, parse_bulk_scheduling,
+                  &opts.loop_scheduling) ||
+      !set_parsed("--control-scheduling", control_scheduling, parse_control_scheduling,
+                  &opts.control_scheduling)) {
+    return 2;
   }
   if (ps) opts.enable_ps = true;
   if (ps_workers) opts.ps.num_workers = ps_workers;
