@@ -8,7 +8,10 @@
 #                                  [--transports "tcp shm"] [--base DIR] [--hogs N]
 #
 # Contenders (each a fresh set of N processes per size and repetition; the order rotates with
-# every repetition so that no contender always runs first or last):
+# every repetition so that no contender always runs first or last, and every second repetition
+# runs the one before it backwards, so that within the repetitions each contender runs right
+# after both of its neighbours in the list equally often (with three contenders, after each of
+# the others); the contender that ends an odd repetition also starts the next one, twice in a row):
 #   myelin-tcp        myelin-bench allreduce --transport tcp --progress busy   (127.0.0.1)
 #   myelin-tcp-block  the same with --progress block (spin 50 us, then sleep in the kernel)
 #   myelin-tcp-yield  the same with --progress yield (poll, sched_yield between empty polls)
@@ -57,7 +60,7 @@ while [ $# -gt 0 ]; do
     --transports) transports=$2; shift ;;
     --base) base=$2; shift ;;
     --hogs) hogs=$2; shift ;;
-    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
     *) echo "compare-collectives.sh: unknown argument '$1'" >&2; exit 2 ;;
   esac
   shift
@@ -150,7 +153,11 @@ for rep in $(seq 1 "$reps"); do
     for bytes in $sizes; do
       n=${#contenders[@]}
       for k in $(seq 0 $(( n - 1 ))); do
-        c=${contenders[$(( (k + rep) % n ))]}
+        # Odd repetitions rotate; even ones reverse the previous repetition's order (a run right
+        # after another contender's can be slower, so none may always follow the same one).
+        if [ $(( rep % 2 )) -eq 1 ]; then i=$(( (k + rep) % n ))
+        else i=$(( (n - k + rep - 2) % n )); fi
+        c=${contenders[$i]}
         case $c in
           myelin:*) IFS=: read -r _ t m <<<"$c"; run_myelin "$t" "$m" "$np" "$bytes" ;;
           base:*) IFS=: read -r _ t m <<<"$c"; run_myelin "$t" "$m" "$np" "$bytes" base ;;
