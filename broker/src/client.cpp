@@ -327,6 +327,7 @@ class Client::Impl {
   Status read_socket(int k, bool readable, int rounds, size_t max_bytes, int* frames);
   // Whether a poll() caller can read for itself now (some reader role free). mu_ held.
   [[nodiscard]] bool can_read_for_poll() const {
+    if (poll_control_only_) return !conns_[kCtrl].reading;
     return !conns_[kMain].reading || (has_ctrl_ && !conns_[kCtrl].reading);
   }
   // poll() with an empty inbox and a reader role free: takes the free roles, dispatches what
@@ -385,6 +386,9 @@ class Client::Impl {
   // While poll() callers read, and for poll_read_grace_us after the last one, the I/O thread
   // does not watch the sockets for input (it would only wake to find the roles taken).
   int poll_readers_ = 0;
+  // With a control connection while this process keeps control CPUs (control_cpus.hpp): poll()
+  // callers, control threads, leave the bulk connection to the I/O thread. Set by start().
+  bool poll_control_only_ = false;
   int64_t poll_read_end_ns_ = INT64_MIN / 2;
   bool draining_ = false;
   // Copy-on-write (under mu_): a delivery takes a reference to the current list and runs its
@@ -569,6 +573,7 @@ Status Client::Impl::start() {
   ev.data.u64 = kTimerTag;
   if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, batch_timer_.get(), &ev) != 0)
     return errno_status("epoll_ctl", errno);
+  poll_control_only_ = has_ctrl_ && !reserved_control_cpus().empty();
   thread_ = std::thread([this] { io_loop(); });
   // Named for top, perf and the scheduler's traces (at most 15 characters); here rather than in
   // the thread, so the name is there once connect() returns.
@@ -669,7 +674,7 @@ Status Client::Impl::read_socket(int k, bool readable, int rounds, size_t max_by
 void Client::Impl::read_for_poll(std::unique_lock<std::mutex>& lock, Deadline d) {
   bool mine[2] = {false, false};
   for (int k = 0; k < nconns(); ++k) {
-    mine[k] = !conns_[k].reading;
+    mine[k] = !conns_[k].reading && !(poll_control_only_ && k == kMain);
     conns_[k].reading = conns_[k].reading || mine[k];
   }
   poll_readers_++;
@@ -761,6 +766,7 @@ void Client::Impl::io_loop() {
   std::unique_lock<std::mutex> lock(mu_);
   while (!stop_.load(std::memory_order_acquire)) {
     if (!status_.ok()) return;
+    keep_bulk_off_control_cpus();  // a bulk thread (control_cpus.hpp)
     int64_t timeout_ns = std::min<int64_t>(opt_.heartbeat_ms / 2, 50) * 1'000'000;
     {
       const int64_t now = monotonic_ns();
@@ -874,6 +880,9 @@ Status Client::Impl::dispatch(int k, const FrameView& f, const std::shared_ptr<c
     whole.payload = std::span<const std::byte>(m.payload->data(), m.payload->size());
     return dispatch(k, whole, m.payload);
   }
+  if ((h.flags & kFlagControl) && (h.type == FrameType::kDeliver || h.type == FrameType::kRequest ||
+                                   h.type == FrameType::kReply))
+    note_control_traffic();
   switch (h.type) {
     case FrameType::kBatch:
       return for_each_in_batch(f.payload, DecodeLimits{},
@@ -1037,6 +1046,7 @@ Result<std::unique_ptr<Client>> Client::connect(ClientOptions options) {
   }
   MYELIN_RETURN_IF_ERROR(
       validate_bulk_scheduling(options.io_thread_scheduling, "io_thread_scheduling"));
+  MYELIN_RETURN_IF_ERROR(reserve_control_cpus(options.control_cpus, options.control_cpus_hold_ms));
   auto impl = std::make_unique<Impl>(std::move(options));
   const std::string where = impl->opt_.address;
   Status s = impl->handshake();
@@ -1055,6 +1065,11 @@ Status Client::publish(std::string_view topic, std::span<const std::byte> payloa
     MYELIN_RETURN_IF_ERROR(validate_topic(topic));
     valid_topic.assign(topic);
   }
+  // The calling thread writes the frame itself (control_cpus.hpp).
+  if (o.lane == Lane::kControl)
+    note_control_traffic();
+  else
+    keep_bulk_off_control_cpus();
   Impl& im = *impl_;
   std::unique_lock<std::mutex> lock(im.mu_);
   if (im.draining_) return unavailable("broker ", im.opt_.address, " is draining");
@@ -1163,6 +1178,10 @@ Result<Reply> Client::request(std::string_view topic, std::span<const std::byte>
                               RequestOptions o) {
   MYELIN_RETURN_IF_ERROR(validate_topic(topic));
   if (o.max_attempts == 0) return invalid_argument("max_attempts must be positive");
+  if (o.lane == Lane::kControl)
+    note_control_traffic();
+  else
+    keep_bulk_off_control_cpus();
   Impl& im = *impl_;
   std::unique_lock<std::mutex> lock(im.mu_);
   const uint64_t id = im.new_id_locked();
@@ -1217,6 +1236,7 @@ Status Client::ps_init(std::string_view key, std::span<const float> initial, int
 Status Client::ps_push(std::string_view key, std::span<const float> grad, uint64_t step,
                        int64_t timeout_ms) {
   if (step == kPsInitStep) return invalid_argument("step ", step, " is reserved");
+  keep_bulk_off_control_cpus();  // a bulk transfer from this thread (control_cpus.hpp)
   std::unique_lock<std::mutex> lock(impl_->mu_);
   Impl::Waiter w;
   return ps_send(*impl_, lock, FrameType::kPsPush, key, step, grad, Deadline::after_ms(timeout_ms),

@@ -579,6 +579,11 @@ Status Server::Impl::init() {
   MYELIN_RETURN_IF_ERROR(validate_bulk_scheduling(opt_.loop_scheduling, "loop_scheduling"));
   MYELIN_RETURN_IF_ERROR(
       validate_control_scheduling(opt_.control_scheduling, "control_scheduling"));
+  if (!opt_.control_cpus.empty() && !opt_.control_thread) {
+    return invalid_argument("control_cpus needs the control thread (control_thread on)");
+  }
+  MYELIN_RETURN_IF_ERROR(
+      validate_control_cpus(opt_.control_cpus, opt_.control_cpus_hold_ms, "control_cpus"));
   if (opt_.spin_before_block_us < 0 || opt_.spin_before_block_us > 100'000) {
     return invalid_argument("spin_before_block_us ", opt_.spin_before_block_us,
                             " outside 0 .. 100000");
@@ -629,6 +634,7 @@ Status Server::Impl::init() {
 }
 
 Status Server::Impl::start() {
+  MYELIN_RETURN_IF_ERROR(reserve_control_cpus(opt_.control_cpus, opt_.control_cpus_hold_ms));
   if (thread_.joinable()) return failed_precondition("server already started");
   if (opt_.control_thread) ctrl_thread_ = std::thread([this] { control_loop(); });
   thread_ = std::thread([this] { loop(); });
@@ -1276,6 +1282,7 @@ Status Server::Impl::handle_ctrl(Link& l, const FrameView& f,
     case FrameType::kRequest:
     case FrameType::kPsPush:
     case FrameType::kPsPull: {
+      note_control_traffic();
       // One window for both connections. Relaxed: a count (see Conn).
       if (c.publish_outstanding.fetch_add(1, std::memory_order_relaxed) + 1 >
           opt_.publish_credits) {
@@ -2070,6 +2077,7 @@ void Server::Impl::loop() {
     if (parked) wait_ns = std::min<int64_t>(wait_ns, 1'000'000);
     const int n = spin_then_wait(epoll_.get(), evs.data(), static_cast<int>(evs.size()), now,
                                  wait_ns, last_event_ns_);
+    if (opt_.control_thread) keep_bulk_off_control_cpus();
     run_loop_cmds();
     service_control();
     for (int i = 0; i < n; ++i) {

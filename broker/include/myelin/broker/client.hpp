@@ -38,6 +38,7 @@
 #include <vector>
 
 #include <myelin/broker/broker.hpp>
+#include <myelin/broker/control_cpus.hpp>
 #include <myelin/broker/scheduling.hpp>
 #include <myelin/core/clock.hpp>
 #include <myelin/core/status.hpp>
@@ -92,6 +93,15 @@ struct ClientOptions {
   // nothing comes). 0: sleep at once. At most 100 000. The I/O thread never spins. 50 us, as the
   // broker's and the transport's spin_before_block.
   int64_t spin_before_block_us = 50;
+  // CPUs kept free of bulk work while control traffic flows (control_cpus.hpp): this client's
+  // I/O thread, and every other bulk thread of this process (a thread that publishes on the bulk
+  // lane included), leaves them while a control message was handled within
+  // control_cpus_hold_ms; with a control connection, a poll() caller then reads only the control
+  // connection. Reserved for the process at connect() (one set per process: another client or
+  // an embedded broker asking for other CPUs fails). Empty: none (the default). Errors at
+  // connect(): a CPU this process may not run on, or every allowed CPU reserved.
+  std::vector<int> control_cpus;
+  int64_t control_cpus_hold_ms = kDefaultControlHoldMs;
   // Closing (the destructor) sends what is still queued for the broker, waiting at most this
   // long for the sockets to take it; what is left after that (a broker that stopped reading) is
   // dropped with a warning that says how much.

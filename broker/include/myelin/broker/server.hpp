@@ -38,6 +38,7 @@
 #include <vector>
 
 #include <myelin/broker/broker.hpp>
+#include <myelin/broker/control_cpus.hpp>
 #include <myelin/broker/param_server.hpp>
 #include <myelin/broker/scheduling.hpp>
 #include <myelin/core/status.hpp>
@@ -112,6 +113,15 @@ struct ServerOptions {
   // Ignored without the control thread. Default kNormal (docs/broker.md, "Control threads under
   // SCHED_RR"; what it buys and costs on a 2-vCPU host: docs/performance.md, "Broker").
   ControlScheduling control_scheduling = ControlScheduling::kNormal;
+  // With the control thread: CPUs kept free of bulk work while control traffic flows
+  // (control_cpus.hpp): the loop thread, and every other bulk thread of this process, leaves
+  // them while a control message was handled within control_cpus_hold_ms, so a woken control
+  // thread finds one of them free even when bulk keeps every other CPU inside system calls.
+  // Reserved for the process at start() (one set per process). Empty: none (the default). The
+  // control thread itself is not pinned. Errors at create(): a CPU this process may not run on,
+  // every allowed CPU reserved, or a reservation without the control thread.
+  std::vector<int> control_cpus;
+  int64_t control_cpus_hold_ms = kDefaultControlHoldMs;
   // Spin-then-block, as the transport's ProgressMode::kSpinThenBlock: after a pass that found
   // something to do, the control thread and the loop thread look at their sockets again without
   // blocking, yielding the CPU between looks, for up to this long before they sleep in epoll. A

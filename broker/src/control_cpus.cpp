@@ -1,0 +1,210 @@
+// CPUs kept free of bulk work while control messages flow (see control_cpus.hpp).
+#include <myelin/broker/control_cpus.hpp>
+
+#include <pthread.h>
+#include <sched.h>
+
+#include <algorithm>
+#include <atomic>
+#include <charconv>
+#include <mutex>
+#include <string>
+
+#include <myelin/core/clock.hpp>
+#include <myelin/core/log.hpp>
+
+namespace myelin::broker {
+namespace {
+
+constexpr int64_t kMaxHoldMs = 3'600'000;
+
+// The process's reservation: written once under g_mu before `g_reserved` is published (release),
+// read after an acquire load of it, never changed afterwards.
+struct Reservation {
+  std::vector<int> cpus;
+  cpu_set_t set;
+};
+std::mutex g_mu;
+Reservation g_reservation;
+std::atomic<bool> g_reserved{false};
+std::atomic<int64_t> g_hold_ns{0};
+// When control traffic was last noted (monotonic ns). Relaxed: a hint that needs no ordering
+// with anything else; a checkpoint that reads a stale value acts one pass later.
+std::atomic<int64_t> g_last_control_ns{INT64_MIN / 2};
+
+// A thread's state at its checkpoints.
+struct ThreadState {
+  int state = 0;  // 0: its own CPUs; 1: kept off the reservation; -1: cannot be moved, left alone
+  cpu_set_t own;  // its CPU set before it was moved (state 1)
+};
+thread_local ThreadState tl_state;
+
+Result<cpu_set_t> allowed_cpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  const int rc = ::pthread_getaffinity_np(::pthread_self(), sizeof(set), &set);
+  if (rc != 0) return errno_status("pthread_getaffinity_np", rc);
+  return set;
+}
+
+std::vector<int> cpus_of(const cpu_set_t& set) {
+  std::vector<int> out;
+  for (int c = 0; c < CPU_SETSIZE; ++c) {
+    if (CPU_ISSET(c, &set)) out.push_back(c);
+  }
+  return out;
+}
+
+// {0,1,2,5} -> "0-2,5".
+std::string list_text(const std::vector<int>& cpus) {
+  std::string out;
+  for (size_t i = 0; i < cpus.size();) {
+    size_t j = i;
+    while (j + 1 < cpus.size() && cpus[j + 1] == cpus[j] + 1) ++j;
+    if (!out.empty()) out += ',';
+    out += std::to_string(cpus[i]);
+    if (j > i) out += '-' + std::to_string(cpus[j]);
+    i = j + 1;
+  }
+  return out;
+}
+
+}  // namespace
+
+Result<std::vector<int>> parse_control_cpu_list(std::string_view text) {
+  std::vector<int> out;
+  if (text.empty() || text == "none") return out;
+  auto number = [&](std::string_view s) -> Result<int> {
+    int v = -1;
+    auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+    if (ec != std::errc() || p != s.data() + s.size() || s.empty() || v < 0 || v >= CPU_SETSIZE) {
+      return invalid_argument("CPU list '", text, "': '", s, "' is not a CPU number in [0, ",
+                              CPU_SETSIZE, ")");
+    }
+    return v;
+  };
+  size_t pos = 0;
+  while (pos <= text.size()) {
+    const size_t end = std::min(text.find(',', pos), text.size());
+    const std::string_view item = text.substr(pos, end - pos);
+    const size_t dash = item.find('-');
+    MYELIN_ASSIGN_OR_RETURN(int lo, number(item.substr(0, dash)));
+    int hi = lo;
+    if (dash != std::string_view::npos) {
+      MYELIN_ASSIGN_OR_RETURN(hi, number(item.substr(dash + 1)));
+      if (hi < lo) return invalid_argument("CPU list '", text, "': range '", item, "' is reversed");
+    }
+    for (int c = lo; c <= hi; ++c) out.push_back(c);
+    pos = end + 1;
+  }
+  std::sort(out.begin(), out.end());
+  out.erase(std::unique(out.begin(), out.end()), out.end());
+  return out;
+}
+
+Status validate_control_cpus(const std::vector<int>& cpus, int64_t hold_ms, std::string_view what) {
+  if (cpus.empty()) return ok_status();
+  if (hold_ms < 1 || hold_ms > kMaxHoldMs) {
+    return invalid_argument(what, ": the hold ", hold_ms, " ms is outside [1, ", kMaxHoldMs, "]");
+  }
+  MYELIN_ASSIGN_OR_RETURN(cpu_set_t allowed, allowed_cpus());
+  for (int c : cpus) {
+    if (c < 0 || c >= CPU_SETSIZE || !CPU_ISSET(c, &allowed)) {
+      return invalid_argument(what, ": CPU ", c, " is not one this process may run on (",
+                              list_text(cpus_of(allowed)), ")");
+    }
+    CPU_CLR(c, &allowed);
+  }
+  if (CPU_COUNT(&allowed) == 0) {
+    return invalid_argument(what, ": CPUs ", list_text(cpus),
+                            " are every CPU this process may run on; bulk needs at least one more");
+  }
+  return ok_status();
+}
+
+Status reserve_control_cpus(const std::vector<int>& cpus, int64_t hold_ms) {
+  if (cpus.empty()) return ok_status();
+  MYELIN_RETURN_IF_ERROR(validate_control_cpus(cpus, hold_ms, "control_cpus"));
+  std::vector<int> sorted = cpus;
+  std::sort(sorted.begin(), sorted.end());
+  sorted.erase(std::unique(sorted.begin(), sorted.end()), sorted.end());
+  std::lock_guard<std::mutex> lock(g_mu);
+  if (g_reserved.load(std::memory_order_relaxed)) {
+    if (g_reservation.cpus != sorted) {
+      return failed_precondition("control_cpus ", list_text(sorted),
+                                 ": this process already keeps CPUs ",
+                                 list_text(g_reservation.cpus), " for control");
+    }
+    const int64_t hold = hold_ms * 1'000'000;
+    if (hold > g_hold_ns.load(std::memory_order_relaxed))
+      g_hold_ns.store(hold, std::memory_order_relaxed);
+    return ok_status();
+  }
+  g_reservation.cpus = sorted;
+  CPU_ZERO(&g_reservation.set);
+  for (int c : sorted) CPU_SET(c, &g_reservation.set);
+  g_hold_ns.store(hold_ms * 1'000'000, std::memory_order_relaxed);
+  g_reserved.store(true, std::memory_order_release);  // pairs with the checkpoints' acquire loads
+  MYELIN_LOG_INFO << "CPUs " << list_text(sorted)
+                  << " kept free of bulk threads while control traffic flows (hold " << hold_ms
+                  << " ms)";
+  return ok_status();
+}
+
+std::vector<int> reserved_control_cpus() {
+  if (!g_reserved.load(std::memory_order_acquire)) return {};
+  return g_reservation.cpus;
+}
+
+void note_control_traffic() noexcept {
+  if (!g_reserved.load(std::memory_order_relaxed)) return;
+  g_last_control_ns.store(monotonic_ns(), std::memory_order_relaxed);
+}
+
+void keep_bulk_off_control_cpus() noexcept {
+  if (!g_reserved.load(std::memory_order_acquire)) return;
+  ThreadState& t = tl_state;
+  if (t.state < 0) return;
+  const bool live = monotonic_ns() - g_last_control_ns.load(std::memory_order_relaxed) <
+                    g_hold_ns.load(std::memory_order_relaxed);
+  if (live == (t.state == 1)) return;
+  if (!live) {
+    // Back to the CPUs it had.
+    const int rc = ::pthread_setaffinity_np(::pthread_self(), sizeof(t.own), &t.own);
+    if (rc != 0) {
+      MYELIN_LOG_WARN << "a bulk thread stays off the control CPUs: "
+                      << errno_status("pthread_setaffinity_np", rc);
+      t.state = -1;
+      return;
+    }
+    t.state = 0;
+    return;
+  }
+  cpu_set_t bulk;
+  CPU_ZERO(&t.own);
+  int rc = ::pthread_getaffinity_np(::pthread_self(), sizeof(t.own), &t.own);
+  if (rc == 0) {
+    CPU_XOR(&bulk, &t.own, &g_reservation.set);
+    CPU_AND(&bulk, &bulk, &t.own);  // its CPUs outside the reservation
+    if (CPU_COUNT(&bulk) == 0) {
+      MYELIN_LOG_WARN << "a bulk thread runs only on control CPUs " << list_text(cpus_of(t.own))
+                      << "; it is left there";
+      t.state = -1;
+      return;
+    }
+    rc = ::pthread_setaffinity_np(::pthread_self(), sizeof(bulk), &bulk);
+  }
+  if (rc != 0) {
+    MYELIN_LOG_WARN << "a bulk thread cannot leave the control CPUs: "
+                    << errno_status("pthread_setaffinity_np", rc);
+    t.state = -1;
+    return;
+  }
+  t.state = 1;
+}
+
+bool this_thread_kept_off_control_cpus() noexcept {
+  return tl_state.state == 1;
+}
+
+}  // namespace myelin::broker
