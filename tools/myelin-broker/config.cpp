@@ -102,7 +102,7 @@ Status load_config_file(const std::string& path, ServerOptions* o) {
          "batch_count", "batch_window_us", "publish_credits", "socket_buffer_bytes",
          "bulk_socket_buffer_bytes", "bulk_inflight_bytes", "heartbeat_ms", "control_thread",
          "loop_nice", "loop_scheduling", "control_scheduling", "spin_before_block_us", "numa_node",
-         "nic"},
+         "nic", "control_cpus", "control_cpus_hold_ms"},
         "[broker]"));
     // clang-format on
     MYELIN_RETURN_IF_ERROR(get(*b, "listen", &o->listen));
@@ -144,6 +144,14 @@ Status load_config_file(const std::string& path, ServerOptions* o) {
       o->numa_node = static_cast<int>(*v);
     }
     MYELIN_RETURN_IF_ERROR(get(*b, "nic", &o->nic));
+    MYELIN_RETURN_IF_ERROR(get_parsed(*b, "control_cpus", "a CPU list such as \"0\" or \"0-1,4\"",
+                                      parse_control_cpu_list, &o->control_cpus));
+    if (const toml::node* n = b->get("control_cpus_hold_ms")) {
+      auto v = n->value<int64_t>();
+      if (!v || *v < 1 || *v > 3'600'000)
+        return invalid_argument("'control_cpus_hold_ms' must be an integer 1..3600000");
+      o->control_cpus_hold_ms = *v;
+    }
   } else if (root.contains("broker")) {
     return invalid_argument("[broker] must be a table");
   }

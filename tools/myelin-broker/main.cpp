@@ -23,7 +23,8 @@ int main(int argc, char** argv) {
   bool ps = false;
   std::string control_thread;
   int loop_nice = -1;
-  std::string loop_scheduling, control_scheduling;
+  std::string loop_scheduling, control_scheduling, control_cpus;
+  int64_t control_cpus_hold_ms = 0;
   int64_t spin_before_block_us = -1;
   uint32_t ps_workers = 0;
   app.add_option("-c,--config", config, "TOML configuration file");
@@ -49,6 +50,13 @@ int main(int argc, char** argv) {
                  "normal|rr: how the control thread is scheduled (rr: SCHED_RR priority 1, needs "
                  "CAP_SYS_NICE or RLIMIT_RTPRIO; default normal)")
       ->check(CLI::IsMember({"normal", "rr"}));
+  app.add_option("--control-cpus", control_cpus,
+                 "CPU list (\"0\", \"0-1,4\"; \"none\"): keep bulk threads off these CPUs while "
+                 "control traffic flows (default none)");
+  app.add_option("--control-cpus-hold-ms", control_cpus_hold_ms,
+                 "1..3600000: how long the last control message keeps --control-cpus in force "
+                 "(default 200)")
+      ->check(CLI::Range(int64_t{1}, int64_t{3'600'000}));
   app.add_option("--spin-before-block-us", spin_before_block_us,
                  "0..100000: the control and loop threads look again without blocking for up to "
                  "this long after work before they sleep (default 50)")
@@ -96,9 +104,11 @@ int main(int argc, char** argv) {
   if (!set_parsed("--loop-scheduling", loop_scheduling, parse_bulk_scheduling,
                   &opts.loop_scheduling) ||
       !set_parsed("--control-scheduling", control_scheduling, parse_control_scheduling,
-                  &opts.control_scheduling)) {
+                  &opts.control_scheduling) ||
+      !set_parsed("--control-cpus", control_cpus, parse_control_cpu_list, &opts.control_cpus)) {
     return 2;
   }
+  if (control_cpus_hold_ms > 0) opts.control_cpus_hold_ms = control_cpus_hold_ms;
   if (ps) opts.enable_ps = true;
   if (ps_workers) opts.ps.num_workers = ps_workers;
   if (!secret_file.empty()) {
