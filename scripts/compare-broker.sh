@@ -8,7 +8,7 @@
 #                             [--flood-nice N] [--bulk-io-nice N] [--broker-loop-nice N]
 #                             [--bulk-io-scheduling normal|idle] [--broker-loop-scheduling normal|idle]
 #                             [--broker-spin-us N] [--client-spin-us N]
-#                             [--control-scheduling normal|rr]
+#                             [--control-scheduling normal|rr] [--control-cpus LIST|none]
 #
 # What is measured, the same way on both sides (docs/bench.md, "Broker comparison"):
 #   lat1k    1 KiB publish-to-deliver latency, one-way = round trip / 2 through the broker
@@ -39,6 +39,10 @@
 # configuration) and both sides' ping-pong threads (MYELIN_CONTROL_SCHEDULING, read by
 # myelin-bench and nats_bench) run under it; rr: SCHED_RR at priority 1 (needs root,
 # CAP_SYS_NICE or RLIMIT_RTPRIO). Without it the default (normal).
+# --control-cpus LIST|none: the myelin broker (control_cpus in its configuration) and myelin's
+# clients (MYELIN_CONTROL_CPUS, ClientOptions::control_cpus) keep their bulk threads off these
+# CPUs while control traffic flows (docs/broker.md, "CPUs kept for control"). Default: CPU 0 on a
+# machine with 2 or more CPUs, none on one CPU. Nothing changes for NATS, which has no lanes.
 # Each benchmark run is limited to COMPARE_RUN_TIMEOUT_S seconds (default 120); one past it is
 # reported as failed and left out of the medians.
 # As root, the whole run goes into its own session whose autogroup gets nice -20 (fewer
@@ -58,6 +62,7 @@ loop_nice=0
 loop_scheduling=""
 broker_spin=""
 control_scheduling=""
+control_cpus=$([ "$(nproc)" -ge 2 ] && echo 0 || echo none)
 while [ $# -gt 0 ]; do
   case "$1" in
     --build) build=${2:?}; shift ;;
@@ -73,11 +78,13 @@ while [ $# -gt 0 ]; do
     --broker-spin-us) broker_spin=${2:?}; shift ;;
     --client-spin-us) export MYELIN_CLIENT_SPIN_US=${2:?}; shift ;;
     --control-scheduling) control_scheduling=${2:?}; export MYELIN_CONTROL_SCHEDULING=$control_scheduling; shift ;;
-    -h|--help) sed -n '2,43p' "$0"; exit 0 ;;
+    --control-cpus) control_cpus=${2:?}; shift ;;
+    -h|--help) sed -n '2,47p' "$0"; exit 0 ;;
     *) echo "compare-broker.sh: unknown argument '$1'" >&2; exit 2 ;;
   esac
   shift
 done
+[ "$control_cpus" = none ] || export MYELIN_CONTROL_CPUS=$control_cpus
 out=${out:-$(mktemp -d /tmp/myelin-compare-broker.XXXXXX)}
 mkdir -p "$out"
 command -v nats-server >/dev/null || { echo "compare-broker.sh: nats-server missing (scripts/setup.sh --with peers)" >&2; exit 2; }
@@ -108,6 +115,7 @@ $([ "$loop_nice" = 0 ] || echo "loop_nice = $loop_nice")
 $([ -z "$loop_scheduling" ] || echo "loop_scheduling = \"$loop_scheduling\"")
 $([ -z "$broker_spin" ] || echo "spin_before_block_us = $broker_spin")
 $([ -z "$control_scheduling" ] || echo "control_scheduling = \"$control_scheduling\"")
+$([ "$control_cpus" = none ] || echo "control_cpus = \"$control_cpus\"")
 [[topic]]
 pattern = "ctrl/#"
 lane = "control"
@@ -172,7 +180,7 @@ for r in $(seq 1 "$rounds"); do
 done
 
 python3 - "$raw" "$out" "$rounds" "$(hostname)" "$(nproc)" "$(cut -d' ' -f1-3 /proc/loadavg)" <<'EOF'
-import collections, json, statistics, sys
+import collections, json, os, statistics, sys
 raw, out, rounds, host, cpus, load = sys.argv[1:7]
 runs = [json.loads(l) for l in open(raw)]
 def med(tag, side, key):
@@ -211,7 +219,7 @@ lines.append("")
 lines.append("Control isolation, p99 with flood / p99 without (goal for myelin <= 2): myelin %s, NATS %s"
              % (fmt(iso["myelin"]), fmt(iso["nats"])))
 lines.append("")
-lines.append("Medians of %s interleaved rounds on %s (%s CPUs), load average at the end %s." % (rounds, host, cpus, load))
+lines.append("Medians of %s interleaved rounds on %s (%s CPUs), load average at the end %s; myelin's control CPUs: %s." % (rounds, host, cpus, load, os.environ.get("MYELIN_CONTROL_CPUS") or "none"))
 text = "\n".join(lines)
 print(text)
 open(out + "/compare.md", "w").write(text + "\n")

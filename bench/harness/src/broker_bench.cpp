@@ -33,6 +33,15 @@ Result<broker::ControlScheduling> control_scheduling_from_env() {
   return broker::parse_control_scheduling(sv).with_context("MYELIN_CONTROL_SCHEDULING");
 }
 
+// MYELIN_CONTROL_CPUS=LIST (broker::ServerOptions / ClientOptions::control_cpus): the embedded
+// broker and every client of this process keep bulk threads off these CPUs while control
+// traffic flows; "" or unset: none. A list the parser refuses fails the run.
+Result<std::vector<int>> control_cpus_from_env() {
+  const char* v = std::getenv("MYELIN_CONTROL_CPUS");
+  if (v == nullptr) return std::vector<int>{};
+  return broker::parse_control_cpu_list(v).with_context("MYELIN_CONTROL_CPUS");
+}
+
 class ControlSchedulingScope {
  public:
   static Result<std::unique_ptr<ControlSchedulingScope>> enter() {
@@ -169,6 +178,7 @@ class BrokerBench::Impl {
     // (ClientOptions::spin_before_block_us).
     if (const char* sv = std::getenv("MYELIN_CLIENT_SPIN_US"); sv != nullptr && *sv != '\0')
       co.spin_before_block_us = std::atoll(sv);
+    MYELIN_ASSIGN_OR_RETURN(co.control_cpus, control_cpus_from_env());
     return broker::Client::connect(std::move(co));
   }
   // Publishes flood messages until `stop` is set (rank 1's thread) or the store says so (ranks
@@ -226,6 +236,7 @@ Result<std::unique_ptr<BrokerBench>> BrokerBench::start(const BrokerBenchOptions
     if (const char* sv = std::getenv("MYELIN_BROKER_SPIN_US"); sv != nullptr && *sv != '\0')
       so.spin_before_block_us = std::atoll(sv);
     MYELIN_ASSIGN_OR_RETURN(so.control_scheduling, control_scheduling_from_env());
+    MYELIN_ASSIGN_OR_RETURN(so.control_cpus, control_cpus_from_env());
     so.enable_ps = true;
     so.ps.num_workers = static_cast<uint32_t>(options.size - 1);
     so.ps.aggregation = broker::Aggregation::kSum;
