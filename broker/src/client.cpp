@@ -303,9 +303,14 @@ class Client::Impl {
   }
   // Puts the sockets' events in the I/O thread's epoll set in line with the state (mu_ held).
   void set_interest_locked(int64_t now) {
-    const bool in = poll_readers_ == 0 && now - poll_read_end_ns_ >= opt_.poll_read_grace_us * 1000;
+    const bool polled =
+        poll_readers_ == 0 && now - poll_read_end_ns_ >= opt_.poll_read_grace_us * 1000;
+    const bool control_only = poll_control_only();
     for (int k = 0; k < nconns(); ++k) {
       Conn& c = conns_[k];
+      // The bulk connection of a client whose poll() callers read only control is always this
+      // thread's to read.
+      const bool in = polled || (control_only && k == kMain);
       const bool out = c.watches_out;
       if (in == c.armed_in && out == c.armed_out) continue;
       epoll_event ev{};
@@ -327,7 +332,7 @@ class Client::Impl {
   Status read_socket(int k, bool readable, int rounds, size_t max_bytes, int* frames);
   // Whether a poll() caller can read for itself now (some reader role free). mu_ held.
   [[nodiscard]] bool can_read_for_poll() const {
-    if (poll_control_only_) return !conns_[kCtrl].reading;
+    if (poll_control_only()) return !conns_[kCtrl].reading;
     return !conns_[kMain].reading || (has_ctrl_ && !conns_[kCtrl].reading);
   }
   // poll() with an empty inbox and a reader role free: takes the free roles, dispatches what
@@ -387,8 +392,11 @@ class Client::Impl {
   // does not watch the sockets for input (it would only wake to find the roles taken).
   int poll_readers_ = 0;
   // With a control connection while this process keeps control CPUs (control_cpus.hpp): poll()
-  // callers, control threads, leave the bulk connection to the I/O thread. Set by start().
-  bool poll_control_only_ = false;
+  // callers, control threads, leave the bulk connection to the I/O thread, which then always
+  // watches and reads it. Asked each time: a reservation may come after this client connected.
+  [[nodiscard]] bool poll_control_only() const noexcept {
+    return has_ctrl_ && control_cpus_reserved();
+  }
   int64_t poll_read_end_ns_ = INT64_MIN / 2;
   bool draining_ = false;
   // Copy-on-write (under mu_): a delivery takes a reference to the current list and runs its
@@ -573,7 +581,6 @@ Status Client::Impl::start() {
   ev.data.u64 = kTimerTag;
   if (::epoll_ctl(epoll_.get(), EPOLL_CTL_ADD, batch_timer_.get(), &ev) != 0)
     return errno_status("epoll_ctl", errno);
-  poll_control_only_ = has_ctrl_ && !reserved_control_cpus().empty();
   thread_ = std::thread([this] { io_loop(); });
   // Named for top, perf and the scheduler's traces (at most 15 characters); here rather than in
   // the thread, so the name is there once connect() returns.
@@ -673,8 +680,9 @@ Status Client::Impl::read_socket(int k, bool readable, int rounds, size_t max_by
 
 void Client::Impl::read_for_poll(std::unique_lock<std::mutex>& lock, Deadline d) {
   bool mine[2] = {false, false};
+  const bool control_only = poll_control_only();
   for (int k = 0; k < nconns(); ++k) {
-    mine[k] = !conns_[k].reading && !(poll_control_only_ && k == kMain);
+    mine[k] = !conns_[k].reading && !(control_only && k == kMain);
     conns_[k].reading = conns_[k].reading || mine[k];
   }
   poll_readers_++;
@@ -766,7 +774,6 @@ void Client::Impl::io_loop() {
   std::unique_lock<std::mutex> lock(mu_);
   while (!stop_.load(std::memory_order_acquire)) {
     if (!status_.ok()) return;
-    keep_bulk_off_control_cpus();  // a bulk thread (control_cpus.hpp)
     int64_t timeout_ns = std::min<int64_t>(opt_.heartbeat_ms / 2, 50) * 1'000'000;
     {
       const int64_t now = monotonic_ns();
@@ -779,13 +786,14 @@ void Client::Impl::io_loop() {
         timeout_ns = std::min<int64_t>(timeout_ns, std::max<int64_t>(0, bd - now));
       set_interest_locked(now);
       // Not watching for input (poll() callers read): look again when their grace ends.
-      if (!conns_[kMain].armed_in) {
+      if (!conns_[kMain].armed_in || (has_ctrl_ && !conns_[kCtrl].armed_in)) {
         timeout_ns = std::min<int64_t>(timeout_ns,
                                        std::max<int64_t>(opt_.poll_read_grace_us * 1000, 100'000));
       }
       io_wakes_at_ns_ = now + timeout_ns;
     }
     lock.unlock();
+    keep_bulk_off_control_cpus();  // a bulk thread (control_cpus.hpp); outside mu_
     epoll_event evs[4];
     const int n = internal::epoll_wait_ns(epoll_.get(), evs, 4, timeout_ns);
     bool readable[2] = {false, false};
@@ -808,8 +816,10 @@ void Client::Impl::io_loop() {
     // may have crossed), the next pass sets it from the batches then open.
     if (timer_fired) batch_timer_at_ns_ = INT64_MAX;
     bool mine[2] = {false, false};
+    const bool control_only = poll_control_only();
     for (int k = 0; k < nconns(); ++k) {
-      mine[k] = (readable[k] || first[k]) && !conns_[k].reading && poll_readers_ == 0;
+      mine[k] = (readable[k] || first[k]) && !conns_[k].reading &&
+                (poll_readers_ == 0 || (control_only && k == kMain));
       if (mine[k]) conns_[k].reading = true;
     }
     if (mine[kMain] || mine[kCtrl]) {
@@ -880,8 +890,10 @@ Status Client::Impl::dispatch(int k, const FrameView& f, const std::shared_ptr<c
     whole.payload = std::span<const std::byte>(m.payload->data(), m.payload->size());
     return dispatch(k, whole, m.payload);
   }
-  if ((h.flags & kFlagControl) && (h.type == FrameType::kDeliver || h.type == FrameType::kRequest ||
-                                   h.type == FrameType::kReply))
+  // Control traffic for the reservation (control_cpus.hpp): messages from others. Replies are
+  // not: those to this client's requests were counted when it sent them, and the broker's
+  // acknowledgements of subscriptions are set-up, not traffic.
+  if ((h.flags & kFlagControl) && (h.type == FrameType::kDeliver || h.type == FrameType::kRequest))
     note_control_traffic();
   switch (h.type) {
     case FrameType::kBatch:
@@ -1046,6 +1058,8 @@ Result<std::unique_ptr<Client>> Client::connect(ClientOptions options) {
   }
   MYELIN_RETURN_IF_ERROR(
       validate_bulk_scheduling(options.io_thread_scheduling, "io_thread_scheduling"));
+  // The I/O thread inherits the caller's CPUs: not the narrowed set of a bulk thread.
+  restore_this_thread_cpus();
   MYELIN_RETURN_IF_ERROR(reserve_control_cpus(options.control_cpus, options.control_cpus_hold_ms));
   auto impl = std::make_unique<Impl>(std::move(options));
   const std::string where = impl->opt_.address;
@@ -1065,11 +1079,14 @@ Status Client::publish(std::string_view topic, std::span<const std::byte> payloa
     MYELIN_RETURN_IF_ERROR(validate_topic(topic));
     valid_topic.assign(topic);
   }
-  // The calling thread writes the frame itself (control_cpus.hpp).
-  if (o.lane == Lane::kControl)
+  // The calling thread writes the frame itself (control_cpus.hpp): off the control CPUs for
+  // bulk, back on its own CPUs for control.
+  if (o.lane == Lane::kControl) {
     note_control_traffic();
-  else
+    restore_this_thread_cpus();
+  } else {
     keep_bulk_off_control_cpus();
+  }
   Impl& im = *impl_;
   std::unique_lock<std::mutex> lock(im.mu_);
   if (im.draining_) return unavailable("broker ", im.opt_.address, " is draining");
@@ -1156,6 +1173,7 @@ Status Client::unsubscribe(uint64_t subscription, int64_t timeout_ms) {
 }
 
 Result<ReceivedMessage> Client::poll(Deadline deadline) {
+  restore_this_thread_cpus();  // a control thread (control_cpus.hpp)
   Impl& im = *impl_;
   std::unique_lock<std::mutex> lock(im.mu_);
   while (im.inbox_.empty()) {
@@ -1178,10 +1196,12 @@ Result<Reply> Client::request(std::string_view topic, std::span<const std::byte>
                               RequestOptions o) {
   MYELIN_RETURN_IF_ERROR(validate_topic(topic));
   if (o.max_attempts == 0) return invalid_argument("max_attempts must be positive");
-  if (o.lane == Lane::kControl)
+  if (o.lane == Lane::kControl) {
     note_control_traffic();
-  else
+    restore_this_thread_cpus();
+  } else {
     keep_bulk_off_control_cpus();
+  }
   Impl& im = *impl_;
   std::unique_lock<std::mutex> lock(im.mu_);
   const uint64_t id = im.new_id_locked();
@@ -1227,6 +1247,7 @@ Status ps_send(Client::Impl& im, std::unique_lock<std::mutex>& lock, FrameType t
 }
 
 Status Client::ps_init(std::string_view key, std::span<const float> initial, int64_t timeout_ms) {
+  keep_bulk_off_control_cpus();  // a bulk transfer from this thread (control_cpus.hpp)
   std::unique_lock<std::mutex> lock(impl_->mu_);
   Impl::Waiter w;
   return ps_send(*impl_, lock, FrameType::kPsPush, key, kPsInitStep, initial,

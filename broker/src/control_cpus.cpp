@@ -12,6 +12,7 @@
 
 #include <myelin/core/clock.hpp>
 #include <myelin/core/log.hpp>
+#include <myelin/core/topology.hpp>
 
 namespace myelin::broker {
 namespace {
@@ -27,19 +28,25 @@ struct Reservation {
 std::mutex g_mu;
 Reservation g_reservation;
 std::atomic<bool> g_reserved{false};
+// The hold in ns. Relaxed: a setting read at every checkpoint; one that reads a stale value (a
+// longer hold set meanwhile) acts on the new one at its next pass.
 std::atomic<int64_t> g_hold_ns{0};
 // When control traffic was last noted (monotonic ns). Relaxed: a hint that needs no ordering
 // with anything else; a checkpoint that reads a stale value acts one pass later.
 std::atomic<int64_t> g_last_control_ns{INT64_MIN / 2};
 
-// A thread's state at its checkpoints.
+enum class ThreadCpus : uint8_t {
+  kOwn,         // the CPUs it had
+  kOffControl,  // kept off the reservation; `own` holds its CPUs
+  kLeftAlone,   // cannot be moved: left as it is, not tried again
+};
 struct ThreadState {
-  int state = 0;  // 0: its own CPUs; 1: kept off the reservation; -1: cannot be moved, left alone
-  cpu_set_t own;  // its CPU set before it was moved (state 1)
+  ThreadCpus state = ThreadCpus::kOwn;
+  cpu_set_t own;
 };
 thread_local ThreadState tl_state;
 
-Result<cpu_set_t> allowed_cpus() {
+Result<cpu_set_t> this_thread_set() {
   cpu_set_t set;
   CPU_ZERO(&set);
   const int rc = ::pthread_getaffinity_np(::pthread_self(), sizeof(set), &set);
@@ -55,18 +62,10 @@ std::vector<int> cpus_of(const cpu_set_t& set) {
   return out;
 }
 
-// {0,1,2,5} -> "0-2,5".
-std::string list_text(const std::vector<int>& cpus) {
-  std::string out;
-  for (size_t i = 0; i < cpus.size();) {
-    size_t j = i;
-    while (j + 1 < cpus.size() && cpus[j + 1] == cpus[j] + 1) ++j;
-    if (!out.empty()) out += ',';
-    out += std::to_string(cpus[i]);
-    if (j > i) out += '-' + std::to_string(cpus[j]);
-    i = j + 1;
-  }
-  return out;
+std::vector<int> sorted_unique(std::vector<int> cpus) {
+  std::sort(cpus.begin(), cpus.end());
+  cpus.erase(std::unique(cpus.begin(), cpus.end()), cpus.end());
+  return cpus;
 }
 
 }  // namespace
@@ -97,9 +96,7 @@ Result<std::vector<int>> parse_control_cpu_list(std::string_view text) {
     for (int c = lo; c <= hi; ++c) out.push_back(c);
     pos = end + 1;
   }
-  std::sort(out.begin(), out.end());
-  out.erase(std::unique(out.begin(), out.end()), out.end());
-  return out;
+  return sorted_unique(std::move(out));
 }
 
 Status validate_control_cpus(const std::vector<int>& cpus, int64_t hold_ms, std::string_view what) {
@@ -107,45 +104,52 @@ Status validate_control_cpus(const std::vector<int>& cpus, int64_t hold_ms, std:
   if (hold_ms < 1 || hold_ms > kMaxHoldMs) {
     return invalid_argument(what, ": the hold ", hold_ms, " ms is outside [1, ", kMaxHoldMs, "]");
   }
-  MYELIN_ASSIGN_OR_RETURN(cpu_set_t allowed, allowed_cpus());
-  for (int c : cpus) {
+  // A thread kept off the reservation is judged by its own CPUs.
+  cpu_set_t allowed = tl_state.own;
+  if (tl_state.state != ThreadCpus::kOffControl) {
+    MYELIN_ASSIGN_OR_RETURN(allowed, this_thread_set());
+  }
+  const std::vector<int> sorted = sorted_unique(cpus);
+  for (int c : sorted) {
     if (c < 0 || c >= CPU_SETSIZE || !CPU_ISSET(c, &allowed)) {
-      return invalid_argument(what, ": CPU ", c, " is not one this process may run on (",
-                              list_text(cpus_of(allowed)), ")");
+      return invalid_argument(what, ": CPU ", c, " is not one this thread may run on (",
+                              format_cpu_list(cpus_of(allowed)), ")");
     }
     CPU_CLR(c, &allowed);
   }
   if (CPU_COUNT(&allowed) == 0) {
-    return invalid_argument(what, ": CPUs ", list_text(cpus),
-                            " are every CPU this process may run on; bulk needs at least one more");
+    return invalid_argument(what, ": CPUs ", format_cpu_list(sorted),
+                            " are every CPU this thread may run on; bulk needs at least one more");
   }
   return ok_status();
 }
 
 Status reserve_control_cpus(const std::vector<int>& cpus, int64_t hold_ms) {
   if (cpus.empty()) return ok_status();
-  MYELIN_RETURN_IF_ERROR(validate_control_cpus(cpus, hold_ms, "control_cpus"));
-  std::vector<int> sorted = cpus;
-  std::sort(sorted.begin(), sorted.end());
-  sorted.erase(std::unique(sorted.begin(), sorted.end()), sorted.end());
+  const std::vector<int> sorted = sorted_unique(cpus);
   std::lock_guard<std::mutex> lock(g_mu);
   if (g_reserved.load(std::memory_order_relaxed)) {
     if (g_reservation.cpus != sorted) {
-      return failed_precondition("control_cpus ", list_text(sorted),
+      return failed_precondition("control_cpus ", format_cpu_list(sorted),
                                  ": this process already keeps CPUs ",
-                                 list_text(g_reservation.cpus), " for control");
+                                 format_cpu_list(g_reservation.cpus), " for control");
+    }
+    if (hold_ms < 1 || hold_ms > kMaxHoldMs) {
+      return invalid_argument("control_cpus: the hold ", hold_ms, " ms is outside [1, ", kMaxHoldMs,
+                              "]");
     }
     const int64_t hold = hold_ms * 1'000'000;
     if (hold > g_hold_ns.load(std::memory_order_relaxed))
       g_hold_ns.store(hold, std::memory_order_relaxed);
     return ok_status();
   }
+  MYELIN_RETURN_IF_ERROR(validate_control_cpus(sorted, hold_ms, "control_cpus"));
   g_reservation.cpus = sorted;
   CPU_ZERO(&g_reservation.set);
   for (int c : sorted) CPU_SET(c, &g_reservation.set);
   g_hold_ns.store(hold_ms * 1'000'000, std::memory_order_relaxed);
   g_reserved.store(true, std::memory_order_release);  // pairs with the checkpoints' acquire loads
-  MYELIN_LOG_INFO << "CPUs " << list_text(sorted)
+  MYELIN_LOG_INFO << "CPUs " << format_cpu_list(sorted)
                   << " kept free of bulk threads while control traffic flows (hold " << hold_ms
                   << " ms)";
   return ok_status();
@@ -156,55 +160,65 @@ std::vector<int> reserved_control_cpus() {
   return g_reservation.cpus;
 }
 
+bool control_cpus_reserved() noexcept {
+  return g_reserved.load(std::memory_order_acquire);
+}
+
 void note_control_traffic() noexcept {
   if (!g_reserved.load(std::memory_order_relaxed)) return;
   g_last_control_ns.store(monotonic_ns(), std::memory_order_relaxed);
 }
 
-void keep_bulk_off_control_cpus() noexcept {
-  if (!g_reserved.load(std::memory_order_acquire)) return;
+void restore_this_thread_cpus() {
   ThreadState& t = tl_state;
-  if (t.state < 0) return;
-  const bool live = monotonic_ns() - g_last_control_ns.load(std::memory_order_relaxed) <
-                    g_hold_ns.load(std::memory_order_relaxed);
-  if (live == (t.state == 1)) return;
-  if (!live) {
-    // Back to the CPUs it had.
-    const int rc = ::pthread_setaffinity_np(::pthread_self(), sizeof(t.own), &t.own);
-    if (rc != 0) {
-      MYELIN_LOG_WARN << "a bulk thread stays off the control CPUs: "
-                      << errno_status("pthread_setaffinity_np", rc);
-      t.state = -1;
-      return;
-    }
-    t.state = 0;
+  if (t.state != ThreadCpus::kOffControl) return;
+  const int rc = ::pthread_setaffinity_np(::pthread_self(), sizeof(t.own), &t.own);
+  if (rc != 0) {
+    MYELIN_LOG_WARN << "a thread stays off the control CPUs: "
+                    << errno_status("pthread_setaffinity_np", rc);
+    t.state = ThreadCpus::kLeftAlone;
     return;
   }
-  cpu_set_t bulk;
-  CPU_ZERO(&t.own);
-  int rc = ::pthread_getaffinity_np(::pthread_self(), sizeof(t.own), &t.own);
-  if (rc == 0) {
-    CPU_XOR(&bulk, &t.own, &g_reservation.set);
-    CPU_AND(&bulk, &bulk, &t.own);  // its CPUs outside the reservation
+  t.state = ThreadCpus::kOwn;
+}
+
+void keep_bulk_off_control_cpus() {
+  if (!g_reserved.load(std::memory_order_acquire)) return;
+  ThreadState& t = tl_state;
+  if (t.state == ThreadCpus::kLeftAlone) return;
+  const bool live = monotonic_ns() - g_last_control_ns.load(std::memory_order_relaxed) <
+                    g_hold_ns.load(std::memory_order_relaxed);
+  if (live == (t.state == ThreadCpus::kOffControl)) return;
+  if (!live) {
+    restore_this_thread_cpus();
+    return;
+  }
+  auto own = this_thread_set();
+  int rc = own.ok() ? 0 : EINVAL;
+  if (own.ok()) {
+    cpu_set_t bulk;
+    CPU_XOR(&bulk, &*own, &g_reservation.set);
+    CPU_AND(&bulk, &bulk, &*own);  // its CPUs outside the reservation
     if (CPU_COUNT(&bulk) == 0) {
-      MYELIN_LOG_WARN << "a bulk thread runs only on control CPUs " << list_text(cpus_of(t.own))
-                      << "; it is left there";
-      t.state = -1;
+      MYELIN_LOG_WARN << "a bulk thread runs only on control CPUs "
+                      << format_cpu_list(cpus_of(*own)) << "; it is left there";
+      t.state = ThreadCpus::kLeftAlone;
       return;
     }
     rc = ::pthread_setaffinity_np(::pthread_self(), sizeof(bulk), &bulk);
   }
   if (rc != 0) {
     MYELIN_LOG_WARN << "a bulk thread cannot leave the control CPUs: "
-                    << errno_status("pthread_setaffinity_np", rc);
-    t.state = -1;
+                    << (own.ok() ? errno_status("pthread_setaffinity_np", rc) : own.status());
+    t.state = ThreadCpus::kLeftAlone;
     return;
   }
-  t.state = 1;
+  t.own = *own;
+  t.state = ThreadCpus::kOffControl;
 }
 
 bool this_thread_kept_off_control_cpus() noexcept {
-  return tl_state.state == 1;
+  return tl_state.state == ThreadCpus::kOffControl;
 }
 
 }  // namespace myelin::broker

@@ -634,6 +634,8 @@ Status Server::Impl::init() {
 }
 
 Status Server::Impl::start() {
+  // The threads started here inherit the caller's CPUs: not the narrowed set of a bulk thread.
+  restore_this_thread_cpus();
   MYELIN_RETURN_IF_ERROR(reserve_control_cpus(opt_.control_cpus, opt_.control_cpus_hold_ms));
   if (thread_.joinable()) return failed_precondition("server already started");
   if (opt_.control_thread) ctrl_thread_ = std::thread([this] { control_loop(); });
@@ -1282,7 +1284,9 @@ Status Server::Impl::handle_ctrl(Link& l, const FrameView& f,
     case FrameType::kRequest:
     case FrameType::kPsPush:
     case FrameType::kPsPull: {
-      note_control_traffic();
+      // Control traffic for the reservation (control_cpus.hpp): messages, not parameter-server
+      // operations, whose small ones also come this way.
+      if (h.type == FrameType::kPublish || h.type == FrameType::kRequest) note_control_traffic();
       // One window for both connections. Relaxed: a count (see Conn).
       if (c.publish_outstanding.fetch_add(1, std::memory_order_relaxed) + 1 >
           opt_.publish_credits) {

@@ -32,7 +32,8 @@ namespace myelin::broker {
 namespace {
 
 constexpr const char* kSecret = "control-cpus-test-secret-0123456789";
-constexpr int64_t kHoldMs = 100;
+// Long enough that a thread descheduled on a loaded 2-CPU host still checks within it.
+constexpr int64_t kHoldMs = 300;
 
 std::vector<int> allowed_cpus() {
   cpu_set_t set;
@@ -325,6 +326,88 @@ TEST(ControlCpuBroker, BulkThreadsLeaveTheReservedCpuWhileControlFlows) {
     std::this_thread::sleep_for(std::chrono::milliseconds(2));
   EXPECT_EQ(bulk_seen.load(std::memory_order_relaxed), bulk_sent);
   c->reset();
+  (*server)->stop();
+}
+
+// With a reservation a poll() caller reads only the control connection: a thread that polls
+// for control messages without pause must not stop the bulk connection, which the I/O thread
+// then reads (bulk handler deliveries, and the publish credits that come back on it).
+TEST(ControlCpuBroker, BulkKeepsFlowingWhileAThreadPollsForControl) {
+  const std::vector<int> cpus = allowed_cpus();
+  if (cpus.size() < 2) GTEST_SKIP() << "this process may run on one CPU only: nothing to reserve";
+  auto server = Server::create(server_options({cpus[0]}));
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_TRUE((*server)->start().ok());
+  auto c = Client::connect(client_options((*server)->port(), "poller", {cpus[0]}));
+  ASSERT_TRUE(c.ok()) << c.status();
+  Client& client = **c;
+  std::atomic<int> bulk_seen{0};
+  ASSERT_TRUE(client
+                  .subscribe("grad/#",
+                             [&](const ReceivedMessage&) {
+                               bulk_seen.fetch_add(1, std::memory_order_relaxed);
+                             })
+                  .ok());
+  ASSERT_TRUE(client.subscribe("ctrl/#").ok());
+  std::atomic<bool> stop{false};
+  std::atomic<int> polls{0};
+  std::thread poller([&] {
+    // Polls back to back, as an echo does, with short deadlines so it is always inside poll().
+    while (!stop.load(std::memory_order_acquire)) {
+      auto m = client.poll(Deadline::after_ms(5));
+      if (m.ok()) polls.fetch_add(1, std::memory_order_relaxed);
+    }
+  });
+  // More bulk than the publish credit window, so publishing itself needs the credits that come
+  // back on the bulk connection; a control message now and then keeps the reservation in force.
+  const std::string block(16 * 1024, 'g');
+  constexpr int kBulk = 2000;
+  const PublishOptions bulk{.lane = Lane::kBulk, .batch = true, .timeout_ms = 10'000};
+  const PublishOptions control{.lane = Lane::kControl, .batch = false, .timeout_ms = 10'000};
+  Status failed;
+  for (int i = 0; i < kBulk && failed.ok(); ++i) {
+    if (i % 100 == 0) failed = client.publish("ctrl/tick", bytes("t"), control);
+    if (failed.ok()) failed = client.publish("grad/w", bytes(block), bulk);
+  }
+  EXPECT_TRUE(failed.ok()) << failed;
+  const Deadline d = Deadline::after_ms(10'000);
+  while (bulk_seen.load(std::memory_order_relaxed) < kBulk && !d.expired())
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  stop.store(true, std::memory_order_release);
+  poller.join();
+  EXPECT_EQ(bulk_seen.load(std::memory_order_relaxed), kBulk);
+  EXPECT_EQ(polls.load(std::memory_order_relaxed), kBulk / 100);
+  c->reset();
+  (*server)->stop();
+}
+
+// A thread kept off the reserved CPU for bulk gets its own CPUs back before it connects another
+// client (whose I/O thread inherits them), and the same reservation is accepted from it.
+TEST(ControlCpuBroker, AThreadKeptOffForBulkConnectsAnotherClient) {
+  const std::vector<int> cpus = allowed_cpus();
+  if (cpus.size() < 2) GTEST_SKIP() << "this process may run on one CPU only: nothing to reserve";
+  const int reserved = cpus[0];
+  auto server = Server::create(server_options({reserved}));
+  ASSERT_TRUE(server.ok()) << server.status();
+  ASSERT_TRUE((*server)->start().ok());
+  auto first = Client::connect(client_options((*server)->port(), "first", {reserved}));
+  ASSERT_TRUE(first.ok()) << first.status();
+  std::thread t([&] {
+    note_control_traffic();
+    ASSERT_TRUE((*first)->publish("grad/w", bytes("bulk")).ok());
+    ASSERT_TRUE(this_thread_kept_off_control_cpus());
+    auto second = Client::connect(client_options((*server)->port(), "second", {reserved}));
+    ASSERT_TRUE(second.ok()) << second.status();
+    EXPECT_FALSE(this_thread_kept_off_control_cpus());
+    EXPECT_TRUE(has(this_thread_cpus(), reserved));
+    // A control call gives the CPUs back too.
+    ASSERT_TRUE((*second)->publish("grad/w", bytes("bulk")).ok());
+    EXPECT_TRUE(this_thread_kept_off_control_cpus());
+    ASSERT_TRUE((*second)->publish("ctrl/x", bytes("c"), {.lane = Lane::kControl}).ok());
+    EXPECT_FALSE(this_thread_kept_off_control_cpus());
+  });
+  t.join();
+  first->reset();
   (*server)->stop();
 }
 

@@ -15,15 +15,20 @@
 // The reservation is per process and adaptive:
 //  - Control threads are not pinned: the broker's control thread and an application's threads
 //    in Client::poll() may run on any allowed CPU; the scheduler puts a woken one on an idle CPU,
-//    and the reserved CPUs are idle of bulk.
+//    and the reserved CPUs are idle of bulk. A thread that was kept off them for bulk gets its
+//    own CPUs back when it turns to control (Client::poll(), a control-lane publish or
+//    request), and before it connects a client or starts a broker, whose threads inherit its
+//    CPUs.
 //  - Bulk threads are the broker's loop thread, every client's I/O thread and every thread that
 //    publishes, requests or pushes on the bulk lane (the call itself writes to the socket). Each
 //    looks at the reservation at its checkpoints (a loop pass, a bulk publish): while control
 //    traffic was seen within `hold_ms`, it runs on the allowed CPUs minus the reserved ones; once
 //    control traffic stops for `hold_ms`, it gets its own CPU set back, so bulk alone (a
 //    throughput run, a phase without control messages) uses every CPU.
-//  - Control traffic is a control-lane publish, request, reply or delivery that the broker's
-//    control thread or a client handles (heartbeats and credits do not count).
+//  - Control traffic is a control-lane publish or request that the broker's control thread
+//    receives on a control connection, a control-lane publish or request that a client sends,
+//    or a control-lane delivery or request that a client receives (heartbeats, credits,
+//    acknowledgements and parameter-server operations do not count).
 //  - A client with a control connection and a reservation leaves the bulk connection to its I/O
 //    thread: a thread in Client::poll() reads only the control connection, so no bulk read runs on
 //    a control thread.
@@ -58,24 +63,33 @@ Result<std::vector<int>> parse_control_cpu_list(std::string_view text);
 Status validate_control_cpus(const std::vector<int>& cpus, int64_t hold_ms, std::string_view what);
 
 // Reserves `cpus` for control threads in this process (validated as above against the calling
-// thread's allowed CPUs, which become the bulk threads' set minus `cpus`). Empty: nothing.
-// Calling it again with the same CPUs is accepted (the longer hold is kept); other CPUs fail with
-// failed_precondition naming both sets, since a process has one reservation.
+// thread's own CPUs). Empty: nothing. Calling it again with the same CPUs is accepted (the longer
+// hold is kept); other CPUs fail with failed_precondition naming both sets, since a process has
+// one reservation. The reservation lasts as long as the process: a failed connect() or a stopped
+// Server does not end it.
 Status reserve_control_cpus(const std::vector<int>& cpus, int64_t hold_ms);
 
 // The process's reserved CPUs (empty: none).
 std::vector<int> reserved_control_cpus();
 
+// Whether this process has a reservation (one load).
+bool control_cpus_reserved() noexcept;
+
 // Records that a control message was handled now (one relaxed store; nothing without a
-// reservation).
+// reservation). Only a process with a reservation acts on it.
 void note_control_traffic() noexcept;
 
 // A bulk thread's checkpoint: without a reservation, one load and nothing else. With one, moves
 // the calling thread off the reserved CPUs while control traffic was noted within the hold, and
-// back to the CPUs it had before once the hold has passed. A thread whose CPU set cannot be
-// changed (refused by the kernel, or it has no CPU outside the reservation) is left as it is,
-// with one warning, and not tried again.
-void keep_bulk_off_control_cpus() noexcept;
+// back to the CPUs it had before once the hold has passed (a CPU set changed meanwhile by other
+// means is overwritten by that one). A thread whose CPU set cannot be changed (refused by the
+// kernel, or it has no CPU outside the reservation) is left as it is, with one warning, and not
+// tried again. May log (and so allocate).
+void keep_bulk_off_control_cpus();
+
+// A control thread's checkpoint: a thread that keep_bulk_off_control_cpus() moved gets its own
+// CPUs back at once (one thread-local load when it was not moved).
+void restore_this_thread_cpus();
 
 // Whether the calling thread is kept off the reserved CPUs now (for tests and diagnostics).
 bool this_thread_kept_off_control_cpus() noexcept;
