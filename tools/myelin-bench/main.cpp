@@ -154,6 +154,7 @@ std::vector<bench::Column> columns_for(const Args& a) {
     if (a.bench == "pubsub") {
       add({{"flood_size", "", 0, 0},
            {"flood_GBps", "flood(GB/s)", 11, 3},
+           {"flood_delivered_GBps", "", 0, 0},
            {"ping_leg_p50_us", "", 0, 0},
            {"ping_leg_p99_us", "", 0, 0},
            {"pong_leg_p50_us", "", 0, 0},
@@ -434,7 +435,7 @@ int run_rank(const Args& a, int rank, int size, Store& store) {
       row = {name, used, uint64_t{msg}};
       append_latency(row, l);
       row.insert(row.end(),
-                 {uint64_t{flood.ok() ? *flood : 0}, r.flood_gbps,
+                 {uint64_t{flood.ok() ? *flood : 0}, r.flood_gbps, r.flood_delivered_gbps,
                   leg(r.ping_leg, r.ping_leg.p50_us), leg(r.ping_leg, r.ping_leg.p99_us),
                   leg(r.pong_leg, r.pong_leg.p50_us), leg(r.pong_leg, r.pong_leg.p99_us), l.wrong});
     } else {

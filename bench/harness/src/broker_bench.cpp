@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cmath>
 #include <condition_variable>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -294,8 +295,15 @@ Result<PubSubResult> BrokerBench::pubsub(size_t size, const RunConfig& cfg) {
   if (m.o.rank == 0) {
     MYELIN_ASSIGN_OR_RETURN(auto scheduling, ControlSchedulingScope::enter());
     std::vector<uint8_t> copy;
+    // The flood bytes this rank's handler took while it echoed (from the first ping on).
+    uint64_t flood_at_first = 0;
+    int64_t first_ns = 0;
     for (size_t i = 0; i < total; ++i) {
       MYELIN_ASSIGN_OR_RETURN(broker::ReceivedMessage msg, c.poll(m.deadline()));
+      if (i == 0) {
+        flood_at_first = m.flood_received.load(std::memory_order_relaxed);
+        first_ns = monotonic_ns();
+      }
       std::span<const std::byte> out = msg.payload;
       if (i >= cfg.warmup && i - cfg.warmup == cfg.corrupt_at && !out.empty()) {
         copy.assign(reinterpret_cast<const uint8_t*>(out.data()),
@@ -304,6 +312,13 @@ Result<PubSubResult> BrokerBench::pubsub(size_t size, const RunConfig& cfg) {
         out = bytes_of(copy, copy.size());
       }
       MYELIN_RETURN_IF_ERROR(c.publish(kPong, out, control_publish(m.o.timeout)));
+    }
+    if (m.o.flood_size > 0) {
+      const uint64_t got = m.flood_received.load(std::memory_order_relaxed) - flood_at_first;
+      const int64_t ns = monotonic_ns() - first_ns;
+      MYELIN_RETURN_IF_ERROR(
+          m.o.store->set("myelin/bench/flood-delivered/" + std::to_string(m.round),
+                         std::to_string(got) + " " + std::to_string(ns)));
     }
   } else if (m.o.rank >= 2) {
     if (m.o.flood_size > 0) {
@@ -395,6 +410,15 @@ Result<PubSubResult> BrokerBench::pubsub(size_t size, const RunConfig& cfg) {
     if (flood_seconds > 0) res.flood_gbps = static_cast<double>(flood_bytes) / flood_seconds / 1e9;
   }
   MYELIN_RETURN_IF_ERROR(m.barrier("pubsub"));
+  if (m.o.rank == 1 && m.o.flood_size > 0) {
+    MYELIN_ASSIGN_OR_RETURN(
+        auto v,
+        m.o.store->get("myelin/bench/flood-delivered/" + std::to_string(m.round), m.deadline()));
+    unsigned long long got = 0;
+    long long ns = 0;
+    if (std::sscanf(as_string(v).c_str(), "%llu %lld", &got, &ns) == 2 && ns > 0)
+      res.flood_delivered_gbps = static_cast<double>(got) / static_cast<double>(ns);
+  }
   return res;
 }
 

@@ -55,6 +55,9 @@ struct BrokerBenchOptions {
 struct PubSubResult {
   LatencyResult latency;
   double flood_gbps = 0;  // what rank 1's flood client published (GB = 10^9 B); 0 without flood
+  // What rank 0 (the echo, the flood's subscriber) received of it while it echoed: bytes over
+  // its time from the first ping to the last pong (GB/s); 0 without flood.
+  double flood_delivered_gbps = 0;
   // The round trip split where the echo publishes its pong (the pong's publish timestamp, read
   // on the echo's CLOCK_MONOTONIC): ping leg = ping publish -> pong publish (the broker's
   // forwarding of the ping, the echo's wake-up, poll() and turnaround); pong leg = pong publish
