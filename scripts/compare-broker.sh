@@ -41,10 +41,12 @@
 # CAP_SYS_NICE or RLIMIT_RTPRIO). Without it the default (normal).
 # --control-cpus LIST|none: the myelin broker (control_cpus in its configuration) and myelin's
 # clients (MYELIN_CONTROL_CPUS, ClientOptions::control_cpus) keep their bulk threads off these
-# CPUs while control traffic flows (docs/broker.md, "CPUs kept for control"). Default: CPU 0 on a
-# machine with 2 or more CPUs, none on one CPU. Nothing changes for NATS, which has no lanes.
+# CPUs while control traffic flows (docs/broker.md, "CPUs kept for control"). Default: the first
+# CPU this script may run on when it may run on 2 or more, else none. Nothing changes for NATS,
+# which has no lanes.
 # Each benchmark run is limited to COMPARE_RUN_TIMEOUT_S seconds (default 120); one past it is
-# reported as failed and left out of the medians.
+# reported as failed and left out of the medians. Runs start COMPARE_PAUSE_S seconds (default
+# 0.5) after the one before, longer than the control_cpus hold.
 # As root, the whole run goes into its own session whose autogroup gets nice -20 (fewer
 # disturbances from other work on the machine). Needs `scripts/setup.sh --with peers` for NATS.
 set -euo pipefail
@@ -62,7 +64,8 @@ loop_nice=0
 loop_scheduling=""
 broker_spin=""
 control_scheduling=""
-control_cpus=$([ "$(nproc)" -ge 2 ] && echo 0 || echo none)
+# The first CPU this script may run on (a cpuset or taskset may leave out CPU 0).
+control_cpus=$(python3 -c 'import os; c = sorted(os.sched_getaffinity(0)); print(c[0] if len(c) >= 2 else "none")')
 while [ $# -gt 0 ]; do
   case "$1" in
     --build) build=${2:?}; shift ;;
@@ -79,7 +82,7 @@ while [ $# -gt 0 ]; do
     --client-spin-us) export MYELIN_CLIENT_SPIN_US=${2:?}; shift ;;
     --control-scheduling) control_scheduling=${2:?}; export MYELIN_CONTROL_SCHEDULING=$control_scheduling; shift ;;
     --control-cpus) control_cpus=${2:?}; shift ;;
-    -h|--help) sed -n '2,47p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,49p' "$0"; exit 0 ;;
     *) echo "compare-broker.sh: unknown argument '$1'" >&2; exit 2 ;;
   esac
   shift
@@ -150,6 +153,10 @@ run() {
   local tag=$1 side=$2 round=$3
   shift 3
   local line
+  # Runs are separate scenarios: a pause longer than the broker's control_cpus hold (200 ms) so
+  # that one run's control traffic does not keep bulk off the reserved CPU in the next (the
+  # throughput runs carry no control traffic of their own). Both sides get it.
+  sleep "${COMPARE_PAUSE_S:-0.5}"
   # Every run is bounded (a peer's client that stalls under a flood would otherwise hold the
   # measurement lock indefinitely); one past the limit counts as failed.
   if ! line=$(timeout -k 5 "${COMPARE_RUN_TIMEOUT_S:-120}" "$@" 2>>"$out/stderr.log" | grep '^{' | tail -1); then
@@ -205,6 +212,7 @@ row("64 B control latency p99, no flood", "ctrl64", "ctrl64", "p99_us", "us", Fa
 row("64 B control latency p50, 1 MiB flood", "flood64", "flood64", "p50_us", "us", False)
 row("64 B control latency p99, 1 MiB flood", "flood64", "flood64", "p99_us", "us", False)
 row("flood rate GB/s (1 MiB messages)", "flood64", "flood64", "flood_GBps", "GB/s", True)
+row("flood delivered to the echo while it echoed (GB/s)", "flood64", "flood64", "flood_delivered_GBps", "GB/s", True)
 iso = {}
 for side in ("myelin", "nats"):
     a, _ = med("flood64", side, "p99_us")
