@@ -85,7 +85,9 @@ Result<std::vector<int>> parse_control_cpu_list(std::string_view text) {
   size_t pos = 0;
   while (pos <= text.size()) {
     const size_t end = std::min(text.find(',', pos), text.size());
-    const std::string_view item = text.substr(pos, end - pos);
+    std::string_view item = text.substr(pos, end - pos);
+    while (!item.empty() && item.front() == ' ') item.remove_prefix(1);
+    while (!item.empty() && item.back() == ' ') item.remove_suffix(1);
     const size_t dash = item.find('-');
     MYELIN_ASSIGN_OR_RETURN(int lo, number(item.substr(0, dash)));
     int hi = lo;
@@ -180,6 +182,7 @@ void restore_this_thread_cpus() {
     return;
   }
   t.state = ThreadCpus::kOwn;
+  MYELIN_LOG_DEBUG << "a thread is back on its own CPUs " << format_cpu_list(cpus_of(t.own));
 }
 
 void keep_bulk_off_control_cpus() {
@@ -215,6 +218,8 @@ void keep_bulk_off_control_cpus() {
   }
   t.own = *own;
   t.state = ThreadCpus::kOffControl;
+  MYELIN_LOG_DEBUG << "a bulk thread leaves the control CPUs "
+                   << format_cpu_list(g_reservation.cpus) << " while control traffic flows";
 }
 
 bool this_thread_kept_off_control_cpus() noexcept {

@@ -104,7 +104,8 @@ TEST(ControlCpuList, ParsesListsAndRangesAndRefusesWhatIsNotOne) {
   EXPECT_EQ(*parse_control_cpu_list("3,1,1,2-3"), (std::vector<int>{1, 2, 3}));
   EXPECT_TRUE(parse_control_cpu_list("")->empty());
   EXPECT_TRUE(parse_control_cpu_list("none")->empty());
-  for (const char* bad : {"a", "1-", "-1", "2-1", "0,,1", "0,", "1 ", "99999", "1-99999", "0x1"}) {
+  EXPECT_EQ(*parse_control_cpu_list(" 0 , 2-3 "), (std::vector<int>{0, 2, 3}));
+  for (const char* bad : {"a", "1-", "-1", "2-1", "0,,1", "0,", "1 2", "99999", "1-99999", "0x1"}) {
     auto r = parse_control_cpu_list(bad);
     ASSERT_FALSE(r.ok()) << bad;
     EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument) << bad;

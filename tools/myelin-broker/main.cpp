@@ -90,7 +90,7 @@ int main(int argc, char** argv) {
   if (!control_thread.empty()) opts.control_thread = control_thread == "on";
   if (loop_nice >= 0) opts.loop_nice = loop_nice;
   if (spin_before_block_us >= 0) opts.spin_before_block_us = spin_before_block_us;
-  // A scheduling flag given: parsed into `out`; false (reported) when its value is refused.
+  // A scheduling or CPU flag given: parsed into `out`; false (reported) when its value is refused.
   auto set_parsed = [](const std::string& flag, const std::string& text, auto parse, auto* out) {
     if (text.empty()) return true;
     auto parsed = parse(text);

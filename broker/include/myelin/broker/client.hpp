@@ -97,9 +97,11 @@ struct ClientOptions {
   // I/O thread, and every other bulk thread of this process (a thread that publishes on the bulk
   // lane included), leaves them while a control message was handled within
   // control_cpus_hold_ms; with a control connection, a poll() caller then reads only the control
-  // connection. Reserved for the process at connect() (one set per process: another client or
-  // an embedded broker asking for other CPUs fails). Empty: none (the default). Errors at
-  // connect(): a CPU this process may not run on, or every allowed CPU reserved.
+  // connection. Reserved for the process at connect(), for the process's lifetime (one set per
+  // process; a failed connect() does not undo it). Empty: none (the default). Errors at
+  // connect(): invalid_argument for a CPU this process may not run on, every allowed CPU
+  // reserved or a hold outside 1..3 600 000 ms; failed_precondition when another client or an
+  // embedded broker reserved other CPUs.
   std::vector<int> control_cpus;
   int64_t control_cpus_hold_ms = kDefaultControlHoldMs;
   // Closing (the destructor) sends what is still queued for the broker, waiting at most this

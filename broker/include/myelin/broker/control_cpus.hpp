@@ -53,8 +53,9 @@ namespace myelin::broker {
 // default.
 inline constexpr int64_t kDefaultControlHoldMs = 200;
 
-// Parses a CPU list such as "0", "0,2" or "0-1,4" (ascending, no duplicates in the result); ""
-// and "none" give an empty list. Errors: invalid_argument naming the text.
+// Parses a CPU list such as "0", "0, 2" or "0-1,4" (spaces around items allowed; ascending, no
+// duplicates in the result); "" and "none" give an empty list. Errors: invalid_argument naming
+// the text.
 Result<std::vector<int>> parse_control_cpu_list(std::string_view text);
 
 // Checks a reservation against the calling thread's allowed CPUs (sched_getaffinity): every CPU

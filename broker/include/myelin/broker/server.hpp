@@ -117,9 +117,12 @@ struct ServerOptions {
   // (control_cpus.hpp): the loop thread, and every other bulk thread of this process, leaves
   // them while a control message was handled within control_cpus_hold_ms, so a woken control
   // thread finds one of them free even when bulk keeps every other CPU inside system calls.
-  // Reserved for the process at start() (one set per process). Empty: none (the default). The
-  // control thread itself is not pinned. Errors at create(): a CPU this process may not run on,
-  // every allowed CPU reserved, or a reservation without the control thread.
+  // Reserved for the process at start() (one set per process, for its lifetime). Empty: none
+  // (the default). The control thread itself is not pinned. With `nic` or `numa_node`, reserve
+  // CPUs of that node (the control thread runs there). Errors: at create(), invalid_argument for
+  // a CPU this process may not run on, every allowed CPU reserved, a hold outside
+  // 1..3 600 000 ms, or a reservation without the control thread; at start(),
+  // failed_precondition when the process already keeps other CPUs.
   std::vector<int> control_cpus;
   int64_t control_cpus_hold_ms = kDefaultControlHoldMs;
   // Spin-then-block, as the transport's ProgressMode::kSpinThenBlock: after a pass that found
