@@ -355,6 +355,10 @@ class Client::Impl {
 
   ClientOptions opt_;
   Fd wake_fd_, epoll_;
+  // Written when the I/O thread queues a bulk-connection message for poll() while a caller
+  // waits in read_for_poll() on the control connection alone (poll_control_only()): that caller
+  // waits on this too, not only on the condition variable it is not in.
+  Fd poll_wake_;
   // CLOCK_MONOTONIC timerfd in the I/O thread's epoll set: the end of the earliest open batch's
   // window. batch_timer_at_ns_ (under mu_) is what it is set to: INT64_MAX disarmed (or fired and
   // read), INT64_MIN unknown (a setting failed; the I/O thread then keeps the window itself).
@@ -564,6 +568,8 @@ Status Client::Impl::attach_control(const AuthOk& ok, Deadline d) {
 
 Status Client::Impl::start() {
   wake_fd_ = Fd(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
+  poll_wake_ = Fd(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
+  if (!poll_wake_.valid()) return errno_status("eventfd", errno);
   epoll_ = Fd(::epoll_create1(EPOLL_CLOEXEC));
   batch_timer_ = Fd(::timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC));
   if (!wake_fd_.valid() || !epoll_.valid() || !batch_timer_.valid())
@@ -701,12 +707,17 @@ void Client::Impl::read_for_poll(std::unique_lock<std::mutex>& lock, Deadline d)
         d.is_never() ? 20'000'000 : std::clamp<int64_t>(d.remaining_ns(), 0, 20'000'000);
     timespec ts{static_cast<time_t>(slice / 1'000'000'000),
                 static_cast<long>(slice % 1'000'000'000)};
-    pollfd p[2];
-    int np = 0, which[2];
+    pollfd p[3];
+    int np = 0, which[3];
     for (int k = kCtrl; k >= kMain; --k) {
       if (!mine[k]) continue;
       which[np] = k;
       p[np++] = pollfd{conns_[k].fd.get(), POLLIN, 0};
+    }
+    if (control_only) {
+      // The bulk connection is the I/O thread's: what it queues for poll() arrives here.
+      which[np] = -1;
+      p[np++] = pollfd{poll_wake_.get(), POLLIN, 0};
     }
     int n = 0;
     // A caller under a real-time policy does not spin: its wake-up runs it at once, and its
@@ -728,6 +739,11 @@ void Client::Impl::read_for_poll(std::unique_lock<std::mutex>& lock, Deadline d)
       for (int i = 0; i < np && s.ok(); ++i) {
         if (p[i].revents == 0) continue;
         const int k = which[i];
+        if (k < 0) {
+          uint64_t v;
+          [[maybe_unused]] ssize_t r = ::read(poll_wake_.get(), &v, sizeof(v));
+          continue;  // the inbox has something: poll() takes it
+        }
         s = read_socket(k, true, 1, k == kMain ? main_block : SIZE_MAX, &frames);
       }
     } else if (n < 0 && errno != EINTR) {
@@ -752,6 +768,7 @@ void Client::Impl::read_for_poll(std::unique_lock<std::mutex>& lock, Deadline d)
 }
 
 void Client::Impl::io_loop() {
+  mark_this_thread_bulk();
   if (opt_.io_thread_nice > 0) {
     // Per thread on Linux: PRIO_PROCESS with a thread id.
     const id_t tid = static_cast<id_t>(::gettid());
@@ -950,7 +967,7 @@ Status Client::Impl::dispatch(int k, const FrameView& f, const std::shared_ptr<c
       const SeqEvent ev = conns_[k].gaps.observe(m.topic, m.seq);
       m.missed_before = ev.missed;
       std::shared_ptr<const std::vector<Sub>> subs;
-      bool to_inbox = false, to_handler = false;
+      bool to_inbox = false, to_handler = false, wake_poller = false;
       {
         std::lock_guard<std::mutex> lock(mu_);
         if (conns_[k].handled > 0) consumed_locked(std::exchange(conns_[k].handled, 0));
@@ -968,7 +985,12 @@ Status Client::Impl::dispatch(int k, const FrameView& f, const std::shared_ptr<c
         if (to_inbox) {
           inbox_.push_back(m);
           cv_.notify_all();
+          wake_poller = k == kMain && poll_readers_ > 0 && poll_control_only();
         }
+      }
+      if (wake_poller) {
+        const uint64_t one = 1;
+        [[maybe_unused]] ssize_t r = ::write(poll_wake_.get(), &one, sizeof(one));
       }
       if (to_handler) {
         std::lock_guard<std::recursive_mutex> one_at_a_time(handler_mu_);
@@ -1059,7 +1081,7 @@ Result<std::unique_ptr<Client>> Client::connect(ClientOptions options) {
   MYELIN_RETURN_IF_ERROR(
       validate_bulk_scheduling(options.io_thread_scheduling, "io_thread_scheduling"));
   // The I/O thread inherits the caller's CPUs: not the narrowed set of a bulk thread.
-  restore_this_thread_cpus();
+  restore_this_thread_cpus(/*even_library_bulk_thread=*/true);
   MYELIN_RETURN_IF_ERROR(reserve_control_cpus(options.control_cpus, options.control_cpus_hold_ms));
   auto impl = std::make_unique<Impl>(std::move(options));
   const std::string where = impl->opt_.address;

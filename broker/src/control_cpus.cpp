@@ -45,6 +45,7 @@ struct ThreadState {
   cpu_set_t own;
 };
 thread_local ThreadState tl_state;
+thread_local bool tl_library_bulk = false;
 
 Result<cpu_set_t> this_thread_set() {
   cpu_set_t set;
@@ -171,9 +172,14 @@ void note_control_traffic() noexcept {
   g_last_control_ns.store(monotonic_ns(), std::memory_order_relaxed);
 }
 
-void restore_this_thread_cpus() {
+void mark_this_thread_bulk() noexcept {
+  tl_library_bulk = true;
+}
+
+void restore_this_thread_cpus(bool even_library_bulk_thread) {
   ThreadState& t = tl_state;
   if (t.state != ThreadCpus::kOffControl) return;
+  if (tl_library_bulk && !even_library_bulk_thread) return;
   const int rc = ::pthread_setaffinity_np(::pthread_self(), sizeof(t.own), &t.own);
   if (rc != 0) {
     MYELIN_LOG_WARN << "a thread stays off the control CPUs: "
@@ -193,7 +199,7 @@ void keep_bulk_off_control_cpus() {
                     g_hold_ns.load(std::memory_order_relaxed);
   if (live == (t.state == ThreadCpus::kOffControl)) return;
   if (!live) {
-    restore_this_thread_cpus();
+    restore_this_thread_cpus(/*even_library_bulk_thread=*/true);
     return;
   }
   auto own = this_thread_set();

@@ -635,7 +635,7 @@ Status Server::Impl::init() {
 
 Status Server::Impl::start() {
   // The threads started here inherit the caller's CPUs: not the narrowed set of a bulk thread.
-  restore_this_thread_cpus();
+  restore_this_thread_cpus(/*even_library_bulk_thread=*/true);
   MYELIN_RETURN_IF_ERROR(reserve_control_cpus(opt_.control_cpus, opt_.control_cpus_hold_ms));
   if (thread_.joinable()) return failed_precondition("server already started");
   if (opt_.control_thread) ctrl_thread_ = std::thread([this] { control_loop(); });
@@ -2057,6 +2057,7 @@ void Server::Impl::loop() {
   // Named for top, perf and the scheduler's traces (at most 15 characters).
   ::pthread_setname_np(::pthread_self(), "myelin-brk-loop");
   place_thread(/*record=*/true);
+  if (opt_.control_thread) mark_this_thread_bulk();
   if (opt_.control_thread && opt_.loop_nice > 0) {
     // This thread only (a Linux thread's nice value is its own).
     if (::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), opt_.loop_nice) != 0) {

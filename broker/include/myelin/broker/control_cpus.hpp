@@ -89,8 +89,17 @@ void note_control_traffic() noexcept;
 void keep_bulk_off_control_cpus();
 
 // A control thread's checkpoint: a thread that keep_bulk_off_control_cpus() moved gets its own
-// CPUs back at once (one thread-local load when it was not moved).
-void restore_this_thread_cpus();
+// CPUs back at once (one thread-local load when it was not moved). The library's own bulk
+// threads (mark_this_thread_bulk()) keep their set, so that a handler on a client's I/O thread
+// that publishes control does not move it back and forth per message, unless
+// `even_library_bulk_thread` (before a thread starts others, which inherit its set). An
+// application thread that starts threads of its own after it published bulk calls this first,
+// or they inherit the narrowed set.
+void restore_this_thread_cpus(bool even_library_bulk_thread = false);
+
+// Marks the calling thread as one of the library's bulk threads (a broker loop, a client I/O
+// thread); see restore_this_thread_cpus().
+void mark_this_thread_bulk() noexcept;
 
 // Whether the calling thread is kept off the reserved CPUs now (for tests and diagnostics).
 bool this_thread_kept_off_control_cpus() noexcept;
