@@ -29,6 +29,8 @@
 #include <myelin/broker/client.hpp>
 #include <myelin/core/clock.hpp>
 
+#include "thread_ids.hpp"
+
 namespace myelin::broker::test_support {
 
 // Waits until `fd` is readable or the deadline passes; false on timeout.
@@ -218,16 +220,10 @@ class BrokerDaemon {
 // every thread).
 inline std::vector<int> thread_stat_field(pid_t pid, int field, const std::string& name = "") {
   std::vector<int> out;
-  const std::filesystem::path tasks =
-      "/proc/" + (pid == 0 ? std::string("self") : std::to_string(pid)) + "/task";
-  std::error_code ec;
-  for (const auto& e : std::filesystem::directory_iterator(tasks, ec)) {
-    if (!name.empty()) {
-      std::ifstream comm(e.path() / "comm");
-      std::string got;
-      if (!std::getline(comm, got) || got != name) continue;
-    }
-    std::ifstream in(e.path() / "stat");
+  const std::string tasks =
+      "/proc/" + (pid == 0 ? std::string("self") : std::to_string(pid)) + "/task/";
+  for (const pid_t tid : thread_ids(pid, name)) {
+    std::ifstream in(tasks + std::to_string(tid) + "/stat");
     std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
     const size_t close = stat.rfind(')');  // the command name may hold spaces
     if (close == std::string::npos) continue;

@@ -9,7 +9,6 @@
 // order does not matter.
 #include <gtest/gtest.h>
 
-#include <dirent.h>
 #include <pthread.h>
 #include <sched.h>
 
@@ -27,6 +26,9 @@
 #include <myelin/broker/control_cpus.hpp>
 #include <myelin/broker/server.hpp>
 #include <myelin/core/clock.hpp>
+#include <myelin/core/topology.hpp>
+
+#include "thread_ids.hpp"
 
 namespace myelin::broker {
 namespace {
@@ -35,38 +37,38 @@ constexpr const char* kSecret = "control-cpus-test-secret-0123456789";
 // Long enough that a thread descheduled on a loaded 2-CPU host still checks within it.
 constexpr int64_t kHoldMs = 300;
 
+// The CPUs the calling thread may run on (core's current_thread_cpus(); none if unreadable).
 std::vector<int> allowed_cpus() {
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  std::vector<int> out;
-  if (::sched_getaffinity(0, sizeof(set), &set) != 0) return out;
-  for (int c = 0; c < CPU_SETSIZE; ++c) {
-    if (CPU_ISSET(c, &set)) out.push_back(c);
-  }
-  return out;
+  auto cpus = current_thread_cpus();
+  return cpus.ok() ? *cpus : std::vector<int>{};
 }
 
 // The CPUs of this process's threads named `name` (one list per thread).
 std::vector<std::vector<int>> thread_cpus(const std::string& name) {
   std::vector<std::vector<int>> out;
-  DIR* dir = ::opendir("/proc/self/task");
-  if (dir == nullptr) return out;
-  while (const dirent* e = ::readdir(dir)) {
-    if (e->d_name[0] == '.') continue;
-    std::ifstream comm(std::string("/proc/self/task/") + e->d_name + "/comm");
-    std::string got;
-    if (!std::getline(comm, got) || got != name) continue;
+  for (const pid_t tid : test_support::thread_ids(0, name)) {
     cpu_set_t set;
     CPU_ZERO(&set);
-    if (::sched_getaffinity(std::atoi(e->d_name), sizeof(set), &set) != 0) continue;
+    if (::sched_getaffinity(tid, sizeof(set), &set) != 0) continue;
     std::vector<int> cpus;
     for (int c = 0; c < CPU_SETSIZE; ++c) {
       if (CPU_ISSET(c, &set)) cpus.push_back(c);
     }
     out.push_back(std::move(cpus));
   }
-  ::closedir(dir);
   return out;
+}
+
+// Checkpoints the calling thread as a bulk thread until it runs on its own CPUs again: until the
+// hold since the last control traffic has passed (bounded by `ms`). Whether it got there.
+bool checkpoint_until_own_cpus(int64_t ms) {
+  const Deadline d = Deadline::after_ms(ms);
+  while (true) {
+    keep_bulk_off_control_cpus();
+    if (!this_thread_kept_off_control_cpus()) return true;
+    if (d.expired()) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
 }
 
 bool has(const std::vector<int>& cpus, int cpu) {
@@ -81,17 +83,6 @@ bool threads_have_cpu(const std::string& name, int cpu, bool want) {
     if (has(cpus, cpu) != want) return false;
   }
   return true;
-}
-
-std::vector<int> this_thread_cpus() {
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  std::vector<int> out;
-  if (::pthread_getaffinity_np(::pthread_self(), sizeof(set), &set) != 0) return out;
-  for (int c = 0; c < CPU_SETSIZE; ++c) {
-    if (CPU_ISSET(c, &set)) out.push_back(c);
-  }
-  return out;
 }
 
 std::span<const std::byte> bytes(std::string_view s) {
@@ -153,17 +144,16 @@ TEST(ControlCpuReservation, ABulkThreadLeavesTheReservedCpuWhileControlFlows) {
   EXPECT_NE(other.message().find("already"), std::string::npos) << other;
 
   std::thread bulk([&] {
-    const std::vector<int> own = this_thread_cpus();
+    const std::vector<int> own = allowed_cpus();
     // Wait out any control traffic an earlier test in this process noted.
-    std::this_thread::sleep_for(std::chrono::milliseconds(2 * kHoldMs));
-    keep_bulk_off_control_cpus();
+    checkpoint_until_own_cpus(10 * kHoldMs);
     EXPECT_FALSE(this_thread_kept_off_control_cpus());
-    EXPECT_EQ(this_thread_cpus(), own);
+    EXPECT_EQ(allowed_cpus(), own);
 
     note_control_traffic();
     keep_bulk_off_control_cpus();
     EXPECT_TRUE(this_thread_kept_off_control_cpus());
-    const std::vector<int> off = this_thread_cpus();
+    const std::vector<int> off = allowed_cpus();
     EXPECT_FALSE(has(off, reserved));
     EXPECT_EQ(off.size(), own.size() - 1);
 
@@ -172,10 +162,9 @@ TEST(ControlCpuReservation, ABulkThreadLeavesTheReservedCpuWhileControlFlows) {
     EXPECT_TRUE(this_thread_kept_off_control_cpus());
 
     // The hold passes with no more control traffic: back to its own CPUs.
-    std::this_thread::sleep_for(std::chrono::milliseconds(2 * kHoldMs));
-    keep_bulk_off_control_cpus();
+    checkpoint_until_own_cpus(10 * kHoldMs);
     EXPECT_FALSE(this_thread_kept_off_control_cpus());
-    EXPECT_EQ(this_thread_cpus(), own);
+    EXPECT_EQ(allowed_cpus(), own);
   });
   bulk.join();
 }
@@ -194,7 +183,7 @@ TEST(ControlCpuReservation, AThreadWithOnlyTheReservedCpuIsLeftAlone) {
     note_control_traffic();
     keep_bulk_off_control_cpus();
     EXPECT_FALSE(this_thread_kept_off_control_cpus());
-    EXPECT_EQ(this_thread_cpus(), (std::vector<int>{reserved}));
+    EXPECT_EQ(allowed_cpus(), (std::vector<int>{reserved}));
   });
   t.join();
 }
@@ -337,8 +326,7 @@ TEST_F(ReservedBroker, BulkThreadsLeaveTheReservedCpuWhileControlFlows) {
   EXPECT_TRUE(this_thread_kept_off_control_cpus());  // it published bulk while control flowed
   EXPECT_TRUE(threads_have_cpu("myelin-brk-ctrl", reserved, true));
 
-  // Control stops: after the hold, the next bulk pass gives the CPU back.
-  std::this_thread::sleep_for(std::chrono::milliseconds(2 * kHoldMs));
+  // Control stops: once the hold has passed, the next bulk pass gives the CPU back.
   bool back = false;
   const Deadline d2 = Deadline::after_ms(10'000);
   while (!d2.expired()) {
@@ -431,7 +419,7 @@ TEST_F(ReservedBroker, AThreadKeptOffForBulkConnectsAnotherClient) {
     auto second = connect("second");
     ASSERT_NE(second, nullptr);
     EXPECT_FALSE(this_thread_kept_off_control_cpus());
-    EXPECT_TRUE(has(this_thread_cpus(), reserved));
+    EXPECT_TRUE(has(allowed_cpus(), reserved));
     // A control call gives the CPUs back too (control noted again: the connect may have taken
     // longer than the hold on a loaded host).
     note_control_traffic();

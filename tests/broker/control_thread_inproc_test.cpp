@@ -34,6 +34,8 @@
 #include <myelin/broker/server.hpp>
 #include <myelin/core/clock.hpp>
 
+#include "thread_ids.hpp"
+
 namespace myelin::broker {
 namespace {
 
@@ -395,17 +397,10 @@ TEST(LoopNice, OnlyTheBulkLoopYieldsAndOnlyWithAControlThread) {
 // `name`, read back with sched_getscheduler on the thread's id.
 std::vector<int> thread_policies(const std::string& name) {
   std::vector<int> out;
-  DIR* dir = ::opendir("/proc/self/task");
-  if (dir == nullptr) return out;
-  while (const dirent* e = ::readdir(dir)) {
-    if (e->d_name[0] == '.') continue;
-    std::ifstream comm(std::string("/proc/self/task/") + e->d_name + "/comm");
-    std::string got;
-    if (!std::getline(comm, got) || got != name) continue;
-    const int policy = ::sched_getscheduler(static_cast<pid_t>(std::atoi(e->d_name)));
+  for (const pid_t tid : test_support::thread_ids(0, name)) {
+    const int policy = ::sched_getscheduler(tid);
     if (policy >= 0) out.push_back(policy);
   }
-  ::closedir(dir);
   return out;
 }
 

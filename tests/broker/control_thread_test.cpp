@@ -597,20 +597,14 @@ TEST(ControlScheduling, TheDaemonAppliesItsConfigurationAndRefusesBadValues) {
 // Whether every thread named `name` of process `pid` (at least one) may run on `cpu` (`want`
 // true), or none may (`want` false).
 bool daemon_threads_have_cpu(pid_t pid, const std::string& name, int cpu, bool want) {
-  const std::string dir = "/proc/" + std::to_string(pid) + "/task";
-  int seen = 0;
-  for (const auto& e : std::filesystem::directory_iterator(dir)) {
-    std::ifstream comm(e.path() / "comm");
-    std::string got;
-    if (!std::getline(comm, got) || got != name) continue;
+  const std::vector<pid_t> tids = test_support::thread_ids(pid, name);
+  for (const pid_t tid : tids) {
     cpu_set_t set;
     CPU_ZERO(&set);
-    if (::sched_getaffinity(std::stoi(e.path().filename().string()), sizeof(set), &set) != 0)
-      return false;
+    if (::sched_getaffinity(tid, sizeof(set), &set) != 0) return false;
     if (static_cast<bool>(CPU_ISSET(cpu, &set)) != want) return false;
-    ++seen;
   }
-  return seen > 0;
+  return !tids.empty();
 }
 
 // The daemon's control_cpus: with a CPU reserved in its configuration, control traffic moves its
@@ -642,8 +636,7 @@ TEST(ControlCpus, TheDaemonKeepsItsLoopOffTheReservedCpuWhileControlFlows) {
     }
     EXPECT_TRUE(moved);
     EXPECT_TRUE(daemon_threads_have_cpu(d.pid(), "myelin-brk-ctrl", cpu, true));
-    // Quiet control: bulk alone brings the loop back within a pass or two after the hold.
-    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    // Quiet control: once the hold has passed, bulk alone brings the loop back within a pass.
     bool back = false;
     const Deadline until2 = Deadline::after_ms(10000);
     while (!back && !until2.expired()) {
