@@ -27,6 +27,7 @@
 #include <myelin/bench/collectives_bench.hpp>
 #include <myelin/bench/harness.hpp>
 #include <myelin/bench/report.hpp>
+#include <myelin/broker/secret.hpp>
 #include <myelin/collectives/communicator.hpp>
 #include <myelin/config.hpp>
 #include <myelin/core/log.hpp>
@@ -301,9 +302,9 @@ int run_rank(const Args& a, int rank, int size, Store& store) {
     if (!a.broker.empty()) {
       bo.broker_address = a.broker;
       if (!a.secret_file.empty()) {
-        std::ifstream in(a.secret_file);
-        if (!in) return fail(rank, not_found("cannot read secret file '", a.secret_file, "'"));
-        std::getline(in, bo.secret);
+        auto secret = myelin::broker::read_secret_file(a.secret_file);
+        if (!secret.ok()) return fail(rank, secret.status());
+        bo.secret = *std::move(secret);
       } else if (const char* env = std::getenv("MYELIN_BROKER_SECRET")) {
         bo.secret = env;
       }
