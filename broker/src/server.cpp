@@ -20,6 +20,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <deque>
+#include <new>
 #include <sstream>
 #include <unordered_map>
 
@@ -42,6 +43,14 @@ using internal::RxBuffer;
 inline constexpr uint64_t kPsInitStep = UINT64_MAX;
 
 namespace {
+
+// A configured string as error messages show it: at most 64 bytes, longer ones cut with their
+// size, so a huge value does not flood the log.
+std::string shorten(std::string_view text) {
+  constexpr size_t kShown = 64;
+  if (text.size() <= kShown) return std::string(text);
+  return std::string(text.substr(0, kShown)) + "... (" + std::to_string(text.size()) + " bytes)";
+}
 
 constexpr size_t kHighWater = 1 << 20;  // stop pulling from lanes past this many unsent bytes
 constexpr size_t kMaxPendingPulls = 1024;
@@ -553,9 +562,20 @@ bool Server::Impl::may_subscribe(const Conn& c, std::string_view pattern) const 
 
 Status Server::Impl::init() {
   if (opt_.secret.size() < 16) return invalid_argument("the job secret must be at least 16 bytes");
-  for (const AclEntry& e : opt_.acl) {
+  for (size_t i = 0; i < opt_.acl.size(); ++i) {
+    const AclEntry& e = opt_.acl[i];
     if (e.identity != "*" && !valid_identity(e.identity)) {
-      return invalid_argument("bad ACL identity '", e.identity, "'");
+      return invalid_argument("bad ACL identity '", shorten(e.identity), "'");
+    }
+    for (size_t j = 0; j < i; ++j) {
+      if (opt_.acl[j].identity == e.identity) {
+        return invalid_argument("ACL identity '", shorten(e.identity), "' given twice");
+      }
+    }
+    if (!std::isfinite(e.rate_limit_msgs_per_s) || e.rate_limit_msgs_per_s < 0 ||
+        !std::isfinite(e.rate_limit_burst) || e.rate_limit_burst < 0) {
+      return invalid_argument("ACL of ", e.identity,
+                              ": rate_limit_msgs and rate_limit_burst must be finite and >= 0");
     }
     for (const auto* list : {&e.publish, &e.subscribe}) {
       for (const std::string& p : *list) {
@@ -566,12 +586,61 @@ Status Server::Impl::init() {
       }
     }
   }
-  if (opt_.chunk_bytes < 1024 || opt_.chunk_bytes > (1u << 20)) {
-    return invalid_argument("chunk_bytes ", opt_.chunk_bytes, " outside 1 KiB .. 1 MiB");
+  if (opt_.listen.empty()) return invalid_argument("listen must not be empty (host:port)");
+  // Each bound: the option's name, its value and the range, so a configuration error names its
+  // key (uint64_t/int64_t: every option's type converts without loss).
+  auto check_range = [](const char* name, auto v, auto lo, auto hi) -> Status {
+    using V = std::conditional_t<std::is_signed_v<decltype(v)>, int64_t, uint64_t>;
+    if (static_cast<V>(v) < static_cast<V>(lo) || static_cast<V>(v) > static_cast<V>(hi)) {
+      return invalid_argument(name, " ", v, " outside ", lo, " .. ", hi);
+    }
+    return ok_status();
+  };
+  MYELIN_RETURN_IF_ERROR(
+      check_range("lane_capacity", opt_.broker.lane_capacity, kMinLaneCapacity, kMaxLaneCapacity));
+  MYELIN_RETURN_IF_ERROR(check_range("max_delivery_attempts",
+                                     opt_.broker.default_policy.max_delivery_attempts, 1,
+                                     kMaxDeliveryAttemptsLimit));
+  for (size_t i = 0; i < opt_.broker.policies.size(); ++i) {
+    const TopicPolicy& p = opt_.broker.policies[i];
+    Status s =
+        check_range("max_delivery_attempts", p.max_delivery_attempts, 1, kMaxDeliveryAttemptsLimit);
+    if (!s.ok()) return std::move(s).with_context("topic policy '" + shorten(p.pattern) + "'");
+    for (size_t j = 0; j < i; ++j) {
+      // The first matching policy wins: a second one for the same pattern would never apply.
+      if (opt_.broker.policies[j].pattern == p.pattern) {
+        return invalid_argument("topic policy pattern '", shorten(p.pattern), "' given twice");
+      }
+    }
   }
-  if (opt_.publish_credits == 0) return invalid_argument("publish_credits must be positive");
-  if (opt_.socket_buffer_bytes < 0 || opt_.bulk_socket_buffer_bytes < 0) {
-    return invalid_argument("socket buffer sizes must not be negative");
+  MYELIN_RETURN_IF_ERROR(
+      check_range("chunk_bytes", opt_.chunk_bytes, kMinChunkBytes, kMaxChunkBytes));
+  MYELIN_RETURN_IF_ERROR(check_range("batch_bytes", opt_.batch_bytes, 0, kMaxBatchBytes));
+  MYELIN_RETURN_IF_ERROR(check_range("batch_count", opt_.batch_count, 0, kMaxBatchCount));
+  MYELIN_RETURN_IF_ERROR(
+      check_range("batch_window_us", opt_.batch_window_us, 0, kMaxBatchWindowUs));
+  MYELIN_RETURN_IF_ERROR(
+      check_range("publish_credits", opt_.publish_credits, 1, kMaxPublishCredits));
+  MYELIN_RETURN_IF_ERROR(
+      check_range("socket_buffer_bytes", opt_.socket_buffer_bytes, 0, kMaxSocketBufferBytes));
+  MYELIN_RETURN_IF_ERROR(check_range("bulk_socket_buffer_bytes", opt_.bulk_socket_buffer_bytes, 0,
+                                     kMaxSocketBufferBytes));
+  MYELIN_RETURN_IF_ERROR(
+      check_range("bulk_inflight_bytes", opt_.bulk_inflight_bytes, 0, kMaxBulkInflightBytes));
+  // Bounded so that every deadline computed from them (3 intervals in nanoseconds) fits int64_t.
+  static_assert(kMaxHeartbeatMs * 3 * 1'000'000 < INT64_MAX / 2);
+  static_assert(kMaxHandshakeTimeoutMs * 1'000'000 < INT64_MAX / 2);
+  MYELIN_RETURN_IF_ERROR(
+      check_range("heartbeat_ms", opt_.heartbeat_ms, kMinHeartbeatMs, kMaxHeartbeatMs));
+  MYELIN_RETURN_IF_ERROR(
+      check_range("handshake_timeout_ms", opt_.handshake_timeout_ms, 1, kMaxHandshakeTimeoutMs));
+  MYELIN_RETURN_IF_ERROR(check_range("numa_node", opt_.numa_node, -1, kMaxNumaNode));
+  if (opt_.numa_node >= 0 && !opt_.nic.empty()) {
+    return invalid_argument("numa_node and nic are exclusive (nic '", opt_.nic,
+                            "' pins on its own node)");
+  }
+  if (opt_.enable_ps) {
+    MYELIN_RETURN_IF_ERROR(check_range("ps workers", opt_.ps.num_workers, 1, kMaxPsWorkers));
   }
   if (opt_.loop_nice < 0 || opt_.loop_nice > 19) {
     return invalid_argument("loop_nice ", opt_.loop_nice, " outside 0 .. 19");
@@ -588,7 +657,6 @@ Status Server::Impl::init() {
     return invalid_argument("spin_before_block_us ", opt_.spin_before_block_us,
                             " outside 0 .. 100000");
   }
-  if (opt_.heartbeat_ms <= 0) return invalid_argument("heartbeat_ms must be positive");
   limits_.max_frame_payload =
       std::max<uint32_t>(opt_.chunk_bytes, static_cast<uint32_t>(opt_.batch_bytes) + 64 * 1024);
   limits_.max_frame_payload = std::max<uint32_t>(limits_.max_frame_payload, 1u << 20);
@@ -708,7 +776,13 @@ void Server::Impl::place_thread(bool record) {
   if (!opt_.nic.empty() || opt_.numa_node >= 0) where = "not pinned: built without core topology";
 #endif
   if (!record) return;  // the control thread goes where the loop goes; the loop says where
-  if (where != "not pinned") MYELIN_LOG_INFO << "broker I/O thread placement: " << where;
+  // A node or NIC asked for and not found is a warning, not an error: one configuration may
+  // serve hosts that differ, and the broker works unpinned.
+  if (where.starts_with("not pinned: ")) {
+    MYELIN_LOG_WARN << "broker I/O thread placement: " << where;
+  } else if (where != "not pinned") {
+    MYELIN_LOG_INFO << "broker I/O thread placement: " << where;
+  }
   std::lock_guard<std::mutex> lock(snap_mu_);
   placement_ = where;
 }
@@ -858,7 +932,17 @@ void Server::Impl::accept_clients() {
     ::setsockopt(fd.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     internal::set_socket_buffers(fd.get(), opt_.socket_buffer_bytes);
     const uint64_t id = next_id_++;
-    auto c = std::make_shared<Conn>(this, id, std::move(fd), opt_, limits_);
+    std::shared_ptr<Conn> c;
+    try {
+      c = std::make_shared<Conn>(this, id, std::move(fd), opt_, limits_);
+    } catch (const std::bad_alloc&) {
+      // The session's lanes and buffers did not fit in memory: refuse this client (its socket
+      // closes here), keep serving the others.
+      MYELIN_LOG_WARN << "refusing client connection " << id
+                      << ": out of memory for its session (lane_capacity "
+                      << opt_.broker.lane_capacity << ")";
+      continue;
+    }
     auto nonce = internal::random_nonce();
     if (!nonce.ok()) {
       MYELIN_LOG_ERROR << nonce.status();

@@ -50,18 +50,23 @@ Result<Lane> parse_lane(std::string_view text);
 std::string_view overflow_policy_name(OverflowPolicy p) noexcept;
 Result<OverflowPolicy> parse_overflow_policy(std::string_view text);
 
+// Bounds of the options below, checked by Server::create() (and the daemon's configuration).
+inline constexpr size_t kMinLaneCapacity = 2;
+inline constexpr size_t kMaxLaneCapacity = size_t{1} << 20;
+inline constexpr uint32_t kMaxDeliveryAttemptsLimit = 1'000'000;
+
 struct TopicPolicy {
   std::string pattern = "#";  // topics it applies to (first matching policy wins)
   Lane lane = Lane::kBulk;
   OverflowPolicy overflow = OverflowPolicy::kBlock;
   bool batching = true;  // coalesce small messages on the way out; off for latency paths
-  uint32_t max_delivery_attempts = 5;
+  uint32_t max_delivery_attempts = 5;  // 1 .. kMaxDeliveryAttemptsLimit
 };
 
 struct BrokerOptions {
   std::vector<TopicPolicy> policies;  // checked in order
   TopicPolicy default_policy;         // for topics no policy matches
-  size_t lane_capacity = 1024;        // entries per session lane
+  size_t lane_capacity = 1024;        // entries per session lane (kMin/kMaxLaneCapacity)
   // Largest payload a control-lane frame carries (the Server sets its chunk size: control frames
   // are never chunked). A reply or dead letter over it goes on the bulk lane; a publish or request
   // over it on a control-lane topic is refused with invalid_argument (moving it to the bulk lane

@@ -53,8 +53,24 @@ struct AclEntry {
   double rate_limit_burst = 0;         // bucket size; 0: one second's worth
 };
 
+// Bounds of ServerOptions' sizes and intervals, checked by Server::create() (invalid_argument
+// naming the option) and by the daemon's configuration; docs/broker.md lists them.
+inline constexpr uint32_t kMinChunkBytes = 1024;
+inline constexpr uint32_t kMaxChunkBytes = uint32_t{1} << 20;
+inline constexpr size_t kMaxBatchBytes = size_t{16} << 20;
+inline constexpr uint32_t kMaxBatchCount = 65536;
+inline constexpr int64_t kMaxBatchWindowUs = 1'000'000;
+inline constexpr uint32_t kMaxPublishCredits = uint32_t{1} << 20;
+inline constexpr int kMaxSocketBufferBytes = 256 << 20;
+inline constexpr uint32_t kMaxBulkInflightBytes = uint32_t{256} << 20;
+inline constexpr int64_t kMinHeartbeatMs = 10;
+inline constexpr int64_t kMaxHeartbeatMs = 3'600'000;
+inline constexpr int64_t kMaxHandshakeTimeoutMs = 3'600'000;
+inline constexpr int kMaxNumaNode = 4095;
+inline constexpr uint32_t kMaxPsWorkers = 65536;
+
 struct ServerOptions {
-  std::string listen = "127.0.0.1:7400";       // port 0 picks one (see port())
+  std::string listen = "127.0.0.1:7400";       // port 0 picks one (see port()); not empty
   std::string metrics_listen = "127.0.0.1:0";  // "" disables HTTP
   std::string secret;                          // required, at least 16 bytes
   std::vector<AclEntry> acl;                   // empty: everyone may do everything
@@ -86,8 +102,8 @@ struct ServerOptions {
   // while control messages flow to it (one in the last 100 ms): the reports and the smaller
   // pipeline cost bulk throughput. 0: no limit but the buffers.
   uint32_t bulk_inflight_bytes = 128 * 1024;
-  int64_t heartbeat_ms = 1000;  // clients silent for 3x this are dropped
-  int64_t handshake_timeout_ms = 5000;
+  int64_t heartbeat_ms = 1000;          // clients silent for 3x this are dropped (10 .. 3 600 000)
+  int64_t handshake_timeout_ms = 5000;  // 1 .. 3 600 000
   // A thread of its own for control connections (see above). Off: the loop thread serves them
   // between bulk steps (one thread in all; on a host with fewer CPUs than busy threads a control
   // frame then waits for the loop's turn on a CPU).
@@ -138,8 +154,12 @@ struct ServerOptions {
   // clients' spin) the 1 KiB p50 of a round trip was 0.41-0.90x HEAD's in direct A/Bs, with no
   // loss of throughput resolvable (docs/performance.md, "Broker").
   int64_t spin_before_block_us = 50;
-  int numa_node = -1;  // pin the loop (and control) thread there (-1: don't)
-  std::string nic;     // or: pin on this NIC's node ("mlx5_0", "eth0")
+  // Pin the loop (and control) thread on NUMA node `numa_node` (-1: don't; at most kMaxNumaNode),
+  // or on the node of NIC `nic` ("mlx5_0", "eth0"); not both. A node or NIC this host does not
+  // have is logged as a warning and the threads run unpinned (one configuration may serve hosts
+  // that differ), see placement().
+  int numa_node = -1;
+  std::string nic;
   bool enable_ps = false;
   ParameterServerOptions ps;
 };
