@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <array>
 #include <bit>
+#include <cstdio>
 #include <cstring>
 
 namespace myelin::broker {
@@ -211,7 +212,10 @@ Result<DecodeOutcome> decode_one(std::span<const std::byte> in, const DecodeLimi
   *validated = false;
   // Validate whatever part of the header has arrived, so garbage is refused early.
   if (in.size() >= 4 && load_le<uint32_t>(in.data()) != kFrameMagic) {
-    return protocol_error("bad frame magic 0x", load_le<uint32_t>(in.data()));
+    char text[64];
+    std::snprintf(text, sizeof(text), "bad frame magic 0x%08x (expected 0x%08x)",
+                  load_le<uint32_t>(in.data()), kFrameMagic);
+    return protocol_error(std::string_view(text));
   }
   if (in.size() < kFrameHeaderSize) return DecodeOutcome::kNeedMore;
   const std::byte* p = in.data();

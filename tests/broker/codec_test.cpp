@@ -55,6 +55,19 @@ TEST(Frame, RoundTripAndIncremental) {
             "payload");
 }
 
+// A bad magic is shown in hexadecimal, with the one expected.
+TEST(Frame, BadMagicIsReportedInHex) {
+  std::vector<std::byte> b = one(FrameHeader{.type = FrameType::kPublish}, "a/b", "x");
+  b[0] = std::byte{0};
+  FrameView f;
+  size_t used = 0;
+  auto r = decode_frame(b, {}, &f, &used);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().to_string().find("bad frame magic 0x424c5900 (expected 0x424c594d)"),
+            std::string::npos)
+      << r.status();
+}
+
 TEST(Frame, RejectsCorruption) {
   FrameHeader h{.type = FrameType::kPublish};
   const auto good = one(h, "a/b", "x");
