@@ -1,19 +1,30 @@
 #include "config.hpp"
 
-#include <fstream>
+#include <cmath>
+#include <limits>
 #include <set>
 #include <sstream>
 
 #include <toml++/toml.h>
 
+#include <myelin/broker/secret.hpp>
+#include <myelin/core/file.hpp>
+
 namespace myelin::broker::tool {
 namespace {
+
+// A key or value as error messages show it: at most 64 bytes, longer ones cut with their size.
+std::string shown(std::string_view text) {
+  constexpr size_t kShown = 64;
+  if (text.size() <= kShown) return std::string(text);
+  return std::string(text.substr(0, kShown)) + "... (" + std::to_string(text.size()) + " bytes)";
+}
 
 Status check_keys(const toml::table& t, const std::set<std::string>& allowed,
                   const std::string& where) {
   for (const auto& [k, v] : t) {
     if (!allowed.count(std::string(k.str())))
-      return invalid_argument("unknown key '", k.str(), "' in ", where);
+      return invalid_argument("unknown key '", shown(k.str()), "' in ", where);
   }
   return ok_status();
 }
@@ -33,12 +44,29 @@ Status get(const toml::table& t, const char* key, T* out) {
   } else if constexpr (std::is_floating_point_v<T>) {
     auto v = n->value<double>();
     if (!v) return invalid_argument("'", key, "' must be a number");
+    if (!std::isfinite(*v) || *v < 0) {
+      return invalid_argument("'", key, "' = ", *v, " must be a finite number >= 0");
+    }
     *out = static_cast<T>(*v);
   } else {
-    auto v = n->value<int64_t>();
-    if (!v || *v < 0) return invalid_argument("'", key, "' must be a non-negative integer");
-    *out = static_cast<T>(*v);
+    static_assert(sizeof(T) == 0, "integers: get_int() with the key's range");
   }
+  return ok_status();
+}
+
+// An integer key within lo..hi (both inclusive): a value outside the range, or one the option's
+// type could not hold, is an error naming the key and the range, never truncated.
+template <typename T>
+Status get_int(const toml::table& t, const char* key, int64_t lo, int64_t hi, T* out) {
+  static_assert(std::is_integral_v<T>);
+  const toml::node* n = t.get(key);
+  if (!n) return ok_status();
+  auto v = n->value_exact<int64_t>();
+  if (!v) return invalid_argument("'", key, "' must be an integer ", lo, " .. ", hi);
+  if (*v < lo || *v > hi) {
+    return invalid_argument("'", key, "' = ", *v, " outside ", lo, " .. ", hi);
+  }
+  *out = static_cast<T>(*v);
   return ok_status();
 }
 
@@ -74,26 +102,23 @@ Status get_parsed(const toml::table& t, const char* key, const char* names, Pars
 
 }  // namespace
 
-Result<std::string> read_secret_file(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) return not_found("cannot read secret file '", path, "'");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  std::string s = ss.str();
-  while (!s.empty() && (s.back() == '\n' || s.back() == '\r')) s.pop_back();
-  return s;
-}
-
 Status load_config_file(const std::string& path, ServerOptions* o) {
+  MYELIN_ASSIGN_OR_RETURN(const std::string text,
+                          read_regular_file(path, kMaxConfigFileBytes, "config"));
   toml::table root;
   try {
-    root = toml::parse_file(path);
+    root = toml::parse(text, path);
   } catch (const toml::parse_error& e) {
     std::ostringstream msg;
-    msg << e.description() << " at line " << e.source().begin.line;
+    msg << shown(e.description()) << " at line " << e.source().begin.line;
     return invalid_argument("config '", path, "': ", msg.str());
   }
   MYELIN_RETURN_IF_ERROR(check_keys(root, {"broker", "topic", "client", "ps"}, path));
+  for (const char* table : {"broker", "ps"}) {
+    if (root.contains(table) && !root[table].as_table()) {
+      return invalid_argument("[", table, "] must be a table");
+    }
+  }
   if (const toml::table* b = root["broker"].as_table()) {
     // clang-format off
     MYELIN_RETURN_IF_ERROR(check_keys(
@@ -110,18 +135,26 @@ Status load_config_file(const std::string& path, ServerOptions* o) {
     std::string secret_file;
     MYELIN_RETURN_IF_ERROR(get(*b, "secret_file", &secret_file));
     if (!secret_file.empty()) {
-      MYELIN_ASSIGN_OR_RETURN(o->secret, read_secret_file(secret_file));
+      MYELIN_ASSIGN_OR_RETURN(o->secret, broker::read_secret_file(secret_file));
     }
-    MYELIN_RETURN_IF_ERROR(get(*b, "lane_capacity", &o->broker.lane_capacity));
-    MYELIN_RETURN_IF_ERROR(get(*b, "chunk_bytes", &o->chunk_bytes));
-    MYELIN_RETURN_IF_ERROR(get(*b, "batch_bytes", &o->batch_bytes));
-    MYELIN_RETURN_IF_ERROR(get(*b, "batch_count", &o->batch_count));
-    MYELIN_RETURN_IF_ERROR(get(*b, "batch_window_us", &o->batch_window_us));
-    MYELIN_RETURN_IF_ERROR(get(*b, "publish_credits", &o->publish_credits));
-    MYELIN_RETURN_IF_ERROR(get(*b, "socket_buffer_bytes", &o->socket_buffer_bytes));
-    MYELIN_RETURN_IF_ERROR(get(*b, "bulk_socket_buffer_bytes", &o->bulk_socket_buffer_bytes));
-    MYELIN_RETURN_IF_ERROR(get(*b, "bulk_inflight_bytes", &o->bulk_inflight_bytes));
-    MYELIN_RETURN_IF_ERROR(get(*b, "heartbeat_ms", &o->heartbeat_ms));
+    MYELIN_RETURN_IF_ERROR(
+        get_int(*b, "lane_capacity", kMinLaneCapacity, kMaxLaneCapacity, &o->broker.lane_capacity));
+    MYELIN_RETURN_IF_ERROR(
+        get_int(*b, "chunk_bytes", kMinChunkBytes, kMaxChunkBytes, &o->chunk_bytes));
+    MYELIN_RETURN_IF_ERROR(get_int(*b, "batch_bytes", 0, kMaxBatchBytes, &o->batch_bytes));
+    MYELIN_RETURN_IF_ERROR(get_int(*b, "batch_count", 0, kMaxBatchCount, &o->batch_count));
+    MYELIN_RETURN_IF_ERROR(
+        get_int(*b, "batch_window_us", 0, kMaxBatchWindowUs, &o->batch_window_us));
+    MYELIN_RETURN_IF_ERROR(
+        get_int(*b, "publish_credits", 1, kMaxPublishCredits, &o->publish_credits));
+    MYELIN_RETURN_IF_ERROR(
+        get_int(*b, "socket_buffer_bytes", 0, kMaxSocketBufferBytes, &o->socket_buffer_bytes));
+    MYELIN_RETURN_IF_ERROR(get_int(*b, "bulk_socket_buffer_bytes", 0, kMaxSocketBufferBytes,
+                                   &o->bulk_socket_buffer_bytes));
+    MYELIN_RETURN_IF_ERROR(
+        get_int(*b, "bulk_inflight_bytes", 0, kMaxBulkInflightBytes, &o->bulk_inflight_bytes));
+    MYELIN_RETURN_IF_ERROR(
+        get_int(*b, "heartbeat_ms", kMinHeartbeatMs, kMaxHeartbeatMs, &o->heartbeat_ms));
     MYELIN_RETURN_IF_ERROR(get(*b, "control_thread", &o->control_thread));
     if (const toml::node* n = b->get("loop_nice")) {
       auto v = n->value<int64_t>();
@@ -138,11 +171,7 @@ Status load_config_file(const std::string& path, ServerOptions* o) {
         return invalid_argument("'spin_before_block_us' must be an integer 0..100000");
       o->spin_before_block_us = *v;
     }
-    if (const toml::node* n = b->get("numa_node")) {
-      auto v = n->value<int64_t>();
-      if (!v) return invalid_argument("'numa_node' must be an integer");
-      o->numa_node = static_cast<int>(*v);
-    }
+    MYELIN_RETURN_IF_ERROR(get_int(*b, "numa_node", -1, kMaxNumaNode, &o->numa_node));
     MYELIN_RETURN_IF_ERROR(get(*b, "nic", &o->nic));
     MYELIN_RETURN_IF_ERROR(get_parsed(*b, "control_cpus", "a CPU list such as \"0\" or \"0-1,4\"",
                                       parse_control_cpu_list, &o->control_cpus));
@@ -152,8 +181,6 @@ Status load_config_file(const std::string& path, ServerOptions* o) {
         return invalid_argument("'control_cpus_hold_ms' must be an integer 1..3600000");
       o->control_cpus_hold_ms = *v;
     }
-  } else if (root.contains("broker")) {
-    return invalid_argument("[broker] must be a table");
   }
   if (const toml::node* tn = root.get("topic")) {
     const toml::array* arr = tn->as_array();
@@ -164,6 +191,7 @@ Status load_config_file(const std::string& path, ServerOptions* o) {
       MYELIN_RETURN_IF_ERROR(check_keys(
           *t, {"pattern", "lane", "overflow", "batching", "max_delivery_attempts"}, "[[topic]]"));
       TopicPolicy p;
+      if (!t->contains("pattern")) return invalid_argument("[[topic]] needs a 'pattern'");
       MYELIN_RETURN_IF_ERROR(get(*t, "pattern", &p.pattern));
       Status ps = validate_pattern(p.pattern);
       if (!ps.ok()) return std::move(ps).with_context("[[topic]] pattern");
@@ -173,7 +201,8 @@ Status load_config_file(const std::string& path, ServerOptions* o) {
       MYELIN_ASSIGN_OR_RETURN(p.lane, parse_lane(lane));
       MYELIN_ASSIGN_OR_RETURN(p.overflow, parse_overflow_policy(overflow));
       MYELIN_RETURN_IF_ERROR(get(*t, "batching", &p.batching));
-      MYELIN_RETURN_IF_ERROR(get(*t, "max_delivery_attempts", &p.max_delivery_attempts));
+      MYELIN_RETURN_IF_ERROR(get_int(*t, "max_delivery_attempts", 1, kMaxDeliveryAttemptsLimit,
+                                     &p.max_delivery_attempts));
       o->broker.policies.push_back(p);
     }
   }
@@ -187,6 +216,7 @@ Status load_config_file(const std::string& path, ServerOptions* o) {
           *t, {"identity", "publish", "subscribe", "rate_limit_msgs", "rate_limit_burst"},
           "[[client]]"));
       AclEntry a;
+      if (!t->contains("identity")) return invalid_argument("[[client]] needs an 'identity'");
       MYELIN_RETURN_IF_ERROR(get(*t, "identity", &a.identity));
       MYELIN_RETURN_IF_ERROR(get_list(*t, "publish", &a.publish));
       MYELIN_RETURN_IF_ERROR(get_list(*t, "subscribe", &a.subscribe));
@@ -201,7 +231,7 @@ Status load_config_file(const std::string& path, ServerOptions* o) {
         {"enabled", "workers", "mode", "aggregation", "optimizer", "lr", "momentum", "staleness"},
         "[ps]"));
     MYELIN_RETURN_IF_ERROR(get(*p, "enabled", &o->enable_ps));
-    MYELIN_RETURN_IF_ERROR(get(*p, "workers", &o->ps.num_workers));
+    MYELIN_RETURN_IF_ERROR(get_int(*p, "workers", 1, kMaxPsWorkers, &o->ps.num_workers));
     std::string mode = "sync", agg = "mean", optimizer = "sgd";
     double lr = 0.1, momentum = 0.9;
     MYELIN_RETURN_IF_ERROR(get(*p, "mode", &mode));
@@ -209,11 +239,13 @@ Status load_config_file(const std::string& path, ServerOptions* o) {
     MYELIN_RETURN_IF_ERROR(get(*p, "optimizer", &optimizer));
     MYELIN_RETURN_IF_ERROR(get(*p, "lr", &lr));
     MYELIN_RETURN_IF_ERROR(get(*p, "momentum", &momentum));
-    MYELIN_RETURN_IF_ERROR(get(*p, "staleness", &o->ps.staleness_bound));
+    MYELIN_RETURN_IF_ERROR(
+        get_int(*p, "staleness", 0, std::numeric_limits<int64_t>::max(), &o->ps.staleness_bound));
+    if (!(lr > 0)) return invalid_argument("[ps] 'lr' = ", lr, " must be positive");
     if (mode != "sync" && mode != "async")
-      return invalid_argument("[ps] mode '", mode, "': sync or async");
+      return invalid_argument("[ps] mode '", shown(mode), "': sync or async");
     if (agg != "sum" && agg != "mean")
-      return invalid_argument("[ps] aggregation '", agg, "': sum or mean");
+      return invalid_argument("[ps] aggregation '", shown(agg), "': sum or mean");
     o->ps.mode = mode == "sync" ? PsMode::kSync : PsMode::kAsync;
     o->ps.aggregation = agg == "sum" ? Aggregation::kSum : Aggregation::kMean;
     if (optimizer == "sgd")
@@ -222,7 +254,7 @@ Status load_config_file(const std::string& path, ServerOptions* o) {
       o->ps.optimizer =
           std::make_shared<MomentumOptimizer>(static_cast<float>(lr), static_cast<float>(momentum));
     else
-      return invalid_argument("[ps] optimizer '", optimizer, "': sgd or momentum");
+      return invalid_argument("[ps] optimizer '", shown(optimizer), "': sgd or momentum");
   }
   return ok_status();
 }

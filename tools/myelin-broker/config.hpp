@@ -9,9 +9,12 @@
 
 namespace myelin::broker::tool {
 
-// Reads `path` into `opts` (keys present in the file replace the defaults).
+// The largest configuration file read (a regular file; anything else is refused).
+inline constexpr size_t kMaxConfigFileBytes = size_t{1} << 20;
+
+// Reads `path` into `opts` (keys present in the file replace the defaults). Integer keys outside
+// their ranges (server.hpp's bounds) are errors naming the key; Server::create() checks the
+// options as a whole (duplicate ACL identities or topic patterns, nic with numa_node).
 Status load_config_file(const std::string& path, ServerOptions* opts);
-// Reads the secret from a file (trailing newline stripped).
-Result<std::string> read_secret_file(const std::string& path);
 
 }  // namespace myelin::broker::tool

@@ -1,12 +1,19 @@
 // myelin-broker: runs a broker Server until SIGTERM/SIGINT, then drains gracefully.
+//
+// Exit codes: 0 drained (or --help), 1 the broker failed at or after start (an address in use, a
+// port file it cannot write, a drain that timed out), 2 a usage or configuration error (a flag,
+// the config file, the secret, an option Server::create() refuses as invalid_argument).
 #include <signal.h>
+#include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
 
 #include <CLI/CLI.hpp>
 
+#include <myelin/broker/secret.hpp>
 #include <myelin/broker/server.hpp>
 #include <myelin/core/log.hpp>
 
@@ -15,10 +22,37 @@
 using namespace myelin;
 using namespace myelin::broker;
 
+namespace {
+
+constexpr int kExitFailed = 1;
+constexpr int kExitUsage = 2;
+
+// Writes "<port> <metrics port>\n" to `path` through a temporary file and a rename, so a reader
+// never sees half of it.
+Status write_port_file(const std::string& path, uint16_t port, uint16_t metrics_port) {
+  const std::string tmp = path + ".tmp";
+  FILE* f = std::fopen(tmp.c_str(), "w");
+  if (!f) return errno_status("writing port file '" + tmp + "'", errno);
+  const bool written = std::fprintf(f, "%u %u\n", port, metrics_port) > 0;
+  const int err = errno;
+  if (std::fclose(f) != 0 || !written) {
+    ::unlink(tmp.c_str());
+    return errno_status("writing port file '" + tmp + "'", written ? errno : err);
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    const int rename_err = errno;
+    ::unlink(tmp.c_str());
+    return errno_status("renaming '" + tmp + "' to port file '" + path + "'", rename_err);
+  }
+  return ok_status();
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
   CLI::App app{"myelin-broker: message broker and parameter-server shard for ML clusters"};
   std::string config, listen, metrics_listen, secret_file, nic, log_level, port_file;
-  int numa_node = -2;
+  int numa_node = -1;
   int64_t drain_ms = 5000;
   bool ps = false;
   std::string control_thread;
@@ -28,14 +62,21 @@ int main(int argc, char** argv) {
   int64_t spin_before_block_us = -1;
   uint32_t ps_workers = 0;
   app.add_option("-c,--config", config, "TOML configuration file");
-  app.add_option("--listen", listen, "client address host:port (port 0: any free port)");
+  app.add_option("--listen", listen, "client address host:port (port 0: any free port)")
+      ->check([](const std::string& v) {
+        return v.empty() ? std::string("must not be empty (host:port)") : std::string();
+      });
   app.add_option("--metrics-listen", metrics_listen,
                  "HTTP /metrics and /healthz address ('' disables)");
   app.add_option("--secret-file", secret_file,
                  "file holding the job secret (else $MYELIN_BROKER_SECRET)");
-  app.add_option("--numa-node", numa_node, "pin the I/O thread on this NUMA node");
-  app.add_option("--nic", nic, "pin the I/O thread on the NUMA node of this NIC");
-  app.add_option("--drain-timeout-ms", drain_ms, "how long SIGTERM waits for queues to empty");
+  auto* numa_opt = app.add_option("--numa-node", numa_node, "pin the I/O thread on this NUMA node")
+                       ->check(CLI::Range(-1, kMaxNumaNode));
+  app.add_option("--nic", nic, "pin the I/O thread on the NUMA node of this NIC")
+      ->excludes(numa_opt);
+  app.add_option("--drain-timeout-ms", drain_ms,
+                 "0..3600000: how long SIGTERM waits for queues to empty (default 5000)")
+      ->check(CLI::Range(int64_t{0}, int64_t{3'600'000}));
   app.add_option("--control-thread", control_thread,
                  "on|off: serve control connections on a thread of their own (default on)")
       ->check(CLI::IsMember({"on", "off"}));
@@ -62,16 +103,22 @@ int main(int argc, char** argv) {
                  "this long after work before they sleep (default 50)")
       ->check(CLI::Range(int64_t{0}, int64_t{100'000}));
   app.add_flag("--ps", ps, "serve a parameter-server shard");
-  app.add_option("--ps-workers", ps_workers, "workers per parameter-server step");
+  app.add_option("--ps-workers", ps_workers, "workers per parameter-server step")
+      ->check(CLI::Range(uint32_t{1}, kMaxPsWorkers));
   app.add_option("--port-file", port_file, "write '<port> <metrics port>' here once listening");
   app.add_option("--log-level", log_level, "trace|debug|info|warn|error|off");
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    // CLI11's own codes (104..114) are not documented: every usage error exits 2.
+    return app.exit(e) == 0 ? 0 : kExitUsage;
+  }
 
   if (!log_level.empty()) {
     auto lvl = parse_log_level(log_level);
     if (!lvl) {
       std::cerr << "myelin-broker: bad --log-level '" << log_level << "'\n";
-      return 2;
+      return kExitUsage;
     }
     set_log_level(*lvl);
   }
@@ -80,13 +127,20 @@ int main(int argc, char** argv) {
     Status s = tool::load_config_file(config, &opts);
     if (!s.ok()) {
       std::cerr << "myelin-broker: " << s << "\n";
-      return 2;
+      return kExitUsage;
     }
   }
-  if (!listen.empty()) opts.listen = listen;
+  if (app.count("--listen")) opts.listen = listen;
   if (app.count("--metrics-listen")) opts.metrics_listen = metrics_listen;
-  if (numa_node != -2) opts.numa_node = numa_node;
-  if (!nic.empty()) opts.nic = nic;
+  // A flag replaces the file's placement, whichever of the two exclusive keys the file used.
+  if (app.count("--numa-node")) {
+    opts.numa_node = numa_node;
+    opts.nic.clear();
+  }
+  if (app.count("--nic")) {
+    opts.nic = nic;
+    opts.numa_node = -1;
+  }
   if (!control_thread.empty()) opts.control_thread = control_thread == "on";
   if (loop_nice >= 0) opts.loop_nice = loop_nice;
   if (spin_before_block_us >= 0) opts.spin_before_block_us = spin_before_block_us;
@@ -106,16 +160,16 @@ int main(int argc, char** argv) {
       !set_parsed("--control-scheduling", control_scheduling, parse_control_scheduling,
                   &opts.control_scheduling) ||
       !set_parsed("--control-cpus", control_cpus, parse_control_cpu_list, &opts.control_cpus)) {
-    return 2;
+    return kExitUsage;
   }
   if (control_cpus_hold_ms > 0) opts.control_cpus_hold_ms = control_cpus_hold_ms;
   if (ps) opts.enable_ps = true;
   if (ps_workers) opts.ps.num_workers = ps_workers;
   if (!secret_file.empty()) {
-    auto s = tool::read_secret_file(secret_file);
+    auto s = read_secret_file(secret_file);
     if (!s.ok()) {
       std::cerr << "myelin-broker: " << s.status() << "\n";
-      return 2;
+      return kExitUsage;
     }
     opts.secret = *s;
   } else if (opts.secret.empty()) {
@@ -133,24 +187,26 @@ int main(int argc, char** argv) {
   auto server = Server::create(opts);
   if (!server.ok()) {
     std::cerr << "myelin-broker: " << server.status() << "\n";
-    return 1;
+    // An option refused (a range, a conflict) is a configuration error like the file's own.
+    return server.status().code() == StatusCode::kInvalidArgument ? kExitUsage : kExitFailed;
   }
   Status s = (*server)->start();
   if (!s.ok()) {
     std::cerr << "myelin-broker: " << s << "\n";
-    return 1;
+    return kExitFailed;
+  }
+  if (!port_file.empty()) {
+    // A supervisor waits for this file: one that cannot be written stops the broker at once.
+    s = write_port_file(port_file, (*server)->port(), (*server)->metrics_port());
+    if (!s.ok()) {
+      std::cerr << "myelin-broker: " << s << "\n";
+      (*server)->stop();
+      return kExitFailed;
+    }
   }
   std::printf("myelin-broker listening on port %u, metrics on %u\n", (*server)->port(),
               (*server)->metrics_port());
   std::fflush(stdout);
-  if (!port_file.empty()) {
-    const std::string tmp = port_file + ".tmp";
-    if (FILE* f = std::fopen(tmp.c_str(), "w")) {
-      std::fprintf(f, "%u %u\n", (*server)->port(), (*server)->metrics_port());
-      std::fclose(f);
-      std::rename(tmp.c_str(), port_file.c_str());
-    }
-  }
   while (true) {
     timespec ts{1, 0};
     const int sig = sigtimedwait(&set, nullptr, &ts);
@@ -160,7 +216,7 @@ int main(int argc, char** argv) {
   s = (*server)->drain(Deadline::after_ms(drain_ms));
   if (!s.ok()) {
     std::fprintf(stderr, "myelin-broker: %s\n", s.to_string().c_str());
-    return 1;
+    return kExitFailed;
   }
   return 0;
 }
