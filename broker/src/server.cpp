@@ -574,7 +574,7 @@ Status Server::Impl::init() {
     }
     if (!std::isfinite(e.rate_limit_msgs_per_s) || e.rate_limit_msgs_per_s < 0 ||
         !std::isfinite(e.rate_limit_burst) || e.rate_limit_burst < 0) {
-      return invalid_argument("ACL of ", e.identity,
+      return invalid_argument("ACL of ", shorten(e.identity),
                               ": rate_limit_msgs and rate_limit_burst must be finite and >= 0");
     }
     for (const auto* list : {&e.publish, &e.subscribe}) {
@@ -636,7 +636,7 @@ Status Server::Impl::init() {
       check_range("handshake_timeout_ms", opt_.handshake_timeout_ms, 1, kMaxHandshakeTimeoutMs));
   MYELIN_RETURN_IF_ERROR(check_range("numa_node", opt_.numa_node, -1, kMaxNumaNode));
   if (opt_.numa_node >= 0 && !opt_.nic.empty()) {
-    return invalid_argument("numa_node and nic are exclusive (nic '", opt_.nic,
+    return invalid_argument("numa_node and nic are exclusive (nic '", shorten(opt_.nic),
                             "' pins on its own node)");
   }
   if (opt_.enable_ps) {
