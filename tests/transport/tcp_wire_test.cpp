@@ -1,6 +1,7 @@
 // TCP robustness: malformed frames and strangers close only their own connection, with a logged
 // reason; the process and its other connections are unharmed. Also spin-then-block progress.
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -10,6 +11,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <thread>
@@ -817,6 +819,104 @@ TEST(TcpAddressing, NamedBackendOpensOnlyThatOne) {
   bad.listen_address = "not-an-ip";
   bad.backend = Backend::kTcp;
   EXPECT_EQ(Context::create(bad).status().code(), StatusCode::kInvalidArgument);
+}
+
+// The SO_SNDBUF of every connected TCP socket of this process with `port` at one end.
+std::vector<int> send_buffers_of_connections_to(uint16_t port) {
+  std::vector<int> found;
+  DIR* dir = ::opendir("/proc/self/fd");
+  if (dir == nullptr) return found;
+  while (dirent* e = ::readdir(dir)) {
+    const int fd = std::atoi(e->d_name);
+    if (e->d_name[0] < '0' || e->d_name[0] > '9' || fd == ::dirfd(dir)) continue;
+    sockaddr_in local{};
+    sockaddr_in peer{};
+    socklen_t ll = sizeof(local);
+    socklen_t pl = sizeof(peer);
+    if (::getsockname(fd, reinterpret_cast<sockaddr*>(&local), &ll) != 0 ||
+        ::getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &pl) != 0 ||
+        local.sin_family != AF_INET) {
+      continue;  // not a connected IPv4 socket (listeners have no peer)
+    }
+    if (ntohs(local.sin_port) != port && ntohs(peer.sin_port) != port) continue;
+    int v = 0;
+    socklen_t vl = sizeof(v);
+    if (::getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &v, &vl) == 0) found.push_back(v);
+  }
+  ::closedir(dir);
+  return found;
+}
+
+// The send buffers of both ends of a same-host connection after a message each way.
+std::vector<int> send_buffers_after_exchange(Options base) {
+  auto p = Pair::make(Backend::kTcp, std::move(base));
+  EXPECT_TRUE(p.ok()) << p.status();
+  if (!p.ok()) return {};
+  std::vector<uint8_t> out(1 << 20, 7);
+  std::vector<uint8_t> in(out.size());
+  std::vector<Request> reqs;
+  reqs.push_back(p->ba->recv(1, in.data(), in.size()));
+  reqs.push_back(p->ab->send(1, out.data(), out.size()));
+  EXPECT_TRUE(p->wait(std::move(reqs)).ok());
+  EXPECT_EQ(in, out);
+  // The Context with the smaller address dials, so the connection has one listener's port at one
+  // end.
+  std::vector<int> found;
+  for (const Context* c : {p->a.get(), p->b.get()}) {
+    auto parsed = internal::parse_address(c->address());
+    EXPECT_TRUE(parsed.ok());
+    if (!parsed.ok()) return {};
+    auto addr = TcpAddress::decode(*parsed->entry(Backend::kTcp));
+    EXPECT_TRUE(addr.ok());
+    if (!addr.ok()) return {};
+    for (int v : send_buffers_of_connections_to(addr->port)) found.push_back(v);
+  }
+  return found;
+}
+
+TEST(TcpSendBuffer, SameHostConnectionsGetTheConfiguredSendBuffer) {
+  // Linux reports twice the size asked for (its bookkeeping overhead).
+  const auto by_default = send_buffers_after_exchange({});
+  ASSERT_EQ(by_default.size(), 2u) << "both ends of the one connection between the Contexts";
+  for (int v : by_default) EXPECT_EQ(v, 2 * static_cast<int>(Options{}.tcp_local_send_buffer));
+
+  Options small;
+  small.tcp_local_send_buffer = 100000;
+  const auto set = send_buffers_after_exchange(small);
+  ASSERT_EQ(set.size(), 2u);
+  for (int v : set) EXPECT_EQ(v, 200000);
+
+  Options kernel;
+  kernel.tcp_local_send_buffer = 0;  // the kernel's autotuning: neither size above
+  const auto autotuned = send_buffers_after_exchange(kernel);
+  ASSERT_EQ(autotuned.size(), 2u);
+  for (int v : autotuned) {
+    EXPECT_NE(v, 200000);
+    EXPECT_NE(v, 2 * static_cast<int>(Options{}.tcp_local_send_buffer));
+  }
+}
+
+TEST(TcpSendBuffer, OptionAndEnvironmentAreChecked) {
+  Options o;
+  o.tcp_local_send_buffer = kMaxTcpLocalSendBuffer + 1;
+  EXPECT_EQ(o.validate().code(), StatusCode::kInvalidArgument);
+  o.tcp_local_send_buffer = kMaxTcpLocalSendBuffer;
+  EXPECT_TRUE(o.validate().ok());
+  const char* old = std::getenv("MYELIN_TCP_LOCAL_SNDBUF");
+  const std::string saved = old != nullptr ? old : "";
+  ::setenv("MYELIN_TCP_LOCAL_SNDBUF", "1048576", 1);
+  auto env = Options{}.with_env_overlay();
+  ASSERT_TRUE(env.ok()) << env.status();
+  EXPECT_EQ(env->tcp_local_send_buffer, size_t{1} << 20);
+  for (const char* bad : {"lots", "-1", "68719476736"}) {
+    ::setenv("MYELIN_TCP_LOCAL_SNDBUF", bad, 1);
+    EXPECT_EQ(Options{}.with_env_overlay().status().code(), StatusCode::kInvalidArgument) << bad;
+  }
+  if (old != nullptr) {
+    ::setenv("MYELIN_TCP_LOCAL_SNDBUF", saved.c_str(), 1);
+  } else {
+    ::unsetenv("MYELIN_TCP_LOCAL_SNDBUF");
+  }
 }
 
 }  // namespace

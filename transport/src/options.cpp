@@ -220,6 +220,12 @@ Result<Options> Options::with_env_overlay() const {
     MYELIN_ASSIGN_OR_RETURN(long long us, parse_env_integer("MYELIN_SPIN_US", v, 0, 1'000'000));
     o.spin_before_block = std::chrono::microseconds(us);
   }
+  if (const char* v = std::getenv("MYELIN_TCP_LOCAL_SNDBUF")) {
+    MYELIN_ASSIGN_OR_RETURN(long long bytes,
+                            parse_env_integer("MYELIN_TCP_LOCAL_SNDBUF", v, 0,
+                                              static_cast<long long>(kMaxTcpLocalSendBuffer)));
+    o.tcp_local_send_buffer = static_cast<size_t>(bytes);
+  }
   if (const char* v = std::getenv("MYELIN_TIMEOUT_MS")) {
     MYELIN_ASSIGN_OR_RETURN(long long ms,
                             parse_env_integer("MYELIN_TIMEOUT_MS", v, 1, 7LL * 24 * 3600 * 1000));
@@ -238,6 +244,10 @@ Status Options::validate() const {
   }
   if (local_ranks < 0) return invalid_argument("local_ranks ", local_ranks, " is negative");
   if (max_message_size == 0) return invalid_argument("max_message_size must be positive");
+  if (tcp_local_send_buffer > kMaxTcpLocalSendBuffer) {
+    return invalid_argument("tcp_local_send_buffer ", tcp_local_send_buffer, " exceeds ",
+                            kMaxTcpLocalSendBuffer, " bytes");
+  }
   if (eager_limit > max_message_size) {
     return invalid_argument("eager_limit ", eager_limit, " exceeds max_message_size ",
                             max_message_size);

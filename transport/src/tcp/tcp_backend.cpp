@@ -67,6 +67,32 @@ void set_nodelay(int fd) {
   (void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 }
 
+// Both ends of a connected IPv4 socket on this host: the peer on loopback, or the same address at
+// both ends (a connection to this host's own interface address).
+bool same_host(int fd) {
+  sockaddr_in local{};
+  sockaddr_in peer{};
+  socklen_t local_len = sizeof(local);
+  socklen_t peer_len = sizeof(peer);
+  if (getsockname(fd, reinterpret_cast<sockaddr*>(&local), &local_len) != 0 ||
+      getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &peer_len) != 0 ||
+      local.sin_family != AF_INET || peer.sin_family != AF_INET) {
+    return false;
+  }
+  return (ntohl(peer.sin_addr.s_addr) >> 24) == 127 ||
+         local.sin_addr.s_addr == peer.sin_addr.s_addr;
+}
+
+// Options::tcp_local_send_buffer on a connection within this host (docs/transport.md, "Send
+// buffer of same-host connections"); remote connections keep the kernel's autotuning.
+void limit_local_send_buffer(int fd, size_t bytes) {
+  if (bytes == 0 || !same_host(fd)) return;
+  const int v = static_cast<int>(bytes);  // validate() caps it far below INT_MAX
+  if (setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &v, sizeof(v)) != 0) {
+    MYELIN_LOG_DEBUG << "tcp: SO_SNDBUF " << bytes << ": " << errno_status("setsockopt", errno);
+  }
+}
+
 // Connection sockets stay in blocking mode: every send and receive passes MSG_DONTWAIT except
 // the one receive a spin-then-block wait sleeps in (Connection::on_readable), which needs no
 // fcntl per wait that way.
@@ -275,6 +301,7 @@ void TcpBackend::accept_all() {
       return;
     }
     set_nodelay(fd);
+    limit_local_send_buffer(fd, options_.tcp_local_send_buffer);
     auto conn = std::make_shared<Connection>(*this, fd, Connection::State::kOpen);
     conn->deadline_ns = Deadline::after(options_.timeout).at_ns();
     timers_armed_ = true;
@@ -304,6 +331,7 @@ Result<std::unique_ptr<Endpoint>> TcpBackend::connect(std::span<const uint8_t> p
   if (self_bytes_ < key) {
     // The smaller address dials.
     MYELIN_ASSIGN_OR_RETURN(int fd, dial(peer, deadline));
+    limit_local_send_buffer(fd, options_.tcp_local_send_buffer);
     conn = std::make_shared<Connection>(*this, fd, Connection::State::kOpen);
     conn->dialer = true;
     conn->set_peer(key, peer_name);

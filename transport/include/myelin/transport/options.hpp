@@ -9,6 +9,7 @@
 //   MYELIN_PROGRESS=busy|block|yield|auto     MYELIN_TIMEOUT_MS=<ms>
 //   MYELIN_SPIN_US=<us> (spin_before_block)   MYELIN_LOCAL_SIZE=<n> (local_ranks, when unset)
 //   MYELIN_TCP_IFACE / MYELIN_TCP_ADDR (address the TCP backend listens on; default: hostname's)
+//   MYELIN_TCP_LOCAL_SNDBUF=<bytes> (tcp_local_send_buffer; 0 = the kernel's autotuning)
 #pragma once
 
 #include <chrono>
@@ -104,6 +105,11 @@ struct Options {
   size_t eager_limit = 0;
   // Largest two-sided message accepted; larger sends fail with invalid_argument.
   size_t max_message_size = size_t{1} << 32;
+  // Send buffer (SO_SNDBUF: the bytes asked for; Linux doubles them) of TCP connections whose two
+  // ends are on this host (the peer on loopback, or this host's address at both ends); 0 leaves
+  // the kernel's autotuning (up to net.ipv4.tcp_wmem's maximum). Connections to other hosts
+  // always keep the autotuning. At most kMaxTcpLocalSendBuffer.
+  size_t tcp_local_send_buffer = size_t{256} << 10;
   // Human-readable identity for logs and errors ("rank 3"); empty = "pid N@host".
   std::string name;
 
@@ -112,6 +118,8 @@ struct Options {
   // Checks ranges and combinations.
   [[nodiscard]] Status validate() const;
 };
+
+constexpr size_t kMaxTcpLocalSendBuffer = size_t{64} << 20;
 
 // Size classes of two-sided messages; each backend reports its limits.
 enum class SizeClass : uint8_t {
