@@ -2,6 +2,9 @@
 
 #include <gtest/gtest.h>
 
+#include <chrono>
+#include <limits>
+
 namespace myelin {
 namespace {
 
@@ -27,6 +30,33 @@ TEST(Deadline, ExpiresAndReportsRemaining) {
   EXPECT_EQ(never.remaining_ms_for_poll(), -1);
   EXPECT_TRUE(Deadline::after(std::chrono::hours(24 * 365 * 1000)).is_never());
   EXPECT_TRUE(Deadline::after(std::chrono::milliseconds(-5)).expired());
+}
+
+TEST(Deadline, HugeAndNonFiniteTimeoutsSaturate) {
+  using std::chrono::duration;
+  // Too far for int64 nanoseconds, in integer and floating-point units: never, not an overflow
+  // into the past.
+  EXPECT_TRUE(
+      Deadline::after(std::chrono::seconds(std::numeric_limits<int64_t>::max())).is_never());
+  EXPECT_TRUE(Deadline::after(duration<double>(1e10)).is_never());
+  EXPECT_TRUE(Deadline::after(duration<double>(1e300)).is_never());
+  EXPECT_TRUE(
+      Deadline::after(duration<double>(std::numeric_limits<double>::infinity())).is_never());
+  EXPECT_TRUE(Deadline::after_ms(std::numeric_limits<int64_t>::max()).is_never());
+  // Below the limit: a real deadline.
+  const Deadline half = Deadline::after(duration<double>(0.5));
+  EXPECT_FALSE(half.is_never());
+  EXPECT_GT(half.remaining_ns(), 0);
+  EXPECT_LE(half.remaining_ns(), 500'000'000);
+  // Zero, negative, -inf and NaN: already expired, at "now" (not somewhere near INT64_MIN).
+  const int64_t before = monotonic_ns();
+  for (double s : {0.0, -1.0, -std::numeric_limits<double>::infinity(),
+                   std::numeric_limits<double>::quiet_NaN()}) {
+    const Deadline d = Deadline::after(duration<double>(s));
+    EXPECT_TRUE(d.expired()) << s;
+    EXPECT_GE(d.at_ns(), before) << s;
+    EXPECT_LE(d.at_ns(), monotonic_ns()) << s;
+  }
 }
 
 TEST(CycleTimer, CalibratedAgainstMonotonic) {

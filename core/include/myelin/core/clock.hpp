@@ -38,12 +38,13 @@ class Deadline {
  public:
   // A deadline that never expires; use only where an outer deadline bounds the wait.
   static constexpr Deadline never() noexcept { return Deadline(kNever); }
-  // Compared in the caller's own units so that huge timeouts saturate to never() instead of
-  // overflowing on the way to nanoseconds.
+  // Compared in the caller's own units so that huge timeouts (integer or floating point, up to
+  // infinity) saturate to never() instead of overflowing on the way to nanoseconds. A zero,
+  // negative or NaN timeout is already expired.
   template <typename Rep, typename Period>
   static Deadline after(std::chrono::duration<Rep, Period> timeout) noexcept {
     const int64_t now = monotonic_ns();
-    if (timeout <= timeout.zero()) return Deadline(now);
+    if (!(timeout > timeout.zero())) return Deadline(now);
     const auto left = std::chrono::duration_cast<std::chrono::duration<Rep, Period>>(
         std::chrono::nanoseconds(kNever - now));
     if (timeout >= left) return never();
