@@ -34,8 +34,25 @@ struct Child {
   int pid_fd = -1;      // readable once the child has exited; -1 without pidfd_open (< 5.3)
   std::string pending;  // a partial line waiting for its newline
   bool exited = false;
-  int exit_code = 0;  // 128 + signal for a killed process, like a shell
+  bool signaled = false;  // killed by a signal (not an exit status)
+  int exit_code = 0;      // 128 + signal for a killed process, like a shell
 };
+
+// "rank 3" (the spec's name), its label, or the program.
+std::string display_name(const ProcessSpec& spec) {
+  if (!spec.name.empty()) return spec.name;
+  if (!spec.label.empty()) return spec.label;
+  return spec.argv[0];
+}
+
+// "was killed by signal 9 (SIGKILL)" or "exited with status 2".
+std::string failure_text(const Child& c) {
+  if (!c.signaled) return "exited with status " + std::to_string(c.exit_code);
+  const int sig = c.exit_code - 128;
+  const char* abbrev = ::sigabbrev_np(sig);
+  return "was killed by signal " + std::to_string(sig) +
+         (abbrev != nullptr ? std::string(" (SIG") + abbrev + ")" : std::string());
+}
 
 void write_all(int fd, const std::string& text) {
   size_t off = 0;
@@ -146,12 +163,11 @@ Result<int> run_processes(const std::vector<ProcessSpec>& processes, const Launc
     }
   }
 
-  using std::chrono::duration_cast;
-  using std::chrono::nanoseconds;
-  const Deadline job_deadline = options.timeout.count() > 0
-                                    ? Deadline::after(duration_cast<nanoseconds>(options.timeout))
-                                    : Deadline::never();
-  const auto grace = duration_cast<nanoseconds>(options.grace);
+  // Deadline::after saturates: a timeout too large for the clock is no deadline at all (a cast to
+  // nanoseconds first would overflow into the past and stop the job at once).
+  const Deadline job_deadline =
+      options.timeout.count() > 0 ? Deadline::after(options.timeout) : Deadline::never();
+  const auto grace = options.grace;
   Deadline kill_deadline = Deadline::never();
   bool stopping = false;
   auto begin_stop = [&](const char* why) {
@@ -164,6 +180,8 @@ Result<int> run_processes(const std::vector<ProcessSpec>& processes, const Launc
   if (!spawn_error.ok()) begin_stop(nullptr);
 
   int first_failure = -1;
+  bool failure_reported = false;
+  Deadline settle_deadline = Deadline::never();
   size_t running = children.size();
   while (running > 0) {
     if (g_signal != 0) {
@@ -219,12 +237,24 @@ Result<int> run_processes(const std::vector<ProcessSpec>& processes, const Launc
         ::close(c.pid_fd);
         c.pid_fd = -1;
       }
-      c.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-      if (c.exit_code != 0 && first_failure < 0 && !stopping) {
+      c.signaled = WIFSIGNALED(status);
+      c.exit_code = c.signaled ? 128 + WTERMSIG(status) : WEXITSTATUS(status);
+      if (c.exit_code == 0 || stopping || failure_reported) continue;
+      // The first failure, unless a death by signal comes with or soon after it: the peers of a
+      // killed process fail because of it, and may be reaped first.
+      if (first_failure < 0) {
         first_failure = static_cast<int>(i);
-        std::fprintf(stderr, "%s: %s exited with status %d\n", options.name,
-                     c.spec->label.empty() ? c.spec->argv[0].c_str() : c.spec->label.c_str(),
-                     c.exit_code);
+        settle_deadline = Deadline::after(kFailureSettle);
+      } else if (c.signaled && !children[static_cast<size_t>(first_failure)].signaled) {
+        first_failure = static_cast<int>(i);
+      }
+    }
+    if (first_failure >= 0 && !failure_reported) {
+      const Child& f = children[static_cast<size_t>(first_failure)];
+      if (f.signaled || stopping || running == 0 || settle_deadline.expired()) {
+        failure_reported = true;
+        std::fprintf(stderr, "%s: %s %s\n", options.name, display_name(*f.spec).c_str(),
+                     failure_text(f).c_str());
         if (!options.keep_going) begin_stop(nullptr);
       }
     }
