@@ -55,8 +55,31 @@ TEST(MyelinRun, ReturnsTheFirstFailingRanksCodeAndStopsTheOthers) {
   const int64_t t0 = myelin::monotonic_ns();
   Outcome r = run("-n 3 --grace 1 sh -c '[ $MYELIN_RANK = 2 ] && exit 7; exec sleep 30'");
   EXPECT_EQ(r.rc, 7) << r.out;
-  EXPECT_NE(r.out.find("2 exited with status 7"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("myelin-run: rank 2 exited with status 7"), std::string::npos) << r.out;
   EXPECT_LT(myelin::monotonic_ns() - t0, 20'000'000'000LL) << "the sleeping ranks were not stopped";
+}
+
+TEST(MyelinRun, NamesTheRankKilledBySignal) {
+  Outcome r = run("-n 2 --grace 1 sh -c '[ $MYELIN_RANK = 1 ] && kill -9 $$; exec sleep 30'");
+  EXPECT_EQ(r.rc, 128 + SIGKILL) << r.out;
+  EXPECT_NE(r.out.find("myelin-run: rank 1 was killed by signal 9 (SIGKILL)"), std::string::npos)
+      << r.out;
+}
+
+TEST(MyelinRun, AKilledRankIsNamedBeforeThePeerThatFailedBecauseOfIt) {
+  // Rank 0 fails with its own status first; rank 1 is killed a moment later. A peer of a killed
+  // rank typically exits like rank 0 here (its connection broke), and may be reaped first: the
+  // rank killed by the signal is the failure to name.
+  char dir_template[] = "/tmp/myelin-run-test.XXXXXX";
+  ASSERT_NE(::mkdtemp(dir_template), nullptr);
+  const std::string dir = dir_template;
+  Outcome r = run("-n 2 --grace 1 sh -c 'if [ $MYELIN_RANK = 0 ]; then touch " + dir +
+                  "/failed; exit 3; fi; while [ ! -e " + dir +
+                  "/failed ]; do sleep 0.01; done; kill -9 $$'");
+  std::filesystem::remove_all(dir);
+  EXPECT_EQ(r.rc, 128 + SIGKILL) << r.out;
+  EXPECT_NE(r.out.find("rank 1 was killed by signal 9 (SIGKILL)"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("rank 0 exited"), std::string::npos) << r.out;
 }
 
 TEST(MyelinRun, TimeoutStopsEveryRank) {
@@ -69,6 +92,22 @@ TEST(MyelinRun, BadUsageExitsTwo) {
   EXPECT_EQ(run("--no-such-flag true").rc, 2);
   EXPECT_EQ(run("").rc, 2);
   EXPECT_EQ(run("-n 0 true").rc, 2);
+  EXPECT_EQ(run("-n -1 true").rc, 2);
+}
+
+TEST(MyelinRun, TimeoutsAboveTheMaximumOrNotFiniteAreUsageErrors) {
+  // Refused with readable bounds (never DBL_MAX written out), not turned into an immediate stop.
+  for (const char* bad : {"--timeout 1e10", "--timeout 1e300", "--timeout inf", "--timeout nan",
+                          "--timeout -1", "--grace 1e300", "--grace inf", "--grace -1"}) {
+    Outcome r = run(std::string(bad) + " -n 1 true");
+    EXPECT_EQ(r.rc, 2) << bad << ": " << r.out;
+    EXPECT_NE(r.out.find("1e+07]"), std::string::npos) << bad << ": " << r.out;
+    EXPECT_EQ(r.out.find("job timeout"), std::string::npos) << bad << ": " << r.out;
+    EXPECT_EQ(r.out.find("17976931348623157"), std::string::npos) << bad << ": " << r.out;
+  }
+  // The maximum itself is a real (far) deadline.
+  Outcome ok = run("--timeout 1e7 --grace 1e7 -n 2 true");
+  EXPECT_EQ(ok.rc, 0) << ok.out;
 }
 
 TEST(MyelinRun, MissingProgramIsReported) {

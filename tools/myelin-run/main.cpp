@@ -1,6 +1,7 @@
 // myelin-run: a local launcher. Starts N ranks of a program on this machine with the bootstrap
 // environment set, prefixes their output by rank, forwards SIGINT/SIGTERM/SIGHUP, and exits with
-// the first failing rank's status.
+// the first failing rank's status (a rank killed by a signal: 128 + signal). Usage errors exit 2;
+// the launcher's own errors (no temporary directory) exit 1.
 //
 //   myelin-run -n 4 myelin-bench allreduce -b 1K -e 1M
 //
@@ -12,6 +13,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include "cli_checks.hpp"
 #include "launcher.hpp"
 
 int main(int argc, char** argv) {
@@ -22,11 +24,12 @@ int main(int argc, char** argv) {
   double grace_s = 5;
   bool no_prefix = false;
   bool keep_going = false;
-  app.add_option("-n,--np", n, "number of ranks")->check(CLI::Range(1, 1024));
+  using myelin::tools::kMaxTimeoutSeconds;
+  app.add_option("-n,--np", n, "number of ranks")->check(myelin::tools::integer_in(1, 1024));
   app.add_option("--timeout", timeout_s, "stop every rank after this many seconds (0 = none)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(myelin::tools::finite_number(0, kMaxTimeoutSeconds));
   app.add_option("--grace", grace_s, "seconds between SIGTERM and SIGKILL when stopping ranks")
-      ->check(CLI::NonNegativeNumber);
+      ->check(myelin::tools::finite_number(0, kMaxTimeoutSeconds));
   app.add_flag("--no-prefix", no_prefix, "do not prefix output lines with [rank]");
   app.add_flag("--keep-going", keep_going, "let the other ranks run when one fails");
   // Everything from the first positional argument on is the program and its own arguments.
@@ -65,7 +68,10 @@ int main(int argc, char** argv) {
                       {"MYELIN_LOCAL_SIZE", size},
                       {"MYELIN_NODE_ID", "0"},
                       {"MYELIN_STORE", "file://" + dir->path()}},
-                     no_prefix ? std::string() : r});
+                     no_prefix ? std::string() : r,
+                     /*inherit_output=*/false,
+                     /*program=*/{},
+                     "rank " + r});
   }
   auto rc =
       myelin::tools::run_processes(ranks, {.timeout = std::chrono::duration<double>(timeout_s),
