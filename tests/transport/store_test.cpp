@@ -61,6 +61,38 @@ TEST(TcpStore, SetGetAddContainsTimeouts) {
   exercise(**client);
 }
 
+TEST(TcpStore, SilentStoreFailsByTheCallersDeadline) {
+  // A store that accepts (the kernel completes the handshake) but never answers.
+  const int listener = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  ASSERT_GE(listener, 0);
+  sockaddr_in sa{};
+  sa.sin_family = AF_INET;
+  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::bind(listener, reinterpret_cast<sockaddr*>(&sa), sizeof(sa)), 0);
+  ASSERT_EQ(::listen(listener, 16), 0);
+  socklen_t len = sizeof(sa);
+  ASSERT_EQ(::getsockname(listener, reinterpret_cast<sockaddr*>(&sa), &len), 0);
+  const uint16_t port = ntohs(sa.sin_port);
+
+  // get() waits no longer than its own deadline.
+  auto a = TcpStore::connect("127.0.0.1", port, Deadline::after_ms(5000));
+  ASSERT_TRUE(a.ok()) << a.status();
+  int64_t t0 = monotonic_ns();
+  auto got = (*a)->get("key", Deadline::after_ms(300));
+  EXPECT_EQ(got.status().code(), StatusCode::kTimeout) << got.status();
+  EXPECT_LT(monotonic_ns() - t0, 2'000'000'000) << "get() overran its 300 ms deadline";
+
+  // set(), add() and contains() wait the request timeout.
+  auto b = TcpStore::connect("127.0.0.1", port, Deadline::after_ms(5000));
+  ASSERT_TRUE(b.ok()) << b.status();
+  (*b)->set_request_timeout(std::chrono::milliseconds(300));
+  t0 = monotonic_ns();
+  const Status set = (*b)->set("key", "value");
+  EXPECT_EQ(set.code(), StatusCode::kTimeout) << set;
+  EXPECT_LT(monotonic_ns() - t0, 2'000'000'000) << "set() ignored the request timeout";
+  ::close(listener);
+}
+
 TEST(TcpStore, ConcurrentAddsFromManyClients) {
   auto server = TcpStoreServer::start("127.0.0.1", 0);
   ASSERT_TRUE(server.ok());

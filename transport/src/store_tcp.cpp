@@ -270,6 +270,8 @@ struct TcpStore::Impl {
   int fd = -1;
   std::string where;
   std::mutex mu;  // serialises whole request/response exchanges
+  // The longest one exchange may take (set_request_timeout()); guarded by mu.
+  std::chrono::nanoseconds request_timeout = kDefaultRequestTimeout;
   ~Impl() {
     if (fd >= 0) ::close(fd);
   }
@@ -295,10 +297,18 @@ struct TcpStore::Impl {
     return ok_status();
   }
 
-  Result<std::pair<uint8_t, std::vector<uint8_t>>> call(const std::vector<uint8_t>& body) {
+  // One request and its response, by the caller's deadline and within the request timeout. A
+  // deadline about to pass still gets kMinExchange: an exchange cut short loses the connection
+  // (the late answer would be taken for the next one's), so a healthy store must have time to
+  // answer.
+  Result<std::pair<uint8_t, std::vector<uint8_t>>> call(const std::vector<uint8_t>& body,
+                                                        Deadline caller = Deadline::never()) {
+    static constexpr std::chrono::milliseconds kMinExchange{100};
     std::lock_guard<std::mutex> lock(mu);
     if (fd < 0) return unavailable("store connection to ", where, " is closed");
-    const Deadline deadline = Deadline::after_ms(30000);
+    const Deadline floor = Deadline::after(kMinExchange);
+    const Deadline deadline =
+        Deadline::after(request_timeout).min(caller.at_ns() < floor.at_ns() ? floor : caller);
     std::vector<uint8_t> msg;
     WireWriter w(msg);
     w.u32(static_cast<uint32_t>(body.size()));
@@ -403,6 +413,11 @@ Result<std::unique_ptr<TcpStore>> TcpStore::connect(const std::string& host, uin
   }
 }
 
+void TcpStore::set_request_timeout(std::chrono::nanoseconds timeout) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  impl_->request_timeout = timeout;
+}
+
 Status TcpStore::set(std::string_view key, std::span<const uint8_t> value) {
   MYELIN_RETURN_IF_ERROR(check_key(key));
   if (value.size() > kMaxValue) return invalid_argument("store value of ", value.size(), " bytes");
@@ -420,7 +435,7 @@ Result<std::vector<uint8_t>> TcpStore::get(std::string_view key, Deadline deadli
   const int64_t start = monotonic_ns();
   int64_t backoff_us = 500;
   for (;;) {
-    MYELIN_ASSIGN_OR_RETURN(auto reply, impl_->call(Impl::request(kGet, key)));
+    MYELIN_ASSIGN_OR_RETURN(auto reply, impl_->call(Impl::request(kGet, key), deadline));
     if (reply.first == kOk) return std::move(reply.second);
     if (reply.first != kNotFound) return protocol_error("store refused get of '", key, "'");
     if (deadline.expired()) {

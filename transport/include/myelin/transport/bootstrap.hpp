@@ -14,7 +14,10 @@
 //     len u32 | status u8 (0 ok, 1 not found, 2 bad request, 3 not a counter) | body (get: value;
 //     add: i64; contains: u8). A malformed request gets "bad request" and its connection is closed.
 //   - TcpStore: its client. Connects with a deadline, retrying with exponential backoff and jitter;
-//     get() polls with backoff until the key exists or the deadline passes.
+//     get() polls with backoff until the key exists or the deadline passes, and waits for each
+//     answer no longer than that deadline (a store that accepts but never answers fails get() by
+//     then, give or take 100 ms). set(), add() and contains() take no deadline: each waits for its
+//     answer at most the request timeout (set_request_timeout(), 30 s by default).
 //   - FileStore: one file per key in a directory on a shared filesystem; set() writes a temporary
 //     file then renames it (readers never see a partial value); add() serialises through flock().
 // Counters (add) are stored as decimal text, so get() of a counter returns e.g. "3".
@@ -23,6 +26,7 @@
 // TcpStoreServer's methods may be called from any thread; its destructor stops and joins it.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -58,6 +62,10 @@ class TcpStore final : public Store {
   static Result<std::unique_ptr<TcpStore>> connect(const std::string& host, uint16_t port,
                                                    Deadline deadline);
   ~TcpStore() override;
+  // How long set(), add() and contains() wait for the store's answer, and the most any one answer
+  // to get() is waited for. Callers with a deadline of their own (a tool's --timeout) set it.
+  void set_request_timeout(std::chrono::nanoseconds timeout);
+  static constexpr std::chrono::nanoseconds kDefaultRequestTimeout = std::chrono::seconds(30);
   using Store::set;
   Status set(std::string_view key, std::span<const uint8_t> value) override;
   Result<std::vector<uint8_t>> get(std::string_view key, Deadline deadline) override;
