@@ -103,6 +103,18 @@ TEST(BenchHarness, SizesAndPercentiles) {
   EXPECT_FALSE(parse_size("x").ok());
   EXPECT_FALSE(parse_size("1T").ok());
   EXPECT_FALSE(parse_size("4KK").ok());
+  // Negative sizes say so (they used to wrap around into "too large"); an overflowing number is
+  // too large, not "not a number".
+  for (const char* negative : {"-1", "-1K", "-0"}) {
+    auto r = parse_size(negative);
+    ASSERT_FALSE(r.ok()) << negative;
+    EXPECT_NE(r.status().to_string().find("negative"), std::string::npos) << r.status();
+  }
+  auto huge = parse_size("99999999999999999999");
+  ASSERT_FALSE(huge.ok());
+  EXPECT_NE(huge.status().to_string().find("too large"), std::string::npos) << huge.status();
+  EXPECT_FALSE(parse_size(" 64").ok());
+  EXPECT_FALSE(parse_size("+64").ok());
   EXPECT_EQ(*myelin::bench::size_sweep(8, 64, 2), (std::vector<size_t>{8, 16, 32, 64}));
   EXPECT_EQ(*myelin::bench::size_sweep(0, 4, 2), (std::vector<size_t>{0, 1, 2, 4}));
   EXPECT_FALSE(myelin::bench::size_sweep(8, 4, 2).ok());

@@ -2,9 +2,11 @@
 #include <myelin/bench/harness.hpp>
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <stdexcept>
 
 #include <myelin/core/clock.hpp>
 
@@ -527,10 +529,17 @@ Result<BandwidthResult> run_one_sided(Context& ctx, Endpoint& ep, OneSided op, b
 
 Result<size_t> parse_size(const std::string& text) {
   if (text.empty()) return invalid_argument("empty size");
+  // Digits first: std::stoull would skip blanks and accept a sign ("-1K" wraps around).
+  if (text[0] == '-') return invalid_argument("size '", text, "' is negative");
+  if (!std::isdigit(static_cast<unsigned char>(text[0]))) {
+    return invalid_argument("size '", text, "' is not a number");
+  }
   size_t pos = 0;
   unsigned long long v = 0;
   try {
     v = std::stoull(text, &pos);
+  } catch (const std::out_of_range&) {
+    return invalid_argument("size '", text, "' is too large (at most 1T bytes)");
   } catch (...) {
     return invalid_argument("size '", text, "' is not a number");
   }
@@ -543,7 +552,9 @@ Result<size_t> parse_size(const std::string& text) {
     if (pos < text.size() && (text[pos] == 'B' || text[pos] == 'b')) ++pos;
   }
   if (pos != text.size()) return invalid_argument("size '", text, "' has trailing characters");
-  if (v > (uint64_t{1} << 40) >> shift) return invalid_argument("size '", text, "' is too large");
+  if (v > (uint64_t{1} << 40) >> shift) {
+    return invalid_argument("size '", text, "' is too large (at most 1T bytes)");
+  }
   return static_cast<size_t>(v << shift);
 }
 

@@ -81,7 +81,8 @@ Result<BandwidthResult> run_one_sided(transport::Context& ctx, transport::Endpoi
 // Sorts `samples` (microseconds) and fills min/avg/percentiles/max of `out`.
 void summarize(std::vector<double>& samples, LatencyResult& out);
 
-// "64", "4K", "1M", "1G" (binary multiples) -> bytes; invalid_argument otherwise.
+// "64", "4K", "1M", "1G" (binary multiples) -> bytes, at most 2^40; invalid_argument otherwise
+// (saying whether the text is negative, too large or not a number).
 Result<size_t> parse_size(const std::string& text);
 // begin, begin*factor, ... up to end (inclusive); factor >= 2.
 Result<std::vector<size_t>> size_sweep(size_t begin, size_t end, size_t factor);
