@@ -212,7 +212,10 @@ TEST(MyelinInfo, UsageErrorsExitTwo) {
        {std::vector<std::string>{"--no-such-flag"},
         {"stray-positional"},
         {"--topology-xml", "a.xml", "--synthetic", "pack:1 pu:1"},
-        {"--topology-xml"}}) {
+        {"--topology-xml"},
+        // An empty file or description would quietly describe this machine instead.
+        {"--topology-xml", ""},
+        {"--synthetic", ""}}) {
     const RunResult r = run_info(args);
     EXPECT_EQ(r.exit_code, 2) << args[0];
     EXPECT_NE(r.err.find("Usage:"), std::string::npos) << r.err;

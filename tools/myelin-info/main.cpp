@@ -16,6 +16,8 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include "cli_checks.hpp"
+
 #include <cstdio>
 #include <iostream>
 #include <optional>
@@ -247,11 +249,14 @@ int main(int argc, char** argv) {
   std::string xml_path;
   std::string synthetic;
   app.add_flag("--json", as_json, "print one JSON object instead of the human report");
+  // An empty value is refused: it would quietly describe this machine instead.
   auto* xml_opt = app.add_option("--topology-xml", xml_path,
-                                 "read the topology from an hwloc XML export (lstopo --of xml)");
+                                 "read the topology from an hwloc XML export (lstopo --of xml)")
+                      ->check(myelin::tools::non_empty());
   app.add_option("--synthetic", synthetic,
                  "use an hwloc synthetic topology, e.g. \"pack:2 numa:1 core:8 pu:2\"")
-      ->excludes(xml_opt);
+      ->excludes(xml_opt)
+      ->check(myelin::tools::non_empty());
   app.set_version_flag("--version", MYELIN_VERSION_STRING);
   try {
     app.parse(argc, argv);
