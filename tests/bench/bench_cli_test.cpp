@@ -2,15 +2,27 @@
 // here, checking the JSON lines (keys, types, sizes, #wrong = 0), the human table and CSV
 // layouts, the exit code on wrong data (through the hidden --inject-wrong fault injection) and
 // the refusal of bad arguments.
+#include <arpa/inet.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
 #include <vector>
 
+#include <myelin/core/clock.hpp>
 #include <myelin/transport/context.hpp>
 
 namespace {
@@ -310,6 +322,174 @@ TEST(BenchCli, BadArgumentsAreRefused) {
   Outcome none = run("lat");
   EXPECT_EQ(none.rc, 1);
   EXPECT_NE(none.out.find("give -n N"), std::string::npos) << none.out;
+}
+
+// myelin-bench with exactly these arguments (no --timeout added), stdout and stderr together.
+Outcome run_exactly(const std::string& args) {
+  return shell(std::string(MYELIN_BENCH_PATH) + " " + args + " 2>&1");
+}
+
+TEST(BenchCli, BadNumbersAreUsageErrorsBeforeAnyRankStarts) {
+  // Each is refused by the parent with exit 1 (usage), before a rank starts: no rank's message,
+  // no abort from a wrapped-around count, no bound written as DBL_MAX's 309 digits.
+  for (const char* args : {
+           "lat -n 2 -t tcp --iters -1",
+           "lat -n 2 -t tcp --iters 0",
+           "lat -n 2 -t tcp --iters 100000000000",
+           "lat -n 2 -t tcp --iters 99999999999999999999",
+           "lat -n 2 -t tcp --warmup -1",
+           "lat -n 2 -t tcp --warmup 0",
+           "lat -n 2 -t tcp --warmup 100000000000",
+           "bw -n 2 -t tcp -s 64 --window 1000000000000000 --buffers 1 --iters 10",
+           "bw -n 2 -t tcp -s 64 --window -1 --iters 10",
+           "bw -n 2 -t tcp -s 64 --window 0 --iters 10",
+           "put -n 2 -t tcp -s 64 --buffers 0 --iters 10",
+           "put -n 2 -t tcp -s 64 --buffers -1 --iters 10",
+           "put -n 2 -t tcp -s 64 --buffers 1000000000 --iters 10",
+           "allreduce -n 2 -t tcp -b 8 -e 64 -f -2",
+           "allreduce -n 2 -t tcp -b 8 -e 64 -f 0",
+           "allreduce -n 2 -t tcp -b 8 -e 64 -f 1",
+           "lat -n 2 -t tcp --timeout 0",
+           "lat -n 2 -t tcp --timeout -1",
+           "lat -n 2 -t tcp --timeout 500000000",
+           "lat -n 2 -t tcp --duration 0",
+           "lat -n 2 -t tcp --duration nan",
+           "lat -n 2 -t tcp --duration inf",
+           "lat -n 2 -t tcp --duration 1e300",
+           "lat -n 2 -t tcp -s -1K",
+           "lat -n 2 -t tcp -s 12Q",
+           "lat -n 2 -t tcp -b 1K -e 64",
+           "allreduce -n 2 -t tcp --algo nosuch",
+           "pubsub -n 2 --flood 1Q",
+           "pubsub -n 2 --broker ''",
+           "lat --connect ''",
+       }) {
+    const Outcome r = run_exactly(args);
+    EXPECT_EQ(r.rc, 1) << args << ": " << r.out;
+    EXPECT_EQ(r.out.find("myelin-bench rank"), std::string::npos) << args << ": " << r.out;
+    EXPECT_EQ(r.out.find("terminate"), std::string::npos) << args << ": " << r.out;
+    EXPECT_EQ(r.out.find("17976931348623157"), std::string::npos) << args << ": " << r.out;
+  }
+  // The messages say what is wrong.
+  EXPECT_NE(run_exactly("lat -n 2 -t tcp -s -1K").out.find("'-1K' is negative"), std::string::npos);
+  EXPECT_NE(run_exactly("lat -n 2 -t tcp -s 99999999999999999999").out.find("too large"),
+            std::string::npos);
+  EXPECT_NE(run_exactly("lat -n 2 -t tcp --iters -1").out.find("[1, 100000000]"),
+            std::string::npos);
+  EXPECT_NE(run_exactly("allreduce -n 2 -t tcp --algo nosuch").out.find("nosuch"),
+            std::string::npos);
+  const Outcome sub = run_exactly("nosuch -n 2");
+  EXPECT_EQ(sub.rc, 1) << sub.out;
+  EXPECT_NE(sub.out.find("unknown sub-command 'nosuch'"), std::string::npos) << sub.out;
+}
+
+TEST(BenchCli, LargestValuesRunAndTimeoutsAreNoImmediateStop) {
+  // The largest --timeout is a far deadline for the job (20 x --timeout), not an overflow into an
+  // immediate stop.
+  const Outcome r = run_exactly("lat -n 2 -t tcp -s 64 -i 20 --timeout 10000000 --json");
+  EXPECT_EQ(r.rc, 0) << r.out;
+  EXPECT_EQ(r.out.find("job timeout"), std::string::npos) << r.out;
+}
+
+TEST(BenchCli, SilentStoreFailsWithinTheTimeout) {
+  // --connect to a store that accepts but never answers: an error after about --timeout seconds.
+  const int listener = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  ASSERT_GE(listener, 0);
+  sockaddr_in sa{};
+  sa.sin_family = AF_INET;
+  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::bind(listener, reinterpret_cast<sockaddr*>(&sa), sizeof(sa)), 0);
+  ASSERT_EQ(::listen(listener, 16), 0);
+  socklen_t len = sizeof(sa);
+  ASSERT_EQ(::getsockname(listener, reinterpret_cast<sockaddr*>(&sa), &len), 0);
+  const int64_t t0 = myelin::monotonic_ns();
+  const Outcome r = run_exactly(
+      "lat -t tcp --connect 127.0.0.1:" + std::to_string(ntohs(sa.sin_port)) + " --timeout 2");
+  const int64_t took = myelin::monotonic_ns() - t0;
+  ::close(listener);
+  EXPECT_EQ(r.rc, 2) << r.out;
+  EXPECT_NE(r.out.find("did not answer in time"), std::string::npos) << r.out;
+  EXPECT_LT(took, 10'000'000'000) << "a 2 s --timeout took " << took / 1'000'000 << " ms";
+}
+
+TEST(BenchCli, VerbsWithoutRdmaSaysWhy) {
+  const Outcome r = run_exactly("lat -n 2 -t verbs -s 64 -i 10 --timeout 10");
+  if (r.rc == 0) GTEST_SKIP() << "verbs runs here (an RDMA device opens)";
+  EXPECT_EQ(r.rc, 2) << r.out;
+  EXPECT_NE(r.out.find("--transport verbs: "), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("myelin-bench rank"), std::string::npos) << r.out;
+}
+
+// The ranks (children) of the launcher `parent` with their MYELIN_RANK, read from /proc.
+std::map<int, pid_t> ranks_of(pid_t parent) {
+  std::map<int, pid_t> out;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc")) {
+    const std::string name = entry.path().filename();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream stat(entry.path() / "stat");
+    std::string line;
+    if (!std::getline(stat, line)) continue;
+    const size_t close = line.rfind(')');
+    if (close == std::string::npos) continue;
+    std::istringstream rest(line.substr(close + 2));
+    char state = 0;
+    pid_t ppid = 0;
+    rest >> state >> ppid;
+    if (ppid != parent) continue;
+    std::ifstream env(entry.path() / "environ");
+    std::string var;
+    while (std::getline(env, var, '\0')) {
+      if (var.rfind("MYELIN_RANK=", 0) == 0) out[std::stoi(var.substr(12))] = std::stoi(name);
+    }
+  }
+  return out;
+}
+
+TEST(BenchCli, KilledRankIsNamed) {
+  // A real run of three ranks; rank 1 is killed mid-run. The survivors fail too (their connection
+  // to rank 1 broke), but the launcher names the killed rank and returns its status.
+  char out_template[] = "/tmp/myelin-bench-test.XXXXXX";
+  const int out_fd = ::mkstemp(out_template);
+  ASSERT_GE(out_fd, 0);
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    ::dup2(out_fd, STDOUT_FILENO);
+    ::dup2(out_fd, STDERR_FILENO);
+    ::execl(MYELIN_BENCH_PATH, MYELIN_BENCH_PATH, "allreduce", "-n", "3", "-t", "tcp", "-s", "64K",
+            "-i", "100000000", "--timeout", "10", static_cast<char*>(nullptr));
+    ::_exit(126);
+  }
+  ::close(out_fd);
+  // Wait for the three ranks, and for their first rows (the run is under way).
+  const myelin::Deadline started_by = myelin::Deadline::after_ms(30'000);
+  std::map<int, pid_t> ranks;
+  while (!started_by.expired()) {
+    ranks = ranks_of(pid);
+    if (ranks.size() == 3) break;
+    ::poll(nullptr, 0, 20);
+  }
+  ::poll(nullptr, 0, 1500);
+  ASSERT_EQ(ranks.count(1), 1u);
+  ASSERT_EQ(::kill(ranks[1], SIGKILL), 0);
+  int status = 0;
+  pid_t got = 0;
+  const myelin::Deadline done_by = myelin::Deadline::after_ms(60'000);
+  while ((got = ::waitpid(pid, &status, WNOHANG)) == 0 && !done_by.expired()) {
+    ::poll(nullptr, 0, 20);
+  }
+  if (got == 0) {
+    ::kill(pid, SIGKILL);
+    ::waitpid(pid, &status, 0);
+  }
+  std::ifstream in(out_template);
+  const std::string out((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  ::unlink(out_template);
+  ASSERT_EQ(got, pid) << "the run did not end after a rank was killed: " << out;
+  ASSERT_TRUE(WIFEXITED(status)) << out;
+  EXPECT_EQ(WEXITSTATUS(status), 128 + SIGKILL) << out;
+  EXPECT_NE(out.find("myelin-bench: rank 1 was killed by signal 9 (SIGKILL)"), std::string::npos)
+      << out;
 }
 
 TEST(BenchCli, ConcurrentRunsOnOneHostDoNotMeet) {

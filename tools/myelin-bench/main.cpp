@@ -20,6 +20,7 @@
 #include <functional>
 #include <iostream>
 #include <memory>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -36,7 +37,9 @@
 #include <myelin/transport/bootstrap.hpp>
 #include <myelin/transport/context.hpp>
 
+#include "cli_checks.hpp"
 #include "launcher.hpp"
+#include "rdma_check.hpp"
 
 namespace {
 
@@ -45,6 +48,12 @@ using namespace myelin::transport;
 namespace coll = myelin::collectives;
 
 enum class Kind { kP2p, kOneSided, kCollective, kBroker };
+
+// Bounds of the counts a user gives: past them a run would only exhaust memory (every timed
+// iteration keeps a sample; every operation in flight a request and, by default, a buffer).
+constexpr long long kMaxIters = 100'000'000;
+constexpr long long kMaxWindow = 65'536;
+constexpr long long kMaxStepFactor = 1024;
 
 struct Args {
   std::string bench;
@@ -178,6 +187,10 @@ std::vector<bench::Column> columns_for(const Args& a) {
 // Runs this process as one rank of `size`.
 int run_rank(const Args& a, int rank, int size, Store& store) {
   set_log_tag("rank " + std::to_string(rank));
+  // Store requests without a deadline of their own (set, add) wait --timeout, not the default.
+  if (auto* tcp = dynamic_cast<TcpStore*>(&store)) {
+    tcp->set_request_timeout(std::chrono::seconds(a.timeout_s));
+  }
   // Placement first, so the Context's memory is allocated where the thread runs.
   std::string placement = "not pinned";
   if (!a.cpus.empty()) {
@@ -478,7 +491,8 @@ int run_rank(const Args& a, int rank, int size, Store& store) {
       const std::string key = "myelin/bench/iters/" + std::to_string(index);
       if (rank == 0) {
         const double n = per_iter > 0 ? a.duration_s / per_iter : 1e9;
-        const size_t iters = static_cast<size_t>(std::clamp(n, 10.0, 1e9));
+        const size_t iters =
+            static_cast<size_t>(std::clamp(n, 10.0, static_cast<double>(kMaxIters)));
         if (Status st = store.set(key, std::to_string(iters)); !st.ok()) return fail(rank, st);
       }
       auto v = store.get(key, Deadline::after(opts.timeout));
@@ -537,6 +551,7 @@ int run_local(const Args& a, int argc, char** argv) {
                 {"MYELIN_STORE", store},
                 {"MYELIN_BENCH_CHILD", "1"}};
     spec.inherit_output = true;  // result lines stay exactly as the ranks print them
+    spec.name = "rank " + std::to_string(rank);
   }
   auto rc = myelin::tools::run_processes(
       ranks, {.timeout = std::chrono::seconds(a.timeout_s) * 20, .name = "myelin-bench"});
@@ -634,6 +649,24 @@ int run_discovered(const Args& a, const RankInfo& me) {
   return run_rank(a, me.rank, me.size, *store);
 }
 
+// What the ranks would otherwise find only once they have started: sizes (-s, -b, -e, -f),
+// --flood and --algo. Usage errors, found before anything is launched.
+Status check_before_launch(const Args& a) {
+  MYELIN_RETURN_IF_ERROR(sizes_of(a).status());
+  if (a.bench == "pubsub") MYELIN_RETURN_IF_ERROR(bench::parse_size(a.flood).status());
+  if (a.kind == Kind::kCollective) MYELIN_RETURN_IF_ERROR(coll::parse_algorithm(a.algo).status());
+  return ok_status();
+}
+
+// --transport verbs where no RDMA device opens: the reason myelin-info gives, not the verbs
+// library's errno from inside every rank.
+Status check_rdma(const Args& a) {
+  if (a.transport != "verbs") return ok_status();
+  const std::string why = bench_cli::why_no_rdma();
+  if (why.empty()) return ok_status();
+  return unavailable("--transport verbs: ", why, " (myelin-info shows what this machine offers)");
+}
+
 void add_options(CLI::App* sub, Args& a, Kind kind, const std::string& name) {
   sub->add_option("--transport,-t", a.transport, "auto|shm|tcp|ucx|verbs")
       ->check(CLI::IsMember({"auto", "shm", "tcp", "ucx", "verbs"}));
@@ -641,7 +674,8 @@ void add_options(CLI::App* sub, Args& a, Kind kind, const std::string& name) {
   sub->add_option("-n,--nprocs", a.nprocs,
                   "number of local ranks to start (NOT iterations: see --iters)");
   sub->add_flag("--server", a.server, "rank 0 of two hosts: serve the rendezvous store on --port");
-  sub->add_option("--connect", a.connect, "rank 1 of two hosts: the --server's host:port");
+  sub->add_option("--connect", a.connect, "rank 1 of two hosts: the --server's host:port")
+      ->check(tools::non_empty());
   sub->add_option("--port", a.port,
                   "store port for --server (default 29500); under srun without MYELIN_STORE: "
                   "default one of 29501-31548 chosen by the job step")
@@ -649,11 +683,14 @@ void add_options(CLI::App* sub, Args& a, Kind kind, const std::string& name) {
   sub->add_option("--size,-s", a.sizes, "message sizes (64, 4K, 1M...), repeatable");
   sub->add_option("-b,--minbytes", a.begin, "sweep start");
   sub->add_option("-e,--maxbytes", a.end, "sweep end");
-  sub->add_option("-f,--stepfactor", a.factor, "sweep multiplier");
-  sub->add_option("--iters,-i", a.iters, "timed iterations per size");
-  sub->add_option("--warmup,-w", a.warmup, "untimed iterations per size");
+  sub->add_option("-f,--stepfactor", a.factor, "sweep multiplier")
+      ->check(tools::integer_in(2, kMaxStepFactor));
+  sub->add_option("--iters,-i", a.iters, "timed iterations per size")
+      ->check(tools::integer_in(1, kMaxIters));
+  sub->add_option("--warmup,-w", a.warmup, "untimed iterations per size (default: iters / 10)")
+      ->check(tools::integer_in(1, kMaxIters));
   sub->add_option("--duration", a.duration_s, "seconds per size (overrides --iters)")
-      ->check(CLI::PositiveNumber);
+      ->check(tools::finite_number(0, tools::kMaxTimeoutSeconds, /*lo_open=*/true));
   sub->add_option("--cpu", a.cpus, "pin rank r to the r-th CPU of this list (0,1 or 0 --cpu 1)")
       ->delimiter(',');
   sub->add_option("--numa", a.numa, "run the ranks on this NUMA node's CPUs and memory");
@@ -662,14 +699,17 @@ void add_options(CLI::App* sub, Args& a, Kind kind, const std::string& name) {
   sub->add_option("--progress", a.progress,
                   "busy|block|yield|auto (auto: yield when ranks outnumber CPUs, else busy)")
       ->check(CLI::IsMember({"busy", "block", "yield", "auto"}));
-  sub->add_option("--timeout", a.timeout_s, "seconds for connects and each wait");
+  sub->add_option("--timeout", a.timeout_s, "seconds for connects and each wait (default 60)")
+      ->check(tools::integer_in(1, static_cast<long long>(tools::kMaxTimeoutSeconds)));
   // Fault injection for the tool's own tests (hidden): corrupt the timed message with this index.
   sub->add_option("--inject-wrong", a.inject_wrong)->group("");
   if (kind == Kind::kP2p || kind == Kind::kOneSided) {
-    sub->add_option("--window", a.window, "operations in flight (default 64; rate 256)");
+    sub->add_option("--window", a.window, "operations in flight (default 64; rate 256)")
+        ->check(tools::integer_in(1, kMaxWindow));
     sub->add_option("--buffers", a.buffers,
                     "distinct buffers (and put/get slots) per side, used round robin; default: "
-                    "one per operation in flight; 1: ucx_perftest's one reused buffer");
+                    "one per operation in flight; 1: ucx_perftest's one reused buffer")
+        ->check(tools::integer_in(1, kMaxWindow));
   }
   if (name == "bw") sub->add_flag("--bidir,--bidirectional", a.bidir, "both directions at once");
   if (kind == Kind::kCollective) {
@@ -686,7 +726,8 @@ void add_options(CLI::App* sub, Args& a, Kind kind, const std::string& name) {
   }
   if (kind == Kind::kBroker) {
     sub->add_option("--broker", a.broker,
-                    "host:port of a running myelin-broker (default: rank 0 embeds one)");
+                    "host:port of a running myelin-broker (default: rank 0 embeds one)")
+        ->check(tools::non_empty());
     sub->add_option("--secret-file", a.secret_file,
                     "that broker's job secret (default: $MYELIN_BROKER_SECRET)");
   }
@@ -696,40 +737,8 @@ void add_options(CLI::App* sub, Args& a, Kind kind, const std::string& name) {
   });
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
-  CLI::App app{"myelin-bench: transport, collective and broker benchmarks"};
-  app.require_subcommand(1, 1);
-  Args a;
-  for (int i = 0; i < argc; ++i) a.command += (i ? " " : "") + std::string(argv[i]);
-  const struct {
-    const char* name;
-    Kind kind;
-    const char* help;
-  } subs[] = {
-      {"lat", Kind::kP2p, "ping-pong latency (one-way = round trip / 2), percentiles"},
-      {"bw", Kind::kP2p, "streaming bandwidth at the receiver (--bidir: both directions)"},
-      {"rate", Kind::kP2p, "message rate: small messages, many in flight"},
-      {"put", Kind::kOneSided, "one-sided put bandwidth and rate"},
-      {"get", Kind::kOneSided, "one-sided get bandwidth and rate"},
-      {"allreduce", Kind::kCollective, "nccl-tests style allreduce"},
-      {"reduce_scatter", Kind::kCollective, "nccl-tests style reduce-scatter"},
-      {"allgather", Kind::kCollective, "nccl-tests style allgather"},
-      {"broadcast", Kind::kCollective, "nccl-tests style broadcast (root 0)"},
-      {"reduce", Kind::kCollective, "nccl-tests style reduce (root 0)"},
-      {"barrier", Kind::kCollective, "barrier latency"},
-      {"alltoall", Kind::kCollective, "nccl-tests style all-to-all"},
-      {"pubsub", Kind::kBroker, "publish/subscribe latency through a broker (--flood: with bulk)"},
-      {"ps", Kind::kBroker, "parameter-server push + pull step time"},
-  };
-  for (const auto& s : subs) add_options(app.add_subcommand(s.name, s.help), a, s.kind, s.name);
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    // --help prints and succeeds; every usage error exits 1, as docs/bench.md says.
-    return app.exit(e) == 0 ? 0 : 1;
-  }
+// Everything after the option parser: checks, then the run in the form the arguments ask for.
+int run_parsed(const Args& a, int argc, char** argv) {
   // A peer that goes away must be an error on the socket, never a signal that kills the rank
   // (broker/src/wire.cpp writes with writev(), which raises SIGPIPE).
   ::signal(SIGPIPE, SIG_IGN);
@@ -742,8 +751,16 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "myelin-bench: --json and --csv exclude each other\n");
     return 1;
   }
+  if (Status s = check_before_launch(a); !s.ok()) {
+    std::fprintf(stderr, "myelin-bench: %s\n", std::string(s.message()).c_str());
+    return 1;
+  }
   const bool p2p = a.kind == Kind::kP2p || a.kind == Kind::kOneSided;
   if (std::getenv("MYELIN_BENCH_CHILD") == nullptr) {
+    if (Status s = check_rdma(a); !s.ok()) {
+      std::fprintf(stderr, "myelin-bench: %s\n", std::string(s.message()).c_str());
+      return 2;
+    }
     if (a.nprocs != 0) {
       if (a.nprocs < 1 || a.nprocs > 256) {
         std::fprintf(stderr, "myelin-bench: -n %d: between 1 and 256 local ranks\n", a.nprocs);
@@ -787,4 +804,61 @@ int main(int argc, char** argv) {
     return 1;
   }
   return run_discovered(a, *me);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"myelin-bench: transport, collective and broker benchmarks"};
+  app.require_subcommand(1, 1);
+  Args a;
+  for (int i = 0; i < argc; ++i) a.command += (i ? " " : "") + std::string(argv[i]);
+  const struct {
+    const char* name;
+    Kind kind;
+    const char* help;
+  } subs[] = {
+      {"lat", Kind::kP2p, "ping-pong latency (one-way = round trip / 2), percentiles"},
+      {"bw", Kind::kP2p, "streaming bandwidth at the receiver (--bidir: both directions)"},
+      {"rate", Kind::kP2p, "message rate: small messages, many in flight"},
+      {"put", Kind::kOneSided, "one-sided put bandwidth and rate"},
+      {"get", Kind::kOneSided, "one-sided get bandwidth and rate"},
+      {"allreduce", Kind::kCollective, "nccl-tests style allreduce"},
+      {"reduce_scatter", Kind::kCollective, "nccl-tests style reduce-scatter"},
+      {"allgather", Kind::kCollective, "nccl-tests style allgather"},
+      {"broadcast", Kind::kCollective, "nccl-tests style broadcast (root 0)"},
+      {"reduce", Kind::kCollective, "nccl-tests style reduce (root 0)"},
+      {"barrier", Kind::kCollective, "barrier latency"},
+      {"alltoall", Kind::kCollective, "nccl-tests style all-to-all"},
+      {"pubsub", Kind::kBroker, "publish/subscribe latency through a broker (--flood: with bulk)"},
+      {"ps", Kind::kBroker, "parameter-server push + pull step time"},
+  };
+  for (const auto& s : subs) add_options(app.add_subcommand(s.name, s.help), a, s.kind, s.name);
+  if (argc > 1 && argv[1][0] != '-') {
+    // CLI11 would take an unknown word for a stray argument and ask for a sub-command.
+    bool known = false;
+    std::string names;
+    for (const auto& s : subs) {
+      known = known || std::string(argv[1]) == s.name;
+      names += std::string(names.empty() ? "" : ", ") + s.name;
+    }
+    if (!known) {
+      std::fprintf(stderr, "myelin-bench: unknown sub-command '%s' (one of %s)\n", argv[1],
+                   names.c_str());
+      return 1;
+    }
+  }
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    // --help prints and succeeds; every usage error exits 1, as docs/bench.md says.
+    return app.exit(e) == 0 ? 0 : 1;
+  }
+  try {
+    return run_parsed(a, argc, argv);
+  } catch (const std::bad_alloc&) {
+    // Sizes, windows and iterations are bounded, but their product may still not fit here.
+    std::fprintf(stderr, "myelin-bench: out of memory for this run (%s)\n", a.command.c_str());
+    return 2;
+  }
 }
