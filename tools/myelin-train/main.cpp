@@ -8,15 +8,19 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
 #include <vector>
 
 #include <CLI/CLI.hpp>
+#include <myelin/collectives/collectives.hpp>
 #include <myelin/core/log.hpp>
 #include <myelin/transport/bootstrap.hpp>
+#include <myelin/transport/options.hpp>
 
+#include "cli_checks.hpp"
 #include "launcher.hpp"
 #include "trainer.hpp"
 
@@ -63,12 +67,15 @@ int main(int argc, char** argv) {
   app.add_option("--batch", c.global_batch, "global batch (split over the workers)")
       ->check(CLI::Range(size_t{1}, size_t{1} << 20));
   app.add_option("--steps", c.steps, "training steps")->check(CLI::Range(1, 1'000'000));
-  app.add_option("--lr", c.lr, "learning rate")->check(CLI::PositiveNumber);
+  using myelin::tools::finite_number;
+  using myelin::tools::kMaxTimeoutSeconds;
+  app.add_option("--lr", c.lr, "learning rate")->check(finite_number(0, 1e6, /*lo_open=*/true));
   app.add_option("--lr-decay", c.lr_decay, "factor applied when the loss stops improving")
-      ->check(CLI::Range(0.0, 1.0));
+      ->check(finite_number(0, 1));
   app.add_option("--check-every", c.check_every, "steps between control check points")
       ->check(CLI::Range(1, 1'000'000));
-  app.add_option("--target-loss", c.target_loss, "stop early below this loss (0: never)");
+  app.add_option("--target-loss", c.target_loss, "stop early below this loss (0: never)")
+      ->check(finite_number(0, 1e30));
   app.add_option("--seed", c.seed, "seed of data and initial parameters");
   app.add_option("--transport", c.transport, "auto|shm|tcp|ucx|verbs (allreduce mode)");
   app.add_option("--algo", c.algorithm, "allreduce algorithm (auto, ring, halving_doubling, ...)");
@@ -80,8 +87,9 @@ int main(int argc, char** argv) {
   app.add_flag("--verify", c.verify, "replay serially on worker 0 and compare the parameters");
   app.add_flag("--json", c.json, "JSON lines instead of the table");
   app.add_option("--timeout", timeout_s, "deadline of every wait, seconds")
-      ->check(CLI::PositiveNumber);
-  app.add_option("--job-timeout", job_timeout_s, "stop the whole local job after this (0: none)");
+      ->check(finite_number(0, kMaxTimeoutSeconds, /*lo_open=*/true));
+  app.add_option("--job-timeout", job_timeout_s, "stop the whole local job after this (0: none)")
+      ->check(finite_number(0, kMaxTimeoutSeconds));
   app.add_option("--broker", c.broker,
                  "external control broker host:port (else $MYELIN_TRAIN_BROKER; default: hosted "
                  "by worker 0 / server 0)");
@@ -94,7 +102,18 @@ int main(int argc, char** argv) {
   }
   c.mode = mode == "ps" ? Mode::kPs : Mode::kAllreduce;
   c.shape = myelin::train::shape_for_parameters(params, layers);
-  c.timeout_ms = static_cast<int64_t>(timeout_s * 1000);
+  c.timeout_ms = std::max<int64_t>(1, static_cast<int64_t>(timeout_s * 1000));
+  // What the workers would otherwise find only once they have started.
+  if (auto backend = myelin::transport::parse_backend(c.transport); !backend.ok()) {
+    std::fprintf(stderr, "myelin-train: --transport: %s\n",
+                 std::string(backend.status().message()).c_str());
+    return 2;
+  }
+  if (auto algo = myelin::collectives::parse_algorithm(c.algorithm); !algo.ok()) {
+    std::fprintf(stderr, "myelin-train: --algo: %s\n",
+                 std::string(algo.status().message()).c_str());
+    return 2;
+  }
   if (c.global_batch % static_cast<size_t>(c.workers) != 0) {
     std::fprintf(stderr, "myelin-train: --batch %zu is not a multiple of --workers %d\n",
                  c.global_batch, c.workers);
