@@ -25,6 +25,8 @@
 #include <myelin/core/clock.hpp>
 #include <myelin/transport/context.hpp>
 
+#include "../transport/silent_listener.hpp"
+
 namespace {
 
 struct Outcome {
@@ -393,20 +395,12 @@ TEST(BenchCli, LargestValuesRunAndTimeoutsAreNoImmediateStop) {
 
 TEST(BenchCli, SilentStoreFailsWithinTheTimeout) {
   // --connect to a store that accepts but never answers: an error after about --timeout seconds.
-  const int listener = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  ASSERT_GE(listener, 0);
-  sockaddr_in sa{};
-  sa.sin_family = AF_INET;
-  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ASSERT_EQ(::bind(listener, reinterpret_cast<sockaddr*>(&sa), sizeof(sa)), 0);
-  ASSERT_EQ(::listen(listener, 16), 0);
-  socklen_t len = sizeof(sa);
-  ASSERT_EQ(::getsockname(listener, reinterpret_cast<sockaddr*>(&sa), &len), 0);
+  const myelin::test_support::SilentListener silent;
+  ASSERT_TRUE(silent.ok());
   const int64_t t0 = myelin::monotonic_ns();
-  const Outcome r = run_exactly(
-      "lat -t tcp --connect 127.0.0.1:" + std::to_string(ntohs(sa.sin_port)) + " --timeout 2");
+  const Outcome r = run_exactly("lat -t tcp --connect 127.0.0.1:" + std::to_string(silent.port()) +
+                                " --timeout 2");
   const int64_t took = myelin::monotonic_ns() - t0;
-  ::close(listener);
   EXPECT_EQ(r.rc, 2) << r.out;
   EXPECT_NE(r.out.find("did not answer in time"), std::string::npos) << r.out;
   EXPECT_LT(took, 10'000'000'000) << "a 2 s --timeout took " << took / 1'000'000 << " ms";

@@ -23,25 +23,11 @@ struct Outcome {
   nlohmann::json summary;
 };
 
+Outcome train_exactly(const std::string& args);
+
 Outcome train(const std::string& args) {
-  const std::string cmd = std::string(MYELIN_TRAIN_PATH) +
-                          " --json --verify --params 20000 --steps 30 --timeout 30 "
-                          "--job-timeout 120 " +
-                          args + " 2>&1";
-  Outcome o;
-  FILE* p = ::popen(cmd.c_str(), "r");
-  if (p == nullptr) return o;
-  std::array<char, 4096> buf;
-  size_t n;
-  while ((n = std::fread(buf.data(), 1, buf.size(), p)) > 0) o.out.append(buf.data(), n);
-  const int status = ::pclose(p);
-  o.rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  std::istringstream lines(o.out);
-  for (std::string line; std::getline(lines, line);) {
-    auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
-    if (j.is_object() && j.value("event", "") == "summary") o.summary = j;
-  }
-  return o;
+  return train_exactly("--json --verify --params 20000 --steps 30 --timeout 30 --job-timeout 120 " +
+                       args);
 }
 
 void expect_learned(const Outcome& o) {

@@ -12,6 +12,8 @@
 
 #include <myelin/transport/bootstrap.hpp>
 
+#include "silent_listener.hpp"
+
 namespace myelin::transport {
 namespace {
 
@@ -62,17 +64,9 @@ TEST(TcpStore, SetGetAddContainsTimeouts) {
 }
 
 TEST(TcpStore, SilentStoreFailsByTheCallersDeadline) {
-  // A store that accepts (the kernel completes the handshake) but never answers.
-  const int listener = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  ASSERT_GE(listener, 0);
-  sockaddr_in sa{};
-  sa.sin_family = AF_INET;
-  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ASSERT_EQ(::bind(listener, reinterpret_cast<sockaddr*>(&sa), sizeof(sa)), 0);
-  ASSERT_EQ(::listen(listener, 16), 0);
-  socklen_t len = sizeof(sa);
-  ASSERT_EQ(::getsockname(listener, reinterpret_cast<sockaddr*>(&sa), &len), 0);
-  const uint16_t port = ntohs(sa.sin_port);
+  const test_support::SilentListener silent;
+  ASSERT_TRUE(silent.ok());
+  const uint16_t port = silent.port();
 
   // get() waits no longer than its own deadline.
   auto a = TcpStore::connect("127.0.0.1", port, Deadline::after_ms(5000));
@@ -90,7 +84,6 @@ TEST(TcpStore, SilentStoreFailsByTheCallersDeadline) {
   const Status set = (*b)->set("key", "value");
   EXPECT_EQ(set.code(), StatusCode::kTimeout) << set;
   EXPECT_LT(monotonic_ns() - t0, 2'000'000'000) << "set() ignored the request timeout";
-  ::close(listener);
 }
 
 TEST(TcpStore, ConcurrentAddsFromManyClients) {
