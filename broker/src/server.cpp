@@ -44,14 +44,6 @@ inline constexpr uint64_t kPsInitStep = UINT64_MAX;
 
 namespace {
 
-// A configured string as error messages show it: at most 64 bytes, longer ones cut with their
-// size, so a huge value does not flood the log.
-std::string shorten(std::string_view text) {
-  constexpr size_t kShown = 64;
-  if (text.size() <= kShown) return std::string(text);
-  return std::string(text.substr(0, kShown)) + "... (" + std::to_string(text.size()) + " bytes)";
-}
-
 constexpr size_t kHighWater = 1 << 20;  // stop pulling from lanes past this many unsent bytes
 constexpr size_t kMaxPendingPulls = 1024;
 // Bytes read from one connection per pass of the loop: a flooding publisher holds the loop for
@@ -565,16 +557,16 @@ Status Server::Impl::init() {
   for (size_t i = 0; i < opt_.acl.size(); ++i) {
     const AclEntry& e = opt_.acl[i];
     if (e.identity != "*" && !valid_identity(e.identity)) {
-      return invalid_argument("bad ACL identity '", shorten(e.identity), "'");
+      return invalid_argument("bad ACL identity '", message_excerpt(e.identity), "'");
     }
     for (size_t j = 0; j < i; ++j) {
       if (opt_.acl[j].identity == e.identity) {
-        return invalid_argument("ACL identity '", shorten(e.identity), "' given twice");
+        return invalid_argument("ACL identity '", message_excerpt(e.identity), "' given twice");
       }
     }
     if (!std::isfinite(e.rate_limit_msgs_per_s) || e.rate_limit_msgs_per_s < 0 ||
         !std::isfinite(e.rate_limit_burst) || e.rate_limit_burst < 0) {
-      return invalid_argument("ACL of ", shorten(e.identity),
+      return invalid_argument("ACL of ", message_excerpt(e.identity),
                               ": rate_limit_msgs and rate_limit_burst must be finite and >= 0");
     }
     for (const auto* list : {&e.publish, &e.subscribe}) {
@@ -605,11 +597,13 @@ Status Server::Impl::init() {
     const TopicPolicy& p = opt_.broker.policies[i];
     Status s =
         check_range("max_delivery_attempts", p.max_delivery_attempts, 1, kMaxDeliveryAttemptsLimit);
-    if (!s.ok()) return std::move(s).with_context("topic policy '" + shorten(p.pattern) + "'");
+    if (!s.ok())
+      return std::move(s).with_context("topic policy '" + message_excerpt(p.pattern) + "'");
     for (size_t j = 0; j < i; ++j) {
       // The first matching policy wins: a second one for the same pattern would never apply.
       if (opt_.broker.policies[j].pattern == p.pattern) {
-        return invalid_argument("topic policy pattern '", shorten(p.pattern), "' given twice");
+        return invalid_argument("topic policy pattern '", message_excerpt(p.pattern),
+                                "' given twice");
       }
     }
   }
@@ -636,7 +630,7 @@ Status Server::Impl::init() {
       check_range("handshake_timeout_ms", opt_.handshake_timeout_ms, 1, kMaxHandshakeTimeoutMs));
   MYELIN_RETURN_IF_ERROR(check_range("numa_node", opt_.numa_node, -1, kMaxNumaNode));
   if (opt_.numa_node >= 0 && !opt_.nic.empty()) {
-    return invalid_argument("numa_node and nic are exclusive (nic '", shorten(opt_.nic),
+    return invalid_argument("numa_node and nic are exclusive (nic '", message_excerpt(opt_.nic),
                             "' pins on its own node)");
   }
   if (opt_.enable_ps) {

@@ -902,20 +902,15 @@ TEST(TcpSendBuffer, OptionAndEnvironmentAreChecked) {
   EXPECT_EQ(o.validate().code(), StatusCode::kInvalidArgument);
   o.tcp_local_send_buffer = kMaxTcpLocalSendBuffer;
   EXPECT_TRUE(o.validate().ok());
-  const char* old = std::getenv("MYELIN_TCP_LOCAL_SNDBUF");
-  const std::string saved = old != nullptr ? old : "";
-  ::setenv("MYELIN_TCP_LOCAL_SNDBUF", "1048576", 1);
-  auto env = Options{}.with_env_overlay();
-  ASSERT_TRUE(env.ok()) << env.status();
-  EXPECT_EQ(env->tcp_local_send_buffer, size_t{1} << 20);
-  for (const char* bad : {"lots", "-1", "68719476736"}) {
-    ::setenv("MYELIN_TCP_LOCAL_SNDBUF", bad, 1);
-    EXPECT_EQ(Options{}.with_env_overlay().status().code(), StatusCode::kInvalidArgument) << bad;
+  {
+    ScopedEnv env("MYELIN_TCP_LOCAL_SNDBUF", "1048576");
+    auto overlaid = Options{}.with_env_overlay();
+    ASSERT_TRUE(overlaid.ok()) << overlaid.status();
+    EXPECT_EQ(overlaid->tcp_local_send_buffer, size_t{1} << 20);
   }
-  if (old != nullptr) {
-    ::setenv("MYELIN_TCP_LOCAL_SNDBUF", saved.c_str(), 1);
-  } else {
-    ::unsetenv("MYELIN_TCP_LOCAL_SNDBUF");
+  for (const char* bad : {"lots", "-1", "68719476736"}) {
+    ScopedEnv env("MYELIN_TCP_LOCAL_SNDBUF", bad);
+    EXPECT_EQ(Options{}.with_env_overlay().status().code(), StatusCode::kInvalidArgument) << bad;
   }
 }
 

@@ -13,18 +13,11 @@
 namespace myelin::broker::tool {
 namespace {
 
-// A key or value as error messages show it: at most 64 bytes, longer ones cut with their size.
-std::string shown(std::string_view text) {
-  constexpr size_t kShown = 64;
-  if (text.size() <= kShown) return std::string(text);
-  return std::string(text.substr(0, kShown)) + "... (" + std::to_string(text.size()) + " bytes)";
-}
-
 Status check_keys(const toml::table& t, const std::set<std::string>& allowed,
                   const std::string& where) {
   for (const auto& [k, v] : t) {
     if (!allowed.count(std::string(k.str())))
-      return invalid_argument("unknown key '", shown(k.str()), "' in ", where);
+      return invalid_argument("unknown key '", message_excerpt(k.str()), "' in ", where);
   }
   return ok_status();
 }
@@ -110,7 +103,7 @@ Status load_config_file(const std::string& path, ServerOptions* o) {
     root = toml::parse(text, path);
   } catch (const toml::parse_error& e) {
     std::ostringstream msg;
-    msg << shown(e.description()) << " at line " << e.source().begin.line;
+    msg << message_excerpt(e.description()) << " at line " << e.source().begin.line;
     return invalid_argument("config '", path, "': ", msg.str());
   }
   MYELIN_RETURN_IF_ERROR(check_keys(root, {"broker", "topic", "client", "ps"}, path));
@@ -243,9 +236,9 @@ Status load_config_file(const std::string& path, ServerOptions* o) {
         get_int(*p, "staleness", 0, std::numeric_limits<int64_t>::max(), &o->ps.staleness_bound));
     if (!(lr > 0)) return invalid_argument("[ps] 'lr' = ", lr, " must be positive");
     if (mode != "sync" && mode != "async")
-      return invalid_argument("[ps] mode '", shown(mode), "': sync or async");
+      return invalid_argument("[ps] mode '", message_excerpt(mode), "': sync or async");
     if (agg != "sum" && agg != "mean")
-      return invalid_argument("[ps] aggregation '", shown(agg), "': sum or mean");
+      return invalid_argument("[ps] aggregation '", message_excerpt(agg), "': sum or mean");
     o->ps.mode = mode == "sync" ? PsMode::kSync : PsMode::kAsync;
     o->ps.aggregation = agg == "sum" ? Aggregation::kSum : Aggregation::kMean;
     if (optimizer == "sgd")
@@ -254,7 +247,7 @@ Status load_config_file(const std::string& path, ServerOptions* o) {
       o->ps.optimizer =
           std::make_shared<MomentumOptimizer>(static_cast<float>(lr), static_cast<float>(momentum));
     else
-      return invalid_argument("[ps] optimizer '", shown(optimizer), "': sgd or momentum");
+      return invalid_argument("[ps] optimizer '", message_excerpt(optimizer), "': sgd or momentum");
   }
   return ok_status();
 }

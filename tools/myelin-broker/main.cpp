@@ -17,6 +17,7 @@
 #include <myelin/broker/server.hpp>
 #include <myelin/core/log.hpp>
 
+#include "cli_checks.hpp"
 #include "config.hpp"
 
 using namespace myelin;
@@ -63,9 +64,7 @@ int main(int argc, char** argv) {
   uint32_t ps_workers = 0;
   app.add_option("-c,--config", config, "TOML configuration file");
   app.add_option("--listen", listen, "client address host:port (port 0: any free port)")
-      ->check([](const std::string& v) {
-        return v.empty() ? std::string("must not be empty (host:port)") : std::string();
-      });
+      ->check(tools::non_empty());
   app.add_option("--metrics-listen", metrics_listen,
                  "HTTP /metrics and /healthz address ('' disables)");
   app.add_option("--secret-file", secret_file,

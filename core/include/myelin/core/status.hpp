@@ -157,6 +157,13 @@ MYELIN_DEFINE_STATUS_HELPER(io_error, kIoError)
 MYELIN_DEFINE_STATUS_HELPER(internal_error, kInternal)
 #undef MYELIN_DEFINE_STATUS_HELPER
 
+// User-given text (a key, a value, a name) as an error message quotes it: at most `max_bytes`,
+// longer text cut with its size ("abc... (500000 bytes)"), so hostile input cannot flood a log.
+inline std::string message_excerpt(std::string_view text, size_t max_bytes = 64) {
+  if (text.size() <= max_bytes) return std::string(text);
+  return std::string(text.substr(0, max_bytes)) + "... (" + std::to_string(text.size()) + " bytes)";
+}
+
 // An io_error (or the given code) from errno: "<what>: <strerror(err)> (errno N)".
 Status errno_status(std::string_view what, int err, StatusCode code = StatusCode::kIoError);
 
