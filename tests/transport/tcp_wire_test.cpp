@@ -473,6 +473,77 @@ TEST(TcpBlocking, LargeMessagesBothWaysAcrossThreads) {
   peer.join();
 }
 
+// Frames of every kind interleaved, both ways at once: rendezvous payloads (above the eager
+// limit), large eager frames, small and empty ones, each received into a receive posted before
+// it arrives or only after. The reader switches between reading a header alone (after a large
+// frame, and while a cleared rendezvous payload is due) and filling its staging buffer; every
+// byte must still land in its own receive.
+TEST(TcpBlocking, MixedFrameSizesBothWaysLandIntact) {
+  const std::vector<size_t> sizes = {256 << 10, 0,         100 << 10, 3,         (256 << 10) + 5,
+                                     70000,     4096,      1 << 20,   17,        100 << 10,
+                                     100 << 10, 256 << 10, 1,         128 << 10, 65535};
+  constexpr int kRounds = 4;
+  const auto context = [](const char* name) -> std::unique_ptr<Context> {
+    Options o;
+    o.progress = ProgressMode::kSpinThenBlock;
+    o.spin_before_block = std::chrono::microseconds(10);
+    o.backend = Backend::kTcp;
+    o.name = name;
+    o.eager_limit = 128 << 10;  // 70000 and 100 KiB go eager, 256 KiB and up by rendezvous
+    auto made = Context::create(o);
+    EXPECT_TRUE(made.ok()) << made.status();
+    return made.ok() ? std::move(made).value() : nullptr;
+  };
+  const auto pattern = [](int side, int round, size_t index, size_t k) {
+    return static_cast<uint8_t>(k * 31 + index * 7 + static_cast<size_t>(round) * 13 +
+                                static_cast<size_t>(side));
+  };
+  // One side: in every round, receives for the even messages are posted before anything is sent,
+  // those for the odd ones only after this side's sends (their frames may be in by then). Each
+  // message has its own channel, so the order of posting does not decide the matching.
+  const auto run_side = [&](Context& ctx, Endpoint& ep, int side) {
+    std::vector<std::vector<uint8_t>> out(sizes.size()), in(sizes.size());
+    for (int round = 0; round < kRounds; ++round) {
+      SCOPED_TRACE("side " + std::to_string(side) + " round " + std::to_string(round));
+      std::vector<Request> recvs(sizes.size()), sends;
+      for (size_t i = 0; i < sizes.size(); ++i) {
+        out[i].resize(sizes[i]);
+        for (size_t k = 0; k < sizes[i]; ++k) out[i][k] = pattern(side, round, i, k);
+        in[i].assign(sizes[i] + 1, 0xEE);  // one spare byte: nothing may land past the message
+      }
+      const auto post_recv = [&](size_t i) {
+        recvs[i] = ep.recv(static_cast<uint32_t>(i), in[i].data(), in[i].size());
+      };
+      for (size_t i = 0; i < sizes.size(); i += 2) post_recv(i);
+      for (size_t i = 0; i < sizes.size(); ++i) {
+        sends.push_back(ep.send(static_cast<uint32_t>(i), out[i].data(), out[i].size()));
+      }
+      for (size_t i = 1; i < sizes.size(); i += 2) post_recv(i);
+      for (Request& r : sends) ASSERT_TRUE(ctx.wait(r, Deadline::after_ms(20000)).ok());
+      for (size_t i = 0; i < sizes.size(); ++i) {
+        ASSERT_TRUE(ctx.wait(recvs[i], Deadline::after_ms(20000)).ok()) << i << recvs[i].status();
+        ASSERT_EQ(recvs[i].bytes(), sizes[i]) << i;
+        for (size_t k = 0; k < sizes[i]; ++k) {
+          ASSERT_EQ(in[i][k], pattern(1 - side, round, i, k)) << "message " << i << " byte " << k;
+        }
+        ASSERT_EQ(in[i][sizes[i]], 0xEE) << i;
+      }
+    }
+  };
+  std::unique_ptr<Context> a = context("mixed-a"), b = context("mixed-b");
+  ASSERT_TRUE(a && b);
+  std::vector<uint8_t> addr_a = a->address(), addr_b = b->address();
+  std::thread peer([&] {
+    auto ep = b->connect(addr_a);
+    ASSERT_TRUE(ep.ok());
+    run_side(*b, **ep, 1);
+  });
+  auto ep = a->connect(addr_b);
+  ASSERT_TRUE(ep.ok());
+  run_side(*a, **ep, 0);
+  peer.join();
+}
+
 // A large payload raises the socket's receive watermark (SO_RCVLOWAT) while it is read; once it
 // is in, a small message sent only later must still wake a receiver asleep on the epoll set (two
 // connections) rather than wait for a watermark's worth of bytes that never come.

@@ -198,8 +198,8 @@ class Connection {
   std::vector<uint8_t> sink_buf_;
   size_t sink_capacity_ = 0;
   RemoteError put_error_ = RemoteError::kNone;
-  // The last payload went straight to its destination: the next frame is likely another large
-  // one, so read its header alone rather than pull its payload through the staging buffer.
+  // The last frame was large: the next is likely another large one, so read its header alone
+  // rather than pull its payload through the staging buffer.
   bool header_only_read_ = false;
 
   // Matching: per channel, posted receives and messages that arrived before theirs. Entries are

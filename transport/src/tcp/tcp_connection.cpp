@@ -27,6 +27,11 @@ constexpr size_t kDirectRead = 4096;
 // at 1: two extra system calls per payload cost more than the wake-ups they save there.
 constexpr size_t kWatermarkMin = 256 * 1024;
 constexpr size_t kMaxWatermark = 1024 * 1024;
+// A frame with at least this much payload is likely followed by another large one: the next
+// header is then read alone so that the next payload can land in place. Below it a payload is
+// cheaper to copy out of the staging buffer than a second recv(2) per frame (2-rank 4 KiB
+// allreduce: 1.1x the time with header-alone reads after 4 KiB frames).
+constexpr size_t kHeaderAloneAfter = 64 * 1024;
 constexpr int kMaxIov = 64;
 // Eager payloads up to this size are copied behind the header and sent with one send(2).
 constexpr size_t kSmallSend = 1024;
@@ -410,7 +415,14 @@ bool Connection::parse_buffered() {
       return false;
     }
     rpos_ += kHeaderSize;
-    if (h.length < kDirectRead) header_only_read_ = false;
+    // After a large frame read the next header alone (read_available); a frame with a smaller
+    // payload goes back to large staging reads; payload-less control frames (RTS, CTS) leave the
+    // choice as it was.
+    if (h.length >= kHeaderAloneAfter) {
+      header_only_read_ = true;
+    } else if (h.length > 0) {
+      header_only_read_ = false;
+    }
   }
 }
 
@@ -496,7 +508,6 @@ size_t Connection::read_available(int block_ms) {
           total += static_cast<size_t>(r);
           pay_done_ += static_cast<uint64_t>(r);
           if (static_cast<uint64_t>(r) < left) return total;  // drained; epoll reports more
-          header_only_read_ = true;
           continue;
         }
         if (r < 0 && errno == EINTR && !blocked) continue;
@@ -510,11 +521,13 @@ size_t Connection::read_available(int block_ms) {
       rlen_ -= rpos_;
       rpos_ = 0;
     }
-    // After a large payload, fetch just the next header: if it starts another large payload, that
-    // payload then lands in its destination without a pass through the staging buffer.
-    const size_t room = header_only_read_ && !in_payload_ && rlen_ < kHeaderSize
-                            ? kHeaderSize - rlen_
-                            : rbuf_.size() - rlen_;
+    // Fetch just the next header when a large payload is likely to follow it: after a large
+    // frame (see parse_buffered), or while a rendezvous payload we cleared is due (its DATA frame
+    // comes next but for control frames). That payload then lands in its destination instead of
+    // arriving behind its header in the staging buffer and being copied out of it.
+    const bool header_only =
+        !in_payload_ && rlen_ < kHeaderSize && (header_only_read_ || !awaiting_.empty());
+    const size_t room = header_only ? kHeaderSize - rlen_ : rbuf_.size() - rlen_;
     const ssize_t r = ::recv(fd_, rbuf_.data() + rlen_, room, flags);
     const bool blocked = flags == 0;
     flags = MSG_DONTWAIT;
