@@ -95,8 +95,11 @@ for _ in $(seq 1 "$hogs"); do
 done
 cores=$(nproc)
 
+# Small sizes take ~0.1 ms per call at 4 ranks: 2000 calls keep one rescheduling early in a run
+# from deciding its figure (4-rank 4 KiB over TCP, myelin `auto`: 67-128 us in ten runs of 500
+# calls, 65-88 us in eight of 2000). Every contender gets the same count.
 iters_for() {  # timed iterations by size (warm-up: a tenth, at least 2)
-  if [ "$1" -le 65536 ]; then echo 500; elif [ "$1" -le 4194304 ]; then echo 100; else echo 10; fi
+  if [ "$1" -le 65536 ]; then echo 2000; elif [ "$1" -le 4194304 ]; then echo 100; else echo 10; fi
 }
 
 # myelin-bench --json line -> RESULT line.
