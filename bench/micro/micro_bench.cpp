@@ -6,12 +6,17 @@
 // of the same bytes (header checks, topic syntax, lengths), at payloads from 0 B to 64 KiB;
 // encode's bytes_per_second counts the frame bytes. Registration/*: register_memory() of a buffer
 // that is already registered (the cache lookup a training loop pays per step when it re-registers
-// its gradient buffer), for each backend that opens here.
+// its gradient buffer), for each backend that opens here. Copy/*: std::memcpy against
+// myelin::copy_bytes from a page-aligned source to a destination `distance` bytes after it
+// modulo 4 KiB (16: a large malloc'd buffer), 4 KiB to 1 MiB.
 #include <benchmark/benchmark.h>
+#include <sys/mman.h>
 
+#include <cstring>
 #include <vector>
 
 #include <myelin/broker/frame.hpp>
+#include <myelin/core/copy.hpp>
 #include <myelin/transport/context.hpp>
 
 namespace {
@@ -92,6 +97,43 @@ void Registration_cache_hit(benchmark::State& state, transport::Backend backend)
 BENCHMARK_CAPTURE(Registration_cache_hit, tcp, transport::Backend::kTcp);
 BENCHMARK_CAPTURE(Registration_cache_hit, shm, transport::Backend::kShm);
 BENCHMARK_CAPTURE(Registration_cache_hit, ucx, transport::Backend::kUcx);
+
+// Two page-aligned 2 MiB mappings; the copy reads from the first and writes `distance` bytes into
+// a page of the second.
+void copy_at_distance(benchmark::State& state, bool library) {
+  const auto n = static_cast<size_t>(state.range(0));
+  const auto distance = static_cast<size_t>(state.range(1));
+  constexpr size_t kMap = size_t{2} << 20;
+  void* src = ::mmap(nullptr, kMap, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  void* dst = ::mmap(nullptr, kMap, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (src == MAP_FAILED || dst == MAP_FAILED) {
+    state.SkipWithError("mmap failed");
+    return;
+  }
+  std::memset(src, 1, kMap);
+  std::memset(dst, 2, kMap);
+  auto* to = static_cast<unsigned char*>(dst) + 4096 + distance;
+  for (auto _ : state) {
+    if (library) {
+      std::memcpy(to, src, n);
+    } else {
+      copy_bytes(to, src, n);
+    }
+    benchmark::DoNotOptimize(to);
+    benchmark::ClobberMemory();
+  }
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * n));
+  ::munmap(src, kMap);
+  ::munmap(dst, kMap);
+}
+void Copy_memcpy(benchmark::State& state) {
+  copy_at_distance(state, true);
+}
+void Copy_copy_bytes(benchmark::State& state) {
+  copy_at_distance(state, false);
+}
+BENCHMARK(Copy_memcpy)->ArgsProduct({{4096, 65536, 262144, 1 << 20}, {0, 16, 64}});
+BENCHMARK(Copy_copy_bytes)->ArgsProduct({{4096, 65536, 262144, 1 << 20}, {0, 16, 64}});
 
 }  // namespace
 

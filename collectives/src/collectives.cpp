@@ -432,7 +432,7 @@ Result<Algorithm> allreduce(Communicator& comm, const void* send, void* recv, si
   return run(comm, call, options, [&](Exchange& ex, Algorithm algo) -> Status {
     const size_t bytes = count * ex.elem();
     // The ring reads the send buffer where it needs it; the others work in recv from the start.
-    if (algo != Algorithm::kRing && send != recv && bytes > 0) std::memcpy(recv, send, bytes);
+    if (algo != Algorithm::kRing && send != recv && bytes > 0) copy_bytes(recv, send, bytes);
     const Group g = world(comm);
     Status s;
     switch (algo) {
@@ -486,7 +486,7 @@ Result<Algorithm> allgather(Communicator& comm, const void* send, void* recv, si
   return run(comm, call, options, [&](Exchange& ex, Algorithm) -> Status {
     const size_t block = send_count * ex.elem();
     uint8_t* mine = static_cast<uint8_t*>(recv) + block * static_cast<size_t>(comm.rank());
-    if (mine != send && block > 0) std::memcpy(mine, send, block);
+    if (mine != send && block > 0) copy_bytes(mine, send, block);
     return ring_allgather(ex, world(comm), recv, send_count, internal::kTopPhase);
   });
 }
@@ -502,7 +502,7 @@ Result<Algorithm> broadcast(Communicator& comm, const void* send, void* recv, si
                   count * dtype_size(type), options.root};
   return run(comm, call, options, [&](Exchange& ex, Algorithm algo) -> Status {
     const size_t bytes = count * ex.elem();
-    if (root && send != recv && bytes > 0) std::memcpy(recv, send, bytes);
+    if (root && send != recv && bytes > 0) copy_bytes(recv, send, bytes);
     const Group g = world(comm);
     if (algo == Algorithm::kChain) {
       return chain_broadcast(ex, g, recv, count, options.root, internal::kTopPhase);
@@ -523,7 +523,7 @@ Result<Algorithm> reduce(Communicator& comm, const void* send, void* recv, size_
     const size_t bytes = count * ex.elem();
     // The accumulator: the root's recv buffer, else a copy (the send buffer stays untouched).
     void* acc = root ? recv : comm.scratch(internal::kScratchWork, bytes);
-    if (acc != send && bytes > 0) std::memcpy(acc, send, bytes);
+    if (acc != send && bytes > 0) copy_bytes(acc, send, bytes);
     uint8_t* tmp = comm.scratch(internal::kScratchAlgo0, bytes);
     MYELIN_RETURN_IF_ERROR(
         binomial_reduce(ex, world(comm), acc, tmp, count, options.root, internal::kTopPhase));
@@ -551,7 +551,7 @@ Result<Algorithm> alltoall(Communicator& comm, const void* send, void* recv, siz
     const void* src = send;
     if (send == recv && count > 0) {  // in place: send from a copy
       uint8_t* copy = comm.scratch(internal::kScratchWork, count * n * ex.elem());
-      std::memcpy(copy, send, count * n * ex.elem());
+      copy_bytes(copy, send, count * n * ex.elem());
       src = copy;
     }
     return pairwise_alltoall(ex, world(comm), src, recv, count, internal::kTopPhase);

@@ -10,6 +10,7 @@
 
 #include <myelin/collectives/collectives.hpp>
 #include <myelin/core/clock.hpp>
+#include <myelin/core/copy.hpp>
 #include <myelin/core/status.hpp>
 #include <myelin/transport/context.hpp>
 #include <myelin/transport/memory.hpp>

@@ -13,7 +13,7 @@ Status pairwise_alltoall(Exchange& ex, const Group& g, const void* send, void* r
   const size_t es = ex.elem();
   const size_t bytes = count * es;
   const auto block = [&](int i) { return static_cast<size_t>(i) * count; };
-  if (bytes > 0) std::memcpy(at(recv, block(g.me), es), at(send, block(g.me), es), bytes);
+  if (bytes > 0) copy_bytes(at(recv, block(g.me), es), at(send, block(g.me), es), bytes);
   for (int s = 1; s < n; ++s) {
     const int from = mod(g.me - s, n);
     MYELIN_RETURN_IF_ERROR(

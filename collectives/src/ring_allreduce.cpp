@@ -78,7 +78,7 @@ Status direct_allgather(Exchange& ex, const Group& g, const uint8_t* work, void*
     }
   }
   if (mine.count > 0) {
-    std::memcpy(at(buf, mine.offset, es), at(work, mine.offset, es), mine.count * es);
+    copy_bytes(at(buf, mine.offset, es), at(work, mine.offset, es), mine.count * es);
   }
   return ex.wait_all();
 }
@@ -88,7 +88,7 @@ Status direct_allgather(Exchange& ex, const Group& g, const uint8_t* work, void*
 Status ring_allreduce(Exchange& ex, const Group& g, const void* src, void* buf, size_t count,
                       uint8_t phase) {
   if (g.size() == 1) {
-    if (src != buf && count > 0) std::memcpy(buf, src, count * ex.elem());
+    if (src != buf && count > 0) copy_bytes(buf, src, count * ex.elem());
     return ok_status();
   }
   const int n = g.size();
@@ -109,7 +109,7 @@ Status ring_allreduce(Exchange& ex, const Group& g, const void* src, void* buf, 
       }
       const Range mine = balanced_block(count, n, mod(g.me + 1, n));
       if (mine.count > 0) {
-        std::memcpy(at(buf, mine.offset, es), at(work, mine.offset, es), mine.count * es);
+        copy_bytes(at(buf, mine.offset, es), at(work, mine.offset, es), mine.count * es);
       }
       return ring_allgather_phase(ex, g, buf, count, 1, static_cast<uint8_t>(phase + 1));
     }

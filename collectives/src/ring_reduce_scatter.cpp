@@ -103,7 +103,7 @@ Status ring_reduce_scatter(Exchange& ex, const Group& g, const void* src, void* 
                            uint8_t phase) {
   // With n * count elements every balanced block is exactly count long and block i starts at
   // i * count; shift 0 leaves block me on rank me.
-  if (g.size() == 1 && src != buf && count > 0) std::memcpy(buf, src, count * ex.elem());
+  if (g.size() == 1 && src != buf && count > 0) copy_bytes(buf, src, count * ex.elem());
   return ring_reduce_scatter_phase(ex, g, src, buf, count * static_cast<size_t>(g.size()), 0,
                                    phase);
 }

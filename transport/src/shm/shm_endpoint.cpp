@@ -11,6 +11,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include <myelin/core/copy.hpp>
 #include <myelin/core/log.hpp>
 
 #include "shm/shm_backend.hpp"
@@ -416,7 +417,7 @@ bool ShmEndpoint::write_now(uint32_t type, const void* header, uint32_t header_l
   RecordRing::Claim c;
   if (!out_->ring.try_claim(static_cast<uint32_t>(header_len + size), c, type)) return false;
   std::memcpy(c.data, header, header_len);
-  if (size != 0) std::memcpy(c.data + header_len, data, size);
+  copy_bytes(c.data + header_len, data, size);
   out_->ring.commit(c);
   notify_peer();
   return true;
@@ -454,7 +455,7 @@ bool ShmEndpoint::flush() {
         }
         const DataHeader dh{it.token, it.streamed};
         std::memcpy(c.data, &dh, sizeof(dh));
-        std::memcpy(c.data + sizeof(dh), it.data + it.streamed, n);
+        copy_bytes(c.data + sizeof(dh), it.data + it.streamed, n);
         ring.commit(c);
         it.streamed += n;
         wrote = true;
@@ -468,7 +469,7 @@ bool ShmEndpoint::flush() {
     RecordRing::Claim c;
     if (!ring.try_claim(static_cast<uint32_t>(it.header_len + it.size), c, it.type)) break;
     std::memcpy(c.data, it.header, it.header_len);
-    if (it.size != 0) std::memcpy(c.data + it.header_len, it.data, it.size);
+    copy_bytes(c.data + it.header_len, it.data, it.size);
     ring.commit(c);
     wrote = true;
     if (it.req) it.req->complete(ok_status(), it.report_bytes);
@@ -502,7 +503,7 @@ Request ShmEndpoint::send(uint32_t channel_id, const void* data, size_t size, co
       if (out_->ring.try_claim(static_cast<uint32_t>(sizeof(h) + size), c, kEager)) [[likely]] {
         ++send_seq_;
         std::memcpy(c.data, &h, sizeof(h));
-        if (size != 0) std::memcpy(c.data + sizeof(h), bytes, size);
+        copy_bytes(c.data + sizeof(h), bytes, size);
         out_->ring.commit(c);
         notify_peer();
         return Request::completed(size);
@@ -560,7 +561,7 @@ Request ShmEndpoint::recv(uint32_t channel_id, void* data, size_t capacity, cons
             out_of_range("recv buffer of ", capacity, " bytes is smaller than the ", u.bytes.size(),
                          "-byte message on channel ", channel_id, " from ", *peer_name_));
       }
-      if (!u.bytes.empty()) std::memcpy(data, u.bytes.data(), u.bytes.size());
+      copy_bytes(data, u.bytes.data(), u.bytes.size());
       return Request::completed(u.bytes.size());
     }
     auto [req, st] = Request::make_pending();
@@ -584,7 +585,7 @@ void ShmEndpoint::deliver_eager(Posted& p, std::span<const std::byte> bytes) {
                     0);
     return;
   }
-  if (!bytes.empty()) std::memcpy(p.data, bytes.data(), bytes.size());
+  copy_bytes(p.data, bytes.data(), bytes.size());
   p.req->complete(ok_status(), bytes.size());
   // Completed and never touched again here: reusable once the caller's handle is gone.
   request_pool_.recycle(std::move(p.req));
@@ -626,7 +627,7 @@ void ShmEndpoint::start_rendezvous(Posted& p, const RtsRecord& rts) {
   if (kind == RtsKind::kSharedRegion) {
     const PeerAlloc* a = peer_alloc(rts.where);
     if (a != nullptr && rts.offset <= a->size && rts.size <= a->size - rts.offset) {
-      std::memcpy(p.data, a->base + rts.offset, rts.size);
+      copy_bytes(p.data, a->base + rts.offset, rts.size);
       copied = true;
     }
   } else if (kind == RtsKind::kCma && can_cma_read_peer_) {
@@ -875,7 +876,7 @@ void ShmEndpoint::handle_record(uint32_t type, std::span<const std::byte> payloa
         return;
       }
       RndvRecv& rr = it->second;
-      std::memcpy(rr.data + dh.offset, payload.data() + sizeof(dh), n);
+      copy_bytes(rr.data + dh.offset, payload.data() + sizeof(dh), n);
       rr.received += n;
       if (rr.received >= rr.size) {
         rr.req->complete(ok_status(), rr.size);
@@ -1016,9 +1017,9 @@ Status ShmEndpoint::do_one_sided(OneSided op, std::byte* local, size_t size, con
     }
     std::byte* remote = a->base + base + offset;
     if (op == OneSided::kGet) {
-      std::memcpy(local, remote, size);
+      copy_bytes(local, remote, size);
     } else {
-      std::memcpy(remote, local, size);
+      copy_bytes(remote, local, size);
     }
     return ok_status();
   }

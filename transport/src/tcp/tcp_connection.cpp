@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include <myelin/core/copy.hpp>
 #include <myelin/core/log.hpp>
 
 #include "tcp/tcp_backend.hpp"
@@ -225,7 +226,7 @@ Request Connection::recv(uint32_t channel, void* data, size_t capacity) {
                                             channel, " from ", peer_name(),
                                             " exceeds the receive buffer of ", capacity, " bytes"));
       }
-      if (!u.data.empty()) std::memcpy(data, u.data.data(), u.data.size());
+      copy_bytes(data, u.data.data(), u.data.size());
       return Request::completed(u.data.size());
     }
     if (state_ == State::kFailed) return Request::failed(status_);
@@ -401,7 +402,7 @@ bool Connection::parse_buffered() {
       const size_t avail = rlen_ - rpos_;
       if (avail == 0) return true;
       const size_t n = static_cast<size_t>(std::min<uint64_t>(avail, left));
-      if (sink_ptr_ != nullptr) std::memcpy(sink_ptr_ + pay_done_, rbuf_.data() + rpos_, n);
+      if (sink_ptr_ != nullptr) copy_bytes(sink_ptr_ + pay_done_, rbuf_.data() + rpos_, n);
       rpos_ += n;
       pay_done_ += n;
       continue;
