@@ -4,6 +4,7 @@
 // the I/O thread's epoll set, set by whoever opens the batch: the I/O thread wakes for it only when
 // the batch did not fill and go out before its window ended.
 #include <myelin/broker/client.hpp>
+#include <myelin/broker/server.hpp>
 
 #include <poll.h>
 #include <pthread.h>
@@ -30,6 +31,7 @@
 #include <myelin/core/log.hpp>
 
 #include "auth.hpp"
+#include "option_range.hpp"
 #include "wire.hpp"
 
 namespace myelin::broker {
@@ -1072,6 +1074,21 @@ Client::~Client() = default;
 Result<std::unique_ptr<Client>> Client::connect(ClientOptions options) {
   if (options.secret.empty()) return invalid_argument("the job secret is empty");
   if (options.receive_window == 0) return invalid_argument("receive_window must be positive");
+  // The same bounds as the server's: every deadline computed from them fits int64_t nanoseconds.
+  using internal::check_range;
+  MYELIN_RETURN_IF_ERROR(
+      check_range("connect_timeout_ms", options.connect_timeout_ms, 1, kMaxConnectTimeoutMs));
+  MYELIN_RETURN_IF_ERROR(
+      check_range("heartbeat_ms", options.heartbeat_ms, kMinHeartbeatMs, kMaxHeartbeatMs));
+  MYELIN_RETURN_IF_ERROR(
+      check_range("chunk_bytes", options.chunk_bytes, kMinChunkBytes, kMaxChunkBytes));
+  MYELIN_RETURN_IF_ERROR(check_range("batch_bytes", options.batch_bytes, 0, kMaxBatchBytes));
+  MYELIN_RETURN_IF_ERROR(
+      check_range("batch_window_us", options.batch_window_us, 0, kMaxBatchWindowUs));
+  MYELIN_RETURN_IF_ERROR(
+      check_range("socket_buffer_bytes", options.socket_buffer_bytes, 0, kMaxSocketBufferBytes));
+  MYELIN_RETURN_IF_ERROR(
+      check_range("poll_read_grace_us", options.poll_read_grace_us, 0, kMaxBatchWindowUs));
   if (options.io_thread_nice < 0 || options.io_thread_nice > 19)
     return invalid_argument("io_thread_nice ", options.io_thread_nice, " outside 0..19");
   if (options.spin_before_block_us < 0 || options.spin_before_block_us > 100'000) {

@@ -27,6 +27,7 @@
 #include <myelin/core/log.hpp>
 
 #include "auth.hpp"
+#include "option_range.hpp"
 #include "wire.hpp"
 
 #if __has_include(<myelin/core/topology.hpp>)
@@ -579,15 +580,7 @@ Status Server::Impl::init() {
     }
   }
   if (opt_.listen.empty()) return invalid_argument("listen must not be empty (host:port)");
-  // Each bound: the option's name, its value and the range, so a configuration error names its
-  // key (uint64_t/int64_t: every option's type converts without loss).
-  auto check_range = [](const char* name, auto v, auto lo, auto hi) -> Status {
-    using V = std::conditional_t<std::is_signed_v<decltype(v)>, int64_t, uint64_t>;
-    if (static_cast<V>(v) < static_cast<V>(lo) || static_cast<V>(v) > static_cast<V>(hi)) {
-      return invalid_argument(name, " ", v, " outside ", lo, " .. ", hi);
-    }
-    return ok_status();
-  };
+  using internal::check_range;
   MYELIN_RETURN_IF_ERROR(
       check_range("lane_capacity", opt_.broker.lane_capacity, kMinLaneCapacity, kMaxLaneCapacity));
   MYELIN_RETURN_IF_ERROR(check_range("max_delivery_attempts",

@@ -45,17 +45,23 @@
 
 namespace myelin::broker {
 
+// Longest connect timeout Client::connect() accepts (~116 days).
+inline constexpr int64_t kMaxConnectTimeoutMs = 10'000'000'000;
+
+// Client::connect() refuses values outside the ranges noted (invalid_argument naming the option);
+// the bounds are the server's (server.hpp).
 struct ClientOptions {
   std::string address = "127.0.0.1:7400";
   std::string identity = "client";
   std::string secret;
-  int64_t connect_timeout_ms = 5000;
-  uint32_t receive_window = 1024;  // delivery credits granted to the broker
-  int64_t heartbeat_ms = 1000;     // the broker is declared dead after 3x this of silence
-  uint32_t chunk_bytes = 64 * 1024;
-  size_t batch_bytes = 64 * 1024;
-  int64_t batch_window_us = 200;
-  uint32_t ps_worker = 0;  // this worker's index for parameter-server pushes
+  int64_t connect_timeout_ms = 5000;  // 1 .. kMaxConnectTimeoutMs
+  uint32_t receive_window = 1024;     // delivery credits granted to the broker; > 0
+  // The broker is declared dead after 3x this of silence; kMinHeartbeatMs .. kMaxHeartbeatMs.
+  int64_t heartbeat_ms = 1000;
+  uint32_t chunk_bytes = 64 * 1024;  // kMinChunkBytes .. kMaxChunkBytes
+  size_t batch_bytes = 64 * 1024;    // 0 (no batching) .. kMaxBatchBytes
+  int64_t batch_window_us = 200;     // 0 .. kMaxBatchWindowUs
+  uint32_t ps_worker = 0;            // this worker's index for parameter-server pushes
   // Kernel send/receive buffer of the connection (0: the kernel's autotuning); see
   // ServerOptions::socket_buffer_bytes.
   int socket_buffer_bytes = 256 * 1024;
@@ -64,7 +70,7 @@ struct ClientOptions {
   // Meanwhile, and for poll_read_grace_us after the last poll() read, the I/O thread does not
   // watch the socket for input: messages for handlers wait at most that long when nothing polls.
   bool poll_reads_socket = true;
-  int64_t poll_read_grace_us = 2000;
+  int64_t poll_read_grace_us = 2000;  // 0 .. kMaxBatchWindowUs
   // Attach a control connection when the broker speaks protocol 2 (a broker of protocol 1 gets
   // one connection either way). Off: control frames share the one connection with bulk, behind
   // whatever bulk bytes the socket buffers hold. The two connections live and die together: a

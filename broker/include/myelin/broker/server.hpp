@@ -76,8 +76,8 @@ struct ServerOptions {
   std::vector<AclEntry> acl;                   // empty: everyone may do everything
   BrokerOptions broker;
   uint32_t chunk_bytes = 64 * 1024;
-  size_t batch_bytes = 64 * 1024;
-  uint32_t batch_count = 256;
+  size_t batch_bytes = 64 * 1024;  // 0 .. kMaxBatchBytes; 0 disables batching
+  uint32_t batch_count = 256;      // 0 .. kMaxBatchCount; 0 or 1: one message per batch
   int64_t batch_window_us = 200;
   // Per client window: messages a client may have published that the broker has not accepted
   // yet (parked, waiting for room in a full topic under the block policy); returned half a
