@@ -1,6 +1,7 @@
 // Range check shared by the server's and the client's option validation.
 #pragma once
 
+#include <cstdint>
 #include <type_traits>
 
 #include <myelin/core/status.hpp>

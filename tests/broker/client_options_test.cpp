@@ -55,21 +55,26 @@ TEST(ClientOptionsValidation, RefusesValuesOutOfRangeByName) {
 }
 
 TEST(ClientOptionsValidation, TheBoundsThemselvesGetAsFarAsDialing) {
-  ClientOptions o = good_options();
-  o.heartbeat_ms = kMaxHeartbeatMs;
-  o.chunk_bytes = kMaxChunkBytes;
-  o.batch_bytes = 0;
-  o.batch_window_us = kMaxBatchWindowUs;
-  o.poll_read_grace_us = 0;
-  auto client = Client::connect(o);
-  ASSERT_FALSE(client.ok());  // nothing listens on port 1
-  EXPECT_NE(client.status().code(), StatusCode::kInvalidArgument) << client.status();
-  ClientOptions low = good_options();
+  ClientOptions high = good_options();  // every upper bound at once (connect_timeout_ms: 200)
+  high.heartbeat_ms = kMaxHeartbeatMs;
+  high.chunk_bytes = kMaxChunkBytes;
+  high.batch_bytes = kMaxBatchBytes;
+  high.batch_window_us = kMaxBatchWindowUs;
+  high.socket_buffer_bytes = kMaxSocketBufferBytes;
+  high.poll_read_grace_us = kMaxBatchWindowUs;
+  ClientOptions low = good_options();  // and every lower one
+  low.connect_timeout_ms = 1;
   low.heartbeat_ms = kMinHeartbeatMs;
   low.chunk_bytes = kMinChunkBytes;
-  auto other = Client::connect(low);
-  ASSERT_FALSE(other.ok());
-  EXPECT_NE(other.status().code(), StatusCode::kInvalidArgument) << other.status();
+  low.batch_bytes = 0;
+  low.batch_window_us = 0;
+  low.socket_buffer_bytes = 0;
+  low.poll_read_grace_us = 0;
+  for (const ClientOptions& o : {high, low}) {
+    auto client = Client::connect(o);
+    ASSERT_FALSE(client.ok());  // nothing listens on port 1
+    EXPECT_NE(client.status().code(), StatusCode::kInvalidArgument) << client.status();
+  }
 }
 
 }  // namespace

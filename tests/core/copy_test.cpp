@@ -26,6 +26,13 @@ TEST(CopyBytes, SlowDistancesAreTheOnesJustAfterTheSource) {
   EXPECT_TRUE(is_slow_copy_distance(page + 4096 + 16 + 100, src + 100));
 }
 
+TEST(CopyBytes, NothingToCopyTouchesNothing) {
+  copy_bytes(nullptr, nullptr, 0);  // memcpy's contract would not allow null; this one does
+  unsigned char a = 1, b = 2;
+  copy_bytes(&a, &b, 0);
+  EXPECT_EQ(a, 1);
+}
+
 TEST(CopyBytes, EveryDistanceAndTailCopiesExactly) {
   std::vector<unsigned char> src(70000 + 4096), dst(70000 + 3 * 4096);
   for (size_t i = 0; i < src.size(); ++i) src[i] = static_cast<unsigned char>(i * 131 + 7);
